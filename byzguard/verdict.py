@@ -1,0 +1,91 @@
+"""Verdicts as data: every check returns reasons, never raises, so the quarantine record can carry them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    """What a failed check does to the event on its route."""
+
+    REJECT = "reject"
+    WARN = "warn"
+    OFF = "off"
+
+
+class Outcome(StrEnum):
+    """Where an input record ends up: exactly one of these per record."""
+
+    VERIFIED = "verified"
+    WARNED = "warned"
+    QUARANTINED = "quarantined"
+    DUPLICATE = "duplicate"
+    HELD = "held"
+
+
+class Code(StrEnum):
+    """Stable reason codes: `<family>.<name>`. The family is the check that emits it."""
+
+    DECODE_MALFORMED = "decode.malformed"
+    DECODE_UNSUPPORTED = "decode.unsupported"
+    INTEGRITY_MISSING = "integrity.missing"
+    INTEGRITY_MISMATCH = "integrity.mismatch"
+    INTEGRITY_UNKNOWN_ALGORITHM = "integrity.unknown_algorithm"
+    INTEGRITY_UNKNOWN_KEY = "integrity.unknown_key"
+    INTEGRITY_BAD_MAC = "integrity.bad_mac"
+    SOURCE_NOT_ALLOWED = "source.not_allowed"
+    SOURCE_FORGED = "source.forged"
+    ID_DUPLICATE = "id.duplicate"
+    ID_REUSED = "id.reused"
+    VERSION_REGRESSION = "version.regression"
+    VERSION_CONFLICT = "version.conflict"
+    VERSION_GAP = "version.gap"
+    LAMPORT_REGRESSION = "lamport.regression"
+    VCLOCK_STALE = "vclock.stale"
+    VCLOCK_CONCURRENT = "vclock.concurrent"
+    CAUSAL_GAP = "causal.gap"
+    CAUSAL_OVERFLOW = "causal.overflow"
+    TIME_STALE = "time.stale"
+    TIME_FUTURE = "time.future"
+    INVARIANT_VIOLATED = "invariant.violated"
+    INVARIANT_ERROR = "invariant.error"
+
+    @property
+    def check(self) -> str:
+        """The configuration name of the check that emits this code."""
+        return CHECK_OF_FAMILY[self.value.split(".", 1)[0]]
+
+
+# Family prefix of a code -> the check (configuration key) that emits it.
+CHECK_OF_FAMILY: dict[str, str] = {
+    "decode": "decode",
+    "integrity": "integrity",
+    "source": "authorization",
+    "id": "idempotency",
+    "version": "version",
+    "lamport": "causal",
+    "vclock": "causal",
+    "causal": "causal",
+    "time": "time",
+    "invariant": "invariant",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One failed check: the stable code, its severity on this route, and a human-readable detail."""
+
+    code: Code
+    detail: str
+    severity: Severity = Severity.REJECT
+
+    @property
+    def check(self) -> str:
+        """The check that produced this reason."""
+        return self.code.check
+
+    def as_dict(self) -> dict[str, str]:
+        """JSON-ready form, as written into quarantine and verdict headers."""
+        return {"check": self.check, "code": self.code.value, "severity": self.severity.value,
+                "detail": self.detail}
