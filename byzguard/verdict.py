@@ -15,11 +15,15 @@ class Severity(StrEnum):
 
 
 class Outcome(StrEnum):
-    """Where an input record ends up: exactly one of these per record."""
+    """Where an input record ends up: exactly one of these per record.
+
+    SUSPECT is a fail-open route's rejected event: forwarded marked suspect, and recorded in quarantine.
+    """
 
     VERIFIED = "verified"
     WARNED = "warned"
     QUARANTINED = "quarantined"
+    SUSPECT = "suspect"
     DUPLICATE = "duplicate"
     HELD = "held"
 
@@ -29,6 +33,7 @@ class Code(StrEnum):
 
     DECODE_MALFORMED = "decode.malformed"
     DECODE_UNSUPPORTED = "decode.unsupported"
+    DECODE_KEY_MISMATCH = "decode.key_mismatch"
     INTEGRITY_MISSING = "integrity.missing"
     INTEGRITY_MISMATCH = "integrity.mismatch"
     INTEGRITY_UNKNOWN_ALGORITHM = "integrity.unknown_algorithm"

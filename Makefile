@@ -1,0 +1,45 @@
+# The two commands of the README:  `make run` (the guard) and `make test` (the whole suite).
+# Everything else they need is installed here, into .venv and .cache/ (both ignored by git).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit integration bench broker-start broker-stop clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(INSTALLED)
+
+## run: the guard worker (starts the local Kafka broker when BYZGUARD_BROKER is unset)
+run: $(INSTALLED)
+	$(VENV)/bin/byzguard run
+
+## test: lint, type check, and the whole suite against a real broker
+test: $(INSTALLED) lint typecheck
+	$(PY) -m app.localkafka fetch
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(INSTALLED)
+	$(VENV)/bin/mypy
+
+unit: $(INSTALLED)
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: $(INSTALLED)
+	$(VENV)/bin/pytest -q tests/integration
+
+broker-start: $(INSTALLED)
+	$(PY) -m app.localkafka start
+
+broker-stop: $(INSTALLED)
+	$(PY) -m app.localkafka stop
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,88 @@
+"""The `byzguard` command line: run the worker, check a configuration, manage the local broker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from byzguard import config as guard_config
+from byzguard.errors import ConfigError
+
+cli = typer.Typer(help="byzguard: guard inter-service Kafka events against Byzantine failures.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _load_config(path: Path) -> guard_config.GuardConfig:
+    try:
+        return guard_config.load(path)
+    except ConfigError as exc:
+        console.print(f"[bold red]configuration refused[/]: {exc}")
+        raise typer.Exit(2) from None
+
+
+@cli.command()
+def run(
+    config: Annotated[Path | None, typer.Option(help="routes file (default BYZGUARD_CONFIG or byzguard.yaml)")] = None,
+    broker: Annotated[str | None, typer.Option(help="bootstrap servers; default BYZGUARD_BROKER or local")] = None,
+) -> None:
+    """Run a guard worker (joins the consumer group; starts the local broker if none is configured)."""
+    from app.settings import Settings
+
+    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    cfg = _load_config(settings.config)
+    bootstrap = settings.broker
+    if not bootstrap:
+        from app.localkafka import ensure_running
+
+        console.print("[cyan]no broker configured (BYZGUARD_BROKER): starting the local Kafka broker...[/]")
+        bootstrap = ensure_running()
+    _run_worker(settings, cfg, bootstrap)
+
+
+def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str) -> None:
+    from faust.worker import Worker
+
+    from app.settings import Settings
+    from app.worker import build_app
+
+    assert isinstance(settings, Settings)
+    built = build_app(settings, cfg, bootstrap)
+    console.print(f"[bold green]byzguard[/] worker [bold]{settings.app_id}[/] on broker {bootstrap}")
+    for route in cfg.routes:
+        console.print(f"  route [bold]{route.name}[/]: {', '.join(route.inputs)} -> verified "
+                      f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
+    base = f"http://{settings.web_host}:{settings.web_port}"
+    console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
+    worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+config_cli = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+cli.add_typer(config_cli, name="config")
+
+
+@config_cli.command("check")
+def config_check(path: Path) -> None:
+    """Validate a configuration file and print its routes; exit 2 with file:line when it is wrong."""
+    cfg = _load_config(path)
+    for route in cfg.routes:
+        types = ", ".join(sorted(route.types)) or "(defaults only)"
+        console.print(f"route {route.name}: inputs {list(route.inputs)}; types {types}")
+    console.print("[green]configuration OK[/]")
+
+
+def main() -> None:
+    """Entry point of the `byzguard` script."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    cli()
+
+
+if __name__ == "__main__":
+    main()

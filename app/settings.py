@@ -1,0 +1,31 @@
+"""One frozen settings object for the worker, read from BYZGUARD_* environment variables and .env.
+
+Faust would otherwise read its own environment variables (a stray BROKER_URL silently wins); the App is
+built with an empty environment, so these settings are the only way in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Worker settings; every field is BYZGUARD_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="BYZGUARD_", env_file=".env", extra="ignore", frozen=True)
+
+    config: Path = Field(default=Path("byzguard.yaml"), description="the routes/policies file")
+    broker: str | None = Field(default=None, description="bootstrap servers host:port[,host:port]; "
+                               "unset: start or reuse the local broker")
+    app_id: str = Field(default="byzguard", description="consumer group id and prefix of internal topics")
+    data_dir: Path = Field(default=Path(".cache/worker"), description="RocksDB state directory")
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    commit_interval: float = Field(default=0.5, gt=0, description="seconds between commits (and transactions)")
+    log_level: str = "info"
+    state_store: Literal["rocksdb", "memory"] = "rocksdb"

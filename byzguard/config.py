@@ -1,0 +1,373 @@
+"""The guard's configuration file: routes, per-type policies, check severities, keys and rules.
+
+Loaded once at start and refused, with the file, the line and the field path, when anything is wrong.
+Secrets never sit here: keys name an environment variable or a file that holds the secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from byzguard.errors import ConfigError, RuleCompileError
+from byzguard.integrity import KeyRing
+from byzguard.rules import RuleSet, RuleSpec, compile_rules
+from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
+
+CHECKS = ("integrity", "authorization", "idempotency", "version", "causal", "time", "invariant")
+
+# Codes whose default severity is not `reject`: skipped versions are suspicious but often legitimate.
+DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'500ms', '30s', '10m', '24h', '7d' or a number of seconds -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (examples: 500ms, 30s, 10m, 24h, 7d)")
+
+
+class Policy(StrEnum):
+    """What happens to a suspect event: quarantine it, or forward it marked suspect and record it."""
+
+    FAIL_CLOSED = "fail_closed"
+    FAIL_OPEN = "fail_open"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuleModel(_Model):
+    name: str = Field(min_length=1)
+    expr: str = Field(min_length=1)
+    severity: Literal["reject", "warn"] = "reject"
+    message: str = ""
+
+
+class TypeModel(_Model):
+    """Per event type settings; unset fields fall back to the route's, then to the file's defaults."""
+
+    policy: Policy | None = None
+    checks: dict[str, Severity] = Field(default_factory=dict)
+    codes: dict[str, Severity] = Field(default_factory=dict)
+    max_age: float | None = None
+    max_skew: float | None = None
+    sources: list[str] | None = None
+    key_ids: list[str] | None = None
+    rules: list[RuleModel] = Field(default_factory=list)
+
+    @field_validator("max_age", "max_skew", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float | None:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("checks", "codes", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` as false; `off` is what the user wrote.
+        if isinstance(value, dict):
+            return {k: ("off" if v is False else v) for k, v in value.items()}
+        return value
+
+    @field_validator("checks")
+    @classmethod
+    def _known_checks(cls, value: dict[str, Severity]) -> dict[str, Severity]:
+        unknown = sorted(set(value) - set(CHECKS))
+        if unknown:
+            raise ValueError(f"unknown check(s) {unknown}; known: {list(CHECKS)}")
+        return value
+
+    @field_validator("codes")
+    @classmethod
+    def _known_codes(cls, value: dict[str, Severity]) -> dict[str, Severity]:
+        known = {c.value for c in Code if c.value.split(".")[0] != "decode"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown code(s) {unknown}; known: {sorted(known)}")
+        return value
+
+
+class CausalModel(_Model):
+    """Causal delivery: hold events whose vector-clock dependencies have not been verified yet."""
+
+    buffer: bool = False
+    deadline: float = 30.0
+    max_held_per_scope: int = Field(default=100, ge=1)
+    max_held_total: int = Field(default=10_000, ge=1)
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+
+class RouteModel(_Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    inputs: list[str] = Field(min_length=1)
+    verified_topic: str
+    quarantine_topic: str
+    partitions: int = Field(default=8, ge=1)
+    default_type: str = ""
+    require_checksum: bool = False
+    policy: Policy = Policy.FAIL_CLOSED
+    types: dict[str, TypeModel] = Field(default_factory=dict)
+    causal: CausalModel = Field(default_factory=CausalModel)
+
+
+class KeyModel(_Model):
+    source: str = Field(min_length=1)
+    secret_env: str | None = None
+    secret_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyModel:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret_env or secret_file (never the secret itself)")
+        return self
+
+
+class IdempotencyModel(_Model):
+    ids_per_entity: int = Field(default=32, ge=1, le=4096)
+    window: float = 86_400.0
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+
+class FileModel(_Model):
+    defaults: TypeModel = Field(default_factory=TypeModel)
+    keys: dict[str, KeyModel] = Field(default_factory=dict)
+    idempotency: IdempotencyModel = Field(default_factory=IdempotencyModel)
+    last_good_retention: float = 30 * 86_400.0
+    routes: list[RouteModel] = Field(min_length=1)
+
+    @field_validator("last_good_retention", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FileModel:
+        seen_inputs: dict[str, str] = {}
+        names = set()
+        for route in self.routes:
+            if route.name in names:
+                raise ValueError(f"route name {route.name!r} is used twice")
+            names.add(route.name)
+            for topic in route.inputs:
+                if topic in seen_inputs:
+                    raise ValueError(f"input topic {topic!r} is in routes {seen_inputs[topic]!r} and {route.name!r}")
+                seen_inputs[topic] = route.name
+                if topic in (route.verified_topic, route.quarantine_topic):
+                    raise ValueError(f"route {route.name!r} reads and writes topic {topic!r}")
+            for type_name, type_model in route.types.items():
+                for key_id in type_model.key_ids or ():
+                    if key_id not in self.keys:
+                        raise ValueError(f"route {route.name!r} type {type_name!r}: key id {key_id!r} is not "
+                                         "declared under keys")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class TypePolicy:
+    """Everything the checks need to know about one event type on one route, resolved and compiled."""
+
+    policy: Policy
+    severity: Mapping[Code, Severity]
+    max_age: float | None
+    max_skew: float | None
+    sources: frozenset[str] | None
+    key_ids: frozenset[str] | None
+    require_checksum: bool
+    rules: RuleSet
+
+    def level(self, code: Code) -> Severity:
+        """The severity of a code on this type."""
+        return self.severity.get(code, Severity.REJECT)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route: its topics and the compiled policy of each event type it knows."""
+
+    name: str
+    inputs: tuple[str, ...]
+    verified_topic: str
+    quarantine_topic: str
+    partitions: int
+    default_type: str
+    causal: CausalModel
+    types: Mapping[str, TypePolicy]
+    fallback: TypePolicy
+
+    def policy_for(self, event_type: str) -> TypePolicy:
+        """The policy of an event type, or the route's default for types it does not list."""
+        return self.types.get(event_type, self.fallback)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """The whole validated configuration."""
+
+    routes: tuple[Route, ...]
+    keyring: KeyRing
+    ids_per_entity: int
+    id_window: float
+    last_good_retention: float
+    source_path: str = "<memory>"
+    route_by_input: Mapping[str, Route] = field(default_factory=dict)
+
+    def route_for(self, topic: str) -> Route:
+        """The route that reads `topic`."""
+        return self.route_by_input[topic]
+
+
+def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -> TypePolicy:
+    layers = [defaults] + ([own] if own is not None else [])
+    checks: dict[str, Severity] = {}
+    codes: dict[str, Severity] = {}
+    for layer in layers:
+        checks.update(layer.checks)
+        codes.update(layer.codes)
+
+    def pick(attr: str) -> Any:
+        for layer in reversed(layers):
+            value = getattr(layer, attr)
+            if value is not None:
+                return value
+        return None
+
+    severity: dict[Code, Severity] = {}
+    for code in Code:
+        family = code.value.split(".", 1)[0]
+        if family == "decode":
+            continue
+        level = DEFAULT_CODE_SEVERITY.get(code, Severity.REJECT)
+        check_level = checks.get(CHECK_OF_FAMILY[family])
+        if check_level is not None:
+            # A check switched off silences all its codes; `warn` demotes rejects but keeps softer defaults.
+            level = check_level if check_level is Severity.OFF or level is Severity.REJECT else level
+        severity[code] = codes.get(code.value, level)
+    rule_models = [*defaults.rules, *(own.rules if own else [])]
+    specs = [RuleSpec(r.name, r.expr, Severity(r.severity), r.message) for r in rule_models]
+    sources = pick("sources")
+    key_ids = pick("key_ids")
+    return TypePolicy(
+        policy=pick("policy") or route.policy,
+        severity=severity,
+        max_age=pick("max_age"),
+        max_skew=pick("max_skew"),
+        sources=frozenset(sources) if sources is not None else None,
+        key_ids=frozenset(key_ids) if key_ids is not None else None,
+        require_checksum=route.require_checksum or bool(key_ids),
+        rules=compile_rules(specs),
+    )
+
+
+def build(model: FileModel, *, source_path: str = "<memory>",
+          environ: Mapping[str, str] | None = None) -> GuardConfig:
+    """Compile a validated file model: resolve layers, compile rules, load keys."""
+    keyring = KeyRing.load(
+        {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}, environ
+    )
+    routes = []
+    for route in model.routes:
+        types = {}
+        for name, type_model in route.types.items():
+            try:
+                types[name] = _merge_type(model.defaults, route, type_model)
+            except RuleCompileError as exc:
+                raise RuleCompileError(f"{source_path}: routes.{route.name}.types.{name}.rules: {exc}") from exc
+        routes.append(Route(
+            name=route.name,
+            inputs=tuple(route.inputs),
+            verified_topic=route.verified_topic,
+            quarantine_topic=route.quarantine_topic,
+            partitions=route.partitions,
+            default_type=route.default_type,
+            causal=route.causal,
+            types=types,
+            fallback=_merge_type(model.defaults, route, None),
+        ))
+    by_input = {topic: r for r in routes for topic in r.inputs}
+    return GuardConfig(
+        routes=tuple(routes),
+        keyring=keyring,
+        ids_per_entity=model.idempotency.ids_per_entity,
+        id_window=model.idempotency.window,
+        last_good_retention=model.last_good_retention,
+        source_path=source_path,
+        route_by_input=by_input,
+    )
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location, as deep as the path resolves."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None) -> GuardConfig:
+    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault."""
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source_path}: not valid YAML: {exc}") from exc
+    try:
+        model = FileModel.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "enum"))))
+            line = _line_of(root, loc)
+            where = f"{source_path}:{line}" if line else source_path
+            path = ".".join(str(p) for p in loc) or "(top level)"
+            lines.append(f"{where}: {path}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    try:
+        return build(model, source_path=source_path, environ=environ)
+    except RuleCompileError:
+        raise
+    except ConfigError as exc:
+        raise ConfigError(f"{source_path}: {exc}") from exc
+
+
+def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GuardConfig:
+    """Load and validate a configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration: {exc}") from exc
+    return loads(text, source_path=str(p), environ=environ)

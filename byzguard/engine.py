@@ -1,0 +1,218 @@
+"""The verdict: one pure function from (event, policy, state) to where the event goes and the new state.
+
+Every check of the catalogue runs here, in one pass, over one entity record and one per-source mark.
+Agents call `verify` and only move bytes and state; producers and downstream consumers can call it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from byzguard.clocks import Order
+from byzguard.config import Policy, TypePolicy
+from byzguard.envelope import Envelope
+from byzguard.integrity import HMAC_SHA256, KeyRing, check_integrity
+from byzguard.state import EntityState, SeenId
+from byzguard.verdict import Code, Outcome, Reason, Severity
+
+# Failures that mean "we do not know who sent this or whether the bytes are the ones sent": checks that
+# compare the event with state would only add noise, so they are skipped.
+_UNTRUSTED = frozenset({
+    Code.INTEGRITY_MISSING, Code.INTEGRITY_MISMATCH, Code.INTEGRITY_UNKNOWN_ALGORITHM,
+    Code.INTEGRITY_UNKNOWN_KEY, Code.INTEGRITY_BAD_MAC, Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED,
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one event goes and what it changes. `entity`/`lamport` are None when state is unchanged."""
+
+    outcome: Outcome
+    reasons: tuple[Reason, ...] = ()
+    entity: EntityState | None = None
+    lamport: int | None = None
+
+    @property
+    def forward(self) -> bool:
+        """True when the event goes to the verified topic."""
+        return self.outcome in (Outcome.VERIFIED, Outcome.WARNED, Outcome.SUSPECT)
+
+    @property
+    def quarantine(self) -> bool:
+        """True when the event is recorded in the quarantine topic."""
+        return self.outcome in (Outcome.QUARANTINED, Outcome.SUSPECT)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Idempotency bounds shared by every route."""
+
+    ids_per_entity: int = 32
+    id_window: float = 86_400.0
+
+
+def decode_failure(code: Code, detail: str) -> Decision:
+    """A record that could not be decoded: always quarantined with its bytes, whatever the route's policy."""
+    return Decision(Outcome.QUARANTINED, (Reason(code, detail, Severity.REJECT),))
+
+
+class _Reasons:
+    """Collects failures at the severity the policy gives their code; `off` codes vanish here."""
+
+    __slots__ = ("items", "policy")
+
+    def __init__(self, policy: TypePolicy) -> None:
+        self.policy = policy
+        self.items: list[Reason] = []
+
+    def add(self, code: Code, detail: str, severity: Severity | None = None) -> None:
+        level = self.policy.level(code)
+        if level is Severity.OFF:
+            return
+        if severity is not None and level is Severity.WARN:
+            severity = Severity.WARN  # a check demoted to warn caps its rules' own severities
+        self.items.append(Reason(code, detail, severity or level))
+
+    def rejects(self) -> bool:
+        return any(r.severity is Severity.REJECT for r in self.items)
+
+
+def verify(
+    env: Envelope,
+    policy: TypePolicy,
+    entity: EntityState | None,
+    lamport_mark: int | None,
+    keyring: KeyRing,
+    *,
+    now: float,
+    limits: Limits = Limits(),
+) -> Decision:
+    """Run every check on `env` against the entity's and the source's state; return the decision."""
+    reasons = _Reasons(policy)
+    _check_authorization(env, policy, reasons)
+    for code, detail in check_integrity(env.checksum, env.covered, env.source, keyring,
+                                        required=policy.require_checksum):
+        reasons.add(code, detail)
+    if any(r.code in _UNTRUSTED and r.severity is Severity.REJECT for r in reasons.items):
+        return _conclude(env, policy, reasons, None, None, now, limits, update=False)
+
+    if entity is not None:
+        if policy.level(Code.ID_DUPLICATE) is not Severity.OFF:
+            seen = entity.find(env.id, now, limits.id_window)
+            if seen is not None:
+                if seen.content_hash == env.content_hash:
+                    return Decision(Outcome.DUPLICATE, (Reason(Code.ID_DUPLICATE,
+                                    f"event id {env.id!r} was already verified with the same content",
+                                    Severity.WARN),))
+                reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for different content")
+        if env.version is not None and entity.version is not None:
+            if env.version == entity.version and env.content_hash == entity.content_hash \
+                    and policy.level(Code.ID_DUPLICATE) is not Severity.OFF:
+                return Decision(Outcome.DUPLICATE, (Reason(Code.ID_DUPLICATE,
+                                f"version {env.version} re-sent with identical content under id {env.id!r}",
+                                Severity.WARN),))
+            _check_version(env.version, entity, env, reasons)
+        if env.vclock is not None and entity.vclock is not None:
+            _check_vclock(env, entity, reasons)
+    if env.lamport is not None and lamport_mark is not None and env.lamport <= lamport_mark:
+        reasons.add(Code.LAMPORT_REGRESSION,
+                    f"source {env.source!r} sent Lamport time {env.lamport} after {lamport_mark}")
+    _check_time(env, policy, now, reasons)
+    if policy.rules and policy.level(Code.INVARIANT_VIOLATED) is not Severity.OFF:
+        last = entity.last_good_data() if entity is not None and policy.rules.uses_last else None
+        for reason in policy.rules.evaluate(env.data(), last, now=now, event=env.attributes()):
+            reasons.add(reason.code, reason.detail, reason.severity)
+    return _conclude(env, policy, reasons, entity, lamport_mark, now, limits, update=True)
+
+
+def _check_authorization(env: Envelope, policy: TypePolicy, reasons: _Reasons) -> None:
+    if policy.sources is not None and env.source not in policy.sources:
+        reasons.add(Code.SOURCE_NOT_ALLOWED,
+                    f"source {env.source!r} may not emit {env.type!r} (allowed: {sorted(policy.sources)})")
+    if policy.key_ids is not None:
+        checksum = env.checksum
+        if checksum is None or checksum.algorithm != HMAC_SHA256:
+            reasons.add(Code.INTEGRITY_MISSING, f"type {env.type!r} must be signed with hmac-sha256")
+        elif checksum.key_id not in policy.key_ids:
+            reasons.add(Code.SOURCE_NOT_ALLOWED,
+                        f"key {checksum.key_id!r} may not sign {env.type!r} (allowed: {sorted(policy.key_ids)})")
+
+
+def _check_version(version: int, entity: EntityState, env: Envelope, reasons: _Reasons) -> None:
+    last = entity.version
+    assert last is not None
+    if version < last:
+        reasons.add(Code.VERSION_REGRESSION, f"version {version} is older than the verified version {last}")
+    elif version == last:
+        reasons.add(Code.VERSION_CONFLICT, f"version {version} was already verified with different content")
+    elif version > last + 1:
+        reasons.add(Code.VERSION_GAP, f"version {version} skips {version - last - 1} version(s) after {last}")
+
+
+def _check_vclock(env: Envelope, entity: EntityState, reasons: _Reasons) -> None:
+    assert env.vclock is not None and entity.vclock is not None
+    order = env.vclock.compare(entity.vclock)
+    if order is Order.BEFORE or order is Order.EQUAL:
+        reasons.add(Code.VCLOCK_STALE, f"vector clock {env.vclock.to_header().decode()} is not after the "
+                    f"verified {entity.vclock.to_header().decode()} (stale read)")
+    elif order is Order.CONCURRENT:
+        reasons.add(Code.VCLOCK_CONCURRENT, f"vector clock {env.vclock.to_header().decode()} is concurrent "
+                    f"with the verified {entity.vclock.to_header().decode()} (conflicting writers)")
+
+
+def _check_time(env: Envelope, policy: TypePolicy, now: float, reasons: _Reasons) -> None:
+    if env.time is None:
+        return
+    age = now - env.time
+    if policy.max_age is not None and age > policy.max_age:
+        reasons.add(Code.TIME_STALE, f"event time is {age:.1f}s old, the type allows {policy.max_age:g}s")
+    if policy.max_skew is not None and -age > policy.max_skew:
+        reasons.add(Code.TIME_FUTURE,
+                    f"event time is {-age:.1f}s in the future, the skew tolerance is {policy.max_skew:g}s")
+
+
+def _conclude(
+    env: Envelope,
+    policy: TypePolicy,
+    reasons: _Reasons,
+    entity: EntityState | None,
+    lamport_mark: int | None,
+    now: float,
+    limits: Limits,
+    *,
+    update: bool,
+) -> Decision:
+    found = tuple(reasons.items)
+    if reasons.rejects():
+        outcome = Outcome.SUSPECT if policy.policy is Policy.FAIL_OPEN else Outcome.QUARANTINED
+        return Decision(outcome, found)
+    outcome = Outcome.WARNED if found else Outcome.VERIFIED
+    if not update:
+        return Decision(outcome, found)
+    return Decision(outcome, found, _advance(env, entity, now, limits),
+                    env.lamport if env.lamport is not None and (lamport_mark is None or env.lamport > lamport_mark)
+                    else None)
+
+
+def _advance(env: Envelope, entity: EntityState | None, now: float, limits: Limits) -> EntityState:
+    """The entity's state after `env` is verified: only verified events ever reach here."""
+    recent: tuple[SeenId, ...] = ()
+    version = env.version
+    vclock = env.vclock
+    if entity is not None:
+        recent = tuple(s for s in entity.recent if now - s.seen_at <= limits.id_window)
+        if entity.version is not None and (version is None or entity.version > version):
+            version = entity.version
+        if entity.vclock is not None:
+            vclock = entity.vclock if vclock is None else vclock.merge(entity.vclock)
+    recent = (*recent, SeenId(env.id, env.content_hash, now))[-limits.ids_per_entity:]
+    return EntityState(
+        version=version,
+        vclock=vclock,
+        content_hash=env.content_hash,
+        last_good=env.covered,
+        last_good_type=env.type,
+        verified_at=now,
+        event_time=env.time,
+        recent=recent,
+    )

@@ -1,0 +1,369 @@
+"""Decode a Kafka record (key, value, headers) into an Envelope, or into decode reasons. Never raises.
+
+Accepted shapes (ENVELOPE.md has them byte for byte):
+- CloudEvents binary mode: `ce_specversion` header present; the value is the data as the producer wrote it;
+  attributes in `ce_*` headers; the checksum covers the value bytes.
+- CloudEvents structured mode: a JSON object with `specversion`; the checksum covers JCS(`data`).
+- The seed article's shapes: `{data, checksum}`, `{data, version, updatedAt, source}` and
+  `{payload, logicalTimestamp, sourceService}`; the checksum (if any) covers JCS(`data`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import xxhash
+
+from byzguard.clocks import VectorClock
+from byzguard.errors import ClockError
+from byzguard.integrity import SHA256, Checksum, content_hash
+from byzguard.jcs import CanonicalizationError, canonicalize
+from byzguard.verdict import Code
+
+# Header names of the CloudEvents Kafka binding, plus byzguard's extension attributes.
+CE_SPECVERSION = "ce_specversion"
+CE_ID = "ce_id"
+CE_SOURCE = "ce_source"
+CE_TYPE = "ce_type"
+CE_TIME = "ce_time"
+CE_SUBJECT = "ce_subject"
+CE_ENTITYVERSION = "ce_entityversion"
+CE_LAMPORTTIME = "ce_lamporttime"
+CE_VECTORCLOCK = "ce_vectorclock"
+CE_CHECKSUMALG = "ce_checksumalg"
+CE_CHECKSUM = "ce_checksum"
+CE_KEYID = "ce_keyid"
+CONTENT_TYPE = "content-type"
+
+MODE_BINARY = "binary"
+MODE_STRUCTURED = "structured"
+MODE_SEED = "seed"
+
+MAX_INT = 2**63 - 1
+
+
+class Envelope:
+    """An event as the checks see it: attributes, clocks, checksum and the bytes the checksum covers."""
+
+    __slots__ = (
+        "_data",
+        "_parsed",
+        "checksum",
+        "content_hash",
+        "covered",
+        "id",
+        "lamport",
+        "mode",
+        "source",
+        "subject",
+        "time",
+        "type",
+        "vclock",
+        "version",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        source: str,
+        type: str,
+        subject: str,
+        mode: str,
+        covered: bytes,
+        time: float | None = None,
+        version: int | None = None,
+        lamport: int | None = None,
+        vclock: VectorClock | None = None,
+        checksum: Checksum | None = None,
+        data: Any = None,
+        parsed: bool = False,
+    ) -> None:
+        self.id = id
+        self.source = source
+        self.type = type
+        self.subject = subject
+        self.mode = mode
+        self.covered = covered
+        self.content_hash = content_hash(covered)
+        self.time = time
+        self.version = version
+        self.lamport = lamport
+        self.vclock = vclock
+        self.checksum = checksum
+        self._data = data
+        self._parsed = parsed
+
+    def data(self) -> Any:
+        """The event's data as JSON values, parsed on first use; None when it is not JSON."""
+        if not self._parsed:
+            self._parsed = True
+            try:
+                self._data = orjson.loads(self.covered)
+            except orjson.JSONDecodeError:
+                self._data = None
+        return self._data
+
+    def attributes(self) -> dict[str, Any]:
+        """The envelope attributes as a plain mapping (for rules, receipts and the review page)."""
+        return {"id": self.id, "source": self.source, "type": self.type, "subject": self.subject,
+                "time": self.time, "version": self.version, "lamport": self.lamport,
+                "vclock": self.vclock.to_header().decode() if self.vclock is not None else None}
+
+
+class DecodeFailure(Exception):
+    def __init__(self, code: Code, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def decode(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes],
+    *,
+    default_type: str = "",
+) -> Envelope | tuple[Code, str]:
+    """Decode one record; a (code, detail) pair when it cannot be read. Any bytes in, never an exception."""
+    try:
+        hdrs = _header_map(headers)
+        if CE_SPECVERSION in hdrs:
+            return _decode_binary(key, value, hdrs, default_type)
+        if not value:
+            raise DecodeFailure(Code.DECODE_UNSUPPORTED, "empty value and no ce_specversion header")
+        try:
+            obj = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeFailure(Code.DECODE_MALFORMED, f"value is not JSON and has no ce_* headers: {exc}") from None
+        if not isinstance(obj, dict):
+            raise DecodeFailure(Code.DECODE_UNSUPPORTED, "value is JSON but not an object")
+        if "specversion" in obj:
+            return _decode_structured(key, value, obj, hdrs, default_type)
+        return _decode_seed(key, value, obj, hdrs, default_type)
+    except DecodeFailure as failure:
+        return failure.code, failure.detail
+    except Exception as exc:  # decoding must never take the worker down: the record is at fault
+        return Code.DECODE_MALFORMED, f"{type(exc).__name__}: {exc}"
+
+
+def _header_map(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes]) -> dict[str, bytes]:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: dict[str, bytes] = {}
+    for name, raw in items:
+        # Kafka allows repeated headers; the last one wins, as the CloudEvents binding reads them.
+        out[name.lower() if not name.islower() else name] = raw if raw is not None else b""
+    return out
+
+
+def _text(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"header {name} is not UTF-8") from None
+
+
+def _int(raw: object, name: str) -> int:
+    if isinstance(raw, bool):
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be an integer, got a boolean")
+    if isinstance(raw, bytes):
+        raw = _text(raw, name)
+    if isinstance(raw, str):
+        if not raw.isascii() or not raw.isdigit():
+            raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a non-negative integer, got {raw!r}")
+        raw = int(raw)
+    if not isinstance(raw, int) or raw < 0 or raw > MAX_INT:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a non-negative 63-bit integer, got {raw!r}")
+    return raw
+
+
+def parse_time(raw: object, name: str) -> float:
+    """RFC 3339 text (or, for the seed's JavaScript producers, epoch milliseconds) -> epoch seconds."""
+    if isinstance(raw, bytes):
+        raw = _text(raw, name)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw) / 1000.0
+    if not isinstance(raw, str):
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be an RFC 3339 time, got {raw!r}")
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} is not an RFC 3339 time: {raw!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _vclock(raw: object, name: str) -> VectorClock:
+    try:
+        if isinstance(raw, (bytes, str)):
+            return VectorClock.from_header(raw)
+        if isinstance(raw, dict):
+            return VectorClock.from_mapping(raw)
+    except ClockError as exc:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name}: {exc}") from None
+    raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be 'node=n,...' or an object, got {raw!r}")
+
+
+def _subject(key: bytes | None, subject: str | None) -> str:
+    key_text = None
+    if key is not None:
+        try:
+            key_text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeFailure(Code.DECODE_MALFORMED, "record key is not UTF-8") from None
+    if subject is None:
+        if not key_text:
+            raise DecodeFailure(Code.DECODE_MALFORMED, "no entity id: neither a subject nor a record key")
+        return key_text
+    if key_text is not None and key_text != subject:
+        # Entity state lives in the partition of its key; a record keyed otherwise would be checked
+        # against the wrong state, so it is refused rather than guessed at.
+        raise DecodeFailure(Code.DECODE_KEY_MISMATCH,
+                            f"record key {key_text!r} is not the entity id (subject) {subject!r}")
+    if not subject:
+        raise DecodeFailure(Code.DECODE_MALFORMED, "empty subject")
+    return subject
+
+
+def _checksum(alg: object, value: object, key_id: object, where: str) -> Checksum | None:
+    if value is None and alg is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{where}: checksum must be a hex string")
+    algorithm = alg if isinstance(alg, str) else SHA256
+    if key_id is not None and not isinstance(key_id, str):
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{where}: keyid must be a string")
+    return Checksum(algorithm, value, key_id)
+
+
+def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], default_type: str) -> Envelope:
+    spec = h[CE_SPECVERSION]
+    if spec != b"1.0":
+        raise DecodeFailure(Code.DECODE_UNSUPPORTED, f"CloudEvents specversion {spec!r} is not 1.0")
+    missing = [n for n in (CE_ID, CE_SOURCE) if not h.get(n)]
+    if missing:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"required headers missing: {', '.join(missing)}")
+    raw_sum = h.get(CE_CHECKSUM)
+    checksum = None
+    if raw_sum is not None or CE_CHECKSUMALG in h:
+        checksum = _checksum(
+            _text(h[CE_CHECKSUMALG], CE_CHECKSUMALG) if CE_CHECKSUMALG in h else None,
+            _text(raw_sum, CE_CHECKSUM) if raw_sum is not None else None,
+            _text(h[CE_KEYID], CE_KEYID) if CE_KEYID in h else None,
+            "headers",
+        )
+    ce_type = _text(h[CE_TYPE], CE_TYPE) if CE_TYPE in h else default_type
+    if not ce_type:
+        raise DecodeFailure(Code.DECODE_MALFORMED, "required header missing: ce_type")
+    return Envelope(
+        id=_text(h[CE_ID], CE_ID),
+        source=_text(h[CE_SOURCE], CE_SOURCE),
+        type=ce_type,
+        subject=_subject(key, _text(h[CE_SUBJECT], CE_SUBJECT) if CE_SUBJECT in h else None),
+        mode=MODE_BINARY,
+        covered=value or b"",
+        time=parse_time(h[CE_TIME], CE_TIME) if CE_TIME in h else None,
+        version=_int(h[CE_ENTITYVERSION], CE_ENTITYVERSION) if CE_ENTITYVERSION in h else None,
+        lamport=_int(h[CE_LAMPORTTIME], CE_LAMPORTTIME) if CE_LAMPORTTIME in h else None,
+        vclock=_vclock(h[CE_VECTORCLOCK], CE_VECTORCLOCK) if CE_VECTORCLOCK in h else None,
+        checksum=checksum,
+    )
+
+
+def _str_attr(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
+    raw = obj.get(name)
+    if raw is None:
+        if required:
+            raise DecodeFailure(Code.DECODE_MALFORMED, f"required attribute missing: {name}")
+        return None
+    if not isinstance(raw, str) or not raw:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"attribute {name} must be a non-empty string")
+    return raw
+
+
+def _canonical(data: Any, where: str) -> bytes:
+    try:
+        return canonicalize(data)
+    except CanonicalizationError as exc:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{where} cannot be canonicalized: {exc}") from None
+
+
+def _decode_structured(
+    key: bytes | None, value: bytes, obj: dict[str, Any], h: dict[str, bytes], default_type: str
+) -> Envelope:
+    if obj.get("specversion") != "1.0":
+        raise DecodeFailure(Code.DECODE_UNSUPPORTED,
+                            f"CloudEvents specversion {obj.get('specversion')!r} is not 1.0")
+    if "data_base64" in obj:
+        raise DecodeFailure(Code.DECODE_UNSUPPORTED, "data_base64 is not supported; use binary mode")
+    data = obj.get("data")
+    covered = _canonical(data, "data")
+    version = obj.get("entityversion")
+    lamport = obj.get("lamporttime")
+    vclock = obj.get("vectorclock")
+    time = obj.get("time")
+    return Envelope(
+        id=_str_attr(obj, "id", required=True) or "",
+        source=_str_attr(obj, "source", required=True) or "",
+        type=_str_attr(obj, "type", required=not default_type) or default_type,
+        subject=_subject(key, _str_attr(obj, "subject", required=False)),
+        mode=MODE_STRUCTURED,
+        covered=covered,
+        time=parse_time(time, "time") if time is not None else None,
+        version=_int(version, "entityversion") if version is not None else None,
+        lamport=_int(lamport, "lamporttime") if lamport is not None else None,
+        vclock=_vclock(vclock, "vectorclock") if vclock is not None else None,
+        checksum=_checksum(obj.get("checksumalg"), obj.get("checksum"), obj.get("keyid"), "structured event"),
+        data=data,
+        parsed=True,
+    )
+
+
+def _decode_seed(
+    key: bytes | None, value: bytes, obj: dict[str, Any], h: dict[str, bytes], default_type: str
+) -> Envelope:
+    if "payload" in obj and "logicalTimestamp" in obj:
+        data = obj["payload"]
+        source = obj.get("sourceService")
+        lamport: int | None = _int(obj["logicalTimestamp"], "logicalTimestamp")
+        version = None
+        time = None
+    elif "data" in obj and ("checksum" in obj or "version" in obj or "updatedAt" in obj):
+        data = obj["data"]
+        source = obj.get("source")
+        lamport = None
+        version = _int(obj["version"], "version") if obj.get("version") is not None else None
+        time = parse_time(obj["updatedAt"], "updatedAt") if obj.get("updatedAt") is not None else None
+    else:
+        raise DecodeFailure(Code.DECODE_UNSUPPORTED,
+                            "JSON object is neither a CloudEvent (specversion) nor one of the seed shapes")
+    if source is None and CE_SOURCE in h:
+        source = _text(h[CE_SOURCE], CE_SOURCE)
+    if not isinstance(source, str) or not source:
+        raise DecodeFailure(Code.DECODE_MALFORMED, "no source: give source/sourceService or a ce_source header")
+    covered = _canonical(data, "data")
+    # Seed producers send no event id; the content then names the event, so a re-send is a duplicate.
+    event_id = _text(h[CE_ID], CE_ID) if CE_ID in h else "xxh3:" + xxhash.xxh3_128_hexdigest(value)
+    ce_type = _text(h[CE_TYPE], CE_TYPE) if CE_TYPE in h else default_type
+    if not ce_type:
+        raise DecodeFailure(Code.DECODE_MALFORMED, "no event type: set ce_type or the topic's default_type")
+    raw_sum = obj.get("checksum")
+    return Envelope(
+        id=event_id,
+        source=source,
+        type=ce_type,
+        subject=_subject(key, _text(h[CE_SUBJECT], CE_SUBJECT) if CE_SUBJECT in h else None),
+        mode=MODE_SEED,
+        covered=covered,
+        time=time,
+        version=version,
+        lamport=lamport,
+        checksum=_checksum(obj.get("checksumalg", SHA256), raw_sum, obj.get("keyid"), "seed event")
+        if raw_sum is not None else None,
+        data=data,
+        parsed=True,
+    )

@@ -1,0 +1,86 @@
+"""Per-entity and per-source state, as one compact record each (every table write is a changelog message)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from byzguard.clocks import VectorClock
+
+
+@dataclass(frozen=True, slots=True)
+class SeenId:
+    """An event id recently verified for the entity, with its content fingerprint and when it was seen."""
+
+    event_id: str
+    content_hash: bytes
+    seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EntityState:
+    """What the guard knows of one entity: its last verified version, clock, content and recent ids."""
+
+    version: int | None
+    vclock: VectorClock | None
+    content_hash: bytes
+    last_good: bytes
+    last_good_type: str
+    verified_at: float
+    event_time: float | None
+    recent: tuple[SeenId, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        """Serialize for the state table."""
+        return orjson.dumps([
+            1,
+            self.version,
+            self.vclock.to_header().decode() if self.vclock is not None else None,
+            self.content_hash.hex(),
+            # latin-1 maps every byte to one code point, so arbitrary binary values survive JSON.
+            self.last_good.decode("latin-1"),
+            self.last_good_type,
+            self.verified_at,
+            self.event_time,
+            [[s.event_id, s.content_hash.hex(), s.seen_at] for s in self.recent],
+        ])
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> EntityState:
+        """Deserialize a state table value."""
+        _v, version, vclock, chash, last_good, last_type, verified_at, event_time, recent = orjson.loads(raw)
+        return cls(
+            version=version,
+            vclock=VectorClock.from_header(vclock) if vclock is not None else None,
+            content_hash=bytes.fromhex(chash),
+            last_good=last_good.encode("latin-1"),
+            last_good_type=last_type,
+            verified_at=verified_at,
+            event_time=event_time,
+            recent=tuple(SeenId(i, bytes.fromhex(h), t) for i, h, t in recent),
+        )
+
+    def last_good_data(self) -> object:
+        """The last verified data parsed as JSON, or None when it was not JSON."""
+        try:
+            return orjson.loads(self.last_good)
+        except orjson.JSONDecodeError:
+            return None
+
+    def find(self, event_id: str, now: float, window: float) -> SeenId | None:
+        """The recent entry for `event_id` still inside the idempotency window, if any."""
+        for seen in self.recent:
+            if seen.event_id == event_id and now - seen.seen_at <= window:
+                return seen
+        return None
+
+
+def encode_lamport(value: int) -> bytes:
+    """A per-source Lamport high-water mark as table bytes."""
+    return str(value).encode()
+
+
+def decode_lamport(raw: bytes | None) -> int | None:
+    """Inverse of encode_lamport; None when the source has no mark yet."""
+    return int(raw) if raw else None

@@ -1,0 +1,230 @@
+"""Suite-wide fixtures: one real Kafka broker per test session, and fresh topics per test.
+
+``kafka_bootstrap`` (session scoped, lazy: only tests that request it start a broker) takes,
+in order:
+
+1. ``KAFKA_BOOTSTRAP_SERVERS`` when set (an external broker);
+2. an ``apache/kafka:<version>`` container (KRaft) when a Docker engine answers;
+3. otherwise :class:`app.localkafka.LocalKafka` on free ports with a fresh data dir.
+
+``BYZGUARD_KAFKA_VERSION`` picks the Kafka version (default :data:`app.localkafka.DEFAULT_VERSION`);
+``BYZGUARD_TEST_KAFKA=local|docker`` forces a backend. Tests that need the broker are marked
+``@pytest.mark.kafka`` (the marker is declared in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pytest
+
+# The repo is not installed into the venv; make `app` / `byzguard` importable for every test.
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from app.localkafka import LocalKafka, free_ports, resolve_version, wait_for_kafka  # noqa: E402
+
+T = TypeVar("T")
+
+BACKEND_ENV = "BYZGUARD_TEST_KAFKA"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the ``kafka`` marker even when pytest runs without this repo's pyproject."""
+    config.addinivalue_line(
+        "markers", "kafka: needs a real Kafka broker (started by the suite when none is configured)"
+    )
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120.0) -> T:
+    """Run a coroutine to completion on a private loop in a worker thread (safe from any context)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conftest-async") as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result(timeout)
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+def _docker_answers(timeout: float = 3.0) -> bool:
+    """True when a Docker engine answers a ping within *timeout* seconds (never raises)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=int(max(1, timeout)))
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        pass
+    try:
+        probe = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return probe.returncode == 0 and bool(probe.stdout.strip())
+    except Exception:
+        return False
+
+
+def _container_kafka(version: str) -> Iterator[str]:
+    """An ``apache/kafka`` container in KRaft mode; yields its bootstrap servers.
+
+    testcontainers' ``KafkaContainer`` only knows Confluent images (its KRaft boot script and
+    version check are cp-kafka specific), so the official image is configured through its
+    ``KAFKA_*`` environment variables on a generic container with a pre-chosen host port. Clients
+    use the PLAINTEXT listener advertised on the host port; the broker talks to itself (e.g.
+    transaction markers) over the BROKER listener inside the container.
+    """
+    from testcontainers.core.container import DockerContainer
+
+    host_port = free_ports(1)[0]
+    container = DockerContainer(f"apache/kafka:{version}")
+    try:
+        host = container.get_container_host_ip()
+    except Exception:
+        host = "localhost"
+    env = {
+        "CLUSTER_ID": "byzguardTestCluster001",
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_LISTENERS": "PLAINTEXT://0.0.0.0:9092,BROKER://0.0.0.0:19092,CONTROLLER://0.0.0.0:9093",
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://{host}:{host_port},BROKER://localhost:19092",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "PLAINTEXT:PLAINTEXT,BROKER:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "KAFKA_INTER_BROKER_LISTENER_NAME": "BROKER",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS": "4",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_NUM_PARTITIONS": "4",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+        "KAFKA_NUM_PARTITIONS": "1",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "true",
+    }
+    if int(version.split(".")[0]) >= 4:
+        env["KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR"] = "1"
+        env["KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR"] = "1"
+    for key, value in env.items():
+        container.with_env(key, value)
+    container.with_bind_ports(9092, host_port)
+    container.start()
+    try:
+        bootstrap = f"{host}:{host_port}"
+        if not wait_for_kafka(bootstrap, timeout=120):
+            raise RuntimeError(f"apache/kafka:{version} container did not answer at {bootstrap}")
+        yield bootstrap
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of the session's Kafka broker (external, container or local JVM)."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if external:
+        yield external
+        return
+    version = resolve_version(None)
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    if backend == "docker" or (backend == "auto" and _docker_answers()):
+        try:
+            yield from _container_kafka(version)
+            return
+        except Exception as exc:
+            if backend == "docker":
+                raise
+            warnings.warn(f"Kafka container failed ({exc!r}); falling back to a local broker", stacklevel=1)
+    data_dir = tmp_path_factory.mktemp("kafka") / "data"
+    with LocalKafka(version, data_dir=data_dir, fresh=True) as kafka:
+        yield kafka.bootstrap_servers
+
+
+# --------------------------------------------------------------------------- topics
+
+
+class TopicFactory(Protocol):
+    """Creates a fresh, uniquely named topic and returns its name."""
+
+    def __call__(
+        self, partitions: int = 1, config: Mapping[str, str] | None = None, *, suffix: str = ""
+    ) -> str: ...
+
+
+async def _create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, 1, topic_configs=dict(config))], timeout_ms=30_000
+        )
+        for error in response.to_object().get("topic_errors", []):
+            if error.get("error_code"):
+                raise RuntimeError(f"creating topic {name!r} failed: {error}")
+        # Wait until every partition has a leader so producers and consumers can use it at once.
+        for _ in range(200):
+            topics = await admin.describe_topics([name])
+            parts = topics[0].get("partitions", []) if topics else []
+            if (
+                topics
+                and not topics[0].get("error_code")
+                and len(parts) == partitions
+                and all(p.get("leader", -1) >= 0 for p in parts)
+            ):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"topic {name!r} has no leader for every partition after 10 s")
+    finally:
+        await admin.close()
+
+
+async def _delete_topics(bootstrap: str, names: list[str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.delete_topics(names, timeout_ms=10_000)
+    finally:
+        await admin.close()
+
+
+def _topic_prefix(test_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", test_name).strip("-")[:80] or "topic"
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[TopicFactory]:
+    """Create fresh topics named ``<test name>-<uuid4 hex[:8]>``; they are deleted after the test."""
+    prefix = _topic_prefix(request.node.name)
+    created: list[str] = []
+
+    def create(partitions: int = 1, config: Mapping[str, str] | None = None, *, suffix: str = "") -> str:
+        name = f"{prefix}{'-' + suffix if suffix else ''}-{uuid.uuid4().hex[:8]}"
+        run_async(lambda: _create_topic(kafka_bootstrap, name, partitions, config or {}))
+        created.append(name)
+        return name
+
+    yield create
+    if created:
+        try:
+            run_async(lambda: _delete_topics(kafka_bootstrap, created), timeout=30)
+        except Exception as exc:  # best effort: topics are unique anyway
+            warnings.warn(f"could not delete test topics {created}: {exc!r}", stacklevel=1)

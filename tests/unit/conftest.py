@@ -1,0 +1,85 @@
+"""Shared builders for the core's unit tests: a configuration, a stamper and a guard over dict state."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from byzguard import config as guard_config
+from byzguard.guard import Guard, RecordIn, Routed
+from byzguard.integrity import Key
+
+SECRET_ENV = {"KEY_PRICING": "pricing-secret", "KEY_ORDERS": "orders-secret"}
+PRICING_KEY = Key("pricing-1", "pricing", b"pricing-secret")
+ORDERS_KEY = Key("orders-1", "orders", b"orders-secret")
+
+BASE_CONFIG = """
+defaults:
+  max_skew: 5s
+  max_age: 24h
+keys:
+  pricing-1: {source: pricing, secret_env: KEY_PRICING}
+  orders-1: {source: orders, secret_env: KEY_ORDERS}
+routes:
+  - name: main
+    inputs: [in]
+    verified_topic: out
+    quarantine_topic: bad
+    default_type: price.updated
+    types:
+      price.updated:
+        sources: [pricing, orders]
+        rules:
+          - {name: price_positive, expr: "data.price > 0"}
+          - name: price_jump
+            expr: >-
+              last == null || (data.price - last.price) / last.price < 0.5
+              && (last.price - data.price) / last.price < 0.5
+            severity: warn
+      signed.thing:
+        sources: [pricing]
+        key_ids: [pricing-1]
+"""
+
+
+def make_config(text: str = BASE_CONFIG) -> guard_config.GuardConfig:
+    """Compile configuration text with the test secrets in the environment."""
+    return guard_config.loads(textwrap.dedent(text), environ=SECRET_ENV)
+
+
+class Harness:
+    """A guard over in-memory state that applies its own writes, as the agent does with tables."""
+
+    def __init__(self, text: str = BASE_CONFIG) -> None:
+        self.config = make_config(text)
+        self.guard = Guard(self.config)
+        self.route = self.config.routes[0]
+        self.entities: dict[bytes, bytes] = {}
+        self.lamports: dict[bytes, bytes] = {}
+        self.offset = 0
+
+    def feed(self, key: bytes | None, value: bytes | None, headers: Any = (), *, now: float) -> Routed:
+        """Process one record and apply the state writes it asks for."""
+        self.offset += 1
+        routed = self.guard.process(RecordIn(key, value, list(headers), "in", 0, self.offset, now),
+                                    self.route, self.entities, self.lamports, now=now)
+        if routed.entity_key is not None and routed.entity_value is not None:
+            self.entities[routed.entity_key] = routed.entity_value
+        if routed.lamport_key is not None and routed.lamport_value is not None:
+            self.lamports[routed.lamport_key] = routed.lamport_value
+        return routed
+
+
+@pytest.fixture
+def harness_factory() -> Callable[..., Harness]:
+    """Build a fresh harness from configuration text."""
+    return Harness
+
+
+@pytest.fixture
+def harness() -> Harness:
+    """A harness over the base configuration."""
+    return Harness()
