@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
+from mode.supervisors import CrashingSupervisor
 
 from app import metrics
 from byzguard.config import Route
@@ -67,4 +68,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 metrics.DATA_AGE.labels(name, event_type).observe(max(0.0, now - env.time))
             yield None
 
-    return app.agent(topics.inputs_topic, name=f"verify_events-{name}")(verify_events)
+    # A crashing verify agent must stop the worker loudly (and let Kafka redeliver to a restarted one),
+    # never be restarted silently in a loop or die unnoticed.
+    return app.agent(topics.inputs_topic, name=f"verify_events-{name}",
+                     supervisor_strategy=CrashingSupervisor)(verify_events)

@@ -47,12 +47,20 @@ def run(
 
 
 def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str) -> None:
+    import asyncio
+
     from faust.worker import Worker
 
+    from app.provision import provision
     from app.settings import Settings
     from app.worker import build_app
 
     assert isinstance(settings, Settings)
+    try:
+        cfg = asyncio.run(provision(bootstrap, cfg, settings.app_id))
+    except ConfigError as exc:
+        console.print(f"[bold red]cannot start[/]: {exc}")
+        raise typer.Exit(2) from None
     built = build_app(settings, cfg, bootstrap)
     console.print(f"[bold green]byzguard[/] worker [bold]{settings.app_id}[/] on broker {bootstrap}")
     for route in cfg.routes:

@@ -39,6 +39,7 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "datadir": str(settings.data_dir),
         "processing_guarantee": settings.processing_guarantee,
         "web_host": settings.web_host,
+        "web_bind": settings.web_host,
         "web_port": settings.web_port,
         "web_enabled": True,
         "web_in_thread": False,

@@ -92,15 +92,11 @@ def _check_node(node: object) -> str:
     return node
 
 
-# The header grammar (a counter has at most 19 digits, the length of 2**63-1); the isprintable() check
-# that accompanies it excludes the control characters that \s does not.
-_HEADER_RE: Final = re.compile(
-    r"[^,:=\s]+=(?:0|[1-9][0-9]{0,18})(?:,[^,:=\s]+=(?:0|[1-9][0-9]{0,18}))*"
-)
-
-
-def _without_zeros(d: dict[str, int]) -> dict[str, int]:
-    return {node: counter for node, counter in d.items() if counter} if 0 in d.values() else d
+# The canonical header: what to_header writes. Counters here have at most 18 digits, so they are below
+# 2**63 without a check, and none is 0. Headers outside it (zero entries, 19-digit counters, or errors)
+# take the entry-by-entry parser. The isprintable() check that accompanies it excludes the control
+# characters that \s does not.
+_CANONICAL_RE: Final = re.compile(r"[^,:=\s]+=[1-9][0-9]{0,17}(?:,[^,:=\s]+=[1-9][0-9]{0,17})*")
 
 
 def _parse_entries(text: str) -> dict[str, int]:
@@ -114,7 +110,8 @@ def _parse_entries(text: str) -> dict[str, int]:
             raise ClockError(f"vector clock names node {_show(node)} more than once")
         counter = _parse_counter(digits, f"vector clock counter of node {_show(node)}")
         d[_check_node(node)] = counter
-    return _without_zeros(d)
+    # Zero entries are accepted (they mean "no entry") but not kept, so equal clocks compare equal.
+    return {node: counter for node, counter in d.items() if counter}
 
 
 def _validated(m: Mapping[Any, Any]) -> dict[str, int]:
@@ -170,22 +167,18 @@ class VectorClock:
     __slots__ = ("_d", "_hash", "_view")
 
     _d: dict[str, int]
-    _hash: int | None
-    _view: Mapping[str, int] | None
+    _hash: int
+    _view: Mapping[str, int]
 
     def __init__(self, entries: Mapping[str, int] | None = None) -> None:
-        d = _validated(entries) if entries else {}
-        object.__setattr__(self, "_d", d)
-        object.__setattr__(self, "_hash", None)
-        object.__setattr__(self, "_view", None)
+        object.__setattr__(self, "_d", _validated(entries) if entries else {})
 
     @classmethod
     def _of(cls, d: dict[str, int]) -> VectorClock:
-        # Trusted construction from an already-validated dict that nobody else holds.
+        # Trusted construction from an already-validated dict that nobody else holds. The cached hash
+        # and view slots stay unset until first use: every setattr here costs as much as a compare.
         vc = object.__new__(cls)
         object.__setattr__(vc, "_d", d)
-        object.__setattr__(vc, "_hash", None)
-        object.__setattr__(vc, "_view", None)
         return vc
 
     # --- parsing ---
@@ -208,15 +201,14 @@ class VectorClock:
         count = text.count(",") + 1
         if count > max_entries:
             raise ClockError(f"vector clock has {count} entries, more than the bound of {max_entries}")
-        # Fast path: one C-level match validates the whole grammar, so the loop below only builds the dict.
-        # Whatever it does not accept goes to the entry-by-entry parser, which names the problem.
-        if text.isprintable() and _HEADER_RE.fullmatch(text):
+        # Fast path: one C-level match validates the whole grammar, so the loop only builds the dict.
+        if text.isprintable() and _CANONICAL_RE.fullmatch(text):
             d: dict[str, int] = {}
             for entry in text.split(","):
                 node, _, digits = entry.partition("=")
                 d[node] = int(digits)
-            if len(d) == count and max(d.values()) <= MAX_COUNTER:
-                return cls._of(_without_zeros(d))
+            if len(d) == count:  # else a node repeats: let the reference parser name it
+                return cls._of(d)
         return cls._of(_parse_entries(text))
 
     @classmethod
@@ -246,11 +238,12 @@ class VectorClock:
 
     def entries(self) -> Mapping[str, int]:
         """A read-only view of the non-zero entries, node -> counter."""
-        view = self._view
-        if view is None:
+        try:
+            return self._view
+        except AttributeError:
             view = MappingProxyType(self._d)
             object.__setattr__(self, "_view", view)
-        return view
+            return view
 
     # --- arithmetic ---
 
@@ -328,11 +321,12 @@ class VectorClock:
         return self._d == other._d
 
     def __hash__(self) -> int:
-        h = self._hash
-        if h is None:
+        try:
+            return self._hash
+        except AttributeError:
             h = hash(frozenset(self._d.items()))
             object.__setattr__(self, "_hash", h)
-        return h
+            return h
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("VectorClock is immutable")

@@ -3,8 +3,9 @@
 JCS writes keys sorted by UTF-16 code units, no whitespace, strings escaped only for `"`, `\\` and
 control characters, and numbers as ECMAScript's `Number.prototype.toString` does. Behaviour matches the
 `rfc8785` package, which the tests use as the reference: integers outside +-(2**53 - 1) are refused
-rather than rounded (two different payloads must never share a checksum), as are NaN, infinities,
-non-string keys, lone surrogates and types that JSON does not have.
+rather than rounded (two different integers must never share a checksum), as are NaN, infinities,
+non-string keys, lone surrogates and types that JSON does not have; every refusal is a
+CanonicalizationError.
 
 Checksums run on every structured event, so there are two paths:
 

@@ -23,9 +23,11 @@ class RouteTables:
 
 def declare_route_tables(app: faust.App, route: Route) -> RouteTables:
     """Declare a route's tables on `app`."""
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw",
-           "partitions": route.partitions}
+    # key_type/value_type bytes make faust use the raw codec for the store and the changelog: the core
+    # serializes its own records, once.
     return RouteTables(
-        state_by_entity=app.Table(f"{route.name}-state_by_entity", **raw),  # type: ignore[arg-type]
-        lamport_by_source=app.Table(f"{route.name}-lamport_by_source", **raw),  # type: ignore[arg-type]
+        state_by_entity=app.Table(f"{route.name}-state_by_entity", key_type=bytes, value_type=bytes,
+                                  partitions=route.partitions),
+        lamport_by_source=app.Table(f"{route.name}-lamport_by_source", key_type=bytes, value_type=bytes,
+                                    partitions=route.partitions),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import re
 import subprocess
@@ -33,7 +34,14 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from app.localkafka import LocalKafka, free_ports, resolve_version, wait_for_kafka  # noqa: E402
+from app.localkafka import (  # noqa: E402
+    FAST_START_JVM_FLAGS,
+    LocalKafka,
+    free_ports,
+    new_cluster_id,
+    resolve_version,
+    wait_for_kafka,
+)
 
 T = TypeVar("T")
 
@@ -81,8 +89,9 @@ def _docker_answers(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
 def _container_kafka(version: str) -> Iterator[str]:
-    """An ``apache/kafka`` container in KRaft mode; yields its bootstrap servers.
+    """An ``apache/kafka:<version>`` container in KRaft mode; yields its bootstrap servers.
 
     testcontainers' ``KafkaContainer`` only knows Confluent images (its KRaft boot script and
     version check are cp-kafka specific), so the official image is configured through its
@@ -95,11 +104,11 @@ def _container_kafka(version: str) -> Iterator[str]:
     host_port = free_ports(1)[0]
     container = DockerContainer(f"apache/kafka:{version}")
     try:
-        host = container.get_container_host_ip()
+        host = container.get_docker_client().host()
     except Exception:
         host = "localhost"
     env = {
-        "CLUSTER_ID": "byzguardTestCluster001",
+        "CLUSTER_ID": new_cluster_id(),
         "KAFKA_NODE_ID": "1",
         "KAFKA_PROCESS_ROLES": "broker,controller",
         "KAFKA_LISTENERS": "PLAINTEXT://0.0.0.0:9092,BROKER://0.0.0.0:19092,CONTROLLER://0.0.0.0:9093",
@@ -123,14 +132,15 @@ def _container_kafka(version: str) -> Iterator[str]:
     for key, value in env.items():
         container.with_env(key, value)
     container.with_bind_ports(9092, host_port)
-    container.start()
     try:
+        container.start()
         bootstrap = f"{host}:{host_port}"
-        if not wait_for_kafka(bootstrap, timeout=120):
+        if not wait_for_kafka(bootstrap, 120):
             raise RuntimeError(f"apache/kafka:{version} container did not answer at {bootstrap}")
         yield bootstrap
     finally:
-        container.stop()
+        with contextlib.suppress(Exception):
+            container.stop()
 
 
 @pytest.fixture(scope="session")
@@ -142,17 +152,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     version = resolve_version(None)
     backend = os.environ.get(BACKEND_ENV, "auto").strip().lower()
-    if backend == "docker" or (backend == "auto" and _docker_answers()):
-        try:
-            yield from _container_kafka(version)
-            return
-        except Exception as exc:
-            if backend == "docker":
-                raise
-            warnings.warn(f"Kafka container failed ({exc!r}); falling back to a local broker", stacklevel=1)
-    data_dir = tmp_path_factory.mktemp("kafka") / "data"
-    with LocalKafka(version, data_dir=data_dir, fresh=True) as kafka:
-        yield kafka.bootstrap_servers
+    with contextlib.ExitStack() as stack:
+        bootstrap: str | None = None
+        if backend == "docker" or (backend == "auto" and _docker_answers()):
+            try:
+                bootstrap = stack.enter_context(_container_kafka(version))
+            except Exception as exc:
+                if backend == "docker":
+                    raise
+                warnings.warn(f"Kafka container failed ({exc!r}); using a local broker", stacklevel=1)
+        if bootstrap is None:
+            data_dir = tmp_path_factory.mktemp("kafka") / "data"
+            kafka = LocalKafka(version, data_dir=data_dir, fresh=True, jvm_flags=FAST_START_JVM_FLAGS)
+            bootstrap = stack.enter_context(kafka).bootstrap_servers
+        yield bootstrap
 
 
 # --------------------------------------------------------------------------- topics
@@ -161,9 +174,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class TopicFactory(Protocol):
     """Creates a fresh, uniquely named topic and returns its name."""
 
-    def __call__(
-        self, partitions: int = 1, config: Mapping[str, str] | None = None, *, suffix: str = ""
-    ) -> str: ...
+    def __call__(self, partitions: int = 1, config: Mapping[str, str] | None = None, *, suffix: str = "") -> str: ...
 
 
 async def _create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, str]) -> None:

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from app.localkafka import LocalKafka, ensure_broker_jars, resolve_version
+from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka, ensure_broker_jars, resolve_version
 
 pytestmark = pytest.mark.kafka
 
@@ -119,9 +119,7 @@ async def test_transactions_read_committed(kafka_bootstrap: str, topic_factory: 
 
     committed = [f"committed-{i}".encode() for i in range(5)]
     aborted = [f"aborted-{i}".encode() for i in range(5)]
-    read_committed = await _read_partition(
-        kafka_bootstrap, topic, isolation_level="read_committed", until=b"end"
-    )
+    read_committed = await _read_partition(kafka_bootstrap, topic, isolation_level="read_committed", until=b"end")
     assert read_committed == [*committed, b"end"]
     read_uncommitted = await _read_partition(kafka_bootstrap, topic, until=b"end")
     assert set(aborted) <= set(read_uncommitted)  # they were written, just never committed
@@ -153,7 +151,7 @@ async def test_restart_on_data_dir_of_killed_broker(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     topic = f"survivor-{uuid.uuid4().hex[:8]}"
 
-    first = LocalKafka(version, data_dir=data_dir)
+    first = LocalKafka(version, data_dir=data_dir, jvm_flags=FAST_START_JVM_FLAGS)
     await asyncio.to_thread(first.start)
     try:
         producer = AIOKafkaProducer(bootstrap_servers=first.bootstrap_servers, acks="all")
@@ -168,7 +166,7 @@ async def test_restart_on_data_dir_of_killed_broker(tmp_path: Path) -> None:
         await asyncio.to_thread(first.stop)  # reaps the killed JVM; leaves .lock and the data behind
 
     assert (data_dir / ".lock").exists()
-    second = LocalKafka(version, data_dir=data_dir)
+    second = LocalKafka(version, data_dir=data_dir, jvm_flags=FAST_START_JVM_FLAGS)
     await asyncio.to_thread(second.start)
     try:
         assert not second.reformatted, "the data dir of a killed broker must be reused, not reformatted"
