@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import orjson
@@ -52,7 +53,8 @@ class EntityState:
         _v, version, vclock, chash, last_good, last_type, verified_at, event_time, recent = orjson.loads(raw)
         return cls(
             version=version,
-            vclock=VectorClock.from_header(vclock) if vclock is not None else None,
+            # The merged clock of an entity may outgrow the per-event bound; state is trusted, so no bound here.
+            vclock=VectorClock.from_header(vclock, max_entries=sys.maxsize) if vclock is not None else None,
             content_hash=bytes.fromhex(chash),
             last_good=last_good.encode("latin-1"),
             last_good_type=last_type,
