@@ -360,7 +360,7 @@ def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str
     except RuleCompileError:
         raise
     except ConfigError as exc:
-        raise ConfigError(f"{source_path}: {exc}") from exc
+        raise type(exc)(f"{source_path}: {exc}") from exc
 
 
 def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GuardConfig:

@@ -1,0 +1,102 @@
+"""The configuration file: a good one compiles; a bad one is refused with file:line, field path and fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from byzguard import config as guard_config
+from byzguard.errors import ConfigError, KeyRingError, RuleCompileError
+from byzguard.verdict import Code, Severity
+
+REPO = Path(__file__).parents[2]
+
+
+def test_shipped_example_is_valid() -> None:
+    """byzguard.yaml, the documented example, compiles with its secrets in the environment."""
+    cfg = guard_config.load(REPO / "byzguard.yaml", environ={"BYZGUARD_KEY_PRICING_1": "x"})
+    assert [r.name for r in cfg.routes] == ["prices", "orders"]
+    assert cfg.route_for("payments").name == "orders"
+
+
+def test_error_names_file_line_and_field(tmp_path: Path) -> None:
+    """A bad duration is refused with the file, its line and the dotted path to the field."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("routes:\n  - name: r\n    inputs: [a]\n    verified_topic: b\n    quarantine_topic: c\n"
+                    "    types:\n      t:\n        max_age: one day\n")
+    with pytest.raises(ConfigError) as err:
+        guard_config.load(path)
+    message = str(err.value)
+    assert f"{path}:8:" in message
+    assert "routes.0.types.t.max_age" in message
+    assert "not a duration" in message
+
+
+@pytest.mark.parametrize("snippet, fault", [
+    ("    policy: sometimes\n", "policy"),
+    ("    types: {t: {checks: {integrity: maybe}}}\n", "checks.integrity"),
+    ("    types: {t: {checks: {spelling: reject}}}\n", "unknown check"),
+    ("    types: {t: {codes: {version.oops: warn}}}\n", "unknown code"),
+    ("    surprise: 1\n", "Extra inputs are not permitted"),
+    ("    types: {t: {key_ids: [nokey]}}\n", "not declared under keys"),
+])
+def test_invalid_fields_are_refused(snippet: str, fault: str) -> None:
+    """Unknown or ill-typed fields are refused, not ignored."""
+    text = "routes:\n  - name: r\n    inputs: [a]\n    verified_topic: b\n    quarantine_topic: c\n" + snippet
+    with pytest.raises(ConfigError, match=fault):
+        guard_config.loads(text)
+
+
+def test_same_input_in_two_routes_is_refused() -> None:
+    """An input topic belongs to exactly one route."""
+    text = ("routes:\n  - {name: a, inputs: [x], verified_topic: v1, quarantine_topic: q1}\n"
+            "  - {name: b, inputs: [x], verified_topic: v2, quarantine_topic: q2}\n")
+    with pytest.raises(ConfigError, match="input topic 'x'"):
+        guard_config.loads(text)
+
+
+def test_rule_that_does_not_compile_is_refused_at_start() -> None:
+    """A CEL syntax error stops the configuration from loading and names the rule."""
+    text = ("routes:\n  - name: r\n    inputs: [a]\n    verified_topic: b\n    quarantine_topic: c\n"
+            "    types: {t: {rules: [{name: broken, expr: 'data.price >> 1'}]}}\n")
+    with pytest.raises(RuleCompileError, match="broken"):
+        guard_config.loads(text)
+
+
+def test_missing_secret_is_refused() -> None:
+    """A key whose environment variable is unset stops the start with the variable's name."""
+    text = ("keys: {k: {source: s, secret_env: NOPE_NOT_SET}}\nroutes:\n"
+            "  - {name: r, inputs: [a], verified_topic: b, quarantine_topic: c}\n")
+    with pytest.raises(KeyRingError, match="NOPE_NOT_SET"):
+        guard_config.loads(text, environ={})
+
+
+def test_secret_in_config_is_not_accepted() -> None:
+    """A key must point at a secret; writing the secret itself is refused."""
+    text = ("keys: {k: {source: s, secret: hunter2}}\nroutes:\n"
+            "  - {name: r, inputs: [a], verified_topic: b, quarantine_topic: c}\n")
+    with pytest.raises(ConfigError, match="secret"):
+        guard_config.loads(text, environ={})
+
+
+def test_severity_layers() -> None:
+    """Code overrides beat check severities, which beat defaults; version.gap warns by default; off is off."""
+    text = ("defaults: {checks: {time: warn}, codes: {time.future: off}}\nroutes:\n"
+            "  - name: r\n    inputs: [a]\n    verified_topic: b\n    quarantine_topic: c\n"
+            "    types: {t: {checks: {version: off}}}\n")
+    cfg = guard_config.loads(text)
+    policy = cfg.routes[0].policy_for("t")
+    assert policy.level(Code.TIME_STALE) is Severity.WARN
+    assert policy.level(Code.TIME_FUTURE) is Severity.OFF
+    assert policy.level(Code.VERSION_REGRESSION) is Severity.OFF
+    fallback = cfg.routes[0].policy_for("other")
+    assert fallback.level(Code.VERSION_GAP) is Severity.WARN
+    assert fallback.level(Code.VERSION_REGRESSION) is Severity.REJECT
+
+
+@pytest.mark.parametrize("text, seconds", [("500ms", 0.5), ("30s", 30), ("10m", 600), ("24h", 86400),
+                                           ("7d", 604800), (12, 12.0)])
+def test_durations(text: object, seconds: float) -> None:
+    """Durations accept ms, s, m, h, d and plain seconds."""
+    assert guard_config.parse_duration(text) == seconds

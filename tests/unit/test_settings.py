@@ -1,0 +1,38 @@
+"""Worker settings: one frozen object from BYZGUARD_* variables; faust's own variables cannot sneak in."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.settings import Settings
+from app.worker import faust_options
+
+
+def test_env_prefix_and_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BYZGUARD_* variables set the fields, and the object cannot be changed afterwards."""
+    monkeypatch.setenv("BYZGUARD_BROKER", "10.0.0.1:9092")
+    monkeypatch.setenv("BYZGUARD_WEB_PORT", "7000")
+    settings = Settings()
+    assert (settings.broker, settings.web_port) == ("10.0.0.1:9092", 7000)
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is an implementation detail
+        settings.web_port = 1  # type: ignore[misc]
+
+
+def test_faust_environment_variables_do_not_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray BROKER_URL or WEB_PORT in the environment does not change the faust App's settings."""
+    import faust
+
+    monkeypatch.setenv("BROKER_URL", "kafka://evil:1")
+    monkeypatch.setenv("WEB_PORT", "1")
+    monkeypatch.setenv("APP_DATADIR", "/evil")
+    app = faust.App("t", **faust_options(Settings(), "127.0.0.1:9092"))
+    assert str(app.conf.broker[0]) == "kafka://127.0.0.1:9092"
+    assert app.conf.web_port == 6066
+    assert "evil" not in str(app.conf.datadir)
+
+
+def test_invalid_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad value is refused at start with the field's name."""
+    monkeypatch.setenv("BYZGUARD_PROCESSING_GUARANTEE", "maybe_once")
+    with pytest.raises(Exception, match="processing_guarantee"):
+        Settings()

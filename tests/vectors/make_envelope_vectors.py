@@ -1,0 +1,112 @@
+"""Regenerate tests/vectors/envelope.json: `python tests/vectors/make_envelope_vectors.py`.
+
+Each case is a record (key, value, headers) with what a conforming guard must compute: the bytes the
+checksum covers, their digests, and the verdict codes against empty state under the vector config.
+Values are given as UTF-8 text when they are text, else as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from byzguard import config as guard_config
+from byzguard.guard import Guard, RecordIn
+from byzguard.integrity import HMAC_SHA256, SHA256, XXH3_128, Key, digest
+from byzguard.stamp import Stamper, seed_checksum_event
+
+HERE = Path(__file__).parent
+NOW = 1_800_000_000.0  # the "current time" every case is evaluated at (2027-01-15T08:00:00Z)
+KEYS = [{"key_id": "pricing-1", "source": "pricing", "secret": "pricing-secret"},
+        {"key_id": "orders-1", "source": "orders", "secret": "orders-secret"}]
+CONFIG = """
+defaults: {max_skew: 5s, max_age: 24h}
+keys:
+  pricing-1: {source: pricing, secret_env: K1}
+  orders-1: {source: orders, secret_env: K2}
+routes:
+  - name: vectors
+    inputs: [in]
+    verified_topic: out
+    quarantine_topic: bad
+    default_type: price.updated
+    types:
+      price.updated:
+        sources: [pricing]
+"""
+PRICING = Key("pricing-1", "pricing", b"pricing-secret")
+ORDERS = Key("orders-1", "orders", b"orders-secret")
+DATA = {"productId": "sku-1", "price": 49.99, "currency": "USD", "tags": ["a", "é"], "qty": 100.0}
+
+
+def _value(raw: bytes) -> dict[str, str]:
+    try:
+        return {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(raw).decode()}
+
+
+def main() -> None:
+    cfg = guard_config.loads(CONFIG, environ={"K1": "pricing-secret", "K2": "orders-secret"})
+    guard = Guard(cfg)
+    cases: list[dict[str, Any]] = []
+
+    def add(name: str, description: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        routed = guard.process(RecordIn(key, value, headers, "in", 0, 0), cfg.routes[0], {}, {}, now=NOW)
+        env = routed.envelope
+        expect: dict[str, Any] = {"outcome": routed.decision.outcome.value,
+                                  "codes": [r.code.value for r in routed.decision.reasons]}
+        if env is not None:
+            expect["covered"] = _value(env.covered)
+            expect["digests"] = {SHA256: digest(SHA256, env.covered), XXH3_128: digest(XXH3_128, env.covered),
+                                 "hmac-sha256/pricing-1": digest(HMAC_SHA256, env.covered, PRICING)}
+        cases.append({"name": name, "description": description,
+                      "record": {"key": key.decode() if key is not None else None, "value": _value(value),
+                                 "headers": [[k, v.decode("utf-8", "replace")] for k, v in headers]},
+                      "expect": expect})
+
+    fixed = {"event_id": "11111111-2222-3333-4444-555555555555", "time": NOW - 60, "version": 3}
+    for alg, key in ((SHA256, None), (XXH3_128, None), (HMAC_SHA256, PRICING)):
+        s = Stamper("pricing", algorithm=alg, key=key, lamport=41)
+        b = s.binary(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
+        add(f"binary-{alg}", f"binary mode, {alg} over the value bytes", b.key, b.value, b.headers)
+        st = s.structured(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
+        add(f"structured-{alg}", f"structured mode, {alg} over JCS(data)", st.key, st.value, st.headers)
+    seed = seed_checksum_event(DATA)
+    add("seed-checksum", "the seed's {data, checksum} shape", b"sku-1", seed, [("ce_source", b"pricing")])
+    add("seed-versioned", "the seed's {data, version, updatedAt, source} shape", b"sku-1",
+        orjson.dumps({"data": DATA, "version": 2, "updatedAt": "2027-01-15T07:59:00Z", "source": "pricing"}), [])
+    add("seed-lamport", "the seed's {payload, logicalTimestamp, sourceService} shape", b"sku-1",
+        orjson.dumps({"payload": DATA, "logicalTimestamp": 7, "sourceService": "pricing"}), [])
+    s = Stamper("pricing", lamport=41)
+    good = s.binary(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
+    add("corrupted", "one byte of the value changed after the checksum", good.key,
+        good.value.replace(b"49.99", b"49.98"), good.headers)
+    forged = Stamper("pricing", algorithm=HMAC_SHA256, key=ORDERS).binary(
+        DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
+    add("forged", "claims source pricing, signed with orders' key", forged.key, forged.value, forged.headers)
+    add("not-allowed", "a source that may not emit price.updated", *_parts(Stamper("inventory").binary(
+        DATA, type="price.updated", subject="sku-1", **fixed)))  # type: ignore[arg-type]
+    add("future", "event time 30 s ahead, skew tolerance 5 s", *_parts(s.binary(
+        DATA, type="price.updated", subject="sku-1", event_id="f", time=NOW + 30, version=1)))
+    add("stale", "event time 25 h old, max age 24 h", *_parts(s.binary(
+        DATA, type="price.updated", subject="sku-1", event_id="g", time=NOW - 25 * 3600, version=1)))
+    add("key-mismatch", "record key differs from ce_subject", b"sku-2", good.value, good.headers)
+    add("malformed", "not JSON and no ce_ headers", b"sku-1", b"\x00\x01garbage", [])
+    add("unsupported", "JSON that is no known shape", b"sku-1", b'{"hello":"world"}', [])
+    doc = {"about": "byzguard envelope test vectors; see ENVELOPE.md. Evaluate each record against empty state "
+                    "at time `now` under `config`.", "now": NOW, "config": CONFIG.strip(), "keys": KEYS,
+           "cases": cases}
+    (HERE / "envelope.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+
+
+def _parts(stamped: Any) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    return stamped.key, stamped.value, stamped.headers
+
+
+if __name__ == "__main__":
+    main()
