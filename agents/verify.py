@@ -1,4 +1,8 @@
-"""verify_events: the guard's agent. Reads each record, asks byzguard.guard for its fate, routes it."""
+"""verify_events: the guard's agent. Reads each record, asks byzguard.guard for its fate, routes it.
+
+Everything a record causes (its own routing, held records it releases, state writes) happens inside the
+agent's iteration, so with exactly_once it all commits in one Kafka transaction with the input offset.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from mode.supervisors import CrashingSupervisor
 
 from app import metrics
 from byzguard.config import Route
-from byzguard.guard import Guard, RecordIn
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
 from byzguard.verdict import Code, Outcome
 from tables import RouteTables
 from topics import RouteTopics
@@ -22,53 +26,81 @@ log = logging.getLogger(__name__)
 
 def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: RouteTopics,
                         tables: RouteTables) -> Any:
-    """Register the verify agent of one route on `app`."""
-    entities = tables.state_by_entity
-    lamports = tables.lamport_by_source
+    """Register the verify agent of one route (and its causal deadline ticks) on `app`."""
+    state: dict[str, Any] = {ENTITIES: tables.state_by_entity, LAMPORTS: tables.lamport_by_source,
+                             CAUSAL: tables.causal_by_entity if tables.causal_by_entity is not None else {}}
     verified_topic = topics.verified_topic
     quarantine_topic = topics.quarantine_topic
+    tick_topic = topics.ticks_topic
+    tick_name = tick_topic.get_topic_name() if tick_topic is not None else None
     name = route.name
-    events_metric = metrics.EVENTS
-    failures_metric = metrics.CHECK_FAILURES
     latency = metrics.VERIFY_SECONDS.labels(name)
+    held_gauge = metrics.CAUSAL_HELD.labels(name)
+
+    def apply(result: Result) -> None:
+        for (table_name, key), value in result.writes.items():
+            table = state[table_name]
+            if value is not None:
+                table[key] = value
+            elif key in table:
+                del table[key]
+        if result.held_delta:
+            held_gauge.inc(result.held_delta)
+
+    async def send(routed: Routed) -> None:
+        record = routed.record
+        # Outputs keep the input's partition: they are co-partitioned, and no key hashing is needed.
+        if routed.verified_headers is not None:
+            await verified_topic.send(key=record.key, value=record.value, partition=record.partition,
+                                      headers=routed.verified_headers)
+        if routed.quarantine_headers is not None:
+            await quarantine_topic.send(key=record.key, value=record.value, partition=record.partition,
+                                        headers=routed.quarantine_headers)
 
     async def verify_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
             msg = event.message
             started = time.perf_counter()
             now = time.time()
-            routed = guard.process(
-                RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                         msg.timestamp),
-                route, entities, lamports, now=now,
-            )
-            if routed.entity_key is not None:
-                entities[routed.entity_key] = routed.entity_value
-            if routed.lamport_key is not None:
-                lamports[routed.lamport_key] = routed.lamport_value
-            # Outputs keep the input's partition: they are co-partitioned, and no key hashing is needed.
-            if routed.verified_headers is not None:
-                await verified_topic.send(key=msg.key, value=msg.value, partition=msg.partition,
-                                          headers=routed.verified_headers)
-            if routed.quarantine_headers is not None:
-                await quarantine_topic.send(key=msg.key, value=msg.value, partition=msg.partition,
-                                            headers=routed.quarantine_headers)
+            if msg.topic == tick_name:
+                result = guard.expire_held(route, state, now=now)
+            else:
+                result = guard.process(
+                    RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
+                             msg.timestamp), route, state, now=now)
+            apply(result)
+            for routed in result.routed:
+                await send(routed)
             latency.observe(time.perf_counter() - started)
-            decision = routed.decision
-            env = routed.envelope
-            event_type = env.type if env is not None else "unknown"
-            source = env.source if env is not None else "unknown"
-            events_metric.labels(name, event_type, decision.outcome.value).inc()
-            for reason in decision.reasons:
-                failures_metric.labels(name, reason.check, reason.code.value, reason.severity.value,
-                                       source).inc()
-                if reason.code is Code.VERSION_REGRESSION:
-                    metrics.VERSION_REGRESSIONS.labels(name, event_type).inc()
-            if env is not None and env.time is not None and decision.outcome is not Outcome.DUPLICATE:
-                metrics.DATA_AGE.labels(name, event_type).observe(max(0.0, now - env.time))
+            for routed in result.routed:
+                observe(name, routed, now)
             yield None
+
+    if tick_topic is not None:
+        @app.timer(interval=max(0.5, route.causal.deadline / 4))
+        async def tick_causal_deadlines() -> None:
+            # Expiry must run inside the stream (table writes and sends belong to a partition's
+            # transaction), so the timer only sends a tick to each partition this worker owns.
+            for tp in app.assignor.assigned_actives():
+                if tp.topic == tick_name:
+                    await tick_topic.send(key=b"tick", value=b"", partition=tp.partition)
 
     # A crashing verify agent must stop the worker loudly (and let Kafka redeliver to a restarted one),
     # never be restarted silently in a loop or die unnoticed.
     return app.agent(topics.inputs_topic, name=f"verify_events-{name}",
                      supervisor_strategy=CrashingSupervisor)(verify_events)
+
+
+def observe(route: str, routed: Routed, now: float) -> None:
+    """Count one routed record in the metrics."""
+    decision = routed.decision
+    env = routed.envelope
+    event_type = env.type if env is not None else "unknown"
+    source = env.source if env is not None else "unknown"
+    metrics.EVENTS.labels(route, event_type, decision.outcome.value).inc()
+    for reason in decision.reasons:
+        metrics.CHECK_FAILURES.labels(route, reason.check, reason.code.value, reason.severity.value, source).inc()
+        if reason.code is Code.VERSION_REGRESSION:
+            metrics.VERSION_REGRESSIONS.labels(route, event_type).inc()
+    if env is not None and env.time is not None and decision.outcome is not Outcome.DUPLICATE:
+        metrics.DATA_AGE.labels(route, event_type).observe(max(0.0, now - env.time))

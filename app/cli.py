@@ -61,6 +61,7 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
     except ConfigError as exc:
         console.print(f"[bold red]cannot start[/]: {exc}")
         raise typer.Exit(2) from None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     built = build_app(settings, cfg, bootstrap)
     console.print(f"[bold green]byzguard[/] worker [bold]{settings.app_id}[/] on broker {bootstrap}")
     for route in cfg.routes:

@@ -14,14 +14,23 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from byzguard.config import GuardConfig, Route
+from byzguard.config import GuardConfig
 from byzguard.errors import ConfigError
+from tables import table_names
+from topics import ticks_topic_name
 
 log = logging.getLogger(__name__)
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
-    described = await admin.describe_topics(topics)
+    # Only existing topics are described: aiokafka's describe_topics sends a Metadata request that lets the
+    # broker auto-create what it names (auto.create.topics.enable, on by default), and an auto-created topic
+    # has num.partitions (1) partitions instead of the route's. Listing all topics never creates any.
+    existing = set(await admin.list_topics())
+    wanted = [t for t in topics if t in existing]
+    if not wanted:
+        return {}
+    described = await admin.describe_topics(wanted)
     counts = {}
     for topic in described:
         if topic.get("error_code", 0) == 0 and topic.get("partitions"):
@@ -29,7 +38,24 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
     return counts
 
 
-async def provision(bootstrap: str, config: GuardConfig, app_id: str, *, timeout: float = 120.0) -> GuardConfig:
+async def _create_topics(admin: AIOKafkaAdminClient, topics: list[str], partitions: int) -> None:
+    """Create topics; one that another worker created meanwhile is fine, any other refusal is raised."""
+    try:
+        response = await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+    except TopicAlreadyExistsError:
+        return
+    # aiokafka reports per-topic errors in the response instead of raising them.
+    for error in response.to_object().get("topic_errors", []):
+        code = error.get("error_code", 0)
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise ConfigError(f"cannot create topic {error.get('topic')!r}: error {code} "
+                              f"{error.get('error_message') or ''}".rstrip())
+
+
+async def provision(
+    bootstrap: str, config: GuardConfig, app_id: str, *,
+    timeout: float = 120.0,  # noqa: ASYNC109 - a deadline for waiting out a broker outage
+) -> GuardConfig:
     """Create missing topics; return the configuration with each route's partitions as on the broker."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
     deadline = asyncio.get_running_loop().time() + timeout
@@ -46,7 +72,9 @@ async def provision(bootstrap: str, config: GuardConfig, app_id: str, *, timeout
         routes = []
         for route in config.routes:
             names = [*route.inputs, route.verified_topic, route.quarantine_topic]
-            changelogs = [f"{app_id}-{route.name}-{t}-changelog" for t in ("state_by_entity", "lamport_by_source")]
+            if route.causal.buffer:
+                names.append(ticks_topic_name(app_id, route))
+            changelogs = [f"{app_id}-{table}-changelog" for table in table_names(route)]
             counts = await _partition_counts(admin, names + changelogs)
             existing_inputs = {counts[t] for t in route.inputs if t in counts}
             if len(existing_inputs) > 1:
@@ -56,7 +84,7 @@ async def provision(bootstrap: str, config: GuardConfig, app_id: str, *, timeout
             if partitions != route.partitions:
                 log.warning("route %s: input topics have %d partitions (configured %d); using %d",
                             route.name, partitions, route.partitions, partitions)
-            for topic in [route.verified_topic, route.quarantine_topic, *changelogs]:
+            for topic in [*names[len(route.inputs):], *changelogs]:
                 if topic in counts and counts[topic] != partitions:
                     raise ConfigError(
                         f"route {route.name!r}: topic {topic!r} has {counts[topic]} partitions but the inputs have "
@@ -65,10 +93,7 @@ async def provision(bootstrap: str, config: GuardConfig, app_id: str, *, timeout
                         f"that to a fresh deployment) or give the inputs {counts[topic]} partitions.")
             missing = [t for t in names if t not in counts]
             if missing:
-                try:
-                    await admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
-                except TopicAlreadyExistsError:
-                    pass  # another worker of the group created it first
+                await _create_topics(admin, missing, partitions)
             routes.append(dataclasses.replace(route, partitions=partitions))
         by_input = {topic: r for r in routes for topic in r.inputs}
         return dataclasses.replace(config, routes=tuple(routes), route_by_input=by_input)

@@ -1,20 +1,38 @@
 """One record in, routing out: decode, read state, verify, and say what to send and what to write.
 
-The same function serves the worker's agent, the contract checker and the benchmarks; the state is
-anything with `get(bytes) -> bytes | None` (a faust table, a dict, a snapshot).
+The same code serves the worker's agent, the contract checker and the benchmarks. State is anything with
+`get(bytes) -> bytes | None` per table (a faust table, a dict, a snapshot); the writes come back as data,
+so the caller applies them (to tables, in the agent's transaction).
+
+Causal delivery (routes with `causal.buffer`): an event whose vector clock shows undelivered dependencies
+is held in the entity's causal buffer; when the events it waits for are verified, it is released, verified
+and routed in the same call, in causal order; past the route's deadline it is quarantined as causal.gap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import orjson
+
+from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer
+from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig, Route
 from byzguard.engine import Decision, Limits, decode_failure, verify
 from byzguard.envelope import Envelope, decode
 from byzguard.routing import Headers, quarantine_headers, verified_headers
 from byzguard.state import EntityState, decode_lamport, encode_lamport
+from byzguard.verdict import Code, Outcome, Reason, Severity
+
+ENTITIES = "entities"
+LAMPORTS = "lamports"
+CAUSAL = "causal"
+# The causal table's own bookkeeping: which entities of this partition hold events, and how many.
+HELD_INDEX_KEY = b"\x00held-index"
+_EMPTY_CLOCK = VectorClock()
 
 
 class StateReader(Protocol):
@@ -35,19 +53,86 @@ class RecordIn:
     offset: int
     timestamp: float | None = None
 
+    def to_bytes(self) -> bytes:
+        """Serialize a record to hold it in the causal buffer."""
+        def b64(raw: bytes | None) -> str | None:
+            return None if raw is None else base64.b64encode(raw).decode()
+        return orjson.dumps([b64(self.key), b64(self.value), [[k, b64(v)] for k, v in self.headers],
+                             self.topic, self.partition, self.offset, self.timestamp])
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> RecordIn:
+        """Inverse of to_bytes."""
+        key, value, headers, topic, partition, offset, timestamp = orjson.loads(raw)
+
+        def unb64(text: str | None) -> bytes | None:
+            return None if text is None else base64.b64decode(text)
+        return cls(unb64(key), unb64(value), [(k, unb64(v) or b"") for k, v in headers], topic, partition,
+                   offset, timestamp)
+
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """What to do with one record: headers for each destination (None: not sent there) and state writes."""
+    """The fate of one record: its decision and the headers for each destination (None: not sent there)."""
 
+    record: RecordIn
     decision: Decision
     envelope: Envelope | None
     verified_headers: Headers | None
     quarantine_headers: Headers | None
-    entity_key: bytes | None = None
-    entity_value: bytes | None = None
-    lamport_key: bytes | None = None
-    lamport_value: bytes | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """Everything one input (a record or a deadline tick) caused: routed records in order, and state writes."""
+
+    routed: list[Routed] = field(default_factory=list)
+    writes: dict[tuple[str, bytes], bytes | None] = field(default_factory=dict)
+    held_delta: int = 0
+
+    @property
+    def first(self) -> Routed:
+        """The routing of the input record itself (released records follow it)."""
+        return self.routed[0]
+
+
+class _Tx:
+    """Reads through this call's own writes, so a released event sees the state its predecessor left."""
+
+    __slots__ = ("result", "state")
+
+    def __init__(self, state: Mapping[str, StateReader], result: Result) -> None:
+        self.state = state
+        self.result = result
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        writes = self.result.writes
+        if (table, key) in writes:
+            return writes[(table, key)]
+        return self.state[table].get(key)
+
+    def put(self, table: str, key: bytes, value: bytes | None) -> None:
+        self.result.writes[(table, key)] = value
+
+    def buffer(self, subject: bytes) -> CausalBuffer:
+        raw = self.get(CAUSAL, subject)
+        return CausalBuffer.from_bytes(raw) if raw else CausalBuffer()
+
+    def index(self) -> dict[str, int]:
+        raw = self.get(CAUSAL, HELD_INDEX_KEY)
+        return orjson.loads(raw) if raw else {}
+
+    def set_buffer(self, subject: bytes, buf: CausalBuffer) -> None:
+        index = self.index()
+        before = index.get(subject.decode(), 0)
+        after = len(buf.held)
+        self.put(CAUSAL, subject, buf.to_bytes() if after else None)
+        if after:
+            index[subject.decode()] = after
+        else:
+            index.pop(subject.decode(), None)
+        self.put(CAUSAL, HELD_INDEX_KEY, orjson.dumps(index))
+        self.result.held_delta += after - before
 
 
 class Guard:
@@ -59,54 +144,117 @@ class Guard:
         self.config = config
         self.limits = Limits(config.ids_per_entity, config.id_window)
 
-    def process(
-        self,
-        record: RecordIn,
-        route: Route,
-        entities: StateReader,
-        lamports: StateReader,
-        *,
-        now: float,
-    ) -> Routed:
-        """Decide one record's fate against the given state; never raises for a bad record."""
+    def process(self, record: RecordIn, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
+        """Decide one record's fate (and that of held records it releases); never raises for a bad record."""
+        result = Result()
+        self._one(record, route, _Tx(state, result), now, hold=route.causal.buffer)
+        return result
+
+    def expire_held(self, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
+        """Quarantine held records past the route's deadline (causal.gap, with what they still miss)."""
+        result = Result()
+        tx = _Tx(state, result)
+        for subject in list(tx.index()):
+            key = subject.encode()
+            buf = tx.buffer(key)
+            entity = self._entity(tx, key)
+            delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
+            kept, expired = expire(CausalBuffer(delivered, buf.held), now=now, deadline_s=route.causal.deadline)
+            if not expired:
+                continue
+            tx.set_buffer(key, kept)
+            for held, gaps in expired:
+                record = RecordIn.from_bytes(held.payload)
+                wanted = ", ".join(f"{node} {first}..{last}" if first != last else f"{node} {first}"
+                                   for node, first, last in gaps)
+                reason = Reason(Code.CAUSAL_GAP, f"held {now - held.held_at:.1f}s for missing dependencies: {wanted}")
+                self._emit(tx, record, route, Decision(Outcome.QUARANTINED, (reason,)), None, now)
+        return result
+
+    # -- one record ---------------------------------------------------------------------------------------
+
+    def _entity(self, tx: _Tx, key: bytes) -> EntityState | None:
+        raw = tx.get(ENTITIES, key)
+        return EntityState.from_bytes(raw) if raw else None
+
+    def _one(self, record: RecordIn, route: Route, tx: _Tx, now: float, *, hold: bool) -> None:
         decoded = decode(record.key, record.value, record.headers, default_type=route.default_type)
         if isinstance(decoded, tuple):
-            return self._route(record, route, decode_failure(*decoded), None, now)
+            self._emit(tx, record, route, decode_failure(*decoded), None, now)
+            return
         env = decoded
         entity_key = env.subject.encode()
-        raw_entity = entities.get(entity_key)
-        entity = EntityState.from_bytes(raw_entity) if raw_entity else None
+        entity = self._entity(tx, entity_key)
+        policy = route.policy_for(env.type)
+        if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, now):
+            return
         lamport_key = env.source.encode()
-        mark = decode_lamport(lamports.get(lamport_key)) if env.lamport is not None else None
-        decision = verify(env, route.policy_for(env.type), entity, mark, self.config.keyring,
-                          now=now, limits=self.limits)
-        return self._route(record, route, decision, env, now,
-                           entity_key=entity_key, lamport_key=lamport_key)
+        mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None else None
+        decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits)
+        if decision.entity is not None:
+            tx.put(ENTITIES, entity_key, decision.entity.to_bytes())
+        if decision.lamport is not None:
+            tx.put(LAMPORTS, lamport_key, encode_lamport(decision.lamport))
+        self._emit(tx, record, route, decision, env, now)
+        if hold and decision.entity is not None:
+            self._release(tx, route, entity_key, now)
 
-    def _route(
-        self,
-        record: RecordIn,
-        route: Route,
-        decision: Decision,
-        env: Envelope | None,
-        now: float,
-        *,
-        entity_key: bytes | None = None,
-        lamport_key: bytes | None = None,
-    ) -> Routed:
+    def _held(self, tx: _Tx, record: RecordIn, route: Route, env: Envelope, entity: EntityState | None,
+              entity_key: bytes, now: float) -> bool:
+        """Hold `env` if its dependencies are missing; True when it was held (or refused for overflow)."""
+        assert env.vclock is not None
+        delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
+        if classify(delivered, env.source, env.vclock) is not Deliverability.EARLY:
+            return False
+        buf = tx.buffer(entity_key)
+        causal = route.causal
+        total = sum(tx.index().values())
+        offered = offer(CausalBuffer(delivered, buf.held),
+                        HeldEvent(env.id, env.source, env.vclock, now, record.to_bytes()),
+                        now=now, max_held=causal.max_held_per_scope if total < causal.max_held_total else 0)
+        if offered.status is Deliverability.STALE:
+            dup = Reason(Code.ID_DUPLICATE, f"event {env.id!r} is already held for its dependencies", Severity.WARN)
+            self._emit(tx, record, route, Decision(Outcome.DUPLICATE, (dup,)), env, now)
+            return True
+        if offered.status is Deliverability.INVALID:
+            return False  # equivocation: the normal clock checks judge it
+        if offered.overflow is not None:
+            level = route.policy_for(env.type).level(Code.CAUSAL_OVERFLOW)
+            if level is Severity.OFF:
+                return False
+            where = "entity" if len(buf.held) >= causal.max_held_per_scope else "worker"
+            reason = Reason(Code.CAUSAL_OVERFLOW, f"causal buffer full for this {where}; event depends on "
+                            f"undelivered events", level)
+            outcome = Outcome.QUARANTINED if level is Severity.REJECT else Outcome.WARNED
+            if outcome is Outcome.WARNED:
+                return False
+            self._emit(tx, record, route, Decision(outcome, (reason,)), env, now)
+            return True
+        tx.set_buffer(entity_key, offered.buffer)
+        self._emit(tx, record, route, Decision(Outcome.HELD), env, now)
+        return True
+
+    def _release(self, tx: _Tx, route: Route, entity_key: bytes, now: float) -> None:
+        """Verify and route every held event of the entity that has become deliverable, in causal order."""
+        while True:
+            buf = tx.buffer(entity_key)
+            if not buf.held:
+                return
+            entity = self._entity(tx, entity_key)
+            delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
+            ready = next((h for h in buf.held
+                          if classify(delivered, h.source, h.clock) is not Deliverability.EARLY), None)
+            if ready is None:
+                return
+            tx.set_buffer(entity_key, CausalBuffer(buf.delivered, tuple(h for h in buf.held if h is not ready)))
+            self._one(RecordIn.from_bytes(ready.payload), route, tx, now, hold=False)
+
+    def _emit(self, tx: _Tx, record: RecordIn, route: Route, decision: Decision, env: Envelope | None,
+              now: float) -> None:
         forward = verified_headers(record.headers, decision.outcome, decision.reasons, route.name, now) \
             if decision.forward else None
         quarantine = quarantine_headers(
             record.headers, decision.outcome, decision.reasons, route.name, topic=record.topic,
             partition=record.partition, offset=record.offset, timestamp=record.timestamp, now=now,
         ) if decision.quarantine else None
-        return Routed(
-            decision=decision,
-            envelope=env,
-            verified_headers=forward,
-            quarantine_headers=quarantine,
-            entity_key=entity_key if decision.entity is not None else None,
-            entity_value=decision.entity.to_bytes() if decision.entity is not None else None,
-            lamport_key=lamport_key if decision.lamport is not None else None,
-            lamport_value=encode_lamport(decision.lamport) if decision.lamport is not None else None,
-        )
+        tx.result.routed.append(Routed(record, decision, env, forward, quarantine))

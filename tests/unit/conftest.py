@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from byzguard import config as guard_config
-from byzguard.guard import Guard, RecordIn, Routed
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
 from byzguard.integrity import Key
 
 SECRET_ENV = {"KEY_PRICING": "pricing-secret", "KEY_ORDERS": "orders-secret"}
@@ -57,20 +57,38 @@ class Harness:
         self.config = make_config(text)
         self.guard = Guard(self.config)
         self.route = self.config.routes[0]
-        self.entities: dict[bytes, bytes] = {}
-        self.lamports: dict[bytes, bytes] = {}
+        self.state: dict[str, dict[bytes, bytes]] = {ENTITIES: {}, LAMPORTS: {}, CAUSAL: {}}
         self.offset = 0
+        self.last: Result = Result()
+
+    @property
+    def entities(self) -> dict[bytes, bytes]:
+        """The entity table."""
+        return self.state[ENTITIES]
+
+    def apply(self, result: Result) -> Result:
+        """Apply a result's state writes, as the agent does with its tables."""
+        for (table, key), value in result.writes.items():
+            if value is None:
+                self.state[table].pop(key, None)
+            else:
+                self.state[table][key] = value
+        self.last = result
+        return result
+
+    def feed_all(self, key: bytes | None, value: bytes | None, headers: Any = (), *, now: float) -> Result:
+        """Process one record; the result holds it and any held records it released."""
+        self.offset += 1
+        record = RecordIn(key, value, list(headers), "in", 0, self.offset, now)
+        return self.apply(self.guard.process(record, self.route, self.state, now=now))
 
     def feed(self, key: bytes | None, value: bytes | None, headers: Any = (), *, now: float) -> Routed:
-        """Process one record and apply the state writes it asks for."""
-        self.offset += 1
-        routed = self.guard.process(RecordIn(key, value, list(headers), "in", 0, self.offset, now),
-                                    self.route, self.entities, self.lamports, now=now)
-        if routed.entity_key is not None and routed.entity_value is not None:
-            self.entities[routed.entity_key] = routed.entity_value
-        if routed.lamport_key is not None and routed.lamport_value is not None:
-            self.lamports[routed.lamport_key] = routed.lamport_value
-        return routed
+        """Process one record and return its own routing."""
+        return self.feed_all(key, value, headers, now=now).first
+
+    def tick(self, *, now: float) -> Result:
+        """Expire held records past the deadline."""
+        return self.apply(self.guard.expire_held(self.route, self.state, now=now))
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ import pytest
 import xxhash
 
 from byzguard import config as guard_config
-from byzguard.guard import Guard, RecordIn
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "envelope.json").read_text())
+EMPTY_STATE: dict[str, dict[bytes, bytes]] = {ENTITIES: {}, LAMPORTS: {}, CAUSAL: {}}
 CASES = {case["name"]: case for case in VECTORS["cases"]}
 
 
@@ -33,7 +34,7 @@ def _run(case: dict[str, Any]) -> Any:
     rec = case["record"]
     record = RecordIn(rec["key"].encode() if rec["key"] is not None else None, _bytes(rec["value"]),
                       [(k, v.encode()) for k, v in rec["headers"]], "in", 0, 0)
-    return Guard(cfg).process(record, cfg.routes[0], {}, {}, now=VECTORS["now"])
+    return Guard(cfg).process(record, cfg.routes[0], EMPTY_STATE, now=VECTORS["now"]).first
 
 
 def test_vectors_cover_every_shape_and_algorithm() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from byzguard import config as guard_config
-from byzguard.guard import Guard, RecordIn
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
 from byzguard.integrity import HMAC_SHA256, SHA256, XXH3_128, Key, digest
 from byzguard.stamp import Stamper, seed_checksum_event
 
@@ -56,7 +56,8 @@ def main() -> None:
     cases: list[dict[str, Any]] = []
 
     def add(name: str, description: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        routed = guard.process(RecordIn(key, value, headers, "in", 0, 0), cfg.routes[0], {}, {}, now=NOW)
+        state: dict[str, dict[bytes, bytes]] = {ENTITIES: {}, LAMPORTS: {}, CAUSAL: {}}
+        routed = guard.process(RecordIn(key, value, headers, "in", 0, 0), cfg.routes[0], state, now=NOW).first
         env = routed.envelope
         expect: dict[str, Any] = {"outcome": routed.decision.outcome.value,
                                   "codes": [r.code.value for r in routed.decision.reasons]}
