@@ -17,6 +17,7 @@ from mode.supervisors import CrashingSupervisor
 from app import metrics
 from byzguard.config import Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
+from byzguard.routing import receipt
 from byzguard.verdict import Code, Outcome
 from tables import RouteTables
 from topics import RouteTopics
@@ -31,6 +32,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                              CAUSAL: tables.causal_by_entity if tables.causal_by_entity is not None else {}}
     verified_topic = topics.verified_topic
     quarantine_topic = topics.quarantine_topic
+    receipts_topic = topics.receipts_topic
     tick_topic = topics.ticks_topic
     tick_name = tick_topic.get_topic_name() if tick_topic is not None else None
     name = route.name
@@ -56,6 +58,12 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         if routed.quarantine_headers is not None:
             await quarantine_topic.send(key=record.key, value=record.value, partition=record.partition,
                                         headers=routed.quarantine_headers)
+        if receipts_topic is not None and routed.envelope is not None:
+            # In the same transaction as the routing: a receipt is visible exactly when the verdict is.
+            event_id = routed.envelope.id
+            await receipts_topic.send(key=event_id.encode(), partition=record.partition, value=receipt(
+                event_id, routed.decision.outcome, routed.decision.reasons, name, topic=record.topic,
+                partition=record.partition, offset=record.offset, now=time.time()))
 
     async def verify_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
@@ -95,8 +103,8 @@ def observe(route: str, routed: Routed, now: float) -> None:
     """Count one routed record in the metrics."""
     decision = routed.decision
     env = routed.envelope
-    event_type = env.type if env is not None else "unknown"
-    source = env.source if env is not None else "unknown"
+    event_type = metrics.type_label(route, env.type) if env is not None else metrics.UNKNOWN
+    source = metrics.source_label(env.source) if env is not None else metrics.UNKNOWN
     metrics.EVENTS.labels(route, event_type, decision.outcome.value).inc()
     for reason in decision.reasons:
         metrics.CHECK_FAILURES.labels(route, reason.check, reason.code.value, reason.severity.value, source).inc()

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import time as _time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from byzguard.clocks import VectorClock
 from byzguard.integrity import SHA256, Key
 from byzguard.stamp import Stamped, Stamper
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """byzguard's verdict on one event: outcome (verified, warned, quarantined, ...) and reasons."""
+
+    event_id: str
+    outcome: str
+    reasons: list[dict[str, str]]
+    latency_s: float
+
+    @property
+    def visible(self) -> bool:
+        """True when consumers of the verified topic can now read the event."""
+        return self.outcome in ("verified", "warned", "suspect")
+
+
+class ReceiptTimeout(TimeoutError):
+    """No verdict arrived in time: the write may or may not be visible yet."""
 
 
 class GuardedProducer:
@@ -54,3 +77,43 @@ class GuardedProducer:
     async def flush(self) -> None:
         """Wait until every pending record is acknowledged."""
         await self._producer.flush()
+
+    async def send_confirmed(self, topic: str, data: Any, *, type: str, subject: str, receipts_topic: str,
+                             version: int | None = None, time: float | None = None,
+                             vclock: VectorClock | None = None, timeout: float = 10.0) -> Receipt:
+        """Send one event and wait for byzguard's verdict on it (the seed's verifiedWrite).
+
+        The receipt is read from the route's receipts topic with read_committed, so it is visible exactly
+        when the verified record is: the same path consumers use. Raises ReceiptTimeout after `timeout`.
+        """
+        started = _time.perf_counter()
+        stamped = self.stamp(data, type=type, subject=subject, version=version, time=time, vclock=vclock)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._producer.client._bootstrap_servers, group_id=None,
+                                    enable_auto_commit=False, isolation_level="read_committed")
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(receipts_topic) or set()
+            if not partitions:
+                await consumer._client.force_metadata_update()
+                partitions = consumer.partitions_for_topic(receipts_topic) or set()
+            tps = [TopicPartition(receipts_topic, p) for p in sorted(partitions)]
+            # Positions taken before the send: the receipt can only come after them.
+            start = await consumer.end_offsets(tps) if tps else {}
+            meta = await self._producer.send_and_wait(topic, stamped.value, key=stamped.key,
+                                                      headers=stamped.headers)
+            tp = TopicPartition(receipts_topic, meta.partition)
+            consumer.assign([tp])
+            consumer.seek(tp, start.get(tp, 0))
+            deadline = asyncio.get_running_loop().time() + timeout
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                batch = await consumer.getmany(tp, timeout_ms=int(min(left, 0.5) * 1000))
+                for record in batch.get(tp, []):
+                    if record.key == stamped.key_id_bytes:
+                        body = orjson.loads(record.value)
+                        if body["outcome"] == "held":
+                            continue  # waiting for its causal dependencies; the final verdict follows
+                        return Receipt(stamped.event_id, body["outcome"], body["reasons"],
+                                       _time.perf_counter() - started)
+            raise ReceiptTimeout(f"no verdict on event {stamped.event_id} within {timeout:g}s")
+        finally:
+            await consumer.stop()

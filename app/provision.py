@@ -54,7 +54,7 @@ async def _create_topics(admin: AIOKafkaAdminClient, topics: list[str], partitio
 
 async def provision(
     bootstrap: str, config: GuardConfig, app_id: str, *,
-    timeout: float = 120.0,  # noqa: ASYNC109 - a deadline for waiting out a broker outage
+    timeout: float = 120.0,
 ) -> GuardConfig:
     """Create missing topics; return the configuration with each route's partitions as on the broker."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
@@ -74,6 +74,8 @@ async def provision(
             names = [*route.inputs, route.verified_topic, route.quarantine_topic]
             if route.causal.buffer:
                 names.append(ticks_topic_name(app_id, route))
+            if route.receipts_topic:
+                names.append(route.receipts_topic)
             changelogs = [f"{app_id}-{table}-changelog" for table in table_names(route)]
             counts = await _partition_counts(admin, names + changelogs)
             existing_inputs = {counts[t] for t in route.inputs if t in counts}

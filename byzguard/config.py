@@ -129,6 +129,7 @@ class RouteModel(_Model):
     policy: Policy = Policy.FAIL_CLOSED
     types: dict[str, TypeModel] = Field(default_factory=dict)
     causal: CausalModel = Field(default_factory=CausalModel)
+    receipts_topic: str | None = None
 
 
 class KeyModel(_Model):
@@ -218,6 +219,7 @@ class Route:
     causal: CausalModel
     types: Mapping[str, TypePolicy]
     fallback: TypePolicy
+    receipts_topic: str | None = None
 
     def policy_for(self, event_type: str) -> TypePolicy:
         """The policy of an event type, or the route's default for types it does not list."""
@@ -307,6 +309,7 @@ def build(model: FileModel, *, source_path: str = "<memory>",
             causal=route.causal,
             types=types,
             fallback=_merge_type(model.defaults, route, None),
+            receipts_topic=route.receipts_topic,
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
     return GuardConfig(

@@ -92,3 +92,11 @@ def quarantine_headers(
         (H_DETECTED_AT, f"{now:.6f}".encode()),
     ])
     return out
+
+
+def receipt(event_id: str, outcome: Outcome, reasons: Sequence[Reason], route: str, *, topic: str, partition: int,
+            offset: int, now: float) -> bytes:
+    """The verdict on one event id, for producers that wait until their write is visible (read-after-write)."""
+    return orjson.dumps({"id": event_id, "outcome": outcome.value, "route": route,
+                         "reasons": [r.as_dict() for r in reasons], "topic": topic, "partition": partition,
+                         "offset": offset, "decided_at": now})

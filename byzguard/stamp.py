@@ -42,6 +42,11 @@ class Stamped:
     headers: list[tuple[str, bytes]]
     event_id: str
 
+    @property
+    def key_id_bytes(self) -> bytes:
+        """The event id as bytes: the key of its receipt."""
+        return self.event_id.encode()
+
 
 def rfc3339(epoch: float) -> str:
     """Epoch seconds as RFC 3339 UTC with milliseconds, as ce_time carries it."""

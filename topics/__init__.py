@@ -18,6 +18,7 @@ class RouteTopics:
     verified_topic: faust.TopicT
     quarantine_topic: faust.TopicT
     ticks_topic: faust.TopicT | None = None
+    receipts_topic: faust.TopicT | None = None
 
 
 def ticks_topic_name(app_id: str, route: Route) -> str:
@@ -40,4 +41,5 @@ def declare_route_topics(app: faust.App, route: Route) -> RouteTopics:
         verified_topic=app.topic(route.verified_topic, **raw),  # type: ignore[arg-type]
         quarantine_topic=app.topic(route.quarantine_topic, **raw),  # type: ignore[arg-type]
         ticks_topic=ticks,
+        receipts_topic=app.topic(route.receipts_topic, **raw) if route.receipts_topic else None,  # type: ignore[arg-type]
     )
