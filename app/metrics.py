@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from byzguard.config import GuardConfig
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -23,3 +29,119 @@ CAUSAL_HELD = Gauge("byzguard_causal_buffer_events", "Events held for missing ca
                     ["route"], registry=REGISTRY)
 CAUSAL_OLDEST = Gauge("byzguard_causal_buffer_oldest_age_seconds", "Age of the oldest held event",
                       ["route"], registry=REGISTRY)
+QUARANTINE_BACKLOG = Gauge("byzguard_quarantine_backlog_records",
+                           "Quarantined records by review status (pending, approved, rejected, replayed)",
+                           ["route", "status"], registry=REGISTRY)
+AUDIT_CHECKS = Counter("byzguard_audit_checks_total", "Items checked by a cross-stream audit rule",
+                       ["rule"], registry=REGISTRY)
+AUDIT_DISCREPANCIES = Counter("byzguard_audit_discrepancies_total", "Discrepancies found by a cross-stream audit rule",
+                              ["rule"], registry=REGISTRY)
+AUDIT_AGREEMENT = Gauge("byzguard_audit_agreement_ratio",
+                        "Share of the items in an audit rule's last window on which the services agree (0..1)",
+                        ["rule"], registry=REGISTRY)
+LAST_GOOD_SERVED = Counter("byzguard_last_good_served_total",
+                           "Last-known-good values served in place of suspect or missing data",
+                           ["route", "type"], registry=REGISTRY)
+CONSUMER_LAG = Gauge("byzguard_consumer_lag_messages",
+                     "Records of an assigned input partition not yet committed by this worker (high water - position)",
+                     ["topic", "partition"], registry=REGISTRY)
+TYPE_MAX_AGE = Gauge("byzguard_type_max_age_seconds", "Configured max age of an event type (time.stale beyond it)",
+                     ["route", "type"], registry=REGISTRY)
+
+# ---------------------------------------------------------------------------------------------- label bounds
+# Label values that come from events (type, source) are kept to those the configuration names; anything else
+# is counted as "other", so a misbehaving producer cannot create unbounded series.
+
+OTHER = "other"
+UNKNOWN = "unknown"  # the record could not be decoded: no type or source to speak of
+LAG_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class LabelBounds:
+    """The event types (per route) and sources the configuration knows."""
+
+    types: Mapping[str, frozenset[str]]
+    sources: frozenset[str]
+
+    @classmethod
+    def of(cls, config: GuardConfig) -> LabelBounds:
+        types: dict[str, frozenset[str]] = {}
+        sources: set[str] = set()
+        for route in config.routes:
+            types[route.name] = frozenset(t for t in (*route.types, route.default_type) if t)
+            for policy in (*route.types.values(), route.fallback):
+                sources.update(policy.sources or ())
+                for key_id in policy.key_ids or ():
+                    key = config.keyring.get(key_id)
+                    if key is not None:
+                        sources.add(key.source)
+        return cls(types, frozenset(sources))
+
+
+_bounds = LabelBounds({}, frozenset())
+
+
+def configure(config: GuardConfig) -> None:
+    """Bound the event-derived labels to `config`'s types and sources; publish each type's max age."""
+    global _bounds
+    _bounds = LabelBounds.of(config)
+    for route in config.routes:
+        for name, policy in (*route.types.items(), (OTHER, route.fallback)):
+            if policy.max_age is not None:
+                TYPE_MAX_AGE.labels(route.name, name).set(policy.max_age)
+
+
+def type_label(route: str, event_type: str) -> str:
+    """The `type` label of an event: its type if the route names it, else "other"."""
+    return event_type if event_type in _bounds.types.get(route, ()) else OTHER
+
+
+def source_label(source: str) -> str:
+    """The `source` label of an event: its source if the configuration names it, else "other"."""
+    return source if source in _bounds.sources else OTHER
+
+
+# ---------------------------------------------------------------------------------------------- consumer lag
+
+_lag_labels: set[tuple[str, str]] = set()
+
+
+def partition_lag(highwater: int, committed: int | None, read: int | None, earliest: int) -> int:
+    """Records still to process in a partition: the high water (last stable offset under transactions) minus
+    the position the group resumes from (committed), else just after the last record read, else the start."""
+    position = committed if committed is not None else read + 1 if read is not None else earliest
+    return max(0, highwater - position)
+
+
+async def update_consumer_lag(consumer: Any, topics: Collection[str]) -> None:
+    """Set byzguard_consumer_lag_messages for every input partition assigned to this worker (faust consumer)."""
+    try:
+        assigned = [tp for tp in consumer.assignment() if tp.topic in topics]
+    except Exception:  # not started, or between rebalances: try again on the next tick
+        return
+    committed: Mapping[Any, int | None] = getattr(consumer, "_committed_offset", {})
+    read: Mapping[Any, int | None] = getattr(consumer, "_read_offset", {})
+    unknown = [tp for tp in assigned if committed.get(tp) is None and read.get(tp) is None]
+    earliest: Mapping[Any, int] = {}
+    if unknown:
+        try:
+            earliest = await consumer.earliest_offsets(*unknown)
+        except Exception:
+            earliest = {}
+    seen: set[tuple[str, str]] = set()
+    for tp in assigned:
+        try:
+            highwater = consumer.highwater(tp)
+        except Exception:  # no fetch yet for this partition
+            continue
+        if highwater is None:
+            continue
+        labels = (tp.topic, str(tp.partition))
+        CONSUMER_LAG.labels(*labels).set(
+            partition_lag(highwater, committed.get(tp), read.get(tp), earliest.get(tp, 0)))
+        seen.add(labels)
+    for labels in _lag_labels - seen:  # revoked partitions: another worker reports them now
+        CONSUMER_LAG.remove(*labels)
+    _lag_labels.clear()
+    _lag_labels.update(seen)
