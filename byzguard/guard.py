@@ -177,7 +177,8 @@ class Guard:
         raw = tx.get(ENTITIES, key)
         return EntityState.from_bytes(raw) if raw else None
 
-    def _one(self, record: RecordIn, route: Route, tx: _Tx, now: float, *, hold: bool) -> None:
+    def _one(self, record: RecordIn, route: Route, tx: _Tx, now: float, *, hold: bool,
+             released: bool = False) -> None:
         decoded = decode(record.key, record.value, record.headers, default_type=route.default_type)
         if isinstance(decoded, tuple):
             self._emit(tx, record, route, decode_failure(*decoded), None, now)
@@ -186,26 +187,30 @@ class Guard:
         entity_key = env.subject.encode()
         entity = self._entity(tx, entity_key)
         policy = route.policy_for(env.type)
-        if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, now):
-            return
         lamport_key = env.source.encode()
-        mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None else None
+        # A released event's Lamport time was judged when it arrived; later events of its source may have
+        # advanced the mark since, which says nothing about this one.
+        mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
+        if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, mark, now):
+            return
         decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits)
         if decision.entity is not None:
             tx.put(ENTITIES, entity_key, decision.entity.to_bytes())
-        if decision.lamport is not None:
+        if decision.lamport is not None and not released:
             tx.put(LAMPORTS, lamport_key, encode_lamport(decision.lamport))
         self._emit(tx, record, route, decision, env, now)
         if hold and decision.entity is not None:
             self._release(tx, route, entity_key, now)
 
     def _held(self, tx: _Tx, record: RecordIn, route: Route, env: Envelope, entity: EntityState | None,
-              entity_key: bytes, now: float) -> bool:
+              entity_key: bytes, mark: int | None, now: float) -> bool:
         """Hold `env` if its dependencies are missing; True when it was held (or refused for overflow)."""
         assert env.vclock is not None
         delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
         if classify(delivered, env.source, env.vclock) is not Deliverability.EARLY:
             return False
+        if env.lamport is not None and mark is not None and env.lamport <= mark:
+            return False  # judged now: the normal checks quarantine it as lamport.regression
         buf = tx.buffer(entity_key)
         causal = route.causal
         total = sum(tx.index().values())
@@ -231,6 +236,8 @@ class Guard:
             self._emit(tx, record, route, Decision(outcome, (reason,)), env, now)
             return True
         tx.set_buffer(entity_key, offered.buffer)
+        if env.lamport is not None:
+            tx.put(LAMPORTS, env.source.encode(), encode_lamport(env.lamport))  # arrival order is what it checks
         self._emit(tx, record, route, Decision(Outcome.HELD), env, now)
         return True
 
@@ -247,7 +254,7 @@ class Guard:
             if ready is None:
                 return
             tx.set_buffer(entity_key, CausalBuffer(buf.delivered, tuple(h for h in buf.held if h is not ready)))
-            self._one(RecordIn.from_bytes(ready.payload), route, tx, now, hold=False)
+            self._one(RecordIn.from_bytes(ready.payload), route, tx, now, hold=False, released=True)
 
     def _emit(self, tx: _Tx, record: RecordIn, route: Route, decision: Decision, env: Envelope | None,
               now: float) -> None:

@@ -157,3 +157,31 @@ def test_concurrent_events_are_not_held() -> None:
         routed = h.feed(s.key, s.value, s.headers, now=NOW)
     assert routed.decision.outcome is Outcome.QUARANTINED
     assert [r.code.value for r in routed.decision.reasons] == ["vclock.concurrent"]
+
+
+def test_released_event_is_not_a_lamport_regression() -> None:
+    """A held event's Lamport time is judged on arrival: later events of its source do not make it regress."""
+    h = Harness(CONFIG)
+    a = Stamper("a", lamport=10)
+    b = Stamper("b", lamport=1)
+    cause = b.binary({}, type="doc.edited", subject="d", vclock=VectorClock({"b": 1}), event_id="b1")
+    waits = a.binary({}, type="doc.edited", subject="d", vclock=VectorClock({"a": 1, "b": 1}), event_id="a1")
+    later = a.binary({}, type="doc.edited", subject="other", vclock=VectorClock({"a": 1}), event_id="a-other")
+    assert h.feed(waits.key, waits.value, waits.headers, now=NOW).decision.outcome is Outcome.HELD
+    assert h.feed(later.key, later.value, later.headers, now=NOW).decision.outcome is Outcome.VERIFIED
+    released = h.feed_all(cause.key, cause.value, cause.headers, now=NOW).routed
+    assert [(r.envelope.id, r.decision.outcome) for r in released if r.envelope] == [
+        ("b1", Outcome.VERIFIED), ("a1", Outcome.VERIFIED)]
+
+
+def test_held_event_with_a_regressed_lamport_time_is_judged_at_once() -> None:
+    """An early event whose Lamport time already regressed is quarantined on arrival, not held."""
+    h = Harness(CONFIG)
+    a = Stamper("a", lamport=10)
+    first = a.binary({}, type="doc.edited", subject="x", vclock=VectorClock({"a": 1}), event_id="x1")
+    h.feed(first.key, first.value, first.headers, now=NOW)
+    a.lamport = 2
+    early = a.binary({}, type="doc.edited", subject="d", vclock=VectorClock({"a": 1, "b": 1}), event_id="d1")
+    routed = h.feed(early.key, early.value, early.headers, now=NOW)
+    assert routed.decision.outcome is Outcome.QUARANTINED
+    assert "lamport.regression" in [r.code.value for r in routed.decision.reasons]
