@@ -21,6 +21,14 @@ run: $(INSTALLED)
 ## test: lint, type check, and the whole suite against a real broker
 test: $(INSTALLED) lint typecheck
 	$(PY) -m app.localkafka fetch
+	@# The e2e tests drive Debian's Chromium; CI is a fresh machine where we are root.
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
+	@# promtool (Debian's prometheus package) checks the /metrics exposition and unit-tests the alerting rules.
+	@if ! command -v promtool >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; fi
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 lint: $(INSTALLED)

@@ -14,7 +14,7 @@ from typing import Any
 import faust
 from mode.supervisors import CrashingSupervisor
 
-from app import metrics
+from app import eos, metrics
 from byzguard.config import Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
 from byzguard.routing import receipt
@@ -67,31 +67,37 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
 
     async def verify_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
-            msg = event.message
-            started = time.perf_counter()
-            now = time.time()
-            if msg.topic == tick_name:
-                result = guard.expire_held(route, state, now=now)
-            else:
-                result = guard.process(
-                    RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                             msg.timestamp), route, state, now=now)
-            apply(result)
-            for routed in result.routed:
-                await send(routed)
-            latency.observe(time.perf_counter() - started)
-            for routed in result.routed:
-                observe(name, routed, now)
+            # One event's state writes, outputs and ack happen with no commit in between (app/eos.py).
+            async with eos.processing(app, event):
+                msg = event.message
+                started = time.perf_counter()
+                now = time.time()
+                if msg.topic == tick_name:
+                    result = guard.expire_held(route, state, now=now)
+                else:
+                    result = guard.process(
+                        RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
+                                 msg.timestamp), route, state, now=now)
+                apply(result)
+                for routed in result.routed:
+                    await send(routed)
+                latency.observe(time.perf_counter() - started)
+                for routed in result.routed:
+                    observe(name, routed, now)
             yield None
 
     if tick_topic is not None:
         @app.timer(interval=max(0.5, route.causal.deadline / 4))
         async def tick_causal_deadlines() -> None:
             # Expiry must run inside the stream (table writes and sends belong to a partition's
-            # transaction), so the timer only sends a tick to each partition this worker owns.
+            # transaction), so the timer only sends a tick to each partition this worker owns. Ticks go
+            # through the plain producer, outside any transaction: a transaction commits only with input
+            # offsets, and on a quiet partition a tick inside one would never become visible. A lost or
+            # repeated tick is harmless: expiry is idempotent and the next tick comes soon.
+            producer = app.producer
             for tp in app.assignor.assigned_actives():
                 if tp.topic == tick_name:
-                    await tick_topic.send(key=b"tick", value=b"", partition=tp.partition)
+                    await producer.send(tick_name, b"tick", b"", tp.partition, None, None)
 
     # A crashing verify agent must stop the worker loudly (and let Kafka redeliver to a restarted one),
     # never be restarted silently in a loop or die unnoticed.

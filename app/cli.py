@@ -10,6 +10,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from app.audit_cli import audit_cli
+from app.cli_contract import contract_cli
+from app.cli_quarantine import quarantine_cli
+from app.demo import demo_command
 from byzguard import config as guard_config
 from byzguard.errors import ConfigError
 
@@ -30,12 +34,22 @@ def _load_config(path: Path) -> guard_config.GuardConfig:
 def run(
     config: Annotated[Path | None, typer.Option(help="routes file (default BYZGUARD_CONFIG or byzguard.yaml)")] = None,
     broker: Annotated[str | None, typer.Option(help="bootstrap servers; default BYZGUARD_BROKER or local")] = None,
+    demo: Annotated[bool, typer.Option("--demo/--no-demo", envvar="BYZGUARD_DEMO",
+                                       help="with the local broker: play `byzguard demo` against the worker first")]
+    = True,
 ) -> None:
-    """Run a guard worker (joins the consumer group; starts the local broker if none is configured)."""
+    """Run a guard worker (joins the consumer group; starts the local broker if none is configured).
+
+    With the local broker (no BYZGUARD_BROKER), the worker runs as a child process and `byzguard demo` plays the
+    seed's services against it first, prints the score, and leaves the worker running; --no-demo skips that."""
     from app.settings import Settings
 
     overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    if not settings.broker:
+        from app.demo import announce_demo_secrets
+
+        announce_demo_secrets(settings.config, console)
     cfg = _load_config(settings.config)
     bootstrap = settings.broker
     if not bootstrap:
@@ -43,6 +57,10 @@ def run(
 
         console.print("[cyan]no broker configured (BYZGUARD_BROKER): starting the local Kafka broker...[/]")
         bootstrap = ensure_running()
+        if demo:
+            from app.demo import run_local
+
+            raise typer.Exit(run_local(settings, cfg, bootstrap))
     _run_worker(settings, cfg, bootstrap)
 
 
@@ -51,6 +69,7 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
 
     from faust.worker import Worker
 
+    from app import eos
     from app.provision import provision
     from app.settings import Settings
     from app.worker import build_app
@@ -70,11 +89,18 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
+    with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
+                              enabled=settings.processing_guarantee == "exactly_once"):
+        worker.execute_from_commandline()
 
 
 config_cli = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 cli.add_typer(config_cli, name="config")
+cli.add_typer(contract_cli, name="contract")
+cli.add_typer(audit_cli, name="audit")
+cli.command("demo")(demo_command)
+cli.add_typer(quarantine_cli, name="quarantine")
 
 
 @config_cli.command("check")

@@ -6,11 +6,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from byzguard.config import GuardConfig
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_start_time_seconds & co.: restarts show on the dashboard
 
 EVENTS = Counter("byzguard_events_total", "Input records by route, event type and outcome",
                  ["route", "type", "outcome"], registry=REGISTRY)
@@ -35,13 +36,16 @@ QUARANTINE_BACKLOG = Gauge("byzguard_quarantine_backlog_records",
 AUDIT_CHECKS = Counter("byzguard_audit_checks_total", "Items checked by a cross-stream audit rule",
                        ["rule"], registry=REGISTRY)
 AUDIT_DISCREPANCIES = Counter("byzguard_audit_discrepancies_total", "Discrepancies found by a cross-stream audit rule",
-                              ["rule"], registry=REGISTRY)
+                              ["rule", "kind"], registry=REGISTRY)
 AUDIT_AGREEMENT = Gauge("byzguard_audit_agreement_ratio",
-                        "Share of the items in an audit rule's last window on which the services agree (0..1)",
-                        ["rule"], registry=REGISTRY)
+                        "Share of an audit rule's checks in the last hour on which the services agree (0..1), "
+                        "on this worker", ["rule"], registry=REGISTRY)
 LAST_GOOD_SERVED = Counter("byzguard_last_good_served_total",
                            "Last-known-good values served in place of suspect or missing data",
                            ["route", "type"], registry=REGISTRY)
+LAST_GOOD_REQUESTS = Counter("byzguard_last_good_requests_total",
+                             "Last-known-good lookups answered by the owning worker, by outcome "
+                             "(fresh, fallback, not_found, expired)", ["route", "outcome"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("byzguard_consumer_lag_messages",
                      "Records of an assigned input partition not yet committed by this worker (high water - position)",
                      ["topic", "partition"], registry=REGISTRY)

@@ -8,16 +8,20 @@ and changelogs must then match it, or the worker refuses to start with what to d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from byzguard.audit import AuditRule
 from byzguard.config import GuardConfig
 from byzguard.errors import ConfigError
 from tables import table_names
+from tables.audit import audit_table_name
 from topics import ticks_topic_name
+from topics.audit import repartition_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,27 @@ async def _create_topics(admin: AIOKafkaAdminClient, topics: list[str], partitio
         if code not in (0, TopicAlreadyExistsError.errno):
             raise ConfigError(f"cannot create topic {error.get('topic')!r}: error {code} "
                               f"{error.get('error_message') or ''}".rstrip())
+
+
+async def _provision_audit(admin: AIOKafkaAdminClient, rule: AuditRule, app_id: str) -> AuditRule:
+    """Create an audit rule's repartition and discrepancies topics; its join table is co-partitioned with the
+    repartition topic, so an existing repartition topic's count is adopted and the changelog must match it."""
+    repartition = repartition_topic_name(app_id, rule)
+    changelog = f"{app_id}-{audit_table_name(rule)}-changelog"
+    counts = await _partition_counts(admin, [repartition, changelog, rule.discrepancies_topic])
+    partitions = counts.get(repartition, rule.partitions)
+    if changelog in counts and counts[changelog] != partitions:
+        raise ConfigError(f"audit {rule.name!r}: {changelog!r} has {counts[changelog]} partitions but {repartition!r} "
+                          f"has {partitions}; delete both (the join state of a fresh deployment only) to start over")
+    for topic in (repartition, rule.discrepancies_topic):
+        if topic not in counts:
+            await _create_topics(admin, [topic], partitions)
+    if changelog not in counts:
+        # Created here rather than by faust at start, so the join agent's first table write does not race
+        # faust's metadata for a topic it has just created (faust then sees 0 partitions and crashes).
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})])
+    return dataclasses.replace(rule, partitions=partitions)
 
 
 async def provision(
@@ -98,6 +123,7 @@ async def provision(
                 await _create_topics(admin, missing, partitions)
             routes.append(dataclasses.replace(route, partitions=partitions))
         by_input = {topic: r for r in routes for topic in r.inputs}
-        return dataclasses.replace(config, routes=tuple(routes), route_by_input=by_input)
+        audits = tuple([await _provision_audit(admin, rule, app_id) for rule in config.audits])
+        return dataclasses.replace(config, routes=tuple(routes), route_by_input=by_input, audits=audits)
     finally:
         await admin.close()

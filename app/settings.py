@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,3 +29,11 @@ class Settings(BaseSettings):
     commit_interval: float = Field(default=0.5, gt=0, description="seconds between commits (and transactions)")
     log_level: str = "info"
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
+    # Quarantine review (app/review): writes need a token; see README "Quarantine review and replay".
+    decisions_topic: str | None = Field(default=None, description="compacted review decisions topic; "
+                                        "default <app_id>-decisions")
+    review_token: SecretStr | None = Field(default=None, description="shared bearer token for review actions; "
+                                           "the reviewer names themselves (X-Byzguard-Reviewer)")
+    review_tokens: SecretStr | None = Field(default=None, description="per-reviewer tokens 'name:token,...'; "
+                                            "the token names the reviewer")
+    review_open_reads: bool = Field(default=False, description="serve the review API's reads without a token")

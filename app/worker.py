@@ -10,7 +10,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
-from app import metrics
+from app import eos, metrics
 from app.settings import Settings
 from byzguard.config import GuardConfig
 from byzguard.guard import Guard
@@ -18,6 +18,10 @@ from tables import RouteTables, declare_route_tables
 from topics import RouteTopics, declare_route_topics
 
 log = logging.getLogger(__name__)
+
+#: Seconds without heartbeats before the group gives a crashed worker's partitions to others.
+SESSION_TIMEOUT = 10.0
+HEARTBEAT_INTERVAL = 1.0
 
 
 @dataclass
@@ -48,6 +52,11 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "broker_commit_interval": settings.commit_interval,
         "broker_commit_every": 10_000,
+        # A SIGKILLed worker keeps its partitions until the broker misses its heartbeats for this long;
+        # faust's default (60 s) would stall them for a minute. Heartbeats run on the consumer's own
+        # thread, so a busy event loop does not miss them.
+        "broker_session_timeout": SESSION_TIMEOUT,
+        "broker_heartbeat_interval": HEARTBEAT_INTERVAL,
         "table_standby_replicas": 0,
         "autodiscover": False,
         "env": {},  # faust must not read BROKER_URL & co. from the environment behind our back
@@ -57,6 +66,8 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
     """Declare everything the worker runs on a new faust App."""
     app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
+    if settings.processing_guarantee == "exactly_once":
+        eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
     guard = Guard(config)
     built = GuardApp(app=app, guard=guard)
     for route in config.routes:
@@ -65,6 +76,12 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         built.topics[route.name] = topics
         built.tables[route.name] = tables
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables)
+    metrics.configure(config)
+    input_topics = frozenset(t for route in config.routes for t in route.inputs)
+
+    @app.timer(interval=metrics.LAG_INTERVAL)
+    async def measure_consumer_lag() -> None:
+        await metrics.update_consumer_lag(app.consumer, input_topics)
 
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
@@ -74,4 +91,12 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     async def health_view(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "routes": [r.name for r in config.routes]})
 
+    from app.review.web import register_review  # the review page and API (/review/), see README
+
+    register_review(built, settings, bootstrap)
+    from agents.audit import attach_audits  # cross-stream audits (README "Cross-stream audits")
+    from app.entities import register_entity_views  # GET /entities/... (README "Last-known-good values")
+
+    attach_audits(built, config)
+    register_entity_views(built, config)
     return built

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from byzguard.audit import AuditRule, AuditSide, FieldPath, Require
 from byzguard.errors import ConfigError, RuleCompileError
 from byzguard.integrity import KeyRing
 from byzguard.rules import RuleSet, RuleSpec, compile_rules
@@ -154,12 +155,57 @@ class IdempotencyModel(_Model):
         return parse_duration(value)
 
 
+class AuditSideModel(_Model):
+    """One stream of an audit rule: records of `type` on a verified topic, the join key and the compared value."""
+
+    topic: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    key: str
+    value: str | None = None
+    name: str | None = None  # the service, as discrepancies name it (default: the type)
+
+    @field_validator("key", "value")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None:
+            FieldPath.parse(value)
+        return value
+
+
+class AuditModel(_Model):
+    """A cross-stream consistency rule: every left record has a right one with the same key within `within`."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    description: str = ""
+    left: AuditSideModel
+    right: AuditSideModel
+    within: float
+    grace: float = 5.0
+    tolerance: float = Field(default=0.0, ge=0)
+    require: Require = Require.LEFT
+    discrepancies_topic: str = Field(default="audit.discrepancies", min_length=1)
+    partitions: int | None = Field(default=None, ge=1)
+
+    @field_validator("within", "grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("within")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("the window must be longer than 0s")
+        return value
+
+
 class FileModel(_Model):
     defaults: TypeModel = Field(default_factory=TypeModel)
     keys: dict[str, KeyModel] = Field(default_factory=dict)
     idempotency: IdempotencyModel = Field(default_factory=IdempotencyModel)
     last_good_retention: float = 30 * 86_400.0
     routes: list[RouteModel] = Field(min_length=1)
+    audits: list[AuditModel] = Field(default_factory=list)
 
     @field_validator("last_good_retention", mode="before")
     @classmethod
@@ -185,6 +231,32 @@ class FileModel(_Model):
                     if key_id not in self.keys:
                         raise ValueError(f"route {route.name!r} type {type_name!r}: key id {key_id!r} is not "
                                          "declared under keys")
+        return self
+
+    @model_validator(mode="after")
+    def _audits_consistent(self) -> FileModel:
+        # Audits read verified topics only: what they compare has passed every check.
+        verified = {r.verified_topic: r for r in self.routes}
+        route_topics = {t for r in self.routes for t in (*r.inputs, r.verified_topic, r.quarantine_topic)}
+        names = set()
+        for audit in self.audits:
+            if audit.name in names:
+                raise ValueError(f"audit name {audit.name!r} is used twice")
+            names.add(audit.name)
+            if audit.discrepancies_topic in route_topics:
+                raise ValueError(f"audit {audit.name!r}: discrepancies_topic {audit.discrepancies_topic!r} is a "
+                                 "route's topic")
+            for which, side in (("left", audit.left), ("right", audit.right)):
+                route = verified.get(side.topic)
+                if route is None:
+                    raise ValueError(f"audit {audit.name!r} {which}: topic {side.topic!r} is not a route's "
+                                     f"verified_topic (known: {sorted(verified)})")
+                known = {*route.types, route.default_type} - {""}
+                if route.types and side.type not in known:
+                    raise ValueError(f"audit {audit.name!r} {which}: route {route.name!r} has no type "
+                                     f"{side.type!r} (known: {sorted(known)})")
+            if (audit.left.topic, audit.left.type) == (audit.right.topic, audit.right.type):
+                raise ValueError(f"audit {audit.name!r}: left and right read the same records")
         return self
 
 
@@ -237,10 +309,15 @@ class GuardConfig:
     last_good_retention: float
     source_path: str = "<memory>"
     route_by_input: Mapping[str, Route] = field(default_factory=dict)
+    audits: tuple[AuditRule, ...] = ()
 
     def route_for(self, topic: str) -> Route:
         """The route that reads `topic`."""
         return self.route_by_input[topic]
+
+    def audit(self, name: str) -> AuditRule | None:
+        """The audit rule called `name`, if any."""
+        return next((a for a in self.audits if a.name == name), None)
 
 
 def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -> TypePolicy:
@@ -320,7 +397,20 @@ def build(model: FileModel, *, source_path: str = "<memory>",
         last_good_retention=model.last_good_retention,
         source_path=source_path,
         route_by_input=by_input,
+        audits=tuple(_compile_audit(model, audit) for audit in model.audits),
     )
+
+
+def _compile_audit(model: FileModel, audit: AuditModel) -> AuditRule:
+    """An audit rule with parsed paths; its join partitions default to those of the left topic's route."""
+    def side(m: AuditSideModel) -> AuditSide:
+        return AuditSide(m.name or m.type, m.topic, m.type, FieldPath.parse(m.key),
+                         FieldPath.parse(m.value) if m.value is not None else None)
+    left_route = next(r for r in model.routes if r.verified_topic == audit.left.topic)
+    return AuditRule(audit.name, side(audit.left), side(audit.right), audit.within, grace=audit.grace,
+                     tolerance=audit.tolerance, require=audit.require,
+                     discrepancies_topic=audit.discrepancies_topic,
+                     partitions=audit.partitions or left_route.partitions, description=audit.description)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:

@@ -36,23 +36,32 @@ type mismatch, unparsable timestamp, a value CEL can't hold such as an integer b
 returns a non-bool yields ``invariant.error``, both with the rule's severity. A rule that does not parse,
 or names an unknown variable or function, is refused at start with ``RuleCompileError``.
 
-Cost: the event's values are converted to CEL once per event, and only the variables some rule uses;
-an empty RuleSet returns at once. celpy then walks each rule's parse tree on every evaluation, which
-costs roughly 0.1-0.6 ms per rule for the seed's rules: rule sets belong on the event types that need them.
+Cost: an empty RuleSet returns at once, and only the variables some rule uses are prepared. celpy walks
+a rule's parse tree on every evaluation (0.1-0.6 ms a rule), so at compile time each rule written in the
+common subset of CEL (literals, the five variables, field selection and indexing, ``has``, ``! -``,
+arithmetic, comparisons, ``&& || ?:``, ``in``, list and constant map literals, ``size matches startsWith
+endsWith contains abs int double string timestamp duration``) is also compiled into nested Python
+closures that compute what celpy would, reading the event's JSON as parsed: a few µs a rule. Rules outside
+that subset (macros such as ``all()``, ``type()``, map literals with computed values...) are evaluated by
+celpy, as is any event the closures can't decide (such as ``true + 1``, which celpy computes its own way),
+so both paths give the same outcomes; differential tests keep them honest. ``RuleSet.compiled_fast`` names
+the rules on the fast path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import celpy
 import lark
+import re2  # type: ignore[import-untyped]  # celpy's own regex engine: `matches` is RE2
 from celpy import celtypes
 from celpy.celparser import CELParseError
 from celpy.evaluation import Activation, CELEvalError, Evaluator, base_functions, operator_in
@@ -345,20 +354,25 @@ def _convert(name: str, convert: Callable[[Any], Any], value: Any) -> Any:
 
 
 def _activation(
-    roots: frozenset[str], data: Any, last: Any, now: float, event: Mapping[str, Any]
+    roots: frozenset[str], data: Any, last: Any, now: float, event: Mapping[str, Any],
+    converted: Mapping[str, Any] | None = None,
 ) -> Activation:
-    """One activation per event, shared by every rule, binding only the variables the rules use."""
+    """One activation per event, shared by every rule, binding only the variables the rules use.
+
+    `converted` holds the values the fast path already converted for this event, reused rather than redone.
+    """
+    done = converted or {}
     bound: dict[str, Any] = {"math": _MATH}
     if "data" in roots:
-        bound["data"] = _convert("data", _to_cel, data)
+        bound["data"] = done["data"] if "data" in done else _convert("data", _to_cel, data)
     if "last" in roots:
-        bound["last"] = _convert("last", _to_cel, last)
+        bound["last"] = done["last"] if "last" in done else _convert("last", _to_cel, last)
     if "has_last" in roots:
         bound["has_last"] = _int_new(celtypes.BoolType, last is not None)
     if "now" in roots:
         bound["now"] = _convert("now", _now, now)
     if "event" in roots:
-        bound["event"] = _convert("event", _event_to_cel, event)
+        bound["event"] = done["event"] if "event" in done else _convert("event", _event_to_cel, event)
     return Activation(vars=bound, functions=_FUNCTIONS)
 
 
@@ -420,6 +434,1116 @@ def _lookup(root: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
             return False, None
         value = value[key]
     return True, value
+
+
+# --- the fast path: rules compiled once into closures ---------------------------------------------------
+#
+# Each closure takes the event's variables (a tuple, see _SLOTS) and computes what celpy computes for its
+# node, on the same values, with one representation difference made for speed: `data` and `last`, once
+# checked to be plain JSON that `_to_cel` would convert without fail, are read as parsed (dict, list, str,
+# float, int, bool, None); a number read out of them becomes a float, as `_to_cel` makes every JSON number
+# a double, and a dict or list is converted whole (with `_to_cel`) before anything but a lookup uses it.
+# Elsewhere plain float, str and bool stand for DoubleType, StringType and BoolType.
+#
+# A CEL error value is a raised _CelError, which `&&`, `||` and has() absorb as celpy does. Where the
+# closures can't be sure what celpy does (celpy has quirks such as `true + 1 == 2` or `null / 0.0`), they
+# raise _Bail and celpy evaluates the rule for that event: the fast path is an optimisation, never a
+# second opinion.
+
+_Env = tuple[Any, ...]
+_Fn = Callable[[_Env], Any]
+
+_SLOTS: Final = {"data": 0, "last": 1, "has_last": 2, "now": 3, "event": 4}
+_NO_ENV: Final[_Env] = (None, None, False, None, None)
+
+
+class _CelError(Exception):
+    """A CEL error value: the rule's outcome is invariant.error unless `&&`, `||` or has() absorbs it."""
+
+
+class _Bail(Exception):
+    """The fast path can't tell what celpy would make of this: celpy evaluates the rule for this event."""
+
+
+class _Unsupported(Exception):
+    """A construct outside the fast subset: the rule is always evaluated by celpy."""
+
+
+class _PlainStr(str):
+    """A string made by `+`: celpy makes a plain `str` there, which (unlike StringType) has no contains()."""
+
+    __slots__ = ()
+
+
+_IntType = celtypes.IntType
+_UintType = celtypes.UintType
+_BoolType = celtypes.BoolType
+_ListType = celtypes.ListType
+_MapType = celtypes.MapType
+_TimestampType = celtypes.TimestampType
+_DurationType = celtypes.DurationType
+
+# Value kinds, by exact type: a dict lookup is cheaper than a chain of isinstance checks.
+_NULL, _BOOL, _INT, _UINT, _DOUBLE, _STRING, _BYTES, _LIST, _MAP, _TIMESTAMP, _DURATION, _OTHER = range(12)
+_KIND_NAMES: Final = ("null", "bool", "int", "uint", "double", "string", "bytes", "list", "map", "timestamp",
+                      "duration")
+_KINDS: Final[dict[type, int]] = {
+    type(None): _NULL, bool: _BOOL, _BoolType: _BOOL, _IntType: _INT, _UintType: _UINT, float: _DOUBLE,
+    celtypes.DoubleType: _DOUBLE, str: _STRING, celtypes.StringType: _STRING, _PlainStr: _STRING,
+    bytes: _BYTES, celtypes.BytesType: _BYTES, list: _LIST, _ListType: _LIST, dict: _MAP, _MapType: _MAP,
+    _TimestampType: _TIMESTAMP, _DurationType: _DURATION,
+}
+_NUMERIC: Final = frozenset({_INT, _UINT, _DOUBLE})
+_SAME_KIND_ORDERED: Final = frozenset({_BOOL, _DOUBLE, _STRING, _BYTES, _TIMESTAMP, _DURATION})
+_DIRECTLY_ORDERED: Final = frozenset({float, str, celtypes.DoubleType, celtypes.StringType, _TimestampType,
+                                      _DurationType})
+_NOT_ARITHMETIC: Final = frozenset({_NULL, _STRING, _LIST, _MAP})
+
+
+def _kind(value: Any) -> int:
+    return _KINDS.get(type(value), _OTHER)
+
+
+def _kind_name(value: Any) -> str:
+    kind = _kind(value)
+    return _KIND_NAMES[kind] if kind != _OTHER else _cel_type_name(value)
+
+
+def _mismatch(symbol: str, *values: Any) -> _CelError:
+    kinds = [_kind_name(value) for value in values]
+    if len(kinds) == 2 and not symbol.endswith("()"):
+        return _CelError(f"no matching overload for {kinds[0]} {symbol} {kinds[1]}")
+    return _CelError(f"no matching overload for {symbol} on {', '.join(kinds)}")
+
+
+def _quote(value: Any) -> str:
+    return repr(str(value)) if _kind(value) == _STRING else f"{_kind_name(value)} {value}"
+
+
+def _lazy(value: Any) -> Any:
+    """A value read out of plain JSON, as `_to_cel` would have it: every number a double."""
+    return float(value) if type(value) is int else value
+
+
+def _deep(value: Any) -> Any:
+    """A value as celpy holds it, for the helpers shared with celpy: plain JSON containers converted."""
+    kind = type(value)
+    return _to_cel(value) if kind is dict or kind is list else value
+
+
+_INT_MIN: Final = -(2**63)
+_INT_END: Final = 2**63
+_UINT_END: Final = 2**64
+
+
+def _int(value: int) -> Any:
+    if _INT_MIN <= value < _INT_END:
+        return _int_new(_IntType, value)
+    raise _CelError("int overflow")
+
+
+def _uint(value: int) -> Any:
+    if 0 <= value < _UINT_END:
+        return _int_new(_UintType, value)
+    raise _CelError("uint overflow")
+
+
+def _call(function: Callable[[Any], Any], value: Any) -> Any:
+    """A celtypes conversion, with the errors celpy's function_eval turns into error values."""
+    try:
+        return function(value)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _CelError(f"{function.__name__.removesuffix('Type').lower()}(): {_describe_error(exc)}") from None
+
+
+# --- the fast path: values of the event -----------------------------------------------------------------
+
+_PLAIN_DEPTH: Final = 32
+_PLAIN_SCALARS: Final = frozenset({str, float, bool, type(None)})
+# float(n) overflows from here on (halfway between the largest double and 2**1024 rounds up).
+_FLOAT_INT_END: Final = 2**1024 - 2**970
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Whether `_to_cel` converts value without fail and the fast path may read it as it is.
+
+    Deeper or unusual values are converted instead: reading those stays exact, only slower.
+    """
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if kind is int:
+        return bool(-_FLOAT_INT_END < value < _FLOAT_INT_END)
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) not in _PLAIN_SCALARS and not _plain_json(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        return all(type(item) in _PLAIN_SCALARS or _plain_json(item, depth + 1) for item in value)
+    return False
+
+
+_UTC: Final = dt.UTC
+_dt_new = dt.datetime.__new__
+_dt_sub = dt.datetime.__sub__
+_td_new = dt.timedelta.__new__
+
+
+def _as_timestamp(moment: dt.datetime) -> Any:
+    # TimestampType(moment) without its Python-level constructor: datetime's own pickle state rebuilds
+    # the very same fields and zone in one C call.
+    return _dt_new(_TimestampType, *moment.__reduce__()[1])
+
+
+def _fast_now(now: float) -> Any:
+    """The value `_now` gives, a few times faster."""
+    return _as_timestamp(dt.datetime.fromtimestamp(now, _UTC))
+
+
+def _fast_input(name: str, value: Any, converted: dict[str, Any]) -> Any:
+    if _plain_json(value):
+        return value
+    # Converted once and shared with celpy's activation, so both paths see the very same failure, if any.
+    converted[name] = result = _convert(name, _to_cel, value)
+    return result
+
+
+def _fast_env(roots: frozenset[str], data: Any, last: Any, now: float, event: Mapping[str, Any],
+              converted: dict[str, Any]) -> _Env:
+    """The variables of one event for the fast path, in _SLOTS order; unused ones are None."""
+    fast_data = _fast_input("data", data, converted) if "data" in roots else None
+    fast_last = _fast_input("last", last, converted) if "last" in roots else None
+    fast_now = _convert("now", _fast_now, now) if "now" in roots else None
+    fast_event = None
+    if "event" in roots:
+        converted["event"] = fast_event = _convert("event", _event_to_cel, event)
+        time = dict.get(fast_event, _TIME_KEY) if type(fast_event) is _MapType else None
+        if time is not None and not _sound(time):
+            raise _Bail  # celpy evaluates every rule of this event: see _sound
+    return (fast_data, fast_last, last is not None, fast_now, fast_event)
+
+
+def _variable_error(value: CELEvalError) -> _CelError:
+    return _CelError(_describe_error(value))
+
+
+# --- the fast path: operators ------------------------------------------------------------------------------
+#
+# Each takes operand values and returns the result or raises _CelError/_Bail. The type combinations
+# handled here, and the ones declared errors, mirror what celpy does with rules.py's _FUNCTIONS; the kind
+# matrix test in tests/unit/test_rules.py checks every pair of kinds against celpy.
+
+
+def _ordering_op(compare: Callable[[Any, Any], bool], symbol: str) -> Callable[[Any, Any], bool]:
+    def ordered(a: Any, b: Any) -> bool:
+        kind_a = type(a)
+        if kind_a is type(b) and kind_a in _DIRECTLY_ORDERED:
+            return compare(a, b)
+        ka, kb = _kind(a), _kind(b)
+        if ka == kb:
+            if ka in _SAME_KIND_ORDERED:
+                return compare(a, b)
+            if ka in (_INT, _UINT):
+                return compare(int(a), int(b))
+            if ka == _OTHER:
+                raise _Bail
+            raise _mismatch(symbol, a, b)  # null, lists and maps have no order
+        if ka in _NUMERIC and kb in _NUMERIC:
+            return compare(_plain(a), _plain(b))
+        if ka == _OTHER or kb == _OTHER or (ka == _BOOL and kb in _NUMERIC) or (kb == _BOOL and ka in _NUMERIC):
+            raise _Bail  # celpy compares `true < 2` as Python ints, but refuses `2 > true`
+        raise _mismatch(symbol, a, b)
+
+    return ordered
+
+
+def _eq(a: Any, b: Any) -> bool:
+    kind_a = type(a)
+    if kind_a is type(b) and (kind_a is float or kind_a is str):
+        return bool(a == b)
+    if a is None or b is None:
+        return a is b
+    return _equal(_deep(a), _deep(b))
+
+
+def _ne(a: Any, b: Any) -> bool:
+    return not _eq(a, b)
+
+
+def _in(item: Any, container: Any) -> Any:
+    kind = type(container)
+    if kind is dict and _kind(item) == _STRING:
+        return item in container  # JSON keys are all strings: membership is celpy's key-by-key equality
+    if kind is _ListType or isinstance(container, _MapType):
+        result = _cel_in(_deep(item), container)
+    elif kind is list or kind is dict:
+        result = _cel_in(_deep(item), _to_cel(container))
+    else:
+        if _kind(container) in {_STRING, _BYTES, _OTHER}:
+            raise _Bail  # celpy iterates strings and bytes: `'a' in 'cat'` holds
+        raise _mismatch("in", item, container)
+    if isinstance(result, CELEvalError):
+        raise _CelError(_describe_error(result))
+    return result
+
+
+def _is_double_pair(a: Any, b: Any) -> bool:
+    # rules.py's lenient promotion: one double operand makes the operation a double one.
+    kind_a, kind_b = type(a), type(b)
+    return (kind_a in _DOUBLE_TYPES and kind_b in _NUMBER_TYPES) or (kind_b in _DOUBLE_TYPES
+                                                                     and kind_a in _NUMBER_TYPES)
+
+
+def _temporal(compute: _Binary, a: Any, b: Any) -> Any:
+    # Timestamps and durations are celpy's own types here, so their operators are celpy's.
+    try:
+        return compute(a, b)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _CelError(f"timestamp or duration out of range: {_describe_error(exc)}") from None
+
+
+def _between(a: Any, b: Any) -> Any:
+    """timestamp - timestamp: DurationType(a - b) without its Python-level constructor.
+
+    Its range check is left out: timestamps (years 1 to 9999) are never further apart than a duration's
+    range (10000 years).
+    """
+    delta = _dt_sub(a, b)
+    return _td_new(_DurationType, delta.days, delta.seconds, delta.microseconds)
+
+
+def _add(a: Any, b: Any) -> Any:
+    if type(a) is float and type(b) is float:
+        return a + b
+    if _is_double_pair(a, b):
+        return float(a) + float(b)
+    ka, kb = _kind(a), _kind(b)
+    if ka == kb == _INT:
+        return _int(int(a) + int(b))
+    if ka == kb == _UINT:
+        return _uint(int(a) + int(b))
+    if ka == kb == _STRING:
+        return _PlainStr(a + b)
+    if (ka, kb) in {(_TIMESTAMP, _DURATION), (_DURATION, _TIMESTAMP), (_DURATION, _DURATION)}:
+        return _temporal(operator.add, a, b)
+    if {ka, kb} & {_NULL, _MAP} or ({ka, kb} & _NUMERIC and {ka, kb} & {_STRING, _LIST}):
+        raise _mismatch("+", a, b)
+    raise _Bail  # list concatenation, bools as numbers, bytes: celpy's own results
+
+
+def _sub(a: Any, b: Any) -> Any:
+    kind_a = type(a)
+    if kind_a is type(b):
+        if kind_a is float:
+            return a - b
+        if kind_a is _TimestampType:
+            return _between(a, b)
+    if _is_double_pair(a, b):
+        return float(a) - float(b)
+    ka, kb = _kind(a), _kind(b)
+    if ka == kb == _INT:
+        return _int(int(a) - int(b))
+    if ka == kb == _UINT:
+        return _uint(int(a) - int(b))
+    if ka == kb == _TIMESTAMP:
+        return _between(a, b)
+    if ka in (_TIMESTAMP, _DURATION) and kb == _DURATION:
+        return _temporal(operator.sub, a, b)
+    if {ka, kb} & {_NULL, _MAP, _STRING, _LIST, _BYTES}:
+        raise _mismatch("-", a, b)
+    raise _Bail
+
+
+def _mul(a: Any, b: Any) -> Any:
+    if type(a) is float and type(b) is float:
+        return a * b
+    if _is_double_pair(a, b):
+        return float(a) * float(b)
+    ka, kb = _kind(a), _kind(b)
+    if ka == kb == _INT:
+        return _int(int(a) * int(b))
+    if ka == kb == _UINT:
+        return _uint(int(a) * int(b))
+    if {ka, kb} & {_NULL, _MAP}:
+        raise _mismatch("*", a, b)
+    raise _Bail  # strings, lists, bools, durations: celpy's operator overloads decide, quirks and all
+
+
+def _div(a: Any, b: Any) -> Any:
+    if type(a) is float and type(b) is float:
+        return _float_div(a, b)
+    if _is_double_pair(a, b):
+        return _float_div(float(a), float(b))
+    ka, kb = _kind(a), _kind(b)
+    if ka == kb == _INT or ka == kb == _UINT:
+        x, y = int(a), int(b)
+        if y == 0:
+            raise _CelError("division by zero")
+        if ka == _UINT:
+            return _uint(x // y)
+        return _int((-1 if (x < 0) != (y < 0) else 1) * (abs(x) // abs(y)))  # truncated, as celpy's IntType
+    if kb == _DOUBLE and ka in _NOT_ARITHMETIC:
+        raise _Bail  # celpy's DoubleType answers `null / 0.0` with infinity
+    if ka in _NOT_ARITHMETIC or kb in _NOT_ARITHMETIC:
+        raise _mismatch("/", a, b)
+    raise _Bail
+
+
+def _mod(a: Any, b: Any) -> Any:
+    ka, kb = _kind(a), _kind(b)
+    if ka == kb == _INT or ka == kb == _UINT:
+        x, y = int(a), int(b)
+        if y == 0:
+            raise _CelError("modulus by zero")
+        if ka == _UINT:
+            return _uint(x % y)
+        return _int((-1 if x < 0 else 1) * (abs(x) % abs(y)))  # the sign of the dividend, as celpy's IntType
+    if ka == _DOUBLE:
+        raise _mismatch("%", a, b)  # no `%` on doubles: use int(data.n) % 2
+    if ka in (_STRING, _BYTES):
+        raise _Bail  # Python's %-formatting, in celpy
+    if {ka, kb} & {_NULL, _LIST, _MAP}:
+        raise _mismatch("%", a, b)
+    raise _Bail
+
+
+def _neg(a: Any) -> Any:
+    kind = type(a)
+    if kind is float or kind is celtypes.DoubleType:
+        return -float(a)
+    if kind is _IntType:
+        return _int(-int(a))
+    if _kind(a) in {_DURATION, _OTHER}:
+        raise _Bail  # celpy negates a duration into a bare timedelta
+    raise _mismatch("-()", a)
+
+
+def _not(a: Any) -> bool:
+    kind = type(a)
+    if kind is bool or kind is _BoolType:
+        return not a
+    raise _mismatch("!()", a)
+
+
+def _select(value: Any, name: str) -> Any:
+    """`value.name`: a map's field, celpy's way (every other kind is an error)."""
+    kind = type(value)
+    if kind is dict:
+        try:
+            return _lazy(value[name])
+        except KeyError:
+            raise _CelError(f"missing field {name!r}") from None
+    if isinstance(value, _MapType):
+        try:
+            return value[name]
+        except KeyError:
+            raise _CelError(f"missing field {name!r}") from None
+    if kind is CELEvalError:
+        raise _variable_error(value)
+    raise _CelError(f"{_kind_name(value)} does not support field selection (.{name})")
+
+
+def _index(container: Any, key: Any) -> Any:
+    kind = type(container)
+    if kind is dict:
+        if _kind(key) == _STRING:
+            try:
+                return _lazy(container[key])
+            except KeyError:
+                pass
+        raise _CelError(f"no such key {_quote(key)}")  # JSON keys are strings: others are missing or invalid
+    if kind is list or kind is _ListType:
+        key_kind = type(key)
+        if key_kind is _IntType or key_kind is _UintType:
+            try:
+                item = container[key]  # a negative index counts from the end, in celpy too
+            except IndexError:
+                raise _CelError(f"index {key} out of range") from None
+            return _lazy(item) if kind is list else item
+        if _kind(key) in {_BOOL, _OTHER}:
+            raise _Bail
+        raise _mismatch("[]", container, key)
+    if isinstance(container, _MapType):
+        if _kind(key) == _STRING:
+            try:
+                return container[key]
+            except KeyError:
+                raise _CelError(f"no such key {_quote(key)}") from None
+        raise _Bail
+    if _kind(container) in {_STRING, _BYTES, _OTHER}:
+        raise _Bail  # celpy indexes strings and bytes as Python does
+    raise _mismatch("[]", container, key)
+
+
+def _size(value: Any) -> Any:
+    if value is None:
+        return _int_new(_IntType, 0)  # celpy's answer
+    kind = _kind(value)
+    if kind in {_STRING, _BYTES, _LIST, _MAP}:
+        return _int_new(_IntType, len(value))
+    if kind == _OTHER:
+        raise _Bail
+    raise _mismatch("size()", value)
+
+
+def _string_method(name: str, test: Callable[[str, str], bool]) -> Callable[[Any, Any], Any]:
+    def method(text: Any, fragment: Any) -> bool:
+        kind = _kind(text)
+        if kind == _STRING and _kind(fragment) == _STRING:
+            return test(text, fragment)
+        if kind in {_BYTES, _OTHER}:
+            raise _Bail
+        raise _mismatch(f"{name}()", text, fragment)
+
+    return method
+
+
+_starts_with = _string_method("startsWith", str.startswith)
+_ends_with = _string_method("endsWith", str.endswith)
+
+
+def _contains(container: Any, item: Any) -> Any:
+    kind = _kind(container)
+    if kind == _STRING and type(container) is not _PlainStr:
+        if _kind(item) == _STRING:
+            return item in container
+        raise _mismatch("contains()", container, item)
+    if kind in {_BYTES, _LIST, _MAP, _OTHER}:
+        raise _Bail
+    raise _mismatch("contains()", container, item)  # also a string made by `+`: see _PlainStr
+
+
+def _matches(text: Any, pattern: Any) -> bool:
+    """`text.matches(pattern)` as celpy's function_matches: an RE2 search (a partial match)."""
+    try:
+        return re2.search(pattern, text) is not None
+    except re2.error as exc:
+        raise _CelError(f"invalid regular expression {pattern!r}: {_describe_error(exc)}") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _CelError(f"matches(): {_describe_error(exc)}") from None
+
+
+_NULL_SPAN: Final = (-1, -1)
+
+
+def _searcher(regexp: Any) -> Callable[[str], bool]:
+    """A compiled RE2 pattern's search as a bool, skipping the wrapper's span decoding where possible."""
+    try:
+        match, anchor = regexp._regexp.Match, re2._re2.RE2.Anchor.UNANCHORED
+    except AttributeError:  # another google-re2 layout: its public API is only slower
+        return lambda text: regexp.search(text) is not None
+
+    def search(text: str) -> bool:
+        data = text.encode("utf-8")
+        return bool(match(anchor, data, 0, len(data))[0] != _NULL_SPAN)
+
+    return search
+
+
+def _abs(value: Any) -> Any:
+    kind = type(value)
+    if kind in _DOUBLE_TYPES:
+        return abs(float(value))
+    if kind is _IntType:
+        return _int(abs(int(value)))
+    if kind is _UintType:
+        return value
+    raise _mismatch("abs()", value)
+
+
+# RFC 3339 as producers write it; pendulum reads anything else (and these too, only 50x slower).
+_RFC3339: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+
+
+def _timestamp_of(text: Any) -> Any:
+    """timestamp(text), the value celpy's TimestampType (through pendulum) gives."""
+    if _kind(text) == _STRING:
+        if _RFC3339.fullmatch(text) is not None:
+            # Within this format fromisoformat reads what pendulum reads, fraction truncated to µs alike.
+            try:
+                return _as_timestamp(dt.datetime.fromisoformat(text))
+            except ValueError:
+                pass  # such as February 30th: pendulum's verdict, below
+        try:
+            parsed = _TimestampType(text)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise _CelError(f"cannot parse timestamp {text!r}: {_describe_error(exc)}") from None
+        if not _sound(parsed):
+            raise _Bail
+        return parsed
+    return _call(_TimestampType, text)
+
+
+def _sound(moment: Any) -> bool:
+    """Whether a timestamp has a usable UTC offset.
+
+    pendulum accepts offsets of 24 hours and more, which datetime refuses only when the offset is used:
+    comparing such a timestamp then raises out of celpy (a crash, which even `true || ...` reports).
+    """
+    try:
+        moment.utcoffset()
+    except ValueError:
+        return False
+    return True
+
+
+def _string_of(value: Any) -> Any:
+    if _kind(value) in {_LIST, _MAP, _OTHER}:
+        raise _Bail  # celpy spells containers out with its reprs
+    return _call(celtypes.StringType, value)
+
+
+# --- the fast path: compiling closures ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Code:
+    """A compiled node: its closure, whether it is a constant (and which), whether it may crash.
+
+    celpy lets a few Python exceptions escape instead of making error values of them (int() of an
+    infinite double raises OverflowError), and evaluates both sides of `&&` and `||`: where such a crash
+    may hide in a branch the closures would skip, they evaluate the branch anyway.
+    """
+
+    fn: _Fn
+    crash: bool = False
+    const: bool = False
+    value: Any = None
+
+
+def _const(value: Any) -> _Code:
+    def constant(env: _Env) -> Any:
+        return value
+
+    return _Code(constant, const=True, value=value)
+
+
+def _drain(fn: _Fn, env: _Env) -> None:
+    # Evaluated only for a crash celpy would report; its value or error is of no interest.
+    with contextlib.suppress(_CelError):
+        fn(env)
+
+
+def _strict(codes: Sequence[_Code]) -> list[_Fn]:
+    """The children's closures, each made to run the later crash-prone ones before passing an error on."""
+    fns = [code.fn for code in codes]
+    for i in range(len(codes) - 1):
+        later = [code.fn for code in codes[i + 1:] if code.crash]
+        if later:
+            fns[i] = _draining(fns[i], later)
+    return fns
+
+
+def _draining(fn: _Fn, later: list[_Fn]) -> _Fn:
+    def strict(env: _Env) -> Any:
+        try:
+            return fn(env)
+        except _CelError:
+            for other in later:
+                _drain(other, env)
+            raise
+
+    return strict
+
+
+def _binary(op: _Binary, left: _Code, right: _Code) -> _Code:
+    crash = left.crash or right.crash
+    f, g = _strict((left, right))
+    if right.const:
+        b = right.value
+
+        def with_constant(env: _Env) -> Any:
+            return op(f(env), b)
+
+        return _Code(with_constant, crash)
+    if left.const:
+        a = left.value
+
+        def constant_with(env: _Env) -> Any:
+            return op(a, g(env))
+
+        return _Code(constant_with, crash)
+
+    def binary(env: _Env) -> Any:
+        return op(f(env), g(env))
+
+    return _Code(binary, crash)
+
+
+def _compare(op: _Binary, compare: Callable[[Any, Any], bool], left: _Code, right: _Code) -> _Code:
+    """A comparison, with the common `x > 0` and `x < 0.5` on JSON numbers made cheap."""
+    if right.const and type(right.value) in _NUMBER_TYPES:
+        f, b = left.fn, right.value
+        limit = _plain(b)
+
+        def against_number(env: _Env) -> Any:
+            a = f(env)
+            return compare(a, limit) if type(a) is float else op(a, b)
+
+        return _Code(against_number, left.crash)
+    return _binary(op, left, right)
+
+
+def _equals_null(left: _Code, negate: bool) -> _Code:
+    f = left.fn
+
+    def is_null(env: _Env) -> bool:
+        return f(env) is None
+
+    def is_not_null(env: _Env) -> bool:
+        return f(env) is not None
+
+    return _Code(is_not_null if negate else is_null, left.crash)
+
+
+def _in_strings(left: _Code, strings: frozenset[str]) -> _Code:
+    f = left.fn
+
+    def in_strings(env: _Env) -> bool:
+        item = f(env)
+        # Anything but a string is unequal to every element, in celpy's heterogeneous equality.
+        return _kind(item) == _STRING and item in strings
+
+    return _Code(in_strings, left.crash)
+
+
+def _is_bool(value: Any) -> bool:
+    kind = type(value)
+    return kind is bool or kind is _BoolType
+
+
+def _logic(is_and: bool, left: _Code, right: _Code) -> _Code:
+    """`&&` or `||` as celpy's logical_and/logical_or: commutative over errors and non-bools."""
+    f, g, drain_right = left.fn, right.fn, right.crash
+    decisive = not is_and  # the left value that settles the result: false for &&, true for ||
+
+    def logic(env: _Env) -> Any:
+        error: _CelError | None = None
+        try:
+            a = f(env)
+        except _CelError as exc:
+            error, a = exc, None
+        else:
+            kind = type(a)
+            if kind is bool or kind is _BoolType:
+                if bool(a) is decisive:
+                    if drain_right:
+                        _drain(g, env)
+                    return decisive
+                return g(env)  # `true && x` is x, whatever x is
+        b = g(env)  # celpy: `error && error` and `1 && 'a'` are both no-overload errors
+        if not _is_bool(b):
+            raise _CelError(f"no matching overload for {'&&' if is_and else '||'}"
+                            f" on {'an error' if error else _kind_name(a)} and {_kind_name(b)}")
+        if bool(b) is decisive:
+            return decisive
+        if error is not None:
+            raise error
+        return a  # `1 && true` is 1 in celpy
+
+    return _Code(logic, left.crash or right.crash)
+
+
+def _ternary(cond: _Code, left: _Code, right: _Code) -> _Code:
+    c, f, g = cond.fn, left.fn, right.fn
+
+    def ternary(env: _Env) -> Any:
+        try:
+            value = c(env)
+        except _CelError:
+            if left.crash:
+                _drain(f, env)  # celpy goes on into the first branch: an error value is truthy
+            raise
+        kind = type(value)
+        if kind is bool or kind is _BoolType:
+            return f(env) if value else g(env)
+        branch = left if value else right
+        if branch.crash:
+            _drain(branch.fn, env)
+        raise _CelError(f"no matching overload for {_kind_name(value)} ? _ : _")
+
+    return _Code(ternary, cond.crash or left.crash or right.crash)
+
+
+def _unary(op: Callable[[Any], Any], operand: _Code) -> _Code:
+    f = operand.fn
+
+    def unary(env: _Env) -> Any:
+        return op(f(env))
+
+    return _Code(unary, operand.crash)
+
+
+def _call_code(op: Callable[..., Any], args: Sequence[_Code], crash: bool = False) -> _Code:
+    fns = _strict(args)
+    crash = crash or any(arg.crash for arg in args)
+    if len(fns) == 1:
+        (f,) = fns
+
+        def call1(env: _Env) -> Any:
+            return op(f(env))
+
+        return _Code(call1, crash)
+    if len(fns) == 2:
+        f, g = fns
+
+        def call2(env: _Env) -> Any:
+            return op(f(env), g(env))
+
+        return _Code(call2, crash)
+    raise _Unsupported("arity")
+
+
+def _variable(name: str) -> _Code:
+    slot = _SLOTS[name]
+
+    def variable(env: _Env) -> Any:
+        value = env[slot]
+        if type(value) is CELEvalError:
+            raise _variable_error(value)
+        return value
+
+    return _Code(variable)
+
+
+def _field(member: _Code, name: str, root: str | None) -> _Code:
+    if root is not None:
+        # `data.price`: the variable read inline, the commonest node of all.
+        slot = _SLOTS[root]
+
+        def root_field(env: _Env) -> Any:
+            value = env[slot]
+            if type(value) is dict:
+                try:
+                    return _lazy(value[name])
+                except KeyError:
+                    raise _CelError(f"missing field {name!r}") from None
+            return _select(value, name)
+
+        return _Code(root_field)
+    f = member.fn
+
+    def field(env: _Env) -> Any:
+        return _select(f(env), name)
+
+    return _Code(field, member.crash)
+
+
+def _has_field(member: _Code, name: str) -> _Code:
+    f = member.fn
+
+    def has_field(env: _Env) -> bool:
+        try:
+            value = f(env)
+        except _CelError:
+            return False
+        return (type(value) is dict or isinstance(value, _MapType)) and name in value
+
+    return _Code(has_field, member.crash)
+
+
+def _has(inner: _Code) -> _Code:
+    f = inner.fn
+
+    def has(env: _Env) -> bool:
+        try:
+            f(env)
+        except _CelError:
+            return False
+        return True
+
+    return _Code(has, inner.crash)
+
+
+def _list_of(items: Sequence[_Code]) -> _Code:
+    fns = _strict(items)
+
+    def list_literal(env: _Env) -> Any:
+        return _ListType([_deep(f(env)) for f in fns])
+
+    return _Code(list_literal, any(item.crash for item in items))
+
+
+def _matches_code(text: _Code, pattern: _Code) -> _Code:
+    if not (pattern.const and _kind(pattern.value) == _STRING):
+        return _call_code(_matches, (text, pattern))
+    literal = pattern.value
+    f = text.fn
+    try:
+        search = _searcher(re2.compile(literal))
+    except Exception as exc:
+        message = f"invalid regular expression {literal!r}: {_describe_error(exc)}"
+
+        def invalid(env: _Env) -> Any:
+            f(env)
+            raise _CelError(message)
+
+        return _Code(invalid, text.crash)
+
+    def matches(env: _Env) -> Any:
+        value = f(env)
+        if _kind(value) == _STRING:
+            try:
+                return search(value)
+            except ValueError as exc:  # a lone surrogate has no UTF-8
+                raise _CelError(f"matches(): {_describe_error(exc)}") from None
+        return _matches(value, literal)
+
+    return _Code(matches, text.crash)
+
+
+_RELATIONS: Final[dict[str, tuple[_Binary, Callable[[Any, Any], bool]]]] = {
+    "relation_lt": (_ordering_op(operator.lt, "<"), operator.lt),
+    "relation_le": (_ordering_op(operator.le, "<="), operator.le),
+    "relation_gt": (_ordering_op(operator.gt, ">"), operator.gt),
+    "relation_ge": (_ordering_op(operator.ge, ">="), operator.ge),
+}
+_ARITHMETIC: Final[dict[str, _Binary]] = {
+    "addition_add": _add, "addition_sub": _sub, "multiplication_mul": _mul, "multiplication_div": _div,
+    "multiplication_mod": _mod,
+}
+_FUNCTIONS_1: Final[dict[str, Callable[[Any], Any]]] = {
+    "size": _size, "abs": _abs, "timestamp": _timestamp_of, "string": _string_of,
+    "double": lambda value: _call(celtypes.DoubleType, value),
+    "duration": lambda value: _call(_DurationType, value),
+    "int": lambda value: _call(_IntType, value),
+}
+_FUNCTIONS_2: Final[dict[str, _Binary]] = {
+    "startsWith": _starts_with, "endsWith": _ends_with, "contains": _contains, "matches": _matches,
+}
+
+
+def _tree(node: Any) -> lark.Tree[Any]:
+    if not isinstance(node, lark.Tree):
+        raise _Unsupported(repr(node))
+    return node
+
+
+def _mentions_variables(ast: lark.Tree[Any]) -> set[int]:
+    """The ids of the nodes whose subtree reads a variable: every other node is a constant."""
+    found: set[int] = set()
+
+    def visit(node: lark.Tree[Any]) -> bool:
+        mentions = node.data in {"ident", "dot_ident"} and _first_token(node) in VARIABLES
+        for child in node.children:
+            if isinstance(child, lark.Tree) and visit(child):
+                mentions = True
+        if mentions:
+            found.add(id(node))
+        return mentions
+
+    visit(ast)
+    return found
+
+
+def _canonical(value: Any) -> bool:
+    """Whether a constant is made only of values the fast path holds as celpy does."""
+    kind = type(value)
+    if kind is _ListType:
+        return all(_canonical(item) for item in value)
+    if kind is _MapType:
+        return all(_canonical(key) and _canonical(item) for key, item in value.items())
+    if kind is _TimestampType:
+        return _sound(value)
+    return value is None or kind in {_BoolType, _IntType, _UintType, celtypes.DoubleType, celtypes.StringType,
+                                     celtypes.BytesType, _DurationType}
+
+
+class _FastCompiler:
+    """Compiles one rule's lark tree into closures; raises _Unsupported for anything outside the subset."""
+
+    def __init__(self, ast: lark.Tree[Any]) -> None:
+        self._variable_nodes = _mentions_variables(ast)
+        self._handlers: dict[str, Callable[[lark.Tree[Any]], _Code]] = {
+            "expr": self._expr, "conditionalor": self._or, "conditionaland": self._and,
+            "relation": self._relation, "addition": self._arithmetic, "multiplication": self._arithmetic,
+            "unary": self._unary, "member": self._single, "primary": self._single, "paren_expr": self._single,
+            "member_dot": self._member_dot, "member_dot_arg": self._member_dot_arg,
+            "member_index": self._member_index, "ident": self._ident, "dot_ident": self._ident,
+            "ident_arg": self._ident_arg, "list_lit": self._list_lit,
+        }
+
+    def compile(self, node: lark.Tree[Any]) -> _Code:
+        """The node's code: a constant, folded by celpy itself, or closures over the variables."""
+        if id(node) not in self._variable_nodes:
+            return self._fold(node)
+        handler = self._handlers.get(str(node.data))
+        if handler is None:
+            raise _Unsupported(str(node.data))
+        return handler(node)
+
+    def _fold(self, node: lark.Tree[Any]) -> _Code:
+        # Literals (escapes, int ranges, bytes...) and constant subexpressions such as duration("24h")
+        # mean exactly what celpy says they mean, since celpy computes them, once.
+        activation = Activation(vars={"math": _MATH}, functions=_FUNCTIONS)
+        try:
+            value = Evaluator(node, activation).evaluate()
+        except CELEvalError as exc:
+            message = _describe_error(exc)
+
+            def error(env: _Env) -> Any:
+                raise _CelError(message)
+
+            return _Code(error)
+        except Exception as exc:
+            raise _Unsupported("constant that crashes celpy") from exc
+        if not _canonical(value):
+            raise _Unsupported(f"constant {value!r}")
+        return _const(value)
+
+    def _children(self, node: lark.Tree[Any]) -> list[_Code]:
+        return [self.compile(_tree(child)) for child in node.children]
+
+    def _single(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) != 1:
+            raise _Unsupported(str(node.data))
+        return self.compile(_tree(node.children[0]))
+
+    def _expr(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) == 1:
+            return self._single(node)
+        cond, left, right = self._children(node)
+        return _ternary(cond, left, right)
+
+    def _or(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) == 1:
+            return self._single(node)
+        left, right = self._children(node)
+        return _logic(False, left, right)
+
+    def _and(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) == 1:
+            return self._single(node)
+        left, right = self._children(node)
+        return _logic(True, left, right)
+
+    def _operands(self, node: lark.Tree[Any]) -> tuple[str, _Code, _Code]:
+        op_node, right_node = (_tree(child) for child in node.children)
+        if len(op_node.children) != 1:
+            raise _Unsupported(str(op_node.data))
+        return str(op_node.data), self.compile(_tree(op_node.children[0])), self.compile(right_node)
+
+    def _relation(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) == 1:
+            return self._single(node)
+        op, left, right = self._operands(node)
+        if op in {"relation_eq", "relation_ne"}:
+            negate = op == "relation_ne"
+            if right.const and right.value is None:
+                return _equals_null(left, negate)
+            if left.const and left.value is None:
+                return _equals_null(right, negate)
+            return _binary(_ne if negate else _eq, left, right)
+        if op == "relation_in":
+            if right.const and type(right.value) is _ListType and all(
+                    type(item) is celtypes.StringType for item in right.value):
+                return _in_strings(left, frozenset(str(item) for item in right.value))
+            return _binary(_in, left, right)
+        ordered, compare = _RELATIONS[op]
+        return _compare(ordered, compare, left, right)
+
+    def _arithmetic(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) == 1:
+            return self._single(node)
+        op, left, right = self._operands(node)
+        return _binary(_ARITHMETIC[op], left, right)
+
+    def _unary(self, node: lark.Tree[Any]) -> _Code:
+        if len(node.children) == 1:
+            return self._single(node)
+        op_node, operand = (_tree(child) for child in node.children)
+        return _unary(_not if op_node.data == "unary_not" else _neg, self.compile(operand))
+
+    def _ident(self, node: lark.Tree[Any]) -> _Code:
+        name = _first_token(node)
+        if name not in VARIABLES:
+            raise _Unsupported(name)  # a macro's variable
+        return _variable(name)
+
+    def _member_dot(self, node: lark.Tree[Any]) -> _Code:
+        member_node, name = node.children
+        member = self.compile(_tree(member_node))
+        root = _path(_tree(member_node))
+        return _field(member, str(name), root[0] if root is not None and len(root) == 1 else None)
+
+    def _args(self, node: lark.Tree[Any] | None) -> list[_Code]:
+        return [] if node is None else self._children(node)
+
+    def _member_dot_arg(self, node: lark.Tree[Any]) -> _Code:
+        member_node, name_token, *rest = node.children
+        name = str(name_token)
+        args = self._args(_tree(rest[0]) if rest else None)
+        member_tree = _tree(member_node)
+        if name == "abs" and len(args) == 1 and _is_math(member_tree):
+            return _call_code(_abs, args)
+        receiver = self.compile(member_tree)
+        if name == "size" and not args:
+            return _call_code(_size, [receiver])
+        if name == "matches" and len(args) == 1:
+            return _matches_code(receiver, args[0])
+        if name in _FUNCTIONS_2 and len(args) == 1:
+            return _call_code(_FUNCTIONS_2[name], [receiver, args[0]])
+        raise _Unsupported(f"method {name}")  # macros among them
+
+    def _member_index(self, node: lark.Tree[Any]) -> _Code:
+        container, key = self._children(node)
+        return _binary(_index, container, key)
+
+    def _ident_arg(self, node: lark.Tree[Any]) -> _Code:
+        name = _first_token(node)
+        arg_nodes = [_tree(child) for child in _tree(node.children[1]).children] if len(node.children) > 1 else []
+        if name == "has" and len(arg_nodes) == 1:
+            inner = arg_nodes[0]
+            target = _unwrap(inner)
+            if target.data == "member_dot" and id(target) in self._variable_nodes:
+                member_node, field_name = target.children
+                return _has_field(self.compile(_tree(member_node)), str(field_name))
+            return _has(self.compile(inner))
+        args = [self.compile(arg) for arg in arg_nodes]
+        if name == "dyn" and len(args) == 1:
+            return args[0]
+        if name == "matches" and len(args) == 2:
+            return _matches_code(args[0], args[1])
+        if name in _FUNCTIONS_1 and len(args) == 1:
+            # int() of an infinite double raises OverflowError out of celpy, and a timestamp with an
+            # impossible offset makes comparisons raise: crashes, not error values.
+            return _call_code(_FUNCTIONS_1[name], args, crash=name in {"int", "timestamp"})
+        if name in _FUNCTIONS_2 and len(args) == 2:
+            return _call_code(_FUNCTIONS_2[name], args)
+        raise _Unsupported(f"function {name}")
+
+    def _list_lit(self, node: lark.Tree[Any]) -> _Code:
+        return _list_of(self._children(_tree(node.children[0])))
+
+
+def _unwrap(node: lark.Tree[Any]) -> lark.Tree[Any]:
+    """The node under a chain of single-child wrappers (expr, conditionalor, ..., member)."""
+    while len(node.children) == 1 and isinstance(node.children[0], lark.Tree) and node.data in {
+            "expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary",
+            "member", "primary", "paren_expr"}:
+        node = node.children[0]
+    return node
+
+
+def _is_math(node: lark.Tree[Any]) -> bool:
+    node = _unwrap(node)
+    return node.data == "ident" and _first_token(node) == "math"
+
+
+def _compile_fast(ast: lark.Tree[Any]) -> _Fn | None:
+    """The rule as closures, or None when it uses anything outside the fast subset."""
+    try:
+        return _FastCompiler(ast).compile(ast).fn
+    except Exception:  # _Unsupported, or a tree too deep to walk: celpy evaluates the rule
+        return None
 
 
 # --- compilation --------------------------------------------------------------------------------------
@@ -522,6 +1646,7 @@ class _Rule:
     ast: lark.Tree[Any]
     paths: tuple[tuple[str, ...], ...]
     roots: frozenset[str]
+    fast: _Fn | None = None  # the rule compiled to closures, or None: celpy evaluates it every time
 
     def check(self, activation: Activation, inputs: Mapping[str, Any]) -> Reason | None:
         """None when the rule holds; a violation or an error reason otherwise. Never raises."""
@@ -584,7 +1709,7 @@ def _compile_one(spec: RuleSpec) -> _Rule:
         roots = _check_names(ast)
     except ValueError as exc:
         raise RuleCompileError(f"rule {spec.name!r}: {exc} in {spec.expr!r}") from exc
-    return _Rule(spec.name, spec.expr, severity, spec.message, ast, _quoted_paths(ast), roots)
+    return _Rule(spec.name, spec.expr, severity, spec.message, ast, _quoted_paths(ast), roots, _compile_fast(ast))
 
 
 def compile_rules(specs: Sequence[RuleSpec]) -> RuleSet:
@@ -607,11 +1732,13 @@ def compile_rules(specs: Sequence[RuleSpec]) -> RuleSet:
 class RuleSet:
     """The compiled invariant rules of one event type; evaluate() them against each event."""
 
-    __slots__ = ("_roots", "_rules")
+    __slots__ = ("_fast_roots", "_roots", "_rules")
 
     def __init__(self, rules: tuple[_Rule, ...] = ()) -> None:
         self._rules = rules
         self._roots = frozenset[str]().union(*(rule.roots for rule in rules))
+        fast = [rule.roots for rule in rules if rule.fast is not None]
+        self._fast_roots = frozenset[str]().union(*fast) if fast else None
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -629,6 +1756,11 @@ class RuleSet:
         """The names of the rules that are evaluated, in order."""
         return tuple(rule.name for rule in self._rules)
 
+    @property
+    def compiled_fast(self) -> tuple[str, ...]:
+        """The names of the rules compiled to closures; the others are evaluated by celpy."""
+        return tuple(rule.name for rule in self._rules if rule.fast is not None)
+
     def evaluate(self, data: Any, last: Any, *, now: float, event: Mapping[str, Any]) -> list[Reason]:
         """One Reason per rule that fails (invariant.violated) or cannot be evaluated (invariant.error).
 
@@ -637,15 +1769,44 @@ class RuleSet:
         """
         if not self._rules:
             return []
-        try:
-            activation = _activation(self._roots, data, last, now, event)
-        except Exception as exc:  # conversions are guarded one by one; this is only a last resort
-            text = f"cannot prepare the event for rules: {_describe_error(exc)}"
-            return [rule.error(text) for rule in self._rules]
+        converted: dict[str, Any] = {}
+        env = _NO_ENV
+        if self._fast_roots is not None:
+            try:
+                env = _fast_env(self._fast_roots, data, last, now, event, converted)
+            except Exception:  # _Bail, or a failure in spite of the guarded conversions: celpy copes
+                converted.clear()
         inputs = {"data": data, "last": last, "event": event}
+        activation: Activation | None = None
         reasons = []
         for rule in self._rules:
+            if rule.fast is not None and env is not _NO_ENV:
+                try:
+                    value = rule.fast(env)
+                except _CelError as exc:
+                    reasons.append(rule.error(str(exc)))
+                    continue
+                except Exception:
+                    pass  # _Bail, or a failure the fast path did not foresee: celpy's answer is the reference
+                else:
+                    if type(value) is bool or type(value) is celtypes.BoolType:
+                        if not value:
+                            reasons.append(rule.violation(inputs))
+                    else:
+                        reasons.append(rule.error(f"result is {_kind_name(value)}, not bool"))
+                    continue
+            if activation is None:
+                try:
+                    activation = _activation(self._roots, data, last, now, event, converted)
+                except Exception as exc:  # conversions are guarded one by one; this is only a last resort
+                    reasons.append(rule.error(f"cannot prepare the event for rules: {_describe_error(exc)}"))
+                    continue
             reason = rule.check(activation, inputs)
             if reason is not None:
                 reasons.append(reason)
         return reasons
+
+
+def _celpy_only(rules: RuleSet) -> RuleSet:
+    """The same rules with the fast path off: the reference the differential tests and the benchmark use."""
+    return RuleSet(tuple(replace(rule, fast=None) for rule in rules._rules))

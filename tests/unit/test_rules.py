@@ -7,11 +7,25 @@ import math
 from typing import Any
 
 import pytest
+from celpy.celtypes import BoolType, DoubleType, ListType, MapType, StringType, TimestampType
+from celpy.evaluation import CELEvalError, Evaluator
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lark import Tree
 
+from byzguard import rules as rules_module
 from byzguard.errors import ConfigError, RuleCompileError
-from byzguard.rules import RuleSet, RuleSpec, compile_rules
+from byzguard.rules import (
+    VARIABLES,
+    RuleSet,
+    RuleSpec,
+    _Bail,
+    _CelError,
+    _celpy_only,
+    _fast_env,
+    _PlainStr,
+    compile_rules,
+)
 from byzguard.verdict import Code, Reason, Severity
 
 NOW = 1_750_000_000.0  # a fixed "now", so freshness rules don't depend on the wall clock
@@ -378,3 +392,356 @@ def test_numeric_comparison_matches_python(a: float, b: float) -> None:
     assert ("lt" in failed) == (not float(a) < float(b))
     assert ("lt_int" in failed) == (not float(a) < 3)
     assert ("eq_int" in failed) == (float(a) != 3)
+
+
+# --- the fast path: compiled closures agree with celpy ---------------------------------------------------
+
+# Each construct of the fast subset, error cases among them; every rule here must compile to closures.
+CORPUS = (
+    *SEED_RULES,
+    PRICE_CHANGE_NO_ABS,
+    RuleSpec("has_guard", "has(data.price) && data.price >= 0.01"),
+    RuleSpec("optional_field", "!has(data.discount) || data.discount < data.price"),
+    RuleSpec("int_parity", "int(data.qty) % 2 == 1"),
+    RuleSpec("double_modulus", "data.qty % 2 == 0"),
+    RuleSpec("negation", "-data.price < 0 && !(data.active == true)"),
+    RuleSpec("currency_list", "data.currency in ['USD', 'EUR', 'GBP']"),
+    RuleSpec("mixed_list", "data.qty in [1, 2, 3.5, 'x', null, [1], {'a': 1}]"),
+    RuleSpec("key_in_data", "'price' in data && !('x' in data.items)"),
+    RuleSpec("sizes", "size(data.tags) <= 3 && data.tags.size() >= 0"),
+    RuleSpec("index", "data.tags[0] == 'a' || data.tags[1] != 'b' || data.tags[-1] == data.x"),
+    RuleSpec("string_index", "data['price'] * 2 > last['price']"),
+    RuleSpec("string_tests", "data.name.startsWith('p') && data.name.endsWith('1') || data.name.contains('-')"),
+    RuleSpec("computed_string", "(data.name + '-').contains('-') || startsWith(data.name + 'x', data.x)"),
+    RuleSpec("matches_function", "matches(data.name, '^[a-z]+-[0-9]+$') || data.x.matches('[')"),
+    RuleSpec("dynamic_pattern", "data.name.matches(data.pattern)"),
+    RuleSpec("ternary", "data.price > 10 ? data.currency == 'USD' : data.currency != 'USD'"),
+    RuleSpec("ternary_non_bool", "data.x ? true : data.y"),
+    RuleSpec("conversions", "string(data.qty) == '3.0' || double(data.name) > 1.0 || int(data.price) > 3"),
+    RuleSpec("timestamps", "timestamp(data.lastUpdated) < now"
+                           " && now - duration('1h') > timestamp(data.lastUpdated) - duration('30m')"),
+    RuleSpec("duration_of", "duration(data.x) < duration('1h') || timestamp(data.x) + duration(data.y) > now"),
+    RuleSpec("nested", "data.items[0].qty + data.items[1].qty == 3.0 && data.nested.deep.field == 1"),
+    RuleSpec("map_literal", "{'USD': 1, 'EUR': 2}[data.currency] > 0"),
+    RuleSpec("list_literal", "[data.price, last.price] == [last.price, data.price]"),
+    RuleSpec("same", "data == last || data != last && size(data) > size(last)"),
+    RuleSpec("arithmetic", "data.a / data.b > 1 || data.a - data.b < 1 || data.a + data.b * 2 <= 100"),
+    RuleSpec("int_arithmetic", "size(data.tags) / (size(data.tags) - 1) + size(data.name) % 3 >= -1"),
+    RuleSpec("uint", "data.qty > 1u || 3u - 2u == 1u && data.x < 2u"),
+    RuleSpec("abs", "abs(data.price) == math.abs(-data.price) && abs(size(data.tags)) >= 0"),
+    RuleSpec("last_known", "has_last && last.price != data.price || !has_last"),
+    RuleSpec("logic_with_values", "data.flag || data.x > 0"),
+    RuleSpec("non_bool_and", "data.flag && true"),
+    RuleSpec("ordering", "data.x < data.y || data.x >= 'm' || data.y <= null"),
+    RuleSpec("null_checks", "data.missing == null || data.price != null"),
+    RuleSpec("division_by_zero", "data.price / 0 > 1 || 1 / (size(data.tags) - size(data.tags)) == 0"),
+    RuleSpec("crash_hidden_by_or", "true || int(data.x) > 0"),
+    RuleSpec("crash_hidden_by_and", "data.flag == false && int(data.price) > 0"),
+    RuleSpec("crash_in_ternary", "data.missing ? int(data.price) > 0 : true"),
+    RuleSpec("event", "event.version == 7 && event.source.startsWith('pricing') || event.time < now"),
+    RuleSpec("dyn_and_has", "dyn(data.x) == data.x && has(data.items[0].qty) == has(data.items)"),
+    RuleSpec("constant_error", "1 / 0 == 1 || data.price > 0"),
+    RuleSpec("result_not_bool", "data.price"),
+)
+FAST_CORPUS = compile_rules(CORPUS)
+CELPY_CORPUS = _celpy_only(FAST_CORPUS)
+
+KEY_NAMES = ["price", "currency", "lastUpdated", "qty", "tags", "items", "name", "pattern", "x", "y", "a", "b",
+             "flag", "active", "discount", "nested", "deep", "field"]
+TIMESTAMP_TEXTS = st.sampled_from([
+    "2025-06-15T14:13:20Z", "2025-06-15T14:13:20.5+05:30", "2025-06-15T14:13:20.123456789-00:00",
+    "2025-02-30T00:00:00Z", "2025-06-15T24:00:00Z", "2025-06-15 14:13:20Z", "2025-06-15", "yesterday",
+    "2025-06-15T14:13:20+24:00", "P1D", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59-23:59",
+]) | st.datetimes(timezones=st.just(dt.UTC)).map(lambda moment: moment.isoformat().replace("+00:00", "Z"))
+TEXTS = TIMESTAMP_TEXTS | st.sampled_from([
+    "USD", "usd", "EUR", "", "p-1", "abc", "m", "3.0", "1e3", " 12 ", "0x1F", "-0x1F", "1_000", "24h",
+    "-1.5h", "90m", "^[a-z]+-[0-9]+$", "[", "(a|b)+", "\ud800", "é", "a\nb",
+]) | st.text(max_size=6)
+NUMBERS = st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.sampled_from(
+    [0, -1, 1, 2, 3, 0.0, -0.0, 0.5, 49.99, 2**53 + 1, 2**63, -(2**63), 10**400])
+SCALARS = st.none() | st.booleans() | NUMBERS | TEXTS
+VALUES = st.recursive(
+    SCALARS,
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(KEY_NAMES) | st.text(max_size=3), children, max_size=3),
+    max_leaves=8,
+)
+OBJECTS = st.fixed_dictionaries({}, optional=dict.fromkeys(KEY_NAMES, VALUES))
+DATA = OBJECTS | OBJECTS | VALUES
+
+
+def fast_outcomes(rules: RuleSet, data: Any, last: Any) -> dict[str, str]:
+    """What each rule's closures decide on their own: pass, violated, error, or bail (celpy decides)."""
+    env = _fast_env(frozenset(VARIABLES), data, last, NOW, EVENT, {})
+    outcomes = {}
+    for rule in rules._rules:
+        assert rule.fast is not None
+        try:
+            value = rule.fast(env)
+        except _CelError:
+            outcomes[rule.name] = "error"
+        except (_Bail, OverflowError):  # OverflowError: int() of an infinity, which crashes celpy too
+            outcomes[rule.name] = "bail"
+        else:
+            is_bool = isinstance(value, bool | BoolType)
+            outcomes[rule.name] = ("pass" if value else "violated") if is_bool else "error"
+    return outcomes
+
+
+def outcomes_of(reasons: list[Reason], names: tuple[str, ...]) -> dict[str, str]:
+    """Each rule's outcome from evaluate()'s reasons: pass, violated or error."""
+    failed = {reason.detail.split("'")[1]: reason.code for reason in reasons}
+    return {name: {None: "pass", Code.INVARIANT_VIOLATED: "violated", Code.INVARIANT_ERROR: "error"}[
+        failed.get(name)] for name in names}
+
+
+def test_seed_rules_take_the_fast_path() -> None:
+    """The seed's four rules, and the whole differential corpus, compile to closures; macros do not."""
+    assert compile_rules(SEED_RULES).compiled_fast == tuple(spec.name for spec in SEED_RULES)
+    assert FAST_CORPUS.compiled_fast == FAST_CORPUS.names
+    assert CELPY_CORPUS.compiled_fast == ()
+    outside = compile_rules([RuleSpec("macro", "data.items.all(i, i.qty > 0)"),
+                             RuleSpec("type", "type(data.price) == double"),
+                             RuleSpec("variable_map", "{'a': data.price}.a > 0"), PRICE_POSITIVE])
+    assert outside.compiled_fast == ("price_positive",)
+    assert outside.evaluate({"items": [{"qty": 1}], "price": 1}, None, now=NOW, event=EVENT) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=DATA, last=st.none() | DATA)
+def test_fast_path_agrees_with_celpy(data: Any, last: Any) -> None:
+    """On random JSON, every corpus rule has the same outcome (pass/violated/error) on both paths."""
+    names = FAST_CORPUS.names
+    reference = outcomes_of(CELPY_CORPUS.evaluate(data, last, now=NOW, event=EVENT), names)
+    assert outcomes_of(FAST_CORPUS.evaluate(data, last, now=NOW, event=EVENT), names) == reference
+    # The closures alone, where they decide (rather than hand over to celpy), must decide alike.
+    decided = {name: outcome for name, outcome in fast_outcomes(FAST_CORPUS, data, last).items()
+               if outcome != "bail"}
+    assert decided == {name: reference[name] for name in decided}
+
+
+@pytest.mark.parametrize(
+    ("data", "last"),
+    [(price(), price(49.5)), (price(0.01), price(49.99)), (price(), None), ({"currency": "USD"}, None),
+     (price(currency="usd", age_s=25 * 3600), price("1")), ({"price": None, "lastUpdated": "yesterday"}, None),
+     ([1, 2], "text")],
+)
+def test_seed_rules_are_decided_without_celpy(data: Any, last: Any) -> None:
+    """On price events, good or bad, the seed rules' closures decide themselves, as celpy would."""
+    rules = compile_rules(SEED_RULES)
+    reference = outcomes_of(_celpy_only(rules).evaluate(data, last, now=NOW, event=EVENT), rules.names)
+    assert fast_outcomes(rules, data, last) == reference
+
+
+# Values of every kind the fast path handles, as expressions reading `data` (so the operators run per
+# evaluation rather than being folded by celpy at compile time), plus a few constants.
+KIND_DATA: dict[str, Any] = {"n": None, "t": True, "f": False, "d": 2.5, "z": 0.0, "inf": math.inf,
+                             "l": [1, 2], "e": [], "s": "ab", "es": "", "m": {"a": 1},
+                             "ts": "2025-06-15T14:13:20+05:30"}
+KIND_EXPRS = {
+    "null": "data.n", "true": "data.t", "false": "data.f", "double": "data.d", "zero": "data.z",
+    "infinity": "data.inf", "int": "size(data.l)", "int zero": "size(data.e)", "negative int": "-size(data.l)",
+    "int literal": "2", "uint": "2u", "uint zero": "0u", "double zero literal": "0.0", "string": "data.s",
+    "empty string": "data.es", "computed string": "data.s + 'x'", "bytes": "b'ab'", "list": "data.l",
+    "list literal": "[data.d]", "map": "data.m", "map literal": "{'a': 1, 2: 'b'}", "timestamp": "now",
+    "parsed timestamp": "timestamp(data.ts)", "duration": "duration('1h')", "zero duration": "now - now",
+    "error": "data.missing", "crash": "int(data.inf)",
+}
+BINARY_OPERATORS = ["+", "-", "*", "/", "%", "<", "<=", ">", ">=", "==", "!=", "in", "&&", "||"]
+# Templates over placeholders A and B, into which each kind's parsed expression is grafted.
+TEMPLATES = (
+    ["-A", "!A", "size(A)", "A.size()", "abs(A)", "int(A)", "double(A)", "string(A)", "timestamp(A)",
+     "duration(A)", "A.a", "has(A.a)", "A ? 1 : 2", "dyn(A)", "[A]"],
+    [*(f"A {op} B" for op in BINARY_OPERATORS),
+     "A[B]", "A.startsWith(B)", "endsWith(A, B)", "A.contains(B)", "A.matches(B)", "true ? A : B"],
+)
+# The celpy type each of the fast path's own representations stands for.
+CELPY_TYPES = {float: DoubleType, str: StringType, bool: BoolType, dict: MapType, list: ListType, _PlainStr: str}
+
+
+def primary(expr: str) -> Tree[Any]:
+    """The `primary` node of `(expr)`: a parenthesised operand, ready to graft into a template."""
+    node = rules_module._env().compile(f"({expr})")
+    while node.data != "primary":
+        node = node.children[0]
+    return node
+
+
+def graft(node: Tree[Any], operands: dict[str, Tree[Any]]) -> Tree[Any]:
+    """A copy of a template's tree with each placeholder's primary node replaced by its operand's."""
+    if node.data == "primary" and isinstance(node.children[0], Tree) and node.children[0].data == "ident":
+        name = rules_module._first_token(node.children[0])
+        if name in operands:
+            return operands[name]
+    return Tree(node.data, [graft(child, operands) if isinstance(child, Tree) else child
+                            for child in node.children], node.meta)
+
+
+# Variants that add nothing to a pair of kinds (a second double, a second string) are left out of pairs,
+# to keep the matrix to a few thousand cases; errors and crashes pair with every kind in the logic.
+PAIR_KINDS = ["null", "true", "double", "zero", "int", "int zero", "uint", "string", "computed string", "bytes",
+              "list", "map literal", "timestamp", "duration", "error"]
+LOGIC_TEMPLATES = ("A && B", "A || B", "true ? A : B", "A == B")
+
+
+def kind_matrix() -> list[tuple[str, Tree[Any]]]:
+    """Every operator and function of the subset over every kind (or pair of kinds), parsed."""
+    operands = {name: primary(expr) for name, expr in KIND_EXPRS.items()}
+    unary, binary = ([(t, rules_module._env().compile(t)) for t in group] for group in TEMPLATES)
+
+    def case(text: str, tree: Tree[Any], a: str, b: str | None = None) -> tuple[str, Tree[Any]]:
+        label = text.replace("A", f"<{a}>").replace("B", f"<{b}>")
+        return label, graft(tree, {"A": operands[a]} if b is None else {"A": operands[a], "B": operands[b]})
+
+    cases = [case(text, tree, a) for a in operands for text, tree in unary]
+    cases += [case(text, tree, a, b) for a in PAIR_KINDS for b in PAIR_KINDS for text, tree in binary]
+    cases += [case(text, tree, a, b) for a in operands for b in ("error", "crash") for text, tree in binary
+              if text in LOGIC_TEMPLATES for a, b in ((a, b), (b, a))]
+    return cases
+
+
+def celpy_result(ast: Tree[Any]) -> tuple[str, Any]:
+    """What celpy makes of an expression over KIND_DATA: ("value", v), ("error", None) or ("crash", None)."""
+    activation = rules_module._activation(frozenset(VARIABLES), KIND_DATA, None, NOW, EVENT)
+    try:
+        return "value", Evaluator(ast, activation).evaluate()
+    except CELEvalError:
+        return "error", None
+    except Exception:
+        return "crash", None
+
+
+def fast_result(ast: Tree[Any]) -> tuple[str, Any]:
+    """What the closures make of it: ("value", v), ("error", None) or ("bail", None)."""
+    fast = rules_module._compile_fast(ast)
+    if fast is None:
+        # Only a constant celpy folds into something outside the fast path's values (`-duration('1h')`
+        # is a bare timedelta in celpy) leaves a rule to celpy.
+        assert id(ast) not in rules_module._mentions_variables(ast)
+        return "bail", None
+    env = _fast_env(frozenset(VARIABLES), KIND_DATA, None, NOW, EVENT, {})
+    try:
+        return "value", fast(env)
+    except _CelError:
+        return "error", None
+    except (_Bail, OverflowError):
+        return "bail", None
+
+
+def same_value(fast: Any, reference: Any) -> bool:
+    """The fast path's value stands for celpy's: the corresponding type and an equal value."""
+    if type(reference) is not CELPY_TYPES.get(type(fast), type(fast)):
+        return False
+    if isinstance(reference, float) and math.isnan(reference):
+        return math.isnan(fast)
+    if isinstance(reference, dt.datetime) and reference.utcoffset() != fast.utcoffset():
+        return False
+    return rules_module._equal(rules_module._deep(fast), reference)
+
+
+def test_kind_matrix_agrees_with_celpy() -> None:
+    """Every operator and function over every pair of kinds: the closures' value, error or hand-over to
+    celpy matches what celpy computes, type for type, including celpy's quirks and crashes."""
+    decided = 0
+    mismatches = []
+    cases = kind_matrix()
+    for text, ast in cases:
+        reference, fast = celpy_result(ast), fast_result(ast)
+        if fast[0] == "bail":
+            continue
+        decided += 1
+        agree = fast[0] == reference[0] and (fast[0] != "value" or same_value(fast[1], reference[1]))
+        if not agree:
+            mismatches.append(f"{text}: fast {fast!r}, celpy {reference!r}")
+    assert mismatches == []
+    assert decided > 0.8 * len(cases)  # hand-overs to celpy are for celpy's quirks only
+
+
+@settings(max_examples=300, deadline=None)
+@given(moment=st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)),
+       offset=st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1), digits=st.integers(0, 9),
+       zulu=st.booleans())
+def test_timestamp_parsing_matches_pendulum(moment: dt.datetime, offset: int, digits: int, zulu: bool) -> None:
+    """RFC 3339 text the fast path parses itself gives the same instant, offset and text as celpy's."""
+    fraction = f"{moment.microsecond:06d}{moment.microsecond % 1000:03d}"[:digits]
+    zone = "Z" if zulu else f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0") + (f".{fraction}" if fraction else "") + zone
+    try:
+        expected = TimestampType(text)
+    except ValueError:
+        with pytest.raises(_CelError):
+            rules_module._timestamp_of(text)
+        return
+    parsed = rules_module._timestamp_of(text)
+    assert type(parsed) is TimestampType
+    assert parsed == expected and parsed.utcoffset() == expected.utcoffset()
+    assert str(parsed) == str(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(now=st.floats(min_value=-6e10, max_value=2.5e11))
+def test_fast_now_matches_celpy(now: float) -> None:
+    """The fast path's `now` is the very timestamp celpy's activation holds."""
+    fast, reference = rules_module._fast_now(now), rules_module._now(now)
+    assert type(fast) is TimestampType and fast == reference and fast.tzinfo is reference.tzinfo
+
+
+def test_plain_json_matches_conversion() -> None:
+    """JSON the fast path reads as parsed is exactly JSON `_to_cel` converts; anything else is converted."""
+    limit = 2**1024 - 2**970
+    assert rules_module._plain_json({"a": [limit - 1]}) and float(limit - 1) > 0
+    assert not rules_module._plain_json({"a": [limit]})
+    with pytest.raises(OverflowError):
+        float(limit)
+    for odd in ({1: 2}, (1, 2), b"x", {"a": {"b": object()}}):
+        assert not rules_module._plain_json(odd)
+    deep: Any = 1.0
+    for _ in range(40):
+        deep = [deep]
+    assert not rules_module._plain_json(deep)  # converted instead: slower, same answers
+    assert compile_rules([RuleSpec("deep", "size(data) == 1")]).evaluate(deep, None, now=NOW, event={}) == []
+
+
+def test_fast_errors_explain_themselves() -> None:
+    """Errors found by the closures say what went wrong, and keep the rule's severity."""
+    cases = {
+        "data.price > 0": ({"currency": "USD"}, "missing field 'price'"),
+        "data.tags[3] == 'a'": ({"tags": ["a"]}, "index 3 out of range"),
+        "data['x'] == 1": ({}, "no such key 'x'"),
+        "data.price > 0 ": ({"price": "49.99"}, "no matching overload for string > int"),
+        "size(data.tags) / size(data.none) > 1": ({"tags": [1], "none": []}, "division by zero"),
+        "data.price": ({"price": 1}, "result is double, not bool"),
+        "timestamp(data.t) < now": ({"t": "yesterday"}, "cannot parse timestamp 'yesterday'"),
+    }
+    for expr, (data, fragment) in cases.items():
+        [reason] = run(RuleSpec("r", expr, Severity.WARN), data)
+        assert reason.code is Code.INVARIANT_ERROR and reason.severity is Severity.WARN
+        assert fragment in reason.detail, reason.detail
+
+
+def test_crashes_are_not_absorbed() -> None:
+    """celpy lets int() of an infinity crash rather than yield an error `||` could absorb; so does the fast
+    path, which hands such events over to celpy."""
+    rules = compile_rules([RuleSpec("crash", "true || int(data.x) > 0")])
+    assert rules.compiled_fast == ("crash",)
+    assert codes(rules.evaluate({"x": math.inf}, None, now=NOW, event=EVENT)) == [Code.INVARIANT_ERROR]
+    assert rules.evaluate({"x": 1.5}, None, now=NOW, event=EVENT) == []
+
+
+@pytest.mark.parametrize(
+    ("expr", "data", "code"),
+    [("data.flag + 1 == 2", {"flag": True}, None),  # celpy adds bools as Python ints
+     ("data.flag < 2", {"flag": True}, None),  # ...and orders them against numbers one way round only
+     ("2 > data.flag", {"flag": True}, Code.INVARIANT_ERROR),
+     ("data.s * 2 == 'abab'", {"s": "ab"}, Code.INVARIANT_ERROR),  # IntType's __rmul__ refuses
+     ("'a' in data.s", {"s": "cat"}, None),
+     ("null / data.zero == null", {"zero": 0.0}, Code.INVARIANT_VIOLATED)],
+)
+def test_celpy_quirks_are_left_to_celpy(expr: str, data: Any, code: Code | None) -> None:
+    """Where celpy has a quirk of its own, the closures hand the event over rather than second-guess it."""
+    rules = compile_rules([RuleSpec("quirk", expr)])
+    assert rules.compiled_fast == ("quirk",)
+    assert fast_outcomes(rules, data, None) == {"quirk": "bail"}
+    assert codes(rules.evaluate(data, None, now=NOW, event=EVENT)) == ([] if code is None else [code])
+    assert codes(_celpy_only(rules).evaluate(data, None, now=NOW, event=EVENT)) == codes(
+        rules.evaluate(data, None, now=NOW, event=EVENT))

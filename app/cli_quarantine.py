@@ -1,0 +1,395 @@
+"""`byzguard quarantine`: review quarantined records from a terminal, talking to Kafka directly.
+
+No worker is needed: the state is read from the quarantine and decisions topics, and decisions are written
+the same way the workers' review API writes them (app.review.store), so both see the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import getpass
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+from byzguard.errors import ByzguardError, ConfigError
+from byzguard.review import (
+    Action,
+    BadFilterError,
+    ReviewFilter,
+    ReviewItem,
+    clean_note,
+    clean_reviewer,
+    counts,
+    entity_view,
+    item_detail,
+    item_summary,
+)
+
+T = TypeVar("T")
+
+quarantine_cli = typer.Typer(
+    help="Review quarantined records: list, show, approve, reject, recheck, replay (talks to Kafka directly).",
+    no_args_is_help=True, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_REFUSED = 1
+EXIT_SETUP = 2
+EXIT_NOT_FOUND = 3
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="routes file (default BYZGUARD_CONFIG)")]
+BrokerOpt = Annotated[str | None, typer.Option("--broker", help="bootstrap servers (default BYZGUARD_BROKER)")]
+StatusOpt = Annotated[str | None, typer.Option("--status", help="pending, approved, rejected, replayed, rechecked "
+                                                               "(comma-separated)")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="reason code or family (version, version.gap)")]
+SourceOpt = Annotated[str | None, typer.Option("--source", help="producing service (ce_source)")]
+TypeOpt = Annotated[str | None, typer.Option("--type", help="event type (ce_type)")]
+EntityOpt = Annotated[str | None, typer.Option("--entity", help="entity id (record key / ce_subject)")]
+RouteOpt = Annotated[str | None, typer.Option("--route", help="route name")]
+SinceOpt = Annotated[str | None, typer.Option("--since", help="quarantined at or after (ISO-8601 or epoch s)")]
+UntilOpt = Annotated[str | None, typer.Option("--until", help="quarantined before (ISO-8601 or epoch s)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+IdsArg = Annotated[list[str] | None, typer.Argument(help="quarantine ids (<topic>-<partition>-<offset>)")]
+AllOpt = Annotated[bool, typer.Option("--all-matching", help="act on every record matching the filters")]
+NoteOpt = Annotated[str, typer.Option("--note", "-m", help="why (recorded with the decision)")]
+ReviewerOpt = Annotated[str | None, typer.Option("--reviewer", help="who decides (default BYZGUARD_REVIEWER or "
+                                                                    "the login name)")]
+
+
+def _filter(ids: list[str] | None = None, **fields: str | None) -> ReviewFilter:
+    try:
+        selected = ReviewFilter.from_mapping(fields)
+    except BadFilterError as exc:
+        err.print(f"[bold red]bad filter[/]: {exc}")
+        raise typer.Exit(EXIT_SETUP) from None
+    return dataclasses.replace(selected, ids=frozenset(ids)) if ids else selected
+
+
+def _store(config: Path | None, broker: str | None) -> Any:
+    """A ReviewStore for the deployment the settings (and these overrides) describe."""
+    from app.review.store import ReviewStore
+    from app.settings import Settings
+    from byzguard import config as guard_config
+
+    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        cfg = guard_config.load(settings.config)
+    except ConfigError as exc:
+        err.print(f"[bold red]configuration refused[/]: {exc}")
+        raise typer.Exit(EXIT_SETUP) from None
+    bootstrap = settings.broker
+    if not bootstrap:
+        from app.localkafka import running_broker
+
+        bootstrap = running_broker()
+    if not bootstrap:
+        err.print("[bold red]no broker[/]: set BYZGUARD_BROKER (or --broker), or start the local one with "
+                  "`make broker-start`")
+        raise typer.Exit(EXIT_SETUP)
+    return ReviewStore(bootstrap, cfg, app_id=settings.app_id, decisions_topic=settings.decisions_topic,
+                       client_id=f"{settings.app_id}-review-cli")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+async def _loaded(store: Any, progress: Progress) -> None:
+    task = progress.add_task("reading quarantine + decisions", total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    await store.start()
+    await store.refresh(update)
+    progress.update(task, completed=progress.tasks[task].total or 0, total=progress.tasks[task].total or 0)
+
+
+def _run(store: Any, work: Callable[[Any, Progress], Awaitable[T]]) -> T:
+    """Start the store, run `work`, stop; broker trouble becomes a clean exit 2."""
+
+    async def main() -> T:
+        try:
+            with _progress() as progress:
+                await _loaded(store, progress)
+                return await work(store, progress)
+        finally:
+            await store.stop()
+
+    try:
+        return asyncio.run(main())
+    except ByzguardError as exc:
+        err.print(f"[bold red]failed[/]: {exc}")
+        raise typer.Exit(EXIT_SETUP) from None
+
+
+def _print_json(value: Any) -> None:
+    out.print_json(orjson.dumps(value).decode())
+
+
+def _when(epoch: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S") if epoch else ""
+
+
+_STATUS_STYLE = {"pending": "yellow", "approved": "green", "replayed": "bold green", "rejected": "red",
+                 "rechecked": "magenta"}
+
+
+@quarantine_cli.command("list")
+def list_records(
+    config: ConfigOpt = None, broker: BrokerOpt = None, status: StatusOpt = None, reason: ReasonOpt = None,
+    source: SourceOpt = None, type: TypeOpt = None, entity: EntityOpt = None, route: RouteOpt = None,
+    since: SinceOpt = None, until: UntilOpt = None,
+    limit: Annotated[int, typer.Option(help="rows to print")] = 100, as_json: JsonOpt = False,
+) -> None:
+    """List quarantined records (newest first) with their review status, and counts by reason and status."""
+    selected = _filter(status=status, reason=reason, source=source, type=type, entity=entity, route=route,
+                       since=since, until=until)
+
+    async def work(store: Any, progress: Progress) -> list[ReviewItem]:
+        items: list[ReviewItem] = store.items(selected)
+        return items
+
+    items = _run(_store(config, broker), work)
+    tally = counts(items)
+    if as_json:
+        _print_json({"total": len(items), "records": [item_summary(i) for i in items[:limit]], "counts": tally})
+        return
+    table = Table(title=f"quarantine: {len(items)} matching" + (f" (first {limit})" if len(items) > limit else ""))
+    for column in ("quarantine id", "status", "route", "type", "source", "entity", "reasons", "detected (UTC)",
+                   "last decision"):
+        table.add_column(column, overflow="fold")
+    for item in items[:limit]:
+        rec, latest = item.record, item.decision.latest if item.decision else None
+        table.add_row(rec.quarantine_id, f"[{_STATUS_STYLE[item.status.value]}]{item.status.value}[/]", rec.route,
+                      rec.type, rec.source, rec.entity, ", ".join(rec.codes), _when(rec.time),
+                      f"{latest.action.value} by {latest.reviewer}" if latest else "")
+    out.print(table)
+    by_reason = Table(title="by reason")
+    by_reason.add_column("reason code")
+    by_reason.add_column("records", justify="right")
+    for code, n in tally["reason"].items():
+        by_reason.add_row(code, str(n))
+    by_status = Table(title="by status")
+    by_status.add_column("status")
+    by_status.add_column("records", justify="right")
+    for name, n in tally["status"].items():
+        by_status.add_row(name, str(n))
+    out.print(by_reason, by_status)
+
+
+async def _entity_state(store: Any, route_name: str, entity: str, partition: int) -> dict[str, Any]:
+    """The entity's last-known-good value, read from the state table's changelog partition (read_committed)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    changelog = f"{store.app_id}-{route_name}-state_by_entity-changelog"
+    where: dict[str, Any] = {"where": "changelog", "changelog": changelog, "partition": partition}
+    consumer = AIOKafkaConsumer(bootstrap_servers=store.bootstrap, group_id=None, enable_auto_commit=False,
+                                isolation_level="read_committed", auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tp = TopicPartition(changelog, partition)
+        if tp not in await store.topic_partitions([changelog]):
+            return {**where, "state": None, "detail": "no such changelog partition (has a worker run?)"}
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        key, raw = entity.encode(), None
+        while await consumer.position(tp) < end:
+            for rec in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                if rec.key == key:
+                    raw = rec.value
+        return {**where, "state": entity_view(raw), "detail": "" if raw else "no verified version yet"}
+    finally:
+        await consumer.stop()
+
+
+@quarantine_cli.command("show")
+def show(
+    quarantine_id: Annotated[str, typer.Argument(help="the quarantine id")],
+    config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False,
+    entity_state: Annotated[bool, typer.Option(help="read the entity's last-known-good value from its "
+                                                    "state changelog")] = True,
+) -> None:
+    """Show one record: decoded data, headers, reasons, coordinates, decisions and the entity's last good value."""
+
+    async def work(store: Any, progress: Progress) -> dict[str, Any] | None:
+        item = store.ledger.item(quarantine_id)
+        if item is None:
+            return None
+        rec = item.record
+        detail = item_detail(item, store.default_types.get(rec.route, ""))
+        if entity_state:
+            detail["entity_state"] = await _entity_state(store, rec.route, rec.entity, rec.original_partition)
+        return detail
+
+    detail = _run(_store(config, broker), work)
+    if detail is None:
+        err.print(f"[bold red]not found[/]: no quarantined record {quarantine_id!r}")
+        raise typer.Exit(EXIT_NOT_FOUND)
+    if as_json:
+        _print_json(detail)
+        return
+    links = " · ".join(x for x in (f"recheck of {detail['recheck_of']}" if detail["recheck_of"] else "",
+                                   f"re-sent as {detail['rechecked_as']}" if detail["rechecked_as"] else "") if x)
+    out.print(Panel(f"[bold]{detail['quarantine_id']}[/]  status [{_STATUS_STYLE[detail['status']]}]"
+                    f"{detail['status']}[/]  route {detail['route']}  type {detail['type']}  source "
+                    f"{detail['source']}  entity {detail['entity']}\n{links}", title="quarantined record"))
+    reasons = Table(title="reasons")
+    for column in ("code", "severity", "detail"):
+        reasons.add_column(column, overflow="fold")
+    for reason in detail["reasons"]:
+        reasons.add_row(reason.get("code", ""), reason.get("severity", ""), reason.get("detail", ""))
+    out.print(reasons)
+    out.print(Panel(Syntax(orjson.dumps(detail["data"], option=orjson.OPT_INDENT_2).decode(), "json"),
+                    title="this record"))
+    state = detail.get("entity_state")
+    if state is not None:
+        body = (orjson.dumps(state["state"], option=orjson.OPT_INDENT_2).decode() if state.get("state")
+                else state.get("detail", ""))
+        out.print(Panel(body, title=f"last known good (partition {state['partition']} of {state['changelog']})"))
+    coordinates = Table(title="coordinates")
+    for column in ("", "topic", "partition", "offset", "timestamp"):
+        coordinates.add_column(column)
+    for name in ("original", "quarantine"):
+        c = detail[name]
+        coordinates.add_row(name, c["topic"], str(c["partition"]), str(c.get("offset", "")), _when(c["timestamp"]))
+    out.print(coordinates)
+    headers = Table(title="headers")
+    headers.add_column("name")
+    headers.add_column("value", overflow="fold")
+    for name, value in detail["headers"]:
+        headers.add_row(name, value)
+    out.print(headers)
+    history = Table(title="decisions")
+    for column in ("time (UTC)", "action", "reviewer", "note", "target"):
+        history.add_column(column, overflow="fold")
+    for entry in detail["history"]:
+        history.add_row(_when(entry["at"]), entry["action"], entry["reviewer"], entry["note"], entry["target"])
+    out.print(history)
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    data = report.as_dict()
+    if as_json:
+        _print_json(data)
+    else:
+        table = Table(title=f"{report.action}: {len(report.applied)} done, {len(report.unchanged)} unchanged, "
+                            f"{len(report.refused)} refused")
+        table.add_column("quarantine id")
+        table.add_column("result")
+        table.add_column("detail", overflow="fold")
+        delivered = dict(report.delivered)
+        for qid in report.applied:
+            table.add_row(qid, "[green]done[/]", f"-> {delivered[qid]}" if qid in delivered else "")
+        for qid, why in report.unchanged:
+            table.add_row(qid, "unchanged", why)
+        for qid, why in report.refused:
+            table.add_row(qid, "[red]refused[/]", why)
+        out.print(table)
+
+
+def _decide(action: Action, ids: list[str] | None, all_matching: bool, note: str, reviewer: str | None,
+            config: Path | None, broker: str | None, fields: dict[str, str | None], as_json: bool,
+            replay: bool = False) -> None:
+    if not ids and not all_matching:
+        err.print("[bold red]nothing selected[/]: give quarantine ids, or filters with --all-matching")
+        raise typer.Exit(EXIT_SETUP)
+    who = clean_reviewer(reviewer or os.environ.get("BYZGUARD_REVIEWER") or getpass.getuser())
+    selected = _filter(ids, **fields)
+
+    async def work(store: Any, progress: Progress) -> Any:
+        task = progress.add_task(f"{action.value}", total=None)
+        report = await store.decide(selected, action, reviewer=f"cli:{who}", note=clean_note(note),
+                                    progress=lambda d, t: progress.update(task, completed=d, total=t))
+        if replay and report.applied:
+            task = progress.add_task("replay", total=len(report.applied))
+            replayed = await store.replay(ReviewFilter(ids=frozenset(report.applied)), runner=f"cli:{who}",
+                                          progress=lambda d, t: progress.update(task, completed=d, total=t))
+            report.delivered.extend(replayed.delivered)
+        return report
+
+    report = _run(_store(config, broker), work)
+    _print_report(report, as_json)
+    if report.refused:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@quarantine_cli.command("approve")
+def approve(
+    ids: IdsArg = None, all_matching: AllOpt = False, note: NoteOpt = "", reviewer: ReviewerOpt = None,
+    replay: Annotated[bool, typer.Option(help="deliver the approved records to the verified topic now")] = True,
+    config: ConfigOpt = None, broker: BrokerOpt = None, status: StatusOpt = None, reason: ReasonOpt = None,
+    source: SourceOpt = None, type: TypeOpt = None, entity: EntityOpt = None, route: RouteOpt = None,
+    since: SinceOpt = None, until: UntilOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Approve records (and, unless --no-replay, deliver them to the verified topic exactly once)."""
+    _decide(Action.APPROVE, ids, all_matching, note, reviewer, config, broker,
+            {"status": status, "reason": reason, "source": source, "type": type, "entity": entity, "route": route,
+             "since": since, "until": until}, as_json, replay=replay)
+
+
+@quarantine_cli.command("reject")
+def reject(
+    ids: IdsArg = None, all_matching: AllOpt = False, note: NoteOpt = "", reviewer: ReviewerOpt = None,
+    config: ConfigOpt = None, broker: BrokerOpt = None, status: StatusOpt = None, reason: ReasonOpt = None,
+    source: SourceOpt = None, type: TypeOpt = None, entity: EntityOpt = None, route: RouteOpt = None,
+    since: SinceOpt = None, until: UntilOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Reject records: they are never delivered (a reviewer may still approve them before any replay)."""
+    _decide(Action.REJECT, ids, all_matching, note, reviewer, config, broker,
+            {"status": status, "reason": reason, "source": source, "type": type, "entity": entity, "route": route,
+             "since": since, "until": until}, as_json)
+
+
+@quarantine_cli.command("recheck")
+def recheck(
+    ids: IdsArg = None, all_matching: AllOpt = False, note: NoteOpt = "", reviewer: ReviewerOpt = None,
+    config: ConfigOpt = None, broker: BrokerOpt = None, status: StatusOpt = None, reason: ReasonOpt = None,
+    source: SourceOpt = None, type: TypeOpt = None, entity: EntityOpt = None, route: RouteOpt = None,
+    since: SinceOpt = None, until: UntilOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Send the original records through every check again (re-sent to their input topic; a running worker decides)."""
+    _decide(Action.RECHECK, ids, all_matching, note, reviewer, config, broker,
+            {"status": status, "reason": reason, "source": source, "type": type, "entity": entity, "route": route,
+             "since": since, "until": until}, as_json)
+
+
+@quarantine_cli.command("replay")
+def replay(
+    ids: IdsArg = None, reviewer: ReviewerOpt = None,
+    rate: Annotated[float | None, typer.Option(help="at most this many records per second")] = None,
+    batch_size: Annotated[int, typer.Option(help="records per Kafka transaction", min=1)] = 50,
+    config: ConfigOpt = None, broker: BrokerOpt = None, reason: ReasonOpt = None, source: SourceOpt = None,
+    type: TypeOpt = None, entity: EntityOpt = None, route: RouteOpt = None, since: SinceOpt = None,
+    until: UntilOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Deliver approved records not yet delivered to their route's verified topic, exactly once; safe to re-run."""
+    who = clean_reviewer(reviewer or os.environ.get("BYZGUARD_REVIEWER") or getpass.getuser())
+    selected = _filter(ids, reason=reason, source=source, type=type, entity=entity, route=route, since=since,
+                       until=until)
+
+    async def work(store: Any, progress: Progress) -> Any:
+        task = progress.add_task("replay", total=None)
+        return await store.replay(selected, runner=f"cli:{who}", batch_size=batch_size, rate=rate,
+                                  progress=lambda d, t: progress.update(task, completed=d, total=t))
+
+    report = _run(_store(config, broker), work)
+    _print_report(report, as_json)
+    if report.refused:
+        raise typer.Exit(EXIT_REFUSED)

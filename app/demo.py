@@ -1,0 +1,815 @@
+"""`byzguard demo`: the seed's services (pricing, orders, payments, permissions) send traffic through a guard
+worker, with every failure of the catalogue injected at a chosen rate, and the guard is scored against the
+ground truth that only the generator knows.
+
+Clean and faulty records go out through the project's own producer client (GuardedProducer, one per service,
+each with its Stamper's Lamport clock and checksum or MAC). The labels stay in memory and in a local truth
+file keyed by event id; the records carry nothing byzguard could read them from. What came out is read back
+from the routes' verified and quarantine topics with read_committed consumers, and duplicates (which leave no
+record) are counted from the worker's own /metrics.
+
+`byzguard run` without a configured broker starts the local broker, a worker child process and this demo,
+prints the score, and leaves the worker running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Annotated, Any
+
+import orjson
+import typer
+import yaml
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from app.producer import GuardedProducer
+from byzguard.audit import AuditRule
+from byzguard.config import GuardConfig
+from byzguard.faults import (
+    AUDITED_TYPE,
+    EVENT_TYPES,
+    QUARANTINE,
+    SERVICES,
+    SPECS,
+    VERIFIED,
+    Expect,
+    Fate,
+    FaultClass,
+    Label,
+    Observation,
+    Report,
+    TrafficGenerator,
+    as_json,
+    observe,
+    score,
+)
+from byzguard.integrity import HMAC_SHA256, SHA256, Key
+
+DEFAULT_EVENTS = 2000
+DEFAULT_RATE = 0.02
+DEFAULT_EPS = 500.0
+AUDIT = "audit"                     # an output topic of audit discrepancies
+READY_LINE = "[^Worker]: Ready"     # faust's log line once partitions are assigned and tables recovered
+AUDIT_SCORED = "scored"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """How much traffic, how many faults, and how to show it."""
+
+    events: int = DEFAULT_EVENTS
+    rate: float = DEFAULT_RATE
+    eps: float = DEFAULT_EPS
+    seed: int | None = None
+    min_each: int = 1
+    window: int = 400             # at most this many records sent and not yet judged
+    audit_wait: float = 45.0      # wait for an orders audit to report partial writes if its window is this short
+    stall_timeout: float = 60.0   # give up sending when no verdict arrives for this long
+    drain_timeout: float = 90.0   # after the last send, how long to wait for the verdicts
+    live: bool = True
+    truth_path: Path | None = None
+    report_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the worker the demo talks to can be looked at."""
+
+    web: str | None = None          # e.g. http://127.0.0.1:6066 (None: not known)
+
+    @property
+    def metrics(self) -> str | None:
+        return f"{self.web}/metrics" if self.web else None
+
+    @property
+    def review(self) -> str | None:
+        return f"{self.web}/review/" if self.web else None
+
+
+@dataclass
+class DemoResult:
+    """The score, the labels it was computed from, and what the run measured."""
+
+    report: Report
+    labels: list[Label]
+    run_id: str
+    seconds: float
+    send_seconds: float
+    duplicates_counted: int | None
+    audit: str                      # how partial writes were judged: AUDIT_SCORED, or why they were not
+    truth_path: Path | None
+    topics: dict[str, str]          # service -> input topic
+    outputs: dict[str, str]         # output topic -> VERIFIED | QUARANTINE
+    observations: list[Observation] = field(default_factory=list)
+    audited: dict[str, dict[str, Any]] = field(default_factory=dict)  # order -> the audit's discrepancy
+
+    def ok(self) -> bool:
+        """Every per-event fault caught with an expected code, no false positive, nothing unaccounted."""
+        rows = self.report.rows
+        return (self.report.false_positives() == 0 and self.report.unaccounted() == 0 and
+                all(rows[f.value].caught == rows[f.value].sent for f in FaultClass
+                    if SPECS[f].expect is not Expect.AUDIT or self.audit == AUDIT_SCORED))
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+def service_topics(config: GuardConfig) -> dict[str, str]:
+    """The input topic each seed service writes: an input of the route that declares its event type,
+    preferring the one named like the service's topic (prices, orders, payments, permissions)."""
+    preferred = {"pricing": "prices", "orders": "orders", "payments": "payments", "permissions": "permissions"}
+    topics: dict[str, str] = {}
+    for service, event_type in EVENT_TYPES.items():
+        route = next((r for r in config.routes if event_type in r.types), None)
+        if route is None:
+            raise ValueError(f"no route of {config.source_path} declares the event type {event_type!r} that the "
+                             f"demo's {service} service sends")
+        named = [t for t in route.inputs if t == preferred[service] or t.endswith(f"{preferred[service]}")]
+        topics[service] = named[0] if named else route.inputs[0]
+    return topics
+
+
+def service_keys(config: GuardConfig) -> dict[str, Key]:
+    """The MAC key of each service whose event type must be signed (key_ids in the configuration)."""
+    keys: dict[str, Key] = {}
+    for service, event_type in EVENT_TYPES.items():
+        for route in config.routes:
+            policy = route.types.get(event_type)
+            for key_id in sorted(policy.key_ids or ()) if policy is not None else ():
+                key = config.keyring.get(key_id)
+                if key is not None and key.source == service:
+                    keys.setdefault(service, key)
+    return keys
+
+
+def ensure_demo_secrets(config_path: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
+    """Give every MAC key of the configuration whose secret env var is unset a random secret (local mode only:
+    the worker child and the demo's producers share it through the environment); returns the names set."""
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # the configuration check reports it properly
+    names = []
+    for spec in (raw.get("keys") or {}).values():
+        name = spec.get("secret_env") if isinstance(spec, dict) else None
+        if name and not environ.get(name):
+            environ[name] = secrets.token_hex(24)
+            names.append(name)
+    return names
+
+
+def order_audits(config: GuardConfig) -> list[AuditRule]:
+    """The cross-stream audits that check orders (the only check that can see a partial write)."""
+    return [rule for rule in config.audits if rule.left.type == AUDITED_TYPE]
+
+
+def audit_horizon(rule: AuditRule) -> float:
+    """Seconds after an order until the audit has surely reported it missing its payment."""
+    return rule.within + rule.grace + 2 * rule.tick_interval + 5.0
+
+
+# ------------------------------------------------------------------------------------------ the worker child
+
+
+def http_get(url: str, timeout: float = 2.0) -> bytes | None:
+    """The body of a GET, or None when nothing answers (connection refused, timeout, HTTP error)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+            return body
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def web_base(host: str, port: int) -> str:
+    """The URL base of a worker's web server, as a client on this machine reaches it."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+class WorkerProcess:
+    """`byzguard run --no-demo` as a child process with the given environment, its output in a log file."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, web: str, *, cwd: Path | None = None) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.web = web
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._log_start = 0
+
+    def start(self) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()  # the log is appended to across runs: only this run's part counts
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--no-demo"], env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=self.cwd)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines this run of the worker wrote."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the worker has its partitions and its state (faust logs "Ready", or the lag gauge of an
+        assigned partition shows up); RuntimeError with its log if it dies or takes too long."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"the worker exited with code {self.proc.returncode if self.proc else '?'}; "
+                                   f"its log ({self.log_path}):\n{self.log_tail()}")
+            if READY_LINE in self.log_tail(200):
+                return
+            body = http_get(f"{self.web}/metrics", timeout=1.0)
+            if body is not None and b"byzguard_consumer_lag_messages{" in body:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"the worker was not ready within {timeout:.0f} s; its log ({self.log_path}):\n"
+                           f"{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the worker gracefully (SIGTERM), killing it if it does not stop in time; its exit code."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return proc.returncode if proc is not None else None
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def worker_env(settings: Any, bootstrap: str) -> dict[str, str]:
+    """The environment of a worker child: ours (MAC key secrets included) plus every setting of `settings` as its
+    BYZGUARD_* variable, the broker the demo uses, and no demo of its own."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"BYZGUARD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update({"BYZGUARD_BROKER": bootstrap, "BYZGUARD_CONFIG": str(Path(settings.config).resolve()),
+                "BYZGUARD_DEMO": "0"})
+    return env
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+
+def scrape_counter(metrics_url: str | None, name: str, **match: str) -> int | None:
+    """The sum of a counter's samples whose labels match, from a worker's /metrics; None if it does not answer."""
+    if metrics_url is None:
+        return None
+    body = http_get(metrics_url)
+    if body is None:
+        return None
+    total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items()):
+                total += sample.value
+    return int(total)
+
+
+class Outputs:
+    """Reads the verified and quarantine topics (read_committed) from where they ended at the start."""
+
+    def __init__(self, bootstrap: str, where_of: Mapping[str, str], run_prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.where_of = dict(where_of)     # topic -> VERIFIED | QUARANTINE
+        self.run_prefix = run_prefix
+        self.observations: list[Observation] = []
+        self.audited: dict[str, dict[str, Any]] = {}  # entity (order) -> the discrepancy an audit reported
+        self.consumer: AIOKafkaConsumer | None = None
+        self.received = 0
+
+    async def start(self, timeout: float = 60.0) -> None:
+        parts = await _partitions(self.bootstrap, list(self.where_of), timeout)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                    isolation_level="read_committed", auto_offset_reset="earliest")
+        await consumer.start()
+        self.consumer = consumer
+        tps = [TopicPartition(topic, p) for topic, n in parts.items() for p in range(n)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, ends[tp])
+
+    async def follow(self, stats: LiveStats) -> None:
+        """Poll until cancelled, counting what arrives in `stats`."""
+        while True:
+            for obs in await self.poll():
+                stats.add(obs)
+
+    async def poll(self) -> list[Observation]:
+        """Read what has been committed since the last poll; keep the records of this run."""
+        assert self.consumer is not None
+        batch = await self.consumer.getmany(timeout_ms=200, max_records=5000)
+        new: list[Observation] = []
+        for tp, records in batch.items():
+            where = self.where_of[tp.topic]
+            for record in records:
+                if where == AUDIT:
+                    self._discrepancy(record.value)
+                    continue
+                obs = observe(where, record.value, list(record.headers or ()))
+                if obs is not None and obs.event_id.startswith(self.run_prefix):
+                    new.append(obs)
+        self.received += len(new)
+        self.observations.extend(new)
+        return new
+
+    def _discrepancy(self, value: bytes | None) -> None:
+        try:
+            discrepancy = orjson.loads(value or b"{}")
+            entity = discrepancy.get("entity")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(entity, str) and self.run_prefix.rstrip("-") in entity:
+            self.audited[entity] = discrepancy
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+
+async def _partitions(bootstrap: str, topics: list[str], timeout: float) -> dict[str, int]:
+    """Partition counts of `topics`, waiting for a worker to create them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            described = await admin.describe_topics(topics)
+            counts = {d["topic"]: len(d["partitions"]) for d in described
+                      if not d.get("error_code") and d.get("partitions")}
+            if len(counts) == len(topics):
+                return counts
+            if time.monotonic() > deadline:
+                missing = sorted(set(topics) - set(counts))
+                raise RuntimeError(f"topics {missing} do not exist (is a worker running with this configuration?)")
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
+# ------------------------------------------------------------------------------------------ the live view
+
+
+@dataclass
+class LiveStats:
+    """What the terminal shows while the demo runs."""
+
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    sent: int = 0
+    faults: int = 0
+    verified: int = 0
+    warned: int = 0
+    quarantined: int = 0
+    by_code: Counter[str] = field(default_factory=Counter)
+    duplicates: int | None = None
+    phase: str = "sending"
+    _sent_times: deque[tuple[float, int]] = field(default_factory=deque)
+    _out_times: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, obs: Observation) -> None:
+        if obs.where == QUARANTINE:
+            self.quarantined += 1
+            self.by_code.update(set(obs.codes))
+        elif obs.verdict == "pass":
+            self.verified += 1
+        else:
+            self.warned += 1
+            self.by_code.update(set(obs.codes))
+
+    @staticmethod
+    def _rate(window: deque[tuple[float, int]], count: int) -> float:
+        now = time.monotonic()
+        window.append((now, count))
+        while len(window) > 2 and now - window[0][0] > 3.0:
+            window.popleft()
+        span = now - window[0][0]
+        return (count - window[0][1]) / span if span > 0 else 0.0
+
+    def render(self) -> Table:
+        outputs = self.verified + self.warned + self.quarantined
+        table = Table(title=f"byzguard demo: {self.phase} ({time.monotonic() - self.started:.0f} s)",
+                      show_header=False, box=None, padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("sent", f"{self.sent} / {self.total}  ({self._rate(self._sent_times, self.sent):.0f}/s), "
+                              f"{self.faults} faults injected")
+        table.add_row("verdicts read back", f"{outputs}  ({self._rate(self._out_times, outputs):.0f}/s)")
+        table.add_row("[green]verified (pass)", str(self.verified))
+        table.add_row("[yellow]forwarded with a warning", str(self.warned))
+        table.add_row("[red]quarantined", str(self.quarantined))
+        table.add_row("duplicates dropped", "?" if self.duplicates is None else str(self.duplicates))
+        for code, n in self.by_code.most_common(12):
+            table.add_row(f"  [dim]{code}", str(n))
+        return table
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+async def run_demo(bootstrap: str, config: GuardConfig, options: DemoOptions, *, where: Where = Where(),
+                   console: Console | None = None, run_id: str | None = None) -> DemoResult:
+    """Send labeled traffic to the routes' inputs, read the verdicts back, and score them."""
+    console = console or Console()
+    run_id = run_id or f"demo{secrets.token_hex(3)}"
+    topics = service_topics(config)
+    keys = service_keys(config)
+    forger = next(iter(keys.values()), None)
+    audits = order_audits(config)
+    where_of = {r.verified_topic: VERIFIED for r in config.routes} | {r.quarantine_topic: QUARANTINE
+                                                                     for r in config.routes}
+    where_of |= {rule.discrepancies_topic: AUDIT for rule in audits}
+    truth_path = options.truth_path
+    if truth_path is not None:
+        truth_path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs(bootstrap, where_of, f"{run_id}-")
+    stats = LiveStats(options.events)
+    reader: asyncio.Task[None] | None = None
+    try:
+        await outputs.start()
+        dup_base = scrape_counter(where.metrics, "byzguard_events_total", outcome="duplicate")
+        started = time.monotonic()
+        reader = asyncio.create_task(outputs.follow(stats))
+        async with contextlib.AsyncExitStack() as stack:
+            producers: dict[str, GuardedProducer] = {}
+            # A producer's Lamport clock must never go back, also across runs: start it at the time in us.
+            lamport_start = int(time.time() * 1_000_000)
+            for service in SERVICES:
+                key = keys.get(service)
+                producer = GuardedProducer(bootstrap, source=service, algorithm=HMAC_SHA256 if key else SHA256,
+                                           key=key, linger_ms=20)
+                producer.stamper.lamport = lamport_start
+                producers[service] = await stack.enter_async_context(producer)
+            seed = options.seed if options.seed is not None else secrets.randbits(32)
+            gen = TrafficGenerator({s: p.stamper for s, p in producers.items()}, topics, run_id=run_id,
+                                   rate=options.rate, seed=seed, forger_key=forger, min_each=options.min_each,
+                                   warmup=min(60, options.events // 10))
+            truth = stack.enter_context(truth_path.open("wb")) if truth_path is not None else None
+            live = stack.enter_context(Live(get_renderable=stats.render, console=console, refresh_per_second=4,
+                                            transient=False)) if options.live else None
+            send_seconds = await _send(gen, producers, options, stats, outputs, truth)
+            stats.phase = "waiting for the last verdicts"
+            dup_count = await _drain(gen.labels, outputs, stats, where, dup_base, options.drain_timeout)
+            audit = await _await_audits(audits, gen.labels, outputs, stats, options.audit_wait)
+            stats.phase = "done"
+            if live is not None:
+                live.refresh()
+    finally:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        await outputs.stop()
+    report = score(gen.labels, outputs.observations, duplicates_counted=dup_count,
+                   audited=outputs.audited.keys() if audit == AUDIT_SCORED else None)
+    result = DemoResult(report, gen.labels, run_id, time.monotonic() - started, send_seconds, dup_count,
+                        audit, truth_path, topics, where_of, outputs.observations, outputs.audited)
+    if options.report_path is not None:
+        options.report_path.parent.mkdir(parents=True, exist_ok=True)
+        options.report_path.write_bytes(as_json(report))
+    return result
+
+
+async def _send(gen: TrafficGenerator, producers: Mapping[str, GuardedProducer], options: DemoOptions,
+                stats: LiveStats, outputs: Outputs, truth: IO[bytes] | None) -> float:
+    """Send `options.events` records at up to `options.eps`, never more than `options.window` ahead of the
+    verdicts read back: a worker that lags far behind would judge time-based faults late (a clock 30 s
+    ahead is no longer ahead when it is verified 30 s later). Stops early if the worker makes no progress."""
+    started = time.monotonic()
+    drops = 0
+    for i in range(options.events):
+        injection = gen.next(time.time())
+        if truth is not None:
+            truth.write(orjson.dumps(injection.label.as_dict(), option=orjson.OPT_APPEND_NEWLINE))
+        await producers[injection.sender].send_stamped(injection.topic, injection.record)
+        stats.sent += 1
+        stats.faults += injection.label.fault is not None
+        drops += injection.label.expect is Expect.DROP
+        if i % 25 == 24:  # pace, and let the reader and the live view run
+            ahead = (i + 1) / options.eps - (time.monotonic() - started)
+            await asyncio.sleep(max(0.0, ahead))
+            progress, since = outputs.received, time.monotonic()
+            while stats.sent - drops - outputs.received > options.window:
+                for producer in producers.values():
+                    await producer.flush()
+                if outputs.received != progress:
+                    progress, since = outputs.received, time.monotonic()
+                elif time.monotonic() - since > options.stall_timeout:
+                    stats.phase = f"the worker made no progress for {options.stall_timeout:.0f} s"
+                    return await _flushed(producers, started)
+                await asyncio.sleep(0.05)
+    for injection in gen.flush(time.time()):  # the payments of the last orders
+        if truth is not None:
+            truth.write(orjson.dumps(injection.label.as_dict(), option=orjson.OPT_APPEND_NEWLINE))
+        await producers[injection.sender].send_stamped(injection.topic, injection.record)
+        stats.sent += 1
+    return await _flushed(producers, started)
+
+
+async def _flushed(producers: Mapping[str, GuardedProducer], started: float) -> float:
+    for producer in producers.values():
+        await producer.flush()
+    return time.monotonic() - started
+
+
+async def _drain(labels: list[Label], outputs: Outputs, stats: LiveStats, where: Where, dup_base: int | None,
+                 timeout: float) -> int | None:
+    """Wait until every record that should leave a verdict has, and the duplicates are counted, or time is up."""
+    expected: Counter[tuple[str, str]] = Counter((lb.event_id, lb.fingerprint) for lb in labels
+                                                 if lb.expect is not Expect.DROP)
+    drops = sum(1 for lb in labels if lb.expect is Expect.DROP)
+    deadline = time.monotonic() + timeout
+    dup_count: int | None = None
+    while True:
+        now_dups = scrape_counter(where.metrics, "byzguard_events_total", outcome="duplicate")
+        dup_count = now_dups - dup_base if now_dups is not None and dup_base is not None else None
+        stats.duplicates = dup_count
+        seen = Counter((o.event_id, o.fingerprint) for o in outputs.observations)
+        pending = sum(max(0, n - seen[k]) for k, n in expected.items())
+        if (pending == 0 and (dup_count is None or dup_count >= drops)) or time.monotonic() > deadline:
+            return dup_count
+        await asyncio.sleep(0.5)
+
+
+async def _await_audits(audits: list[AuditRule], labels: list[Label], outputs: Outputs, stats: LiveStats,
+                        wait: float) -> str:
+    """Wait for the orders audit to report the partial writes, when its window is short enough to wait for;
+    AUDIT_SCORED, or why partial writes are not scored."""
+    if not audits:
+        return "no cross-stream audit of orders is configured; per-event checks cannot see a partial write"
+    rule = min(audits, key=audit_horizon)
+    horizon = audit_horizon(rule)
+    if horizon > wait:
+        return (f"pending: audit {rule.name!r} waits {rule.within:g} s for a payment; its discrepancies arrive on "
+                f"{rule.discrepancies_topic} after that")
+    partial = {lb.subject for lb in labels if lb.fault is FaultClass.PARTIAL_WRITE}
+    stats.phase = f"waiting for audit {rule.name} ({rule.within:g} s window)"
+    deadline = time.monotonic() + horizon  # every order has been verified: its window is open now at the latest
+    while time.monotonic() < deadline:
+        if partial <= outputs.audited.keys():
+            break
+        await asyncio.sleep(0.5)
+    return AUDIT_SCORED
+
+
+# ------------------------------------------------------------------------------------------ the final table
+
+
+def render_result(result: DemoResult, where: Where, console: Console) -> None:
+    """The table of injected faults against what byzguard caught, false positives, and where to look."""
+    report = result.report
+    console.line()
+    table = Table(title=f"byzguard demo {result.run_id}: {len(result.labels)} events in {result.send_seconds:.1f} s "
+                        f"({len(result.labels) / max(result.send_seconds, 1e-9):.0f}/s), scored after "
+                        f"{result.seconds:.1f} s", title_justify="left")
+    story = console.width >= 150  # the catalogue's words need room; narrow terminals get the numbers
+    columns = [("fault class", "left"), ("what happened", "left"), ("injected", "right"), ("expected", "left"),
+               ("caught", "right"), ("other code", "right"), ("missed", "right"), ("lost", "right"),
+               ("codes seen", "left")]
+    for name, justify in columns:
+        if name != "what happened" or story:
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+
+    def add(*cells: str) -> None:
+        table.add_row(*(c for i, c in enumerate(cells) if i != 1 or story))
+
+    for fault in FaultClass:
+        row = report.rows[fault.value]
+        spec = SPECS[fault]
+        codes = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
+        if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
+            caught = "pending" if result.audit.startswith("pending") else "n/a"
+            expected = f"audit: {result.audit}"
+            missed = f"{row.fates[Fate.PASSED]} passed"
+        else:
+            style = "green" if row.caught == row.sent else "red"
+            caught = f"[{style}]{row.caught}/{row.sent}[/]"
+            expected = f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}"
+            missed = _red(row.fates[Fate.MISSED]) or "0"
+        add(fault.value, spec.story, str(row.sent), expected, caught, str(row.fates[Fate.OTHER_CODE] or ""), missed,
+            " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP")) if x),
+            codes)
+    clean = report.clean
+    table.add_section()
+    add("[bold]clean", "correct events of the four services", str(clean.sent), "pass",
+        f"{clean.fates[Fate.PASSED]} passed", _red(clean.fates[Fate.FALSE_POSITIVE], " FP"), "",
+        _red(clean.fates[Fate.UNACCOUNTED]), ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3)))
+    console.print(table)
+    fp = report.false_positives()
+    unaccounted = report.unaccounted()
+    summary = [
+        f"false positives on clean events: [{'green' if fp == 0 else 'red'}]{fp}[/] of "
+        f"{clean.sent + report.rows[FaultClass.PARTIAL_WRITE.value].sent}",
+        f"events unaccounted for (in neither topic, not a counted duplicate): "
+        f"[{'green' if unaccounted == 0 else 'red'}]{unaccounted}[/]",
+        "duplicates counted by the worker: "
+        + ("unknown (no metrics URL)" if result.duplicates_counted is None else str(result.duplicates_counted)),
+    ]
+    if report.extra:
+        summary.append(f"outputs that match no sent record: {report.extra}")
+    console.print("\n".join(summary))
+    look = [f"verified topics: {', '.join(sorted(t for t, w in result.outputs.items() if w == VERIFIED))}",
+            f"quarantine topics: {', '.join(sorted(t for t, w in result.outputs.items() if w == QUARANTINE))}"]
+    if where.review:
+        look.insert(0, f"review page: {where.review}")
+    if where.metrics:
+        look.insert(1, f"metrics: {where.metrics}")
+    if result.truth_path is not None:
+        look.append(f"ground truth (one JSON line per event): {result.truth_path}")
+    console.print(Panel("\n".join(look), title="where to look", expand=False))
+
+
+def _red(n: int, suffix: str = "") -> str:
+    return f"[red]{n}{suffix}[/]" if n else ""
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+
+
+def start_worker(settings: Any, bootstrap: str, console: Console) -> WorkerProcess:
+    """Start a worker child with these settings and wait until it answers; its output goes to a log file."""
+    web = web_base(settings.web_host, settings.web_port)
+    if http_get(f"{web}/healthz", timeout=1.0) is not None:
+        raise RuntimeError(f"something already answers at {web} (another byzguard worker?): stop it, or give this "
+                           "one another port with BYZGUARD_WEB_PORT")
+    log_path = Path(settings.data_dir).parent / "worker.log"
+    worker = WorkerProcess(worker_env(settings, bootstrap), log_path, web)
+    console.print(f"[cyan]starting a guard worker (log: {log_path})...[/]")
+    worker.start()
+    try:
+        worker.wait_ready()
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+def play(settings: Any, config: GuardConfig, bootstrap: str, options: DemoOptions, console: Console, *,
+         worker: str = "auto", keep_running: bool = False) -> DemoResult:
+    """Run the demo against a worker: the one answering at the settings' web port, or (worker="start", or
+    "auto" with none answering) a child worker started here, stopped at the end unless `keep_running`."""
+    web = web_base(settings.web_host, settings.web_port)
+    running = http_get(f"{web}/healthz", timeout=1.0) is not None
+    if worker == "none" or (worker == "auto" and running):
+        return _play_once(bootstrap, config, options, Where(web if running else None), console)
+    child = start_worker(settings, bootstrap, console)
+    try:
+        result = _play_once(bootstrap, config, options, Where(web), console)
+    except BaseException:
+        child.stop()
+        raise
+    if keep_running:
+        _follow(child, console)
+    else:
+        child.stop()
+    return result
+
+
+def _play_once(bootstrap: str, config: GuardConfig, options: DemoOptions, where: Where,
+               console: Console) -> DemoResult:
+    run_id = f"demo{secrets.token_hex(3)}"
+    if options.truth_path is None:
+        options = DemoOptions(**{**options.__dict__, "truth_path": Path(".cache/demo") / f"{run_id}.truth.jsonl"})
+    console.print(f"[cyan]demo {run_id}: {options.events} events from pricing, orders, payments and permissions, "
+                  f"each failure class at {options.rate:.1%}, about {options.eps:.0f} events/s[/]")
+    result = asyncio.run(run_demo(bootstrap, config, options, where=where, console=console, run_id=run_id))
+    render_result(result, where, console)
+    return result
+
+
+def _follow(child: WorkerProcess, console: Console) -> None:
+    """Show the worker's log as it grows until it exits; Ctrl-C stops it."""
+    console.print(f"[bold green]the worker keeps running[/] (pid {child.proc.pid if child.proc else '?'}): "
+                  f"its log follows. Ctrl-C to stop.")
+    try:
+        with child.log_path.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            while child.alive():
+                chunk = log.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.3)
+            sys.stdout.write(log.read().decode(errors="replace"))
+    except KeyboardInterrupt:
+        console.print("[cyan]stopping the worker...[/]")
+    finally:
+        code = child.stop()
+        console.print(f"worker stopped (exit code {code})")
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def announce_demo_secrets(config_path: Path, console: Console) -> None:
+    """Local mode: make up the MAC key secrets that are not set, and say so."""
+    names = ensure_demo_secrets(config_path)
+    if names:
+        console.print(f"[yellow]local mode: {', '.join(names)} not set; using random secrets for this run "
+                      f"(set them to keep keys across runs)[/]")
+
+
+def run_local(settings: Any, config: GuardConfig, bootstrap: str) -> int:
+    """`byzguard run` with the local broker: a worker child, the demo against it, the score, then the worker's
+    log until Ctrl-C. Exit code: the worker's (0 on a clean stop)."""
+    console = Console()
+    try:
+        play(settings, config, bootstrap, DemoOptions(), console, worker="start", keep_running=True)
+    except RuntimeError as exc:
+        console.print(f"[bold red]cannot run the demo[/]: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def demo_command(
+    events: Annotated[int, typer.Option(min=1, help="events to send")] = DEFAULT_EVENTS,
+    rate: Annotated[float, typer.Option(min=0.0, max=0.09, help="probability per event of each failure class")]
+    = DEFAULT_RATE,
+    eps: Annotated[float, typer.Option(min=1.0, help="events per second to send")] = DEFAULT_EPS,
+    seed: Annotated[int | None, typer.Option(help="random seed (default: a random one)")] = None,
+    worker: Annotated[str, typer.Option(help="auto: the worker answering at BYZGUARD_WEB_PORT, else start one; "
+                                             "start: always start one; none: send and score only")] = "auto",
+    config: Annotated[Path | None, typer.Option(help="routes file (default BYZGUARD_CONFIG or byzguard.yaml)")]
+    = None,
+    broker: Annotated[str | None, typer.Option(help="bootstrap servers; default BYZGUARD_BROKER or local")] = None,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="show the live summary while sending")] = True,
+    report: Annotated[Path | None, typer.Option(help="also write the score as JSON to this file")] = None,
+) -> None:
+    """Play the seed's services (pricing, orders, payments, permissions) against a guard worker with every failure
+    of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
+    an event lost."""
+    from app.localkafka import ensure_running
+    from app.settings import Settings
+    from byzguard.config import load
+    from byzguard.errors import ConfigError
+
+    console = Console()
+    if worker not in ("auto", "start", "none"):
+        raise typer.BadParameter("--worker must be auto, start or none")
+    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
+    settings = Settings(**overrides)
+    if not settings.broker:
+        announce_demo_secrets(settings.config, console)
+    try:
+        cfg = load(settings.config)
+    except ConfigError as exc:
+        console.print(f"[bold red]configuration refused[/]: {exc}")
+        raise typer.Exit(2) from None
+    bootstrap = settings.broker or ensure_running()
+    options = DemoOptions(events=events, rate=rate, eps=eps, seed=seed, live=live, report_path=report)
+    try:
+        result = play(settings, cfg, bootstrap, options, console, worker=worker)
+    except RuntimeError as exc:
+        console.print(f"[bold red]cannot run the demo[/]: {exc}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(0 if result.ok() else 1)

@@ -1,0 +1,490 @@
+"""The review state read from Kafka, and the one way to write review decisions.
+
+Reading: one read_committed consumer, assigned every partition of the routes' quarantine topics and of the
+decisions topic (no consumer group: every worker and every CLI run reads everything), feeds a
+byzguard.review.ReviewLedger. `refresh()` catches up to the end offsets taken when it starts, so the state a
+reader derives is the same from any worker and survives restarts: it lives in the two topics, not here.
+
+Writing: every write to the decisions topic (approve, reject, recheck, and the replay markers) happens in a
+Kafka transaction of ONE transactional id shared by every writer of that topic (`byzguard-review-<decisions
+topic>`: all workers and CLI runs of a deployment), inside `_exclusive()`:
+
+    1. start a producer with that id: InitProducerId bumps the epoch, which fences every other holder (their
+       later sends and commits fail) and aborts any transaction a previous holder left open, also one whose
+       process was SIGKILLed; it returns only once that transaction is completed or aborted;
+    2. refresh: read the decisions topic (read_committed) to its end, taken after step 1;
+    3. plan from that state, each record at most once, and write in transactions: a replay writes the record
+       to the verified topic AND its "replayed" entry to the decisions topic in the same transaction.
+
+Why replay is exactly-once: take two committed transactions that both deliver record R. Within one epoch
+(one `_exclusive()` block) the plan lists R once, so they have epochs e1 < e2. The e1 transaction committed
+before the InitProducerId of e2 (after it, e1 is fenced and cannot commit), so its "replayed" entry for R was
+in the decisions topic when the e2 holder read it in step 2: R was planned as replayed, not sent. A crash
+between the two writes of one transaction aborts both. Downstream must read the verified topic with
+isolation_level=read_committed, as for everything the guard writes under exactly_once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from byzguard.config import GuardConfig, Route
+from byzguard.errors import InfrastructureError
+from byzguard.review import (
+    Action,
+    DecisionEntry,
+    Plan,
+    ReviewFilter,
+    ReviewItem,
+    ReviewLedger,
+    Status,
+    new_decision,
+    parse_quarantined,
+    plan,
+    recheck_headers,
+    replay_headers,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+WRITE_ATTEMPTS = 8
+REFRESH_TIMEOUT = 60.0
+
+
+def decisions_topic_name(app_id: str, configured: str | None = None) -> str:
+    """The decisions topic: as configured, else `<app_id>-decisions`."""
+    return configured or f"{app_id}-decisions"
+
+
+@dataclass
+class ActionReport:
+    """What one review action (or replay) did, record by record."""
+
+    action: str
+    applied: list[str] = field(default_factory=list)
+    unchanged: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    delivered: list[tuple[str, str]] = field(default_factory=list)  # (quarantine id, where it was written)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"action": self.action, "applied": self.applied,
+                "unchanged": [{"quarantine_id": q, "why": w} for q, w in self.unchanged],
+                "refused": [{"quarantine_id": q, "why": w} for q, w in self.refused],
+                "delivered": [{"quarantine_id": q, "to": t} for q, t in self.delivered]}
+
+
+def _coordinates(topic: str, partition: int, offset: int) -> str:
+    return f"{topic}-{partition}-{offset}"
+
+
+def _collect_failed_producers() -> None:
+    """Collect fenced producers now, quietly.
+
+    aiokafka leaves a fenced producer's error on internal futures nobody reads; asyncio reports each one when it
+    is garbage-collected, formatting a traceback, which on CPython 3.11 parses source: if that collection
+    happens inside another compile() (an import, pytest's assertion rewriting) the compiler fails with
+    "SystemError: AST constructor recursion depth mismatch". So collect here, where nothing is compiling, and
+    drop those reports: the error was already handled and logged once.
+    """
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), KafkaError) and "never retrieved" in context.get("message", ""):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(quiet)
+    try:
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+
+
+class ReviewStore:
+    """Quarantine + decisions, read into a ledger; decisions written under the deployment's review fence."""
+
+    def __init__(self, bootstrap: str, config: GuardConfig, *, app_id: str, decisions_topic: str | None = None,
+                 client_id: str = "byzguard-review") -> None:
+        self.bootstrap = bootstrap
+        self.app_id = app_id
+        self.routes: dict[str, Route] = {r.name: r for r in config.routes}
+        self.decisions_topic = decisions_topic_name(app_id, decisions_topic)
+        self.quarantine_topics = sorted({r.quarantine_topic for r in config.routes})
+        self.default_types = {r.name: r.default_type for r in config.routes}
+        # The fence is per decisions topic: every worker and CLI that writes it shares this one id.
+        self.transactional_id = f"byzguard-review-{self.decisions_topic}"
+        self.client_id = client_id
+        self.ledger = ReviewLedger()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._assigned: set[TopicPartition] = set()
+        self._next_offset: dict[TopicPartition, int] = {}
+        self._read_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
+        self._partitions: dict[str, int] = {}
+        self._in_flight: list[asyncio.Future[Any]] = []
+        self._decisions_topic_ready = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> ReviewStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def started(self) -> bool:
+        """Whether the consumer is running."""
+        return self._consumer is not None
+
+    async def start(self) -> None:
+        """Start reading (a missing topic reads as empty); idempotent."""
+        async with self._start_lock:
+            if self._consumer is not None:
+                return
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest", isolation_level="read_committed", client_id=self.client_id,
+            )
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await consumer.stop()
+                raise InfrastructureError(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
+            self._consumer = consumer
+
+    async def stop(self) -> None:
+        """Stop reading."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+        self._assigned = set()
+
+    async def ensure_decisions_topic(self) -> None:
+        """Create the compacted decisions topic when it is missing (keyed by quarantine id, kept forever)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=30_000,
+                                    client_id=self.client_id)
+        try:
+            await admin.start()
+        except KafkaError as exc:
+            await admin.close()
+            raise InfrastructureError(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
+        try:
+            # list_topics, not describe_topics: a metadata request for a missing topic may auto-create it
+            # with the broker's defaults (not compacted).
+            if self.decisions_topic in await admin.list_topics():
+                return
+            brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
+            with contextlib.suppress(TopicAlreadyExistsError):
+                response = await admin.create_topics([NewTopic(
+                    self.decisions_topic, 1, min(3, brokers),
+                    topic_configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "3600000"},
+                )])
+                for error in response.to_object().get("topic_errors", []):
+                    # 36: another worker or CLI created it first.
+                    if error.get("error_code") not in (0, 36, None):
+                        raise InfrastructureError(f"cannot create the decisions topic {self.decisions_topic!r}: "
+                                                  f"{error}")
+        finally:
+            await admin.close()
+
+    # ------------------------------------------------------------------ reading
+
+    async def topic_partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
+        """The partitions of the topics that exist now (the consumer's own metadata knows only assigned ones)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=30_000,
+                                    client_id=self.client_id)
+        await admin.start()
+        try:
+            # Only topics that exist: describing a missing one may auto-create it with the wrong partitions.
+            existing = set(await admin.list_topics())
+            wanted = [t for t in topics if t in existing]
+            described = await admin.describe_topics(wanted) if wanted else []
+        finally:
+            await admin.close()
+        out: list[TopicPartition] = []
+        for topic in described:
+            parts = topic.get("partitions") or [] if topic.get("error_code", 0) == 0 else []
+            self._partitions[topic["topic"]] = len(parts)
+            out.extend(TopicPartition(topic["topic"], p["partition"]) for p in parts)
+        return out
+
+    async def _ensure_assigned(self) -> None:
+        assert self._consumer is not None
+        wanted_topics = [*self.quarantine_topics, self.decisions_topic]
+        if self._assigned and all(self._partitions.get(t) for t in wanted_topics):
+            return
+        wanted = set(await self.topic_partitions(wanted_topics))
+        if wanted == self._assigned:
+            return
+        self._consumer.assign(sorted(wanted))
+        for tp in wanted:
+            if tp in self._next_offset:
+                self._consumer.seek(tp, self._next_offset[tp])
+            else:
+                await self._consumer.seek_to_beginning(tp)
+        self._assigned = wanted
+
+    async def refresh(self, progress: Progress | None = None, *, timeout: float = REFRESH_TIMEOUT) -> None:
+        """Read every quarantine and decisions partition up to its current (committed) end."""
+        if self._consumer is None:
+            await self.start()
+        assert self._consumer is not None
+        consumer = self._consumer
+        async with self._read_lock:
+            try:
+                await self._ensure_assigned()
+                if not self._assigned:
+                    return
+                ends = await consumer.end_offsets(list(self._assigned))
+                starts = {tp: await consumer.position(tp) for tp in ends}
+                self._next_offset.update(starts)
+                remaining = {tp: end for tp, end in ends.items() if starts[tp] < end}
+                total = sum(end - starts[tp] for tp, end in remaining.items())
+                deadline = time.monotonic() + timeout
+                positions = dict(starts)
+                while remaining:
+                    batch = await consumer.getmany(*remaining, timeout_ms=200)
+                    for tp, records in batch.items():
+                        for rec in records:
+                            self._apply(tp, rec)
+                    for tp, end in list(remaining.items()):
+                        positions[tp] = self._next_offset[tp] = await consumer.position(tp)
+                        if positions[tp] >= end:
+                            del remaining[tp]
+                    if progress is not None:
+                        progress(sum(min(positions[tp], end) - starts[tp] for tp, end in ends.items()
+                                     if starts[tp] < end), total)
+                    if time.monotonic() > deadline:
+                        raise InfrastructureError(f"reading the review topics did not reach their end within "
+                                                  f"{timeout:.0f} s (left: {sorted(map(str, remaining))})")
+            except KafkaError as exc:
+                raise InfrastructureError(f"reading the review topics failed: {exc}") from exc
+
+    def _apply(self, tp: TopicPartition, rec: Any) -> None:
+        if tp.topic == self.decisions_topic:
+            self.ledger.add_decision(rec.key, rec.value)
+            return
+        parsed = parse_quarantined(rec.key, rec.value, rec.headers, topic=rec.topic, partition=rec.partition,
+                                   offset=rec.offset, timestamp=rec.timestamp / 1000.0 if rec.timestamp else None,
+                                   default_type=self.default_types)
+        if parsed is not None:
+            self.ledger.add_record(parsed)
+
+    def items(self, selected: ReviewFilter | None = None) -> list[ReviewItem]:
+        """The current items (call refresh() first for the latest)."""
+        return self.ledger.items(selected)
+
+    # ------------------------------------------------------------------ writing
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[AIOKafkaProducer]:
+        """Hold the deployment's review fence: a fresh transactional producer, then the state read after it."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, transactional_id=self.transactional_id,
+                                    enable_idempotence=True, acks="all", client_id=self.client_id)
+        try:
+            if not self._decisions_topic_ready:
+                await self.ensure_decisions_topic()  # before the first write, which would auto-create it wrongly
+                self._decisions_topic_ready = True
+            await producer.start()  # InitProducerId: fences the previous holder, aborts its open transaction
+            await self.refresh()
+            yield producer
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            # A fenced transaction fails every send in flight with the error we raise once; mark them read.
+            for future in self._in_flight:
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._in_flight.clear()
+
+    async def _send(self, producer: AIOKafkaProducer, topic: str, **record: Any) -> asyncio.Future[Any]:
+        """Send inside the current transaction; the future resolves to the record's metadata."""
+        future: asyncio.Future[Any] = await producer.send(topic, **record)
+        self._in_flight.append(future)
+        return future
+
+    async def _fenced_retry(self, what: str, attempt: Callable[[], Any]) -> Any:
+        last, failures = "", 0
+        try:
+            for n in range(WRITE_ATTEMPTS):
+                try:
+                    async with self._write_lock:
+                        return await attempt()
+                except KafkaError as exc:  # fenced by another holder, or the broker: take the fence again
+                    failures += 1
+                    last = f"{type(exc).__name__}: {exc}"
+                    log.warning("review %s: %s (attempt %d of %d)", what, last, n + 1, WRITE_ATTEMPTS)
+                # Back off long enough for the holder that fenced us to finish; jitter keeps two apart.
+                await asyncio.sleep(min(5.0, random.uniform(0.1, 0.4) * 2**n))
+            raise InfrastructureError(f"review {what} failed after {WRITE_ATTEMPTS} attempts: {last}")
+        finally:
+            if failures:
+                _collect_failed_producers()
+
+    async def _partition_for(self, producer: AIOKafkaProducer, topic: str, wanted: int) -> int | None:
+        partitions = await producer.partitions_for(topic)
+        return wanted if wanted in partitions else None
+
+    async def decide(self, selection: ReviewFilter, action: Action, *, reviewer: str, note: str = "",
+                     progress: Progress | None = None) -> ActionReport:
+        """Record approve / reject / recheck for every selected record (one transaction); recheck also re-sends."""
+        if action not in (Action.APPROVE, Action.REJECT, Action.RECHECK):
+            raise ValueError(f"{action} is not a review action")
+
+        async def attempt() -> ActionReport:
+            report = ActionReport(action.value)
+            async with self._exclusive() as producer:
+                chosen = self._select(selection, report)
+                todo = []
+                for item in chosen:
+                    verdict, why = plan(item.status, action)
+                    if verdict is Plan.REFUSED:
+                        report.refused.append((item.record.quarantine_id, why))
+                    elif verdict is Plan.UNCHANGED:
+                        report.unchanged.append((item.record.quarantine_id, why))
+                    else:
+                        todo.append(item)
+                if action is Action.RECHECK:
+                    todo = [i for i in todo if self._recheckable(i, report)]
+                writes = []
+                if not todo:
+                    return report
+                async with producer.transaction():
+                    targets = await self._resend(producer, todo) if action is Action.RECHECK else {}
+                    for n, item in enumerate(todo):
+                        rec = item.record
+                        entry = DecisionEntry(action, reviewer, time.time(), note,
+                                              target=targets.get(rec.quarantine_id, ""))
+                        decision = new_decision(item.decision, entry, quarantine_id=rec.quarantine_id,
+                                                route=rec.route)
+                        await self._send(producer, self.decisions_topic, key=rec.quarantine_id.encode(),
+                                         value=decision.to_bytes())
+                        writes.append(decision)
+                        if progress is not None:
+                            progress(n + 1, len(todo))
+                for decision in writes:
+                    self.ledger.add_decision(decision.quarantine_id.encode(), decision.to_bytes())
+                    report.applied.append(decision.quarantine_id)
+                    target = decision.latest.target
+                    if target:
+                        report.delivered.append((decision.quarantine_id, target))
+            return report
+
+        report: ActionReport = await self._fenced_retry(action.value, attempt)
+        return report
+
+    def _select(self, selection: ReviewFilter, report: ActionReport) -> list[ReviewItem]:
+        chosen = self.ledger.items(selection)
+        for qid in sorted((selection.ids or frozenset()) - {i.record.quarantine_id for i in chosen}):
+            report.refused.append((qid, "no such quarantine id (or it does not match the filter)"))
+        chosen.sort(key=lambda i: (i.record.time or 0.0, i.record.quarantine_id))
+        return chosen
+
+    def _recheckable(self, item: ReviewItem, report: ActionReport) -> bool:
+        route = self.routes.get(item.record.route)
+        if route is None:
+            report.refused.append((item.record.quarantine_id, f"route {item.record.route!r} is not configured"))
+            return False
+        if item.record.original_topic not in route.inputs:
+            report.refused.append((item.record.quarantine_id, f"original topic {item.record.original_topic!r} "
+                                   f"is not an input of route {route.name!r}"))
+            return False
+        return True
+
+    async def _resend(self, producer: AIOKafkaProducer, items: Sequence[ReviewItem]) -> dict[str, str]:
+        """Re-send the original records to their input topics (inside the caller's transaction)."""
+        futures = []
+        for item in items:
+            rec = item.record
+            partition = await self._partition_for(producer, rec.original_topic, rec.original_partition)
+            futures.append(await self._send(producer, rec.original_topic, key=rec.key, value=rec.value,
+                                            headers=recheck_headers(rec), partition=partition))
+        sent = await asyncio.gather(*futures)
+        return {item.record.quarantine_id: _coordinates(md.topic, md.partition, md.offset)
+                for item, md in zip(items, sent, strict=True)}
+
+    async def replay(self, selection: ReviewFilter | None = None, *, runner: str, batch_size: int = 50,
+                     rate: float | None = None, progress: Progress | None = None) -> ActionReport:
+        """Deliver every selected approved record to its route's verified topic, exactly once."""
+        report = ActionReport(Action.REPLAYED.value)
+        done: set[str] = set()
+
+        async def attempt() -> ActionReport:
+            async with self._exclusive() as producer:
+                pending = [i for i in self.ledger.items(selection or ReviewFilter())
+                           if i.status is Status.APPROVED and i.record.quarantine_id not in done]
+                pending.sort(key=lambda i: (i.record.time or 0.0, i.record.quarantine_id))
+                routable = []
+                for item in pending:
+                    if item.record.route in self.routes:
+                        routable.append(item)
+                    elif item.record.quarantine_id not in {q for q, _ in report.refused}:
+                        report.refused.append((item.record.quarantine_id,
+                                               f"route {item.record.route!r} is not configured"))
+                total = len(done) + len(routable)
+                if progress is not None:
+                    progress(len(done), total)
+                for start in range(0, len(routable), max(1, batch_size)):
+                    chunk = routable[start:start + max(1, batch_size)]
+                    began = time.monotonic()
+                    writes = await self._replay_chunk(producer, chunk, runner)
+                    for decision in writes:
+                        self.ledger.add_decision(decision.quarantine_id.encode(), decision.to_bytes())
+                        done.add(decision.quarantine_id)
+                        report.applied.append(decision.quarantine_id)
+                        report.delivered.append((decision.quarantine_id, decision.latest.target))
+                    if progress is not None:
+                        progress(len(done), total)
+                    if rate:
+                        await asyncio.sleep(max(0.0, len(chunk) / rate - (time.monotonic() - began)))
+            return report
+
+        result: ActionReport = await self._fenced_retry("replay", attempt)
+        return result
+
+    async def _replay_chunk(self, producer: AIOKafkaProducer, chunk: Sequence[ReviewItem],
+                            runner: str) -> list[Any]:
+        """One transaction: the records to their verified topics, and a replayed entry for each."""
+        async with producer.transaction():
+            futures = []
+            now = time.time()
+            for item in chunk:
+                rec = item.record
+                assert item.decision is not None
+                approval = item.decision.last(Action.APPROVE)
+                assert approval is not None
+                topic = self.routes[rec.route].verified_topic
+                partition = await self._partition_for(producer, topic, rec.original_partition)
+                futures.append(await self._send(producer, topic, key=rec.key, value=rec.value, partition=partition,
+                                                headers=replay_headers(rec, approval, now=now)))
+            sent = await asyncio.gather(*futures)
+            writes = []
+            for item, md in zip(chunk, sent, strict=True):
+                assert item.decision is not None
+                decision = item.decision.with_entry(DecisionEntry(
+                    Action.REPLAYED, runner, now, target=_coordinates(md.topic, md.partition, md.offset)))
+                await self._send(producer, self.decisions_topic, key=item.record.quarantine_id.encode(),
+                                 value=decision.to_bytes())
+                writes.append(decision)
+        return writes

@@ -1,0 +1,283 @@
+"""The review page and JSON API, served by every worker's faust web server.
+
+    GET  /review/                              the page (static HTML + JS; it holds no data itself)
+    GET  /review/api/records?status=&reason=&source=&type=&entity=&route=&since=&until=&limit=
+    GET  /review/api/records/{qid}             detail, with the entity's last-known-good value
+    POST /review/api/records/{qid}/{action}    approve | reject | recheck   body {"note": "...", "replay": true}
+    POST /review/api/bulk                      {"action", "note", "filter": {...}, "expected": n}
+    POST /review/api/replay                    {"ids": [...]} or {} for every approved record
+
+Writes need `Authorization: Bearer <token>` (or Basic reviewer:token): a per-reviewer token from
+BYZGUARD_REVIEW_TOKENS names the reviewer; the shared BYZGUARD_REVIEW_TOKEN needs the reviewer's name in
+X-Byzguard-Reviewer. Reads need the same unless BYZGUARD_REVIEW_OPEN_READS=true. Every action is recorded in
+the decisions topic by app.review.store.ReviewStore.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from mode import Service
+
+from app.review.store import ActionReport, ReviewStore
+from byzguard.errors import ConfigError, InfrastructureError
+from byzguard.review import (
+    REVIEW_ACTIONS,
+    Action,
+    BadFilterError,
+    NotAuthenticatedError,
+    ReviewFilter,
+    authenticate,
+    clean_note,
+    counts,
+    entity_view,
+    item_detail,
+    item_summary,
+    parse_token_map,
+)
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+    from app.worker import GuardApp
+
+log = logging.getLogger(__name__)
+
+PAGE_PATH = "/review/"
+API = "/review/api"
+DEFAULT_LIMIT = 500
+AUTH_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="byzguard-review"'}
+
+
+def page_html() -> str:
+    """The review page, shipped as package data."""
+    return resources.files("app.review").joinpath("review.html").read_text(encoding="utf-8")
+
+
+class ReviewWeb:
+    """What the review views need: the store, the credentials and the worker's tables."""
+
+    def __init__(self, built: GuardApp, settings: Settings, store: ReviewStore) -> None:
+        self.built = built
+        self.store = store
+        self.shared_token = settings.review_token.get_secret_value() if settings.review_token else None
+        try:
+            self.named_tokens = parse_token_map(
+                settings.review_tokens.get_secret_value() if settings.review_tokens else None)
+        except ValueError as exc:
+            raise ConfigError(f"BYZGUARD_REVIEW_TOKENS: {exc}") from None
+        self.open_reads = settings.review_open_reads
+        self.runner = f"worker:{settings.app_id}@{settings.web_host}:{settings.web_port}"
+
+    def reviewer(self, request: Any, *, require_name: bool = True) -> str:
+        """The authenticated reviewer of a request, or NotAuthenticatedError."""
+        return authenticate(request.headers.get("Authorization"),
+                            claimed_reviewer=request.headers.get("X-Byzguard-Reviewer"),
+                            shared_token=self.shared_token, named_tokens=self.named_tokens,
+                            require_name=require_name)
+
+    def may_read(self, request: Any) -> None:
+        """Raise NotAuthenticatedError unless reads are open or the request carries a valid token."""
+        if not self.open_reads:
+            self.reviewer(request, require_name=False)
+
+    def entity(self, route_name: str, entity: str, partition: int) -> dict[str, Any]:
+        """The entity's state if this worker owns its partition; otherwise where it lives."""
+        tables = self.built.tables.get(route_name)
+        if tables is None:
+            return {"where": "unknown", "detail": f"route {route_name!r} is not run by this worker"}
+        table = tables.state_by_entity
+        changelog = table.changelog_topic.get_topic_name()
+        app = self.built.app
+        where = {"partition": partition, "changelog": changelog, "table": table.name}
+        try:
+            active = {(tp.topic, tp.partition) for tp in app.assignor.assigned_actives()}
+        except Exception:  # no assignment yet (the worker is still joining the group)
+            active = set()
+        if (changelog, partition) in active:
+            try:
+                raw = table.get(entity.encode())
+            except Exception as exc:  # the store may be recovering
+                return {"where": "here", **where, "state": None, "detail": f"not readable now: {exc}"}
+            return {"where": "here", **where, "state": entity_view(raw),
+                    "detail": "no verified version yet" if raw is None else ""}
+        owners = []
+        try:
+            for host, topics in app.router.table_metadata(table.name).items():
+                if partition in (topics.get(changelog) or ()):
+                    owners.append(str(host))
+        except Exception:
+            owners = []
+        detail = (f"partition {partition} of {changelog} is owned by {', '.join(owners)}; ask that worker's "
+                  f"review page" if owners else f"partition {partition} of {changelog} is not assigned to "
+                  "this worker; the worker that owns it shows this value")
+        return {"where": "elsewhere", **where, "workers": owners, "state": None, "detail": detail}
+
+
+def _report_status(report: ActionReport) -> int:
+    return 409 if report.refused and not report.applied and not report.unchanged else 200
+
+
+def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> ReviewWeb:
+    """Register the review page, the JSON API and the review store's lifecycle on the worker's app."""
+    from aiohttp.web import HTTPFound
+    from faust.web import View
+
+    app = built.app
+    store = ReviewStore(bootstrap, built.guard.config, app_id=settings.app_id,
+                        decisions_topic=settings.decisions_topic, client_id=f"{settings.app_id}-review")
+    review = ReviewWeb(built, settings, store)
+    default_types = store.default_types
+
+    class ReviewService(Service):
+        """Stops the review store with the worker (it starts on the first review request, not before: a worker
+        nobody reviews on pays nothing for it)."""
+
+        async def on_stop(self) -> None:
+            await store.stop()
+
+    app.service(ReviewService)
+
+    class _ReviewView(View):
+        def problem(self, status: int, message: str, **extra: Any) -> Any:
+            headers = dict(AUTH_CHALLENGE) if status == 401 else None
+            return self.error(status, message, headers=headers, **extra)
+
+        async def guarded(self, request: Any, handler: Any) -> Any:
+            try:
+                return await handler()
+            except NotAuthenticatedError as exc:
+                return self.problem(401, str(exc))
+            except BadFilterError as exc:
+                return self.problem(400, str(exc))
+            except InfrastructureError as exc:
+                return self.problem(503, str(exc))
+
+        async def body(self, request: Any) -> dict[str, Any]:
+            if not request.can_read_body:
+                return {}
+            try:
+                data = await request.json()
+            except ValueError:
+                raise BadFilterError("the body is not JSON") from None
+            if not isinstance(data, dict):
+                raise BadFilterError("the body must be a JSON object")
+            return data
+
+    @app.page(PAGE_PATH, name="review_page")
+    class ReviewPage(_ReviewView):
+        async def get(self, request: Any) -> Any:
+            return self.html(page_html(), headers={"Cache-Control": "no-store"})
+
+    @app.page(PAGE_PATH.rstrip("/"), name="review_page_redirect")
+    class ReviewRedirect(_ReviewView):
+        async def get(self, request: Any) -> Any:
+            raise HTTPFound(PAGE_PATH)
+
+    @app.page(f"{API}/records", name="review_records")
+    class Records(_ReviewView):
+        async def get(self, request: Any) -> Any:
+            async def handle() -> Any:
+                review.may_read(request)
+                query = dict(request.query)
+                selected = ReviewFilter.from_mapping(query)
+                try:
+                    limit = max(1, min(int(query.get("limit") or DEFAULT_LIMIT), 10_000))
+                except ValueError:
+                    raise BadFilterError("limit must be a number") from None
+                await store.refresh()
+                matching = store.items(selected)
+                return self.json({"total": len(matching), "records": [item_summary(i) for i in matching[:limit]],
+                                  "counts": counts(matching), "filter": selected.as_dict(),
+                                  "routes": sorted(store.routes)})
+            return await self.guarded(request, handle)
+
+    @app.page(API + "/records/{qid}", name="review_record")
+    class Record(_ReviewView):
+        async def get(self, request: Any, qid: str) -> Any:
+            async def handle() -> Any:
+                review.may_read(request)
+                await store.refresh()
+                item = store.ledger.item(qid)
+                if item is None:
+                    return self.problem(404, f"no quarantined record {qid!r}")
+                rec = item.record
+                detail = item_detail(item, default_types.get(rec.route, ""))
+                detail["entity_state"] = review.entity(rec.route, rec.entity, rec.original_partition)
+                return self.json(detail)
+            return await self.guarded(request, handle)
+
+    @app.page(API + "/records/{qid}/{action}", name="review_action")
+    class RecordAction(_ReviewView):
+        async def post(self, request: Any, qid: str, action: str) -> Any:
+            async def handle() -> Any:
+                reviewer = review.reviewer(request)
+                try:
+                    chosen = Action(action)
+                except ValueError:
+                    chosen = None
+                if chosen not in REVIEW_ACTIONS:
+                    return self.problem(404, f"unknown action {action!r}; use approve, reject or recheck")
+                assert chosen is not None
+                body = await self.body(request)
+                report = await store.decide(ReviewFilter(ids=frozenset({qid})), chosen, reviewer=reviewer,
+                                            note=clean_note(body.get("note")))
+                result = report.as_dict()
+                if chosen is Action.APPROVE and body.get("replay", True) and not report.refused:
+                    replayed = await store.replay(ReviewFilter(ids=frozenset({qid})), runner=review.runner)
+                    result["replay"] = replayed.as_dict()
+                return self.json(result, status=_report_status(report))
+            return await self.guarded(request, handle)
+
+    @app.page(f"{API}/bulk", name="review_bulk")
+    class Bulk(_ReviewView):
+        async def post(self, request: Any) -> Any:
+            async def handle() -> Any:
+                reviewer = review.reviewer(request)
+                body = await self.body(request)
+                try:
+                    chosen = Action(str(body.get("action", "")))
+                except ValueError:
+                    chosen = None
+                if chosen not in REVIEW_ACTIONS:
+                    return self.problem(400, "action must be approve, reject or recheck")
+                assert chosen is not None
+                raw_filter = body.get("filter")
+                ids = body.get("ids")
+                if not isinstance(raw_filter, dict) and not ids:
+                    return self.problem(400, "give a filter object (may be {} for everything) or ids")
+                query = {k: str(v) for k, v in (raw_filter or {}).items() if v not in (None, "")}
+                if ids:
+                    query["ids"] = ",".join(str(i) for i in ids)
+                selected = ReviewFilter.from_mapping(query)
+                expected = body.get("expected")
+                if expected is not None:
+                    await store.refresh()
+                    now_matching = len(store.items(selected))
+                    if now_matching != int(expected):
+                        return self.problem(409, f"the filtered set changed: {now_matching} records match now, "
+                                            f"{expected} were shown; reload and confirm again",
+                                            matching=now_matching)
+                report = await store.decide(selected, chosen, reviewer=reviewer, note=clean_note(body.get("note")))
+                result = report.as_dict()
+                approved = [*report.applied, *(q for q, _ in report.unchanged)]
+                if chosen is Action.APPROVE and body.get("replay", True) and approved:
+                    replayed = await store.replay(ReviewFilter(ids=frozenset(approved)), runner=review.runner)
+                    result["replay"] = replayed.as_dict()
+                return self.json(result, status=_report_status(report))
+            return await self.guarded(request, handle)
+
+    @app.page(f"{API}/replay", name="review_replay")
+    class Replay(_ReviewView):
+        async def post(self, request: Any) -> Any:
+            async def handle() -> Any:
+                review.reviewer(request)
+                body = await self.body(request)
+                ids = body.get("ids")
+                selected = ReviewFilter(ids=frozenset(str(i) for i in ids)) if ids else None
+                report = await store.replay(selected, runner=review.runner)
+                return self.json(report.as_dict())
+            return await self.guarded(request, handle)
+
+    return review

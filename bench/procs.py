@@ -1,0 +1,133 @@
+"""Worker processes of the benchmark and what /proc says about them (CPU time, RSS, machine load)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a live process."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except OSError:
+        return None
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    total = sum(parts[:8])
+    return (total - idle) / _TICKS, total / _TICKS
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+@dataclass
+class Worker:
+    """A worker subprocess (byzguard, a pass-through) with its log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    peak_rss: int = 0
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    @classmethod
+    def python(cls, name: str, args: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+               log_path: Path) -> Worker:
+        """A `python -m ...` worker run with this interpreter, the repository first on sys.path."""
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BYZGUARD_")}
+        full_env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env})
+        return cls(name, [sys.executable, *args], full_env, cwd, log_path)
+
+    def start(self) -> Worker:
+        """Launch the process (stdout and stderr to its log)."""
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.started_at = time.monotonic()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def sample(self) -> int | None:
+        """Record the current RSS (and keep the peak)."""
+        rss = rss_bytes(self.pid) if self.alive() else None
+        if rss is not None:
+            self.peak_rss = max(self.peak_rss, rss)
+            self.samples.append((time.monotonic() - self.started_at, rss))
+        return rss
+
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.pid) if self.alive() else None
+
+    def check(self) -> None:
+        """Raise with the log tail if the worker has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited with code {self.proc.returncode}; log "
+                               f"{self.log_path}:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker (its whole process group) and reap it."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -1,0 +1,183 @@
+"""Medians, spreads, ratios and targets of a benchmark run, and its Markdown report."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.variants import VARIANTS
+
+TARGETS = {"c/b": 0.7, "c/a": 0.4, "c_p99_ms": 50.0, "rss_mb": 400.0}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "spread_pct": None, "n": 0, "values": []}
+    med = statistics.median(values)
+    return {"median": round(med, 2), "min": round(min(values), 2), "max": round(max(values), 2),
+            "spread_pct": round(100 * (max(values) - min(values)) / med, 1) if med else None, "n": len(values),
+            "values": [round(v, 2) for v in values]}
+
+
+def summarise_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: events/s, CPU per event and peak RSS over the repetitions that completed."""
+    out = {}
+    for key in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == key and not r.get("error")]
+        out[key] = {
+            "events_per_s": _stats([r["events_per_s"] for r in mine]),
+            "worker_cpu_us_per_event": _stats([r["worker_cpu_us_per_event"] for r in mine]),
+            "worker_peak_rss_mb": _stats([r["worker_peak_rss_mb"] for r in mine]),
+            "failed_runs": sum(1 for r in runs if r["variant"] == key and r.get("error")),
+        }
+    return out
+
+
+def ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """c/a, c/b and d/c: of the medians, and the range of the per-repetition ratios (same rep = same moment)."""
+    by = {(r["variant"], r["rep"]): r["events_per_s"] for r in runs if not r.get("error") and r["events_per_s"]}
+    out = {}
+    for num, den in (("c", "a"), ("c", "b"), ("d", "c"), ("b", "a"), ("c", "c_norules")):
+        nums = [v for (k, _), v in by.items() if k == num]
+        dens = [v for (k, _), v in by.items() if k == den]
+        if not nums or not dens:
+            continue
+        per_rep = [by[(num, rep)] / by[(den, rep)] for (k, rep) in by if k == num and (den, rep) in by]
+        out[f"{num}/{den}"] = {"of_medians": round(statistics.median(nums) / statistics.median(dens), 3),
+                               "per_rep": [round(x, 3) for x in per_rep],
+                               "target": TARGETS.get(f"{num}/{den}")}
+    return out
+
+
+def half_of_c(results: dict[str, Any]) -> float | None:
+    """50% of c's median throughput: the paced load of the latency runs."""
+    summary = results.get("throughput", {}).get("summary", {})
+    median = summary.get("c", {}).get("events_per_s", {}).get("median")
+    return median / 2 if median else None
+
+
+def summarise_latency(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == key and not r.get("error")]
+        out[key] = {q: _stats([r[q] for r in mine]) for q in ("p50_ms", "p99_ms", "p999_ms", "max_ms")}
+        out[key]["samples"] = sum(r["samples"] for r in mine)
+        out[key]["failed_runs"] = sum(1 for r in runs if r["variant"] == key and r.get("error"))
+    return out
+
+
+def _fmt(stats: dict[str, Any] | None, unit: str = "") -> str:
+    if not stats or stats.get("median") is None:
+        return "—"
+    if stats["n"] == 1:
+        return f"{stats['median']:,.0f}{unit}" if stats["median"] >= 100 else f"{stats['median']}{unit}"
+    med = f"{stats['median']:,.0f}" if stats["median"] >= 100 else f"{stats['median']}"
+    return f"{med}{unit} ({stats['min']:,.1f}-{stats['max']:,.1f})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report: environment, input, throughput and latency side by side, ratios vs targets, memory."""
+    env = results["environment"]
+    inp = results.get("input", {})
+    lines = [
+        f"# byzguard benchmark — {results['started_at']} → {results.get('finished_at', '(unfinished)')}",
+        "",
+        f"Machine: {env['cpus']} CPUs, {env['memory_mb']} MB, {env['host']}; Python {env['python']}, "
+        f"Kafka {env['kafka']} ({env['broker']}), faust-streaming {env['faust-streaming']}, "
+        f"aiokafka {env['aiokafka']}, rocksdict {env['rocksdict']}, cel-python {env['cel-python']}; "
+        f"git {env['git_head']}.",
+        f"Load average (1/5/15 min) at start {results['loadavg_start']}, at end {results.get('loadavg_end')}: the "
+        "machine is shared, see each run's host figures in bench.json.",
+        f"Command: `python -m bench.run {' '.join(results['argv'])}`.",
+        "",
+        f"Input: {inp.get('events'):,} {inp.get('mode')} CloudEvents over {inp.get('entities'):,} entities and "
+        f"{inp.get('partitions')} partitions, pre-produced once into one topic before timing; value "
+        f"{inp.get('mean_value_bytes')} B + headers {inp.get('mean_header_bytes')} B on average; "
+        f"{inp.get('integrity')}; checks: {inp.get('checks')}. Each run reads it with a fresh consumer group "
+        "/ app id and fresh output topics.",
+        "",
+    ]
+    tput = results.get("throughput", {}).get("summary", {})
+    lat = results.get("latency", {}).get("summary", {})
+    if tput or lat:
+        rate = results.get("latency", {}).get("rate")
+        lines += [
+            "## Throughput and latency",
+            "",
+            "Throughput: output records / (last - first output record timestamp), the timestamps being the broker's "
+            "append times (output topics use LogAppendTime), i.e. from the first event through to the last "
+            "output acknowledged. Latency: send → arrival on the verified topic (read_committed for exactly_once) "
+            f"under a paced load of {rate:,.0f} events/s (50% of c's median throughput)" if rate else
+            "Throughput: output records / (last - first output append time, broker clock).",
+            "Median over repetitions, (min-max) in brackets.",
+            "",
+            "| variant | events/s | worker CPU µs/event | peak RSS MB | p50 ms | p99 ms | p99.9 ms | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key in dict.fromkeys([*tput, *lat]):
+            t = tput.get(key, {})
+            la = lat.get(key, {})
+            runs = t.get("events_per_s", {}).get("n", 0) or 0
+            failed = t.get("failed_runs", 0) + la.get("failed_runs", 0)
+            lines.append(
+                f"| **{key}** {VARIANTS[key].label} | {_fmt(t.get('events_per_s'))} | "
+                f"{_fmt(t.get('worker_cpu_us_per_event'))} | {_fmt(t.get('worker_peak_rss_mb'))} | "
+                f"{_fmt(la.get('p50_ms'))} | {_fmt(la.get('p99_ms'))} | {_fmt(la.get('p999_ms'))} | "
+                f"{runs}{f' ({failed} failed)' if failed else ''} |")
+        lines.append("")
+    rat = results.get("ratios", {})
+    if rat:
+        lines += ["## Ratios and targets", "", "| ratio | of medians | per repetition | target | met |",
+                  "|---|---:|---|---:|---|"]
+        for name, r in rat.items():
+            target = r.get("target")
+            met = "—" if target is None else ("yes" if r["of_medians"] >= target else "**no**")
+            lines.append(f"| {name} | {r['of_medians']} | {', '.join(map(str, r['per_rep']))} | "
+                         f"{target if target is not None else '—'} | {met} |")
+        c_p99 = lat.get("c", {}).get("p99_ms", {}).get("median")
+        if c_p99 is not None:
+            lines.append(f"| c p99 at half load (ms) | {c_p99} | | ≤ {TARGETS['c_p99_ms']:.0f} | "
+                         f"{'yes' if c_p99 <= TARGETS['c_p99_ms'] else '**no**'} |")
+        mem = results.get("memory")
+        if mem and mem.get("rss_all_entities_mb"):
+            worst = max(x for x in (mem.get("rss_all_entities_mb"), mem.get("rss_settled_mb")) if x)
+            lines.append(f"| worker RSS with {mem['entities']:,} entities (MB) | {worst} | | ≤ "
+                         f"{TARGETS['rss_mb']:.0f} | {'yes' if worst <= TARGETS['rss_mb'] else '**no**'} |")
+        lines.append("")
+    mem = results.get("memory")
+    if mem:
+        lines += ["## Memory", "",
+                  f"{mem['entities']:,} distinct entities (one event each) through `{mem['variant']}` "
+                  f"({VARIANTS[mem['variant']].label}): RSS {mem['rss_first_output_mb']} MB at the first output, "
+                  f"{mem['rss_all_entities_mb']} MB once every entity was committed, {mem['rss_settled_mb']} MB "
+                  f"after settling, peak {mem['peak_rss_mb']} MB; RocksDB state on disk {mem['state_on_disk_mb']} MB"
+                  f"; {mem['elapsed_s']} s." + (f" ERROR: {mem['error']}" if mem.get("error") else ""), ""]
+    if results.get("profile"):
+        lines += ["## Profile", "", "py-spy samples (idle included) by layer; details in profile-samples.md and "
+                  "the analysis in bench/results/profile.md.", ""]
+        for prof in results["profile"]:
+            if prof.get("error"):
+                lines.append(f"- {prof['variant']}: {prof['error']}")
+                continue
+            top = "; ".join(f"{cat} {pct}%" for cat, _, pct, _ in prof["summary"]["categories"][:6])
+            lines.append(f"- **{prof['variant']}** (worker at {prof['worker_cpu_share']} CPU): {top}")
+        lines.append("")
+    if results.get("throughput", {}).get("runs") or results.get("latency", {}).get("runs"):
+        lines += ["## Runs", "", "Every run with its load (1-min load average at start/end, machine busy cores, CPU "
+                  "cores used by other processes) and the exact command.", "",
+                  "| run | result | load 1m | busy cores | others' cores | command |", "|---|---|---|---:|---:|---|"]
+        for r in results.get("throughput", {}).get("runs", []):
+            h = r["host"]
+            res = f"{r['events_per_s']} ev/s, {r['output_events']} out"
+            res += f", ERROR {r['error']}" if r["error"] else ""
+            lines.append(f"| {r['run_id']} | {res} | {h['loadavg_start'][0]}/{h['loadavg_end'][0]} | "
+                         f"{h['machine_busy_cores']} | {h['other_cpu_cores']} | `{r['command']}` |")
+        for r in results.get("latency", {}).get("runs", []):
+            h = r["host"]
+            res = (f"p50 {r['p50_ms']} p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms, {r['samples']} samples at "
+                   f"{r['rate_achieved']}/s" + (f", ERROR {r['error']}" if r["error"] else ""))
+            lines.append(f"| {r['run_id']} | {res} | {h['loadavg_start'][0]}/{h['loadavg_end'][0]} | "
+                         f"{h['machine_busy_cores']} | {h['other_cpu_cores']} | `{r['command']}` |")
+        lines.append("")
+    return "\n".join(lines)

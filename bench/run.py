@@ -1,0 +1,254 @@
+"""`make bench`: throughput, latency, memory and a profile of byzguard against its own ceilings, on a real broker.
+
+    python -m bench.run              # full size: 200,000 events over 100,000 entities, 3 interleaved repetitions
+    python -m bench.run --quick      # smoke run in a few minutes
+    python -m bench.run --help       # every size and phase
+
+Variants, all reading the same pre-produced input (one topic, a fresh consumer group / app id each):
+  a  raw aiokafka consume-then-produce pass-through (the stack's ceiling)
+  b  faust pass-through agent (the framework's ceiling; byzguard's faust_options)
+  c  byzguard (`byzguard run`), every check and the shipped CEL rules, RocksDB state, at_least_once
+  d  the same with exactly_once
+Results: bench/results/bench.json and bench.md (bench/results/quick/ for --quick), profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench import events, profile_report, report
+from bench.kafka import create_topics, produce
+from bench.procs import REPO, loadavg
+from bench.scenarios import Context, latency, memory, profile, throughput
+from bench.variants import VARIANTS
+
+FULL = {"events": 200_000, "entities": 100_000, "reps": 3, "latency_seconds": 60.0, "memory_entities": 1_000_000,
+        "profile_seconds": 30.0}
+QUICK = {"events": 8_000, "entities": 4_000, "reps": 1, "latency_seconds": 10.0, "memory_entities": 20_000,
+         "profile_seconds": 10.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (a few minutes)")
+    parser.add_argument("--events", type=int, help="input events (full: 200000)")
+    parser.add_argument("--entities", type=int, help="distinct entities of the input (full: 100000)")
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--reps", type=int, help="repetitions of each variant, interleaved (full: 3)")
+    parser.add_argument("--variants", default="a,b,c,d", help="comma list of " + ",".join(VARIANTS))
+    parser.add_argument("--mode", choices=("structured", "binary"), default="structured",
+                        help="CloudEvents content mode of the input (default structured)")
+    parser.add_argument("--latency-seconds", type=float, help="paced load per latency run (full: 60)")
+    parser.add_argument("--latency-rate", type=float, help="events/s of the paced load (default: 50%% of c's median)")
+    parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
+    parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
+    parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (0 skips)")
+    parser.add_argument("--profile-variants", default="c,b", help="variants to profile")
+    parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,latency,memory,profile")
+    parser.add_argument("--broker", help="use this broker instead of starting a local one (results then say so)")
+    parser.add_argument("--out", type=Path, help="results directory (default bench/results[/quick])")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    args.latency_variants = [v for v in (args.latency_variants or ",".join(args.variants)).split(",") if v]
+    args.profile_variants = [v for v in args.profile_variants.split(",") if v]
+    args.skip = {s for s in args.skip.split(",") if s}
+    if args.out is None:
+        args.out = REPO / "bench" / "results" / ("quick" if args.quick else "")
+    return args
+
+
+def log(text: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')} load {loadavg()[0]:.2f}] {text}", flush=True)
+
+
+def environment(args: argparse.Namespace, kafka_version: str) -> dict[str, Any]:
+    """The machine and software the figures were measured on."""
+    import os
+
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), None)
+    return {
+        "host": platform.node(), "cpus": os.cpu_count(), "memory_mb": mem, "python": platform.python_version(),
+        "kafka": kafka_version, "faust-streaming": version("faust-streaming"), "aiokafka": version("aiokafka"),
+        "rocksdict": version("rocksdict"), "cel-python": version("cel-python"),
+        "broker": args.broker or "local KRaft broker started by the bench (app.localkafka.LocalKafka)",
+        "git_head": _git_head(),
+    }
+
+
+def _git_head() -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" (+ uncommitted changes)" if dirty else "")
+    except Exception:
+        return None
+
+
+async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict[str, Any]:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    workdir = REPO / ".cache" / "bench" / stamp
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(bootstrap, broker_pid, args.partitions, workdir, REPO, causal_buffer=args.causal_buffer)
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:], "environment": environment(args, kafka_version),
+        "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                     for k, v in vars(args).items()},
+        "workdir": str(workdir), "loadavg_start": loadavg(),
+    }
+    now = time.time()
+    results["input"] = _input_description(args, now)
+
+    if "throughput" not in args.skip:
+        topic = f"tput-{stamp}"
+        log(f"pre-producing {args.events} {args.mode} events over {args.entities} entities into {topic}")
+        await create_topics(bootstrap, [topic], args.partitions)
+        t0 = time.monotonic()
+        await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
+                                                                     mode=args.mode)))
+        log(f"pre-produced in {time.monotonic() - t0:.1f} s")
+        runs = []
+        timeout = max(300.0, args.events / 50)
+        for rep in range(1, args.reps + 1):
+            for key in args.variants:
+                run_id = f"t-{stamp}-{key}-r{rep}"
+                log(f"throughput {key} rep {rep}/{args.reps}: {VARIANTS[key].label}")
+                result = await throughput(ctx, VARIANTS[key], run_id, topic, args.events, timeout=timeout)
+                result["rep"] = rep
+                runs.append(result)
+                log(f"  -> {result['events_per_s']} events/s over {result['span_s']} s, "
+                    f"{result['worker_cpu_us_per_event']} us CPU/event, host {result['host']}"
+                    + (f" ERROR {result['error']}" if result["error"] else ""))
+                _save(args, results | {"throughput": {"runs": runs}})
+        results["throughput"] = {"input_topic": topic, "runs": runs, "summary": report.summarise_throughput(runs)}
+        results["ratios"] = report.ratios(runs)
+
+    if "latency" not in args.skip and args.latency_variants:
+        rate = args.latency_rate or report.half_of_c(results)
+        if rate is None:
+            log("no latency runs: no throughput of c to take half of (give --latency-rate)")
+        else:
+            warmup = 200
+            paced = max(200, int(rate * args.latency_seconds))
+            lat_records = list(events.records(events.events(warmup + paced, max(1, min(args.entities, warmup + paced)),
+                                                            at=time.time(), mode=args.mode, prefix="lat")))
+            runs = []
+            for rep in range(1, args.reps + 1):
+                for key in args.latency_variants:
+                    run_id = f"l-{stamp}-{key}-r{rep}"
+                    log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_seconds:.0f} s")
+                    result = await latency(ctx, VARIANTS[key], run_id, lat_records, warmup=warmup, rate=rate,
+                                           timeout=max(120.0, args.latency_seconds * 3))
+                    result["rep"] = rep
+                    runs.append(result)
+                    log(f"  -> p50 {result['p50_ms']} p99 {result['p99_ms']} p99.9 {result['p999_ms']} ms "
+                        f"({result['samples']} samples, {result['rate_achieved']}/s)"
+                        + (f" ERROR {result['error']}" if result["error"] else ""))
+                    _save(args, results | {"latency": {"runs": runs}})
+            results["latency"] = {"rate": rate, "warmup": warmup, "runs": runs,
+                                  "summary": report.summarise_latency(runs)}
+
+    if "memory" not in args.skip and args.memory_entities:
+        topic = f"mem-{stamp}"
+        log(f"memory: pre-producing {args.memory_entities} events, one per entity, into {topic}")
+        await create_topics(bootstrap, [topic], args.partitions)
+        await produce(bootstrap, topic, events.records(events.events(args.memory_entities, args.memory_entities,
+                                                                     at=time.time(), mode=args.mode, prefix="mem")))
+        # Without the CEL rules: they do not touch state, and with them 1M events take the better part of an hour.
+        key = "c_norules"
+        log(f"memory run: {VARIANTS[key].label} over {args.memory_entities} entities")
+        result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, args.memory_entities,
+                              timeout=max(600.0, args.memory_entities / 100))
+        log(f"  -> RSS {result['rss_all_entities_mb']} MB at all entities, settled {result['rss_settled_mb']} MB, "
+            f"peak {result['peak_rss_mb']} MB" + (f" ERROR {result['error']}" if result["error"] else ""))
+        results["memory"] = result
+        _save(args, results)
+
+    if "profile" not in args.skip and args.profile_seconds and "throughput" in results:
+        profiles = []
+        for key in args.profile_variants:
+            log(f"profile {key} for {args.profile_seconds:.0f} s with py-spy")
+            prof = await profile(ctx, VARIANTS[key], f"p-{stamp}-{key}", results["throughput"]["input_topic"],
+                                 seconds=args.profile_seconds, out_dir=workdir)
+            if not prof.get("error"):
+                prof["summary"] = profile_report.summarise(Path(prof["folded"]))
+            profiles.append(prof)
+            log("  -> " + (prof.get("error") or f"{prof['summary']['samples']} samples"))
+        results["profile"] = profiles
+
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["loadavg_end"] = loadavg()
+    return results
+
+
+def _input_description(args: argparse.Namespace, now: float) -> dict[str, Any]:
+    sample = list(events.records(events.events(min(1000, args.events), min(1000, args.entities), at=now,
+                                               mode=args.mode)))
+    return {
+        "events": args.events, "entities": args.entities, "partitions": args.partitions, "mode": args.mode,
+        "mean_value_bytes": round(sum(len(v) for _, v, _ in sample) / len(sample), 1),
+        "mean_header_bytes": round(sum(sum(len(k) + len(v) for k, v in h) for _, _, h in sample) / len(sample), 1),
+        "integrity": "hmac-sha256 (key bench-1)", "checks": "integrity, authorization, idempotency, version, "
+        "causal (lamport + vector clock), time, invariant (the shipped CEL rules of price.updated)",
+        "example_value": sample[0][1].decode(),
+    }
+
+
+def _save(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Write what we have so far (a long run that dies still leaves its figures)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log(f"{'quick' if args.quick else 'full'} run: {args.events} events, {args.entities} entities, "
+        f"{args.partitions} partitions, {args.reps} reps, variants {args.variants}; results in {args.out}")
+    with ExitStack() as stack:
+        if args.broker:
+            bootstrap, broker_pid, kafka_version = args.broker, None, "external"
+        else:
+            from app.localkafka import LocalKafka
+
+            data_dir = REPO / ".cache" / "bench" / "kafka" / "data"
+            kafka = stack.enter_context(LocalKafka(data_dir=data_dir, fresh=True))
+            bootstrap, broker_pid, kafka_version = kafka.bootstrap_servers, kafka.pid, kafka.version
+            log(f"local Kafka {kafka_version} broker at {bootstrap} (pid {broker_pid})")
+        results = asyncio.run(bench(args, bootstrap, broker_pid, kafka_version))
+    _save(args, results)
+    (args.out / "bench.md").write_text(report.markdown(results))
+    if results.get("profile"):
+        (args.out / "profile-samples.md").write_text(
+            "".join(profile_report.markdown(f"{p['variant']}: {VARIANTS[p['variant']].label}", p["summary"])
+                    + "\n" for p in results["profile"] if p.get("summary")))
+    log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+    print((args.out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

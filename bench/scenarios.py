@@ -1,0 +1,350 @@
+"""One run of each kind: throughput over a pre-produced input, latency under paced load, memory, profile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from bench import events
+from bench.kafka import LOG_APPEND_TIME, Progress, Record, create_topics, scan
+from bench.procs import Worker, cpu_seconds, loadavg, machine_cpu
+from bench.variants import Launch, Variant, launch
+
+
+@dataclass
+class Context:
+    """What every run needs: the broker, the shared input and where to put files."""
+
+    bootstrap: str
+    broker_pid: int | None
+    partitions: int
+    workdir: Path
+    repo: Path
+    causal_buffer: bool = False
+
+    def launch(self, variant: Variant, run_id: str, input_topic: str, **kw: Any) -> Launch:
+        return launch(variant, run_id=run_id, bootstrap=self.bootstrap, input_topic=input_topic,
+                      partitions=self.partitions, workdir=self.workdir, repo=self.repo,
+                      causal_buffer=self.causal_buffer, **kw)
+
+
+class Meter:
+    """CPU of the worker, the broker and the whole machine, and the load average, over one run."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.load_start = loadavg()
+        self.machine_start = machine_cpu()
+        self.broker_start = cpu_seconds(ctx.broker_pid) if ctx.broker_pid else None
+
+    def finish(self, worker_cpu: float | None) -> dict[str, Any]:
+        busy0, total0 = self.machine_start
+        busy1, total1 = machine_cpu()
+        broker = cpu_seconds(self.ctx.broker_pid) if self.ctx.broker_pid else None
+        broker_cpu = broker - self.broker_start if broker is not None and self.broker_start is not None else None
+        machine_busy = busy1 - busy0
+        # Everything else the machine did meanwhile: other engineers' tests, this harness, the kernel.
+        other = machine_busy - (worker_cpu or 0.0) - (broker_cpu or 0.0)
+        wall = (total1 - total0) / max(1, _cores())
+        return {
+            "loadavg_start": self.load_start, "loadavg_end": loadavg(),
+            "machine_busy_cores": round(machine_busy / wall, 2) if wall > 0 else None,
+            "broker_cpu_s": round(broker_cpu, 2) if broker_cpu is not None else None,
+            "other_cpu_cores": round(other / wall, 2) if wall > 0 else None,
+        }
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: str, expected: int, *,
+                     timeout: float) -> dict[str, Any]:
+    """Run `variant` over the pre-produced input; events/s between the first and last output append times."""
+    lnch = ctx.launch(variant, run_id, input_topic)
+    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    meter = Meter(ctx)
+    worker = lnch.worker.start()
+    started = time.monotonic()
+    cpu_first: float | None = None
+    out_first = 0
+    t_first: float | None = None
+    done_at: float | None = None
+    cpu_done: float | None = None
+    error = None
+    try:
+        async with Progress(ctx.bootstrap) as progress:
+            last_out, stable_since = -1, time.monotonic()
+            while True:
+                worker.check()
+                worker.sample()
+                out = sum((await progress.end_offsets(lnch.outputs)).values())
+                if out > 0 and cpu_first is None:
+                    cpu_first, out_first, t_first = worker.cpu(), out, time.monotonic()
+                committed = await progress.committed(lnch.group, input_topic)
+                now = time.monotonic()
+                if out != last_out:
+                    last_out, stable_since = out, now
+                if committed >= expected and out > 0 and now - stable_since >= 1.5:
+                    done_at, cpu_done = now, worker.cpu()
+                    break
+                if now - started > timeout:
+                    error = f"timed out after {timeout:.0f} s: committed {committed}/{expected}, outputs {out}"
+                    cpu_done = worker.cpu()
+                    break
+                await asyncio.sleep(0.25)
+    except Exception as exc:
+        error = str(exc)
+    finally:
+        worker.stop()
+    host = meter.finish(cpu_done - (cpu_first or 0.0) if cpu_done is not None and cpu_first is not None else None)
+    outputs = await scan(ctx.bootstrap, lnch.outputs, read_committed=True)
+    count = sum(o.count for o in outputs.values())
+    firsts = [o.first_ts_ms for o in outputs.values() if o.first_ts_ms is not None]
+    lasts = [o.last_ts_ms for o in outputs.values() if o.last_ts_ms is not None]
+    span = (max(lasts) - min(firsts)) / 1000 if firsts and lasts else None
+    ts_types = sorted({t for o in outputs.values() for t in o.timestamp_types})
+    per_event_cpu = None
+    if cpu_done is not None and cpu_first is not None and count > out_first:
+        per_event_cpu = (cpu_done - cpu_first) / (count - out_first) * 1e6
+    result = {
+        "variant": variant.key, "run_id": run_id, "command": lnch.command,
+        "config": str(lnch.config_path) if lnch.config_path else None,
+        "input_events": expected, "outputs": {t: o.count for t, o in outputs.items()}, "output_events": count,
+        "span_s": round(span, 3) if span else None,
+        "events_per_s": round((count - 1) / span, 1) if span and count > 1 else None,
+        "wall_incl_startup_s": round((done_at or time.monotonic()) - started, 1),
+        "startup_to_first_output_s": round(t_first - started, 1) if t_first else None,
+        "worker_cpu_us_per_event": round(per_event_cpu, 1) if per_event_cpu else None,
+        "worker_peak_rss_mb": round(worker.peak_rss / 2**20, 1),
+        "timestamp_types": ts_types,  # 1 = LogAppendTime (broker clock), as created
+        "host": host, "error": error,
+    }
+    if count != expected and not error:
+        result["error"] = f"expected {expected} output events, found {count}"
+    _cleanup(worker)
+    return result
+
+
+def _cleanup(worker: Worker) -> None:
+    state = worker.cwd / "state"
+    if state.exists():
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), int(-(-q / 100 * len(sorted_values) // 1))))
+    return sorted_values[rank - 1]
+
+
+async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Record], *, warmup: int,
+                  rate: float, timeout: float) -> dict[str, Any]:
+    """Send `records` at `rate`/s (after `warmup` unpaced ones) and time each from send to the verified topic."""
+    input_topic = f"{run_id}-in"
+    lnch = ctx.launch(variant, run_id, input_topic)
+    await create_topics(ctx.bootstrap, [input_topic], ctx.partitions)
+    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    meter = Meter(ctx)
+    worker = lnch.worker.start()
+    target = lnch.outputs[0]  # the verified topic (or the pass-through's output)
+    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
+                                isolation_level="read_committed" if variant.read_committed else "read_uncommitted")
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=0)
+    await consumer.start()
+    await producer.start()
+    latencies: list[float] = []
+    seen = 0
+    warm_seen = asyncio.Event()
+    all_seen = asyncio.Event()
+    paced = len(records) - warmup
+    error = None
+    cpu0 = cpu1 = None
+
+    async def consume() -> None:
+        nonlocal seen
+        tps = [TopicPartition(target, p) for p in range(ctx.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while True:
+            batch = await consumer.getmany(timeout_ms=100)
+            now_ns = time.time_ns()
+            for msgs in batch.values():
+                for m in msgs:
+                    seen += 1
+                    sent = next((v for k, v in m.headers if k == events.SENT_HEADER), None)
+                    if sent is not None:
+                        latencies.append((now_ns - int(sent)) / 1e6)
+            if seen >= warmup:
+                warm_seen.set()
+            if seen >= len(records):
+                all_seen.set()
+                return
+
+    reader = asyncio.create_task(consume())
+    sent_at: list[float] = []
+    try:
+        for key, value, headers in records[:warmup]:
+            await producer.send(input_topic, value, key=key, headers=headers)
+        await producer.flush()
+        await _wait(worker, warm_seen, timeout)
+        cpu0 = worker.cpu()
+        start = time.monotonic()
+        interval = 1.0 / rate
+        for i, (key, value, headers) in enumerate(records[warmup:]):
+            due = start + i * interval
+            delay = due - time.monotonic()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            sent_at.append(time.monotonic())
+            await producer.send(input_topic, value, key=key,
+                                headers=[*headers, (events.SENT_HEADER, str(time.time_ns()).encode())])
+        await producer.flush()
+        await _wait(worker, all_seen, timeout)
+        cpu1 = worker.cpu()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+        await producer.stop()
+        await consumer.stop()
+        worker.sample()
+        worker.stop()
+    host = meter.finish(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
+    values = sorted(latencies)
+    achieved = (len(sent_at) - 1) / (sent_at[-1] - sent_at[0]) if len(sent_at) > 1 else None
+    _cleanup(worker)
+    return {
+        "variant": variant.key, "run_id": run_id, "command": lnch.command, "rate_target": round(rate, 1),
+        "rate_achieved": round(achieved, 1) if achieved else None, "warmup_events": warmup, "paced_events": paced,
+        "samples": len(values), "missing": paced - len(values),
+        "p50_ms": _r(percentile(values, 50)), "p90_ms": _r(percentile(values, 90)),
+        "p99_ms": _r(percentile(values, 99)), "p999_ms": _r(percentile(values, 99.9)),
+        "max_ms": _r(values[-1] if values else None),
+        "worker_cpu_share": round((cpu1 - cpu0) / (sent_at[-1] - sent_at[0]), 2)
+        if cpu0 is not None and cpu1 is not None and len(sent_at) > 1 else None,
+        "host": host, "error": error,
+    }
+
+
+def _r(value: float | None) -> float | None:
+    return round(value, 2) if value is not None else None
+
+
+async def _wait(worker: Worker, event: asyncio.Event, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not event.is_set():
+        worker.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete output after {timeout:.0f} s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), 0.5)
+
+
+async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, entities: int, *,
+                 timeout: float, settle: float = 10.0) -> dict[str, Any]:
+    """RSS of the worker once `entities` distinct entities are in its state (and after it settles)."""
+    lnch = ctx.launch(variant, run_id, input_topic)
+    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    worker = lnch.worker.start()
+    started = time.monotonic()
+    first_rss = None
+    error = None
+    rss_at_done = None
+    try:
+        async with Progress(ctx.bootstrap) as progress:
+            while True:
+                worker.check()
+                rss = worker.sample()
+                if first_rss is None:
+                    out = sum((await progress.end_offsets(lnch.outputs)).values())
+                    if out > 0:
+                        first_rss = rss
+                committed = await progress.committed(lnch.group, input_topic)
+                if committed >= entities:
+                    rss_at_done = worker.sample()
+                    break
+                if time.monotonic() - started > timeout:
+                    error = f"timed out after {timeout:.0f} s at {committed}/{entities}"
+                    break
+                await asyncio.sleep(1.0)
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline and worker.alive():
+            worker.sample()
+            await asyncio.sleep(1.0)
+        rss_settled = worker.sample()
+    except Exception as exc:
+        error = str(exc)
+        rss_settled = None
+    finally:
+        worker.stop()
+    state_dir = worker.cwd / "state"
+    disk = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()) if state_dir.exists() else 0
+    result = {
+        "variant": variant.key, "run_id": run_id, "command": lnch.command, "entities": entities,
+        "rss_first_output_mb": _mb(first_rss), "rss_all_entities_mb": _mb(rss_at_done),
+        "rss_settled_mb": _mb(rss_settled), "peak_rss_mb": _mb(worker.peak_rss),
+        "state_on_disk_mb": _mb(disk), "elapsed_s": round(time.monotonic() - started, 1), "error": error,
+        "rss_timeline": [(round(t, 1), round(r / 2**20, 1))
+                         for t, r in worker.samples[:: max(1, len(worker.samples) // 60)]],
+    }
+    _cleanup(worker)
+    return result
+
+
+def _mb(value: int | None) -> float | None:
+    return round(value / 2**20, 1) if value else None
+
+
+async def profile(ctx: Context, variant: Variant, run_id: str, input_topic: str, *, seconds: float,
+                  out_dir: Path) -> dict[str, Any]:
+    """py-spy samples of a worker busy with the pre-produced input (idle time included)."""
+    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if pyspy is None:
+        return {"variant": variant.key, "error": "py-spy is not installed (pip install py-spy)"}
+    lnch = ctx.launch(variant, run_id, input_topic)
+    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    worker = lnch.worker.start()
+    raw = out_dir / f"profile-{variant.key}.folded"
+    error = None
+    try:
+        async with Progress(ctx.bootstrap) as progress:
+            deadline = time.monotonic() + 180
+            while sum((await progress.end_offsets(lnch.outputs)).values()) < 500:
+                worker.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the worker produced no output in 180 s")
+                await asyncio.sleep(0.25)
+        cpu0 = worker.cpu()
+        proc = await asyncio.create_subprocess_exec(
+            pyspy, "record", "--pid", str(worker.pid), "--duration", str(int(seconds)), "--rate", "200",
+            "--format", "raw", "--idle", "--threads", "--nonblocking", "--output", str(raw),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = await proc.communicate()
+        cpu1 = worker.cpu()
+        if proc.returncode != 0:
+            error = f"py-spy failed: {err.decode(errors='replace')[-500:]}"
+    except Exception as exc:
+        error = str(exc)
+        cpu0 = cpu1 = None
+    finally:
+        worker.stop()
+        _cleanup(worker)
+    return {"variant": variant.key, "run_id": run_id, "command": lnch.command, "folded": str(raw),
+            "seconds": seconds, "worker_cpu_share": round((cpu1 - cpu0) / seconds, 2) if cpu0 and cpu1 else None,
+            "error": error}

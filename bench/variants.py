@@ -1,0 +1,96 @@
+"""The variants the benchmark compares, and how each one is launched as a worker process."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import events
+from bench.procs import Worker
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of moving the input to an output topic."""
+
+    key: str
+    label: str
+    kind: str          # raw | faust | byzguard
+    guarantee: str     # at_least_once | exactly_once
+    rules: bool = True
+
+    @property
+    def read_committed(self) -> bool:
+        return self.guarantee == "exactly_once"
+
+
+VARIANTS: dict[str, Variant] = {v.key: v for v in (
+    Variant("a", "raw aiokafka consume-produce pass-through", "raw", "at_least_once"),
+    Variant("b", "faust pass-through agent", "faust", "at_least_once"),
+    Variant("c", "byzguard, every check + CEL rules, RocksDB, at_least_once", "byzguard", "at_least_once"),
+    Variant("d", "byzguard, every check + CEL rules, RocksDB, exactly_once", "byzguard", "exactly_once"),
+    # Diagnostic: the same worker without the CEL rules, to separate the rules' cost from everything else.
+    Variant("c_norules", "byzguard, every check but no CEL rules, RocksDB, at_least_once", "byzguard",
+            "at_least_once", rules=False),
+    Variant("b_eos", "faust pass-through agent, exactly_once", "faust", "exactly_once"),
+)}
+
+
+@dataclass
+class Launch:
+    """A variant ready to run: its worker, group, output topics and the exact command."""
+
+    variant: Variant
+    worker: Worker
+    group: str
+    outputs: list[str]
+    command: str
+    config_path: Path | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, partitions: int, workdir: Path,
+           repo: Path, causal_buffer: bool = False, log_level: str = "info",
+           extra_env: dict[str, str] | None = None) -> Launch:
+    """Prepare (not start) the worker of `variant` reading `input_topic` with a fresh group and fresh outputs."""
+    run_dir = workdir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "worker.log"
+    if variant.kind == "raw":
+        output = f"{run_id}-out"
+        args = ["-m", "bench.passthrough_raw", "--broker", bootstrap, "--input", input_topic, "--output", output,
+                "--group", run_id]
+        worker = Worker.python(run_id, args, env=dict(extra_env or {}), cwd=run_dir, log_path=log_path)
+        return Launch(variant, worker, run_id, [output], "python " + shlex.join(args))
+    env = {
+        "BYZGUARD_BROKER": bootstrap,
+        "BYZGUARD_APP_ID": run_id,
+        "BYZGUARD_DATA_DIR": str(run_dir / "state"),
+        "BYZGUARD_WEB_PORT": str(free_port()),
+        "BYZGUARD_PROCESSING_GUARANTEE": variant.guarantee,
+        "BYZGUARD_LOG_LEVEL": log_level,
+        **(extra_env or {}),
+    }
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    if variant.kind == "faust":
+        output = f"{run_id}-out"
+        args = ["-m", "bench.passthrough_faust", "--input", input_topic, "--output", output]
+        worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
+        return Launch(variant, worker, run_id, [output], f"{shown} python {shlex.join(args)}")
+    verified, quarantine = f"{run_id}-verified", f"{run_id}-quarantine"
+    config = events.write_config(run_dir / "bench.yaml", repo=repo, input_topic=input_topic, verified=verified,
+                                 quarantine=quarantine, partitions=partitions, rules=variant.rules,
+                                 causal_buffer=causal_buffer)
+    env["BYZGUARD_CONFIG"] = str(config)
+    env.update(events.secret_env())
+    args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path
+    worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
+    shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
+    return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} byzguard run", config)

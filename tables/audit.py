@@ -1,0 +1,18 @@
+"""The join state of an audit rule: pending observations per join key, co-partitioned with the rule's
+repartition topic (RocksDB-backed, with a changelog like every table)."""
+
+from __future__ import annotations
+
+import faust
+
+from byzguard.audit import AuditRule
+
+
+def audit_table_name(rule: AuditRule) -> str:
+    """The join table's name (its changelog topic is `<app_id>-<name>-changelog`)."""
+    return f"audit-{rule.name}-pending_by_key"
+
+
+def declare_audit_table(app: faust.App, rule: AuditRule) -> faust.TableT[bytes, bytes]:
+    """Declare a rule's join table on `app`; values are byzguard.audit.JoinState bytes."""
+    return app.Table(audit_table_name(rule), key_type=bytes, value_type=bytes, partitions=rule.partitions)

@@ -1,0 +1,433 @@
+"""Helpers for tests that run real `byzguard run` worker processes against the session's Kafka broker.
+
+- `WorkerFactory` / `WorkerProcess`: per-test app id, config, data dirs, web ports and log files; start,
+  wait until ready, stop (SIGTERM), kill (SIGKILL); every process is reaped at teardown.
+- `Events`: stamped test events (clean, corrupted, regressed, forged, malformed) whose ids say what they are.
+- `produce`, `collect`, `wait_caught_up`: feed an input topic, read outputs as a downstream read_committed
+  consumer would (no group: every partition assigned, from the beginning), and wait until the worker's
+  group has committed everything that was produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.localkafka import free_ports
+from app.producer import GuardedProducer
+from byzguard.integrity import HMAC_SHA256, Key
+from byzguard.stamp import Stamped, Stamper
+from tests.conftest import run_async
+
+REPO = Path(__file__).resolve().parents[2]
+READY_LINE = "[^Worker]: Ready"
+TEST_ID = "x-test-id"  # our own header on records without a ce_id (malformed ones); workers keep it
+SECRETS = {"BYZGUARD_KEY_ORDERS_1": "orders-secret-1", "BYZGUARD_KEY_PAYMENTS_1": "payments-secret-1"}
+ORDERS_KEY = Key("orders-1", "orders", SECRETS["BYZGUARD_KEY_ORDERS_1"].encode())
+PAYMENTS_KEY = Key("payments-1", "payments", SECRETS["BYZGUARD_KEY_PAYMENTS_1"].encode())
+
+CONFIG_TEMPLATE = """\
+# written by tests/integration/worker_harness.py for one test
+keys:
+  orders-1: {{source: orders, secret_env: BYZGUARD_KEY_ORDERS_1}}
+  payments-1: {{source: payments, secret_env: BYZGUARD_KEY_PAYMENTS_1}}
+routes:
+  - name: orders
+    inputs: [{input}]
+    verified_topic: {verified}
+    quarantine_topic: {quarantine}
+    partitions: {partitions}
+    require_checksum: true
+    types:
+      order.confirmed:
+        sources: [orders]
+      payment.captured:
+        sources: [payments]
+        key_ids: [payments-1]
+"""
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+class WorkerError(AssertionError):
+    """A worker did not start, stop or die as the test needed; the message ends with its log."""
+
+
+class WorkerProcess:
+    """One `byzguard run` process with its own data dir, web port and log file."""
+
+    def __init__(self, name: str, env: dict[str, str], data_dir: Path, log_path: Path, web_port: int) -> None:
+        self.name = name
+        self.env = env
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.web_port = web_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> WorkerProcess:
+        """Spawn the process (its output appends to the log file)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== {self.name} starting at {time.time():.3f} =====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "run"], cwd=self.data_dir.parent, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "worker not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def fail(self, what: str) -> WorkerError:
+        code = self.proc.poll() if self.proc else None
+        status = f"exit code {code}" if code is not None else "running"
+        return WorkerError(f"worker {self.name} (pid {self.proc.pid if self.proc else '-'}, {status}): {what}\n"
+                           f"----- last lines of {self.log_path} -----\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        """Block until the worker logs that it is ready; return the seconds it took since start."""
+        deadline = time.monotonic() + timeout
+        marker = f"===== {self.name} starting at"
+        while time.monotonic() < deadline:
+            text = self.log_text()
+            if READY_LINE in text[text.rfind(marker):]:
+                return time.monotonic() - self.started_at
+            if not self.alive():
+                raise self.fail(f"exited with code {self.proc.returncode if self.proc else None} before ready")
+            time.sleep(0.1)
+        raise self.fail(f"not ready after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait for a clean exit; a worker that does not stop in time is killed and fails."""
+        if not self.alive():
+            return self.proc.returncode if self.proc else 0
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise self.fail(f"did not stop within {timeout:.0f} s of SIGTERM") from None
+
+    def kill(self) -> None:
+        """SIGKILL (no shutdown code runs) and reap."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics as {sample name: summed value}; empty while its web server is not up."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        return sums
+
+    def events_processed(self) -> float:
+        """Input records this process has routed so far (byzguard_events_total); 0 while it is starting."""
+        return self.metrics().get("byzguard_events_total", 0.0)
+
+
+@dataclass(frozen=True)
+class RouteNames:
+    """The topics of the one route a test's workers run."""
+
+    input: str
+    verified: str
+    quarantine: str
+    partitions: int
+
+
+@dataclass
+class WorkerFactory:
+    """Workers of one test: one app id (consumer group), one config, fresh topics; all reaped at the end."""
+
+    bootstrap: str
+    base_dir: Path
+    prefix: str
+    app_id: str = field(default_factory=lambda: f"bg-{uuid.uuid4().hex[:8]}")
+    commit_interval: float = 0.2
+    workers: list[WorkerProcess] = field(default_factory=list)
+    route: RouteNames | None = None
+    config_path: Path | None = None
+
+    def configure(self, partitions: int = 4) -> RouteNames:
+        """Write this test's config with unique topic names (the worker's provisioning creates them)."""
+        suffix = uuid.uuid4().hex[:8]
+        stem = f"{self.prefix[:60]}-{suffix}"
+        self.route = RouteNames(f"{stem}-in", f"{stem}-verified", f"{stem}-quarantine", partitions)
+        self.config_path = self.base_dir / "byzguard-test.yaml"
+        self.config_path.write_text(CONFIG_TEMPLATE.format(input=self.route.input, verified=self.route.verified,
+                                                           quarantine=self.route.quarantine, partitions=partitions))
+        return self.route
+
+    def new_worker(self, name: str, *, data_dir: Path | None = None) -> WorkerProcess:
+        """A worker process (not started) on its own web port; by default its own data dir `<name>-data`."""
+        if self.config_path is None:
+            self.configure()
+        assert self.config_path is not None
+        data_dir = data_dir or self.base_dir / f"{name}-data"
+        port = free_ports(1)[0]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BYZGUARD_", "KAFKA_"))}
+        env.update(SECRETS)
+        env.update({
+            "BYZGUARD_BROKER": self.bootstrap,
+            "BYZGUARD_CONFIG": str(self.config_path),
+            "BYZGUARD_APP_ID": self.app_id,
+            "BYZGUARD_DATA_DIR": str(data_dir),
+            "BYZGUARD_WEB_PORT": str(port),
+            "BYZGUARD_COMMIT_INTERVAL": str(self.commit_interval),
+            "BYZGUARD_LOG_LEVEL": "info",
+            "PYTHONUNBUFFERED": "1",
+        })
+        worker = WorkerProcess(name, env, data_dir, self.base_dir / f"{name}.log", port)
+        self.workers.append(worker)
+        return worker
+
+    def start(self, name: str, *, data_dir: Path | None = None, ready: bool = True,
+              timeout: float = 90.0) -> WorkerProcess:
+        """Start a worker and (by default) wait until it is ready."""
+        worker = self.new_worker(name, data_dir=data_dir).start()
+        if ready:
+            worker.wait_ready(timeout)
+        return worker
+
+    def cleanup(self) -> None:
+        """Kill whatever still runs, then delete this test's topics (best effort)."""
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                worker.kill()
+        if os.environ.get("BYZGUARD_KEEP_TOPICS"):  # to look at what a failed test left
+            return
+        with contextlib.suppress(Exception):
+            run_async(lambda: _delete_topics_of(self.bootstrap, self.app_id, self.route), timeout=30)
+
+
+async def _delete_topics_of(bootstrap: str, app_id: str, route: RouteNames | None) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        ours = {route.input, route.verified, route.quarantine} if route else set()
+        names = [t for t in await admin.list_topics() if t in ours or t.startswith(f"{app_id}-")]
+        if names:
+            await admin.delete_topics(names, timeout_ms=10_000)
+    finally:
+        await admin.close()
+
+
+def wipe(data_dir: Path) -> None:
+    """Delete a worker's data dir, so its state can only come back from the changelogs."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Events:
+    """Stamps test events; an event's id names the outcome it must get: `<kind>-<subject>-<n>`."""
+
+    def __init__(self) -> None:
+        self.orders = Stamper("orders")
+        self.payments = Stamper("payments", algorithm=HMAC_SHA256, key=PAYMENTS_KEY)
+        self.forger = Stamper("payments", algorithm=HMAC_SHA256, key=ORDERS_KEY)
+        self._n = 0
+
+    def _id(self, kind: str, subject: str) -> str:
+        self._n += 1
+        return f"{kind}-{subject}-{self._n}"
+
+    def clean(self, subject: str, version: int, *, kind: str = "clean") -> Stamped:
+        """An order whose checksum, source and version are all right."""
+        data = {"order": subject, "version": version, "amount": version * 10 + 0.5}
+        return self.orders.binary(data, type="order.confirmed", subject=subject, version=version,
+                                  time=time.time(), event_id=self._id(kind, subject))
+
+    def payment(self, subject: str, version: int) -> Stamped:
+        """A payment signed with the payments service's own key."""
+        return self.payments.binary({"payment": subject, "amount": 12.5}, type="payment.captured",
+                                    subject=subject, version=version, time=time.time(),
+                                    event_id=self._id("clean", subject))
+
+    def regression(self, subject: str, version: int) -> Stamped:
+        """A well-formed order that carries an older version than the entity's verified one."""
+        return self.clean(subject, version, kind="regression")
+
+    def corrupted(self, subject: str, version: int) -> Stamped:
+        """An order whose value has one byte flipped after its checksum was computed."""
+        good = self.clean(subject, version, kind="corrupted")
+        value = bytearray(good.value)
+        value[len(value) // 2] ^= 0x01
+        return Stamped(good.key, bytes(value), good.headers, good.event_id)
+
+    def forged(self, subject: str, version: int) -> Stamped:
+        """A payment that claims source `payments` but is signed with the orders service's key."""
+        return self.forger.binary({"payment": subject, "amount": 99.0}, type="payment.captured",
+                                  subject=subject, version=version, time=time.time(),
+                                  event_id=self._id("forged", subject))
+
+    def malformed(self, subject: str) -> Stamped:
+        """A structured-mode CloudEvent whose JSON does not parse (identified by our own test header)."""
+        event_id = self._id("malformed", subject)
+        return Stamped(subject.encode(), b'{"specversion": "1.0", "id": ',
+                       [("content-type", b"application/cloudevents+json"), (TEST_ID, event_id.encode())], event_id)
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[Stamped]) -> int:
+    """Send stamped records (keyed by entity, so partitioned by it) and wait for every acknowledgement."""
+    n = 0
+    async with GuardedProducer(bootstrap, source="test-harness") as producer:
+        for record in records:
+            await producer.send_stamped(topic, record)
+            n += 1
+        await producer.flush()
+    return n
+
+
+# --------------------------------------------------------------------------- reading outputs
+
+
+@dataclass(frozen=True)
+class Out:
+    """One record as a downstream consumer sees it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp: int
+
+    def header(self, name: str) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def event_id(self) -> str:
+        raw = self.header("ce_id") or self.header(TEST_ID)
+        return raw.decode() if raw is not None else f"<no id at {self.topic}-{self.partition}-{self.offset}>"
+
+    @property
+    def reasons(self) -> list[dict[str, str]]:
+        raw = self.header("byzguard_reasons")
+        return orjson.loads(raw) if raw else []
+
+    @property
+    def codes(self) -> set[str]:
+        return {r["code"] for r in self.reasons}
+
+
+async def collect(bootstrap: str, topic: str, *, expected: int | None = None, idle: float = 2.0,
+                  timeout: float = 60.0, isolation_level: str = "read_committed") -> list[Out]:
+    """Every record of `topic` from the beginning: until `expected` arrived and then `idle` seconds brought
+    nothing more (so extras are seen too), or, without `expected`, until `idle` seconds brought nothing."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", isolation_level=isolation_level)
+    await consumer.start()
+    out: list[Out] = []
+    try:
+        partitions = await _partitions_for(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(*tps, timeout_ms=200)
+            for tp, records in batch.items():
+                for r in records:
+                    out.append(Out(tp.topic, tp.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp))
+            if any(batch.values()):
+                last_new = time.monotonic()
+            elif (expected is None or len(out) >= expected) and time.monotonic() - last_new >= idle:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _partitions_for(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(100):
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return set(partitions)
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"topic {topic!r} has no partitions")
+
+
+async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, timeout: float = 60.0,
+                         workers: Sequence[WorkerProcess] = ()) -> None:
+    """Wait until `group` has committed an offset at the end of every partition of `topics`.
+
+    Under exactly_once an input offset is committed in the same transaction as the outputs and state
+    writes it caused, so afterwards a read_committed consumer sees all of them.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await consumer.start()
+    await admin.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(await _partitions_for(consumer, t))]
+        deadline = time.monotonic() + timeout
+        lag: dict[TopicPartition, int] = {}
+        while time.monotonic() < deadline:
+            ends = await consumer.end_offsets(tps)
+            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+            lag = {tp: ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+                   for tp in tps}
+            if all(v <= 0 for v in lag.values()):
+                return
+            dead = [w for w in workers if not w.alive()]
+            if dead:
+                raise dead[0].fail(f"died while the group still lags {lag}")
+            await asyncio.sleep(0.25)
+        detail = "\n".join(f"----- {w.name} -----\n{w.log_tail(30)}" for w in workers)
+        raise AssertionError(f"group {group} still lags after {timeout:.0f} s: {lag}\n{detail}")
+    finally:
+        await admin.close()
+        await consumer.stop()
+
+
+def by_id(records: Iterable[Out]) -> dict[str, list[Out]]:
+    """Records grouped by event id."""
+    grouped: dict[str, list[Out]] = {}
+    for record in records:
+        grouped.setdefault(record.event_id, []).append(record)
+    return grouped
