@@ -31,9 +31,14 @@ _VERDICT_OF = {
 }
 
 
+# Headers a review tool adds to a record it sends back through the guard: they link the new verdict to the
+# old one, so they travel on (replaced, like every other byzguard header, when added again).
+KEPT = frozenset({"byzguard_recheck_of"})
+
+
 def original_headers(headers: Iterable[tuple[str, bytes]] | None) -> Headers:
     """The producer's headers without any byzguard header a previous pass may have added."""
-    return [(k, v) for k, v in (headers or ()) if not k.startswith(PREFIX)]
+    return [(k, v) for k, v in (headers or ()) if not k.startswith(PREFIX) or k in KEPT]
 
 
 def encode_reasons(reasons: Sequence[Reason]) -> bytes:
