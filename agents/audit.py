@@ -50,7 +50,7 @@ TICK_KEY = b"\x00tick"
 
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner gives `key`: where a join key's state lives."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def header(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None, name: str) -> bytes | None:
@@ -149,7 +149,9 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
             async with eos.processing(app, event):
                 msg = event.message
                 if not msg.value:
-                    await close_windows(msg.partition)
+                    # Ticks queued while the worker was away are skipped: one fresh tick does their work.
+                    if msg.timestamp >= time.time() - 2 * rule.tick_interval:
+                        await close_windows(msg.partition)
                 elif msg.key is not None:
                     await join_one(msg.partition, msg.key, Observation.from_bytes(msg.value))
             yield None

@@ -99,6 +99,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 if tp.topic == tick_name:
                     await producer.send(tick_name, b"tick", b"", tp.partition, None, None)
 
+    eos.guard(app, topics.inputs_topic)  # no record of ours is acked unless the agent processed it
     # A crashing verify agent must stop the worker loudly (and let Kafka redeliver to a restarted one),
     # never be restarted silently in a loop or die unnoticed.
     return app.agent(topics.inputs_topic, name=f"verify_events-{name}",

@@ -75,7 +75,7 @@ async def read_observations(bootstrap: str, cfg: guard_config.GuardConfig, rule:
     items: list[Observation | Check] = []
     try:
         await consumer._client.force_metadata_update()
-        tps = []
+        tps: list[TopicPartition] = []
         for topic in rule.topics:
             partitions = consumer.partitions_for_topic(topic)
             if not partitions:

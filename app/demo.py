@@ -28,7 +28,6 @@ from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Annotated, Any
 
 import orjson
@@ -82,7 +81,7 @@ class DemoOptions:
     eps: float = DEFAULT_EPS
     seed: int | None = None
     min_each: int = 1
-    window: int = 400             # at most this many records sent and not yet judged
+    window: int = 250             # at most this many records sent and not yet judged
     audit_wait: float = 45.0      # wait for an orders audit to report partial writes if its window is this short
     stall_timeout: float = 60.0   # give up sending when no verdict arrives for this long
     drain_timeout: float = 90.0   # after the last send, how long to wait for the verdicts
@@ -144,7 +143,7 @@ def service_topics(config: GuardConfig) -> dict[str, str]:
         if route is None:
             raise ValueError(f"no route of {config.source_path} declares the event type {event_type!r} that the "
                              f"demo's {service} service sends")
-        named = [t for t in route.inputs if t == preferred[service] or t.endswith(f"{preferred[service]}")]
+        named = [t for t in route.inputs if t.endswith(preferred[service])]
         topics[service] = named[0] if named else route.inputs[0]
     return topics
 
@@ -209,11 +208,10 @@ def web_base(host: str, port: int) -> str:
 class WorkerProcess:
     """`byzguard run --no-demo` as a child process with the given environment, its output in a log file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, web: str, *, cwd: Path | None = None) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, web: str) -> None:
         self.env = dict(env)
         self.log_path = log_path
         self.web = web
-        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_start = 0
@@ -223,8 +221,7 @@ class WorkerProcess:
         self._log = self.log_path.open("ab")
         self._log_start = self._log.tell()  # the log is appended to across runs: only this run's part counts
         self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--no-demo"], env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=self.cwd)
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         return self
 
     def alive(self) -> bool:
@@ -271,13 +268,6 @@ class WorkerProcess:
             self._log = None
         return proc.returncode if proc is not None else None
 
-    def __enter__(self) -> WorkerProcess:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
 
 def worker_env(settings: Any, bootstrap: str) -> dict[str, str]:
     """The environment of a worker child: ours (MAC key secrets included) plus every setting of `settings` as its
@@ -313,11 +303,11 @@ def scrape_counter(metrics_url: str | None, name: str, **match: str) -> int | No
 
 
 class Outputs:
-    """Reads the verified and quarantine topics (read_committed) from where they ended at the start."""
+    """Reads the verified, quarantine and audit topics (read_committed) from where they ended at the start."""
 
     def __init__(self, bootstrap: str, where_of: Mapping[str, str], run_prefix: str) -> None:
         self.bootstrap = bootstrap
-        self.where_of = dict(where_of)     # topic -> VERIFIED | QUARANTINE
+        self.where_of = dict(where_of)     # topic -> VERIFIED | QUARANTINE | AUDIT
         self.run_prefix = run_prefix
         self.observations: list[Observation] = []
         self.audited: dict[str, dict[str, Any]] = {}  # entity (order) -> the discrepancy an audit reported
@@ -325,7 +315,10 @@ class Outputs:
         self.received = 0
 
     async def start(self, timeout: float = 60.0) -> None:
-        parts = await _partitions(self.bootstrap, list(self.where_of), timeout)
+        parts = await _partitions(self.bootstrap, [t for t, w in self.where_of.items() if w != AUDIT], timeout)
+        # An audit topic appears with the audit's first discrepancy at the latest: read it if it is there.
+        parts |= await _partitions(self.bootstrap, [t for t, w in self.where_of.items() if w == AUDIT], 5.0,
+                                   required=False)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                     isolation_level="read_committed", auto_offset_reset="earliest")
         await consumer.start()
@@ -374,8 +367,10 @@ class Outputs:
             await self.consumer.stop()
 
 
-async def _partitions(bootstrap: str, topics: list[str], timeout: float) -> dict[str, int]:
-    """Partition counts of `topics`, waiting for a worker to create them."""
+async def _partitions(bootstrap: str, topics: list[str], timeout: float, *, required: bool = True) -> dict[str, int]:
+    """Partition counts of `topics`, waiting for a worker to create them (those that exist, if not `required`)."""
+    if not topics:
+        return {}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
     await admin.start()
     try:
@@ -387,6 +382,8 @@ async def _partitions(bootstrap: str, topics: list[str], timeout: float) -> dict
             if len(counts) == len(topics):
                 return counts
             if time.monotonic() > deadline:
+                if not required:
+                    return counts
                 missing = sorted(set(topics) - set(counts))
                 raise RuntimeError(f"topics {missing} do not exist (is a worker running with this configuration?)")
             await asyncio.sleep(0.5)
@@ -472,11 +469,13 @@ async def run_demo(bootstrap: str, config: GuardConfig, options: DemoOptions, *,
     outputs = Outputs(bootstrap, where_of, f"{run_id}-")
     stats = LiveStats(options.events)
     reader: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
     try:
         await outputs.start()
         dup_base = scrape_counter(where.metrics, "byzguard_events_total", outcome="duplicate")
         started = time.monotonic()
         reader = asyncio.create_task(outputs.follow(stats))
+        watcher = asyncio.create_task(_watch_duplicates(where, dup_base, stats))
         async with contextlib.AsyncExitStack() as stack:
             producers: dict[str, GuardedProducer] = {}
             # A producer's Lamport clock must never go back, also across runs: start it at the time in us.
@@ -502,10 +501,11 @@ async def run_demo(bootstrap: str, config: GuardConfig, options: DemoOptions, *,
             if live is not None:
                 live.refresh()
     finally:
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        for task in (watcher, reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await outputs.stop()
     report = score(gen.labels, outputs.observations, duplicates_counted=dup_count,
                    audited=outputs.audited.keys() if audit == AUDIT_SCORED else None)
@@ -559,6 +559,15 @@ async def _flushed(producers: Mapping[str, GuardedProducer], started: float) -> 
     return time.monotonic() - started
 
 
+async def _watch_duplicates(where: Where, base: int | None, stats: LiveStats) -> None:
+    """Keep the live view's duplicate count (from the worker's /metrics) current."""
+    while base is not None:
+        now = await asyncio.to_thread(scrape_counter, where.metrics, "byzguard_events_total", outcome="duplicate")
+        if now is not None:
+            stats.duplicates = now - base
+        await asyncio.sleep(2.0)
+
+
 async def _drain(labels: list[Label], outputs: Outputs, stats: LiveStats, where: Where, dup_base: int | None,
                  timeout: float) -> int | None:
     """Wait until every record that should leave a verdict has, and the duplicates are counted, or time is up."""
@@ -568,7 +577,7 @@ async def _drain(labels: list[Label], outputs: Outputs, stats: LiveStats, where:
     deadline = time.monotonic() + timeout
     dup_count: int | None = None
     while True:
-        now_dups = scrape_counter(where.metrics, "byzguard_events_total", outcome="duplicate")
+        now_dups = await asyncio.to_thread(scrape_counter, where.metrics, "byzguard_events_total", outcome="duplicate")
         dup_count = now_dups - dup_base if now_dups is not None and dup_base is not None else None
         stats.duplicates = dup_count
         seen = Counter((o.event_id, o.fingerprint) for o in outputs.observations)
@@ -655,7 +664,8 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
     if report.extra:
         summary.append(f"outputs that match no sent record: {report.extra}")
     console.print("\n".join(summary))
-    look = [f"verified topics: {', '.join(sorted(t for t, w in result.outputs.items() if w == VERIFIED))}",
+    look = [f"inputs: {', '.join(f'{t} ({s})' for s, t in result.topics.items())}",
+            f"verified topics: {', '.join(sorted(t for t, w in result.outputs.items() if w == VERIFIED))}",
             f"quarantine topics: {', '.join(sorted(t for t, w in result.outputs.items() if w == QUARANTINE))}"]
     if where.review:
         look.insert(0, f"review page: {where.review}")
@@ -797,7 +807,7 @@ def demo_command(
     if worker not in ("auto", "start", "none"):
         raise typer.BadParameter("--worker must be auto, start or none")
     overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = Settings(**overrides)  # type: ignore[arg-type]
     if not settings.broker:
         announce_demo_secrets(settings.config, console)
     try:

@@ -42,7 +42,7 @@ EXPIRED = "expired"
 
 def entity_partition(entity: str, partitions: int) -> int:
     """The partition of an entity id under Kafka's default (murmur2) partitioner."""
-    return (murmur2(entity.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(entity.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _iso(epoch: float | None) -> str | None:

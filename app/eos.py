@@ -47,8 +47,9 @@ from faust.streams import current_event
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import TransactionManager
 from faust.types import TP
-from faust.types.tuples import FutureMessage
+from faust.types.tuples import FutureMessage, ack_lock
 from mode import Service
+from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,24 @@ class ExactlyOnce:
         self.pending: set[FutureMessage] = set()
         self.warned_topics: set[str] = set()
         self.last_offsets: dict[TP, int] = {}
+        #: Topics whose records only `processing` may ack (their agent processes every record it acks).
+        self.guarded_topics: set[str] = set()
+        self.acking = False
+
+    def drop(self, consumer: Any, message: Any) -> bool:
+        """Let faust forget a record it never gave the agent, without marking its offset committable.
+
+        Faust acks records its stream skipped (flow stopped, or a generation changed, during a rebalance) "so
+        the lag does not grow"; the commit in the rebalance then moves past them and they are lost. Dropped
+        here instead, the offset stays a gap: the next commit stops before it, and after the rebalance the
+        consumer seeks back to the committed offset and the record is delivered again.
+        """
+        with ack_lock:
+            if not message.acked:
+                message.acked = True  # nothing waits for it any more (Consumer.wait_empty)
+                consumer._unacked_messages.discard(message)
+                notify(consumer._waiting_for_ack)
+        return False
 
     def track(self, fut: FutureMessage) -> None:
         """Remember a buffered send until it is delivered (or fails)."""
@@ -114,6 +133,12 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
                 await state.wait_delivered()
                 committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
                 return committed
+
+        def ack(self, message: Any) -> bool:
+            if message.topic in state.guarded_topics and not state.acking:
+                return state.drop(self, message)
+            acked: bool = super().ack(message)
+            return acked
 
         async def position(self, tp: TP) -> int | None:
             # Only faust's table recovery asks (Recovery._slurp_changelogs.detect_aborted_tx), to end recovery
@@ -253,7 +278,18 @@ async def processing(app: faust.App, event: faust.EventT) -> AsyncIterator[None]
         yield
         # Acked here, not when the stream moves on: a commit between the two would leave this event's
         # outputs in a transaction that does not commit its offset.
-        event.ack()
+        state.acking = True
+        try:
+            event.ack()
+        finally:
+            state.acking = False
+
+
+def guard(app: faust.App, topics: faust.TopicT) -> None:
+    """Let only `processing` ack records of `topics` (see ExactlyOnce.drop); no-op without exactly-once."""
+    state = state_of(app)
+    if state is not None:
+        state.guarded_topics.update(topics.topics)
 
 
 @contextlib.contextmanager

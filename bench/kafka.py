@@ -70,13 +70,17 @@ class Progress:
         self.bootstrap = bootstrap
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
         self._probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._committed_probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                                 isolation_level="read_committed")
 
     async def __aenter__(self) -> Progress:
         await self._admin.start()
         await self._probe.start()
+        await self._committed_probe.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self._committed_probe.stop()
         await self._probe.stop()
         await self._admin.close()
 
@@ -90,10 +94,12 @@ class Progress:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"no metadata for topic {topic!r}")
 
-    async def end_offsets(self, topics: Sequence[str]) -> dict[TopicPartition, int]:
-        """High watermarks (transaction markers included) of every partition of `topics`."""
+    async def end_offsets(self, topics: Sequence[str], *, committed: bool = False) -> dict[TopicPartition, int]:
+        """High watermarks (or, `committed`, last stable offsets) of every partition of `topics`; both count
+        transaction markers."""
         tps = [tp for t in topics for tp in await self.partitions(t)]
-        result: dict[TopicPartition, int] = await self._probe.end_offsets(tps)
+        probe = self._committed_probe if committed else self._probe
+        result: dict[TopicPartition, int] = await probe.end_offsets(tps)
         return result
 
     async def committed(self, group: str, topic: str) -> int:

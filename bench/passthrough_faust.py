@@ -25,8 +25,8 @@ from app.worker import faust_options
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
 
-def build(settings: Settings, source: str, target: str) -> faust.App:
-    """A faust App with one pass-through agent from `source` to `target`."""
+def build(settings: Settings, source: str, target: str, *, take: int = 0) -> faust.App:
+    """A faust App with one pass-through agent from `source` to `target` (`take`: in batches of up to that many)."""
     assert settings.broker, "BYZGUARD_BROKER must be set"
     options = faust_options(settings, settings.broker)
     # Experiments only (never set by `make bench`): JSON overrides of faust settings, e.g. {"producer_linger": 0.005}.
@@ -41,7 +41,16 @@ def build(settings: Settings, source: str, target: str) -> faust.App:
             await target_topic.send(key=msg.key, value=msg.value, partition=msg.partition, headers=msg.headers)
             yield None
 
-    app.agent(source_topic, name="forward_events", supervisor_strategy=CrashingSupervisor)(forward_events)
+    async def forward_batches(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        # Diagnostic: sends of a whole batch are issued back to back, so the producer can batch them.
+        async for batch in stream.take_events(take, within=0.05):
+            for event in batch:
+                msg = event.message
+                await target_topic.send(key=msg.key, value=msg.value, partition=msg.partition, headers=msg.headers)
+            yield None
+
+    agent = forward_batches if take else forward_events
+    app.agent(source_topic, name="forward_events", supervisor_strategy=CrashingSupervisor)(agent)
     return app
 
 
@@ -49,9 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--take", type=int, default=0, help="diagnostic: forward in batches of up to N events")
     args = parser.parse_args()
     settings = Settings()
-    app = build(settings, args.input, args.output)
+    app = build(settings, args.input, args.output, take=args.take)
     print(f"faust pass-through {args.input} -> {args.output}, app {settings.app_id}, "
           f"{settings.processing_guarantee}", flush=True)
     Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False).execute_from_commandline()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CRASH_MARKERS = (b"Crashed reason=", b"We experienced a crash")
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -61,6 +62,7 @@ class Worker:
     started_at: float = 0.0
     peak_rss: int = 0
     samples: list[tuple[float, int]] = field(default_factory=list)
+    _log_offset: int = 0
 
     @classmethod
     def python(cls, name: str, args: Sequence[str], *, env: Mapping[str, str], cwd: Path,
@@ -101,10 +103,23 @@ class Worker:
         return cpu_seconds(self.pid) if self.alive() else None
 
     def check(self) -> None:
-        """Raise with the log tail if the worker has exited."""
+        """Raise with the log tail if the worker has exited, or logged that an agent crashed (faust then
+        often hangs in its shutdown instead of exiting)."""
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"worker {self.name} exited with code {self.proc.returncode}; log "
                                f"{self.log_path}:\n{self.tail()}")
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                new = log.read()
+        except OSError:
+            return
+        # Keep a little overlap so a marker split across two reads is still found.
+        self._log_offset += max(0, len(new) - 64)
+        for marker in CRASH_MARKERS:
+            if marker in new:
+                raise RuntimeError(f"worker {self.name} crashed ({marker.decode()}); log {self.log_path}:\n"
+                                   f"{self.tail()}")
 
     def tail(self, lines: int = 30) -> str:
         try:

@@ -153,6 +153,42 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{mem['rss_all_entities_mb']} MB once every entity was committed, {mem['rss_settled_mb']} MB "
                   f"after settling, peak {mem['peak_rss_mb']} MB; RocksDB state on disk {mem['state_on_disk_mb']} MB"
                   f"; {mem['elapsed_s']} s." + (f" ERROR: {mem['error']}" if mem.get("error") else ""), ""]
+    crash = results.get("crash")
+    if crash:
+        lines += ["## Crash accounting (exactly_once)", "",
+                  f"`{crash['variant']}` over the same {crash['input_events']:,} events, SIGKILLed "
+                  f"{crash['kills']} times at random moments and restarted at once (on an empty data dir after kill k "
+                  f"when k is a multiple of {crash['wipe_every']}); outputs read back read_committed and matched by "
+                  "the input sequence number.", "",
+                  "| lost | duplicated (events) | extra copies | wrongly quarantined | recovery s (median / max) | "
+                  "elapsed s |", "|---:|---:|---:|---:|---|---:|",
+                  f"| {crash['lost']} | {crash['duplicated']} | {crash['duplicate_records']} | "
+                  f"{crash['wrongly_quarantined']} {crash['quarantine_codes'] or ''} | "
+                  f"{(crash['recovery_s'] or {}).get('median')} / {(crash['recovery_s'] or {}).get('max')} | "
+                  f"{crash['elapsed_s']} |", ""]
+        if crash.get("error"):
+            lines += [f"ERROR: {crash['error']}", ""]
+        lines += ["Recovery = SIGKILL until a read_committed reader sees a new output. Per kill: " +
+                  ", ".join(f"{r['kill']}{'w' if r['wiped_state'] else ''}: {r['recovery_s']} s"
+                            for r in crash["recoveries"]) + " (w = wiped data dir).", ""]
+    det = results.get("detection")
+    if det:
+        lines += ["## Detection quality (fault injector)", "",
+                  f"`{det['command']}` ({det['events']:,} events, each fault class at {det['rate_per_class']:.0%}; "
+                  f"{det['elapsed_s']} s, exit {det['exit_code']}).", ""]
+        rep = det.get("report")
+        if rep:
+            lines += ["| class | expect | sent | caught | other code | missed | false positive | unaccounted |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for name, row in rep["classes"].items():
+                f = row["fates"]
+                lines.append(f"| {name} | {row['expect']} | {row['sent']} | {f.get('caught', 0)} | "
+                             f"{f.get('other_code', 0)} | {f.get('missed', 0)} | {f.get('false_positive', 0)} | "
+                             f"{f.get('unaccounted', 0)} |")
+            lines += ["", f"False positives {rep['false_positives']}, unaccounted {rep['unaccounted']}, outputs "
+                      f"matching no label {rep['extra_outputs']}.", ""]
+        if det.get("error"):
+            lines += [f"ERROR: {det['error'][:2000]}", ""]
     if results.get("profile"):
         lines += ["## Profile", "", "py-spy samples (idle included) by layer; details in profile-samples.md and "
                   "the analysis in bench/results/profile.md.", ""]

@@ -29,13 +29,13 @@ from typing import Any
 from bench import events, profile_report, report
 from bench.kafka import create_topics, produce
 from bench.procs import REPO, loadavg
-from bench.scenarios import Context, latency, memory, profile, throughput
+from bench.scenarios import Context, crash, detection, latency, memory, profile, throughput
 from bench.variants import VARIANTS
 
 FULL = {"events": 200_000, "entities": 100_000, "reps": 3, "latency_seconds": 60.0, "memory_entities": 1_000_000,
-        "profile_seconds": 30.0}
+        "profile_seconds": 30.0, "detection_events": 100_000}
 QUICK = {"events": 8_000, "entities": 4_000, "reps": 1, "latency_seconds": 10.0, "memory_entities": 20_000,
-         "profile_seconds": 10.0}
+         "profile_seconds": 10.0, "detection_events": 3_000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (0 skips)")
     parser.add_argument("--profile-variants", default="c,b", help="variants to profile")
     parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
+    parser.add_argument("--crash", action="store_true",
+                        help="crash accounting: SIGKILL the exactly_once worker during a run over the input")
+    parser.add_argument("--crash-kills", type=int, default=10)
+    parser.add_argument("--crash-wipe-every", type=int, default=3, help="every Nth restart starts on an empty data dir")
+    parser.add_argument("--detection", action="store_true",
+                        help="detection quality: `byzguard demo` (fault injector) at scale, scored per class")
+    parser.add_argument("--detection-events", type=int, help="events of the detection run (full: 100000)")
+    parser.add_argument("--detection-rate", type=float, default=0.01, help="probability per event of each fault class")
+    parser.add_argument("--detection-eps", type=float, default=5000.0,
+                        help="send rate cap (the demo also keeps at most 250 records unjudged)")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,latency,memory,profile")
     parser.add_argument("--broker", help="use this broker instead of starting a local one (results then say so)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results[/quick])")
@@ -199,6 +209,30 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             profiles.append(prof)
             log("  -> " + (prof.get("error") or f"{prof['summary']['samples']} samples"))
         results["profile"] = profiles
+
+    if args.crash:
+        topic = results.get("throughput", {}).get("input_topic")
+        if topic is None:
+            topic = f"crash-{stamp}"
+            await create_topics(bootstrap, [topic], args.partitions)
+            await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
+                                                                         mode=args.mode)))
+        log(f"crash accounting: {args.crash_kills} SIGKILLs of the exactly_once worker over {args.events} events")
+        result = await crash(ctx, VARIANTS["d"], f"k-{stamp}-d", topic, args.events, kills=args.crash_kills,
+                             wipe_every=args.crash_wipe_every, seed=7, timeout=max(600.0, args.events / 20))
+        log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
+            f"{result['wrongly_quarantined']}, recovery {result['recovery_s']}"
+            + (f" ERROR {result['error']}" if result["error"] else ""))
+        results["crash"] = result
+        _save(args, results)
+
+    if args.detection:
+        log(f"detection: byzguard demo, {args.detection_events} events, each fault class at {args.detection_rate:.0%}")
+        result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
+                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
+        log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
+        results["detection"] = result
+        _save(args, results)
 
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["loadavg_end"] = loadavg()

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench import events
-from bench.kafka import LOG_APPEND_TIME, Progress, Record, create_topics, scan
+from bench.kafka import Progress, Record, create_topics, scan
 from bench.procs import Worker, cpu_seconds, loadavg, machine_cpu
-from bench.variants import Launch, Variant, launch
+from bench.variants import Launch, Variant, free_port, launch
 
 
 @dataclass
@@ -73,7 +77,7 @@ async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: s
                      timeout: float) -> dict[str, Any]:
     """Run `variant` over the pre-produced input; events/s between the first and last output append times."""
     lnch = ctx.launch(variant, run_id, input_topic)
-    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
     worker = lnch.worker.start()
     started = time.monotonic()
@@ -157,7 +161,7 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     input_topic = f"{run_id}-in"
     lnch = ctx.launch(variant, run_id, input_topic)
     await create_topics(ctx.bootstrap, [input_topic], ctx.partitions)
-    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
     worker = lnch.worker.start()
     target = lnch.outputs[0]  # the verified topic (or the pass-through's output)
@@ -260,7 +264,7 @@ async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, 
                  timeout: float, settle: float = 10.0) -> dict[str, Any]:
     """RSS of the worker once `entities` distinct entities are in its state (and after it settles)."""
     lnch = ctx.launch(variant, run_id, input_topic)
-    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     worker = lnch.worker.start()
     started = time.monotonic()
     first_rss = None
@@ -318,7 +322,7 @@ async def profile(ctx: Context, variant: Variant, run_id: str, input_topic: str,
     if pyspy is None:
         return {"variant": variant.key, "error": "py-spy is not installed (pip install py-spy)"}
     lnch = ctx.launch(variant, run_id, input_topic)
-    await create_topics(ctx.bootstrap, lnch.outputs, ctx.partitions, LOG_APPEND_TIME)
+    await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     worker = lnch.worker.start()
     raw = out_dir / f"profile-{variant.key}.folded"
     error = None
@@ -348,3 +352,143 @@ async def profile(ctx: Context, variant: Variant, run_id: str, input_topic: str,
     return {"variant": variant.key, "run_id": run_id, "command": lnch.command, "folded": str(raw),
             "seconds": seconds, "worker_cpu_share": round((cpu1 - cpu0) / seconds, 2) if cpu0 and cpu1 else None,
             "error": error}
+
+
+async def _committed_outputs(progress: Progress, topics: list[str]) -> int:
+    """Sum of the last stable offsets of `topics` (what read_committed readers can see, markers included)."""
+    return sum((await progress.end_offsets(topics, committed=True)).values())
+
+
+async def crash(ctx: Context, variant: Variant, run_id: str, input_topic: str, expected: int, *, kills: int,
+                wipe_every: int, seed: int, timeout: float) -> dict[str, Any]:
+    """SIGKILL the worker `kills` times while it works through the input, restarting it at once (every
+    `wipe_every`-th restart on an empty data dir); then account for every input event in the outputs."""
+    rng = random.Random(seed)
+    lnch = ctx.launch(variant, run_id, input_topic)
+    await lnch.create_topics(ctx.bootstrap, ctx.partitions)
+    worker = lnch.worker.start()
+    state_dir = worker.cwd / "state"
+    started = time.monotonic()
+    recoveries: list[dict[str, Any]] = []
+    error = None
+    try:
+        async with Progress(ctx.bootstrap) as progress:
+            # Learn the pace first: kills are spread over the expected processing time.
+            await _wait_outputs(progress, worker, lnch.outputs, 1, 180)
+            t0, out0 = time.monotonic(), await _committed_outputs(progress, lnch.outputs)
+            await asyncio.sleep(5)
+            pace = max(1.0, (await _committed_outputs(progress, lnch.outputs) - out0) / (time.monotonic() - t0))
+            gap = expected / pace / (kills + 1)
+            for kill in range(1, kills + 1):
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * gap)
+                worker.check()
+                before = await _committed_outputs(progress, lnch.outputs)
+                if await progress.committed(lnch.group, input_topic) >= expected:
+                    error = f"the input was done before kill {kill}: make the run longer"
+                    break
+                killed_at = time.monotonic()
+                worker.kill()
+                wiped = kill % wipe_every == 0
+                if wiped:
+                    shutil.rmtree(state_dir, ignore_errors=True)
+                worker = Worker(worker.name, worker.argv, worker.env, worker.cwd, worker.log_path).start()
+                # Recovered = a committed output past what was visible at the kill.
+                await _wait_outputs(progress, worker, lnch.outputs, before + 1, 300, committed=True)
+                recoveries.append({"kill": kill, "wiped_state": wiped,
+                                   "recovery_s": round(time.monotonic() - killed_at, 2),
+                                   "committed_outputs_at_kill": before})
+            deadline = time.monotonic() + timeout
+            while await progress.committed(lnch.group, input_topic) < expected:
+                worker.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not done {timeout:.0f} s after the last kill")
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(2.0)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        worker.stop()
+    elapsed = time.monotonic() - started
+
+    def seq_and_reasons(m: Any) -> tuple[int | None, bytes | None]:
+        h = dict(m.headers)
+        seq = h.get(events.SEQ_HEADER)
+        return (int(seq) if seq is not None else None, h.get("byzguard_reasons"))
+
+    outputs = await scan(ctx.bootstrap, lnch.outputs, read_committed=True, keep=seq_and_reasons)
+    verified, quarantine = (outputs[t] for t in lnch.outputs)
+    seen = Counter(s for s, _ in verified.records if s is not None)
+    quarantined = Counter(s for s, _ in quarantine.records if s is not None)
+    codes: Counter[str] = Counter()
+    for _, reasons in quarantine.records:
+        for reason in orjson.loads(reasons or b"[]"):
+            codes[reason.get("code", "?")] += 1
+    everywhere = seen + quarantined
+    lost = [s for s in range(expected) if s not in everywhere]
+    duplicated = {s: n for s, n in everywhere.items() if n > 1}
+    _cleanup(worker)
+    return {
+        "variant": variant.key, "run_id": run_id, "command": lnch.command, "input_events": expected,
+        "kills": len(recoveries), "wipe_every": wipe_every, "seed": seed, "elapsed_s": round(elapsed, 1),
+        "verified_records": verified.count, "quarantine_records": quarantine.count,
+        "lost": len(lost), "lost_examples": lost[:10], "duplicated": len(duplicated),
+        "duplicate_records": sum(n - 1 for n in duplicated.values()),
+        "wrongly_quarantined": sum(quarantined.values()), "quarantine_codes": dict(codes),
+        "recoveries": recoveries,
+        "recovery_s": {"median": round(statistics.median([r["recovery_s"] for r in recoveries]), 2),
+                       "max": max(r["recovery_s"] for r in recoveries)} if recoveries else None,
+        "error": error,
+    }
+
+
+async def _wait_outputs(progress: Progress, worker: Worker, topics: list[str], at_least: int, timeout: float, *,
+                        committed: bool = False) -> None:
+    deadline = time.monotonic() + timeout
+    while sum((await progress.end_offsets(topics, committed=committed)).values()) < at_least:
+        worker.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no output from {worker.name} within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+async def detection(ctx: Context, run_id: str, *, events_count: int, rate: float, eps: float, seed: int,
+                    timeout: float) -> dict[str, Any]:
+    """`byzguard demo` at scale: the fault injector's labeled traffic through a worker it starts (the shipped
+    byzguard.yaml, exactly as a user runs it), scored per fault class from its JSON report."""
+    import secrets as _secrets
+
+    import yaml
+
+    run_dir = ctx.workdir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report_path = run_dir / "detection.json"
+    config = ctx.repo / "byzguard.yaml"
+    keys = (yaml.safe_load(config.read_text()) or {}).get("keys") or {}
+    env = {spec["secret_env"]: _secrets.token_hex(24) for spec in keys.values()
+           if isinstance(spec, dict) and spec.get("secret_env")}
+    env.update({"BYZGUARD_BROKER": ctx.bootstrap, "BYZGUARD_APP_ID": run_id, "BYZGUARD_CONFIG": str(config),
+                "BYZGUARD_DATA_DIR": str(run_dir / "state"), "BYZGUARD_WEB_PORT": str(free_port()),
+                "BYZGUARD_DEMO": "0"})
+    args = ["-m", "app.cli", "demo", "--events", str(events_count), "--rate", str(rate), "--eps", str(eps),
+            "--seed", str(seed), "--worker", "start", "--no-live", "--report", str(report_path)]
+    worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=run_dir / "demo.log")
+    command = " ".join(f"{k}={v}" for k, v in env.items() if not k.startswith("BYZGUARD_KEY")) + \
+        " byzguard demo " + " ".join(args[3:])
+    started = time.monotonic()
+    worker.start()
+    error = None
+    while worker.alive():
+        if time.monotonic() - started > timeout:
+            error = f"the demo did not finish in {timeout:.0f} s"
+            worker.stop()
+            break
+        await asyncio.sleep(1.0)
+    exit_code = worker.proc.returncode if worker.proc is not None else None
+    try:
+        report = orjson.loads(report_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        report = None
+        error = error or f"no report ({exc}); exit code {exit_code}; log {worker.log_path}:\n{worker.tail()}"
+    return {"run_id": run_id, "command": command, "events": events_count, "rate_per_class": rate, "eps": eps,
+            "seed": seed, "elapsed_s": round(time.monotonic() - started, 1), "exit_code": exit_code,
+            "report": report, "log": str(worker.log_path), "error": error}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shlex
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import events
+from bench.kafka import LOG_APPEND_TIME, create_topics
 from bench.procs import Worker
 
 
@@ -20,6 +21,7 @@ class Variant:
     kind: str          # raw | faust | byzguard
     guarantee: str     # at_least_once | exactly_once
     rules: bool = True
+    args: tuple[str, ...] = ()
 
     @property
     def read_committed(self) -> bool:
@@ -35,6 +37,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("c_norules", "byzguard, every check but no CEL rules, RocksDB, at_least_once", "byzguard",
             "at_least_once", rules=False),
     Variant("b_eos", "faust pass-through agent, exactly_once", "faust", "exactly_once"),
+    # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
+    Variant("b_take", "faust pass-through agent, batches of 1000 (take_events)", "faust", "at_least_once",
+            args=("--take", "1000")),
 )}
 
 
@@ -48,6 +53,18 @@ class Launch:
     outputs: list[str]
     command: str
     config_path: Path | None = None
+    changelogs: list[str] = field(default_factory=list)
+
+    async def create_topics(self, bootstrap: str, partitions: int) -> None:
+        """Create the outputs (broker timestamps) and the changelogs (compacted) before the worker starts.
+
+        Changelogs are created here because faust creating them at start races its own metadata: the first
+        table write then finds 0 partitions and the agent crashes (PartitionsMismatch), as seen on this machine
+        in about half of the runs. app/provision.py already does this for audit tables; see the bench report.
+        """
+        await create_topics(bootstrap, self.outputs, partitions, LOG_APPEND_TIME)
+        if self.changelogs:
+            await create_topics(bootstrap, self.changelogs, partitions, {"cleanup.policy": "compact"})
 
 
 def free_port() -> int:
@@ -81,7 +98,7 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     if variant.kind == "faust":
         output = f"{run_id}-out"
-        args = ["-m", "bench.passthrough_faust", "--input", input_topic, "--output", output]
+        args = ["-m", "bench.passthrough_faust", "--input", input_topic, "--output", output, *variant.args]
         worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
         return Launch(variant, worker, run_id, [output], f"{shown} python {shlex.join(args)}")
     verified, quarantine = f"{run_id}-verified", f"{run_id}-quarantine"
@@ -93,4 +110,19 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
     args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
-    return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} byzguard run", config)
+    return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} byzguard run", config,
+                  changelogs=changelog_topics(config, run_id))
+
+
+def changelog_topics(config: Path, app_id: str) -> list[str]:
+    """The changelog topics the worker's tables will use (`<app_id>-<table>-changelog`)."""
+    from byzguard.config import load
+
+    try:
+        from tables import table_names
+    except ImportError:  # an older tables module: the two tables every route has
+        def table_names(route: object) -> list[str]:
+            name = getattr(route, "name", events.ROUTE)
+            return [f"{name}-state_by_entity", f"{name}-lamport_by_source"]
+    guard_config = load(config, environ=events.secret_env())
+    return [f"{app_id}-{table}-changelog" for route in guard_config.routes for table in table_names(route)]

@@ -287,6 +287,8 @@ def values_agree(a: Any, b: Any, tolerance: float = 0.0) -> bool:
             return na == nb
         # A relative epsilon absorbs binary float noise (0.1 + 0.2), never a cent on any real amount.
         return abs(na - nb) <= tolerance + 1e-9 * max(1.0, abs(na), abs(nb))
+    if isinstance(a, bool) or isinstance(b, bool):  # JSON true is not 1
+        return a is b
     return bool(a == b)
 
 

@@ -663,11 +663,6 @@ def score(labels: Sequence[Label], observations: Iterable[Observation], *,
     return report
 
 
-def expected_outputs(labels: Iterable[Label]) -> int:
-    """How many output records a correct guard writes for these labels (everything but dropped duplicates)."""
-    return sum(1 for lb in labels if lb.expect is not Expect.DROP)
-
-
 def as_json(report: Report) -> bytes:
     """The report as JSON (for the demo's --report file and for tools)."""
     return orjson.dumps({

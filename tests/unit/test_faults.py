@@ -30,7 +30,6 @@ from byzguard.faults import (
     Label,
     Observation,
     TrafficGenerator,
-    expected_outputs,
     fingerprint,
     observe,
     score,
@@ -377,9 +376,3 @@ def test_observe_reads_the_event_id_verdict_and_codes_of_an_output() -> None:
     assert obs == Observation("e1", fingerprint(b"v"), QUARANTINE, "reject", ("version.regression",))
     assert observe(VERIFIED, b"v", [("byzguard_verdict", b"pass")]) is None
 
-
-def test_expected_outputs_leaves_out_the_drops() -> None:
-    """A correct guard writes one output per record except the dropped duplicates."""
-    labels = [label(1, "e1", b"v", None), label(2, "e1", b"v", FaultClass.DUPLICATE),
-              label(3, "e3", b"x", FaultClass.STALE_CACHE)]
-    assert expected_outputs(labels) == 2

@@ -1,0 +1,195 @@
+"""Cross-stream audits on a real broker: one `byzguard run` worker audits orders vs payments (3 s windows)
+and invoices vs settlements; the scenario is produced once and each test checks one behaviour of it."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from app.cli import cli
+from byzguard.stamp import Stamped, Stamper
+from tests.conftest import _topic_prefix, run_async
+from tests.integration.worker_harness import PAYMENTS_KEY, Out, WorkerFactory, WorkerProcess, collect, produce
+
+pytestmark = pytest.mark.kafka
+
+WINDOW = 3.0
+CONFIG = """\
+keys:
+  orders-1: {{source: orders, secret_env: BYZGUARD_KEY_ORDERS_1}}
+  payments-1: {{source: payments, secret_env: BYZGUARD_KEY_PAYMENTS_1}}
+routes:
+  - name: orders
+    inputs: [{input}]
+    verified_topic: {verified}
+    quarantine_topic: {quarantine}
+    partitions: 4
+    require_checksum: true
+    types:
+      order.confirmed: {{sources: [orders]}}
+      payment.captured: {{sources: [payments], key_ids: [payments-1]}}
+      invoice.issued: {{sources: [orders]}}
+      settlement.booked: {{sources: [payments], key_ids: [payments-1]}}
+audits:
+  - name: paid
+    left: {{name: orders, topic: {verified}, type: order.confirmed, key: data.paymentId, value: data.total}}
+    right: {{name: payments, topic: {verified}, type: payment.captured, key: data.paymentId, value: data.amount}}
+    within: {window}s
+    grace: 1s
+    partitions: 2
+    discrepancies_topic: {discrepancies}
+  - name: settled
+    left: {{name: invoices, topic: {verified}, type: invoice.issued, key: data.ref, value: data.total}}
+    right: {{name: settlements, topic: {verified}, type: settlement.booked, key: data.ref, value: data.amount}}
+    within: {window}s
+    grace: 1s
+    discrepancies_topic: {discrepancies}
+"""
+
+
+@dataclass
+class Scenario:
+    """What was produced and what the worker wrote to the audit topic."""
+
+    factory: WorkerFactory
+    worker: WorkerProcess
+    run: str
+    discrepancies_topic: str
+    found: list[Out]
+    produced_at: float
+
+    def of(self, key: str) -> list[dict[str, Any]]:
+        """The discrepancy records of one join key."""
+        return [orjson.loads(r.value or b"{}") for r in self.found if r.key == f"{self.run}-{key}".encode()]
+
+
+def _events(run: str) -> tuple[list[Stamped], list[Stamped]]:
+    """(sent at once, sent 2 s later): orders/payments for `paid`, and a mixed invoices/settlements stream."""
+    orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
+    now = time.time()
+
+    def order(name: str, total: float, *, kind: str = "order.confirmed", field: str = "paymentId") -> Stamped:
+        return orders.binary({field: f"{run}-{name}", "total": total}, type=kind, subject=f"{run}-o-{name}",
+                             version=1, time=now)
+
+    def pay(name: str, amount: float, *, kind: str = "payment.captured", field: str = "paymentId") -> Stamped:
+        return payments.binary({field: f"{run}-{name}", "amount": amount}, type=kind, subject=f"{run}-pay-{name}",
+                               version=1, time=now)
+
+    def invoice(name: str, total: float) -> Stamped:
+        return order(name, total, kind="invoice.issued", field="ref")
+
+    def settle(name: str, amount: float) -> Stamped:
+        return pay(name, amount, kind="settlement.booked", field="ref")
+
+    first = [
+        order("partial", 100),                     # a partial write: no payment ever
+        order("mismatch", 100), pay("mismatch", 90),
+        order("late", 30),                         # its payment comes 2 s later, inside the 3 s window
+        order("ok", 50), pay("ok", 50),
+        *[e for n in range(4) for e in (invoice(f"m{n}", 10 + n), settle(f"m{n}", 10 + n))],
+        invoice("m-mismatch", 70), settle("m-mismatch", 7),
+        invoice("m-missing", 80),
+    ]
+    return first, [pay("late", 30)]
+
+
+@pytest.fixture(scope="module")
+def scenario(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    """One worker with both audit rules; the scenario produced; the audit topic read until it is quiet."""
+    factory = WorkerFactory(kafka_bootstrap, tmp_path_factory.mktemp("audit"), _topic_prefix("test_audit"))
+    try:
+        names = factory.configure(partitions=4)
+        discrepancies = f"{factory.app_id}-discrepancies"  # the factory's cleanup deletes <app_id>-* topics
+        assert factory.config_path is not None
+        factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
+                                                     quarantine=names.quarantine, window=WINDOW,
+                                                     discrepancies=discrepancies))
+        worker = factory.start("auditor")
+        run = uuid.uuid4().hex[:6]
+        first, later = _events(run)
+        produced_at = time.time()
+        run_async(lambda: produce(kafka_bootstrap, names.input, first))
+        time.sleep(2.0)
+        run_async(lambda: produce(kafka_bootstrap, names.input, later))
+        # 2 discrepancies per rule; then 3 quiet seconds, past every window and grace, show nothing else comes.
+        found = run_async(lambda: collect(kafka_bootstrap, discrepancies, expected=4, idle=3.0, timeout=90))
+        yield Scenario(factory, worker, run, discrepancies, found, produced_at)
+    finally:
+        factory.cleanup()
+
+
+def _metrics(worker: WorkerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_order_without_payment_is_reported_missing_after_the_window(scenario: Scenario) -> None:
+    """A confirmed order whose payment never comes is one `missing` discrepancy, emitted after the window."""
+    (disc,) = scenario.of("partial")
+    assert disc["kind"] == "missing" and disc["rule"] == "paid"
+    assert disc["entity"] == f"{scenario.run}-o-partial"
+    assert disc["serviceA"]["name"] == "orders" and disc["serviceA"]["value"] == 100
+    assert disc["serviceB"] == {"name": "payments", "type": "payment.captured", "value": None}
+    assert disc["detectedAt"] - disc["serviceA"]["at"] >= WINDOW
+
+
+def test_amount_mismatch_is_reported_with_both_values(scenario: Scenario) -> None:
+    """A payment of 90 for an order of 100 is a `mismatch` naming both services' values."""
+    (disc,) = scenario.of("mismatch")
+    assert disc["kind"] == "mismatch"
+    assert (disc["serviceA"]["value"], disc["serviceB"]["value"]) == (100, 90)
+    assert disc["serviceB"]["entity"] == f"{scenario.run}-pay-mismatch"
+    record = next(r for r in scenario.found if r.key == f"{scenario.run}-mismatch".encode())
+    assert record.header("byzguard_audit_rule") == b"paid" and record.header("byzguard_audit_kind") == b"mismatch"
+
+
+def test_late_payment_inside_the_window_is_no_discrepancy(scenario: Scenario) -> None:
+    """A payment 2 s after its order, inside the 3 s window, agrees: nothing is reported, nor for a prompt one."""
+    assert scenario.of("late") == []
+    assert scenario.of("ok") == []
+    assert len(scenario.found) == 4
+
+
+def test_agreement_rate_over_a_mixed_stream(scenario: Scenario) -> None:
+    """4 of 6 invoices settled right: 6 checks, one mismatch, one missing, an agreement ratio of 4/6."""
+    metrics = _metrics(scenario.worker)
+    rule = (("rule", "settled"),)
+    assert metrics[("byzguard_audit_checks_total", rule)] == 6
+    assert metrics[("byzguard_audit_discrepancies_total", (("kind", "mismatch"), *rule))] == 1
+    assert metrics[("byzguard_audit_discrepancies_total", (("kind", "missing"), *rule))] == 1
+    assert metrics[("byzguard_audit_agreement_ratio", rule)] == pytest.approx(4 / 6)
+    assert metrics[("byzguard_audit_checks_total", (("rule", "paid"),))] == 4
+    assert [d["kind"] for d in scenario.of("m-mismatch") + scenario.of("m-missing")] == ["mismatch", "missing"]
+
+
+def test_cli_audits_a_time_range_on_demand(scenario: Scenario) -> None:
+    """`byzguard audit run RULE --since` re-reads the verified topic: same discrepancies, rate, exit code 1."""
+    config = str(scenario.factory.config_path)
+    broker = scenario.factory.bootstrap
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["audit", "run", "settled", "--since", "10m", "--config", config, "--broker", broker])
+    assert shown.exit_code == 1, shown.output
+    assert "66.7%" in shown.output and "mismatch" in shown.output and "missing" in shown.output
+    as_json = runner.invoke(cli, ["audit", "run", "settled", "--since", "10m", "--config", config,
+                                  "--broker", broker, "--json"])
+    result = orjson.loads(as_json.output)
+    assert (result["checks"], result["passed"], result["pending"]) == (6, 4, 0)
+    assert sorted(d["key"] for d in result["discrepancies"]) == [f"{scenario.run}-m-mismatch",
+                                                                 f"{scenario.run}-m-missing"]
+    before = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(scenario.produced_at - 5))
+    empty = runner.invoke(cli, ["audit", "run", "paid", "--since", "1h", "--until", before, "--config", config,
+                                "--broker", broker])
+    assert empty.exit_code == 0, empty.output
+    assert "0 checked" in empty.output

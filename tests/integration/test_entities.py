@@ -1,0 +1,201 @@
+"""Last-known-good values on a real broker: two `byzguard run` workers of one group serve
+GET /entities/{route}/{entity}, each answering for every entity with the value of the worker that owns it."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+
+from app.entities import SERVED_BY_HEADER, entity_partition
+from app.lkg_client import LastKnownGoodUnavailable, NoVerifiedValue, get_last_known_good
+from byzguard.stamp import Stamped, Stamper
+from tests.conftest import _topic_prefix, run_async
+from tests.integration.worker_harness import RouteNames, WorkerFactory, WorkerProcess, produce, wait_caught_up
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 4
+RETENTION = 20.0
+CONFIG = """\
+keys:
+  orders-1: {{source: orders, secret_env: BYZGUARD_KEY_ORDERS_1}}
+  payments-1: {{source: payments, secret_env: BYZGUARD_KEY_PAYMENTS_1}}
+last_good_retention: {retention}s
+routes:
+  - name: orders
+    inputs: [{input}]
+    verified_topic: {verified}
+    quarantine_topic: {quarantine}
+    partitions: {partitions}
+    require_checksum: true
+    types:
+      order.confirmed: {{sources: [orders]}}
+      stock.level: {{sources: [orders], max_age: 3s}}
+"""
+
+
+@dataclass
+class Group:
+    """Two workers of one consumer group, and the stamper of the `orders` source (one Lamport clock)."""
+
+    factory: WorkerFactory
+    names: RouteNames
+    workers: list[WorkerProcess]
+    orders: Stamper
+    run: str
+
+    def url(self, worker: WorkerProcess) -> str:
+        return f"http://127.0.0.1:{worker.web_port}"
+
+    def entity(self, name: str) -> str:
+        return f"{self.run}-{name}"
+
+    def send(self, *records: Stamped) -> None:
+        """Produce and wait until the group has processed (and committed) everything."""
+        bootstrap = self.factory.bootstrap
+        run_async(lambda: produce(bootstrap, self.names.input, records))
+        run_async(lambda: wait_caught_up(bootstrap, self.factory.app_id, [self.names.input], workers=self.workers))
+
+    def order(self, name: str, version: int, data: dict[str, Any], *, age: float = 0.0,
+              type: str = "order.confirmed") -> Stamped:
+        return self.orders.binary(data, type=type, subject=self.entity(name), version=version,
+                                  time=time.time() - age)
+
+
+def get(url: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """GET a JSON view: (status, body, headers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, orjson.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read()), dict(exc.headers)
+
+
+def _spread_probes(run: str) -> list[str]:
+    """Entity ids covering every partition."""
+    probes: dict[int, str] = {}
+    n = 0
+    while len(probes) < PARTITIONS:
+        probes.setdefault(entity_partition(f"{run}-probe-{n}", PARTITIONS), f"{run}-probe-{n}")
+        n += 1
+    return [probes[p] for p in range(PARTITIONS)]
+
+
+def _wait_for_two_owners(group: Group, timeout: float = 60.0) -> None:
+    """Until both workers answer for every partition (no 503) and each owns some of them."""
+    deadline = time.monotonic() + timeout
+    owners: set[str] = set()
+    while time.monotonic() < deadline:
+        answers = [get(f"{group.url(w)}/entities/orders/{probe}") for w in group.workers
+                   for probe in _spread_probes(group.run)]
+        owners = {body.get("served_by", "") for status, body, _ in answers if status == 404}
+        if all(status == 404 for status, _, _ in answers) and len(owners) == 2:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the two workers never shared the partitions (owners seen: {owners})")
+
+
+@pytest.fixture(scope="module")
+def group(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    """Two workers sharing the route's 4 partitions."""
+    factory = WorkerFactory(kafka_bootstrap, tmp_path_factory.mktemp("entities"), _topic_prefix("test_entities"))
+    try:
+        names = factory.configure(partitions=PARTITIONS)
+        assert factory.config_path is not None
+        factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
+                                                     quarantine=names.quarantine, partitions=PARTITIONS,
+                                                     retention=RETENTION))
+        workers = [factory.new_worker(name).start() for name in ("w1", "w2")]
+        for worker in workers:
+            worker.wait_ready()
+        found = Group(factory, names, workers, Stamper("orders"), uuid.uuid4().hex[:6])
+        _wait_for_two_owners(found)
+        yield found
+    finally:
+        factory.cleanup()
+
+
+def test_quarantined_event_never_replaces_the_last_known_good(group: Group) -> None:
+    """After two clean versions and a corrupted third, the entity's value is the second: verified, not the bad one."""
+    bad = group.order("o-1", 3, {"total": 1})
+    value = bytearray(bad.value)
+    value[len(value) // 2] ^= 0x01  # corrupted after its checksum was computed: integrity.mismatch
+    group.send(group.order("o-1", 1, {"total": 100}), group.order("o-1", 2, {"total": 120}),
+               Stamped(bad.key, bytes(value), bad.headers, bad.event_id))
+    status, body, _ = get(f"{group.url(group.workers[0])}/entities/orders/{group.entity('o-1')}")
+    assert status == 200, body
+    assert body["value"] == {"total": 120} and body["version"] == 2
+    assert body["status"] == "fresh" and body["type"] == "order.confirmed" and body["verified_at"].endswith("Z")
+
+
+def test_any_worker_answers_with_the_owners_value(group: Group) -> None:
+    """A request to the worker that does not own the entity is forwarded: both workers give the owner's answer."""
+    names = _spread_probes(group.run + "-spread")
+    group.send(*[group.orders.binary({"n": i}, type="order.confirmed", subject=name, version=1, time=time.time())
+                 for i, name in enumerate(names)])
+    owners = set()
+    for i, name in enumerate(names):
+        answers = [get(f"{group.url(w)}/entities/orders/{name}") for w in group.workers]
+        (s1, b1, h1), (s2, b2, h2) = answers
+        assert (s1, s2) == (200, 200), answers
+        same = {k: v for k, v in b1.items() if k != "age_seconds"}
+        assert same == {k: v for k, v in b2.items() if k != "age_seconds"} and b1["value"] == {"n": i}
+        assert b1["partition"] == entity_partition(name, PARTITIONS)
+        assert h1[SERVED_BY_HEADER] == h2[SERVED_BY_HEADER] == b1["served_by"]
+        owners.add(b1["served_by"])
+    assert owners == {group.url(w) for w in group.workers}
+
+
+def test_unknown_entity_or_route_is_404(group: Group) -> None:
+    """An entity never verified is 404 not_found (from its owner); an unknown route is 404 too."""
+    for worker in group.workers:
+        status, body, _ = get(f"{group.url(worker)}/entities/orders/{group.entity('never-seen')}")
+        assert (status, body["error"]) == (404, "not_found")
+    status, body, _ = get(f"{group.url(group.workers[0])}/entities/nope/{group.entity('o-1')}")
+    assert (status, body["error"], body["routes"]) == (404, "unknown_route", ["orders"])
+
+
+def test_value_past_max_age_is_a_fallback_until_the_retention_ends(group: Group) -> None:
+    """Past its type's max_age a value is served as a fallback (and counted); past the retention it is gone."""
+    group.send(group.order("stock-1", 1, {"level": 7}, age=1.0, type="stock.level"),
+               group.order("old-1", 1, {"total": 5}, age=RETENTION - 5))
+    url = group.url(group.workers[1])
+    asked = time.monotonic()
+    status, old, _ = get(f"{url}/entities/orders/{group.entity('old-1')}")
+    assert (status, old["status"]) == (200, "fresh"), old  # order.confirmed has no max_age: fresh until retention
+    status, stock, _ = get(f"{url}/entities/orders/{group.entity('stock-1')}")
+    assert status == 200, stock
+    time.sleep(max(0.0, 3.2 - stock["age_seconds"]))  # stock.level's max_age is 3 s
+    status, stock, _ = get(f"{url}/entities/orders/{group.entity('stock-1')}")
+    assert (status, stock["status"], stock["fresh"], stock["value"]) == (200, "fallback", False, {"level": 7})
+    with pytest.raises(NoVerifiedValue, match="stale fallback"):
+        get_last_known_good(url, "orders", group.entity("stock-1"), require_fresh=True)
+    fallback = get_last_known_good(url, "orders", group.entity("stock-1"))
+    assert fallback is not None and fallback.is_fallback and fallback.value == {"level": 7}
+    assert sum(w.metrics().get("byzguard_last_good_served_total", 0.0) for w in group.workers) >= 2
+    time.sleep(max(0.0, RETENTION + 0.3 - old["age_seconds"] - (time.monotonic() - asked)))
+    status, old, _ = get(f"{url}/entities/orders/{group.entity('old-1')}")
+    assert (status, old["error"]) == (404, "expired")
+    assert get_last_known_good(url, "orders", group.entity("old-1"), fail_closed=False) is None
+
+
+def test_client_fails_closed_without_a_verified_value(group: Group) -> None:
+    """The Python client returns verified values only; without one it raises (fail closed) or gives None."""
+    group.send(group.order("o-client", 1, {"total": 42}))
+    url = group.url(group.workers[0])
+    good = get_last_known_good(url, "orders", group.entity("o-client"))
+    assert good is not None and good.value == {"total": 42} and good.version == 1 and good.fresh
+    with pytest.raises(NoVerifiedValue):
+        get_last_known_good(url, "orders", group.entity("never-seen"))
+    assert get_last_known_good(url, "orders", group.entity("never-seen"), fail_closed=False) is None
+    with pytest.raises(LastKnownGoodUnavailable):
+        get_last_known_good("http://127.0.0.1:9", "orders", group.entity("o-client"), timeout=1)
+    assert get_last_known_good("http://127.0.0.1:9", "orders", "x", fail_closed=False, timeout=1) is None
