@@ -86,8 +86,13 @@ def verify(
     *,
     now: float,
     limits: Limits = Limits(),
+    received: float | None = None,
 ) -> Decision:
-    """Run every check on `env` against the entity's and the source's state; return the decision."""
+    """Run every check on `env` against the entity's and the source's state; return the decision.
+
+    `received` is when the broker appended the record: clock skew is judged against it, so a worker that
+    lags behind its input does not mistake an event from a clock that runs ahead for a punctual one.
+    """
     reasons = _Reasons(policy)
     _check_authorization(env, policy, reasons)
     for code, detail in check_integrity(env.checksum, env.covered, env.source, keyring,
@@ -117,7 +122,7 @@ def verify(
     if env.lamport is not None and lamport_mark is not None and env.lamport <= lamport_mark:
         reasons.add(Code.LAMPORT_REGRESSION,
                     f"source {env.source!r} sent Lamport time {env.lamport} after {lamport_mark}")
-    _check_time(env, policy, now, reasons)
+    _check_time(env, policy, now, now if received is None else min(received, now), reasons)
     if policy.rules and policy.level(Code.INVARIANT_VIOLATED) is not Severity.OFF:
         last = entity.last_good_data() if entity is not None and policy.rules.uses_last else None
         for reason in policy.rules.evaluate(env.data(), last, now=now, event=env.attributes()):
@@ -160,15 +165,17 @@ def _check_vclock(env: Envelope, entity: EntityState, reasons: _Reasons) -> None
                     f"with the verified {entity.vclock.to_header().decode()} (conflicting writers)")
 
 
-def _check_time(env: Envelope, policy: TypePolicy, now: float, reasons: _Reasons) -> None:
+def _check_time(env: Envelope, policy: TypePolicy, now: float, received: float, reasons: _Reasons) -> None:
     if env.time is None:
         return
+    # Staleness is about the data when it is used (now); skew about the producer's clock when it sent.
     age = now - env.time
     if policy.max_age is not None and age > policy.max_age:
         reasons.add(Code.TIME_STALE, f"event time is {age:.1f}s old, the type allows {policy.max_age:g}s")
-    if policy.max_skew is not None and -age > policy.max_skew:
-        reasons.add(Code.TIME_FUTURE,
-                    f"event time is {-age:.1f}s in the future, the skew tolerance is {policy.max_skew:g}s")
+    ahead = env.time - received
+    if policy.max_skew is not None and ahead > policy.max_skew:
+        reasons.add(Code.TIME_FUTURE, f"event time is {ahead:.1f}s ahead of its arrival at the broker, the skew "
+                    f"tolerance is {policy.max_skew:g}s")
 
 
 def _conclude(

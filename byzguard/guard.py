@@ -193,7 +193,8 @@ class Guard:
         mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
         if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, mark, now):
             return
-        decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits)
+        decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
+                          received=record.timestamp)
         if decision.entity is not None:
             tx.put(ENTITIES, entity_key, decision.entity.to_bytes())
         if decision.lamport is not None and not released:

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from byzguard.clocks import VectorClock
+from byzguard.guard import RecordIn
 from byzguard.integrity import HMAC_SHA256, XXH3_128, Key
 from byzguard.routing import H_REASONS, H_VERDICT
 from byzguard.stamp import Stamped, Stamper, seed_checksum_event
@@ -323,3 +324,15 @@ def test_fail_open_forwards_suspect_and_records_it(harness_factory) -> None:  # 
     assert dict(routed.verified_headers or [])[H_VERDICT] == b"suspect"
     assert routed.quarantine_headers is not None
     assert not harness_writes_entity(h)
+
+
+def test_clock_skew_is_judged_at_arrival_not_processing(harness: Harness) -> None:
+    """A worker lagging 60 s still sees that an event was stamped 30 s ahead of its arrival at the broker."""
+    ahead = Stamper("pricing").binary(PRICE, type="price.updated", subject="lag", version=1, time=NOW + 30)
+    routed = harness.guard.process(RecordIn(ahead.key, ahead.value, ahead.headers, "in", 0, 1, NOW),
+                                   harness.route, harness.state, now=NOW + 60).first
+    assert [r.code.value for r in routed.decision.reasons] == ["time.future"]
+    punctual = Stamper("pricing").binary(PRICE, type="price.updated", subject="lag2", version=1, time=NOW)
+    routed = harness.guard.process(RecordIn(punctual.key, punctual.value, punctual.headers, "in", 0, 2, NOW),
+                                   harness.route, harness.state, now=NOW + 60).first
+    assert routed.decision.outcome is Outcome.VERIFIED
