@@ -249,8 +249,9 @@ def test_the_documented_configuration_catches_every_per_event_class_with_its_cod
         route = cfg.route_for(injection.topic)
         tables = state.setdefault(route.name, {})
         record = injection.record
-        result = guard.process(RecordIn(record.key, record.value, record.headers, injection.topic, 0, i, NOW + i * 0.01),
-                               route, _Tables(tables), now=NOW + i * 0.01 + 0.5)
+        sent_at = NOW + i * 0.01
+        result = guard.process(RecordIn(record.key, record.value, record.headers, injection.topic, 0, i, sent_at),
+                               route, _Tables(tables), now=sent_at + 0.5)
         for (table, k), v in result.writes.items():
             if v is None:
                 tables.setdefault(table, {}).pop(k, None)
