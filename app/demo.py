@@ -473,6 +473,8 @@ async def run_demo(bootstrap: str, config: GuardConfig, options: DemoOptions, *,
     try:
         await outputs.start()
         dup_base = scrape_counter(where.metrics, "byzguard_events_total", outcome="duplicate")
+        checks_base = scrape_counter(where.metrics, "byzguard_audit_checks_total", rule=audits[0].name) \
+            if audits else None
         started = time.monotonic()
         reader = asyncio.create_task(outputs.follow(stats))
         watcher = asyncio.create_task(_watch_duplicates(where, dup_base, stats))
@@ -496,7 +498,7 @@ async def run_demo(bootstrap: str, config: GuardConfig, options: DemoOptions, *,
             send_seconds = await _send(gen, producers, options, stats, outputs, truth)
             stats.phase = "waiting for the last verdicts"
             dup_count = await _drain(gen.labels, outputs, stats, where, dup_base, options.drain_timeout)
-            audit = await _await_audits(audits, gen.labels, outputs, stats, options.audit_wait)
+            audit = await _await_audits(audits, gen.labels, outputs, stats, where, checks_base, options.audit_wait)
             stats.phase = "done"
             if live is not None:
                 live.refresh()
@@ -588,22 +590,31 @@ async def _drain(labels: list[Label], outputs: Outputs, stats: LiveStats, where:
 
 
 async def _await_audits(audits: list[AuditRule], labels: list[Label], outputs: Outputs, stats: LiveStats,
-                        wait: float) -> str:
+                        where: Where, checks_base: int | None, wait: float) -> str:
     """Wait for the orders audit to report the partial writes, when its window is short enough to wait for;
-    AUDIT_SCORED, or why partial writes are not scored."""
+    AUDIT_SCORED, or why partial writes are not scored. The wait ends when every partial write is reported; or,
+    once every window has closed, when the audit has checked every order of the run (its checks counter on the
+    worker's /metrics); or a minute later, for an audit that lags behind."""
     if not audits:
         return "no cross-stream audit of orders is configured; per-event checks cannot see a partial write"
-    rule = min(audits, key=audit_horizon)
+    rule = audits[0]
     horizon = audit_horizon(rule)
     if horizon > wait:
         return (f"pending: audit {rule.name!r} waits {rule.within:g} s for a payment; its discrepancies arrive on "
                 f"{rule.discrepancies_topic} after that")
     partial = {lb.subject for lb in labels if lb.fault is FaultClass.PARTIAL_WRITE}
+    verified = {(o.event_id, o.fingerprint) for o in outputs.observations if o.where == VERIFIED}
+    orders = sum(1 for lb in labels if lb.event_type == AUDITED_TYPE and (lb.event_id, lb.fingerprint) in verified)
     stats.phase = f"waiting for audit {rule.name} ({rule.within:g} s window)"
-    deadline = time.monotonic() + horizon  # every order has been verified: its window is open now at the latest
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    while time.monotonic() < started + horizon + 60.0:
         if partial <= outputs.audited.keys():
             break
+        if time.monotonic() > started + horizon:  # every window has closed, if the audit keeps up
+            checks = await asyncio.to_thread(scrape_counter, where.metrics, "byzguard_audit_checks_total",
+                                             rule=rule.name)
+            if checks is not None and checks_base is not None and checks - checks_base >= orders:
+                break  # it has checked every order of the run: the partial writes it did not report, it missed
         await asyncio.sleep(0.5)
     return AUDIT_SCORED
 

@@ -67,6 +67,8 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
         deadline = time.monotonic() + 90
         body = ""
         while time.monotonic() < deadline:
+            if not worker.alive():
+                pytest.fail(f"the worker died:\n{worker.log_tail(60)}")
             content_type, body = scrape(f"{base}/metrics")
             rows = samples(body)
             counted = sum(v for n, lb, v in rows if n == "byzguard_events_total")
