@@ -65,25 +65,27 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 event_id, routed.decision.outcome, routed.decision.reasons, name, topic=record.topic,
                 partition=record.partition, offset=record.offset, now=time.time()))
 
+    async def verify_one(event: faust.EventT) -> None:
+        msg = event.message
+        started = time.perf_counter()
+        now = time.time()
+        if msg.topic == tick_name:
+            result = guard.expire_held(route, state, now=now)
+        else:
+            result = guard.process(
+                RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
+                         msg.timestamp), route, state, now=now)
+        apply(result)
+        for routed in result.routed:
+            await send(routed)
+        latency.observe(time.perf_counter() - started)
+        for routed in result.routed:
+            observe(name, routed, now)
+
     async def verify_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
-            # One event's state writes, outputs and ack happen with no commit in between (app/eos.py).
-            async with eos.processing(app, event):
-                msg = event.message
-                started = time.perf_counter()
-                now = time.time()
-                if msg.topic == tick_name:
-                    result = guard.expire_held(route, state, now=now)
-                else:
-                    result = guard.process(
-                        RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                                 msg.timestamp), route, state, now=now)
-                apply(result)
-                for routed in result.routed:
-                    await send(routed)
-                latency.observe(time.perf_counter() - started)
-                for routed in result.routed:
-                    observe(name, routed, now)
+            # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).
+            await eos.process(app, event, verify_one)
             yield None
 
     if tick_topic is not None:

@@ -1,33 +1,38 @@
 """Exactly-once for byzguard on faust-streaming 0.15.3: the parts faust's `exactly_once` leaves out.
 
 Faust runs one transactional producer per input partition and commits the input offsets in that
-producer's transaction. Four gaps (docs/exactly-once.md has the evidence) make that not exactly-once:
+producer's transaction. On its own that is not exactly-once; docs/exactly-once.md has the evidence for
+each gap below and how the crash test finds it.
 
-1. `TransactionManager.send` picks the transactional producer from the *output* topic: it asks the
-   consumer's metadata for the topic's partitions (unknown for a topic the worker does not consume, so
-   the record goes through the plain producer, outside any transaction) and then the assignor for the
-   topic's group (a KeyError for the same topics once the metadata does know them). Fixed here: a record
-   sent while a stream event is processed goes through the transactional producer of that event's
-   partition, the one that commits the event's offset.
-2. Table changelog writes wait in faust's ProducerBuffer; the exactly-once commit does not flush it, so
-   a state write can land in the next transaction while the offset that caused it is already committed.
-   Fixed here: a commit first waits for every buffered changelog write to be delivered.
-3. The commit timer runs concurrently with the agent: it can snapshot the acked offsets while an event is
-   half routed, or commit an event's outputs while its offset waits for the next transaction. Fixed here:
-   each event is processed (and acked) under a lock that the commit also takes, so a transaction holds
-   exactly the outputs and state writes of the offsets it commits.
-4. RocksDB is written at once, not at commit: after a crash the local store holds writes of aborted
-   transactions, and the re-delivered events look like duplicates of themselves. Fixed here: a worker
-   that did not stop cleanly discards its local tables at the next start and restores them from the
-   (read_committed) changelogs, as Kafka Streams does under exactly-once.
-5. Not a correctness gap but a 10-second one: a transactional changelog ends with a commit or abort
-   marker that a read_committed consumer never delivers, so faust's recovery waits for two 5-second
-   idle timeouts before it believes it is done, after every restart and every rebalance. Fixed here: a
-   side consumer checks whether any committed record is left after what recovery applied; if none is,
-   recovery ends at once.
+1. `TransactionManager.send` picks the producer from the *output* topic: the consumer's metadata does not
+   know a topic the worker only writes, so the record goes through the plain producer, outside any
+   transaction (or, once the metadata knows it, the assignor raises KeyError). Fixed: a record sent while a
+   stream event is processed goes through the transactional producer of that event's partition.
+2. Table changelog writes wait in faust's ProducerBuffer, and the exactly-once commit does not flush it.
+   Fixed: a commit first waits until every buffered changelog write is delivered.
+3. The commit timer runs concurrently with the agent, so a transaction can hold half an event, or an
+   event's outputs without its offset. Fixed: each event is processed and acked under a lock that the
+   commit also takes (`process`).
+4. RocksDB is written at once, not at commit: after a crash it holds writes of aborted transactions, and
+   re-delivered events look like duplicates of themselves. Fixed: a worker that did not stop cleanly
+   discards its local tables at the next start; they are restored from the read_committed changelogs.
+5. Table recovery: the changelog ends in a commit marker that a read_committed reader never receives, so
+   recovery waits for two 5-second idle timeouts, and then its shortcut (consumer position past the
+   highwater) can end recovery while records are still on their way, leaving entities out of the tables.
+   Fixed: recovery ends when a side consumer finds no committed record after what was applied; the
+   shortcut is disabled.
+6. Recovery's highwaters under exactly_once are the last stable offsets cached from the last fetch: None
+   for a partition not fetched since its assignment, so recovery skips that changelog (empty tables) or
+   crashes with ConsistencyError. Fixed: ask the broker (read_committed ListOffsets).
+7. Around a rebalance faust delivers some records twice (it fetches before it seeks to the committed
+   offsets), skips others (a message abandoned in the rebalance moves the read offset) and acks records its
+   stream skipped, while its commit tolerates a one-offset gap. Fixed: only `process` acks records of the
+   guarded topics; it drops a record delivered again, and when a record's predecessor never came it seeks
+   back to it.
 
-`install(app, bootstrap)` wires 1-3 and 5 into the app (before its consumer and producer exist); agents
-wrap each event in `processing(app, event)`; the CLI runs the worker inside `crash_safe_state(...)` for 4.
+`install(app, bootstrap)` wires 1-3 and 5-7 into the app before its consumer and producer exist; agents run
+each record through `process(app, event, handle)` and call `guard(app, topic)`; the CLI runs the worker
+inside `crash_safe_state(...)` for 4.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,8 @@ CHANGELOG_DELIVERY_TIMEOUT = 60.0
 #: How often recovery looks whether only transaction markers are left, and how long one look may take.
 TAIL_CHECK_INTERVAL = 0.25
 TAIL_CHECK_TIMEOUT = 5.0
+#: Recovery that applied no changelog record for this long while committed ones are left seeks to them again.
+RECOVERY_STALL_SECONDS = 5.0
 
 #: Present in the data dir while a worker runs; still there at start means the last worker crashed.
 RUNNING_MARKER = "byzguard-worker.running"
@@ -67,24 +74,28 @@ _STATE_ATTR = "_byzguard_eos"
 
 
 class ExactlyOnce:
-    """Per-app state: the processing lock and the changelog writes not yet delivered."""
+    """Per-app state: the processing lock, buffered changelog writes, and where each partition must go on."""
 
-    def __init__(self) -> None:
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
         self.lock = asyncio.Lock()
         self.pending: set[FutureMessage] = set()
         self.warned_topics: set[str] = set()
-        self.last_offsets: dict[TP, int] = {}
-        #: Topics whose records only `processing` may ack (their agent processes every record it acks).
+        #: Topics whose records only `process` may ack (their agent processes every record it acks).
         self.guarded_topics: set[str] = set()
         self.acking = False
+        #: Per partition: (consumer generation, the offset the agent must see next).
+        self.expected: dict[TP, tuple[int, int]] = {}
+        #: Partitions sought back to a skipped record: the offset whose delivery ends the detour.
+        self.seeking: dict[TP, int] = {}
+        self._probe: AIOKafkaConsumer | None = None
 
     def drop(self, consumer: Any, message: Any) -> bool:
-        """Let faust forget a record it never gave the agent, without marking its offset committable.
+        """Let faust forget a record the agent did not process, without marking its offset committable.
 
         Faust acks records its stream skipped (flow stopped, or a generation changed, during a rebalance) "so
         the lag does not grow"; the commit in the rebalance then moves past them and they are lost. Dropped
-        here instead, the offset stays a gap: the next commit stops before it, and after the rebalance the
-        consumer seeks back to the committed offset and the record is delivered again.
+        here instead, the offset stays uncommitted and the record is delivered again.
         """
         with ack_lock:
             if not message.acked:
@@ -92,6 +103,74 @@ class ExactlyOnce:
                 consumer._unacked_messages.discard(message)
                 notify(consumer._waiting_for_ack)
         return False
+
+    async def in_order(self, app: faust.App, event: faust.EventT) -> bool:
+        """True if `event` is the record its partition must process next; otherwise drop it (and, if a record
+        before it was never delivered, seek back to that one)."""
+        consumer: Any = app.consumer
+        message = event.message
+        tp, offset, generation = message.tp, message.offset, app.consumer_generation_id
+        known = self.expected.get(tp)
+        if known is not None and known[0] == generation:
+            expected: int | None = known[1]
+        else:  # first record since the partition was assigned: faust sought to the committed offset
+            committed = consumer._committed_offset[tp]
+            expected = committed if committed is not None and committed >= 0 else None
+            self.seeking.pop(tp, None)
+        if expected is None or offset == expected:
+            self.seeking.pop(tp, None)
+            return True
+        if offset < expected:
+            # Delivered again (faust fetched it twice around a rebalance): its outputs and ack are in already.
+            log.info("%s: record %d delivered again after it was processed; not processed twice", tp, offset)
+            return self.drop(consumer, message)
+        if self.seeking.get(tp) == expected:
+            # Still on the way back to the skipped record. A record fetched before the seek and handed over
+            # after it moves faust's read offset past the one we wait for, which would then be dropped when it
+            # comes: seek again.
+            read = consumer._read_offset.get(tp)
+            if read is not None and read > expected:
+                await consumer.seek(tp, expected)
+            return self.drop(consumer, message)
+        first = await self._first_record_from(tp, expected, offset)
+        if first is None or first >= offset:
+            return True  # only transaction markers or aborted records in between
+        log.warning("%s: record %d delivered but %d never was; seeking back to it", tp, offset, first)
+        self.seeking[tp] = first
+        self.expected[tp] = (generation, first)
+        await consumer.seek(tp, first)
+        return self.drop(consumer, message)
+
+    def processed(self, app: faust.App, event: faust.EventT) -> None:
+        """Record that the agent processed `event`; ack it (inside the lock, so no commit comes between)."""
+        message = event.message
+        self.expected[message.tp] = (app.consumer_generation_id, message.offset + 1)
+        self.acking = True
+        try:
+            event.ack()
+        finally:
+            self.acking = False
+
+    async def _first_record_from(self, tp: TP, start: int, end: int) -> int | None:
+        """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`)."""
+        if self._probe is None:
+            self._probe = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                                           enable_auto_commit=False, isolation_level="read_committed")
+            await self._probe.start()
+        probe = self._probe
+        atp = TopicPartition(tp.topic, tp.partition)
+        if probe.assignment() != {atp}:
+            probe.assign([atp])
+        probe.seek(atp, start)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TAIL_CHECK_TIMEOUT
+        while loop.time() < deadline:
+            records = (await probe.getmany(atp, timeout_ms=200, max_records=1)).get(atp)
+            if records:
+                return int(records[0].offset)
+            if await probe.position(atp) >= end:
+                return None
+        raise TimeoutError(f"could not read {tp} from offset {start} within {TAIL_CHECK_TIMEOUT} s")
 
     def track(self, fut: FutureMessage) -> None:
         """Remember a buffered send until it is delivered (or fails)."""
@@ -115,7 +194,7 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     """Give `app` the fixed transaction manager, consumer, producer and recovery. Call before start."""
     if app._consumer is not None or app._producer is not None:  # type: ignore[attr-defined]
         raise RuntimeError("eos.install must run before the app's consumer and producer are created")
-    state = ExactlyOnce()
+    state = ExactlyOnce(bootstrap)
     setattr(app, _STATE_ATTR, state)
     tables: Any = app.tables
     if tables._recovery is not None:
@@ -139,6 +218,16 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
                 return state.drop(self, message)
             acked: bool = super().ack(message)
             return acked
+
+        async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+            # Faust under exactly_once answers with the last stable offset cached from the last fetch response,
+            # None (read as "empty") for a partition not fetched since it was assigned: recovery then skips the
+            # changelog and starts from empty tables, or crashes with ConsistencyError when a persisted offset
+            # exists. Ask the broker instead: a read_committed ListOffsets returns the last stable offset.
+            thread = self._thread
+            consumer = thread._ensure_consumer()
+            offsets: Mapping[TP, int] = await thread.call_thread(consumer.end_offsets, list(partitions))
+            return offsets
 
         async def position(self, tp: TP) -> int | None:
             # Only faust's table recovery asks (Recovery._slurp_changelogs.detect_aborted_tx), to end recovery
@@ -204,6 +293,8 @@ class MarkerAwareRecovery(Recovery):
     @Service.task
     async def _end_at_transaction_markers(self) -> None:
         tail: AIOKafkaConsumer | None = None
+        progress: tuple[dict[TP, int], float] = ({}, 0.0)
+        loop = asyncio.get_running_loop()
         try:
             while not self.should_stop:
                 await self.sleep(TAIL_CHECK_INTERVAL)
@@ -214,6 +305,8 @@ class MarkerAwareRecovery(Recovery):
                           and offset < highwater}
                 if not behind:
                     continue
+                if behind != progress[0]:
+                    progress = (behind, loop.time())
                 if tail is None:
                     tail = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
                                             enable_auto_commit=False, isolation_level="read_committed")
@@ -226,6 +319,15 @@ class MarkerAwareRecovery(Recovery):
                 for tp in finished:
                     if self.active_offsets[tp] == behind[tp]:
                         self.active_offsets[tp] = self.active_highwaters[tp]
+                stalled = [tp for tp in behind if tp not in finished and self.active_offsets[tp] == behind[tp]]
+                if stalled and loop.time() - progress[1] > RECOVERY_STALL_SECONDS:
+                    # Committed records are left, but the worker's consumer has delivered none for a while
+                    # (seen after rebalances: faust's fetch bookkeeping drops them). Seek to them again.
+                    self.log.warning("Recovery got no changelog record for %.0f s; seeking %s again",
+                                     loop.time() - progress[1], {tp: behind[tp] + 1 for tp in stalled})
+                    for tp in stalled:
+                        await self.app.consumer.seek(tp, behind[tp] + 1)
+                    progress = (behind, loop.time())
                 if finished and not self.need_recovery():
                     self.log.info("Only transaction markers left in %d changelog partition(s): recovery done",
                                   len(finished))
@@ -241,7 +343,8 @@ async def _nothing_committed_after(consumer: AIOKafkaConsumer, applied: dict[TP,
                                    ends: dict[TP, int]) -> set[TP]:
     """The partitions whose read_committed position passes `ends` with no record after `applied`."""
     by_tp = {TopicPartition(tp.topic, tp.partition): tp for tp in applied}
-    consumer.assign(list(by_tp))
+    if consumer.assignment() != set(by_tp):
+        consumer.assign(list(by_tp))
     for atp, tp in by_tp.items():
         consumer.seek(atp, applied[tp] + 1)
     undecided = set(by_tp)
@@ -262,31 +365,38 @@ async def _nothing_committed_after(consumer: AIOKafkaConsumer, applied: dict[TP,
     return finished
 
 
+async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
+    """Run `handle(event)` exactly once per record: in offset order, with no commit in between, then ack it.
+
+    Around rebalances faust can deliver a record twice or not at all (it fetches before it seeks to the
+    committed offsets, and a message abandoned in a rebalance still moves its read offset); a record delivered
+    again is dropped, and one whose predecessor never came sends the consumer back to that predecessor.
+    """
+    state = state_of(app)
+    if state is None:
+        await handle(event)
+        return
+    async with state.lock:
+        if await state.in_order(app, event):
+            await handle(event)
+            state.processed(app, event)
+
+
 @contextlib.asynccontextmanager
 async def processing(app: faust.App, event: faust.EventT) -> AsyncIterator[None]:
-    """Process one event atomically with respect to commits; ack it on success, inside the lock."""
+    """Process one event with no commit in between and ack it inside the lock (no order or duplicate checks:
+    prefer `process`, which can skip a record delivered twice)."""
     state = state_of(app)
     if state is None:
         yield
         return
     async with state.lock:
-        tp = event.message.tp
-        last = state.last_offsets.get(tp)
-        if last is not None and event.message.offset != last + 1:
-            log.warning("DIAG %s: processed offset %d after %d", tp, event.message.offset, last)
-        state.last_offsets[tp] = event.message.offset
         yield
-        # Acked here, not when the stream moves on: a commit between the two would leave this event's
-        # outputs in a transaction that does not commit its offset.
-        state.acking = True
-        try:
-            event.ack()
-        finally:
-            state.acking = False
+        state.processed(app, event)
 
 
 def guard(app: faust.App, topics: faust.TopicT) -> None:
-    """Let only `processing` ack records of `topics` (see ExactlyOnce.drop); no-op without exactly-once."""
+    """Let only `process` ack records of `topics` (see ExactlyOnce.drop); no-op without exactly-once."""
     state = state_of(app)
     if state is not None:
         state.guarded_topics.update(topics.topics)

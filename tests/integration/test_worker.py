@@ -159,8 +159,8 @@ async def test_second_worker_shares_partitions_and_takes_over_when_the_first_sto
     assert a.stop() == 0, a.fail("did not stop cleanly").args[0]
     b_before = b.events_processed()
     one_per_partition = {p: s for s, p in sorted(partition_of.items(), reverse=True)}
-    regressions = [events.regression(s, 2) for s in one_per_partition.values()]
     batch3 = [events.clean(s, 4) for s in subjects]
+    regressions = [events.regression(s, 2) for s in one_per_partition.values()]
     await _run_batch(worker_factory, batch3 + regressions, b)
     assert b.events_processed() - b_before == len(batch3) + len(regressions), "b must route all of batch 3, once"
 
