@@ -1,0 +1,69 @@
+"""Read-after-write receipts against the real broker: a confirmed send returns byzguard's verdict on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.producer import GuardedProducer, ReceiptTimeout
+from tests.conftest import run_async
+from tests.integration.worker_harness import WorkerFactory, collect
+
+pytestmark = pytest.mark.kafka
+
+CONFIG = """\
+routes:
+  - name: perms
+    inputs: [{input}]
+    verified_topic: {verified}
+    quarantine_topic: {quarantine}
+    receipts_topic: {receipts}
+    partitions: 2
+    types:
+      role.changed:
+        sources: [permissions]
+        rules: [{{name: known_role, expr: "data.role in ['admin', 'member']"}}]
+"""
+
+
+def test_confirmed_send_returns_the_verdict_once_it_is_visible(worker_factory: WorkerFactory) -> None:
+    """A clean write is confirmed verified only when consumers can read it; a bad one comes back quarantined."""
+    route = worker_factory.configure(partitions=2)
+    receipts = f"{route.input}-receipts"
+    assert worker_factory.config_path is not None
+    worker_factory.config_path.write_text(CONFIG.format(input=route.input, verified=route.verified,
+                                                        quarantine=route.quarantine, receipts=receipts))
+    worker_factory.start("w1")
+
+    async def scenario() -> tuple[object, object]:
+        async with GuardedProducer(worker_factory.bootstrap, source="permissions") as producer:
+            good = await producer.send_confirmed(route.input, {"role": "admin"}, type="role.changed",
+                                                 subject="user-1", version=1, receipts_topic=receipts, timeout=30)
+            # Read-after-write: at the moment of the receipt the verified record is already readable.
+            visible = await collect(worker_factory.bootstrap, route.verified, expected=1, idle=0.0, timeout=5)
+            bad = await producer.send_confirmed(route.input, {"role": "root"}, type="role.changed",
+                                                subject="user-1", version=2, receipts_topic=receipts, timeout=30)
+            return (good, visible), bad
+
+    (good, visible), bad = run_async(scenario)
+    assert good.outcome == "verified" and good.visible and good.reasons == []  # type: ignore[attr-defined]
+    assert [o.event_id for o in visible] == [good.event_id]  # type: ignore[attr-defined]
+    assert bad.outcome == "quarantined" and not bad.visible  # type: ignore[attr-defined]
+    assert [r["code"] for r in bad.reasons] == ["invariant.violated"]  # type: ignore[attr-defined]
+
+
+def test_confirmed_send_times_out_without_a_guard(worker_factory: WorkerFactory) -> None:
+    """With no worker running, a confirmed send raises ReceiptTimeout instead of claiming success."""
+    route = worker_factory.configure(partitions=1)
+
+    async def scenario() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        admin = AIOKafkaAdminClient(bootstrap_servers=worker_factory.bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(f"{route.input}-receipts", 1, 1), NewTopic(route.input, 1, 1)])
+        await admin.close()
+        async with GuardedProducer(worker_factory.bootstrap, source="permissions") as producer:
+            await producer.send_confirmed(route.input, {"role": "admin"}, type="role.changed", subject="u",
+                                          receipts_topic=f"{route.input}-receipts", timeout=2)
+
+    with pytest.raises(ReceiptTimeout):
+        run_async(scenario)
