@@ -122,11 +122,12 @@ def _float_value(x: float) -> object:
     return orjson.Fragment(_format_float(x))
 
 
-# _prepare_dict and _prepare_list repeat one loop body: it is the hot path and a per-value helper call
-# costs more than the rest of the work for a typical event.
-def _prepare_dict(d: dict[Any, Any]) -> dict[Any, Any]:
-    new: dict[Any, Any] | None = None
-    for k, x in d.items():
+# One loop serves dicts (over items()) and lists (over enumerate()): both copy with .copy() and assign
+# by key or index. The body stays inline: it is the hot path, and a per-value helper call would cost more
+# than the rest of the work for a typical event.
+def _prepare(c: Any, pairs: Any) -> Any:
+    new: Any = None
+    for k, x in pairs:
         t = type(x)
         if t is str:
             continue
@@ -141,53 +142,29 @@ def _prepare_dict(d: dict[Any, Any]) -> dict[Any, Any]:
         elif t is bool or t is _NONE_TYPE:
             continue
         elif t is dict:
-            y = _prepare_dict(x)
+            y = _prepare(x, x.items())
             if y is x:
                 continue
         elif t is list:
-            y = _prepare_list(x)
+            y = _prepare(x, enumerate(x))
             if y is x:
                 continue
         else:
             raise _Unusual
         if new is None:
-            new = d.copy()
+            new = c.copy()
         new[k] = y
-    return d if new is None else new
+    return c if new is None else new
+
+
+def _prepare_dict(d: dict[Any, Any]) -> dict[Any, Any]:
+    out: dict[Any, Any] = _prepare(d, d.items())
+    return out
 
 
 def _prepare_list(v: list[Any]) -> list[Any]:
-    new: list[Any] | None = None
-    i = -1
-    for x in v:
-        i += 1
-        t = type(x)
-        if t is str:
-            continue
-        if t is float:
-            if (_PLAIN_MIN <= x < _PLAIN_MAX or -_PLAIN_MAX < x <= -_PLAIN_MIN) and not x.is_integer():
-                continue
-            y = _float_value(x)
-        elif t is int:
-            if -_MAX_SAFE_INT <= x <= _MAX_SAFE_INT:
-                continue
-            raise _unsafe_int(x)
-        elif t is bool or t is _NONE_TYPE:
-            continue
-        elif t is dict:
-            y = _prepare_dict(x)
-            if y is x:
-                continue
-        elif t is list:
-            y = _prepare_list(x)
-            if y is x:
-                continue
-        else:
-            raise _Unusual
-        if new is None:
-            new = v.copy()
-        new[i] = y
-    return v if new is None else new
+    out: list[Any] = _prepare(v, enumerate(v))
+    return out
 
 
 def _emit(v: object, out: list[bytes]) -> None:
