@@ -43,6 +43,13 @@ unit: $(INSTALLED)
 integration: $(INSTALLED)
 	$(VENV)/bin/pytest -q tests/integration
 
+## bench: throughput, latency, memory and a profile on a local broker, into bench/results/ (BENCH_ARGS=--quick: a smoke run)
+bench: $(INSTALLED)
+	$(PY) -m app.localkafka fetch
+	@# py-spy (the profile phase) is a bench-only tool: the run goes on without it if it cannot be installed.
+	-@$(PY) -m pip install --quiet py-spy
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 broker-start: $(INSTALLED)
 	$(PY) -m app.localkafka start
 

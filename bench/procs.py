@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Where worker processes import byzguard from: the checkout, or a snapshot of it (bench.run --snapshot), so that
+# edits made while a long run goes on do not change what the later runs measure.
+SOURCE = [REPO]
 CRASH_MARKERS = (b"Crashed reason=", b"We experienced a crash")
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -69,7 +72,7 @@ class Worker:
                log_path: Path) -> Worker:
         """A `python -m ...` worker run with this interpreter, the repository first on sys.path."""
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BYZGUARD_")}
-        full_env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env})
+        full_env.update({"PYTHONPATH": str(SOURCE[0]), "PYTHONUNBUFFERED": "1", **env})
         return cls(name, [sys.executable, *args], full_env, cwd, log_path)
 
     def start(self) -> Worker:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -26,16 +29,16 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import events, profile_report, report
+from bench import events, procs, profile_report, report
 from bench.kafka import create_topics, produce
 from bench.procs import REPO, loadavg
 from bench.scenarios import Context, crash, detection, latency, memory, profile, throughput
 from bench.variants import VARIANTS
 
 FULL = {"events": 200_000, "entities": 100_000, "reps": 3, "latency_seconds": 60.0, "memory_entities": 1_000_000,
-        "profile_seconds": 30.0, "detection_events": 100_000}
-QUICK = {"events": 8_000, "entities": 4_000, "reps": 1, "latency_seconds": 10.0, "memory_entities": 20_000,
-         "profile_seconds": 10.0, "detection_events": 3_000}
+        "profile_seconds": 30.0, "detection_events": 100_000, "memory_processed": 100_000}
+QUICK = {"events": 5_000, "entities": 2_500, "reps": 1, "latency_seconds": 8.0, "memory_entities": 20_000,
+         "profile_seconds": 8.0, "detection_events": 3_000, "memory_processed": 4_000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,15 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--entities", type=int, help="distinct entities of the input (full: 100000)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--reps", type=int, help="repetitions of each variant, interleaved (full: 3)")
-    parser.add_argument("--variants", default="a,b,c,d", help="comma list of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default="a,b,c,d,e", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--mode", choices=("structured", "binary"), default="structured",
                         help="CloudEvents content mode of the input (default structured)")
     parser.add_argument("--latency-seconds", type=float, help="paced load per latency run (full: 60)")
     parser.add_argument("--latency-rate", type=float, help="events/s of the paced load (default: 50%% of c's median)")
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
+    parser.add_argument("--memory-processed", type=int,
+                        help="of those, entities loaded by verifying an event each (the rest are restored from the "
+                        "state changelog; full: 100000)")
     parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (0 skips)")
-    parser.add_argument("--profile-variants", default="c,b", help="variants to profile")
+    parser.add_argument("--profile-variants", default="c,b,e", help="variants to profile")
     parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
     parser.add_argument("--crash", action="store_true",
                         help="crash accounting: SIGKILL the exactly_once worker during a run over the input")
@@ -67,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--detection-eps", type=float, default=5000.0,
                         help="send rate cap (the demo also keeps at most 250 records unjudged)")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,latency,memory,profile")
+    parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                        help="run the workers from the checkout itself instead of a copy taken at start")
     parser.add_argument("--broker", help="use this broker instead of starting a local one (results then say so)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results[/quick])")
     args = parser.parse_args(argv)
@@ -106,32 +114,47 @@ def environment(args: argparse.Namespace, kafka_version: str) -> dict[str, Any]:
 
 
 def _git_head() -> str | None:
-    import subprocess
-
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + (" (+ uncommitted changes)" if dirty else "")
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return head + (f" + {len(dirty.splitlines())} uncommitted/untracked files" if dirty else "")
     except Exception:
         return None
+
+
+def snapshot(workdir: Path) -> dict[str, Any]:
+    """Copy the checkout (code only) into the run's directory and make every worker import from the copy."""
+    target = workdir / "src"
+    ignore = shutil.ignore_patterns(".git", ".venv", ".cache", ".hypothesis", ".mypy_cache", ".ruff_cache",
+                                    ".pytest_cache", "__pycache__", "results", "*.egg-info")
+    shutil.copytree(REPO, target, ignore=ignore)
+    procs.SOURCE[0] = target
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True).stdout
+    return {"path": str(target), "git_status": status.splitlines(),
+            "git_diff_sha256": hashlib.sha256(diff).hexdigest()}
 
 
 async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict[str, Any]:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = REPO / ".cache" / "bench" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(bootstrap, broker_pid, args.partitions, workdir, REPO, causal_buffer=args.causal_buffer)
+    code = snapshot(workdir) if args.snapshot else {"path": str(REPO)}
+    ctx = Context(bootstrap, broker_pid, args.partitions, workdir, Path(code["path"]), causal_buffer=args.causal_buffer)
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "environment": environment(args, kafka_version),
         "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                      for k, v in vars(args).items()},
-        "workdir": str(workdir), "loadavg_start": loadavg(),
+        "workdir": str(workdir), "code": code, "loadavg_start": loadavg(),
     }
     now = time.time()
     results["input"] = _input_description(args, now)
+    # Runs whose worker died of a SIGKILL the bench did not send (this machine is shared); each is run again.
+    incidents: list[dict[str, Any]] = []
+    results["incidents"] = incidents
 
     if "throughput" not in args.skip:
         topic = f"tput-{stamp}"
@@ -148,6 +171,11 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                 run_id = f"t-{stamp}-{key}-r{rep}"
                 log(f"throughput {key} rep {rep}/{args.reps}: {VARIANTS[key].label}")
                 result = await throughput(ctx, VARIANTS[key], run_id, topic, args.events, timeout=timeout)
+                if _killed_from_outside(result):
+                    incidents.append(result)
+                    log(f"  worker SIGKILLed by something outside the bench ({result['error'][:80]}...); once more")
+                    result = await throughput(ctx, VARIANTS[key], run_id + "-again", topic, args.events,
+                                              timeout=timeout)
                 result["rep"] = rep
                 runs.append(result)
                 log(f"  -> {result['events_per_s']} events/s over {result['span_s']} s, "
@@ -173,6 +201,11 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                     log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_seconds:.0f} s")
                     result = await latency(ctx, VARIANTS[key], run_id, lat_records, warmup=warmup, rate=rate,
                                            timeout=max(120.0, args.latency_seconds * 3))
+                    if _killed_from_outside(result):
+                        incidents.append(result)
+                        log("  worker SIGKILLed by something outside the bench; once more")
+                        result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records, warmup=warmup,
+                                               rate=rate, timeout=max(120.0, args.latency_seconds * 3))
                     result["rep"] = rep
                     runs.append(result)
                     log(f"  -> p50 {result['p50_ms']} p99 {result['p99_ms']} p99.9 {result['p999_ms']} ms "
@@ -184,17 +217,20 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
 
     if "memory" not in args.skip and args.memory_entities:
         topic = f"mem-{stamp}"
-        log(f"memory: pre-producing {args.memory_entities} events, one per entity, into {topic}")
+        processed = min(args.memory_processed, args.memory_entities)
+        restored = args.memory_entities - processed
+        log(f"memory: {restored} entities through the state changelog (restore at start), {processed} by "
+            f"verifying one event each ({topic})")
         await create_topics(bootstrap, [topic], args.partitions)
-        await produce(bootstrap, topic, events.records(events.events(args.memory_entities, args.memory_entities,
-                                                                     at=time.time(), mode=args.mode, prefix="mem")))
-        # Without the CEL rules: they do not touch state, and with them 1M events take the better part of an hour.
+        await produce(bootstrap, topic, events.records(events.events(processed, processed, at=time.time(),
+                                                                     mode=args.mode, prefix="memp")))
+        # Without the CEL rules: they do not touch state, and verifying goes faster.
         key = "c_norules"
-        log(f"memory run: {VARIANTS[key].label} over {args.memory_entities} entities")
-        result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, args.memory_entities,
-                              timeout=max(600.0, args.memory_entities / 100))
-        log(f"  -> RSS {result['rss_all_entities_mb']} MB at all entities, settled {result['rss_settled_mb']} MB, "
-            f"peak {result['peak_rss_mb']} MB" + (f" ERROR {result['error']}" if result["error"] else ""))
+        result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
+                              processed=processed, mode=args.mode, timeout=max(900.0, processed / 50))
+        log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, {result['rss_all_entities_mb']}"
+            f" MB with all {args.memory_entities}, settled {result['rss_settled_mb']} MB, peak {result['peak_rss_mb']}"
+            f" MB" + (f" ERROR {result['error']}" if result["error"] else ""))
         results["memory"] = result
         _save(args, results)
 
@@ -237,6 +273,10 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["loadavg_end"] = loadavg()
     return results
+
+
+def _killed_from_outside(result: dict[str, Any]) -> bool:
+    return "exited with code -9" in (result.get("error") or "")
 
 
 def _input_description(args: argparse.Namespace, now: float) -> dict[str, Any]:

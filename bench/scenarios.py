@@ -9,6 +9,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench import events
-from bench.kafka import Progress, Record, create_topics, scan
+from bench.kafka import Progress, Record, create_topics, produce, scan
 from bench.procs import Worker, cpu_seconds, loadavg, machine_cpu
 from bench.variants import Launch, Variant, free_port, launch
 
@@ -260,31 +261,58 @@ async def _wait(worker: Worker, event: asyncio.Event, timeout: float) -> None:
             await asyncio.wait_for(event.wait(), 0.5)
 
 
-async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, entities: int, *,
-                 timeout: float, settle: float = 10.0) -> dict[str, Any]:
-    """RSS of the worker once `entities` distinct entities are in its state (and after it settles)."""
+def entity_states(count: int, *, at: float, mode: str, prefix: str) -> Any:
+    """(key, state bytes) of `count` entities after one verified event each, computed by the guard itself."""
+    from byzguard.config import load
+    from byzguard.guard import ENTITIES, Guard, RecordIn
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        config = load(events.write_config(Path(tmp) / "bench.yaml", repo=Path(__file__).resolve().parent.parent,
+                                          input_topic="in", verified="v", quarantine="q", partitions=1, rules=False),
+                      environ=events.secret_env())
+    guard, route = Guard(config), config.routes[0]
+    empty: dict[str, dict[bytes, bytes]] = {"entities": {}, "lamports": {}, "causal": {}}
+    for i, (key, value, headers) in enumerate(events.records(events.events(count, count, at=at, mode=mode,
+                                                                           prefix=prefix), seq=False)):
+        result = guard.process(RecordIn(key, value, headers, "in", 0, i, at), route, empty, now=at)
+        state = result.writes.get((ENTITIES, key))
+        if state is not None:
+            yield key, state, []
+
+
+async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, *, restored: int, processed: int,
+                 mode: str, timeout: float, settle: float = 10.0) -> dict[str, Any]:
+    """RSS of the worker with `restored` + `processed` distinct entities in its state: the first loaded from
+    the state changelog at start (as a restarted worker loads them), the others by verifying one event each."""
     lnch = ctx.launch(variant, run_id, input_topic)
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
+    state_changelog = next(t for t in lnch.changelogs if t.endswith("state_by_entity-changelog"))
+    loaded_at = time.monotonic()
+    if restored:
+        # Keyed like the inputs, so each entity's state lands in the partition its events would.
+        await produce(ctx.bootstrap, state_changelog, entity_states(restored, at=time.time(), mode=mode,
+                                                                    prefix="mem"))
+    load_seconds = time.monotonic() - loaded_at
     worker = lnch.worker.start()
     started = time.monotonic()
-    first_rss = None
+    rss_restored = None
+    restore_seconds = None
     error = None
     rss_at_done = None
+    rss_settled = None
     try:
         async with Progress(ctx.bootstrap) as progress:
             while True:
                 worker.check()
                 rss = worker.sample()
-                if first_rss is None:
-                    out = sum((await progress.end_offsets(lnch.outputs)).values())
-                    if out > 0:
-                        first_rss = rss
-                committed = await progress.committed(lnch.group, input_topic)
-                if committed >= entities:
+                if rss_restored is None and sum((await progress.end_offsets(lnch.outputs)).values()) > 0:
+                    # Outputs start only after table recovery: state is loaded.
+                    rss_restored, restore_seconds = rss, time.monotonic() - started
+                if await progress.committed(lnch.group, input_topic) >= processed:
                     rss_at_done = worker.sample()
                     break
                 if time.monotonic() - started > timeout:
-                    error = f"timed out after {timeout:.0f} s at {committed}/{entities}"
+                    error = f"timed out after {timeout:.0f} s"
                     break
                 await asyncio.sleep(1.0)
         deadline = time.monotonic() + settle
@@ -294,14 +322,16 @@ async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, 
         rss_settled = worker.sample()
     except Exception as exc:
         error = str(exc)
-        rss_settled = None
     finally:
         worker.stop()
     state_dir = worker.cwd / "state"
     disk = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()) if state_dir.exists() else 0
     result = {
-        "variant": variant.key, "run_id": run_id, "command": lnch.command, "entities": entities,
-        "rss_first_output_mb": _mb(first_rss), "rss_all_entities_mb": _mb(rss_at_done),
+        "variant": variant.key, "run_id": run_id, "command": lnch.command, "entities": restored + processed,
+        "restored_entities": restored, "processed_entities": processed,
+        "changelog_load_s": round(load_seconds, 1),
+        "restore_to_first_output_s": round(restore_seconds, 1) if restore_seconds else None,
+        "rss_after_restore_mb": _mb(rss_restored), "rss_all_entities_mb": _mb(rss_at_done),
         "rss_settled_mb": _mb(rss_settled), "peak_rss_mb": _mb(worker.peak_rss),
         "state_on_disk_mb": _mb(disk), "elapsed_s": round(time.monotonic() - started, 1), "error": error,
         "rss_timeline": [(round(t, 1), round(r / 2**20, 1))

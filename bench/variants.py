@@ -18,7 +18,7 @@ class Variant:
 
     key: str
     label: str
-    kind: str          # raw | faust | byzguard
+    kind: str          # raw | faust | byzguard | batch
     guarantee: str     # at_least_once | exactly_once
     rules: bool = True
     args: tuple[str, ...] = ()
@@ -38,6 +38,10 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             "at_least_once", rules=False),
     Variant("b_eos", "faust pass-through agent, exactly_once", "faust", "exactly_once"),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
+    # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
+    # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
+    Variant("e", "prototype: byzguard core in a batched aiokafka loop, RocksDB, at_least_once", "batch",
+            "at_least_once"),
     Variant("b_take", "faust pass-through agent, batches of 1000 (take_events)", "faust", "at_least_once",
             args=("--take", "1000")),
 )}
@@ -107,10 +111,16 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
                                  causal_buffer=causal_buffer)
     env["BYZGUARD_CONFIG"] = str(config)
     env.update(events.secret_env())
-    args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path
+    if variant.kind == "batch":
+        args = ["-m", "bench.batch_guard", "--broker", bootstrap, "--app-id", run_id, "--data-dir",
+                str(run_dir / "state"), "--config", str(config)]
+        program = "python " + shlex.join(args)
+    else:
+        args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path
+        program = "byzguard run"
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
-    return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} byzguard run", config,
+    return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} {program}", config,
                   changelogs=changelog_topics(config, run_id))
 
 
