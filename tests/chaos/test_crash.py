@@ -44,9 +44,8 @@ class Stream:
     duplicates: int = 0
 
 
-def labeled_stream(rng: random.Random) -> Stream:
-    """Mostly clean versions 1..ROUNDS per entity, with regressions, corruptions and exact re-sends mixed in."""
-    events = Events()
+def labeled_stream(rng: random.Random, events: Events) -> Stream:
+    """Mostly clean order versions 1..ROUNDS per entity, with regressions, corruptions and exact re-sends mixed in."""
     stream = Stream()
     subjects = [f"e{i:03d}" for i in range(ENTITIES)]
     recent: dict[str, list[Stamped]] = {s: [] for s in subjects}
@@ -70,6 +69,28 @@ def labeled_stream(rng: random.Random) -> Stream:
             elif roll < 0.07:  # next version, bytes damaged after stamping: the real next version still follows
                 add(events.corrupted(subject, version + 1), "corrupted")
     return stream
+
+
+def payments(events: Events, prefix: str) -> Stream:
+    """A few clean payments of their own entities. Another source than the orders, so their Lamport clock is
+    their own: sent whenever, they never make an order look older than its source's last event."""
+    stream = Stream()
+    for version in range(1, 4):
+        for i in range(10):
+            record = events.payment(f"{prefix}{i:02d}", version)
+            stream.records.append(record)
+            stream.kind_of[record.event_id] = "clean"
+    return stream
+
+
+def merged(streams: list[Stream]) -> Stream:
+    """One labeled stream of several sent separately (their entities are disjoint)."""
+    whole = Stream()
+    for part in streams:
+        whole.records += part.records
+        whole.kind_of |= part.kind_of
+        whole.duplicates += part.duplicates
+    return whole
 
 
 async def produce_paced(bootstrap: str, topic: str, records: list[Stamped], seconds: float) -> None:
@@ -113,12 +134,17 @@ async def test_sigkilled_worker_loses_and_duplicates_nothing(
     rng = random.Random(seed)
     route = worker_factory.configure(partitions=PARTITIONS)
     bootstrap = worker_factory.bootstrap
-    stream = labeled_stream(rng)
+    events = Events()
+    body = labeled_stream(rng, events)
+    # Each restart gets fresh traffic of its own entities, sent right after the kill: a restart must route
+    # something even when a slow machine let the paced body run dry before the last kills.
+    after_kill = [payments(events, f"k{kill}-") for kill in range(1, KILLS + 1)]
+    stream = merged([body, *after_kill])
     data_dir = worker_factory.base_dir / "worker-data"
 
     worker = worker_factory.start("run-0", data_dir=data_dir)
     started = time.monotonic()
-    feeding = asyncio.create_task(produce_paced(bootstrap, route.input, stream.records, PRODUCE_SECONDS))
+    feeding = asyncio.create_task(produce_paced(bootstrap, route.input, body.records, PRODUCE_SECONDS))
     recoveries: list[tuple[int, bool, float, float]] = []
     try:
         await first_record_after(worker, time.monotonic())
@@ -132,6 +158,7 @@ async def test_sigkilled_worker_loses_and_duplicates_nothing(
             wiped = kill in WIPE_ON_KILL
             if wiped:
                 wipe(data_dir)
+            await produce_paced(bootstrap, route.input, after_kill[kill - 1].records, 0.0)
             worker = worker_factory.start(f"run-{kill}", data_dir=data_dir, ready=False)
             recovery = await first_record_after(worker, killed_at)
             ready = await asyncio.to_thread(worker.wait_ready, 5.0)
