@@ -9,7 +9,10 @@ Variants, all reading the same pre-produced input (one topic, a fresh consumer g
   b  faust pass-through agent (the framework's ceiling; byzguard's faust_options)
   c  byzguard (`byzguard run`), every check and the shipped CEL rules, RocksDB state, at_least_once
   d  the same with exactly_once
-Results: bench/results/bench.json and bench.md (bench/results/quick/ for --quick), profile.md.
+  e  a prototype, not the product: byzguard's core in a batched aiokafka loop without faust (what faust costs)
+Optional phases: --crash (SIGKILL accounting of d), --detection (`byzguard demo` at scale, scored per fault class).
+Results: bench/results/bench.json, bench.md and profile-samples.md (bench/results/tmp/quick/ for --quick);
+bench/results/profile.md is the written analysis of a full run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.profile_variants = [v for v in args.profile_variants.split(",") if v]
     args.skip = {s for s in args.skip.split(",") if s}
     if args.out is None:
-        args.out = REPO / "bench" / "results" / ("quick" if args.quick else "")
+        # Smoke runs go where git does not look (bench/results/tmp/ is ignored); full runs are meant to be committed.
+        args.out = REPO / "bench" / "results" / ("tmp/quick" if args.quick else "")
     return args
 
 
@@ -138,6 +143,8 @@ def snapshot(workdir: Path) -> dict[str, Any]:
 
 
 async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict[str, Any]:
+    # `kill -USR1 <pid>` prints where every task of the harness waits (a stuck run can then be understood).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     workdir = REPO / ".cache" / "bench" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
@@ -273,6 +280,11 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["loadavg_end"] = loadavg()
     return results
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
 
 
 def _killed_from_outside(result: dict[str, Any]) -> bool:

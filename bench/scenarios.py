@@ -172,6 +172,7 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     await consumer.start()
     await producer.start()
     latencies: list[float] = []
+    sent_ns: list[int] = []  # send time of each latency sample, to see whether slow ones come in bursts
     seen = 0
     warm_seen = asyncio.Event()
     all_seen = asyncio.Event()
@@ -193,6 +194,7 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
                     sent = next((v for k, v in m.headers if k == events.SENT_HEADER), None)
                     if sent is not None:
                         latencies.append((now_ns - int(sent)) / 1e6)
+                        sent_ns.append(int(sent))
             if seen >= warmup:
                 warm_seen.set()
             if seen >= len(records):
@@ -232,6 +234,8 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
         worker.stop()
     host = meter.finish(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
     values = sorted(latencies)
+    first_ns = min(sent_ns) if sent_ns else 0
+    worst = sorted(zip(latencies, sent_ns, strict=True), reverse=True)[:40]
     achieved = (len(sent_at) - 1) / (sent_at[-1] - sent_at[0]) if len(sent_at) > 1 else None
     _cleanup(worker)
     return {
@@ -241,6 +245,8 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
         "p50_ms": _r(percentile(values, 50)), "p90_ms": _r(percentile(values, 90)),
         "p99_ms": _r(percentile(values, 99)), "p999_ms": _r(percentile(values, 99.9)),
         "max_ms": _r(values[-1] if values else None),
+        # The 40 slowest samples: (seconds into the paced load, ms). Periodic spikes point at periodic work.
+        "worst": [(round((ns - first_ns) / 1e9, 3), round(ms, 1)) for ms, ns in worst],
         "worker_cpu_share": round((cpu1 - cpu0) / (sent_at[-1] - sent_at[0]), 2)
         if cpu0 is not None and cpu1 is not None and len(sent_at) > 1 else None,
         "host": host, "error": error,
