@@ -43,7 +43,7 @@ unit: $(INSTALLED)
 integration: $(INSTALLED)
 	$(VENV)/bin/pytest -q tests/integration
 
-## bench: throughput, latency, memory and a profile on a local broker, into bench/results/ (BENCH_ARGS=--quick: a smoke run)
+## bench: throughput, latency, memory, crash accounting, detection quality and a profile on a local broker, into bench/results/ (BENCH_ARGS=--quick: a smoke run)
 bench: $(INSTALLED)
 	$(PY) -m app.localkafka fetch
 	@# py-spy (the profile phase) is a bench-only tool: the run goes on without it if it cannot be installed.

@@ -1,4 +1,4 @@
-"""`make bench`: throughput, latency, memory and a profile of byzguard against its own ceilings, on a real broker.
+"""`make bench`: throughput, latency, memory, crash accounting, detection quality and a profile, on a real broker.
 
     python -m bench.run              # full size: 200,000 events over 100,000 entities, 3 interleaved repetitions
     python -m bench.run --quick      # smoke run in a few minutes
@@ -10,7 +10,8 @@ Variants, all reading the same pre-produced input (one topic, a fresh consumer g
   c  byzguard (`byzguard run`), every check and the shipped CEL rules, RocksDB state, at_least_once
   d  the same with exactly_once
   e  a prototype, not the product: byzguard's core in a batched aiokafka loop without faust (what faust costs)
-Optional phases: --crash (SIGKILL accounting of d), --detection (`byzguard demo` at scale, scored per fault class).
+Also: memory (RSS with 1M entities in state), crash accounting (d SIGKILLed --crash-kills times), detection
+quality (`byzguard demo` at scale, scored per fault class), a py-spy profile; --skip leaves phases out.
 Results: bench/results/bench.json, bench.md and profile-samples.md (bench/results/tmp/quick/ for --quick);
 bench/results/profile.md is the written analysis of a full run.
 """
@@ -40,9 +41,9 @@ from bench.scenarios import Context, crash, detection, latency, memory, profile,
 from bench.variants import VARIANTS
 
 FULL = {"events": 200_000, "entities": 100_000, "reps": 3, "latency_seconds": 60.0, "memory_entities": 1_000_000,
-        "profile_seconds": 30.0, "detection_events": 100_000, "memory_processed": 100_000}
+        "profile_seconds": 30.0, "detection_events": 100_000, "memory_processed": 100_000, "crash_kills": 10}
 QUICK = {"events": 5_000, "entities": 2_500, "reps": 1, "latency_seconds": 8.0, "memory_entities": 20_000,
-         "profile_seconds": 8.0, "detection_events": 3_000, "memory_processed": 4_000}
+         "profile_seconds": 8.0, "detection_events": 3_000, "memory_processed": 4_000, "crash_kills": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,17 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (0 skips)")
     parser.add_argument("--profile-variants", default="c,b,e", help="variants to profile")
     parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
-    parser.add_argument("--crash", action="store_true",
-                        help="crash accounting: SIGKILL the exactly_once worker during a run over the input")
-    parser.add_argument("--crash-kills", type=int, default=10)
+    parser.add_argument("--crash-kills", type=int,
+                        help="crash accounting: SIGKILLs of the exactly_once worker "
+                        "during a run over the input (full: 10)")
     parser.add_argument("--crash-wipe-every", type=int, default=3, help="every Nth restart starts on an empty data dir")
-    parser.add_argument("--detection", action="store_true",
-                        help="detection quality: `byzguard demo` (fault injector) at scale, scored per class")
-    parser.add_argument("--detection-events", type=int, help="events of the detection run (full: 100000)")
+    parser.add_argument("--detection-events", type=int,
+                        help="detection quality: events of the `byzguard demo` (fault injector) run (full: 100000)")
     parser.add_argument("--detection-rate", type=float, default=0.01, help="probability per event of each fault class")
     parser.add_argument("--detection-eps", type=float, default=5000.0,
                         help="send rate cap (the demo also keeps at most 250 records unjudged)")
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: throughput,latency,memory,profile")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: "
+                        "memory,crash,detection,throughput,latency,profile")
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                         help="run the workers from the checkout itself instead of a copy taken at start")
     parser.add_argument("--broker", help="use this broker instead of starting a local one (results then say so)")
@@ -163,6 +164,50 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
     incidents: list[dict[str, Any]] = []
     results["incidents"] = incidents
 
+    # The phases the last committed run lacks go first: a run cut short still adds them.
+    if "memory" not in args.skip and args.memory_entities:
+        topic = f"mem-{stamp}"
+        processed = min(args.memory_processed, args.memory_entities)
+        restored = args.memory_entities - processed
+        log(f"memory: {restored} entities through the state changelog (restore at start), {processed} by "
+            f"verifying one event each ({topic})")
+        await create_topics(bootstrap, [topic], args.partitions)
+        await produce(bootstrap, topic, events.records(events.events(processed, processed, at=time.time(),
+                                                                     mode=args.mode, prefix="memp")))
+        # Without the CEL rules: they do not touch state, and verifying goes faster.
+        key = "c_norules"
+        result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
+                              processed=processed, mode=args.mode, timeout=max(900.0, processed / 50))
+        log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, {result['rss_all_entities_mb']}"
+            f" MB with all {args.memory_entities}, settled {result['rss_settled_mb']} MB, peak {result['peak_rss_mb']}"
+            f" MB" + (f" ERROR {result['error']}" if result["error"] else ""))
+        results["memory"] = result
+        _save(args, results)
+
+    if "crash" not in args.skip and args.crash_kills:
+        topic = results.get("throughput", {}).get("input_topic")
+        if topic is None:
+            topic = f"crash-{stamp}"
+            await create_topics(bootstrap, [topic], args.partitions)
+            await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
+                                                                         mode=args.mode)))
+        log(f"crash accounting: {args.crash_kills} SIGKILLs of the exactly_once worker over {args.events} events")
+        result = await crash(ctx, VARIANTS["d"], f"k-{stamp}-d", topic, args.events, kills=args.crash_kills,
+                             wipe_every=args.crash_wipe_every, seed=7, timeout=max(600.0, args.events / 20))
+        log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
+            f"{result['wrongly_quarantined']}, recovery {result['recovery_s']}"
+            + (f" ERROR {result['error']}" if result["error"] else ""))
+        results["crash"] = result
+        _save(args, results)
+
+    if "detection" not in args.skip and args.detection_events:
+        log(f"detection: byzguard demo, {args.detection_events} events, each fault class at {args.detection_rate:.0%}")
+        result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
+                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
+        log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
+        results["detection"] = result
+        _save(args, results)
+
     if "throughput" not in args.skip:
         topic = f"tput-{stamp}"
         log(f"pre-producing {args.events} {args.mode} events over {args.entities} entities into {topic}")
@@ -222,25 +267,6 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             results["latency"] = {"rate": rate, "warmup": warmup, "runs": runs,
                                   "summary": report.summarise_latency(runs)}
 
-    if "memory" not in args.skip and args.memory_entities:
-        topic = f"mem-{stamp}"
-        processed = min(args.memory_processed, args.memory_entities)
-        restored = args.memory_entities - processed
-        log(f"memory: {restored} entities through the state changelog (restore at start), {processed} by "
-            f"verifying one event each ({topic})")
-        await create_topics(bootstrap, [topic], args.partitions)
-        await produce(bootstrap, topic, events.records(events.events(processed, processed, at=time.time(),
-                                                                     mode=args.mode, prefix="memp")))
-        # Without the CEL rules: they do not touch state, and verifying goes faster.
-        key = "c_norules"
-        result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
-                              processed=processed, mode=args.mode, timeout=max(900.0, processed / 50))
-        log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, {result['rss_all_entities_mb']}"
-            f" MB with all {args.memory_entities}, settled {result['rss_settled_mb']} MB, peak {result['peak_rss_mb']}"
-            f" MB" + (f" ERROR {result['error']}" if result["error"] else ""))
-        results["memory"] = result
-        _save(args, results)
-
     if "profile" not in args.skip and args.profile_seconds and "throughput" in results:
         profiles = []
         for key in args.profile_variants:
@@ -252,30 +278,6 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             profiles.append(prof)
             log("  -> " + (prof.get("error") or f"{prof['summary']['samples']} samples"))
         results["profile"] = profiles
-
-    if args.crash:
-        topic = results.get("throughput", {}).get("input_topic")
-        if topic is None:
-            topic = f"crash-{stamp}"
-            await create_topics(bootstrap, [topic], args.partitions)
-            await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
-                                                                         mode=args.mode)))
-        log(f"crash accounting: {args.crash_kills} SIGKILLs of the exactly_once worker over {args.events} events")
-        result = await crash(ctx, VARIANTS["d"], f"k-{stamp}-d", topic, args.events, kills=args.crash_kills,
-                             wipe_every=args.crash_wipe_every, seed=7, timeout=max(600.0, args.events / 20))
-        log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
-            f"{result['wrongly_quarantined']}, recovery {result['recovery_s']}"
-            + (f" ERROR {result['error']}" if result["error"] else ""))
-        results["crash"] = result
-        _save(args, results)
-
-    if args.detection:
-        log(f"detection: byzguard demo, {args.detection_events} events, each fault class at {args.detection_rate:.0%}")
-        result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
-                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
-        log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
-        results["detection"] = result
-        _save(args, results)
 
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["loadavg_end"] = loadavg()
