@@ -38,6 +38,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
     name = route.name
     latency = metrics.VERIFY_SECONDS.labels(name)
     held_gauge = metrics.CAUSAL_HELD.labels(name)
+    oldest_gauge = metrics.CAUSAL_OLDEST.labels(name)
 
     def apply(result: Result) -> None:
         for (table_name, key), value in result.writes.items():
@@ -48,6 +49,8 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 del table[key]
         if result.held_delta:
             held_gauge.inc(result.held_delta)
+        if result.oldest_held_age is not None:
+            oldest_gauge.set(result.oldest_held_age)
 
     async def send(routed: Routed) -> None:
         record = routed.record

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import orjson
 
-from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer
+from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer, oldest_held_age
 from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig, Route
 from byzguard.engine import Decision, Limits, decode_failure, verify
@@ -89,6 +89,8 @@ class Result:
     routed: list[Routed] = field(default_factory=list)
     writes: dict[tuple[str, bytes], bytes | None] = field(default_factory=dict)
     held_delta: int = 0
+    #: After a deadline tick: seconds the longest-held record still held has waited (0.0 when none is).
+    oldest_held_age: float | None = None
 
     @property
     def first(self) -> Routed:
@@ -154,12 +156,14 @@ class Guard:
         """Quarantine held records past the route's deadline (causal.gap, with what they still miss)."""
         result = Result()
         tx = _Tx(state, result)
+        oldest = 0.0
         for subject in list(tx.index()):
             key = subject.encode()
             buf = tx.buffer(key)
             entity = self._entity(tx, key)
             delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
             kept, expired = expire(CausalBuffer(delivered, buf.held), now=now, deadline_s=route.causal.deadline)
+            oldest = max(oldest, oldest_held_age(kept, now=now))
             if not expired:
                 continue
             tx.set_buffer(key, kept)
@@ -169,6 +173,7 @@ class Guard:
                                    for node, first, last in gaps)
                 reason = Reason(Code.CAUSAL_GAP, f"held {now - held.held_at:.1f}s for missing dependencies: {wanted}")
                 self._emit(tx, record, route, Decision(Outcome.QUARANTINED, (reason,)), None, now)
+        result.oldest_held_age = oldest
         return result
 
     # -- one record ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from byzguard.clocks import VectorClock
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import run_async
-from tests.integration.worker_harness import RouteNames, WorkerFactory, collect, produce, wait_caught_up
+from tests.integration.worker_harness import RouteNames, WorkerFactory, WorkerProcess, collect, produce, wait_caught_up
 
 pytestmark = pytest.mark.kafka
 
@@ -100,12 +101,14 @@ def test_reordered_stream_is_delivered_complete_in_causal_order(worker_factory: 
 def test_missing_dependency_quarantines_exactly_its_dependents(worker_factory: WorkerFactory) -> None:
     """A dependency that never arrives: after the deadline, exactly the events waiting on it are causal.gap."""
     route = configure(worker_factory, deadline="3s")
-    worker_factory.start("w1")
+    worker = worker_factory.start("w1")
     log = history("doc-x", 12, random.Random(3))
     lost = log[5]
     dependents = {s.event_id for s in log if clock_of(s).dominates(clock_of(lost))}
     assert dependents
     run_async(lambda: produce(worker_factory.bootstrap, route.input, [s for s in log if s is not lost]))
+    # While they wait, the buffer gauges show them (the age is updated by the deadline ticks).
+    assert eventually(lambda: gauges(worker) == (len(dependents), True)), gauges(worker)
     expected_ok = len(log) - 1 - len(dependents)
     quarantined = run_async(lambda: collect(worker_factory.bootstrap, route.quarantine,
                                             expected=len(dependents), timeout=60))
@@ -117,6 +120,24 @@ def test_missing_dependency_quarantines_exactly_its_dependents(worker_factory: W
     # Each dependent names the lost event's source among what it still misses.
     assert all(f"{lost_source} " in o.reasons[0]["detail"] for o in quarantined), lost_counter
     assert {o.event_id for o in verified} == {s.event_id for s in log} - dependents - {lost.event_id}
+    assert eventually(lambda: gauges(worker) == (0, False)), gauges(worker)
+
+
+def gauges(worker: WorkerProcess) -> tuple[float, bool]:
+    """(events held, whether the oldest has waited > 0 s) from the worker's causal buffer gauges."""
+    metrics = worker.metrics()
+    return (metrics.get("byzguard_causal_buffer_events", -1.0),
+            metrics.get("byzguard_causal_buffer_oldest_age_seconds", 0.0) > 0)
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` s have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.mark.slow

@@ -114,8 +114,12 @@ def test_missing_dependency_expires_exactly_its_dependents_as_causal_gap() -> No
     h = Harness(CONFIG)
     assert lost.event_id
     assert delivered_ids(h, [e1, waits, free]) == ["a1", "other-entity"]
-    assert not h.tick(now=NOW + 5).routed  # not yet
-    expired = h.tick(now=NOW + 11).routed
+    early = h.tick(now=NOW + 5)
+    assert not early.routed  # not yet
+    assert early.oldest_held_age == 5.0  # what the byzguard_causal_buffer_oldest_age_seconds gauge shows
+    expired_tick = h.tick(now=NOW + 11)
+    assert expired_tick.oldest_held_age == 0.0  # nothing is held any more
+    expired = expired_tick.routed
     assert [(r.envelope, r.decision.outcome) for r in expired] == [(None, Outcome.QUARANTINED)]
     reason = expired[0].decision.reasons[0]
     assert reason.code.value == "causal.gap" and "a 2" in reason.detail
