@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, ge=1, le=65535)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     commit_interval: float = Field(default=0.5, gt=0, description="seconds between commits (and transactions)")
+    # A SIGKILLed worker keeps its partitions until the broker misses its heartbeats for this long (faust's
+    # default, 60 s, would stall them for a minute). Kafka's brokers accept 6 s to 30 min by default.
+    session_timeout: float = Field(default=10.0, ge=6.0, le=1800.0,
+                                   description="seconds without heartbeats before the group gives a worker's "
+                                   "partitions to another (heartbeats every tenth of it)")
     log_level: str = "info"
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
     # Quarantine review (app/review): writes need a token; see README "Quarantine review and replay".

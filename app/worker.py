@@ -20,8 +20,6 @@ from topics import RouteTopics, declare_route_topics
 log = logging.getLogger(__name__)
 
 #: Seconds without heartbeats before the group gives a crashed worker's partitions to others.
-SESSION_TIMEOUT = 10.0
-HEARTBEAT_INTERVAL = 1.0
 
 
 @dataclass
@@ -52,11 +50,9 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "broker_commit_interval": settings.commit_interval,
         "broker_commit_every": 10_000,
-        # A SIGKILLed worker keeps its partitions until the broker misses its heartbeats for this long;
-        # faust's default (60 s) would stall them for a minute. Heartbeats run on the consumer's own
-        # thread, so a busy event loop does not miss them.
-        "broker_session_timeout": SESSION_TIMEOUT,
-        "broker_heartbeat_interval": HEARTBEAT_INTERVAL,
+        # Heartbeats run on the consumer's own thread, so a busy event loop does not miss them.
+        "broker_session_timeout": settings.session_timeout,
+        "broker_heartbeat_interval": settings.session_timeout / 10,
         "table_standby_replicas": 0,
         "autodiscover": False,
         "env": {},  # faust must not read BROKER_URL & co. from the environment behind our back

@@ -36,3 +36,13 @@ def test_invalid_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BYZGUARD_PROCESSING_GUARANTEE", "maybe_once")
     with pytest.raises(Exception, match="processing_guarantee"):
         Settings()
+
+
+def test_session_timeout_sets_faust_group_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BYZGUARD_SESSION_TIMEOUT is how long a dead worker keeps its partitions; heartbeats go at a tenth of it."""
+    monkeypatch.setenv("BYZGUARD_SESSION_TIMEOUT", "30")
+    options = faust_options(Settings(), "127.0.0.1:9092")
+    assert (options["broker_session_timeout"], options["broker_heartbeat_interval"]) == (30.0, 3.0)
+    monkeypatch.setenv("BYZGUARD_SESSION_TIMEOUT", "2")  # below what a broker accepts by default
+    with pytest.raises(Exception, match="session_timeout"):
+        Settings()
