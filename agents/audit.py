@@ -206,5 +206,5 @@ def attach_audits(built: Any, config: GuardConfig) -> None:
     """Declare every audit rule's topics, join table and agents on a built worker (app.worker.GuardApp)."""
     for rule in config.audits:
         topics = declare_audit_topics(built.app, rule)
-        table = declare_audit_table(built.app, rule)
+        table = declare_audit_table(built.app, rule, built.store_options)
         built.agents[f"audit:{rule.name}"] = attach_audit_agents(built.app, config, rule, topics, table)

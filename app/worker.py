@@ -14,7 +14,7 @@ from app import eos, metrics
 from app.settings import Settings
 from byzguard.config import GuardConfig
 from byzguard.guard import Guard
-from tables import RouteTables, declare_route_tables
+from tables import RouteTables, declare_route_tables, store_options
 from topics import RouteTopics, declare_route_topics
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ class GuardApp:
     topics: dict[str, RouteTopics] = field(default_factory=dict)
     tables: dict[str, RouteTables] = field(default_factory=dict)
     agents: dict[str, Any] = field(default_factory=dict)
+    #: RocksDB options of every table (tables.store_options).
+    store_options: dict[str, Any] = field(default_factory=dict)
 
 
 def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -65,10 +67,11 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     if settings.processing_guarantee == "exactly_once":
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
     guard = Guard(config)
-    built = GuardApp(app=app, guard=guard)
+    built = GuardApp(app=app, guard=guard, store_options=store_options(
+        write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))
     for route in config.routes:
         topics = declare_route_topics(app, route)
-        tables = declare_route_tables(app, route)
+        tables = declare_route_tables(app, route, built.store_options)
         built.topics[route.name] = topics
         built.tables[route.name] = tables
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables)

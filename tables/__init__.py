@@ -7,6 +7,7 @@ One combined record per entity (see byzguard.state.EntityState): each table writ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 
@@ -30,10 +31,17 @@ def table_names(route: Route) -> list[str]:
     return names
 
 
-def declare_route_tables(app: faust.App, route: Route) -> RouteTables:
-    """Declare a route's tables on `app`."""
+def store_options(*, write_buffer_mb: int, block_cache_mb: int) -> dict[str, Any]:
+    """RocksDB options of one table (faust opens a database with them per partition)."""
+    return {"write_buffer_size": write_buffer_mb << 20, "max_write_buffer_number": 2,
+            "block_cache_size": block_cache_mb << 20}
+
+
+def declare_route_tables(app: faust.App, route: Route, options: dict[str, Any]) -> RouteTables:
+    """Declare a route's tables on `app` with the RocksDB `options` (see store_options)."""
     # key_type/value_type bytes make faust use the raw codec for the store and the changelog: the core
-    # serializes its own records, once.
-    tables = [app.Table(name, key_type=bytes, value_type=bytes, partitions=route.partitions)
+    # serializes its own records, once. Each table gets its own copy of the options: faust's store pops
+    # keys from the dict it is given.
+    tables = [app.Table(name, key_type=bytes, value_type=bytes, partitions=route.partitions, options=dict(options))
               for name in table_names(route)]
     return RouteTables(*tables)

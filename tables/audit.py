@@ -3,6 +3,8 @@ repartition topic (RocksDB-backed, with a changelog like every table)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import faust
 
 from byzguard.audit import AuditRule
@@ -13,6 +15,8 @@ def audit_table_name(rule: AuditRule) -> str:
     return f"audit-{rule.name}-pending_by_key"
 
 
-def declare_audit_table(app: faust.App, rule: AuditRule) -> faust.TableT[bytes, bytes]:
-    """Declare a rule's join table on `app`; values are byzguard.audit.JoinState bytes."""
-    return app.Table(audit_table_name(rule), key_type=bytes, value_type=bytes, partitions=rule.partitions)
+def declare_audit_table(app: faust.App, rule: AuditRule, options: dict[str, Any]) -> faust.TableT[bytes, bytes]:
+    """Declare a rule's join table on `app` (RocksDB `options` as tables.store_options gives them); values are
+    byzguard.audit.JoinState bytes."""
+    return app.Table(audit_table_name(rule), key_type=bytes, value_type=bytes, partitions=rule.partitions,
+                     options=dict(options))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.settings import Settings
@@ -46,3 +48,21 @@ def test_session_timeout_sets_faust_group_timing(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("BYZGUARD_SESSION_TIMEOUT", "2")  # below what a broker accepts by default
     with pytest.raises(Exception, match="session_timeout"):
         Settings()
+
+
+def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """BYZGUARD_ROCKSDB_* size the write buffers and block cache of each table's RocksDB store (faust's own
+    defaults, 64 MB buffers and a 2 GB cache per partition, are what let a worker outgrow its memory)."""
+    from app.worker import build_app
+    from byzguard.config import load
+
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad}\n")
+    monkeypatch.setenv("BYZGUARD_ROCKSDB_WRITE_BUFFER_MB", "2")
+    monkeypatch.setenv("BYZGUARD_ROCKSDB_BLOCK_CACHE_MB", "16")
+    built = build_app(Settings(data_dir=tmp_path / "data"), load(config), "127.0.0.1:9092")
+    tables = built.tables["r"]
+    for table in (tables.state_by_entity, tables.lamport_by_source):
+        options = table.data.rocksdb_options  # type: ignore[attr-defined]
+        assert (options.write_buffer_size, options.max_write_buffer_number, options.block_cache_size) == (
+            2 << 20, 2, 16 << 20)
