@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
     # RocksDB keeps one database per table partition; faust's defaults (64 MB write buffers, a 2 GB block
     # cache, each per database) let a worker with a million entities grow past 400 MB of RSS.
-    rocksdb_write_buffer_mb: int = Field(default=4, ge=1, le=256,
-                                         description="memtable size per table partition (two of them at most)")
+    rocksdb_write_buffer_mb: int = Field(default=8, ge=1, le=256,
+                                         description="memtable size per table partition (four of them at most)")
     rocksdb_block_cache_mb: int = Field(default=8, ge=1, le=4096, description="block cache per table partition")
     # Quarantine review (app/review): writes need a token; see README "Quarantine review and replay".
     decisions_topic: str | None = Field(default=None, description="compacted review decisions topic; "

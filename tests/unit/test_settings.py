@@ -65,4 +65,4 @@ def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.Mon
     for table in (tables.state_by_entity, tables.lamport_by_source):
         options = table.data.rocksdb_options  # type: ignore[attr-defined]
         assert (options.write_buffer_size, options.max_write_buffer_number, options.block_cache_size) == (
-            2 << 20, 2, 16 << 20)
+            2 << 20, 4, 16 << 20)
