@@ -35,8 +35,9 @@ def store_options(*, write_buffer_mb: int, block_cache_mb: int) -> dict[str, Any
     """RocksDB options of one table (faust opens a database with them per partition).
 
     Four memtables: all databases of a process share one flush thread, and a database whose memtables are all
-    full stops writes until it is flushed; the stalled write blocks the event loop (seen with two memtables
-    of 4 MB: a restore of 900,000 entities stalled the worker until the broker's session timeout).
+    full stops writes until one is flushed, blocking the event loop. With two of 4 MB, a restore of 900,000
+    entities slowed faust's consumer thread (keepalive missed for 3 s) and the worker then stopped making
+    progress with 47 records left; the cause of that hang is not established (bench memory run, 2026-11-30).
     """
     return {"write_buffer_size": write_buffer_mb << 20, "max_write_buffer_number": 4,
             "block_cache_size": block_cache_mb << 20}
