@@ -183,11 +183,15 @@ def markdown(results: dict[str, Any]) -> str:
         rep = det.get("report")
         if rep:
             fates = ("caught", "passed", "other_code", "missed", "false_positive", "unaccounted")
-            lines += ["| class | expect | sent | " + " | ".join(f.replace("_", " ") for f in fates) + " |",
-                      "|---|---|---:|" + "---:|" * len(fates)]
+            # "caught": judged as the class expects, with one of its expected codes (clean: passed untouched).
+            lines += ["| class | expect | codes seen | sent | caught right | " + " | ".join(
+                f.replace("_", " ") for f in fates) + " |", "|---|---|---|---:|---:|" + "---:|" * len(fates)]
             for name, row in rep["classes"].items():
                 counts = " | ".join(str(row["fates"].get(f, 0)) for f in fates)
-                lines.append(f"| {name} | {row['expect']} | {row['sent']} | {counts} |")
+                right = row["fates"].get("passed" if row["expect"] == "pass" else "caught", 0)
+                share = f"{100 * right / row['sent']:.1f}%" if row["sent"] else "—"
+                codes = ", ".join(f"{c} {n}" for c, n in row.get("codes_seen", {}).items()) or "—"
+                lines.append(f"| {name} | {row['expect']} | {codes} | {row['sent']} | {share} | {counts} |")
             lines += ["", f"False positives {rep['false_positives']}, unaccounted {rep['unaccounted']}, outputs "
                       f"matching no label {rep['extra_outputs']}.", ""]
         if det.get("error"):
