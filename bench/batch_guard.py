@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka import TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
-from bench.passthrough_raw import faust_batching
+from bench.passthrough_raw import commit_acknowledged, faust_batching, start_clients, stop_clients, stop_on_signals
 from byzguard.config import load
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
 
@@ -81,19 +78,9 @@ async def run(bootstrap: str, app_id: str, data_dir: Path, config_path: Path) ->
     route = config.routes[0]
     guard = Guard(config)
     batching = faust_batching(bootstrap)
-    consumer = AIOKafkaConsumer(*route.inputs, bootstrap_servers=bootstrap, group_id=app_id,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=batching["fetch_max_wait_ms"],
-                                max_partition_fetch_bytes=batching["max_partition_fetch_bytes"])
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=batching["acks"], linger_ms=batching["linger_ms"],
-                                max_batch_size=batching["max_batch_size"],
-                                max_request_size=batching["max_request_size"])
-    await producer.start()
-    await consumer.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # No max_poll_records: a batch is whatever one fetch returned (as measured in the committed results).
+    consumer, producer = await start_clients(bootstrap, list(route.inputs), app_id, batching, max_poll_records=None)
+    stop = stop_on_signals()
     partitions: dict[int, PartitionState] = {}
     pending: list[asyncio.Future[Any]] = []
     offsets: dict[TopicPartition, int] = {}
@@ -127,19 +114,11 @@ async def run(bootstrap: str, app_id: str, data_dir: Path, config_path: Path) ->
                 part.flush()
                 offsets[tp] = messages[-1].offset + 1
             if offsets and time.monotonic() - last_commit >= batching["commit_interval"]:
-                await asyncio.gather(*pending)
-                pending.clear()
-                await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
-                offsets.clear()
+                await commit_acknowledged(consumer, pending, offsets)
                 last_commit = time.monotonic()
-        await asyncio.gather(*pending)
-        if offsets:
-            await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        await commit_acknowledged(consumer, pending, offsets)
     finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        with contextlib.suppress(Exception):
-            await producer.stop()
+        await stop_clients(consumer, producer)
         for part in partitions.values():
             for db in part.dbs.values():
                 db.close()

@@ -40,21 +40,53 @@ def faust_batching(bootstrap: str) -> dict[str, Any]:
     }
 
 
-async def passthrough(bootstrap: str, source: str, target: str, group: str, batching: dict[str, Any]) -> None:
-    """Forward every record of `source` to the same partition of `target` until SIGTERM."""
-    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+async def start_clients(bootstrap: str, topics: list[str], group: str, batching: dict[str, Any], *,
+                        max_poll_records: int | None) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """A started consumer of `topics` in `group` (manual commits) and producer, batching as `batching` says."""
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=batching["fetch_max_wait_ms"],
                                 max_partition_fetch_bytes=batching["max_partition_fetch_bytes"],
-                                max_poll_records=batching["max_poll_records"])
+                                max_poll_records=max_poll_records)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=batching["acks"], linger_ms=batching["linger_ms"],
                                 max_batch_size=batching["max_batch_size"],
                                 max_request_size=batching["max_request_size"])
     await producer.start()
     await consumer.start()
+    return consumer, producer
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    return stop
+
+
+async def commit_acknowledged(consumer: AIOKafkaConsumer, pending: list[asyncio.Future[Any]],
+                              offsets: dict[TopicPartition, int]) -> None:
+    """Wait until every record sent is acknowledged, then commit `offsets` (at least once); clear both."""
+    await asyncio.gather(*pending)
+    pending.clear()
+    if offsets:
+        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        offsets.clear()
+
+
+async def stop_clients(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+    """Stop both clients, whatever state they are in."""
+    with contextlib.suppress(Exception):
+        await consumer.stop()
+    with contextlib.suppress(Exception):
+        await producer.stop()
+
+
+async def passthrough(bootstrap: str, source: str, target: str, group: str, batching: dict[str, Any]) -> None:
+    """Forward every record of `source` to the same partition of `target` until SIGTERM."""
+    consumer, producer = await start_clients(bootstrap, [source], group, batching,
+                                             max_poll_records=batching["max_poll_records"])
+    stop = stop_on_signals()
     pending: list[asyncio.Future[Any]] = []
     offsets: dict[TopicPartition, int] = {}
     last_commit = time.monotonic()
@@ -69,20 +101,11 @@ async def passthrough(bootstrap: str, source: str, target: str, group: str, batc
                                               headers=list(msg.headers)))
                 offsets[tp] = messages[-1].offset + 1
             if offsets and time.monotonic() - last_commit >= batching["commit_interval"]:
-                await asyncio.gather(*pending)
-                pending.clear()
-                await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
-                offsets.clear()
+                await commit_acknowledged(consumer, pending, offsets)
                 last_commit = time.monotonic()
-        if pending:
-            await asyncio.gather(*pending)
-        if offsets:
-            await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        await commit_acknowledged(consumer, pending, offsets)
     finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        with contextlib.suppress(Exception):
-            await producer.stop()
+        await stop_clients(consumer, producer)
 
 
 def main() -> None:
