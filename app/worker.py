@@ -19,8 +19,6 @@ from topics import RouteTopics, declare_route_topics
 
 log = logging.getLogger(__name__)
 
-#: Seconds without heartbeats before the group gives a crashed worker's partitions to others.
-
 
 @dataclass
 class GuardApp:

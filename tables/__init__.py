@@ -43,11 +43,14 @@ def store_options(*, write_buffer_mb: int, block_cache_mb: int) -> dict[str, Any
             "block_cache_size": block_cache_mb << 20}
 
 
-def declare_route_tables(app: faust.App, route: Route, options: dict[str, Any]) -> RouteTables:
-    """Declare a route's tables on `app` with the RocksDB `options` (see store_options)."""
+def declare_table(app: faust.App, name: str, partitions: int, options: dict[str, Any]) -> faust.TableT[bytes, bytes]:
+    """One byzguard table on `app`: raw bytes keys and values, RocksDB `options` (see store_options)."""
     # key_type/value_type bytes make faust use the raw codec for the store and the changelog: the core
     # serializes its own records, once. Each table gets its own copy of the options: faust's store pops
     # keys from the dict it is given.
-    tables = [app.Table(name, key_type=bytes, value_type=bytes, partitions=route.partitions, options=dict(options))
-              for name in table_names(route)]
-    return RouteTables(*tables)
+    return app.Table(name, key_type=bytes, value_type=bytes, partitions=partitions, options=dict(options))
+
+
+def declare_route_tables(app: faust.App, route: Route, options: dict[str, Any]) -> RouteTables:
+    """Declare a route's tables on `app` with the RocksDB `options` (see store_options)."""
+    return RouteTables(*(declare_table(app, name, route.partitions, options) for name in table_names(route)))

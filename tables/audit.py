@@ -8,6 +8,7 @@ from typing import Any
 import faust
 
 from byzguard.audit import AuditRule
+from tables import declare_table
 
 
 def audit_table_name(rule: AuditRule) -> str:
@@ -18,5 +19,4 @@ def audit_table_name(rule: AuditRule) -> str:
 def declare_audit_table(app: faust.App, rule: AuditRule, options: dict[str, Any]) -> faust.TableT[bytes, bytes]:
     """Declare a rule's join table on `app` (RocksDB `options` as tables.store_options gives them); values are
     byzguard.audit.JoinState bytes."""
-    return app.Table(audit_table_name(rule), key_type=bytes, value_type=bytes, partitions=rule.partitions,
-                     options=dict(options))
+    return declare_table(app, audit_table_name(rule), rule.partitions, options)
