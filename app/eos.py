@@ -154,23 +154,11 @@ class ExactlyOnce:
     async def _first_record_from(self, tp: TP, start: int, end: int) -> int | None:
         """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`)."""
         if self._probe is None:
-            self._probe = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                           enable_auto_commit=False, isolation_level="read_committed")
-            await self._probe.start()
-        probe = self._probe
-        atp = TopicPartition(tp.topic, tp.partition)
-        if probe.assignment() != {atp}:
-            probe.assign([atp])
-        probe.seek(atp, start)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TAIL_CHECK_TIMEOUT
-        while loop.time() < deadline:
-            records = (await probe.getmany(atp, timeout_ms=200, max_records=1)).get(atp)
-            if records:
-                return int(records[0].offset)
-            if await probe.position(atp) >= end:
-                return None
-        raise TimeoutError(f"could not read {tp} from offset {start} within {TAIL_CHECK_TIMEOUT} s")
+            self._probe = await _read_committed_consumer(self.bootstrap)
+        found = await _first_committed(self._probe, {tp: start}, {tp: end})
+        if tp not in found:
+            raise TimeoutError(f"could not read {tp} from offset {start} within {TAIL_CHECK_TIMEOUT} s")
+        return found[tp]
 
     def track(self, fut: FutureMessage) -> None:
         """Remember a buffered send until it is delivered (or fails)."""
@@ -308,11 +296,11 @@ class MarkerAwareRecovery(Recovery):
                 if behind != progress[0]:
                     progress = (behind, loop.time())
                 if tail is None:
-                    tail = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                            enable_auto_commit=False, isolation_level="read_committed")
-                    await tail.start()
+                    tail = await _read_committed_consumer(self.bootstrap)
                 ends = {tp: self.active_highwaters[tp] + 1 for tp in behind}
-                finished = await _nothing_committed_after(tail, behind, ends)
+                # Done where no committed record follows what recovery applied.
+                first = await _first_committed(tail, {tp: offset + 1 for tp, offset in behind.items()}, ends)
+                finished = {tp for tp, offset in first.items() if offset is None}
                 # Recovery may have moved on while we looked: only what did not change is decided.
                 if not self.in_recovery or not self.tables.changelog_queue.empty():
                     continue
@@ -339,30 +327,41 @@ class MarkerAwareRecovery(Recovery):
                 await tail.stop()
 
 
-async def _nothing_committed_after(consumer: AIOKafkaConsumer, applied: dict[TP, int],
-                                   ends: dict[TP, int]) -> set[TP]:
-    """The partitions whose read_committed position passes `ends` with no record after `applied`."""
-    by_tp = {TopicPartition(tp.topic, tp.partition): tp for tp in applied}
+async def _read_committed_consumer(bootstrap: str) -> AIOKafkaConsumer:
+    """A started side consumer outside any group that sees only committed records."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    return consumer
+
+
+async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
+                           ends: dict[TP, int]) -> dict[TP, int | None]:
+    """Per partition, the offset of the first record a read_committed reader gets at or after its start, or
+    None if its position reaches its end with no record; partitions undecided within TAIL_CHECK_TIMEOUT are
+    left out."""
+    by_tp = {TopicPartition(tp.topic, tp.partition): tp for tp in starts}
     if consumer.assignment() != set(by_tp):
         consumer.assign(list(by_tp))
     for atp, tp in by_tp.items():
-        consumer.seek(atp, applied[tp] + 1)
+        consumer.seek(atp, starts[tp])
     undecided = set(by_tp)
-    finished: set[TP] = set()
+    found: dict[TP, int | None] = {}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + TAIL_CHECK_TIMEOUT
     while undecided and loop.time() < deadline:
         batch = await consumer.getmany(*undecided, timeout_ms=200)
         for atp, records in batch.items():
-            if records:  # a committed record recovery has not applied yet: not done
+            if records:
+                found[by_tp[atp]] = int(records[0].offset)
                 undecided.discard(atp)
         for atp in list(undecided):
             # read_committed never passes the last stable offset, so reaching the end also means no
             # transaction is still open there.
             if await consumer.position(atp) >= ends[by_tp[atp]]:
-                finished.add(by_tp[atp])
+                found[by_tp[atp]] = None
                 undecided.discard(atp)
-    return finished
+    return found
 
 
 async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
