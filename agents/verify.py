@@ -1,7 +1,8 @@
 """verify_events: the guard's agent. Reads each record, asks byzguard.guard for its fate, routes it.
 
 Everything a record causes (its own routing, held records it releases, state writes) happens inside the
-agent's iteration, so with exactly_once it all commits in one Kafka transaction with the input offset.
+agent's iteration, under the processing lock; the state writes wait in tables/buffer.py until the next commit
+writes them, so with exactly_once they commit in one Kafka transaction with the input offsets.
 """
 
 from __future__ import annotations
@@ -20,16 +21,24 @@ from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, 
 from byzguard.routing import receipt
 from byzguard.verdict import Code, Outcome
 from tables import RouteTables
+from tables.buffer import StateBuffer
 from topics import RouteTopics
 
 log = logging.getLogger(__name__)
 
 
 def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: RouteTopics,
-                        tables: RouteTables) -> Any:
-    """Register the verify agent of one route (and its causal deadline ticks) on `app`."""
-    state: dict[str, Any] = {ENTITIES: tables.state_by_entity, LAMPORTS: tables.lamport_by_source,
-                             CAUSAL: tables.causal_by_entity if tables.causal_by_entity is not None else {}}
+                        tables: RouteTables, buffer: StateBuffer) -> Any:
+    """Register the verify agent of one route (and its causal deadline ticks) on `app`.
+
+    State is read and written through `buffer` (tables/buffer.py), which the commit flushes.
+    """
+    by_name: dict[str, Any] = {ENTITIES: tables.state_by_entity, LAMPORTS: tables.lamport_by_source}
+    if tables.causal_by_entity is not None:
+        by_name[CAUSAL] = tables.causal_by_entity
+    state: dict[str, Any] = {name: buffer.reader(table) for name, table in by_name.items()}
+    if CAUSAL not in state:
+        state[CAUSAL] = {}  # the route holds no early events: the guard never reads or writes the buffer
     verified_topic = topics.verified_topic
     quarantine_topic = topics.quarantine_topic
     receipts_topic = topics.receipts_topic
@@ -40,13 +49,9 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
     held_gauge = metrics.CAUSAL_HELD.labels(name)
     oldest_gauge = metrics.CAUSAL_OLDEST.labels(name)
 
-    def apply(result: Result) -> None:
+    def apply(result: Result, partition: int) -> None:
         for (table_name, key), value in result.writes.items():
-            table = state[table_name]
-            if value is not None:
-                table[key] = value
-            elif key in table:
-                del table[key]
+            buffer.put(by_name[table_name], partition, key, value)
         if result.held_delta:
             held_gauge.inc(result.held_delta)
         if result.oldest_held_age is not None:
@@ -72,15 +77,18 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         msg = event.message
         started = time.perf_counter()
         now = time.time()
+        buffer.partition = msg.partition  # tables are co-partitioned with the inputs (and the ticks)
         if msg.topic == tick_name:
             result = guard.expire_held(route, state, now=now)
         else:
             result = guard.process(
                 RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
                          msg.timestamp), route, state, now=now)
-        apply(result)
+        apply(result, msg.partition)
         for routed in result.routed:
             await send(routed)
+        if buffer.full:  # write out now, so the commit's flush has only the last few to wait for
+            await buffer.flush(app, wait=False)
         latency.observe(time.perf_counter() - started)
         for routed in result.routed:
             observe(name, routed, now)

@@ -140,7 +140,7 @@ def register_entity_views(built: Any, config: GuardConfig) -> None:
                 return view.json({"error": "unavailable", "detail": "the partition is moving between workers"},
                                  status=503, headers={"Retry-After": "1"})
             return await forward(view, request, owner, f"/entities/{quote(route, safe='')}/{quote(entity, safe='')}")
-        raw = table.get(entity.encode())
+        raw = built.buffer.get(table, partition, entity.encode())  # pending writes too
         state = EntityState.from_bytes(raw) if raw else None
         outcome, body = describe_last_good(state, route=spec, entity=entity, retention=retention, now=time.time())
         body["partition"] = partition

@@ -33,6 +33,10 @@ each gap below and how the crash test finds it.
 `install(app, bootstrap)` wires 1-3 and 5-7 into the app before its consumer and producer exist; agents run
 each record through `process(app, event, handle)` and call `guard(app, topic)`; the CLI runs the worker
 inside `crash_safe_state(...)` for 4.
+
+Under both guarantees, `install_gate(app)` (which `install` calls) puts every offset commit under the
+processing lock and runs the `before_commit` hooks inside it first: the guard's buffered state writes
+(tables/buffer.py) reach the changelog in the commit that carries their events' offsets.
 """
 
 from __future__ import annotations
@@ -71,14 +75,63 @@ RECOVERY_STALL_SECONDS = 5.0
 RUNNING_MARKER = "byzguard-worker.running"
 
 _STATE_ATTR = "_byzguard_eos"
+_GATE_ATTR = "_byzguard_commit_gate"
+
+
+class CommitGate:
+    """The processing lock (no commit inside an event) and the work every commit does first, under it."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.before_commit: list[Callable[[], Awaitable[None]]] = []
+
+    async def prepare(self) -> None:
+        """Run the before-commit hooks, in the order they were added."""
+        for hook in self.before_commit:
+            await hook()
+
+
+def gate_of(app: faust.App) -> CommitGate | None:
+    """The commit gate installed on `app`, or None."""
+    return getattr(app, _GATE_ATTR, None)
+
+
+def install_gate(app: faust.App) -> CommitGate:
+    """Put `app`'s offset commits under the processing lock, after its before-commit hooks. Call before start."""
+    gate = gate_of(app)
+    if gate is not None:
+        return gate
+    if app._consumer is not None:  # type: ignore[attr-defined]
+        raise RuntimeError("eos.install_gate must run before the app's consumer is created")
+    gate = CommitGate()
+    setattr(app, _GATE_ATTR, gate)
+    transport: Any = app.transport
+    base_consumer = transport.Consumer
+
+    class Consumer(base_consumer):  # type: ignore[valid-type,misc]
+        async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+            # Under the processing lock no event is half done: every acked offset has all its outputs and state
+            # writes in (under exactly_once: in its partition's transaction) and every unacked one has none.
+            async with gate.lock:
+                await gate.prepare()
+                committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
+                return committed
+
+    transport.Consumer = Consumer
+    return gate
+
+
+def before_commit(app: faust.App, hook: Callable[[], Awaitable[None]]) -> None:
+    """Run `hook` inside every offset commit of `app`, under the processing lock, before the offsets go."""
+    install_gate(app).before_commit.append(hook)
 
 
 class ExactlyOnce:
     """Per-app state: the processing lock, buffered changelog writes, and where each partition must go on."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, lock: asyncio.Lock) -> None:
         self.bootstrap = bootstrap
-        self.lock = asyncio.Lock()
+        self.lock = lock
         self.pending: set[FutureMessage] = set()
         self.warned_topics: set[str] = set()
         #: Topics whose records only `process` may ack (their agent processes every record it acks).
@@ -182,8 +235,8 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     """Give `app` the fixed transaction manager, consumer, producer and recovery. Call before start."""
     if app._consumer is not None or app._producer is not None:  # type: ignore[attr-defined]
         raise RuntimeError("eos.install must run before the app's consumer and producer are created")
-    state = ExactlyOnce(bootstrap)
-    setattr(app, _STATE_ATTR, state)
+    if gate_of(app) is not None:
+        raise RuntimeError("eos.install must run before eos.install_gate (the gate wraps its consumer)")
     tables: Any = app.tables
     if tables._recovery is not None:
         raise RuntimeError("eos.install must run before the table manager builds its recovery service")
@@ -194,12 +247,10 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
 
     class Consumer(base_consumer):  # type: ignore[valid-type,misc]
         async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
-            # Under the processing lock no event is half done: every acked offset has all its outputs in
-            # its partition's transaction and every unacked one has none.
-            async with state.lock:
-                await state.wait_delivered()
-                committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
-                return committed
+            # Called by the gate's commit, under the processing lock (install_gate, below).
+            await state.wait_delivered()
+            committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
+            return committed
 
         def ack(self, message: Any) -> bool:
             if message.topic in state.guarded_topics and not state.acking:
@@ -233,6 +284,9 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     transport.TransactionManager = EventTransactionManager
     transport.Consumer = Consumer
     transport.Producer = Producer
+    # The gate wraps the consumer above: it takes the lock, runs the hooks, then calls its commit.
+    state = ExactlyOnce(bootstrap, install_gate(app).lock)
+    setattr(app, _STATE_ATTR, state)
     return state
 
 
@@ -373,7 +427,12 @@ async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.E
     """
     state = state_of(app)
     if state is None:
-        await handle(event)
+        gate = gate_of(app)
+        if gate is None:
+            await handle(event)
+            return
+        async with gate.lock:  # at_least_once: only no commit (and its flush) in the middle of an event
+            await handle(event)
         return
     async with state.lock:
         if await state.in_order(app, event):

@@ -15,6 +15,7 @@ from app.settings import Settings
 from byzguard.config import GuardConfig
 from byzguard.guard import Guard
 from tables import RouteTables, declare_route_tables, store_options
+from tables.buffer import StateBuffer
 from topics import RouteTopics, declare_route_topics
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ class GuardApp:
 
     app: faust.App
     guard: Guard
+    #: The verify agents' pending state writes (tables/buffer.py); read state through it.
+    buffer: StateBuffer
     topics: dict[str, RouteTopics] = field(default_factory=dict)
     tables: dict[str, RouteTables] = field(default_factory=dict)
     agents: dict[str, Any] = field(default_factory=dict)
@@ -64,15 +67,17 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
     if settings.processing_guarantee == "exactly_once":
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
+    buffer = StateBuffer()
+    eos.before_commit(app, lambda: buffer.flush(app))  # state writes commit with their events' offsets
     guard = Guard(config)
-    built = GuardApp(app=app, guard=guard, store_options=store_options(
+    built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))
     for route in config.routes:
         topics = declare_route_topics(app, route)
         tables = declare_route_tables(app, route, built.store_options)
         built.topics[route.name] = topics
         built.tables[route.name] = tables
-        built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables)
+        built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
     metrics.configure(config)
     input_topics = frozenset(t for route in config.routes for t in route.inputs)
 

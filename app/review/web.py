@@ -97,7 +97,7 @@ class ReviewWeb:
             active = set()
         if (changelog, partition) in active:
             try:
-                raw = table.get(entity.encode())
+                raw = self.built.buffer.get(table, partition, entity.encode())
             except Exception as exc:  # the store may be recovering
                 return {"where": "here", **where, "state": None, "detail": f"not readable now: {exc}"}
             return {"where": "here", **where, "state": entity_view(raw),

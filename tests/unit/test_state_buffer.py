@@ -1,0 +1,79 @@
+"""tables.buffer.StateBuffer without a broker: reads see pending writes first, then the real RocksDB store of a
+faust table; writing out coalesces keys and puts them in the partition's database. (Sending to the changelog is
+Kafka's part: the worker tests restore state from the changelogs on a wiped data dir, on the real broker.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faust
+import pytest
+
+from tables.buffer import StateBuffer, _write
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Any:
+    app = faust.App("buffer-test", store="rocksdb://", datadir=str(tmp_path), autodiscover=False, env={})
+    return app.Table("t", key_type=bytes, value_type=bytes, partitions=4)
+
+
+def _db(table: Any, partition: int) -> Any:
+    return table.data._db_for_partition(partition)
+
+
+def test_a_read_falls_through_to_the_store_of_the_current_partition(table: Any) -> None:
+    _db(table, 1).put(b"acct-1", b"in partition 1")
+    buffer = StateBuffer()
+    reader = buffer.reader(table)
+    buffer.partition = 1
+    assert reader.get(b"acct-1") == b"in partition 1"
+    buffer.partition = 2
+    assert reader.get(b"acct-1") is None
+
+
+def test_a_pending_write_is_read_before_the_store_and_only_in_its_partition(table: Any) -> None:
+    _db(table, 1).put(b"acct-1", b"old")
+    buffer = StateBuffer()
+    reader = buffer.reader(table)
+    buffer.put(table, 1, b"acct-1", b"new")
+    buffer.partition = 1
+    assert reader.get(b"acct-1") == b"new"
+    assert buffer.get(table, 3, b"acct-1") is None
+    assert _db(table, 1).get(b"acct-1") == b"old", "nothing reaches the store before a flush"
+
+
+def test_a_pending_delete_hides_the_stored_value(table: Any) -> None:
+    _db(table, 0).put(b"acct-1", b"old")
+    buffer = StateBuffer()
+    buffer.put(table, 0, b"acct-1", None)
+    assert buffer.get(table, 0, b"acct-1") is None
+
+
+def test_pending_counts_distinct_keys_and_full_at_the_threshold(table: Any) -> None:
+    buffer = StateBuffer(flush_keys=3)
+    buffer.put(table, 0, b"source-a", b"1")
+    buffer.put(table, 0, b"source-a", b"2")  # a hot key written again: still one pending write
+    buffer.put(table, 1, b"source-a", b"1")
+    assert (buffer.pending, buffer.full) == (2, False)
+    buffer.put(table, 1, b"acct-9", b"v")
+    assert (buffer.pending, buffer.full) == (3, True)
+
+
+def test_writing_out_puts_the_last_value_of_each_key_in_its_partitions_database(table: Any) -> None:
+    _db(table, 2).put(b"gone", b"x")
+    _write(table, {2: {b"acct-1": b"v2", b"gone": None}, 3: {b"acct-1": b"other"}})
+    assert _db(table, 2).get(b"acct-1") == b"v2"
+    assert _db(table, 2).get(b"gone") is None
+    assert _db(table, 3).get(b"acct-1") == b"other"
+
+
+def test_the_memory_store_is_read_and_written_too(tmp_path: Path) -> None:
+    app = faust.App("buffer-test-memory", store="memory://", datadir=str(tmp_path), autodiscover=False, env={})
+    table: Any = app.Table("t", key_type=bytes, value_type=bytes, partitions=2)
+    buffer = StateBuffer()
+    buffer.put(table, 0, b"acct-1", b"v1")
+    assert buffer.get(table, 0, b"acct-1") == b"v1"
+    _write(table, {0: {b"acct-1": b"v1"}})
+    assert StateBuffer().get(table, 0, b"acct-1") == b"v1"
