@@ -27,6 +27,9 @@ CHECKS = ("integrity", "authorization", "idempotency", "version", "causal", "tim
 # Codes whose default severity is not `reject`: skipped versions are suspicious but often legitimate.
 DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN}
 
+# A module constant: on Python 3.11 `Severity.REJECT` is a descriptor lookup, and level() runs per event.
+_REJECT = Severity.REJECT
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -275,7 +278,7 @@ class TypePolicy:
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
-        return self.severity.get(code, Severity.REJECT)
+        return self.severity.get(code, _REJECT)
 
 
 @dataclass(frozen=True, slots=True)

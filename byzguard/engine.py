@@ -6,7 +6,10 @@ Agents call `verify` and only move bytes and state; producers and downstream con
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
 
 from byzguard.clocks import Order
 from byzguard.config import Policy, TypePolicy
@@ -22,6 +25,27 @@ _UNTRUSTED = frozenset({
     Code.INTEGRITY_UNKNOWN_KEY, Code.INTEGRITY_BAD_MAC, Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED,
 })
 
+# Enum members as module constants: on Python 3.11 `Severity.OFF` is a descriptor lookup that costs about as
+# much as the comparison it feeds, and the per-event path makes a few dozen of them.
+_OFF: Final = Severity.OFF
+_WARN: Final = Severity.WARN
+_REJECT: Final = Severity.REJECT
+_VERIFIED: Final = Outcome.VERIFIED
+_WARNED: Final = Outcome.WARNED
+_SUSPECT: Final = Outcome.SUSPECT
+_QUARANTINED: Final = Outcome.QUARANTINED
+_DUPLICATE: Final = Outcome.DUPLICATE
+_FORWARDED: Final = (_VERIFIED, _WARNED, _SUSPECT)
+_RECORDED: Final = (_QUARANTINED, _SUSPECT)
+_ID_DUPLICATE: Final = Code.ID_DUPLICATE
+_INVARIANT_VIOLATED: Final = Code.INVARIANT_VIOLATED
+_BEFORE: Final = Order.BEFORE
+_EQUAL: Final = Order.EQUAL
+_CONCURRENT: Final = Order.CONCURRENT
+_FAIL_OPEN: Final = Policy.FAIL_OPEN
+# What rules that never read `event` are given instead of the envelope attributes (never looked at).
+_NO_ATTRIBUTES: Final[Mapping[str, Any]] = MappingProxyType({})
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -35,12 +59,12 @@ class Decision:
     @property
     def forward(self) -> bool:
         """True when the event goes to the verified topic."""
-        return self.outcome in (Outcome.VERIFIED, Outcome.WARNED, Outcome.SUSPECT)
+        return self.outcome in _FORWARDED
 
     @property
     def quarantine(self) -> bool:
         """True when the event is recorded in the quarantine topic."""
-        return self.outcome in (Outcome.QUARANTINED, Outcome.SUSPECT)
+        return self.outcome in _RECORDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +91,14 @@ class _Reasons:
 
     def add(self, code: Code, detail: str, severity: Severity | None = None) -> None:
         level = self.policy.level(code)
-        if level is Severity.OFF:
+        if level is _OFF:
             return
-        if severity is not None and level is Severity.WARN:
-            severity = Severity.WARN  # a check demoted to warn caps its rules' own severities
+        if severity is not None and level is _WARN:
+            severity = _WARN  # a check demoted to warn caps its rules' own severities
         self.items.append(Reason(code, detail, severity or level))
 
     def rejects(self) -> bool:
-        return any(r.severity is Severity.REJECT for r in self.items)
+        return any(r.severity is _REJECT for r in self.items)
 
 
 def verify(
@@ -98,24 +122,24 @@ def verify(
     for code, detail in check_integrity(env.checksum, env.covered, env.source, keyring,
                                         required=policy.require_checksum):
         reasons.add(code, detail)
-    if any(r.code in _UNTRUSTED and r.severity is Severity.REJECT for r in reasons.items):
+    if reasons.items and any(r.code in _UNTRUSTED and r.severity is _REJECT for r in reasons.items):
         return _conclude(env, policy, reasons, None, None, now, limits, update=False)
 
     if entity is not None:
-        if policy.level(Code.ID_DUPLICATE) is not Severity.OFF:
+        duplicates = policy.level(_ID_DUPLICATE) is not _OFF
+        if duplicates:
             seen = entity.find(env.id, now, limits.id_window)
             if seen is not None:
                 if seen.content_hash == env.content_hash:
-                    return Decision(Outcome.DUPLICATE, (Reason(Code.ID_DUPLICATE,
+                    return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
                                     f"event id {env.id!r} was already verified with the same content",
-                                    Severity.WARN),))
+                                    _WARN),))
                 reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for different content")
         if env.version is not None and entity.version is not None:
-            if env.version == entity.version and env.content_hash == entity.content_hash \
-                    and policy.level(Code.ID_DUPLICATE) is not Severity.OFF:
-                return Decision(Outcome.DUPLICATE, (Reason(Code.ID_DUPLICATE,
+            if env.version == entity.version and env.content_hash == entity.content_hash and duplicates:
+                return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
                                 f"version {env.version} re-sent with identical content under id {env.id!r}",
-                                Severity.WARN),))
+                                _WARN),))
             _check_version(env.version, entity, env, reasons)
         if env.vclock is not None and entity.vclock is not None:
             _check_vclock(env, entity, reasons)
@@ -123,9 +147,12 @@ def verify(
         reasons.add(Code.LAMPORT_REGRESSION,
                     f"source {env.source!r} sent Lamport time {env.lamport} after {lamport_mark}")
     _check_time(env, policy, now, now if received is None else min(received, now), reasons)
-    if policy.rules and policy.level(Code.INVARIANT_VIOLATED) is not Severity.OFF:
-        last = entity.last_good_data() if entity is not None and policy.rules.uses_last else None
-        for reason in policy.rules.evaluate(env.data(), last, now=now, event=env.attributes()):
+    rules = policy.rules
+    if rules and policy.level(_INVARIANT_VIOLATED) is not _OFF:
+        last = entity.last_good_data() if entity is not None and rules.uses_last else None
+        # The attributes are built only for rules that read (or quote) `event`.
+        event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
+        for reason in rules.evaluate(env.data(), last, now=now, event=event):
             reasons.add(reason.code, reason.detail, reason.severity)
     return _conclude(env, policy, reasons, entity, lamport_mark, now, limits, update=True)
 
@@ -157,10 +184,10 @@ def _check_version(version: int, entity: EntityState, env: Envelope, reasons: _R
 def _check_vclock(env: Envelope, entity: EntityState, reasons: _Reasons) -> None:
     assert env.vclock is not None and entity.vclock is not None
     order = env.vclock.compare(entity.vclock)
-    if order is Order.BEFORE or order is Order.EQUAL:
+    if order is _BEFORE or order is _EQUAL:
         reasons.add(Code.VCLOCK_STALE, f"vector clock {env.vclock.to_header().decode()} is not after the "
                     f"verified {entity.vclock.to_header().decode()} (stale read)")
-    elif order is Order.CONCURRENT:
+    elif order is _CONCURRENT:
         reasons.add(Code.VCLOCK_CONCURRENT, f"vector clock {env.vclock.to_header().decode()} is concurrent "
                     f"with the verified {entity.vclock.to_header().decode()} (conflicting writers)")
 
@@ -190,10 +217,10 @@ def _conclude(
     update: bool,
 ) -> Decision:
     found = tuple(reasons.items)
-    if reasons.rejects():
-        outcome = Outcome.SUSPECT if policy.policy is Policy.FAIL_OPEN else Outcome.QUARANTINED
+    if found and reasons.rejects():
+        outcome = _SUSPECT if policy.policy is _FAIL_OPEN else _QUARANTINED
         return Decision(outcome, found)
-    outcome = Outcome.WARNED if found else Outcome.VERIFIED
+    outcome = _WARNED if found else _VERIFIED
     if not update:
         return Decision(outcome, found)
     return Decision(outcome, found, _advance(env, entity, now, limits),
@@ -203,23 +230,18 @@ def _conclude(
 
 def _advance(env: Envelope, entity: EntityState | None, now: float, limits: Limits) -> EntityState:
     """The entity's state after `env` is verified: only verified events ever reach here."""
-    recent: tuple[SeenId, ...] = ()
+    recent: list[SeenId] = []
     version = env.version
     vclock = env.vclock
     if entity is not None:
-        recent = tuple(s for s in entity.recent if now - s.seen_at <= limits.id_window)
+        window = limits.id_window
+        recent = [s for s in entity.recent if now - s.seen_at <= window]
         if entity.version is not None and (version is None or entity.version > version):
             version = entity.version
         if entity.vclock is not None:
             vclock = entity.vclock if vclock is None else vclock.merge(entity.vclock)
-    recent = (*recent, SeenId(env.id, env.content_hash, now))[-limits.ids_per_entity:]
-    return EntityState(
-        version=version,
-        vclock=vclock,
-        content_hash=env.content_hash,
-        last_good=env.covered,
-        last_good_type=env.type,
-        verified_at=now,
-        event_time=env.time,
-        recent=recent,
-    )
+    recent.append(SeenId(env.id, env.content_hash, now))
+    # Positional: a frozen dataclass's keyword call is measurably slower on this per-event path.
+    # (version, vclock, content_hash, last_good, last_good_type, verified_at, event_time, recent)
+    return EntityState(version, vclock, env.content_hash, env.covered, env.type, now, env.time,
+                       tuple(recent[-limits.ids_per_entity:]))

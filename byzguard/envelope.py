@@ -167,6 +167,8 @@ def _text(raw: bytes, name: str) -> str:
 
 
 def _int(raw: object, name: str) -> int:
+    if type(raw) is int and 0 <= raw <= MAX_INT:  # the common case, as JSON gives it
+        return raw
     if isinstance(raw, bool):
         raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be an integer, got a boolean")
     if isinstance(raw, bytes):
@@ -276,6 +278,8 @@ def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], 
 
 def _str_attr(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
     raw = obj.get(name)
+    if type(raw) is str and raw:  # the common case, as JSON gives it
+        return raw
     if raw is None:
         if required:
             raise DecodeFailure(Code.DECODE_MALFORMED, f"required attribute missing: {name}")

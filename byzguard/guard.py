@@ -109,7 +109,7 @@ class _Tx:
 
     def get(self, table: str, key: bytes) -> bytes | None:
         writes = self.result.writes
-        if (table, key) in writes:
+        if writes and (table, key) in writes:  # empty until the first put: most reads skip the tuple
             return writes[(table, key)]
         return self.state[table].get(key)
 

@@ -24,6 +24,11 @@ XXH3_128 = "xxh3-128"
 HMAC_SHA256 = "hmac-sha256"
 ALGORITHMS = frozenset({SHA256, XXH3_128, HMAC_SHA256})
 
+# HMAC-SHA256 keyed once per secret: each MAC copies the keyed state instead of hashing the key pads again.
+# Bounded, since producers may sign with keys of their own; cleared when full (rebuilding one costs a MAC).
+_KEYED: dict[bytes, hmac.HMAC] = {}
+_KEYED_MAX = 64
+
 
 @dataclass(frozen=True, slots=True)
 class Checksum:
@@ -101,8 +106,20 @@ def digest(algorithm: str, content: bytes, key: Key | None = None) -> str:
     if algorithm == HMAC_SHA256:
         if key is None:
             raise KeyRingError("hmac-sha256 needs a key")
-        return hmac.new(key.secret, content, hashlib.sha256).hexdigest()
+        return _hmac_sha256(key.secret, content)
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def _hmac_sha256(secret: bytes, content: bytes) -> str:
+    """hmac.new(secret, content, sha256).hexdigest(), from a keyed state made once per secret."""
+    keyed = _KEYED.get(secret)
+    if keyed is None:
+        if len(_KEYED) >= _KEYED_MAX:
+            _KEYED.clear()
+        keyed = _KEYED[secret] = hmac.new(secret, digestmod=hashlib.sha256)
+    mac = keyed.copy()
+    mac.update(content)
+    return mac.hexdigest()
 
 
 def content_hash(content: bytes) -> bytes:

@@ -580,7 +580,13 @@ def _plain_json(value: Any, depth: int = 0) -> bool:
         for key, item in value.items():
             if type(key) is not str:
                 return False
-            if type(item) not in _PLAIN_SCALARS and not _plain_json(item, depth + 1):
+            item_kind = type(item)
+            if item_kind in _PLAIN_SCALARS:
+                continue
+            if item_kind is int:  # inline: a JSON object's integers would otherwise cost a call each
+                if not -_FLOAT_INT_END < item < _FLOAT_INT_END:
+                    return False
+            elif not _plain_json(item, depth + 1):
                 return False
         return True
     if kind is list:
@@ -1732,13 +1738,18 @@ def compile_rules(specs: Sequence[RuleSpec]) -> RuleSet:
 class RuleSet:
     """The compiled invariant rules of one event type; evaluate() them against each event."""
 
-    __slots__ = ("_fast_roots", "_roots", "_rules")
+    __slots__ = ("_fast_roots", "_roots", "_rules", "_uses_event", "_uses_last")
 
     def __init__(self, rules: tuple[_Rule, ...] = ()) -> None:
         self._rules = rules
         self._roots = frozenset[str]().union(*(rule.roots for rule in rules))
         fast = [rule.roots for rule in rules if rule.fast is not None]
         self._fast_roots = frozenset[str]().union(*fast) if fast else None
+        self._uses_last = "last" in self._roots or "has_last" in self._roots
+        # A violation quotes `event.x` paths even where `event` is a macro's own variable: those read the
+        # attributes too.
+        self._uses_event = "event" in self._roots or any(
+            path[0] == "event" for rule in rules for path in rule.paths)
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -1749,7 +1760,12 @@ class RuleSet:
     @property
     def uses_last(self) -> bool:
         """Whether any rule reads `last` or `has_last`: if not, callers need not load last-known-good."""
-        return "last" in self._roots or "has_last" in self._roots
+        return self._uses_last
+
+    @property
+    def uses_event(self) -> bool:
+        """Whether any rule reads (or quotes) `event`: if not, callers need not build the attributes."""
+        return self._uses_event
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -51,16 +51,17 @@ class EntityState:
     def from_bytes(cls, raw: bytes) -> EntityState:
         """Deserialize a state table value."""
         _v, version, vclock, chash, last_good, last_type, verified_at, event_time, recent = orjson.loads(raw)
+        # Positional, in field order: this runs for every event of a known entity.
         return cls(
-            version=version,
+            version,
             # The merged clock of an entity may outgrow the per-event bound; state is trusted, so no bound here.
-            vclock=VectorClock.from_header(vclock, max_entries=sys.maxsize) if vclock is not None else None,
-            content_hash=bytes.fromhex(chash),
-            last_good=last_good.encode("latin-1"),
-            last_good_type=last_type,
-            verified_at=verified_at,
-            event_time=event_time,
-            recent=tuple(SeenId(i, bytes.fromhex(h), t) for i, h, t in recent),
+            VectorClock.from_header(vclock, max_entries=sys.maxsize) if vclock is not None else None,
+            bytes.fromhex(chash),
+            last_good.encode("latin-1"),
+            last_type,
+            verified_at,
+            event_time,
+            tuple([SeenId(i, bytes.fromhex(h), t) for i, h, t in recent]),
         )
 
     def last_good_data(self) -> object:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import orjson
 import pytest
 
+from byzguard import integrity
 from byzguard.clocks import VectorClock
 from byzguard.guard import RecordIn
-from byzguard.integrity import HMAC_SHA256, XXH3_128, Key
+from byzguard.integrity import HMAC_SHA256, XXH3_128, Key, digest
 from byzguard.routing import H_REASONS, H_VERDICT
 from byzguard.stamp import Stamped, Stamper, seed_checksum_event
 from byzguard.verdict import Code, Outcome, Severity
@@ -336,3 +340,16 @@ def test_clock_skew_is_judged_at_arrival_not_processing(harness: Harness) -> Non
     routed = harness.guard.process(RecordIn(punctual.key, punctual.value, punctual.headers, "in", 0, 2, NOW),
                                    harness.route, harness.state, now=NOW + 60).first
     assert routed.decision.outcome is Outcome.VERIFIED
+
+
+def test_hmac_digest_reuses_keyed_state_per_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keyed HMAC cache gives hmac.new's digest for every key, also past its bound (when it is cleared)."""
+    monkeypatch.setattr(integrity, "_KEYED", {})
+    monkeypatch.setattr(integrity, "_KEYED_MAX", 3)
+    keys = [Key(f"k{i}", "pricing", f"secret-{i}".encode()) for i in range(5)]
+    for _ in range(2):
+        for key in keys:
+            for content in (b"", b'{"price":1}', bytes(range(256)) * 3):
+                expected = hmac.new(key.secret, content, hashlib.sha256).hexdigest()
+                assert digest(HMAC_SHA256, content, key) == expected
+    assert len(integrity._KEYED) <= 3

@@ -327,6 +327,14 @@ def test_uses_last_tells_whether_last_known_good_is_needed() -> None:
     assert compile_rules([]).uses_last is False
 
 
+def test_uses_event_tells_whether_the_attributes_are_needed() -> None:
+    """`uses_event` is true when some rule reads `event`, or quotes an `event.x` path (a macro's variable)."""
+    assert compile_rules([PRICE_POSITIVE, FRESH, PRICE_CHANGE]).uses_event is False
+    assert compile_rules([RuleSpec("src", "event.source == 'pricing'")]).uses_event is True
+    assert compile_rules([RuleSpec("m", "data.items.all(event, event.qty > 0)")]).uses_event is True
+    assert compile_rules([]).uses_event is False
+
+
 def test_empty_ruleset_passes_everything() -> None:
     """No rules: every event passes, whatever its data."""
     rules = compile_rules([])
