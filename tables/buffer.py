@@ -20,7 +20,6 @@ transaction, and the local tables are discarded at the next start, app/eos.py fi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,10 +102,13 @@ class StateBuffer:
 
     async def _delivered(self) -> None:
         sent, self._sent = self._sent, []
-        delivered = await asyncio.gather(*(fut for _, _, fut in sent))
         last: dict[tuple[Any, TP], int] = {}
-        for (table, tp, _), metadata in zip(sent, delivered, strict=True):
-            offset = int(metadata.offset)
+        for table, tp, fut in sent:
+            if not fut.done():
+                # Records are delivered a batch at a time: one wait covers the rest of its batch (where a gather
+                # would schedule a callback per record).
+                await fut
+            offset = int(fut.result().offset)  # raises if the record could not be delivered
             if last.get((table, tp), -1) < offset:
                 last[(table, tp)] = offset
         for (table, tp), offset in last.items():
