@@ -20,11 +20,13 @@ transaction, and the local tables are discarded at the next start, app/eos.py fi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 import faust
 import rocksdict
+from faust.streams import _current_event
 from faust.types import TP
 
 #: Per table, per partition, per key: the value to write (None deletes).
@@ -34,6 +36,9 @@ Dirty = dict[Any, dict[int, dict[bytes, bytes | None]]]
 #: Pending keys at which the agent writes them out before the commit does (a commit's flush then stalls
 #: processing for the delivery of the last few only, not for a whole interval's worth of sends).
 FLUSH_KEYS = 256
+
+#: How long a commit waits for its changelog records before it gives up and the worker crashes.
+DELIVERY_TIMEOUT = 60.0
 
 
 class StateBuffer:
@@ -91,14 +96,24 @@ class StateBuffer:
             for table, parts in dirty.items():
                 _write(table, parts)
             producer = await app.maybe_start_producer()  # under exactly_once: the transaction manager
-            for table, parts in dirty.items():
-                topic = table.changelog_topic.get_topic_name()
-                for partition, entries in parts.items():
-                    tp = TP(topic, partition)
-                    for key, value in entries.items():
-                        self._sent.append((table, tp, await producer.send(topic, key, value, partition, None, None)))
+            # Sent as from outside any event, also when the agent flushes in the middle of one: the transaction
+            # manager (app/eos.py) then puts each record in the transaction of its own partition, not in that
+            # of the event being processed (a crash between two partitions' commits would otherwise leave one
+            # partition's state committed with another's offsets).
+            outside_events = _current_event.set(None)
+            try:
+                for table, parts in dirty.items():
+                    topic = table.changelog_topic.get_topic_name()
+                    for partition, entries in parts.items():
+                        tp = TP(topic, partition)
+                        for key, value in entries.items():
+                            fut = await producer.send(topic, key, value, partition, None, None)
+                            self._sent.append((table, tp, fut))
+            finally:
+                _current_event.reset(outside_events)
         if wait and self._sent:
-            await self._delivered()
+            async with asyncio.timeout(DELIVERY_TIMEOUT):  # a delivery that never ends crashes the worker, loudly
+                await self._delivered()
 
     async def _delivered(self) -> None:
         sent, self._sent = self._sent, []

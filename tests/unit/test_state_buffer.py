@@ -4,11 +4,16 @@ Kafka's part: the worker tests restore state from the changelogs on a wiped data
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import faust
 import pytest
+from faust.streams import _current_event, current_event
+from faust.types import TP
 
 from tables.buffer import StateBuffer, _write
 
@@ -77,3 +82,52 @@ def test_the_memory_store_is_read_and_written_too(tmp_path: Path) -> None:
     assert buffer.get(table, 0, b"acct-1") == b"v1"
     _write(table, {0: {b"acct-1": b"v1"}})
     assert StateBuffer().get(table, 0, b"acct-1") == b"v1"
+
+
+class _Event:
+    """Stands for the stream event the agent is processing when it flushes early."""
+
+
+class _RecordingProducer:
+    """Takes each send at once and records which event was current then (the transaction it would land in)."""
+
+    def __init__(self) -> None:
+        self.sends: list[tuple[str, bytes, bytes | None, int, object]] = []
+
+    async def send(self, topic: str, key: bytes, value: bytes | None, partition: int, timestamp: None,
+                   headers: None) -> asyncio.Future[Any]:
+        self.sends.append((topic, key, value, partition, current_event()))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(SimpleNamespace(offset=len(self.sends) - 1))
+        return done
+
+
+def test_flush_writes_each_key_once_as_from_outside_any_event_and_records_the_changelog_offset(table: Any) -> None:
+    producer = _RecordingProducer()
+    app = SimpleNamespace(maybe_start_producer=lambda: _ready(producer))
+    buffer = StateBuffer()
+    buffer.put(table, 2, b"source-a", b"1")
+    buffer.put(table, 2, b"source-a", b"2")
+    buffer.put(table, 2, b"acct-1", None)
+    event = _Event()
+
+    async def flush_inside_an_event() -> None:
+        token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+        try:
+            await buffer.flush(app, wait=False)  # type: ignore[arg-type]
+            assert current_event() is event, "the agent's event is current again after the flush"
+        finally:
+            _current_event.reset(token)
+        await buffer.flush(app)  # type: ignore[arg-type]  # the commit's flush: waits for delivery
+
+    asyncio.run(flush_inside_an_event())
+    changelog = table.changelog_topic.get_topic_name()
+    assert [s[:4] for s in producer.sends] == [(changelog, b"source-a", b"2", 2), (changelog, b"acct-1", None, 2)]
+    assert all(s[4] is None for s in producer.sends), "a record sent inside an event would join its transaction"
+    assert _db(table, 2).get(b"source-a") == b"2"
+    assert table.data.persisted_offset(TP(changelog, 2)) == 1
+    assert buffer.pending == 0
+
+
+async def _ready(producer: _RecordingProducer) -> _RecordingProducer:
+    return producer
