@@ -127,11 +127,11 @@ def before_commit(app: faust.App, hook: Callable[[], Awaitable[None]]) -> None:
 
 
 class ExactlyOnce:
-    """Per-app state: the processing lock, buffered changelog writes, and where each partition must go on."""
+    """Per-app state: buffered changelog writes, and where each partition must go on (the processing lock is the
+    commit gate's, `install_gate`)."""
 
-    def __init__(self, bootstrap: str, lock: asyncio.Lock) -> None:
+    def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self.lock = lock
         self.pending: set[FutureMessage] = set()
         self.warned_topics: set[str] = set()
         #: Topics whose records only `process` may ack (their agent processes every record it acks).
@@ -284,8 +284,9 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     transport.TransactionManager = EventTransactionManager
     transport.Consumer = Consumer
     transport.Producer = Producer
-    # The gate wraps the consumer above: it takes the lock, runs the hooks, then calls its commit.
-    state = ExactlyOnce(bootstrap, install_gate(app).lock)
+    # The gate wraps the consumer above: it takes the processing lock, runs the hooks, then calls its commit.
+    install_gate(app)
+    state = ExactlyOnce(bootstrap)
     setattr(app, _STATE_ATTR, state)
     return state
 
@@ -425,17 +426,15 @@ async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.E
     committed offsets, and a message abandoned in a rebalance still moves its read offset); a record delivered
     again is dropped, and one whose predecessor never came sends the consumer back to that predecessor.
     """
-    state = state_of(app)
-    if state is None:
-        gate = gate_of(app)
-        if gate is None:
-            await handle(event)
-            return
-        async with gate.lock:  # at_least_once: only no commit (and its flush) in the middle of an event
-            await handle(event)
+    gate = gate_of(app)
+    if gate is None:
+        await handle(event)
         return
-    async with state.lock:
-        if await state.in_order(app, event):
+    state = state_of(app)
+    async with gate.lock:
+        if state is None:  # at_least_once: only no commit (and its flush) in the middle of an event
+            await handle(event)
+        elif await state.in_order(app, event):
             await handle(event)
             state.processed(app, event)
 
@@ -444,11 +443,11 @@ async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.E
 async def processing(app: faust.App, event: faust.EventT) -> AsyncIterator[None]:
     """Process one event with no commit in between and ack it inside the lock (no order or duplicate checks:
     prefer `process`, which can skip a record delivered twice)."""
-    state = state_of(app)
-    if state is None:
+    state, gate = state_of(app), gate_of(app)
+    if state is None or gate is None:
         yield
         return
-    async with state.lock:
+    async with gate.lock:
         yield
         state.processed(app, event)
 
