@@ -1,18 +1,21 @@
 """verify_events: the guard's agent. Reads each record, asks byzguard.guard for its fate, routes it.
 
 Everything a record causes (its own routing, held records it releases, state writes) happens inside the
-agent's iteration, under the processing lock; the state writes wait in tables/buffer.py until the next commit
-writes them, so with exactly_once they commit in one Kafka transaction with the input offsets.
+agent's iteration, under the processing lock. Its records (verified, quarantine, receipts) go into the outbox
+(app/outbox.py), which sends them in record batches; its state writes wait in tables/buffer.py. Every commit
+first writes the state out and waits until the outbox delivered everything, so with exactly_once all of it
+commits in one Kafka transaction with the input offsets.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 import faust
+from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
@@ -57,21 +60,28 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         if result.oldest_held_age is not None:
             oldest_gauge.set(result.oldest_held_age)
 
-    async def send(routed: Routed) -> None:
+    outbox = buffer.outbox
+    assert outbox is not None, "the verify agent sends through the buffer's outbox"
+    add = outbox.add
+    verified_name = verified_topic.get_topic_name()
+    quarantine_name = quarantine_topic.get_topic_name()
+    receipts_name = receipts_topic.get_topic_name() if receipts_topic is not None else None
+
+    def emit(routed: Routed, source: TP) -> None:
         record = routed.record
-        # Outputs keep the input's partition: they are co-partitioned, and no key hashing is needed.
+        # Outputs keep the input's partition: they are co-partitioned, and no key hashing is needed. Under
+        # exactly_once they belong to the transaction of the event being processed (`source`).
         if routed.verified_headers is not None:
-            await verified_topic.send(key=record.key, value=record.value, partition=record.partition,
-                                      headers=routed.verified_headers)
+            add(verified_name, record.partition, record.key, record.value, routed.verified_headers, source=source)
         if routed.quarantine_headers is not None:
-            await quarantine_topic.send(key=record.key, value=record.value, partition=record.partition,
-                                        headers=routed.quarantine_headers)
-        if receipts_topic is not None and routed.envelope is not None:
+            add(quarantine_name, record.partition, record.key, record.value, routed.quarantine_headers,
+                source=source)
+        if receipts_name is not None and routed.envelope is not None:
             # In the same transaction as the routing: a receipt is visible exactly when the verdict is.
             event_id = routed.envelope.id
-            await receipts_topic.send(key=event_id.encode(), partition=record.partition, value=receipt(
+            add(receipts_name, record.partition, event_id.encode(), receipt(
                 event_id, routed.decision.outcome, routed.decision.reasons, name, topic=record.topic,
-                partition=record.partition, offset=record.offset, now=time.time()))
+                partition=record.partition, offset=record.offset, now=time.time()), source=source)
 
     async def verify_one(event: faust.EventT) -> None:
         msg = event.message
@@ -85,19 +95,24 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
                          msg.timestamp), route, state, now=now)
         apply(result, msg.partition)
+        source = msg.tp
         for routed in result.routed:
-            await send(routed)
+            emit(routed, source)
         if buffer.full:  # write out now, so the commit's flush has only the last few to wait for
-            await buffer.flush(app, wait=False)
+            buffer.write_out()
         latency.observe(time.perf_counter() - started)
         for routed in result.routed:
             observe(name, routed, now)
 
-    async def verify_events(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+    async def verify_events(stream: faust.StreamT[bytes]) -> None:
+        await outbox.start()
+        idle = _idle(stream)
         async for event in stream.events():
             # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).
             await eos.process(app, event, verify_one)
-            yield None
+            # Batches go when full, when a record lingered, or when nothing else is waiting to be processed.
+            if outbox.pending and (outbox.due() or idle()):
+                await outbox.wake()
 
     if tick_topic is not None:
         @app.timer(interval=max(0.5, route.causal.deadline / 4))
@@ -117,6 +132,16 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
     # never be restarted silently in a loop or die unnoticed.
     return app.agent(topics.inputs_topic, name=f"verify_events-{name}",
                      supervisor_strategy=CrashingSupervisor)(verify_events)
+
+
+def _idle(stream: faust.StreamT[bytes]) -> Callable[[], bool]:
+    """`idle()`: True when no record is waiting in the agent's input queue (the agent is about to wait)."""
+    queue = getattr(getattr(stream, "channel", None), "queue", None)
+    empty = getattr(queue, "empty", None)
+    if empty is None:  # not a faust channel: treat every event as the last of its batch
+        return lambda: True
+    checked: Callable[[], bool] = empty
+    return checked
 
 
 #: Metric children by label values (prometheus_client's labels() costs microseconds per call, per event).

@@ -303,27 +303,38 @@ class EventTransactionManager(TransactionManager):
 
     def _transactional_id(self, topic: str, key: bytes | None, partition: int | None) -> str | None:
         event = current_event()
-        if event is not None:
-            source: TP = event.message.tp
-            return self._id_for(self.app.assignor.group_for_topic(source.topic), source.partition)
-        # No event (the table buffer's task, a timer): a topic the worker consumes has a producer per
-        # partition, as faust intends (changelogs are co-partitioned with the event that wrote them).
-        try:
-            group = self.app.assignor.group_for_topic(topic)
-        except KeyError:
-            group = None
-        if group is not None:
-            p = self.consumer.key_partition(topic, key, partition)
-            if p is not None:
-                return self._id_for(group, p)
-        state = state_of(self.app)
-        if state is not None and topic not in state.warned_topics:
-            state.warned_topics.add(topic)
-            log.warning("send to %r outside any stream event: not part of a transaction", topic)
-        return None
+        if event is None and partition is None and _group_of(self.app, topic) is not None:
+            partition = self.consumer.key_partition(topic, key, partition)
+        return transactional_id(self.app, topic, partition, source=event.message.tp if event is not None else None)
 
-    def _id_for(self, group: int, partition: int) -> str:
-        return f"{self.app.conf.id}-{group}-{partition}"
+
+def transactional_id(app: faust.App, topic: str, partition: int | None, *, source: TP | None = None) -> str | None:
+    """Under exactly_once, the transaction a record for `topic`/`partition` belongs to: that of the input
+    partition `source` whose event caused it; without a source (the table buffer, a timer), that of its own
+    partition when the worker consumes `topic` (changelogs are co-partitioned with the events that wrote them),
+    else None: the record goes out through the plain producer, outside any transaction (warned once per topic)."""
+    if source is not None:
+        return _id_for(app, app.assignor.group_for_topic(source.topic), source.partition)
+    group = _group_of(app, topic)
+    if group is not None and partition is not None:
+        return _id_for(app, group, partition)
+    state = state_of(app)
+    if state is not None and topic not in state.warned_topics:
+        state.warned_topics.add(topic)
+        log.warning("send to %r outside any stream event: not part of a transaction", topic)
+    return None
+
+
+def _group_of(app: faust.App, topic: str) -> int | None:
+    try:
+        group: int = app.assignor.group_for_topic(topic)
+    except KeyError:
+        return None
+    return group
+
+
+def _id_for(app: faust.App, group: int, partition: int) -> str:
+    return f"{app.conf.id}-{group}-{partition}"
 
 
 class MarkerAwareRecovery(Recovery):

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
 from app import eos, metrics
+from app.outbox import Outbox
 from app.settings import Settings
 from byzguard.config import GuardConfig
 from byzguard.guard import Guard
@@ -67,8 +68,11 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
     if settings.processing_guarantee == "exactly_once":
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
-    buffer = StateBuffer()
-    eos.before_commit(app, lambda: buffer.flush(app))  # state writes commit with their events' offsets
+    outbox = Outbox(app)
+    app.task(outbox.run)  # the sender: batches go out while the agents work (app/outbox.py)
+    buffer = StateBuffer(outbox)
+    # State writes and every record of the agents are delivered before the offsets of their events commit.
+    eos.before_commit(app, buffer.flush)
     guard = Guard(config)
     built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))

@@ -5,14 +5,15 @@ buffer, with its future, callbacks, sensors and a second RocksDB put (the persis
 CPU per write on the bench machine, two per verified event, more than faust spends forwarding the event itself
 (bench/results/profile.md). Held here until the commit instead, the writes of one commit interval reach RocksDB
 as one WriteBatch per partition, a key written many times in between (a source's Lamport mark) reaches the
-changelog once, and the changelog records go straight to the producer: under exactly_once, to the
-transactional producer of their partition, so they commit with the input offsets.
+changelog once, and the changelog records go out through the outbox (app/outbox.py) in aiokafka record
+batches: under exactly_once, in the transaction of their partition, so they commit with the input offsets.
 
 What makes it safe: `flush` runs inside every offset commit, under the processing lock (app/eos.py
 `before_commit`), and returns only when every changelog record sent since the last commit is delivered, so no
 committed offset lacks its state in the changelog; reads see the buffer first, so the next event sees its
 predecessor's writes at once. Between commits the agent writes the buffer out whenever FLUSH_KEYS keys are
-pending (without waiting for delivery), so a commit stalls processing for a few hundred sends at most. A worker
+pending (`write_out`: into the stores and the outbox, which sends them soon), so a commit stalls processing for
+the delivery of the last few batches only. A worker
 killed before a commit loses the buffer and the uncommitted offsets together: the events are delivered again
 and their writes redone (under exactly_once the changelog records sent so far belong to the aborted
 transaction, and the local tables are discarded at the next start, app/eos.py fix 4).
@@ -20,14 +21,15 @@ transaction, and the local tables are discarded at the next start, app/eos.py fi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import rocksdict
-from faust.streams import _current_event
 from faust.types import TP
+
+if TYPE_CHECKING:
+    from app.outbox import Outbox
 
 #: Per table, per partition, per key: the value to write (None deletes).
 Dirty = dict[Any, dict[int, dict[bytes, bytes | None]]]
@@ -37,19 +39,18 @@ Dirty = dict[Any, dict[int, dict[bytes, bytes | None]]]
 #: processing for the delivery of the last few only, not for a whole interval's worth of sends).
 FLUSH_KEYS = 256
 
-#: How long a commit waits for its changelog records before it gives up and the worker crashes.
-DELIVERY_TIMEOUT = 60.0
-
-
 class StateBuffer:
-    """The pending writes of every buffered table; `partition` is the partition of the event being processed."""
+    """The pending writes of every buffered table; `partition` is the partition of the event being processed.
 
-    def __init__(self, flush_keys: int = FLUSH_KEYS) -> None:
+    Changelog records go out through `outbox` (app/outbox.py), batched with the agents' own records."""
+
+    def __init__(self, outbox: Outbox | None = None, flush_keys: int = FLUSH_KEYS) -> None:
         self._dirty: Dirty = {}
         self._keys = 0
         self.flush_keys = flush_keys
-        #: Changelog records sent but not yet known delivered: (table, changelog partition, future).
-        self._sent: list[tuple[Any, TP, Any]] = []
+        self.outbox = outbox
+        #: Changelog topic name -> its table, for every table written out so far.
+        self._changelogs: dict[str, Any] = {}
         self.partition = 0
 
     def reader(self, table: faust.TableT[bytes, bytes]) -> TableReader:
@@ -84,51 +85,39 @@ class StateBuffer:
 
     @property
     def full(self) -> bool:
-        """True when the agent should write the pending keys out (`flush(app, wait=False)`)."""
+        """True when the agent should write the pending keys out (`write_out()`)."""
         return self._keys >= self.flush_keys
 
-    async def flush(self, app: faust.App, *, wait: bool = True) -> None:
-        """Write every pending key to its store and send it to its changelog; with `wait`, return once every
-        changelog record sent so far is delivered (what a commit needs before its offsets go)."""
-        if self._dirty:
-            dirty, self._dirty, self._keys = self._dirty, {}, 0
-            # Into the stores before the first await: from here on reads no longer see these in the buffer.
-            for table, parts in dirty.items():
-                _write(table, parts)
-            producer = await app.maybe_start_producer()  # under exactly_once: the transaction manager
-            # Sent as from outside any event, also when the agent flushes in the middle of one: the transaction
-            # manager (app/eos.py) then puts each record in the transaction of its own partition, not in that
-            # of the event being processed (a crash between two partitions' commits would otherwise leave one
-            # partition's state committed with another's offsets).
-            outside_events = _current_event.set(None)
-            try:
-                for table, parts in dirty.items():
-                    topic = table.changelog_topic.get_topic_name()
-                    for partition, entries in parts.items():
-                        tp = TP(topic, partition)
-                        for key, value in entries.items():
-                            fut = await producer.send(topic, key, value, partition, None, None)
-                            self._sent.append((table, tp, fut))
-            finally:
-                _current_event.reset(outside_events)
-        if wait and self._sent:
-            async with asyncio.timeout(DELIVERY_TIMEOUT):  # a delivery that never ends crashes the worker, loudly
-                await self._delivered()
+    def write_out(self) -> None:
+        """Write every pending key to its store and queue it for its changelog in the outbox."""
+        if not self._dirty:
+            return
+        dirty, self._dirty, self._keys = self._dirty, {}, 0
+        outbox = self.outbox
+        if outbox is None:
+            raise RuntimeError("StateBuffer.write_out needs an outbox to send the changelog records")
+        for table, parts in dirty.items():
+            _write(table, parts)  # from here on reads see these in the stores
+            topic = table.changelog_topic.get_topic_name()
+            self._changelogs[topic] = table
+            for partition, entries in parts.items():
+                for key, value in entries.items():
+                    # Changelogs are co-partitioned with the inputs: the record goes to the transaction of its
+                    # own partition under exactly_once (never that of the event being processed).
+                    outbox.add(topic, partition, key, value)
 
-    async def _delivered(self) -> None:
-        sent, self._sent = self._sent, []
-        last: dict[tuple[Any, TP], int] = {}
-        for table, tp, fut in sent:
-            if not fut.done():
-                # Records are delivered a batch at a time: one wait covers the rest of its batch (where a gather
-                # would schedule a callback per record).
-                await fut
-            offset = int(fut.result().offset)  # raises if the record could not be delivered
-            if last.get((table, tp), -1) < offset:
-                last[(table, tp)] = offset
-        for (table, tp), offset in last.items():
-            # Where recovery of this changelog partition resumes after a clean restart (as faust does per write).
-            table.data.set_persisted_offset(tp, offset)
+    async def flush(self) -> None:
+        """Write out every pending key and wait until its changelog record (with everything else in the outbox)
+        is delivered: what a commit needs before its offsets go."""
+        self.write_out()
+        if self.outbox is None:
+            return
+        last = await self.outbox.flush()
+        for (topic, partition), offset in last.items():
+            table = self._changelogs.get(topic)
+            if table is not None:
+                # Where recovery of this changelog partition resumes after a clean restart (as faust does per write).
+                table.data.set_persisted_offset(TP(topic, partition), offset)
 
 
 class TableReader:

@@ -5,14 +5,11 @@ Kafka's part: the worker tests restore state from the changelogs on a wiped data
 from __future__ import annotations
 
 import asyncio
-import weakref
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import faust
 import pytest
-from faust.streams import _current_event, current_event
 from faust.types import TP
 
 from tables.buffer import StateBuffer, _write
@@ -84,50 +81,57 @@ def test_the_memory_store_is_read_and_written_too(tmp_path: Path) -> None:
     assert StateBuffer().get(table, 0, b"acct-1") == b"v1"
 
 
-class _Event:
-    """Stands for the stream event the agent is processing when it flushes early."""
-
-
-class _RecordingProducer:
-    """Takes each send at once and records which event was current then (the transaction it would land in)."""
+class _RecordingOutbox:
+    """Records what the buffer queues (the outbox itself is tested on the real broker:
+    tests/integration/test_outbox.py); `flush` answers as if record i got offset i."""
 
     def __init__(self) -> None:
-        self.sends: list[tuple[str, bytes, bytes | None, int, object]] = []
+        self.records: list[tuple[str, int, bytes | None, bytes | None, object]] = []
+        self.flushes = 0
 
-    async def send(self, topic: str, key: bytes, value: bytes | None, partition: int, timestamp: None,
-                   headers: None) -> asyncio.Future[Any]:
-        self.sends.append((topic, key, value, partition, current_event()))
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        done.set_result(SimpleNamespace(offset=len(self.sends) - 1))
-        return done
+    def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: object = None, *,
+            source: object = None) -> None:
+        self.records.append((topic, partition, key, value, source))
+
+    async def flush(self) -> dict[tuple[str, int], int]:
+        self.flushes += 1
+        return {(topic, partition): i for i, (topic, partition, *_) in enumerate(self.records)}
 
 
-def test_flush_writes_each_key_once_as_from_outside_any_event_and_records_the_changelog_offset(table: Any) -> None:
-    producer = _RecordingProducer()
-    app = SimpleNamespace(maybe_start_producer=lambda: _ready(producer))
-    buffer = StateBuffer()
+def test_write_out_queues_each_key_once_for_its_own_partitions_changelog(table: Any) -> None:
+    outbox = _RecordingOutbox()
+    buffer = StateBuffer(outbox)  # type: ignore[arg-type]
     buffer.put(table, 2, b"source-a", b"1")
     buffer.put(table, 2, b"source-a", b"2")
     buffer.put(table, 2, b"acct-1", None)
-    event = _Event()
-
-    async def flush_inside_an_event() -> None:
-        token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
-        try:
-            await buffer.flush(app, wait=False)  # type: ignore[arg-type]
-            assert current_event() is event, "the agent's event is current again after the flush"
-        finally:
-            _current_event.reset(token)
-        await buffer.flush(app)  # type: ignore[arg-type]  # the commit's flush: waits for delivery
-
-    asyncio.run(flush_inside_an_event())
+    buffer.put(table, 3, b"acct-7", b"v")
+    buffer.write_out()
     changelog = table.changelog_topic.get_topic_name()
-    assert [s[:4] for s in producer.sends] == [(changelog, b"source-a", b"2", 2), (changelog, b"acct-1", None, 2)]
-    assert all(s[4] is None for s in producer.sends), "a record sent inside an event would join its transaction"
-    assert _db(table, 2).get(b"source-a") == b"2"
-    assert table.data.persisted_offset(TP(changelog, 2)) == 1
+    assert outbox.records == [(changelog, 2, b"source-a", b"2", None), (changelog, 2, b"acct-1", None, None),
+                              (changelog, 3, b"acct-7", b"v", None)], \
+        "no source: under exactly_once a changelog record joins its own partition's transaction, not the event's"
+    assert _db(table, 2).get(b"source-a") == b"2" and _db(table, 3).get(b"acct-7") == b"v"
+    assert buffer.pending == 0 and buffer.get(table, 2, b"source-a") == b"2"
+    assert table.data.persisted_offset(TP(changelog, 2)) is None, "nothing is known delivered before a flush"
+
+
+def test_flush_waits_for_delivery_and_records_where_each_changelog_partition_resumes(table: Any) -> None:
+    outbox = _RecordingOutbox()
+    buffer = StateBuffer(outbox)  # type: ignore[arg-type]
+    buffer.put(table, 2, b"source-a", b"1")
+    buffer.put(table, 2, b"acct-1", b"v")
+    buffer.put(table, 0, b"acct-2", b"w")
+    outbox.add("verified-topic", 2, b"acct-1", b"event")  # the agents' own records share the outbox
+    asyncio.run(buffer.flush())
+    changelog = table.changelog_topic.get_topic_name()
+    assert outbox.flushes == 1
+    assert table.data.persisted_offset(TP(changelog, 2)) == 2
+    assert table.data.persisted_offset(TP(changelog, 0)) == 3
     assert buffer.pending == 0
 
 
-async def _ready(producer: _RecordingProducer) -> _RecordingProducer:
-    return producer
+def test_writing_out_without_an_outbox_is_refused(table: Any) -> None:
+    buffer = StateBuffer()
+    buffer.put(table, 0, b"acct-1", b"v")
+    with pytest.raises(RuntimeError, match="outbox"):
+        buffer.write_out()

@@ -1,0 +1,208 @@
+"""The outbox: every record the verify agents write (verified, quarantine, receipts, state changelogs) goes
+to Kafka a batch at a time, straight into aiokafka's record batches.
+
+Faust's `topic.send` wraps each record in a FutureMessage and a PendingMessage, looks the producer up through
+a stampede wrapper, fires sensors and resolves a future with callbacks per record; aiokafka's `send` adds a
+coroutine chain and a future per record again (bench/results/profile.md: more of faust's per-record machinery
+than byzguard's own work). Here a record is appended to the open `BatchBuilder` of its destination (and, under
+exactly_once, of the transaction it belongs to) and one future covers a whole batch.
+
+When a batch goes out (`wake` asks the sender task, which runs whenever the agent awaits; nothing here blocks
+the agent but back pressure):
+- it is full (aiokafka's batch size);
+- the agent has nothing more to process right now (its input queue is empty), so a lone event is not kept
+  waiting for company;
+- its oldest record waited `LINGER` seconds (under a steady stream the queue is rarely empty);
+- before every offset commit (`flush`, under the processing lock, app/eos.py): a commit's offsets never go
+  before the records of the events they cover are delivered.
+
+Order: the records of one destination partition go out in the order they were added (one sender at a time,
+batches sent in the order they were opened). Under exactly_once each batch goes through the transactional
+producer of the input partition whose event caused it (changelog records: their own partition's), so it
+commits or aborts with that partition's offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from faust.types import TP
+
+from app import eos
+
+log = logging.getLogger(__name__)
+
+#: How long a record may wait for its batch to fill while the agent is busy (seconds).
+LINGER = 0.005
+
+#: Full batches waiting for the sender at which the agent waits for it (back pressure, ~16 KB each).
+MAX_FULL = 64
+
+#: How long a commit waits for its records' delivery before it gives up and the worker crashes.
+DELIVERY_TIMEOUT = 60.0
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class _Batch:
+    """One open or full record batch for one destination partition (and transaction)."""
+
+    __slots__ = ("builder", "count", "partition", "producer", "tid", "topic")
+
+    def __init__(self, producer: Any, tid: str | None, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.tid = tid
+        self.topic = topic
+        self.partition = partition
+        self.builder = producer.create_batch()
+        self.count = 0
+
+
+class Outbox:
+    """Records waiting to be sent, batched per destination partition; see the module doc for when they go."""
+
+    def __init__(self, app: faust.App, *, linger: float = LINGER, max_full: int = MAX_FULL) -> None:
+        self.app = app
+        self.linger = linger
+        self.max_full = max_full
+        self._open: dict[tuple[str | None, str, int], _Batch] = {}
+        self._full: list[_Batch] = []
+        self._oldest: float | None = None  # time.monotonic() of the oldest record not yet handed to the sender
+        self._sent: list[tuple[_Batch, asyncio.Future[Any]]] = []
+        self._lock = asyncio.Lock()  # one sender at a time: per partition, batches go out in order
+        self._wake = asyncio.Event()
+        self._failed: BaseException | None = None
+        self._tids: dict[tuple[str, int, TP | None], str | None] = {}
+        self._exactly_once = eos.state_of(app) is not None
+
+    # -- adding -----------------------------------------------------------------------------------------------
+
+    def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+            headers: Headers | None = None, *, source: TP | None = None) -> None:
+        """Queue one record for `topic`/`partition`. `source`: the input partition whose event it belongs to
+        (under exactly_once its transaction); None for a changelog record (its own partition's transaction)."""
+        if self._failed is not None:
+            raise self._failed
+        tid = self._tid(topic, partition, source) if self._exactly_once else None
+        slot = (tid, topic, partition)
+        batch = self._open.get(slot)
+        if batch is None:
+            batch = self._open[slot] = _Batch(self._producer(tid), tid, topic, partition)
+        if batch.builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
+            # Full: hand it to the sender, start the next one (a first record always fits, however large).
+            self._full.append(batch)
+            batch = self._open[slot] = _Batch(batch.producer, tid, topic, partition)
+            batch.builder.append(timestamp=None, key=key, value=value, headers=headers or [])
+            self._wake.set()
+        batch.count += 1
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+
+    @property
+    def pending(self) -> bool:
+        """True while some record waits to be handed to the sender."""
+        return self._oldest is not None
+
+    def due(self) -> bool:
+        """True when a batch is full or the oldest waiting record lingered long enough."""
+        oldest = self._oldest
+        return bool(self._full) or (oldest is not None and time.monotonic() - oldest >= self.linger)
+
+    async def wake(self) -> None:
+        """Let the sender (`run`) send everything added so far; wait only if it is too far behind."""
+        if self._failed is not None:
+            raise self._failed
+        self._wake.set()
+        if len(self._full) > self.max_full:
+            await self._send_all()
+
+    # -- commit ------------------------------------------------------------------------------------------------
+
+    async def flush(self) -> dict[tuple[str, int], int]:
+        """Send everything added so far and wait until it is delivered; return, per destination partition
+        that got records since the last flush, the offset of its last record. Raises if one was not delivered."""
+        await self._send_all()
+        async with asyncio.timeout(DELIVERY_TIMEOUT):  # a delivery that never ends crashes the worker, loudly
+            sent, self._sent = self._sent, []
+            last: dict[tuple[str, int], int] = {}
+            for batch, fut in sent:
+                if not fut.done():
+                    await fut
+                offset = int(fut.result().offset) + batch.count - 1  # raises if the batch was not delivered
+                dest = (batch.topic, batch.partition)
+                if last.get(dest, -1) < offset:
+                    last[dest] = offset
+        return last
+
+    async def start(self) -> None:
+        """Make sure the producer runs (the first `add` needs it)."""
+        await self.app.producer.maybe_start()
+
+    # -- sending -----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The sender: sends whatever `wake` asks for, for as long as the worker runs (an app task). A failure
+        is raised by the next `add`, `wake` or `flush`, so the agent and the commit stop the worker loudly."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._send_all()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the agent and the commit raise it: the worker stops, loudly
+            log.exception("outbox: sending failed")
+            self._failed = exc
+
+    async def _send_all(self) -> None:
+        async with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            batches, self._full = self._full, []
+            batches.extend(self._open.values())
+            self._open = {}
+            self._oldest = None
+            for batch in batches:
+                fut = await self._send(batch)
+                if fut is not None:
+                    self._sent.append((batch, fut))
+
+    async def _send(self, batch: _Batch) -> asyncio.Future[Any] | None:
+        if batch.tid is None:
+            fut: asyncio.Future[Any] = await batch.producer.send_batch(batch.builder, batch.topic,
+                                                                      partition=batch.partition)
+            return fut
+        producer: Any = self.app.producer
+        lock = producer._trn_locks.get(batch.tid)
+        if lock is None or producer._transaction_producers.get(batch.tid) is not batch.producer:
+            # The partition was revoked and its transaction ended: its uncommitted events go to the new owner.
+            log.warning("outbox: %d records for %s[%d] dropped with the aborted transaction %s",
+                        batch.count, batch.topic, batch.partition, batch.tid)
+            return None
+        async with lock:
+            fut = await batch.producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
+            return fut
+
+    # -- producers ---------------------------------------------------------------------------------------------
+
+    def _tid(self, topic: str, partition: int, source: TP | None) -> str | None:
+        key = (topic, partition, source)
+        try:
+            return self._tids[key]
+        except KeyError:
+            tid = self._tids[key] = eos.transactional_id(self.app, topic, partition, source=source)
+            return tid
+
+    def _producer(self, tid: str | None) -> Any:
+        producer: Any = self.app.producer
+        if tid is None:
+            return producer._ensure_producer()
+        found = producer._transaction_producers.get(tid)
+        if found is None:
+            raise RuntimeError(f"no transactional producer {tid!r}: its partition is not assigned to this worker")
+        return found

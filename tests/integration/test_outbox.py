@@ -1,0 +1,107 @@
+"""app.outbox.Outbox on the real broker: records go out in aiokafka record batches, in order per partition, with
+their keys, values and headers; a wake sends without waiting for a commit; a flush returns once everything is
+delivered, with the offset of each partition's last record; a record that cannot be sent fails the flush."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import faust
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.outbox import Outbox
+
+PARTITIONS = 3
+
+
+async def _topic(bootstrap: str) -> str:
+    name = f"outbox-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+    finally:
+        await admin.close()
+    return name
+
+
+Read = tuple[int, int, bytes | None, bytes | None, list[tuple[str, bytes]]]  # partition, offset, key, value, headers
+
+
+async def _read(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> list[Read]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        got: list[Read] = []
+        async with asyncio.timeout(timeout):
+            while len(got) < count:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    got.extend((r.partition, r.offset, r.key, r.value, list(r.headers)) for r in records)
+        return got
+    finally:
+        await consumer.stop()
+
+
+@pytest.fixture
+async def outbox(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Outbox]:
+    app = faust.App(f"outbox-test-{uuid.uuid4().hex[:6]}", broker=f"kafka://{kafka_bootstrap}", datadir=str(tmp_path),
+                    autodiscover=False, env={}, web_enabled=False)
+    box = Outbox(app)
+    await box.start()
+    sender = asyncio.get_running_loop().create_task(box.run())
+    try:
+        yield box
+    finally:
+        sender.cancel()
+        await app.producer.stop()
+
+
+async def test_records_arrive_in_order_per_partition_with_their_headers_and_flush_knows_the_last_offsets(
+        outbox: Outbox, kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap)
+    value = b"x" * 400
+    sent = []
+    for i in range(3000):  # ~40 record batches per partition: full batches go out while records are added
+        partition = i % PARTITIONS
+        key = b"acct-%d" % i
+        headers = [("byzguard-seq", str(i).encode())]
+        outbox.add(topic, partition, key, value, headers)
+        sent.append((partition, key, headers))
+        if outbox.due():
+            await outbox.wake()
+    last = await outbox.flush()
+    got = await _read(kafka_bootstrap, topic, len(sent))
+    for partition in range(PARTITIONS):
+        mine = [(k, h) for p, k, h in sent if p == partition]
+        theirs = sorted((o, k, h) for p, o, k, _, h in got if p == partition)
+        assert [(k, h) for _, k, h in theirs] == mine, f"partition {partition}: every record once, in order"
+        assert last[(topic, partition)] == theirs[-1][0]
+    assert all(v == value for *_, v, _ in got)
+    assert not outbox.pending
+
+
+async def test_a_wake_sends_without_a_commit(outbox: Outbox, kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap)
+    outbox.add(topic, 1, b"acct-1", b"lone event")
+    assert outbox.pending and not outbox.due(), "one record does not fill a batch and has not lingered yet"
+    await outbox.wake()
+    got = await _read(kafka_bootstrap, topic, 1, timeout=10.0)
+    assert [(p, k, v) for p, _, k, v, _ in got] == [(1, b"acct-1", b"lone event")]
+
+
+async def test_a_record_that_cannot_be_sent_stops_the_next_add_and_the_flush(outbox: Outbox,
+                                                                            kafka_bootstrap: str) -> None:
+    topic = await _topic(kafka_bootstrap)
+    outbox.add(topic, PARTITIONS + 5, b"acct-1", b"to a partition that does not exist")
+    await outbox.wake()
+    await asyncio.sleep(0.5)  # the sender task tries, and fails
+    with pytest.raises(AssertionError, match="partition"):
+        outbox.add(topic, 0, b"acct-2", b"next")
+    with pytest.raises(AssertionError, match="partition"):
+        await asyncio.wait_for(outbox.flush(), 30)
