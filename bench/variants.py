@@ -44,6 +44,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             "at_least_once"),
     Variant("b_take", "faust pass-through agent, batches of 1000 (take_events)", "faust", "at_least_once",
             args=("--take", "1000")),
+    # Diagnostic: b written as an async generator that yields per event (b and byzguard are plain coroutines).
+    Variant("b_yield", "faust pass-through agent as an async generator", "faust", "at_least_once",
+            args=("--yield-each",)),
 )}
 
 
