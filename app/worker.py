@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,16 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     @app.timer(interval=metrics.LAG_INTERVAL)
     async def measure_consumer_lag() -> None:
         await metrics.update_consumer_lag(app.consumer, input_topics)
+
+    @app.on_rebalance_complete.connect
+    async def freeze_long_lived_objects(sender: Any, **kwargs: Any) -> None:
+        # A full collection of Python's garbage collector scans every long-lived object: some 120,000 once the
+        # worker runs (faust, aiokafka, the CEL rules' parsers), 50-80 ms each time on the bench machine, several
+        # times a minute: a latency spike for every event in flight. Frozen, they are left out of collections
+        # (what an event allocates dies young); again after each rebalance, which builds new long-lived ones.
+        gc.collect()
+        gc.freeze()
+        log.info("garbage collector: %d long-lived objects frozen", gc.get_freeze_count())
 
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
