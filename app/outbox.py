@@ -43,8 +43,9 @@ LINGER = 0.005
 #: Full batches waiting for the sender at which the agent waits for it (back pressure, ~16 KB each).
 MAX_FULL = 64
 
-#: How long a commit waits for its records' delivery before it gives up and the worker crashes.
-DELIVERY_TIMEOUT = 60.0
+#: How long a commit waits for its records' delivery before it gives up and the worker crashes (the same bound
+#: as for faust's own buffered sends).
+DELIVERY_TIMEOUT = eos.CHANGELOG_DELIVERY_TIMEOUT
 
 Headers = Sequence[tuple[str, bytes]]
 
