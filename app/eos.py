@@ -213,6 +213,12 @@ class ExactlyOnce:
             raise TimeoutError(f"could not read {tp} from offset {start} within {TAIL_CHECK_TIMEOUT} s")
         return found[tp]
 
+    async def close(self) -> None:
+        """Stop the side consumer `in_order` may have started (at shutdown)."""
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            await probe.stop()
+
     def track(self, fut: FutureMessage) -> None:
         """Remember a buffered send until it is delivered (or fails)."""
         self.pending.add(fut)
@@ -288,6 +294,11 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     install_gate(app)
     state = ExactlyOnce(bootstrap)
     setattr(app, _STATE_ATTR, state)
+
+    @app.on_before_shutdown.connect
+    async def close_probe(sender: Any, **kwargs: Any) -> None:
+        await state.close()
+
     return state
 
 

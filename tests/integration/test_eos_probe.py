@@ -1,0 +1,62 @@
+"""app.eos.ExactlyOnce's side consumer on the real broker: it finds the first committed record a partition has
+from an offset on; closing stops it, and the app's shutdown signal closes it (no consumer left after the worker)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from faust.types import TP
+
+from app import eos
+from app.eos import ExactlyOnce
+
+
+async def _topic_with_three_records(bootstrap: str) -> str:
+    topic = f"eos-probe-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i in range(3):
+            await producer.send_and_wait(topic, b"%d" % i, partition=0)
+    finally:
+        await producer.stop()
+    return topic
+
+
+async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(kafka_bootstrap: str) -> None:
+    topic = await _topic_with_three_records(kafka_bootstrap)
+    state = ExactlyOnce(kafka_bootstrap)
+    assert await state._first_record_from(TP(topic, 0), 1, 3) == 1
+    probe = state._probe
+    assert probe is not None and probe._closed is False
+
+    await state.close()
+
+    assert state._probe is None
+    assert probe._closed is True
+    await state.close()  # a second close (or one without a probe) does nothing
+
+
+async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, tmp_path: Path) -> None:
+    topic = await _topic_with_three_records(kafka_bootstrap)
+    app = faust.App(f"eos-probe-{uuid.uuid4().hex[:6]}", broker=f"kafka://{kafka_bootstrap}", datadir=str(tmp_path),
+                    autodiscover=False, env={}, web_enabled=False, processing_guarantee="exactly_once")
+    state = eos.install(app, kafka_bootstrap)
+    assert await state._first_record_from(TP(topic, 0), 0, 3) == 0
+    probe = state._probe
+    assert probe is not None
+
+    await app.on_before_shutdown.send()
+
+    assert state._probe is None
+    assert probe._closed is True
