@@ -101,7 +101,7 @@ def test_reordered_stream_is_delivered_complete_in_causal_order(worker_factory: 
 def test_missing_dependency_quarantines_exactly_its_dependents(worker_factory: WorkerFactory) -> None:
     """A dependency that never arrives: after the deadline, exactly the events waiting on it are causal.gap."""
     # The gauges can only be seen while the dependents wait, i.e. within the deadline: 3 s was missed twice in CI
-    # on the loaded 2-core machine (the poll saw (0, False) throughout), so the window is 8 s.
+    # on the loaded 2-core machine (the last poll saw (0, False); the cause is not known), so the window is 8 s.
     route = configure(worker_factory, deadline="8s")
     worker = worker_factory.start("w1")
     log = history("doc-x", 12, random.Random(3))
