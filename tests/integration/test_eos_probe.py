@@ -8,21 +8,14 @@ from pathlib import Path
 
 import faust
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.types import TP
 
 from app import eos
 from app.eos import ExactlyOnce
+from tests.conftest import TopicFactory
 
 
-async def _topic_with_three_records(bootstrap: str) -> str:
-    topic = f"eos-probe-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+async def _three_records(bootstrap: str, topic: str) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
@@ -30,11 +23,12 @@ async def _topic_with_three_records(bootstrap: str) -> str:
             await producer.send_and_wait(topic, b"%d" % i, partition=0)
     finally:
         await producer.stop()
-    return topic
 
 
-async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(kafka_bootstrap: str) -> None:
-    topic = await _topic_with_three_records(kafka_bootstrap)
+async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(
+        kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    topic = topic_factory()
+    await _three_records(kafka_bootstrap, topic)
     state = ExactlyOnce(kafka_bootstrap)
     assert await state._first_record_from(TP(topic, 0), 1, 3) == 1
     probe = state._probe
@@ -47,8 +41,10 @@ async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(kaf
     await state.close()  # a second close (or one without a probe) does nothing
 
 
-async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, tmp_path: Path) -> None:
-    topic = await _topic_with_three_records(kafka_bootstrap)
+async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, topic_factory: TopicFactory,
+                                                       tmp_path: Path) -> None:
+    topic = topic_factory()
+    await _three_records(kafka_bootstrap, topic)
     app = faust.App(f"eos-probe-{uuid.uuid4().hex[:6]}", broker=f"kafka://{kafka_bootstrap}", datadir=str(tmp_path),
                     autodiscover=False, env={}, web_enabled=False, processing_guarantee="exactly_once")
     state = eos.install(app, kafka_bootstrap)
