@@ -28,7 +28,9 @@ each gap below and how the crash test finds it.
    offsets), skips others (a message abandoned in the rebalance moves the read offset) and acks records its
    stream skipped, while its commit tolerates a one-offset gap. Fixed: only `process` acks records of the
    guarded topics; it drops a record delivered again, and when a record's predecessor never came it seeks
-   back to it.
+   back to it. This one is not about transactions: under at_least_once a skipped record (seen at the end of
+   a large table recovery) leaves an offset nothing acks, faust's commit never passes it again and the worker
+   stops committing. `install_in_order(app, bootstrap)` wires it under either guarantee.
 
 `install(app, bootstrap)` wires 1-3 and 5-7 into the app before its consumer and producer exist; agents run
 each record through `process(app, event, handle)` and call `guard(app, topic)`; the CLI runs the worker
@@ -76,6 +78,7 @@ RUNNING_MARKER = "byzguard-worker.running"
 
 _STATE_ATTR = "_byzguard_eos"
 _GATE_ATTR = "_byzguard_commit_gate"
+_ORDER_ATTR = "_byzguard_in_order"
 
 
 class CommitGate:
@@ -126,14 +129,14 @@ def before_commit(app: faust.App, hook: Callable[[], Awaitable[None]]) -> None:
     install_gate(app).before_commit.append(hook)
 
 
-class ExactlyOnce:
-    """Per-app state: buffered changelog writes, and where each partition must go on (the processing lock is the
-    commit gate's, `install_gate`)."""
+class InOrder:
+    """Per-app: which record each guarded partition must process next (fix 7). Installed under both guarantees:
+    under at_least_once a record faust never hands to the agent leaves a gap of unacked offsets that faust's
+    commit cannot pass, so the worker would stop committing for good; here the next record shows the gap and the
+    consumer goes back for the missing one."""
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self.pending: set[FutureMessage] = set()
-        self.warned_topics: set[str] = set()
         #: Topics whose records only `process` may ack (their agent processes every record it acks).
         self.guarded_topics: set[str] = set()
         self.acking = False
@@ -219,6 +222,48 @@ class ExactlyOnce:
         if probe is not None:
             await probe.stop()
 
+
+def order_of(app: faust.App) -> InOrder | None:
+    """The in-order state installed on `app`, or None."""
+    return getattr(app, _ORDER_ATTR, None)
+
+
+def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
+    """Let only `process` ack records of guarded topics, each in offset order (fix 7). Under either guarantee;
+    `install` calls it. Call before start."""
+    order = order_of(app)
+    if order is not None:
+        return order
+    if app._consumer is not None:  # type: ignore[attr-defined]
+        raise RuntimeError("eos.install_in_order must run before the app's consumer is created")
+    order = InOrder(bootstrap)
+    setattr(app, _ORDER_ATTR, order)
+    transport: Any = app.transport
+    base_consumer = transport.Consumer
+
+    class Consumer(base_consumer):  # type: ignore[valid-type,misc]
+        def ack(self, message: Any) -> bool:
+            if message.topic in order.guarded_topics and not order.acking:
+                return order.drop(self, message)
+            acked: bool = super().ack(message)
+            return acked
+
+    transport.Consumer = Consumer
+
+    @app.on_before_shutdown.connect
+    async def close_probe(sender: Any, **kwargs: Any) -> None:
+        await order.close()
+
+    return order
+
+
+class ExactlyOnce:
+    """Per-app state of exactly_once: the buffered changelog writes a commit waits for (fix 2)."""
+
+    def __init__(self) -> None:
+        self.pending: set[FutureMessage] = set()
+        self.warned_topics: set[str] = set()
+
     def track(self, fut: FutureMessage) -> None:
         """Remember a buffered send until it is delivered (or fails)."""
         self.pending.add(fut)
@@ -247,6 +292,7 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     if tables._recovery is not None:
         raise RuntimeError("eos.install must run before the table manager builds its recovery service")
     tables._recovery = MarkerAwareRecovery(app, tables, bootstrap=bootstrap, beacon=tables.beacon)
+    install_in_order(app, bootstrap)
     transport: Any = app.transport
     base_consumer = transport.Consumer
     base_producer = transport.Producer
@@ -257,12 +303,6 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
             await state.wait_delivered()
             committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
             return committed
-
-        def ack(self, message: Any) -> bool:
-            if message.topic in state.guarded_topics and not state.acking:
-                return state.drop(self, message)
-            acked: bool = super().ack(message)
-            return acked
 
         async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
             # Faust under exactly_once answers with the last stable offset cached from the last fetch response,
@@ -292,13 +332,8 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     transport.Producer = Producer
     # The gate wraps the consumer above: it takes the processing lock, runs the hooks, then calls its commit.
     install_gate(app)
-    state = ExactlyOnce(bootstrap)
+    state = ExactlyOnce()
     setattr(app, _STATE_ATTR, state)
-
-    @app.on_before_shutdown.connect
-    async def close_probe(sender: Any, **kwargs: Any) -> None:
-        await state.close()
-
     return state
 
 
@@ -442,43 +477,44 @@ async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
 
 
 async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
-    """Run `handle(event)` exactly once per record: in offset order, with no commit in between, then ack it.
+    """Run `handle(event)` once per record: in offset order, with no commit in between, then ack it.
 
-    Around rebalances faust can deliver a record twice or not at all (it fetches before it seeks to the
-    committed offsets, and a message abandoned in a rebalance still moves its read offset); a record delivered
-    again is dropped, and one whose predecessor never came sends the consumer back to that predecessor.
+    Around rebalances (and the end of table recovery) faust can deliver a record twice or not at all (it fetches
+    before it seeks to the committed offsets, and records fetched while the flow stops or the generation changes
+    are abandoned though the read offset moved past them); a record delivered again is dropped, and one whose
+    predecessor never came sends the consumer back to that predecessor.
     """
     gate = gate_of(app)
     if gate is None:
         await handle(event)
         return
-    state = state_of(app)
+    order = order_of(app)
     async with gate.lock:
-        if state is None:  # at_least_once: only no commit (and its flush) in the middle of an event
+        if order is None:  # no order checks installed: only no commit (and its flush) in the middle of an event
             await handle(event)
-        elif await state.in_order(app, event):
+        elif await order.in_order(app, event):
             await handle(event)
-            state.processed(app, event)
+            order.processed(app, event)
 
 
 @contextlib.asynccontextmanager
 async def processing(app: faust.App, event: faust.EventT) -> AsyncIterator[None]:
     """Process one event with no commit in between and ack it inside the lock (no order or duplicate checks:
     prefer `process`, which can skip a record delivered twice)."""
-    state, gate = state_of(app), gate_of(app)
-    if state is None or gate is None:
+    order, gate = order_of(app), gate_of(app)
+    if order is None or gate is None:
         yield
         return
     async with gate.lock:
         yield
-        state.processed(app, event)
+        order.processed(app, event)
 
 
 def guard(app: faust.App, topics: faust.TopicT) -> None:
-    """Let only `process` ack records of `topics` (see ExactlyOnce.drop); no-op without exactly-once."""
-    state = state_of(app)
-    if state is not None:
-        state.guarded_topics.update(topics.topics)
+    """Let only `process` ack records of `topics` (see InOrder.drop); no-op without `install_in_order`."""
+    order = order_of(app)
+    if order is not None:
+        order.guarded_topics.update(topics.topics)
 
 
 @contextlib.contextmanager

@@ -69,6 +69,8 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
     if settings.processing_guarantee == "exactly_once":
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
+    else:
+        eos.install_in_order(app, bootstrap)  # no record skipped or processed twice (app/eos.py, fix 7)
     outbox = Outbox(app)
     app.task(outbox.run)  # the sender: batches go out while the agents work (app/outbox.py)
     buffer = StateBuffer(outbox)

@@ -1,4 +1,4 @@
-"""app.eos.ExactlyOnce's side consumer on the real broker: it finds the first committed record a partition has
+"""app.eos.InOrder's side consumer on the real broker: it finds the first committed record a partition has
 from an offset on; closing stops it, and the app's shutdown signal closes it (no consumer left after the worker)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
 from app import eos
-from app.eos import ExactlyOnce
+from app.eos import InOrder
 from tests.conftest import TopicFactory
 
 
@@ -29,7 +29,7 @@ async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(
         kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
     topic = topic_factory()
     await _three_records(kafka_bootstrap, topic)
-    state = ExactlyOnce(kafka_bootstrap)
+    state = InOrder(kafka_bootstrap)
     assert await state._first_record_from(TP(topic, 0), 1, 3) == 1
     probe = state._probe
     assert probe is not None and probe._closed is False
@@ -47,7 +47,9 @@ async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, to
     await _three_records(kafka_bootstrap, topic)
     app = faust.App(f"eos-probe-{uuid.uuid4().hex[:6]}", broker=f"kafka://{kafka_bootstrap}", datadir=str(tmp_path),
                     autodiscover=False, env={}, web_enabled=False, processing_guarantee="exactly_once")
-    state = eos.install(app, kafka_bootstrap)
+    eos.install(app, kafka_bootstrap)
+    state = eos.order_of(app)
+    assert state is not None
     assert await state._first_record_from(TP(topic, 0), 0, 3) == 0
     probe = state._probe
     assert probe is not None

@@ -1,0 +1,127 @@
+"""app.eos.install_in_order on the real broker, under at_least_once: a record faust never hands to the agent
+(its read offset moved past it: a fetch abandoned at the end of table recovery or in a rebalance) is fetched
+again when the next record shows the gap, every record is processed once and in order, and the group's
+committed offset passes the gap. Without it faust's commit stops at the first unacked offset for good."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import faust
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from faust.types import TP
+
+from app import eos
+from tests.conftest import TopicFactory
+
+
+async def _produce(bootstrap: str, topic: str, offsets: range) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i in offsets:
+            await producer.send_and_wait(topic, b"%d" % i, partition=0)
+    finally:
+        await producer.stop()
+
+
+async def _committed(bootstrap: str, group: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    meta = offsets.get(TopicPartition(topic, 0))
+    return meta.offset if meta is not None else -1
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:  # polls the broker: there is no event to wait for
+                if await condition():
+                    return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+class Guarded:
+    """An at_least_once faust app with one agent that runs every record through `eos.process`."""
+
+    def __init__(self, bootstrap: str, topic: str, datadir: Path) -> None:
+        self.group = f"in-order-{uuid.uuid4().hex[:8]}"
+        self.app = faust.App(self.group, broker=f"kafka://{bootstrap}", datadir=str(datadir), autodiscover=False,
+                             env={}, web_enabled=False, processing_guarantee="at_least_once",
+                             consumer_auto_offset_reset="earliest", broker_commit_interval=0.2)
+        eos.install_in_order(self.app, bootstrap)
+        eos.install_gate(self.app)
+        self.tp = TP(topic, 0)
+        self.seen: list[int] = []
+        source = self.app.topic(topic, value_serializer="raw")
+
+        async def handle(event: faust.EventT) -> None:
+            self.seen.append(event.message.offset)
+
+        async def agent(stream: faust.StreamT[bytes]) -> None:
+            async for event in stream.events():
+                await eos.process(self.app, event, handle)
+
+        self.app.agent(source, name="guarded")(agent)
+        eos.guard(self.app, source)
+
+
+@pytest.fixture
+async def guarded(kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path) -> AsyncIterator[Guarded]:
+    topic = topic_factory()
+    built = Guarded(kafka_bootstrap, topic, tmp_path)
+    await built.app.start()
+    try:
+        yield built
+    finally:
+        await built.app.stop()
+
+
+async def test_a_record_faust_skipped_is_fetched_again_and_the_commit_passes_it(
+        guarded: Guarded, kafka_bootstrap: str) -> None:
+    topic = guarded.tp.topic
+    await _produce(kafka_bootstrap, topic, range(3))
+
+    async def three_processed() -> bool:
+        return guarded.seen == [0, 1, 2]
+
+    await _until(three_processed, "the first three records processed")
+    # Faust's read offset moves past records 3-5 before they are fetched, as when a fetch is abandoned.
+    await guarded.app.consumer.seek(guarded.tp, 6)
+    await _produce(kafka_bootstrap, topic, range(3, 10))
+
+    async def all_committed() -> bool:
+        return await _committed(kafka_bootstrap, guarded.group, topic) == 10
+
+    await _until(all_committed, "the group's committed offset at the end of the partition")
+    assert guarded.seen == list(range(10))  # each once, in offset order, the skipped ones included
+
+
+async def test_a_record_delivered_again_is_not_processed_twice(guarded: Guarded, kafka_bootstrap: str) -> None:
+    topic = guarded.tp.topic
+    await _produce(kafka_bootstrap, topic, range(5))
+
+    async def five_processed() -> bool:
+        return guarded.seen == list(range(5))
+
+    await _until(five_processed, "five records processed")
+    # Faust fetches records 1-4 again, as when it fetched before seeking to the committed offsets.
+    await guarded.app.consumer.seek(guarded.tp, 1)
+    await _produce(kafka_bootstrap, topic, range(5, 8))
+
+    async def all_committed() -> bool:
+        return await _committed(kafka_bootstrap, guarded.group, topic) == 8
+
+    await _until(all_committed, "the group's committed offset at the end of the partition")
+    assert guarded.seen == list(range(8))
