@@ -48,6 +48,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,10 @@ TAIL_CHECK_INTERVAL = 0.25
 TAIL_CHECK_TIMEOUT = 5.0
 #: Recovery that applied no changelog record for this long while committed ones are left seeks to them again.
 RECOVERY_STALL_SECONDS = 5.0
+
+#: A guarded partition that processed nothing for this long while its highwater is past the next expected
+#: record looks for a record skipped at its end (one no later record shows as missing); checked 4x as often.
+IDLE_GAP_SECONDS = 10.0
 
 #: Present in the data dir while a worker runs; still there at start means the last worker crashed.
 RUNNING_MARKER = "byzguard-worker.running"
@@ -144,6 +149,8 @@ class InOrder:
         self.expected: dict[TP, tuple[int, int]] = {}
         #: Partitions sought back to a skipped record: the offset whose delivery ends the detour.
         self.seeking: dict[TP, int] = {}
+        #: Per partition: monotonic time of the last record processed (or of the last look for a skipped one).
+        self.progress: dict[TP, float] = {}
         self._probe: AIOKafkaConsumer | None = None
 
     def drop(self, consumer: Any, message: Any) -> bool:
@@ -201,11 +208,34 @@ class InOrder:
         """Record that the agent processed `event`; ack it (inside the lock, so no commit comes between)."""
         message = event.message
         self.expected[message.tp] = (app.consumer_generation_id, message.offset + 1)
+        self.progress[message.tp] = time.monotonic()
         self.acking = True
         try:
             event.ack()
         finally:
             self.acking = False
+
+    async def find_skipped_tails(self, app: faust.App) -> None:
+        """Seek back to a record skipped at the end of a partition: no later record comes to show the gap, so
+        look at partitions idle for IDLE_GAP_SECONDS whose highwater is past the record they expect next."""
+        consumer: Any = app.consumer
+        generation, now = app.consumer_generation_id, time.monotonic()
+        assigned = consumer.assignment()
+        for tp, (known, expected) in list(self.expected.items()):
+            if known != generation or tp not in assigned or now - self.progress.get(tp, now) < IDLE_GAP_SECONDS:
+                continue
+            highwater = consumer.highwater(tp)  # the last stable offset under exactly_once
+            if highwater is None or highwater <= expected:
+                continue
+            self.progress[tp] = now  # look again only after another idle period
+            first = await self._first_record_from(tp, expected, highwater)
+            if first is None or first >= highwater or self.expected.get(tp) != (known, expected):
+                continue  # only transaction markers or aborted records left, or a record came meanwhile
+            log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
+                        tp, expected, highwater, first)
+            self.seeking[tp] = first
+            self.expected[tp] = (generation, first)
+            await consumer.seek(tp, first)
 
     async def _first_record_from(self, tp: TP, start: int, end: int) -> int | None:
         """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`)."""
@@ -249,6 +279,15 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
             return acked
 
     transport.Consumer = Consumer
+
+    @app.timer(interval=IDLE_GAP_SECONDS / 4)
+    async def find_skipped_tails() -> None:
+        gate = gate_of(app)
+        if gate is None:
+            await order.find_skipped_tails(app)
+            return
+        async with gate.lock:  # no event in the middle of processing, no commit in the middle of the seek
+            await order.find_skipped_tails(app)
 
     @app.on_before_shutdown.connect
     async def close_probe(sender: Any, **kwargs: Any) -> None:

@@ -78,7 +78,9 @@ class Guarded:
 
 
 @pytest.fixture
-async def guarded(kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path) -> AsyncIterator[Guarded]:
+async def guarded(kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Guarded]:
+    monkeypatch.setattr(eos, "IDLE_GAP_SECONDS", 1.0)  # look for skipped tails after 1 s idle, not 10
     topic = topic_factory()
     built = Guarded(kafka_bootstrap, topic, tmp_path)
     await built.app.start()
@@ -106,6 +108,40 @@ async def test_a_record_faust_skipped_is_fetched_again_and_the_commit_passes_it(
 
     await _until(all_committed, "the group's committed offset at the end of the partition")
     assert guarded.seen == list(range(10))  # each once, in offset order, the skipped ones included
+
+
+async def test_a_record_skipped_at_the_end_of_a_partition_is_found_when_it_stays_idle(
+        guarded: Guarded, kafka_bootstrap: str) -> None:
+    topic = guarded.tp.topic
+    await _produce(kafka_bootstrap, topic, range(3))
+
+    async def three_processed() -> bool:
+        return guarded.seen == [0, 1, 2]
+
+    await _until(three_processed, "the first three records processed")
+    # Records 3 and 4 are skipped and no later record comes to show that they are missing.
+    await guarded.app.consumer.seek(guarded.tp, 5)
+    await _produce(kafka_bootstrap, topic, range(3, 5))
+
+    async def all_committed() -> bool:
+        return await _committed(kafka_bootstrap, guarded.group, topic) == 5
+
+    await _until(all_committed, "the group's committed offset at the end of the partition")
+    assert guarded.seen == list(range(5))
+
+
+async def test_an_idle_partition_at_its_end_is_left_alone(guarded: Guarded, kafka_bootstrap: str) -> None:
+    topic = guarded.tp.topic
+    await _produce(kafka_bootstrap, topic, range(3))
+
+    async def three_committed() -> bool:
+        return await _committed(kafka_bootstrap, guarded.group, topic) == 3
+
+    await _until(three_committed, "three records committed")
+    await asyncio.sleep(3.0)  # three idle periods
+    assert guarded.seen == [0, 1, 2]
+    order = eos.order_of(guarded.app)
+    assert order is not None and order.seeking == {}  # it never went looking
 
 
 async def test_a_record_delivered_again_is_not_processed_twice(guarded: Guarded, kafka_bootstrap: str) -> None:
