@@ -12,22 +12,11 @@ from pathlib import Path
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.outbox import Outbox
+from tests.conftest import TopicFactory
 
 PARTITIONS = 3
-
-
-async def _topic(bootstrap: str) -> str:
-    name = f"outbox-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-    finally:
-        await admin.close()
-    return name
 
 
 Read = tuple[int, int, bytes | None, bytes | None, list[tuple[str, bytes]]]  # partition, offset, key, value, headers
@@ -63,8 +52,8 @@ async def outbox(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Outbox]:
 
 
 async def test_records_arrive_in_order_per_partition_with_their_headers_and_flush_knows_the_last_offsets(
-        outbox: Outbox, kafka_bootstrap: str) -> None:
-    topic = await _topic(kafka_bootstrap)
+        outbox: Outbox, kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    topic = topic_factory(PARTITIONS)
     value = b"x" * 400
     sent = []
     for i in range(3000):  # ~40 record batches per partition: full batches go out while records are added
@@ -86,8 +75,9 @@ async def test_records_arrive_in_order_per_partition_with_their_headers_and_flus
     assert not outbox.pending
 
 
-async def test_a_wake_sends_without_a_commit(outbox: Outbox, kafka_bootstrap: str) -> None:
-    topic = await _topic(kafka_bootstrap)
+async def test_a_wake_sends_without_a_commit(outbox: Outbox, kafka_bootstrap: str,
+                                             topic_factory: TopicFactory) -> None:
+    topic = topic_factory(PARTITIONS)
     outbox.add(topic, 1, b"acct-1", b"lone event")
     assert outbox.pending and not outbox.due(), "one record does not fill a batch and has not lingered yet"
     await outbox.wake()
@@ -95,9 +85,9 @@ async def test_a_wake_sends_without_a_commit(outbox: Outbox, kafka_bootstrap: st
     assert [(p, k, v) for p, _, k, v, _ in got] == [(1, b"acct-1", b"lone event")]
 
 
-async def test_a_record_that_cannot_be_sent_stops_the_next_add_and_the_flush(outbox: Outbox,
-                                                                            kafka_bootstrap: str) -> None:
-    topic = await _topic(kafka_bootstrap)
+async def test_a_record_that_cannot_be_sent_stops_the_next_add_and_the_flush(
+        outbox: Outbox, kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    topic = topic_factory(PARTITIONS)
     outbox.add(topic, PARTITIONS + 5, b"acct-1", b"to a partition that does not exist")
     await outbox.wake()
     await asyncio.sleep(0.5)  # the sender task tries, and fails
