@@ -131,12 +131,14 @@ async def test_state_survives_restarts_on_the_same_and_on_a_wiped_data_dir(worke
     assert all(out.codes == {"version.regression"} for out in quarantined.values()), quarantined
 
 
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_second_worker_shares_partitions_and_takes_over_when_the_first_stops(
-    worker_factory: WorkerFactory,
+    worker_factory: WorkerFactory, guarantee: str,
 ) -> None:
     """Two workers of one group on 4 partitions both process records; when one stops, the other takes its partitions
     over with their state from the changelogs: higher versions pass, old versions are still caught, and every record
-    ends in one place once."""
+    ends in one place once (under at_least_once too: these rebalances are orderly, nothing is redelivered)."""
+    worker_factory.processing_guarantee = guarantee
     route = worker_factory.configure(partitions=4)
     events = Events()
     subjects = [f"item-{i}" for i in range(24)]

@@ -184,6 +184,7 @@ class WorkerFactory:
     prefix: str
     app_id: str = field(default_factory=lambda: f"bg-{uuid.uuid4().hex[:8]}")
     commit_interval: float = 0.2
+    processing_guarantee: str = "exactly_once"
     workers: list[WorkerProcess] = field(default_factory=list)
     route: RouteNames | None = None
     config_path: Path | None = None
@@ -214,6 +215,7 @@ class WorkerFactory:
             "BYZGUARD_DATA_DIR": str(data_dir),
             "BYZGUARD_WEB_PORT": str(port),
             "BYZGUARD_COMMIT_INTERVAL": str(self.commit_interval),
+            "BYZGUARD_PROCESSING_GUARANTEE": self.processing_guarantee,
             "BYZGUARD_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
         })
