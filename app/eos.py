@@ -55,6 +55,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from faust.streams import current_event
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import TransactionManager
@@ -228,7 +229,11 @@ class InOrder:
             if highwater is None or highwater <= expected:
                 continue
             self.progress[tp] = now  # look again only after another idle period
-            first = await self._first_record_from(tp, expected, highwater)
+            try:
+                first = await self._first_record_from(tp, expected, highwater)
+            except (TimeoutError, KafkaError) as exc:  # the broker is slow or away: wait it out, look again later
+                log.warning("%s: could not look for a skipped record: %s", tp, exc)
+                continue
             if first is None or first >= highwater or self.expected.get(tp) != (known, expected):
                 continue  # only transaction markers or aborted records left, or a record came meanwhile
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
@@ -482,7 +487,11 @@ async def _read_committed_consumer(bootstrap: str) -> AIOKafkaConsumer:
     """A started side consumer outside any group that sees only committed records."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 isolation_level="read_committed")
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
     return consumer
 
 

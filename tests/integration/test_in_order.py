@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from faust.types import TP
 
 from app import eos
+from app.localkafka import free_ports
 from tests.conftest import TopicFactory
 
 
@@ -122,6 +123,35 @@ async def test_a_record_skipped_at_the_end_of_a_partition_is_found_when_it_stays
     # Records 3 and 4 are skipped and no later record comes to show that they are missing.
     await guarded.app.consumer.seek(guarded.tp, 5)
     await _produce(kafka_bootstrap, topic, range(3, 5))
+
+    async def all_committed() -> bool:
+        return await _committed(kafka_bootstrap, guarded.group, topic) == 5
+
+    await _until(all_committed, "the group's committed offset at the end of the partition")
+    assert guarded.seen == list(range(5))
+
+
+async def test_a_probe_that_cannot_reach_the_broker_is_waited_out(guarded: Guarded, kafka_bootstrap: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    topic = guarded.tp.topic
+    order = eos.order_of(guarded.app)
+    assert order is not None
+    order.bootstrap = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    await _produce(kafka_bootstrap, topic, range(3))
+
+    async def three_processed() -> bool:
+        return guarded.seen == [0, 1, 2]
+
+    await _until(three_processed, "the first three records processed")
+    await guarded.app.consumer.seek(guarded.tp, 5)
+    await _produce(kafka_bootstrap, topic, range(3, 5))
+
+    async def looked() -> bool:
+        return "could not look for a skipped record" in caplog.text
+
+    await _until(looked, "a failed look for the skipped records")
+    assert guarded.app.crashed is False and guarded.seen == [0, 1, 2]
+    order.bootstrap = kafka_bootstrap  # the broker is back
 
     async def all_committed() -> bool:
         return await _committed(kafka_bootstrap, guarded.group, topic) == 5
