@@ -514,8 +514,10 @@ class MarkerAwareRecovery(Recovery):
 
 async def _read_committed_consumer(bootstrap: str) -> AIOKafkaConsumer:
     """A started side consumer outside any group that sees only committed records."""
+    # It reads one record per look: small fetches, not aiokafka's default of up to 50 MB buffered ahead.
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed")
+                                isolation_level="read_committed", max_partition_fetch_bytes=64 * 1024,
+                                fetch_max_bytes=1024 * 1024)
     try:
         await consumer.start()
     except BaseException:
