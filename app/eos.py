@@ -203,9 +203,7 @@ class InOrder:
             await self.add_gap(consumer, tp, expected, offset - 1)
             return True
         log.warning("%s: record %d delivered but %d never was; seeking back to it", tp, offset, first)
-        self.seeking[tp] = first
-        self.expected[tp] = (generation, first)
-        await consumer.seek(tp, first)
+        await self._seek_back(consumer, tp, generation, first)
         return self.drop(consumer, message)
 
     def processed(self, app: faust.App, event: faust.EventT) -> None:
@@ -249,9 +247,13 @@ class InOrder:
                 continue  # only transaction markers or aborted records left, or a record came meanwhile
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
                         tp, expected, highwater, first)
-            self.seeking[tp] = first
-            self.expected[tp] = (generation, first)
-            await consumer.seek(tp, first)
+            await self._seek_back(consumer, tp, generation, first)
+
+    async def _seek_back(self, consumer: Any, tp: TP, generation: int, first: int) -> None:
+        """Send `tp` back to the skipped record `first`; everything else is dropped until it comes."""
+        self.seeking[tp] = first
+        self.expected[tp] = (generation, first)
+        await consumer.seek(tp, first)
 
     async def _first_record_from(self, tp: TP, start: int, end: int) -> int | None:
         """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`)."""

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import faust
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
 from app import eos
 from app.localkafka import free_ports
 from tests.conftest import TopicFactory
+from tests.integration.worker_harness import wait_caught_up
 
 
 async def _produce(bootstrap: str, topic: str, offsets: range) -> None:
@@ -31,17 +31,6 @@ async def _produce(bootstrap: str, topic: str, offsets: range) -> None:
         await producer.stop()
 
 
-async def _committed(bootstrap: str, group: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    meta = offsets.get(TopicPartition(topic, 0))
-    return meta.offset if meta is not None else -1
-
-
 async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
     try:
         async with asyncio.timeout(timeout):
@@ -51,6 +40,19 @@ async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: f
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+async def _processed(guarded: Guarded, count: int) -> None:
+    """Wait until the agent processed offsets 0..count-1, in order."""
+    async def done() -> bool:
+        return guarded.seen == list(range(count))
+
+    await _until(done, f"the first {count} records processed")
+
+
+async def _caught_up(bootstrap: str, group: str, topic: str) -> None:
+    """Wait until `group` has committed the end of `topic` (records and markers alike)."""
+    await wait_caught_up(bootstrap, group, [topic], timeout=30.0)
 
 
 class Guarded:
@@ -96,18 +98,12 @@ async def test_a_record_faust_skipped_is_fetched_again_and_the_commit_passes_it(
     topic = guarded.tp.topic
     await _produce(kafka_bootstrap, topic, range(3))
 
-    async def three_processed() -> bool:
-        return guarded.seen == [0, 1, 2]
-
-    await _until(three_processed, "the first three records processed")
+    await _processed(guarded, 3)
     # Faust's read offset moves past records 3-5 before they are fetched, as when a fetch is abandoned.
     await guarded.app.consumer.seek(guarded.tp, 6)
     await _produce(kafka_bootstrap, topic, range(3, 10))
 
-    async def all_committed() -> bool:
-        return await _committed(kafka_bootstrap, guarded.group, topic) == 10
-
-    await _until(all_committed, "the group's committed offset at the end of the partition")
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(10))  # each once, in offset order, the skipped ones included
 
 
@@ -116,18 +112,12 @@ async def test_a_record_skipped_at_the_end_of_a_partition_is_found_when_it_stays
     topic = guarded.tp.topic
     await _produce(kafka_bootstrap, topic, range(3))
 
-    async def three_processed() -> bool:
-        return guarded.seen == [0, 1, 2]
-
-    await _until(three_processed, "the first three records processed")
+    await _processed(guarded, 3)
     # Records 3 and 4 are skipped and no later record comes to show that they are missing.
     await guarded.app.consumer.seek(guarded.tp, 5)
     await _produce(kafka_bootstrap, topic, range(3, 5))
 
-    async def all_committed() -> bool:
-        return await _committed(kafka_bootstrap, guarded.group, topic) == 5
-
-    await _until(all_committed, "the group's committed offset at the end of the partition")
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(5))
 
 
@@ -139,10 +129,7 @@ async def test_a_probe_that_cannot_reach_the_broker_is_waited_out(guarded: Guard
     order.bootstrap = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     await _produce(kafka_bootstrap, topic, range(3))
 
-    async def three_processed() -> bool:
-        return guarded.seen == [0, 1, 2]
-
-    await _until(three_processed, "the first three records processed")
+    await _processed(guarded, 3)
     await guarded.app.consumer.seek(guarded.tp, 5)
     await _produce(kafka_bootstrap, topic, range(3, 5))
 
@@ -153,10 +140,7 @@ async def test_a_probe_that_cannot_reach_the_broker_is_waited_out(guarded: Guard
     assert guarded.app.crashed is False and guarded.seen == [0, 1, 2]
     order.bootstrap = kafka_bootstrap  # the broker is back
 
-    async def all_committed() -> bool:
-        return await _committed(kafka_bootstrap, guarded.group, topic) == 5
-
-    await _until(all_committed, "the group's committed offset at the end of the partition")
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(5))
 
 
@@ -164,10 +148,7 @@ async def test_an_idle_partition_at_its_end_is_left_alone(guarded: Guarded, kafk
     topic = guarded.tp.topic
     await _produce(kafka_bootstrap, topic, range(3))
 
-    async def three_committed() -> bool:
-        return await _committed(kafka_bootstrap, guarded.group, topic) == 3
-
-    await _until(three_committed, "three records committed")
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
     await asyncio.sleep(3.0)  # three idle periods
     assert guarded.seen == [0, 1, 2]
     order = eos.order_of(guarded.app)
@@ -178,18 +159,12 @@ async def test_a_record_delivered_again_is_not_processed_twice(guarded: Guarded,
     topic = guarded.tp.topic
     await _produce(kafka_bootstrap, topic, range(5))
 
-    async def five_processed() -> bool:
-        return guarded.seen == list(range(5))
-
-    await _until(five_processed, "five records processed")
+    await _processed(guarded, 5)
     # Faust fetches records 1-4 again, as when it fetched before seeking to the committed offsets.
     await guarded.app.consumer.seek(guarded.tp, 1)
     await _produce(kafka_bootstrap, topic, range(5, 8))
 
-    async def all_committed() -> bool:
-        return await _committed(kafka_bootstrap, guarded.group, topic) == 8
-
-    await _until(all_committed, "the group's committed offset at the end of the partition")
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(8))
 
 
@@ -216,10 +191,7 @@ async def test_a_gap_of_transaction_markers_does_not_stop_the_commit(
     built = Guarded(kafka_bootstrap, topic, tmp_path)
     await built.app.start()
     try:
-        async def all_committed() -> bool:
-            return await _committed(kafka_bootstrap, built.group, topic) == 5
-
-        await _until(all_committed, "the group's committed offset past the markers")
+        await _caught_up(kafka_bootstrap, built.group, topic)
         assert built.seen == [0, 1, 4]
     finally:
         await built.app.stop()
