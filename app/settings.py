@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, ge=1, le=65535)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     commit_interval: float = Field(default=0.5, gt=0, description="seconds between commits (and transactions)")
+    # faust hard-codes a 1500 ms fetch wait; aiokafka leaves partitions with unread records out of the next fetch,
+    # so a fetch of idle partitions alone held the busy ones back for up to that long (app/fetching.py).
+    fetch_min_bytes: int = Field(default=1, ge=1, le=52_428_800,
+                                 description="bytes the broker gathers before it answers a fetch")
+    fetch_max_wait_ms: int = Field(default=10, ge=1, le=30_000,
+                                   description="longest the broker holds a fetch for fetch_min_bytes (milliseconds)")
     # A SIGKILLed worker keeps its partitions until the broker misses its heartbeats for this long (faust's
     # default, 60 s, would stall them for a minute). Kafka's brokers accept 6 s to 30 min by default.
     session_timeout: float = Field(default=10.0, ge=6.0, le=1800.0,

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
 from app import eos, metrics
+from app.fetching import tune_fetch
 from app.outbox import Outbox
 from app.settings import Settings
 from byzguard.config import GuardConfig
@@ -71,6 +72,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
     else:
         eos.install_in_order(app, bootstrap)  # no record skipped or processed twice (app/eos.py, fix 7)
+    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms)
     outbox = Outbox(app)
     app.task(outbox.run)  # the sender: batches go out while the agents work (app/outbox.py)
     buffer = StateBuffer(outbox)

@@ -66,3 +66,12 @@ def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.Mon
         options = table.data.rocksdb_options  # type: ignore[attr-defined]
         assert (options.write_buffer_size, options.max_write_buffer_number, options.block_cache_size) == (
             2 << 20, 4, 16 << 20)
+
+
+def test_the_worker_waits_at_most_10_ms_for_a_fetch_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faust's own 1500 ms wait held busy input partitions back behind a fetch of idle ones (app/fetching.py)."""
+    settings = Settings()
+    assert (settings.fetch_min_bytes, settings.fetch_max_wait_ms) == (1, 10)
+    monkeypatch.setenv("BYZGUARD_FETCH_MAX_WAIT_MS", "0")  # the broker would answer every fetch at once: a busy loop
+    with pytest.raises(Exception, match="fetch_max_wait_ms"):
+        Settings()

@@ -1,0 +1,44 @@
+"""How the worker's consumer fetches: the two fetch settings faust hard-codes, made settings.
+
+faust creates its aiokafka consumer with `fetch_max_wait_ms=1500` (and aiokafka's `fetch_min_bytes=1`).
+aiokafka sends one fetch at a time per broker, and leaves out of it every partition whose fetched records the
+application has not read yet. The worker's consumer also holds partitions that carry no traffic (faust's
+`__assignor-__leader` topic). So when the agent is still busy with the last fetch of every input partition, the
+next fetch asks for the idle partitions only, and the broker holds it for the full wait: the input partitions
+cannot be fetched again until it returns. Under a steady load this feeds itself: 1.5 s of events arrive at once,
+the agent is busy with them again when the next fetch goes out, and the next one is held again. The latency
+benchmark caught a worker in that state: 1.0 to 1.8 s for every event, in a sawtooth of 1.5 s, for the rest of
+the run (bench/results/profile.md, "Latency").
+
+`fetch_max_wait_ms` (BYZGUARD_FETCH_MAX_WAIT_MS, default 10) bounds that delay; an idle worker then polls the
+broker that often. `fetch_min_bytes` lets the broker gather more per fetch, at the price of that wait.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+
+def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
+    """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`. Call before the app starts."""
+    if app._consumer is not None:  # type: ignore[attr-defined]
+        raise RuntimeError("fetching.tune_fetch must run before the app's consumer is created")
+    transport: Any = app.transport
+    base_consumer = transport.Consumer
+
+    class ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
+        def _create_worker_consumer(self, transport: Any) -> Any:
+            consumer = super()._create_worker_consumer(transport)
+            # Read by AIOKafkaConsumer.start() when it builds its fetcher (aiokafka 0.14, pinned).
+            consumer._fetch_min_bytes = min_bytes
+            consumer._fetch_max_wait_ms = max_wait_ms
+            return consumer
+
+    class Consumer(base_consumer):  # type: ignore[valid-type,misc]
+        def _new_consumer_thread(self) -> Any:
+            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    transport.Consumer = Consumer
