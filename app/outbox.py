@@ -10,9 +10,10 @@ exactly_once, of the transaction it belongs to) and one future covers a whole ba
 When a batch goes out (`wake` asks the sender task, which runs whenever the agent awaits; nothing here blocks
 the agent but back pressure):
 - it is full (aiokafka's batch size);
-- the agent has nothing more to process right now (its input queue is empty), so a lone event is not kept
-  waiting for company;
-- its oldest record waited `LINGER` seconds (under a steady stream the queue is rarely empty);
+- its oldest record waited `LINGER` seconds, once the agent has nothing more to process right now (its input
+  queue is empty) or while it stays busy. Under a steady but light load a batch so carries a few milliseconds of
+  events: sent at once when the queue ran empty, each event took a produce request of its own, and aiokafka's
+  sender was 15% of the worker's time at 1,058 events/s (bench/results/profile.md, "Latency");
 - before every offset commit (`flush`, under the processing lock, app/eos.py): a commit's offsets never go
   before the records of the events they cover are delivered.
 
@@ -153,6 +154,12 @@ class Outbox:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                oldest = self._oldest
+                if not self._full and oldest is not None:
+                    # Not full yet: give the batches until the oldest record lingered, as a producer's linger.ms.
+                    wait = oldest + self.linger - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 await self._send_all()
         except asyncio.CancelledError:
             raise
