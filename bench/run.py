@@ -46,6 +46,17 @@ QUICK = {"events": 5_000, "entities": 2_500, "reps": 1, "latency_seconds": 8.0, 
          "profile_seconds": 8.0, "detection_events": 3_000, "memory_processed": 4_000, "crash_kills": 2}
 
 
+def worker_settings(pairs: list[str]) -> dict[str, str]:
+    """`--setting name=value` -> {"BYZGUARD_NAME": value}; refuses a pair without `=`."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--setting {pair!r}: expected NAME=VALUE, e.g. fetch_min_bytes=16384")
+        env["BYZGUARD_" + name.strip().upper()] = value
+    return env
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (0 skips)")
     parser.add_argument("--profile-variants", default="c,b,e", help="variants to profile")
     parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a worker setting (README 'Settings'), e.g. fetch_min_bytes=16384, for every faust and "
+                        "byzguard worker; repeatable")
     parser.add_argument("--crash-kills", type=int,
                         help="crash accounting: SIGKILLs of the exactly_once worker "
                         "during a run over the input (full: 10)")
@@ -150,7 +164,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
     workdir = REPO / ".cache" / "bench" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
     code = snapshot(workdir) if args.snapshot else {"path": str(REPO)}
-    ctx = Context(bootstrap, broker_pid, args.partitions, workdir, Path(code["path"]), causal_buffer=args.causal_buffer)
+    ctx = Context(bootstrap, broker_pid, args.partitions, workdir, Path(code["path"]), causal_buffer=args.causal_buffer,
+                  settings=worker_settings(args.setting))
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:], "environment": environment(args, kafka_version),

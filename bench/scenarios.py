@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,13 @@ class Context:
     workdir: Path
     repo: Path
     causal_buffer: bool = False
+    #: Extra BYZGUARD_* settings of every worker (--setting), shown in each run's command.
+    settings: dict[str, str] = field(default_factory=dict)
 
     def launch(self, variant: Variant, run_id: str, input_topic: str, **kw: Any) -> Launch:
         return launch(variant, run_id=run_id, bootstrap=self.bootstrap, input_topic=input_topic,
                       partitions=self.partitions, workdir=self.workdir, repo=self.repo,
-                      causal_buffer=self.causal_buffer, **kw)
+                      causal_buffer=self.causal_buffer, extra_env=self.settings, **kw)
 
 
 class Meter:
@@ -235,6 +237,9 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     host = meter.finish(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
     values = sorted(latencies)
     first_ns = min(sent_ns) if sent_ns else 0
+    # Every sample, for a look at how the slow ones spread over time (seconds into the load, ms).
+    (ctx.workdir / run_id / "latency-samples.csv").write_text("sent_s,latency_ms\n" + "".join(
+        f"{(ns - first_ns) / 1e9:.4f},{ms:.2f}\n" for ms, ns in zip(latencies, sent_ns, strict=True)))
     worst = sorted(zip(latencies, sent_ns, strict=True), reverse=True)[:40]
     achieved = (len(sent_at) - 1) / (sent_at[-1] - sent_at[0]) if len(sent_at) > 1 else None
     _cleanup(worker)

@@ -22,6 +22,8 @@ class Variant:
     guarantee: str     # at_least_once | exactly_once
     rules: bool = True
     args: tuple[str, ...] = ()
+    #: BYZGUARD_* settings of this variant's worker (over --setting).
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def read_committed(self) -> bool:
@@ -37,6 +39,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("c_norules", "byzguard, every check but no CEL rules, RocksDB, at_least_once", "byzguard",
             "at_least_once", rules=False),
     Variant("b_eos", "faust pass-through agent, exactly_once", "faust", "exactly_once"),
+    # Diagnostic: c with the fetch faust hard-codes (fetch_max_wait_ms=1500, fetch_min_bytes=1), app/fetching.py.
+    Variant("c_wait1500", "byzguard as c, with faust's own fetch (max wait 1500 ms)", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
     # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
@@ -101,6 +106,7 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
         "BYZGUARD_PROCESSING_GUARANTEE": variant.guarantee,
         "BYZGUARD_LOG_LEVEL": log_level,
         **(extra_env or {}),
+        **dict(variant.settings),
     }
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     if variant.kind == "faust":
