@@ -42,6 +42,10 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # Diagnostic: c with the fetch faust hard-codes (fetch_max_wait_ms=1500, fetch_min_bytes=1), app/fetching.py.
     Variant("c_wait1500", "byzguard as c, with faust's own fetch (max wait 1500 ms)", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
+    Variant("c_wait100", "byzguard as c, fetch max wait 100 ms", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "100"),)),
+    Variant("b_wait1500", "faust pass-through agent with faust's own fetch (max wait 1500 ms)", "faust",
+            "at_least_once", settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
     # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
