@@ -7,28 +7,18 @@ import uuid
 from pathlib import Path
 
 import faust
-from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
 from app import eos
 from app.eos import InOrder
 from tests.conftest import TopicFactory
-
-
-async def _three_records(bootstrap: str, topic: str) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for i in range(3):
-            await producer.send_and_wait(topic, b"%d" % i, partition=0)
-    finally:
-        await producer.stop()
+from tests.integration.worker_harness import produce_numbered
 
 
 async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(
         kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
     topic = topic_factory()
-    await _three_records(kafka_bootstrap, topic)
+    await produce_numbered(kafka_bootstrap, topic, range(3))
     state = InOrder(kafka_bootstrap)
     assert await state._first_record_from(TP(topic, 0), 1, 3) == 1
     probe = state._probe
@@ -44,7 +34,7 @@ async def test_the_probe_finds_the_first_committed_record_and_close_stops_it(
 async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, topic_factory: TopicFactory,
                                                        tmp_path: Path) -> None:
     topic = topic_factory()
-    await _three_records(kafka_bootstrap, topic)
+    await produce_numbered(kafka_bootstrap, topic, range(3))
     app = faust.App(f"eos-probe-{uuid.uuid4().hex[:6]}", broker=f"kafka://{kafka_bootstrap}", datadir=str(tmp_path),
                     autodiscover=False, env={}, web_enabled=False, processing_guarantee="exactly_once")
     eos.install(app, kafka_bootstrap)

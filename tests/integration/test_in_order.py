@@ -12,23 +12,13 @@ from pathlib import Path
 
 import faust
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
 from app import eos
 from app.localkafka import free_ports
 from tests.conftest import TopicFactory
-from tests.integration.worker_harness import wait_caught_up
-
-
-async def _produce(bootstrap: str, topic: str, offsets: range) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for i in offsets:
-            await producer.send_and_wait(topic, b"%d" % i, partition=0)
-    finally:
-        await producer.stop()
+from tests.integration.worker_harness import produce_numbered, wait_caught_up
 
 
 async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
@@ -40,6 +30,17 @@ async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: f
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+async def _end_offset(bootstrap: str, topic: str, expected: int = 4) -> bool:
+    """True once partition 0 of `topic` ends at `expected` (records and transaction markers alike)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        return (await consumer.end_offsets([tp]))[tp] == expected
+    finally:
+        await consumer.stop()
 
 
 async def _processed(guarded: Guarded, count: int) -> None:
@@ -96,12 +97,12 @@ async def guarded(kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: P
 async def test_a_record_faust_skipped_is_fetched_again_and_the_commit_passes_it(
         guarded: Guarded, kafka_bootstrap: str) -> None:
     topic = guarded.tp.topic
-    await _produce(kafka_bootstrap, topic, range(3))
+    await produce_numbered(kafka_bootstrap, topic, range(3))
 
     await _processed(guarded, 3)
     # Faust's read offset moves past records 3-5 before they are fetched, as when a fetch is abandoned.
     await guarded.app.consumer.seek(guarded.tp, 6)
-    await _produce(kafka_bootstrap, topic, range(3, 10))
+    await produce_numbered(kafka_bootstrap, topic, range(3, 10))
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(10))  # each once, in offset order, the skipped ones included
@@ -110,12 +111,12 @@ async def test_a_record_faust_skipped_is_fetched_again_and_the_commit_passes_it(
 async def test_a_record_skipped_at_the_end_of_a_partition_is_found_when_it_stays_idle(
         guarded: Guarded, kafka_bootstrap: str) -> None:
     topic = guarded.tp.topic
-    await _produce(kafka_bootstrap, topic, range(3))
+    await produce_numbered(kafka_bootstrap, topic, range(3))
 
     await _processed(guarded, 3)
     # Records 3 and 4 are skipped and no later record comes to show that they are missing.
     await guarded.app.consumer.seek(guarded.tp, 5)
-    await _produce(kafka_bootstrap, topic, range(3, 5))
+    await produce_numbered(kafka_bootstrap, topic, range(3, 5))
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(5))
@@ -127,11 +128,11 @@ async def test_a_probe_that_cannot_reach_the_broker_is_waited_out(guarded: Guard
     order = eos.order_of(guarded.app)
     assert order is not None
     order.bootstrap = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
-    await _produce(kafka_bootstrap, topic, range(3))
+    await produce_numbered(kafka_bootstrap, topic, range(3))
 
     await _processed(guarded, 3)
     await guarded.app.consumer.seek(guarded.tp, 5)
-    await _produce(kafka_bootstrap, topic, range(3, 5))
+    await produce_numbered(kafka_bootstrap, topic, range(3, 5))
 
     async def looked() -> bool:
         return "could not look for a skipped record" in caplog.text
@@ -146,7 +147,7 @@ async def test_a_probe_that_cannot_reach_the_broker_is_waited_out(guarded: Guard
 
 async def test_an_idle_partition_at_its_end_is_left_alone(guarded: Guarded, kafka_bootstrap: str) -> None:
     topic = guarded.tp.topic
-    await _produce(kafka_bootstrap, topic, range(3))
+    await produce_numbered(kafka_bootstrap, topic, range(3))
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     await asyncio.sleep(3.0)  # three idle periods
@@ -157,12 +158,12 @@ async def test_an_idle_partition_at_its_end_is_left_alone(guarded: Guarded, kafk
 
 async def test_a_record_delivered_again_is_not_processed_twice(guarded: Guarded, kafka_bootstrap: str) -> None:
     topic = guarded.tp.topic
-    await _produce(kafka_bootstrap, topic, range(5))
+    await produce_numbered(kafka_bootstrap, topic, range(5))
 
     await _processed(guarded, 5)
     # Faust fetches records 1-4 again, as when it fetched before seeking to the committed offsets.
     await guarded.app.consumer.seek(guarded.tp, 1)
-    await _produce(kafka_bootstrap, topic, range(5, 8))
+    await produce_numbered(kafka_bootstrap, topic, range(5, 8))
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(8))
@@ -187,7 +188,9 @@ async def test_a_gap_of_transaction_markers_does_not_stop_the_commit(
     finally:
         await a.stop()
         await b.stop()
-    await _produce(kafka_bootstrap, topic, range(1))  # offset 4
+    # The coordinator writes the markers after the commits return: the next record must come after both.
+    await _until(lambda: _end_offset(kafka_bootstrap, topic), "both commit markers written")
+    await produce_numbered(kafka_bootstrap, topic, range(1))  # offset 4
     built = Guarded(kafka_bootstrap, topic, tmp_path)
     await built.app.start()
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -320,6 +320,18 @@ async def produce(bootstrap: str, topic: str, records: Iterable[Stamped]) -> int
             n += 1
         await producer.flush()
     return n
+
+
+async def produce_numbered(bootstrap: str, topic: str, numbers: Iterable[int], *, partition: int = 0) -> None:
+    """Send the plain records b"0", b"1", ... (no envelope) to one partition, one acknowledgement at a time, so
+    record n lands at offset n of a new topic."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i in numbers:
+            await producer.send_and_wait(topic, b"%d" % i, partition=partition)
+    finally:
+        await producer.stop()
 
 
 # --------------------------------------------------------------------------- reading outputs
