@@ -10,14 +10,8 @@ the agent is busy with them again when the next fetch goes out, and the next one
 benchmark caught a worker in that state: 1.0 to 1.8 s for every event, in a sawtooth of 1.5 s, for the rest of
 the run (bench/results/profile.md, "Latency").
 
-Two changes here:
-- faust's leader topic (`<app_id>-__assignor-__leader`, `randomly_assigned_topics`) only elects a leader and
-  never carries a record: its partition is paused in aiokafka, so no fetch is made of it alone. With it in
-  every fetch, a small wait made a saturated worker answer an empty fetch every few milliseconds: 20% of the
-  throughput of c and of faust's own pass-through at a 10 ms wait (bench/results/profile.md).
-- `fetch_max_wait_ms` (BYZGUARD_FETCH_MAX_WAIT_MS) bounds how long busy partitions can wait behind a fetch of
-  partitions without traffic (an input topic that is quiet while another is busy), and is how often an idle
-  worker asks the broker. `fetch_min_bytes` lets the broker gather more per fetch, at the price of that wait.
+`fetch_max_wait_ms` (BYZGUARD_FETCH_MAX_WAIT_MS, default 10) bounds that delay; an idle worker then polls the
+broker that often. `fetch_min_bytes` lets the broker gather more per fetch, at the price of that wait.
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import faust
-from aiokafka import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 
@@ -43,14 +36,6 @@ def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
             consumer._fetch_min_bytes = min_bytes
             consumer._fetch_max_wait_ms = max_wait_ms
             return consumer
-
-        async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
-            # Runs on the consumer's thread, before faust sees the assignment.
-            never_read = self.consumer.randomly_assigned_topics
-            idle = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in never_read]
-            if idle:
-                self._ensure_consumer().pause(*idle)
-            await super().on_partitions_assigned(assigned, generation_id)
 
     class Consumer(base_consumer):  # type: ignore[valid-type,misc]
         def _new_consumer_thread(self) -> Any:

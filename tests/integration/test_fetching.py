@@ -3,10 +3,8 @@ faust hard-codes (1500 ms, which held busy input partitions back behind a fetch 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
-from typing import Any
 
 import faust
 import pytest
@@ -41,25 +39,6 @@ async def test_the_worker_consumer_fetches_with_the_tuned_settings(
     app, fetcher = await _started_fetcher(kafka_bootstrap, topic_factory(), tmp_path, **tuning)
     try:
         assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == expected  # type: ignore[attr-defined]
-    finally:
-        await app.stop()
-
-
-async def test_faust_leader_topic_is_never_fetched_and_the_input_is(
-        kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path) -> None:
-    """The leader topic carries no record: a fetch of it alone was answered empty every few milliseconds under a
-    small wait, and took a fifth of a saturated worker's throughput."""
-    topic = topic_factory()
-    app, _ = await _started_fetcher(kafka_bootstrap, topic, tmp_path, min_bytes=1, max_wait_ms=10)
-    try:
-        consumer: Any = app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-        leader = f"{app.conf.id}-__assignor-__leader"
-        async with asyncio.timeout(30):
-            while True:  # the group's first rebalance may still be running; polled, nothing here signals its end
-                if {t.topic for t in consumer.assignment()} >= {topic, leader}:
-                    break
-                await asyncio.sleep(0.1)
-        assert {(t.topic, t.partition) for t in consumer.paused()} == {(leader, 0)}
     finally:
         await app.stop()
 
