@@ -11,7 +11,12 @@ benchmark caught a worker in that state: 1.0 to 1.8 s for every event, in a sawt
 the run (bench/results/profile.md, "Latency").
 
 `fetch_max_wait_ms` (BYZGUARD_FETCH_MAX_WAIT_MS, default 10) bounds that delay; an idle worker then polls the
-broker that often. `fetch_min_bytes` lets the broker gather more per fetch, at the price of that wait.
+broker that often. It has a price under saturation: the fetch of the idle partitions comes back empty every
+10 ms, and a saturated worker (and faust's own pass-through) then did about a fifth fewer events per second
+than with 1500 ms (bench/results/fetch-wait-4499522). A deployment that cares for throughput more than for
+latency sets it higher. Pausing the leader partition in aiokafka took most of that cost away but made the
+latency at half load worse (bench/results/fetch-pause-caa6fab), so it is not done. `fetch_min_bytes` lets the
+broker gather more per fetch, at the price of that wait.
 """
 
 from __future__ import annotations
