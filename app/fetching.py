@@ -14,8 +14,9 @@ the run (bench/results/profile.md, "Latency").
 broker that often. It has a price under saturation: the fetch of the idle partitions comes back empty every
 10 ms, and a saturated worker (and faust's own pass-through) then did about a fifth fewer events per second
 than with 1500 ms (bench/results/fetch-wait-4499522). A deployment that cares for throughput more than for
-latency sets it higher. Pausing the leader partition in aiokafka took most of that cost away but made the
-latency at half load worse (bench/results/fetch-pause-caa6fab), so it is not done. `fetch_min_bytes` lets the
+latency sets it higher. Pausing the leader partition in aiokafka took most of that cost away. Its latency run
+was worse (bench/results/fetch-pause-caa6fab), but a later run without it was as bad (latency-confirm-eace33a):
+the two are not told apart yet, and the pause waits for a side-by-side comparison. `fetch_min_bytes` lets the
 broker gather more per fetch, at the price of that wait.
 """
 
