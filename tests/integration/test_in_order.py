@@ -32,13 +32,17 @@ async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: f
         raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
-async def _end_offset(bootstrap: str, topic: str, expected: int = 4) -> bool:
-    """True once partition 0 of `topic` ends at `expected` (records and transaction markers alike)."""
+async def _ends_at(bootstrap: str, topic: str, end: int, what: str) -> None:
+    """Wait until partition 0 of `topic` ends at `end` (records and transaction markers alike)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
+    tp = TopicPartition(topic, 0)
+
+    async def reached() -> bool:
+        return (await consumer.end_offsets([tp]))[tp] == end
+
     try:
-        tp = TopicPartition(topic, 0)
-        return (await consumer.end_offsets([tp]))[tp] == expected
+        await _until(reached, what)
     finally:
         await consumer.stop()
 
@@ -189,7 +193,7 @@ async def test_a_gap_of_transaction_markers_does_not_stop_the_commit(
         await a.stop()
         await b.stop()
     # The coordinator writes the markers after the commits return: the next record must come after both.
-    await _until(lambda: _end_offset(kafka_bootstrap, topic), "both commit markers written")
+    await _ends_at(kafka_bootstrap, topic, 4, "both commit markers written")
     await produce_numbered(kafka_bootstrap, topic, range(1))  # offset 4
     built = Guarded(kafka_bootstrap, topic, tmp_path)
     await built.app.start()
