@@ -25,11 +25,13 @@ from __future__ import annotations
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 
-def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
-    """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`. Call before the app starts."""
+def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int, pause_leader: bool = False) -> None:
+    """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`, and with `pause_leader` never fetch
+    faust's leader topic. Call before the app starts."""
     if app._consumer is not None:  # type: ignore[attr-defined]
         raise RuntimeError("fetching.tune_fetch must run before the app's consumer is created")
     transport: Any = app.transport
@@ -42,6 +44,15 @@ def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
             consumer._fetch_min_bytes = min_bytes
             consumer._fetch_max_wait_ms = max_wait_ms
             return consumer
+
+        async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+            # Runs on the consumer's thread, before faust sees the assignment.
+            if pause_leader:
+                never_read = self.consumer.randomly_assigned_topics
+                idle = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in never_read]
+                if idle:
+                    self._ensure_consumer().pause(*idle)
+            await super().on_partitions_assigned(assigned, generation_id)
 
     class Consumer(base_consumer):  # type: ignore[valid-type,misc]
         def _new_consumer_thread(self) -> Any:

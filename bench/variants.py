@@ -46,6 +46,15 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "100"),)),
     Variant("b_wait1500", "faust pass-through agent with faust's own fetch (max wait 1500 ms)", "faust",
             "at_least_once", settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
+    # Diagnostic: faust's leader topic paused (BYZGUARD_FETCH_PAUSE_LEADER), and fetches that wait for more bytes.
+    Variant("c_pause", "byzguard as c, leader topic never fetched", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_FETCH_PAUSE_LEADER", "true"),)),
+    Variant("b_pause", "faust pass-through agent, leader topic never fetched", "faust", "at_least_once",
+            settings=(("BYZGUARD_FETCH_PAUSE_LEADER", "true"),)),
+    Variant("c_min10", "byzguard as c, fetches wait up to 10 ms for 64 KiB", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"),)),
+    Variant("c_min25", "byzguard as c, fetches wait up to 25 ms for 64 KiB", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"), ("BYZGUARD_FETCH_MAX_WAIT_MS", "25"))),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
     # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
