@@ -14,10 +14,11 @@ the run (bench/results/profile.md, "Latency").
 broker that often. It has a price under saturation: the fetch of the idle partitions comes back empty every
 10 ms, and a saturated worker (and faust's own pass-through) then did about a fifth fewer events per second
 than with 1500 ms (bench/results/fetch-wait-4499522). A deployment that cares for throughput more than for
-latency sets it higher. Pausing the leader partition in aiokafka took most of that cost away. Its latency run
-was worse (bench/results/fetch-pause-caa6fab), but a later run without it was as bad (latency-confirm-eace33a):
-the two are not told apart yet, and the pause waits for a side-by-side comparison. `fetch_min_bytes` lets the
-broker gather more per fetch, at the price of that wait.
+latency sets it higher. Pausing the leader partition in aiokafka, so that it is never fetched, was measured side
+by side with c and dropped: it gave faust's own pass-through about a tenth more events/s, but byzguard fewer
+in each of three interleaved repetitions, and the same latency (bench/results/fetch-ab-e8a772f). `fetch_min_bytes`
+lets the broker gather more per fetch, at the price of that wait; 64 KiB did not lower the latency either (same
+run).
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 import faust
-from aiokafka import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 
-def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int, pause_leader: bool = False) -> None:
-    """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`, and with `pause_leader` never fetch
-    faust's leader topic. Call before the app starts."""
+def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
+    """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`. Call before the app starts."""
     if app._consumer is not None:  # type: ignore[attr-defined]
         raise RuntimeError("fetching.tune_fetch must run before the app's consumer is created")
     transport: Any = app.transport
@@ -44,15 +43,6 @@ def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int, pause_leader
             consumer._fetch_min_bytes = min_bytes
             consumer._fetch_max_wait_ms = max_wait_ms
             return consumer
-
-        async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
-            # Runs on the consumer's thread, before faust sees the assignment.
-            if pause_leader:
-                never_read = self.consumer.randomly_assigned_topics
-                idle = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in never_read]
-                if idle:
-                    self._ensure_consumer().pause(*idle)
-            await super().on_partitions_assigned(assigned, generation_id)
 
     class Consumer(base_consumer):  # type: ignore[valid-type,misc]
         def _new_consumer_thread(self) -> Any:

@@ -33,8 +33,6 @@ class Settings(BaseSettings):
                                  description="bytes the broker gathers before it answers a fetch")
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=30_000,
                                    description="longest the broker holds a fetch for fetch_min_bytes (milliseconds)")
-    fetch_pause_leader: bool = Field(default=False, description="never fetch faust's leader topic (it carries no "
-                                     "record; fetched alone, it is answered empty every fetch_max_wait_ms)")
     # A SIGKILLed worker keeps its partitions until the broker misses its heartbeats for this long (faust's
     # default, 60 s, would stall them for a minute). Kafka's brokers accept 6 s to 30 min by default.
     session_timeout: float = Field(default=10.0, ge=6.0, le=1800.0,

@@ -72,8 +72,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
     else:
         eos.install_in_order(app, bootstrap)  # no record skipped or processed twice (app/eos.py, fix 7)
-    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms,
-               pause_leader=settings.fetch_pause_leader)
+    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms)
     outbox = Outbox(app)
     app.task(outbox.run)  # the sender: batches go out while the agents work (app/outbox.py)
     buffer = StateBuffer(outbox)

@@ -34,8 +34,7 @@ def build(settings: Settings, source: str, target: str, *, take: int = 0, yield_
     # Experiments only (never set by `make bench`): JSON overrides of faust settings, e.g. {"producer_linger": 0.005}.
     options.update(json.loads(os.environ.get("BENCH_FAUST_OVERRIDES", "{}")))
     app = faust.App(settings.app_id, **options)
-    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms,
-               pause_leader=settings.fetch_pause_leader)  # as byzguard's
+    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms)  # as byzguard's
     source_topic = app.topic(source, **RAW)
     target_topic = app.topic(target, **RAW)
 

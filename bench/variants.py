@@ -46,11 +46,7 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "100"),)),
     Variant("b_wait1500", "faust pass-through agent with faust's own fetch (max wait 1500 ms)", "faust",
             "at_least_once", settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
-    # Diagnostic: faust's leader topic paused (BYZGUARD_FETCH_PAUSE_LEADER), and fetches that wait for more bytes.
-    Variant("c_pause", "byzguard as c, leader topic never fetched", "byzguard", "at_least_once",
-            settings=(("BYZGUARD_FETCH_PAUSE_LEADER", "true"),)),
-    Variant("b_pause", "faust pass-through agent, leader topic never fetched", "faust", "at_least_once",
-            settings=(("BYZGUARD_FETCH_PAUSE_LEADER", "true"),)),
+    # Diagnostic: fetches that wait for more bytes (fewer, larger fetches at a paced load).
     Variant("c_min10", "byzguard as c, fetches wait up to 10 ms for 64 KiB", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"),)),
     Variant("c_min25", "byzguard as c, fetches wait up to 25 ms for 64 KiB", "byzguard", "at_least_once",

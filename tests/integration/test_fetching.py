@@ -3,10 +3,8 @@ faust hard-codes (1500 ms, which held busy input partitions back behind a fetch 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
-from typing import Any
 
 import faust
 import pytest
@@ -15,7 +13,7 @@ from app.fetching import tune_fetch
 from tests.conftest import TopicFactory
 
 
-async def _started_fetcher(bootstrap: str, topic: str, datadir: Path, **tuning: Any) -> tuple[faust.App, object]:
+async def _started_fetcher(bootstrap: str, topic: str, datadir: Path, **tuning: int) -> tuple[faust.App, object]:
     app = faust.App(f"fetching-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}", datadir=str(datadir),
                     autodiscover=False, env={}, web_enabled=False, consumer_auto_offset_reset="earliest")
     if tuning:
@@ -41,27 +39,6 @@ async def test_the_worker_consumer_fetches_with_the_tuned_settings(
     app, fetcher = await _started_fetcher(kafka_bootstrap, topic_factory(), tmp_path, **tuning)
     try:
         assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == expected  # type: ignore[attr-defined]
-    finally:
-        await app.stop()
-
-
-@pytest.mark.parametrize("pause_leader", [True, False])
-async def test_the_leader_topic_is_paused_only_when_asked(
-        kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path, pause_leader: bool) -> None:
-    """faust's leader topic carries no record; fetched alone it is answered empty every fetch_max_wait_ms."""
-    topic = topic_factory()
-    app, _ = await _started_fetcher(kafka_bootstrap, topic, tmp_path, min_bytes=1, max_wait_ms=10,
-                                    pause_leader=pause_leader)
-    try:
-        consumer: Any = app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
-        leader = f"{app.conf.id}-__assignor-__leader"
-        async with asyncio.timeout(30):
-            while True:  # the group's first rebalance may still be running; polled, nothing here signals its end
-                if {t.topic for t in consumer.assignment()} >= {topic, leader}:
-                    break
-                await asyncio.sleep(0.1)
-        paused = {(t.topic, t.partition) for t in consumer.paused()}
-        assert paused == ({(leader, 0)} if pause_leader else set())
     finally:
         await app.stop()
 
