@@ -130,11 +130,15 @@ def verify(
         if duplicates:
             seen = entity.find(env.id, now, limits.id_window)
             if seen is not None:
-                if seen.content_hash == env.content_hash:
+                if seen.content_hash != env.content_hash:
+                    reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for different content")
+                elif seen.version is None or seen.version == env.version:  # a re-send
                     return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
                                     f"event id {env.id!r} was already verified with the same content",
                                     _WARN),))
-                reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for different content")
+                else:  # the same data again under a new version: a new event with an old id, not a re-send
+                    reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for version {seen.version}; "
+                                f"this is version {env.version} with the same content")
         if env.version is not None and entity.version is not None:
             if env.version == entity.version and env.content_hash == entity.content_hash and duplicates:
                 return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
@@ -240,7 +244,7 @@ def _advance(env: Envelope, entity: EntityState | None, now: float, limits: Limi
             version = entity.version
         if entity.vclock is not None:
             vclock = entity.vclock if vclock is None else vclock.merge(entity.vclock)
-    recent.append(SeenId(env.id, env.content_hash, now))
+    recent.append(SeenId(env.id, env.content_hash, now, env.version))
     # Positional: a frozen dataclass's keyword call is measurably slower on this per-event path.
     # (version, vclock, content_hash, last_good, last_good_type, verified_at, event_time, recent)
     return EntityState(version, vclock, env.content_hash, env.covered, env.type, now, env.time,

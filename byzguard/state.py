@@ -12,11 +12,13 @@ from byzguard.clocks import VectorClock
 
 @dataclass(frozen=True, slots=True)
 class SeenId:
-    """An event id recently verified for the entity, with its content fingerprint and when it was seen."""
+    """An event id recently verified for the entity, with its content fingerprint, its entity version and when it
+    was seen. `version` is None for an event without one, and for an entry written before versions were kept."""
 
     event_id: str
     content_hash: bytes
     seen_at: float
+    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,7 @@ class EntityState:
             self.last_good_type,
             self.verified_at,
             self.event_time,
-            [[s.event_id, s.content_hash.hex(), s.seen_at] for s in self.recent],
+            [[s.event_id, s.content_hash.hex(), s.seen_at, s.version] for s in self.recent],
         ])
 
     @classmethod
@@ -61,7 +63,8 @@ class EntityState:
             last_type,
             verified_at,
             event_time,
-            tuple([SeenId(i, bytes.fromhex(h), t) for i, h, t in recent]),
+            # Entries written before versions were kept have three fields.
+            tuple([SeenId(e[0], bytes.fromhex(e[1]), e[2], e[3] if len(e) > 3 else None) for e in recent]),
         )
 
     def last_good_data(self) -> object:
