@@ -24,6 +24,8 @@ class Variant:
     args: tuple[str, ...] = ()
     #: BYZGUARD_* settings of this variant's worker (over --setting).
     settings: tuple[tuple[str, str], ...] = ()
+    #: the worker's GIL switch interval in ms (bench/switched.py); None: Python's 5 ms
+    switch_interval_ms: float | None = None
 
     @property
     def read_committed(self) -> bool:
@@ -51,6 +53,11 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"),)),
     Variant("c_min25", "byzguard as c, fetches wait up to 25 ms for 64 KiB", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"), ("BYZGUARD_FETCH_MAX_WAIT_MS", "25"))),
+    # Diagnostic: the GIL switch interval of the worker (faust's consumer thread waits for the GIL after each fetch).
+    Variant("c_switch1", "byzguard as c, GIL switch interval 1 ms", "byzguard", "at_least_once",
+            switch_interval_ms=1),
+    Variant("c_switch20", "byzguard as c, GIL switch interval 20 ms", "byzguard", "at_least_once",
+            switch_interval_ms=20),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
     # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
@@ -136,6 +143,9 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
     else:
         args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path
         program = "byzguard run"
+        if variant.switch_interval_ms is not None:
+            args = ["-m", "bench.switched", f"{variant.switch_interval_ms:g}", "app.cli", "run"]
+            program = "python " + shlex.join(args)
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
     return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} {program}", config,
