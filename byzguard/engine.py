@@ -136,9 +136,10 @@ def verify(
                     return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
                                     f"event id {env.id!r} was already verified with the same content",
                                     _WARN),))
-                else:  # the same data again under a new version: a new event with an old id, not a re-send
+                else:  # the same data again under another version: a new event with an old id, not a re-send
+                    this = "an event without a version" if env.version is None else f"version {env.version}"
                     reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for version {seen.version}; "
-                                f"this is version {env.version} with the same content")
+                                f"this is {this} with the same content")
         if env.version is not None and entity.version is not None:
             if env.version == entity.version and env.content_hash == entity.content_hash and duplicates:
                 return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,

@@ -196,6 +196,17 @@ def test_same_content_under_an_old_id_with_a_new_version_is_id_reuse(harness: Ha
     routed = send(harness, price_event(stamper, 6, event_id="e-1"))
     assert codes(routed) == ["id.reused"]
     assert routed.decision.outcome is Outcome.QUARANTINED
+    assert "already used for version 5; this is version 6" in routed.decision.reasons[0].detail
+
+
+def test_same_content_under_an_old_id_without_its_version_is_id_reuse(harness: Harness) -> None:
+    """A record that drops the version its id was verified with is not a byte-identical re-send either."""
+    stamper = Stamper("pricing")
+    send(harness, price_event(stamper, 5, event_id="e-1"))
+    unversioned = stamper.binary(PRICE, type="price.updated", subject="sku-1", time=NOW, event_id="e-1")
+    routed = send(harness, unversioned)
+    assert codes(routed) == ["id.reused"]
+    assert "this is an event without a version" in routed.decision.reasons[0].detail
 
 
 def test_an_id_kept_before_versions_were_matches_on_content_alone(harness: Harness) -> None:
