@@ -27,6 +27,10 @@ class Variant:
     #: the worker's GIL switch interval in ms (bench/switched.py); None: Python's 5 ms
     switch_interval_ms: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.switch_interval_ms is not None and self.kind != "byzguard":
+            raise ValueError(f"variant {self.key}: a switch interval is only applied to byzguard workers")
+
     @property
     def read_committed(self) -> bool:
         return self.guarantee == "exactly_once"
