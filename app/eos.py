@@ -225,9 +225,24 @@ class InOrder:
         finally:
             self.adding_gap = False
 
+    @staticmethod
+    def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> None:
+        """Mark offsets `first`..`end`-1 of `tp`, which hold no record to process, acked for faust's commit (the
+        bookkeeping of faust's `Consumer.ack`, without a message)."""
+        with ack_lock:
+            committed = consumer._committed_offset[tp]
+            acked_index = consumer._acked_index[tp]
+            for offset in range(first, end):
+                if (committed is None or offset >= committed) and offset not in acked_index:
+                    acked_index.add(offset)
+                    consumer._acked[tp].append(offset)
+                    consumer._n_acked += 1
+            notify(consumer._waiting_for_ack)
+
     async def find_skipped_tails(self, app: faust.App) -> None:
         """Seek back to a record skipped at the end of a partition: no later record comes to show the gap, so
-        look at partitions idle for IDLE_GAP_SECONDS whose highwater is past the record they expect next."""
+        look at partitions idle for IDLE_GAP_SECONDS whose highwater is past the record they expect next. If
+        only transaction markers are left there, count them as acked for the commit to pass."""
         consumer: Any = app.consumer
         generation, now = app.consumer_generation_id, time.monotonic()
         assigned = consumer.assignment()
@@ -243,8 +258,15 @@ class InOrder:
             except (TimeoutError, KafkaError) as exc:  # the broker is slow or away: wait it out, look again later
                 log.warning("%s: could not look for a skipped record: %s", tp, exc)
                 continue
-            if first is None or first >= highwater or self.expected.get(tp) != (known, expected):
-                continue  # only transaction markers or aborted records left, or a record came meanwhile
+            if self.expected.get(tp) != (known, expected):
+                continue  # a record came meanwhile
+            if first is None or first >= highwater:
+                # Only transaction markers (or aborted records) left: count them as acked, or the group's lag
+                # stays at their count for as long as no record comes. (A gap would not do: faust's commit
+                # applies gaps only below the highest acked offset.)
+                self.ack_without_record(consumer, tp, expected, highwater)
+                self.expected[tp] = (generation, highwater)
+                continue
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
                         tp, expected, highwater, first)
             await self._seek_back(consumer, tp, generation, first)

@@ -202,3 +202,28 @@ async def test_a_gap_of_transaction_markers_does_not_stop_the_commit(
         assert built.seen == [0, 1, 4]
     finally:
         await built.app.stop()
+
+
+async def test_a_partition_that_ends_in_a_commit_marker_is_committed_to_its_end(
+        guarded: Guarded, kafka_bootstrap: str) -> None:
+    """No record comes after a transaction's commit marker to show that only the marker is left: once the
+    partition is idle, the probe finds no record there and the commit passes the marker (lag 0, not 1)."""
+    topic = guarded.tp.topic
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
+    await producer.start()
+    try:
+        async with producer.transaction():
+            for n in range(2):
+                await producer.send_and_wait(topic, str(n).encode(), partition=0)  # offsets 0 and 1
+    finally:
+        await producer.stop()
+    await _ends_at(kafka_bootstrap, topic, 3, "the commit marker written")  # at offset 2
+
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
+    assert guarded.seen == [0, 1]
+    order = eos.order_of(guarded.app)
+    assert order is not None and order.seeking == {}  # a marker is not a skipped record: nothing to seek back to
+
+    await produce_numbered(kafka_bootstrap, topic, range(1))  # offset 3: processed next, nothing in between
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
+    assert guarded.seen == [0, 1, 3]
