@@ -102,13 +102,16 @@ def markdown(results: dict[str, Any]) -> str:
     lat = results.get("latency", {}).get("summary", {})
     if tput or lat:
         rate = results.get("latency", {}).get("rate")
+        settle = results.get("latency", {}).get("settle_s")
         lines += [
             "## Throughput and latency",
             "",
             "Throughput: output records / (last - first output record timestamp), the timestamps being the broker's "
             "append times (output topics use LogAppendTime), i.e. from the first event through to the last "
             "output acknowledged. Latency: send → arrival on the verified topic (read_committed for exactly_once) "
-            f"under a paced load of {rate:,.0f} events/s (50% of c's median throughput)" if rate else
+            f"under a paced load of {rate:,.0f} events/s (50% of c's median throughput)"
+            + (f", after {settle:g} s of the same load that the percentiles leave out" if settle else "")
+            if rate else
             "Throughput: output records / (last - first output append time, broker clock).",
             "Median over repetitions, (min-max) in brackets.",
             "",

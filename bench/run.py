@@ -40,9 +40,11 @@ from bench.procs import REPO, loadavg
 from bench.scenarios import Context, crash, detection, latency, memory, profile, throughput
 from bench.variants import VARIANTS
 
-FULL = {"events": 200_000, "entities": 100_000, "reps": 3, "latency_seconds": 60.0, "memory_entities": 1_000_000,
+FULL = {"events": 200_000, "entities": 100_000, "reps": 3, "latency_seconds": 60.0, "latency_settle": 5.0,
+        "memory_entities": 1_000_000,
         "profile_seconds": 30.0, "detection_events": 100_000, "memory_processed": 100_000, "crash_kills": 10}
-QUICK = {"events": 5_000, "entities": 2_500, "reps": 1, "latency_seconds": 8.0, "memory_entities": 20_000,
+QUICK = {"events": 5_000, "entities": 2_500, "reps": 1, "latency_seconds": 8.0, "latency_settle": 1.0,
+         "memory_entities": 20_000,
          "profile_seconds": 8.0, "detection_events": 3_000, "memory_processed": 4_000, "crash_kills": 2}
 
 
@@ -69,9 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("structured", "binary"), default="structured",
                         help="CloudEvents content mode of the input (default structured)")
     parser.add_argument("--latency-seconds", type=float, help="paced load per latency run (full: 60)")
+    parser.add_argument("--latency-settle", type=float,
+                        help="seconds of paced load before the measured ones, left out of the percentiles (full: 5)")
     parser.add_argument("--latency-rate", type=float, help="events/s of the paced load (default: 50%% of c's median)")
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
+    parser.add_argument("--memory-variant", default="c_norules",
+                        help="the variant of the RSS run (c_norules_skip: with a forced seek-back per partition)")
     parser.add_argument("--memory-processed", type=int,
                         help="of those, entities loaded by verifying an event each (the rest are restored from the "
                         "state changelog; full: 100000)")
@@ -102,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in [*args.variants, args.memory_variant] if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     args.latency_variants = [v for v in (args.latency_variants or ",".join(args.variants)).split(",") if v]
@@ -189,8 +195,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         await create_topics(bootstrap, [topic], args.partitions)
         await produce(bootstrap, topic, events.records(events.events(processed, processed, at=time.time(),
                                                                      mode=args.mode, prefix="memp")))
-        # Without the CEL rules: they do not touch state, and verifying goes faster.
-        key = "c_norules"
+        # Without the CEL rules by default: they do not touch state, and verifying goes faster.
+        key = args.memory_variant
         result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
                               processed=processed, mode=args.mode, timeout=max(900.0, processed / 50))
         log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, {result['rss_all_entities_mb']}"
@@ -258,28 +264,30 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             log("no latency runs: no throughput of c to take half of (give --latency-rate)")
         else:
             warmup = 200
-            paced = max(200, int(rate * args.latency_seconds))
+            paced = max(200, int(rate * (args.latency_settle + args.latency_seconds)))
             lat_records = list(events.records(events.events(warmup + paced, max(1, min(args.entities, warmup + paced)),
                                                             at=time.time(), mode=args.mode, prefix="lat")))
             runs = []
             for rep in range(1, args.reps + 1):
                 for key in args.latency_variants:
                     run_id = f"l-{stamp}-{key}-r{rep}"
-                    log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_seconds:.0f} s")
+                    log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_settle:g} + "
+                        f"{args.latency_seconds:.0f} s")
                     result = await latency(ctx, VARIANTS[key], run_id, lat_records, warmup=warmup, rate=rate,
-                                           timeout=max(120.0, args.latency_seconds * 3))
+                                           settle=args.latency_settle, timeout=max(120.0, args.latency_seconds * 3))
                     if _killed_from_outside(result):
                         incidents.append(result)
                         log("  worker SIGKILLed by something outside the bench; once more")
                         result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records, warmup=warmup,
-                                               rate=rate, timeout=max(120.0, args.latency_seconds * 3))
+                                               rate=rate, settle=args.latency_settle,
+                                               timeout=max(120.0, args.latency_seconds * 3))
                     result["rep"] = rep
                     runs.append(result)
                     log(f"  -> p50 {result['p50_ms']} p99 {result['p99_ms']} p99.9 {result['p999_ms']} ms "
                         f"({result['samples']} samples, {result['rate_achieved']}/s)"
                         + (f" ERROR {result['error']}" if result["error"] else ""))
                     _save(args, results | {"latency": {"runs": runs}})
-            results["latency"] = {"rate": rate, "warmup": warmup, "runs": runs,
+            results["latency"] = {"rate": rate, "warmup": warmup, "settle_s": args.latency_settle, "runs": runs,
                                   "summary": report.summarise_latency(runs)}
 
     if "profile" not in args.skip and args.profile_seconds and "throughput" in results:

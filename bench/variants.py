@@ -24,12 +24,13 @@ class Variant:
     args: tuple[str, ...] = ()
     #: BYZGUARD_* settings of this variant's worker (over --setting).
     settings: tuple[tuple[str, str], ...] = ()
-    #: the worker's GIL switch interval in ms (bench/switched.py); None: Python's 5 ms
-    switch_interval_ms: float | None = None
+    #: a module and its arguments that start the byzguard worker (`python -m MODULE ARGS... app.cli run`), for
+    #: diagnostics that change the worker's process (bench/switched.py, bench/skipping.py); (): `byzguard run`
+    wrapper: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.switch_interval_ms is not None and self.kind != "byzguard":
-            raise ValueError(f"variant {self.key}: a switch interval is only applied to byzguard workers")
+        if self.wrapper and self.kind != "byzguard":
+            raise ValueError(f"variant {self.key}: a wrapper is only applied to byzguard workers")
 
     @property
     def read_committed(self) -> bool:
@@ -59,9 +60,16 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"), ("BYZGUARD_FETCH_MAX_WAIT_MS", "25"))),
     # Diagnostic: the GIL switch interval of the worker (faust's consumer thread waits for the GIL after each fetch).
     Variant("c_switch1", "byzguard as c, GIL switch interval 1 ms", "byzguard", "at_least_once",
-            switch_interval_ms=1),
+            wrapper=("bench.switched", "1")),
     Variant("c_switch20", "byzguard as c, GIL switch interval 20 ms", "byzguard", "at_least_once",
-            switch_interval_ms=20),
+            wrapper=("bench.switched", "20")),
+    # Diagnostic: c with every long (>= 5 ms) or oldest-generation garbage collection in its log (bench/gctrace.py).
+    Variant("c_gctrace", "byzguard as c, garbage collections logged", "byzguard", "at_least_once",
+            wrapper=("bench.gctrace",)),
+    # Diagnostic for the memory phase (--memory-variant): c_norules, but 50 records of each input partition are
+    # held back from the agent once, after its first 100, so the in-order guard seeks back (bench/skipping.py).
+    Variant("c_norules_skip", "byzguard as c_norules, one forced seek-back per partition", "byzguard",
+            "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50")),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
     # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
@@ -147,8 +155,8 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
     else:
         args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path
         program = "byzguard run"
-        if variant.switch_interval_ms is not None:
-            args = ["-m", "bench.switched", f"{variant.switch_interval_ms:g}", "app.cli", "run"]
+        if variant.wrapper:
+            args = ["-m", *variant.wrapper, "app.cli", "run"]
             program = "python " + shlex.join(args)
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
