@@ -121,7 +121,8 @@ def markdown(results: dict[str, Any]) -> str:
         for key in dict.fromkeys([*tput, *lat]):
             t = tput.get(key, {})
             la = lat.get(key, {})
-            runs = t.get("events_per_s", {}).get("n", 0) or 0
+            # Repetitions per variant: of the throughput runs, or of the latency runs in a latency-only run.
+            runs = t.get("events_per_s", {}).get("n", 0) or la.get("p99_ms", {}).get("n", 0) or 0
             failed = t.get("failed_runs", 0) + la.get("failed_runs", 0)
             lines.append(
                 f"| **{key}** {VARIANTS[key].label} | {_fmt(t.get('events_per_s'))} | "
