@@ -70,11 +70,13 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
     from faust.worker import Worker
 
     from app import eos
+    from app.memory import fix_mmap_threshold
     from app.provision import provision
     from app.settings import Settings
     from app.worker import build_app
 
     assert isinstance(settings, Settings)
+    fix_mmap_threshold(settings.malloc_mmap_threshold_kb)  # before the first fetch buffer
     try:
         cfg = asyncio.run(provision(bootstrap, cfg, settings.app_id))
     except ConfigError as exc:

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     rocksdb_write_buffer_mb: int = Field(default=8, ge=1, le=256,
                                          description="memtable size per table partition (four of them at most)")
     rocksdb_block_cache_mb: int = Field(default=8, ge=1, le=4096, description="block cache per table partition")
+    # glibc lets its mmap threshold slide up to the largest block freed, and then keeps freed fetch buffers in the
+    # heap: after a seek-back the RSS stayed 80-100 MB higher (app/memory.py).
+    malloc_mmap_threshold_kb: int = Field(default=128, ge=0, le=32768,
+                                          description="glibc: allocations of this many KiB or more are mapped on "
+                                          "their own and returned to the system when freed (0: glibc's sliding "
+                                          "threshold)")
     # Quarantine review (app/review): writes need a token; see README "Quarantine review and replay".
     decisions_topic: str | None = Field(default=None, description="compacted review decisions topic; "
                                         "default <app_id>-decisions")

@@ -46,16 +46,16 @@ def hold_back(after: int, count: int) -> None:
                 done.add(tp)
                 print(f"bench.skipping: {tp} held back {first}..{end - 1}; record {offset} shows the gap",
                       flush=True)
-                if len(done) == 1 and tracemalloc.is_tracing():
+                if len(done) == 1 and TRACE_AFTER > 0:
                     asyncio.get_running_loop().call_later(TRACE_AFTER, _print_top)
         await process(app, event, handle)
 
     eos.process = held_back  # type: ignore[assignment]
 
 
-#: With BENCH_TRACEMALLOC=1: seconds after the first seek-back at which the largest allocations still alive are
+#: With BENCH_TRACEMALLOC=SECONDS: that long after the first seek-back the largest allocations still alive are
 #: printed (the worker log then says where the memory of the seek-back went).
-TRACE_AFTER = 3.0
+TRACE_AFTER = float(os.environ.get("BENCH_TRACEMALLOC", "0") or 0)
 
 
 def _print_top() -> None:
@@ -71,7 +71,7 @@ def _print_top() -> None:
 
 def main() -> None:
     after, count, module, *args = sys.argv[1:]
-    if os.environ.get("BENCH_TRACEMALLOC") == "1":
+    if TRACE_AFTER > 0:
         tracemalloc.start(16)
     hold_back(int(after), int(count))
     sys.argv = [module, *args]

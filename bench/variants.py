@@ -70,6 +70,12 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # held back from the agent once, after its first 100, so the in-order guard seeks back (bench/skipping.py).
     Variant("c_norules_skip", "byzguard as c_norules, one forced seek-back per partition", "byzguard",
             "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50")),
+    # Diagnostics: glibc's sliding mmap threshold, as before app/memory.py fixed it at 128 KiB.
+    Variant("c_norules_skip_sliding", "c_norules_skip with glibc's sliding mmap threshold", "byzguard",
+            "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50"),
+            settings=(("BYZGUARD_MALLOC_MMAP_THRESHOLD_KB", "0"),)),
+    Variant("c_sliding", "byzguard as c, with glibc's sliding mmap threshold", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_MALLOC_MMAP_THRESHOLD_KB", "0"),)),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
     # A prototype, not the product: byzguard's core (Guard.process, same config and RocksDB layout) in a batched
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
