@@ -61,14 +61,17 @@ async def _caught_up(bootstrap: str, group: str, topic: str) -> None:
 
 
 class Guarded:
-    """An at_least_once faust app with one agent that runs every record through `eos.process`."""
+    """A faust app (at_least_once unless told) with one agent that runs every record through `eos.process`."""
 
-    def __init__(self, bootstrap: str, topic: str, datadir: Path) -> None:
+    def __init__(self, bootstrap: str, topic: str, datadir: Path, guarantee: str = "at_least_once") -> None:
         self.group = f"in-order-{uuid.uuid4().hex[:8]}"
         self.app = faust.App(self.group, broker=f"kafka://{bootstrap}", datadir=str(datadir), autodiscover=False,
-                             env={}, web_enabled=False, processing_guarantee="at_least_once",
+                             env={}, web_enabled=False, processing_guarantee=guarantee,
                              consumer_auto_offset_reset="earliest", broker_commit_interval=0.2)
-        eos.install_in_order(self.app, bootstrap)
+        if guarantee == "exactly_once":
+            eos.install(self.app, bootstrap)  # as the worker: the in-order guard and the transactions' fixes
+        else:
+            eos.install_in_order(self.app, bootstrap)
         eos.install_gate(self.app)
         self.tp = TP(topic, 0)
         self.seen: list[int] = []
@@ -204,10 +207,23 @@ async def test_a_gap_of_transaction_markers_does_not_stop_the_commit(
         await built.app.stop()
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_a_partition_that_ends_in_a_commit_marker_is_committed_to_its_end(
-        guarded: Guarded, kafka_bootstrap: str) -> None:
+        guarantee: str, kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """No record comes after a transaction's commit marker to show that only the marker is left: once the
     partition is idle, the probe finds no record there and the commit passes the marker (lag 0, not 1)."""
+    monkeypatch.setattr(eos, "IDLE_GAP_SECONDS", 1.0)
+    topic = topic_factory()
+    guarded = Guarded(kafka_bootstrap, topic, tmp_path, guarantee)
+    await guarded.app.start()
+    try:
+        await _commit_marker_passed(guarded, kafka_bootstrap)
+    finally:
+        await guarded.app.stop()
+
+
+async def _commit_marker_passed(guarded: Guarded, kafka_bootstrap: str) -> None:
     topic = guarded.tp.topic
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
     await producer.start()
