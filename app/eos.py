@@ -146,7 +146,6 @@ class InOrder:
         #: Topics whose records only `process` may ack (their agent processes every record it acks).
         self.guarded_topics: set[str] = set()
         self.acking = False
-        self.adding_gap = False
         #: Per partition: (consumer generation, the offset the agent must see next).
         self.expected: dict[TP, tuple[int, int]] = {}
         #: Partitions sought back to a skipped record: the offset whose delivery ends the detour.
@@ -200,7 +199,7 @@ class InOrder:
         first = await self._first_record_from(tp, expected, offset)
         if first is None or first >= offset:
             # Only transaction markers or aborted records in between: let faust's commit pass them.
-            await self.add_gap(consumer, tp, expected, offset - 1)
+            self.ack_without_record(consumer, tp, expected, offset)
             return True
         log.warning("%s: record %d delivered but %d never was; seeking back to it", tp, offset, first)
         await self._seek_back(consumer, tp, generation, first)
@@ -217,18 +216,11 @@ class InOrder:
         finally:
             self.acking = False
 
-    async def add_gap(self, consumer: Any, tp: TP, first: int, last: int) -> None:
-        """Tell faust's commit that offsets `first`..`last` of `tp` hold no record to process."""
-        self.adding_gap = True
-        try:
-            await consumer._add_gap(tp, first, last)
-        finally:
-            self.adding_gap = False
-
     @staticmethod
     def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> None:
         """Mark offsets `first`..`end`-1 of `tp`, which hold no record to process, acked for faust's commit (the
-        bookkeeping of faust's `Consumer.ack`, without a message)."""
+        bookkeeping of faust's `Consumer.ack`, without a message). Not a gap (`Consumer._add_gap`): faust's commit
+        applies gaps only below the highest acked offset, so a gap at a partition's end would never be passed."""
         with ack_lock:
             committed = consumer._committed_offset[tp]
             acked_index = consumer._acked_index[tp]
@@ -262,8 +254,7 @@ class InOrder:
                 continue  # a record came meanwhile
             if first is None or first >= highwater:
                 # Only transaction markers (or aborted records) left: count them as acked, or the group's lag
-                # stays at their count for as long as no record comes. (A gap would not do: faust's commit
-                # applies gaps only below the highest acked offset.)
+                # stays at their count for as long as no record comes.
                 self.ack_without_record(consumer, tp, expected, highwater)
                 self.expected[tp] = (generation, highwater)
                 continue
@@ -324,8 +315,9 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
             # forth of a seek to a skipped record, were counted as acked before they were processed (commits
             # ran ahead of processing), and their real acks then entered `_acked` twice, which cut faust's commit
             # to one offset per commit (the memory phase crawled at 2 offsets/s per partition). For guarded
-            # topics only `in_order` adds gaps, after its probe found no record in them.
-            if tp.topic in order.guarded_topics and not order.adding_gap:
+            # topics, offsets with no record are acked by `in_order` and `find_skipped_tails` instead, after
+            # their probe found no record there (`InOrder.ack_without_record`).
+            if tp.topic in order.guarded_topics:
                 return
             await super()._add_gap(tp, offset_from, offset_to)
 
