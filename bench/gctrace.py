@@ -8,10 +8,11 @@ with the collector's pauses (the worker freezes its long-lived objects after eac
 from __future__ import annotations
 
 import gc
-import runpy
 import sys
 import time
 from typing import Any
+
+from bench.wrapper import run_as_main
 
 #: Collections at least this long are printed whatever their generation (seconds).
 SLOW = 0.005
@@ -36,8 +37,7 @@ def trace() -> None:
 def main() -> None:
     module, *args = sys.argv[1:]
     trace()
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    run_as_main(module, args)
 
 
 if __name__ == "__main__":

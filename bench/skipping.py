@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import runpy
 import sys
 import tracemalloc
 from typing import Any
 
 from app import eos
+from bench.wrapper import run_as_main
 
 
 def hold_back(after: int, count: int) -> None:
@@ -74,8 +74,7 @@ def main() -> None:
     if TRACE_AFTER > 0:
         tracemalloc.start(16)
     hold_back(int(after), int(count))
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    run_as_main(module, args)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,15 @@ to let go of it (bench/results/profile.md, "The 88616c1 run").
 
 from __future__ import annotations
 
-import runpy
 import sys
+
+from bench.wrapper import run_as_main
 
 
 def main() -> None:
     milliseconds, module, *args = sys.argv[1:]
     sys.setswitchinterval(float(milliseconds) / 1000)
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    run_as_main(module, args)
 
 
 if __name__ == "__main__":
