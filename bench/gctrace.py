@@ -27,7 +27,7 @@ def trace() -> None:
             return
         took = time.perf_counter() - started[0]
         generation = info.get("generation")
-        if generation == 2 or took >= SLOW:
+        if (generation == 2 or took >= SLOW) and not sys.stdout.closed:  # the last collections run at exit
             print(f"bench.gctrace: {time.time():.3f} generation {generation} took {took * 1000:.1f} ms, "
                   f"collected {info.get('collected')}, counts now {gc.get_count()}", flush=True)
 
