@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from byzguard.clocks import VectorClock
 from byzguard.integrity import SHA256, Key
-from byzguard.stamp import Stamped, Stamper
+from byzguard.stamp import NEW_INSTANCE, InstanceArg, Stamped, Stamper
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,15 @@ class GuardedProducer:
 
     async with GuardedProducer("127.0.0.1:9092", source="pricing") as producer:
         await producer.send("prices", {"price": 49.99}, type="price.updated", subject="sku-1", version=7)
+
+    Its Lamport clock is a hybrid logical clock under a random instance id of its own (byzguard.stamp.Stamper),
+    so restarts and replicas of one source need no setup; `instance=` names it instead.
     """
 
     def __init__(self, bootstrap_servers: str, *, source: str, algorithm: str = SHA256,
-                 key: Key | None = None, structured: bool = False, **producer_options: Any) -> None:
-        self.stamper = Stamper(source, algorithm=algorithm, key=key)
+                 key: Key | None = None, structured: bool = False, instance: InstanceArg = NEW_INSTANCE,
+                 **producer_options: Any) -> None:
+        self.stamper = Stamper(source, algorithm=algorithm, key=key, instance=instance)
         self.structured = structured
         options = {"acks": "all", "enable_idempotence": True, "linger_ms": 5, **producer_options}
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, **options)

@@ -141,6 +141,35 @@ def lamport_merge(local: int, received: int) -> int:
     return lamport_tick(max(local, received))
 
 
+def hlc_tick(last: int, now_us: int) -> int:
+    """The next time of a hybrid logical clock: the wall clock in microseconds, or `last` + 1 when that is not
+    ahead of it. Monotonic within a process, and a restarted process starts above what it sent before (unless
+    its wall clock went back, or it sent more than one event per microsecond)."""
+    if not 0 <= last < MAX_COUNTER:
+        raise ClockError(f"cannot tick hybrid logical time {last}: it must be in [0, 2**63-1)")
+    return max(last + 1, min(max(now_us, 0), MAX_COUNTER))
+
+
+MAX_INSTANCE_LEN: Final = 64
+"""The longest producer instance id (`ce_lamportinstance`) accepted: it becomes part of a state key."""
+
+
+def check_instance(instance: str) -> str:
+    """A producer instance id as sent: 1 to 64 printable characters without whitespace; else ClockError."""
+    if not instance or len(instance) > MAX_INSTANCE_LEN or not instance.isprintable() or " " in instance:
+        raise ClockError(f"Lamport instance must be 1 to {MAX_INSTANCE_LEN} printable characters without "
+                         f"whitespace, got {_show(instance)}")
+    return instance
+
+
+def lamport_mark_key(source: str, instance: str | None) -> bytes:
+    """The key of the guard's Lamport high-water mark: one per source, or per (source, instance) when the
+    event names the producer instance whose clock it carries (so replicas of one source never regress)."""
+    if instance is None:
+        return source.encode()
+    return f"{source}\x00{instance}".encode()  # an instance has no NUL (printable), so the split is unique
+
+
 def parse_lamport(raw: bytes | str) -> int:
     """Parse a Lamport time header: ASCII decimal in [0, 2**63); anything else raises ClockError."""
     if isinstance(raw, bytes):

@@ -149,8 +149,9 @@ def verify(
         if env.vclock is not None and entity.vclock is not None:
             _check_vclock(env, entity, reasons)
     if env.lamport is not None and lamport_mark is not None and env.lamport <= lamport_mark:
-        reasons.add(Code.LAMPORT_REGRESSION,
-                    f"source {env.source!r} sent Lamport time {env.lamport} after {lamport_mark}")
+        writer = f"source {env.source!r}" if env.instance is None else \
+            f"source {env.source!r} (instance {env.instance!r})"
+        reasons.add(Code.LAMPORT_REGRESSION, f"{writer} sent Lamport time {env.lamport} after {lamport_mark}")
     _check_time(env, policy, now, now if received is None else min(received, now), reasons)
     rules = policy.rules
     if rules and policy.level(_INVARIANT_VIOLATED) is not _OFF:

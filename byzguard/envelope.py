@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import xxhash
 
-from byzguard.clocks import VectorClock
+from byzguard.clocks import VectorClock, check_instance
 from byzguard.errors import ClockError
 from byzguard.integrity import SHA256, Checksum, content_hash
 from byzguard.jcs import CanonicalizationError, canonicalize
@@ -32,6 +32,7 @@ CE_TIME = "ce_time"
 CE_SUBJECT = "ce_subject"
 CE_ENTITYVERSION = "ce_entityversion"
 CE_LAMPORTTIME = "ce_lamporttime"
+CE_LAMPORTINSTANCE = "ce_lamportinstance"
 CE_VECTORCLOCK = "ce_vectorclock"
 CE_CHECKSUMALG = "ce_checksumalg"
 CE_CHECKSUM = "ce_checksum"
@@ -55,6 +56,7 @@ class Envelope:
         "content_hash",
         "covered",
         "id",
+        "instance",
         "lamport",
         "mode",
         "source",
@@ -81,6 +83,7 @@ class Envelope:
         checksum: Checksum | None = None,
         data: Any = None,
         parsed: bool = False,
+        instance: str | None = None,
     ) -> None:
         self.id = id
         self.source = source
@@ -92,6 +95,7 @@ class Envelope:
         self.time = time
         self.version = version
         self.lamport = lamport
+        self.instance = instance  # the producer instance whose Lamport clock `lamport` reads
         self.vclock = vclock
         self.checksum = checksum
         self._data = data
@@ -199,6 +203,17 @@ def parse_time(raw: object, name: str) -> float:
     return parsed.timestamp()
 
 
+def _instance(raw: object, name: str) -> str:
+    if isinstance(raw, bytes):
+        raw = _text(raw, name)
+    if not isinstance(raw, str):
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a string, got {type(raw).__name__}")
+    try:
+        return check_instance(raw)
+    except ClockError as exc:
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name}: {exc}") from None
+
+
 def _vclock(raw: object, name: str) -> VectorClock:
     try:
         if isinstance(raw, (bytes, str)):
@@ -271,6 +286,7 @@ def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], 
         time=parse_time(h[CE_TIME], CE_TIME) if CE_TIME in h else None,
         version=_int(h[CE_ENTITYVERSION], CE_ENTITYVERSION) if CE_ENTITYVERSION in h else None,
         lamport=_int(h[CE_LAMPORTTIME], CE_LAMPORTTIME) if CE_LAMPORTTIME in h else None,
+        instance=_instance(h[CE_LAMPORTINSTANCE], CE_LAMPORTINSTANCE) if CE_LAMPORTINSTANCE in h else None,
         vclock=_vclock(h[CE_VECTORCLOCK], CE_VECTORCLOCK) if CE_VECTORCLOCK in h else None,
         checksum=checksum,
     )
@@ -320,6 +336,7 @@ def _decode_structured(
         time=parse_time(time, "time") if time is not None else None,
         version=_int(version, "entityversion") if version is not None else None,
         lamport=_int(lamport, "lamporttime") if lamport is not None else None,
+        instance=_instance(obj["lamportinstance"], "lamportinstance") if "lamportinstance" in obj else None,
         vclock=_vclock(vclock, "vectorclock") if vclock is not None else None,
         checksum=_checksum(obj.get("checksumalg"), obj.get("checksum"), obj.get("keyid"), "structured event"),
         data=data,

@@ -19,7 +19,7 @@ from typing import Protocol
 import orjson
 
 from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer, oldest_held_age
-from byzguard.clocks import VectorClock
+from byzguard.clocks import VectorClock, lamport_mark_key
 from byzguard.config import GuardConfig, Route
 from byzguard.engine import Decision, Limits, decode_failure, verify
 from byzguard.envelope import Envelope, decode
@@ -192,7 +192,7 @@ class Guard:
         entity_key = env.subject.encode()
         entity = self._entity(tx, entity_key)
         policy = route.policy_for(env.type)
-        lamport_key = env.source.encode()
+        lamport_key = lamport_mark_key(env.source, env.instance)
         # A released event's Lamport time was judged when it arrived; later events of its source may have
         # advanced the mark since, which says nothing about this one.
         mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
@@ -243,7 +243,8 @@ class Guard:
             return True
         tx.set_buffer(entity_key, offered.buffer)
         if env.lamport is not None:
-            tx.put(LAMPORTS, env.source.encode(), encode_lamport(env.lamport))  # arrival order is what it checks
+            # Arrival order is what the Lamport check judges, so the mark moves now, not on release.
+            tx.put(LAMPORTS, lamport_mark_key(env.source, env.instance), encode_lamport(env.lamport))
         self._emit(tx, record, route, Decision(Outcome.HELD), env, now)
         return True
 

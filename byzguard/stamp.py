@@ -1,25 +1,32 @@
 """Producer side: stamp an event with id, source, type, subject, version, clocks and checksum or MAC.
 
-`Stamper` keeps the producer's Lamport clock; the result is (key, value, headers) ready for any Kafka
-client. The guard verifies exactly what this writes (ENVELOPE.md has the byte-level contract).
+`Stamper` keeps the producer's Lamport clock, a hybrid logical clock (the wall clock in microseconds, or one
+more than the last time when that is not ahead), under a producer instance id of its own: a restarted
+process or a second replica of the same source never regresses against the guard's high-water mark. The
+result is (key, value, headers) ready for any Kafka client. The guard verifies exactly what this writes
+(ENVELOPE.md has the byte-level contract).
 """
 
 from __future__ import annotations
 
+import time as _time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from enum import Enum
+from typing import Any, Final
 
 import orjson
 
-from byzguard.clocks import VectorClock
+from byzguard.clocks import VectorClock, check_instance, hlc_tick
 from byzguard.envelope import (
     CE_CHECKSUM,
     CE_CHECKSUMALG,
     CE_ENTITYVERSION,
     CE_ID,
     CE_KEYID,
+    CE_LAMPORTINSTANCE,
     CE_LAMPORTTIME,
     CE_SOURCE,
     CE_SPECVERSION,
@@ -53,22 +60,50 @@ def rfc3339(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class _Auto(Enum):
+    NEW = "new"
+
+
+NEW_INSTANCE: Final = _Auto.NEW
+"""The default instance id of a Stamper: a new random one per Stamper (per process, per replica)."""
+
+InstanceArg = str | None | _Auto
+"""What `instance=` takes: a name, None (no instance: one writer per source), or NEW_INSTANCE."""
+
+
+def new_instance_id() -> str:
+    """A random producer instance id (16 hex digits): distinct for every process and replica."""
+    return uuid.uuid4().hex[:16]
+
+
 class Stamper:
-    """Stamps events of one source. Not thread-safe: one per producer task."""
+    """Stamps events of one source. Not thread-safe: one per producer task.
+
+    `instance` names this writer's Lamport clock (`ce_lamportinstance`): by default a new random id, so that
+    replicas and restarts of one source each have a clock of their own; give a stable name (a pod name in a
+    StatefulSet) to reuse one high-water mark across restarts, or None for a source with exactly one writer.
+    `clock` is the wall clock of the hybrid logical clock (seconds); None makes the Lamport time a plain
+    counter from `lamport` (tests and known-answer vectors only: it starts over in every process).
+    """
 
     def __init__(self, source: str, *, algorithm: str = SHA256, key: Key | None = None,
-                 lamport: int = 0) -> None:
+                 lamport: int = 0, instance: InstanceArg = NEW_INSTANCE,
+                 clock: Callable[[], float] | None = _time.time) -> None:
         if algorithm == HMAC_SHA256 and key is None:
             raise ValueError("hmac-sha256 needs a key")
         self.source = source
         self.algorithm = algorithm
         self.key = key
         self.lamport = lamport
+        self.instance = new_instance_id() if instance is NEW_INSTANCE else \
+            None if instance is None else check_instance(instance)
+        self.clock = clock
 
     def _tick(self, use_lamport: bool) -> int | None:
         if not use_lamport:
             return None
-        self.lamport += 1
+        clock = self.clock
+        self.lamport = self.lamport + 1 if clock is None else hlc_tick(self.lamport, int(clock() * 1_000_000))
         return self.lamport
 
     def binary(self, data: Any, *, type: str, subject: str, version: int | None = None,
@@ -88,6 +123,8 @@ class Stamper:
         tick = self._tick(lamport)
         if tick is not None:
             headers.append((CE_LAMPORTTIME, str(tick).encode()))
+            if self.instance is not None:
+                headers.append((CE_LAMPORTINSTANCE, self.instance.encode()))
         if vclock is not None:
             headers.append((CE_VECTORCLOCK, vclock.to_header()))
         headers.append((CE_CHECKSUMALG, self.algorithm.encode()))
@@ -110,6 +147,8 @@ class Stamper:
         tick = self._tick(lamport)
         if tick is not None:
             event["lamporttime"] = tick
+            if self.instance is not None:
+                event["lamportinstance"] = self.instance
         if vclock is not None:
             event["vectorclock"] = vclock.to_header().decode()
         event["checksumalg"] = self.algorithm

@@ -181,7 +181,7 @@ def test_released_event_is_not_a_lamport_regression() -> None:
 def test_held_event_with_a_regressed_lamport_time_is_judged_at_once() -> None:
     """An early event whose Lamport time already regressed is quarantined on arrival, not held."""
     h = Harness(CONFIG)
-    a = Stamper("a", lamport=10)
+    a = Stamper("a", lamport=10, clock=None)
     first = a.binary({}, type="doc.edited", subject="x", vclock=VectorClock({"a": 1}), event_id="x1")
     h.feed(first.key, first.value, first.headers, now=NOW)
     a.lamport = 2

@@ -278,7 +278,7 @@ def test_quarantined_event_never_updates_state(harness: Harness) -> None:
 
 def test_lamport_regression_per_source(harness: Harness) -> None:
     """A source whose Lamport time goes backwards is caught, across entities of the partition."""
-    stamper = Stamper("pricing", lamport=10)
+    stamper = Stamper("pricing", lamport=10, clock=None)
     send(harness, price_event(stamper, 1))
     stamper.lamport = 3
     routed = send(harness, stamper.binary(PRICE, type="price.updated", subject="sku-2", version=1, time=NOW))
@@ -286,6 +286,78 @@ def test_lamport_regression_per_source(harness: Harness) -> None:
     other = Stamper("orders", lamport=1)
     assert send(harness, other.binary(PRICE, type="price.updated", subject="sku-3", version=1, time=NOW)) \
         .decision.outcome is Outcome.VERIFIED
+
+
+class FakeClock:
+    """A wall clock for producers that the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_replicas_of_one_source_never_regress(harness: Harness) -> None:
+    """Two replicas of one source whose hybrid clocks interleave (one 2 s behind) are all verified."""
+    ahead, behind = FakeClock(NOW), FakeClock(NOW - 2)
+    a, b = Stamper("pricing", clock=ahead), Stamper("pricing", clock=behind)
+    for n in range(20):
+        for replica, clock in ((a, ahead), (b, behind)):
+            clock.now += 0.001
+            routed = send(harness, replica.binary(PRICE, type="price.updated", subject=f"sku-{n}-{id(replica)}",
+                                                  version=1, time=NOW))
+            assert routed.decision.outcome is Outcome.VERIFIED, codes(routed)
+
+
+def test_a_restarted_producer_does_not_regress(harness: Harness) -> None:
+    """A producer process that restarts (a new Stamper, its wall clock even 1 s behind) is verified."""
+    clock = FakeClock(NOW)
+    first = Stamper("pricing", clock=clock)
+    for n in range(5):
+        assert send(harness, first.binary(PRICE, type="price.updated", subject=f"sku-{n}", version=1,
+                                          time=NOW)).decision.outcome is Outcome.VERIFIED
+    clock.now -= 1.0  # the new process's wall clock is behind the old one's
+    restarted = Stamper("pricing", clock=clock)
+    routed = send(harness, restarted.binary(PRICE, type="price.updated", subject="sku-9", version=1, time=NOW))
+    assert routed.decision.outcome is Outcome.VERIFIED, codes(routed)
+
+
+def test_stable_instance_keeps_its_mark_across_restarts(harness: Harness) -> None:
+    """A named instance's hybrid clock starts above what the same instance sent before it restarted."""
+    clock = FakeClock(NOW)
+    for run in range(3):
+        stamper = Stamper("pricing", instance="pricing-0", clock=clock)
+        for n in range(3):
+            clock.now += 0.000_001  # more events than microseconds: the counter part carries on
+            routed = send(harness, stamper.binary(PRICE, type="price.updated", subject=f"sku-{run}-{n}",
+                                                  version=1, time=NOW))
+            assert routed.decision.outcome is Outcome.VERIFIED, codes(routed)
+        clock.now += 0.5
+
+
+def test_stale_replay_of_an_instance_is_a_lamport_regression(harness: Harness) -> None:
+    """An old event of a replica re-sent after newer ones (a stale replay) is caught as lamport.regression."""
+    clock = FakeClock(NOW)
+    replica = Stamper("pricing", clock=clock)
+    old = replica.binary(PRICE, type="price.updated", subject="sku-old", version=1, time=NOW)
+    send(harness, replica.binary(PRICE, type="price.updated", subject="sku-0", version=1, time=NOW))
+    clock.now += 1
+    send(harness, replica.binary(PRICE, type="price.updated", subject="sku-1", version=1, time=NOW))
+    routed = send(harness, old)
+    assert codes(routed) == ["lamport.regression"]
+    assert f"instance {replica.instance!r}" in routed.decision.reasons[0].detail
+
+
+def test_lamport_instance_must_be_short_and_printable() -> None:
+    """A ce_lamportinstance that is empty, spaced, a control character or over 64 characters is malformed."""
+    h = Harness()
+    for bad in (b"", b"a b", b"a\x00b", b"x" * 65, b"\xff"):
+        stamped = Stamper("pricing", instance=None).binary(PRICE, type="price.updated", subject="sku-1",
+                                                            version=1, time=NOW)
+        routed = send(h, Stamped(stamped.key, stamped.value, [*stamped.headers, ("ce_lamportinstance", bad)],
+                                 stamped.event_id))
+        assert codes(routed) == ["decode.malformed"], bad
 
 
 def test_vector_clock_stale_split_brain_read(harness: Harness) -> None:

@@ -14,6 +14,8 @@ from byzguard.clocks import (
     Order,
     VectorClock,
     _parse_entries,
+    hlc_tick,
+    lamport_mark_key,
     lamport_merge,
     lamport_tick,
     parse_lamport,
@@ -60,6 +62,23 @@ def test_lamport_tick_and_merge() -> None:
     assert lamport_merge(3, 7) == 8
     assert lamport_merge(7, 3) == 8
     assert lamport_merge(5, 5) == 6
+
+
+def test_hlc_tick_follows_the_wall_clock_and_never_goes_back() -> None:
+    """A hybrid clock reads the wall clock in microseconds, and counts on when the wall clock is not ahead."""
+    assert hlc_tick(0, 1_000) == 1_000
+    assert hlc_tick(1_000, 1_000) == 1_001
+    assert hlc_tick(5_000, 1_000) == 5_001  # the wall clock went back: still monotonic
+    assert hlc_tick(5, -3) == 6
+    with pytest.raises(ClockError):
+        hlc_tick(MAX_COUNTER, 0)
+
+
+def test_lamport_mark_key_separates_instances() -> None:
+    """One mark per source without an instance, one per (source, instance) with one."""
+    assert lamport_mark_key("pricing", None) == b"pricing"
+    assert lamport_mark_key("pricing", "a") == b"pricing\x00a"
+    assert lamport_mark_key("pricing", "a") != lamport_mark_key("pricing", "b")
 
 
 def test_lamport_bounds() -> None:

@@ -72,7 +72,7 @@ def main() -> None:
 
     fixed = {"event_id": "11111111-2222-3333-4444-555555555555", "time": NOW - 60, "version": 3}
     for alg, key in ((SHA256, None), (XXH3_128, None), (HMAC_SHA256, PRICING)):
-        s = Stamper("pricing", algorithm=alg, key=key, lamport=41)
+        s = Stamper("pricing", algorithm=alg, key=key, lamport=41, clock=None, instance=None)
         b = s.binary(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
         add(f"binary-{alg}", f"binary mode, {alg} over the value bytes", b.key, b.value, b.headers)
         st = s.structured(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
@@ -83,14 +83,15 @@ def main() -> None:
         orjson.dumps({"data": DATA, "version": 2, "updatedAt": "2027-01-15T07:59:00Z", "source": "pricing"}), [])
     add("seed-lamport", "the seed's {payload, logicalTimestamp, sourceService} shape", b"sku-1",
         orjson.dumps({"payload": DATA, "logicalTimestamp": 7, "sourceService": "pricing"}), [])
-    s = Stamper("pricing", lamport=41)
+    s = Stamper("pricing", lamport=41, clock=None, instance=None)
     good = s.binary(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
     add("corrupted", "one byte of the value changed after the checksum", good.key,
         good.value.replace(b"49.99", b"49.98"), good.headers)
-    forged = Stamper("pricing", algorithm=HMAC_SHA256, key=ORDERS).binary(
+    forged = Stamper("pricing", algorithm=HMAC_SHA256, key=ORDERS, clock=None, instance=None).binary(
         DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
     add("forged", "claims source pricing, signed with orders' key", forged.key, forged.value, forged.headers)
-    add("not-allowed", "a source that may not emit price.updated", *_parts(Stamper("inventory").binary(
+    inventory = Stamper("inventory", clock=None, instance=None)
+    add("not-allowed", "a source that may not emit price.updated", *_parts(inventory.binary(
         DATA, type="price.updated", subject="sku-1", **fixed)))  # type: ignore[arg-type]
     add("future", "event time 30 s ahead, skew tolerance 5 s", *_parts(s.binary(
         DATA, type="price.updated", subject="sku-1", event_id="f", time=NOW + 30, version=1)))
