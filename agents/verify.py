@@ -20,7 +20,7 @@ from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
 from byzguard.config import Route
-from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed, held_count
 from byzguard.routing import receipt
 from byzguard.verdict import Code, Outcome
 from tables import RouteTables
@@ -51,14 +51,48 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
     latency = metrics.VERIFY_SECONDS.labels(name)
     held_gauge = metrics.CAUSAL_HELD.labels(name)
     oldest_gauge = metrics.CAUSAL_OLDEST.labels(name)
+    # The causal gauges are this worker's partitions' truth: a partition's count is read from its held index
+    # (restored with the table) at its first event or deadline tick after an assignment, kept by the deltas
+    # in between, and dropped when the partition is revoked.
+    causal_reader = state[CAUSAL] if tables.causal_by_entity is not None else None
+    held_by_partition: dict[int, int] = {}
+    oldest_by_partition: dict[int, float] = {}
+
+    def publish_causal() -> None:
+        held_gauge.set(sum(held_by_partition.values()))
+        oldest_gauge.set(max(oldest_by_partition.values(), default=0.0))
+
+    def count_held(result: Result, partition: int) -> None:
+        assert causal_reader is not None
+        before = held_by_partition.get(partition)
+        tick = result.oldest_held_age is not None
+        count = held_count(causal_reader) if before is None or tick else before + result.held_delta
+        if count == before and not tick:
+            return
+        held_by_partition[partition] = count
+        if tick:
+            oldest_by_partition[partition] = result.oldest_held_age or 0.0
+        elif not count:
+            oldest_by_partition[partition] = 0.0  # released: nothing left to be old
+        publish_causal()
+
+    if causal_reader is not None:
+        partitioned_topics = {*route.inputs, tick_name}
+
+        @app.on_partitions_revoked.connect
+        async def drop_causal_counts(sender: Any, revoked: Any = (), **kwargs: Any) -> None:
+            # Another worker counts them now; if they come back, their count is read from the held index again.
+            for tp in revoked or ():
+                if tp.topic in partitioned_topics:
+                    held_by_partition.pop(tp.partition, None)
+                    oldest_by_partition.pop(tp.partition, None)
+            publish_causal()
 
     def apply(result: Result, partition: int) -> None:
         for (table_name, key), value in result.writes.items():
             buffer.put(by_name[table_name], partition, key, value)
-        if result.held_delta:
-            held_gauge.inc(result.held_delta)
-        if result.oldest_held_age is not None:
-            oldest_gauge.set(result.oldest_held_age)
+        if causal_reader is not None:
+            count_held(result, partition)
 
     outbox = buffer.outbox
     assert outbox is not None, "the verify agent sends through the buffer's outbox"
@@ -115,7 +149,8 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 await outbox.wake()
 
     if tick_topic is not None:
-        @app.timer(interval=max(0.5, route.causal.deadline / 4))
+        # At most 5 s apart: the ticks also refresh the buffer gauges of a partition restored or assigned.
+        @app.timer(interval=max(0.5, min(5.0, route.causal.deadline / 4)))
         async def tick_causal_deadlines() -> None:
             # Expiry must run inside the stream (table writes and sends belong to a partition's
             # transaction), so the timer only sends a tick to each partition this worker owns. Ticks go

@@ -35,6 +35,10 @@ class ReceiptTimeout(TimeoutError):
     """No verdict arrived in time: the write may or may not be visible yet."""
 
 
+class ReceiptsTopicMissing(LookupError):
+    """The receipts topic does not exist, so no verdict could ever be read: nothing was sent."""
+
+
 class GuardedProducer:
     """Stamps every event (id, clocks, version, checksum or MAC) and sends it keyed by entity id.
 
@@ -88,7 +92,8 @@ class GuardedProducer:
         """Send one event and wait for byzguard's verdict on it (the seed's verifiedWrite).
 
         The receipt is read from the route's receipts topic with read_committed, so it is visible exactly
-        when the verified record is: the same path consumers use. Raises ReceiptTimeout after `timeout`.
+        when the verified record is: the same path consumers use. Raises ReceiptTimeout after `timeout`, and
+        ReceiptsTopicMissing at once (before sending) when the receipts topic does not exist.
         """
         started = _time.perf_counter()
         stamped = self.stamp(data, type=type, subject=subject, version=version, time=time, vclock=vclock)
@@ -100,6 +105,11 @@ class GuardedProducer:
             if not partitions:
                 await consumer._client.force_metadata_update()
                 partitions = consumer.partitions_for_topic(receipts_topic) or set()
+            if not partitions:
+                raise ReceiptsTopicMissing(
+                    f"receipts topic {receipts_topic!r} does not exist, so no verdict could be read; nothing was "
+                    f"sent. Set `receipts_topic: {receipts_topic}` on the byzguard route whose inputs include "
+                    f"{topic!r} (byzguard.yaml): the worker creates the topic when it starts")
             tps = [TopicPartition(receipts_topic, p) for p in sorted(partitions)]
             # Positions taken before the send: the receipt can only come after them.
             start = await consumer.end_offsets(tps) if tps else {}

@@ -137,6 +137,12 @@ class _Tx:
         self.result.held_delta += after - before
 
 
+def held_count(causal: StateReader) -> int:
+    """Events held in one partition's causal buffer, read from its held index."""
+    raw = causal.get(HELD_INDEX_KEY)
+    return sum(orjson.loads(raw).values()) if raw else 0
+
+
 class Guard:
     """Verifies records of every route of a configuration."""
 
@@ -172,7 +178,10 @@ class Guard:
                 wanted = ", ".join(f"{node} {first}..{last}" if first != last else f"{node} {first}"
                                    for node, first, last in gaps)
                 reason = Reason(Code.CAUSAL_GAP, f"held {now - held.held_at:.1f}s for missing dependencies: {wanted}")
-                self._emit(tx, record, route, Decision(Outcome.QUARANTINED, (reason,)), None, now)
+                # Decoded again (it was when held): its envelope gives the final receipt and the metric labels.
+                decoded = decode(record.key, record.value, record.headers, default_type=route.default_type)
+                env = decoded if isinstance(decoded, Envelope) else None
+                self._emit(tx, record, route, Decision(Outcome.QUARANTINED, (reason,)), env, now)
         result.oldest_held_age = oldest
         return result
 
@@ -233,7 +242,8 @@ class Guard:
             level = route.policy_for(env.type).level(Code.CAUSAL_OVERFLOW)
             if level is Severity.OFF:
                 return False
-            where = "entity" if len(buf.held) >= causal.max_held_per_scope else "worker"
+            where = f"entity ({causal.max_held_per_scope} held)" if len(buf.held) >= causal.max_held_per_scope \
+                else f"partition ({causal.max_held_total} held in partition {record.partition})"
             reason = Reason(Code.CAUSAL_OVERFLOW, f"causal buffer full for this {where}; event depends on "
                             f"undelivered events", level)
             outcome = Outcome.QUARANTINED if level is Severity.REJECT else Outcome.WARNED

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from byzguard.clocks import VectorClock
 from byzguard.stamp import Stamped, Stamper
@@ -123,6 +125,21 @@ def test_missing_dependency_quarantines_exactly_its_dependents(worker_factory: W
     assert all(f"{lost_source} " in o.reasons[0]["detail"] for o in quarantined), lost_counter
     assert {o.event_id for o in verified} == {s.event_id for s in log} - dependents - {lost.event_id}
     assert eventually(lambda: gauges(worker) == (0, False)), gauges(worker)
+    # Counted under the event's type and source label (its writers are not configured sources: "other").
+    gaps = samples(worker, "byzguard_check_failures_total", code="causal.gap")
+    assert {(labels["source"], value) for labels, value in gaps} == {("other", float(len(dependents)))}
+    quarantined_events = samples(worker, "byzguard_events_total", outcome="quarantined")
+    assert {(labels["type"], value) for labels, value in quarantined_events} == {("doc.edited",
+                                                                                  float(len(dependents)))}
+
+
+def samples(worker: WorkerProcess, name: str, **match: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of metric `name` on `worker` whose labels include `match`, with all their labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return [(dict(sample.labels), sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items())]
 
 
 def gauges(worker: WorkerProcess) -> tuple[float, bool]:
@@ -161,3 +178,36 @@ def test_sigkill_while_events_are_held_loses_and_repeats_nothing(worker_factory:
     verified = run_async(lambda: collect(worker_factory.bootstrap, route.verified, expected=len(log)))
     assert_causal([o.event_id for o in sorted(verified, key=lambda o: o.offset)], log)
     assert run_async(lambda: collect(worker_factory.bootstrap, route.quarantine, idle=1.0)) == []
+
+
+def test_buffer_gauges_follow_held_events_across_a_rebalance_and_a_stop(worker_factory: WorkerFactory) -> None:
+    """The held-events gauge counts what each worker's partitions hold: split over two workers after a
+    rebalance, all of it on the survivor after a clean stop (restored from state), and 0, never below, once
+    the missing events arrive."""
+    route = configure(worker_factory)
+    w1 = worker_factory.start("w1")
+    rng = random.Random(5)
+    logs = [history(f"doc-{i}", 10, rng) for i in range(6)]
+    early = [s for log in logs for s in log[3:]]
+    late = [s for log in logs for s in log[:3]]
+    run_async(lambda: produce(worker_factory.bootstrap, route.input, early))
+    run_async(lambda: wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[w1]))
+    delivered = run_async(lambda: collect(worker_factory.bootstrap, route.verified, idle=1.0))
+    held = len(early) - len(delivered)
+    assert held > 0
+    assert eventually(lambda: held_gauge(w1) == held), held_gauge(w1)
+    w2 = worker_factory.start("w2")
+    both = (w1, w2)
+    assert eventually(lambda: [held_gauge(w) for w in both] != [held, 0]
+                      and sum(held_gauge(w) for w in both) == held, timeout=60), [held_gauge(w) for w in both]
+    w1.stop()
+    assert eventually(lambda: held_gauge(w2) == held, timeout=60), held_gauge(w2)
+    run_async(lambda: produce(worker_factory.bootstrap, route.input, late))
+    verified = run_async(lambda: collect(worker_factory.bootstrap, route.verified, expected=len(early) + len(late)))
+    assert len(verified) == len(early) + len(late)
+    assert eventually(lambda: gauges(w2) == (0, False)), gauges(w2)
+
+
+def held_gauge(worker: WorkerProcess) -> float:
+    """byzguard_causal_buffer_events of one worker (-1 while its metrics cannot be read)."""
+    return worker.metrics().get("byzguard_causal_buffer_events", -1.0)

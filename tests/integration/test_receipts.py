@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from app.producer import GuardedProducer, ReceiptTimeout
+from app.producer import GuardedProducer, ReceiptsTopicMissing, ReceiptTimeout
+from byzguard.clocks import VectorClock
 from tests.conftest import run_async
 from tests.integration.worker_harness import WorkerFactory, collect
 
@@ -67,3 +70,52 @@ def test_confirmed_send_times_out_without_a_guard(worker_factory: WorkerFactory)
 
     with pytest.raises(ReceiptTimeout):
         run_async(scenario)
+
+
+CAUSAL_CONFIG = """\
+routes:
+  - name: docs
+    inputs: [{input}]
+    verified_topic: {verified}
+    quarantine_topic: {quarantine}
+    receipts_topic: {receipts}
+    partitions: 1
+    default_type: doc.edited
+    causal: {{buffer: true, deadline: 2s}}
+"""
+
+
+def test_a_held_event_quarantined_at_its_deadline_gets_its_final_receipt(worker_factory: WorkerFactory) -> None:
+    """An event held for a dependency that never comes is confirmed quarantined (causal.gap) at its deadline,
+    not left to time out on its `held` receipt."""
+    route = worker_factory.configure(partitions=1)
+    receipts = f"{route.input}-receipts"
+    assert worker_factory.config_path is not None
+    worker_factory.config_path.write_text(CAUSAL_CONFIG.format(input=route.input, verified=route.verified,
+                                                               quarantine=route.quarantine, receipts=receipts))
+    worker_factory.start("w1")
+
+    async def scenario() -> object:
+        async with GuardedProducer(worker_factory.bootstrap, source="b") as producer:
+            return await producer.send_confirmed(route.input, {"n": 1}, type="doc.edited", subject="doc-1",
+                                                 vclock=VectorClock({"a": 1, "b": 1}), receipts_topic=receipts,
+                                                 timeout=40)
+
+    receipt = run_async(scenario)
+    assert receipt.outcome == "quarantined"  # type: ignore[attr-defined]
+    assert [r["code"] for r in receipt.reasons] == ["causal.gap"]  # type: ignore[attr-defined]
+    assert receipt.latency_s < 20  # type: ignore[attr-defined]
+
+
+def test_confirmed_send_without_a_receipts_topic_fails_at_once(kafka_bootstrap: str) -> None:
+    """A confirmed send to a receipts topic that does not exist fails before sending, saying what to configure."""
+
+    async def scenario() -> None:
+        async with GuardedProducer(kafka_bootstrap, source="permissions") as producer:
+            await producer.send_confirmed("perms-no-such-route", {"role": "admin"}, type="role.changed",
+                                          subject="u", receipts_topic="no-such-receipts-topic", timeout=30)
+
+    started = time.monotonic()
+    with pytest.raises(ReceiptsTopicMissing, match="receipts_topic: no-such-receipts-topic"):
+        run_async(scenario)
+    assert time.monotonic() - started < 10

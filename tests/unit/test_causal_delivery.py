@@ -120,7 +120,9 @@ def test_missing_dependency_expires_exactly_its_dependents_as_causal_gap() -> No
     expired_tick = h.tick(now=NOW + 11)
     assert expired_tick.oldest_held_age == 0.0  # nothing is held any more
     expired = expired_tick.routed
-    assert [(r.envelope, r.decision.outcome) for r in expired] == [(None, Outcome.QUARANTINED)]
+    # With its envelope: the agent writes its final receipt and counts it under its type and source.
+    assert [(r.envelope and (r.envelope.id, r.envelope.source), r.decision.outcome) for r in expired] == [
+        (("b1-waits", "b"), Outcome.QUARANTINED)]
     reason = expired[0].decision.reasons[0]
     assert reason.code.value == "causal.gap" and "a 2" in reason.detail
     headers = dict(expired[0].quarantine_headers or [])
@@ -146,11 +148,14 @@ def test_buffer_is_bounded_per_entity_and_in_total() -> None:
             s = Stamper("a").binary({}, type="doc.edited", subject=entity, vclock=VectorClock({"a": n}),
                                     lamport=False, event_id=f"{entity}-{n}")
             routed = h.feed(s.key, s.value, s.headers, now=NOW)
-            outcomes.append((entity, routed.decision.outcome, [r.code.value for r in routed.decision.reasons]))
+            outcomes.append((entity, routed.decision.outcome, [r.code.value for r in routed.decision.reasons],
+                             [r.detail for r in routed.decision.reasons]))
     held = [o for o in outcomes if o[1] is Outcome.HELD]
     overflow = [o for o in outcomes if o[2] == ["causal.overflow"]]
     assert len(held) == 6  # 4 for d1 (per-entity bound), then 2 for d2 (total bound 6)
     assert len(overflow) == 4
+    assert overflow[0][3][0].startswith("causal buffer full for this entity (4 held)")
+    assert overflow[-1][3][0].startswith("causal buffer full for this partition (6 held in partition 0)")
 
 
 def test_concurrent_events_are_not_held() -> None:
