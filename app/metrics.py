@@ -94,6 +94,9 @@ def configure(config: GuardConfig) -> None:
         for name, policy in (*route.types.items(), (OTHER, route.fallback)):
             if policy.max_age is not None:
                 TYPE_MAX_AGE.labels(route.name, name).set(policy.max_age)
+            # Counters a panel or alert reads exist from the start at 0, so "none yet" is not "no data".
+            LAST_GOOD_SERVED.labels(route.name, name)
+            VERSION_REGRESSIONS.labels(route.name, name)
 
 
 def type_label(route: str, event_type: str) -> str:

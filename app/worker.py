@@ -8,12 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
 from app import eos, metrics
+from app.backlog import INTERVAL as BACKLOG_INTERVAL
+from app.backlog import QuarantineBacklog
 from app.fetching import tune_fetch
 from app.outbox import Outbox
+from app.review.store import decisions_topic_name
 from app.settings import Settings
 from byzguard.config import GuardConfig
 from byzguard.guard import Guard
@@ -93,6 +97,20 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     @app.timer(interval=metrics.LAG_INTERVAL)
     async def measure_consumer_lag() -> None:
         await metrics.update_consumer_lag(app.consumer, input_topics)
+
+    backlog = QuarantineBacklog(bootstrap, config, decisions_topic_name(settings.app_id, settings.decisions_topic))
+
+    @app.timer(interval=BACKLOG_INTERVAL)
+    async def measure_quarantine_backlog() -> None:
+        await backlog.update(app.assignor.assigned_actives())
+
+    class BacklogService(Service):
+        """Stops the backlog's reader with the worker."""
+
+        async def on_stop(self) -> None:
+            await backlog.stop()
+
+    app.service(BacklogService)
 
     @app.on_rebalance_complete.connect
     async def freeze_long_lived_objects(sender: Any, **kwargs: Any) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import re
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from app.demo import AUDIT_SCORED, DemoOptions, Where, run_demo, start_worker, web_base
@@ -59,10 +65,12 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
     cfg = load(config_path)
     console = Console(file=io.StringIO(), width=200)
     worker = start_worker(settings, kafka_bootstrap, console)
+    base = web_base(settings.web_host, settings.web_port)
     try:
         result = await run_demo(kafka_bootstrap, cfg, DemoOptions(events=700, rate=0.02, min_each=2, seed=5,
                                                                   eps=300, live=False, drain_timeout=120),
-                                where=Where(web_base(settings.web_host, settings.web_port)), console=console)
+                                where=Where(base), console=console)
+        series = await signals_after_the_demo(base)
     finally:
         code = worker.stop()
     report = result.report
@@ -81,4 +89,49 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
     duplicates = sum(1 for lb in result.labels if lb.fault is FaultClass.DUPLICATE)
     assert result.duplicates_counted == duplicates  # a fresh worker counts exactly the injected ones
     assert result.ok()
+    # Every metric a dashboard panel or an alert reads carries data, and those the demo exercises are non-zero.
+    empty = {name for name in signal_metrics() if name not in series}
+    assert empty == set(), empty
+    idle = {name for name in signal_metrics() - MAY_STAY_ZERO if not any(series[name].values())}
+    assert idle == set(), {name: series[name] for name in idle}
+    assert series["byzguard_quarantine_backlog_records"][("status", "pending")] > 0
     assert code == 0, worker.log_tail()
+
+
+#: Signals a clean demo run leaves at 0: nothing held (no causal route), no fallback served, no lag once drained.
+MAY_STAY_ZERO = {"byzguard_causal_buffer_events", "byzguard_causal_buffer_oldest_age_seconds",
+                 "byzguard_last_good_served_total", "byzguard_consumer_lag_messages"}
+
+
+def signal_metrics() -> set[str]:
+    """Every metric the shipped Grafana dashboard or Prometheus alerting rules read, from those files."""
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/byzguard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    exprs += [r["expr"] for g in yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())["groups"]
+              for r in g["rules"]]
+    return {name for expr in exprs for name in re.findall(r"\b((?:byzguard|process)_[a-z0-9_]+)\b", expr)}
+
+
+def scrape(url: str) -> str:
+    """The body of a GET."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+async def signals_after_the_demo(base: str, timeout: float = 60.0) -> dict[str, dict[tuple[str, str], float]]:
+    """The worker's samples by name, then (label, value) pair, summed; once the quarantine backlog has been
+    counted (every 15 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = await asyncio.to_thread(scrape, f"{base}/metrics")
+        series: dict[str, dict[tuple[str, str], float]] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                by_label = series.setdefault(sample.name, {})
+                for pair in sample.labels.items() or [("", "")]:
+                    by_label[pair] = by_label.get(pair, 0.0) + sample.value
+        if series.get("byzguard_quarantine_backlog_records", {}).get(("status", "pending"), 0) > 0 \
+                or time.monotonic() > deadline:
+            return series
+        await asyncio.sleep(1)
