@@ -186,7 +186,7 @@ class InOrder:
             return True
         if offset < expected:
             # Delivered again (faust fetched it twice around a rebalance): its outputs and ack are in already.
-            log.info("%s: record %d delivered again after it was processed; not processed twice", tp, offset)
+            log.debug("%s: record %d delivered again after it was processed; not processed twice", tp, offset)
             return self.drop(consumer, message)
         if self.seeking.get(tp) == expected:
             # Still on the way back to the skipped record. A record fetched before the seek and handed over
