@@ -55,8 +55,8 @@ def run(
     if not bootstrap:
         from app.localkafka import ensure_running
 
-        console.print("[cyan]no broker configured (BYZGUARD_BROKER): starting the local Kafka broker...[/]")
-        bootstrap = ensure_running()
+        bootstrap = ensure_running(announce=lambda what: console.print(
+            f"[cyan]no broker configured (BYZGUARD_BROKER): {what}...[/]"))
         if demo:
             from app.demo import run_local
 

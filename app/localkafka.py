@@ -1116,8 +1116,11 @@ def ensure_running(
     fresh: bool = False,
     fallback_to_free_port: bool = True,
     timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    announce: Callable[[str], None] | None = None,
 ) -> str:
     """Return the bootstrap servers of the local detached broker, starting it if needed.
+
+    `announce` is told, before it happens, whether a running broker is reused or a new one started.
 
     Reuses the broker recorded in the run dir when it answers. Otherwise starts a detached
     broker on *port* (``None``: a free port); if *port* is taken by a Kafka broker that one is
@@ -1127,6 +1130,11 @@ def ensure_running(
     """
     data = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     run_dir = data.parent
+
+    def say(text: str) -> None:
+        if announce is not None:
+            announce(text)
+
     with _flock(run_dir / ".start.lock"):
         pid, bootstrap = _read_pid(run_dir), _read_bootstrap(run_dir)
         if pid is not None and _is_broker_pid(pid):
@@ -1134,6 +1142,7 @@ def ensure_running(
                 log.info("stopping the running broker (pid %d) for a fresh start", pid)
                 _terminate_pid(pid)
             elif bootstrap and wait_for_kafka(bootstrap, timeout, alive=lambda: _pid_alive(pid)):
+                say(f"reusing the local Kafka broker already running at {bootstrap} (pid {pid})")
                 return bootstrap
             else:
                 log.warning("broker pid %d is alive but does not answer at %s: restarting it", pid, bootstrap)
@@ -1143,12 +1152,14 @@ def ensure_running(
         if chosen is not None and not _port_bindable(chosen):
             if kafka_answers(f"{HOST}:{chosen}"):
                 log.info("a Kafka broker already answers on %s:%d; using it", HOST, chosen)
+                say(f"using the Kafka broker that already answers on {HOST}:{chosen}")
                 return f"{HOST}:{chosen}"
             if not fallback_to_free_port:
                 raise KafkaStartError(f"port {HOST}:{chosen} is taken by something that is not a Kafka broker")
             log.warning("port %d is taken by something that is not a Kafka broker; using a free port", chosen)
             chosen = None
         kafka = LocalKafka(version, port=chosen, data_dir=data, fresh=fresh, detached=True, startup_timeout=timeout)
+        say(f"starting a local Kafka broker on {HOST}:{chosen}" if chosen else "starting a local Kafka broker")
         kafka.start()
         return kafka.bootstrap_servers
 

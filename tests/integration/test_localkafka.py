@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka, ensure_broker_jars, resolve_version
+from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka, ensure_broker_jars, ensure_running, resolve_version
 
 pytestmark = pytest.mark.kafka
 
@@ -174,3 +174,14 @@ async def test_restart_on_data_dir_of_killed_broker(tmp_path: Path) -> None:
         assert values == [b"kept"]
     finally:
         await asyncio.to_thread(second.stop)
+
+
+def test_ensure_running_says_it_reuses_a_broker_instead_of_starting_one(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """With a Kafka broker already answering on the port, ensure_running announces that it uses it, and starts
+    nothing."""
+    host, _, port = kafka_bootstrap.rpartition(":")
+    if host not in ("127.0.0.1", "localhost"):
+        pytest.skip("the session's broker is not on this host")
+    said: list[str] = []
+    assert ensure_running(port=int(port), data_dir=tmp_path / "data", announce=said.append) == f"127.0.0.1:{port}"
+    assert said == [f"using the Kafka broker that already answers on 127.0.0.1:{port}"]
