@@ -551,6 +551,7 @@ async def _send(gen: TrafficGenerator, producers: Mapping[str, GuardedProducer],
             truth.write(orjson.dumps(injection.label.as_dict(), option=orjson.OPT_APPEND_NEWLINE))
         await producers[injection.sender].send_stamped(injection.topic, injection.record)
         stats.sent += 1
+        stats.total = max(stats.total, stats.sent)  # the payments owed beyond --events are sent too
     return await _flushed(producers, started)
 
 
@@ -663,9 +664,10 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
     console.print(table)
     fp = report.false_positives()
     unaccounted = report.unaccounted()
+    partial = report.rows[FaultClass.PARTIAL_WRITE.value].sent
     summary = [
-        f"false positives on clean events: [{'green' if fp == 0 else 'red'}]{fp}[/] of "
-        f"{clean.sent + report.rows[FaultClass.PARTIAL_WRITE.value].sent}",
+        f"false positives: [{'green' if fp == 0 else 'red'}]{fp}[/] of the {clean.sent + partial} events that must "
+        f"pass ({clean.sent} clean + {partial} partial-write orders, each correct on its own)",
         f"events unaccounted for (in neither topic, not a counted duplicate): "
         f"[{'green' if unaccounted == 0 else 'red'}]{unaccounted}[/]",
         "duplicates counted by the worker: "

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from app.demo import AUDIT_SCORED, DemoOptions, Where, run_demo, start_worker, web_base
+from app.demo import AUDIT_SCORED, DemoOptions, Where, render_result, run_demo, start_worker, web_base
 from app.localkafka import free_ports
 from app.settings import Settings
 from byzguard.config import load
@@ -89,6 +89,15 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
     duplicates = sum(1 for lb in result.labels if lb.fault is FaultClass.DUPLICATE)
     assert result.duplicates_counted == duplicates  # a fresh worker counts exactly the injected ones
     assert result.ok()
+    # The final table's counts agree with each other: every event sent is in one row, and the false-positive
+    # line counts the clean row plus the partial-write orders.
+    out = Console(file=io.StringIO(), width=200)
+    render_result(result, Where(base), out)
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    assert sum(row.sent for row in report.rows.values()) == len(result.labels)  # rows include "clean"
+    assert f": {len(result.labels)} events in " in text
+    partial = report.rows[FaultClass.PARTIAL_WRITE.value].sent
+    assert f"of the {report.clean.sent + partial} events that must pass ({report.clean.sent} clean + {partial} " in text
     # Every metric a dashboard panel or an alert reads carries data, and those the demo exercises are non-zero.
     empty = {name for name in signal_metrics() if name not in series}
     assert empty == set(), empty
