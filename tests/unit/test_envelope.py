@@ -55,3 +55,20 @@ def test_seed_shapes_map_their_attributes() -> None:
                   default_type="order.confirmed")
     assert isinstance(env2, Envelope)
     assert (env2.lamport, env2.source, env2.data()) == (9, "orders", {"x": 1})
+
+
+def test_lamport_instance_travels_in_both_modes() -> None:
+    """The stamper's producer instance comes back as the envelope's instance, in binary and structured mode;
+    without one (a single-writer source) it is None."""
+    from byzguard.stamp import Stamper
+
+    stamper = Stamper("pricing", instance="pricing-0")
+    for stamped in (stamper.binary({"p": 1}, type="price.updated", subject="sku-1"),
+                    stamper.structured({"p": 1}, type="price.updated", subject="sku-1")):
+        env = decode(stamped.key, stamped.value, stamped.headers)
+        assert isinstance(env, Envelope) and env.instance == "pricing-0" and env.lamport is not None
+    single = Stamper("pricing", instance=None).binary({"p": 1}, type="price.updated", subject="sku-1")
+    env = decode(single.key, single.value, single.headers)
+    assert isinstance(env, Envelope) and env.instance is None
+    assert "ce_lamportinstance" not in dict(single.headers)
+    assert len(Stamper("pricing").instance or "") == 16  # a random id of its own by default
