@@ -104,6 +104,11 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
     idle = {name for name in signal_metrics() - MAY_STAY_ZERO if not any(series[name].values())}
     assert idle == set(), {name: series[name] for name in idle}
     assert series["byzguard_quarantine_backlog_records"][("status", "pending")] > 0
+    # INFO is for what an operator acts on: between start-up and shutdown nothing is logged per event.
+    log = worker.log_path.read_text(errors="replace")
+    running = log[log.find("[^Worker]: Ready"):log.find("Stopping...", log.find("[^Worker]: Ready"))]
+    info = [line for line in running.splitlines() if "[INFO]" in line]
+    assert len(info) < 30, f"{len(info)} INFO lines while {len(result.labels)} events ran:\n" + "\n".join(info[:30])
     assert code == 0, worker.log_tail()
 
 

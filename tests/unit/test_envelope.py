@@ -60,8 +60,6 @@ def test_seed_shapes_map_their_attributes() -> None:
 def test_lamport_instance_travels_in_both_modes() -> None:
     """The stamper's producer instance comes back as the envelope's instance, in binary and structured mode;
     without one (a single-writer source) it is None."""
-    from byzguard.stamp import Stamper
-
     stamper = Stamper("pricing", instance="pricing-0")
     for stamped in (stamper.binary({"p": 1}, type="price.updated", subject="sku-1"),
                     stamper.structured({"p": 1}, type="price.updated", subject="sku-1")):
