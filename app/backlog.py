@@ -155,6 +155,12 @@ class QuarantineBacklog:
         except KafkaError as exc:  # the broker is away: keep the last values, try again on the next update
             log.debug("quarantine backlog not updated: %s", exc)
             return
+        except Exception as exc:  # a gauge must never take the worker down: start over on the next update
+            log.warning("quarantine backlog not updated (%r); reading its partitions again", exc)
+            self.counts = BacklogCounts(self.counts.routes)
+            self._positions.clear()
+            await self.stop()
+            return
         for route, statuses in self.counts.by_route().items():
             for status, value in statuses.items():
                 metrics.QUARANTINE_BACKLOG.labels(route, status).set(value)
