@@ -9,7 +9,7 @@ import pytest
 from app.producer import GuardedProducer, ReceiptsTopicMissing, ReceiptTimeout
 from byzguard.clocks import VectorClock
 from tests.conftest import run_async
-from tests.integration.worker_harness import WorkerFactory, collect
+from tests.integration.worker_harness import RouteNames, WorkerFactory, collect
 
 pytestmark = pytest.mark.kafka
 
@@ -28,14 +28,20 @@ routes:
 """
 
 
+def start_with(factory: WorkerFactory, template: str, *, partitions: int) -> tuple[RouteNames, str]:
+    """Write `template` with fresh topic names and a receipts topic, start a worker on it; (route, receipts)."""
+    route = factory.configure(partitions=partitions)
+    receipts = f"{route.input}-receipts"
+    assert factory.config_path is not None
+    factory.config_path.write_text(template.format(input=route.input, verified=route.verified,
+                                                   quarantine=route.quarantine, receipts=receipts))
+    factory.start("w1")
+    return route, receipts
+
+
 def test_confirmed_send_returns_the_verdict_once_it_is_visible(worker_factory: WorkerFactory) -> None:
     """A clean write is confirmed verified only when consumers can read it; a bad one comes back quarantined."""
-    route = worker_factory.configure(partitions=2)
-    receipts = f"{route.input}-receipts"
-    assert worker_factory.config_path is not None
-    worker_factory.config_path.write_text(CONFIG.format(input=route.input, verified=route.verified,
-                                                        quarantine=route.quarantine, receipts=receipts))
-    worker_factory.start("w1")
+    route, receipts = start_with(worker_factory, CONFIG, partitions=2)
 
     async def scenario() -> tuple[object, object]:
         async with GuardedProducer(worker_factory.bootstrap, source="permissions") as producer:
@@ -88,12 +94,7 @@ routes:
 def test_a_held_event_quarantined_at_its_deadline_gets_its_final_receipt(worker_factory: WorkerFactory) -> None:
     """An event held for a dependency that never comes is confirmed quarantined (causal.gap) at its deadline,
     not left to time out on its `held` receipt."""
-    route = worker_factory.configure(partitions=1)
-    receipts = f"{route.input}-receipts"
-    assert worker_factory.config_path is not None
-    worker_factory.config_path.write_text(CAUSAL_CONFIG.format(input=route.input, verified=route.verified,
-                                                               quarantine=route.quarantine, receipts=receipts))
-    worker_factory.start("w1")
+    route, receipts = start_with(worker_factory, CAUSAL_CONFIG, partitions=1)
 
     async def scenario() -> object:
         async with GuardedProducer(worker_factory.bootstrap, source="b") as producer:
