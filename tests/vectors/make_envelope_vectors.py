@@ -100,6 +100,13 @@ def main() -> None:
     add("key-mismatch", "record key differs from ce_subject", b"sku-2", good.value, good.headers)
     add("malformed", "not JSON and no ce_ headers", b"sku-1", b"\x00\x01garbage", [])
     add("unsupported", "JSON that is no known shape", b"sku-1", b'{"hello":"world"}', [])
+    replica = Stamper("pricing", lamport=1_799_999_940_000_000, clock=None, instance="pricing-7f9c2")
+    add("lamport-instance", "a hybrid logical clock (microseconds) under a producer instance id: one writer of "
+        "several under source pricing", *_parts(replica.binary(DATA, type="price.updated", subject="sku-1",
+                                                                **fixed)))  # type: ignore[arg-type]
+    bad = replica.binary(DATA, type="price.updated", subject="sku-1", **fixed)  # type: ignore[arg-type]
+    add("lamport-instance-malformed", "a ce_lamportinstance with whitespace", bad.key, bad.value,
+        [(k, b"pricing 7f9c2" if k == "ce_lamportinstance" else v) for k, v in bad.headers])
     doc = {"about": "byzguard envelope test vectors; see ENVELOPE.md. Evaluate each record against empty state "
                     "at time `now` under `config`.", "now": NOW, "config": CONFIG.strip(), "keys": KEYS,
            "cases": cases}
