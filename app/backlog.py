@@ -2,9 +2,11 @@
 
 Each worker counts the quarantine partitions co-partitioned with the input partitions it owns, so the sum over
 workers is the whole backlog (the dashboard and the ByzguardQuarantineBacklogGrowing alert sum by route). It
-reads those partitions (read_committed, no consumer group) and the decisions topic, keeps one counter per
-partition and one status per decided quarantine id, never the records: `pending` is what was quarantined and
-not yet decided; approved, rejected, replayed and rechecked are the decided ones.
+reads those partitions (read_committed, no consumer group) and the decisions topic, keeps per partition a
+counter and the range of quarantine ids read, and one status per decided quarantine id, never the records:
+`pending` is what was quarantined and not yet decided; approved, rejected, replayed and rechecked are the
+decided ones. A quarantine id is `<input topic>-<partition>-<offset>`, and outputs keep their input's
+partition, so a decision belongs to the owner of that partition.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiokafka.errors import KafkaError
 from app import metrics
 from byzguard.config import GuardConfig
 from byzguard.review import DecisionRecord, Status, status_of
+from byzguard.routing import H_QUARANTINE_ID
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +41,22 @@ def split_quarantine_id(qid: str) -> tuple[str, int, int] | None:
 
 
 @dataclass
+class PartitionCount:
+    """What was read from one quarantine partition: how many records, and which quarantine ids they carry (per
+    original input partition, the lowest and highest original offset: a quarantine id names those)."""
+
+    records: int = 0
+    spans: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+
+@dataclass
 class BacklogCounts:
     """What one worker counts: records read per owned quarantine partition, and every decision's status."""
 
     #: quarantine topic -> route name
     routes: Mapping[str, str]
-    #: (topic, partition) -> [first offset read, next offset to read, records read]
-    read: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    #: (quarantine topic, partition) -> what was read from it
+    read: dict[tuple[str, int], PartitionCount] = field(default_factory=dict)
     #: quarantine id -> its status (decided ones only: pending is what is left)
     decided: dict[str, Status] = field(default_factory=dict)
 
@@ -54,18 +66,23 @@ class BacklogCounts:
             del self.read[gone]
         new = [tp for tp in partitions if tp not in self.read]
         for tp in new:
-            self.read[tp] = [-1, 0, 0]
+            self.read[tp] = PartitionCount()
         return new
 
-    def add_record(self, topic: str, partition: int, offset: int) -> None:
-        """Count one quarantined record read at `offset`."""
-        span = self.read.get((topic, partition))
-        if span is None:
+    def add_record(self, topic: str, partition: int, quarantine_id: str | None) -> None:
+        """Count one quarantined record (its `byzguard_quarantine_id`) read from an owned partition."""
+        count = self.read.get((topic, partition))
+        if count is None:
             return
-        if span[0] < 0:
-            span[0] = offset
-        span[1] = offset + 1
-        span[2] += 1
+        count.records += 1
+        where = split_quarantine_id(quarantine_id) if quarantine_id else None
+        if where is not None:
+            original, offset = where[:2], where[2]
+            span = count.spans.get(original)
+            if span is None:
+                count.spans[original] = [offset, offset]
+            else:
+                span[0], span[1] = min(span[0], offset), max(span[1], offset)
 
     def add_decision(self, key: bytes | None, value: bytes | None) -> None:
         """Apply one decisions-topic record (the latest history of a quarantine id wins; tombstones undo)."""
@@ -83,19 +100,22 @@ class BacklogCounts:
     def by_route(self) -> dict[str, dict[str, int]]:
         """route -> status -> records, over the owned partitions (every route and status present, 0 or more)."""
         out = {route: dict.fromkeys(STATUSES, 0) for route in sorted(set(self.routes.values()))}
-        for (topic, _), (_, _, count) in self.read.items():
-            out[self.routes[topic]][Status.PENDING.value] += count
+        ours: dict[tuple[str, int], tuple[str, list[int]]] = {}
+        for (topic, _), count in self.read.items():
+            route = self.routes[topic]
+            out[route][Status.PENDING.value] += count.records
+            for original, span in count.spans.items():
+                ours[original] = (route, span)
         for qid, status in self.decided.items():
             where = split_quarantine_id(qid)
             if where is None:
                 continue
-            topic, partition, offset = where
-            span = self.read.get((topic, partition))
-            if span is None or not span[0] <= offset < span[1]:
+            found = ours.get(where[:2])
+            if found is None or not found[1][0] <= where[2] <= found[1][1]:
                 continue  # not ours, expired from the topic, or not read yet
-            route = out[self.routes[topic]]
-            route[Status.PENDING.value] -= 1
-            route[status.value] += 1
+            counts = out[found[0]]
+            counts[Status.PENDING.value] -= 1
+            counts[status.value] += 1
         return out
 
 
@@ -119,11 +139,10 @@ class QuarantineBacklog:
         owned = {(self.inputs[tp.topic], tp.partition) for tp in assigned if tp.topic in self.inputs}
         try:
             consumer = await self._started()
-            if not self._decisions:
-                parts = consumer.partitions_for_topic(self.decisions_topic)
-                if not parts:  # created by the first review action; until then nothing is decided
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(self.decisions_topic) or set()
+            if not self._decisions:  # created by the first review action; until then nothing is decided
+                # All topics' metadata: the consumer's own covers only the topics it is assigned.
+                cluster = await consumer._client.fetch_all_metadata()
+                parts = cluster.partitions_for_topic(self.decisions_topic) or set()
                 self._decisions = [TopicPartition(self.decisions_topic, p) for p in sorted(parts)]
             new = self.counts.own(owned)
             for topic, partition in new:
@@ -147,7 +166,9 @@ class QuarantineBacklog:
                         if tp.topic == self.decisions_topic:
                             self.counts.add_decision(rec.key, rec.value)
                         else:
-                            self.counts.add_record(tp.topic, tp.partition, rec.offset)
+                            qid = next((v for k, v in rec.headers or () if k == H_QUARANTINE_ID), None)
+                            self.counts.add_record(tp.topic, tp.partition,
+                                                   qid.decode("utf-8", "replace") if qid else None)
                 for tp in list(remaining):
                     self._positions[tp] = position = await consumer.position(tp)
                     if position >= ends[tp]:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.review.store import ReviewStore
 from byzguard import config as guard_config
@@ -402,3 +404,21 @@ async def test_worker_review_api(worker_factory: WorkerFactory) -> None:
 
     verified = await collect(bootstrap, route.verified, expected=3, idle=1.0)
     assert replayed_ids(verified) == Counter({new_qid: 1})
+    # The worker's backlog gauge follows the decisions: nothing pending, one rechecked, one replayed.
+    wanted = {"pending": 0.0, "approved": 0.0, "rejected": 0.0, "rechecked": 1.0, "replayed": 1.0}
+    deadline = time.monotonic() + 45
+    while (backlog := await asyncio.to_thread(backlog_of, worker)) != wanted:
+        assert time.monotonic() < deadline, backlog
+        await asyncio.sleep(1)
+
+
+def backlog_of(worker: Any) -> dict[str, float]:
+    """byzguard_quarantine_backlog_records of a worker, by status (summed over routes)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "byzguard_quarantine_backlog_records":
+                out[sample.labels["status"]] = out.get(sample.labels["status"], 0.0) + sample.value
+    return out

@@ -22,14 +22,15 @@ def test_pending_is_quarantined_minus_decided_in_owned_partitions() -> None:
     """Pending counts records read in owned partitions that have no decision; decided ones count by status."""
     counts = BacklogCounts({"q": "prices"})
     assert sorted(counts.own({("q", 0), ("q", 1)})) == [("q", 0), ("q", 1)]
-    for offset in (3, 5, 8):
-        counts.add_record("q", 0, offset)
-    counts.add_record("q", 1, 0)
-    counts.add_record("q", 2, 0)  # not owned: not counted
-    counts.add_decision(b"q-0-5", decision("q-0-5", Action.APPROVE))
-    counts.add_decision(b"q-0-8", decision("q-0-8", Action.APPROVE, Action.REPLAYED))
-    counts.add_decision(b"q-2-0", decision("q-2-0", Action.REJECT))  # another worker's record
-    counts.add_decision(b"q-0-1", decision("q-0-1", Action.REJECT))  # before the first record read (expired)
+    for offset in (3, 5, 8):  # quarantine ids name the input record: topic "in", same partition
+        counts.add_record("q", 0, f"in-0-{offset}")
+    counts.add_record("q", 1, "in-1-0")
+    counts.add_record("q", 2, "in-2-0")  # not owned: not counted
+    counts.add_decision(b"in-0-5", decision("in-0-5", Action.APPROVE))
+    counts.add_decision(b"in-0-8", decision("in-0-8", Action.APPROVE, Action.REPLAYED))
+    counts.add_decision(b"in-2-0", decision("in-2-0", Action.REJECT))  # another worker's record
+    counts.add_decision(b"in-0-1", decision("in-0-1", Action.REJECT))  # before the first record read (expired)
+    counts.add_decision(b"in-0-9", decision("in-0-9", Action.REJECT))  # not read yet
     assert counts.by_route() == {"prices": {"pending": 2, "approved": 1, "rejected": 0, "replayed": 1,
                                             "rechecked": 0}}
 
@@ -38,10 +39,11 @@ def test_revoked_partitions_leave_the_count_and_new_ones_start_over() -> None:
     """A partition given up is no longer counted; one (re)gained is read again from its beginning."""
     counts = BacklogCounts({"q": "prices"})
     counts.own({("q", 0), ("q", 1)})
-    counts.add_record("q", 0, 0)
-    counts.add_record("q", 1, 0)
+    counts.add_record("q", 0, "in-0-0")
+    counts.add_record("q", 1, "in-1-0")
     assert counts.own({("q", 1), ("q", 2)}) == [("q", 2)]
     assert counts.by_route()["prices"]["pending"] == 1
-    counts.add_decision(b"q-1-0", decision("q-1-0", Action.REJECT))
-    counts.add_decision(b"q-1-0", None)  # a tombstone undoes the decision
+    counts.add_decision(b"in-1-0", decision("in-1-0", Action.REJECT))
+    assert counts.by_route()["prices"]["rejected"] == 1
+    counts.add_decision(b"in-1-0", None)  # a tombstone undoes the decision
     assert counts.by_route()["prices"]["pending"] == 1
