@@ -21,6 +21,7 @@ routes:
     verified_topic: out
     quarantine_topic: bad
     default_type: doc.edited
+    types: {doc.edited: {}}
     causal: {buffer: true, deadline: 10s, max_held_per_scope: 4, max_held_total: 6}
 """
 
@@ -87,7 +88,7 @@ def test_reordered_stream_comes_out_complete_and_causal(seed: int, window: int) 
         shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
     # Writers that did not read the latest state write concurrently: allowed here, to exercise real causality.
     h = Harness(CONFIG.replace("max_held_per_scope: 4, max_held_total: 6", "max_held_per_scope: 50")
-                + "    types: {doc.edited: {codes: {vclock.concurrent: off}}}\n")
+                .replace("types: {doc.edited: {}}", "types: {doc.edited: {codes: {vclock.concurrent: off}}}"))
     order = delivered_ids(h, shuffled)
     assert sorted(order) == sorted(s.event_id for s in log)
     position = {event_id: i for i, event_id in enumerate(order)}
