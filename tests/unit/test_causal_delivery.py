@@ -190,3 +190,15 @@ def test_held_event_with_a_regressed_lamport_time_is_judged_at_once() -> None:
     routed = h.feed(early.key, early.value, early.headers, now=NOW)
     assert routed.decision.outcome is Outcome.QUARANTINED
     assert "lamport.regression" in [r.code.value for r in routed.decision.reasons]
+
+
+def test_unlisted_type_is_refused_at_once_not_held() -> None:
+    """An early event of a type the route does not list is quarantined as type.unlisted when it arrives: it
+    neither waits in the buffer (nor fills it) nor expires later as causal.gap."""
+    h = Harness(CONFIG)
+    early = Stamper("b").binary({}, type="doc.deleted", subject="d", vclock=VectorClock({"a": 1, "b": 1}),
+                                lamport=False, event_id="x")
+    routed = h.feed(early.key, early.value, early.headers, now=NOW)
+    assert routed.decision.outcome is Outcome.QUARANTINED
+    assert [r.code.value for r in routed.decision.reasons] == ["type.unlisted"]
+    assert not h.state["causal"]
