@@ -25,7 +25,7 @@ from byzguard.engine import Decision, Limits, decode_failure, verify
 from byzguard.envelope import Envelope, decode
 from byzguard.routing import Headers, quarantine_headers, verified_headers
 from byzguard.state import EntityState, decode_lamport, encode_lamport
-from byzguard.verdict import Code, Outcome, Reason, Severity
+from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 ENTITIES = "entities"
 LAMPORTS = "lamports"
@@ -231,7 +231,8 @@ class Guard:
                         HeldEvent(env.id, env.source, env.vclock, now, record.to_bytes()),
                         now=now, max_held=causal.max_held_per_scope if total < causal.max_held_total else 0)
         if offered.status is Deliverability.STALE:
-            dup = Reason(Code.ID_DUPLICATE, f"event {env.id!r} is already held for its dependencies", Severity.WARN)
+            dup = Reason(Code.ID_DUPLICATE, f"event {quote(env.id)} is already held for its dependencies",
+                         Severity.WARN)
             self._emit(tx, record, route, Decision(Outcome.DUPLICATE, (dup,)), env, now)
             return True
         if offered.status is Deliverability.INVALID:
