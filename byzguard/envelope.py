@@ -44,6 +44,8 @@ MODE_STRUCTURED = "structured"
 MODE_SEED = "seed"
 
 MAX_INT = 2**63 - 1
+# CloudEvents attributes that none of the seed's shapes has at its top level.
+_CE_ONLY_ATTRIBUTES = ("id", "type", "subject", "time", "datacontenttype")
 
 
 class Envelope:
@@ -150,10 +152,11 @@ def decode(
         unambiguous(value, obj, "value")
         if "specversion" in obj:
             return _decode_structured(key, value, obj, hdrs, default_type)
-        if "type" in obj:  # a CloudEvents attribute, in none of the seed's shapes
-            raise DecodeFailure(Code.DECODE_MALFORMED, "required attribute missing: specversion (the object has "
-                                "CloudEvents attributes such as type; structured mode needs \"specversion\": "
-                                "\"1.0\")")
+        attributes = [name for name in _CE_ONLY_ATTRIBUTES if name in obj]
+        if attributes:  # a structured event without its specversion: not to be read as one of the seed's shapes
+            raise DecodeFailure(Code.DECODE_MALFORMED, "required attribute missing: specversion (the object has the "
+                                f"CloudEvents attributes {', '.join(attributes)}; structured mode needs "
+                                '"specversion": "1.0")')
         return _decode_seed(key, value, obj, hdrs, default_type)
     except DecodeFailure as failure:
         return failure.code, failure.detail

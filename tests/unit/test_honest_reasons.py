@@ -72,6 +72,10 @@ def test_structured_event_without_specversion_says_so() -> None:
     code, detail = decode(b"sku-1", value, [])  # type: ignore[misc]
     assert code is Code.DECODE_MALFORMED
     assert "specversion" in detail and "no event type" not in detail
+    assert "id, type, subject" in detail
+    typeless = orjson.dumps({"id": "e1", "source": "pricing", "data": {"price": 5}, "checksum": "00"})
+    code, detail = decode(b"sku-1", typeless, [], default_type="price.updated")  # type: ignore[misc]
+    assert (code, "specversion" in detail) == (Code.DECODE_MALFORMED, True)
 
 
 def test_no_reason_shows_python_none(harness: Harness) -> None:
