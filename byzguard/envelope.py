@@ -186,19 +186,26 @@ def unambiguous(text: bytes, parsed: Any, where: str) -> None:
     counts (orjson and Python keep the last, others the first), so what byzguard checks may not be what a
     consumer reads.
 
-    orjson cannot report duplicates, so a cheap necessary condition runs first: every ':' of JSON text
-    separates a member or sits in a string, and orjson writes the parsed value back with one ':' per member it
-    kept and the same ones in strings (it never escapes ':'). When the text has no more ':' than that (counting
-    each `\u003a` escape on the text's side), no member was dropped. Otherwise json's object_pairs_hook decides.
+    orjson cannot report duplicates, so cheap sufficient conditions for "no repeat" come first:
+    - orjson writes the parsed value back byte for byte (compact JSON as orjson, JSON.stringify and most
+      producers write it): text that is the serialization of the parsed value has no member it dropped;
+    - every ':' of JSON text separates a member or sits in a string, and orjson's serialization has one ':'
+      per member kept and the same ones in strings (it never escapes ':'): when the text has no more ':' than
+      that (counting each `\\u003a` escape on the text's side), no member was dropped.
+    Only when both fail (a repeat, or an unusual escape) does json's object_pairs_hook decide.
     """
-    colons = text.count(b":")
-    if colons == 0:
+    try:
+        written = orjson.dumps(parsed)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper): the exact check decides
+        written = b""
+    if written == text:
         return
+    colons = text.count(b":")
     if b"\\" in text:
         colons += text.count(b"\\u003a") + text.count(b"\\u003A")
+    if written and colons == written.count(b":"):
+        return
     try:
-        if colons == orjson.dumps(parsed).count(b":"):
-            return
         json.loads(text, object_pairs_hook=_refuse_duplicates)
     except _DuplicateKey as dup:
         raise DecodeFailure(Code.DECODE_AMBIGUOUS, f"{where}: an object has the key {quote(dup.key)} more than "

@@ -126,3 +126,14 @@ def test_the_exact_check_agrees_with_json_on_random_documents() -> None:
             refused = True
         assert refused == expected, text
     assert min(seen.values()) > 100, seen
+
+
+def test_json_nested_deeper_than_orjson_writes_is_still_checked() -> None:
+    """Data nested 400 deep (orjson reads it but will not write it back) passes clean and is refused with a
+    repeat at the bottom."""
+    clean = b'{"a":' * 400 + b'{"x":1}' + b"}" * 400
+    unambiguous(clean, orjson.loads(clean), "data")
+    with pytest.raises(DecodeFailure) as err:
+        repeated = b'{"a":' * 400 + b'{"x":1,"x":2}' + b"}" * 400
+        unambiguous(repeated, orjson.loads(repeated), "data")
+    assert err.value.code is Code.DECODE_AMBIGUOUS
