@@ -126,7 +126,8 @@ def verify(
     if reasons.items and any(r.code in _UNTRUSTED and r.severity is _REJECT for r in reasons.items):
         return _conclude(env, policy, reasons, None, None, now, limits, update=False)
     if env.refused is not None:  # declared JSON that is not JSON, or not unambiguous: whatever the policy
-        return decode_failure(*env.refused)
+        code, detail = env.refused
+        return Decision(_QUARANTINED, (*reasons.items, Reason(code, detail, _REJECT)))
 
     if entity is not None:
         duplicates = policy.level(_ID_DUPLICATE) is not _OFF

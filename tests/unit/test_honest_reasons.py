@@ -111,3 +111,15 @@ def test_quote_bounds_every_kind_of_value() -> None:
     for value in ("y" * 10_000, b"y" * 10_000, ["y" * 50] * 50):
         text = quote(value)
         assert len(text) == QUOTE_LIMIT and text.endswith("…")
+
+
+def test_declared_json_that_is_not_json_keeps_the_warnings_found_before() -> None:
+    """On a route that passes unlisted types with a warning, false JSON is quarantined (whatever the policy)
+    with both reasons: the type warning and decode.malformed."""
+    h = Harness(NO_RULES.replace("    types:\n      price.updated: {}\n", "    unlisted_types: warn\n    "
+                                 "policy: fail_open\n"))
+    value, headers = not_json(b"{oops")
+    routed = h.feed(b"sku-1", value, headers, now=NOW)
+    assert routed.decision.outcome is Outcome.QUARANTINED
+    assert [(r.code, r.severity.value) for r in routed.decision.reasons] == [
+        (Code.TYPE_UNLISTED, "warn"), (Code.DECODE_MALFORMED, "reject")]
