@@ -484,10 +484,15 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_yaml(text: str) -> Any:
+    """Configuration text as plain data, as yaml.safe_load gives it, except that a repeated key is a YAMLError."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects from the file
+
+
 def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None) -> GuardConfig:
     """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault."""
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects from the file
+        raw = read_yaml(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except _DuplicateKeyError as exc:
         raise ConfigError(f"{source_path}:{exc.line}: duplicate key {exc.key!r} (first at line {exc.first}); "
