@@ -16,6 +16,7 @@ from app.cli_quarantine import quarantine_cli
 from app.demo import demo_command
 from byzguard import config as guard_config
 from byzguard.errors import ConfigError
+from byzguard.verdict import Code
 
 cli = typer.Typer(help="byzguard: guard inter-service Kafka events against Byzantine failures.",
                   no_args_is_help=True, add_completion=False)
@@ -110,8 +111,9 @@ def config_check(path: Path) -> None:
     """Validate a configuration file and print its routes; exit 2 with file:line when it is wrong."""
     cfg = _load_config(path)
     for route in cfg.routes:
-        types = ", ".join(sorted(route.types)) or "(defaults only)"
-        console.print(f"route {route.name}: inputs {list(route.inputs)}; types {types}")
+        types = ", ".join(sorted(route.types)) or "(none listed)"
+        unlisted = route.fallback.level(Code.TYPE_UNLISTED).value  # the allow-list: reject, or warn by opt-in
+        console.print(f"route {route.name}: inputs {list(route.inputs)}; types {types}; unlisted types: {unlisted}")
     console.print("[green]configuration OK[/]")
 
 

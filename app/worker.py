@@ -55,6 +55,12 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "web_port": settings.web_port,
         "web_enabled": True,
         "web_in_thread": False,
+        # faust's /table/<table>/<key>/ views serve raw table state to anyone; byzguard serves entity state
+        # only through its own views (/entities/..., /review/api/... with a token). Its stats and graph views
+        # stay off too (they follow `debug` otherwise).
+        "web_tables_enabled": False,
+        "web_stats_enabled": False,
+        "web_graph_enabled": False,
         "topic_replication_factor": 1,
         "topic_allow_declare": True,
         "consumer_auto_offset_reset": "earliest",

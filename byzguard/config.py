@@ -101,7 +101,8 @@ class TypeModel(_Model):
     @field_validator("codes")
     @classmethod
     def _known_codes(cls, value: dict[str, Severity]) -> dict[str, Severity]:
-        known = {c.value for c in Code if c.value.split(".")[0] != "decode"}
+        # decode failures always reject; type.unlisted follows the route's `unlisted_types` alone.
+        known = {c.value for c in Code if c.value.split(".")[0] != "decode" and c is not Code.TYPE_UNLISTED}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown code(s) {unknown}; known: {sorted(known)}")
@@ -132,8 +133,23 @@ class RouteModel(_Model):
     require_checksum: bool = False
     policy: Policy = Policy.FAIL_CLOSED
     types: dict[str, TypeModel] = Field(default_factory=dict)
+    # Types are an allow-list: a type not under `types` is refused (type.unlisted), unless the route opts in
+    # to passing it with a warning. Neither a check's nor a code's severity loosens this.
+    unlisted_types: Literal["reject", "warn"] = "reject"
     causal: CausalModel = Field(default_factory=CausalModel)
     receipts_topic: str | None = None
+
+    @model_validator(mode="after")
+    def _allow_list(self) -> RouteModel:
+        if self.unlisted_types == "reject":
+            if not self.types:
+                raise ValueError(f"route {self.name!r} lists no types, so it would refuse every event "
+                                 "(type.unlisted): list its event types under `types`, or set "
+                                 "`unlisted_types: warn` to pass any type with a warning")
+            if self.default_type and self.default_type not in self.types:
+                raise ValueError(f"route {self.name!r}: default_type {self.default_type!r} is not listed under "
+                                 f"types (listed: {sorted(self.types)})")
+        return self
 
 
 class KeyModel(_Model):
@@ -275,6 +291,8 @@ class TypePolicy:
     key_ids: frozenset[str] | None
     require_checksum: bool
     rules: RuleSet
+    #: False for the route's fallback policy, which judges the types the route does not list (type.unlisted).
+    listed: bool = True
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
@@ -297,7 +315,7 @@ class Route:
     receipts_topic: str | None = None
 
     def policy_for(self, event_type: str) -> TypePolicy:
-        """The policy of an event type, or the route's default for types it does not list."""
+        """The policy of an event type, or the route's fallback for types it does not list (type.unlisted)."""
         return self.types.get(event_type, self.fallback)
 
 
@@ -343,6 +361,9 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         family = code.value.split(".", 1)[0]
         if family == "decode":
             continue
+        if code is Code.TYPE_UNLISTED:
+            severity[code] = Severity(route.unlisted_types)  # only the route's own opt-in loosens it
+            continue
         level = DEFAULT_CODE_SEVERITY.get(code, Severity.REJECT)
         check_level = checks.get(CHECK_OF_FAMILY[family])
         if check_level is not None:
@@ -362,6 +383,7 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         key_ids=frozenset(key_ids) if key_ids is not None else None,
         require_checksum=route.require_checksum or bool(key_ids),
         rules=compile_rules(specs),
+        listed=own is not None,
     )
 
 
@@ -433,11 +455,48 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} (first at line {first})")
+        self.key = key
+        self.line = line
+        self.first = first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: PyYAML keeps the last
+    silently, so a second `routes:` would replace the first and leave its topics unguarded."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are meant to be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise _DuplicateKeyError(key, line, first)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """Configuration text as plain data, as yaml.safe_load gives it, except that a repeated key is a YAMLError."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects from the file
+
+
 def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None) -> GuardConfig:
     """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault."""
     try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
+        raw = read_yaml(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{source_path}:{exc.line}: duplicate key {exc.key!r} (first at line {exc.first}); "
+                          "YAML would silently keep only the last one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source_path}: not valid YAML: {exc}") from exc
     try:

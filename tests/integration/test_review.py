@@ -45,6 +45,7 @@ routes:
     quarantine_topic: {quarantine}
     partitions: 2
     default_type: price.updated
+    types: {{price.updated: {{}}}}
 """
 
 

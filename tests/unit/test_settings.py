@@ -57,7 +57,8 @@ def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.Mon
     from byzguard.config import load
 
     config = tmp_path / "byzguard.yaml"
-    config.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad}\n")
+    config.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                      "      types: {t: {}}}\n")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_WRITE_BUFFER_MB", "2")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_BLOCK_CACHE_MB", "16")
     built = build_app(Settings(data_dir=tmp_path / "data"), load(config), "127.0.0.1:9092")

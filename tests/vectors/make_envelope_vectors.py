@@ -100,6 +100,13 @@ def main() -> None:
     add("key-mismatch", "record key differs from ce_subject", b"sku-2", good.value, good.headers)
     add("malformed", "not JSON and no ce_ headers", b"sku-1", b"\x00\x01garbage", [])
     add("unsupported", "JSON that is no known shape", b"sku-1", b'{"hello":"world"}', [])
+    add("type-unlisted", "a type the route does not list (types are an allow-list)", *_parts(s.binary(
+        DATA, type="price.updatedd", subject="sku-1", **fixed)))  # type: ignore[arg-type]
+    add("ambiguous", "binary JSON data that repeats a key: parsers disagree on which value counts", *_parts(s.binary(
+        b'{"productId":"sku-1","price":-1,"price":49.99}', type="price.updated", subject="sku-1",
+        **fixed)))  # type: ignore[arg-type]
+    add("declared-json-not-json", "content-type application/json, bytes that are not JSON", *_parts(s.binary(
+        b"price=49.99", type="price.updated", subject="sku-1", **fixed)))  # type: ignore[arg-type]
     replica = Stamper("pricing", lamport=1_799_999_940_000_000, clock=None, instance="pricing-7f9c2")
     add("lamport-instance", "a hybrid logical clock (microseconds) under a producer instance id: one writer of "
         "several under source pricing", *_parts(replica.binary(DATA, type="price.updated", subject="sku-1",
