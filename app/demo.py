@@ -32,7 +32,6 @@ from typing import IO, Annotated, Any
 
 import orjson
 import typer
-import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -162,19 +161,11 @@ def service_keys(config: GuardConfig) -> dict[str, Key]:
 
 
 def ensure_demo_secrets(config_path: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
-    """Give every MAC key of the configuration whose secret env var is unset a random secret (local mode only:
-    the worker child and the demo's producers share it through the environment); returns the names set."""
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []  # the configuration check reports it properly
-    names = []
-    for spec in (raw.get("keys") or {}).values():
-        name = spec.get("secret_env") if isinstance(spec, dict) else None
-        if name and not environ.get(name):
-            environ[name] = secrets.token_hex(24)
-            names.append(name)
-    return names
+    """Give every MAC key of the configuration whose secret env var is unset its local-mode secret (kept in the
+    cache, made up the first time: app/local_secrets.py); returns the names made up now."""
+    from app.local_secrets import use_local_secrets
+
+    return use_local_secrets(config_path, environ)[0]
 
 
 def order_audits(config: GuardConfig) -> list[AuditRule]:
@@ -772,10 +763,14 @@ def _follow(child: WorkerProcess, console: Console) -> None:
 
 def announce_demo_secrets(config_path: Path, console: Console) -> None:
     """Local mode: make up the MAC key secrets that are not set, and say so."""
-    names = ensure_demo_secrets(config_path)
-    if names:
-        console.print(f"[yellow]local mode: {', '.join(names)} not set; using random secrets for this run "
-                      f"(set them to keep keys across runs)[/]")
+    from app.local_secrets import CACHE, use_local_secrets
+
+    made, reused = use_local_secrets(config_path)
+    if made:
+        console.print(f"[yellow]local mode: {', '.join(made)} not set; made up random secrets, kept in {CACHE} "
+                      f"for the next runs and tools (set the variables to use your own)[/]")
+    if reused:
+        console.print(f"[yellow]local mode: {', '.join(reused)} not set; using the secrets kept in {CACHE}[/]")
 
 
 def run_local(settings: Any, config: GuardConfig, bootstrap: str) -> int:
@@ -810,15 +805,15 @@ def demo_command(
     of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
     an event lost."""
     from app.localkafka import ensure_running
-    from app.settings import Settings
+    from app.settings import settings_or_exit
     from byzguard.config import load
     from byzguard.errors import ConfigError
 
     console = Console()
     if worker not in ("auto", "start", "none"):
         raise typer.BadParameter("--worker must be auto, start or none")
-    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = settings_or_exit({"config": config, "broker": broker},
+                                option_names={"config": "--config", "broker": "--broker"})
     if not settings.broker:
         announce_demo_secrets(settings.config, console)
     try:

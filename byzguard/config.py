@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from byzguard.audit import AuditRule, AuditSide, FieldPath, Require
-from byzguard.errors import ConfigError, RuleCompileError
+from byzguard.errors import ConfigError, KeyRingError, RuleCompileError
 from byzguard.integrity import KeyRing
 from byzguard.rules import RuleSet, RuleSpec, compile_rules
 from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
@@ -365,12 +365,27 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
     )
 
 
-def build(model: FileModel, *, source_path: str = "<memory>",
-          environ: Mapping[str, str] | None = None) -> GuardConfig:
+def _load_keys(model: FileModel, environ: Mapping[str, str] | None, require_secrets: bool) -> KeyRing:
+    """The key ring; without require_secrets, keys whose secret is not available here are left out (for tools that
+    read or check and verify no MAC: the review CLI, `config check`, audits)."""
+    specs = {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}
+    if require_secrets:
+        return KeyRing.load(specs, environ)
+    available = {}
+    for kid, spec in specs.items():
+        try:
+            key = KeyRing.load({kid: spec}, environ).get(kid)
+        except KeyRingError:
+            continue
+        if key is not None:
+            available[kid] = key
+    return KeyRing(available)
+
+
+def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None,
+          require_secrets: bool = True) -> GuardConfig:
     """Compile a validated file model: resolve layers, compile rules, load keys."""
-    keyring = KeyRing.load(
-        {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}, environ
-    )
+    keyring = _load_keys(model, environ, require_secrets)
     routes = []
     for route in model.routes:
         types = {}
@@ -433,8 +448,10 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None) -> GuardConfig:
-    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault."""
+def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None,
+          require_secrets: bool = True) -> GuardConfig:
+    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault.
+    require_secrets=False: MAC keys whose secret is not available are left out of the key ring, not refused."""
     try:
         raw = yaml.safe_load(text)
         root = yaml.compose(text)
@@ -452,18 +469,18 @@ def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str
             lines.append(f"{where}: {path}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     try:
-        return build(model, source_path=source_path, environ=environ)
+        return build(model, source_path=source_path, environ=environ, require_secrets=require_secrets)
     except RuleCompileError:
         raise
     except ConfigError as exc:
         raise type(exc)(f"{source_path}: {exc}") from exc
 
 
-def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GuardConfig:
-    """Load and validate a configuration file."""
+def load(path: str | Path, *, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> GuardConfig:
+    """Load and validate a configuration file (see loads for require_secrets)."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the configuration: {exc}") from exc
-    return loads(text, source_path=str(p), environ=environ)
+    return loads(text, source_path=str(p), environ=environ, require_secrets=require_secrets)
