@@ -188,5 +188,5 @@ def settings_or_exit(options: Mapping[str, Any] | None = None, *, option_names: 
     except SettingsError as exc:
         console = Console(stderr=True)
         for line in exc.problems:
-            console.print(f"[bold red]setting refused[/]: {escape(line)}")
+            console.print(f"[bold red]setting refused[/]: {escape(line)}", soft_wrap=True)
         raise typer.Exit(exit_code) from None

@@ -463,6 +463,21 @@ async def test_worker_review_api(worker_factory: WorkerFactory) -> None:
         assert listed["counts"]["reason"] == {"version.regression": 1}
 
         assert (await get("/records", headers={}))[0] == 401
+        # Bad request bodies and parameters are a 400 that says what is wrong, and nothing is done.
+        for body, says in (({"action": "reject", "ids": 5}, "ids must be a list"),
+                           ({"action": "reject", "filter": {}, "expected": "abc"}, "expected must be"),
+                           ({"action": "reject", "filter": []}, "filter must be a JSON object"),
+                           ({"action": "reject", "filter": {"colour": "red"}}, "unknown filter field"),
+                           ({"action": "reject", "ids": [qid], "note": {"x": 1}}, "note must be a string")):
+            status, problem = await post("/bulk", body)
+            assert (status, says in str(problem)) == (400, True), (body, status, problem)
+        status, problem = await post("/replay", {"ids": "all"})
+        assert status == 400 and "ids must be a list" in str(problem)
+        status, problem = await post(f"/records/{qid}/approve", {"replay": "yes"})
+        assert status == 400 and "replay must be true or false" in str(problem)
+        assert (await get("/records?limit=lots"))[0] == 400
+        paged = (await get("/records?limit=1&offset=1"))[1]
+        assert (paged["offset"], paged["limit"], len(paged["records"])) == (1, 1, 0)
         for headers in ({}, {"Authorization": "Bearer wrong", "X-Byzguard-Reviewer": "eve"},
                         {"Authorization": "Bearer s3cret"}):
             status, body = await post(f"/records/{qid}/approve", {}, headers=headers)
