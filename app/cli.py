@@ -69,7 +69,7 @@ def run(
 def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str) -> None:
     import asyncio
 
-    from faust.worker import Worker
+    from faust.worker import Worker as FaustWorker
 
     from app import eos
     from app.memory import fix_mmap_threshold
@@ -92,6 +92,11 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
+    class Worker(FaustWorker):  # type: ignore[misc]  # named as faust's: its log lines say "[^Worker]: Ready"
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written
+
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
     with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
                                    description="seconds without heartbeats before the group gives a worker's "
                                    "partitions to another (heartbeats every tenth of it)")
     log_level: str = "info"
+    # faust warns (as a bug) when a partition that is processing events has not committed for this long.
+    livelock_timeout: float = Field(default=300.0, gt=0, le=86_400, description="seconds a partition may process "
+                                    "events without a commit before the worker logs it")
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
     # RocksDB keeps one database per table partition; faust's defaults (64 MB write buffers, a 2 GB block
     # cache, each per database) let a worker with a million entities grow past 400 MB of RSS.
