@@ -59,11 +59,22 @@ def run(
 
         console.print("[cyan]no broker configured (BYZGUARD_BROKER): starting the local Kafka broker...[/]")
         bootstrap = ensure_running()
-        if demo:
-            from app.demo import run_local
+        try:
+            if demo:
+                from app.demo import run_local
 
-            raise typer.Exit(run_local(settings, cfg, bootstrap))
+                raise typer.Exit(run_local(settings, cfg, bootstrap))
+            _run_worker(settings, cfg, bootstrap)
+        finally:
+            say_local_broker_runs(bootstrap)
+        return
     _run_worker(settings, cfg, bootstrap)
+
+
+def say_local_broker_runs(bootstrap: str) -> None:
+    """After the worker stopped: the local broker it used keeps running (for the next run); say how to stop it."""
+    console.print(f"[cyan]the local Kafka broker keeps running at {bootstrap}[/] (the next run reuses it); stop it "
+                  "with [bold]make broker-stop[/] or [bold]python -m app.localkafka stop[/]")
 
 
 def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str) -> None:

@@ -35,6 +35,7 @@ import typer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
@@ -620,6 +621,10 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
     table = Table(title=f"byzguard demo {result.run_id}: {len(result.labels)} events in {result.send_seconds:.1f} s "
                         f"({len(result.labels) / max(result.send_seconds, 1e-9):.0f}/s), scored after "
                         f"{result.seconds:.1f} s", title_justify="left")
+    if console.width < NARROW:
+        console.print(_narrow_table(result, table.title))
+        _render_summary(result, where, console)
+        return
     story = console.width >= 150  # the catalogue's words need room; narrow terminals get the numbers
     columns = [("fault class", "left"), ("what happened", "left"), ("injected", "right"), ("expected", "left"),
                ("caught", "right"), ("other code", "right"), ("missed", "right"), ("lost", "right"),
@@ -653,6 +658,48 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
         f"{clean.fates[Fate.PASSED]} passed", _red(clean.fates[Fate.FALSE_POSITIVE], " FP"), "",
         _red(clean.fates[Fate.UNACCOUNTED]), ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3)))
     console.print(table)
+    _render_summary(result, where, console)
+
+
+NARROW = 120  # below this width the table folds what it expected and saw into one column
+
+
+def _narrow_table(result: DemoResult, title: Any) -> Table:
+    """The score for a narrow terminal (80 columns): the numbers in short columns, the codes expected and seen
+    folded into the last one, so no cell is cut."""
+    report = result.report
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("fault class", no_wrap=True)
+    for name in ("caught", "other", "missed", "lost"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("expected / seen", overflow="fold")
+    for fault in FaultClass:
+        row = report.rows[fault.value]
+        spec = SPECS[fault]
+        seen = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
+        if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
+            caught = "pending" if result.audit.startswith("pending") else "n/a"
+            expected, missed = f"audit: {result.audit}", f"{row.fates[Fate.PASSED]} passed"
+        else:
+            caught = f"[{'green' if row.caught == row.sent else 'red'}]{row.caught}/{row.sent}[/]"
+            expected = f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}"
+            missed = _red(row.fates[Fate.MISSED]) or "0"
+        lost = " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP"))
+                        if x)
+        table.add_row(fault.value, caught, str(row.fates[Fate.OTHER_CODE] or ""), missed, lost,
+                      expected + (f"\nseen: {seen}" if seen else ""))
+    clean = report.clean
+    table.add_section()
+    seen = ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3))
+    table.add_row("[bold]clean", f"{clean.fates[Fate.PASSED]}/{clean.sent}",
+                  _red(clean.fates[Fate.FALSE_POSITIVE], " FP"), "", _red(clean.fates[Fate.UNACCOUNTED]),
+                  "pass" + (f"\nseen: {seen}" if seen else ""))
+    return table
+
+
+def _render_summary(result: DemoResult, where: Where, console: Console) -> None:
+    report = result.report
+    clean = report.clean
     fp = report.false_positives()
     unaccounted = report.unaccounted()
     summary = [
