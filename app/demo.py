@@ -637,21 +637,9 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
         table.add_row(*(c for i, c in enumerate(cells) if i != 1 or story))
 
     for fault in FaultClass:
-        row = report.rows[fault.value]
-        spec = SPECS[fault]
-        codes = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
-        if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
-            caught = "pending" if result.audit.startswith("pending") else "n/a"
-            expected = f"audit: {result.audit}"
-            missed = f"{row.fates[Fate.PASSED]} passed"
-        else:
-            style = "green" if row.caught == row.sent else "red"
-            caught = f"[{style}]{row.caught}/{row.sent}[/]"
-            expected = f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}"
-            missed = _red(row.fates[Fate.MISSED]) or "0"
-        add(fault.value, spec.story, str(row.sent), expected, caught, str(row.fates[Fate.OTHER_CODE] or ""), missed,
-            " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP")) if x),
-            codes)
+        c = _cells(result, fault)
+        add(fault.value, SPECS[fault].story, str(report.rows[fault.value].sent), c.expected, c.caught, c.other,
+            c.missed, c.lost, c.seen)
     clean = report.clean
     table.add_section()
     add("[bold]clean", "correct events of the four services", str(clean.sent), "pass",
@@ -659,6 +647,30 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
         _red(clean.fates[Fate.UNACCOUNTED]), ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3)))
     console.print(table)
     _render_summary(result, where, console)
+
+
+@dataclass(frozen=True)
+class _Cells:
+    caught: str
+    expected: str
+    other: str
+    missed: str
+    lost: str
+    seen: str
+
+
+def _cells(result: DemoResult, fault: FaultClass) -> _Cells:
+    """The table's cells for one fault class (both layouts)."""
+    row, spec = result.report.rows[fault.value], SPECS[fault]
+    seen = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
+    lost = " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP")) if x)
+    other = str(row.fates[Fate.OTHER_CODE] or "")
+    if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
+        return _Cells("pending" if result.audit.startswith("pending") else "n/a", f"audit: {result.audit}", other,
+                      f"{row.fates[Fate.PASSED]} passed", lost, seen)
+    return _Cells(f"[{'green' if row.caught == row.sent else 'red'}]{row.caught}/{row.sent}[/]",
+                  f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}", other,
+                  _red(row.fates[Fate.MISSED]) or "0", lost, seen)
 
 
 NARROW = 120  # below this width the table folds what it expected and saw into one column
@@ -674,20 +686,9 @@ def _narrow_table(result: DemoResult, title: Any) -> Table:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("expected / seen", overflow="fold")
     for fault in FaultClass:
-        row = report.rows[fault.value]
-        spec = SPECS[fault]
-        seen = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
-        if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
-            caught = "pending" if result.audit.startswith("pending") else "n/a"
-            expected, missed = f"audit: {result.audit}", f"{row.fates[Fate.PASSED]} passed"
-        else:
-            caught = f"[{'green' if row.caught == row.sent else 'red'}]{row.caught}/{row.sent}[/]"
-            expected = f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}"
-            missed = _red(row.fates[Fate.MISSED]) or "0"
-        lost = " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP"))
-                        if x)
-        table.add_row(fault.value, caught, str(row.fates[Fate.OTHER_CODE] or ""), missed, lost,
-                      expected + (f"\nseen: {seen}" if seen else ""))
+        c = _cells(result, fault)
+        table.add_row(fault.value, c.caught, c.other, c.missed, c.lost, c.expected + (f"\nseen: {c.seen}" if c.seen
+                                                                                       else ""))
     clean = report.clean
     table.add_section()
     seen = ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3))
