@@ -585,30 +585,41 @@ def authenticate(authorization: str | None, *, claimed_reviewer: str | None, sha
 MAX_DEPTH = 32
 MAX_ITEMS = 200
 MAX_TEXT = 4000
+MAX_NODES = 20_000  # values in all: what one detail view shows at most
 CUT = "\u2026"  # the marker's first character: an ellipsis
 
 
-def bounded(value: Any, *, depth: int = MAX_DEPTH, items: int = MAX_ITEMS, text: int = MAX_TEXT) -> Any:
-    """A JSON value cut to fit any view: containers below `depth` levels, beyond `items` entries and strings
-    beyond `text` characters are replaced or shortened, with a marker saying what was left out."""
-    if isinstance(value, str):
-        return value if len(value) <= text else f"{value[:text]}{CUT}({len(value) - text} more characters)"
-    if isinstance(value, dict):
+def bounded(value: Any, *, depth: int = MAX_DEPTH, items: int = MAX_ITEMS, text: int = MAX_TEXT,
+            nodes: int = MAX_NODES) -> Any:
+    """A JSON value cut to fit any view: containers below `depth` levels, beyond `items` entries or past `nodes`
+    values in all, and strings beyond `text` characters are replaced or shortened, with a marker saying what was
+    left out."""
+    budget = [nodes]
+
+    def cut(value: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if isinstance(value, str):
+            return value if len(value) <= text else f"{value[:text]}{CUT}({len(value) - text} more characters)"
+        if not isinstance(value, (dict, list, tuple)):
+            return value
+        kind = f"an object of {len(value)} entries" if isinstance(value, dict) else f"a list of {len(value)} items"
         if depth <= 0:
-            return f"{CUT}(an object of {len(value)} entries nested deeper than {MAX_DEPTH} levels)"
-        out = {bounded(str(k), depth=0, items=items, text=text): bounded(v, depth=depth - 1, items=items, text=text)
-               for k, v in list(value.items())[:items]}
+            return f"{CUT}({kind} nested deeper than {MAX_DEPTH} levels)"
+        if budget[0] <= 0:
+            return f"{CUT}({kind} left out: the record is too large to show whole)"
+        if isinstance(value, dict):
+            out = {}
+            for k, v in list(value.items())[:items]:
+                out[cut(str(k), 0)] = cut(v, depth - 1)
+            if len(value) > items:
+                out[CUT] = f"({len(value) - items} more entries)"
+            return out
+        shown = [cut(v, depth - 1) for v in value[:items]]
         if len(value) > items:
-            out[CUT] = f"({len(value) - items} more entries)"
-        return out
-    if isinstance(value, (list, tuple)):
-        if depth <= 0:
-            return f"{CUT}(a list of {len(value)} items nested deeper than {MAX_DEPTH} levels)"
-        cut = [bounded(v, depth=depth - 1, items=items, text=text) for v in value[:items]]
-        if len(value) > items:
-            cut.append(f"{CUT}({len(value) - items} more items)")
-        return cut
-    return value
+            shown.append(f"{CUT}({len(value) - items} more items)")
+        return shown
+
+    return cut(value, depth)
 
 
 def _header_text(raw: bytes) -> str:
