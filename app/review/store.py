@@ -465,14 +465,22 @@ class ReviewStore:
         if action not in (Action.APPROVE, Action.REJECT, Action.RECHECK):
             raise ValueError(f"{action} is not a review action")
 
+        # A bulk action writes DECIDE_CHUNK records per transaction: when an attempt fails after some of them
+        # committed, the next one skips what is done (it is in `applied`), and the report says what happened.
+        report = ActionReport(action.value)
+
         async def attempt() -> ActionReport:
-            report = ActionReport(action.value)
+            report.unchanged.clear()
+            report.refused.clear()
+            done = set(report.applied)
             async with self._exclusive() as producer:
                 found: set[str] = set()
                 todo: list[ReviewItem] = []
                 async with contextlib.aclosing(self.scan(selection)) as items:
                     async for item in items:
                         found.add(item.record.quarantine_id)
+                        if item.record.quarantine_id in done:
+                            continue
                         verdict, why = plan(item.status, action)
                         if verdict is Plan.REFUSED:
                             report.refused.append((item.record.quarantine_id, why))
@@ -489,8 +497,8 @@ class ReviewStore:
                     report.refused.append((qid, "no such quarantine id (or it does not match the filter)"))
             return report
 
-        report: ActionReport = await self._fenced_retry(action.value, attempt)
-        return report
+        result: ActionReport = await self._fenced_retry(action.value, attempt)
+        return result
 
     async def _decide_chunk(self, producer: AIOKafkaProducer, todo: Sequence[ReviewItem], action: Action,
                             reviewer: str, note: str, report: ActionReport, progress: Progress | None) -> None:

@@ -262,7 +262,8 @@ async def test_concurrent_replays_deliver_each_approved_record_once(deployment: 
 async def test_pages_are_newest_first_and_the_store_keeps_no_records(deployment: Deployment,
                                                                       store: ReviewStore) -> None:
     """Paging walks the matching records newest first with the total and counts of all, and a list holds no records:
-    memory retained after a list of 1,000 records of 8 KB is small, and its peak is a fraction of their size."""
+    memory retained after a list of 1,000 records of 8 KB is small, and its peak is a fraction of their size; a
+    bulk action over all of them decides each once."""
     import tracemalloc
 
     qids = await quarantine(deployment, 1000, pad=8_000)
@@ -287,6 +288,11 @@ async def test_pages_are_newest_first_and_the_store_keeps_no_records(deployment:
     one = await store.find(qids[123])
     assert one is not None and one.record.quarantine_id == qids[123]
     assert await store.find(f"{deployment.input}-0-99999") is None
+    # A bulk action over more records than one transaction takes (DECIDE_CHUNK) decides each once.
+    report = await store.decide(ReviewFilter(), Action.REJECT, reviewer="alice", note="bulk")
+    assert sorted(report.applied) == sorted(qids) and not report.refused
+    rejected = await store.page(ReviewFilter(status=frozenset({Status.REJECTED})), limit=0)
+    assert rejected.total == 1000
 
 
 # --------------------------------------------------------------------------- the CLI
