@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -301,8 +302,9 @@ async def test_pages_are_newest_first_and_the_store_keeps_no_records(deployment:
 HOSTILE = "\x1b[2J\x1b]0;owned\x07\x9b31m[/x][bold]"
 
 
-async def quarantine_hostile(dep: Deployment, depth: int = 300) -> str:
-    """One quarantined record with markup and escape sequences in its attributes and data `depth` levels deep."""
+async def quarantine_hostile(dep: Any, depth: int = 300) -> str:
+    """One quarantined record with markup and escape sequences in its attributes and data `depth` levels deep
+    (`dep`: anything with bootstrap, input and quarantine topic names)."""
     headers = [("ce_specversion", b"1.0"), ("ce_id", b"e-1"), ("ce_source", b"[/x]"), ("ce_type", HOSTILE.encode()),
                ("ce_subject", HOSTILE.encode()), ("content-type", b"application/json")]
     hdrs = quarantine_headers(headers, Outcome.QUARANTINED, [Reason(Code.DECODE_MALFORMED, HOSTILE)], "prices",
@@ -502,6 +504,14 @@ async def test_worker_review_api(worker_factory: WorkerFactory) -> None:
         new_qid = next(r["quarantine_id"] for r in again["records"] if r["recheck_of"] == qid)
         assert new_qid == body["delivered"][0]["to"], "the new quarantine record links back to the old one"
         assert (await get(f"/records/{qid}"))[1]["rechecked_as"] == new_qid
+
+        # A record nested 300 levels deep, with markup and escape sequences, is listed and shown (cut), not a 500.
+        hostile = await quarantine_hostile(SimpleNamespace(bootstrap=bootstrap, input=route.input,
+                                                           quarantine=route.quarantine))
+        listed = await wait_for("/records?source=[/x]", lambda b: b["total"] == 1)
+        assert listed["records"][0]["quarantine_id"] == hostile
+        status, detail = await get(f"/records/{hostile}")
+        assert status == 200 and "nested deeper than" in json.dumps(detail["data"])
 
         status, body = await post(f"/records/{new_qid}/approve", {"note": "known late update"})
         assert status == 200 and [d["quarantine_id"] for d in body["replay"]["delivered"]] == [new_qid]
