@@ -102,9 +102,14 @@ class GuardedProducer:
         await consumer.start()
         try:
             partitions = consumer.partitions_for_topic(receipts_topic) or set()
-            if not partitions:
+            # A topic created a moment ago may not be in every broker's metadata yet: look for up to 2 s.
+            patience = asyncio.get_running_loop().time() + min(2.0, timeout)
+            while not partitions:
                 await consumer._client.force_metadata_update()
                 partitions = consumer.partitions_for_topic(receipts_topic) or set()
+                if partitions or asyncio.get_running_loop().time() > patience:
+                    break
+                await asyncio.sleep(0.2)
             if not partitions:
                 raise ReceiptsTopicMissing(
                     f"receipts topic {receipts_topic!r} does not exist, so no verdict could be read; nothing was "

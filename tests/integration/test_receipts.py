@@ -88,6 +88,8 @@ routes:
     partitions: 1
     default_type: doc.edited
     causal: {{buffer: true, deadline: 2s}}
+    types:
+      doc.edited: {{}}
 """
 
 
