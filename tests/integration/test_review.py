@@ -526,8 +526,8 @@ async def test_worker_review_api(worker_factory: WorkerFactory) -> None:
 
     verified = await collect(bootstrap, route.verified, expected=3, idle=1.0)
     assert replayed_ids(verified) == Counter({new_qid: 1})
-    # The worker's backlog gauge follows the decisions: nothing pending, one rechecked, one replayed.
-    wanted = {"pending": 0.0, "approved": 0.0, "rejected": 0.0, "rechecked": 1.0, "replayed": 1.0}
+    # The worker's backlog gauge follows the decisions: the hostile record pending, one rechecked, one replayed.
+    wanted = {"pending": 1.0, "approved": 0.0, "rejected": 0.0, "rechecked": 1.0, "replayed": 1.0}
     deadline = time.monotonic() + 45
     while (backlog := await asyncio.to_thread(backlog_of, worker)) != wanted:
         assert time.monotonic() < deadline, backlog
