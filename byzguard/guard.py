@@ -144,7 +144,7 @@ class Guard:
 
     def __init__(self, config: GuardConfig) -> None:
         self.config = config
-        self.limits = Limits(config.ids_per_entity, config.id_window)
+        self.limits = Limits(config.ids_per_entity, config.id_window, config.last_good_max_bytes)
 
     def process(self, record: RecordIn, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
         """Decide one record's fate (and that of held records it releases); never raises for a bad record."""
