@@ -129,8 +129,7 @@ class EntityState:
         start += kind_len
         vclock = None
         if flags & _HAS_VCLOCK:
-            # The merged clock of an entity may outgrow the per-event bound (it has its own): no bound here.
-            vclock = VectorClock.from_header(raw[start:start + clock_len], max_entries=sys.maxsize)
+            vclock = _clock(raw[start:start + clock_len])
         start += clock_len
         last_good = raw[start:start + last_good_len]
         start += last_good_len
@@ -160,6 +159,18 @@ class EntityState:
         return None
 
 
+def _clock(raw: bytes) -> VectorClock:
+    """An entity's clock as to_bytes wrote it (VectorClock.to_header of a valid clock): read without the
+    checks an event's header needs. The merged clock has its own bound, not the per-event one."""
+    if not raw:
+        return VectorClock()
+    try:
+        return VectorClock._of({node: int(counter) for node, _, counter in
+                                (entry.partition("=") for entry in raw.decode().split(","))})
+    except ValueError:
+        return VectorClock.from_header(raw, max_entries=sys.maxsize)  # names the fault
+
+
 def new_entries(entries: bytes, event_id: str, content_hash: bytes, seen_at: float, version: int | None, *,
                 now: float, window: float, keep: int) -> bytes:
     """`entries` with the ones outside the window (and beyond `keep` in all) dropped, and the new id added."""
@@ -181,7 +192,7 @@ def bounded_merge(event_clock: VectorClock | None, entity_clock: VectorClock | N
     if event_clock is None:
         return entity_clock
     merged = event_clock.merge(entity_clock)
-    if len(merged.to_dict()) <= MERGED_CLOCK_MAX_ENTRIES:
+    if len(merged) <= MERGED_CLOCK_MAX_ENTRIES:
         return merged
     own = event_clock.to_dict()
     others = sorted(((counter, node) for node, counter in merged.to_dict().items() if node not in own), reverse=True)
