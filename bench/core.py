@@ -221,11 +221,26 @@ def rules_only(reps: int, count: int = 2000) -> float:
     return _timed(run, reps, count)
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result whose every figure is the median of that figure over `runs` (of the same code)."""
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    merged = {**first, "runs": len(runs), "cases": {}}
+    merged["rules_only_us"] = statistics.median(r["rules_only_us"] for r in runs)
+    for case, figures in first["cases"].items():
+        merged["cases"][case] = {
+            **figures, "us": {stage: statistics.median(r["cases"][case]["us"][stage] for r in runs)
+                              for stage in figures["us"]}}
+    return merged
+
+
 def markdown(result: dict[str, Any], before: dict[str, Any] | None) -> str:
     """The result as a Markdown table (with an earlier run's figures beside it, when given)."""
+    runs = f"; medians of {result['runs']} such runs, interleaved with the before runs" if "runs" in result else ""
     lines = [f"# bench.core at {result['git']}", "",
              f"`python -m bench.core` ({result['state']} state, {result['entities']} entities, median of "
-             f"{result['reps']} CPU-time runs, µs per event). Python {result['python']}.", ""]
+             f"{result['reps']} CPU-time timings{runs}, µs per event). Python {result['python']}.", ""]
     cases = list(CASES)
     if before is not None:
         lines.append(f"Before: {before['git']}. Columns: before → after for each case.")
@@ -266,15 +281,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5, help="timings per figure, the median kept (default 5)")
     parser.add_argument("--state", choices=("rocksdb", "dict"), default="rocksdb")
     parser.add_argument("--out", type=Path, help="write core.json and core.md into OUT/core-<git>/")
-    parser.add_argument("--before", type=Path, help="a core.json of an earlier run, shown side by side")
+    parser.add_argument("--before", type=Path, nargs="+",
+                        help="core.json file(s) of an earlier run, shown side by side (several: their medians)")
+    parser.add_argument("--runs", type=Path, nargs="+",
+                        help="instead of measuring, report the medians of these core.json files (runs of this "
+                        "code interleaved with runs of --before on a busy machine)")
+    parser.add_argument("--label", help="name the measured code so (default: the git commit)")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON result to this file")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {
-        "git": git_rev(), "state": args.state, "entities": args.entities, "reps": args.reps,
-        "python": sys.version.split()[0],
-        "cases": {name: run_case(ids, args.entities, args.reps, args.state) for name, ids in CASES.items()},
-        "rules_only_us": rules_only(args.reps),
-    }
-    before = orjson.loads(args.before.read_bytes()) if args.before else None
+    if args.runs:
+        result = median_of([orjson.loads(path.read_bytes()) for path in args.runs])
+    else:
+        result = {
+            "git": args.label or git_rev(), "state": args.state, "entities": args.entities, "reps": args.reps,
+            "python": sys.version.split()[0],
+            "cases": {name: run_case(ids, args.entities, args.reps, args.state) for name, ids in CASES.items()},
+            "rules_only_us": rules_only(args.reps),
+        }
+    if args.json_out:
+        args.json_out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    before = median_of([orjson.loads(path.read_bytes()) for path in args.before]) if args.before else None
     text = markdown(result, before)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     print(text)
@@ -284,6 +310,10 @@ def main(argv: list[str] | None = None) -> None:
         (out / "core.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         if before is not None:
             (out / "before.json").write_bytes(orjson.dumps(before, option=orjson.OPT_INDENT_2))
+        for i, path in enumerate(args.runs or []):
+            (out / f"run-after-{i + 1}.json").write_bytes(path.read_bytes())
+        for i, path in enumerate(args.before or []):
+            (out / f"run-before-{i + 1}.json").write_bytes(path.read_bytes())
         (out / "core.md").write_text(text)
         print(f"written to {out}")
 
