@@ -1732,13 +1732,11 @@ class _SourceCompiler:
         cond_node, left_node, right_node = (_tree(child) for child in node.children)
         stmts, cond, _ = self._as(self.gen(cond_node), "b")
         left, right = self._block(left_node), self._block(right_node)
-        kinds = {left[2], right[2]}
-        if len(kinds) == 1:
-            kind = left[2]
-        elif kinds <= {"f", "i"}:
-            kind = "f"
-        else:
-            raise _Unsupported(f"?: of {kinds}")
+        kind = left[2]
+        # An int is only ever a constant here (CEL's int arithmetic is not a double's): a branch of one, or of
+        # two kinds, is left to the closures.
+        if right[2] != kind or kind in {"i", "null"}:
+            raise _Unsupported(f"?: of {left[2]} and {right[2]}")
         t = self._tmp()
         return [*stmts, f"if {cond}:", *_indent(left[0]), f"    {t} = {left[1]}", "else:",
                 *_indent(right[0]), f"    {t} = {right[1]}"], t, kind
@@ -1942,9 +1940,7 @@ def _generate(rules: Sequence[_Rule]) -> tuple[Callable[[Any, Any, float], list[
             compiler = _SourceCompiler(rule.ast, namespace, counter)
             try:
                 stmts, expr, _ = compiler._as(compiler.gen(rule.ast), "b")
-            except _Unsupported:
-                pass
-            except RecursionError:
+            except Exception:  # _Unsupported, a tree too deep to walk, or a construct it misjudged: closures
                 pass
             else:
                 roots |= compiler.roots
@@ -1965,7 +1961,10 @@ def _generate(rules: Sequence[_Rule]) -> tuple[Callable[[Any, Any, float], list[
         prelude.append("now_ts = _now(now, _UTC)")  # the datetime of _fast_now's timestamp
     source = "\n".join(["def generated_rules(data, last, now):", *_indent(prelude), *_indent(body),
                         "    return slow", ""])
-    exec(compile(source, "<byzguard rules>", "exec"), namespace)  # source from the config only
+    try:
+        exec(compile(source, "<byzguard rules>", "exec"), namespace)  # source from the config only
+    except Exception:  # such as a rule set too large for the compiler: the closures serve it
+        return None, ()
     function: Callable[[Any, Any, float], list[int]] = namespace["generated_rules"]
     function.__doc__ = source  # the generated source, for a reader in a debugger
     return function, tuple(generated)

@@ -428,6 +428,7 @@ CORPUS = (
     RuleSpec("dynamic_pattern", "data.name.matches(data.pattern)"),
     RuleSpec("ternary", "data.price > 10 ? data.currency == 'USD' : data.currency != 'USD'"),
     RuleSpec("ternary_non_bool", "data.x ? true : data.y"),
+    RuleSpec("ternary_ints", "(data.flag ? 1 : 2.5) / (data.flag ? 2 : 0.5) > 0.1 || (data.flag ? 1 : 2) * data.a > 0"),
     RuleSpec("conversions", "string(data.qty) == '3.0' || double(data.name) > 1.0 || int(data.price) > 3"),
     RuleSpec("timestamps", "timestamp(data.lastUpdated) < now"
                            " && now - duration('1h') > timestamp(data.lastUpdated) - duration('30m')"),
