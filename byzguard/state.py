@@ -33,7 +33,7 @@ FORMAT: Final = 2
 
 #: (format, flags, version, verified_at, event_time, content_hash, last_good_dropped, len(type), len(vclock),
 #: len(last_good))
-_HEADER: Final = struct.Struct("<BBqdd16sIHII")
+_HEADER: Final = struct.Struct("<BBqdd16sIIII")
 #: (id hash, content hash prefix, seen_at, version or -1)
 _ENTRY: Final = struct.Struct("<16s8sdq")
 ENTRY_SIZE: Final = _ENTRY.size
@@ -44,7 +44,6 @@ _NO_VERSION: Final = -1
 _CONTENT_PREFIX: Final = 8
 _SEEN_AT_OFFSET: Final = 24  # where seen_at starts inside an entry
 _LEGACY_START: Final = ord("[")
-_MAX_TYPE_BYTES: Final = 0xFFFF
 
 MERGED_CLOCK_MAX_ENTRIES: Final = 256
 """The most entries an entity's merged vector clock keeps (the writers with the highest counters stay)."""

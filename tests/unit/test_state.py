@@ -179,6 +179,12 @@ def test_merged_vector_clock_is_bounded() -> None:
     assert small is not None and small.to_dict() == {"a": 2, "b": 1}
 
 
+def test_long_types_and_clocks_fit() -> None:
+    """A type or a clock of any length is written and read back (lengths are 32-bit)."""
+    state = EntityState(1, VectorClock({"n" * 70_000: 1}), b"\x03" * 16, b"{}", "t" * 70_000, NOW, None)
+    assert EntityState.from_bytes(state.to_bytes()) == state
+
+
 @pytest.mark.parametrize("value", [b"", b"\x00\xff", "é".encode()])
 def test_binary_and_empty_values_survive(value: bytes) -> None:
     """Any bytes are kept as the last-known-good value, exactly."""
