@@ -18,14 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from byzguard.audit import AuditRule, AuditSide, FieldPath, Require
 from byzguard.errors import ConfigError, RuleCompileError
-from byzguard.integrity import KeyRing
+from byzguard.integrity import DEFAULT_FORMS, FORMS, KeyRing
 from byzguard.rules import RuleSet, RuleSpec, compile_rules
 from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
 
 CHECKS = ("integrity", "authorization", "idempotency", "version", "causal", "time", "invariant")
 
 # Codes whose default severity is not `reject`: skipped versions are suspicious but often legitimate.
-DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN}
+# An event accepted in an integrity form that does not bind its attributes passes with a warning.
+DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN,
+                                               Code.INTEGRITY_LEGACY_FORM: Severity.WARN}
 
 # A module constant: on Python 3.11 `Severity.REJECT` is a descriptor lookup, and level() runs per event.
 _REJECT = Severity.REJECT
@@ -122,9 +124,32 @@ class CausalModel(_Model):
         return parse_duration(value)
 
 
+class InputModel(_Model):
+    """An input topic that one source writes: records naming no source are that source's.
+
+    Only as trustworthy as the topic's write ACL: declare it for topics only that source may write."""
+
+    topic: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+
+
+class SourceModel(_Model):
+    """What the guard accepts from one source: the integrity forms besides `bound` (ENVELOPE.md)."""
+
+    forms: list[str] = Field(default_factory=list)
+
+    @field_validator("forms")
+    @classmethod
+    def _known_forms(cls, value: list[str]) -> list[str]:
+        unknown = [f for f in value if f not in FORMS]
+        if unknown:
+            raise ValueError(f"unknown integrity form(s) {unknown}; known: {list(FORMS)}")
+        return value
+
+
 class RouteModel(_Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    inputs: list[str] = Field(min_length=1)
+    inputs: list[str | InputModel] = Field(min_length=1)
     verified_topic: str
     quarantine_topic: str
     partitions: int = Field(default=8, ge=1)
@@ -134,6 +159,10 @@ class RouteModel(_Model):
     types: dict[str, TypeModel] = Field(default_factory=dict)
     causal: CausalModel = Field(default_factory=CausalModel)
     receipts_topic: str | None = None
+
+    def topics(self) -> list[str]:
+        """The input topic names."""
+        return [t if isinstance(t, str) else t.topic for t in self.inputs]
 
 
 class KeyModel(_Model):
@@ -205,6 +234,7 @@ class AuditModel(_Model):
 class FileModel(_Model):
     defaults: TypeModel = Field(default_factory=TypeModel)
     keys: dict[str, KeyModel] = Field(default_factory=dict)
+    sources: dict[str, SourceModel] = Field(default_factory=dict)
     idempotency: IdempotencyModel = Field(default_factory=IdempotencyModel)
     last_good_retention: float = 30 * 86_400.0
     routes: list[RouteModel] = Field(min_length=1)
@@ -223,7 +253,7 @@ class FileModel(_Model):
             if route.name in names:
                 raise ValueError(f"route name {route.name!r} is used twice")
             names.add(route.name)
-            for topic in route.inputs:
+            for topic in route.topics():
                 if topic in seen_inputs:
                     raise ValueError(f"input topic {topic!r} is in routes {seen_inputs[topic]!r} and {route.name!r}")
                 seen_inputs[topic] = route.name
@@ -240,7 +270,7 @@ class FileModel(_Model):
     def _audits_consistent(self) -> FileModel:
         # Audits read verified topics only: what they compare has passed every check.
         verified = {r.verified_topic: r for r in self.routes}
-        route_topics = {t for r in self.routes for t in (*r.inputs, r.verified_topic, r.quarantine_topic)}
+        route_topics = {t for r in self.routes for t in (*r.topics(), r.verified_topic, r.quarantine_topic)}
         names = set()
         for audit in self.audits:
             if audit.name in names:
@@ -275,6 +305,8 @@ class TypePolicy:
     key_ids: frozenset[str] | None
     require_checksum: bool
     rules: RuleSet
+    #: Source -> the integrity forms accepted from it; sources not listed get DEFAULT_FORMS (`bound` only).
+    forms: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
@@ -295,6 +327,8 @@ class Route:
     types: Mapping[str, TypePolicy]
     fallback: TypePolicy
     receipts_topic: str | None = None
+    #: Input topic -> the source that writes it (records naming no source are that source's).
+    input_sources: Mapping[str, str] = field(default_factory=dict)
 
     def policy_for(self, event_type: str) -> TypePolicy:
         """The policy of an event type, or the route's default for types it does not list."""
@@ -323,7 +357,8 @@ class GuardConfig:
         return next((a for a in self.audits if a.name == name), None)
 
 
-def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -> TypePolicy:
+def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None,
+                forms: Mapping[str, frozenset[str]] | None = None) -> TypePolicy:
     layers = [defaults] + ([own] if own is not None else [])
     checks: dict[str, Severity] = {}
     codes: dict[str, Severity] = {}
@@ -362,6 +397,7 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         key_ids=frozenset(key_ids) if key_ids is not None else None,
         require_checksum=route.require_checksum or bool(key_ids),
         rules=compile_rules(specs),
+        forms=forms or {},
     )
 
 
@@ -371,25 +407,27 @@ def build(model: FileModel, *, source_path: str = "<memory>",
     keyring = KeyRing.load(
         {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}, environ
     )
+    forms = {name: DEFAULT_FORMS | frozenset(spec.forms) for name, spec in model.sources.items()}
     routes = []
     for route in model.routes:
         types = {}
         for name, type_model in route.types.items():
             try:
-                types[name] = _merge_type(model.defaults, route, type_model)
+                types[name] = _merge_type(model.defaults, route, type_model, forms)
             except RuleCompileError as exc:
                 raise RuleCompileError(f"{source_path}: routes.{route.name}.types.{name}.rules: {exc}") from exc
         routes.append(Route(
             name=route.name,
-            inputs=tuple(route.inputs),
+            inputs=tuple(route.topics()),
             verified_topic=route.verified_topic,
             quarantine_topic=route.quarantine_topic,
             partitions=route.partitions,
             default_type=route.default_type,
             causal=route.causal,
             types=types,
-            fallback=_merge_type(model.defaults, route, None),
+            fallback=_merge_type(model.defaults, route, None, forms),
             receipts_topic=route.receipts_topic,
+            input_sources={t.topic: t.source for t in route.inputs if isinstance(t, InputModel)},
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
     return GuardConfig(
