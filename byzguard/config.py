@@ -130,7 +130,7 @@ class InputModel(_Model):
     Only as trustworthy as the topic's write ACL: declare it for topics only that source may write."""
 
     topic: str = Field(min_length=1)
-    source: str = Field(min_length=1)
+    source: str | None = Field(default=None, min_length=1)
 
 
 class SourceModel(_Model):
@@ -149,7 +149,7 @@ class SourceModel(_Model):
 
 class RouteModel(_Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    inputs: list[str | InputModel] = Field(min_length=1)
+    inputs: list[InputModel] = Field(min_length=1)
     verified_topic: str
     quarantine_topic: str
     partitions: int = Field(default=8, ge=1)
@@ -160,9 +160,17 @@ class RouteModel(_Model):
     causal: CausalModel = Field(default_factory=CausalModel)
     receipts_topic: str | None = None
 
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _plain_topics(cls, value: object) -> object:
+        # `inputs: [prices]` is `inputs: [{topic: prices}]`: a topic whose records name their source.
+        if isinstance(value, list):
+            return [{"topic": t} if isinstance(t, str) else t for t in value]
+        return value
+
     def topics(self) -> list[str]:
         """The input topic names."""
-        return [t if isinstance(t, str) else t.topic for t in self.inputs]
+        return [t.topic for t in self.inputs]
 
 
 class KeyModel(_Model):
@@ -427,7 +435,7 @@ def build(model: FileModel, *, source_path: str = "<memory>",
             types=types,
             fallback=_merge_type(model.defaults, route, None, forms),
             receipts_topic=route.receipts_topic,
-            input_sources={t.topic: t.source for t in route.inputs if isinstance(t, InputModel)},
+            input_sources={t.topic: t.source for t in route.inputs if t.source is not None},
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
     return GuardConfig(
