@@ -11,6 +11,8 @@ import base64
 import hashlib
 import hmac
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,43 @@ def test_checksum_of_a_clean_bound_vector_is_the_digest_of_its_spec_base(name: s
     else:
         expected = xxhash.xxh3_128(base).hexdigest()
     assert claimed == expected
+
+
+# The TypeScript snippet of ENVELOPE.md, as plain JavaScript, run over every binary-mode bound vector.
+JS_PRODUCER = r"""
+const { createHmac, createHash } = require("node:crypto");
+const vectors = JSON.parse(require("node:fs").readFileSync(process.argv[2], "utf8"));
+const secret = vectors.keys[0].secret;
+const out = {};
+for (const c of vectors.cases) {
+  const h = Object.fromEntries(c.record.headers);
+  if (!("ce_specversion" in h) || h.ce_checksumform !== "bound") continue;
+  const value = Buffer.from(c.record.value.text, "utf8");
+  const alg = h.ce_checksumalg;
+  const lines = [["checksumform", "bound"], ["id", h.ce_id], ["source", h.ce_source],
+    ["type", h.ce_type ?? "price.updated"], ["subject", h.ce_subject ?? c.record.key],
+    ["time", h.ce_time], ["entityversion", h.ce_entityversion], ["lamporttime", h.ce_lamporttime],
+    ["vectorclock", h.ce_vectorclock], ["datacontenttype", h["content-type"]], ["checksumalg", alg],
+    ["keyid", h.ce_keyid]]
+    .filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${v}\n`).join("");
+  const base = Buffer.concat([Buffer.from(lines + "data: ", "utf8"), value]);
+  if (alg === "hmac-sha256") out[c.name] = createHmac("sha256", secret).update(base).digest("hex");
+  else if (alg === "sha256") out[c.name] = createHash("sha256").update(base).digest("hex");
+}
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_a_javascript_producer_following_the_spec_reproduces_the_vectors(tmp_path: Path) -> None:
+    """ENVELOPE.md's JavaScript recipe, run by node, gives each clean binary vector's own checksum, and not
+    that of a replayed record."""
+    script = tmp_path / "producer.js"
+    script.write_text(JS_PRODUCER)
+    vectors = Path(__file__).parents[1] / "vectors" / "envelope.json"
+    made = json.loads(subprocess.run(["node", str(script), str(vectors)], check=True, capture_output=True,
+                                     text=True).stdout)
+    for name in ("binary-sha256", "binary-hmac-sha256"):
+        assert made[name] == dict(CASES[name]["record"]["headers"])["ce_checksum"]
+    for name in ("replayed-subject", "replayed-version", "attribute-changed"):
+        assert made[name] != dict(CASES[name]["record"]["headers"])["ce_checksum"]
