@@ -23,7 +23,7 @@ from byzguard.verdict import Code, Outcome, Reason, Severity
 _UNTRUSTED = frozenset({
     Code.INTEGRITY_MISSING, Code.INTEGRITY_MISMATCH, Code.INTEGRITY_UNKNOWN_ALGORITHM,
     Code.INTEGRITY_UNKNOWN_KEY, Code.INTEGRITY_BAD_MAC, Code.INTEGRITY_UNBOUND, Code.INTEGRITY_NONCANONICAL,
-    Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED,
+    Code.INTEGRITY_LEGACY_FORM, Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED,
 })
 
 # Enum members as module constants: on Python 3.11 `Severity.OFF` is a descriptor lookup that costs about as
