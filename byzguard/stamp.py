@@ -1,7 +1,8 @@
 """Producer side: stamp an event with id, source, type, subject, version, clocks and checksum or MAC.
 
 `Stamper` keeps the producer's Lamport clock; the result is (key, value, headers) ready for any Kafka
-client. The guard verifies exactly what this writes (ENVELOPE.md has the byte-level contract).
+client. The guard verifies exactly what this writes (ENVELOPE.md has the byte-level contract). Checksums
+and MACs are in the bound form: they cover the attributes with the data (byzguard.integrity.bound_base).
 """
 
 from __future__ import annotations
