@@ -184,31 +184,31 @@ BOUND_OPTIONAL: Final = (
 _LF: Final = b"\n"
 
 
-def bound_base(id: str, source: str, type: str, subject: str, attrs: Mapping[str, bytes], algorithm: str,
-               key_id: str | None, data: bytes) -> bytes | None:
+def bound_base(id: bytes, source: bytes, type: bytes, subject: bytes, attrs: Mapping[str, bytes],
+               algorithm: bytes, key_id: bytes | None, data: bytes) -> bytes | None:
     """The bound form's signature base (ENVELOPE.md), one line per present component in a fixed order and
     the data last; None when a component holds a line feed (the base would be ambiguous). Producers and the
-    guard both call this."""
-    # One format per text run and one join: this runs on every event.
-    head = f"checksumform: bound\nid: {id}\nsource: {source}\ntype: {type}\nsubject: {subject}\n"
-    if key_id is None:
-        tail = f"checksumalg: {algorithm}\ndata: "
-        tail_lines = 1
-    else:
-        tail = f"checksumalg: {algorithm}\nkeyid: {key_id}\ndata: "
-        tail_lines = 2
-    if head.count("\n") != 5 or tail.count("\n") != tail_lines:
-        return None
-    parts = [head.encode()]
+    guard both call this: the texts as UTF-8 bytes, `attrs` the optional components by binary-mode header
+    name (BOUND_OPTIONAL)."""
+    # One list and one join, and one scan for line feeds: this runs on every event.
+    parts = [b"checksumform: bound\nid: ", id, b"\nsource: ", source, b"\ntype: ", type, b"\nsubject: ", subject,
+             _LF]
+    lines = 6  # checksumform, id, source, type, subject, checksumalg
+    get = attrs.get
     for name, label in BOUND_OPTIONAL:
-        value = attrs.get(name)
+        value = get(name)
         if value is not None:
-            if _LF in value:
-                return None
-            parts.append(label + value + _LF)
-    parts.append(tail.encode())
-    parts.append(data)
-    return b"".join(parts)
+            parts += (label, value, _LF)
+            lines += 1
+    parts += (b"checksumalg: ", algorithm, _LF)
+    if key_id is not None:
+        parts += (b"keyid: ", key_id, _LF)
+        lines += 1
+    parts += (b"data: ", data)
+    base = b"".join(parts)
+    if base.count(_LF, 0, len(base) - len(data)) != lines:
+        return None
+    return base
 
 
 def _bound(env: Envelope) -> bytes | None:
@@ -216,8 +216,12 @@ def _bound(env: Envelope) -> bytes | None:
     checksum = env.checksum
     if attrs is None or checksum is None:
         return None  # the seed's shapes have no attributes to bind
-    return bound_base(env.id, env.source, env.type, env.subject, attrs, checksum.algorithm, checksum.key_id,
-                      env.covered)
+    # Binary mode's header map holds the texts as sent; structured mode's attributes are encoded here.
+    get = attrs.get
+    key_id = checksum.key_id
+    return bound_base(get("ce_id") or env.id.encode(), get("ce_source") or env.source.encode(),
+                      get("ce_type") or env.type.encode(), get("ce_subject") or env.subject.encode(), attrs,
+                      checksum.algorithm.encode(), key_id.encode() if key_id is not None else None, env.covered)
 
 
 def _whole_object(env: Envelope) -> bytes | None:

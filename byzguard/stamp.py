@@ -108,7 +108,8 @@ class Stamper:
 
     def _bound(self, event_id: str, type: str, subject: str, attrs: dict[str, bytes], key_id: str | None,
                data: bytes) -> bytes:
-        base = bound_base(event_id, self.source, type, subject, attrs, self.algorithm, key_id, data)
+        base = bound_base(event_id.encode(), self.source.encode(), type.encode(), subject.encode(), attrs,
+                          self.algorithm.encode(), key_id.encode() if key_id is not None else None, data)
         if base is None:
             raise ValueError("an attribute holds a line feed, which the bound form cannot cover")
         return base

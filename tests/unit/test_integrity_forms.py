@@ -139,8 +139,8 @@ def test_structured_bound_record_replayed_under_another_subject_is_a_bad_mac(har
 
 def test_absent_and_empty_components_make_different_bases() -> None:
     """An absent optional component leaves out its line; present and empty is a line: never the same base."""
-    absent = bound_base("e", "s", "t", "x", {}, SHA256, None, b"{}")
-    empty = bound_base("e", "s", "t", "x", {"content-type": b""}, SHA256, None, b"{}")
+    absent = bound_base(b"e", b"s", b"t", b"x", {}, b"sha256", None, b"{}")
+    empty = bound_base(b"e", b"s", b"t", b"x", {"content-type": b""}, b"sha256", None, b"{}")
     assert absent == b"checksumform: bound\nid: e\nsource: s\ntype: t\nsubject: x\nchecksumalg: sha256\ndata: {}"
     assert empty is not None and empty != absent and b"\ndatacontenttype: \n" in empty
 
@@ -148,16 +148,16 @@ def test_absent_and_empty_components_make_different_bases() -> None:
 @pytest.mark.parametrize("where", ["subject", "attr", "keyid"])
 def test_a_line_feed_in_a_component_has_no_base(where: str) -> None:
     """A component holding a line feed could forge another line: the bound form refuses to cover it."""
-    args: dict[str, Any] = {"id": "e", "source": "s", "type": "t", "subject": "x", "attrs": {},
-                            "algorithm": SHA256, "key_id": None, "data": b"{}"}
+    args: dict[str, Any] = {"id": b"e", "source": b"s", "type": b"t", "subject": b"x", "attrs": {},
+                            "algorithm": b"sha256", "key_id": None, "data": b"{}"}
     if where == "subject":
-        args["subject"] = "x\nentityversion: 9"
+        args["subject"] = b"x\nentityversion: 9"
     elif where == "attr":
         args["attrs"] = {"ce_time": b"2027\nentityversion: 9"}
     else:
-        args["key_id"] = "k\nx"
+        args["key_id"] = b"k\nx"
     assert bound_base(**args) is None
-    assert bound_base(**{**args, "subject": "x", "attrs": {}, "key_id": None}) is not None
+    assert bound_base(**{**args, "subject": b"x", "attrs": {}, "key_id": None, "data": b"\n\n"}) is not None
 
 
 def test_line_feed_in_a_header_is_a_mismatch_not_a_crash(harness: Harness) -> None:
