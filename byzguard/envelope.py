@@ -329,10 +329,13 @@ def _decode_structured(
         raise DecodeFailure(Code.DECODE_UNSUPPORTED, "data_base64 is not supported; use binary mode")
     data = obj.get("data")
     covered = _canonical(data, "data")
-    version = obj.get("entityversion")
-    lamport = obj.get("lamporttime")
+    raw_version = obj.get("entityversion")
+    raw_lamport = obj.get("lamporttime")
     raw_vclock = obj.get("vectorclock")
-    time = obj.get("time")
+    raw_time = obj.get("time")
+    time = parse_time(raw_time, "time") if raw_time is not None else None
+    version = _int(raw_version, "entityversion") if raw_version is not None else None
+    lamport = _int(raw_lamport, "lamporttime") if raw_lamport is not None else None
     vclock = _vclock(raw_vclock, "vectorclock") if raw_vclock is not None else None
     form = obj.get("checksumform", VALUE_ONLY)
     if not isinstance(form, str):
@@ -340,12 +343,12 @@ def _decode_structured(
     # The attributes the bound form covers, as text (ENVELOPE.md): strings as they are, numbers in their
     # RFC 8785 form, a vector clock object in its header form.
     attrs: dict[str, bytes] = {}
-    if time is not None:
-        attrs[CE_TIME] = _attr_text(time)
-    if version is not None:
-        attrs[CE_ENTITYVERSION] = _attr_text(version)
-    if lamport is not None:
-        attrs[CE_LAMPORTTIME] = _attr_text(lamport)
+    if raw_time is not None:
+        attrs[CE_TIME] = _attr_text(raw_time)
+    if raw_version is not None:
+        attrs[CE_ENTITYVERSION] = _attr_text(raw_version)
+    if raw_lamport is not None:
+        attrs[CE_LAMPORTTIME] = _attr_text(raw_lamport)
     if vclock is not None:
         attrs[CE_VECTORCLOCK] = raw_vclock.encode() if isinstance(raw_vclock, str) else vclock.to_header()
     content_type = obj.get("datacontenttype")
@@ -358,9 +361,9 @@ def _decode_structured(
         subject=_subject(key, _str_attr(obj, "subject", required=False)),
         mode=MODE_STRUCTURED,
         covered=covered,
-        time=parse_time(time, "time") if time is not None else None,
-        version=_int(version, "entityversion") if version is not None else None,
-        lamport=_int(lamport, "lamporttime") if lamport is not None else None,
+        time=time,
+        version=version,
+        lamport=lamport,
         vclock=vclock,
         checksum=_checksum(obj.get("checksumalg"), obj.get("checksum"), obj.get("keyid"), "structured event"),
         data=data,
