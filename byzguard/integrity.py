@@ -171,6 +171,10 @@ FORMS: Final[Mapping[str, Form]] = {f.name: f for f in (
 )}
 #: What every source may use: the bound form. Other forms are accepted only for sources declared to use them.
 DEFAULT_FORMS: Final = frozenset({BOUND})
+#: Above this much data the failure path tries the JSON re-serializations only for forms the source is
+#: declared to use: a flood of large records with bad checksums must not cost a serialization each.
+DIAGNOSE_MAX_BYTES: Final = 256 * 1024
+_CHEAP: Final = frozenset({BOUND, VALUE_ONLY})
 
 # The bound form's optional components, in their fixed order: (header name in binary mode, line prefix).
 # Structured mode's envelope carries its attributes under the same names.
@@ -308,8 +312,9 @@ def check_integrity(
                              "are not protected"))
         return failures
     # The failure path: which form, if any, was the checksum made in?
+    big = len(env.covered) > DIAGNOSE_MAX_BYTES
     for form in FORMS:
-        if form == declared:
+        if form == declared or (big and form not in _CHEAP and form not in accepted):
             continue
         other = form_input(form, env)
         if other is None or not _matches(algorithm, other, key, claimed):
@@ -321,12 +326,14 @@ def check_integrity(
         else:
             failures.append((Code.INTEGRITY_NONCANONICAL, f"{said}; {_declare_hint(env, form)}"))
         return failures
+    untried = f" (JSON re-serializations not tried above {DIAGNOSE_MAX_BYTES} bytes)" if big else ""
     if key is not None:
-        failures.append((Code.INTEGRITY_BAD_MAC, f"MAC does not match the {declared} form under key {key.key_id!r}"))
+        failures.append((Code.INTEGRITY_BAD_MAC,
+                         f"MAC does not match the {declared} form under key {key.key_id!r}{untried}"))
     else:
         actual = digest(algorithm, content) if content is not None else "nothing (the form does not apply)"
         failures.append((Code.INTEGRITY_MISMATCH,
-                         f"{algorithm} expected {claimed}, the {declared} form hashes to {actual}"))
+                         f"{algorithm} expected {claimed}, the {declared} form hashes to {actual}{untried}"))
     return failures
 
 

@@ -323,6 +323,25 @@ def test_the_fast_path_computes_one_form(harness: Harness, monkeypatch: pytest.M
     assert calls == list(FORMS)
 
 
+def test_large_records_are_not_reserialized_on_the_failure_path(harness: Harness,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above DIAGNOSE_MAX_BYTES a failing checksum tries only bound and value-only (and declared forms), so a
+    flood of large corrupted records costs no JSON serialization each; the reason says so."""
+    calls: list[str] = []
+    real = integrity.form_input
+
+    def counting(form: str, env: Envelope) -> bytes | None:
+        calls.append(form)
+        return real(form, env)
+
+    monkeypatch.setattr(integrity, "form_input", counting)
+    big = {"price": 1.0, "currency": "USD", "blob": "x" * integrity.DIAGNOSE_MAX_BYTES}
+    s = Stamper("pricing").binary(big, type="price.updated", subject="sku-1", version=1, time=NOW)
+    routed = harness.feed(s.key, s.value.replace(b'"xxx', b'"yxx', 1), s.headers, now=NOW)
+    assert codes(routed) == ["integrity.mismatch"] and "not tried above" in routed.decision.reasons[0].detail
+    assert calls == [BOUND, VALUE_ONLY]
+
+
 def test_check_integrity_accepts_only_the_given_forms() -> None:
     """The per-source set decides: the same value-only record is unbound under the default, legacy under it."""
     old = Stamper("pricing", form=VALUE_ONLY).binary(PRICE, type="price.updated", subject="sku-1")
