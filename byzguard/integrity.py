@@ -258,8 +258,8 @@ def form_input(form: str, env: Envelope) -> bytes | None:
     """The bytes form `form` of `env` covers, or None when the form does not apply to this event."""
     try:
         return _INPUTS[form](env)
-    except (CanonicalizationError, TypeError, ValueError):
-        return None
+    except (CanonicalizationError, TypeError, ValueError, RecursionError):
+        return None  # this form has no bytes for this event: it cannot be the one its checksum was made in
 
 
 def _matches(algorithm: str, content: bytes, key: Key | None, claimed: str) -> bool:
@@ -291,7 +291,8 @@ def check_integrity(
         return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"algorithm {algorithm!r} is not one of {sorted(ALGORITHMS)}")]
     declared = env.form
     if declared not in FORMS:
-        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"checksum form {declared!r} is not one of {list(FORMS)}")]
+        shown = declared if len(declared) <= 40 else declared[:40] + "..."
+        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"checksum form {shown!r} is not one of {list(FORMS)}")]
     claimed = checksum.value.lower()
     failures: list[tuple[Code, str]] = []
     key = None

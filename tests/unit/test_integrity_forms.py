@@ -408,3 +408,14 @@ def test_verify_again_uses_the_routes_default_type_for_the_bound_form() -> None:
     assert verify_again(s.key, s.value, headers, ring).codes == ("integrity.bad_mac",)
     assert verify_again(s.key, s.value, headers, ring, default_type="price.updated").ok
     assert verify_again(s.key, s.value, headers, ring, default_type="signed.thing").codes == ("integrity.bad_mac",)
+
+
+def test_deeply_nested_data_with_a_bad_checksum_is_a_mismatch_not_a_crash() -> None:
+    """The failure path's re-serializations give up on data nested too deeply for them, without raising."""
+    value = b'{"price":1,"n":' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}"
+    s = Stamper("pricing").binary(value, type="price.updated", subject="sku-1", version=1, time=NOW)
+    env = decode(s.key, value.replace(b'"price":1', b'"price":2'), s.headers)
+    assert isinstance(env, Envelope)
+    assert integrity.form_input("python-sorted", env) is None and integrity.form_input("js-sorted", env) is None
+    assert [c for c, _ in check_integrity(env, DEFAULT_FORMS, KeyRing(), required=True)] == \
+        [Code.INTEGRITY_MISMATCH]
