@@ -176,15 +176,6 @@ DEFAULT_FORMS: Final = frozenset({BOUND})
 DIAGNOSE_MAX_BYTES: Final = 256 * 1024
 _CHEAP: Final = frozenset({BOUND, VALUE_ONLY})
 
-# The bound form's optional components, in their fixed order: (header name in binary mode, line prefix).
-# Structured mode's envelope carries its attributes under the same names.
-BOUND_OPTIONAL: Final = (
-    ("ce_time", b"time: "),
-    ("ce_entityversion", b"entityversion: "),
-    ("ce_lamporttime", b"lamporttime: "),
-    ("ce_vectorclock", b"vectorclock: "),
-    ("content-type", b"datacontenttype: "),
-)
 _LF: Final = b"\n"
 
 
@@ -192,24 +183,29 @@ def bound_base(id: bytes, source: bytes, type: bytes, subject: bytes, attrs: Map
                algorithm: bytes, key_id: bytes | None, data: bytes) -> bytes | None:
     """The bound form's signature base (ENVELOPE.md), one line per present component in a fixed order and
     the data last; None when a component holds a line feed (the base would be ambiguous). Producers and the
-    guard both call this: the texts as UTF-8 bytes, `attrs` the optional components by binary-mode header
-    name (BOUND_OPTIONAL)."""
-    # One list and one join, and one scan for line feeds: this runs on every event.
-    parts = [b"checksumform: bound\nid: ", id, b"\nsource: ", source, b"\ntype: ", type, b"\nsubject: ", subject,
-             _LF]
-    lines = 6  # checksumform, id, source, type, subject, checksumalg
+    guard both call this: the texts as UTF-8 bytes; `attrs` holds the optional components under their
+    binary-mode header names (ce_time, ce_entityversion, ce_lamporttime, ce_vectorclock, content-type),
+    also in structured mode."""
+    # This runs on every event: no loop, one join, one scan for line feeds.
     get = attrs.get
-    for name, label in BOUND_OPTIONAL:
-        value = get(name)
-        if value is not None:
-            parts += (label, value, _LF)
-            lines += 1
-    parts += (b"checksumalg: ", algorithm, _LF)
-    if key_id is not None:
-        parts += (b"keyid: ", key_id, _LF)
-        lines += 1
-    parts += (b"data: ", data)
-    base = b"".join(parts)
+    time = get("ce_time")
+    version = get("ce_entityversion")
+    lamport = get("ce_lamporttime")
+    vclock = get("ce_vectorclock")
+    content_type = get("content-type")
+    base = b"".join((
+        b"checksumform: bound\nid: ", id, b"\nsource: ", source, b"\ntype: ", type, b"\nsubject: ", subject,
+        b"" if time is None else b"\ntime: " + time,
+        b"" if version is None else b"\nentityversion: " + version,
+        b"" if lamport is None else b"\nlamporttime: " + lamport,
+        b"" if vclock is None else b"\nvectorclock: " + vclock,
+        b"" if content_type is None else b"\ndatacontenttype: " + content_type,
+        b"\nchecksumalg: ", algorithm,
+        b"" if key_id is None else b"\nkeyid: " + key_id,
+        b"\ndata: ", data,
+    ))
+    lines = (6 + (time is not None) + (version is not None) + (lamport is not None) + (vclock is not None)
+             + (content_type is not None) + (key_id is not None))
     if base.count(_LF, 0, len(base) - len(data)) != lines:
         return None
     return base
@@ -220,12 +216,14 @@ def _bound(env: Envelope) -> bytes | None:
     checksum = env.checksum
     if attrs is None or checksum is None:
         return None  # the seed's shapes have no attributes to bind
-    # Binary mode's header map holds the texts as sent; structured mode's attributes are encoded here.
+    # Binary mode's header map holds the texts as sent; structured mode's are encoded here.
     get = attrs.get
-    key_id = checksum.key_id
+    key_id = get("ce_keyid")
+    if key_id is None and checksum.key_id is not None:
+        key_id = checksum.key_id.encode()
     return bound_base(get("ce_id") or env.id.encode(), get("ce_source") or env.source.encode(),
                       get("ce_type") or env.type.encode(), get("ce_subject") or env.subject.encode(), attrs,
-                      checksum.algorithm.encode(), key_id.encode() if key_id is not None else None, env.covered)
+                      get("ce_checksumalg") or checksum.algorithm.encode(), key_id, env.covered)
 
 
 def _whole_object(env: Envelope) -> bytes | None:
