@@ -375,8 +375,10 @@ def _decode_structured(
 
 
 def _attr_text(value: object) -> bytes:
-    if isinstance(value, str):
+    if type(value) is str:
         return value.encode()
+    if type(value) is int:  # what JCS writes for the integers the attributes may hold, without its call
+        return b"%d" % value
     return _canonical(value, "attribute")
 
 
