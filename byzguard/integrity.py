@@ -26,7 +26,7 @@ import xxhash
 
 from byzguard.errors import KeyRingError
 from byzguard.jcs import CanonicalizationError, canonicalize, js_sorted, js_stringify
-from byzguard.verdict import Code
+from byzguard.verdict import Code, quote
 
 if TYPE_CHECKING:
     from byzguard.envelope import Envelope
@@ -286,28 +286,29 @@ def check_integrity(
         return [(Code.INTEGRITY_MISSING, "the route requires a checksum or MAC")] if required else []
     algorithm = checksum.algorithm
     if algorithm not in ALGORITHMS:
-        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"algorithm {algorithm!r} is not one of {sorted(ALGORITHMS)}")]
+        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"algorithm {quote(algorithm)} is not one of {sorted(ALGORITHMS)}")]
     declared = env.form
     if declared not in FORMS:
-        shown = declared if len(declared) <= 40 else declared[:40] + "..."
-        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"checksum form {shown!r} is not one of {list(FORMS)}")]
+        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"checksum form {quote(declared)} is not one of {list(FORMS)}")]
     claimed = checksum.value.lower()
     failures: list[tuple[Code, str]] = []
     key = None
     if algorithm == HMAC_SHA256:
         key = keyring.get(checksum.key_id) if checksum.key_id else None
         if key is None:
-            return [(Code.INTEGRITY_UNKNOWN_KEY, f"key id {checksum.key_id!r} is not in the key ring")]
+            if not checksum.key_id:
+                return [(Code.INTEGRITY_UNKNOWN_KEY, "an hmac-sha256 MAC without a key id (ce_keyid)")]
+            return [(Code.INTEGRITY_UNKNOWN_KEY, f"key id {quote(checksum.key_id)} is not in the key ring")]
         if key.source != env.source:
-            failures.append((Code.SOURCE_FORGED,
-                             f"signed with key {key.key_id!r} of source {key.source!r}, claims source {env.source!r}"))
+            failures.append((Code.SOURCE_FORGED, f"signed with key {key.key_id!r} of source {key.source!r}, "
+                             f"claims source {quote(env.source)}"))
     content = form_input(declared, env)
     if content is not None and _matches(algorithm, content, key, claimed):
         if declared not in accepted:
             failures.append((Code.INTEGRITY_UNBOUND, _not_accepted(env, declared, accepted)))
         elif not FORMS[declared].binds_attributes:
             failures.append((Code.INTEGRITY_LEGACY_FORM, f"the {algorithm} covers {FORMS[declared].covers}; "
-                             f"form {declared!r} is accepted for source {env.source!r}, but its attributes "
+                             f"form {declared!r} is accepted for source {quote(env.source)}, but its attributes "
                              "are not protected"))
         return failures
     # The failure path: which form, if any, was the checksum made in?
@@ -320,7 +321,7 @@ def check_integrity(
             continue
         said = f"the {algorithm} matches form {form!r} ({FORMS[form].covers}), not the declared {declared!r}"
         if form in accepted:
-            failures.append((Code.INTEGRITY_LEGACY_FORM, f"{said}; accepted for source {env.source!r}"
+            failures.append((Code.INTEGRITY_LEGACY_FORM, f"{said}; accepted for source {quote(env.source)}"
                              + ("" if FORMS[form].binds_attributes else ", but its attributes are not protected")))
         else:
             failures.append((Code.INTEGRITY_NONCANONICAL, f"{said}; {_declare_hint(env, form)}"))
@@ -332,13 +333,13 @@ def check_integrity(
     else:
         actual = digest(algorithm, content) if content is not None else "nothing (the form does not apply)"
         failures.append((Code.INTEGRITY_MISMATCH,
-                         f"{algorithm} expected {claimed}, the {declared} form hashes to {actual}{untried}"))
+                         f"{algorithm} expected {quote(claimed)}, the {declared} form hashes to {actual}{untried}"))
     return failures
 
 
 def _declare_hint(env: Envelope, form: str) -> str:
-    return (f"source {env.source!r} is not declared to use it (configuration: sources: {{{env.source}: "
-            f"{{forms: [{form}]}}}})")
+    return (f"source {quote(env.source)} is not declared to use it (configuration: sources: "
+            f"{{{quote(env.source)}: {{forms: [{form}]}}}})")
 
 
 def _not_accepted(env: Envelope, form: str, accepted: Collection[str]) -> str:

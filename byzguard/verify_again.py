@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from byzguard.envelope import decode
 from byzguard.integrity import DEFAULT_FORMS, KeyRing, check_integrity
 from byzguard.routing import H_VERDICT, original_headers
-from byzguard.verdict import Code, Reason, Severity
+from byzguard.verdict import Code, Reason, Severity, quote
 
 __all__ = ["Reverified", "verify_again", "verify_record"]
 
@@ -100,7 +100,7 @@ def verify_again(
                for code, detail in check_integrity(env, accepted, keyring, required=require_checksum)]
     if sources is not None and env.source not in sources:
         reasons.append(Reason(Code.SOURCE_NOT_ALLOWED,
-                              f"source {env.source!r} is not one of {sorted(sources)}", Severity.REJECT))
+                              f"source {quote(env.source)} is not one of {sorted(sources)}", Severity.REJECT))
     key_id = env.checksum.key_id if env.checksum is not None else None
     return Reverified(tuple(reasons), verdict, env.source, key_id)
 

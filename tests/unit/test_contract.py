@@ -340,6 +340,15 @@ def test_verify_again_rejects_a_mac_from_the_wrong_key(stamper: Stamper) -> None
     assert unknown.codes == ("integrity.unknown_key",)
 
 
+def test_contract_refuses_a_configuration_with_a_repeated_key() -> None:
+    """A producer's contract check reads the guard's file as the guard does: a second `routes:` is refused with
+    its line, never checked against the last block only."""
+    from byzguard.contract.check import contract_from_text
+    from byzguard.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: duplicate key 'routes'"):
+        contract_from_text(CONFIG + "\nroutes: []\n", source_path="c.yaml", secrets={"pricing-1": "s"})
+
+
 ARTICLE_CONFIG = """
 defaults: {max_skew: 5s, max_age: 24h}
 sources:

@@ -359,7 +359,7 @@ def test_check_integrity_accepts_only_the_given_forms() -> None:
 def test_unknown_form_in_config_is_refused_with_its_line() -> None:
     """sources.<name>.forms names known forms only; a typo is refused with file:line at start."""
     text = ("sources:\n  shop:\n    forms: [value-only, js-sortd]\n"
-            "routes:\n  - {name: r, inputs: [a], verified_topic: v, quarantine_topic: q}\n")
+            "routes:\n  - {name: r, inputs: [a], verified_topic: v, quarantine_topic: q, types: {t: {}}}\n")
     with pytest.raises(ConfigError, match=r"x\.yaml:3: sources\.shop\.forms: .*unknown integrity form"):
         guard_config.loads(text, source_path="x.yaml")
 
@@ -367,7 +367,7 @@ def test_unknown_form_in_config_is_refused_with_its_line() -> None:
 def test_inputs_take_plain_topics_and_declared_sources() -> None:
     """inputs mixes plain topic names and {topic, source}; an unknown field of an input is refused."""
     cfg = guard_config.loads("routes:\n  - name: r\n    inputs: [a, {topic: b, source: shop}]\n"
-                             "    verified_topic: v\n    quarantine_topic: q\n")
+                             "    verified_topic: v\n    quarantine_topic: q\n    types: {t: {}}\n")
     assert cfg.routes[0].inputs == ("a", "b") and cfg.routes[0].input_sources == {"b": "shop"}
     assert cfg.route_for("b").name == "r"
     with pytest.raises(ConfigError, match=r"x\.yaml:3: routes\.0\.inputs\.1\.sorce"):
@@ -375,8 +375,8 @@ def test_inputs_take_plain_topics_and_declared_sources() -> None:
                            "    verified_topic: v\n    quarantine_topic: q\n", source_path="x.yaml")
     with pytest.raises(ConfigError, match="input topic 'b'"):
         guard_config.loads("routes:\n  - {name: r, inputs: [{topic: b, source: x}], verified_topic: v, "
-                           "quarantine_topic: q}\n  - {name: s, inputs: [b], verified_topic: v2, "
-                           "quarantine_topic: q2}\n")
+                           "quarantine_topic: q, types: {t: {}}}\n  - {name: s, inputs: [b], verified_topic: v2, "
+                           "quarantine_topic: q2, types: {t: {}}}\n")
 
 
 def test_sources_forms_always_include_bound() -> None:
