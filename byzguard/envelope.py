@@ -447,6 +447,9 @@ def _decode_structured(
         attrs[CE_ENTITYVERSION] = _attr_text(raw_version)
     if raw_lamport is not None:
         attrs[CE_LAMPORTTIME] = _attr_text(raw_lamport)
+    instance = obj.get("lamportinstance")
+    if instance is not None:
+        attrs["ce_lamportinstance"] = _attr_text(instance)
     if vclock is not None:
         attrs[CE_VECTORCLOCK] = raw_vclock.encode() if isinstance(raw_vclock, str) else vclock.to_header()
     content_type = obj.get("datacontenttype")

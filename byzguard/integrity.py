@@ -184,13 +184,14 @@ def bound_base(id: bytes, source: bytes, type: bytes, subject: bytes, attrs: Map
     """The bound form's signature base (ENVELOPE.md), one line per present component in a fixed order and
     the data last; None when a component holds a line feed (the base would be ambiguous). Producers and the
     guard both call this: the texts as UTF-8 bytes; `attrs` holds the optional components under their
-    binary-mode header names (ce_time, ce_entityversion, ce_lamporttime, ce_vectorclock, content-type),
-    also in structured mode."""
+    binary-mode header names (ce_time, ce_entityversion, ce_lamporttime, ce_lamportinstance, ce_vectorclock,
+    content-type), also in structured mode."""
     # This runs on every event: no loop, one join, one scan for line feeds.
     get = attrs.get
     time = get("ce_time")
     version = get("ce_entityversion")
     lamport = get("ce_lamporttime")
+    instance = get("ce_lamportinstance")
     vclock = get("ce_vectorclock")
     content_type = get("content-type")
     base = b"".join((
@@ -198,14 +199,15 @@ def bound_base(id: bytes, source: bytes, type: bytes, subject: bytes, attrs: Map
         b"" if time is None else b"\ntime: " + time,
         b"" if version is None else b"\nentityversion: " + version,
         b"" if lamport is None else b"\nlamporttime: " + lamport,
+        b"" if instance is None else b"\nlamportinstance: " + instance,
         b"" if vclock is None else b"\nvectorclock: " + vclock,
         b"" if content_type is None else b"\ndatacontenttype: " + content_type,
         b"\nchecksumalg: ", algorithm,
         b"" if key_id is None else b"\nkeyid: " + key_id,
         b"\ndata: ", data,
     ))
-    lines = (6 + (time is not None) + (version is not None) + (lamport is not None) + (vclock is not None)
-             + (content_type is not None) + (key_id is not None))
+    lines = (6 + (time is not None) + (version is not None) + (lamport is not None) + (instance is not None)
+             + (vclock is not None) + (content_type is not None) + (key_id is not None))
     if base.count(_LF, 0, len(base) - len(data)) != lines:
         return None
     return base

@@ -136,8 +136,8 @@ class Stamper:
             event["checksumform"] = BOUND
             attrs = {name: (text.encode() if isinstance(text, str) else b"%d" % text) for name, text in (
                 (CE_TIME, event.get("time")), (CE_ENTITYVERSION, version), (CE_LAMPORTTIME, tick),
-                (CE_VECTORCLOCK, event.get("vectorclock")), (CONTENT_TYPE, event["datacontenttype"]))
-                if text is not None}
+                ("ce_lamportinstance", event.get("lamportinstance")), (CE_VECTORCLOCK, event.get("vectorclock")),
+                (CONTENT_TYPE, event["datacontenttype"])) if text is not None}
             covered = self._bound(event_id, type, subject, attrs, key_id, covered)
         event["checksumalg"] = self.algorithm
         event["checksum"] = digest(self.algorithm, covered, self.key)

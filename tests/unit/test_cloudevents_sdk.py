@@ -27,8 +27,8 @@ SECRET = b"pricing-secret"  # conftest's pricing-1 key
 # ENVELOPE.md, "The bound form, byte for byte": (line, binary-mode header), in order.
 LINES = [("id", "ce_id"), ("source", "ce_source"), ("type", "ce_type"), ("subject", "ce_subject"),
          ("time", "ce_time"), ("entityversion", "ce_entityversion"), ("lamporttime", "ce_lamporttime"),
-         ("vectorclock", "ce_vectorclock"), ("datacontenttype", "content-type"),
-         ("checksumalg", "ce_checksumalg"), ("keyid", "ce_keyid")]
+         ("lamportinstance", "ce_lamportinstance"), ("vectorclock", "ce_vectorclock"),
+         ("datacontenttype", "content-type"), ("checksumalg", "ce_checksumalg"), ("keyid", "ce_keyid")]
 
 
 def signature_base(headers: dict[str, bytes], value: bytes) -> bytes:

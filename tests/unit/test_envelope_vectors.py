@@ -85,6 +85,7 @@ SPEC_COMPONENTS = [("id", "ce_id", "id"), ("source", "ce_source", "source"), ("t
                    ("subject", "ce_subject", "subject"), ("time", "ce_time", "time"),
                    ("entityversion", "ce_entityversion", "entityversion"),
                    ("lamporttime", "ce_lamporttime", "lamporttime"),
+                   ("lamportinstance", "ce_lamportinstance", "lamportinstance"),
                    ("vectorclock", "ce_vectorclock", "vectorclock"),
                    ("datacontenttype", "content-type", "datacontenttype"),
                    ("checksumalg", "ce_checksumalg", "checksumalg"), ("keyid", "ce_keyid", "keyid")]
@@ -151,7 +152,8 @@ for (const c of vectors.cases) {
   const lines = [["checksumform", "bound"], ["id", h.ce_id], ["source", h.ce_source],
     ["type", h.ce_type ?? "price.updated"], ["subject", h.ce_subject ?? c.record.key],
     ["time", h.ce_time], ["entityversion", h.ce_entityversion], ["lamporttime", h.ce_lamporttime],
-    ["vectorclock", h.ce_vectorclock], ["datacontenttype", h["content-type"]], ["checksumalg", alg],
+    ["lamportinstance", h.ce_lamportinstance], ["vectorclock", h.ce_vectorclock],
+    ["datacontenttype", h["content-type"]], ["checksumalg", alg],
     ["keyid", h.ce_keyid]]
     .filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${v}\n`).join("");
   const base = Buffer.concat([Buffer.from(lines + "data: ", "utf8"), value]);

@@ -425,3 +425,16 @@ def test_deeply_nested_data_with_a_bad_checksum_is_a_mismatch_not_a_crash() -> N
             [Code.INTEGRITY_MISMATCH]
     finally:
         sys.setrecursionlimit(limit)
+
+
+def test_the_producer_instance_of_the_lamport_clock_is_bound(harness: Harness) -> None:
+    """ce_lamportinstance (the writer whose Lamport clock this is) is covered: another instance fails."""
+    s = Stamper("pricing").binary(PRICE, type="price.updated", subject="sku-1", version=1, time=NOW)
+    headers = [*s.headers[:-1], ("ce_lamportinstance", b"pod-a")]
+    h = dict(headers)
+    base = bound_base(h["ce_id"], h["ce_source"], h["ce_type"], h["ce_subject"], h, h["ce_checksumalg"], None, s.value)
+    assert base is not None and b"\nlamportinstance: pod-a\n" in base
+    headers.append(("ce_checksum", hashlib.sha256(base).hexdigest().encode()))
+    assert harness.feed(s.key, s.value, headers, now=NOW).decision.outcome is Outcome.VERIFIED
+    routed = harness.feed(s.key, s.value, changed(headers, "ce_lamportinstance", b"pod-b"), now=NOW)
+    assert codes(routed) == ["integrity.mismatch"]
