@@ -438,3 +438,19 @@ def test_the_producer_instance_of_the_lamport_clock_is_bound(harness: Harness) -
     assert harness.feed(s.key, s.value, headers, now=NOW).decision.outcome is Outcome.VERIFIED
     routed = harness.feed(s.key, s.value, changed(headers, "ce_lamportinstance", b"pod-b"), now=NOW)
     assert codes(routed) == ["integrity.mismatch"]
+
+
+def test_a_legacy_form_event_keeps_the_last_known_good_unless_the_type_says_replace() -> None:
+    """Warned by integrity.legacy_form, a later value does not replace the last-known-good (it may be a replay
+    under another version) unless the type sets last_good_on_warn: replace."""
+    from byzguard.state import EntityState
+    for setting, expected in (("", 10.0), ("        last_good_on_warn: replace\n", 11.0)):
+        h = Harness(LENIENT.replace("        sources: [pricing, orders, shop]\n",
+                                    "        sources: [pricing, orders, shop]\n" + setting))
+        shop = Stamper("shop", form=VALUE_ONLY)
+        for version, price in ((1, 10.0), (2, 11.0)):
+            s = shop.binary({"price": price, "currency": "USD"}, type="price.updated", subject="sku-1",
+                            version=version, time=NOW)
+            assert codes(h.feed(s.key, s.value, s.headers, now=NOW)) == ["integrity.legacy_form"]
+        state = EntityState.from_bytes(h.entities[b"sku-1"])
+        assert state.version == 2 and state.last_good_data()["price"] == expected
