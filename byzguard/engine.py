@@ -244,9 +244,10 @@ def _conclude(
     outcome = _WARNED if found else _VERIFIED
     if not update:
         return Decision(outcome, found)
-    # A warned value keeps the last-known-good it would replace, unless its type says otherwise.
+    # A warned value keeps the last-known-good it would replace, unless its type says otherwise. A version gap
+    # questions neither the value nor who wrote it (versions were skipped, e.g. written where the guard is not).
     keep_last_good = bool(found) and entity is not None and bool(entity.last_good) \
-        and not policy.warned_replaces_last_good
+        and not policy.warned_replaces_last_good and any(r.code is not Code.VERSION_GAP for r in found)
     if not keep_last_good and len(env.covered) > limits.last_good_max_bytes:
         reasons.add(Code.STATE_LAST_GOOD_TOO_LARGE,
                     f"the value ({len(env.covered)} bytes) is larger than last_good_max_bytes "
