@@ -21,8 +21,10 @@ from typing import Any
 from bench.passthrough_raw import faust_batching
 
 
-def client_configs(bootstrap: str, group: str, batching: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(consumer, producer) librdkafka settings matching (a)'s aiokafka clients."""
+def client_configs(bootstrap: str, group: str, batching: dict[str, Any], *,
+                   librdkafka_batching: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(consumer, producer) librdkafka settings matching (a)'s aiokafka clients; `librdkafka_batching`: the
+    producer keeps librdkafka's own linger (5 ms) and batch size (1 MB) instead of (a)'s."""
     consumer = {
         "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
         "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
@@ -36,14 +38,17 @@ def client_configs(bootstrap: str, group: str, batching: dict[str, Any]) -> tupl
         "message.max.bytes": max(batching["max_request_size"], 1_000_000),
         "enable.idempotence": False,  # as aiokafka's default producer in (a)
     }
+    if librdkafka_batching:
+        del producer["linger.ms"], producer["batch.size"]
     return consumer, producer
 
 
-def passthrough(bootstrap: str, source: str, target: str, group: str, batching: dict[str, Any]) -> None:
+def passthrough(bootstrap: str, source: str, target: str, group: str, batching: dict[str, Any], *,
+                librdkafka_batching: bool = False) -> None:
     """Forward every record of `source` to the same partition of `target` until SIGTERM."""
     from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-    consumer_conf, producer_conf = client_configs(bootstrap, group, batching)
+    consumer_conf, producer_conf = client_configs(bootstrap, group, batching, librdkafka_batching=librdkafka_batching)
     consumer = Consumer(consumer_conf)
     producer = Producer(producer_conf)
     stopping = []
@@ -100,11 +105,14 @@ def main() -> None:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--group", required=True)
+    parser.add_argument("--librdkafka-batching", action="store_true",
+                        help="the producer keeps librdkafka's linger (5 ms) and batch size (1 MB)")
     args = parser.parse_args()
     batching = faust_batching(args.broker)
-    print(f"confluent-kafka pass-through {args.input} -> {args.output}, group {args.group}, batching {batching}",
-          flush=True)
-    passthrough(args.broker, args.input, args.output, args.group, batching)
+    print(f"confluent-kafka pass-through {args.input} -> {args.output}, group {args.group}, batching {batching}"
+          f"{', librdkafka batching' if args.librdkafka_batching else ''}", flush=True)
+    passthrough(args.broker, args.input, args.output, args.group, batching,
+                librdkafka_batching=args.librdkafka_batching)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # The physical ceiling of a Python Kafka client here (librdkafka; a bench-only dependency, the `bench` extra).
     Variant("a_ck", "raw confluent-kafka consume-produce pass-through", "raw", "at_least_once",
             module="bench.passthrough_ck"),
+    # Diagnostic: a_ck with librdkafka's own producer batching (linger 5 ms, batch 1 MB) instead of a's (linger 0).
+    Variant("a_ck_lib", "raw confluent-kafka pass-through, librdkafka's own producer batching", "raw",
+            "at_least_once", module="bench.passthrough_ck", args=("--librdkafka-batching",)),
     Variant("b", "faust pass-through agent", "faust", "at_least_once"),
     Variant("c", "byzguard, every check + CEL rules, RocksDB, at_least_once", "byzguard", "at_least_once"),
     Variant("d", "byzguard, every check + CEL rules, RocksDB, exactly_once", "byzguard", "exactly_once"),
@@ -139,7 +142,7 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
     if variant.kind == "raw":
         output = f"{run_id}-out"
         args = ["-m", variant.module or "bench.passthrough_raw", "--broker", bootstrap, "--input", input_topic,
-                "--output", output, "--group", run_id]
+                "--output", output, "--group", run_id, *variant.args]
         worker = Worker.python(run_id, args, env=dict(extra_env or {}), cwd=run_dir, log_path=log_path)
         return Launch(variant, worker, run_id, [output], "python " + shlex.join(args))
     env = {

@@ -187,3 +187,14 @@ def test_a_steady_state_run_produces_the_history_before_the_timed_events() -> No
     args = parse_args(["--events", "100", "--entities", "10", "--history", "40"])
     assert args.history * args.entities == 400
     assert parse_args([]).history == 0
+
+
+def test_a_ck_lib_keeps_librdkafkas_own_producer_batching(tmp_path: Any) -> None:
+    """a_ck_lib passes --librdkafka-batching, which leaves linger.ms and batch.size to librdkafka."""
+    from bench.passthrough_ck import client_configs
+
+    assert _launch("a_ck_lib", tmp_path).worker.argv[-1] == "--librdkafka-batching"
+    batching = {"fetch_max_wait_ms": 1500, "max_partition_fetch_bytes": 1 << 20, "acks": "all", "linger_ms": 0,
+                "max_batch_size": 1 << 14, "max_request_size": 1 << 20}
+    _, producer = client_configs("b:9092", "g", batching, librdkafka_batching=True)
+    assert "linger.ms" not in producer and "batch.size" not in producer
