@@ -58,6 +58,10 @@ def describe_last_good(state: EntityState | None, *, route: Route, entity: str, 
     base: dict[str, Any] = {"route": route.name, "entity": entity}
     if state is None:
         return NOT_FOUND, {**base, "error": NOT_FOUND, "detail": "no verified value for this entity"}
+    if state.last_good_dropped:
+        return NOT_FOUND, {**base, "error": NOT_FOUND, "verified_at": _iso(state.verified_at),
+                           "detail": f"the last verified value ({state.last_good_dropped} bytes) was larger than "
+                           f"last_good_max_bytes and was not kept"}
     since = state.event_time if state.event_time is not None else state.verified_at
     age = max(0.0, now - since)
     if age > retention:
@@ -81,9 +85,14 @@ def describe_last_good(state: EntityState | None, *, route: Route, entity: str, 
     }
     try:
         body["value"] = orjson.loads(state.last_good)
+        orjson.dumps(body["value"])  # orjson reads 1,024 levels but writes 254: a deeper value cannot be answered
     except orjson.JSONDecodeError:  # a binary-mode producer may send non-JSON bytes
         body["value"] = None
         body["value_base64"] = base64.b64encode(state.last_good).decode()
+    except orjson.JSONEncodeError:  # the exact bytes instead of a value cut short
+        body["value"] = None
+        body["value_base64"] = base64.b64encode(state.last_good).decode()
+        body["value_note"] = "the value is nested too deeply to be answered as JSON: its bytes are in value_base64"
     return body["status"], body
 
 

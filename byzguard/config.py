@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from byzguard.audit import AuditRule, AuditSide, FieldPath, Require
-from byzguard.errors import ConfigError, RuleCompileError
+from byzguard.errors import ConfigError, KeyRingError, RuleCompileError
 from byzguard.integrity import KeyRing
 from byzguard.rules import RuleSet, RuleSpec, compile_rules
 from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
@@ -25,7 +26,8 @@ from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
 CHECKS = ("integrity", "authorization", "idempotency", "version", "causal", "time", "invariant")
 
 # Codes whose default severity is not `reject`: skipped versions are suspicious but often legitimate.
-DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN}
+DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN,
+                                               Code.STATE_LAST_GOOD_TOO_LARGE: Severity.WARN}
 
 # A module constant: on Python 3.11 `Severity.REJECT` is a descriptor lookup, and level() runs per event.
 _REJECT = Severity.REJECT
@@ -76,6 +78,8 @@ class TypeModel(_Model):
     sources: list[str] | None = None
     key_ids: list[str] | None = None
     rules: list[RuleModel] = Field(default_factory=list)
+    # keep: a verified value with a warning does not replace the last-known-good; replace: it does.
+    last_good_on_warn: Literal["keep", "replace"] | None = None
 
     @field_validator("max_age", "max_skew", mode="before")
     @classmethod
@@ -218,11 +222,20 @@ class AuditModel(_Model):
         return value
 
 
+def _error_at(loc: tuple[int | str, ...], message: str, value: object) -> ValidationError:
+    """A validation error of a whole-file check placed at `loc`, so that loads() reports its file:line."""
+    return ValidationError.from_exception_data("FileModel", [InitErrorDetails(
+        type=PydanticCustomError("consistency", "{message}", {"message": message}), loc=loc, input=value)])
+
+
 class FileModel(_Model):
     defaults: TypeModel = Field(default_factory=TypeModel)
     keys: dict[str, KeyModel] = Field(default_factory=dict)
     idempotency: IdempotencyModel = Field(default_factory=IdempotencyModel)
     last_good_retention: float = 30 * 86_400.0
+    # A last-known-good value larger than this is not kept (state.last_good_too_large): state records stay
+    # well under Kafka's 1 MB message limit.
+    last_good_max_bytes: int = Field(default=256 * 1024, ge=0, le=512 * 1024)
     routes: list[RouteModel] = Field(min_length=1)
     audits: list[AuditModel] = Field(default_factory=list)
 
@@ -246,10 +259,12 @@ class FileModel(_Model):
                 if topic in (route.verified_topic, route.quarantine_topic):
                     raise ValueError(f"route {route.name!r} reads and writes topic {topic!r}")
             for type_name, type_model in route.types.items():
-                for key_id in type_model.key_ids or ():
+                for n, key_id in enumerate(type_model.key_ids or ()):
                     if key_id not in self.keys:
-                        raise ValueError(f"route {route.name!r} type {type_name!r}: key id {key_id!r} is not "
-                                         "declared under keys")
+                        # At the key id's own place (file:line), not at the top of the file.
+                        raise _error_at(("routes", self.routes.index(route), "types", type_name, "key_ids", n),
+                                        f"route {route.name!r} type {type_name!r}: key id {key_id!r} is not "
+                                        "declared under keys", key_id)
         return self
 
     @model_validator(mode="after")
@@ -293,6 +308,8 @@ class TypePolicy:
     rules: RuleSet
     #: False for the route's fallback policy, which judges the types the route does not list (type.unlisted).
     listed: bool = True
+    #: Whether a verified event with a warning replaces the last-known-good value (`last_good_on_warn`).
+    warned_replaces_last_good: bool = False
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
@@ -329,6 +346,7 @@ class GuardConfig:
     id_window: float
     last_good_retention: float
     source_path: str = "<memory>"
+    last_good_max_bytes: int = 256 * 1024
     route_by_input: Mapping[str, Route] = field(default_factory=dict)
     audits: tuple[AuditRule, ...] = ()
 
@@ -384,23 +402,43 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         require_checksum=route.require_checksum or bool(key_ids),
         rules=compile_rules(specs),
         listed=own is not None,
+        warned_replaces_last_good=pick("last_good_on_warn") == "replace",
     )
 
 
-def build(model: FileModel, *, source_path: str = "<memory>",
-          environ: Mapping[str, str] | None = None) -> GuardConfig:
+def _load_keys(model: FileModel, environ: Mapping[str, str] | None, require_secrets: bool) -> KeyRing:
+    """The key ring; without require_secrets, keys whose secret is not available here are left out (for tools that
+    read or check and verify no MAC: the review CLI, `config check`, audits)."""
+    specs = {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}
+    if require_secrets:
+        return KeyRing.load(specs, environ)
+    available = {}
+    for kid, spec in specs.items():
+        try:
+            key = KeyRing.load({kid: spec}, environ).get(kid)
+        except KeyRingError:
+            continue
+        if key is not None:
+            available[kid] = key
+    return KeyRing(available)
+
+
+def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None,
+          require_secrets: bool = True) -> GuardConfig:
     """Compile a validated file model: resolve layers, compile rules, load keys."""
-    keyring = KeyRing.load(
-        {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}, environ
-    )
+    keyring = _load_keys(model, environ, require_secrets)
     routes = []
-    for route in model.routes:
+    for index, route in enumerate(model.routes):
         types = {}
         for name, type_model in route.types.items():
             try:
                 types[name] = _merge_type(model.defaults, route, type_model)
             except RuleCompileError as exc:
-                raise RuleCompileError(f"{source_path}: routes.{route.name}.types.{name}.rules: {exc}") from exc
+                raise _rule_error(exc, model, ("routes", index, "types", name), type_model) from exc
+        try:
+            fallback = _merge_type(model.defaults, route, None)
+        except RuleCompileError as exc:
+            raise _rule_error(exc, model, ("defaults",), None) from exc
         routes.append(Route(
             name=route.name,
             inputs=tuple(route.inputs),
@@ -410,7 +448,7 @@ def build(model: FileModel, *, source_path: str = "<memory>",
             default_type=route.default_type,
             causal=route.causal,
             types=types,
-            fallback=_merge_type(model.defaults, route, None),
+            fallback=fallback,
             receipts_topic=route.receipts_topic,
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
@@ -420,10 +458,31 @@ def build(model: FileModel, *, source_path: str = "<memory>",
         ids_per_entity=model.idempotency.ids_per_entity,
         id_window=model.idempotency.window,
         last_good_retention=model.last_good_retention,
+        last_good_max_bytes=model.last_good_max_bytes,
         source_path=source_path,
         route_by_input=by_input,
         audits=tuple(_compile_audit(model, audit) for audit in model.audits),
     )
+
+
+def _rule_error(exc: RuleCompileError, model: FileModel, where: tuple[int | str, ...],
+                own: TypeModel | None) -> RuleCompileError:
+    """The error with the location of the rule that failed (`loc`, turned into file:line by loads()): the first rule
+    that does not compile on its own, else the rules list of the type (a name defined twice)."""
+    candidates: list[tuple[tuple[int | str, ...], RuleModel]] = [
+        (("defaults", "rules", n), r) for n, r in enumerate(model.defaults.rules)]
+    if own is not None:
+        candidates += [((*where, "rules", n), r) for n, r in enumerate(own.rules)]
+    loc: tuple[int | str, ...] = (*where, "rules")
+    for rule_loc, rule in candidates:
+        try:
+            compile_rules([RuleSpec(rule.name, rule.expr, Severity(rule.severity), rule.message)])
+        except RuleCompileError:
+            loc = (*rule_loc, "expr")
+            break
+    error = RuleCompileError(f"{'.'.join(map(str, loc))}: {exc}")
+    error.loc = loc
+    return error
 
 
 def _compile_audit(model: FileModel, audit: AuditModel) -> AuditRule:
@@ -489,8 +548,10 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects from the file
 
 
-def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None) -> GuardConfig:
-    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault."""
+def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None,
+          require_secrets: bool = True) -> GuardConfig:
+    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault.
+    require_secrets=False: MAC keys whose secret is not available are left out of the key ring, not refused."""
     try:
         raw = read_yaml(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -511,18 +572,19 @@ def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str
             lines.append(f"{where}: {path}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     try:
-        return build(model, source_path=source_path, environ=environ)
-    except RuleCompileError:
-        raise
+        return build(model, source_path=source_path, environ=environ, require_secrets=require_secrets)
+    except RuleCompileError as exc:
+        line = _line_of(root, exc.loc) if exc.loc else None
+        raise RuleCompileError(f"{source_path}:{line}: {exc}" if line else f"{source_path}: {exc}") from exc
     except ConfigError as exc:
         raise type(exc)(f"{source_path}: {exc}") from exc
 
 
-def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GuardConfig:
-    """Load and validate a configuration file."""
+def load(path: str | Path, *, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> GuardConfig:
+    """Load and validate a configuration file (see loads for require_secrets)."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the configuration: {exc}") from exc
-    return loads(text, source_path=str(p), environ=environ)
+    return loads(text, source_path=str(p), environ=environ, require_secrets=require_secrets)

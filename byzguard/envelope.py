@@ -227,8 +227,13 @@ def _header_map(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes]) -> d
     items = headers.items() if isinstance(headers, Mapping) else headers
     out: dict[str, bytes] = {}
     for name, raw in items:
-        # Kafka allows repeated headers; the last one wins, as the CloudEvents binding reads them.
-        out[name.lower() if not name.islower() else name] = raw if raw is not None else b""
+        name = name.lower() if not name.islower() else name
+        raw = raw if raw is not None else b""
+        # Kafka allows repeated headers, and readers disagree on which one counts (first or last): an attribute
+        # given twice with two values is as ambiguous as a JSON object that repeats a key.
+        if name in out and out[name] != raw and (name.startswith("ce_") or name == CONTENT_TYPE):
+            raise DecodeFailure(Code.DECODE_AMBIGUOUS, f"header {quote(name)} is repeated with different values")
+        out[name] = raw
     return out
 
 

@@ -137,3 +137,19 @@ def test_json_nested_deeper_than_orjson_writes_is_still_checked() -> None:
         repeated = b'{"a":' * 400 + b'{"x":1,"x":2}' + b"}" * 400
         unambiguous(repeated, orjson.loads(repeated), "data")
     assert err.value.code is Code.DECODE_AMBIGUOUS
+
+
+def test_a_header_repeated_with_two_values_is_refused() -> None:
+    """Two `ce_subject` headers with different values: readers that take the first and the last disagree."""
+    value, headers = binary(b'{"price": 5}')
+    assert decode(b"sku-1", value, [*headers, ("ce_subject", b"sku-2")]) == (
+        Code.DECODE_AMBIGUOUS, "header 'ce_subject' is repeated with different values")
+
+
+def test_a_header_repeated_with_the_same_value_is_not_ambiguous() -> None:
+    """The same attribute twice with one value means one thing, and so does a repeated header byzguard does not read."""
+    value, headers = binary(b'{"price": 5}')
+    subject = dict(headers)["ce_subject"]
+    decoded = decode(b"sku-1", value, [*headers, ("ce_subject", subject), ("x-trace", b"1"), ("x-trace", b"2")])
+    assert not isinstance(decoded, tuple)
+    assert decoded.subject == "sku-1"

@@ -143,3 +143,34 @@ def test_config_check_refuses_a_second_routes_block(tmp_path: Path) -> None:
                                 env={"BYZGUARD_KEY_PRICING_1": "s", "COLUMNS": "400"})
     assert result.exit_code == 2
     assert f"{path}:{shipped.count(chr(10)) + 2}: duplicate key 'routes'" in result.output
+
+
+def test_rule_errors_carry_the_line_of_the_rule(tmp_path: Path) -> None:
+    """A rule that does not compile is reported at its own file:line, in a type's rules and in the defaults."""
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("routes:\n  - name: r\n    inputs: [a]\n    verified_topic: b\n    quarantine_topic: c\n"
+                      "    types:\n      t:\n        rules:\n          - {name: fine, expr: 'data.price > 0'}\n"
+                      "          - name: broken\n            expr: 'data.price >> 1'\n")
+    with pytest.raises(RuleCompileError, match=rf"^{config}:11: routes\.0\.types\.t\.rules\.1\.expr: .*broken"):
+        guard_config.load(config)
+    config.write_text("defaults:\n  rules:\n    - {name: nope, expr: 'unknown_thing > 1'}\n"
+                      "routes:\n  - {name: r, inputs: [a], verified_topic: b, quarantine_topic: c, types: {t: {}}}\n")
+    with pytest.raises(RuleCompileError, match=rf"^{config}:3: defaults\.rules\.0\.expr: .*nope"):
+        guard_config.load(config)
+
+
+def test_undeclared_key_id_is_reported_at_its_line(tmp_path: Path) -> None:
+    """A key id no `keys:` entry declares is reported at the line that names it, not at line 1."""
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("routes:\n  - name: r\n    inputs: [a]\n    verified_topic: b\n    quarantine_topic: c\n"
+                      "    types:\n      t:\n        key_ids:\n          - k1\n")
+    with pytest.raises(ConfigError, match=rf"{config}:9: routes\.0\.types\.t\.key_ids\.0: .*'k1' is not declared"):
+        guard_config.load(config)
+
+
+def test_loading_without_secrets_leaves_unavailable_keys_out() -> None:
+    """require_secrets=False loads a configuration whose key secrets are not set here, without those keys."""
+    text = ("keys: {k: {source: s, secret_env: NOPE_NOT_SET}, j: {source: t, secret_env: SET_HERE}}\nroutes:\n"
+            "  - {name: r, inputs: [a], verified_topic: b, quarantine_topic: c, types: {t: {}}}\n")
+    cfg = guard_config.loads(text, environ={"SET_HERE": "x"}, require_secrets=False)
+    assert "k" not in cfg.keyring and "j" in cfg.keyring
