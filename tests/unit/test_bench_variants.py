@@ -198,3 +198,64 @@ def test_a_ck_lib_keeps_librdkafkas_own_producer_batching(tmp_path: Any) -> None
                 "max_batch_size": 1 << 14, "max_request_size": 1 << 20}
     _, producer = client_configs("b:9092", "g", batching, librdkafka_batching=True)
     assert "linger.ms" not in producer and "batch.size" not in producer
+
+
+def test_at_least_once_stores_a_batch_after_its_outputs_and_commits_after_its_state(tmp_path: Any) -> None:
+    """AloBatches: fetch N's outputs acknowledged, then its state in RocksDB, then its offsets committed, while
+    fetch N+1 is already processed (reading N's state through the overlay)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    from bench.batch_guard import AloBatches, PartitionState
+
+    log: list[str] = []
+    tp = TopicPartition("in", 0)
+    part = PartitionState(tmp_path, 0)
+
+    class FakeLoop:
+        def part(self, _tp: TopicPartition) -> PartitionState:
+            return part
+
+        def process(self, p: PartitionState, msg: Any, out: Any) -> None:
+            log.append(f"process {msg.offset} sees {p.readers['entities'].get(b'k')!r}")
+            p.pending["entities"][b"k"] = str(msg.offset).encode()
+            out.add("v", 0, None, b"x")
+
+        def changelog_records(self, p: PartitionState, out: Any) -> None:
+            pass
+
+    class Producer:
+        def create_batch(self) -> Any:
+            return SimpleNamespace(append=lambda **kw: object())
+
+        async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            n = sum(1 for line in log if line.startswith("sent"))
+            log.append(f"sent {n}")
+
+            def ack() -> None:
+                log.append(f"acked {n}; on disk {part.db('entities').get(b'k')!r}")
+                fut.set_result(None)
+            asyncio.get_running_loop().call_later(0.01 * (n + 1), ack)
+            return fut
+
+    class Consumer:
+        async def commit(self, offsets: Any) -> None:
+            log.append(f"commit {offsets[tp].offset}; on disk {part.db('entities').get(b'k')!r}")
+
+    async def run() -> None:
+        batches = AloBatches(FakeLoop(), Consumer(), Producer())  # type: ignore[arg-type]
+        await batches.step({tp: [SimpleNamespace(offset=0)]})
+        await batches.step({tp: [SimpleNamespace(offset=1)]})
+        await batches.finish()
+
+    try:
+        asyncio.run(run())
+    finally:
+        part.close()
+    assert log == ["process 0 sees None", "sent 0",
+                   "process 1 sees b'0'", "sent 1",          # fetch 1 reads fetch 0's state in flight
+                   "acked 0; on disk None", "commit 1; on disk b'0'",
+                   "acked 1; on disk b'0'", "commit 2; on disk b'1'"]
