@@ -259,3 +259,69 @@ def test_at_least_once_stores_a_batch_after_its_outputs_and_commits_after_its_st
                    "process 1 sees b'0'", "sent 1",          # fetch 1 reads fetch 0's state in flight
                    "acked 0; on disk None", "commit 1; on disk b'0'",
                    "acked 1; on disk b'0'", "commit 2; on disk b'1'"]
+
+
+def test_exactly_once_writes_the_state_only_after_the_transaction_committed(tmp_path: Any) -> None:
+    """e_eos: outputs and input offsets go into one transaction; RocksDB gets the batch's state after the commit,
+    and an aborted transaction leaves the state unwritten."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    from bench.batch_guard import Loop, PartitionState, RecordBatches
+
+    log: list[str] = []
+    part = PartitionState(tmp_path, 0)
+
+    class Txn:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def create_batch(self) -> Any:
+            return SimpleNamespace(append=lambda **kw: object())
+
+        async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+            log.append(f"send {topic}")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+        async def begin_transaction(self) -> None:
+            log.append("begin")
+
+        async def send_offsets_to_transaction(self, offsets: Any, group: str) -> None:
+            log.append(f"offsets {offsets[TopicPartition('in', 0)]} {group}")
+
+        async def commit_transaction(self) -> None:
+            if self.fail:
+                raise RuntimeError("fenced")
+            log.append(f"commit; on disk {part.db('entities').get(b'k')!r}")
+
+        async def abort_transaction(self) -> None:
+            log.append("abort")
+
+    loop = SimpleNamespace(app_id="g")
+
+    async def batch(txn: Txn) -> None:
+        out = RecordBatches(txn)  # type: ignore[arg-type]
+        out.add("v", 0, None, b"x")
+        part.pending["entities"][b"k"] = b"1"
+        part.seal()
+        await Loop._commit_batch(loop, txn, out, part, {TopicPartition("in", 0): 7})  # type: ignore[arg-type]
+
+    try:
+        asyncio.run(batch(Txn(fail=False)))
+        assert log == ["begin", "send v", "offsets 7 g", "commit; on disk None"]
+        assert part.db("entities").get(b"k") == b"1"
+        log.clear()
+        part.store()
+        part.pending["entities"][b"k"] = b"2"
+        part.seal()
+        part.pending["entities"].clear()
+        with pytest.raises(RuntimeError, match="fenced"):
+            asyncio.run(Loop._commit_batch(loop, Txn(fail=True), RecordBatches(Txn(fail=True)),  # type: ignore[arg-type]
+                                           part, {TopicPartition("in", 0): 8}))
+        assert log == ["begin", "offsets 8 g", "abort"] and part.db("entities").get(b"k") == b"1"
+    finally:
+        part.close()
