@@ -164,10 +164,14 @@ class AloBatches:
     """at_least_once over fetches handed in one at a time (by the loop itself, or by a faust agent in shape 2):
     fetch N is processed and sent while fetch N-1 is acknowledged, stored and committed."""
 
-    def __init__(self, loop: Loop, consumer: Any, producer: AIOKafkaProducer) -> None:
+    def __init__(self, loop: Loop, consumer: Any, producer: AIOKafkaProducer, *, commit_behind: bool = False) -> None:
         self.loop = loop
         self.consumer = consumer
         self.out = RecordBatches(producer)
+        #: diagnostic (--commit-behind): the offset commit runs as a task, at most one in flight, instead of
+        #: inside the loop; the state is still written before it
+        self.commit_behind = commit_behind
+        self.committing: asyncio.Task[None] | None = None
         self.in_flight: tuple[list[asyncio.Future[Any]], list[PartitionState], dict[TopicPartition, int]] | None = None
 
     async def step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
@@ -182,28 +186,35 @@ class AloBatches:
             offsets[tp] = messages[-1].offset + 1
             sealed.append(part)
         futures = await out.send() if offsets else []
-        await self.finish()
+        await self.finish(wait_commit=not self.commit_behind)
         if offsets:
             for part in sealed:
                 part.seal()
             self.in_flight = (futures, sealed, offsets)
 
-    async def finish(self) -> None:
-        """The batch in flight: outputs acknowledged, then its state written, then its offsets committed."""
+    async def finish(self, *, wait_commit: bool = True) -> None:
+        """The batch in flight: outputs acknowledged, then its state written, then its offsets committed (without
+        `wait_commit`, the commit may still be running when this returns)."""
         if self.in_flight is not None:
             futures, parts, offsets = self.in_flight
             self.in_flight = None
             await asyncio.gather(*futures)
             for part in parts:
                 part.store()
-            await commit_acknowledged(self.consumer, [], offsets)
+            if self.committing is not None:
+                await self.committing  # commits stay in order, at most one in flight
+            self.committing = asyncio.ensure_future(commit_acknowledged(self.consumer, [], offsets))
+        if wait_commit and self.committing is not None:
+            committing, self.committing = self.committing, None
+            await committing
 
 
 class Loop:
     """The prototype's loop: one consumer, the guard, per-partition state, batches, commits or transactions."""
 
     def __init__(self, bootstrap: str, app_id: str, data_dir: Path, config_path: Path, *, eos: bool,
-                 max_records: int, max_ms: float) -> None:
+                 max_records: int, max_ms: float, commit_behind: bool = False) -> None:
+        self.commit_behind = commit_behind
         self.bootstrap = bootstrap
         self.app_id = app_id
         self.data_dir = data_dir
@@ -269,7 +280,7 @@ class Loop:
 
     async def _run_alo(self, consumer: Any, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         """at_least_once: one batch (all partitions of one fetch) in flight while the next is processed."""
-        batches = AloBatches(self, consumer, producer)
+        batches = AloBatches(self, consumer, producer, commit_behind=self.commit_behind)
         while not stop.is_set():
             await batches.step(await consumer.getmany(timeout_ms=200, max_records=self.max_records))
         await batches.finish()
@@ -341,12 +352,14 @@ def main() -> None:
     parser.add_argument("--max-records", type=int, default=1000, help="records per batch at most (default 1000)")
     parser.add_argument("--max-ms", type=float, default=100.0,
                         help="exactly_once: processing time of a batch at most, in ms (default 100)")
+    parser.add_argument("--commit-behind", action="store_true",
+                        help="at_least_once diagnostic: commit offsets in a task (one in flight), not in the loop")
     args = parser.parse_args()
     print(f"BENCH PROTOTYPE batched guard loop ({'exactly_once' if args.eos else 'at_least_once'}), app "
           f"{args.app_id}, config {args.config}, batches <= {args.max_records} records / {args.max_ms:g} ms",
           flush=True)
     loop = Loop(args.broker, args.app_id, args.data_dir, args.config, eos=args.eos, max_records=args.max_records,
-                max_ms=args.max_ms)
+                max_ms=args.max_ms, commit_behind=args.commit_behind)
     asyncio.run(loop.run())
 
 

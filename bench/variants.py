@@ -91,6 +91,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             "at_least_once"),
     Variant("e_eos", "prototype: as e, exactly_once (a transaction per partition per batch <= 100 ms)", "batch",
             "exactly_once", args=("--eos",)),
+    # Diagnostic: e with its offset commit off the loop's path (a task, at most one in flight): its latency.
+    Variant("e_behind", "prototype: as e, offsets committed in a task behind the loop", "batch", "at_least_once",
+            args=("--commit-behind",)),
     # Shape (2) of docs/runtime-choice.md: a faust agent fed one event per fetch (bench/faust_batches.py).
     Variant("f", "prototype: faust agent fed one event per fetch, byzguard core as e, at_least_once", "batch",
             "at_least_once", module="bench.faust_batches"),
