@@ -200,9 +200,11 @@ def test_a_ck_lib_keeps_librdkafkas_own_producer_batching(tmp_path: Any) -> None
     assert "linger.ms" not in producer and "batch.size" not in producer
 
 
-def test_at_least_once_stores_a_batch_after_its_outputs_and_commits_after_its_state(tmp_path: Any) -> None:
+@pytest.mark.parametrize("commit_behind", [False, True])
+def test_at_least_once_stores_a_batch_after_its_outputs_and_commits_after_its_state(tmp_path: Any,
+                                                                                   commit_behind: bool) -> None:
     """AloBatches: fetch N's outputs acknowledged, then its state in RocksDB, then its offsets committed, while
-    fetch N+1 is already processed (reading N's state through the overlay)."""
+    fetch N+1 is already processed (reading N's state through the overlay); also with the commit behind the loop."""
     import asyncio
     from types import SimpleNamespace
 
@@ -246,7 +248,7 @@ def test_at_least_once_stores_a_batch_after_its_outputs_and_commits_after_its_st
             log.append(f"commit {offsets[tp].offset}; on disk {part.db('entities').get(b'k')!r}")
 
     async def run() -> None:
-        batches = AloBatches(FakeLoop(), Consumer(), Producer())  # type: ignore[arg-type]
+        batches = AloBatches(FakeLoop(), Consumer(), Producer(), commit_behind=commit_behind)  # type: ignore[arg-type]
         await batches.step({tp: [SimpleNamespace(offset=0)]})
         await batches.step({tp: [SimpleNamespace(offset=1)]})
         await batches.finish()
