@@ -34,6 +34,7 @@ class Code(StrEnum):
     DECODE_MALFORMED = "decode.malformed"
     DECODE_UNSUPPORTED = "decode.unsupported"
     DECODE_KEY_MISMATCH = "decode.key_mismatch"
+    DECODE_WRONG_PARTITION = "decode.wrong_partition"
     INTEGRITY_MISSING = "integrity.missing"
     INTEGRITY_MISMATCH = "integrity.mismatch"
     INTEGRITY_UNKNOWN_ALGORITHM = "integrity.unknown_algorithm"
