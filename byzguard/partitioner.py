@@ -33,10 +33,10 @@ PARTITIONER_HINT: Final = (
 # byte-by-byte loop (entity ids are short, so the cache of structs stays small).
 _WORDS: dict[int, struct.Struct] = {}
 
-# A bounded cache of recent keys: a hot entity's key is hashed once. Cleared when full (no LRU
-# bookkeeping on the hot path); keys are the record's own bytes, so memory is bounded by the cap.
-_CACHE_MAX: Final = 8192
-_cache: dict[tuple[bytes, int], int] = {}
+# A bounded cache of the masked hashes of recent keys: a hot entity's key is hashed once. Cleared when full
+# (no LRU bookkeeping on the hot path): some 2 MB at most for ids of a few dozen bytes.
+_CACHE_MAX: Final = 16_384
+_cache: dict[bytes, int] = {}
 
 
 def murmur2(data: bytes) -> int:
@@ -67,13 +67,13 @@ def murmur2(data: bytes) -> int:
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives a record keyed `key` on a topic of `partitions`."""
-    found = _cache.get((key, partitions))
-    if found is None:
-        found = (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed = _cache.get(key)
+    if hashed is None:
+        hashed = murmur2(key) & 0x7FFFFFFF
         if len(_cache) >= _CACHE_MAX:
             _cache.clear()
-        _cache[(key, partitions)] = found
-    return found
+        _cache[key] = hashed
+    return hashed % partitions
 
 
 def misplaced(key: bytes | None, subject: str, partition: int, partitions: int) -> tuple[Code, str] | None:
