@@ -54,6 +54,17 @@ class Policy(StrEnum):
     FAIL_OPEN = "fail_open"
 
 
+class Partitioning(StrEnum):
+    """What a route does with a record that is not in the partition of its entity id (Kafka's murmur2).
+
+    REFUSE quarantines it (decode.wrong_partition; a null key: decode.key_mismatch); REPARTITION first moves
+    every input record, bytes and headers untouched, through an internal topic to its entity's partition.
+    """
+
+    REFUSE = "refuse"
+    REPARTITION = "repartition"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -134,6 +145,7 @@ class RouteModel(_Model):
     types: dict[str, TypeModel] = Field(default_factory=dict)
     causal: CausalModel = Field(default_factory=CausalModel)
     receipts_topic: str | None = None
+    partitioning: Partitioning = Partitioning.REFUSE
 
 
 class KeyModel(_Model):
@@ -295,6 +307,7 @@ class Route:
     types: Mapping[str, TypePolicy]
     fallback: TypePolicy
     receipts_topic: str | None = None
+    partitioning: Partitioning = Partitioning.REFUSE
 
     def policy_for(self, event_type: str) -> TypePolicy:
         """The policy of an event type, or the route's default for types it does not list."""
@@ -390,6 +403,7 @@ def build(model: FileModel, *, source_path: str = "<memory>",
             types=types,
             fallback=_merge_type(model.defaults, route, None),
             receipts_topic=route.receipts_topic,
+            partitioning=route.partitioning,
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
     return GuardConfig(
