@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -24,6 +24,7 @@ from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
+from app.outbox import Outbox
 from byzguard.config import Partitioning, Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
 from byzguard.partitioner import partition_for
@@ -125,14 +126,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
             observe(name, routed, now)
 
     async def verify_events(stream: faust.StreamT[bytes]) -> None:
-        await outbox.start()
-        idle = _idle(stream)
-        async for event in stream.events():
-            # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).
-            await eos.process(app, event, verify_one)
-            # Batches go when full, when a record lingered, or when nothing else is waiting to be processed.
-            if outbox.pending and (outbox.due() or idle()):
-                await outbox.wake()
+        await _each_event(app, stream, outbox, verify_one)
 
     if tick_topic is not None:
         @app.timer(interval=max(0.5, route.causal.deadline / 4))
@@ -177,16 +171,24 @@ def attach_repartition_agent(app: faust.App, route: Route, sources: faust.TopicT
             repartition_headers(msg.headers, msg.topic, msg.partition, msg.offset, msg.timestamp), source=msg.tp)
 
     async def repartition_events(stream: faust.StreamT[bytes]) -> None:
-        await outbox.start()
-        idle = _idle(stream)
-        async for event in stream.events():
-            await eos.process(app, event, forward_one)
-            if outbox.pending and (outbox.due() or idle()):
-                await outbox.wake()
+        await _each_event(app, stream, outbox, forward_one)
 
     eos.guard(app, sources)
     return app.agent(sources, name=f"repartition_events-{route.name}",
                      supervisor_strategy=CrashingSupervisor)(repartition_events)
+
+
+async def _each_event(app: faust.App, stream: faust.StreamT[bytes], outbox: Outbox,
+                      handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
+    """An agent's loop: `handle` each record, and let the outbox send what it has when it is time."""
+    await outbox.start()
+    idle = _idle(stream)
+    async for event in stream.events():
+        # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).
+        await eos.process(app, event, handle)
+        # Batches go when full, when a record lingered, or when nothing else is waiting to be processed.
+        if outbox.pending and (outbox.due() or idle()):
+            await outbox.wake()
 
 
 def _idle(stream: faust.StreamT[bytes]) -> Callable[[], bool]:

@@ -3,7 +3,7 @@ never append, so a record that passes through twice does not grow."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
 
@@ -111,10 +111,11 @@ def receipt(event_id: str, outcome: Outcome, reasons: Sequence[Reason], route: s
 H_REPARTITIONED_FROM = "byzguard_repartitioned_from"
 
 
-def repartition_headers(headers: Sequence[tuple[str, bytes]] | None, topic: str, partition: int, offset: int,
-                        timestamp: float | None) -> Headers:
+def repartition_headers(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None, topic: str,
+                        partition: int, offset: int, timestamp: float | None) -> Headers:
     """The producer's headers, untouched, plus the record's input coordinates (any such header before replaced)."""
-    out = [h for h in headers or () if h[0] != H_REPARTITIONED_FROM]
+    items = headers.items() if isinstance(headers, Mapping) else headers or ()
+    out = [h for h in items if h[0] != H_REPARTITIONED_FROM]
     out.append((H_REPARTITIONED_FROM, orjson.dumps([topic, partition, offset, timestamp])))
     return out
 

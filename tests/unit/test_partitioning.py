@@ -11,14 +11,23 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from byzguard import partitioner
+from byzguard.config import Partitioning
+from byzguard.errors import ConfigError
 from byzguard.guard import RecordIn, Routed
 from byzguard.integrity import HMAC_SHA256
 from byzguard.partitioner import misplaced, murmur2, partition_for
-from byzguard.routing import H_ORIGINAL_OFFSET, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC
+from byzguard.routing import (
+    H_ORIGINAL_OFFSET,
+    H_ORIGINAL_PARTITION,
+    H_ORIGINAL_TOPIC,
+    H_REPARTITIONED_FROM,
+    repartition_headers,
+    repartitioned_from,
+)
 from byzguard.stamp import Stamped, Stamper
 from byzguard.verdict import Code, Outcome
 
-from .conftest import PRICING_KEY, Harness
+from .conftest import PRICING_KEY, Harness, make_config
 
 NOW = 1_800_000_000.0
 PARTITIONS = 4
@@ -204,3 +213,51 @@ def test_repartitioned_record_is_placed_by_where_it_was_read(harness: Harness) -
     headers = dict(routed.quarantine_headers or [])
     assert headers[H_ORIGINAL_TOPIC] == b"in" and headers[H_ORIGINAL_PARTITION] == str(elsewhere).encode()
     assert headers[H_ORIGINAL_OFFSET] == str(harness.offset).encode()
+
+
+# --- re-partitioning: the route option, the coordinates header, held records ------------------------------
+
+ROUTE = """
+routes:
+  - name: main
+    inputs: [in]
+    verified_topic: out
+    quarantine_topic: bad
+{extra}
+"""
+
+
+def test_routes_refuse_misplaced_records_unless_they_opt_in() -> None:
+    """A route refuses misplaced records by default; `partitioning: repartition` opts in; other values are refused."""
+    assert make_config(ROUTE.format(extra="")).routes[0].partitioning is Partitioning.REFUSE
+    opted = make_config(ROUTE.format(extra="    partitioning: repartition"))
+    assert opted.routes[0].partitioning is Partitioning.REPARTITION
+    with pytest.raises(ConfigError, match="partitioning"):
+        make_config(ROUTE.format(extra="    partitioning: guess"))
+
+
+def test_repartition_headers_keep_the_producers_headers_and_add_the_coordinates() -> None:
+    """The copy keeps every producer header in order and carries the input coordinates, read back exactly."""
+    own = [("ce_id", b"e-1"), ("x", b"1"), ("x", b"2")]
+    headers = repartition_headers(own, "prices", 3, 1234, 1_800_000_000.123)
+    assert headers[:-1] == own
+    assert repartitioned_from(headers) == ("prices", 3, 1234, 1_800_000_000.123)
+    assert repartitioned_from(repartition_headers({"ce_id": b"e-1"}, "t", 0, 0, None)) == ("t", 0, 0, None)
+    assert repartitioned_from(own) is None
+
+
+def test_a_producers_own_coordinates_header_is_replaced() -> None:
+    """A coordinates header the producer sent itself is dropped: only the guard's copy names the input."""
+    forged = [("ce_id", b"e-1"), (H_REPARTITIONED_FROM, b'["elsewhere",9,9,null]')]
+    headers = repartition_headers(forged, "prices", 1, 7, None)
+    assert [name for name, _ in headers].count(H_REPARTITIONED_FROM) == 1
+    assert repartitioned_from(headers) == ("prices", 1, 7, None)
+
+
+def test_held_records_keep_the_partition_they_were_read_from() -> None:
+    """A record held in the causal buffer comes back with its read partition, and is not placed again."""
+    record = RecordIn(b"k", b"v", [("h", b"1")], "in", 2, 10, 5.0, PARTITIONS, 1)
+    back = RecordIn.from_bytes(record.to_bytes())
+    assert (back.partition, back.read_partition, back.home, back.partitions) == (2, 1, 1, None)
+    older = RecordIn.from_bytes(b'["aw==","dg==",[],"in",2,10,5.0]')  # held by a version without it
+    assert (older.home, older.read_partition) == (2, None)
