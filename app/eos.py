@@ -152,6 +152,9 @@ class InOrder:
         self.seeking: dict[TP, int] = {}
         #: Per partition: monotonic time of the last record processed (or of the last look for a skipped one).
         self.progress: dict[TP, float] = {}
+        #: Per partition, what the probe read last: from which offset, and the offsets of the committed records
+        #: it got from there (every other offset up to the last of them is a marker or an aborted record).
+        self.probed: dict[TP, tuple[int, list[int]]] = {}
         self._probe: AIOKafkaConsumer | None = None
 
     def drop(self, consumer: Any, message: Any) -> bool:
@@ -269,12 +272,23 @@ class InOrder:
         await consumer.seek(tp, first)
 
     async def _first_record_from(self, tp: TP, start: int, end: int) -> int | None:
-        """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`)."""
+        """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`).
+
+        A topic written in transactions has a marker after every transaction, so nearly every record of it
+        follows a gap: the committed offsets one look read (a fetch of up to 64 KiB) answer the next gaps
+        within them, rather than a look per marker.
+        """
+        known = self.probed.get(tp)
+        if known is not None and known[0] <= start <= known[1][-1]:
+            return next(offset for offset in known[1] if offset >= start)
         if self._probe is None:
             self._probe = await _read_committed_consumer(self.bootstrap)
-        found = await _first_committed(self._probe, {tp: start}, {tp: end})
+        read: dict[TP, list[int]] = {}
+        found = await _first_committed(self._probe, {tp: start}, {tp: end}, read=read)
         if tp not in found:
             raise TimeoutError(f"could not read {tp} from offset {start} within {TAIL_CHECK_TIMEOUT} s")
+        if read.get(tp):
+            self.probed[tp] = (start, read[tp])
         return found[tp]
 
     async def close(self) -> None:
@@ -543,10 +557,10 @@ async def _read_committed_consumer(bootstrap: str) -> AIOKafkaConsumer:
 
 
 async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
-                           ends: dict[TP, int]) -> dict[TP, int | None]:
+                           ends: dict[TP, int], *, read: dict[TP, list[int]] | None = None) -> dict[TP, int | None]:
     """Per partition, the offset of the first record a read_committed reader gets at or after its start, or
     None if its position reaches its end with no record; partitions undecided within TAIL_CHECK_TIMEOUT are
-    left out."""
+    left out. `read`, when given, gets the offsets of the records of the fetch that held the first one."""
     by_tp = {TopicPartition(tp.topic, tp.partition): tp for tp in starts}
     if consumer.assignment() != set(by_tp):
         consumer.assign(list(by_tp))
@@ -562,6 +576,8 @@ async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
             if records:
                 found[by_tp[atp]] = int(records[0].offset)
                 undecided.discard(atp)
+                if read is not None:
+                    read[by_tp[atp]] = [int(r.offset) for r in records]
         for atp in list(undecided):
             # read_committed never passes the last stable offset, so reaching the end also means no
             # transaction is still open there.
