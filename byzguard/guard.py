@@ -214,11 +214,15 @@ class Guard:
         entity_key = env.subject.encode()
         entity = self._entity(tx, entity_key)
         policy = route.policy_for(env.type)
-        lamport_key = env.source.encode()
+        # Kafka keeps a source's send order within one partition only, and a repartition topic merges several:
+        # there, a source's Lamport mark is kept per input partition the record came from.
+        lamport_key = env.source.encode() if record.read_partition is None else \
+            f"{env.source}\x00{record.topic}\x00{record.partition}".encode()
         # A released event's Lamport time was judged when it arrived; later events of its source may have
         # advanced the mark since, which says nothing about this one.
         mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
-        if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, mark, now):
+        if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, lamport_key,
+                                                          mark, now):
             return
         decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
                           received=record.timestamp)
@@ -231,7 +235,7 @@ class Guard:
             self._release(tx, route, entity_key, now)
 
     def _held(self, tx: _Tx, record: RecordIn, route: Route, env: Envelope, entity: EntityState | None,
-              entity_key: bytes, mark: int | None, now: float) -> bool:
+              entity_key: bytes, lamport_key: bytes, mark: int | None, now: float) -> bool:
         """Hold `env` if its dependencies are missing; True when it was held (or refused for overflow)."""
         assert env.vclock is not None
         delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
@@ -265,7 +269,7 @@ class Guard:
             return True
         tx.set_buffer(entity_key, offered.buffer)
         if env.lamport is not None:
-            tx.put(LAMPORTS, env.source.encode(), encode_lamport(env.lamport))  # arrival order is what it checks
+            tx.put(LAMPORTS, lamport_key, encode_lamport(env.lamport))  # arrival order is what it checks
         self._emit(tx, record, route, Decision(Outcome.HELD), env, now)
         return True
 

@@ -261,3 +261,25 @@ def test_held_records_keep_the_partition_they_were_read_from() -> None:
     assert (back.partition, back.read_partition, back.home, back.partitions) == (2, 1, 1, None)
     older = RecordIn.from_bytes(b'["aw==","dg==",[],"in",2,10,5.0]')  # held by a version without it
     assert (older.home, older.read_partition) == (2, None)
+
+
+def test_lamport_marks_of_repartitioned_records_are_kept_per_input_partition() -> None:
+    """Re-partitioned records of one source from two input partitions may arrive in any order between the two, and
+    are not lamport.regression; a regression within one input partition still is."""
+    h = Harness()
+    stamper = Stamper("pricing", algorithm=HMAC_SHA256, key=PRICING_KEY)
+
+    def event(subject: str, clock: Stamper = stamper) -> Stamped:
+        return clock.binary({"price": 1.0}, type="signed.thing", subject=subject, version=1, time=NOW)
+
+    def from_input(partition: int, s: Stamped) -> Routed:
+        """Read from the repartition topic where the subject belongs, produced to input `partition`."""
+        return feed_at(h, s, partition, read_partition=partition_for(s.key, PARTITIONS))
+
+    one, two, three = event("sku-a"), event("sku-b"), event("sku-c")  # Lamport times 1, 2, 3
+    assert from_input(1, two).decision.outcome is Outcome.VERIFIED
+    assert from_input(0, one).decision.outcome is Outcome.VERIFIED  # input 0 had seen nothing later
+    assert from_input(0, three).decision.outcome is Outcome.VERIFIED
+    again = Stamper("pricing", algorithm=HMAC_SHA256, key=PRICING_KEY, lamport=1)
+    routed = from_input(0, event("sku-d", again))  # Lamport time 2 after 3 on input 0
+    assert [r.code for r in routed.decision.reasons] == [Code.LAMPORT_REGRESSION]
