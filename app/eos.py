@@ -55,6 +55,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from faust.streams import current_event
 from faust.tables.recovery import Recovery
@@ -156,6 +157,7 @@ class InOrder:
         #: it got from there (every other offset up to the last of them is a marker or an aborted record).
         self.probed: dict[TP, tuple[int, list[int]]] = {}
         self._probe: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
 
     def drop(self, consumer: Any, message: Any) -> bool:
         """Let faust forget a record the agent did not process, without marking its offset committable.
@@ -182,6 +184,11 @@ class InOrder:
             expected: int | None = known[1]
         else:  # first record since the partition was assigned: faust sought to the committed offset
             committed = consumer._committed_offset[tp]
+            if committed is None:
+                # Faust can hand a record over before its seek has recorded the committed offset. Taken as the
+                # start, the offsets before it (a transactional input's markers) would never be acked, and the
+                # commit would stop there for good: ask the group coordinator.
+                committed = await self._group_committed(app, tp)
             expected = committed if committed is not None and committed >= 0 else None
             self.seeking.pop(tp, None)
         if expected is None or offset == expected:
@@ -291,11 +298,28 @@ class InOrder:
             self.probed[tp] = (start, read[tp])
         return found[tp]
 
+    async def _group_committed(self, app: faust.App, tp: TP) -> int | None:
+        """The offset the app's group has committed for `tp` (None: none, or the coordinator did not answer)."""
+        try:
+            if self._admin is None:
+                self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+                await self._admin.start()
+            atp = TopicPartition(tp.topic, tp.partition)
+            found = await self._admin.list_consumer_group_offsets(app.conf.id, partitions=[atp])
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s: could not read the group's committed offset: %s", tp, exc)
+            return None
+        meta = found.get(atp)
+        return meta.offset if meta is not None and meta.offset >= 0 else None
+
     async def close(self) -> None:
-        """Stop the side consumer `in_order` may have started (at shutdown)."""
+        """Stop the side consumer and admin client `in_order` may have started (at shutdown)."""
         probe, self._probe = self._probe, None
         if probe is not None:
             await probe.stop()
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
 
 
 def order_of(app: faust.App) -> InOrder | None:
