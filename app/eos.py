@@ -212,7 +212,7 @@ class InOrder:
             self.ack_without_record(consumer, tp, expected, offset)
             return True
         log.warning("%s: record %d delivered but %d never was; seeking back to it", tp, offset, first)
-        await self._seek_back(consumer, tp, generation, first)
+        await self._seek_back(consumer, tp, generation, expected, first)
         return self.drop(consumer, message)
 
     def processed(self, app: faust.App, event: faust.EventT) -> None:
@@ -270,10 +270,14 @@ class InOrder:
                 continue
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
                         tp, expected, highwater, first)
-            await self._seek_back(consumer, tp, generation, first)
+            await self._seek_back(consumer, tp, generation, expected, first)
 
-    async def _seek_back(self, consumer: Any, tp: TP, generation: int, first: int) -> None:
-        """Send `tp` back to the skipped record `first`; everything else is dropped until it comes."""
+    async def _seek_back(self, consumer: Any, tp: TP, generation: int, expected: int, first: int) -> None:
+        """Send `tp` back to the skipped record `first`; everything else is dropped until it comes. The offsets
+        from `expected` to it hold no record (markers of a transactional input): acked, or faust's commit would
+        stop before them for good while the outputs of later records still commit."""
+        if first > expected:
+            self.ack_without_record(consumer, tp, expected, first)
         self.seeking[tp] = first
         self.expected[tp] = (generation, first)
         await consumer.seek(tp, first)

@@ -277,3 +277,32 @@ async def test_a_topic_written_in_many_transactions_needs_a_look_per_fetch_not_p
     finally:
         await built.app.stop()
     assert looks <= 3, f"{looks} looks for 59 gaps of one marker each"
+
+
+async def test_markers_before_a_skipped_record_are_passed_by_the_commit(
+        guarded: Guarded, kafka_bootstrap: str) -> None:
+    """When faust skips records of a transactional input and the consumer is sent back to the first of them,
+    the markers and aborted records before it are acked too: the commit reaches the end, not a stop before them."""
+    topic = guarded.tp.topic
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"0", partition=0)  # record 0, commit marker 1
+        await _processed(guarded, 1)
+        # Faust's read offset moves past what comes next, as when a fetch is abandoned.
+        await guarded.app.consumer.seek(guarded.tp, 7)
+        await producer.begin_transaction()
+        await producer.send_and_wait(topic, b"aborted", partition=0)  # aborted record 2, abort marker 3
+        await producer.abort_transaction()
+        async with producer.transaction():
+            for n in (4, 5):
+                await producer.send_and_wait(topic, str(n).encode(), partition=0)  # records 4, 5, marker 6
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"7", partition=0)  # record 7, marker 8
+    finally:
+        await producer.stop()
+    await _ends_at(kafka_bootstrap, topic, 9, "the last commit marker written")
+
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
+    assert guarded.seen == [0, 4, 5, 7]
