@@ -129,11 +129,7 @@ async def first_record_after(worker: WorkerProcess, since: float, timeout: float
     raise worker.fail(f"routed nothing within {timeout:.0f} s of the kill")
 
 
-@pytest.mark.parametrize("partitioning", [None, pytest.param("repartition", marks=pytest.mark.xfail(
-    reason="known defect: after SIGKILLs, a repartition partition's offset can stay uncommitted for seconds while "
-           "the outputs of its records commit with the input partition's offsets in the same transaction, so 1-2 "
-           "of ~4,400 records are routed twice after the restart (quarantined twice; a clean one is dropped as "
-           "a duplicate); nothing is lost", strict=False))])
+@pytest.mark.parametrize("partitioning", [None, "repartition"])
 async def test_sigkilled_worker_loses_and_duplicates_nothing(
     worker_factory: WorkerFactory, capsys: pytest.CaptureFixture[str], partitioning: str | None,
 ) -> None:
