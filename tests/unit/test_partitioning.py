@@ -223,6 +223,7 @@ routes:
     inputs: [in]
     verified_topic: out
     quarantine_topic: bad
+    types: {{thing: {{}}}}
 {extra}
 """
 
