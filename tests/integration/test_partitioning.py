@@ -8,6 +8,7 @@ state for its entity; null-key records land anywhere. Both must never pass silen
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import zlib
 
 import pytest
@@ -20,6 +21,12 @@ from tests.integration.worker_harness import Events, Out, WorkerFactory, by_id, 
 pytestmark = pytest.mark.kafka
 
 PARTITIONS = 4
+
+
+def metrics_text(port: int) -> str:
+    """A worker's /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
 
 
 def crc32_partition(key: bytes) -> int:
@@ -156,10 +163,19 @@ async def test_records_placed_by_another_partitioner_are_refused_never_verified(
 async def test_repartitioning_route_judges_misplaced_records_as_if_placed_right(worker_factory: WorkerFactory) -> None:
     """With `partitioning: repartition`, a CRC32-placed stale version is caught as version.regression and the next
     version verified, as if murmur2 had placed them; quarantine names the original topic, partition and offset;
-    outputs sit in the entity's partition; null keys are still decode.key_mismatch; each record ends in one output."""
+    outputs sit in the entity's partition; null keys are still decode.key_mismatch; each record ends in one output;
+    the worker reports the repartition topic's consumer lag."""
     verified, quarantined, sent, placed = await run_traffic(worker_factory, partitioning="repartition")
     route = worker_factory.route
     assert route is not None
+    internal = f"{worker_factory.app_id}-orders-entities-repartition"
+    lag_of = f'byzguard_consumer_lag_messages{{partition="0",topic="{internal}"}}'
+    for _ in range(40):  # measured every few seconds
+        if lag_of in await asyncio.to_thread(metrics_text, worker_factory.workers[0].web_port):
+            break
+        await asyncio.sleep(0.5)
+    else:
+        raise AssertionError(f"no {lag_of} in the worker's metrics")
     inputs = by_id(await collect(worker_factory.bootstrap, route.input, isolation_level="read_uncommitted"))
     for role, stamped in sent.items():
         event_id = stamped.event_id
