@@ -58,6 +58,7 @@ class Code(StrEnum):
     TIME_FUTURE = "time.future"
     INVARIANT_VIOLATED = "invariant.violated"
     INVARIANT_ERROR = "invariant.error"
+    STATE_LAST_GOOD_TOO_LARGE = "state.last_good_too_large"
 
     @property
     def check(self) -> str:
@@ -78,6 +79,7 @@ CHECK_OF_FAMILY: dict[str, str] = {
     "causal": "causal",
     "time": "time",
     "invariant": "invariant",
+    "state": "state",
 }
 
 
