@@ -46,8 +46,9 @@ integration: $(INSTALLED)
 ## bench: throughput, latency, memory, crash accounting, detection quality and a profile on a local broker, into bench/results/ (BENCH_ARGS=--quick: a smoke run)
 bench: $(INSTALLED)
 	$(PY) -m app.localkafka fetch
-	@# py-spy (the profile phase) is a bench-only tool: the run goes on without it if it cannot be installed.
-	-@$(PY) -m pip install --quiet py-spy
+	@# The `bench` extra: confluent-kafka (variant a_ck) and py-spy (the profile phase), bench-only tools; the run
+	@# goes on without them if they cannot be installed (a_ck and the profile then report an error).
+	-@$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 broker-start: $(INSTALLED)

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import faust
-from aiokafka.partitioner import murmur2
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
@@ -37,6 +36,7 @@ from byzguard.audit import (
 )
 from byzguard.config import GuardConfig
 from byzguard.envelope import decode
+from byzguard.partitioner import partition_for
 from byzguard.routing import H_VERDICT
 from tables.audit import declare_audit_table
 from topics.audit import AuditTopics, declare_audit_topics
@@ -46,11 +46,6 @@ log = logging.getLogger(__name__)
 H_AUDIT_RULE = "byzguard_audit_rule"
 H_AUDIT_KIND = "byzguard_audit_kind"
 TICK_KEY = b"\x00tick"
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives `key`: where a join key's state lives."""
-    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def header(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None, name: str) -> bytes | None:
@@ -123,7 +118,7 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
             item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id, at=msg.timestamp)
             if isinstance(item, Observation):
                 key = item.key.encode()
-                await repartition.send(key=key, value=item.to_bytes(), partition=partition_of(key, rule.partitions))
+                await repartition.send(key=key, value=item.to_bytes(), partition=partition_for(key, rule.partitions))
             elif item is not None:
                 await send_discrepancies([item], time.time())
 
@@ -172,7 +167,7 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
         due = []
         # Iteration covers every partition this worker owns; only this one's keys may be written here.
         for key, raw in list(table.items()):
-            if partition_of(key, rule.partitions) == partition:
+            if partition_for(key, rule.partitions) == partition:
                 state = read_state(key, raw)
                 ends = state.due(rule.within)
                 if ends is not None and ends < now:

@@ -5,13 +5,18 @@ agent's iteration, under the processing lock. Its records (verified, quarantine,
 (app/outbox.py), which sends them in record batches; its state writes wait in tables/buffer.py. Every commit
 first writes the state out and waits until the outbox delivered everything, so with exactly_once all of it
 commits in one Kafka transaction with the input offsets.
+
+A route with `partitioning: repartition` puts repartition_events in front: it copies every input record,
+bytes and headers untouched, to the internal repartition topic at the partition of its key (Kafka's murmur2,
+byzguard.partitioner), with its input coordinates in one header, in the transaction of the input record;
+verify_events then reads the repartition topic and judges each record as if it had come from its input.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -19,9 +24,11 @@ from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
-from byzguard.config import Route
+from app.outbox import Outbox
+from byzguard.config import Partitioning, Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed, held_count
-from byzguard.routing import receipt
+from byzguard.partitioner import partition_for
+from byzguard.routing import receipt, repartition_headers, repartitioned_from
 from byzguard.verdict import Code, Outcome
 from tables import RouteTables
 from tables.buffer import StateBuffer
@@ -78,6 +85,8 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
 
     if causal_reader is not None:
         partitioned_topics = {*route.inputs, tick_name}
+        if topics.repartition_topic is not None:  # the agent reads the repartition topic, co-partitioned too
+            partitioned_topics.add(topics.repartition_topic.get_topic_name())
 
         @app.on_partitions_revoked.connect
         async def drop_causal_counts(sender: Any, revoked: Any = (), **kwargs: Any) -> None:
@@ -103,19 +112,35 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
 
     def emit(routed: Routed, source: TP) -> None:
         record = routed.record
-        # Outputs keep the input's partition: they are co-partitioned, and no key hashing is needed. Under
-        # exactly_once they belong to the transaction of the event being processed (`source`).
+        # Outputs keep the partition the record was read from: they are co-partitioned, and no key hashing is
+        # needed. Under exactly_once they belong to the transaction of the event being processed (`source`).
+        home = record.home
         if routed.verified_headers is not None:
-            add(verified_name, record.partition, record.key, record.value, routed.verified_headers, source=source)
+            add(verified_name, home, record.key, record.value, routed.verified_headers, source=source)
         if routed.quarantine_headers is not None:
-            add(quarantine_name, record.partition, record.key, record.value, routed.quarantine_headers,
-                source=source)
+            add(quarantine_name, home, record.key, record.value, routed.quarantine_headers, source=source)
         if receipts_name is not None and routed.envelope is not None:
             # In the same transaction as the routing: a receipt is visible exactly when the verdict is.
             event_id = routed.envelope.id
-            add(receipts_name, record.partition, event_id.encode(), receipt(
+            add(receipts_name, home, event_id.encode(), receipt(
                 event_id, routed.decision.outcome, routed.decision.reasons, name, topic=record.topic,
                 partition=record.partition, offset=record.offset, now=time.time()), source=source)
+
+    # The count the guard places records by: that of the topic verify_events reads (the inputs, or the
+    # repartition topic), which app.provision has made the route's.
+    partitions = route.partitions
+    repartitioned = route.partitioning is Partitioning.REPARTITION
+
+    def record_of(msg: Any) -> RecordIn:
+        headers = msg.headers or ()
+        if repartitioned:
+            origin = repartitioned_from(headers)
+            if origin is not None:
+                topic, partition, offset, timestamp = origin
+                return RecordIn(msg.key, msg.value, headers, topic, partition, offset, timestamp, partitions,
+                                msg.partition)
+        return RecordIn(msg.key, msg.value, headers, msg.topic, msg.partition, msg.offset, msg.timestamp,
+                        partitions)
 
     async def verify_one(event: faust.EventT) -> None:
         msg = event.message
@@ -125,9 +150,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         if msg.topic == tick_name:
             result = guard.expire_held(route, state, now=now)
         else:
-            result = guard.process(
-                RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                         msg.timestamp), route, state, now=now)
+            result = guard.process(record_of(msg), route, state, now=now)
         apply(result, msg.partition)
         source = msg.tp
         for routed in result.routed:
@@ -139,14 +162,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
             observe(name, routed, now)
 
     async def verify_events(stream: faust.StreamT[bytes]) -> None:
-        await outbox.start()
-        idle = _idle(stream)
-        async for event in stream.events():
-            # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).
-            await eos.process(app, event, verify_one)
-            # Batches go when full, when a record lingered, or when nothing else is waiting to be processed.
-            if outbox.pending and (outbox.due() or idle()):
-                await outbox.wake()
+        await _each_event(app, stream, outbox, verify_one)
 
     if tick_topic is not None:
         # At most 5 s apart: the ticks also refresh the buffer gauges of a partition restored or assigned.
@@ -162,11 +178,54 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                 if tp.topic == tick_name:
                     await producer.send(tick_name, b"tick", b"", tp.partition, None, None)
 
+    if topics.sources_topic is not None and topics.repartition_topic is not None:
+        attach_repartition_agent(app, route, topics.sources_topic, topics.repartition_topic, buffer)
     eos.guard(app, topics.inputs_topic)  # no record of ours is acked unless the agent processed it
     # A crashing verify agent must stop the worker loudly (and let Kafka redeliver to a restarted one),
     # never be restarted silently in a loop or die unnoticed.
     return app.agent(topics.inputs_topic, name=f"verify_events-{name}",
                      supervisor_strategy=CrashingSupervisor)(verify_events)
+
+
+def attach_repartition_agent(app: faust.App, route: Route, sources: faust.TopicT, repartition: faust.TopicT,
+                             buffer: StateBuffer) -> Any:
+    """Register repartition_events of one route: each input record to the partition of its key, unchanged.
+
+    A record without a key keeps its partition number: the verify agent refuses it (decode.key_mismatch).
+    """
+    outbox = buffer.outbox
+    assert outbox is not None, "the repartition agent sends through the buffer's outbox"
+    add = outbox.add
+    target = repartition.get_topic_name()
+    partitions = route.partitions
+
+    async def forward_one(event: faust.EventT) -> None:
+        msg = event.message
+        key = msg.key
+        partition = partition_for(key, partitions) if key is not None else msg.partition % partitions
+        # In the input record's transaction: the copy and the input offset commit together (app/eos.py).
+        add(target, partition, key, msg.value,
+            repartition_headers(msg.headers, msg.topic, msg.partition, msg.offset, msg.timestamp), source=msg.tp)
+
+    async def repartition_events(stream: faust.StreamT[bytes]) -> None:
+        await _each_event(app, stream, outbox, forward_one)
+
+    eos.guard(app, sources)
+    return app.agent(sources, name=f"repartition_events-{route.name}",
+                     supervisor_strategy=CrashingSupervisor)(repartition_events)
+
+
+async def _each_event(app: faust.App, stream: faust.StreamT[bytes], outbox: Outbox,
+                      handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
+    """An agent's loop: `handle` each record, and let the outbox send what it has when it is time."""
+    await outbox.start()
+    idle = _idle(stream)
+    async for event in stream.events():
+        # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).
+        await eos.process(app, event, handle)
+        # Batches go when full, when a record lingered, or when nothing else is waiting to be processed.
+        if outbox.pending and (outbox.due() or idle()):
+            await outbox.wake()
 
 
 def _idle(stream: faust.StreamT[bytes]) -> Callable[[], bool]:

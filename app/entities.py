@@ -21,11 +21,11 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
-from aiokafka.partitioner import murmur2
 from yarl import URL
 
 from app import metrics
 from byzguard.config import GuardConfig, Route
+from byzguard.partitioner import partition_for
 from byzguard.state import EntityState
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ EXPIRED = "expired"
 
 def entity_partition(entity: str, partitions: int) -> int:
     """The partition of an entity id under Kafka's default (murmur2) partitioner."""
-    return int(murmur2(entity.encode()) & 0x7FFFFFFF) % partitions
+    return partition_for(entity.encode(), partitions)
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -55,6 +55,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from faust.streams import current_event
 from faust.tables.recovery import Recovery
@@ -152,7 +153,11 @@ class InOrder:
         self.seeking: dict[TP, int] = {}
         #: Per partition: monotonic time of the last record processed (or of the last look for a skipped one).
         self.progress: dict[TP, float] = {}
+        #: Per partition, what the probe read last: from which offset, and the offsets of the committed records
+        #: it got from there (every other offset up to the last of them is a marker or an aborted record).
+        self.probed: dict[TP, tuple[int, list[int]]] = {}
         self._probe: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
 
     def drop(self, consumer: Any, message: Any) -> bool:
         """Let faust forget a record the agent did not process, without marking its offset committable.
@@ -179,6 +184,11 @@ class InOrder:
             expected: int | None = known[1]
         else:  # first record since the partition was assigned: faust sought to the committed offset
             committed = consumer._committed_offset[tp]
+            if committed is None:
+                # Faust can hand a record over before its seek has recorded the committed offset. Taken as the
+                # start, the offsets before it (a transactional input's markers) would never be acked, and the
+                # commit would stop there for good: ask the group coordinator.
+                committed = await self._group_committed(app, tp)
             expected = committed if committed is not None and committed >= 0 else None
             self.seeking.pop(tp, None)
         if expected is None or offset == expected:
@@ -202,7 +212,7 @@ class InOrder:
             self.ack_without_record(consumer, tp, expected, offset)
             return True
         log.warning("%s: record %d delivered but %d never was; seeking back to it", tp, offset, first)
-        await self._seek_back(consumer, tp, generation, first)
+        await self._seek_back(consumer, tp, generation, expected, first)
         return self.drop(consumer, message)
 
     def processed(self, app: faust.App, event: faust.EventT) -> None:
@@ -260,28 +270,60 @@ class InOrder:
                 continue
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
                         tp, expected, highwater, first)
-            await self._seek_back(consumer, tp, generation, first)
+            await self._seek_back(consumer, tp, generation, expected, first)
 
-    async def _seek_back(self, consumer: Any, tp: TP, generation: int, first: int) -> None:
-        """Send `tp` back to the skipped record `first`; everything else is dropped until it comes."""
+    async def _seek_back(self, consumer: Any, tp: TP, generation: int, expected: int, first: int) -> None:
+        """Send `tp` back to the skipped record `first`; everything else is dropped until it comes. The offsets
+        from `expected` to it hold no record (markers of a transactional input): acked, or faust's commit would
+        stop before them for good while the outputs of later records still commit."""
+        if first > expected:
+            self.ack_without_record(consumer, tp, expected, first)
         self.seeking[tp] = first
         self.expected[tp] = (generation, first)
         await consumer.seek(tp, first)
 
     async def _first_record_from(self, tp: TP, start: int, end: int) -> int | None:
-        """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`)."""
+        """Offset of the first record a read_committed reader gets at or after `start` (looking up to `end`).
+
+        A topic written in transactions has a marker after every transaction, so nearly every record of it
+        follows a gap: the committed offsets one look read (a fetch of up to 64 KiB) answer the next gaps
+        within them, rather than a look per marker.
+        """
+        known = self.probed.get(tp)
+        if known is not None and known[0] <= start <= known[1][-1]:
+            return next(offset for offset in known[1] if offset >= start)
         if self._probe is None:
             self._probe = await _read_committed_consumer(self.bootstrap)
-        found = await _first_committed(self._probe, {tp: start}, {tp: end})
+        read: dict[TP, list[int]] = {}
+        found = await _first_committed(self._probe, {tp: start}, {tp: end}, read=read)
         if tp not in found:
             raise TimeoutError(f"could not read {tp} from offset {start} within {TAIL_CHECK_TIMEOUT} s")
+        if read.get(tp):
+            self.probed[tp] = (start, read[tp])
         return found[tp]
 
+    async def _group_committed(self, app: faust.App, tp: TP) -> int | None:
+        """The offset the app's group has committed for `tp` (None: none, or the coordinator did not answer)."""
+        try:
+            if self._admin is None:
+                self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+                await self._admin.start()
+            atp = TopicPartition(tp.topic, tp.partition)
+            found = await self._admin.list_consumer_group_offsets(app.conf.id, partitions=[atp])
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s: could not read the group's committed offset: %s", tp, exc)
+            return None
+        meta = found.get(atp)
+        return meta.offset if meta is not None and meta.offset >= 0 else None
+
     async def close(self) -> None:
-        """Stop the side consumer `in_order` may have started (at shutdown)."""
+        """Stop the side consumer and admin client `in_order` may have started (at shutdown)."""
         probe, self._probe = self._probe, None
         if probe is not None:
             await probe.stop()
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
 
 
 def order_of(app: faust.App) -> InOrder | None:
@@ -554,10 +596,10 @@ async def _read_committed_consumer(bootstrap: str) -> AIOKafkaConsumer:
 
 
 async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
-                           ends: dict[TP, int]) -> dict[TP, int | None]:
+                           ends: dict[TP, int], *, read: dict[TP, list[int]] | None = None) -> dict[TP, int | None]:
     """Per partition, the offset of the first record a read_committed reader gets at or after its start, or
     None if its position reaches its end with no record; partitions undecided within TAIL_CHECK_TIMEOUT are
-    left out."""
+    left out. `read`, when given, gets the offsets of the records of the fetch that held the first one."""
     by_tp = {TopicPartition(tp.topic, tp.partition): tp for tp in starts}
     if consumer.assignment() != set(by_tp):
         consumer.assign(list(by_tp))
@@ -573,6 +615,8 @@ async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
             if records:
                 found[by_tp[atp]] = int(records[0].offset)
                 undecided.discard(atp)
+                if read is not None:
+                    read[by_tp[atp]] = [int(r.offset) for r in records]
         for atp in list(undecided):
             # read_committed never passes the last stable offset, so reaching the end also means no
             # transaction is still open there.

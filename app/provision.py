@@ -16,11 +16,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from byzguard.audit import AuditRule
-from byzguard.config import GuardConfig
+from byzguard.config import GuardConfig, Partitioning
 from byzguard.errors import ConfigError
 from tables import table_names
 from tables.audit import audit_table_name
-from topics import ticks_topic_name
+from topics import route_repartition_topic_name, ticks_topic_name
 from topics.audit import repartition_topic_name
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ async def provision(
                 names.append(ticks_topic_name(app_id, route))
             if route.receipts_topic:
                 names.append(route.receipts_topic)
+            if route.partitioning is Partitioning.REPARTITION:
+                # Co-partitioned with the state like the outputs: the verify agent reads it instead of the inputs.
+                names.append(route_repartition_topic_name(app_id, route))
             changelogs = [f"{app_id}-{table}-changelog" for table in table_names(route)]
             counts = await _partition_counts(admin, names + changelogs)
             existing_inputs = {counts[t] for t in route.inputs if t in counts}

@@ -103,7 +103,10 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
     metrics.configure(config)
     logs.install(app, built.quiet_logs)  # says once that the broker is gone, and when it is back
-    input_topics = frozenset(t for route in config.routes for t in route.inputs)
+    # A repartitioning route's verify agent reads its repartition topic: its lag is the route's too.
+    input_topics = frozenset(t for route in config.routes for t in route.inputs) | frozenset(
+        topics.repartition_topic.get_topic_name() for topics in built.topics.values()
+        if topics.repartition_topic is not None)
 
     @app.timer(interval=metrics.LAG_INTERVAL)
     async def measure_consumer_lag() -> None:

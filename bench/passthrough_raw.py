@@ -41,12 +41,13 @@ def faust_batching(bootstrap: str) -> dict[str, Any]:
 
 
 async def start_clients(bootstrap: str, topics: list[str], group: str, batching: dict[str, Any], *,
-                        max_poll_records: int | None) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+                        max_poll_records: int | None, isolation_level: str = "read_uncommitted",
+                        ) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
     """A started consumer of `topics` in `group` (manual commits) and producer, batching as `batching` says."""
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=batching["fetch_max_wait_ms"],
                                 max_partition_fetch_bytes=batching["max_partition_fetch_bytes"],
-                                max_poll_records=max_poll_records)
+                                max_poll_records=max_poll_records, isolation_level=isolation_level)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=batching["acks"], linger_ms=batching["linger_ms"],
                                 max_batch_size=batching["max_batch_size"],
                                 max_request_size=batching["max_request_size"])

@@ -7,7 +7,9 @@ from typing import Any
 
 from bench.variants import VARIANTS
 
-TARGETS = {"c/b": 0.7, "c/a": 0.4, "c_p99_ms": 50.0, "rss_mb": 400.0}
+TARGETS = {"c/b": 0.7, "c/a": 0.4, "c_p99_ms": 50.0, "rss_mb": 400.0,
+           # The runtime prototypes (e, e_eos: shape 1; f: shape 2) against the targets of the guard on a new runtime.
+           "d/c": 0.7, "e/a": 0.4, "e_eos/e": 0.7, "f/a": 0.4}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -38,7 +40,8 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """c/a, c/b and d/c: of the medians, and the range of the per-repetition ratios (same rep = same moment)."""
     by = {(r["variant"], r["rep"]): r["events_per_s"] for r in runs if not r.get("error") and r["events_per_s"]}
     out = {}
-    for num, den in (("c", "a"), ("c", "b"), ("d", "c"), ("b", "a"), ("c", "c_norules")):
+    for num, den in (("c", "a"), ("c", "b"), ("d", "c"), ("b", "a"), ("c", "c_norules"), ("a_ck", "a"),
+                     ("c", "a_ck"), ("e", "a"), ("e", "a_ck"), ("e_eos", "e"), ("e", "c"), ("f", "a"), ("f", "e")):
         nums = [v for (k, _), v in by.items() if k == num]
         dens = [v for (k, _), v in by.items() if k == den]
         if not nums or not dens:
@@ -92,7 +95,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"Command: `python -m bench.run {' '.join(results['argv'])}`.",
         "",
         f"Input: {inp.get('events'):,} {inp.get('mode')} CloudEvents over {inp.get('entities'):,} entities and "
-        f"{inp.get('partitions')} partitions, pre-produced once into one topic before timing; value "
+        f"{inp.get('partitions')} partitions, pre-produced once into one topic before timing"
+        + (f" (steady state: after {inp['untimed_history_events']:,} earlier events, {inp['history_per_entity']} per "
+           "entity, that every run processes first and that are not timed)" if inp.get("history_per_entity") else "")
+        + "; value "
         f"{inp.get('mean_value_bytes')} B + headers {inp.get('mean_header_bytes')} B on average; "
         f"{inp.get('integrity')}; checks: {inp.get('checks')}. Each run reads it with a fresh consumer group "
         "/ app id and fresh output topics.",

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (a few minutes)")
     parser.add_argument("--events", type=int, help="input events (full: 200000)")
     parser.add_argument("--entities", type=int, help="distinct entities of the input (full: 100000)")
+    parser.add_argument("--history", type=int, default=0, metavar="N",
+                        help="steady-state input for the throughput phase: every entity first gets N events (>= 40 "
+                        "fills its recent-id history of 32) that are processed but not timed; --events more are "
+                        "timed (default 0: the plain input, about --events/--entities events per entity)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--reps", type=int, help="repetitions of each variant, interleaved (full: 3)")
     parser.add_argument("--variants", default="a,b,c,d,e", help="comma list of " + ",".join(VARIANTS))
@@ -231,24 +235,27 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
 
     if "throughput" not in args.skip:
         topic = f"tput-{stamp}"
-        log(f"pre-producing {args.events} {args.mode} events over {args.entities} entities into {topic}")
+        history = args.history * args.entities  # steady state: the untimed events before the timed ones
+        total = history + args.events
+        log(f"pre-producing {total} {args.mode} events over {args.entities} entities into {topic}"
+            + (f" (the first {history}, {args.history} per entity, processed but not timed)" if history else ""))
         await create_topics(bootstrap, [topic], args.partitions)
         t0 = time.monotonic()
-        await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
-                                                                     mode=args.mode)))
+        await produce(bootstrap, topic, events.records(events.events(total, args.entities, at=now, mode=args.mode)))
         log(f"pre-produced in {time.monotonic() - t0:.1f} s")
         runs = []
-        timeout = max(300.0, args.events / 50)
+        timeout = max(300.0, total / 50)
         for rep in range(1, args.reps + 1):
             for key in args.variants:
                 run_id = f"t-{stamp}-{key}-r{rep}"
                 log(f"throughput {key} rep {rep}/{args.reps}: {VARIANTS[key].label}")
-                result = await throughput(ctx, VARIANTS[key], run_id, topic, args.events, timeout=timeout)
+                result = await throughput(ctx, VARIANTS[key], run_id, topic, total, timeout=timeout,
+                                          timed_from=history)
                 if _killed_from_outside(result):
                     incidents.append(result)
                     log(f"  worker SIGKILLed by something outside the bench ({result['error'][:80]}...); once more")
-                    result = await throughput(ctx, VARIANTS[key], run_id + "-again", topic, args.events,
-                                              timeout=timeout)
+                    result = await throughput(ctx, VARIANTS[key], run_id + "-again", topic, total,
+                                              timeout=timeout, timed_from=history)
                 result["rep"] = rep
                 runs.append(result)
                 log(f"  -> {result['events_per_s']} events/s over {result['span_s']} s, "
@@ -321,6 +328,7 @@ def _input_description(args: argparse.Namespace, now: float) -> dict[str, Any]:
                                                mode=args.mode)))
     return {
         "events": args.events, "entities": args.entities, "partitions": args.partitions, "mode": args.mode,
+        "history_per_entity": args.history, "untimed_history_events": args.history * args.entities,
         "mean_value_bytes": round(sum(len(v) for _, v, _ in sample) / len(sample), 1),
         "mean_header_bytes": round(sum(sum(len(k) + len(v) for k, v in h) for _, _, h in sample) / len(sample), 1),
         "integrity": "hmac-sha256 (key bench-1)", "checks": "integrity, authorization, idempotency, version, "

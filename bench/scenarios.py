@@ -76,9 +76,29 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+def seq_of(headers: Any) -> int | None:
+    """The input sequence number an output record carries (events.SEQ_HEADER), None without one."""
+    for k, v in headers or ():
+        if k == events.SEQ_HEADER:
+            return int(v)
+    return None
+
+
+def timed_span(samples: list[tuple[int, int | None]], timed_from: int) -> tuple[int, int | None, int | None]:
+    """(count, first, last timestamp in ms) of the outputs whose input sequence number is >= `timed_from`, from
+    (timestamp ms, seq) samples: the timed part of a steady-state input (the history before it is left out)."""
+    timed = [ts for ts, seq in samples if seq is not None and seq >= timed_from]
+    if not timed:
+        return 0, None, None
+    return len(timed), min(timed), max(timed)
+
+
 async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: str, expected: int, *,
-                     timeout: float) -> dict[str, Any]:
-    """Run `variant` over the pre-produced input; events/s between the first and last output append times."""
+                     timeout: float, timed_from: int = 0) -> dict[str, Any]:
+    """Run `variant` over the pre-produced input; events/s between the first and last output append times.
+
+    `timed_from` > 0 (a steady-state input): the first `timed_from` input events are the entities' history,
+    processed but not timed; events/s and CPU per event are those of the outputs of the later events only."""
     lnch = ctx.launch(variant, run_id, input_topic)
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
@@ -97,7 +117,7 @@ async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: s
                 worker.check()
                 worker.sample()
                 out = sum((await progress.end_offsets(lnch.outputs)).values())
-                if out > 0 and cpu_first is None:
+                if out > timed_from and cpu_first is None:
                     cpu_first, out_first, t_first = worker.cpu(), out, time.monotonic()
                 committed = await progress.committed(lnch.group, input_topic)
                 now = time.monotonic()
@@ -116,11 +136,17 @@ async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: s
     finally:
         worker.stop()
     host = meter.finish(cpu_done - (cpu_first or 0.0) if cpu_done is not None and cpu_first is not None else None)
-    outputs = await scan(ctx.bootstrap, lnch.outputs, read_committed=True)
+    keep = (lambda m: (m.timestamp, seq_of(m.headers))) if timed_from else None
+    outputs = await scan(ctx.bootstrap, lnch.outputs, read_committed=True, keep=keep)
     count = sum(o.count for o in outputs.values())
     firsts = [o.first_ts_ms for o in outputs.values() if o.first_ts_ms is not None]
     lasts = [o.last_ts_ms for o in outputs.values() if o.last_ts_ms is not None]
     span = (max(lasts) - min(firsts)) / 1000 if firsts and lasts else None
+    all_count = count
+    if timed_from:
+        count, first_ms, last_ms = timed_span([r for o in outputs.values() for r in o.records], timed_from)
+        span = (last_ms - first_ms) / 1000 if first_ms is not None and last_ms is not None else None
+        out_first = max(0, out_first - timed_from)
     ts_types = sorted({t for o in outputs.values() for t in o.timestamp_types})
     per_event_cpu = None
     if cpu_done is not None and cpu_first is not None and count > out_first:
@@ -128,7 +154,8 @@ async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: s
     result = {
         "variant": variant.key, "run_id": run_id, "command": lnch.command,
         "config": str(lnch.config_path) if lnch.config_path else None,
-        "input_events": expected, "outputs": {t: o.count for t, o in outputs.items()}, "output_events": count,
+        "input_events": expected, "outputs": {t: o.count for t, o in outputs.items()}, "output_events": all_count,
+        "timed_from_seq": timed_from, "timed_output_events": count,
         "span_s": round(span, 3) if span else None,
         "events_per_s": round((count - 1) / span, 1) if span and count > 1 else None,
         "wall_incl_startup_s": round((done_at or time.monotonic()) - started, 1),
@@ -138,8 +165,8 @@ async def throughput(ctx: Context, variant: Variant, run_id: str, input_topic: s
         "timestamp_types": ts_types,  # 1 = LogAppendTime (broker clock), as created
         "host": host, "error": error,
     }
-    if count != expected and not error:
-        result["error"] = f"expected {expected} output events, found {count}"
+    if all_count != expected and not error:
+        result["error"] = f"expected {expected} output events, found {all_count}"
     _cleanup(worker)
     return result
 

@@ -18,7 +18,7 @@ class Variant:
 
     key: str
     label: str
-    kind: str          # raw | faust | byzguard | batch
+    kind: str          # raw | faust | byzguard | batch (a bench prototype with byzguard's core)
     guarantee: str     # at_least_once | exactly_once
     rules: bool = True
     args: tuple[str, ...] = ()
@@ -27,6 +27,8 @@ class Variant:
     #: a module and its arguments that start the byzguard worker (`python -m MODULE ARGS... app.cli run`), for
     #: diagnostics that change the worker's process (bench/switched.py, bench/skipping.py); (): `byzguard run`
     wrapper: tuple[str, ...] = ()
+    #: raw and batch kinds: the worker's module (default bench.passthrough_raw / bench.batch_guard)
+    module: str = ""
 
     def __post_init__(self) -> None:
         if self.wrapper and self.kind != "byzguard":
@@ -39,6 +41,12 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("a", "raw aiokafka consume-produce pass-through", "raw", "at_least_once"),
+    # The physical ceiling of a Python Kafka client here (librdkafka; a bench-only dependency, the `bench` extra).
+    Variant("a_ck", "raw confluent-kafka consume-produce pass-through", "raw", "at_least_once",
+            module="bench.passthrough_ck"),
+    # Diagnostic: a_ck with librdkafka's own producer batching (linger 5 ms, batch 1 MB) instead of a's (linger 0).
+    Variant("a_ck_lib", "raw confluent-kafka pass-through, librdkafka's own producer batching", "raw",
+            "at_least_once", module="bench.passthrough_ck", args=("--librdkafka-batching",)),
     Variant("b", "faust pass-through agent", "faust", "at_least_once"),
     Variant("c", "byzguard, every check + CEL rules, RocksDB, at_least_once", "byzguard", "at_least_once"),
     Variant("d", "byzguard, every check + CEL rules, RocksDB, exactly_once", "byzguard", "exactly_once"),
@@ -81,6 +89,14 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # aiokafka loop without faust (bench/batch_guard.py), to show what the framework costs.
     Variant("e", "prototype: byzguard core in a batched aiokafka loop, RocksDB, at_least_once", "batch",
             "at_least_once"),
+    Variant("e_eos", "prototype: as e, exactly_once (a transaction per partition per batch <= 100 ms)", "batch",
+            "exactly_once", args=("--eos",)),
+    # Diagnostic: e with its offset commit off the loop's path (a task, at most one in flight): its latency.
+    Variant("e_behind", "prototype: as e, offsets committed in a task behind the loop", "batch", "at_least_once",
+            args=("--commit-behind",)),
+    # Shape (2) of docs/runtime-choice.md: a faust agent fed one event per fetch (bench/faust_batches.py).
+    Variant("f", "prototype: faust agent fed one event per fetch, byzguard core as e, at_least_once", "batch",
+            "at_least_once", module="bench.faust_batches"),
     Variant("b_take", "faust pass-through agent, batches of 1000 (take_events)", "faust", "at_least_once",
             args=("--take", "1000")),
     # Diagnostic: b written as an async generator that yields per event (b and byzguard are plain coroutines).
@@ -128,8 +144,8 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
     log_path = run_dir / "worker.log"
     if variant.kind == "raw":
         output = f"{run_id}-out"
-        args = ["-m", "bench.passthrough_raw", "--broker", bootstrap, "--input", input_topic, "--output", output,
-                "--group", run_id]
+        args = ["-m", variant.module or "bench.passthrough_raw", "--broker", bootstrap, "--input", input_topic,
+                "--output", output, "--group", run_id, *variant.args]
         worker = Worker.python(run_id, args, env=dict(extra_env or {}), cwd=run_dir, log_path=log_path)
         return Launch(variant, worker, run_id, [output], "python " + shlex.join(args))
     env = {
@@ -154,9 +170,12 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
                                  causal_buffer=causal_buffer)
     env["BYZGUARD_CONFIG"] = str(config)
     env.update(events.secret_env())
-    if variant.kind == "batch":
-        args = ["-m", "bench.batch_guard", "--broker", bootstrap, "--app-id", run_id, "--data-dir",
-                str(run_dir / "state"), "--config", str(config)]
+    if variant.kind == "batch" and variant.module == "bench.faust_batches":
+        args = ["-m", variant.module, "--data-dir", str(run_dir / "state"), "--config", str(config), *variant.args]
+        program = "python " + shlex.join(args)
+    elif variant.kind == "batch":
+        args = ["-m", variant.module or "bench.batch_guard", "--broker", bootstrap, "--app-id", run_id,
+                "--data-dir", str(run_dir / "state"), "--config", str(config), *variant.args]
         program = "python " + shlex.join(args)
     else:
         args = ["-m", "app.cli", "run"]  # = the `byzguard run` console script, with this checkout first on sys.path

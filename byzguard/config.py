@@ -58,6 +58,17 @@ class Policy(StrEnum):
     FAIL_OPEN = "fail_open"
 
 
+class Partitioning(StrEnum):
+    """What a route does with a record that is not in the partition of its entity id (Kafka's murmur2).
+
+    REFUSE quarantines it (decode.wrong_partition; a null key: decode.key_mismatch); REPARTITION first moves
+    every input record, bytes and headers untouched, through an internal topic to its entity's partition.
+    """
+
+    REFUSE = "refuse"
+    REPARTITION = "repartition"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -167,6 +178,7 @@ class RouteModel(_Model):
     unlisted_types: Literal["reject", "warn"] = "reject"
     causal: CausalModel = Field(default_factory=CausalModel)
     receipts_topic: str | None = None
+    partitioning: Partitioning = Partitioning.REFUSE
 
     @model_validator(mode="after")
     def _allow_list(self) -> RouteModel:
@@ -372,6 +384,7 @@ class Route:
     receipts_topic: str | None = None
     #: Input topic -> the source that writes it (records naming no source are that source's).
     input_sources: Mapping[str, str] = field(default_factory=dict)
+    partitioning: Partitioning = Partitioning.REFUSE
 
     def policy_for(self, event_type: str) -> TypePolicy:
         """The policy of an event type, or the route's fallback for types it does not list (type.unlisted)."""
@@ -496,6 +509,7 @@ def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[s
             fallback=fallback,
             receipts_topic=route.receipts_topic,
             input_sources={t.topic: t.source for t in route.inputs if t.source is not None},
+            partitioning=route.partitioning,
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
     return GuardConfig(

@@ -23,6 +23,7 @@ from byzguard.clocks import VectorClock, lamport_mark_key
 from byzguard.config import GuardConfig, Route, TypePolicy
 from byzguard.engine import Decision, Limits, decode_failure, verify
 from byzguard.envelope import Envelope, decode
+from byzguard.partitioner import misplaced
 from byzguard.routing import Headers, quarantine_headers, verified_headers
 from byzguard.state import EntityState, decode_lamport, encode_lamport
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
@@ -43,7 +44,13 @@ class StateReader(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RecordIn:
-    """A consumed record and its coordinates."""
+    """A consumed record and its coordinates (where it was produced: quarantine names them).
+
+    `partitions` is the partition count of the topic the guard read the record from, and `read_partition`
+    the partition it was read from when that is not `partition` (a record re-partitioned by entity): with
+    them the guard refuses a record that is not where its entity's state is (byzguard.partitioner).
+    None: the record was not read from a partitioned topic (a sample, a file), so no placement is checked.
+    """
 
     key: bytes | None
     value: bytes | None
@@ -52,23 +59,32 @@ class RecordIn:
     partition: int
     offset: int
     timestamp: float | None = None
+    partitions: int | None = None
+    read_partition: int | None = None
+
+    @property
+    def home(self) -> int:
+        """The partition the record was read from: its state's, and its outputs' (co-partitioned)."""
+        return self.partition if self.read_partition is None else self.read_partition
 
     def to_bytes(self) -> bytes:
         """Serialize a record to hold it in the causal buffer."""
         def b64(raw: bytes | None) -> str | None:
             return None if raw is None else base64.b64encode(raw).decode()
         return orjson.dumps([b64(self.key), b64(self.value), [[k, b64(v)] for k, v in self.headers],
-                             self.topic, self.partition, self.offset, self.timestamp])
+                             self.topic, self.partition, self.offset, self.timestamp, self.read_partition])
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> RecordIn:
         """Inverse of to_bytes."""
-        key, value, headers, topic, partition, offset, timestamp = orjson.loads(raw)
+        key, value, headers, topic, partition, offset, timestamp, *rest = orjson.loads(raw)
 
         def unb64(text: str | None) -> bytes | None:
             return None if text is None else base64.b64decode(text)
+        # No partition count: a released record was placed when it arrived. Its read partition (absent from
+        # records held by earlier versions) is where its outputs go.
         return cls(unb64(key), unb64(value), [(k, unb64(v) or b"") for k, v in headers], topic, partition,
-                   offset, timestamp)
+                   offset, timestamp, None, rest[0] if rest else None)
 
 
 # Not frozen: a frozen dataclass's __init__ costs about 1 µs more, and one or two are built per event.
@@ -208,16 +224,27 @@ class Guard:
             self._emit(tx, record, route, decode_failure(*decoded), None, now)
             return
         env = decoded
+        partitions = record.partitions
+        if partitions is not None:  # None also for a record released from the causal buffer: checked on arrival
+            wrong = misplaced(record.key, env.subject, record.home, partitions)
+            if wrong is not None:
+                self._emit(tx, record, route, decode_failure(*wrong), env, now)
+                return
         entity_key = env.subject.encode()
         entity = self._entity(tx, entity_key)
         policy = route.policy_for(env.type)
+        # One mark per writer (source, or source and producer instance: byzguard.clocks.lamport_mark_key). Kafka
+        # keeps a writer's send order within one partition only, and a repartition topic merges several: there,
+        # a writer's Lamport mark is kept per input partition the record came from.
         lamport_key = lamport_mark_key(env.source, env.instance)
+        if record.read_partition is not None:
+            lamport_key += f"\x00{record.topic}\x00{record.partition}".encode()
         # A released event's Lamport time was judged when it arrived; later events of its source may have
         # advanced the mark since, which says nothing about this one.
         mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
         # A type the route refuses is judged at once: it must neither wait in the buffer nor fill it.
         if hold and env.vclock is not None and not _refused_type(policy) \
-                and self._held(tx, record, route, env, entity, entity_key, mark, now):
+                and self._held(tx, record, route, env, entity, entity_key, lamport_key, mark, now):
             return
         decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
                           received=record.timestamp, writer=writer)
@@ -230,7 +257,7 @@ class Guard:
             self._release(tx, route, entity_key, now)
 
     def _held(self, tx: _Tx, record: RecordIn, route: Route, env: Envelope, entity: EntityState | None,
-              entity_key: bytes, mark: int | None, now: float) -> bool:
+              entity_key: bytes, lamport_key: bytes, mark: int | None, now: float) -> bool:
         """Hold `env` if its dependencies are missing; True when it was held (or refused for overflow)."""
         assert env.vclock is not None
         delivered = entity.vclock if entity is not None and entity.vclock is not None else _EMPTY_CLOCK
@@ -267,7 +294,7 @@ class Guard:
         tx.set_buffer(entity_key, offered.buffer)
         if env.lamport is not None:
             # Arrival order is what the Lamport check judges, so the mark moves now, not on release.
-            tx.put(LAMPORTS, lamport_mark_key(env.source, env.instance), encode_lamport(env.lamport))
+            tx.put(LAMPORTS, lamport_key, encode_lamport(env.lamport))
         self._emit(tx, record, route, Decision(Outcome.HELD), env, now)
         return True
 

@@ -3,7 +3,7 @@ never append, so a record that passes through twice does not grow."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
 
@@ -105,3 +105,28 @@ def receipt(event_id: str, outcome: Outcome, reasons: Sequence[Reason], route: s
     return orjson.dumps({"id": event_id, "outcome": outcome.value, "route": route,
                          "reasons": [r.as_dict() for r in reasons], "topic": topic, "partition": partition,
                          "offset": offset, "decided_at": now})
+
+
+# A re-partitioned record carries where it was produced, so its verdict (and quarantine id) names the input.
+H_REPARTITIONED_FROM = "byzguard_repartitioned_from"
+
+
+def repartition_headers(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None, topic: str,
+                        partition: int, offset: int, timestamp: float | None) -> Headers:
+    """The producer's headers, untouched, plus the record's input coordinates (any such header before replaced)."""
+    items = headers.items() if isinstance(headers, Mapping) else headers or ()
+    out = [h for h in items if h[0] != H_REPARTITIONED_FROM]
+    out.append((H_REPARTITIONED_FROM, orjson.dumps([topic, partition, offset, timestamp])))
+    return out
+
+
+def repartitioned_from(headers: Sequence[tuple[str, bytes]] | None) -> tuple[str, int, int, float | None] | None:
+    """Inverse of repartition_headers: (topic, partition, offset, timestamp) of the input record, or None."""
+    for name, raw in reversed(headers or ()):
+        if name == H_REPARTITIONED_FROM:
+            try:
+                topic, partition, offset, timestamp = orjson.loads(raw)
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                return None
+            return str(topic), int(partition), int(offset), None if timestamp is None else float(timestamp)
+    return None

@@ -34,6 +34,7 @@ class Code(StrEnum):
     DECODE_MALFORMED = "decode.malformed"
     DECODE_UNSUPPORTED = "decode.unsupported"
     DECODE_KEY_MISMATCH = "decode.key_mismatch"
+    DECODE_WRONG_PARTITION = "decode.wrong_partition"
     DECODE_AMBIGUOUS = "decode.ambiguous"
     INTEGRITY_MISSING = "integrity.missing"
     INTEGRITY_MISMATCH = "integrity.mismatch"

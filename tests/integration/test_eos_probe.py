@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
 
 from app import eos
@@ -48,3 +50,28 @@ async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, to
 
     assert state._probe is None
     assert probe._closed is True
+
+
+async def test_the_groups_committed_offset_comes_from_the_coordinator(
+        kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    """Where faust has not recorded a partition's committed offset yet, in_order reads the group's from the
+    coordinator (None for a partition the group never committed); closing stops its admin client."""
+    topic = topic_factory()
+    await produce_numbered(kafka_bootstrap, topic, range(3))
+    group = f"eos-probe-{uuid.uuid4().hex[:6]}"
+    committer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(topic, 0)])
+        await committer.commit({TopicPartition(topic, 0): 2})
+    finally:
+        await committer.stop()
+    state = InOrder(kafka_bootstrap)
+    app = SimpleNamespace(conf=SimpleNamespace(id=group))
+    try:
+        assert await state._group_committed(app, TP(topic, 0)) == 2  # type: ignore[arg-type]
+        other = SimpleNamespace(conf=SimpleNamespace(id=f"{group}-other"))
+        assert await state._group_committed(other, TP(topic, 0)) is None  # type: ignore[arg-type]
+    finally:
+        await state.close()
+    assert state._admin is None

@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import faust
 import pytest
@@ -243,3 +244,65 @@ async def _commit_marker_passed(guarded: Guarded, kafka_bootstrap: str) -> None:
     await produce_numbered(kafka_bootstrap, topic, range(1))  # offset 3: processed next, nothing in between
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == [0, 1, 3]
+
+
+async def test_a_topic_written_in_many_transactions_needs_a_look_per_fetch_not_per_marker(
+        kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records each followed by a commit marker (a transactional writer, such as a repartition topic's) are all
+    processed once and in order, and the probe reads the markers a fetch at a time, not once per marker."""
+    looks = 0
+    first_committed = eos._first_committed
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return await first_committed(*args, **kwargs)
+
+    monkeypatch.setattr(eos, "_first_committed", counted)
+    topic = topic_factory()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
+    await producer.start()
+    try:
+        for n in range(60):
+            async with producer.transaction():  # record at 2n, its commit marker at 2n + 1
+                await producer.send_and_wait(topic, str(n).encode(), partition=0)
+    finally:
+        await producer.stop()
+    await _ends_at(kafka_bootstrap, topic, 120, "the last commit marker written")
+    built = Guarded(kafka_bootstrap, topic, tmp_path)
+    await built.app.start()
+    try:
+        await _caught_up(kafka_bootstrap, built.group, topic)
+        assert built.seen == list(range(0, 120, 2))
+    finally:
+        await built.app.stop()
+    assert looks <= 3, f"{looks} looks for 59 gaps of one marker each"
+
+
+async def test_markers_before_a_skipped_record_are_passed_by_the_commit(
+        guarded: Guarded, kafka_bootstrap: str) -> None:
+    """When faust skips records of a transactional input and the consumer is sent back to the first of them,
+    the markers and aborted records before it are acked too: the commit reaches the end, not a stop before them."""
+    topic = guarded.tp.topic
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"0", partition=0)  # record 0, commit marker 1
+        await _processed(guarded, 1)
+        # Faust's read offset moves past what comes next, as when a fetch is abandoned.
+        await guarded.app.consumer.seek(guarded.tp, 7)
+        await producer.begin_transaction()
+        await producer.send_and_wait(topic, b"aborted", partition=0)  # aborted record 2, abort marker 3
+        await producer.abort_transaction()
+        async with producer.transaction():
+            for n in (4, 5):
+                await producer.send_and_wait(topic, str(n).encode(), partition=0)  # records 4, 5, marker 6
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"7", partition=0)  # record 7, marker 8
+    finally:
+        await producer.stop()
+    await _ends_at(kafka_bootstrap, topic, 9, "the last commit marker written")
+
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
+    assert guarded.seen == [0, 4, 5, 7]

@@ -189,14 +189,18 @@ class WorkerFactory:
     route: RouteNames | None = None
     config_path: Path | None = None
 
-    def configure(self, partitions: int = 4) -> RouteNames:
-        """Write this test's config with unique topic names (the worker's provisioning creates them)."""
+    def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
+        """Write this test's config with unique topic names (the worker's provisioning creates them);
+        `partitioning`: the route's option of that name, when given."""
         suffix = uuid.uuid4().hex[:8]
         stem = f"{self.prefix[:60]}-{suffix}"
         self.route = RouteNames(f"{stem}-in", f"{stem}-verified", f"{stem}-quarantine", partitions)
         self.config_path = self.base_dir / "byzguard-test.yaml"
-        self.config_path.write_text(CONFIG_TEMPLATE.format(input=self.route.input, verified=self.route.verified,
-                                                           quarantine=self.route.quarantine, partitions=partitions))
+        text = CONFIG_TEMPLATE.format(input=self.route.input, verified=self.route.verified,
+                                      quarantine=self.route.quarantine, partitions=partitions)
+        if partitioning is not None:
+            text += f"    partitioning: {partitioning}\n"
+        self.config_path.write_text(text)
         return self.route
 
     def new_worker(self, name: str, *, data_dir: Path | None = None) -> WorkerProcess:
