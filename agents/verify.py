@@ -5,6 +5,10 @@ agent's iteration, under the processing lock. Its records (verified, quarantine,
 (app/outbox.py), which sends them in record batches; its state writes wait in tables/buffer.py. Every commit
 first writes the state out and waits until the outbox delivered everything, so with exactly_once all of it
 commits in one Kafka transaction with the input offsets.
+
+Sizes are decided before anything is sent: a record whose copy (with byzguard's headers, at most
+byzguard.routing OWN_HEADERS_MAX) would not fit the verified or quarantine topic is not checked at all; a bounded
+stub that points at it goes to quarantine instead (`output.too_large`), and it changes no state.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
+from app.outbox import RecordTooLargeError
 from byzguard.config import Route
+from byzguard.engine import Decision
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed
-from byzguard.routing import receipt
-from byzguard.verdict import Code, Outcome
+from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size, too_large_stub
+from byzguard.verdict import Code, Outcome, Reason
 from tables import RouteTables
 from tables.buffer import StateBuffer
 from topics import RouteTopics
@@ -67,19 +73,41 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
     quarantine_name = quarantine_topic.get_topic_name()
     receipts_name = receipts_topic.get_topic_name() if receipts_topic is not None else None
 
+    copy_limit = 0  # the smaller limit of the verified and quarantine topics, known once the outbox started
+
+    def stub(record: RecordIn, reasons: tuple[Reason, ...], size: int, now: float, source: TP) -> Routed:
+        """Quarantine a bounded stub for `record`, whose copy does not fit (see the module doc)."""
+        key, value, headers = too_large_stub(
+            record.key, record.value, record.headers, reasons, name, topic=record.topic, partition=record.partition,
+            offset=record.offset, timestamp=record.timestamp, size=size, limit=copy_limit, now=now)
+        add(quarantine_name, record.partition, key, value, headers, source=source)
+        log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
+                    "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
+                    copy_limit)
+        reason = Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes")
+        return Routed(record, Decision(Outcome.QUARANTINED, (reason, *reasons)), None, None, None)
+
     def emit(routed: Routed, source: TP) -> None:
         record = routed.record
         # Outputs keep the input's partition: they are co-partitioned, and no key hashing is needed. Under
         # exactly_once they belong to the transaction of the event being processed (`source`).
-        if routed.verified_headers is not None:
-            add(verified_name, record.partition, record.key, record.value, routed.verified_headers, source=source)
-        if routed.quarantine_headers is not None:
-            add(quarantine_name, record.partition, record.key, record.value, routed.quarantine_headers,
-                source=source)
+        try:
+            if routed.verified_headers is not None:
+                add(verified_name, record.partition, record.key, record.value, routed.verified_headers,
+                    source=source)
+            if routed.quarantine_headers is not None:
+                add(quarantine_name, record.partition, record.key, record.value, routed.quarantine_headers,
+                    source=source)
+        except RecordTooLargeError:
+            # Not reached while byzguard's headers stay within OWN_HEADERS_MAX (checked before processing); should
+            # that bound ever be wrong, the record is still accounted for, as a stub.
+            log.exception("a copy exceeded the bound checked before processing")
+            stub(record, routed.decision.reasons, record_size(record.key, record.value, record.headers), time.time(),
+                 source)
         if receipts_name is not None and routed.envelope is not None:
             # In the same transaction as the routing: a receipt is visible exactly when the verdict is.
             event_id = routed.envelope.id
-            add(receipts_name, record.partition, event_id.encode(), receipt(
+            add(receipts_name, record.partition, receipt_key(event_id), receipt(
                 event_id, routed.decision.outcome, routed.decision.reasons, name, topic=record.topic,
                 partition=record.partition, offset=record.offset, now=time.time()), source=source)
 
@@ -91,9 +119,15 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         if msg.topic == tick_name:
             result = guard.expire_held(route, state, now=now)
         else:
-            result = guard.process(
-                RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                         msg.timestamp), route, state, now=now)
+            record = RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
+                              msg.timestamp)
+            size = record_size(record.key, record.value, record.headers)
+            if size + OWN_HEADERS_MAX > copy_limit:  # no copy would fit: not checked, no state, a stub instead
+                routed = stub(record, (), size, now, msg.tp)
+                latency.observe(time.perf_counter() - started)
+                observe(name, routed, now)
+                return
+            result = guard.process(record, route, state, now=now)
         apply(result, msg.partition)
         source = msg.tp
         for routed in result.routed:
@@ -105,7 +139,10 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
             observe(name, routed, now)
 
     async def verify_events(stream: faust.StreamT[bytes]) -> None:
-        await outbox.start()
+        nonlocal copy_limit
+        await outbox.start([verified_name, quarantine_name, *([receipts_name] if receipts_name else []),
+                            *(table.changelog_topic.get_topic_name() for table in by_name.values())])
+        copy_limit = min(outbox.limit(verified_name), outbox.limit(quarantine_name))
         idle = _idle(stream)
         async for event in stream.events():
             # Each record once, in order, its state writes, outputs and ack with no commit in between (app/eos.py).

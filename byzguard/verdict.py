@@ -55,6 +55,8 @@ class Code(StrEnum):
     TIME_FUTURE = "time.future"
     INVARIANT_VIOLATED = "invariant.violated"
     INVARIANT_ERROR = "invariant.error"
+    #: Not a check of the event: its copy does not fit the destination topic, so a bounded stub stands for it.
+    OUTPUT_TOO_LARGE = "output.too_large"
 
     @property
     def check(self) -> str:
@@ -74,6 +76,7 @@ CHECK_OF_FAMILY: dict[str, str] = {
     "causal": "causal",
     "time": "time",
     "invariant": "invariant",
+    "output": "output",
 }
 
 
