@@ -135,6 +135,11 @@ class Outbox:
         if self._oldest is None:
             self._oldest = time.monotonic()
 
+    @property
+    def transactional(self) -> bool:
+        """True under exactly_once: every record goes out in the transaction of its input partition."""
+        return self._exactly_once
+
     def limit(self, topic: str) -> int:
         """The largest record batch `topic` takes (its max.message.bytes; DEFAULT_LIMIT when not loaded)."""
         return self.limits.get(topic, DEFAULT_LIMIT)
@@ -166,12 +171,32 @@ class Outbox:
     async def flush(self) -> dict[tuple[str, int], int]:
         """Send everything added so far and wait until it is delivered; return, per destination partition
         that got records since the last flush, the offset of its last record. Raises if one was not delivered,
-        and so does every later flush: records that were lost are never committed past."""
+        and so does every later flush: records that were lost are never committed past.
+
+        While the broker does not take the records (an outage) this waits, as long as aiokafka retries them,
+        and says so in the log every WAIT_LOG_INTERVAL seconds."""
+        task = asyncio.ensure_future(self._flush())
+        started = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=WAIT_LOG_INTERVAL)
+                if done:
+                    break
+                log.warning("outbox: waiting %.0f s for the delivery of %d record batches (is the broker away?); "
+                            "processing and commits wait", time.monotonic() - started, len(self._sent))
+        except BaseException:
+            task.cancel()
+            raise
+        if time.monotonic() - started >= WAIT_LOG_INTERVAL:
+            log.warning("outbox: delivered after %.0f s; processing goes on", time.monotonic() - started)
+        return task.result()
+
+    async def _flush(self) -> dict[tuple[str, int], int]:
         await self._send_all()
         last: dict[tuple[str, int], int] = {}
         for batch, fut in self._sent:
             if not fut.done():
-                await self._wait(fut, batch)
+                await asyncio.wait([fut])
             try:
                 offset = int(fut.result().offset) + batch.count - 1
             except BaseException as exc:
@@ -185,19 +210,6 @@ class Outbox:
                 last[dest] = offset
         self._sent = []
         return last
-
-    async def _wait(self, fut: asyncio.Future[Any], batch: _Batch) -> None:
-        """Wait for one batch's delivery for as long as aiokafka retries it (a broker outage is waited out);
-        say so in the log every WAIT_LOG_INTERVAL seconds, and when it is over."""
-        started = time.monotonic()
-        while True:
-            done, _ = await asyncio.wait([fut], timeout=WAIT_LOG_INTERVAL)
-            if done:
-                break
-            log.warning("outbox: waiting %.0f s for the delivery of %d records to %s[%d] (is the broker away?); "
-                        "processing waits", time.monotonic() - started, batch.count, batch.topic, batch.partition)
-        if time.monotonic() - started >= WAIT_LOG_INTERVAL:
-            log.warning("outbox: delivered after %.0f s; processing goes on", time.monotonic() - started)
 
     async def start(self, topics: Sequence[str] = ()) -> None:
         """Make sure the producer runs (the first `add` needs it) and know the size limits of `topics`."""

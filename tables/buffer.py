@@ -9,18 +9,19 @@ changelog once, and the changelog records go out through the outbox (app/outbox.
 batches: under exactly_once, in the transaction of their partition, so they commit with the input offsets.
 
 The order of a commit (`flush`, run inside every offset commit under the processing lock, app/eos.py
-`before_commit`), as Kafka Streams and quix-streams do it: the events' outputs and the changelog records are
-sent, then delivered (the outbox waits for every one, and a failed send fails the commit for good), and only
-then is the state written into the local store, before the offsets go. So the local store never holds state
-whose event's outputs were not delivered: after a crash (SIGKILL, a broker outage that ended the worker) a
-redelivered event is never judged a duplicate of itself with its output missing (at_least_once may repeat an
-output, it never loses one; under exactly_once the local tables of a crashed worker are discarded anyway,
-app/eos.py fix 4).
+`before_commit`), as quix-streams does it: the events' outputs are delivered, then the changelog records are
+sent and delivered (the outbox waits for every one, and a failed send fails that commit and every later one),
+then the state is written into the local store, and only then do the offsets go. So neither the changelog nor
+the local store ever holds state whose event's outputs were not delivered: after a crash (SIGKILL, a send that
+failed, a broker outage that ended the worker) a redelivered event is never judged a duplicate of itself with
+its output missing. at_least_once may repeat an output; it never loses one. Under exactly_once the outputs and
+changelog records are one transaction with the offsets, so changelog records are queued as soon as they are
+written out, and the local tables of a crashed worker are discarded at its next start (app/eos.py fix 4).
 
-Between commits the agent writes pending keys out whenever FLUSH_KEYS are pending (`write_out`: queued in the
-outbox, which sends them soon, and kept as staged until the commit writes them to the store), so a commit
-stalls processing for the delivery of the last few batches only. Reads see pending writes first, then staged
-ones, then the store: the next event sees its predecessor's writes at once.
+Between commits the agent writes pending keys out whenever FLUSH_KEYS are pending (`write_out`: staged, and
+under exactly_once queued in the outbox, which sends them soon, so a commit stalls processing for the delivery
+of the last few batches only). Reads see pending writes first, then staged ones, then the store: the next
+event sees its predecessor's writes at once.
 """
 
 from __future__ import annotations
@@ -112,8 +113,10 @@ class StateBuffer:
         return self._keys >= self.flush_keys
 
     def write_out(self) -> None:
-        """Queue every pending key for its changelog in the outbox; it reaches the store at the next `flush`,
-        once delivered. Raises StateTooLargeError for a record its changelog topic cannot take."""
+        """Move every pending key to the staged writes, which reach the store at the next `flush` once delivered.
+        Under exactly_once its changelog record is queued in the outbox at once (it commits or aborts with the
+        partition's transaction); under at_least_once only at the flush, once the outputs of the events that
+        wrote it are delivered. Raises StateTooLargeError for a record its changelog topic cannot take."""
         if not self._dirty:
             return
         outbox = self.outbox
@@ -133,32 +136,44 @@ class StateBuffer:
                                 f"more than the topic's limit of {limit} (max.message.bytes): it cannot be made "
                                 f"durable; nothing of its event is committed")
         self._dirty, self._keys = {}, 0
+        if getattr(outbox, "transactional", False):
+            self._queue(dirty)
         staged = self._staged
         for table, parts in dirty.items():
-            topic = table.changelog_topic.get_topic_name()
-            self._changelogs[topic] = table
             into = staged.get(table)
             if into is None:
                 into = staged[table] = {}
             for partition, entries in parts.items():
-                for key, value in entries.items():
-                    # Changelogs are co-partitioned with the inputs: the record goes to the transaction of its
-                    # own partition under exactly_once (never that of the event being processed).
-                    outbox.add(topic, partition, key, value)
                 known = into.get(partition)
                 if known is None:
                     into[partition] = entries
                 else:
                     known.update(entries)
 
+    def _queue(self, writes: Dirty) -> None:
+        outbox = self.outbox
+        assert outbox is not None
+        for table, parts in writes.items():
+            topic = table.changelog_topic.get_topic_name()
+            self._changelogs[topic] = table
+            for partition, entries in parts.items():
+                for key, value in entries.items():
+                    # Changelogs are co-partitioned with the inputs: the record goes to the transaction of its
+                    # own partition under exactly_once (never that of the event being processed).
+                    outbox.add(topic, partition, key, value)
+
     async def flush(self) -> None:
-        """Write out every pending key, wait until its changelog record (with everything else in the outbox) is
-        delivered, then write the staged keys into the stores: what a commit needs before its offsets go. If a
-        record is not delivered this raises, and nothing staged reaches the store."""
+        """What a commit needs before its offsets go: the outputs delivered, then the changelog records
+        delivered, then the staged keys written into the stores (see the module doc). If a record is not
+        delivered this raises, and nothing staged reaches the changelog (at_least_once) or the store."""
         self.write_out()
-        if self.outbox is None:
+        outbox = self.outbox
+        if outbox is None:
             return
-        last = await self.outbox.flush()
+        last = await outbox.flush()
+        if self._staged and not getattr(outbox, "transactional", False):
+            self._queue(self._staged)  # the outputs of every event that wrote these are delivered now
+            last.update(await outbox.flush())
         staged, self._staged = self._staged, {}
         for table, parts in staged.items():
             _write(table, parts)

@@ -85,9 +85,11 @@ class _RecordingOutbox:
     """Records what the buffer queues (the outbox itself is tested on the real broker:
     tests/integration/test_outbox.py); `flush` answers as if record i got offset i."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, transactional: bool = True) -> None:
         self.records: list[tuple[str, int, bytes | None, bytes | None, object]] = []
         self.flushes = 0
+        self.transactional = transactional
+        self.at_flush: list[list[str]] = []  # per flush: the topics of the records queued so far
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: object = None, *,
             source: object = None) -> None:
@@ -95,12 +97,14 @@ class _RecordingOutbox:
 
     async def flush(self) -> dict[tuple[str, int], int]:
         self.flushes += 1
+        self.at_flush.append([topic for topic, *_ in self.records])
         return {(topic, partition): i for i, (topic, partition, *_) in enumerate(self.records)}
 
 
 def test_write_out_queues_each_key_once_for_its_own_partitions_changelog_and_keeps_it_from_the_store(
         table: Any) -> None:
-    """Written out, a key is queued for its changelog once and read from the buffer, but not yet in the store."""
+    """Written out under exactly_once, a key is queued for its changelog at once and read from the buffer, but it is
+    not yet in the store."""
     outbox = _RecordingOutbox()
     buffer = StateBuffer(outbox)  # type: ignore[arg-type]
     buffer.put(table, 2, b"source-a", b"1")
@@ -117,6 +121,22 @@ def test_write_out_queues_each_key_once_for_its_own_partitions_changelog_and_kee
     assert buffer.pending == 0 and buffer.get(table, 2, b"source-a") == b"2"
     assert buffer.get(table, 2, b"acct-1") is None and buffer.get(table, 3, b"acct-7") == b"v"
     assert table.data.persisted_offset(TP(changelog, 2)) is None, "nothing is known delivered before a flush"
+
+
+def test_under_at_least_once_changelog_records_are_sent_only_once_the_outputs_are_delivered(table: Any) -> None:
+    """Under at_least_once a written-out key is not queued; the flush delivers the outputs first, then the
+    changelog records, then writes the store."""
+    outbox = _RecordingOutbox(transactional=False)
+    buffer = StateBuffer(outbox)  # type: ignore[arg-type]
+    buffer.put(table, 2, b"acct-1", b"v")
+    buffer.write_out()
+    outbox.add("verified-topic", 2, b"acct-1", b"event")
+    assert [topic for topic, *_ in outbox.records] == ["verified-topic"]
+    asyncio.run(buffer.flush())
+    changelog = table.changelog_topic.get_topic_name()
+    assert outbox.at_flush == [["verified-topic"], ["verified-topic", changelog]]
+    assert _db(table, 2).get(b"acct-1") == b"v"
+    assert table.data.persisted_offset(TP(changelog, 2)) == 1
 
 
 def test_flush_waits_for_delivery_and_records_where_each_changelog_partition_resumes(table: Any) -> None:
