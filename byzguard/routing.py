@@ -203,8 +203,8 @@ def too_large_stub(
         "value_sha256": hashlib.sha256(value).hexdigest() if value is not None else None,
         "headers_dropped": dropped,
     }
-    why = Reason(Code.OUTPUT_TOO_LARGE, f"a copy of this record ({size} bytes with byzguard's headers) exceeds the "
-                 f"{limit}-byte limit of its destination; the original is at {topic}[{partition}]@{offset}")
+    why = Reason(Code.OUTPUT_TOO_LARGE, f"the record takes {size} bytes: with byzguard's headers its copy would not "
+                 f"fit the {limit}-byte limit of its destination; the original is at {topic}[{partition}]@{offset}")
     out = quarantine_headers(kept, Outcome.QUARANTINED, [why, *reasons], route, topic=topic, partition=partition,
                              offset=offset, timestamp=timestamp, now=now)
     out.append((H_STUB, Code.OUTPUT_TOO_LARGE.value.encode()))

@@ -19,7 +19,6 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from app.outbox import load_limits
 from app.provision import OUTPUT_HEADROOM
-from byzguard.stamp import Stamped
 from tests.integration.worker_harness import (
     REPO,
     TEST_ID,
@@ -73,8 +72,6 @@ async def test_a_garbage_record_at_the_brokers_limit_is_quarantined_whole_and_th
     headers above the input's limit), the next clean event is verified, and the worker never stops."""
     route = worker_factory.configure(partitions=1)
     worker = worker_factory.start("w1")
-    limits = await load_limits(worker_factory.bootstrap, [route.input, route.quarantine, route.verified])
-    assert limits[route.quarantine] > limits[route.input] and limits[route.verified] > limits[route.input]
     garbage = bytes(range(256)) * (GARBAGE_SIZE // 256) + b"\x00" * (GARBAGE_SIZE % 256)
     await _send_raw(worker_factory.bootstrap, route.input, [(b"junk", garbage, [(TEST_ID, b"garbage-1")])])
     events = Events()
@@ -89,6 +86,8 @@ async def test_a_garbage_record_at_the_brokers_limit_is_quarantined_whole_and_th
     assert out.header("byzguard_original_offset") == b"0"
     verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=1))
     assert list(verified) == [clean.event_id]
+    limits = await load_limits(worker_factory.bootstrap, [route.input, route.quarantine, route.verified])
+    assert limits[route.quarantine] > limits[route.input] and limits[route.verified] > limits[route.input]
 
 
 async def test_a_record_whose_copy_cannot_fit_is_quarantined_as_a_stub_that_the_review_cli_lists_and_shows(
@@ -156,10 +155,11 @@ async def test_a_valid_600kb_event_is_verified_once_and_its_identical_resend_is_
     assert await collect(worker_factory.bootstrap, route.quarantine, idle=1.0) == []
 
 
-async def test_one_value_resent_under_twelve_100kb_ids_never_stops_the_worker_and_receipt_keys_are_hashed(
+async def test_one_value_sent_as_twelve_new_versions_under_100kb_ids_never_stops_the_worker(
         worker_factory: WorkerFactory) -> None:
-    """Twelve re-sends of one signed value under new 100 KB ids are each routed once, their receipts are keyed by
-    the SHA-256 of the id (bounded), and the worker never stops."""
+    """One value sent as twelve new versions of its entity under new 100 KB ids is verified each time (the entity
+    remembers every id: over 1 MB of state), its receipts are keyed by the SHA-256 of the id (bounded), and the
+    worker never stops."""
     route = worker_factory.configure(partitions=1)
     assert worker_factory.config_path is not None
     receipts = f"{route.input}-receipts"
@@ -170,22 +170,17 @@ async def test_one_value_resent_under_twelve_100kb_ids_never_stops_the_worker_an
     worker = worker_factory.start("w1")
     events = Events()
     first = events.clean("order-5", 1)
-    resent = []
-    for n in range(12):
-        event_id = f"{n:02d}-" + "i" * 100_000
-        headers = [(k, event_id.encode() if k == "ce_id" else v) for k, v in first.headers]
-        resent.append(Stamped(first.key, first.value, headers, event_id))
-    await produce(worker_factory.bootstrap, route.input, [first, *resent])
+    data = orjson.loads(first.value)
+    again = [events.orders.binary(data, type="order.confirmed", subject="order-5", version=n, time=time.time(),
+                                  event_id=f"{n:02d}-" + "i" * 100_000) for n in range(2, 14)]
+    await produce(worker_factory.bootstrap, route.input, [first, *again])
     await _settle(worker_factory, worker)
 
-    outputs = (await collect(worker_factory.bootstrap, route.verified, idle=1.0)
-               + await collect(worker_factory.bootstrap, route.quarantine, idle=1.0))
-    routed = by_id(outputs)
-    assert first.event_id in routed and all(len(v) == 1 for v in routed.values())
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=13))
+    assert set(verified) == {s.event_id for s in [first, *again]} and all(len(v) == 1 for v in verified.values())
     got = await collect(worker_factory.bootstrap, receipts, expected=13)
     keys = {r.key for r in got}
-    assert first.key_id_bytes in keys and all(len(k or b"") <= 256 for k in keys)
-    assert {s.key_id_bytes for s in resent} <= keys
+    assert keys == {s.key_id_bytes for s in [first, *again]} and all(len(k or b"") <= 256 for k in keys)
     assert all(len(r.value or b"") < 12_000 for r in got)
 
 
@@ -254,7 +249,6 @@ async def test_a_topic_that_cannot_take_writes_stops_the_worker_and_nothing_is_c
     await produce(worker_factory.bootstrap, route.input, clean)
     await _wait_for(lambda: not worker.alive(), 60)
     assert not worker.alive(), worker.fail("kept running after its outputs were refused")
-    assert "were not delivered" in worker.log_text()
     admin = AIOKafkaAdminClient(bootstrap_servers=worker_factory.bootstrap)
     await admin.start()
     try:
@@ -267,3 +261,4 @@ async def test_a_topic_that_cannot_take_writes_stops_the_worker_and_nothing_is_c
     await _settle(worker_factory, again)
     verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(clean)))
     assert set(verified) == {s.event_id for s in clean}
+    assert "were not delivered" in worker.log_text()
