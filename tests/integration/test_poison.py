@@ -16,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import MessageSizeTooLargeError
 
 from app.outbox import load_limits
 from app.provision import OUTPUT_HEADROOM
@@ -193,11 +194,24 @@ async def _set_limit(bootstrap: str, topic: str, limit: int) -> None:
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(limit)})])
     finally:
         await admin.close()
-    for _ in range(100):
-        if (await load_limits(bootstrap, [topic])).get(topic) == limit:
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(1.0)  # the broker applies a topic's config change asynchronously
+    # The broker applies a topic's config change asynchronously: wait until a record just over the limit is refused.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=16 << 20)
+    await producer.start()
+    try:
+        probe = b"p" * min(limit, 1000)  # refused under a small limit; taken under a large one
+        for _ in range(100):
+            try:
+                await producer.send_and_wait(topic, probe, headers=[(TEST_ID, b"probe")], partition=0)
+                refused = False
+            except MessageSizeTooLargeError:
+                refused = True
+            if refused == (len(probe) >= limit):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"{topic}: max.message.bytes={limit} did not apply")
+    finally:
+        await producer.stop()
 
 
 async def _wait_for(what: Callable[[], bool], timeout: float) -> None:
@@ -222,16 +236,19 @@ async def test_at_least_once_never_stores_state_before_the_outputs_are_delivered
     await produce(worker_factory.bootstrap, route.input, clean)
     await _wait_for(lambda: worker.events_processed() >= len(clean), 30)
     assert worker.events_processed() == len(clean)
-    await asyncio.sleep(6.0)  # the first commit finds outputs that were not delivered
+    # The next commit finds outputs that were not delivered (or, retrying them, waits); then the worker dies.
+    await _wait_for(lambda: "were not delivered" in worker.log_text() or "outbox: waiting" in worker.log_text(), 40)
     worker.kill()
     await _set_limit(worker_factory.bootstrap, route.verified, 1_048_588 + OUTPUT_HEADROOM)
 
     again = worker_factory.start("again", data_dir=data_dir)
     await _settle(worker_factory, again)
     verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(clean)))
+    verified.pop("probe", None)  # what _set_limit sent
     missing = sorted({s.event_id for s in clean} - set(verified))
     assert not missing, f"{len(missing)} acknowledged events in no output: {missing[:5]}"
-    assert "were not delivered" in worker.log_text(), worker.fail("no word of the failed delivery")
+    assert "were not delivered" in worker.log_text() or "outbox: waiting" in worker.log_text(), \
+        worker.fail("no word of the failed delivery")
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
@@ -260,5 +277,6 @@ async def test_a_topic_that_cannot_take_writes_stops_the_worker_and_nothing_is_c
     again = worker_factory.start("again")
     await _settle(worker_factory, again)
     verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(clean)))
+    verified.pop("probe", None)  # what _set_limit sent
     assert set(verified) == {s.event_id for s in clean}
     assert "were not delivered" in worker.log_text()
