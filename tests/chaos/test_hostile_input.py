@@ -30,7 +30,7 @@ from tests.integration.worker_harness import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-RECORDS = int(os.environ.get("BYZGUARD_HOSTILE_RECORDS", "12000"))
+RECORDS = int(os.environ.get("BYZGUARD_HOSTILE_RECORDS", "20000"))  # 20,000: about 60 s each on 2 cores
 PARTITIONS = 4
 NEAR_LIMIT = 1_048_400
 
