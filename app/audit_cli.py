@@ -9,9 +9,7 @@ the agreement rate, and exits 1 when there are discrepancies (0 when none, 2 whe
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,17 +34,6 @@ err = Console(stderr=True)
 #: Record times of a partition are nearly ordered (set when byzguard forwards); stop reading a partition
 #: once its records are this far past the range, in case another worker's clock was a little behind.
 _READ_PAST = 60.0
-
-
-class _SecretsNotNeeded(dict[str, str]):
-    """The environment, with a stand-in for unset MAC key variables: an audit reads verified records only and
-    checks no MAC, so it runs where the keys' secrets are not available."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        super().__init__(environ)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key, "unused-by-audits")
 
 
 def _when(text: str, now: float) -> float:
@@ -165,11 +152,11 @@ def audit_run(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON instead of a table")] = False,
 ) -> None:
     """Check a rule over a time range of the verified topics; exit 1 when there are discrepancies."""
-    from app.settings import Settings
+    from app.settings import settings_or_exit
 
-    settings = Settings(**({"config": config} if config is not None else {}))  # type: ignore[arg-type]
+    settings = settings_or_exit({"config": config}, option_names={"config": "--config"})
     try:
-        cfg = guard_config.load(settings.config, environ=_SecretsNotNeeded(os.environ))
+        cfg = guard_config.load(settings.config, require_secrets=False)  # an audit checks no MAC
     except ConfigError as exc:
         err.print(f"[bold red]configuration refused[/]: {exc}")
         raise typer.Exit(2) from None

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from app.audit_cli import audit_cli
 from app.cli_contract import contract_cli
@@ -16,17 +17,18 @@ from app.cli_quarantine import quarantine_cli
 from app.demo import demo_command
 from byzguard import config as guard_config
 from byzguard.errors import ConfigError
+from byzguard.verdict import Code
 
 cli = typer.Typer(help="byzguard: guard inter-service Kafka events against Byzantine failures.",
                   no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
 
 
-def _load_config(path: Path) -> guard_config.GuardConfig:
+def _load_config(path: Path, *, require_secrets: bool = True) -> guard_config.GuardConfig:
     try:
-        return guard_config.load(path)
+        return guard_config.load(path, require_secrets=require_secrets)
     except ConfigError as exc:
-        console.print(f"[bold red]configuration refused[/]: {exc}")
+        console.print(f"[bold red]configuration refused[/]: {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -42,10 +44,11 @@ def run(
 
     With the local broker (no BYZGUARD_BROKER), the worker runs as a child process and `byzguard demo` plays the
     seed's services against it first, prints the score, and leaves the worker running; --no-demo skips that."""
-    from app.settings import Settings
+    from app.settings import settings_or_exit
 
-    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    # Every setting is checked before anything touches the broker (one line per problem, naming the variable).
+    settings = settings_or_exit({"config": config, "broker": broker},
+                                option_names={"config": "--config", "broker": "--broker"})
     if not settings.broker:
         from app.demo import announce_demo_secrets
 
@@ -57,17 +60,28 @@ def run(
 
         console.print("[cyan]no broker configured (BYZGUARD_BROKER): starting the local Kafka broker...[/]")
         bootstrap = ensure_running()
-        if demo:
-            from app.demo import run_local
+        try:
+            if demo:
+                from app.demo import run_local
 
-            raise typer.Exit(run_local(settings, cfg, bootstrap))
+                raise typer.Exit(run_local(settings, cfg, bootstrap))
+            _run_worker(settings, cfg, bootstrap)
+        finally:
+            say_local_broker_runs(bootstrap)
+        return
     _run_worker(settings, cfg, bootstrap)
+
+
+def say_local_broker_runs(bootstrap: str) -> None:
+    """After the worker stopped: the local broker it used keeps running (for the next run); say how to stop it."""
+    console.print(f"[cyan]the local Kafka broker keeps running at {bootstrap}[/] (the next run reuses it); stop it "
+                  "with [bold]make broker-stop[/] or [bold]python -m app.localkafka stop[/]")
 
 
 def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str) -> None:
     import asyncio
 
-    from faust.worker import Worker
+    from faust.worker import Worker as FaustWorker
 
     from app import eos
     from app.memory import fix_mmap_threshold
@@ -90,6 +104,11 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
+    class Worker(FaustWorker):  # type: ignore[misc]  # named as faust's: its log lines say "[^Worker]: Ready"
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written
+
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
     with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
@@ -107,11 +126,22 @@ cli.add_typer(quarantine_cli, name="quarantine")
 
 @config_cli.command("check")
 def config_check(path: Path) -> None:
-    """Validate a configuration file and print its routes; exit 2 with file:line when it is wrong."""
-    cfg = _load_config(path)
+    """Validate a configuration file and print its routes; exit 2 with file:line when it is wrong. Checking needs no
+    MAC key secret: the unset ones are listed (the worker refuses to start without them)."""
+    import os
+
+    from app.local_secrets import secret_variables
+
+    cfg = _load_config(path, require_secrets=False)
     for route in cfg.routes:
-        types = ", ".join(sorted(route.types)) or "(defaults only)"
-        console.print(f"route {route.name}: inputs {list(route.inputs)}; types {types}")
+        types = ", ".join(sorted(route.types)) or "(none listed)"
+        unlisted = route.fallback.level(Code.TYPE_UNLISTED).value  # the allow-list: reject, or warn by opt-in
+        console.print(escape(f"route {route.name}: inputs {list(route.inputs)}; types {types}; "
+                             f"unlisted types: {unlisted}"))
+    unset = [name for name in secret_variables(path) if not os.environ.get(name)]
+    if unset:
+        console.print(f"[yellow]note[/]: {', '.join(unset)} not set here; a worker needs them (local mode makes "
+                      "them up)")
     console.print("[green]configuration OK[/]")
 
 

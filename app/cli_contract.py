@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -200,6 +201,10 @@ def _to_record(r: Any) -> RecordIn:
 
 
 def _contract(config: Path, route: str | None) -> Contract:
+    if not os.environ.get("BYZGUARD_BROKER"):  # local mode: the MAC secrets the local runs made up and kept
+        from app.local_secrets import use_local_secrets
+
+        use_local_secrets(config, make_up=False)
     try:
         return load_contract(config, route)
     except ConfigError as exc:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
@@ -27,13 +28,10 @@ from byzguard.review import (
     Action,
     BadFilterError,
     ReviewFilter,
-    ReviewItem,
     clean_note,
     clean_reviewer,
-    counts,
     entity_view,
     item_detail,
-    item_summary,
 )
 
 T = TypeVar("T")
@@ -71,7 +69,7 @@ def _filter(ids: list[str] | None = None, **fields: str | None) -> ReviewFilter:
     try:
         selected = ReviewFilter.from_mapping(fields)
     except BadFilterError as exc:
-        err.print(f"[bold red]bad filter[/]: {exc}")
+        err.print(f"[bold red]bad filter[/]: {_safe(exc)}")
         raise typer.Exit(EXIT_SETUP) from None
     return dataclasses.replace(selected, ids=frozenset(ids)) if ids else selected
 
@@ -79,15 +77,15 @@ def _filter(ids: list[str] | None = None, **fields: str | None) -> ReviewFilter:
 def _store(config: Path | None, broker: str | None) -> Any:
     """A ReviewStore for the deployment the settings (and these overrides) describe."""
     from app.review.store import ReviewStore
-    from app.settings import Settings
+    from app.settings import settings_or_exit
     from byzguard import config as guard_config
 
-    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = settings_or_exit({"config": config, "broker": broker},
+                                option_names={"config": "--config", "broker": "--broker"})
     try:
-        cfg = guard_config.load(settings.config)
+        cfg = guard_config.load(settings.config, require_secrets=False)  # reviewing verifies no MAC
     except ConfigError as exc:
-        err.print(f"[bold red]configuration refused[/]: {exc}")
+        err.print(f"[bold red]configuration refused[/]: {_safe(exc, lines=True)}")
         raise typer.Exit(EXIT_SETUP) from None
     bootstrap = settings.broker
     if not bootstrap:
@@ -108,13 +106,13 @@ def _progress() -> Progress:
 
 
 async def _loaded(store: Any, progress: Progress) -> None:
-    task = progress.add_task("reading quarantine + decisions", total=None)
+    task = progress.add_task("reading the decisions", total=None)
 
     def update(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)
 
     await store.start()
-    await store.refresh(update)
+    await store.refresh(update)  # the decisions; records are read by the command itself
     progress.update(task, completed=progress.tasks[task].total or 0, total=progress.tasks[task].total or 0)
 
 
@@ -132,12 +130,32 @@ def _run(store: Any, work: Callable[[Any, Progress], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except ByzguardError as exc:
-        err.print(f"[bold red]failed[/]: {exc}")
+        err.print(f"[bold red]failed[/]: {_safe(exc, lines=True)}")
         raise typer.Exit(EXIT_SETUP) from None
 
 
+# Whatever a record carries reaches the terminal only as visible text: control characters (C0, DEL, C1: screen
+# clears, window titles, cursor moves) and bidirectional overrides are shown as escapes, and rich markup in a
+# value is escaped, so `[/x]` prints as `[/x]` instead of failing.
+_UNSAFE = [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_CELL = {cp: f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}" for cp in _UNSAFE}
+# orjson escapes C0 inside strings itself (a raw newline in its output is layout); it leaves DEL, C1 and bidi as is.
+_IN_JSON = {cp: f"\\u{cp:04x}" for cp in _UNSAFE if cp >= 0x7F}
+_LINES = {cp: text for cp, text in _CELL.items() if cp != 0x0A}
+
+
+def _safe(value: object, *, lines: bool = False) -> str:
+    """A value as visible text for a table cell or a markup string (one line unless `lines`)."""
+    return escape(str(value).translate(_LINES if lines else _CELL))
+
+
+def _json_text(value: Any, *, indent: bool = False) -> str:
+    """JSON text of a value with every control and bidi character escaped (the value is bounded already)."""
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else 0).decode().translate(_IN_JSON)
+
+
 def _print_json(value: Any) -> None:
-    out.print_json(orjson.dumps(value).decode())
+    out.file.write(_json_text(value, indent=True) + "\n")  # as is: rich would wrap long lines inside strings
 
 
 def _when(epoch: float | None) -> str:
@@ -155,41 +173,57 @@ def list_records(
     config: ConfigOpt = None, broker: BrokerOpt = None, status: StatusOpt = None, reason: ReasonOpt = None,
     source: SourceOpt = None, type: TypeOpt = None, entity: EntityOpt = None, route: RouteOpt = None,
     since: SinceOpt = None, until: UntilOpt = None,
-    limit: Annotated[int, typer.Option(help="rows to print")] = 100, as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="rows to print", min=0, max=1000)] = 100,
+    offset: Annotated[int, typer.Option(help="skip this many of the newest matching records first", min=0)] = 0,
+    as_json: JsonOpt = False,
 ) -> None:
     """List quarantined records (newest first) with their review status, and counts by reason and status."""
+    from app.review.store import MAX_WINDOW
+
     selected = _filter(status=status, reason=reason, source=source, type=type, entity=entity, route=route,
                        since=since, until=until)
+    if offset + limit > MAX_WINDOW:
+        err.print(f"[bold red]bad paging[/]: --offset + --limit may be at most {MAX_WINDOW}; narrow the filters")
+        raise typer.Exit(EXIT_SETUP)
 
-    async def work(store: Any, progress: Progress) -> list[ReviewItem]:
-        items: list[ReviewItem] = store.items(selected)
-        return items
+    async def work(store: Any, progress: Progress) -> Any:
+        task = progress.add_task("reading the quarantine", total=None)
+        return await store.page(selected, offset=offset, limit=limit,
+                                progress=lambda d, t: progress.update(task, completed=d, total=t))
 
-    items = _run(_store(config, broker), work)
-    tally = counts(items)
+    page = _run(_store(config, broker), work)
     if as_json:
-        _print_json({"total": len(items), "records": [item_summary(i) for i in items[:limit]], "counts": tally})
+        _print_json({"total": page.total, "offset": page.offset, "records": page.records, "counts": page.counts})
         return
-    table = Table(title=f"quarantine: {len(items)} matching" + (f" (first {limit})" if len(items) > limit else ""))
+    print_page(page)
+
+
+def print_page(page: Any) -> None:
+    """A page of the quarantine (app.review.store.Page) as tables: records, then counts by reason and status."""
+    offset, tally = page.offset, page.counts
+    shown = f" (showing {offset + 1}-{offset + len(page.records)})" if page.records and (
+        offset or len(page.records) < page.total) else ""
+    table = Table(title=f"quarantine: {page.total} matching{shown}")
     for column in ("quarantine id", "status", "route", "type", "source", "entity", "reasons", "detected (UTC)",
                    "last decision"):
         table.add_column(column, overflow="fold")
-    for item in items[:limit]:
-        rec, latest = item.record, item.decision.latest if item.decision else None
-        table.add_row(rec.quarantine_id, f"[{_STATUS_STYLE[item.status.value]}]{item.status.value}[/]", rec.route,
-                      rec.type, rec.source, rec.entity, ", ".join(rec.codes), _when(rec.time),
-                      f"{latest.action.value} by {latest.reviewer}" if latest else "")
+    for row in page.records:
+        latest = row["last_decision"]
+        table.add_row(_safe(row["quarantine_id"]), f"[{_STATUS_STYLE[row['status']]}]{row['status']}[/]",
+                      _safe(row["route"]), _safe(row["type"]), _safe(row["source"]), _safe(row["entity"]),
+                      _safe(", ".join(row["codes"])), _when(row["detected_at"] or row["original"]["timestamp"]),
+                      _safe(f"{latest['action']} by {latest['reviewer']}") if latest else "")
     out.print(table)
     by_reason = Table(title="by reason")
     by_reason.add_column("reason code")
     by_reason.add_column("records", justify="right")
     for code, n in tally["reason"].items():
-        by_reason.add_row(code, str(n))
+        by_reason.add_row(_safe(code), str(n))
     by_status = Table(title="by status")
     by_status.add_column("status")
     by_status.add_column("records", justify="right")
     for name, n in tally["status"].items():
-        by_status.add_row(name, str(n))
+        by_status.add_row(_safe(name), str(n))
     out.print(by_reason, by_status)
 
 
@@ -229,7 +263,9 @@ def show(
     """Show one record: decoded data, headers, reasons, coordinates, decisions and the entity's last good value."""
 
     async def work(store: Any, progress: Progress) -> dict[str, Any] | None:
-        item = store.ledger.item(quarantine_id)
+        task = progress.add_task("looking for the record", total=None)
+        item = await store.find(quarantine_id)
+        progress.update(task, completed=1, total=1)
         if item is None:
             return None
         rec = item.record
@@ -240,47 +276,55 @@ def show(
 
     detail = _run(_store(config, broker), work)
     if detail is None:
-        err.print(f"[bold red]not found[/]: no quarantined record {quarantine_id!r}")
+        err.print(f"[bold red]not found[/]: no quarantined record {_safe(repr(quarantine_id))}")
         raise typer.Exit(EXIT_NOT_FOUND)
     if as_json:
         _print_json(detail)
         return
-    links = " · ".join(x for x in (f"recheck of {detail['recheck_of']}" if detail["recheck_of"] else "",
-                                   f"re-sent as {detail['rechecked_as']}" if detail["rechecked_as"] else "") if x)
-    out.print(Panel(f"[bold]{detail['quarantine_id']}[/]  status [{_STATUS_STYLE[detail['status']]}]"
-                    f"{detail['status']}[/]  route {detail['route']}  type {detail['type']}  source "
-                    f"{detail['source']}  entity {detail['entity']}\n{links}", title="quarantined record"))
+    print_detail(detail)
+
+
+def print_detail(detail: dict[str, Any]) -> None:
+    """One record's detail (byzguard.review.item_detail, bounded) as panels and tables, every value escaped."""
+    links = " · ".join(x for x in (f"recheck of {_safe(detail['recheck_of'])}" if detail["recheck_of"] else "",
+                                   f"re-sent as {_safe(detail['rechecked_as'])}" if detail["rechecked_as"] else "")
+                       if x)
+    out.print(Panel(f"[bold]{_safe(detail['quarantine_id'])}[/]  status [{_STATUS_STYLE[detail['status']]}]"
+                    f"{detail['status']}[/]  route {_safe(detail['route'])}  type {_safe(detail['type'])}  source "
+                    f"{_safe(detail['source'])}  entity {_safe(detail['entity'])}\n{links}",
+                    title="quarantined record"))
     reasons = Table(title="reasons")
     for column in ("code", "severity", "detail"):
         reasons.add_column(column, overflow="fold")
     for reason in detail["reasons"]:
-        reasons.add_row(reason.get("code", ""), reason.get("severity", ""), reason.get("detail", ""))
+        reasons.add_row(*(_safe(reason.get(name, "")) for name in ("code", "severity", "detail")))
     out.print(reasons)
-    out.print(Panel(Syntax(orjson.dumps(detail["data"], option=orjson.OPT_INDENT_2).decode(), "json"),
-                    title="this record"))
+    out.print(Panel(Syntax(_json_text(detail["data"], indent=True), "json", word_wrap=True), title="this record"))
     state = detail.get("entity_state")
     if state is not None:
-        body = (orjson.dumps(state["state"], option=orjson.OPT_INDENT_2).decode() if state.get("state")
-                else state.get("detail", ""))
-        out.print(Panel(body, title=f"last known good (partition {state['partition']} of {state['changelog']})"))
+        body = (Syntax(_json_text(state["state"], indent=True), "json", word_wrap=True) if state.get("state")
+                else _safe(state.get("detail", "")))
+        out.print(Panel(body, title=f"last known good (partition {state['partition']} of "
+                                    f"{_safe(state['changelog'])})"))
     coordinates = Table(title="coordinates")
     for column in ("", "topic", "partition", "offset", "timestamp"):
         coordinates.add_column(column)
     for name in ("original", "quarantine"):
         c = detail[name]
-        coordinates.add_row(name, c["topic"], str(c["partition"]), str(c.get("offset", "")), _when(c["timestamp"]))
+        coordinates.add_row(name, _safe(c["topic"]), str(c["partition"]), str(c.get("offset", "")),
+                            _when(c["timestamp"]))
     out.print(coordinates)
     headers = Table(title="headers")
     headers.add_column("name")
     headers.add_column("value", overflow="fold")
     for name, value in detail["headers"]:
-        headers.add_row(name, value)
+        headers.add_row(_safe(name), _safe(value))
     out.print(headers)
     history = Table(title="decisions")
     for column in ("time (UTC)", "action", "reviewer", "note", "target"):
         history.add_column(column, overflow="fold")
     for entry in detail["history"]:
-        history.add_row(_when(entry["at"]), entry["action"], entry["reviewer"], entry["note"], entry["target"])
+        history.add_row(_when(entry["at"]), *(_safe(entry[name]) for name in ("action", "reviewer", "note", "target")))
     out.print(history)
 
 
@@ -296,11 +340,11 @@ def _print_report(report: Any, as_json: bool) -> None:
         table.add_column("detail", overflow="fold")
         delivered = dict(report.delivered)
         for qid in report.applied:
-            table.add_row(qid, "[green]done[/]", f"-> {delivered[qid]}" if qid in delivered else "")
+            table.add_row(_safe(qid), "[green]done[/]", _safe(f"-> {delivered[qid]}") if qid in delivered else "")
         for qid, why in report.unchanged:
-            table.add_row(qid, "unchanged", why)
+            table.add_row(_safe(qid), "unchanged", _safe(why))
         for qid, why in report.refused:
-            table.add_row(qid, "[red]refused[/]", why)
+            table.add_row(_safe(qid), "[red]refused[/]", _safe(why))
         out.print(table)
 
 

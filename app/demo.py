@@ -32,10 +32,10 @@ from typing import IO, Annotated, Any
 
 import orjson
 import typer
-import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
@@ -162,19 +162,11 @@ def service_keys(config: GuardConfig) -> dict[str, Key]:
 
 
 def ensure_demo_secrets(config_path: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
-    """Give every MAC key of the configuration whose secret env var is unset a random secret (local mode only:
-    the worker child and the demo's producers share it through the environment); returns the names set."""
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []  # the configuration check reports it properly
-    names = []
-    for spec in (raw.get("keys") or {}).values():
-        name = spec.get("secret_env") if isinstance(spec, dict) else None
-        if name and not environ.get(name):
-            environ[name] = secrets.token_hex(24)
-            names.append(name)
-    return names
+    """Give every MAC key of the configuration whose secret env var is unset its local-mode secret (kept in the
+    cache, made up the first time: app/local_secrets.py); returns the names made up now."""
+    from app.local_secrets import use_local_secrets
+
+    return use_local_secrets(config_path, environ)[0]
 
 
 def order_audits(config: GuardConfig) -> list[AuditRule]:
@@ -629,6 +621,10 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
     table = Table(title=f"byzguard demo {result.run_id}: {len(result.labels)} events in {result.send_seconds:.1f} s "
                         f"({len(result.labels) / max(result.send_seconds, 1e-9):.0f}/s), scored after "
                         f"{result.seconds:.1f} s", title_justify="left")
+    if console.width < NARROW:
+        console.print(_narrow_table(result, table.title))
+        _render_summary(result, where, console)
+        return
     story = console.width >= 150  # the catalogue's words need room; narrow terminals get the numbers
     columns = [("fault class", "left"), ("what happened", "left"), ("injected", "right"), ("expected", "left"),
                ("caught", "right"), ("other code", "right"), ("missed", "right"), ("lost", "right"),
@@ -641,27 +637,70 @@ def render_result(result: DemoResult, where: Where, console: Console) -> None:
         table.add_row(*(c for i, c in enumerate(cells) if i != 1 or story))
 
     for fault in FaultClass:
-        row = report.rows[fault.value]
-        spec = SPECS[fault]
-        codes = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
-        if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
-            caught = "pending" if result.audit.startswith("pending") else "n/a"
-            expected = f"audit: {result.audit}"
-            missed = f"{row.fates[Fate.PASSED]} passed"
-        else:
-            style = "green" if row.caught == row.sent else "red"
-            caught = f"[{style}]{row.caught}/{row.sent}[/]"
-            expected = f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}"
-            missed = _red(row.fates[Fate.MISSED]) or "0"
-        add(fault.value, spec.story, str(row.sent), expected, caught, str(row.fates[Fate.OTHER_CODE] or ""), missed,
-            " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP")) if x),
-            codes)
+        c = _cells(result, fault)
+        add(fault.value, SPECS[fault].story, str(report.rows[fault.value].sent), c.expected, c.caught, c.other,
+            c.missed, c.lost, c.seen)
     clean = report.clean
     table.add_section()
     add("[bold]clean", "correct events of the four services", str(clean.sent), "pass",
         f"{clean.fates[Fate.PASSED]} passed", _red(clean.fates[Fate.FALSE_POSITIVE], " FP"), "",
         _red(clean.fates[Fate.UNACCOUNTED]), ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3)))
     console.print(table)
+    _render_summary(result, where, console)
+
+
+@dataclass(frozen=True)
+class _Cells:
+    caught: str
+    expected: str
+    other: str
+    missed: str
+    lost: str
+    seen: str
+
+
+def _cells(result: DemoResult, fault: FaultClass) -> _Cells:
+    """The table's cells for one fault class (both layouts)."""
+    row, spec = result.report.rows[fault.value], SPECS[fault]
+    seen = ", ".join(f"{c} {n}" for c, n in row.codes_seen.most_common(3))
+    lost = " ".join(x for x in (_red(row.fates[Fate.UNACCOUNTED]), _red(row.fates[Fate.FALSE_POSITIVE], " FP")) if x)
+    other = str(row.fates[Fate.OTHER_CODE] or "")
+    if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
+        return _Cells("pending" if result.audit.startswith("pending") else "n/a", f"audit: {result.audit}", other,
+                      f"{row.fates[Fate.PASSED]} passed", lost, seen)
+    return _Cells(f"[{'green' if row.caught == row.sent else 'red'}]{row.caught}/{row.sent}[/]",
+                  f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}", other,
+                  _red(row.fates[Fate.MISSED]) or "0", lost, seen)
+
+
+NARROW = 120  # below this width the table folds what it expected and saw into one column
+
+
+def _narrow_table(result: DemoResult, title: Any) -> Table:
+    """The score for a narrow terminal (80 columns): the numbers in short columns, the codes expected and seen
+    folded into the last one, so no cell is cut."""
+    report = result.report
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("fault class", no_wrap=True)
+    for name in ("caught", "other", "missed", "lost"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("expected / seen", overflow="fold")
+    for fault in FaultClass:
+        c = _cells(result, fault)
+        table.add_row(fault.value, c.caught, c.other, c.missed, c.lost, c.expected + (f"\nseen: {c.seen}" if c.seen
+                                                                                       else ""))
+    clean = report.clean
+    table.add_section()
+    seen = ", ".join(f"{c} {n}" for c, n in clean.codes_seen.most_common(3))
+    table.add_row("[bold]clean", f"{clean.fates[Fate.PASSED]}/{clean.sent}",
+                  _red(clean.fates[Fate.FALSE_POSITIVE], " FP"), "", _red(clean.fates[Fate.UNACCOUNTED]),
+                  "pass" + (f"\nseen: {seen}" if seen else ""))
+    return table
+
+
+def _render_summary(result: DemoResult, where: Where, console: Console) -> None:
+    report = result.report
+    clean = report.clean
     fp = report.false_positives()
     unaccounted = report.unaccounted()
     summary = [
@@ -772,10 +811,14 @@ def _follow(child: WorkerProcess, console: Console) -> None:
 
 def announce_demo_secrets(config_path: Path, console: Console) -> None:
     """Local mode: make up the MAC key secrets that are not set, and say so."""
-    names = ensure_demo_secrets(config_path)
-    if names:
-        console.print(f"[yellow]local mode: {', '.join(names)} not set; using random secrets for this run "
-                      f"(set them to keep keys across runs)[/]")
+    from app.local_secrets import CACHE, use_local_secrets
+
+    made, reused = use_local_secrets(config_path)
+    if made:
+        console.print(f"[yellow]local mode: {', '.join(made)} not set; made up random secrets, kept in {CACHE} "
+                      f"for the next runs and tools (set the variables to use your own)[/]")
+    if reused:
+        console.print(f"[yellow]local mode: {', '.join(reused)} not set; using the secrets kept in {CACHE}[/]")
 
 
 def run_local(settings: Any, config: GuardConfig, bootstrap: str) -> int:
@@ -810,15 +853,15 @@ def demo_command(
     of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
     an event lost."""
     from app.localkafka import ensure_running
-    from app.settings import Settings
+    from app.settings import settings_or_exit
     from byzguard.config import load
     from byzguard.errors import ConfigError
 
     console = Console()
     if worker not in ("auto", "start", "none"):
         raise typer.BadParameter("--worker must be auto, start or none")
-    overrides = {k: v for k, v in {"config": config, "broker": broker}.items() if v is not None}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = settings_or_exit({"config": config, "broker": broker},
+                                option_names={"config": "--config", "broker": "--broker"})
     if not settings.broker:
         announce_demo_secrets(settings.config, console)
     try:

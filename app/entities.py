@@ -81,9 +81,14 @@ def describe_last_good(state: EntityState | None, *, route: Route, entity: str, 
     }
     try:
         body["value"] = orjson.loads(state.last_good)
+        orjson.dumps(body["value"])  # orjson reads 1,024 levels but writes 254: a deeper value cannot be answered
     except orjson.JSONDecodeError:  # a binary-mode producer may send non-JSON bytes
         body["value"] = None
         body["value_base64"] = base64.b64encode(state.last_good).decode()
+    except orjson.JSONEncodeError:  # the exact bytes instead of a value cut short
+        body["value"] = None
+        body["value_base64"] = base64.b64encode(state.last_good).decode()
+        body["value_note"] = "the value is nested too deeply to be answered as JSON: its bytes are in value_base64"
     return body["status"], body
 
 

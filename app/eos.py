@@ -393,6 +393,17 @@ def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
             committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
             return committed
 
+        async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+            did_commit: bool = await super()._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            if did_commit and self.in_transaction:
+                # faust's livelock check reads the commit times that only its plain (non-transactional) commit
+                # records; offsets committed in the partitions' transactions were never seen, so five minutes
+                # after the start it logged "Has not committed ... at all since worker start (report as bug)"
+                # while every offset was committed. Record them as that commit does.
+                now, assigned = time.monotonic(), self.assignment()
+                self._thread.tp_last_committed_at.update({tp: now for tp in offsets if tp in assigned})
+            return did_commit
+
         async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
             # Faust under exactly_once answers with the last stable offset cached from the last fetch response,
             # None (read as "empty") for a partition not fetched since it was assigned: recovery then skips the

@@ -6,11 +6,28 @@ built with an empty environment, so these settings are the only way in.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from byzguard.errors import ConfigError
+
+PREFIX = "BYZGUARD_"
+# BYZGUARD_* variables that are not worker settings but are read elsewhere: the CLI (`run --demo`, the reviewer's
+# name), the local broker tool, and the test and benchmark harnesses. MAC key secrets are the configuration's
+# `keys:` (secret_env), checked against the configuration file.
+OTHER_VARIABLES = frozenset({
+    "BYZGUARD_DEMO", "BYZGUARD_REVIEWER", "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA",
+    "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_RUNTIME", "BYZGUARD_FETCH_PAUSE_LEADER",
+})
+_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings(BaseSettings):
@@ -39,6 +56,9 @@ class Settings(BaseSettings):
                                    description="seconds without heartbeats before the group gives a worker's "
                                    "partitions to another (heartbeats every tenth of it)")
     log_level: str = "info"
+    # faust warns (as a bug) when a partition that is processing events has not committed for this long.
+    livelock_timeout: float = Field(default=300.0, gt=0, le=86_400, description="seconds a partition may process "
+                                    "events without a commit before the worker logs it")
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
     # RocksDB keeps one database per table partition; faust's defaults (64 MB write buffers, a 2 GB block
     # cache, each per database) let a worker with a million entities grow past 400 MB of RSS.
@@ -59,3 +79,117 @@ class Settings(BaseSettings):
     review_tokens: SecretStr | None = Field(default=None, description="per-reviewer tokens 'name:token,...'; "
                                             "the token names the reviewer")
     review_open_reads: bool = Field(default=False, description="serve the review API's reads without a token")
+
+    @field_validator("broker")
+    @classmethod
+    def _bootstrap_servers(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for server in value.split(","):
+            match = _HOST_PORT.match(server.strip())
+            if match is None or not 1 <= int(match.group(1)) <= 65535:
+                raise ValueError(f"{server.strip()[:100]!r} is not host:port (give host:port[,host:port], "
+                                 "for example kafka:9092, without kafka://)")
+        return ",".join(server.strip() for server in value.split(","))
+
+    @field_validator("review_tokens")
+    @classmethod
+    def _token_map(cls, value: SecretStr | None) -> SecretStr | None:
+        from byzguard.review import parse_token_map
+
+        if value is not None:
+            parse_token_map(value.get_secret_value())  # its message never quotes a token
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"{value[:30]!r} is not a log level ({', '.join(LOG_LEVELS)})")
+        return value.lower()
+
+
+class SettingsError(ConfigError):
+    """Settings refused before anything starts; `problems` has one line per variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def variable(field: str) -> str:
+    """The environment variable of a settings field."""
+    return f"{PREFIX}{field.upper()}"
+
+
+def _problem_lines(exc: ValidationError, options: Mapping[str, str]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = options.get(field) or variable(field)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        secret = field.startswith("review_token")
+        shown = "" if secret or err["type"] == "missing" else f"={str(err.get('input'))[:60]!r}"
+        lines.append(f"{where}{shown}: {message}")
+    return lines
+
+
+def unknown_variables(names: Iterable[str], *, key_variables: Iterable[str] = ()) -> list[str]:
+    """One line for each BYZGUARD_* name that nothing reads (a misspelling is silently ignored otherwise)."""
+    known = {variable(f) for f in Settings.model_fields} | OTHER_VARIABLES | set(key_variables)
+    lines = []
+    for name in sorted(n for n in set(names) if n.startswith(PREFIX) and n not in known):
+        if name.startswith(f"{PREFIX}KEY_"):
+            continue  # a MAC key secret of another configuration sharing this environment: not ours to judge
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        lines.append(f"{name}: unknown setting" + (f"; did you mean {near[0]}?" if near else ""))
+    return lines
+
+
+def load_settings(options: Mapping[str, Any] | None = None, *,
+                  option_names: Mapping[str, str] | None = None) -> Settings:
+    """The settings from the environment (and .env) with command-line `options` on top, every problem found at
+    once: SettingsError with one line per variable (and per unknown BYZGUARD_* variable)."""
+    from app.local_secrets import secret_variables
+
+    env = os.environ
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    option_names = {k: v for k, v in (option_names or {}).items() if k in given}  # the rest came from variables
+    problems: list[str] = []
+    settings: Settings | None = None
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        problems.extend(_problem_lines(exc, option_names or {}))
+    names = set(env) | set(_dotenv_names())
+    config = settings.config if settings is not None else Path(str(given.get("config") or env.get(
+        variable("config")) or "byzguard.yaml"))
+    problems.extend(unknown_variables(names, key_variables=secret_variables(config)))
+    if problems or settings is None:
+        raise SettingsError(problems)
+    return settings
+
+
+def _dotenv_names() -> list[str]:
+    env_file = Settings.model_config.get("env_file")
+    if not isinstance(env_file, str) or not Path(env_file).is_file():
+        return []
+    from dotenv import dotenv_values
+
+    return list(dotenv_values(env_file))
+
+
+def settings_or_exit(options: Mapping[str, Any] | None = None, *, option_names: Mapping[str, str] | None = None,
+                     exit_code: int = 2) -> Settings:
+    """load_settings for a command: on problems, print one line each (no traceback) and exit with `exit_code`."""
+    import typer
+    from rich.console import Console
+    from rich.markup import escape
+
+    try:
+        return load_settings(options, option_names=option_names)
+    except SettingsError as exc:
+        console = Console(stderr=True)
+        for line in exc.problems:
+            console.print(f"[bold red]setting refused[/]: {escape(line)}", soft_wrap=True)
+        raise typer.Exit(exit_code) from None

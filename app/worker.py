@@ -11,8 +11,9 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
-from app import eos, metrics
+from app import eos, logs, metrics
 from app.fetching import tune_fetch
+from app.logs import QuietRepeats
 from app.outbox import Outbox
 from app.settings import Settings
 from byzguard.config import GuardConfig
@@ -37,6 +38,8 @@ class GuardApp:
     agents: dict[str, Any] = field(default_factory=dict)
     #: RocksDB options of every table (tables.store_options).
     store_options: dict[str, Any] = field(default_factory=dict)
+    #: The filter that keeps a broker outage from flooding the log (app/logs.py); attach it to the log handlers.
+    quiet_logs: QuietRepeats = field(default_factory=QuietRepeats)
 
 
 def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -51,6 +54,12 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "web_port": settings.web_port,
         "web_enabled": True,
         "web_in_thread": False,
+        # faust's /table/<table>/<key>/ views serve raw table state to anyone; byzguard serves entity state
+        # only through its own views (/entities/..., /review/api/... with a token). Its stats and graph views
+        # stay off too (they follow `debug` otherwise).
+        "web_tables_enabled": False,
+        "web_stats_enabled": False,
+        "web_graph_enabled": False,
         "topic_replication_factor": 1,
         "topic_allow_declare": True,
         "consumer_auto_offset_reset": "earliest",
@@ -60,6 +69,7 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "broker_session_timeout": settings.session_timeout,
         "broker_heartbeat_interval": settings.session_timeout / 10,
         "table_standby_replicas": 0,
+        "broker_commit_livelock_soft_timeout": settings.livelock_timeout,
         "autodiscover": False,
         "env": {},  # faust must not read BROKER_URL & co. from the environment behind our back
     }
@@ -88,6 +98,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         built.tables[route.name] = tables
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
     metrics.configure(config)
+    logs.install(app, built.quiet_logs)  # says once that the broker is gone, and when it is back
     input_topics = frozenset(t for route in config.routes for t in route.inputs)
 
     @app.timer(interval=metrics.LAG_INTERVAL)

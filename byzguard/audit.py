@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from byzguard.verdict import quote
+
 _STATE_FORMAT = 1
 
 #: Pending observations kept per join key and side; beyond it the oldest is given up (reported missing).
@@ -318,7 +320,7 @@ def observation_of(rule: AuditRule, which: Side, data: Any, *, subject: str, eve
     if not rule.is_subject(which):
         return None
     why = "has no" if not found else "has an unusable"
-    return _missing(rule, obs, at, f"{side.type} {subject!r} {why} {side.key.text}, so no "
+    return _missing(rule, obs, at, f"{side.type} {quote(subject)} {why} {side.key.text}, so no "
                                     f"{rule.side(which.other).type} can be matched to it")
 
 
@@ -338,8 +340,8 @@ def _pair(subject: Observation) -> tuple[Observation | None, Observation | None]
 def _missing(rule: AuditRule, subject: Observation, now: float, detail: str | None = None) -> Check:
     left, right = _pair(subject)
     mine, theirs = rule.side(subject.side), rule.side(subject.side.other)
-    detail = detail or (f"no {theirs.type} with {theirs.key.text} = {subject.key!r} within {rule.within:g}s "
-                        f"of {mine.type} {subject.entity!r}")
+    detail = detail or (f"no {theirs.type} with {theirs.key.text} = {quote(subject.key)} within {rule.within:g}s "
+                        f"of {mine.type} {quote(subject.entity)}")
     disc = Discrepancy(rule.name, Kind.MISSING, subject.key, subject.entity, _service(rule.left, left),
                        _service(rule.right, right), rule.within, now, detail)
     return Check(rule.name, subject.key, subject, None, disc)
@@ -350,15 +352,15 @@ def _compare(rule: AuditRule, left: Observation, right: Observation, now: float)
         return Check(rule.name, left.key, left, right, None)
     lpath = rule.left.value.text if rule.left.value else "value"
     rpath = rule.right.value.text if rule.right.value else "value"
-    detail = (f"{rule.left.type} {left.entity!r} {lpath} = {_shown(left)} but {rule.right.type} "
-              f"{right.entity!r} {rpath} = {_shown(right)}")
+    detail = (f"{rule.left.type} {quote(left.entity)} {lpath} = {_shown(left)} but {rule.right.type} "
+              f"{quote(right.entity)} {rpath} = {_shown(right)}")
     disc = Discrepancy(rule.name, Kind.MISMATCH, left.key, left.entity, _service(rule.left, left),
                        _service(rule.right, right), rule.within, now, detail)
     return Check(rule.name, left.key, left, right, disc)
 
 
 def _shown(obs: Observation) -> str:
-    return repr(obs.value) if obs.has_value else "(absent)"
+    return quote(obs.value) if obs.has_value else "(absent)"
 
 
 def _agree(rule: AuditRule, left: Observation, right: Observation) -> bool:
@@ -419,7 +421,7 @@ def observe(rule: AuditRule, state: JoinState, obs: Observation, *, now: float) 
         oldest, pending = pending[0], pending[1:]
         if rule.is_subject(oldest.side):
             checks.append(_missing(rule, oldest, now, f"more than {MAX_PENDING_PER_KEY} {rule.side(oldest.side).type}"
-                                                      f" records wait for key {oldest.key!r}; the oldest is given up"))
+                                   f" records wait for key {quote(oldest.key)}; the oldest is given up"))
     return JoinStep(state.with_pending(obs.side, pending), checks)
 
 

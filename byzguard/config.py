@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from byzguard.audit import AuditRule, AuditSide, FieldPath, Require
-from byzguard.errors import ConfigError, RuleCompileError
+from byzguard.errors import ConfigError, KeyRingError, RuleCompileError
 from byzguard.integrity import KeyRing
 from byzguard.rules import RuleSet, RuleSpec, compile_rules
 from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
@@ -101,7 +102,8 @@ class TypeModel(_Model):
     @field_validator("codes")
     @classmethod
     def _known_codes(cls, value: dict[str, Severity]) -> dict[str, Severity]:
-        known = {c.value for c in Code if c.value.split(".")[0] != "decode"}
+        # decode failures always reject; type.unlisted follows the route's `unlisted_types` alone.
+        known = {c.value for c in Code if c.value.split(".")[0] != "decode" and c is not Code.TYPE_UNLISTED}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown code(s) {unknown}; known: {sorted(known)}")
@@ -132,8 +134,23 @@ class RouteModel(_Model):
     require_checksum: bool = False
     policy: Policy = Policy.FAIL_CLOSED
     types: dict[str, TypeModel] = Field(default_factory=dict)
+    # Types are an allow-list: a type not under `types` is refused (type.unlisted), unless the route opts in
+    # to passing it with a warning. Neither a check's nor a code's severity loosens this.
+    unlisted_types: Literal["reject", "warn"] = "reject"
     causal: CausalModel = Field(default_factory=CausalModel)
     receipts_topic: str | None = None
+
+    @model_validator(mode="after")
+    def _allow_list(self) -> RouteModel:
+        if self.unlisted_types == "reject":
+            if not self.types:
+                raise ValueError(f"route {self.name!r} lists no types, so it would refuse every event "
+                                 "(type.unlisted): list its event types under `types`, or set "
+                                 "`unlisted_types: warn` to pass any type with a warning")
+            if self.default_type and self.default_type not in self.types:
+                raise ValueError(f"route {self.name!r}: default_type {self.default_type!r} is not listed under "
+                                 f"types (listed: {sorted(self.types)})")
+        return self
 
 
 class KeyModel(_Model):
@@ -202,6 +219,12 @@ class AuditModel(_Model):
         return value
 
 
+def _error_at(loc: tuple[int | str, ...], message: str, value: object) -> ValidationError:
+    """A validation error of a whole-file check placed at `loc`, so that loads() reports its file:line."""
+    return ValidationError.from_exception_data("FileModel", [InitErrorDetails(
+        type=PydanticCustomError("consistency", "{message}", {"message": message}), loc=loc, input=value)])
+
+
 class FileModel(_Model):
     defaults: TypeModel = Field(default_factory=TypeModel)
     keys: dict[str, KeyModel] = Field(default_factory=dict)
@@ -230,10 +253,12 @@ class FileModel(_Model):
                 if topic in (route.verified_topic, route.quarantine_topic):
                     raise ValueError(f"route {route.name!r} reads and writes topic {topic!r}")
             for type_name, type_model in route.types.items():
-                for key_id in type_model.key_ids or ():
+                for n, key_id in enumerate(type_model.key_ids or ()):
                     if key_id not in self.keys:
-                        raise ValueError(f"route {route.name!r} type {type_name!r}: key id {key_id!r} is not "
-                                         "declared under keys")
+                        # At the key id's own place (file:line), not at the top of the file.
+                        raise _error_at(("routes", self.routes.index(route), "types", type_name, "key_ids", n),
+                                        f"route {route.name!r} type {type_name!r}: key id {key_id!r} is not "
+                                        "declared under keys", key_id)
         return self
 
     @model_validator(mode="after")
@@ -275,6 +300,8 @@ class TypePolicy:
     key_ids: frozenset[str] | None
     require_checksum: bool
     rules: RuleSet
+    #: False for the route's fallback policy, which judges the types the route does not list (type.unlisted).
+    listed: bool = True
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
@@ -297,7 +324,7 @@ class Route:
     receipts_topic: str | None = None
 
     def policy_for(self, event_type: str) -> TypePolicy:
-        """The policy of an event type, or the route's default for types it does not list."""
+        """The policy of an event type, or the route's fallback for types it does not list (type.unlisted)."""
         return self.types.get(event_type, self.fallback)
 
 
@@ -343,6 +370,9 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         family = code.value.split(".", 1)[0]
         if family == "decode":
             continue
+        if code is Code.TYPE_UNLISTED:
+            severity[code] = Severity(route.unlisted_types)  # only the route's own opt-in loosens it
+            continue
         level = DEFAULT_CODE_SEVERITY.get(code, Severity.REJECT)
         check_level = checks.get(CHECK_OF_FAMILY[family])
         if check_level is not None:
@@ -362,23 +392,43 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         key_ids=frozenset(key_ids) if key_ids is not None else None,
         require_checksum=route.require_checksum or bool(key_ids),
         rules=compile_rules(specs),
+        listed=own is not None,
     )
 
 
-def build(model: FileModel, *, source_path: str = "<memory>",
-          environ: Mapping[str, str] | None = None) -> GuardConfig:
+def _load_keys(model: FileModel, environ: Mapping[str, str] | None, require_secrets: bool) -> KeyRing:
+    """The key ring; without require_secrets, keys whose secret is not available here are left out (for tools that
+    read or check and verify no MAC: the review CLI, `config check`, audits)."""
+    specs = {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}
+    if require_secrets:
+        return KeyRing.load(specs, environ)
+    available = {}
+    for kid, spec in specs.items():
+        try:
+            key = KeyRing.load({kid: spec}, environ).get(kid)
+        except KeyRingError:
+            continue
+        if key is not None:
+            available[kid] = key
+    return KeyRing(available)
+
+
+def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None,
+          require_secrets: bool = True) -> GuardConfig:
     """Compile a validated file model: resolve layers, compile rules, load keys."""
-    keyring = KeyRing.load(
-        {kid: (k.source, k.secret_env, k.secret_file) for kid, k in model.keys.items()}, environ
-    )
+    keyring = _load_keys(model, environ, require_secrets)
     routes = []
-    for route in model.routes:
+    for index, route in enumerate(model.routes):
         types = {}
         for name, type_model in route.types.items():
             try:
                 types[name] = _merge_type(model.defaults, route, type_model)
             except RuleCompileError as exc:
-                raise RuleCompileError(f"{source_path}: routes.{route.name}.types.{name}.rules: {exc}") from exc
+                raise _rule_error(exc, model, ("routes", index, "types", name), type_model) from exc
+        try:
+            fallback = _merge_type(model.defaults, route, None)
+        except RuleCompileError as exc:
+            raise _rule_error(exc, model, ("defaults",), None) from exc
         routes.append(Route(
             name=route.name,
             inputs=tuple(route.inputs),
@@ -388,7 +438,7 @@ def build(model: FileModel, *, source_path: str = "<memory>",
             default_type=route.default_type,
             causal=route.causal,
             types=types,
-            fallback=_merge_type(model.defaults, route, None),
+            fallback=fallback,
             receipts_topic=route.receipts_topic,
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
@@ -402,6 +452,26 @@ def build(model: FileModel, *, source_path: str = "<memory>",
         route_by_input=by_input,
         audits=tuple(_compile_audit(model, audit) for audit in model.audits),
     )
+
+
+def _rule_error(exc: RuleCompileError, model: FileModel, where: tuple[int | str, ...],
+                own: TypeModel | None) -> RuleCompileError:
+    """The error with the location of the rule that failed (`loc`, turned into file:line by loads()): the first rule
+    that does not compile on its own, else the rules list of the type (a name defined twice)."""
+    candidates: list[tuple[tuple[int | str, ...], RuleModel]] = [
+        (("defaults", "rules", n), r) for n, r in enumerate(model.defaults.rules)]
+    if own is not None:
+        candidates += [((*where, "rules", n), r) for n, r in enumerate(own.rules)]
+    loc: tuple[int | str, ...] = (*where, "rules")
+    for rule_loc, rule in candidates:
+        try:
+            compile_rules([RuleSpec(rule.name, rule.expr, Severity(rule.severity), rule.message)])
+        except RuleCompileError:
+            loc = (*rule_loc, "expr")
+            break
+    error = RuleCompileError(f"{'.'.join(map(str, loc))}: {exc}")
+    error.loc = loc
+    return error
 
 
 def _compile_audit(model: FileModel, audit: AuditModel) -> AuditRule:
@@ -433,11 +503,50 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None) -> GuardConfig:
-    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault."""
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} (first at line {first})")
+        self.key = key
+        self.line = line
+        self.first = first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: PyYAML keeps the last
+    silently, so a second `routes:` would replace the first and leave its topics unguarded."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are meant to be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise _DuplicateKeyError(key, line, first)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """Configuration text as plain data, as yaml.safe_load gives it, except that a repeated key is a YAMLError."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects from the file
+
+
+def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str] | None = None,
+          require_secrets: bool = True) -> GuardConfig:
+    """Parse, validate and compile configuration text; ConfigError says file:line, the field and the fault.
+    require_secrets=False: MAC keys whose secret is not available are left out of the key ring, not refused."""
     try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
+        raw = read_yaml(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{source_path}:{exc.line}: duplicate key {exc.key!r} (first at line {exc.first}); "
+                          "YAML would silently keep only the last one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source_path}: not valid YAML: {exc}") from exc
     try:
@@ -452,18 +561,19 @@ def loads(text: str, *, source_path: str = "<memory>", environ: Mapping[str, str
             lines.append(f"{where}: {path}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     try:
-        return build(model, source_path=source_path, environ=environ)
-    except RuleCompileError:
-        raise
+        return build(model, source_path=source_path, environ=environ, require_secrets=require_secrets)
+    except RuleCompileError as exc:
+        line = _line_of(root, exc.loc) if exc.loc else None
+        raise RuleCompileError(f"{source_path}:{line}: {exc}" if line else f"{source_path}: {exc}") from exc
     except ConfigError as exc:
         raise type(exc)(f"{source_path}: {exc}") from exc
 
 
-def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> GuardConfig:
-    """Load and validate a configuration file."""
+def load(path: str | Path, *, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> GuardConfig:
+    """Load and validate a configuration file (see loads for require_secrets)."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the configuration: {exc}") from exc
-    return loads(text, source_path=str(p), environ=environ)
+    return loads(text, source_path=str(p), environ=environ, require_secrets=require_secrets)

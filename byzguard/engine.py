@@ -16,13 +16,14 @@ from byzguard.config import Policy, TypePolicy
 from byzguard.envelope import Envelope
 from byzguard.integrity import HMAC_SHA256, KeyRing, check_integrity
 from byzguard.state import EntityState, SeenId
-from byzguard.verdict import Code, Outcome, Reason, Severity
+from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 # Failures that mean "we do not know who sent this or whether the bytes are the ones sent": checks that
 # compare the event with state would only add noise, so they are skipped.
 _UNTRUSTED = frozenset({
     Code.INTEGRITY_MISSING, Code.INTEGRITY_MISMATCH, Code.INTEGRITY_UNKNOWN_ALGORITHM,
     Code.INTEGRITY_UNKNOWN_KEY, Code.INTEGRITY_BAD_MAC, Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED,
+    Code.TYPE_UNLISTED,
 })
 
 # Enum members as module constants: on Python 3.11 `Severity.OFF` is a descriptor lookup that costs about as
@@ -124,6 +125,9 @@ def verify(
         reasons.add(code, detail)
     if reasons.items and any(r.code in _UNTRUSTED and r.severity is _REJECT for r in reasons.items):
         return _conclude(env, policy, reasons, None, None, now, limits, update=False)
+    if env.refused is not None:  # declared JSON that is not JSON, or not unambiguous: whatever the policy
+        code, detail = env.refused
+        return Decision(_QUARANTINED, (*reasons.items, Reason(code, detail, _REJECT)))
 
     if entity is not None:
         duplicates = policy.level(_ID_DUPLICATE) is not _OFF
@@ -131,26 +135,26 @@ def verify(
             seen = entity.find(env.id, now, limits.id_window)
             if seen is not None:
                 if seen.content_hash != env.content_hash:
-                    reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for different content")
+                    reasons.add(Code.ID_REUSED, f"event id {quote(env.id)} was already used for different content")
                 elif seen.version is None or seen.version == env.version:  # a re-send
                     return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
-                                    f"event id {env.id!r} was already verified with the same content",
+                                    f"event id {quote(env.id)} was already verified with the same content",
                                     _WARN),))
                 else:  # the same data again under another version: a new event with an old id, not a re-send
                     this = "an event without a version" if env.version is None else f"version {env.version}"
-                    reasons.add(Code.ID_REUSED, f"event id {env.id!r} was already used for version {seen.version}; "
-                                f"this is {this} with the same content")
+                    reasons.add(Code.ID_REUSED, f"event id {quote(env.id)} was already used for version "
+                                f"{seen.version}; this is {this} with the same content")
         if env.version is not None and entity.version is not None:
             if env.version == entity.version and env.content_hash == entity.content_hash and duplicates:
                 return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
-                                f"version {env.version} re-sent with identical content under id {env.id!r}",
+                                f"version {env.version} re-sent with identical content under id {quote(env.id)}",
                                 _WARN),))
             _check_version(env.version, entity, env, reasons)
         if env.vclock is not None and entity.vclock is not None:
             _check_vclock(env, entity, reasons)
     if env.lamport is not None and lamport_mark is not None and env.lamport <= lamport_mark:
         reasons.add(Code.LAMPORT_REGRESSION,
-                    f"source {env.source!r} sent Lamport time {env.lamport} after {lamport_mark}")
+                    f"source {quote(env.source)} sent Lamport time {env.lamport} after {lamport_mark}")
     _check_time(env, policy, now, now if received is None else min(received, now), reasons)
     rules = policy.rules
     if rules and policy.level(_INVARIANT_VIOLATED) is not _OFF:
@@ -163,16 +167,19 @@ def verify(
 
 
 def _check_authorization(env: Envelope, policy: TypePolicy, reasons: _Reasons) -> None:
+    if not policy.listed:  # the route's types are an allow-list
+        reasons.add(Code.TYPE_UNLISTED, f"type {quote(env.type)} is not one of the route's types")
     if policy.sources is not None and env.source not in policy.sources:
-        reasons.add(Code.SOURCE_NOT_ALLOWED,
-                    f"source {env.source!r} may not emit {env.type!r} (allowed: {sorted(policy.sources)})")
+        reasons.add(Code.SOURCE_NOT_ALLOWED, f"source {quote(env.source)} may not emit {quote(env.type)} "
+                    f"(allowed: {sorted(policy.sources)})")
     if policy.key_ids is not None:
         checksum = env.checksum
         if checksum is None or checksum.algorithm != HMAC_SHA256:
-            reasons.add(Code.INTEGRITY_MISSING, f"type {env.type!r} must be signed with hmac-sha256")
+            reasons.add(Code.INTEGRITY_MISSING, f"type {quote(env.type)} must be signed with hmac-sha256")
         elif checksum.key_id not in policy.key_ids:
+            signer = "a MAC without a key id" if checksum.key_id is None else f"key {quote(checksum.key_id)}"
             reasons.add(Code.SOURCE_NOT_ALLOWED,
-                        f"key {checksum.key_id!r} may not sign {env.type!r} (allowed: {sorted(policy.key_ids)})")
+                        f"{signer} may not sign {quote(env.type)} (allowed: {sorted(policy.key_ids)})")
 
 
 def _check_version(version: int, entity: EntityState, env: Envelope, reasons: _Reasons) -> None:

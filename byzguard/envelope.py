@@ -10,6 +10,7 @@ Accepted shapes (ENVELOPE.md has them byte for byte):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,7 @@ from byzguard.clocks import VectorClock
 from byzguard.errors import ClockError
 from byzguard.integrity import SHA256, Checksum, content_hash
 from byzguard.jcs import CanonicalizationError, canonicalize
-from byzguard.verdict import Code
+from byzguard.verdict import Code, quote
 
 # Header names of the CloudEvents Kafka binding, plus byzguard's extension attributes.
 CE_SPECVERSION = "ce_specversion"
@@ -43,6 +44,8 @@ MODE_STRUCTURED = "structured"
 MODE_SEED = "seed"
 
 MAX_INT = 2**63 - 1
+# CloudEvents attributes that none of the seed's shapes has at its top level.
+_CE_ONLY_ATTRIBUTES = ("id", "type", "subject", "time", "datacontenttype")
 
 
 class Envelope:
@@ -57,6 +60,7 @@ class Envelope:
         "id",
         "lamport",
         "mode",
+        "refused",
         "source",
         "subject",
         "time",
@@ -81,6 +85,7 @@ class Envelope:
         checksum: Checksum | None = None,
         data: Any = None,
         parsed: bool = False,
+        refused: tuple[Code, str] | None = None,
     ) -> None:
         self.id = id
         self.source = source
@@ -96,6 +101,9 @@ class Envelope:
         self.checksum = checksum
         self._data = data
         self._parsed = parsed
+        #: Why data declared JSON cannot be read (decode.malformed, decode.ambiguous). The verdict reports it
+        #: after the integrity checks, so corruption in transit is still told apart from a producer's garbage.
+        self.refused = refused
 
     def data(self) -> Any:
         """The event's data as JSON values, parsed on first use; None when it is not JSON."""
@@ -141,21 +149,91 @@ def decode(
             raise DecodeFailure(Code.DECODE_MALFORMED, f"value is not JSON and has no ce_* headers: {exc}") from None
         if not isinstance(obj, dict):
             raise DecodeFailure(Code.DECODE_UNSUPPORTED, "value is JSON but not an object")
+        unambiguous(value, obj, "value")
         if "specversion" in obj:
             return _decode_structured(key, value, obj, hdrs, default_type)
+        attributes = [name for name in _CE_ONLY_ATTRIBUTES if name in obj]
+        if attributes:  # a structured event without its specversion: not to be read as one of the seed's shapes
+            raise DecodeFailure(Code.DECODE_MALFORMED, "required attribute missing: specversion (the object has the "
+                                f"CloudEvents attributes {', '.join(attributes)}; structured mode needs "
+                                '"specversion": "1.0")')
         return _decode_seed(key, value, obj, hdrs, default_type)
     except DecodeFailure as failure:
         return failure.code, failure.detail
     except Exception as exc:  # decoding must never take the worker down: the record is at fault
-        return Code.DECODE_MALFORMED, f"{type(exc).__name__}: {exc}"
+        return Code.DECODE_MALFORMED, f"{type(exc).__name__}: {quote(str(exc))}"
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateKey(name)
+            seen.add(name)
+    return obj
+
+
+def unambiguous(text: bytes, parsed: Any, where: str) -> None:
+    """Refuse JSON text in which an object repeats a key (decode.ambiguous): parsers disagree on which value
+    counts (orjson and Python keep the last, others the first), so what byzguard checks may not be what a
+    consumer reads.
+
+    orjson cannot report duplicates, so cheap sufficient conditions for "no repeat" come first:
+    - orjson writes the parsed value back byte for byte (compact JSON as orjson, JSON.stringify and most
+      producers write it): text that is the serialization of the parsed value has no member it dropped;
+    - every ':' of JSON text separates a member or sits in a string, and orjson's serialization has one ':'
+      per member kept and the same ones in strings (it never escapes ':'): when the text has no more ':' than
+      that (counting each `\\u003a` escape on the text's side), no member was dropped.
+    Only when both fail (a repeat, or an unusual escape) does json's object_pairs_hook decide.
+    """
+    try:
+        written = orjson.dumps(parsed)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper): the exact check decides
+        written = b""
+    if written == text:
+        return
+    colons = text.count(b":")
+    if b"\\" in text:
+        colons += text.count(b"\\u003a") + text.count(b"\\u003A")
+    if written and colons == written.count(b":"):
+        return
+    try:
+        json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as dup:
+        raise DecodeFailure(Code.DECODE_AMBIGUOUS, f"{where}: an object has the key {quote(dup.key)} more than "
+                            "once; JSON parsers differ on which value counts") from None
+    except Exception as exc:  # too deep for json, say: what cannot be shown unambiguous is refused
+        raise DecodeFailure(Code.DECODE_AMBIGUOUS, f"{where}: cannot check the JSON for repeated keys: "
+                            f"{type(exc).__name__}") from None
+
+
+def _is_json(content_type: bytes) -> bool:
+    """True for `application/json` and `application/<anything>+json`, with or without parameters."""
+    if content_type == b"application/json":
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 def _header_map(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes]) -> dict[str, bytes]:
     items = headers.items() if isinstance(headers, Mapping) else headers
     out: dict[str, bytes] = {}
     for name, raw in items:
-        # Kafka allows repeated headers; the last one wins, as the CloudEvents binding reads them.
-        out[name.lower() if not name.islower() else name] = raw if raw is not None else b""
+        name = name.lower() if not name.islower() else name
+        raw = raw if raw is not None else b""
+        # Kafka allows repeated headers, and readers disagree on which one counts (first or last): an attribute
+        # given twice with two values is as ambiguous as a JSON object that repeats a key.
+        if name in out and out[name] != raw and (name.startswith("ce_") or name == CONTENT_TYPE):
+            raise DecodeFailure(Code.DECODE_AMBIGUOUS, f"header {quote(name)} is repeated with different values")
+        out[name] = raw
     return out
 
 
@@ -175,10 +253,10 @@ def _int(raw: object, name: str) -> int:
         raw = _text(raw, name)
     if isinstance(raw, str):
         if not raw.isascii() or not raw.isdigit():
-            raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a non-negative integer, got {raw!r}")
+            raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a non-negative integer, got {quote(raw)}")
         raw = int(raw)
     if not isinstance(raw, int) or raw < 0 or raw > MAX_INT:
-        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a non-negative 63-bit integer, got {raw!r}")
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be a non-negative 63-bit integer, got {quote(raw)}")
     return raw
 
 
@@ -189,11 +267,11 @@ def parse_time(raw: object, name: str) -> float:
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         return float(raw) / 1000.0
     if not isinstance(raw, str):
-        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be an RFC 3339 time, got {raw!r}")
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be an RFC 3339 time, got {quote(raw)}")
     try:
         parsed = datetime.fromisoformat(raw)
     except ValueError:
-        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} is not an RFC 3339 time: {raw!r}") from None
+        raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} is not an RFC 3339 time: {quote(raw)}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
@@ -207,7 +285,7 @@ def _vclock(raw: object, name: str) -> VectorClock:
             return VectorClock.from_mapping(raw)
     except ClockError as exc:
         raise DecodeFailure(Code.DECODE_MALFORMED, f"{name}: {exc}") from None
-    raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be 'node=n,...' or an object, got {raw!r}")
+    raise DecodeFailure(Code.DECODE_MALFORMED, f"{name} must be 'node=n,...' or an object, got {quote(raw)}")
 
 
 def _subject(key: bytes | None, subject: str | None) -> str:
@@ -225,7 +303,7 @@ def _subject(key: bytes | None, subject: str | None) -> str:
         # Entity state lives in the partition of its key; a record keyed otherwise would be checked
         # against the wrong state, so it is refused rather than guessed at.
         raise DecodeFailure(Code.DECODE_KEY_MISMATCH,
-                            f"record key {key_text!r} is not the entity id (subject) {subject!r}")
+                            f"record key {quote(key_text)} is not the entity id (subject) {quote(subject)}")
     if not subject:
         raise DecodeFailure(Code.DECODE_MALFORMED, "empty subject")
     return subject
@@ -245,7 +323,7 @@ def _checksum(alg: object, value: object, key_id: object, where: str) -> Checksu
 def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], default_type: str) -> Envelope:
     spec = h[CE_SPECVERSION]
     if spec != b"1.0":
-        raise DecodeFailure(Code.DECODE_UNSUPPORTED, f"CloudEvents specversion {spec!r} is not 1.0")
+        raise DecodeFailure(Code.DECODE_UNSUPPORTED, f"CloudEvents specversion {quote(spec)} is not 1.0")
     missing = [n for n in (CE_ID, CE_SOURCE) if not h.get(n)]
     if missing:
         raise DecodeFailure(Code.DECODE_MALFORMED, f"required headers missing: {', '.join(missing)}")
@@ -261,6 +339,23 @@ def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], 
     ce_type = _text(h[CE_TYPE], CE_TYPE) if CE_TYPE in h else default_type
     if not ce_type:
         raise DecodeFailure(Code.DECODE_MALFORMED, "required header missing: ce_type")
+    data: Any = None
+    json_data = False
+    refused = None
+    content_type = h.get(CONTENT_TYPE)
+    if value and content_type is not None and _is_json(content_type):
+        # Declared JSON: it must be JSON, whether or not a rule reads it, and mean one thing.
+        json_data = True
+        try:
+            data = orjson.loads(value)
+            unambiguous(value, data, "value")
+        except orjson.JSONDecodeError as exc:
+            data = None
+            refused = (Code.DECODE_MALFORMED, f"value is declared {quote(content_type.decode('latin-1'))} but is "
+                       f"not JSON: {exc}")
+        except DecodeFailure as failure:
+            data = None
+            refused = (failure.code, failure.detail)
     return Envelope(
         id=_text(h[CE_ID], CE_ID),
         source=_text(h[CE_SOURCE], CE_SOURCE),
@@ -273,6 +368,9 @@ def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], 
         lamport=_int(h[CE_LAMPORTTIME], CE_LAMPORTTIME) if CE_LAMPORTTIME in h else None,
         vclock=_vclock(h[CE_VECTORCLOCK], CE_VECTORCLOCK) if CE_VECTORCLOCK in h else None,
         checksum=checksum,
+        data=data,
+        parsed=json_data,
+        refused=refused,
     )
 
 
@@ -301,7 +399,7 @@ def _decode_structured(
 ) -> Envelope:
     if obj.get("specversion") != "1.0":
         raise DecodeFailure(Code.DECODE_UNSUPPORTED,
-                            f"CloudEvents specversion {obj.get('specversion')!r} is not 1.0")
+                            f"CloudEvents specversion {quote(obj.get('specversion'))} is not 1.0")
     if "data_base64" in obj:
         raise DecodeFailure(Code.DECODE_UNSUPPORTED, "data_base64 is not supported; use binary mode")
     data = obj.get("data")

@@ -32,7 +32,9 @@ class ConfigError(ByzguardError):
 
 
 class RuleCompileError(ConfigError):
-    """An invariant rule failed to compile."""
+    """An invariant rule failed to compile; `loc` is its path in the configuration file, when known."""
+
+    loc: tuple[int | str, ...] = ()
 
 
 class KeyRingError(ConfigError):

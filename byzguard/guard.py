@@ -20,12 +20,12 @@ import orjson
 
 from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer, oldest_held_age
 from byzguard.clocks import VectorClock
-from byzguard.config import GuardConfig, Route
+from byzguard.config import GuardConfig, Route, TypePolicy
 from byzguard.engine import Decision, Limits, decode_failure, verify
 from byzguard.envelope import Envelope, decode
 from byzguard.routing import Headers, quarantine_headers, verified_headers
 from byzguard.state import EntityState, decode_lamport, encode_lamport
-from byzguard.verdict import Code, Outcome, Reason, Severity
+from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 ENTITIES = "entities"
 LAMPORTS = "lamports"
@@ -137,6 +137,11 @@ class _Tx:
         self.result.held_delta += after - before
 
 
+def _refused_type(policy: TypePolicy) -> bool:
+    """True when the policy is a route's fallback for unlisted types and the route refuses them."""
+    return not policy.listed and policy.level(Code.TYPE_UNLISTED) is Severity.REJECT
+
+
 class Guard:
     """Verifies records of every route of a configuration."""
 
@@ -196,7 +201,9 @@ class Guard:
         # A released event's Lamport time was judged when it arrived; later events of its source may have
         # advanced the mark since, which says nothing about this one.
         mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
-        if hold and env.vclock is not None and self._held(tx, record, route, env, entity, entity_key, mark, now):
+        # A type the route refuses is judged at once: it must neither wait in the buffer nor fill it.
+        if hold and env.vclock is not None and not _refused_type(policy) \
+                and self._held(tx, record, route, env, entity, entity_key, mark, now):
             return
         decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
                           received=record.timestamp)
@@ -224,7 +231,8 @@ class Guard:
                         HeldEvent(env.id, env.source, env.vclock, now, record.to_bytes()),
                         now=now, max_held=causal.max_held_per_scope if total < causal.max_held_total else 0)
         if offered.status is Deliverability.STALE:
-            dup = Reason(Code.ID_DUPLICATE, f"event {env.id!r} is already held for its dependencies", Severity.WARN)
+            dup = Reason(Code.ID_DUPLICATE, f"event {quote(env.id)} is already held for its dependencies",
+                         Severity.WARN)
             self._emit(tx, record, route, Decision(Outcome.DUPLICATE, (dup,)), env, now)
             return True
         if offered.status is Deliverability.INVALID:

@@ -17,7 +17,7 @@ from pathlib import Path
 import xxhash
 
 from byzguard.errors import KeyRingError
-from byzguard.verdict import Code
+from byzguard.verdict import Code, quote
 
 SHA256 = "sha256"
 XXH3_128 = "xxh3-128"
@@ -140,20 +140,22 @@ def check_integrity(
         return [(Code.INTEGRITY_MISSING, "the route requires a checksum or MAC")] if required else []
     algorithm = checksum.algorithm
     if algorithm not in ALGORITHMS:
-        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"algorithm {algorithm!r} is not one of {sorted(ALGORITHMS)}")]
+        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"algorithm {quote(algorithm)} is not one of {sorted(ALGORITHMS)}")]
     claimed = checksum.value.lower()
     if algorithm == HMAC_SHA256:
         key = keyring.get(checksum.key_id) if checksum.key_id else None
         if key is None:
-            return [(Code.INTEGRITY_UNKNOWN_KEY, f"key id {checksum.key_id!r} is not in the key ring")]
+            if not checksum.key_id:
+                return [(Code.INTEGRITY_UNKNOWN_KEY, "an hmac-sha256 MAC without a key id (ce_keyid)")]
+            return [(Code.INTEGRITY_UNKNOWN_KEY, f"key id {quote(checksum.key_id)} is not in the key ring")]
         failures: list[tuple[Code, str]] = []
         if key.source != source:
             failures.append((Code.SOURCE_FORGED,
-                             f"signed with key {key.key_id!r} of source {key.source!r}, claims source {source!r}"))
+                             f"signed with key {key.key_id!r} of source {key.source!r}, claims source {quote(source)}"))
         if not hmac.compare_digest(digest(HMAC_SHA256, content, key), claimed):
             failures.append((Code.INTEGRITY_BAD_MAC, f"MAC does not match the content under key {key.key_id!r}"))
         return failures
     actual = digest(algorithm, content)
     if actual != claimed:
-        return [(Code.INTEGRITY_MISMATCH, f"{algorithm} expected {claimed}, content hashes to {actual}")]
+        return [(Code.INTEGRITY_MISMATCH, f"{algorithm} expected {quote(claimed)}, content hashes to {actual!r}")]
     return []

@@ -364,12 +364,14 @@ class ReviewLedger:
     def item(self, qid: str) -> ReviewItem | None:
         """Everything known about one quarantine id, or None when no such record was read."""
         record = self.records.get(qid)
-        if record is None:
-            return None
-        decision = self.decisions.get(qid)
+        return self.review_item(record) if record is not None else None
+
+    def review_item(self, record: QuarantinedRecord) -> ReviewItem:
+        """A record with what the decisions held say about it (the record itself is not kept)."""
+        decision = self.decisions.get(record.quarantine_id)
         recheck = decision.last(Action.RECHECK) if decision is not None else None
         return ReviewItem(record, decision, status_of(decision),
-                          recheck_of=record.recheck_of or self._rechecked_from.get(qid),
+                          recheck_of=record.recheck_of or self._rechecked_from.get(record.quarantine_id),
                           rechecked_as=recheck.target if recheck is not None and recheck.target else None)
 
     def items(self, selected: ReviewFilter | None = None) -> list[ReviewItem]:
@@ -391,6 +393,39 @@ def counts(items: Sequence[ReviewItem]) -> dict[str, dict[str, int]]:
         "source": dict(Counter(i.record.source for i in items).most_common()),
         "type": dict(Counter(i.record.type for i in items).most_common()),
     }
+
+
+MAX_COUNTED = 100  # distinct values counted per field; the rest are counted together as OTHER
+OTHER = "(other)"
+
+
+class Tally:
+    """counts() over a stream of items, in bounded memory: at most MAX_COUNTED distinct values per field."""
+
+    FIELDS = ("reason", "status", "route", "source", "type")
+
+    def __init__(self) -> None:
+        self.by: dict[str, Counter[str]] = {name: Counter() for name in self.FIELDS}
+
+    def _add(self, name: str, value: str) -> None:
+        counter = self.by[name]
+        if value not in counter and len(counter) >= MAX_COUNTED:
+            value = OTHER
+        counter[bounded(value, text=200)] += 1
+
+    def add(self, item: ReviewItem) -> None:
+        """Count one item."""
+        rec = item.record
+        for code in set(rec.codes):
+            self._add("reason", code)
+        self._add("status", item.status.value)
+        self._add("route", rec.route)
+        self._add("source", rec.source)
+        self._add("type", rec.type)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        """The same shape as counts()."""
+        return {name: dict(counter.most_common()) for name, counter in self.by.items()}
 
 
 # --------------------------------------------------------------------------- filters
@@ -550,6 +585,49 @@ def authenticate(authorization: str | None, *, claimed_reviewer: str | None, sha
 # --------------------------------------------------------------------------- presentation
 
 
+# What review shows of one record is bounded: a record's bytes are whatever a producer (or an attacker) sent, and
+# every view (page, API, CLI) must render it. Deeper levels, longer containers and longer strings are cut with a
+# marker that says so; the bytes in the topic are untouched, and replay delivers them whole.
+MAX_DEPTH = 32
+MAX_ITEMS = 200
+MAX_TEXT = 4000
+MAX_NODES = 20_000  # values in all: what one detail view shows at most
+CUT = "\u2026"  # the marker's first character: an ellipsis
+
+
+def bounded(value: Any, *, depth: int = MAX_DEPTH, items: int = MAX_ITEMS, text: int = MAX_TEXT,
+            nodes: int = MAX_NODES) -> Any:
+    """A JSON value cut to fit any view: containers below `depth` levels, beyond `items` entries or past `nodes`
+    values in all, and strings beyond `text` characters are replaced or shortened, with a marker saying what was
+    left out."""
+    budget = [nodes]
+
+    def cut(value: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if isinstance(value, str):
+            return value if len(value) <= text else f"{value[:text]}{CUT}({len(value) - text} more characters)"
+        if not isinstance(value, (dict, list, tuple)):
+            return value
+        kind = f"an object of {len(value)} entries" if isinstance(value, dict) else f"a list of {len(value)} items"
+        if depth <= 0:
+            return f"{CUT}({kind} nested deeper than {MAX_DEPTH} levels)"
+        if budget[0] <= 0:
+            return f"{CUT}({kind} left out: the record is too large to show whole)"
+        if isinstance(value, dict):
+            out = {}
+            for k, v in list(value.items())[:items]:
+                out[cut(str(k), 0)] = cut(v, depth - 1)
+            if len(value) > items:
+                out[CUT] = f"({len(value) - items} more entries)"
+            return out
+        shown = [cut(v, depth - 1) for v in value[:items]]
+        if len(value) > items:
+            shown.append(f"{CUT}({len(value) - items} more items)")
+        return shown
+
+    return cut(value, depth)
+
+
 def _header_text(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
@@ -561,11 +639,11 @@ def _time_text(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds") if epoch is not None else None
 
 
-def item_summary(item: ReviewItem) -> dict[str, Any]:
-    """The JSON form of an item in a list."""
+def item_summary(item: ReviewItem, *, text: int = MAX_TEXT) -> dict[str, Any]:
+    """The JSON form of an item in a list (strings cut at `text` characters)."""
     rec = item.record
     latest = item.decision.latest if item.decision is not None else None
-    return {
+    summary: dict[str, Any] = bounded({
         "quarantine_id": rec.quarantine_id, "route": rec.route, "status": item.status.value,
         "codes": list(rec.codes), "source": rec.source, "type": rec.type, "entity": rec.entity,
         "event_id": rec.event_id, "detected_at": rec.detected_at, "detected_at_iso": _time_text(rec.detected_at),
@@ -573,7 +651,8 @@ def item_summary(item: ReviewItem) -> dict[str, Any]:
                      "offset": rec.original_offset, "timestamp": rec.original_timestamp},
         "last_decision": latest.as_dict() if latest is not None else None,
         "recheck_of": item.recheck_of, "rechecked_as": item.rechecked_as,
-    }
+    }, text=text)
+    return summary
 
 
 def decoded_data(record: QuarantinedRecord, default_type: str = "") -> dict[str, Any]:
@@ -592,9 +671,9 @@ def _value_text(raw: bytes | None) -> str | None:
 
 
 def item_detail(item: ReviewItem, default_type: str = "") -> dict[str, Any]:
-    """The JSON form of one item: the summary plus decoded data, headers, reasons and history."""
+    """The JSON form of one item: the summary plus decoded data, headers, reasons and history (bounded())."""
     rec = item.record
-    return {
+    detail: dict[str, Any] = bounded({
         **item_summary(item),
         "key": _value_text(rec.key),
         "reasons": [dict(r) for r in rec.reasons],
@@ -603,7 +682,8 @@ def item_detail(item: ReviewItem, default_type: str = "") -> dict[str, Any]:
                        "timestamp": rec.timestamp},
         "data": decoded_data(rec, default_type),
         "history": [e.as_dict() for e in item.decision.history] if item.decision is not None else [],
-    }
+    })
+    return detail
 
 
 def entity_view(raw: bytes | None) -> dict[str, Any] | None:
@@ -611,7 +691,9 @@ def entity_view(raw: bytes | None) -> dict[str, Any] | None:
     if not raw:
         return None
     state = EntityState.from_bytes(raw)
-    return {"version": state.version, "type": state.last_good_type, "verified_at": state.verified_at,
-            "verified_at_iso": _time_text(state.verified_at), "event_time": state.event_time,
-            "last_good": state.last_good_data() if state.last_good_data() is not None else _value_text(
-                state.last_good)}
+    data = state.last_good_data()
+    view: dict[str, Any] = bounded({
+        "version": state.version, "type": state.last_good_type, "verified_at": state.verified_at,
+        "verified_at_iso": _time_text(state.verified_at), "event_time": state.event_time,
+        "last_good": data if data is not None else _value_text(state.last_good)})
+    return view

@@ -34,6 +34,7 @@ class Code(StrEnum):
     DECODE_MALFORMED = "decode.malformed"
     DECODE_UNSUPPORTED = "decode.unsupported"
     DECODE_KEY_MISMATCH = "decode.key_mismatch"
+    DECODE_AMBIGUOUS = "decode.ambiguous"
     INTEGRITY_MISSING = "integrity.missing"
     INTEGRITY_MISMATCH = "integrity.mismatch"
     INTEGRITY_UNKNOWN_ALGORITHM = "integrity.unknown_algorithm"
@@ -41,6 +42,7 @@ class Code(StrEnum):
     INTEGRITY_BAD_MAC = "integrity.bad_mac"
     SOURCE_NOT_ALLOWED = "source.not_allowed"
     SOURCE_FORGED = "source.forged"
+    TYPE_UNLISTED = "type.unlisted"
     ID_DUPLICATE = "id.duplicate"
     ID_REUSED = "id.reused"
     VERSION_REGRESSION = "version.regression"
@@ -69,6 +71,7 @@ CHECK_OF_FAMILY: dict[str, str] = {
     "decode": "decode",
     "integrity": "integrity",
     "source": "authorization",
+    "type": "authorization",
     "id": "idempotency",
     "version": "version",
     "lamport": "causal",
@@ -78,6 +81,20 @@ CHECK_OF_FAMILY: dict[str, str] = {
     "invariant": "invariant",
     "output": "output",
 }
+
+
+#: Longest quotation of an event's input in a reason: an attribute of 100 KB is not copied into every header.
+QUOTE_LIMIT = 200
+
+
+def quote(value: object) -> str:
+    """`value` as reasons quote input: its repr, cut to QUOTE_LIMIT characters with an ellipsis; `null` for None."""
+    if value is None:
+        return "null"  # input comes from JSON or headers: it never says Python's None
+    if isinstance(value, (str, bytes)) and len(value) > QUOTE_LIMIT:
+        value = value[:QUOTE_LIMIT]  # repr only what can be shown: a huge value is not copied whole first
+    text = repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from byzguard.envelope import decode
 from byzguard.integrity import KeyRing, check_integrity
 from byzguard.routing import H_VERDICT, original_headers
-from byzguard.verdict import Code, Reason, Severity
+from byzguard.verdict import Code, Reason, Severity, quote
 
 __all__ = ["Reverified", "verify_again", "verify_record"]
 
@@ -85,7 +85,7 @@ def verify_again(
                check_integrity(env.checksum, env.covered, env.source, keyring, required=require_checksum)]
     if sources is not None and env.source not in sources:
         reasons.append(Reason(Code.SOURCE_NOT_ALLOWED,
-                              f"source {env.source!r} is not one of {sorted(sources)}", Severity.REJECT))
+                              f"source {quote(env.source)} is not one of {sorted(sources)}", Severity.REJECT))
     key_id = env.checksum.key_id if env.checksum is not None else None
     return Reverified(tuple(reasons), verdict, env.source, key_id)
 

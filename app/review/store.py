@@ -1,9 +1,12 @@
 """The review state read from Kafka, and the one way to write review decisions.
 
-Reading: one read_committed consumer, assigned every partition of the routes' quarantine topics and of the
-decisions topic (no consumer group: every worker and every CLI run reads everything), feeds a
-byzguard.review.ReviewLedger. `refresh()` catches up to the end offsets taken when it starts, so the state a
-reader derives is the same from any worker and survives restarts: it lives in the two topics, not here.
+Reading: one read_committed consumer, assigned every partition of the decisions topic (no consumer group:
+every worker and every CLI run reads everything), feeds the decisions into a byzguard.review.ReviewLedger.
+`refresh()` catches up to the end offsets taken when it starts, so the state a reader derives is the same from
+any worker and survives restarts: it lives in the two topics, not here. The quarantined records themselves are
+not held: `scan()` reads the quarantine topics from their start for each question (a page of the list, one
+record, the records a bulk action selects), so the store holds a bounded amount whatever the topic's size
+(`page()` keeps the summaries of one window of matching records, newest first, and counts in bounded memory).
 
 Writing: every write to the decisions topic (approve, reject, recheck, and the replay markers) happens in a
 Kafka transaction of ONE transactional id shared by every writer of that topic (`byzguard-review-<decisions
@@ -29,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import heapq
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +54,14 @@ from byzguard.review import (
     ReviewItem,
     ReviewLedger,
     Status,
+    Tally,
+    item_summary,
     new_decision,
     parse_quarantined,
     plan,
     recheck_headers,
     replay_headers,
+    status_of,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,23 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 WRITE_ATTEMPTS = 8
 REFRESH_TIMEOUT = 60.0
+SCAN_TIMEOUT = 300.0
+SCAN_BATCH = 200  # records per fetch of a scan
+SCAN_FETCH_BYTES = 256 << 10  # bytes per partition per fetch: with SCAN_BATCH, what a scan holds at once
+MAX_WINDOW = 5_000  # offset + limit of one page: the summaries a page keeps while it scans
+SUMMARY_TEXT = 256  # characters of each string in a list summary
+DECIDE_CHUNK = 500  # records per transaction of a bulk review action
+
+
+@dataclass
+class Page:
+    """One window of matching records, newest first: their summaries, how many match, and counts of all."""
+
+    total: int
+    offset: int
+    limit: int
+    records: list[dict[str, Any]]
+    counts: dict[str, dict[str, int]]
 
 
 def decisions_topic_name(app_id: str, configured: str | None = None) -> str:
@@ -232,7 +256,7 @@ class ReviewStore:
 
     async def _ensure_assigned(self) -> None:
         assert self._consumer is not None
-        wanted_topics = [*self.quarantine_topics, self.decisions_topic]
+        wanted_topics = [self.decisions_topic]
         if self._assigned and all(self._partitions.get(t) for t in wanted_topics):
             return
         wanted = set(await self.topic_partitions(wanted_topics))
@@ -247,7 +271,7 @@ class ReviewStore:
         self._assigned = wanted
 
     async def refresh(self, progress: Progress | None = None, *, timeout: float = REFRESH_TIMEOUT) -> None:
-        """Read every quarantine and decisions partition up to its current (committed) end."""
+        """Read the decisions topic up to its current (committed) end."""
         if self._consumer is None:
             await self.start()
         assert self._consumer is not None
@@ -283,18 +307,107 @@ class ReviewStore:
                 raise InfrastructureError(f"reading the review topics failed: {exc}") from exc
 
     def _apply(self, tp: TopicPartition, rec: Any) -> None:
-        if tp.topic == self.decisions_topic:
-            self.ledger.add_decision(rec.key, rec.value)
-            return
-        parsed = parse_quarantined(rec.key, rec.value, rec.headers, topic=rec.topic, partition=rec.partition,
-                                   offset=rec.offset, timestamp=rec.timestamp / 1000.0 if rec.timestamp else None,
-                                   default_type=self.default_types)
-        if parsed is not None:
-            self.ledger.add_record(parsed)
+        self.ledger.add_decision(rec.key, rec.value)
 
-    def items(self, selected: ReviewFilter | None = None) -> list[ReviewItem]:
-        """The current items (call refresh() first for the latest)."""
-        return self.ledger.items(selected)
+    def _partitions_of(self, selection: ReviewFilter | None) -> dict[str, set[int]] | None:
+        """Which quarantine partitions can hold the selected ids (a record keeps its input's partition and its
+        id names the input's coordinates); None: all of them."""
+        if selection is None or not selection.ids:
+            return None
+        by_input = {t: r for r in self.routes.values() for t in r.inputs}
+        where: dict[str, set[int]] = {}
+        for qid in selection.ids:
+            topic = qid.rpartition("-")[0]
+            topic, _, partition = topic.rpartition("-")
+            route = by_input.get(topic)
+            if route is None or not partition.isdigit():
+                return None  # not an id of a configured input (a recheck of another deployment?): look everywhere
+            where.setdefault(route.quarantine_topic, set()).add(int(partition))
+        return where
+
+    async def scan(self, selection: ReviewFilter | None = None, *,
+                   progress: Progress | None = None) -> AsyncGenerator[ReviewItem, None]:
+        """The quarantined records matching `selection`, read from the start of the quarantine topics to their
+        (committed) end as it was when the scan began, with the decisions held now; nothing is kept."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+            isolation_level="read_committed", client_id=self.client_id, max_partition_fetch_bytes=SCAN_FETCH_BYTES,
+        )
+        try:
+            await consumer.start()
+            only = self._partitions_of(selection)
+            tps = [tp for tp in await self.topic_partitions(self.quarantine_topics)
+                   if only is None or tp.partition in only.get(tp.topic, ())]
+            if not tps:
+                return
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            starts = {tp: await consumer.position(tp) for tp in tps}
+            remaining = {tp: end for tp, end in ends.items() if starts[tp] < end}
+            total = sum(end - starts[tp] for tp, end in remaining.items())
+            done, deadline = 0, time.monotonic() + SCAN_TIMEOUT
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=200, max_records=SCAN_BATCH)
+                for tp, records in batch.items():
+                    for rec in records:
+                        if rec.offset >= ends[tp]:
+                            continue
+                        done += 1
+                        parsed = parse_quarantined(
+                            rec.key, rec.value, rec.headers, topic=rec.topic, partition=rec.partition,
+                            offset=rec.offset, timestamp=rec.timestamp / 1000.0 if rec.timestamp else None,
+                            default_type=self.default_types)
+                        if parsed is None:
+                            continue
+                        item = self.ledger.review_item(parsed)
+                        if selection is None or selection.matches(item):
+                            yield item
+                for tp, end in list(remaining.items()):
+                    if await consumer.position(tp) >= end:
+                        del remaining[tp]
+                if progress is not None:
+                    progress(min(done, total), total)
+                if remaining and time.monotonic() > deadline:
+                    raise InfrastructureError(f"reading the quarantine did not reach its end within "
+                                              f"{SCAN_TIMEOUT:.0f} s (left: {sorted(map(str, remaining))})")
+        except KafkaError as exc:
+            raise InfrastructureError(f"reading the quarantine failed: {exc}") from exc
+        finally:
+            await consumer.stop()
+
+    async def page(self, selection: ReviewFilter | None = None, *, offset: int = 0, limit: int = 100,
+                   progress: Progress | None = None) -> Page:
+        """Summaries of the matching records `offset` to `offset + limit` (newest first), how many match, and
+        their counts; offset + limit is at most MAX_WINDOW. Reads the decisions first."""
+        offset, limit = max(0, offset), max(0, limit)
+        if offset + limit > MAX_WINDOW:
+            raise ValueError(f"offset + limit may be at most {MAX_WINDOW}; narrow the filter instead")
+        await self.refresh()
+        # A min-heap of the newest offset+limit seen: (time, id, arrival, summary); arrival breaks ties.
+        window: list[tuple[float, str, int, dict[str, Any]]] = []
+        tally, total = Tally(), 0
+        async with contextlib.aclosing(self.scan(selection, progress=progress)) as items:
+            async for item in items:
+                total += 1
+                tally.add(item)
+                rank = (item.record.time or 0.0, item.record.quarantine_id, total)
+                if len(window) < offset + limit:
+                    heapq.heappush(window, (*rank, item_summary(item, text=SUMMARY_TEXT)))
+                elif window and rank > window[0][:3]:
+                    heapq.heapreplace(window, (*rank, item_summary(item, text=SUMMARY_TEXT)))
+        newest = [entry[3] for entry in sorted(window, key=lambda e: e[:3], reverse=True)]
+        return Page(total=total, offset=offset, limit=limit, records=newest[offset:offset + limit],
+                    counts=tally.as_dict())
+
+    async def find(self, qid: str) -> ReviewItem | None:
+        """One quarantined record with its decisions (the last copy when it was quarantined twice), or None."""
+        await self.refresh()
+        found = None
+        async with contextlib.aclosing(self.scan(ReviewFilter(ids=frozenset({qid})))) as items:
+            async for item in items:
+                found = item
+        return found
 
     # ------------------------------------------------------------------ writing
 
@@ -352,59 +465,67 @@ class ReviewStore:
         if action not in (Action.APPROVE, Action.REJECT, Action.RECHECK):
             raise ValueError(f"{action} is not a review action")
 
+        # A bulk action writes DECIDE_CHUNK records per transaction: when an attempt fails after some of them
+        # committed, the next one skips what is done (it is in `applied`), and the report says what happened.
+        report = ActionReport(action.value)
+
         async def attempt() -> ActionReport:
-            report = ActionReport(action.value)
+            report.unchanged.clear()
+            report.refused.clear()
+            done = set(report.applied)
             async with self._exclusive() as producer:
-                chosen = self._select(selection, report)
-                todo = []
-                for item in chosen:
-                    verdict, why = plan(item.status, action)
-                    if item.record.is_stub and action is not Action.REJECT:
-                        verdict, why = Plan.REFUSED, (
-                            "a stub for a record too large to copy (output.too_large): read the original at "
-                            f"{item.record.original_topic}[{item.record.original_partition}]"
-                            f"@{item.record.original_offset}")
-                    if verdict is Plan.REFUSED:
-                        report.refused.append((item.record.quarantine_id, why))
-                    elif verdict is Plan.UNCHANGED:
-                        report.unchanged.append((item.record.quarantine_id, why))
-                    else:
-                        todo.append(item)
-                if action is Action.RECHECK:
-                    todo = [i for i in todo if self._recheckable(i, report)]
-                writes = []
-                if not todo:
-                    return report
-                async with producer.transaction():
-                    targets = await self._resend(producer, todo) if action is Action.RECHECK else {}
-                    for n, item in enumerate(todo):
-                        rec = item.record
-                        entry = DecisionEntry(action, reviewer, time.time(), note,
-                                              target=targets.get(rec.quarantine_id, ""))
-                        decision = new_decision(item.decision, entry, quarantine_id=rec.quarantine_id,
-                                                route=rec.route)
-                        await self._send(producer, self.decisions_topic, key=rec.quarantine_id.encode(),
-                                         value=decision.to_bytes())
-                        writes.append(decision)
-                        if progress is not None:
-                            progress(n + 1, len(todo))
-                for decision in writes:
-                    self.ledger.add_decision(decision.quarantine_id.encode(), decision.to_bytes())
-                    report.applied.append(decision.quarantine_id)
-                    target = decision.latest.target
-                    if target:
-                        report.delivered.append((decision.quarantine_id, target))
+                found: set[str] = set()
+                todo: list[ReviewItem] = []
+                async with contextlib.aclosing(self.scan(selection)) as items:
+                    async for item in items:
+                        found.add(item.record.quarantine_id)
+                        if item.record.quarantine_id in done:
+                            continue
+                        verdict, why = plan(item.status, action)
+                        if item.record.is_stub and action is not Action.REJECT:
+                            verdict, why = Plan.REFUSED, (
+                                "a stub for a record too large to copy (output.too_large): read the original at "
+                                f"{item.record.original_topic}[{item.record.original_partition}]"
+                                f"@{item.record.original_offset}")
+                        if verdict is Plan.REFUSED:
+                            report.refused.append((item.record.quarantine_id, why))
+                        elif verdict is Plan.UNCHANGED:
+                            report.unchanged.append((item.record.quarantine_id, why))
+                        elif action is not Action.RECHECK or self._recheckable(item, report):
+                            todo.append(item)
+                        if len(todo) >= DECIDE_CHUNK:
+                            await self._decide_chunk(producer, todo, action, reviewer, note, report, progress)
+                            todo = []
+                if todo:
+                    await self._decide_chunk(producer, todo, action, reviewer, note, report, progress)
+                for qid in sorted((selection.ids or frozenset()) - found):
+                    report.refused.append((qid, "no such quarantine id (or it does not match the filter)"))
             return report
 
-        report: ActionReport = await self._fenced_retry(action.value, attempt)
-        return report
+        result: ActionReport = await self._fenced_retry(action.value, attempt)
+        return result
 
-    def _select(self, selection: ReviewFilter, report: ActionReport) -> list[ReviewItem]:
-        chosen = self.ledger.items(selection)
-        for qid in sorted((selection.ids or frozenset()) - {i.record.quarantine_id for i in chosen}):
-            report.refused.append((qid, "no such quarantine id (or it does not match the filter)"))
-        chosen.sort(key=lambda i: (i.record.time or 0.0, i.record.quarantine_id))
-        return chosen
+    async def _decide_chunk(self, producer: AIOKafkaProducer, todo: Sequence[ReviewItem], action: Action,
+                            reviewer: str, note: str, report: ActionReport, progress: Progress | None) -> None:
+        """One transaction: the decisions of `todo` (and, for recheck, the re-sent records)."""
+        writes = []
+        async with producer.transaction():
+            targets = await self._resend(producer, todo) if action is Action.RECHECK else {}
+            for item in todo:
+                rec = item.record
+                entry = DecisionEntry(action, reviewer, time.time(), note, target=targets.get(rec.quarantine_id, ""))
+                decision = new_decision(item.decision, entry, quarantine_id=rec.quarantine_id, route=rec.route)
+                await self._send(producer, self.decisions_topic, key=rec.quarantine_id.encode(),
+                                 value=decision.to_bytes())
+                writes.append(decision)
+        for decision in writes:
+            self.ledger.add_decision(decision.quarantine_id.encode(), decision.to_bytes())
+            report.applied.append(decision.quarantine_id)
+            target = decision.latest.target
+            if target:
+                report.delivered.append((decision.quarantine_id, target))
+        if progress is not None:
+            progress(len(report.applied), len(report.applied))
 
     def _recheckable(self, item: ReviewItem, report: ActionReport) -> bool:
         route = self.routes.get(item.record.route)
@@ -437,36 +558,44 @@ class ReviewStore:
 
         async def attempt() -> ActionReport:
             async with self._exclusive() as producer:
-                pending = [i for i in self.ledger.items(selection or ReviewFilter())
-                           if i.status is Status.APPROVED and i.record.quarantine_id not in done]
-                pending.sort(key=lambda i: (i.record.time or 0.0, i.record.quarantine_id))
-                routable = []
-                for item in pending:
-                    if item.record.route in self.routes:
-                        routable.append(item)
-                    elif item.record.quarantine_id not in {q for q, _ in report.refused}:
-                        report.refused.append((item.record.quarantine_id,
-                                               f"route {item.record.route!r} is not configured"))
-                total = len(done) + len(routable)
+                total = len(done) + sum(1 for d in self.ledger.decisions.values() if status_of(d) is Status.APPROVED)
                 if progress is not None:
                     progress(len(done), total)
-                for start in range(0, len(routable), max(1, batch_size)):
-                    chunk = routable[start:start + max(1, batch_size)]
-                    began = time.monotonic()
-                    writes = await self._replay_chunk(producer, chunk, runner)
-                    for decision in writes:
-                        self.ledger.add_decision(decision.quarantine_id.encode(), decision.to_bytes())
-                        done.add(decision.quarantine_id)
-                        report.applied.append(decision.quarantine_id)
-                        report.delivered.append((decision.quarantine_id, decision.latest.target))
-                    if progress is not None:
-                        progress(len(done), total)
-                    if rate:
-                        await asyncio.sleep(max(0.0, len(chunk) / rate - (time.monotonic() - began)))
+                chunk: list[ReviewItem] = []
+                async with contextlib.aclosing(self.scan(selection)) as items:
+                    async for item in items:
+                        if item.status is not Status.APPROVED or item.record.quarantine_id in done:
+                            continue
+                        if item.record.route not in self.routes:
+                            if item.record.quarantine_id not in {q for q, _ in report.refused}:
+                                report.refused.append((item.record.quarantine_id,
+                                                       f"route {item.record.route!r} is not configured"))
+                            continue
+                        chunk.append(item)
+                        if len(chunk) >= max(1, batch_size):
+                            await self._replay_and_record(producer, chunk, runner, report, done, rate)
+                            chunk = []
+                            if progress is not None:
+                                progress(len(done), max(total, len(done)))
+                if chunk:
+                    await self._replay_and_record(producer, chunk, runner, report, done, rate)
+                if progress is not None:
+                    progress(len(done), len(done))
             return report
 
         result: ActionReport = await self._fenced_retry("replay", attempt)
         return result
+
+    async def _replay_and_record(self, producer: AIOKafkaProducer, chunk: Sequence[ReviewItem], runner: str,
+                                 report: ActionReport, done: set[str], rate: float | None) -> None:
+        began = time.monotonic()
+        for decision in await self._replay_chunk(producer, chunk, runner):
+            self.ledger.add_decision(decision.quarantine_id.encode(), decision.to_bytes())
+            done.add(decision.quarantine_id)
+            report.applied.append(decision.quarantine_id)
+            report.delivered.append((decision.quarantine_id, decision.latest.target))
+        if rate:
+            await asyncio.sleep(max(0.0, len(chunk) / rate - (time.monotonic() - began)))
 
     async def _replay_chunk(self, producer: AIOKafkaProducer, chunk: Sequence[ReviewItem],
                             runner: str) -> list[Any]:

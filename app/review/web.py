@@ -1,7 +1,7 @@
 """The review page and JSON API, served by every worker's faust web server.
 
     GET  /review/                              the page (static HTML + JS; it holds no data itself)
-    GET  /review/api/records?status=&reason=&source=&type=&entity=&route=&since=&until=&limit=
+    GET  /review/api/records?status=&reason=&source=&type=&entity=&route=&since=&until=&limit=&offset=
     GET  /review/api/records/{qid}             detail, with the entity's last-known-good value
     POST /review/api/records/{qid}/{action}    approve | reject | recheck   body {"note": "...", "replay": true}
     POST /review/api/bulk                      {"action", "note", "filter": {...}, "expected": n}
@@ -15,13 +15,14 @@ the decisions topic by app.review.store.ReviewStore.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from mode import Service
 
-from app.review.store import ActionReport, ReviewStore
+from app.review.store import MAX_WINDOW, ActionReport, ReviewStore
 from byzguard.errors import ConfigError, InfrastructureError
 from byzguard.review import (
     REVIEW_ACTIONS,
@@ -31,10 +32,8 @@ from byzguard.review import (
     ReviewFilter,
     authenticate,
     clean_note,
-    counts,
     entity_view,
     item_detail,
-    item_summary,
     parse_token_map,
 )
 
@@ -47,6 +46,8 @@ log = logging.getLogger(__name__)
 PAGE_PATH = "/review/"
 API = "/review/api"
 DEFAULT_LIMIT = 500
+MAX_LIMIT = 1_000
+MAX_IDS = 10_000
 AUTH_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="byzguard-review"'}
 
 
@@ -115,6 +116,46 @@ class ReviewWeb:
         return {"where": "elsewhere", **where, "workers": owners, "state": None, "detail": detail}
 
 
+def _number(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within [low, high]; BadFilterError (400) naming it otherwise."""
+    raw = query.get(name)
+    if raw in (None, ""):
+        return max(low, min(default, high))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadFilterError(f"{name} must be an integer, not {raw[:50]!r}") from None
+    if not low <= value <= high:
+        raise BadFilterError(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _ids(body: dict[str, Any]) -> frozenset[str] | None:
+    """The body's "ids": a list of quarantine id strings, or absent; BadFilterError (400) otherwise."""
+    ids = body.get("ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+        raise BadFilterError("ids must be a list of quarantine id strings")
+    if len(ids) > MAX_IDS:
+        raise BadFilterError(f"at most {MAX_IDS} ids per request; use a filter for more")
+    return frozenset(ids) or None
+
+
+def _note(body: dict[str, Any]) -> str:
+    note = body.get("note")
+    if note is not None and not isinstance(note, str):
+        raise BadFilterError("note must be a string")
+    return clean_note(note)
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, True)
+    if not isinstance(value, bool):
+        raise BadFilterError(f"{name} must be true or false")
+    return value
+
+
 def _report_status(report: ActionReport) -> int:
     return 409 if report.refused and not report.applied and not report.unchanged else 200
 
@@ -159,8 +200,8 @@ def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> Revi
                 return {}
             try:
                 data = await request.json()
-            except ValueError:
-                raise BadFilterError("the body is not JSON") from None
+            except (ValueError, RecursionError):
+                raise BadFilterError("the body is not JSON (or nested too deeply)") from None
             if not isinstance(data, dict):
                 raise BadFilterError("the body must be a JSON object")
             return data
@@ -182,14 +223,11 @@ def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> Revi
                 review.may_read(request)
                 query = dict(request.query)
                 selected = ReviewFilter.from_mapping(query)
-                try:
-                    limit = max(1, min(int(query.get("limit") or DEFAULT_LIMIT), 10_000))
-                except ValueError:
-                    raise BadFilterError("limit must be a number") from None
-                await store.refresh()
-                matching = store.items(selected)
-                return self.json({"total": len(matching), "records": [item_summary(i) for i in matching[:limit]],
-                                  "counts": counts(matching), "filter": selected.as_dict(),
+                limit = _number(query, "limit", DEFAULT_LIMIT, 0, MAX_LIMIT)
+                offset = _number(query, "offset", 0, 0, MAX_WINDOW - limit)
+                page = await store.page(selected, offset=offset, limit=limit)
+                return self.json({"total": page.total, "offset": page.offset, "limit": page.limit,
+                                  "records": page.records, "counts": page.counts, "filter": selected.as_dict(),
                                   "routes": sorted(store.routes)})
             return await self.guarded(request, handle)
 
@@ -198,8 +236,7 @@ def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> Revi
         async def get(self, request: Any, qid: str) -> Any:
             async def handle() -> Any:
                 review.may_read(request)
-                await store.refresh()
-                item = store.ledger.item(qid)
+                item = await store.find(qid)
                 if item is None:
                     return self.problem(404, f"no quarantined record {qid!r}")
                 rec = item.record
@@ -221,10 +258,10 @@ def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> Revi
                     return self.problem(404, f"unknown action {action!r}; use approve, reject or recheck")
                 assert chosen is not None
                 body = await self.body(request)
-                report = await store.decide(ReviewFilter(ids=frozenset({qid})), chosen, reviewer=reviewer,
-                                            note=clean_note(body.get("note")))
+                note, replay = _note(body), _flag(body, "replay")
+                report = await store.decide(ReviewFilter(ids=frozenset({qid})), chosen, reviewer=reviewer, note=note)
                 result = report.as_dict()
-                if chosen is Action.APPROVE and body.get("replay", True) and not report.refused:
+                if chosen is Action.APPROVE and replay and not report.refused:
                     replayed = await store.replay(ReviewFilter(ids=frozenset({qid})), runner=review.runner)
                     result["replay"] = replayed.as_dict()
                 return self.json(result, status=_report_status(report))
@@ -244,25 +281,35 @@ def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> Revi
                     return self.problem(400, "action must be approve, reject or recheck")
                 assert chosen is not None
                 raw_filter = body.get("filter")
-                ids = body.get("ids")
-                if not isinstance(raw_filter, dict) and not ids:
+                if raw_filter is not None and not isinstance(raw_filter, dict):
+                    raise BadFilterError("filter must be a JSON object (may be {} for everything)")
+                ids = _ids(body)
+                if raw_filter is None and not ids:
                     return self.problem(400, "give a filter object (may be {} for everything) or ids")
+                for name, value in (raw_filter or {}).items():
+                    if name not in ReviewFilter.FIELDS:
+                        raise BadFilterError(f"unknown filter field {name!r}; known: {', '.join(ReviewFilter.FIELDS)}")
+                    if value is not None and not isinstance(value, (str, int, float)):
+                        raise BadFilterError(f"filter field {name!r} must be a string")
                 query = {k: str(v) for k, v in (raw_filter or {}).items() if v not in (None, "")}
-                if ids:
-                    query["ids"] = ",".join(str(i) for i in ids)
                 selected = ReviewFilter.from_mapping(query)
+                if ids:
+                    selected = dataclasses.replace(selected, ids=ids)
                 expected = body.get("expected")
+                if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)
+                                             or expected < 0):
+                    raise BadFilterError("expected must be the number of records shown (an integer >= 0)")
+                note, replay = _note(body), _flag(body, "replay")
                 if expected is not None:
-                    await store.refresh()
-                    now_matching = len(store.items(selected))
-                    if now_matching != int(expected):
+                    now_matching = (await store.page(selected, limit=0)).total
+                    if now_matching != expected:
                         return self.problem(409, f"the filtered set changed: {now_matching} records match now, "
                                             f"{expected} were shown; reload and confirm again",
                                             matching=now_matching)
-                report = await store.decide(selected, chosen, reviewer=reviewer, note=clean_note(body.get("note")))
+                report = await store.decide(selected, chosen, reviewer=reviewer, note=note)
                 result = report.as_dict()
                 approved = [*report.applied, *(q for q, _ in report.unchanged)]
-                if chosen is Action.APPROVE and body.get("replay", True) and approved:
+                if chosen is Action.APPROVE and replay and approved:
                     replayed = await store.replay(ReviewFilter(ids=frozenset(approved)), runner=review.runner)
                     result["replay"] = replayed.as_dict()
                 return self.json(result, status=_report_status(report))
@@ -274,8 +321,8 @@ def register_review(built: GuardApp, settings: Settings, bootstrap: str) -> Revi
             async def handle() -> Any:
                 review.reviewer(request)
                 body = await self.body(request)
-                ids = body.get("ids")
-                selected = ReviewFilter(ids=frozenset(str(i) for i in ids)) if ids else None
+                ids = _ids(body)
+                selected = ReviewFilter(ids=ids) if ids else None
                 report = await store.replay(selected, runner=review.runner)
                 return self.json(report.as_dict())
             return await self.guarded(request, handle)

@@ -484,7 +484,7 @@ def contract_from_text(
     """As `load_contract`, from configuration text."""
     env = os.environ if environ is None else environ
     try:
-        raw = yaml.safe_load(text)
+        raw = guard_config.read_yaml(text)
         model = FileModel.model_validate(raw if raw is not None else {})
     except (yaml.YAMLError, ValidationError):
         # The guard's own loader words the same fault with file:line and the field path.

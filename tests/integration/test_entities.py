@@ -199,3 +199,19 @@ def test_client_fails_closed_without_a_verified_value(group: Group) -> None:
     with pytest.raises(LastKnownGoodUnavailable):
         get_last_known_good("http://127.0.0.1:9", "orders", group.entity("o-client"), timeout=1)
     assert get_last_known_good("http://127.0.0.1:9", "orders", "x", fail_closed=False, timeout=1) is None
+
+
+def test_raw_table_views_are_not_served(group: Group) -> None:
+    """faust's /table/ views (raw entity state, no token) answer 404 on every worker, for the table list, the
+    state table and an entity that has state; the entity's value is served by /entities/ as documented."""
+    group.send(group.order("o-raw", 1, {"total": 7}))
+    table = "orders-state_by_entity"  # tables.table_names: what faust's views would have served
+    for worker in group.workers:
+        for path in ("/table/", f"/table/{table}/", f"/table/{table}/{group.entity('o-raw')}/"):
+            try:
+                with urllib.request.urlopen(f"{group.url(worker)}{path}", timeout=10) as resp:
+                    raise AssertionError(f"{path} answered {resp.status}: {resp.read()[:200]!r}")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404, (path, exc.code)
+        status, body, _ = get(f"{group.url(worker)}/entities/orders/{group.entity('o-raw')}")
+        assert (status, body["value"]) == (200, {"total": 7})

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -43,6 +44,7 @@ routes:
     quarantine_topic: {quarantine}
     partitions: 2
     default_type: price.updated
+    types: {{price.updated: {{}}}}
 """
 
 
@@ -102,20 +104,22 @@ async def store(deployment: Deployment) -> AsyncIterator[ReviewStore]:
         yield started
 
 
-async def quarantine(dep: Deployment, n: int, *, code: Code = Code.VERSION_REGRESSION) -> list[str]:
-    """Write `n` records to quarantine exactly as the guard does (input coordinates p = i % 2, offset i // 2)."""
+async def quarantine(dep: Deployment, n: int, *, code: Code = Code.VERSION_REGRESSION, pad: int = 0) -> list[str]:
+    """Write `n` records to quarantine exactly as the guard does (input coordinates p = i % 2, offset i // 2), each
+    detected a millisecond after the one before; `pad` adds that many bytes to each record's data."""
     stamper = Stamper("pricing")
     producer = AIOKafkaProducer(bootstrap_servers=dep.bootstrap, acks="all")
     await producer.start()
     qids = []
     try:
+        start = time.time()
         for i in range(n):
-            stamped = stamper.binary({"price": 10 + i}, type="price.updated", subject=f"sku-{i}", version=1,
-                                     time=time.time())
+            data: dict[str, Any] = {"price": 10 + i, **({"pad": "x" * pad} if pad else {})}
+            stamped = stamper.binary(data, type="price.updated", subject=f"sku-{i}", version=1, time=time.time())
             partition, offset = i % 2, i // 2
             headers = quarantine_headers(stamped.headers, Outcome.QUARANTINED, [Reason(code, "test")], "prices",
                                          topic=dep.input, partition=partition, offset=offset,
-                                         timestamp=time.time(), now=time.time())
+                                         timestamp=time.time(), now=start + i / 1000)
             await producer.send(dep.quarantine, stamped.value, key=stamped.key, headers=headers,
                                 partition=partition)
             qids.append(f"{dep.input}-{partition}-{offset}")
@@ -156,8 +160,7 @@ async def count_committed(bootstrap: str, topic: str) -> int:
 async def test_decisions_topic_is_created_compacted(deployment: Deployment, store: ReviewStore) -> None:
     """The first decision creates the decisions topic with cleanup.policy=compact: each record's last value is kept."""
     qids = await quarantine(deployment, 1)
-    await store.refresh()
-    assert store.items()[0].record.quarantine_id == qids[0]
+    assert (await store.page()).records[0]["quarantine_id"] == qids[0]
     await store.decide(ReviewFilter(ids=frozenset(qids)), Action.REJECT, reviewer="alice")
     admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
     await admin.start()
@@ -227,8 +230,9 @@ async def test_review_state_survives_restarts_and_is_the_same_from_any_reader(de
 async def test_recheck_resends_the_original_record_to_its_input(deployment: Deployment, store: ReviewStore) -> None:
     """Recheck re-sends the original key, value and producer headers to the input, linked to the quarantine id."""
     qids = await quarantine(deployment, 2)
-    await store.refresh()
-    original = store.ledger.records[qids[1]]
+    found = await store.find(qids[1])
+    assert found is not None
+    original = found.record
     report = await store.decide(ReviewFilter(ids=frozenset(qids[1:])), Action.RECHECK, reviewer="alice")
     again = await store.decide(ReviewFilter(ids=frozenset(qids[1:])), Action.RECHECK, reviewer="alice")
     assert again.refused, "a record is re-sent through the checks once"
@@ -257,7 +261,102 @@ async def test_concurrent_replays_deliver_each_approved_record_once(deployment: 
     assert replayed_ids(verified) == Counter(dict.fromkeys(qids, 1))
 
 
+async def test_pages_are_newest_first_and_the_store_keeps_no_records(deployment: Deployment,
+                                                                      store: ReviewStore) -> None:
+    """Paging walks the matching records newest first with the total and counts of all, and a list holds no records:
+    memory retained after a list of 1,000 records of 8 KB is small, and its peak is a fraction of their size; a
+    bulk action over all of them decides each once."""
+    import tracemalloc
+
+    qids = await quarantine(deployment, 1000, pad=8_000)
+    newest_first = list(reversed(qids))  # each detected after the one before
+    await store.page(limit=1)  # warm up: imports, connections, the decisions consumer
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        first = await store.page(limit=50)
+        second = await store.page(offset=50, limit=50)
+        retained = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del first.records[:]  # what the caller holds is its own; the store holds nothing of it
+    assert (first.total, second.total) == (1000, 1000)
+    assert first.counts["reason"] == {"version.regression": 1000}
+    assert [r["quarantine_id"] for r in second.records] == newest_first[50:100]
+    assert not store.ledger.records
+    assert retained < 1_000_000, f"a list retained {retained} bytes"
+    assert peak < 1000 * 8_000 / 2, f"a list peaked at {peak} bytes for 8 MB of records"
+    one = await store.find(qids[123])
+    assert one is not None and one.record.quarantine_id == qids[123]
+    assert await store.find(f"{deployment.input}-0-99999") is None
+    # A bulk action over more records than one transaction takes (DECIDE_CHUNK) decides each once.
+    report = await store.decide(ReviewFilter(), Action.REJECT, reviewer="alice", note="bulk")
+    assert sorted(report.applied) == sorted(qids) and not report.refused
+    rejected = await store.page(ReviewFilter(status=frozenset({Status.REJECTED})), limit=0)
+    assert rejected.total == 1000
+
+
 # --------------------------------------------------------------------------- the CLI
+
+
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\x9b31m[/x][bold]"
+
+
+async def quarantine_hostile(dep: Any, depth: int = 300) -> str:
+    """One quarantined record with markup and escape sequences in its attributes and data `depth` levels deep
+    (`dep`: anything with bootstrap, input and quarantine topic names)."""
+    headers = [("ce_specversion", b"1.0"), ("ce_id", b"e-1"), ("ce_source", b"[/x]"), ("ce_type", HOSTILE.encode()),
+               ("ce_subject", HOSTILE.encode()), ("content-type", b"application/json")]
+    hdrs = quarantine_headers(headers, Outcome.QUARANTINED, [Reason(Code.DECODE_MALFORMED, HOSTILE)], "prices",
+                              topic=dep.input, partition=1, offset=7, timestamp=time.time(), now=time.time())
+    producer = AIOKafkaProducer(bootstrap_servers=dep.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(dep.quarantine, b'{"a":' * depth + b"1" + b"}" * depth, key=HOSTILE.encode(),
+                                     headers=hdrs, partition=1)
+    finally:
+        await producer.stop()
+    return f"{dep.input}-1-7"
+
+
+async def test_cli_lists_shows_and_decides_a_hostile_record(deployment: Deployment) -> None:
+    """A record with `[/x]`, escape sequences and 300 levels of data is listed, shown and rejected by the CLI, and
+    nothing it carries reaches the terminal raw."""
+    qid = await quarantine_hostile(deployment)
+    listed = await asyncio.to_thread(deployment.cli, "list")
+    shown = await asyncio.to_thread(deployment.cli, "show", qid)
+    shown_json = json.loads((await asyncio.to_thread(deployment.cli, "show", qid, "--json")).stdout)
+    rejected = await asyncio.to_thread(deployment.cli, "reject", qid, "-m", "garbage")
+    for done in (listed, shown, rejected):
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\x9b" not in done.stdout
+    assert "[/x]" in listed.stdout and "[/x]" in shown.stdout
+    assert "nested deeper than" in shown.stdout
+    assert shown_json["source"] == "[/x]" and shown_json["type"] == HOSTILE
+    assert "done" in rejected.stdout
+
+
+async def test_cli_reviews_without_mac_secrets(deployment: Deployment) -> None:
+    """The review CLI runs with MAC keys configured whose secrets are not set here: reviewing signs nothing."""
+    deployment.config.write_text(deployment.config.read_text().replace(
+        "routes:", "keys:\n  pricing-1: {source: pricing, secret_env: BYZGUARD_KEY_NOT_SET_HERE}\nroutes:", 1))
+    await quarantine(deployment, 1)
+    listed = json.loads((await asyncio.to_thread(deployment.cli, "list", "--json")).stdout)
+    assert listed["total"] == 1
+
+
+async def test_cli_refuses_bad_settings_before_the_broker(deployment: Deployment) -> None:
+    """A malformed broker address and a misspelled variable are named, one line each, and nothing is contacted."""
+    env = {**deployment.env(), "BYZGUARD_BROKER": "kafka://nowhere", "BYZGUARD_APP_IDD": "x"}
+    started = time.monotonic()
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "app.cli", "quarantine", "list"], cwd=REPO,
+                                   env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "BYZGUARD_BROKER='kafka://nowhere'" in lines[0] or "BYZGUARD_BROKER='kafka://nowhere'" in lines[1]
+    assert any("BYZGUARD_APP_IDD: unknown setting; did you mean BYZGUARD_APP_ID?" in line for line in lines)
+    assert time.monotonic() - started < 20
 
 
 async def test_cli_lists_shows_approves_rejects_and_replays(deployment: Deployment) -> None:
@@ -373,6 +472,21 @@ async def test_worker_review_api(worker_factory: WorkerFactory) -> None:
         assert listed["counts"]["reason"] == {"version.regression": 1}
 
         assert (await get("/records", headers={}))[0] == 401
+        # Bad request bodies and parameters are a 400 that says what is wrong, and nothing is done.
+        for body, says in (({"action": "reject", "ids": 5}, "ids must be a list"),
+                           ({"action": "reject", "filter": {}, "expected": "abc"}, "expected must be"),
+                           ({"action": "reject", "filter": []}, "filter must be a JSON object"),
+                           ({"action": "reject", "filter": {"colour": "red"}}, "unknown filter field"),
+                           ({"action": "reject", "ids": [qid], "note": {"x": 1}}, "note must be a string")):
+            status, problem = await post("/bulk", body)
+            assert (status, says in str(problem)) == (400, True), (body, status, problem)
+        status, problem = await post("/replay", {"ids": "all"})
+        assert status == 400 and "ids must be a list" in str(problem)
+        status, problem = await post(f"/records/{qid}/approve", {"replay": "yes"})
+        assert status == 400 and "replay must be true or false" in str(problem)
+        assert (await get("/records?limit=lots"))[0] == 400
+        paged = (await get("/records?limit=1&offset=1"))[1]
+        assert (paged["offset"], paged["limit"], len(paged["records"])) == (1, 1, 0)
         for headers in ({}, {"Authorization": "Bearer wrong", "X-Byzguard-Reviewer": "eve"},
                         {"Authorization": "Bearer s3cret"}):
             status, body = await post(f"/records/{qid}/approve", {}, headers=headers)
@@ -391,6 +505,14 @@ async def test_worker_review_api(worker_factory: WorkerFactory) -> None:
         new_qid = next(r["quarantine_id"] for r in again["records"] if r["recheck_of"] == qid)
         assert new_qid == body["delivered"][0]["to"], "the new quarantine record links back to the old one"
         assert (await get(f"/records/{qid}"))[1]["rechecked_as"] == new_qid
+
+        # A record nested 300 levels deep, with markup and escape sequences, is listed and shown (cut), not a 500.
+        hostile = await quarantine_hostile(SimpleNamespace(bootstrap=bootstrap, input=route.input,
+                                                           quarantine=route.quarantine))
+        listed = await wait_for("/records?source=[/x]", lambda b: b["total"] == 1)
+        assert listed["records"][0]["quarantine_id"] == hostile
+        status, detail = await get(f"/records/{hostile}")
+        assert status == 200 and "nested deeper than" in json.dumps(detail["data"])
 
         status, body = await post(f"/records/{new_qid}/approve", {"note": "known late update"})
         assert status == 200 and [d["quarantine_id"] for d in body["replay"]["delivered"]] == [new_qid]

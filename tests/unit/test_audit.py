@@ -360,3 +360,13 @@ def test_duplicate_audit_names_are_refused() -> None:
     twice = AUDIT + AUDIT.split("audits:\n", 1)[1]
     with pytest.raises(ConfigError, match="audit name 'orders_paid' is used twice"):
         guard_config.loads(ROUTES + twice, environ={"K": "x"})
+
+
+def test_discrepancy_details_quote_at_most_quote_limit_characters() -> None:
+    """A 100 KB join key or value is quoted in a discrepancy's detail in at most QUOTE_LIMIT characters each."""
+    from byzguard.verdict import QUOTE_LIMIT
+    huge = "k" * 100_000
+    _, missing = run(rule(), order(huge, 10, T0), now=T0 + 700)
+    _, differ = run(rule(), order("p-1", huge, T0, entity=huge), payment("p-1", 11, T0 + 1))
+    details = [c.discrepancy.detail for c in (*missing, *differ) if c.discrepancy is not None]
+    assert len(details) == 2 and all(len(d) < 3 * QUOTE_LIMIT and "…" in d for d in details), details

@@ -21,6 +21,7 @@ routes:
     verified_topic: out
     quarantine_topic: bad
     default_type: doc.edited
+    types: {doc.edited: {}}
     causal: {buffer: true, deadline: 10s, max_held_per_scope: 4, max_held_total: 6}
 """
 
@@ -87,7 +88,7 @@ def test_reordered_stream_comes_out_complete_and_causal(seed: int, window: int) 
         shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
     # Writers that did not read the latest state write concurrently: allowed here, to exercise real causality.
     h = Harness(CONFIG.replace("max_held_per_scope: 4, max_held_total: 6", "max_held_per_scope: 50")
-                + "    types: {doc.edited: {codes: {vclock.concurrent: off}}}\n")
+                .replace("types: {doc.edited: {}}", "types: {doc.edited: {codes: {vclock.concurrent: off}}}"))
     order = delivered_ids(h, shuffled)
     assert sorted(order) == sorted(s.event_id for s in log)
     position = {event_id: i for i, event_id in enumerate(order)}
@@ -189,3 +190,15 @@ def test_held_event_with_a_regressed_lamport_time_is_judged_at_once() -> None:
     routed = h.feed(early.key, early.value, early.headers, now=NOW)
     assert routed.decision.outcome is Outcome.QUARANTINED
     assert "lamport.regression" in [r.code.value for r in routed.decision.reasons]
+
+
+def test_unlisted_type_is_refused_at_once_not_held() -> None:
+    """An early event of a type the route does not list is quarantined as type.unlisted when it arrives: it
+    neither waits in the buffer (nor fills it) nor expires later as causal.gap."""
+    h = Harness(CONFIG)
+    early = Stamper("b").binary({}, type="doc.deleted", subject="d", vclock=VectorClock({"a": 1, "b": 1}),
+                                lamport=False, event_id="x")
+    routed = h.feed(early.key, early.value, early.headers, now=NOW)
+    assert routed.decision.outcome is Outcome.QUARANTINED
+    assert [r.code.value for r in routed.decision.reasons] == ["type.unlisted"]
+    assert not h.state["causal"]

@@ -28,3 +28,36 @@ def test_run_refuses_bad_config_before_touching_kafka(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert f"{bad}:6" in result.output.replace("\n", "")
     assert "routes.0.policy" in result.output
+
+
+def test_config_check_needs_no_mac_secret(tmp_path: Path) -> None:
+    """`config check` passes without the keys' secrets and names the unset variables (only a worker needs them)."""
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("keys:\n  p-1: {source: pricing, secret_env: BYZGUARD_KEY_UNSET_HERE}\n"
+                      "routes:\n  - {name: r, inputs: [a], verified_topic: b, quarantine_topic: c, types: {t: {}}}\n")
+    result = runner.invoke(cli, ["config", "check", str(config)], env={"BYZGUARD_KEY_UNSET_HERE": None})
+    assert result.exit_code == 0, result.output
+    assert "BYZGUARD_KEY_UNSET_HERE not set here" in result.output
+    assert "configuration OK" in result.output
+
+
+def test_local_mode_keeps_its_made_up_secrets_for_the_next_run(tmp_path: Path) -> None:
+    """Local mode makes up a missing MAC secret once, keeps it in a file only the user can read, and the next run
+    and the read-only tools reuse it; a variable that is set always wins."""
+    import stat
+
+    from app.local_secrets import use_local_secrets
+
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("keys:\n  p-1: {source: pricing, secret_env: KEY_P}\n  o-1: {source: orders, secret_env: KEY_O}\n"
+                      "routes: []\n")
+    kept = tmp_path / ".cache" / "local-secrets.json"
+    first: dict[str, str] = {"KEY_O": "mine"}
+    assert use_local_secrets(config, first, path=kept) == (["KEY_P"], [])
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    second: dict[str, str] = {}
+    assert use_local_secrets(config, second, path=kept, make_up=False) == ([], ["KEY_P"])
+    assert second == {"KEY_P": first["KEY_P"]}, "a tool after the run sees the same secret; KEY_O was never kept"
+    third: dict[str, str] = {"KEY_P": "set"}
+    use_local_secrets(config, third, path=kept)
+    assert third["KEY_P"] == "set"

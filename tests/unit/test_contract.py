@@ -338,3 +338,12 @@ def test_verify_again_rejects_a_mac_from_the_wrong_key(stamper: Stamper) -> None
     assert verify_again(forged.key, forged.value, forged.headers, ring).codes == ("source.forged",)
     unknown = verify_again(record.key, record.value, record.headers, KeyRing())
     assert unknown.codes == ("integrity.unknown_key",)
+
+
+def test_contract_refuses_a_configuration_with_a_repeated_key() -> None:
+    """A producer's contract check reads the guard's file as the guard does: a second `routes:` is refused with
+    its line, never checked against the last block only."""
+    from byzguard.contract.check import contract_from_text
+    from byzguard.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: duplicate key 'routes'"):
+        contract_from_text(CONFIG + "\nroutes: []\n", source_path="c.yaml", secrets={"pricing-1": "s"})

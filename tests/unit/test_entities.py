@@ -87,3 +87,14 @@ def test_client_reads_values_and_refuses_anything_else() -> None:
     for status, raw in ((503, b'{"error": "unavailable"}'), (200, b"<html>"), (404, b'{"error": "unknown_route"}')):
         with pytest.raises(LastKnownGoodUnavailable):
             parse_response(status, raw, route="prices", entity="x")
+
+
+def test_a_value_nested_1000_levels_deep_is_answered_as_its_bytes() -> None:
+    """A last-known-good value deeper than JSON output allows is served as value_base64, not a server error."""
+    import base64
+
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    outcome, body = describe_last_good(state(deep), route=ROUTE, entity="sku-1", retention=RETENTION, now=T0 + 30)
+    assert outcome == FRESH
+    assert body["value"] is None and base64.b64decode(body["value_base64"]) == deep
+    assert orjson.dumps(body)

@@ -29,6 +29,7 @@ routes:
     inputs: [orders]
     verified_topic: orders.verified
     quarantine_topic: orders.quarantine
+    types: {order.confirmed: {}}
 """
 
 PRODUCER_TESTS = '''

@@ -57,7 +57,8 @@ def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.Mon
     from byzguard.config import load
 
     config = tmp_path / "byzguard.yaml"
-    config.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad}\n")
+    config.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                      "      types: {t: {}}}\n")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_WRITE_BUFFER_MB", "2")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_BLOCK_CACHE_MB", "16")
     built = build_app(Settings(data_dir=tmp_path / "data"), load(config), "127.0.0.1:9092")
@@ -75,3 +76,89 @@ def test_the_worker_waits_at_most_10_ms_for_a_fetch_by_default(monkeypatch: pyte
     monkeypatch.setenv("BYZGUARD_FETCH_MAX_WAIT_MS", "0")  # the broker would answer every fetch at once: a busy loop
     with pytest.raises(Exception, match="fetch_max_wait_ms"):
         Settings()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No BYZGUARD_* variable of the developer's shell, and no .env, can change these results."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("BYZGUARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_every_bad_setting_is_one_line_naming_its_variable(clean_env: pytest.MonkeyPatch) -> None:
+    """Bad values are reported together, one line each, by variable name, and a secret's value is never shown."""
+    from app.settings import SettingsError, load_settings
+
+    clean_env.setenv("BYZGUARD_WEB_PORT", "99999")
+    clean_env.setenv("BYZGUARD_BROKER", "localhost")
+    clean_env.setenv("BYZGUARD_REVIEW_TOKENS", "alice-has-no-token-s3cret")
+    clean_env.setenv("BYZGUARD_LOG_LEVEL", "loud")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    problems = caught.value.problems
+    assert len(problems) == 4, problems
+    assert {p.split("=")[0].split(":")[0] for p in problems} == {
+        "BYZGUARD_WEB_PORT", "BYZGUARD_BROKER", "BYZGUARD_REVIEW_TOKENS", "BYZGUARD_LOG_LEVEL"}
+    assert not any("s3cret" in p for p in problems)
+    assert any("is not host:port" in p for p in problems)
+
+
+def test_a_command_line_option_is_named_as_the_option(clean_env: pytest.MonkeyPatch) -> None:
+    """A bad --broker is reported as --broker, not as the variable it overrides."""
+    from app.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="--broker='a:b:c'"):
+        load_settings({"broker": "a:b:c"}, option_names={"broker": "--broker"})
+
+
+def test_valid_broker_lists_are_accepted(clean_env: pytest.MonkeyPatch) -> None:
+    """host:port lists, IPv6 in brackets and spaces after commas are bootstrap servers."""
+    from app.settings import load_settings
+
+    settings = load_settings({"broker": "kafka-1:9092, 10.0.0.2:9093,[::1]:9094"})
+    assert settings.broker == "kafka-1:9092,10.0.0.2:9093,[::1]:9094"
+
+
+def test_unknown_variables_are_reported_but_key_secrets_and_tool_variables_are_not(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A misspelled BYZGUARD_ variable is named with a suggestion; the configuration's key secrets, other BYZGUARD_KEY_
+    variables and the variables of the CLI, local broker and test harness are not reported."""
+    from app.settings import SettingsError, load_settings
+
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("keys:\n  p-1: {source: pricing, secret_env: BYZGUARD_PRICING_SECRET}\nroutes: []\n")
+    clean_env.setenv("BYZGUARD_CONFIG", str(config))
+    for name in ("BYZGUARD_PRICING_SECRET", "BYZGUARD_KEY_OTHER_1", "BYZGUARD_DEMO", "BYZGUARD_REVIEWER",
+                 "BYZGUARD_KAFKA_VERSION", "BYZGUARD_TEST_KAFKA", "BYZGUARD_CHAOS_SEED"):
+        clean_env.setenv(name, "1")
+    load_settings()
+    clean_env.setenv("BYZGUARD_WEB_PROT", "7000")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert caught.value.problems == ["BYZGUARD_WEB_PROT: unknown setting; did you mean BYZGUARD_WEB_PORT?"]
+
+
+def test_unknown_variables_in_dotenv_are_reported(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """.env is read like the environment, so a misspelling there is reported too."""
+    from app.settings import SettingsError, load_settings
+
+    (tmp_path / ".env").write_text("BYZGUARD_BROKR=kafka:9092\n")
+    with pytest.raises(SettingsError, match="BYZGUARD_BROKR: unknown setting; did you mean BYZGUARD_BROKER"):
+        load_settings()
+
+
+def test_the_cli_prints_problems_without_a_traceback(clean_env: pytest.MonkeyPatch) -> None:
+    """`byzguard run` with a bad variable exits 2 with one line naming it and no traceback."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["run"], env={"BYZGUARD_WEB_PORT": "http"})
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("setting refused: BYZGUARD_WEB_PORT='http'"), result.output

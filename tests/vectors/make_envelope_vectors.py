@@ -99,6 +99,13 @@ def main() -> None:
     add("key-mismatch", "record key differs from ce_subject", b"sku-2", good.value, good.headers)
     add("malformed", "not JSON and no ce_ headers", b"sku-1", b"\x00\x01garbage", [])
     add("unsupported", "JSON that is no known shape", b"sku-1", b'{"hello":"world"}', [])
+    add("type-unlisted", "a type the route does not list (types are an allow-list)", *_parts(s.binary(
+        DATA, type="price.updatedd", subject="sku-1", **fixed)))  # type: ignore[arg-type]
+    add("ambiguous", "binary JSON data that repeats a key: parsers disagree on which value counts", *_parts(s.binary(
+        b'{"productId":"sku-1","price":-1,"price":49.99}', type="price.updated", subject="sku-1",
+        **fixed)))  # type: ignore[arg-type]
+    add("declared-json-not-json", "content-type application/json, bytes that are not JSON", *_parts(s.binary(
+        b"price=49.99", type="price.updated", subject="sku-1", **fixed)))  # type: ignore[arg-type]
     doc = {"about": "byzguard envelope test vectors; see ENVELOPE.md. Evaluate each record against empty state "
                     "at time `now` under `config`.", "now": NOW, "config": CONFIG.strip(), "keys": KEYS,
            "cases": cases}

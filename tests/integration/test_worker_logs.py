@@ -1,0 +1,88 @@
+"""What a worker logs on the real broker: no false livelock alarm under exactly_once, and a broker outage that is
+reported once and whose end is reported."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka, resolve_version
+from tests.integration.worker_harness import Events, WorkerFactory, produce
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+async def test_no_livelock_alarm_while_transactions_commit(worker_factory: WorkerFactory) -> None:
+    """Under exactly_once, a worker processing and committing events never logs faust's "Has not committed ... (report
+    as bug)": its transactional commits count as commits (livelock timeout cut to 3 s to see it within the test)."""
+    route = worker_factory.configure(partitions=2)
+    worker = worker_factory.new_worker("w1")
+    worker.env["BYZGUARD_LIVELOCK_TIMEOUT"] = "3"
+    worker.start()
+    await asyncio.to_thread(worker.wait_ready)
+    events = Events()
+    deadline = time.monotonic() + 12
+    version = 0
+    while time.monotonic() < deadline:
+        version += 1
+        await produce(worker_factory.bootstrap, route.input, [events.clean(f"ord-{version % 4}", version // 4 + 1)])
+        await asyncio.sleep(0.2)
+    assert worker.events_processed() >= version - 5, worker.log_tail()
+    log = worker.log_text()
+    assert "Has not committed" not in log, worker.log_tail()
+
+
+needs_jvm = pytest.mark.skipif(shutil.which("java") is None or shutil.which("mvn") is None,
+                               reason="needs java and mvn on PATH")
+
+
+@needs_jvm
+async def test_a_broker_outage_is_logged_once_and_its_end_is_logged(tmp_path: Path) -> None:
+    """A private broker stopped for 20 s under a running worker: the worker writes a few lines about it (not
+    thousands), one line saying it recovered, and goes on verifying events afterwards."""
+    version = resolve_version(None)
+    data_dir = tmp_path / "kafka"
+    broker = LocalKafka(version, data_dir=data_dir, jvm_flags=FAST_START_JVM_FLAGS)
+    await asyncio.to_thread(broker.start)
+    port, controller_port = broker.port, broker.controller_port
+    factory = WorkerFactory(broker.bootstrap_servers, tmp_path / "workers", "outage")
+    (tmp_path / "workers").mkdir()
+    try:
+        route = factory.configure(partitions=2)
+        worker = await asyncio.to_thread(factory.start, "w1")
+        events = Events()
+        await produce(broker.bootstrap_servers, route.input, [events.clean("ord-1", v) for v in (1, 2)])
+        await _processed(worker, 2)
+        before = len(worker.log_text())
+
+        await asyncio.to_thread(broker.stop)
+        await asyncio.sleep(20)
+        broker = LocalKafka(version, data_dir=data_dir, port=port, controller_port=controller_port,
+                            jvm_flags=FAST_START_JVM_FLAGS)
+        await asyncio.to_thread(broker.start)
+        await produce(broker.bootstrap_servers, route.input, [events.clean("ord-1", 3)])
+        await _processed(worker, 3, within=120)
+        deadline = time.monotonic() + 60
+        while "recovered: no more" not in worker.log_text()[before:]:
+            assert time.monotonic() < deadline, worker.log_tail(200)
+            await asyncio.sleep(1)
+    finally:
+        await asyncio.to_thread(factory.cleanup)
+        await asyncio.to_thread(broker.stop)
+    outage = worker.log_text()[before:].splitlines()
+    loud = [line for line in outage if "[ERROR]" in line or "[WARNING]" in line]
+    assert 0 < len(loud) <= 40, "\n".join(loud[:80])
+
+
+async def _processed(worker: Any, n: int, *, within: float = 60) -> None:
+    """Wait until the worker has processed `n` events."""
+    deadline = time.monotonic() + within
+    while (worker.events_processed() or 0) < n:
+        assert worker.alive(), worker.log_tail()
+        assert time.monotonic() < deadline, worker.log_tail()
+        await asyncio.sleep(0.5)
