@@ -144,9 +144,11 @@ async def test_a_valid_600kb_event_is_verified_once_and_its_identical_resend_is_
     await produce(worker_factory.bootstrap, route.input, [big])
     await _settle(worker_factory, worker)
     assert worker.stop() == 0
-    changelog = await collect(worker_factory.bootstrap, f"{worker_factory.app_id}-orders-state_by_entity-changelog",
-                              expected=1)
+    changelog_name = f"{worker_factory.app_id}-orders-state_by_entity-changelog"
+    changelog = await collect(worker_factory.bootstrap, changelog_name, expected=1)
     assert [r.key for r in changelog] == [b"order-1"], "the entity's state is in its changelog"
+    limits = await load_limits(worker_factory.bootstrap, [route.input, changelog_name])
+    assert limits[changelog_name] >= 2 * limits[route.input], "changelogs are created with room for such state"
 
     again = worker_factory.start("w2")  # its own, empty data dir: state comes from the changelog
     await produce(worker_factory.bootstrap, route.input, [big])
