@@ -22,7 +22,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.outbox import load_limits
+from app.outbox import DEFAULT_LIMIT, load_limits
 from byzguard.audit import AuditRule
 from byzguard.config import GuardConfig, Route
 from byzguard.errors import ConfigError
@@ -101,19 +101,22 @@ async def _provision_outputs(bootstrap: str, admin: AIOKafkaAdminClient, route: 
         if all(t in limits for t in route.inputs):
             break
         await asyncio.sleep(0.2)
-    input_limit = max(limits.get(t, 0) for t in route.inputs) or None
-    if input_limit is None:
-        raise ConfigError(f"route {route.name!r}: cannot read the message size limit of {list(route.inputs)}")
+    input_limit = max(limits.get(t, 0) for t in route.inputs)
+    if not input_limit:
+        input_limit = DEFAULT_LIMIT
+        log.warning("route %s: cannot read the message size limit of %s; assuming Kafka's default of %d bytes",
+                    route.name, list(route.inputs), input_limit)
     wanted = {t: input_limit + OUTPUT_HEADROOM for t in outputs}
     wanted.update({t: STATE_FACTOR * input_limit + OUTPUT_HEADROOM for t in changelogs})
     for topic, size in wanted.items():
         if topic in counts:
             if limits.get(topic, size) < size:
+                what = ("a state record that does not fit stops the worker" if topic in changelogs else
+                        "records that do not fit are quarantined as stubs (output.too_large)")
                 log.warning("route %s: topic %s takes records of up to %d bytes (max.message.bytes), less than the "
-                            "%d a copy of the largest input record may need; records that do not fit are "
-                            "quarantined as stubs (output.too_large). Raise it with: kafka-configs --alter "
+                            "%d byzguard may need to write there; %s. Raise it with: kafka-configs --alter "
                             "--entity-type topics --entity-name %s --add-config max.message.bytes=%d",
-                            route.name, topic, limits[topic], size, topic, size)
+                            route.name, topic, limits[topic], size, what, topic, size)
             continue
         configs = {"max.message.bytes": str(size)}
         if topic in changelogs:
