@@ -66,7 +66,7 @@ from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
-#: How long a commit waits for buffered changelog writes before it gives up and crashes the worker.
+#: How often a commit that waits for buffered changelog writes (a broker outage) says so in the log.
 CHANGELOG_DELIVERY_TIMEOUT = 60.0
 
 #: How often recovery looks whether only transaction markers are left, and how long one look may take.
@@ -359,11 +359,21 @@ class ExactlyOnce:
         fut.add_done_callback(self.pending.discard)
 
     async def wait_delivered(self) -> None:
-        """Wait until every buffered send so far is delivered; raise if one failed."""
+        """Wait until every buffered send so far is delivered; raise if one failed. A broker outage is waited
+        out (the producer retries each send up to faust's `producer_request_timeout`), said in the log every
+        CHANGELOG_DELIVERY_TIMEOUT seconds."""
         pending = list(self.pending)
-        if pending:
-            async with asyncio.timeout(CHANGELOG_DELIVERY_TIMEOUT):
-                await asyncio.gather(*pending)
+        if not pending:
+            return
+        gathered = asyncio.gather(*pending)
+        started = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(gathered), CHANGELOG_DELIVERY_TIMEOUT)
+                return
+            except TimeoutError:
+                log.warning("waiting %.0f s for %d buffered sends (is the broker away?); the commit waits",
+                            time.monotonic() - started, len(pending))
 
 
 def state_of(app: faust.App) -> ExactlyOnce | None:
