@@ -58,6 +58,10 @@ def describe_last_good(state: EntityState | None, *, route: Route, entity: str, 
     base: dict[str, Any] = {"route": route.name, "entity": entity}
     if state is None:
         return NOT_FOUND, {**base, "error": NOT_FOUND, "detail": "no verified value for this entity"}
+    if state.last_good_dropped:
+        return NOT_FOUND, {**base, "error": NOT_FOUND, "verified_at": _iso(state.verified_at),
+                           "detail": f"the last verified value ({state.last_good_dropped} bytes) was larger than "
+                           f"last_good_max_bytes and was not kept"}
     since = state.event_time if state.event_time is not None else state.verified_at
     age = max(0.0, now - since)
     if age > retention:

@@ -226,6 +226,10 @@ class VectorClock:
         """The compact header encoding, sorted by node id: b"a=3,b=5"; the empty clock is b""."""
         return ",".join([f"{node}={self._d[node]}" for node in sorted(self._d)]).encode()
 
+    def __len__(self) -> int:
+        """The number of non-zero entries."""
+        return len(self._d)
+
     def to_dict(self) -> dict[str, int]:
         """A new dict of the non-zero entries, sorted by node id (for JSON)."""
         return {node: self._d[node] for node in sorted(self._d)}

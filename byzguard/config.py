@@ -26,7 +26,8 @@ from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
 CHECKS = ("integrity", "authorization", "idempotency", "version", "causal", "time", "invariant")
 
 # Codes whose default severity is not `reject`: skipped versions are suspicious but often legitimate.
-DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN}
+DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN,
+                                               Code.STATE_LAST_GOOD_TOO_LARGE: Severity.WARN}
 
 # A module constant: on Python 3.11 `Severity.REJECT` is a descriptor lookup, and level() runs per event.
 _REJECT = Severity.REJECT
@@ -77,6 +78,8 @@ class TypeModel(_Model):
     sources: list[str] | None = None
     key_ids: list[str] | None = None
     rules: list[RuleModel] = Field(default_factory=list)
+    # keep: a verified value with a warning does not replace the last-known-good; replace: it does.
+    last_good_on_warn: Literal["keep", "replace"] | None = None
 
     @field_validator("max_age", "max_skew", mode="before")
     @classmethod
@@ -230,6 +233,9 @@ class FileModel(_Model):
     keys: dict[str, KeyModel] = Field(default_factory=dict)
     idempotency: IdempotencyModel = Field(default_factory=IdempotencyModel)
     last_good_retention: float = 30 * 86_400.0
+    # A last-known-good value larger than this is not kept (state.last_good_too_large): state records stay
+    # well under Kafka's 1 MB message limit.
+    last_good_max_bytes: int = Field(default=256 * 1024, ge=0, le=512 * 1024)
     routes: list[RouteModel] = Field(min_length=1)
     audits: list[AuditModel] = Field(default_factory=list)
 
@@ -302,6 +308,8 @@ class TypePolicy:
     rules: RuleSet
     #: False for the route's fallback policy, which judges the types the route does not list (type.unlisted).
     listed: bool = True
+    #: Whether a verified event with a warning replaces the last-known-good value (`last_good_on_warn`).
+    warned_replaces_last_good: bool = False
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
@@ -338,6 +346,7 @@ class GuardConfig:
     id_window: float
     last_good_retention: float
     source_path: str = "<memory>"
+    last_good_max_bytes: int = 256 * 1024
     route_by_input: Mapping[str, Route] = field(default_factory=dict)
     audits: tuple[AuditRule, ...] = ()
 
@@ -393,6 +402,7 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         require_checksum=route.require_checksum or bool(key_ids),
         rules=compile_rules(specs),
         listed=own is not None,
+        warned_replaces_last_good=pick("last_good_on_warn") == "replace",
     )
 
 
@@ -448,6 +458,7 @@ def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[s
         ids_per_entity=model.idempotency.ids_per_entity,
         id_window=model.idempotency.window,
         last_good_retention=model.last_good_retention,
+        last_good_max_bytes=model.last_good_max_bytes,
         source_path=source_path,
         route_by_input=by_input,
         audits=tuple(_compile_audit(model, audit) for audit in model.audits),

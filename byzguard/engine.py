@@ -15,7 +15,7 @@ from byzguard.clocks import Order
 from byzguard.config import Policy, TypePolicy
 from byzguard.envelope import Envelope
 from byzguard.integrity import HMAC_SHA256, KeyRing, check_integrity
-from byzguard.state import EntityState, SeenId
+from byzguard.state import EntityState, bounded_merge, new_entries
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 # Failures that mean "we do not know who sent this or whether the bytes are the ones sent": checks that
@@ -48,7 +48,9 @@ _FAIL_OPEN: Final = Policy.FAIL_OPEN
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs about 1 µs more, and one or two are built per event.
+# Treat it as immutable all the same.
+@dataclass(slots=True)
 class Decision:
     """Where one event goes and what it changes. `entity`/`lamport` are None when state is unchanged."""
 
@@ -74,6 +76,8 @@ class Limits:
 
     ids_per_entity: int = 32
     id_window: float = 86_400.0
+    #: A verified value larger than this is not kept as the last-known-good (state.last_good_too_large).
+    last_good_max_bytes: int = 256 * 1024
 
 
 def decode_failure(code: Code, detail: str) -> Decision:
@@ -134,7 +138,7 @@ def verify(
         if duplicates:
             seen = entity.find(env.id, now, limits.id_window)
             if seen is not None:
-                if seen.content_hash != env.content_hash:
+                if not seen.same_content(env.content_hash):
                     reasons.add(Code.ID_REUSED, f"event id {quote(env.id)} was already used for different content")
                 elif seen.version is None or seen.version == env.version:  # a re-send
                     return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
@@ -235,25 +239,42 @@ def _conclude(
     outcome = _WARNED if found else _VERIFIED
     if not update:
         return Decision(outcome, found)
-    return Decision(outcome, found, _advance(env, entity, now, limits),
+    # A warned value keeps the last-known-good it would replace, unless its type says otherwise.
+    keep_last_good = bool(found) and entity is not None and bool(entity.last_good) \
+        and not policy.warned_replaces_last_good
+    if not keep_last_good and len(env.covered) > limits.last_good_max_bytes:
+        reasons.add(Code.STATE_LAST_GOOD_TOO_LARGE,
+                    f"the value ({len(env.covered)} bytes) is larger than last_good_max_bytes "
+                    f"({limits.last_good_max_bytes}): it is forwarded but not kept as the last-known-good")
+        found = tuple(reasons.items)
+        if found and reasons.rejects():  # only where the code was set to reject
+            return Decision(_SUSPECT if policy.policy is _FAIL_OPEN else _QUARANTINED, found)
+        outcome = _WARNED if found else _VERIFIED
+    return Decision(outcome, found, _advance(env, entity, now, limits, keep_last_good),
                     env.lamport if env.lamport is not None and (lamport_mark is None or env.lamport > lamport_mark)
                     else None)
 
 
-def _advance(env: Envelope, entity: EntityState | None, now: float, limits: Limits) -> EntityState:
+def _advance(env: Envelope, entity: EntityState | None, now: float, limits: Limits,
+             keep_last_good: bool = False) -> EntityState:
     """The entity's state after `env` is verified: only verified events ever reach here."""
-    recent: list[SeenId] = []
     version = env.version
     vclock = env.vclock
+    entries = b""
     if entity is not None:
-        window = limits.id_window
-        recent = [s for s in entity.recent if now - s.seen_at <= window]
+        entries = entity.entries
         if entity.version is not None and (version is None or entity.version > version):
             version = entity.version
-        if entity.vclock is not None:
-            vclock = entity.vclock if vclock is None else vclock.merge(entity.vclock)
-    recent.append(SeenId(env.id, env.content_hash, now, env.version))
-    # Positional: a frozen dataclass's keyword call is measurably slower on this per-event path.
-    # (version, vclock, content_hash, last_good, last_good_type, verified_at, event_time, recent)
-    return EntityState(version, vclock, env.content_hash, env.covered, env.type, now, env.time,
-                       tuple(recent[-limits.ids_per_entity:]))
+        vclock = bounded_merge(vclock, entity.vclock)
+    entries = new_entries(entries, env.id, env.content_hash, now, env.version, now=now, window=limits.id_window,
+                          keep=limits.ids_per_entity)
+    # Positional: a dataclass keyword call is measurably slower on this per-event path.
+    # (version, vclock, content_hash, last_good, last_good_type, verified_at, event_time, entries, dropped)
+    if keep_last_good:
+        assert entity is not None
+        return EntityState(version, vclock, env.content_hash, entity.last_good, entity.last_good_type,
+                           entity.verified_at, entity.event_time, entries)
+    covered = env.covered
+    if len(covered) > limits.last_good_max_bytes:
+        return EntityState(version, vclock, env.content_hash, b"", env.type, now, env.time, entries, len(covered))
+    return EntityState(version, vclock, env.content_hash, covered, env.type, now, env.time, entries)

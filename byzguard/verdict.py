@@ -59,6 +59,7 @@ class Code(StrEnum):
     INVARIANT_ERROR = "invariant.error"
     #: Not a check of the event: its copy does not fit the destination topic, so a bounded stub stands for it.
     OUTPUT_TOO_LARGE = "output.too_large"
+    STATE_LAST_GOOD_TOO_LARGE = "state.last_good_too_large"
 
     @property
     def check(self) -> str:
@@ -80,6 +81,7 @@ CHECK_OF_FAMILY: dict[str, str] = {
     "time": "time",
     "invariant": "invariant",
     "output": "output",
+    "state": "state",
 }
 
 

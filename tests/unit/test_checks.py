@@ -14,7 +14,7 @@ from byzguard.guard import RecordIn
 from byzguard.integrity import HMAC_SHA256, XXH3_128, Key, digest
 from byzguard.routing import H_REASONS, H_VERDICT
 from byzguard.stamp import Stamped, Stamper, seed_checksum_event
-from byzguard.state import EntityState
+from byzguard.state import EntityState, id_hash
 from byzguard.verdict import Code, Outcome, Severity
 
 from .conftest import PRICING_KEY, Harness
@@ -215,12 +215,15 @@ def test_an_id_kept_before_versions_were_matches_on_content_alone(harness: Harne
     first = price_event(stamper, 5, event_id="e-1")
     send(harness, first)
     (key, raw), = harness.entities.items()
-    assert EntityState.from_bytes(raw).recent[0].version == 5
-    old = orjson.loads(raw)
-    old[-1] = [entry[:3] for entry in old[-1]]  # [id, content hash, seen at]: the older layout
-    harness.entities[key] = orjson.dumps(old)
+    state = EntityState.from_bytes(raw)
+    assert state.recent[0].version == 5
+    # The orjson list format, with entries of [id, content hash, seen at]: the older layout.
+    harness.entities[key] = orjson.dumps([
+        1, state.version, state.vclock.to_header().decode() if state.vclock else None, state.content_hash.hex(),
+        state.last_good.decode("latin-1"), state.last_good_type, state.verified_at, state.event_time,
+        [["e-1", state.content_hash.hex(), state.recent[0].seen_at]]])
     (seen,) = EntityState.from_bytes(harness.entities[key]).recent
-    assert (seen.event_id, seen.version) == ("e-1", None)
+    assert (seen.id_hash, seen.version) == (id_hash("e-1"), None)
     assert send(harness, first).decision.outcome is Outcome.DUPLICATE
 
 

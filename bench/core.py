@@ -1,0 +1,324 @@
+"""The core's hot path, CPU only: what `Guard.process` costs per event, stage by stage, without a broker.
+
+Run with `python -m bench.core` from the repository root. Events are built as bench/events.py builds them
+(structured mode, HMAC-SHA256, about 490 bytes), the state table is RocksDB (rocksdict, raw mode, as the
+worker's faust store; `--state dict` for a plain dict) and the rules are the `price.updated` rules of the
+shipped byzguard.yaml. Two cases:
+
+- fresh: the entity has one remembered id (its first event was verified; this is its second);
+- steady: the entity has a full history (`idempotency.ids_per_entity`, 32, recent ids).
+
+Every figure is the median of `--reps` (5) timings of the process's CPU time over `--entities` events
+(each of another entity), in µs per event. Stages, run on the very inputs `Guard.process` sees:
+
+  decode       envelope.decode of the record
+  integrity    check_integrity (the HMAC)
+  state decode EntityState.from_bytes of the entity's record
+  checks       authorization, idempotency (find), version, vector clock, time
+  rules        RuleSet.evaluate of the shipped rules, with the last-known-good parsed
+  state build  the entity's next state (engine._advance)
+  encode       EntityState.to_bytes of it
+  headers      the verified record's headers
+  total        Guard.process, state read from the table (glue: total minus the stages)
+
+`--out DIR` writes core.json and core.md into DIR/core-<git>/; `--before FILE` (a core.json of an earlier
+run) adds its figures side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import events as bench_events
+from byzguard import engine
+from byzguard.config import GuardConfig, load
+from byzguard.envelope import Envelope, decode
+from byzguard.guard import ENTITIES, LAMPORTS, Guard, RecordIn, StateReader
+from byzguard.integrity import check_integrity
+from byzguard.routing import verified_headers
+from byzguard.state import EntityState
+from byzguard.verdict import Code
+
+REPO = Path(__file__).resolve().parent.parent
+AT = 1_780_000_000.0
+NOW = AT + 1.0
+STAGES = ("decode", "integrity", "state decode", "checks", "rules", "state build", "encode", "headers")
+CASES = {"fresh": 1, "steady": 32}
+
+
+def git_rev() -> str:
+    """The short commit of the checkout, with -dirty when it has uncommitted changes to tracked files."""
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+    rev = run("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+
+
+class _Tables:
+    """Named state tables: RocksDB (rocksdict, raw mode) or dicts."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.tables: dict[str, Any] = {}
+        for name in (ENTITIES, LAMPORTS, "causal"):
+            if kind == "rocksdb":
+                from rocksdict import Options, Rdict
+                self.tables[name] = Rdict(str(root / name), Options(raw_mode=True))
+            else:
+                self.tables[name] = {}
+
+    def apply(self, writes: Mapping[tuple[str, bytes], bytes | None]) -> None:
+        for (table, key), value in writes.items():
+            if value is None:
+                self.tables[table].pop(key, None) if isinstance(self.tables[table], dict) else \
+                    self.tables[table].delete(key)
+            else:
+                self.tables[table][key] = value
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            if not isinstance(table, dict):
+                table.close()
+
+
+def _config(tmp: Path) -> GuardConfig:
+    path = bench_events.write_config(tmp / "core.yaml", repo=REPO, input_topic="in", verified="out",
+                                     quarantine="q", partitions=1)
+    return load(path, environ=bench_events.secret_env())
+
+
+def _timed(fn: Callable[[], object], reps: int, count: int) -> float:
+    """The median of `reps` CPU timings of fn (which handles `count` events), in µs per event."""
+    fn()  # warm up
+    samples = []
+    for _ in range(reps):
+        gc.collect()
+        start = time.process_time()
+        fn()
+        samples.append((time.process_time() - start) / count * 1e6)
+    return statistics.median(samples)
+
+
+def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, Any]:
+    """Every stage's µs per event, for entities whose state remembers `ids` ids."""
+    with tempfile.TemporaryDirectory(prefix="bench-core-") as tmpdir:
+        tmp = Path(tmpdir)
+        config = _config(tmp)
+        route = config.routes[0]
+        guard = Guard(config)
+        tables = _Tables(state_kind, tmp)
+        state: Mapping[str, StateReader] = tables.tables
+        stamped = list(bench_events.events((ids + 1) * entities, entities, at=AT))
+        records = [RecordIn(s.key, s.value, s.headers, "in", 0, i, AT) for i, s in enumerate(stamped)]
+        for record in records[: ids * entities]:  # the history: `ids` verified events per entity
+            tables.apply(guard.process(record, route, state, now=NOW).writes)
+        todo = records[ids * entities:]
+        policy = route.policy_for(bench_events.EVENT_TYPE)
+        keyring, limits = config.keyring, guard.limits
+        envs: list[Envelope] = []
+        for r in todo:
+            env = decode(r.key, r.value, r.headers, default_type=route.default_type)
+            assert isinstance(env, Envelope), env
+            envs.append(env)
+        raws = [state[ENTITIES].get(env.subject.encode()) for env in envs]
+        assert all(raws)
+        entity_states = [EntityState.from_bytes(raw) for raw in raws if raw is not None]
+        assert len(entity_states[0].recent) == min(ids, limits.ids_per_entity)
+        rules = policy.rules
+        pairs = list(zip(envs, entity_states, strict=True))
+        advanced = [engine._advance(env, entity, NOW, limits) for env, entity in pairs]
+        decisions = [guard.process(r, route, state, now=NOW) for r in todo]
+        for result in decisions:
+            assert result.first.decision.outcome.value == "verified", result.first.decision
+
+        def stage_decode() -> None:
+            for r in todo:
+                decode(r.key, r.value, r.headers, default_type=route.default_type)
+
+        def stage_integrity() -> None:
+            for env in envs:
+                check_integrity(env.checksum, env.covered, env.source, keyring, required=True)
+
+        def stage_state_decode() -> None:
+            for raw in raws:
+                EntityState.from_bytes(raw)  # type: ignore[arg-type]
+
+        def stage_checks() -> None:
+            for env, entity in pairs:
+                reasons = engine._Reasons(policy)
+                engine._check_authorization(env, policy, reasons)
+                entity.find(env.id, NOW, limits.id_window)
+                if env.version is not None and entity.version is not None:
+                    engine._check_version(env.version, entity, env, reasons)
+                if env.vclock is not None and entity.vclock is not None:
+                    engine._check_vclock(env, entity, reasons)
+                engine._check_time(env, policy, NOW, AT, reasons)
+                assert not reasons.items
+
+        def stage_rules() -> None:
+            for env, entity in pairs:
+                # The reasons of a clean event: none.
+                assert not rules.evaluate(env.data(), entity.last_good_data(), now=NOW, event=engine._NO_ATTRIBUTES)
+
+        def stage_build() -> None:
+            for env, entity in pairs:
+                engine._advance(env, entity, NOW, limits)
+
+        def stage_encode() -> None:
+            for entity in advanced:
+                entity.to_bytes()
+
+        def stage_headers() -> None:
+            for r in todo:
+                verified_headers(r.headers, engine.Outcome.VERIFIED, (), route.name, NOW)
+
+        def total() -> None:
+            for r in todo:
+                guard.process(r, route, state, now=NOW)
+
+        timings = {
+            "decode": stage_decode, "integrity": stage_integrity, "state decode": stage_state_decode,
+            "checks": stage_checks, "rules": stage_rules, "state build": stage_build, "encode": stage_encode,
+            "headers": stage_headers,
+        }
+        us = {name: _timed(fn, reps, len(todo)) for name, fn in timings.items()}
+        us["total"] = _timed(total, reps, len(todo))
+        us["glue"] = us["total"] - sum(us[name] for name in STAGES)
+        record_bytes = [len(raw) for raw in raws if raw is not None]
+        written = [len(d.writes[(ENTITIES, e.subject.encode())] or b"") for d, e in zip(decisions, envs, strict=True)]
+        tables.close()
+        return {
+            "ids": len(entity_states[0].recent), "events": len(todo), "us": us,
+            "event_bytes": statistics.median(len(r.value or b"") for r in todo),
+            "state_record_read_bytes": statistics.median(record_bytes),
+            "state_record_written_bytes": statistics.median(written),
+        }
+
+
+def rules_only(reps: int, count: int = 2000) -> float:
+    """µs per evaluation of the four shipped price rules alone (data and last-known-good already parsed)."""
+    with tempfile.TemporaryDirectory(prefix="bench-core-") as tmpdir:
+        config = _config(Path(tmpdir))
+    rules = config.routes[0].policy_for(bench_events.EVENT_TYPE).rules
+    data = [bench_events.price_data(i, 2, AT) for i in range(count)]
+    last = [bench_events.price_data(i, 1, AT) for i in range(count)]
+    pairs = list(zip(data, last, strict=True))
+
+    def run() -> None:
+        for d, lst in pairs:
+            rules.evaluate(d, lst, now=NOW, event=engine._NO_ATTRIBUTES)
+    assert not rules.evaluate(data[0], last[0], now=NOW, event=engine._NO_ATTRIBUTES)
+    return _timed(run, reps, count)
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result whose every figure is the median of that figure over `runs` (of the same code)."""
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    merged = {**first, "runs": len(runs), "cases": {}}
+    merged["rules_only_us"] = statistics.median(r["rules_only_us"] for r in runs)
+    for case, figures in first["cases"].items():
+        merged["cases"][case] = {
+            **figures, "us": {stage: statistics.median(r["cases"][case]["us"][stage] for r in runs)
+                              for stage in figures["us"]}}
+    return merged
+
+
+def markdown(result: dict[str, Any], before: dict[str, Any] | None) -> str:
+    """The result as a Markdown table (with an earlier run's figures beside it, when given)."""
+    runs = f"; medians of {result['runs']} such runs, interleaved with the before runs" if "runs" in result else ""
+    lines = [f"# bench.core at {result['git']}", "",
+             f"`python -m bench.core` ({result['state']} state, {result['entities']} entities, median of "
+             f"{result['reps']} CPU-time timings{runs}, µs per event). Python {result['python']}.", ""]
+    cases = list(CASES)
+    if before is not None:
+        lines.append(f"Before: {before['git']}. Columns: before → after for each case.")
+        lines.append("")
+        head = "| stage | " + " | ".join(f"{c} ({result['cases'][c]['ids']} ids) before | after" for c in cases) + " |"
+        lines += [head, "|---" * (1 + 2 * len(cases)) + "|"]
+    else:
+        lines += ["| stage | " + " | ".join(f"{c} ({result['cases'][c]['ids']} ids)" for c in cases) + " |",
+                  "|---" * (1 + len(cases)) + "|"]
+    for stage in (*STAGES, "glue", "total"):
+        cells = []
+        for case in cases:
+            if before is not None:
+                cells.append(f"{before['cases'][case]['us'][stage]:.1f}")
+            cells.append(f"{result['cases'][case]['us'][stage]:.1f}")
+        name = f"**{stage}** (Guard.process)" if stage == "total" else stage
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key, label in (("state_record_written_bytes", "state record written (B)"),
+                       ("event_bytes", "event (B)")):
+        cells = []
+        for case in cases:
+            if before is not None:
+                cells.append(f"{before['cases'][case][key]:.0f}")
+            cells.append(f"{result['cases'][case][key]:.0f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    rules_line = f"Four shipped price rules alone (RuleSet.evaluate): {result['rules_only_us']:.2f} µs"
+    if before is not None:
+        rules_line += f" (before: {before['rules_only_us']:.2f} µs)"
+    lines += [rules_line + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run both cases and print (and optionally write) the JSON and Markdown results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--entities", type=int, default=2000, help="events (entities) per timing (default 2000)")
+    parser.add_argument("--reps", type=int, default=5, help="timings per figure, the median kept (default 5)")
+    parser.add_argument("--state", choices=("rocksdb", "dict"), default="rocksdb")
+    parser.add_argument("--out", type=Path, help="write core.json and core.md into OUT/core-<git>/")
+    parser.add_argument("--before", type=Path, nargs="+",
+                        help="core.json file(s) of an earlier run, shown side by side (several: their medians)")
+    parser.add_argument("--runs", type=Path, nargs="+",
+                        help="instead of measuring, report the medians of these core.json files (runs of this "
+                        "code interleaved with runs of --before on a busy machine)")
+    parser.add_argument("--label", help="name the measured code so (default: the git commit)")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    if args.runs:
+        result = median_of([orjson.loads(path.read_bytes()) for path in args.runs])
+    else:
+        result = {
+            "git": args.label or git_rev(), "state": args.state, "entities": args.entities, "reps": args.reps,
+            "python": sys.version.split()[0],
+            "cases": {name: run_case(ids, args.entities, args.reps, args.state) for name, ids in CASES.items()},
+            "rules_only_us": rules_only(args.reps),
+        }
+    if args.json_out:
+        args.json_out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    before = median_of([orjson.loads(path.read_bytes()) for path in args.before]) if args.before else None
+    text = markdown(result, before)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    print(text)
+    if args.out:
+        out = args.out / f"core-{result['git']}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "core.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        if before is not None:
+            (out / "before.json").write_bytes(orjson.dumps(before, option=orjson.OPT_INDENT_2))
+        for i, path in enumerate(args.runs or []):
+            (out / f"run-after-{i + 1}.json").write_bytes(path.read_bytes())
+        for i, path in enumerate(args.before or []):
+            (out / f"run-before-{i + 1}.json").write_bytes(path.read_bytes())
+        (out / "core.md").write_text(text)
+        print(f"written to {out}")
+
+
+__all__ = ["Code", "main"]
+
+if __name__ == "__main__":
+    main()

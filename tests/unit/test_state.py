@@ -1,0 +1,192 @@
+"""The packed entity record: format, bounds, reading records of the earlier format, last-known-good rules."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.entities import NOT_FOUND, describe_last_good
+from byzguard.clocks import VectorClock
+from byzguard.guard import ENTITIES
+from byzguard.stamp import Stamper
+from byzguard.state import ENTRY_SIZE, FORMAT, MERGED_CLOCK_MAX_ENTRIES, EntityState, bounded_merge, id_hash
+from byzguard.verdict import Outcome
+from tests.unit.conftest import BASE_CONFIG, Harness
+
+NOW = 1_800_000_000.0
+PRICE = {"price": 49.99, "currency": "USD"}
+
+
+def price(stamper: Stamper, version: int, value: float = 49.99, at: float = NOW,  # type: ignore[no-untyped-def]
+          **kw: object):
+    """A price event of sku-1 at `version`."""
+    return stamper.structured({**PRICE, "price": value}, type="price.updated", subject="sku-1", version=version,
+                              time=at, **kw)
+
+
+def send(h: Harness, stamped, now: float = NOW):  # type: ignore[no-untyped-def]
+    """Route one event; the routing of the event itself."""
+    return h.feed(stamped.key, stamped.value, stamped.headers, now=now)
+
+
+def record(h: Harness) -> bytes:
+    """The only entity record of the harness."""
+    (raw,) = h.state[ENTITIES].values()
+    return raw
+
+
+def legacy(state: EntityState, ids: list[tuple[str, float, int | None]]) -> bytes:
+    """`state` written in the earlier orjson list format, with these (id, seen at, version) entries."""
+    return orjson.dumps([
+        1, state.version, state.vclock.to_header().decode() if state.vclock else None, state.content_hash.hex(),
+        state.last_good.decode("latin-1"), state.last_good_type, state.verified_at, state.event_time,
+        [[event_id, state.content_hash.hex(), seen_at, version] for event_id, seen_at, version in ids]])
+
+
+def test_record_round_trips_with_its_format_version() -> None:
+    """A record starts with its format version and reads back as written, binary last-known-good included."""
+    state = EntityState(7, VectorClock({"a": 3, "b": 1}), b"\x01" * 16, b"\xff\x00raw", "thing.put", NOW, None,
+                        b"", 0)
+    raw = state.to_bytes()
+    assert raw[0] == FORMAT == 2
+    assert EntityState.from_bytes(raw) == state
+
+
+def test_recent_ids_are_fixed_width_and_a_huge_id_costs_16_bytes() -> None:
+    """Each remembered id costs one 40-byte entry whatever its length: a 100 KB id is kept as a 16-byte hash."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    send(h, price(stamper, 1))
+    before = len(record(h))
+    huge = "x" * 100_000
+    routed = send(h, price(stamper, 2, event_id=huge))
+    assert routed.decision.outcome is Outcome.VERIFIED
+    assert len(record(h)) == before + ENTRY_SIZE
+    state = EntityState.from_bytes(record(h))
+    assert state.recent[-1].id_hash == id_hash(huge) and len(state.recent[-1].id_hash) == 16
+    assert send(h, price(stamper, 2, event_id=huge)).decision.outcome is Outcome.DUPLICATE
+
+
+def test_record_at_32_ids_stays_small() -> None:
+    """At a full history of 32 ids a price entity's record is a fraction of the earlier format's 3.3 KB."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    for version in range(1, 40):
+        assert send(h, price(stamper, version, 49.0 + version / 100)).decision.outcome is Outcome.VERIFIED
+    state = EntityState.from_bytes(record(h))
+    assert len(state.recent) == 32
+    assert len(record(h)) <= 32 * ENTRY_SIZE + 200
+
+
+def test_a_record_of_the_earlier_format_is_read_and_rewritten_on_first_touch() -> None:
+    """An orjson-list record still answers for its ids (a re-send is a duplicate, a reuse is id.reused), and the
+    entity's next verified event writes it back in the packed format, keeping the old ids."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    first = price(stamper, 1, event_id="e-1")
+    send(h, first)
+    (key,) = h.state[ENTITIES]
+    h.state[ENTITIES][key] = legacy(EntityState.from_bytes(record(h)), [("e-0", NOW - 5, None), ("e-1", NOW, 1)])
+    assert record(h)[:1] == b"["
+    assert send(h, first).decision.outcome is Outcome.DUPLICATE
+    assert record(h)[:1] == b"["  # a duplicate writes nothing
+    reused = send(h, price(stamper, 2, 51.0, event_id="e-1"))
+    assert [r.code.value for r in reused.decision.reasons] == ["id.reused"]
+    assert send(h, price(stamper, 2, 50.0, event_id="e-2")).decision.outcome is Outcome.VERIFIED
+    assert record(h)[0] == FORMAT
+    assert [s.id_hash for s in EntityState.from_bytes(record(h)).recent] == [id_hash(i) for i in ("e-0", "e-1", "e-2")]
+    assert send(h, first).decision.outcome is Outcome.DUPLICATE
+
+
+def test_ids_outside_the_window_are_dropped_when_the_record_is_written() -> None:
+    """Only ids inside the idempotency window are carried into the next record."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    send(h, price(stamper, 1))
+    send(h, price(stamper, 2, 50.0), now=NOW + 60)
+    assert send(h, price(stamper, 3, 50.5, at=NOW + 86_400 + 30), now=NOW + 86_400 + 30).decision.outcome is \
+        Outcome.VERIFIED
+    assert [s.seen_at for s in EntityState.from_bytes(record(h)).recent] == [NOW + 60, NOW + 86_400 + 30]
+
+
+TOO_LARGE = BASE_CONFIG.replace("routes:", "last_good_max_bytes: 100\nroutes:", 1)
+
+
+def test_a_value_too_large_to_keep_is_forwarded_with_a_warning_and_not_kept() -> None:
+    """A value over last_good_max_bytes is verified and forwarded, warned with state.last_good_too_large; the
+    record keeps no value, says how large it was, and the last-known-good view says why there is none."""
+    h = Harness(TOO_LARGE)
+    stamper = Stamper("pricing")
+    assert send(h, price(stamper, 1)).decision.outcome is Outcome.VERIFIED  # small: kept
+    big = stamper.structured({**PRICE, "note": "n" * 200}, type="price.updated", subject="sku-1", version=2,
+                             time=NOW)
+    routed = send(h, big)
+    assert routed.decision.outcome is Outcome.WARNED
+    assert [r.code.value for r in routed.decision.reasons] == ["state.last_good_too_large"]
+    assert routed.decision.reasons[0].severity.value == "warn"
+    state = EntityState.from_bytes(record(h))
+    assert state.last_good == b"" and state.last_good_dropped > 100 and state.version == 2
+    outcome, body = describe_last_good(state, route=h.route, entity="sku-1", retention=86_400.0, now=NOW)
+    assert outcome == NOT_FOUND and "larger than last_good_max_bytes" in body["detail"]
+    # The next event has no last-known-good to compare with, and a small one is kept again.
+    assert send(h, price(stamper, 3, 10.0)).decision.outcome is Outcome.VERIFIED
+    assert EntityState.from_bytes(record(h)).last_good_data() == {**PRICE, "price": 10.0}
+
+
+def test_a_value_within_the_bound_carries_no_warning() -> None:
+    """A value at the bound is kept, without any state warning."""
+    h = Harness(TOO_LARGE)
+    routed = send(h, price(Stamper("pricing"), 1))
+    assert routed.decision.reasons == () and EntityState.from_bytes(record(h)).last_good_dropped == 0
+
+
+def test_a_warned_value_does_not_replace_the_last_known_good() -> None:
+    """A price of 10 then 100 (price_jump warns): the last-known-good stays 10, and the next event is judged
+    against 10; the entity's version still advances."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    send(h, price(stamper, 1, 10.0))
+    jump = send(h, price(stamper, 2, 100.0))
+    assert jump.decision.outcome is Outcome.WARNED
+    state = EntityState.from_bytes(record(h))
+    assert state.last_good_data() == {**PRICE, "price": 10.0} and state.version == 2
+    again = send(h, price(stamper, 3, 100.0))
+    assert again.decision.outcome is Outcome.WARNED  # still 10x the last-known-good
+    assert send(h, price(stamper, 4, 11.0)).decision.outcome is Outcome.VERIFIED
+    assert EntityState.from_bytes(record(h)).last_good_data() == {**PRICE, "price": 11.0}
+
+
+def test_a_type_can_let_warned_values_replace_the_last_known_good() -> None:
+    """With `last_good_on_warn: replace` on its type, a warned value becomes the last-known-good."""
+    h = Harness(BASE_CONFIG.replace("      price.updated:\n",
+                                    "      price.updated:\n        last_good_on_warn: replace\n"))
+    stamper = Stamper("pricing")
+    send(h, price(stamper, 1, 10.0))
+    assert send(h, price(stamper, 2, 100.0)).decision.outcome is Outcome.WARNED
+    assert EntityState.from_bytes(record(h)).last_good_data() == {**PRICE, "price": 100.0}
+
+
+def test_merged_vector_clock_is_bounded() -> None:
+    """An entity's merged clock keeps at most MERGED_CLOCK_MAX_ENTRIES writers: the event's own and then those
+    with the highest counters."""
+    entity = VectorClock({f"n{i:04d}": i + 1 for i in range(MERGED_CLOCK_MAX_ENTRIES)})
+    event = VectorClock({"new": 1})
+    merged = bounded_merge(event, entity)
+    assert merged is not None
+    kept = merged.to_dict()
+    assert len(kept) == MERGED_CLOCK_MAX_ENTRIES and kept["new"] == 1 and "n0000" not in kept
+    small = bounded_merge(VectorClock({"a": 2}), VectorClock({"a": 1, "b": 1}))
+    assert small is not None and small.to_dict() == {"a": 2, "b": 1}
+
+
+def test_long_types_and_clocks_fit() -> None:
+    """A type or a clock of any length is written and read back (lengths are 32-bit)."""
+    state = EntityState(1, VectorClock({"n" * 70_000: 1}), b"\x03" * 16, b"{}", "t" * 70_000, NOW, None)
+    assert EntityState.from_bytes(state.to_bytes()) == state
+
+
+@pytest.mark.parametrize("value", [b"", b"\x00\xff", "é".encode()])
+def test_binary_and_empty_values_survive(value: bytes) -> None:
+    """Any bytes are kept as the last-known-good value, exactly."""
+    state = EntityState(None, None, b"\x02" * 16, value, "t", NOW, NOW - 1)
+    assert EntityState.from_bytes(state.to_bytes()).last_good == value
