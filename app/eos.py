@@ -93,11 +93,19 @@ class CommitGate:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.before_commit: list[Callable[[], Awaitable[None]]] = []
+        #: Run after a commit that returned, with its result (True: offsets, and under exactly_once the
+        #: transactions, were committed).
+        self.after_commit: list[Callable[[bool], Awaitable[None]]] = []
 
     async def prepare(self) -> None:
         """Run the before-commit hooks, in the order they were added."""
         for hook in self.before_commit:
             await hook()
+
+    async def finish(self, committed: bool) -> None:
+        """Run the after-commit hooks, in the order they were added."""
+        for hook in self.after_commit:
+            await hook(committed)
 
 
 def gate_of(app: faust.App) -> CommitGate | None:
@@ -124,6 +132,7 @@ def install_gate(app: faust.App) -> CommitGate:
             async with gate.lock:
                 await gate.prepare()
                 committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
+                await gate.finish(committed)
                 return committed
 
     transport.Consumer = Consumer
@@ -133,6 +142,11 @@ def install_gate(app: faust.App) -> CommitGate:
 def before_commit(app: faust.App, hook: Callable[[], Awaitable[None]]) -> None:
     """Run `hook` inside every offset commit of `app`, under the processing lock, before the offsets go."""
     install_gate(app).before_commit.append(hook)
+
+
+def after_commit(app: faust.App, hook: Callable[[bool], Awaitable[None]]) -> None:
+    """Run `hook(committed)` after every offset commit of `app` that returned, still under the processing lock."""
+    install_gate(app).after_commit.append(hook)
 
 
 class InOrder:

@@ -64,6 +64,8 @@ class StateBuffer:
         self._dirty: Dirty = {}
         #: Written out (queued for the changelog) but not yet in the store: delivered first, then stored.
         self._staged: Dirty = {}
+        #: Under exactly_once: the last delivered offset per changelog partition, stored once committed.
+        self._delivered: dict[tuple[str, int], int] = {}
         self._keys = 0
         self.flush_keys = flush_keys
         self.outbox = outbox
@@ -164,16 +166,31 @@ class StateBuffer:
 
     async def flush(self) -> None:
         """What a commit needs before its offsets go: the outputs delivered, then the changelog records
-        delivered, then the staged keys written into the stores (see the module doc). If a record is not
-        delivered this raises, and nothing staged reaches the changelog (at_least_once) or the store."""
+        delivered (see the module doc). Under at_least_once the staged keys then go into the stores; under
+        exactly_once only once the transactions committed (`committed`). If a record is not delivered this
+        raises, and nothing staged reaches the changelog (at_least_once) or the store."""
         self.write_out()
         outbox = self.outbox
         if outbox is None:
             return
         last = await outbox.flush()
-        if self._staged and not getattr(outbox, "transactional", False):
+        if getattr(outbox, "transactional", False):
+            self._delivered.update(last)
+            return
+        if self._staged:
             self._queue(self._staged)  # the outputs of every event that wrote these are delivered now
             last.update(await outbox.flush())
+        self._store(last)
+
+    async def committed(self, ok: bool) -> None:
+        """After an offset commit under exactly_once: its transactions committed (`ok`), so what they wrote goes
+        into the stores. A store never holds state of a transaction that may still abort (it would judge the
+        aborted events, delivered again, duplicates of themselves)."""
+        if ok and self.outbox is not None and getattr(self.outbox, "transactional", False):
+            last, self._delivered = self._delivered, {}
+            self._store(last)
+
+    def _store(self, last: dict[tuple[str, int], int]) -> None:
         staged, self._staged = self._staged, {}
         for table, parts in staged.items():
             _write(table, parts)

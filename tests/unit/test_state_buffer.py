@@ -139,8 +139,9 @@ def test_under_at_least_once_changelog_records_are_sent_only_once_the_outputs_ar
     assert table.data.persisted_offset(TP(changelog, 2)) == 1
 
 
-def test_flush_waits_for_delivery_and_records_where_each_changelog_partition_resumes(table: Any) -> None:
-    """A flush writes the store after delivery, and remembers each changelog partition's last offset."""
+def test_under_exactly_once_the_store_gets_state_only_once_the_transaction_committed(table: Any) -> None:
+    """Under exactly_once a flush delivers; the store and each changelog partition's resume offset are written
+    only after a commit that succeeded, never after one that did not."""
     outbox = _RecordingOutbox()
     buffer = StateBuffer(outbox)  # type: ignore[arg-type]
     buffer.put(table, 2, b"source-a", b"1")
@@ -149,10 +150,14 @@ def test_flush_waits_for_delivery_and_records_where_each_changelog_partition_res
     outbox.add("verified-topic", 2, b"acct-1", b"event")  # the agents' own records share the outbox
     asyncio.run(buffer.flush())
     changelog = table.changelog_topic.get_topic_name()
-    assert outbox.flushes == 1
+    assert outbox.flushes == 1 and buffer.pending == 0
+    assert _db(table, 2).get(b"acct-1") is None and table.data.persisted_offset(TP(changelog, 2)) is None
+    asyncio.run(buffer.committed(False))
+    assert _db(table, 2).get(b"acct-1") is None, "a commit that did not happen writes nothing"
+    assert buffer.get(table, 2, b"acct-1") == b"v"
+    asyncio.run(buffer.committed(True))
     assert table.data.persisted_offset(TP(changelog, 2)) == 2
     assert table.data.persisted_offset(TP(changelog, 0)) == 3
-    assert buffer.pending == 0
     assert _db(table, 2).get(b"acct-1") == b"v" and _db(table, 0).get(b"acct-2") == b"w"
 
 
