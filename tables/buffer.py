@@ -16,7 +16,9 @@ the local store ever holds state whose event's outputs were not delivered: after
 failed, a broker outage that ended the worker) a redelivered event is never judged a duplicate of itself with
 its output missing. at_least_once may repeat an output; it never loses one. Under exactly_once the outputs and
 changelog records are one transaction with the offsets, so changelog records are queued as soon as they are
-written out, and the local tables of a crashed worker are discarded at its next start (app/eos.py fix 4).
+written out; the state goes into the local store only after the commit's transactions committed (`committed`,
+an app/eos.py after-commit hook), and the local tables of a crashed worker are discarded at its next start
+(app/eos.py fix 4).
 
 Between commits the agent writes pending keys out whenever FLUSH_KEYS are pending (`write_out`: staged, and
 under exactly_once queued in the outbox, which sends them soon, so a commit stalls processing for the delivery
