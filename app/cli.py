@@ -136,8 +136,15 @@ def config_check(path: Path) -> None:
     for route in cfg.routes:
         types = ", ".join(sorted(route.types)) or "(none listed)"
         unlisted = route.fallback.level(Code.TYPE_UNLISTED).value  # the allow-list: reject, or warn by opt-in
-        console.print(escape(f"route {route.name}: inputs {list(route.inputs)}; types {types}; "
+        inputs = [f"{t} (written by {route.input_sources[t]})" if t in route.input_sources else t
+                  for t in route.inputs]
+        console.print(escape(f"route {route.name}: inputs {inputs}; types {types}; "
                              f"unlisted types: {unlisted}"))
+    for source, forms in sorted((cfg.routes[0].fallback.forms if cfg.routes else {}).items()):
+        lenient = sorted(forms - {"bound"})
+        if lenient:  # what the guard lets through unbound: the operator should see it at every check
+            console.print(escape(f"source {source}: also accepts integrity forms {lenient} (attributes not "
+                                 "protected; each such event warns integrity.legacy_form)"))
     unset = [name for name in secret_variables(path) if not os.environ.get(name)]
     if unset:
         console.print(f"[yellow]note[/]: {', '.join(unset)} not set here; a worker needs them (local mode makes "

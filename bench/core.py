@@ -12,7 +12,7 @@ Every figure is the median of `--reps` (5) timings of the process's CPU time ove
 (each of another entity), in µs per event. Stages, run on the very inputs `Guard.process` sees:
 
   decode       envelope.decode of the record
-  integrity    check_integrity (the HMAC)
+  integrity    check_integrity (the HMAC over the bound form's signature base)
   state decode EntityState.from_bytes of the entity's record
   checks       authorization, idempotency (find), version, vector clock, time
   rules        RuleSet.evaluate of the shipped rules, with the last-known-good parsed
@@ -45,7 +45,7 @@ from byzguard import engine
 from byzguard.config import GuardConfig, load
 from byzguard.envelope import Envelope, decode
 from byzguard.guard import ENTITIES, LAMPORTS, Guard, RecordIn, StateReader
-from byzguard.integrity import check_integrity
+from byzguard.integrity import DEFAULT_FORMS, check_integrity
 from byzguard.routing import verified_headers
 from byzguard.state import EntityState
 from byzguard.verdict import Code
@@ -147,7 +147,7 @@ def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, A
 
         def stage_integrity() -> None:
             for env in envs:
-                check_integrity(env.checksum, env.covered, env.source, keyring, required=True)
+                check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring, required=True)
 
         def stage_state_decode() -> None:
             for raw in raws:

@@ -19,15 +19,17 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from byzguard.audit import AuditRule, AuditSide, FieldPath, Require
 from byzguard.errors import ConfigError, KeyRingError, RuleCompileError
-from byzguard.integrity import KeyRing
+from byzguard.integrity import DEFAULT_FORMS, FORMS, KeyRing
 from byzguard.rules import RuleSet, RuleSpec, compile_rules
 from byzguard.verdict import CHECK_OF_FAMILY, Code, Severity
 
 CHECKS = ("integrity", "authorization", "idempotency", "version", "causal", "time", "invariant")
 
 # Codes whose default severity is not `reject`: skipped versions are suspicious but often legitimate.
+# An event accepted in an integrity form that does not bind its attributes passes with a warning.
 DEFAULT_CODE_SEVERITY: dict[Code, Severity] = {Code.VERSION_GAP: Severity.WARN,
-                                               Code.STATE_LAST_GOOD_TOO_LARGE: Severity.WARN}
+                                               Code.STATE_LAST_GOOD_TOO_LARGE: Severity.WARN,
+                                               Code.INTEGRITY_LEGACY_FORM: Severity.WARN}
 
 # A module constant: on Python 3.11 `Severity.REJECT` is a descriptor lookup, and level() runs per event.
 _REJECT = Severity.REJECT
@@ -127,9 +129,32 @@ class CausalModel(_Model):
         return parse_duration(value)
 
 
+class InputModel(_Model):
+    """An input topic that one source writes: records naming no source are that source's.
+
+    Only as trustworthy as the topic's write ACL: declare it for topics only that source may write."""
+
+    topic: str = Field(min_length=1)
+    source: str | None = Field(default=None, min_length=1)
+
+
+class SourceModel(_Model):
+    """What the guard accepts from one source: the integrity forms besides `bound` (ENVELOPE.md)."""
+
+    forms: list[str] = Field(default_factory=list)
+
+    @field_validator("forms")
+    @classmethod
+    def _known_forms(cls, value: list[str]) -> list[str]:
+        unknown = [f for f in value if f not in FORMS]
+        if unknown:
+            raise ValueError(f"unknown integrity form(s) {unknown}; known: {list(FORMS)}")
+        return value
+
+
 class RouteModel(_Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    inputs: list[str] = Field(min_length=1)
+    inputs: list[InputModel] = Field(min_length=1)
     verified_topic: str
     quarantine_topic: str
     partitions: int = Field(default=8, ge=1)
@@ -154,6 +179,18 @@ class RouteModel(_Model):
                 raise ValueError(f"route {self.name!r}: default_type {self.default_type!r} is not listed under "
                                  f"types (listed: {sorted(self.types)})")
         return self
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _plain_topics(cls, value: object) -> object:
+        # `inputs: [prices]` is `inputs: [{topic: prices}]`: a topic whose records name their source.
+        if isinstance(value, list):
+            return [{"topic": t} if isinstance(t, str) else t for t in value]
+        return value
+
+    def topics(self) -> list[str]:
+        """The input topic names."""
+        return [t.topic for t in self.inputs]
 
 
 class KeyModel(_Model):
@@ -231,6 +268,7 @@ def _error_at(loc: tuple[int | str, ...], message: str, value: object) -> Valida
 class FileModel(_Model):
     defaults: TypeModel = Field(default_factory=TypeModel)
     keys: dict[str, KeyModel] = Field(default_factory=dict)
+    sources: dict[str, SourceModel] = Field(default_factory=dict)
     idempotency: IdempotencyModel = Field(default_factory=IdempotencyModel)
     last_good_retention: float = 30 * 86_400.0
     # A last-known-good value larger than this is not kept (state.last_good_too_large): state records stay
@@ -252,7 +290,7 @@ class FileModel(_Model):
             if route.name in names:
                 raise ValueError(f"route name {route.name!r} is used twice")
             names.add(route.name)
-            for topic in route.inputs:
+            for topic in route.topics():
                 if topic in seen_inputs:
                     raise ValueError(f"input topic {topic!r} is in routes {seen_inputs[topic]!r} and {route.name!r}")
                 seen_inputs[topic] = route.name
@@ -271,7 +309,7 @@ class FileModel(_Model):
     def _audits_consistent(self) -> FileModel:
         # Audits read verified topics only: what they compare has passed every check.
         verified = {r.verified_topic: r for r in self.routes}
-        route_topics = {t for r in self.routes for t in (*r.inputs, r.verified_topic, r.quarantine_topic)}
+        route_topics = {t for r in self.routes for t in (*r.topics(), r.verified_topic, r.quarantine_topic)}
         names = set()
         for audit in self.audits:
             if audit.name in names:
@@ -310,6 +348,8 @@ class TypePolicy:
     listed: bool = True
     #: Whether a verified event with a warning replaces the last-known-good value (`last_good_on_warn`).
     warned_replaces_last_good: bool = False
+    #: Source -> the integrity forms accepted from it; sources not listed get DEFAULT_FORMS (`bound` only).
+    forms: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def level(self, code: Code) -> Severity:
         """The severity of a code on this type."""
@@ -330,6 +370,8 @@ class Route:
     types: Mapping[str, TypePolicy]
     fallback: TypePolicy
     receipts_topic: str | None = None
+    #: Input topic -> the source that writes it (records naming no source are that source's).
+    input_sources: Mapping[str, str] = field(default_factory=dict)
 
     def policy_for(self, event_type: str) -> TypePolicy:
         """The policy of an event type, or the route's fallback for types it does not list (type.unlisted)."""
@@ -359,7 +401,8 @@ class GuardConfig:
         return next((a for a in self.audits if a.name == name), None)
 
 
-def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -> TypePolicy:
+def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None,
+                forms: Mapping[str, frozenset[str]] | None = None) -> TypePolicy:
     layers = [defaults] + ([own] if own is not None else [])
     checks: dict[str, Severity] = {}
     codes: dict[str, Severity] = {}
@@ -403,6 +446,7 @@ def _merge_type(defaults: TypeModel, route: RouteModel, own: TypeModel | None) -
         rules=compile_rules(specs),
         listed=own is not None,
         warned_replaces_last_good=pick("last_good_on_warn") == "replace",
+        forms=forms or {},
     )
 
 
@@ -427,21 +471,22 @@ def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[s
           require_secrets: bool = True) -> GuardConfig:
     """Compile a validated file model: resolve layers, compile rules, load keys."""
     keyring = _load_keys(model, environ, require_secrets)
+    forms = {name: DEFAULT_FORMS | frozenset(spec.forms) for name, spec in model.sources.items()}
     routes = []
     for index, route in enumerate(model.routes):
         types = {}
         for name, type_model in route.types.items():
             try:
-                types[name] = _merge_type(model.defaults, route, type_model)
+                types[name] = _merge_type(model.defaults, route, type_model, forms)
             except RuleCompileError as exc:
                 raise _rule_error(exc, model, ("routes", index, "types", name), type_model) from exc
         try:
-            fallback = _merge_type(model.defaults, route, None)
+            fallback = _merge_type(model.defaults, route, None, forms)
         except RuleCompileError as exc:
             raise _rule_error(exc, model, ("defaults",), None) from exc
         routes.append(Route(
             name=route.name,
-            inputs=tuple(route.inputs),
+            inputs=tuple(route.topics()),
             verified_topic=route.verified_topic,
             quarantine_topic=route.quarantine_topic,
             partitions=route.partitions,
@@ -450,6 +495,7 @@ def build(model: FileModel, *, source_path: str = "<memory>", environ: Mapping[s
             types=types,
             fallback=fallback,
             receipts_topic=route.receipts_topic,
+            input_sources={t.topic: t.source for t in route.inputs if t.source is not None},
         ))
     by_input = {topic: r for r in routes for topic in r.inputs}
     return GuardConfig(

@@ -14,7 +14,7 @@ from typing import Any, Final
 from byzguard.clocks import Order
 from byzguard.config import Policy, TypePolicy
 from byzguard.envelope import Envelope
-from byzguard.integrity import HMAC_SHA256, KeyRing, check_integrity
+from byzguard.integrity import DEFAULT_FORMS, HMAC_SHA256, KeyRing, check_integrity
 from byzguard.state import EntityState, bounded_merge, new_entries
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
@@ -22,8 +22,8 @@ from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 # compare the event with state would only add noise, so they are skipped.
 _UNTRUSTED = frozenset({
     Code.INTEGRITY_MISSING, Code.INTEGRITY_MISMATCH, Code.INTEGRITY_UNKNOWN_ALGORITHM,
-    Code.INTEGRITY_UNKNOWN_KEY, Code.INTEGRITY_BAD_MAC, Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED,
-    Code.TYPE_UNLISTED,
+    Code.INTEGRITY_UNKNOWN_KEY, Code.INTEGRITY_BAD_MAC, Code.INTEGRITY_UNBOUND, Code.INTEGRITY_NONCANONICAL,
+    Code.INTEGRITY_LEGACY_FORM, Code.SOURCE_FORGED, Code.SOURCE_NOT_ALLOWED, Code.TYPE_UNLISTED,
 })
 
 # Enum members as module constants: on Python 3.11 `Severity.OFF` is a descriptor lookup that costs about as
@@ -116,15 +116,20 @@ def verify(
     now: float,
     limits: Limits = Limits(),
     received: float | None = None,
+    writer: str | None = None,
 ) -> Decision:
     """Run every check on `env` against the entity's and the source's state; return the decision.
 
     `received` is when the broker appended the record: clock skew is judged against it, so a worker that
     lags behind its input does not mistake an event from a clock that runs ahead for a punctual one.
+    `writer` is the source the input topic declares as its only writer, if any.
     """
     reasons = _Reasons(policy)
     _check_authorization(env, policy, reasons)
-    for code, detail in check_integrity(env.checksum, env.covered, env.source, keyring,
+    if writer is not None and env.source != writer:
+        reasons.add(Code.SOURCE_NOT_ALLOWED, f"the input topic is declared as written by source {writer!r}, "
+                    f"the event claims source {quote(env.source)}")
+    for code, detail in check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring,
                                         required=policy.require_checksum):
         reasons.add(code, detail)
     if reasons.items and any(r.code in _UNTRUSTED and r.severity is _REJECT for r in reasons.items):
@@ -239,9 +244,10 @@ def _conclude(
     outcome = _WARNED if found else _VERIFIED
     if not update:
         return Decision(outcome, found)
-    # A warned value keeps the last-known-good it would replace, unless its type says otherwise.
+    # A warned value keeps the last-known-good it would replace, unless its type says otherwise. A version gap
+    # questions neither the value nor who wrote it (versions were skipped, e.g. written where the guard is not).
     keep_last_good = bool(found) and entity is not None and bool(entity.last_good) \
-        and not policy.warned_replaces_last_good
+        and not policy.warned_replaces_last_good and any(r.code is not Code.VERSION_GAP for r in found)
     if not keep_last_good and len(env.covered) > limits.last_good_max_bytes:
         reasons.add(Code.STATE_LAST_GOOD_TOO_LARGE,
                     f"the value ({len(env.covered)} bytes) is larger than last_good_max_bytes "

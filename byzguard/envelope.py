@@ -2,10 +2,12 @@
 
 Accepted shapes (ENVELOPE.md has them byte for byte):
 - CloudEvents binary mode: `ce_specversion` header present; the value is the data as the producer wrote it;
-  attributes in `ce_*` headers; the checksum covers the value bytes.
-- CloudEvents structured mode: a JSON object with `specversion`; the checksum covers JCS(`data`).
+  attributes in `ce_*` headers; the data the checksum covers is the value bytes.
+- CloudEvents structured mode: a JSON object with `specversion`; the data the checksum covers is JCS(`data`).
 - The seed article's shapes: `{data, checksum}`, `{data, version, updatedAt, source}` and
-  `{payload, logicalTimestamp, sourceService}`; the checksum (if any) covers JCS(`data`).
+  `{payload, logicalTimestamp, sourceService}`; the checksum (if any) covers JCS(`data`) only.
+The integrity form (`ce_checksumform`, default `value-only`) says whether the checksum also binds the
+attributes; the envelope keeps what each form needs (byzguard.integrity.form_input).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import xxhash
 
 from byzguard.clocks import VectorClock
 from byzguard.errors import ClockError
-from byzguard.integrity import SHA256, Checksum, content_hash
+from byzguard.integrity import SHA256, VALUE_ONLY, Checksum, content_hash
 from byzguard.jcs import CanonicalizationError, canonicalize
 from byzguard.verdict import Code, quote
 
@@ -37,6 +39,7 @@ CE_VECTORCLOCK = "ce_vectorclock"
 CE_CHECKSUMALG = "ce_checksumalg"
 CE_CHECKSUM = "ce_checksum"
 CE_KEYID = "ce_keyid"
+CE_CHECKSUMFORM = "ce_checksumform"
 CONTENT_TYPE = "content-type"
 
 MODE_BINARY = "binary"
@@ -54,12 +57,15 @@ class Envelope:
     __slots__ = (
         "_data",
         "_parsed",
+        "attrs",
         "checksum",
         "content_hash",
         "covered",
+        "form",
         "id",
         "lamport",
         "mode",
+        "obj",
         "refused",
         "source",
         "subject",
@@ -85,6 +91,9 @@ class Envelope:
         checksum: Checksum | None = None,
         data: Any = None,
         parsed: bool = False,
+        form: str = VALUE_ONLY,
+        attrs: Mapping[str, bytes] | None = None,
+        obj: dict[str, Any] | None = None,
         refused: tuple[Code, str] | None = None,
     ) -> None:
         self.id = id
@@ -101,6 +110,11 @@ class Envelope:
         self.checksum = checksum
         self._data = data
         self._parsed = parsed
+        # The integrity form the event declares; the optional attributes the bound form covers, as sent
+        # (binary mode: the header map; None for the seed's shapes); the JSON value (structured and seed).
+        self.form = form
+        self.attrs = attrs
+        self.obj = obj
         #: Why data declared JSON cannot be read (decode.malformed, decode.ambiguous). The verdict reports it
         #: after the integrity checks, so corruption in transit is still told apart from a producer's garbage.
         self.refused = refused
@@ -135,11 +149,16 @@ def decode(
     headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes],
     *,
     default_type: str = "",
+    default_source: str | None = None,
 ) -> Envelope | tuple[Code, str]:
-    """Decode one record; a (code, detail) pair when it cannot be read. Any bytes in, never an exception."""
+    """Decode one record; a (code, detail) pair when it cannot be read. Any bytes in, never an exception.
+
+    `default_source` is the source an input topic declares for records that name none."""
     try:
         hdrs = _header_map(headers)
         if CE_SPECVERSION in hdrs:
+            if default_source is not None and CE_SOURCE not in hdrs:
+                hdrs[CE_SOURCE] = default_source.encode()
             return _decode_binary(key, value, hdrs, default_type)
         if not value:
             raise DecodeFailure(Code.DECODE_UNSUPPORTED, "empty value and no ce_specversion header")
@@ -151,13 +170,13 @@ def decode(
             raise DecodeFailure(Code.DECODE_UNSUPPORTED, "value is JSON but not an object")
         unambiguous(value, obj, "value")
         if "specversion" in obj:
-            return _decode_structured(key, value, obj, hdrs, default_type)
+            return _decode_structured(key, value, obj, hdrs, default_type, default_source)
         attributes = [name for name in _CE_ONLY_ATTRIBUTES if name in obj]
         if attributes:  # a structured event without its specversion: not to be read as one of the seed's shapes
             raise DecodeFailure(Code.DECODE_MALFORMED, "required attribute missing: specversion (the object has the "
                                 f"CloudEvents attributes {', '.join(attributes)}; structured mode needs "
                                 '"specversion": "1.0")')
-        return _decode_seed(key, value, obj, hdrs, default_type)
+        return _decode_seed(key, value, obj, hdrs, default_type, default_source)
     except DecodeFailure as failure:
         return failure.code, failure.detail
     except Exception as exc:  # decoding must never take the worker down: the record is at fault
@@ -339,6 +358,7 @@ def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], 
     ce_type = _text(h[CE_TYPE], CE_TYPE) if CE_TYPE in h else default_type
     if not ce_type:
         raise DecodeFailure(Code.DECODE_MALFORMED, "required header missing: ce_type")
+    form = _text(h[CE_CHECKSUMFORM], CE_CHECKSUMFORM) if CE_CHECKSUMFORM in h else VALUE_ONLY
     data: Any = None
     json_data = False
     refused = None
@@ -368,6 +388,8 @@ def _decode_binary(key: bytes | None, value: bytes | None, h: dict[str, bytes], 
         lamport=_int(h[CE_LAMPORTTIME], CE_LAMPORTTIME) if CE_LAMPORTTIME in h else None,
         vclock=_vclock(h[CE_VECTORCLOCK], CE_VECTORCLOCK) if CE_VECTORCLOCK in h else None,
         checksum=checksum,
+        form=form,
+        attrs=h,
         data=data,
         parsed=json_data,
         refused=refused,
@@ -395,7 +417,8 @@ def _canonical(data: Any, where: str) -> bytes:
 
 
 def _decode_structured(
-    key: bytes | None, value: bytes, obj: dict[str, Any], h: dict[str, bytes], default_type: str
+    key: bytes | None, value: bytes, obj: dict[str, Any], h: dict[str, bytes], default_type: str,
+    default_source: str | None = None,
 ) -> Envelope:
     if obj.get("specversion") != "1.0":
         raise DecodeFailure(Code.DECODE_UNSUPPORTED,
@@ -404,29 +427,65 @@ def _decode_structured(
         raise DecodeFailure(Code.DECODE_UNSUPPORTED, "data_base64 is not supported; use binary mode")
     data = obj.get("data")
     covered = _canonical(data, "data")
-    version = obj.get("entityversion")
-    lamport = obj.get("lamporttime")
-    vclock = obj.get("vectorclock")
-    time = obj.get("time")
+    raw_version = obj.get("entityversion")
+    raw_lamport = obj.get("lamporttime")
+    raw_vclock = obj.get("vectorclock")
+    raw_time = obj.get("time")
+    time = parse_time(raw_time, "time") if raw_time is not None else None
+    version = _int(raw_version, "entityversion") if raw_version is not None else None
+    lamport = _int(raw_lamport, "lamporttime") if raw_lamport is not None else None
+    vclock = _vclock(raw_vclock, "vectorclock") if raw_vclock is not None else None
+    form = obj.get("checksumform", VALUE_ONLY)
+    if not isinstance(form, str):
+        raise DecodeFailure(Code.DECODE_MALFORMED, "attribute checksumform must be a string")
+    # The attributes the bound form covers, as text (ENVELOPE.md): strings as they are, numbers in their
+    # RFC 8785 form, a vector clock object in its header form.
+    attrs: dict[str, bytes] = {}
+    if raw_time is not None:
+        attrs[CE_TIME] = _attr_text(raw_time)
+    if raw_version is not None:
+        attrs[CE_ENTITYVERSION] = _attr_text(raw_version)
+    if raw_lamport is not None:
+        attrs[CE_LAMPORTTIME] = _attr_text(raw_lamport)
+    instance = obj.get("lamportinstance")
+    if instance is not None:
+        attrs["ce_lamportinstance"] = _attr_text(instance)
+    if vclock is not None:
+        attrs[CE_VECTORCLOCK] = raw_vclock.encode() if isinstance(raw_vclock, str) else vclock.to_header()
+    content_type = obj.get("datacontenttype")
+    if content_type is not None:
+        attrs[CONTENT_TYPE] = _attr_text(content_type)
     return Envelope(
         id=_str_attr(obj, "id", required=True) or "",
-        source=_str_attr(obj, "source", required=True) or "",
+        source=_str_attr(obj, "source", required=default_source is None) or default_source or "",
         type=_str_attr(obj, "type", required=not default_type) or default_type,
         subject=_subject(key, _str_attr(obj, "subject", required=False)),
         mode=MODE_STRUCTURED,
         covered=covered,
-        time=parse_time(time, "time") if time is not None else None,
-        version=_int(version, "entityversion") if version is not None else None,
-        lamport=_int(lamport, "lamporttime") if lamport is not None else None,
-        vclock=_vclock(vclock, "vectorclock") if vclock is not None else None,
+        time=time,
+        version=version,
+        lamport=lamport,
+        vclock=vclock,
         checksum=_checksum(obj.get("checksumalg"), obj.get("checksum"), obj.get("keyid"), "structured event"),
         data=data,
         parsed=True,
+        form=form,
+        attrs=attrs,
+        obj=obj,
     )
 
 
+def _attr_text(value: object) -> bytes:
+    if type(value) is str:
+        return value.encode()
+    if type(value) is int:  # what JCS writes for the integers the attributes may hold, without its call
+        return b"%d" % value
+    return _canonical(value, "attribute")
+
+
 def _decode_seed(
-    key: bytes | None, value: bytes, obj: dict[str, Any], h: dict[str, bytes], default_type: str
+    key: bytes | None, value: bytes, obj: dict[str, Any], h: dict[str, bytes], default_type: str,
+    default_source: str | None = None,
 ) -> Envelope:
     if "payload" in obj and "logicalTimestamp" in obj:
         data = obj["payload"]
@@ -445,8 +504,11 @@ def _decode_seed(
                             "JSON object is neither a CloudEvent (specversion) nor one of the seed shapes")
     if source is None and CE_SOURCE in h:
         source = _text(h[CE_SOURCE], CE_SOURCE)
+    if source is None:
+        source = default_source
     if not isinstance(source, str) or not source:
-        raise DecodeFailure(Code.DECODE_MALFORMED, "no source: give source/sourceService or a ce_source header")
+        raise DecodeFailure(Code.DECODE_MALFORMED, "no source: give source/sourceService or a ce_source header, "
+                            "or declare the input topic's source in the route")
     covered = _canonical(data, "data")
     # Seed producers send no event id; the content then names the event, so a re-send is a duplicate.
     event_id = _text(h[CE_ID], CE_ID) if CE_ID in h else "xxh3:" + xxhash.xxh3_128_hexdigest(value)
@@ -468,4 +530,6 @@ def _decode_seed(
         if raw_sum is not None else None,
         data=data,
         parsed=True,
+        form=_text(h[CE_CHECKSUMFORM], CE_CHECKSUMFORM) if CE_CHECKSUMFORM in h else VALUE_ONLY,
+        obj=obj,
     )

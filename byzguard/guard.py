@@ -191,7 +191,10 @@ class Guard:
 
     def _one(self, record: RecordIn, route: Route, tx: _Tx, now: float, *, hold: bool,
              released: bool = False) -> None:
-        decoded = decode(record.key, record.value, record.headers, default_type=route.default_type)
+        writers = route.input_sources
+        writer = writers.get(record.topic) if writers else None
+        decoded = decode(record.key, record.value, record.headers, default_type=route.default_type,
+                         default_source=writer)
         if isinstance(decoded, tuple):
             self._emit(tx, record, route, decode_failure(*decoded), None, now)
             return
@@ -208,7 +211,7 @@ class Guard:
                 and self._held(tx, record, route, env, entity, entity_key, mark, now):
             return
         decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
-                          received=record.timestamp)
+                          received=record.timestamp, writer=writer)
         if decision.entity is not None:
             tx.put(ENTITIES, entity_key, decision.entity.to_bytes())
         if decision.lamport is not None and not released:

@@ -1,6 +1,12 @@
-"""Checksums and MACs over the bytes an event's checksum covers, and the key ring that proves who wrote it.
+"""Checksums and MACs, the integrity forms they are computed over, and the key ring that proves who wrote them.
 
-Binary mode covers the Kafka value as sent; structured and seed modes cover the RFC 8785 form of `data`.
+An integrity form names the bytes a checksum or MAC covers. The `bound` form (ENVELOPE.md has it byte
+for byte) covers the attributes the checks depend on together with the data, as an HTTP Message Signature
+(RFC 9421) covers its components, so an attribute changed in transit or an event replayed under another
+subject or version fails. The other forms cover the data only (`value-only`, the first release's form) or
+serializations producers use instead of RFC 8785; a source must be declared to use one, and an event
+accepted in one says so in a warning. `form_input` is the one function that computes a form's bytes.
+
 A MAC proves authorship: a key id belongs to exactly one source, so a MAC made with another source's key
 is a forgery (`source.forged`), never a pass.
 """
@@ -9,15 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import xxhash
 
 from byzguard.errors import KeyRingError
+from byzguard.jcs import CanonicalizationError, canonicalize, js_sorted, js_stringify
 from byzguard.verdict import Code, quote
+
+if TYPE_CHECKING:
+    from byzguard.envelope import Envelope
 
 SHA256 = "sha256"
 XXH3_128 = "xxh3-128"
@@ -127,35 +139,211 @@ def content_hash(content: bytes) -> bytes:
     return xxhash.xxh3_128_digest(content)
 
 
+# -- integrity forms -------------------------------------------------------------------------------------
+
+BOUND: Final = "bound"
+VALUE_ONLY: Final = "value-only"
+JS_SORTED: Final = "js-sorted"
+JS_STRINGIFY: Final = "js-stringify"
+WHOLE_OBJECT: Final = "whole-object"
+PYTHON_SORTED: Final = "python-sorted"
+
+
+@dataclass(frozen=True, slots=True)
+class Form:
+    """A named integrity form: what its checksum covers, and whether that binds the event's attributes."""
+
+    name: str
+    binds_attributes: bool
+    covers: str
+
+
+# In the order the failure path tries them.
+FORMS: Final[Mapping[str, Form]] = {f.name: f for f in (
+    Form(BOUND, True, "the attributes and the data (ENVELOPE.md)"),
+    Form(VALUE_ONLY, False, "the data only: the value bytes (binary mode) or the RFC 8785 form of data"),
+    Form(JS_SORTED, False, "the data as JSON.stringify writes it after sorting keys recursively: integer-like "
+                           "keys first, unlike RFC 8785"),
+    Form(JS_STRINGIFY, False, "the data as JSON.stringify writes it, keys in the order sent, not canonicalized"),
+    Form(WHOLE_OBJECT, False, "the RFC 8785 form of the whole JSON value without its checksum member, "
+                              "instead of data"),
+    Form(PYTHON_SORTED, False, "the data as Python's json.dumps(data, sort_keys=True) writes it"),
+)}
+#: What every source may use: the bound form. Other forms are accepted only for sources declared to use them.
+DEFAULT_FORMS: Final = frozenset({BOUND})
+#: Above this much data the failure path tries the JSON re-serializations only for forms the source is
+#: declared to use: a flood of large records with bad checksums must not cost a serialization each.
+DIAGNOSE_MAX_BYTES: Final = 256 * 1024
+_CHEAP: Final = frozenset({BOUND, VALUE_ONLY})
+
+_LF: Final = b"\n"
+
+
+def bound_base(id: bytes, source: bytes, type: bytes, subject: bytes, attrs: Mapping[str, bytes],
+               algorithm: bytes, key_id: bytes | None, data: bytes) -> bytes | None:
+    """The bound form's signature base (ENVELOPE.md), one line per present component in a fixed order and
+    the data last; None when a component holds a line feed (the base would be ambiguous). Producers and the
+    guard both call this: the texts as UTF-8 bytes; `attrs` holds the optional components under their
+    binary-mode header names (ce_time, ce_entityversion, ce_lamporttime, ce_lamportinstance, ce_vectorclock,
+    content-type), also in structured mode."""
+    # This runs on every event: no loop, one join, one scan for line feeds.
+    get = attrs.get
+    time = get("ce_time")
+    version = get("ce_entityversion")
+    lamport = get("ce_lamporttime")
+    instance = get("ce_lamportinstance")
+    vclock = get("ce_vectorclock")
+    content_type = get("content-type")
+    base = b"".join((
+        b"checksumform: bound\nid: ", id, b"\nsource: ", source, b"\ntype: ", type, b"\nsubject: ", subject,
+        b"" if time is None else b"\ntime: " + time,
+        b"" if version is None else b"\nentityversion: " + version,
+        b"" if lamport is None else b"\nlamporttime: " + lamport,
+        b"" if instance is None else b"\nlamportinstance: " + instance,
+        b"" if vclock is None else b"\nvectorclock: " + vclock,
+        b"" if content_type is None else b"\ndatacontenttype: " + content_type,
+        b"\nchecksumalg: ", algorithm,
+        b"" if key_id is None else b"\nkeyid: " + key_id,
+        b"\ndata: ", data,
+    ))
+    lines = (6 + (time is not None) + (version is not None) + (lamport is not None) + (instance is not None)
+             + (vclock is not None) + (content_type is not None) + (key_id is not None))
+    if base.count(_LF, 0, len(base) - len(data)) != lines:
+        return None
+    return base
+
+
+def _bound(env: Envelope) -> bytes | None:
+    attrs = env.attrs
+    checksum = env.checksum
+    if attrs is None or checksum is None:
+        return None  # the seed's shapes have no attributes to bind
+    # Binary mode's header map holds the texts as sent; structured mode's are encoded here.
+    get = attrs.get
+    key_id = get("ce_keyid")
+    if key_id is None and checksum.key_id is not None:
+        key_id = checksum.key_id.encode()
+    return bound_base(get("ce_id") or env.id.encode(), get("ce_source") or env.source.encode(),
+                      get("ce_type") or env.type.encode(), get("ce_subject") or env.subject.encode(), attrs,
+                      get("ce_checksumalg") or checksum.algorithm.encode(), key_id, env.covered)
+
+
+def _whole_object(env: Envelope) -> bytes | None:
+    obj = env.obj
+    if obj is None:
+        return None
+    return canonicalize({k: v for k, v in obj.items() if k != "checksum"})
+
+
+def _value_only(env: Envelope) -> bytes:
+    covered: bytes = env.covered
+    return covered
+
+
+def _python_sorted(env: Envelope) -> bytes:
+    return json.dumps(env.data(), sort_keys=True).encode()
+
+
+_INPUTS: Final[Mapping[str, Callable[[Envelope], bytes | None]]] = {
+    BOUND: _bound,
+    VALUE_ONLY: _value_only,
+    JS_SORTED: lambda env: js_sorted(env.data()),
+    JS_STRINGIFY: lambda env: js_stringify(env.data()),
+    WHOLE_OBJECT: _whole_object,
+    PYTHON_SORTED: _python_sorted,
+}
+
+
+def form_input(form: str, env: Envelope) -> bytes | None:
+    """The bytes form `form` of `env` covers, or None when the form does not apply to this event."""
+    try:
+        return _INPUTS[form](env)
+    except (CanonicalizationError, TypeError, ValueError, RecursionError):
+        return None  # this form has no bytes for this event: it cannot be the one its checksum was made in
+
+
+def _matches(algorithm: str, content: bytes, key: Key | None, claimed: str) -> bool:
+    if algorithm == HMAC_SHA256:
+        assert key is not None
+        return hmac.compare_digest(_hmac_sha256(key.secret, content), claimed)
+    return digest(algorithm, content) == claimed
+
+
 def check_integrity(
-    checksum: Checksum | None,
-    content: bytes,
-    source: str,
+    env: Envelope,
+    accepted: Collection[str],
     keyring: KeyRing,
     *,
     required: bool,
 ) -> list[tuple[Code, str]]:
-    """Codes and details of every integrity or authorship failure; empty when the event checks out."""
+    """Codes and details of every integrity or authorship failure of `env`; empty when it checks out.
+
+    `accepted` holds the forms its source may use (`DEFAULT_FORMS` unless declared otherwise). An event in
+    an accepted form that does not bind the attributes passes with `integrity.legacy_form` (a warning).
+    Only when the checksum fails under the form the event declares are the other forms tried, so that the
+    reason can say which form the producer used (`integrity.noncanonical`).
+    """
+    checksum = env.checksum
     if checksum is None:
         return [(Code.INTEGRITY_MISSING, "the route requires a checksum or MAC")] if required else []
     algorithm = checksum.algorithm
     if algorithm not in ALGORITHMS:
         return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"algorithm {quote(algorithm)} is not one of {sorted(ALGORITHMS)}")]
+    declared = env.form
+    if declared not in FORMS:
+        return [(Code.INTEGRITY_UNKNOWN_ALGORITHM, f"checksum form {quote(declared)} is not one of {list(FORMS)}")]
     claimed = checksum.value.lower()
+    failures: list[tuple[Code, str]] = []
+    key = None
     if algorithm == HMAC_SHA256:
         key = keyring.get(checksum.key_id) if checksum.key_id else None
         if key is None:
             if not checksum.key_id:
                 return [(Code.INTEGRITY_UNKNOWN_KEY, "an hmac-sha256 MAC without a key id (ce_keyid)")]
             return [(Code.INTEGRITY_UNKNOWN_KEY, f"key id {quote(checksum.key_id)} is not in the key ring")]
-        failures: list[tuple[Code, str]] = []
-        if key.source != source:
-            failures.append((Code.SOURCE_FORGED,
-                             f"signed with key {key.key_id!r} of source {key.source!r}, claims source {quote(source)}"))
-        if not hmac.compare_digest(digest(HMAC_SHA256, content, key), claimed):
-            failures.append((Code.INTEGRITY_BAD_MAC, f"MAC does not match the content under key {key.key_id!r}"))
+        if key.source != env.source:
+            failures.append((Code.SOURCE_FORGED, f"signed with key {key.key_id!r} of source {key.source!r}, "
+                             f"claims source {quote(env.source)}"))
+    content = form_input(declared, env)
+    if content is not None and _matches(algorithm, content, key, claimed):
+        if declared not in accepted:
+            failures.append((Code.INTEGRITY_UNBOUND, _not_accepted(env, declared, accepted)))
+        elif not FORMS[declared].binds_attributes:
+            failures.append((Code.INTEGRITY_LEGACY_FORM, f"the {algorithm} covers {FORMS[declared].covers}; "
+                             f"form {declared!r} is accepted for source {quote(env.source)}, but its attributes "
+                             "are not protected"))
         return failures
-    actual = digest(algorithm, content)
-    if actual != claimed:
-        return [(Code.INTEGRITY_MISMATCH, f"{algorithm} expected {quote(claimed)}, content hashes to {actual!r}")]
-    return []
+    # The failure path: which form, if any, was the checksum made in?
+    big = len(env.covered) > DIAGNOSE_MAX_BYTES
+    for form in FORMS:
+        if form == declared or (big and form not in _CHEAP and form not in accepted):
+            continue
+        other = form_input(form, env)
+        if other is None or not _matches(algorithm, other, key, claimed):
+            continue
+        said = f"the {algorithm} matches form {form!r} ({FORMS[form].covers}), not the declared {declared!r}"
+        if form in accepted:
+            failures.append((Code.INTEGRITY_LEGACY_FORM, f"{said}; accepted for source {quote(env.source)}"
+                             + ("" if FORMS[form].binds_attributes else ", but its attributes are not protected")))
+        else:
+            failures.append((Code.INTEGRITY_NONCANONICAL, f"{said}; {_declare_hint(env, form)}"))
+        return failures
+    untried = f" (JSON re-serializations not tried above {DIAGNOSE_MAX_BYTES} bytes)" if big else ""
+    if key is not None:
+        failures.append((Code.INTEGRITY_BAD_MAC,
+                         f"MAC does not match the {declared} form under key {key.key_id!r}{untried}"))
+    else:
+        actual = digest(algorithm, content) if content is not None else "nothing (the form does not apply)"
+        failures.append((Code.INTEGRITY_MISMATCH,
+                         f"{algorithm} expected {quote(claimed)}, the {declared} form hashes to {actual}{untried}"))
+    return failures
+
+
+def _declare_hint(env: Envelope, form: str) -> str:
+    return (f"source {quote(env.source)} is not declared to use it (configuration: sources: "
+            f"{{{quote(env.source)}: {{forms: [{form}]}}}})")
+
+
+def _not_accepted(env: Envelope, form: str, accepted: Collection[str]) -> str:
+    return (f"the checksum covers {FORMS[form].covers} (form {form!r}), not the attributes; "
+            f"{_declare_hint(env, form)}, so only {sorted(accepted)} is accepted")

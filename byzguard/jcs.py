@@ -27,7 +27,7 @@ import orjson
 
 from byzguard.errors import ByzguardError
 
-__all__ = ["CanonicalizationError", "canonicalize", "canonicalize_json"]
+__all__ = ["CanonicalizationError", "canonicalize", "canonicalize_json", "js_sorted", "js_stringify"]
 
 
 class CanonicalizationError(ByzguardError, ValueError):
@@ -245,3 +245,73 @@ def canonicalize_json(raw: bytes) -> bytes:
     except orjson.JSONDecodeError as exc:
         raise CanonicalizationError(f"not valid JSON: {exc}") from exc
     return canonicalize(value)
+
+
+# -- JavaScript serializations: what producers that do not implement RFC 8785 hash instead ---------------
+# Only the integrity check's failure path uses them, to name the form a failing checksum was made in.
+
+_ARRAY_INDEX_MAX: Final = 2**32 - 2
+
+
+def _array_index(key: str) -> int | None:
+    """The integer a JavaScript object enumerates `key` as (an array index: canonical "0".."4294967294")."""
+    if key.isascii() and key.isdigit() and (key == "0" or key[0] != "0"):
+        n = int(key)
+        if n <= _ARRAY_INDEX_MAX:
+            return n
+    return None
+
+
+def _js_order(items: list[tuple[str, Any]], *, sort: bool) -> list[tuple[str, Any]]:
+    """A JavaScript object's own-key order: array indices ascending, then the other keys in insertion order
+    (sorted by UTF-16 code units first when `sort`, as `Object.keys(o).sort()` inserts them)."""
+    if sort:
+        items = sorted(items, key=lambda kv: kv[0].encode("utf-16-be", "surrogatepass"))
+    indexed = [(n, kv) for kv in items if (n := _array_index(kv[0])) is not None]
+    if not indexed:
+        return items
+    indexed.sort(key=lambda p: p[0])
+    return [kv for _, kv in indexed] + [kv for kv in items if _array_index(kv[0]) is None]
+
+
+def _emit_js(v: object, out: list[bytes], sort: bool) -> None:
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise CanonicalizationError("object keys must be strings")
+        out.append(b"{")
+        for i, (k, x) in enumerate(_js_order(list(v.items()), sort=sort)):
+            if i:
+                out.append(b",")
+            out.append(_encode_string(k))
+            out.append(b":")
+            _emit_js(x, out, sort)
+        out.append(b"}")
+    elif isinstance(v, list | tuple):
+        out.append(b"[")
+        for i, x in enumerate(v):
+            if i:
+                out.append(b",")
+            _emit_js(x, out, sort)
+        out.append(b"]")
+    else:
+        _emit(v, out)  # scalars are written as RFC 8785 (and JSON.stringify) write them
+
+
+def _js(value: object, sort: bool) -> bytes:
+    out: list[bytes] = []
+    try:
+        _emit_js(value, out, sort)
+    except RecursionError as exc:
+        raise CanonicalizationError("value is nested too deeply to serialize") from exc
+    return b"".join(out)
+
+
+def js_sorted(value: object) -> bytes:
+    """`JSON.stringify` of a value whose keys were sorted recursively (`Object.keys(o).sort()`), as hand-written
+    JavaScript canonicalizers do: RFC 8785 except that integer-like keys come first, in numeric order."""
+    return _js(value, True)
+
+
+def js_stringify(value: object) -> bytes:
+    """`JSON.stringify(value)` of a value parsed from JSON: keys in the order received (array indices first)."""
+    return _js(value, False)

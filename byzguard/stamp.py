@@ -1,7 +1,8 @@
 """Producer side: stamp an event with id, source, type, subject, version, clocks and checksum or MAC.
 
 `Stamper` keeps the producer's Lamport clock; the result is (key, value, headers) ready for any Kafka
-client. The guard verifies exactly what this writes (ENVELOPE.md has the byte-level contract).
+client. The guard verifies exactly what this writes (ENVELOPE.md has the byte-level contract). Checksums
+and MACs are in the bound form: they cover the attributes with the data (byzguard.integrity.bound_base).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from byzguard.clocks import VectorClock
 from byzguard.envelope import (
     CE_CHECKSUM,
     CE_CHECKSUMALG,
+    CE_CHECKSUMFORM,
     CE_ENTITYVERSION,
     CE_ID,
     CE_KEYID,
@@ -29,7 +31,7 @@ from byzguard.envelope import (
     CE_VECTORCLOCK,
     CONTENT_TYPE,
 )
-from byzguard.integrity import HMAC_SHA256, SHA256, Key, digest
+from byzguard.integrity import BOUND, HMAC_SHA256, SHA256, VALUE_ONLY, Key, bound_base, digest
 from byzguard.jcs import canonicalize
 from byzguard.routing import receipt_key
 
@@ -59,12 +61,15 @@ class Stamper:
     """Stamps events of one source. Not thread-safe: one per producer task."""
 
     def __init__(self, source: str, *, algorithm: str = SHA256, key: Key | None = None,
-                 lamport: int = 0) -> None:
+                 lamport: int = 0, form: str = BOUND) -> None:
         if algorithm == HMAC_SHA256 and key is None:
             raise ValueError("hmac-sha256 needs a key")
+        if form not in (BOUND, VALUE_ONLY):
+            raise ValueError(f"a Stamper writes the {BOUND!r} form (or the legacy {VALUE_ONLY!r}), not {form!r}")
         self.source = source
         self.algorithm = algorithm
         self.key = key
+        self.form = form  # `value-only` only to imitate producers not yet moved to the bound form
         self.lamport = lamport
 
     def _tick(self, use_lamport: bool) -> int | None:
@@ -92,11 +97,24 @@ class Stamper:
             headers.append((CE_LAMPORTTIME, str(tick).encode()))
         if vclock is not None:
             headers.append((CE_VECTORCLOCK, vclock.to_header()))
+        key_id = self.key.key_id if self.key is not None and self.algorithm == HMAC_SHA256 else None
+        covered = value
+        if self.form == BOUND:
+            headers.append((CE_CHECKSUMFORM, BOUND.encode()))
+            covered = self._bound(event_id, type, subject, dict(headers), key_id, value)
         headers.append((CE_CHECKSUMALG, self.algorithm.encode()))
-        headers.append((CE_CHECKSUM, digest(self.algorithm, value, self.key).encode()))
-        if self.key is not None and self.algorithm == HMAC_SHA256:
-            headers.append((CE_KEYID, self.key.key_id.encode()))
+        headers.append((CE_CHECKSUM, digest(self.algorithm, covered, self.key).encode()))
+        if key_id is not None:
+            headers.append((CE_KEYID, key_id.encode()))
         return Stamped(subject.encode(), value, headers, event_id)
+
+    def _bound(self, event_id: str, type: str, subject: str, attrs: dict[str, bytes], key_id: str | None,
+               data: bytes) -> bytes:
+        base = bound_base(event_id.encode(), self.source.encode(), type.encode(), subject.encode(), attrs,
+                          self.algorithm.encode(), key_id.encode() if key_id is not None else None, data)
+        if base is None:
+            raise ValueError("an attribute holds a line feed, which the bound form cannot cover")
+        return base
 
     def structured(self, data: Any, *, type: str, subject: str, version: int | None = None,
                    time: float | None = None, vclock: VectorClock | None = None, lamport: bool = True,
@@ -114,10 +132,19 @@ class Stamper:
             event["lamporttime"] = tick
         if vclock is not None:
             event["vectorclock"] = vclock.to_header().decode()
+        key_id = self.key.key_id if self.key is not None and self.algorithm == HMAC_SHA256 else None
+        covered = canonicalize(data)
+        if self.form == BOUND:
+            event["checksumform"] = BOUND
+            attrs = {name: (text.encode() if isinstance(text, str) else b"%d" % text) for name, text in (
+                (CE_TIME, event.get("time")), (CE_ENTITYVERSION, version), (CE_LAMPORTTIME, tick),
+                ("ce_lamportinstance", event.get("lamportinstance")), (CE_VECTORCLOCK, event.get("vectorclock")),
+                (CONTENT_TYPE, event["datacontenttype"])) if text is not None}
+            covered = self._bound(event_id, type, subject, attrs, key_id, covered)
         event["checksumalg"] = self.algorithm
-        event["checksum"] = digest(self.algorithm, canonicalize(data), self.key)
-        if self.key is not None and self.algorithm == HMAC_SHA256:
-            event["keyid"] = self.key.key_id
+        event["checksum"] = digest(self.algorithm, covered, self.key)
+        if key_id is not None:
+            event["keyid"] = key_id
         event["data"] = data
         return Stamped(subject.encode(), orjson.dumps(event),
                        [(CONTENT_TYPE, b"application/cloudevents+json")], event_id)

@@ -10,9 +10,10 @@ Accepted, per item (`as_record`):
 - any other mapping, list or JSON scalar: a plain event object, serialized as the record's value.
 
 JSON lines (`parse_jsonl`) use the same rules. A record's `value` given as text is sent as its UTF-8
-bytes, exactly: binary-mode checksums cover those bytes, so copy the text the producer wrote. A value given
-as a JSON object is serialized compactly, which only suits structured and seed-shaped events (their
-checksums cover the canonical form of `data`, not the bytes). Give bytes as `value_base64`.
+bytes, exactly: binary-mode checksums cover those bytes (and, in the bound form, the headers), so copy
+the text and the headers the producer wrote. A value given as a JSON object is serialized compactly,
+which only suits structured and seed-shaped events (their checksums cover the canonical form of `data`,
+not the bytes). Give bytes as `value_base64`.
 """
 
 from __future__ import annotations

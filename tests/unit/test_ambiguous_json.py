@@ -25,11 +25,9 @@ def structured(data: bytes, **attrs: str) -> bytes:
 
 
 def binary(value: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """A binary-mode record declaring `application/json`, with a correct sha256 of its bytes."""
-    s = Stamper("pricing").binary({}, type="price.updated", subject="sku-1", version=1, time=NOW)
-    import hashlib
-    headers = [(k, hashlib.sha256(value).hexdigest().encode() if k == "ce_checksum" else v) for k, v in s.headers]
-    return value, headers
+    """A binary-mode record declaring `application/json`, with a correct (bound-form) sha256 of its bytes."""
+    s = Stamper("pricing").binary(value, type="price.updated", subject="sku-1", version=1, time=NOW)
+    return s.value, s.headers
 
 
 @pytest.mark.parametrize("data", [

@@ -107,13 +107,24 @@ def test_flipped_byte_is_an_integrity_mismatch(harness: Harness) -> None:
     assert routed.decision.outcome is Outcome.QUARANTINED
 
 
-def test_seed_checksum_shape_verifies_and_detects_corruption(harness: Harness) -> None:
-    """The seed's {data, checksum} shape passes untouched and is caught when data changes."""
+def test_seed_checksum_shape_verifies_and_detects_corruption(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    """The seed's {data, checksum} shape of a source declared to use the value-only form passes untouched,
+    with the legacy-form warning (its checksum binds no attribute), and is caught when data changes."""
+    from .conftest import BASE_CONFIG
+    harness = harness_factory(BASE_CONFIG + "sources:\n  pricing: {forms: [value-only]}\n")
     value = seed_checksum_event({"price": 49.99, "currency": "USD"})
-    assert harness.feed(b"sku-9", value, [("ce_source", b"pricing")], now=NOW).decision.outcome \
-        is Outcome.VERIFIED
+    routed = harness.feed(b"sku-9", value, [("ce_source", b"pricing")], now=NOW)
+    assert routed.decision.outcome is Outcome.WARNED and codes(routed) == ["integrity.legacy_form"]
+    assert routed.decision.reasons[0].severity is Severity.WARN
     bad = value.replace(b"49.99", b"4.999")
     assert codes(harness.feed(b"sku-9", bad, [("ce_source", b"pricing")], now=NOW)) == ["integrity.mismatch"]
+
+
+def test_seed_checksum_shape_of_a_source_not_declared_is_refused_as_unbound(harness: Harness) -> None:
+    """The same {data, checksum} record from a source that may use only the bound form is refused."""
+    value = seed_checksum_event({"price": 49.99, "currency": "USD"})
+    routed = harness.feed(b"sku-9", value, [("ce_source", b"pricing")], now=NOW)
+    assert routed.decision.outcome is Outcome.QUARANTINED and codes(routed) == ["integrity.unbound"]
 
 
 def test_missing_checksum_only_matters_when_required(harness_factory) -> None:  # type: ignore[no-untyped-def]

@@ -41,6 +41,20 @@ def test_config_check_needs_no_mac_secret(tmp_path: Path) -> None:
     assert "configuration OK" in result.output
 
 
+def test_config_check_shows_declared_writers_and_lenient_integrity_forms(tmp_path: Path) -> None:
+    """`config check` names the source an input declares and each source's integrity forms besides bound."""
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("sources:\n  web-shop: {forms: [js-sorted, value-only]}\n  strict: {forms: []}\n"
+                      "routes:\n  - {name: r, inputs: [a, {topic: w, source: web-shop}], verified_topic: b, "
+                      "quarantine_topic: c, types: {t: {}}}\n")
+    result = runner.invoke(cli, ["config", "check", str(config)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "inputs ['a', 'w (written by web-shop)']" in output
+    assert "source web-shop: also accepts integrity forms ['js-sorted', 'value-only']" in output
+    assert "source strict" not in output
+
+
 def test_local_mode_keeps_its_made_up_secrets_for_the_next_run(tmp_path: Path) -> None:
     """Local mode makes up a missing MAC secret once, keeps it in a file only the user can read, and the next run
     and the read-only tools reuse it; a variable that is set always wins."""

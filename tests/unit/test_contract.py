@@ -347,3 +347,36 @@ def test_contract_refuses_a_configuration_with_a_repeated_key() -> None:
     from byzguard.errors import ConfigError
     with pytest.raises(ConfigError, match=r"c\.yaml:\d+: duplicate key 'routes'"):
         contract_from_text(CONFIG + "\nroutes: []\n", source_path="c.yaml", secrets={"pricing-1": "s"})
+
+
+ARTICLE_CONFIG = """
+defaults: {max_skew: 5s, max_age: 24h}
+sources:
+  web-shop: {forms: [value-only]}
+routes:
+  - name: prices
+    inputs: [{topic: prices.web, source: web-shop}]
+    verified_topic: prices.verified
+    quarantine_topic: prices.quarantine
+    default_type: price.updated
+    require_checksum: true
+    types:
+      price.updated:
+        sources: [web-shop]
+"""
+
+
+def test_a_headerless_producer_sample_names_its_form_before_deploy() -> None:
+    """A JavaScript producer's {data, checksum} sample on a topic that declares its source: the canonical one
+    passes with the legacy-form warning, the one with integer-like keys is integrity.noncanonical."""
+    import hashlib
+
+    from byzguard.jcs import canonicalize, js_sorted
+    good = {"sku": "sku-1", "price": 5.0}
+    keyed = {"sku": "sku-2", "price": 6.0, "sizes": {"9": 1, "10": 2}}
+    sample = [{"data": good, "checksum": hashlib.sha256(canonicalize(good)).hexdigest()},
+              {"data": keyed, "checksum": hashlib.sha256(js_sorted(keyed)).hexdigest()}]
+    report = contract(ARTICLE_CONFIG).check(sample, now=NOW, key_field="data.sku")
+    assert [(f.key, f.codes) for f in report.findings] == [("sku-1", ("integrity.legacy_form",)),
+                                                           ("sku-2", ("integrity.noncanonical",))]
+    assert "js-sorted" in report.findings[1].reasons[0].detail

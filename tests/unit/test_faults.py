@@ -11,7 +11,16 @@ import pytest
 
 from byzguard import config as guard_config
 from byzguard.clocks import Order, VectorClock
-from byzguard.envelope import CE_ENTITYVERSION, CE_KEYID, CE_SOURCE, CE_TIME, CE_VECTORCLOCK, parse_time
+from byzguard.envelope import (
+    CE_ENTITYVERSION,
+    CE_KEYID,
+    CE_SOURCE,
+    CE_TIME,
+    CE_VECTORCLOCK,
+    Envelope,
+    decode,
+    parse_time,
+)
 from byzguard.faults import (
     ORDERS,
     PAYMENTS,
@@ -35,7 +44,7 @@ from byzguard.faults import (
     score,
 )
 from byzguard.guard import Guard, RecordIn
-from byzguard.integrity import HMAC_SHA256, SHA256, Key, digest
+from byzguard.integrity import BOUND, HMAC_SHA256, SHA256, Key, digest, form_input
 from byzguard.stamp import Stamper
 from byzguard.verdict import Code
 
@@ -126,6 +135,15 @@ def test_partial_write_is_an_order_whose_payment_never_comes() -> None:
     assert orders - paid == set()
 
 
+def signed_bytes(made: Injection) -> bytes:
+    """The bytes the record's checksum covers: its bound form's signature base (ENVELOPE.md)."""
+    env = decode(made.record.key, made.record.value, made.record.headers)
+    assert isinstance(env, Envelope) and env.form == BOUND
+    covered = form_input(BOUND, env)
+    assert covered is not None and covered.endswith(b"\ndata: " + made.record.value)
+    return covered
+
+
 def test_silent_corruption_flips_bytes_after_the_checksum() -> None:
     """silent_corruption: headers intact, the value no longer hashes (or MACs) to the stamped checksum."""
     gen, _ = warmed()
@@ -135,7 +153,7 @@ def test_silent_corruption_flips_bytes_after_the_checksum() -> None:
         h = headers(made)
         algorithm = h["ce_checksumalg"].decode()
         key = PRICING_KEY if algorithm == HMAC_SHA256 else None
-        assert digest(algorithm, made.record.value, key) != h["ce_checksum"].decode()
+        assert digest(algorithm, signed_bytes(made), key) != h["ce_checksum"].decode()
         expected = Code.INTEGRITY_BAD_MAC if algorithm == HMAC_SHA256 else Code.INTEGRITY_MISMATCH
         assert made.label.codes == {expected}
 
@@ -177,7 +195,7 @@ def test_forged_source_is_signed_with_another_services_key() -> None:
     assert made is not None and made.label.codes == {Code.SOURCE_FORGED}
     h = headers(made)
     assert h[CE_SOURCE].decode() != PRICING and h[CE_KEYID] == b"pricing-1" and made.sender == PRICING
-    assert digest(HMAC_SHA256, made.record.value, PRICING_KEY) == h["ce_checksum"].decode()
+    assert digest(HMAC_SHA256, signed_bytes(made), PRICING_KEY) == h["ce_checksum"].decode()
 
 
 def test_forged_source_needs_a_key() -> None:

@@ -8,7 +8,7 @@ import hashlib
 import orjson
 
 from byzguard.envelope import decode
-from byzguard.integrity import HMAC_SHA256
+from byzguard.integrity import HMAC_SHA256, bound_base
 from byzguard.stamp import Stamper
 from byzguard.verdict import QUOTE_LIMIT, Code, Outcome, quote
 
@@ -27,11 +27,13 @@ routes:
 
 
 def not_json(value: bytes, content_type: bytes = b"application/json") -> tuple[bytes, list[tuple[str, bytes]]]:
-    """A binary-mode record declaring `content_type` whose bytes are `value`, with a correct sha256."""
-    s = Stamper("pricing").binary({}, type="price.updated", subject="sku-1", version=1, time=NOW)
-    headers = [(k, hashlib.sha256(value).hexdigest().encode() if k == "ce_checksum" else
-                content_type if k == "content-type" else v) for k, v in s.headers]
-    return value, headers
+    """A binary-mode record declaring `content_type` whose bytes are `value`, with a correct (bound-form) sha256."""
+    s = Stamper("pricing").binary(value, type="price.updated", subject="sku-1", version=1, time=NOW)
+    headers = [(k, content_type if k == "content-type" else v) for k, v in s.headers]
+    h = dict(headers)
+    base = bound_base(h["ce_id"], h["ce_source"], h["ce_type"], h["ce_subject"], h, h["ce_checksumalg"], None, value)
+    assert base is not None
+    return value, [(k, hashlib.sha256(base).hexdigest().encode() if k == "ce_checksum" else v) for k, v in headers]
 
 
 def test_declared_json_that_is_not_json_is_malformed_with_or_without_rules(harness: Harness) -> None:

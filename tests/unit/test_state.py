@@ -156,6 +156,17 @@ def test_a_warned_value_does_not_replace_the_last_known_good() -> None:
     assert EntityState.from_bytes(record(h)).last_good_data() == {**PRICE, "price": 11.0}
 
 
+def test_a_version_gap_alone_replaces_the_last_known_good() -> None:
+    """A version gap (warn by default) says nothing against the value: 10 at version 1, then 11 at version 5
+    is verified with the warning and becomes the last-known-good."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    send(h, price(stamper, 1, 10.0))
+    gap = send(h, price(stamper, 5, 11.0))
+    assert [r.code.value for r in gap.decision.reasons] == ["version.gap"]
+    assert EntityState.from_bytes(record(h)).last_good_data() == {**PRICE, "price": 11.0}
+
+
 def test_a_type_can_let_warned_values_replace_the_last_known_good() -> None:
     """With `last_good_on_warn: replace` on its type, a warned value becomes the last-known-good."""
     h = Harness(BASE_CONFIG.replace("      price.updated:\n",
