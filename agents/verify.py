@@ -10,6 +10,10 @@ A route with `partitioning: repartition` puts repartition_events in front: it co
 bytes and headers untouched, to the internal repartition topic at the partition of its key (Kafka's murmur2,
 byzguard.partitioner), with its input coordinates in one header, in the transaction of the input record;
 verify_events then reads the repartition topic and judges each record as if it had come from its input.
+
+Sizes are decided before anything is sent: a record whose copy (with byzguard's headers, at most
+byzguard.routing OWN_HEADERS_MAX) would not fit the verified or quarantine topic is not checked at all; a bounded
+stub that points at it goes to quarantine instead (`output.too_large`), and it changes no state.
 """
 
 from __future__ import annotations
@@ -24,12 +28,21 @@ from faust.types import TP
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
-from app.outbox import Outbox
+from app.outbox import Outbox, RecordTooLargeError
 from byzguard.config import Partitioning, Route
+from byzguard.engine import Decision
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result, Routed, held_count
 from byzguard.partitioner import partition_for
-from byzguard.routing import receipt, repartition_headers, repartitioned_from
-from byzguard.verdict import Code, Outcome
+from byzguard.routing import (
+    OWN_HEADERS_MAX,
+    receipt,
+    receipt_key,
+    record_size,
+    repartition_headers,
+    repartitioned_from,
+    too_large_stub,
+)
+from byzguard.verdict import Code, Outcome, Reason
 from tables import RouteTables
 from tables.buffer import StateBuffer
 from topics import RouteTopics
@@ -110,19 +123,31 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
     quarantine_name = quarantine_topic.get_topic_name()
     receipts_name = receipts_topic.get_topic_name() if receipts_topic is not None else None
 
+    copy_limit = 0  # the smaller limit of the verified and quarantine topics, known once the outbox started
+
+    def stub(record: RecordIn, reasons: tuple[Reason, ...], size: int, now: float, source: TP) -> Routed:
+        return quarantine_stub(outbox, quarantine_name, name, record, reasons, size, copy_limit, now, source)
+
     def emit(routed: Routed, source: TP) -> None:
         record = routed.record
         # Outputs keep the partition the record was read from: they are co-partitioned, and no key hashing is
         # needed. Under exactly_once they belong to the transaction of the event being processed (`source`).
         home = record.home
-        if routed.verified_headers is not None:
-            add(verified_name, home, record.key, record.value, routed.verified_headers, source=source)
-        if routed.quarantine_headers is not None:
-            add(quarantine_name, home, record.key, record.value, routed.quarantine_headers, source=source)
+        try:
+            if routed.verified_headers is not None:
+                add(verified_name, home, record.key, record.value, routed.verified_headers, source=source)
+            if routed.quarantine_headers is not None:
+                add(quarantine_name, home, record.key, record.value, routed.quarantine_headers, source=source)
+        except RecordTooLargeError:
+            # Not reached while byzguard's headers stay within OWN_HEADERS_MAX (checked before processing); should
+            # that bound ever be wrong, the record is still accounted for, as a stub.
+            log.exception("a copy exceeded the bound checked before processing")
+            stub(record, routed.decision.reasons, record_size(record.key, record.value, record.headers), time.time(),
+                 source)
         if receipts_name is not None and routed.envelope is not None:
             # In the same transaction as the routing: a receipt is visible exactly when the verdict is.
             event_id = routed.envelope.id
-            add(receipts_name, home, event_id.encode(), receipt(
+            add(receipts_name, home, receipt_key(event_id), receipt(
                 event_id, routed.decision.outcome, routed.decision.reasons, name, topic=record.topic,
                 partition=record.partition, offset=record.offset, now=time.time()), source=source)
 
@@ -150,7 +175,14 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         if msg.topic == tick_name:
             result = guard.expire_held(route, state, now=now)
         else:
-            result = guard.process(record_of(msg), route, state, now=now)
+            record = record_of(msg)
+            size = record_size(record.key, record.value, record.headers)
+            if size + OWN_HEADERS_MAX > copy_limit:  # no copy would fit: not checked, no state, a stub instead
+                routed = stub(record, (), size, now, msg.tp)
+                latency.observe(time.perf_counter() - started)
+                observe(name, routed, now)
+                return
+            result = guard.process(record, route, state, now=now)
         apply(result, msg.partition)
         source = msg.tp
         for routed in result.routed:
@@ -162,6 +194,10 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
             observe(name, routed, now)
 
     async def verify_events(stream: faust.StreamT[bytes]) -> None:
+        nonlocal copy_limit
+        await outbox.start([verified_name, quarantine_name, *([receipts_name] if receipts_name else []),
+                            *(table.changelog_topic.get_topic_name() for table in by_name.values())])
+        copy_limit = min(outbox.limit(verified_name), outbox.limit(quarantine_name))
         await _each_event(app, stream, outbox, verify_one)
 
     if tick_topic is not None:
@@ -187,6 +223,19 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
                      supervisor_strategy=CrashingSupervisor)(verify_events)
 
 
+def quarantine_stub(outbox: Outbox, quarantine_name: str, route: str, record: RecordIn,
+                    reasons: tuple[Reason, ...], size: int, limit: int, now: float, source: TP) -> Routed:
+    """Quarantine a bounded stub for `record`, whose copy does not fit (see the module doc)."""
+    key, value, headers = too_large_stub(
+        record.key, record.value, record.headers, reasons, route, topic=record.topic, partition=record.partition,
+        offset=record.offset, timestamp=record.timestamp, size=size, limit=limit, now=now)
+    outbox.add(quarantine_name, record.home, key, value, headers, source=source)
+    log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
+                "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size, limit)
+    reason = Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes")
+    return Routed(record, Decision(Outcome.QUARANTINED, (reason, *reasons)), None, None, None)
+
+
 def attach_repartition_agent(app: faust.App, route: Route, sources: faust.TopicT, repartition: faust.TopicT,
                              buffer: StateBuffer) -> Any:
     """Register repartition_events of one route: each input record to the partition of its key, unchanged.
@@ -199,15 +248,31 @@ def attach_repartition_agent(app: faust.App, route: Route, sources: faust.TopicT
     target = repartition.get_topic_name()
     partitions = route.partitions
 
+    quarantine_name = route.quarantine_topic
+    copy_limit = 0  # the smaller limit of the repartition and quarantine topics, known once the outbox started
+
     async def forward_one(event: faust.EventT) -> None:
         msg = event.message
         key = msg.key
         partition = partition_for(key, partitions) if key is not None else msg.partition % partitions
+        headers = msg.headers or ()
+        size = record_size(key, msg.value, headers)
+        if size + OWN_HEADERS_MAX > copy_limit:
+            # A record the broker took compressed may not fit uncompressed: it is accounted for here, as a stub in
+            # the quarantine partition of its entity, since no copy of it can reach the verify agent.
+            record = RecordIn(key, msg.value, headers, msg.topic, msg.partition, msg.offset, msg.timestamp,
+                              partitions, partition)
+            observe(route.name, quarantine_stub(outbox, quarantine_name, route.name, record, (), size, copy_limit,
+                                                time.time(), msg.tp), time.time())
+            return
         # In the input record's transaction: the copy and the input offset commit together (app/eos.py).
         add(target, partition, key, msg.value,
-            repartition_headers(msg.headers, msg.topic, msg.partition, msg.offset, msg.timestamp), source=msg.tp)
+            repartition_headers(headers, msg.topic, msg.partition, msg.offset, msg.timestamp), source=msg.tp)
 
     async def repartition_events(stream: faust.StreamT[bytes]) -> None:
+        nonlocal copy_limit
+        await outbox.start([target, quarantine_name])
+        copy_limit = min(outbox.limit(target), outbox.limit(quarantine_name))
         await _each_event(app, stream, outbox, forward_one)
 
     eos.guard(app, sources)

@@ -67,7 +67,7 @@ from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
-#: How long a commit waits for buffered changelog writes before it gives up and crashes the worker.
+#: How often a commit that waits for buffered changelog writes (a broker outage) says so in the log.
 CHANGELOG_DELIVERY_TIMEOUT = 60.0
 
 #: How often recovery looks whether only transaction markers are left, and how long one look may take.
@@ -94,11 +94,19 @@ class CommitGate:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.before_commit: list[Callable[[], Awaitable[None]]] = []
+        #: Run after a commit that returned, with its result (True: offsets, and under exactly_once the
+        #: transactions, were committed).
+        self.after_commit: list[Callable[[bool], Awaitable[None]]] = []
 
     async def prepare(self) -> None:
         """Run the before-commit hooks, in the order they were added."""
         for hook in self.before_commit:
             await hook()
+
+    async def finish(self, committed: bool) -> None:
+        """Run the after-commit hooks, in the order they were added."""
+        for hook in self.after_commit:
+            await hook(committed)
 
 
 def gate_of(app: faust.App) -> CommitGate | None:
@@ -125,6 +133,7 @@ def install_gate(app: faust.App) -> CommitGate:
             async with gate.lock:
                 await gate.prepare()
                 committed: bool = await super().commit(topics, start_new_transaction=start_new_transaction)
+                await gate.finish(committed)
                 return committed
 
     transport.Consumer = Consumer
@@ -134,6 +143,11 @@ def install_gate(app: faust.App) -> CommitGate:
 def before_commit(app: faust.App, hook: Callable[[], Awaitable[None]]) -> None:
     """Run `hook` inside every offset commit of `app`, under the processing lock, before the offsets go."""
     install_gate(app).before_commit.append(hook)
+
+
+def after_commit(app: faust.App, hook: Callable[[bool], Awaitable[None]]) -> None:
+    """Run `hook(committed)` after every offset commit of `app` that returned, still under the processing lock."""
+    install_gate(app).after_commit.append(hook)
 
 
 class InOrder:
@@ -401,11 +415,21 @@ class ExactlyOnce:
         fut.add_done_callback(self.pending.discard)
 
     async def wait_delivered(self) -> None:
-        """Wait until every buffered send so far is delivered; raise if one failed."""
+        """Wait until every buffered send so far is delivered; raise if one failed. A broker outage is waited
+        out (the producer retries each send up to faust's `producer_request_timeout`), said in the log every
+        CHANGELOG_DELIVERY_TIMEOUT seconds."""
         pending = list(self.pending)
-        if pending:
-            async with asyncio.timeout(CHANGELOG_DELIVERY_TIMEOUT):
-                await asyncio.gather(*pending)
+        if not pending:
+            return
+        gathered = asyncio.gather(*pending)
+        started = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(gathered), CHANGELOG_DELIVERY_TIMEOUT)
+                return
+            except TimeoutError:
+                log.warning("waiting %.0f s for %d buffered sends (is the broker away?); the commit waits",
+                            time.monotonic() - started, len(pending))
 
 
 def state_of(app: faust.App) -> ExactlyOnce | None:

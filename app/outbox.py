@@ -17,6 +17,15 @@ the agent but back pressure):
 - before every offset commit (`flush`, under the processing lock, app/eos.py): a commit's offsets never go
   before the records of the events they cover are delivered.
 
+A batch that is not delivered fails the outbox for good: that flush and every later one raise, as do `add` and
+`wake`, so no commit (the one at shutdown included) passes the events whose records were lost, the worker stops
+loudly and Kafka redelivers them. A broker outage is waited out: aiokafka retries a batch until the producer's
+request timeout (faust's `producer_request_timeout`), and a flush waits as long, logging while it waits.
+
+Sizes: `limit(topic)` is the destination's `max.message.bytes` (read from the broker at `start`). The agents
+decide before adding whether a record fits (byzguard.routing `record_size`); the outbox refuses one that does
+not (`RecordTooLargeError`) instead of letting the broker fail its batch.
+
 Order: the records of one destination partition go out in the order they were added (one sender at a time,
 batches sent in the order they were opened). Under exactly_once each batch goes through the transactional
 producer of the input partition whose event caused it (changelog records: their own partition's), so it
@@ -32,9 +41,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.types import TP
 
 from app import eos
+from byzguard.routing import record_size
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +56,20 @@ LINGER = 0.005
 #: Full batches waiting for the sender at which the agent waits for it (back pressure, ~16 KB each).
 MAX_FULL = 64
 
-#: How long a commit waits for its records' delivery before it gives up and the worker crashes (the same bound
-#: as for faust's own buffered sends).
-DELIVERY_TIMEOUT = eos.CHANGELOG_DELIVERY_TIMEOUT
+#: How often a flush that waits for delivery (a broker outage) says so in the log.
+WAIT_LOG_INTERVAL = 10.0
+
+#: A topic's message size limit when the broker does not say (Kafka's default `message.max.bytes`).
+DEFAULT_LIMIT = 1_048_588
+
+#: Records at least this long are measured against their destination's limit when added.
+MEASURE_FROM = 16 * 1024
 
 Headers = Sequence[tuple[str, bytes]]
+
+
+class RecordTooLargeError(ValueError):
+    """A record does not fit its destination topic (`max.message.bytes`); callers check `fits` first."""
 
 
 class _Batch:
@@ -68,8 +89,12 @@ class _Batch:
 class Outbox:
     """Records waiting to be sent, batched per destination partition; see the module doc for when they go."""
 
-    def __init__(self, app: faust.App, *, linger: float = LINGER, max_full: int = MAX_FULL) -> None:
+    def __init__(self, app: faust.App, *, linger: float = LINGER, max_full: int = MAX_FULL,
+                 bootstrap: str | None = None) -> None:
         self.app = app
+        self.bootstrap = bootstrap or ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
+        #: Destination topic -> its max.message.bytes (see `load_limits`).
+        self.limits: dict[str, int] = {}
         self.linger = linger
         self.max_full = max_full
         self._open: dict[tuple[str | None, str, int], _Batch] = {}
@@ -90,6 +115,11 @@ class Outbox:
         (under exactly_once its transaction); None for a changelog record (its own partition's transaction)."""
         if self._failed is not None:
             raise self._failed
+        if value is not None and len(value) >= MEASURE_FROM:
+            size = record_size(key, value, headers or ())
+            if size > self.limit(topic):
+                raise RecordTooLargeError(f"a record of {size} bytes for {topic}[{partition}] exceeds the topic's "
+                                          f"limit of {self.limit(topic)} bytes (max.message.bytes)")
         tid = self._tid(topic, partition, source) if self._exactly_once else None
         slot = (tid, topic, partition)
         batch = self._open.get(slot)
@@ -104,6 +134,19 @@ class Outbox:
         batch.count += 1
         if self._oldest is None:
             self._oldest = time.monotonic()
+
+    @property
+    def transactional(self) -> bool:
+        """True under exactly_once: every record goes out in the transaction of its input partition."""
+        return self._exactly_once
+
+    def limit(self, topic: str) -> int:
+        """The largest record batch `topic` takes (its max.message.bytes; DEFAULT_LIMIT when not loaded)."""
+        return self.limits.get(topic, DEFAULT_LIMIT)
+
+    def fits(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> bool:
+        """True when the record, alone in a batch, is within `topic`'s limit."""
+        return record_size(key, value, headers or ()) <= self.limit(topic)
 
     @property
     def pending(self) -> bool:
@@ -127,23 +170,53 @@ class Outbox:
 
     async def flush(self) -> dict[tuple[str, int], int]:
         """Send everything added so far and wait until it is delivered; return, per destination partition
-        that got records since the last flush, the offset of its last record. Raises if one was not delivered."""
+        that got records since the last flush, the offset of its last record. Raises if one was not delivered,
+        and so does every later flush: records that were lost are never committed past.
+
+        While the broker does not take the records (an outage) this waits, as long as aiokafka retries them,
+        and says so in the log every WAIT_LOG_INTERVAL seconds."""
+        task = asyncio.ensure_future(self._flush())
+        started = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=WAIT_LOG_INTERVAL)
+                if done:
+                    break
+                log.warning("outbox: waiting %.0f s for the delivery of %d record batches (is the broker away?); "
+                            "processing and commits wait", time.monotonic() - started, len(self._sent))
+        except BaseException:
+            task.cancel()
+            raise
+        if time.monotonic() - started >= WAIT_LOG_INTERVAL:
+            log.warning("outbox: delivered after %.0f s; processing goes on", time.monotonic() - started)
+        return task.result()
+
+    async def _flush(self) -> dict[tuple[str, int], int]:
         await self._send_all()
-        async with asyncio.timeout(DELIVERY_TIMEOUT):  # a delivery that never ends crashes the worker, loudly
-            sent, self._sent = self._sent, []
-            last: dict[tuple[str, int], int] = {}
-            for batch, fut in sent:
-                if not fut.done():
-                    await fut
-                offset = int(fut.result().offset) + batch.count - 1  # raises if the batch was not delivered
-                dest = (batch.topic, batch.partition)
-                if last.get(dest, -1) < offset:
-                    last[dest] = offset
+        last: dict[tuple[str, int], int] = {}
+        for batch, fut in self._sent:
+            if not fut.done():
+                await asyncio.wait([fut])
+            try:
+                offset = int(fut.result().offset) + batch.count - 1
+            except BaseException as exc:
+                if self._failed is None:
+                    log.error("outbox: %d records for %s[%d] were not delivered: %r; nothing is committed past "
+                              "them and the worker stops", batch.count, batch.topic, batch.partition, exc)
+                    self._failed = exc
+                raise
+            dest = (batch.topic, batch.partition)
+            if last.get(dest, -1) < offset:
+                last[dest] = offset
+        self._sent = []
         return last
 
-    async def start(self) -> None:
-        """Make sure the producer runs (the first `add` needs it)."""
+    async def start(self, topics: Sequence[str] = ()) -> None:
+        """Make sure the producer runs (the first `add` needs it) and know the size limits of `topics`."""
         await self.app.producer.maybe_start()
+        missing = [t for t in topics if t not in self.limits]
+        if missing:
+            self.limits.update(await load_limits(self.bootstrap, missing))
 
     # -- sending -----------------------------------------------------------------------------------------------
 
@@ -214,3 +287,39 @@ class Outbox:
         if found is None:
             raise RuntimeError(f"no transactional producer {tid!r}: its partition is not assigned to this worker")
         return found
+
+
+async def load_limits(bootstrap: str, topics: Sequence[str], *, retry_for: float = 120.0) -> dict[str, int]:
+    """Each existing topic's `max.message.bytes` (its own setting, else the broker's `message.max.bytes`); a topic
+    that does not exist is left out. A broker that does not answer is waited for up to `retry_for` seconds."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            wanted = [t for t in dict.fromkeys(topics) if t in existing]
+            if not wanted:
+                return {}
+            responses = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in wanted])
+            return _limits_of(responses)
+        except Exception as exc:  # a broker outage is waited out, not crashed on
+            if time.monotonic() > deadline:
+                raise
+            log.warning("outbox: cannot read topic limits from %s (%r); retrying", bootstrap, exc)
+            await asyncio.sleep(2)
+        finally:
+            await admin.close()
+
+
+def _limits_of(responses: Sequence[Any]) -> dict[str, int]:
+    limits: dict[str, int] = {}
+    for response in responses:
+        for resource in response.to_object().get("resources", []):
+            if resource.get("error_code", 0):
+                continue
+            for entry in resource.get("config_entries", []):
+                if entry.get("config_names") == "max.message.bytes" and entry.get("config_value"):
+                    limits[resource["resource_name"]] = int(entry["config_value"])
+    return limits

@@ -3,6 +3,13 @@
 Tables are co-partitioned with their inputs: the entity state of partition p lives in changelog partition p.
 An input topic that already exists keeps its partition count (byzguard adopts it); byzguard's own outputs
 and changelogs must then match it, or the worker refuses to start with what to do about it.
+
+Sizes: a copy of any record an input topic accepts must fit where byzguard writes it. The outputs (verified,
+quarantine, receipts, causal ticks) are created with `max.message.bytes` of the largest input limit (the input
+topic's own setting, else the broker's `message.max.bytes`) plus OUTPUT_HEADROOM for byzguard's headers, which
+are bounded (byzguard.routing OWN_HEADERS_MAX); the state changelogs with STATE_FACTOR times the input limit plus
+the headroom (an entity's state may keep its last-known-good value beside its bookkeeping). An output that exists
+with less room is kept and warned about: a record that does not fit it is quarantined as a stub.
 """
 
 from __future__ import annotations
@@ -15,15 +22,22 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from app.outbox import DEFAULT_LIMIT, load_limits
 from byzguard.audit import AuditRule
-from byzguard.config import GuardConfig, Partitioning
+from byzguard.config import GuardConfig, Partitioning, Route
 from byzguard.errors import ConfigError
+from byzguard.routing import OWN_HEADERS_MAX
 from tables import table_names
 from tables.audit import audit_table_name
 from topics import route_repartition_topic_name, ticks_topic_name
 from topics.audit import repartition_topic_name
 
 log = logging.getLogger(__name__)
+
+#: Room above the inputs' message size limit that output topics get for byzguard's headers (and a stub's fields).
+OUTPUT_HEADROOM = 4 * OWN_HEADERS_MAX
+#: A state changelog takes records of this many times the inputs' limit (plus the headroom).
+STATE_FACTOR = 2
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
@@ -42,10 +56,12 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
     return counts
 
 
-async def _create_topics(admin: AIOKafkaAdminClient, topics: list[str], partitions: int) -> None:
+async def _create_topics(admin: AIOKafkaAdminClient, topics: list[str], partitions: int,
+                         configs: dict[str, str] | None = None) -> None:
     """Create topics; one that another worker created meanwhile is fine, any other refusal is raised."""
     try:
-        response = await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+        response = await admin.create_topics([NewTopic(t, partitions, 1, topic_configs=dict(configs or {}))
+                                              for t in topics])
     except TopicAlreadyExistsError:
         return
     # aiokafka reports per-topic errors in the response instead of raising them.
@@ -75,6 +91,37 @@ async def _provision_audit(admin: AIOKafkaAdminClient, rule: AuditRule, app_id: 
         with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics([NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})])
     return dataclasses.replace(rule, partitions=partitions)
+
+
+async def _provision_outputs(bootstrap: str, admin: AIOKafkaAdminClient, route: Route, outputs: list[str],
+                             changelogs: list[str], counts: dict[str, int], partitions: int) -> None:
+    """Create a route's missing outputs and changelogs with room for a copy of any input record (module doc)."""
+    for _ in range(50):  # an input created just now may take a moment to show in the metadata
+        limits = await load_limits(bootstrap, [*route.inputs, *outputs, *changelogs])
+        if all(t in limits for t in route.inputs):
+            break
+        await asyncio.sleep(0.2)
+    input_limit = max(limits.get(t, 0) for t in route.inputs)
+    if not input_limit:
+        input_limit = DEFAULT_LIMIT
+        log.warning("route %s: cannot read the message size limit of %s; assuming Kafka's default of %d bytes",
+                    route.name, list(route.inputs), input_limit)
+    wanted = {t: input_limit + OUTPUT_HEADROOM for t in outputs}
+    wanted.update({t: STATE_FACTOR * input_limit + OUTPUT_HEADROOM for t in changelogs})
+    for topic, size in wanted.items():
+        if topic in counts:
+            if limits.get(topic, size) < size:
+                what = ("a state record that does not fit stops the worker" if topic in changelogs else
+                        "records that do not fit are quarantined as stubs (output.too_large)")
+                log.warning("route %s: topic %s takes records of up to %d bytes (max.message.bytes), less than the "
+                            "%d byzguard may need to write there; %s. Raise it with: kafka-configs --alter "
+                            "--entity-type topics --entity-name %s --add-config max.message.bytes=%d",
+                            route.name, topic, limits[topic], size, what, topic, size)
+            continue
+        configs = {"max.message.bytes": str(size)}
+        if topic in changelogs:
+            configs["cleanup.policy"] = "compact"
+        await _create_topics(admin, [topic], partitions, configs)
 
 
 async def provision(
@@ -121,9 +168,11 @@ async def provision(
                         f"{partitions}; outputs and state must be co-partitioned with the inputs. Recreate "
                         f"{topic!r} with {partitions} partitions (changelogs are rebuilt from nothing, so only do "
                         f"that to a fresh deployment) or give the inputs {counts[topic]} partitions.")
-            missing = [t for t in names if t not in counts]
-            if missing:
-                await _create_topics(admin, missing, partitions)
+            missing_inputs = [t for t in route.inputs if t not in counts]
+            if missing_inputs:
+                await _create_topics(admin, missing_inputs, partitions)
+            outputs = names[len(route.inputs):]
+            await _provision_outputs(bootstrap, admin, route, outputs, changelogs, counts, partitions)
             routes.append(dataclasses.replace(route, partitions=partitions))
         by_input = {topic: r for r in routes for topic in r.inputs}
         audits = tuple([await _provision_audit(admin, rule, app_id) for rule in config.audits])

@@ -92,6 +92,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     buffer = StateBuffer(outbox)
     # State writes and every record of the agents are delivered before the offsets of their events commit.
     eos.before_commit(app, buffer.flush)
+    eos.after_commit(app, buffer.committed)  # under exactly_once the stores get state only once it is committed
     guard = Guard(config)
     built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))

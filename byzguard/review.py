@@ -234,6 +234,12 @@ class QuarantinedRecord:
         return tuple(r.get("code", "") for r in self.reasons)
 
     @property
+    def is_stub(self) -> bool:
+        """True for a stub that stands for a record too large to copy (`output.too_large`): its value is a
+        pointer to the original, never the original, so it can be rejected but not approved or re-sent."""
+        return any(k == routing.H_STUB for k, _ in self.headers)
+
+    @property
     def time(self) -> float | None:
         """When it was quarantined (detection time, else the original record's time)."""
         return self.detected_at if self.detected_at is not None else self.original_timestamp

@@ -40,6 +40,7 @@ from byzguard.envelope import (
 )
 from byzguard.integrity import BOUND, HMAC_SHA256, SHA256, VALUE_ONLY, Key, bound_base, digest
 from byzguard.jcs import canonicalize
+from byzguard.routing import receipt_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +54,9 @@ class Stamped:
 
     @property
     def key_id_bytes(self) -> bytes:
-        """The event id as bytes: the key of its receipt."""
-        return self.event_id.encode()
+        """The key of its receipt: the event id as bytes, or its SHA-256 when the id is long (byzguard.routing
+        `receipt_key`)."""
+        return receipt_key(self.event_id)
 
 
 def rfc3339(epoch: float) -> str:

@@ -61,6 +61,8 @@ class Code(StrEnum):
     TIME_FUTURE = "time.future"
     INVARIANT_VIOLATED = "invariant.violated"
     INVARIANT_ERROR = "invariant.error"
+    #: Not a check of the event: its copy does not fit the destination topic, so a bounded stub stands for it.
+    OUTPUT_TOO_LARGE = "output.too_large"
     STATE_LAST_GOOD_TOO_LARGE = "state.last_good_too_large"
 
     @property
@@ -82,6 +84,7 @@ CHECK_OF_FAMILY: dict[str, str] = {
     "causal": "causal",
     "time": "time",
     "invariant": "invariant",
+    "output": "output",
     "state": "state",
 }
 

@@ -8,15 +8,22 @@ as one WriteBatch per partition, a key written many times in between (a source's
 changelog once, and the changelog records go out through the outbox (app/outbox.py) in aiokafka record
 batches: under exactly_once, in the transaction of their partition, so they commit with the input offsets.
 
-What makes it safe: `flush` runs inside every offset commit, under the processing lock (app/eos.py
-`before_commit`), and returns only when every changelog record sent since the last commit is delivered, so no
-committed offset lacks its state in the changelog; reads see the buffer first, so the next event sees its
-predecessor's writes at once. Between commits the agent writes the buffer out whenever FLUSH_KEYS keys are
-pending (`write_out`: into the stores and the outbox, which sends them soon), so a commit stalls processing for
-the delivery of the last few batches only. A worker
-killed before a commit loses the buffer and the uncommitted offsets together: the events are delivered again
-and their writes redone (under exactly_once the changelog records sent so far belong to the aborted
-transaction, and the local tables are discarded at the next start, app/eos.py fix 4).
+The order of a commit (`flush`, run inside every offset commit under the processing lock, app/eos.py
+`before_commit`), as quix-streams does it: the events' outputs are delivered, then the changelog records are
+sent and delivered (the outbox waits for every one, and a failed send fails that commit and every later one),
+then the state is written into the local store, and only then do the offsets go. So neither the changelog nor
+the local store ever holds state whose event's outputs were not delivered: after a crash (SIGKILL, a send that
+failed, a broker outage that ended the worker) a redelivered event is never judged a duplicate of itself with
+its output missing. at_least_once may repeat an output; it never loses one. Under exactly_once the outputs and
+changelog records are one transaction with the offsets, so changelog records are queued as soon as they are
+written out; the state goes into the local store only after the commit's transactions committed (`committed`,
+an app/eos.py after-commit hook), and the local tables of a crashed worker are discarded at its next start
+(app/eos.py fix 4).
+
+Between commits the agent writes pending keys out whenever FLUSH_KEYS are pending (`write_out`: staged, and
+under exactly_once queued in the outbox, which sends them soon, so a commit stalls processing for the delivery
+of the last few batches only). Reads see pending writes first, then staged ones, then the store: the next
+event sees its predecessor's writes at once.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import faust
 import rocksdict
 from faust.types import TP
+
+from byzguard.routing import record_size
 
 if TYPE_CHECKING:
     from app.outbox import Outbox
@@ -39,6 +48,15 @@ Dirty = dict[Any, dict[int, dict[bytes, bytes | None]]]
 #: processing for the delivery of the last few only, not for a whole interval's worth of sends).
 FLUSH_KEYS = 256
 
+#: A changelog record at least this long is measured against its topic's message size limit before it is queued.
+MEASURE_FROM = 64 * 1024
+
+
+class StateTooLargeError(RuntimeError):
+    """A state record does not fit its changelog topic: it cannot be made durable, so the worker must stop
+    (loudly, before anything of the event that wrote it is committed) rather than lose it."""
+
+
 class StateBuffer:
     """The pending writes of every buffered table; `partition` is the partition of the event being processed.
 
@@ -46,6 +64,10 @@ class StateBuffer:
 
     def __init__(self, outbox: Outbox | None = None, flush_keys: int = FLUSH_KEYS) -> None:
         self._dirty: Dirty = {}
+        #: Written out (queued for the changelog) but not yet in the store: delivered first, then stored.
+        self._staged: Dirty = {}
+        #: Under exactly_once: the last delivered offset per changelog partition, stored once committed.
+        self._delivered: dict[tuple[str, int], int] = {}
         self._keys = 0
         self.flush_keys = flush_keys
         self.outbox = outbox
@@ -64,6 +86,12 @@ class StateBuffer:
             entries = parts.get(partition)
             if entries is not None and key in entries:
                 return entries[key]
+        if self._staged:
+            parts = self._staged.get(table)
+            if parts is not None:
+                entries = parts.get(partition)
+                if entries is not None and key in entries:
+                    return entries[key]
         return _read(table, partition, key)
 
     def put(self, table: faust.TableT[bytes, bytes], partition: int, key: bytes, value: bytes | None) -> None:
@@ -89,15 +117,47 @@ class StateBuffer:
         return self._keys >= self.flush_keys
 
     def write_out(self) -> None:
-        """Write every pending key to its store and queue it for its changelog in the outbox."""
+        """Move every pending key to the staged writes, which reach the store at the next `flush` once delivered.
+        Under exactly_once its changelog record is queued in the outbox at once (it commits or aborts with the
+        partition's transaction); under at_least_once only at the flush, once the outputs of the events that
+        wrote it are delivered. Raises StateTooLargeError for a record its changelog topic cannot take."""
         if not self._dirty:
             return
-        dirty, self._dirty, self._keys = self._dirty, {}, 0
         outbox = self.outbox
         if outbox is None:
             raise RuntimeError("StateBuffer.write_out needs an outbox to send the changelog records")
+        dirty = self._dirty
         for table, parts in dirty.items():
-            _write(table, parts)  # from here on reads see these in the stores
+            topic = table.changelog_topic.get_topic_name()
+            for partition, entries in parts.items():
+                for key, value in entries.items():
+                    if value is not None and len(value) >= MEASURE_FROM:
+                        size = record_size(key, value, ())
+                        limit = outbox.limit(topic)
+                        if size > limit:
+                            raise StateTooLargeError(
+                                f"the state record of key {key[:64]!r} in {topic}[{partition}] takes {size} bytes, "
+                                f"more than the topic's limit of {limit} (max.message.bytes): it cannot be made "
+                                f"durable; nothing of its event is committed")
+        self._dirty, self._keys = {}, 0
+        if getattr(outbox, "transactional", False):
+            self._queue(dirty)
+        staged = self._staged
+        for table, parts in dirty.items():
+            into = staged.get(table)
+            if into is None:
+                into = staged[table] = {}
+            for partition, entries in parts.items():
+                known = into.get(partition)
+                if known is None:
+                    into[partition] = entries
+                else:
+                    known.update(entries)
+
+    def _queue(self, writes: Dirty) -> None:
+        outbox = self.outbox
+        assert outbox is not None
+        for table, parts in writes.items():
             topic = table.changelog_topic.get_topic_name()
             self._changelogs[topic] = table
             for partition, entries in parts.items():
@@ -107,12 +167,35 @@ class StateBuffer:
                     outbox.add(topic, partition, key, value)
 
     async def flush(self) -> None:
-        """Write out every pending key and wait until its changelog record (with everything else in the outbox)
-        is delivered: what a commit needs before its offsets go."""
+        """What a commit needs before its offsets go: the outputs delivered, then the changelog records
+        delivered (see the module doc). Under at_least_once the staged keys then go into the stores; under
+        exactly_once only once the transactions committed (`committed`). If a record is not delivered this
+        raises, and nothing staged reaches the changelog (at_least_once) or the store."""
         self.write_out()
-        if self.outbox is None:
+        outbox = self.outbox
+        if outbox is None:
             return
-        last = await self.outbox.flush()
+        last = await outbox.flush()
+        if getattr(outbox, "transactional", False):
+            self._delivered.update(last)
+            return
+        if self._staged:
+            self._queue(self._staged)  # the outputs of every event that wrote these are delivered now
+            last.update(await outbox.flush())
+        self._store(last)
+
+    async def committed(self, ok: bool) -> None:
+        """After an offset commit under exactly_once: its transactions committed (`ok`), so what they wrote goes
+        into the stores. A store never holds state of a transaction that may still abort (it would judge the
+        aborted events, delivered again, duplicates of themselves)."""
+        if ok and self.outbox is not None and getattr(self.outbox, "transactional", False):
+            last, self._delivered = self._delivered, {}
+            self._store(last)
+
+    def _store(self, last: dict[tuple[str, int], int]) -> None:
+        staged, self._staged = self._staged, {}
+        for table, parts in staged.items():
+            _write(table, parts)
         for (topic, partition), offset in last.items():
             table = self._changelogs.get(topic)
             if table is not None:

@@ -482,6 +482,11 @@ class ReviewStore:
                         if item.record.quarantine_id in done:
                             continue
                         verdict, why = plan(item.status, action)
+                        if item.record.is_stub and action is not Action.REJECT:
+                            verdict, why = Plan.REFUSED, (
+                                "a stub for a record too large to copy (output.too_large): read the original at "
+                                f"{item.record.original_topic}[{item.record.original_partition}]"
+                                f"@{item.record.original_offset}")
                         if verdict is Plan.REFUSED:
                             report.refused.append((item.record.quarantine_id, why))
                         elif verdict is Plan.UNCHANGED:

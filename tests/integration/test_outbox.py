@@ -12,8 +12,9 @@ from pathlib import Path
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 
-from app.outbox import Outbox
+from app.outbox import Outbox, RecordTooLargeError
 from tests.conftest import TopicFactory
 
 PARTITIONS = 3
@@ -95,3 +96,32 @@ async def test_a_record_that_cannot_be_sent_stops_the_next_add_and_the_flush(
         outbox.add(topic, 0, b"acct-2", b"next")
     with pytest.raises(AssertionError, match="partition"):
         await asyncio.wait_for(outbox.flush(), 30)
+
+
+async def test_a_batch_the_broker_refuses_fails_that_flush_and_every_later_one(
+        outbox: Outbox, kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    """A batch that is not delivered (the broker refuses it) is never skipped: the flush raises, and so does every
+    later flush and add, so no commit passes the lost records."""
+    topic = topic_factory(PARTITIONS, {"max.message.bytes": "2000"})
+    outbox.limits[topic] = 10_000_000  # as if the limit had been lowered after the outbox read it
+    outbox.add(topic, 0, b"acct-1", b"x" * 5000)
+    with pytest.raises(MessageSizeTooLargeError):
+        await asyncio.wait_for(outbox.flush(), 30)
+    with pytest.raises(MessageSizeTooLargeError):
+        await asyncio.wait_for(outbox.flush(), 30)
+    with pytest.raises(MessageSizeTooLargeError):
+        outbox.add(topic, 1, b"acct-2", b"next")
+
+
+async def test_a_record_larger_than_its_topic_takes_is_refused_before_it_is_sent(
+        outbox: Outbox, kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    """`start` reads each topic's max.message.bytes; `add` refuses a record that does not fit, and `fits` says so
+    beforehand."""
+    topic = topic_factory(PARTITIONS, {"max.message.bytes": "20000"})
+    await outbox.start([topic])
+    assert outbox.limit(topic) == 20000
+    assert outbox.fits(topic, b"k", b"x" * 19_000) and not outbox.fits(topic, b"k", b"x" * 20_000)
+    with pytest.raises(RecordTooLargeError):
+        outbox.add(topic, 0, b"acct-1", b"x" * 20_000)
+    outbox.add(topic, 0, b"acct-1", b"x" * 19_000)
+    assert (await outbox.flush())[(topic, 0)] == 0
