@@ -59,7 +59,8 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
                 await pricing.send(f"{app_id}-prices", {"productId": "sku-1", "price": 10.0 + i, "currency": "USD",
                                                          "lastUpdated": "2026-01-01T00:00:00Z"},
                                    type="price.updated", subject="sku-1", version=i + 1, time=now - 30)
-            # A type the configuration does not name, and a source it does not know (refused: source.not_allowed).
+            # A type the configuration does not name (refused: type.unlisted, counted as "other"), and a source it
+            # does not know (refused: source.not_allowed).
             await orders.send(f"{app_id}-orders", {"x": 1}, type=f"made.up.{uuid.uuid4().hex[:6]}",
                               subject="thing-1", time=now)
             await intruder.send(f"{app_id}-orders", {"orderId": "o-1"}, type="order.confirmed", subject="o-1",
@@ -84,7 +85,7 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
     rows = samples(body)
     events = {(lb["route"], lb["type"], lb["outcome"]): v for n, lb, v in rows if n == "byzguard_events_total"}
     assert sum(v for (route, t, _), v in events.items() if (route, t) == ("prices", "price.updated")) == 5
-    assert events[("orders", "other", "verified")] == 1
+    assert events[("orders", "other", "quarantined")] == 1
     assert events[("orders", "order.confirmed", "quarantined")] == 1
     sources = {lb["source"] for n, lb, _ in rows if n == "byzguard_check_failures_total"}
     assert "other" in sources and not any(s.startswith("intruder") for s in sources)
