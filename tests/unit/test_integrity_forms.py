@@ -306,8 +306,9 @@ def test_bound_checksum_without_its_form_header_passes_with_a_warning(harness: H
     assert "matches form 'bound'" in routed.decision.reasons[0].detail
 
 
-def test_the_fast_path_computes_one_form(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A record that verifies in its declared form costs one form input; only a failure tries the others."""
+@pytest.fixture
+def form_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The forms whose input `integrity.form_input` computes, in order, while the test runs."""
     calls: list[str] = []
     real = integrity.form_input
 
@@ -316,31 +317,27 @@ def test_the_fast_path_computes_one_form(harness: Harness, monkeypatch: pytest.M
         return real(form, env)
 
     monkeypatch.setattr(integrity, "form_input", counting)
+    return calls
+
+
+def test_the_fast_path_computes_one_form(harness: Harness, form_calls: list[str]) -> None:
+    """A record that verifies in its declared form costs one form input; only a failure tries the others."""
     s = signed()
     assert harness.feed(s.key, s.value, s.headers, now=NOW).decision.outcome is Outcome.VERIFIED
-    assert calls == [BOUND]
-    calls.clear()
+    assert form_calls == [BOUND]
+    form_calls.clear()
     harness.feed(b"sku-2", s.value, changed(s.headers, "ce_subject", b"sku-2"), now=NOW)
-    assert calls == list(FORMS)
+    assert form_calls == list(FORMS)
 
 
-def test_large_records_are_not_reserialized_on_the_failure_path(harness: Harness,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_records_are_not_reserialized_on_the_failure_path(harness: Harness, form_calls: list[str]) -> None:
     """Above DIAGNOSE_MAX_BYTES a failing checksum tries only bound and value-only (and declared forms), so a
     flood of large corrupted records costs no JSON serialization each; the reason says so."""
-    calls: list[str] = []
-    real = integrity.form_input
-
-    def counting(form: str, env: Envelope) -> bytes | None:
-        calls.append(form)
-        return real(form, env)
-
-    monkeypatch.setattr(integrity, "form_input", counting)
     big = {"price": 1.0, "currency": "USD", "blob": "x" * integrity.DIAGNOSE_MAX_BYTES}
     s = Stamper("pricing").binary(big, type="price.updated", subject="sku-1", version=1, time=NOW)
     routed = harness.feed(s.key, s.value.replace(b'"xxx', b'"yxx', 1), s.headers, now=NOW)
     assert codes(routed) == ["integrity.mismatch"] and "not tried above" in routed.decision.reasons[0].detail
-    assert calls == [BOUND, VALUE_ONLY]
+    assert form_calls == [BOUND, VALUE_ONLY]
 
 
 def test_check_integrity_accepts_only_the_given_forms() -> None:
