@@ -1,6 +1,8 @@
 """Hostile input: one worker takes tens of thousands of records of every kind a careless or hostile producer sends
 (valid signed events, garbage bytes, records at the broker's size limit, 600 KB valid events, 100 KB ids, null and
-wrong keys, compressed records too large to copy, exact re-sends) and never stops; every input record ends in exactly
+wrong keys, compressed records too large to copy, exact re-sends, and the ways around the checks: types the route
+does not list, records another partitioner placed, JSON that repeats a key, an attribute header given twice, signed
+records replayed under another subject or version) and never stops; every input record ends in exactly
 one place with its bytes: the verified topic, the quarantine topic (whole, or as a stub that points at it), or
 counted as a duplicate; input = verified + quarantined + duplicates."""
 
@@ -18,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
+from byzguard.partitioner import partition_for
 from byzguard.stamp import Stamped
 from tests.integration.worker_harness import (
     TEST_ID,
@@ -35,6 +38,8 @@ PARTITIONS = 4
 NEAR_LIMIT = 1_048_400
 
 Record = tuple[bytes | None, bytes, list[tuple[str, bytes]], bool]  # key, value, headers, compressed
+#: Records sent to a partition other than their key's (as librdkafka's default CRC32 partitioner would), by index.
+Placement = dict[int, int]
 
 
 def _fingerprint(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> bytes:
@@ -47,9 +52,17 @@ def _fingerprint(key: bytes | None, value: bytes | None, headers: list[tuple[str
     return digest.digest()
 
 
-def hostile_stream(rng: random.Random, events: Events, total: int) -> list[Record]:
-    """`total` records: mostly clean signed orders (versions rising per entity), mixed with every hostile kind."""
+def _replaced(headers: list[tuple[str, bytes]], name: str, raw: bytes) -> list[tuple[str, bytes]]:
+    return [(k, raw if k == name else v) for k, v in headers]
+
+
+def hostile_stream(rng: random.Random, events: Events, total: int) -> tuple[list[Record], Placement, set[int]]:
+    """`total` records: mostly clean signed orders (versions rising per entity), mixed with every hostile kind;
+    the records to send to a partition of the test's choosing (their key's is another), and the indices of the
+    records that are a way around a check (none of them may be verified)."""
     out: list[Record] = []
+    placed: Placement = {}
+    around: set[int] = set()
     sent_clean: list[Stamped] = []
     version: Counter[str] = Counter()
     entities = [f"e{i:04d}" for i in range(max(50, total // 20))]
@@ -102,17 +115,55 @@ def hostile_stream(rng: random.Random, events: Events, total: int) -> list[Recor
             subject = rng.choice(entities)
             if version[subject] > 2:
                 stamped(events.regression(subject, version[subject] - 1))
-        else:
+        elif roll < 0.92:
             stamped(rng.choice(sent_clean[-200:]))  # an exact re-send (a producer's retry)
+        elif roll < 0.93:  # a type the route does not list, from a known source with a valid checksum
+            subject = rng.choice(entities)
+            around.add(len(out))
+            stamped(events.orders.binary({"order": subject}, type="order.confirmedd", subject=subject,
+                                         version=version[subject] + 1, time=time.time()))
+        elif roll < 0.95:  # placed by another partitioner: a stale version where its entity's state is not
+            subject = rng.choice(entities)
+            s = events.regression(subject, max(1, version[subject] - 1)) if version[subject] > 1 else clean(subject)
+            placed[len(out)] = -1  # the partition is chosen at send time: any but the key's
+            around.add(len(out))
+            stamped(s)
+        elif roll < 0.96:  # JSON that repeats a key (the first value and the last disagree)
+            subject = rng.choice(entities)
+            s = events.orders.binary({"order": subject}, type="order.confirmed", subject=subject,
+                                     version=version[subject] + 1, time=time.time())
+            around.add(len(out))
+            stamped(Stamped(s.key, b'{"amount": -1, "amount": 5}', s.headers, s.event_id))
+        elif roll < 0.97:  # an attribute header given twice, with two values
+            subject = rng.choice(entities)
+            s = clean(subject)
+            other = rng.choice([e for e in entities[:20] if e != subject])
+            around.add(len(out))
+            stamped(Stamped(s.key, s.value, [*s.headers, ("ce_subject", other.encode())], s.event_id))
+        elif roll < 0.985:  # a captured signed record replayed as another entity
+            s = rng.choice(sent_clean[-200:])
+            other = rng.choice([e for e in entities[:20] if e.encode() != s.key])
+            around.add(len(out))
+            stamped(Stamped(other.encode(), s.value, _replaced(list(s.headers), "ce_subject", other.encode()),
+                            s.event_id))
+        else:  # a captured signed record replayed as a newer version
+            s = rng.choice(sent_clean[-200:])
+            around.add(len(out))
+            stamped(Stamped(s.key, s.value, _replaced(list(s.headers), "ce_entityversion", b"999999"),
+                            s.event_id))
     # Big ones mixed in at random places; the order of each entity's own events is kept.
     head, tail = out[:28], out[28:]
+    moved = {id(out[i]) for i in placed}
+    refused = {id(out[i]) for i in around}
     for record in head:
         tail.insert(rng.randrange(len(tail) + 1), record)
-    return tail
+    return (tail, {i: -1 for i, record in enumerate(tail) if id(record) in moved},
+            {i for i, record in enumerate(tail) if id(record) in refused})
 
 
-async def _send(bootstrap: str, topic: str, records: list[Record]) -> list[tuple[int, int]]:
-    """Send in order; returns each record's (partition, offset)."""
+async def _send(bootstrap: str, topic: str, records: list[Record], placed: Placement) -> list[tuple[int, int]]:
+    """Send in order (the records in `placed` to a partition their key does not map to); returns each record's
+    (partition, offset)."""
     plain = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
                              max_request_size=16 << 20)
     zipped = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
@@ -121,9 +172,12 @@ async def _send(bootstrap: str, topic: str, records: list[Record]) -> list[tuple
     await zipped.start()
     try:
         futures = []
-        for key, value, headers, compressed in records:
+        for n, (key, value, headers, compressed) in enumerate(records):
             producer = zipped if compressed else plain
-            futures.append(await producer.send(topic, value, key=key, headers=headers))
+            partition = None
+            if n in placed and key is not None:
+                partition = (partition_for(key, PARTITIONS) + 1 + n % (PARTITIONS - 1)) % PARTITIONS
+            futures.append(await producer.send(topic, value, key=key, headers=headers, partition=partition))
         coords = []
         for fut in futures:
             meta = await fut
@@ -150,9 +204,9 @@ async def test_every_hostile_record_ends_in_exactly_one_place_and_the_worker_nev
     route = worker_factory.configure(partitions=PARTITIONS)
     worker = worker_factory.start("w1")
     rng = random.Random(20261206)
-    records = hostile_stream(rng, Events(), RECORDS)
+    records, placed, around = hostile_stream(rng, Events(), RECORDS)
     started = time.monotonic()
-    coords = await _send(worker_factory.bootstrap, route.input, records)
+    coords = await _send(worker_factory.bootstrap, route.input, records, placed)
     await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[worker],
                          timeout=600)
     elapsed = time.monotonic() - started
@@ -199,5 +253,10 @@ async def test_every_hostile_record_ends_in_exactly_one_place_and_the_worker_nev
     assert remaining == duplicates, f"{remaining} records in no output, {duplicates:.0f} counted as duplicates"
     assert len(records) == len(verified) + len(quarantined) + duplicates
     assert stubs == 2, "the two compressed 3 MB records are stubs"
+    # No way around a check got through: each such record is quarantined, none verified.
+    walked_around = [n for n in around if _fingerprint(*records[n][:3]) in forwarded]
+    assert not walked_around, f"{len(walked_around)} records that go around a check were verified"
+    assert all(coords[n] in seen for n in around), "a record that goes around a check is not in quarantine"
+    assert len(around) > RECORDS // 20
     print(f"\n{guarantee}: {len(records)} records in {elapsed:.1f} s: {len(verified)} verified, "
           f"{len(quarantined)} quarantined ({stubs} stubs), {duplicates:.0f} duplicates")
