@@ -133,6 +133,8 @@ class CausalModel(_Model):
     deadline: float = 30.0
     max_held_per_scope: int = Field(default=100, ge=1)
     max_held_total: int = Field(default=10_000, ge=1)
+    #: The bytes of held records one entity's buffer may keep: its state record must fit its changelog.
+    max_held_bytes: int = Field(default=262_144, ge=1024, le=524_288)
 
     @field_validator("deadline", mode="before")
     @classmethod

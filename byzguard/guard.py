@@ -268,9 +268,12 @@ class Guard:
         buf = tx.buffer(entity_key)
         causal = route.causal
         total = sum(tx.index().values())
-        offered = offer(CausalBuffer(delivered, buf.held),
-                        HeldEvent(env.id, env.source, env.vclock, now, record.to_bytes()),
-                        now=now, max_held=causal.max_held_per_scope if total < causal.max_held_total else 0)
+        payload = record.to_bytes()
+        # A buffer is kept in its entity's state record, which must fit its changelog: bounded in bytes too.
+        too_many_bytes = sum(len(h.payload) for h in buf.held) + len(payload) > causal.max_held_bytes
+        room = 0 if too_many_bytes or total >= causal.max_held_total else causal.max_held_per_scope
+        offered = offer(CausalBuffer(delivered, buf.held), HeldEvent(env.id, env.source, env.vclock, now, payload),
+                        now=now, max_held=room)
         if offered.status is Deliverability.STALE:
             dup = Reason(Code.ID_DUPLICATE, f"event {quote(env.id)} is already held for its dependencies",
                          Severity.WARN)
@@ -282,8 +285,12 @@ class Guard:
             level = route.policy_for(env.type).level(Code.CAUSAL_OVERFLOW)
             if level is Severity.OFF:
                 return False
-            where = f"entity ({causal.max_held_per_scope} held)" if len(buf.held) >= causal.max_held_per_scope \
-                else f"partition ({causal.max_held_total} held in partition {record.partition})"
+            if too_many_bytes:
+                where = f"entity ({causal.max_held_bytes} bytes of held records at most)"
+            elif len(buf.held) >= causal.max_held_per_scope:
+                where = f"entity ({causal.max_held_per_scope} held)"
+            else:
+                where = f"partition ({causal.max_held_total} held in partition {record.partition})"
             reason = Reason(Code.CAUSAL_OVERFLOW, f"causal buffer full for this {where}; event depends on "
                             f"undelivered events", level)
             outcome = Outcome.QUARANTINED if level is Severity.REJECT else Outcome.WARNED

@@ -159,6 +159,20 @@ def test_buffer_is_bounded_per_entity_and_in_total() -> None:
     assert overflow[-1][3][0].startswith("causal buffer full for this partition (6 held in partition 0)")
 
 
+def test_buffer_is_bounded_in_bytes_per_entity() -> None:
+    """Held records live in their entity's state record, which must fit its changelog: past max_held_bytes an
+    early event is quarantined as causal.overflow, however few are held."""
+    h = Harness(CONFIG.replace("max_held_total: 6}", "max_held_total: 6, max_held_bytes: 300000}"))
+    outcomes = []
+    for n in range(2, 5):  # a=1 never arrives: all early, about 134 KB each once held (base64)
+        s = Stamper("a").binary({"blob": "x" * 100_000}, type="doc.edited", subject="d1",
+                                vclock=VectorClock({"a": n}), lamport=False, event_id=f"big-{n}")
+        routed = h.feed(s.key, s.value, s.headers, now=NOW)
+        outcomes.append((routed.decision.outcome, [r.detail for r in routed.decision.reasons]))
+    assert [o[0] for o in outcomes] == [Outcome.HELD, Outcome.HELD, Outcome.QUARANTINED]
+    assert outcomes[2][1][0].startswith("causal buffer full for this entity (300000 bytes of held records at most)")
+
+
 def test_concurrent_events_are_not_held() -> None:
     """An event concurrent with the verified clock is judged now by vclock.concurrent, not held."""
     h = Harness(CONFIG)
