@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from byzguard.routing import bounded_id
 from byzguard.verdict import quote
 
 _STATE_FORMAT = 1
@@ -294,6 +295,10 @@ def values_agree(a: Any, b: Any, tolerance: float = 0.0) -> bool:
     return bool(a == b)
 
 
+#: The longest join key an audit joins on: a longer one is unusable (a subject record is then `missing`).
+MAX_JOIN_KEY_CHARS = 1024
+
+
 def _json_key(value: Any) -> str | None:
     """A join key as text: strings as they are, integers in decimal; anything else cannot join."""
     if isinstance(value, str) and value:
@@ -314,7 +319,10 @@ def observation_of(rule: AuditRule, which: Side, data: Any, *, subject: str, eve
     found, raw_key = side.key.extract(data, subject)
     has_value, value = side.value.extract(data, subject) if side.value is not None else (False, None)
     key = _json_key(raw_key) if found else None
-    obs = Observation(which, key or "", subject, event_id, at, value, has_value)
+    if key is not None and len(key) > MAX_JOIN_KEY_CHARS:
+        key = None  # no real join key is this long; as a record key it could not even be sent on
+    # Ids and entities are kept for matching and reports; a long one is kept as its hash (the receipts' rule).
+    obs = Observation(which, key or "", bounded_id(subject), bounded_id(event_id), at, value, has_value)
     if key is not None:
         return obs
     if not rule.is_subject(which):

@@ -9,6 +9,7 @@ import pytest
 
 from byzguard import config as guard_config
 from byzguard.audit import (
+    MAX_JOIN_KEY_CHARS,
     AgreementWindow,
     AuditRule,
     AuditSide,
@@ -244,6 +245,24 @@ def test_record_without_a_join_key_is_missing_at_once_for_a_subject_only() -> No
     obs = observation_of(r, Side.LEFT, {"paymentId": 7, "total": 5}, subject="o-9", event_id="e", at=T0)
     assert isinstance(obs, Observation) and obs.key == "7" and obs.value == 5
     assert Observation.from_bytes(obs.to_bytes()) == obs
+
+
+def test_observations_stay_small_whatever_the_record() -> None:
+    """A join key over MAX_JOIN_KEY_CHARS is unusable (an order with one is missing at once); a long subject or
+    event id is kept as its hash, so an observation of any verified record fits its repartition topic."""
+    r = rule()
+    item = observation_of(r, Side.LEFT, {"paymentId": "p" * (MAX_JOIN_KEY_CHARS + 1), "total": 5}, subject="o-9",
+                          event_id="e", at=T0)
+    assert isinstance(item, Check) and item.discrepancy is not None
+    assert item.discrepancy.kind is Kind.MISSING and "has an unusable data.paymentId" in item.discrepancy.detail
+    obs = observation_of(r, Side.LEFT, {"paymentId": "p" * MAX_JOIN_KEY_CHARS, "total": 5}, subject="o" * 500_000,
+                         event_id="i" * 100_000, at=T0)
+    assert isinstance(obs, Observation) and obs.key == "p" * MAX_JOIN_KEY_CHARS
+    assert obs.entity.startswith("sha256:") and obs.event_id.startswith("sha256:")
+    assert len(obs.to_bytes()) < 2 * MAX_JOIN_KEY_CHARS
+    again = observation_of(r, Side.LEFT, {"paymentId": "p" * MAX_JOIN_KEY_CHARS, "total": 5},
+                           subject="o" * 500_000, event_id="i" * 100_000, at=T0)
+    assert isinstance(again, Observation) and again.event_id == obs.event_id  # a redelivery is still recognized
 
 
 def test_sides_are_chosen_by_topic_and_type() -> None:
