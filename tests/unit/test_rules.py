@@ -15,20 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lark import Tree
 
-from byzguard import rules as rules_module
 from byzguard.errors import ConfigError, RuleCompileError
-from byzguard.rules import (
-    VARIABLES,
-    RuleSet,
-    RuleSpec,
-    _Bail,
-    _CelError,
-    _celpy_only,
-    _closures_only,
-    _fast_env,
-    _PlainStr,
-    compile_rules,
-)
+from byzguard.rules import VARIABLES, RuleSet, RuleSpec, closures, compile_rules, conversion, environment, operators
+from byzguard.rules.closures import _fast_env
+from byzguard.rules.operators import _Bail, _CelError, _PlainStr
+from byzguard.rules.ruleset import _celpy_only, _closures_only
 from byzguard.verdict import Code, Reason, Severity
 
 NOW = 1_750_000_000.0  # a fixed "now", so freshness rules don't depend on the wall clock
@@ -670,7 +661,7 @@ CELPY_TYPES = {float: DoubleType, str: StringType, bool: BoolType, dict: MapType
 
 def primary(expr: str) -> Tree[Any]:
     """The `primary` node of `(expr)`: a parenthesised operand, ready to graft into a template."""
-    node = rules_module._env().compile(f"({expr})")
+    node = environment._env().compile(f"({expr})")
     while node.data != "primary":
         node = node.children[0]
     return node
@@ -679,7 +670,7 @@ def primary(expr: str) -> Tree[Any]:
 def graft(node: Tree[Any], operands: dict[str, Tree[Any]]) -> Tree[Any]:
     """A copy of a template's tree with each placeholder's primary node replaced by its operand's."""
     if node.data == "primary" and isinstance(node.children[0], Tree) and node.children[0].data == "ident":
-        name = rules_module._first_token(node.children[0])
+        name = environment._first_token(node.children[0])
         if name in operands:
             return operands[name]
     return Tree(node.data, [graft(child, operands) if isinstance(child, Tree) else child
@@ -696,7 +687,7 @@ LOGIC_TEMPLATES = ("A && B", "A || B", "true ? A : B", "A == B")
 def kind_matrix() -> list[tuple[str, Tree[Any]]]:
     """Every operator and function of the subset over every kind (or pair of kinds), parsed."""
     operands = {name: primary(expr) for name, expr in KIND_EXPRS.items()}
-    unary, binary = ([(t, rules_module._env().compile(t)) for t in group] for group in TEMPLATES)
+    unary, binary = ([(t, environment._env().compile(t)) for t in group] for group in TEMPLATES)
 
     def case(text: str, tree: Tree[Any], a: str, b: str | None = None) -> tuple[str, Tree[Any]]:
         label = text.replace("A", f"<{a}>").replace("B", f"<{b}>")
@@ -711,7 +702,7 @@ def kind_matrix() -> list[tuple[str, Tree[Any]]]:
 
 def celpy_result(ast: Tree[Any]) -> tuple[str, Any]:
     """What celpy makes of an expression over KIND_DATA: ("value", v), ("error", None) or ("crash", None)."""
-    activation = rules_module._activation(frozenset(VARIABLES), KIND_DATA, None, NOW, EVENT)
+    activation = conversion._activation(frozenset(VARIABLES), KIND_DATA, None, NOW, EVENT)
     try:
         return "value", Evaluator(ast, activation).evaluate()
     except CELEvalError:
@@ -722,11 +713,11 @@ def celpy_result(ast: Tree[Any]) -> tuple[str, Any]:
 
 def fast_result(ast: Tree[Any]) -> tuple[str, Any]:
     """What the closures make of it: ("value", v), ("error", None) or ("bail", None)."""
-    fast = rules_module._compile_fast(ast)
+    fast = closures._compile_fast(ast)
     if fast is None:
         # Only a constant celpy folds into something outside the fast path's values (`-duration('1h')`
         # is a bare timedelta in celpy) leaves a rule to celpy.
-        assert id(ast) not in rules_module._mentions_variables(ast)
+        assert id(ast) not in closures._mentions_variables(ast)
         return "bail", None
     env = _fast_env(frozenset(VARIABLES), KIND_DATA, None, NOW, EVENT, {})
     try:
@@ -745,7 +736,7 @@ def same_value(fast: Any, reference: Any) -> bool:
         return math.isnan(fast)
     if isinstance(reference, dt.datetime) and reference.utcoffset() != fast.utcoffset():
         return False
-    return rules_module._equal(rules_module._deep(fast), reference)
+    return environment._equal(operators._deep(fast), reference)
 
 
 def test_kind_matrix_agrees_with_celpy() -> None:
@@ -779,9 +770,9 @@ def test_timestamp_parsing_matches_pendulum(moment: dt.datetime, offset: int, di
         expected = TimestampType(text)
     except ValueError:
         with pytest.raises(_CelError):
-            rules_module._timestamp_of(text)
+            operators._timestamp_of(text)
         return
-    parsed = rules_module._timestamp_of(text)
+    parsed = operators._timestamp_of(text)
     assert type(parsed) is TimestampType
     assert parsed == expected and parsed.utcoffset() == expected.utcoffset()
     assert str(parsed) == str(expected)
@@ -791,23 +782,23 @@ def test_timestamp_parsing_matches_pendulum(moment: dt.datetime, offset: int, di
 @given(now=st.floats(min_value=-6e10, max_value=2.5e11))
 def test_fast_now_matches_celpy(now: float) -> None:
     """The fast path's `now` is the very timestamp celpy's activation holds."""
-    fast, reference = rules_module._fast_now(now), rules_module._now(now)
+    fast, reference = conversion._fast_now(now), conversion._now(now)
     assert type(fast) is TimestampType and fast == reference and fast.tzinfo is reference.tzinfo
 
 
 def test_plain_json_matches_conversion() -> None:
     """JSON the fast path reads as parsed is exactly JSON `_to_cel` converts; anything else is converted."""
     limit = 2**1024 - 2**970
-    assert rules_module._plain_json({"a": [limit - 1]}) and float(limit - 1) > 0
-    assert not rules_module._plain_json({"a": [limit]})
+    assert conversion._plain_json({"a": [limit - 1]}) and float(limit - 1) > 0
+    assert not conversion._plain_json({"a": [limit]})
     with pytest.raises(OverflowError):
         float(limit)
     for odd in ({1: 2}, (1, 2), b"x", {"a": {"b": object()}}):
-        assert not rules_module._plain_json(odd)
+        assert not conversion._plain_json(odd)
     deep: Any = 1.0
     for _ in range(40):
         deep = [deep]
-    assert not rules_module._plain_json(deep)  # converted instead: slower, same answers
+    assert not conversion._plain_json(deep)  # converted instead: slower, same answers
     assert compile_rules([RuleSpec("deep", "size(data) == 1")]).evaluate(deep, None, now=NOW, event={}) == []
 
 
