@@ -39,8 +39,17 @@ def _map(pairs: Any) -> celtypes.MapType:
     return result
 
 
-def _to_cel(value: Any) -> Any:
-    """Convert parsed JSON (dict/list/str/number/bool/None) to CEL values; every number becomes a double."""
+# Containers nested deeper than this are converted with a stack of their own (see _to_cel_deep) ...
+_RECURSIVE_LEVELS: Final = 64
+# ... and no deeper than orjson parses: so JSON that orjson parsed always converts, whatever the call stack.
+_MAX_LEVELS: Final = 1024
+
+
+def _to_cel(value: Any, depth: int = 0) -> Any:
+    """Convert parsed JSON (dict/list/str/number/bool/None) to CEL values; every number becomes a double.
+
+    `depth` is how many containers enclose value; containers nested 1,024 deep or more are refused.
+    """
     kind = type(value)
     # Exact-type checks first: orjson and json hand us exactly these types, and `type is` is cheapest.
     if kind is str:
@@ -48,13 +57,17 @@ def _to_cel(value: Any) -> Any:
     if kind is float or kind is int:
         return _float_new(_D, value)  # a huge int raises OverflowError: reported as a rule error
     if kind is dict:
-        return _map({_key_to_cel(k): _to_cel(v) for k, v in value.items()})
+        if depth >= _RECURSIVE_LEVELS:
+            return _to_cel_deep(value, depth)
+        return _map({_key_to_cel(k): _to_cel(v, depth + 1) for k, v in value.items()})
     if value is None:
         return None
     if kind is bool:
         return _int_new(celtypes.BoolType, value)
     if kind is list:
-        return celtypes.ListType([_to_cel(v) for v in value])
+        if depth >= _RECURSIVE_LEVELS:
+            return _to_cel_deep(value, depth)
+        return celtypes.ListType([_to_cel(v, depth + 1) for v in value])
     # Slow path: subclasses and other containers.
     if isinstance(value, str):
         return _str_new(_S, value)
@@ -63,10 +76,74 @@ def _to_cel(value: Any) -> Any:
     if isinstance(value, int | float):
         return _float_new(_D, value)
     if isinstance(value, Mapping):
-        return _map({_key_to_cel(k): _to_cel(v) for k, v in value.items()})
+        if depth >= _RECURSIVE_LEVELS:
+            return _to_cel_deep(value, depth)
+        return _map({_key_to_cel(k): _to_cel(v, depth + 1) for k, v in value.items()})
     if isinstance(value, list | tuple):
-        return celtypes.ListType([_to_cel(v) for v in value])
+        if depth >= _RECURSIVE_LEVELS:
+            return _to_cel_deep(value, depth)
+        return celtypes.ListType([_to_cel(v, depth + 1) for v in value])
     raise TypeError(f"cannot use a {kind.__name__} in a rule")
+
+
+_LEAF, _MAPPING, _SEQUENCE = range(3)
+
+
+def _container(value: Any) -> int:
+    """Whether _to_cel converts value as a mapping, as a sequence, or as a leaf (which may fail)."""
+    kind = type(value)
+    if kind is dict:
+        return _MAPPING
+    if kind is list:
+        return _SEQUENCE
+    if kind is str or kind is float or kind is int or kind is bool or value is None or isinstance(
+            value, str | int | float):
+        return _LEAF
+    if isinstance(value, Mapping):
+        return _MAPPING
+    if isinstance(value, list | tuple):
+        return _SEQUENCE
+    return _LEAF
+
+
+def _to_cel_deep(value: Any, depth: int) -> Any:
+    """_to_cel of a container `depth` levels down, item by item in the same order, on a stack of its own."""
+    # One frame per open container: [is a mapping, its items left, items converted, the key being converted].
+    stack: list[list[Any]] = []
+
+    def open_container(container: Any, level: int) -> None:
+        if level >= _MAX_LEVELS:
+            raise ValueError(f"nested deeper than {_MAX_LEVELS} levels")
+        is_map = _container(container) == _MAPPING
+        stack.append([is_map, iter(container.items() if is_map else container), {} if is_map else [], None])
+
+    open_container(value, depth)
+    while True:
+        frame = stack[-1]
+        is_map, items, done = frame[0], frame[1], frame[2]
+        for item in items:
+            if is_map:
+                key, child = _key_to_cel(item[0]), item[1]
+            else:
+                key, child = None, item
+            if _container(child) != _LEAF:
+                frame[3] = key
+                open_container(child, depth + len(stack))
+                break
+            if is_map:
+                done[key] = _to_cel(child)
+            else:
+                done.append(_to_cel(child))
+        else:
+            stack.pop()
+            result = _map(done) if is_map else celtypes.ListType(done)
+            if not stack:
+                return result
+            parent = stack[-1]
+            if parent[0]:
+                parent[2][parent[3]] = result
+            else:
+                parent[2].append(result)
 
 
 def _key_to_cel(key: Any) -> Any:

@@ -11,7 +11,7 @@ import re2  # type: ignore[import-untyped]  # celpy's own regex engine: `matches
 from celpy import celtypes
 
 from byzguard.rules.closures import _FastCompiler, _is_math, _mentions_variables, _tree, _Unsupported, _unwrap
-from byzguard.rules.conversion import _UTC, _dt_sub, _plain_json, _TimestampType
+from byzguard.rules.conversion import _UTC, _dt_new, _plain_json, _TimestampType
 from byzguard.rules.environment import _first_token, _float_div
 from byzguard.rules.operators import (
     _RFC3339,
@@ -132,9 +132,9 @@ class _SourceCompiler:
         if kind is celtypes.StringType:
             return [], self._bind(str(value)), "s"
         if kind is _DurationType:
-            return [], self._bind(value), "dur"
+            return [], self._bind(_plain_timedelta(value)), "dur"
         if kind is _TimestampType and _sound(value):
-            return [], self._bind(value), "ts"
+            return [], self._bind(_plain_datetime(value)), "ts"
         raise _Unsupported(f"constant {value!r}")
 
     # -- nodes --
@@ -181,8 +181,10 @@ class _SourceCompiler:
         if known is not None:
             return stmts, known, "json"
         t, k = self._tmp(), self._bind(str(name))
-        stmts = [*stmts, f"{t} = {expr}.get({k}, _MISSING) if type({expr}) is dict else _MISSING",
-                 f"if {t} is _MISSING: raise _Fallback"]
+        # data_map and last_map are the variables when they are dicts, else empty (see _generate).
+        read = f"{expr}_map.get({k}, _MISSING)" if expr in {"data", "last"} else \
+            f"{expr}.get({k}, _MISSING) if type({expr}) is dict else _MISSING"
+        stmts = [*stmts, f"{t} = {read}", f"if {t} is _MISSING: raise _Fallback"]
         self._memo[-1][key] = t
         return stmts, t, "json"
 
@@ -241,6 +243,13 @@ class _SourceCompiler:
 
     def _gen_relation(self, node: lark.Tree[Any]) -> _GenCode:
         op, left_node, right_node = self._operands(node)
+        symbol = _GEN_RELATIONS.get(op)
+        if symbol is not None:
+            since = self._since_now(left_node, right_node, symbol)
+            if since is None:
+                since = self._since_now(right_node, left_node, _MIRRORED[symbol])
+            if since is not None:
+                return since
         left, right = self.gen(left_node), self.gen(right_node)
         if op in {"relation_eq", "relation_ne"}:
             test = "is not" if op == "relation_ne" else "is"
@@ -250,18 +259,47 @@ class _SourceCompiler:
                 return [*value[0], *other[0]], f"({value[1]} {test} None)", "b"
             stmts, a, b, _ = self._pair(left, right, ordered=False)
             return stmts, f"({a} {'!=' if op == 'relation_ne' else '=='} {b})", "b"
-        symbol = _GEN_RELATIONS.get(op)
         if symbol is None:
             raise _Unsupported(op)  # in
         stmts, a, b, _ = self._pair(left, right, ordered=True)
         return stmts, f"({a} {symbol} {b})", "b"
 
+    def _since_now(self, elapsed: lark.Tree[Any], limit: lark.Tree[Any], symbol: str) -> _GenCode | None:
+        """`now - x < duration('24h')` (any ordering, a constant duration) without `now` as a datetime.
+
+        Making a datetime of `now` costs more than the rest of such a rule: the seconds between the two,
+        compared as floats, decide it wherever they are more than a millisecond from the limit (float error
+        is below 0.1 ms anywhere in datetime's range); nearer, the datetimes decide, exactly. None when the
+        relation is not of that form.
+        """
+        since = _unwrap(elapsed)
+        if since.data != "addition" or len(since.children) != 2 or id(limit) in self._variable_nodes:
+            return None
+        op_node, moment_node = (_tree(child) for child in since.children)
+        if op_node.data != "addition_sub" or len(op_node.children) != 1:
+            return None
+        now_node = _unwrap(_tree(op_node.children[0]))
+        if now_node.data != "ident" or _first_token(now_node) != "now":
+            return None
+        bound = self.gen(limit)
+        if bound[2] != "dur":
+            return None
+        stmts, moment, kind = self.gen(moment_node)
+        if kind != "ts":
+            raise _Unsupported(f"now - {kind}")
+        self.roots.add("now")
+        seconds, t, result = self._bind(self._ns[bound[1]].total_seconds()), self._tmp(), self._tmp()
+        return [*stmts, f"{t} = now - {moment}.timestamp() - {seconds}",
+                f"if _NOW_MIN < now < _NOW_MAX and not -_NEAR < {t} < _NEAR:", f"    {result} = {t} {symbol} 0.0",
+                "else:", f"    {result} = (_now(now, _UTC) - {moment}) {symbol} {bound[1]}"], result, "b"
+
     def _gen_addition(self, node: lark.Tree[Any]) -> _GenCode:
         op, left_node, right_node = self._operands(node)
         left, right = self.gen(left_node), self.gen(right_node)
         if op == "addition_sub" and left[2] == right[2] == "ts":
-            # datetime's own subtraction, as _between's: a timedelta compares as the DurationType would.
-            return [*left[0], *right[0]], f"_dt_sub({left[1]}, {right[1]})", "dur"
+            # Timestamps here are plain datetimes (see _plain_datetime): datetime's own subtraction, as
+            # _between's, whose timedelta compares as the DurationType would.
+            return [*left[0], *right[0]], f"({left[1]} - {right[1]})", "dur"
         return self._float_op(op, left, right)
 
     _gen_multiplication = _gen_addition
@@ -310,9 +348,12 @@ class _SourceCompiler:
             stmts, expr, _ = self._as(self.gen(args[0]), "s")
             t = self._tmp()
             # RFC 3339 as producers write it: the datetime _timestamp_of reads, without the CEL wrapper
-            # (timestamps here are only subtracted and compared, as datetimes).
-            return [*stmts, f"if _rfc3339({expr}) is not None:", f"    {t} = _fromisoformat({expr})", "else:",
-                    f"    {t} = _timestamp_of({expr})"], t, "ts"
+            # (timestamps here are only subtracted and compared, as datetimes). JavaScript's toISOString()
+            # form is told by its shape, cheaper than the pattern: fromisoformat then accepts it only
+            # where every other character is a digit, as the pattern wants.
+            return [*stmts, f"if ({expr}[23:] == _ZULU and {expr}[4:20:3] == _ISO_MARKS) "
+                    f"or _rfc3339({expr}) is not None:", f"    {t} = _fromisoformat({expr})", "else:",
+                    f"    {t} = _plain_datetime(_timestamp_of({expr}))"], t, "ts"
         if name in {"matches", "startsWith", "endsWith", "contains"} and len(args) == 2:
             pattern = self.gen(args[1])
             if pattern[2] != "s" or pattern[1] not in self._ns:
@@ -358,6 +399,7 @@ class _SourceCompiler:
 
 
 _GEN_RELATIONS: Final = {"relation_lt": "<", "relation_le": "<=", "relation_gt": ">", "relation_ge": ">="}
+_MIRRORED: Final = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _GEN_ARITHMETIC: Final = {"addition_add": "+", "addition_sub": "-", "multiplication_mul": "*"}
 
 
@@ -376,17 +418,37 @@ class _Fallback(Exception):
     """A guard of the generated code failed: the closures (and celpy) decide the rule."""
 
 
-def _generate(rules: Sequence[_Rule]) -> tuple[Callable[[Any, Any, float], list[int]] | None, tuple[str, ...]]:
+def _plain_datetime(moment: dt.datetime) -> dt.datetime:
+    """A TimestampType as a plain datetime, whose operators are C calls (celpy's are Python)."""
+    return _dt_new(dt.datetime, *moment.__reduce__()[1])
+
+
+def _plain_timedelta(delta: dt.timedelta) -> dt.timedelta:
+    """A DurationType as a plain timedelta."""
+    return dt.timedelta(delta.days, delta.seconds, delta.microseconds)
+
+
+# Where `now` is surely a time datetime can hold (years 5 to 9987), so that _since_now may compare seconds.
+_NOW_MIN: Final = -62_000_000_000.0
+_NOW_MAX: Final = 253_000_000_000.0
+
+
+_Generated = Callable[[Any, Any, float, bool], list[int]]
+
+
+def _generate(rules: Sequence[_Rule]) -> tuple[_Generated | None, tuple[str, ...]]:
     """The rule set's generated function and the names of the rules it decides.
 
-    The function takes (data, last, now) and returns the indices of the rules it did not find true: those
-    are decided by the closures and celpy. None when no rule can be generated.
+    The function takes (data, last, now, from_orjson) and returns the indices of the rules it did not find
+    true: those are decided by the closures and celpy. None when no rule can be generated.
     """
     namespace: dict[str, Any] = {
-        "_Fallback": _Fallback, "_MISSING": _MISSING, "_plain_json": _plain_json,
-        "_dt_sub": _dt_sub, "_float_div": _float_div, "_timestamp_of": _timestamp_of,
+        "_Fallback": _Fallback, "_MISSING": _MISSING, "_plain_json": _plain_json, "_NO_MAP": {},
+        "_float_div": _float_div, "_timestamp_of": _timestamp_of, "_plain_datetime": _plain_datetime,
         "_rfc3339": _RFC3339.fullmatch, "_fromisoformat": dt.datetime.fromisoformat, "_CACHED_TEXT": 64,
-        "_CACHED_TEXTS": 4096, "_now": dt.datetime.fromtimestamp, "_UTC": _UTC,
+        "_ISO_MARKS": "--T::.", "_ZULU": "Z", "_NEAR": 1e-3,
+        "_NOW_MIN": _NOW_MIN, "_NOW_MAX": _NOW_MAX, "_CACHED_TEXTS": 4096, "_now": dt.datetime.fromtimestamp,
+        "_UTC": _UTC,
     }
     counter = [0]
     roots: set[str] = set()
@@ -411,18 +473,23 @@ def _generate(rules: Sequence[_Rule]) -> tuple[Callable[[Any, Any, float], list[
     everything = list(range(len(rules)))
     namespace["_EVERY"] = everything
     prelude = ["slow = []"]
-    if "data" in roots:
-        prelude.append("if not _plain_json(data): return _EVERY[:]")
-    if "last" in roots:
-        prelude.append("if not _plain_json(last): return _EVERY[:]")
-    if "now" in roots:
+    checks = [f"    if not _plain_json({name}): return _EVERY[:]" for name in ("data", "last") if name in roots]
+    if checks:
+        # What orjson parsed always converts to CEL (only JSON's types, string keys, 64-bit integers, and no
+        # deeper than _to_cel goes): other values are checked, and where they might not convert, the
+        # closures and celpy decide every rule.
+        prelude += ["if not from_orjson:", *checks]
+    for name in ("data", "last"):
+        if name in roots:
+            prelude.append(f"{name}_map = {name} if type({name}) is dict else _NO_MAP")
+    if any("now_ts" in line for line in body):
         prelude.append("now_ts = _now(now, _UTC)")  # the datetime of _fast_now's timestamp
-    source = "\n".join(["def generated_rules(data, last, now):", *_indent(prelude), *_indent(body),
-                        "    return slow", ""])
+    source = "\n".join(["def generated_rules(data, last, now, from_orjson=False):", *_indent(prelude),
+                        *_indent(body), "    return slow", ""])
     try:
         exec(compile(source, "<byzguard rules>", "exec"), namespace)  # source from the config only
     except Exception:  # such as a rule set too large for the compiler: the closures serve it
         return None, ()
-    function: Callable[[Any, Any, float], list[int]] = namespace["generated_rules"]
+    function: _Generated = namespace["generated_rules"]
     function.__doc__ = source  # the generated source, for a reader in a debugger
     return function, tuple(generated)
