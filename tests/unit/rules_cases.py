@@ -173,8 +173,8 @@ def worded(reasons: list[Reason]) -> list[tuple[Code, str, Severity]]:
     return [(r.code, re.sub(r" at 0x[0-9a-f]+", "", r.detail), r.severity) for r in reasons]
 
 
-def generated_outcomes(rules: RuleSet, data: Any, last: Any) -> set[str]:
+def generated_outcomes(rules: RuleSet, data: Any, last: Any, now: float = NOW, from_orjson: bool = False) -> set[str]:
     """The rules the generated function decides true by itself (the others it hands to the closures)."""
     assert rules._generated is not None
-    slow = set(rules._generated(data, last, NOW))
+    slow = set(rules._generated(data, last, now, from_orjson))
     return {name for index, name in enumerate(rules.names) if index not in slow}
