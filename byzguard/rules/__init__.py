@@ -32,8 +32,9 @@ for integer arithmetic such as ``%``; use strings for ids beyond 2^53.
 Extra functions: ``abs(x)`` (also spelled ``math.abs(x)`` as in cel-go's math extension).
 
 Evaluation never raises: a rule that is false yields ``invariant.violated``; one that errors (missing field,
-type mismatch, unparsable timestamp, a value CEL can't hold such as an integer beyond double range) or
-returns a non-bool yields ``invariant.error``, both with the rule's severity. A rule that does not parse,
+type mismatch, unparsable timestamp, a value CEL can't hold such as an integer beyond double range or
+containers nested 1,024 levels deep or more, deeper than orjson parses) or returns a non-bool yields
+``invariant.error``, both with the rule's severity. A rule that does not parse,
 or names an unknown variable or function, is refused at start with ``RuleCompileError``.
 
 Cost: an empty RuleSet returns at once, and only the variables some rule uses are prepared. celpy walks
@@ -52,7 +53,15 @@ the source of one Python function (compiled with ``compile()``) for their expect
 of plain JSON numbers, strings, timestamps. It decides every rule that holds in well under a µs each; a rule
 it cannot show true (a failed guard, a violation, an error) goes to the closures, which decide and word
 it. ``RuleSet.generated`` names the rules in that function. Its source holds no constant and no event
-value: constants, field names and patterns are bound as names.
+value: constants, field names and patterns are bound as names. ``now - timestamp(x) < duration(...)``
+(any ordering) is decided there in seconds, without making a datetime of ``now``, wherever it is more than a
+millisecond from the limit. The engine passes ``from_orjson=True``: values orjson parsed always convert to
+CEL, so the function reads them without first walking them to check that.
+
+The package, one module per concern: ``environment`` (variables, functions, CEL's numbers for celpy, the
+parser), ``wording`` (celpy's errors reworded, values quoted), ``conversion`` (values as CEL values),
+``operators`` (the fast path's operators), ``closures`` (rules compiled to closures), ``generated`` (the
+rule set's generated function) and ``ruleset`` (the API re-exported here).
 """
 
 from __future__ import annotations

@@ -132,8 +132,8 @@ def _variable_error(value: CELEvalError) -> _CelError:
 # --- the fast path: operators ------------------------------------------------------------------------------
 #
 # Each takes operand values and returns the result or raises _CelError/_Bail. The type combinations
-# handled here, and the ones declared errors, mirror what celpy does with rules.py's _FUNCTIONS; the kind
-# matrix test in tests/unit/test_rules.py checks every pair of kinds against celpy.
+# handled here, and the ones declared errors, mirror what celpy does with environment._FUNCTIONS; the kind
+# matrix test in tests/unit/test_rules_operators.py checks every pair of kinds against celpy.
 
 
 def _ordering_op(compare: Callable[[Any, Any], bool], symbol: str) -> Callable[[Any, Any], bool]:
@@ -190,7 +190,7 @@ def _in(item: Any, container: Any) -> Any:
 
 
 def _is_double_pair(a: Any, b: Any) -> bool:
-    # rules.py's lenient promotion: one double operand makes the operation a double one.
+    # The lenient promotion of environment._FUNCTIONS: one double operand makes the operation a double one.
     kind_a, kind_b = type(a), type(b)
     return (kind_a in _DOUBLE_TYPES and kind_b in _NUMBER_TYPES) or (kind_b in _DOUBLE_TYPES
                                                                      and kind_a in _NUMBER_TYPES)
