@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET_ENV = "BYZGUARD_KEY_PRICING_1"
 
 
-def documented_config_on_fresh_topics(tmp_path: Path, prefix: str, *, audit_window: str = "6s") -> Path:
-    """byzguard.yaml with every topic renamed under `prefix` and its audit windows shortened to `audit_window`."""
+def documented_config_on_fresh_topics(tmp_path: Path, prefix: str, *, audit_window: str | None = "6s") -> Path:
+    """byzguard.yaml with every topic renamed under `prefix` and its audit windows shortened to `audit_window`
+    (None: as shipped)."""
     doc: dict[str, Any] = yaml.safe_load((REPO / "byzguard.yaml").read_text())
     renamed: dict[str, str] = {}
 
@@ -46,8 +47,9 @@ def documented_config_on_fresh_topics(tmp_path: Path, prefix: str, *, audit_wind
         audit["left"]["topic"] = fresh(audit["left"]["topic"])
         audit["right"]["topic"] = fresh(audit["right"]["topic"])
         audit["discrepancies_topic"] = fresh(audit.get("discrepancies_topic", "audit.discrepancies"))
-        audit["within"] = audit_window
-        audit["grace"] = "2s"
+        if audit_window is not None:
+            audit["within"] = audit_window
+            audit["grace"] = "2s"
     path = tmp_path / "byzguard-demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
