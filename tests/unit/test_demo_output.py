@@ -142,3 +142,39 @@ def test_a_partial_write_the_audit_has_not_judged_yet_is_shown_pending() -> None
     render_result(result, Where("http://127.0.0.1:6066"), Console(file=buffer, width=200))
     row = next(line for line in buffer.getvalue().splitlines() if "partial_write" in line)
     assert "pending" in row and "25/25" not in row
+
+
+def test_the_worker_make_run_keeps_runs_the_configuration_as_it_is(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`byzguard run`'s demo plays against a worker on the demo's copy of the configuration; the worker left
+    running afterwards is started again on the user's file, whose audit window is the configured one."""
+    import app.demo
+    from app.settings import Settings
+
+    monkeypatch.setenv("BYZGUARD_KEY_PRICING_1", "unit-test-secret")
+    started: list[Path] = []
+    followed: list[Path] = []
+
+    class Child:
+        def __init__(self, config: Path) -> None:
+            self.config = config
+
+        def stop(self) -> int:
+            return 0
+
+    def start_worker(settings: Settings, bootstrap: str, console: Console) -> Child:
+        started.append(Path(settings.config))
+        return Child(Path(settings.config))
+
+    monkeypatch.setattr(app.demo, "http_get", lambda url, timeout=2.0: None)  # no worker answers yet
+    monkeypatch.setattr(app.demo, "start_worker", start_worker)
+    monkeypatch.setattr(app.demo, "_play_once", lambda bootstrap, config, options, where, console, shortened=None:
+                        (config.audit("orders_paid"), options.audit_wait))
+    monkeypatch.setattr(app.demo, "_follow", lambda child, console: followed.append(child.config))
+    settings = Settings(config=REPO / "byzguard.yaml", broker="127.0.0.1:1", data_dir=tmp_path / "data")
+    user = load(REPO / "byzguard.yaml")
+    rule, wait = app.demo.play(settings, user, "127.0.0.1:1", app.demo.DemoOptions(), Console(file=io.StringIO()),
+                               worker="start", keep_running=True)
+    assert rule.within == DEMO_AUDIT_WINDOW and wait >= app.demo.audit_horizon(rule)
+    assert started == [tmp_path / "demo" / "byzguard.demo.yaml", REPO / "byzguard.yaml"]
+    assert followed == [REPO / "byzguard.yaml"]
