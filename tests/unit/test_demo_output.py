@@ -19,15 +19,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def demo_result() -> DemoResult:
-    """A run where every fault class was caught with its expected codes and 1,657 clean events passed."""
+    """A run where every fault class was caught with its expected codes and 1,657 clean events passed, partial
+    writes by the orders audit with the demo's window."""
     report = score([], [])
     for fault in FaultClass:
         row = report.rows[fault.value]
         row.sent = row.fates[Fate.CAUGHT] = 25
         row.codes_seen.update(dict.fromkeys(row.expected_codes, 25))
     report.clean.sent = report.clean.fates[Fate.PASSED] = 1657
+    rule = load(REPO / "byzguard.yaml", require_secrets=False).audit("orders_paid")
+    assert rule is not None
     return DemoResult(report, [], "demo1a2b3c", 31.0, 20.0, 25, AUDIT_SCORED, None, {"pricing": "prices"},
-                      {"prices.verified": "verified", "prices.quarantine": "quarantine"})
+                      {"prices.verified": "verified", "prices.quarantine": "quarantine"},
+                      audit_rule=dataclasses.replace(rule, within=DEMO_AUDIT_WINDOW),
+                      shortened={"orders_paid": (600.0, DEMO_AUDIT_WINDOW)})
 
 
 @pytest.mark.parametrize("width", [80, 100])
@@ -120,10 +125,6 @@ def test_the_score_says_which_audit_window_judged_the_partial_writes() -> None:
     """When the demo's worker waited a shorter window than the configuration's, the table names the window used
     and the summary says the configured one is what a user's workers keep; no class is "pending"."""
     result = demo_result()
-    result.audit_rule = load(REPO / "byzguard.yaml", require_secrets=False).audit("orders_paid")
-    assert result.audit_rule is not None
-    result.audit_rule = dataclasses.replace(result.audit_rule, within=20.0)
-    result.shortened = {"orders_paid": (600.0, 20.0)}
     buffer = io.StringIO()
     render_result(result, Where("http://127.0.0.1:6066"), Console(file=buffer, width=400))  # no cell wraps
     said = " ".join(buffer.getvalue().split())
