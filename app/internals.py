@@ -1,0 +1,309 @@
+"""Every private name of faust, mode and aiokafka that byzguard uses, and the versions they were tested on.
+
+byzguard reaches into the libraries' internals where their public API leaves a gap (app/eos.py's fixes, the
+outbox's record batches, the fetch settings faust hard-codes). A private name can change in any release, so:
+
+- every one is listed here (`PRIVATE_NAMES`): whose it is, what kind of name, where byzguard uses it and why,
+  and for a method the parameters byzguard relies on and a digest of the source it was read against;
+- `tests/unit/test_internals.py` checks each against the installed libraries without a broker (the name is
+  there, of the same kind, with the same parameters and the same source), and scans app/, agents/, tables/,
+  topics/ and bench/ for a private name of another library that is not listed here;
+- the worker refuses to start on a faust-streaming, aiokafka or mode-streaming version not in
+  `TESTED_VERSIONS` (`check_versions`), unless BYZGUARD_ALLOW_UNTESTED_VERSIONS=1 turns that into a warning.
+
+docs/upgrading-faust.md says how to move to a new version. `python -m app.internals` prints what differs on
+the installed versions. This module imports none of the three libraries at import time: the version gate runs
+before they are loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import sys
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+#: The versions the whole suite (chaos tests included) and the benchmark ran on. A worker refuses others.
+TESTED_VERSIONS: Mapping[str, tuple[str, ...]] = {
+    "faust-streaming": ("0.15.3",),
+    "aiokafka": ("0.14.0",),
+    "mode-streaming": ("0.7.1",),
+}
+
+#: The environment variable (a worker setting, app/settings.py) that lets a worker start on untested versions.
+ALLOW_UNTESTED_ENV = "BYZGUARD_ALLOW_UNTESTED_VERSIONS"
+
+#: attribute: set on instances (in `__init__` or another method) or declared on the class;
+#: method / async method: a function defined on the class (byzguard calls or overrides it);
+#: added: a name byzguard itself puts on a library class or object, which the library must not define.
+Kind = Literal["attribute", "method", "async method", "added"]
+
+
+@dataclass(frozen=True)
+class PrivateName:
+    """One private name of a library that byzguard relies on."""
+
+    #: The class that defines it, as `module.Class` (the module it is defined in, not one that re-exports it).
+    owner: str
+    name: str
+    kind: Kind
+    #: Repository paths of the modules that use it.
+    used_in: tuple[str, ...]
+    why: str
+    #: Methods: the parameters byzguard relies on, without annotations, as `inspect.signature` prints them.
+    signature: str | None = None
+    #: Methods byzguard overrides (rather than only calls): a change of their body can break the override.
+    overridden: bool = False
+    #: Methods: sha256 (first 16 hex digits) of the dedented source byzguard was written against.
+    digest: str | None = None
+
+
+_EOS = "app/eos.py"
+_FAUST_CONSUMER = "faust.transport.consumer.Consumer"
+_AIOKAFKA_DRIVER = "faust.transport.drivers.aiokafka"
+
+PRIVATE_NAMES: tuple[PrivateName, ...] = (
+    # -- faust: the app and its table manager ---------------------------------------------------------------
+    PrivateName("faust.app.base.App", "_consumer", "attribute", (_EOS, "app/fetching.py"),
+                "install-before-start checks: the transport's Consumer class is replaced, which only works before "
+                "the app created its consumer (`app.consumer` would create it)"),
+    PrivateName("faust.app.base.App", "_producer", "attribute", (_EOS,),
+                "install-before-start check of eos.install: the transport's Producer class is replaced"),
+    PrivateName("faust.app.base.App", "_byzguard_eos", "added", (_EOS,),
+                "eos.install keeps its per-app state (ExactlyOnce) on the App"),
+    PrivateName("faust.app.base.App", "_byzguard_commit_gate", "added", (_EOS,),
+                "eos.install_gate keeps the processing lock and commit hooks (CommitGate) on the App"),
+    PrivateName("faust.app.base.App", "_byzguard_in_order", "added", (_EOS,),
+                "eos.install_in_order keeps its per-partition bookkeeping (InOrder) on the App"),
+    PrivateName("faust.tables.manager.TableManager", "_recovery", "attribute", (_EOS,),
+                "eos.install puts MarkerAwareRecovery in place before the manager builds its Recovery (fix 5)"),
+    # -- faust: table recovery ------------------------------------------------------------------------------
+    PrivateName("faust.tables.recovery.Recovery", "_set_recovery_ended", "method", (_EOS,),
+                "MarkerAwareRecovery ends recovery as faust's own loop does, once only markers are left (fix 5)",
+                signature="(self)", digest="7ac139109d4e9fa3"),
+    PrivateName("faust.tables.recovery.Recovery", "_end_at_transaction_markers", "added", (_EOS,),
+                "MarkerAwareRecovery's background task (a Service.task); must not override a faust method"),
+    # -- faust: the consumer's ack bookkeeping (fix 7, InOrder) ---------------------------------------------
+    PrivateName(_FAUST_CONSUMER, "_committed_offset", "attribute", (_EOS, "app/metrics.py"),
+                "InOrder: where a newly assigned partition starts; metrics: consumer lag"),
+    PrivateName(_FAUST_CONSUMER, "_read_offset", "attribute", (_EOS, "app/metrics.py"),
+                "InOrder: a seek back must be repeated when a late fetch moved the read offset past it; "
+                "metrics: consumer lag before the first commit"),
+    PrivateName(_FAUST_CONSUMER, "_acked", "attribute", (_EOS,),
+                "InOrder.ack_without_record: acks offsets holding no record (transaction markers), as Consumer.ack "
+                "does for a message"),
+    PrivateName(_FAUST_CONSUMER, "_acked_index", "attribute", (_EOS,), "as _acked"),
+    PrivateName(_FAUST_CONSUMER, "_n_acked", "attribute", (_EOS,), "as _acked"),
+    PrivateName(_FAUST_CONSUMER, "_waiting_for_ack", "attribute", (_EOS,),
+                "InOrder.drop and ack_without_record wake Consumer.wait_empty as Consumer.ack does"),
+    PrivateName(_FAUST_CONSUMER, "_unacked_messages", "attribute", (_EOS,),
+                "InOrder.drop: a record faust skipped is forgotten without marking its offset committable"),
+    PrivateName(_FAUST_CONSUMER, "_add_gap", "async method", (_EOS,),
+                "overridden for guarded topics: a jump of the read offset is not counted as acked (fix 7)",
+                signature="(self, tp, offset_from, offset_to)", overridden=True, digest="f1cc1db634f5ea09"),
+    PrivateName(_FAUST_CONSUMER, "_commit_offsets", "async method", (_EOS,),
+                "overridden under exactly_once: records the commit time faust's livelock check reads",
+                signature="(self, offsets, start_new_transaction=True)", overridden=True,
+                digest="86b3e9b0aec773ac"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "_seek", "async method", (_EOS,),
+                "overridden: seeks on the consumer's own thread (the fetcher crashed when seeks came from the loop)",
+                signature="(self, partition, offset)", overridden=True, digest="3343eefa6aa440ca"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "_thread", "attribute", (_EOS,),
+                "the consumer thread: its aiokafka consumer (end_offsets, seek) and tp_last_committed_at"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Consumer", "_new_consumer_thread", "method", ("app/fetching.py",),
+                "overridden: the consumer thread builds its aiokafka consumer with byzguard's fetch settings",
+                signature="(self)", overridden=True, digest="8fd0d41b15145615"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_ensure_consumer", "method", (_EOS,),
+                "the thread's started aiokafka consumer: read_committed end_offsets (fix 6) and seek",
+                signature="(self)", digest="a2c77687801ca0e7"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_create_worker_consumer", "method",
+                ("app/fetching.py",),
+                "overridden: sets fetch_min_bytes and fetch_max_wait_ms, which faust hard-codes",
+                signature="(self, transport)", overridden=True, digest="c179c0bdb9755c3a"),
+    PrivateName("faust.transport.consumer.TransactionManager", "_transactional_id", "added", (_EOS,),
+                "EventTransactionManager's helper: the transaction of the current event's partition (fix 1)"),
+    # -- faust: the producer (app/outbox.py sends aiokafka record batches through faust's producers) --------
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method", ("app/outbox.py",
+                "bench/faust_batches.py"),
+                "the started aiokafka producer (at_least_once) that record batches are sent through",
+                signature="(self)", digest="04016bd22147281a"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_transaction_producers", "attribute", ("app/outbox.py",),
+                "the transactional aiokafka producer of a partition, by transactional id (exactly_once)"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_trn_locks", "attribute", ("app/outbox.py",),
+                "the lock faust holds while it commits or aborts a partition's transaction; a batch is sent "
+                "under it so it cannot fall between two transactions"),
+    # -- faust: the RocksDB store ----------------------------------------------------------------------------
+    PrivateName("faust.stores.rocksdb.Store", "_db_for_partition", "method", ("tables/buffer.py",),
+                "the write-behind buffer reads and writes one partition's database directly (one WriteBatch "
+                "per partition per commit)", signature="(self, partition)", digest="abc425297c7542f0"),
+    # -- aiokafka ----------------------------------------------------------------------------------------------
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
+                ("app/audit_cli.py", "app/backlog.py", "app/producer.py", "bench/kafka.py"),
+                "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute",
+                ("app/fetching.py",), "set after construction, read by start() when it builds the fetcher"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_max_wait_ms", "attribute",
+                ("app/fetching.py",), "as _fetch_min_bytes"),
+    PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("app/producer.py",),
+                "the client's bootstrap servers, for a side consumer that reads back what was sent"),
+)
+
+
+# -- checking a name against the installed libraries ------------------------------------------------------------
+
+def _resolve(owner: str) -> type:
+    """The class `module.Class` names."""
+    module_name, _, class_name = owner.rpartition(".")
+    found = getattr(importlib.import_module(module_name), class_name)
+    if not isinstance(found, type):
+        raise TypeError(f"{owner} is not a class")
+    return found
+
+
+@functools.cache
+def _class_source_names(cls: type) -> frozenset[str]:
+    """Names a class and its bases (in the libraries) assign on `self` or declare in their class bodies."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins":
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt in body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                names.add(stmt.target.id)
+            elif isinstance(stmt, ast.Assign):
+                names.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
+        for node in ast.walk(tree):
+            target: ast.expr | None = None
+            if isinstance(node, ast.AnnAssign | ast.AugAssign):
+                target = node.target
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        names.add(t.attr)
+            elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                names.add(target.attr)
+    return frozenset(names)
+
+
+def plain_signature(func: Callable[..., Any]) -> str:
+    """`func`'s parameters without annotations, e.g. `(self, tp, offset_from, offset_to)`."""
+    sig = inspect.signature(func)
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+
+def source_digest(func: Callable[..., Any]) -> str:
+    """sha256 (16 hex digits) of `func`'s dedented source."""
+    return hashlib.sha256(textwrap.dedent(inspect.getsource(func)).encode()).hexdigest()[:16]
+
+
+def problems(entry: PrivateName) -> list[str]:
+    """What differs between `entry` and the installed libraries (empty: it is as byzguard expects)."""
+    where = f"{entry.owner}.{entry.name}"
+    try:
+        cls = _resolve(entry.owner)
+    except (ImportError, AttributeError, TypeError) as exc:
+        return [f"{where}: owner not found ({exc})"]
+    if entry.kind == "added":
+        if entry.name in _class_source_names(cls) or any(entry.name in vars(k) for k in cls.__mro__):
+            return [f"{where}: the library now defines this name, which byzguard adds itself"]
+        return []
+    if entry.kind == "attribute":
+        if entry.name in _class_source_names(cls) or any(entry.name in vars(k) for k in cls.__mro__):
+            return []
+        return [f"{where}: no longer assigned or declared by the class or its bases"]
+    func = inspect.getattr_static(cls, entry.name, None)
+    if func is None:
+        return [f"{where}: missing"]
+    if isinstance(func, staticmethod | classmethod):
+        func = func.__func__
+    if not inspect.isfunction(func):
+        return [f"{where}: no longer a method ({type(func).__name__})"]
+    found: list[str] = []
+    is_async = inspect.iscoroutinefunction(func)
+    if is_async != (entry.kind == "async method"):
+        found.append(f"{where}: now {'async' if is_async else 'not async'}")
+    signature = plain_signature(func)
+    if entry.signature is not None and signature != entry.signature:
+        found.append(f"{where}: signature {signature}, byzguard relies on {entry.signature}")
+    digest = source_digest(func)
+    if entry.digest is not None and digest != entry.digest:
+        found.append(f"{where}: source changed (digest {digest}, byzguard read {entry.digest}): read the diff")
+    return found
+
+
+# -- the version gate ------------------------------------------------------------------------------------------
+
+class UntestedVersionsError(RuntimeError):
+    """An installed faust-streaming, aiokafka or mode-streaming version is not one byzguard was tested on."""
+
+
+def installed_versions() -> dict[str, str | None]:
+    """The installed version of each package in TESTED_VERSIONS (None: not installed)."""
+    found: dict[str, str | None] = {}
+    for package in TESTED_VERSIONS:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def untested_versions(installed: Mapping[str, str | None] | None = None) -> list[str]:
+    """One line per installed package whose version byzguard was not tested on."""
+    installed = installed_versions() if installed is None else installed
+    return [f"{package} {installed.get(package) or '(not installed)'} is installed; byzguard is tested on "
+            f"{', '.join(tested)}" for package, tested in TESTED_VERSIONS.items()
+            if installed.get(package) not in tested]
+
+
+def check_versions(*, allow_untested: bool, installed: Mapping[str, str | None] | None = None) -> list[str]:
+    """Refuse (UntestedVersionsError) to run on untested faust-streaming / aiokafka / mode-streaming versions, or
+    with `allow_untested` log one WARNING per package instead; returns the lines found."""
+    lines = untested_versions(installed)
+    if not lines:
+        return lines
+    advice = ("byzguard relies on private names of these libraries (app/internals.py) that can change in any "
+              "release; run tests/unit/test_internals.py on the new versions and see docs/upgrading-faust.md")
+    if not allow_untested:
+        raise UntestedVersionsError(f"{'; '.join(lines)}. {advice}. To start anyway at your own risk, set "
+                                    f"{ALLOW_UNTESTED_ENV}=1.")
+    for line in lines:
+        if line not in _warned:  # the CLI and build_app both check: say it once
+            _warned.add(line)
+            log.warning("%s; starting anyway (%s=1). %s", line, ALLOW_UNTESTED_ENV, advice)
+    return lines
+
+
+_warned: set[str] = set()
+
+
+def main() -> int:
+    """Print every registered name that differs on the installed versions; exit 1 if any does."""
+    for line in untested_versions():
+        print(f"version: {line}")
+    found = [problem for entry in PRIVATE_NAMES for problem in problems(entry)]
+    for problem in found:
+        print(problem)
+    if not found:
+        print(f"all {len(PRIVATE_NAMES)} private names as registered")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
