@@ -4,10 +4,12 @@ byzguard reaches into the libraries' internals where their public API leaves a g
 outbox's record batches, the fetch settings faust hard-codes). A private name can change in any release, so:
 
 - every one is listed here (`PRIVATE_NAMES`): whose it is, what kind of name, where byzguard uses it and why,
-  and for a method the parameters byzguard relies on and a digest of the source it was read against;
+  and for a method the parameters byzguard relies on and a digest of the source it was read against. So is
+  every member of a library class that byzguard's subclasses of it override, add or reach through `self`
+  (public by name, but of faust's internal classes: `Consumer.commit`, `Recovery.active_offsets`, ...);
 - `tests/unit/test_internals.py` checks each against the installed libraries without a broker (the name is
   there, of the same kind, with the same parameters and the same source), and scans app/, agents/, tables/,
-  topics/ and bench/ for a private name of another library that is not listed here;
+  topics/ and bench/ for a name of that kind that is not listed here, or listed and no longer used;
 - the worker refuses to start on a faust-streaming, aiokafka or mode-streaming version not in
   `TESTED_VERSIONS` (`check_versions`), unless BYZGUARD_ALLOW_UNTESTED_VERSIONS=1 turns that into a warning.
 
@@ -51,9 +53,9 @@ Kind = Literal["attribute", "method", "async method", "added"]
 
 @dataclass(frozen=True)
 class PrivateName:
-    """One private name of a library that byzguard relies on."""
+    """One private name of a library (or member of a library class byzguard subclasses) that byzguard relies on."""
 
-    #: The class that defines it, as `module.Class` (the module it is defined in, not one that re-exports it).
+    #: The library class byzguard uses it on (or subclasses), as `module.Class`; it may inherit the name.
     owner: str
     name: str
     kind: Kind
@@ -146,6 +148,81 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.stores.rocksdb.Store", "_db_for_partition", "method", ("tables/buffer.py",),
                 "the write-behind buffer reads and writes one partition's database directly (one WriteBatch "
                 "per partition per commit)", signature="(self, partition)", digest="abc425297c7542f0"),
+    # -- undocumented members that byzguard's subclasses of library classes override or reach through self ----
+    # Public by name, but faust's internal classes: they change as freely as the private names above.
+    PrivateName("faust.transport.consumer.Consumer", "commit", "async method", (_EOS,),
+                "overridden twice: the commit gate (processing lock, before/after-commit hooks) and exactly_once's "
+                "wait for buffered changelog sends", signature="(self, topics=None, start_new_transaction=True)",
+                overridden=True, digest="e43a7d03685f9206"),
+    PrivateName("faust.transport.consumer.Consumer", "ack", "method", (_EOS,),
+                "overridden: only the agent acks records of guarded topics (fix 7)", signature="(self, message)",
+                overridden=True, digest="5548cf0f75843f73"),
+    PrivateName("faust.transport.consumer.Consumer", "in_transaction", "attribute", (_EOS,),
+                "the exactly_once commit records commit times only for transactional commits"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "highwaters", "async method", (_EOS,),
+                "overridden: read_committed ListOffsets instead of the cached last stable offsets (fix 6)",
+                signature="(self, *partitions)", overridden=True, digest="6503ef269eab219d"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "position", "async method", (_EOS,),
+                "overridden to -1: disables recovery's position shortcut (fix 5)", signature="(self, tp)",
+                overridden=True, digest="442b77b450ca53b5"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "assignment", "method", (_EOS,),
+                "the partitions whose commit times are recorded", signature="(self)", digest="bd585dfbb0b806a1"),
+    PrivateName("mode.services.Service", "loop", "attribute", ("app/fetching.py",),
+                "the consumer thread byzguard builds gets the consumer's loop and beacon, as faust's does"),
+    PrivateName("mode.services.Service", "beacon", "attribute", ("app/fetching.py",), "as loop"),
+    PrivateName("faust.transport.producer.Producer", "send_soon", "method", (_EOS,),
+                "overridden: every buffered send is tracked so the exactly_once commit waits for it (fix 2)",
+                signature="(self, fut)", overridden=True, digest="9e915b74783dbb7c"),
+    PrivateName("faust.transport.consumer.TransactionManager", "send", "async method", (_EOS,),
+                "overridden: the record goes through the transactional producer of the current event's partition "
+                "(fix 1)", signature="(self, topic, key, value, partition, timestamp, headers, *, "
+                "transactional_id=None)", overridden=True, digest="bc6cc96b66650a3a"),
+    PrivateName("faust.transport.consumer.TransactionManager", "app", "attribute", (_EOS,),
+                "EventTransactionManager: the app's id and assignor name the transaction"),
+    PrivateName("faust.transport.consumer.TransactionManager", "producer", "attribute", (_EOS,),
+                "EventTransactionManager sends through it"),
+    PrivateName("faust.transport.consumer.TransactionManager", "consumer", "attribute", (_EOS,),
+                "EventTransactionManager: key_partition of a record sent outside an event"),
+    PrivateName("faust.tables.recovery.Recovery", "__init__", "method", (_EOS,),
+                "MarkerAwareRecovery passes (app, tables, beacon=...) on", signature="(self, app, tables, **kwargs)",
+                overridden=True, digest="0b42091feae4abbd"),
+    PrivateName("faust.tables.recovery.Recovery", "in_recovery", "attribute", (_EOS,),
+                "MarkerAwareRecovery looks only while faust's recovery runs"),
+    PrivateName("faust.tables.recovery.Recovery", "active_highwaters", "attribute", (_EOS,),
+                "MarkerAwareRecovery: the changelog end each active partition recovers to"),
+    PrivateName("faust.tables.recovery.Recovery", "active_offsets", "attribute", (_EOS,),
+                "MarkerAwareRecovery: what recovery applied; set to the highwater where only markers are left"),
+    PrivateName("faust.tables.recovery.Recovery", "tables", "attribute", (_EOS,),
+                "MarkerAwareRecovery: the table manager's changelog_queue (empty: nothing in flight)"),
+    PrivateName("faust.tables.recovery.Recovery", "app", "attribute", (_EOS,),
+                "MarkerAwareRecovery seeks the app's consumer to changelog records recovery stalled on"),
+    PrivateName("faust.tables.recovery.Recovery", "need_recovery", "method", (_EOS,),
+                "MarkerAwareRecovery ends recovery only when no partition needs more", signature="(self)",
+                digest="c6860beac5d773db"),
+    PrivateName("faust.tables.recovery.Recovery", "flush_buffers", "method", (_EOS,),
+                "MarkerAwareRecovery flushes what recovery buffered before it ends it", signature="(self)",
+                digest="446535924329ab76"),
+    PrivateName("faust.tables.recovery.Recovery", "signal_recovery_end", "attribute", (_EOS,),
+                "MarkerAwareRecovery wakes what waits for the end of recovery, as faust's loop does"),
+    PrivateName("mode.services.Service", "should_stop", "attribute", (_EOS,),
+                "MarkerAwareRecovery's background task ends with the service"),
+    PrivateName("mode.services.Service", "sleep", "async method", (_EOS,),
+                "MarkerAwareRecovery's background task waits between looks (wakes on stop)", signature="(self, n)",
+                digest="6c05a5cb21067c75"),
+    PrivateName("mode.services.Service", "log", "attribute", (_EOS,), "MarkerAwareRecovery logs as recovery"),
+    PrivateName("mode.services.ServiceCallbacks", "on_stop", "async method", ("app/review/web.py", "app/worker.py"),
+                "overridden: services that stop the review page's and the quarantine backlog's clients",
+                signature="(self)", overridden=True, digest="11211872b272fa13"),
+    PrivateName("faust.worker.Worker", "on_setup_root_logger", "method", ("app/cli.py",),
+                "overridden: attaches the filter that counts the libraries' repeated warnings (app/logs.py)",
+                signature="(self, logger, level)", overridden=True, digest="d9e77a9305703e90"),
+    PrivateName("faust.web.views.View", "error", "method", ("app/review/web.py",),
+                "the review API's problem responses", signature="(self, status, reason, headers=None, **kwargs)",
+                digest="652baa0491bfd5ea"),
+    PrivateName("faust.web.views.View", "problem", "added", ("app/review/web.py",),
+                "the review views' helper (must not override a faust View method)"),
+    PrivateName("faust.web.views.View", "guarded", "added", ("app/review/web.py",), "as problem"),
+    PrivateName("faust.web.views.View", "body", "added", ("app/review/web.py",), "as problem"),
     # -- aiokafka ----------------------------------------------------------------------------------------------
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
                 ("app/audit_cli.py", "app/backlog.py", "app/producer.py", "bench/kafka.py"),

@@ -30,21 +30,28 @@ OTHER_LIBRARIES = {
 }
 
 
-def _defined_names(tree: ast.Module) -> set[str]:
-    """Names a module defines itself: functions, classes, assigned names and attributes of self / cls."""
+def _bound(target: ast.expr) -> list[str]:
+    """Names an assignment target binds: names, and attributes of self / cls (not `x[k] = ...`)."""
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id in ("self", "cls"):
+        return [target.attr]
+    if isinstance(target, ast.Tuple | ast.List):
+        return [name for element in target.elts for name in _bound(element)]
+    if isinstance(target, ast.Starred):
+        return _bound(target.value)
+    return []
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    """Names a module (or class) defines itself: functions, classes, assigned names and attributes of self / cls."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(node.name)
         elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                for part in ast.walk(target):
-                    if isinstance(part, ast.Name):
-                        names.add(part.id)
-                    elif (isinstance(part, ast.Attribute) and isinstance(part.value, ast.Name)
-                          and part.value.id in ("self", "cls")):
-                        names.add(part.attr)
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(_bound(target))
     return names
 
 
@@ -68,13 +75,13 @@ def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def foreign_private_names(source: str) -> set[str]:
-    """The private names a module's source uses that are not its own or the repository's.
+def foreign_names(source: str) -> set[str]:
+    """The names of libraries a module's source relies on that app/internals.py must list.
 
     Found: `x._name` where `_name` is not defined in the module and `x` is not one of the repository's modules or
-    classes; a private method defined on a subclass of a class that is not the repository's (an override, or a
-    name byzguard adds to a library class); `getattr` / `setattr` / `hasattr` of a private name (a string, or a
-    module constant holding one); a private name imported from faust, mode or aiokafka.
+    classes; `getattr` / `setattr` / `hasattr` of a private name (a string, or a module constant holding one); a
+    private name imported from faust, mode or aiokafka; and in a subclass of a class that is not the repository's,
+    every member it overrides, adds or reaches through `self` / `super()` (see _library_members).
     """
     tree = ast.parse(source)
     own, repo_names = _defined_names(tree), _repo_imports(tree)
@@ -94,8 +101,7 @@ def foreign_private_names(source: str) -> set[str]:
             bases = {ast.unparse(base) for base in node.bases}
             if bases and not all(base in own_classes or base in repo_names or base in PLAIN_BASES
                                  or base.split("[")[0] in PLAIN_BASES for base in bases):
-                found.update(stmt.name for stmt in node.body if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
-                             and _is_private(stmt.name))
+                found.update(_library_members(node))
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
               and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2):
             arg = node.args[1]
@@ -110,13 +116,32 @@ def foreign_private_names(source: str) -> set[str]:
     return found
 
 
+def _library_members(cls: ast.ClassDef) -> set[str]:
+    """What a subclass of a library class relies on: the methods it defines (overrides, or names it adds, which
+    the library must not define; `__init__` included, other dunders not) and the members it reaches through
+    `self` (not defined in the class itself) or `super()`."""
+    own = _defined_names(cls)
+    found = {stmt.name for stmt in cls.body if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+             and (stmt.name == "__init__" or not stmt.name.startswith("__"))}
+    for node in ast.walk(cls):
+        if not isinstance(node, ast.Attribute) or (node.attr.startswith("__") and node.attr != "__init__"):
+            continue
+        receiver = node.value
+        via_super = (isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name)
+                     and receiver.func.id == "super")
+        via_self = isinstance(receiver, ast.Name) and receiver.id == "self" and node.attr not in own
+        if via_super or via_self:
+            found.add(node.attr)
+    return found
+
+
 def _scan(dirs: tuple[str, ...]) -> set[tuple[str, str]]:
     """(path, name) of every foreign private name the modules under `dirs` use, other libraries' left out."""
     found = set()
     for folder in dirs:
         for path in sorted((REPO / folder).rglob("*.py")):
             rel = path.relative_to(REPO).as_posix()
-            found.update((rel, name) for name in foreign_private_names(path.read_text()))
+            found.update((rel, name) for name in foreign_names(path.read_text()))
     return found - set(OTHER_LIBRARIES)
 
 
@@ -158,8 +183,8 @@ def test_an_instance_attribute_is_found_in_the_source() -> None:
 
 
 def test_every_private_name_the_worker_uses_is_registered() -> None:
-    """app/, agents/, tables/ and topics/ use no private name of another library that app/internals.py leaves
-    out, and every registered use is still there."""
+    """app/, agents/, tables/ and topics/ rely on no private name (or member of a subclassed library class) that
+    app/internals.py leaves out, and every registered use is still there."""
     found, registered = _scan(PRODUCT_DIRS), _registered(PRODUCT_DIRS)
     unregistered, stale = sorted(found - registered), sorted(registered - found)
     assert not unregistered, f"used but not in app/internals.py PRIVATE_NAMES (path, name): {unregistered}"
@@ -175,8 +200,9 @@ def test_every_private_name_the_bench_uses_is_registered() -> None:
 
 
 def test_scan_tells_library_names_from_byzguards_own() -> None:
-    """The scan finds a library's private attribute, override, added method, getattr name and import, and leaves
-    out the module's own private names and those of byzguard's modules."""
+    """The scan finds a library's private attribute, getattr name and import, and what a subclass of a library class
+    overrides, adds or reaches through self / super(); it leaves out the module's own private names, those of
+    byzguard's modules and what the subclass defines itself."""
     source = '''
 from faust.transport.consumer import _private_helper
 from byzguard import engine
@@ -190,17 +216,20 @@ class Mine:
         return self._own + engine._advance + VectorClock._of
 
 class Override(base_consumer):
+    def __init__(self, app):
+        self.mine = app
+        super().__init__(app)
     async def _add_gap(self, tp, a, b):
         return await super()._add_gap(tp, a, b)
-    def public(self):
-        return self._thread
+    def added(self):
+        return self._thread, self.in_recovery, self.mine, self.loop.time()
 
 def f(consumer, app):
     setattr(app, _ATTR, 1)
     return consumer._committed_offset, getattr(consumer, "_read_offset"), Mine()._helper()
 '''
-    assert foreign_private_names(source) == {"_private_helper", "_add_gap", "_thread", "_set_by_constant",
-                                             "_committed_offset", "_read_offset"}
+    assert foreign_names(source) == {"_private_helper", "_add_gap", "_thread", "_set_by_constant", "_committed_offset",
+                                     "_read_offset", "__init__", "added", "in_recovery", "loop"}
 
 
 def test_tested_versions_are_the_installed_ones() -> None:
