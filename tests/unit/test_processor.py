@@ -20,18 +20,9 @@ from byzguard.stamp import Stamped, Stamper
 from byzguard.verdict import Code, Outcome
 
 from .conftest import BASE_CONFIG, Harness
+from .test_causal_delivery import CONFIG as CAUSAL_CONFIG
 
 NOW = 1_800_000_000.0
-CAUSAL_CONFIG = """
-routes:
-  - name: causal
-    inputs: [in]
-    verified_topic: out
-    quarantine_topic: bad
-    default_type: doc.edited
-    types: {doc.edited: {}}
-    causal: {buffer: true, deadline: 10s, max_held_per_scope: 4, max_held_total: 6}
-"""
 
 
 def edit(writer: str, event_id: str, clock: dict[str, int], data: Any = None, subject: str = "d") -> Stamped:
