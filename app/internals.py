@@ -344,9 +344,13 @@ def installed_versions() -> dict[str, str | None]:
 def untested_versions(installed: Mapping[str, str | None] | None = None) -> list[str]:
     """One line per installed package whose version byzguard was not tested on."""
     installed = installed_versions() if installed is None else installed
-    return [f"{package} {installed.get(package) or '(not installed)'} is installed; byzguard is tested on "
-            f"{', '.join(tested)}" for package, tested in TESTED_VERSIONS.items()
-            if installed.get(package) not in tested]
+    lines = []
+    for package, tested in TESTED_VERSIONS.items():
+        version = installed.get(package)
+        if version not in tested:
+            found = f"{package} {version} is installed" if version else f"{package} is not installed"
+            lines.append(f"{found}; byzguard is tested on {', '.join(tested)}")
+    return lines
 
 
 def check_versions(*, allow_untested: bool, installed: Mapping[str, str | None] | None = None) -> list[str]:
