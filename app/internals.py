@@ -47,7 +47,9 @@ ALLOW_UNTESTED_ENV = "BYZGUARD_ALLOW_UNTESTED_VERSIONS"
 
 #: attribute: set on instances (in `__init__` or another method) or declared on the class;
 #: method / async method: a function defined on the class (byzguard calls or overrides it);
-#: added: a name byzguard itself puts on a library class or object, which the library must not define.
+#: added: a name byzguard itself puts on a library class or object, which the library must not define (an
+#: attribute set with setattr, a method of a subclass defined inside a function; the methods that a subclass at
+#: a module's top level adds need no entry: the scan imports the class and finds a clash itself).
 Kind = Literal["attribute", "method", "async method", "added"]
 
 
@@ -93,8 +95,6 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.tables.recovery.Recovery", "_set_recovery_ended", "method", (_EOS,),
                 "MarkerAwareRecovery ends recovery as faust's own loop does, once only markers are left (fix 5)",
                 signature="(self)", digest="7ac139109d4e9fa3"),
-    PrivateName("faust.tables.recovery.Recovery", "_end_at_transaction_markers", "added", (_EOS,),
-                "MarkerAwareRecovery's background task (a Service.task); must not override a faust method"),
     # -- faust: the consumer's ack bookkeeping (fix 7, InOrder) ---------------------------------------------
     PrivateName(_FAUST_CONSUMER, "_committed_offset", "attribute", (_EOS, "app/metrics.py"),
                 "InOrder: where a newly assigned partition starts; metrics: consumer lag"),
@@ -132,8 +132,6 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 ("app/fetching.py",),
                 "overridden: sets fetch_min_bytes and fetch_max_wait_ms, which faust hard-codes",
                 signature="(self, transport)", overridden=True, digest="c179c0bdb9755c3a"),
-    PrivateName("faust.transport.consumer.TransactionManager", "_transactional_id", "added", (_EOS,),
-                "EventTransactionManager's helper: the transaction of the current event's partition (fix 1)"),
     # -- faust: the producer (app/outbox.py sends aiokafka record batches through faust's producers) --------
     PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method", ("app/outbox.py",
                 "bench/faust_batches.py"),
@@ -249,7 +247,7 @@ def _resolve(owner: str) -> type:
 
 @functools.cache
 def _class_source_names(cls: type) -> frozenset[str]:
-    """Names a class and its bases (in the libraries) assign on `self` or declare in their class bodies."""
+    """Names a class and its bases assign on `self` or declare in their class bodies."""
     names: set[str] = set()
     for klass in cls.__mro__:
         if klass.__module__ == "builtins":
@@ -277,6 +275,12 @@ def _class_source_names(cls: type) -> frozenset[str]:
     return frozenset(names)
 
 
+def member_names(cls: type) -> frozenset[str]:
+    """Every name a class has or gives its instances: its and its bases' attributes, and what their sources assign
+    on `self` (instance attributes set in `__init__` or elsewhere)."""
+    return _class_source_names(cls) | frozenset(name for klass in cls.__mro__ for name in vars(klass))
+
+
 def plain_signature(func: Callable[..., Any]) -> str:
     """`func`'s parameters without annotations, e.g. `(self, tp, offset_from, offset_to)`."""
     sig = inspect.signature(func)
@@ -297,11 +301,11 @@ def problems(entry: PrivateName) -> list[str]:
     except (ImportError, AttributeError, TypeError) as exc:
         return [f"{where}: owner not found ({exc})"]
     if entry.kind == "added":
-        if entry.name in _class_source_names(cls) or any(entry.name in vars(k) for k in cls.__mro__):
+        if entry.name in member_names(cls):
             return [f"{where}: the library now defines this name, which byzguard adds itself"]
         return []
     if entry.kind == "attribute":
-        if entry.name in _class_source_names(cls) or any(entry.name in vars(k) for k in cls.__mro__):
+        if entry.name in member_names(cls):
             return []
         return [f"{where}: no longer assigned or declared by the class or its bases"]
     func = inspect.getattr_static(cls, entry.name, None)
