@@ -345,3 +345,18 @@ def test_a_method_byzguard_adds_is_found_once_the_library_has_it(monkeypatch: py
     assert "_set_recovery_ended" in foreign_names(source, "app.eos")  # reached through self: always listed
     monkeypatch.setattr(Recovery, "_end_at_transaction_markers", lambda self: None, raising=False)
     assert "_end_at_transaction_markers" in foreign_names(source, "app.eos")
+
+
+def test_demo_that_may_start_a_worker_refuses_untested_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`byzguard demo` (which starts a worker unless --worker none) refuses untested versions up front; with
+    `--worker none` it only sends and scores, so it is not refused."""
+    from app.cli import cli
+
+    _untested_aiokafka(monkeypatch)
+    env = {"BYZGUARD_ALLOW_UNTESTED_VERSIONS": None, "BYZGUARD_BROKER": "127.0.0.1:1", "BYZGUARD_KEY_PRICING_1": "x"}
+    refused = CliRunner().invoke(cli, ["demo", "--worker", "start", "--config", str(REPO / "byzguard.yaml")], env=env)
+    assert refused.exit_code == 2, refused.output
+    assert "aiokafka 0.99.0 is installed" in " ".join(refused.output.split())
+    monkeypatch.setattr("app.demo.play", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("played")))
+    scored = CliRunner().invoke(cli, ["demo", "--worker", "none", "--config", str(REPO / "byzguard.yaml")], env=env)
+    assert "played" in scored.output and "0.99.0" not in scored.output
