@@ -16,7 +16,7 @@ State is a mapping from a table name (`tables`) to a `TableState`: get / put / d
 partition's keys. A runtime gives each partition its own views, which read through the writes not yet stored
 (the batch's own first, then a batch still in flight, then the store): a record sees the writes of the
 record before it. A processor never does I/O, never raises for a bad record, and writes nothing but through
-the views; `MemoryTable` is the in-memory view (tests, the contract checker).
+the views; `MemoryTable` is the in-memory view.
 
 What a runtime must call, in which order, in which transaction (per input partition):
 
@@ -76,7 +76,8 @@ class TableState(Protocol):
         ...
 
     def items(self) -> Iterable[tuple[bytes, bytes]]:
-        """Every key of the partition's table with its value (punctuations scan with it)."""
+        """Every key of the partition's table with its value, writes not yet stored included (punctuations scan
+        with it; a processor does not write while it iterates)."""
         ...
 
 
@@ -107,7 +108,7 @@ class Processor(Protocol[In_contra, Out_co]):
 
 
 class MemoryTable:
-    """A `TableState` over a dict (tests, the contract checker, a sample run)."""
+    """A `TableState` over a dict (tests, a sample run without Kafka)."""
 
     __slots__ = ("data",)
 
