@@ -289,10 +289,11 @@ def test_gate_refuses_a_missing_package() -> None:
         check_versions(allow_untested=False, installed=installed)
 
 
-def test_gate_only_warns_when_allowed(caplog: pytest.LogCaptureFixture) -> None:
+def test_gate_only_warns_when_allowed(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the escape hatch the start goes on, with a WARNING naming the package and version."""
     installed = {package: tested[0] for package, tested in internals.TESTED_VERSIONS.items()}
     installed["faust-streaming"] = "0.16.0"
+    monkeypatch.setattr(internals, "_warned", set())  # said once per process
     with caplog.at_level(logging.WARNING, logger="app.internals"):
         lines = check_versions(allow_untested=True, installed=installed)
     assert lines == [f"faust-streaming 0.16.0 is installed; byzguard is tested on "
