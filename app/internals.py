@@ -368,10 +368,20 @@ def check_versions(*, allow_untested: bool, installed: Mapping[str, str | None] 
     if not allow_untested:
         raise UntestedVersionsError(f"{'; '.join(lines)}. {advice}. To start anyway at your own risk, set "
                                     f"{ALLOW_UNTESTED_ENV}=1.")
-    for line in lines:
-        if line not in _warned:  # the CLI and build_app both check: say it once
-            _warned.add(line)
-            log.warning("%s; starting anyway (%s=1). %s", line, ALLOW_UNTESTED_ENV, advice)
+    fresh = [line for line in lines if line not in _warned]  # the CLI and build_app both check: say it once
+    if not fresh:
+        return lines
+    _warned.update(fresh)
+    for line in fresh:
+        log.warning("%s; starting anyway (%s=1). %s", line, ALLOW_UNTESTED_ENV, advice)
+    # What the registry can tell about the installed versions, so the operator knows what to watch.
+    changed = [problem for entry in PRIVATE_NAMES for problem in problems(entry)]
+    if changed:
+        log.warning("%d of byzguard's %d private names of these libraries differ on the installed versions: %s",
+                    len(changed), len(PRIVATE_NAMES), "; ".join(changed))
+    else:
+        log.warning("all %d private names byzguard uses are present as registered (kind, parameters, source)",
+                    len(PRIVATE_NAMES))
     return lines
 
 

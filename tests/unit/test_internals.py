@@ -299,6 +299,21 @@ def test_gate_only_warns_when_allowed(caplog: pytest.LogCaptureFixture, monkeypa
     assert lines == [f"faust-streaming 0.16.0 is installed; byzguard is tested on "
                      f"{', '.join(internals.TESTED_VERSIONS['faust-streaming'])}"]
     assert any(r.levelno == logging.WARNING and "faust-streaming 0.16.0" in r.getMessage() for r in caplog.records)
+    assert any("private names byzguard uses are present as registered" in r.getMessage() for r in caplog.records)
+
+
+def test_gate_when_allowed_names_the_private_names_that_differ(caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting anyway on untested versions logs which registered private names differ there."""
+    installed = {package: tested[0] for package, tested in internals.TESTED_VERSIONS.items()}
+    installed["aiokafka"] = "0.15.0"
+    monkeypatch.setattr(internals, "_warned", set())
+    gone = PrivateName("faust.transport.consumer.Consumer", "_gone_in_this_version", "attribute", (), "")
+    monkeypatch.setattr(internals, "PRIVATE_NAMES", (*PRIVATE_NAMES[:2], gone))
+    with caplog.at_level(logging.WARNING, logger="app.internals"):
+        check_versions(allow_untested=True, installed=installed)
+    assert any("1 of byzguard's 3 private names" in r.getMessage() and "_gone_in_this_version" in r.getMessage()
+               for r in caplog.records)
 
 
 def _untested_aiokafka(monkeypatch: pytest.MonkeyPatch) -> None:
