@@ -3,7 +3,11 @@ partition's state views, and their punctuations close causal deadlines and audit
 
 from __future__ import annotations
 
+import random
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from byzguard.audit import AuditRule, AuditSide, FieldPath, Kind, Observation, Side
 from byzguard.clocks import VectorClock
@@ -21,6 +25,7 @@ from byzguard.verdict import Code, Outcome
 
 from .conftest import BASE_CONFIG, Harness
 from .test_causal_delivery import CONFIG as CAUSAL_CONFIG
+from .test_causal_delivery import history
 
 NOW = 1_800_000_000.0
 
@@ -80,6 +85,28 @@ def test_verify_processor_routes_and_writes_as_guard_process() -> None:
         outcomes.append([r.decision.outcome for r in got.routed])
     assert outcomes == [[Outcome.VERIFIED], [Outcome.DUPLICATE], [Outcome.QUARANTINED], [Outcome.HELD],
                         [Outcome.VERIFIED, Outcome.VERIFIED], [Outcome.QUARANTINED]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), order_seed=st.integers(0, 10_000))
+def test_verify_processor_matches_guard_on_shuffled_causal_histories(seed: int, order_seed: int) -> None:
+    """Over a shuffled causal history with punctuations in between, the processor routes and writes exactly what
+    `Guard.process` and `Guard.expire_held` do."""
+    h = Harness(CAUSAL_CONFIG)
+    processor = VerifyProcessor(h.guard, h.route)
+    state = memory_state(processor.tables)
+    events = history(3, 12, seed)
+    random.Random(order_seed).shuffle(events)
+    for offset, stamped in enumerate(events):
+        now = NOW + 4 * offset  # a deadline (10 s) passes every few events
+        expected = h.apply(h.guard.process(record(stamped, offset, now), h.route, h.state, now=now))
+        got = processor.process(record(stamped, offset, now), state, now)
+        assert routed_view(got) == routed_view(expected)
+        if offset % 2:
+            expected = h.apply(h.guard.expire_held(h.route, h.state, now=now + 1))
+            got = processor.punctuate(state, now + 1)
+            assert routed_view(got) == routed_view(expected)
+        assert tables_of(state) == harness_tables(h, processor.tables)
 
 
 def test_verify_punctuate_quarantines_a_held_record_at_its_deadline() -> None:
