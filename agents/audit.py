@@ -179,7 +179,7 @@ class PartitionTable:
 
     __slots__ = ("partition", "rule", "table")
 
-    def __init__(self, table: faust.TableT[bytes, bytes], partition: int, rule: AuditRule) -> None:
+    def __init__(self, table: TableT[bytes, bytes], partition: int, rule: AuditRule) -> None:
         self.table = table
         self.partition = partition
         self.rule = rule
