@@ -10,7 +10,9 @@ Every stateful stream of the guard goes through one small interface, as Kafka St
 Two processors implement it as thin adapters over the pure functions that decide: `VerifyProcessor` (one
 route: `Guard.process`, and `Guard.expire_held` as its punctuation) and `AuditJoinProcessor` (one audit rule's
 join: `byzguard.audit.expire` then `observe` per observation, `expire` of the closed windows as punctuation).
-Their verdicts, codes, headers and state records are exactly those of the functions they wrap.
+Their verdicts, codes, headers and state records are exactly those of the functions they wrap. The contract
+checker (byzguard/contract/check.py) runs a sample through `VerifyProcessor` over `MemoryTable`s, the audit
+agent (agents/audit.py) runs `AuditJoinProcessor` per partition of its join table.
 
 State is a mapping from a table name (`tables`) to a `TableState`: get / put / delete / items over the
 partition's keys. A runtime gives each partition its own views, which read through the writes not yet stored
