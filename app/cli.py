@@ -112,8 +112,10 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
 
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
+    # The batched runtime stores only committed state: without faust tables (audits) nothing is discarded.
+    faust_tables = settings.runtime == "faust" or bool(cfg.audits)
     with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
-                              enabled=settings.processing_guarantee == "exactly_once"):
+                              enabled=settings.processing_guarantee == "exactly_once" and faust_tables):
         worker.execute_from_commandline()
 
 

@@ -446,7 +446,7 @@ async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, t
         while time.monotonic() < deadline:
             ends = await consumer.end_offsets(tps)
             done = {tp: 0 for tp in tps}
-            for name in dict.fromkeys((group, input_group(group))):  # the batched runtime commits inputs apart
+            for name in (group, input_group(group, "batched")):  # the batched runtime commits inputs apart
                 committed = await admin.list_consumer_group_offsets(name, partitions=tps)
                 for tp, meta in committed.items():
                     if tp in done and meta.offset > done[tp]:
