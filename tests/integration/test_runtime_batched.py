@@ -126,6 +126,40 @@ async def test_batched_runtime_reuses_its_state_after_a_restart(batched: WorkerF
     assert second.stop() == 0
 
 
+async def test_a_data_dir_and_group_of_the_faust_runtime_are_taken_over_as_they_are(
+    worker_factory: WorkerFactory,
+) -> None:
+    """A worker moved from the faust runtime to the batched one on the same data dir reads faust's state as it is
+    (nothing replayed, a re-sent event is a duplicate, an old version a regression) and resumes the inputs where
+    the faust runtime's group committed (nothing processed twice)."""
+    route = worker_factory.configure(partitions=4)
+    events = Events()
+    data_dir = worker_factory.base_dir / "state"
+    subjects = [f"acct-{i}" for i in range(12)]
+    worker_factory.runtime = "faust"
+    old = worker_factory.start("faust", data_dir=data_dir)
+    batch1 = [events.clean(s, v) for v in (1, 2) for s in subjects]
+    await produce(worker_factory.bootstrap, route.input, batch1)
+    await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[old])
+    assert old.stop() == 0, old.fail("did not stop cleanly").args[0]
+
+    worker_factory.runtime = "batched"
+    new = worker_factory.start("batched", data_dir=data_dir)
+    regression = events.regression(subjects[0], 1)
+    batch2 = [batch1[5], regression, *(events.clean(s, 3) for s in subjects)]
+    await produce(worker_factory.bootstrap, route.input, batch2)
+    await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[new])
+    assert "restored" not in new.log_text(), "faust's local state must be read as it is"
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified,
+                                   expected=len(batch1) + len(subjects)))
+    quarantined = by_id(await collect(worker_factory.bootstrap, route.quarantine, expected=1))
+    assert all(len(r) == 1 for r in verified.values()), "an event was forwarded twice"
+    assert len(verified) == len(batch1) + len(subjects)
+    assert set(quarantined) == {regression.event_id}
+    assert new.events_processed() == len(batch2), "the batched runtime processed faust's events again"
+    assert new.stop() == 0
+
+
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_batched_runtime_sigkilled_mid_stream_loses_nothing(
     batched: WorkerFactory, guarantee: str, capsys: pytest.CaptureFixture[str],
