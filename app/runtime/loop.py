@@ -132,6 +132,9 @@ class BatchedRuntime(Service):
         #: Input partitions owned, and the next offset to process of each.
         self.positions: dict[TopicPartition, int] = {}
         self.last_batch: dict[Key, float] = {}
+        #: The causal buffer of each route partition: events held, and the age of the oldest (the gauges).
+        self.held: dict[Key, int] = {}
+        self.oldest: dict[Key, float] = {}
         self.copy_limit = 0
         self._lock = asyncio.Lock()
         self._stopping = False
@@ -240,6 +243,10 @@ class BatchedRuntime(Service):
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)
                 opened.append(key)
             await restore(self.bootstrap, [(self.parts[key], self.changelogs[key[0]]) for key in opened])
+            for key in opened:
+                if self.routes[key[0]].causal.buffer:  # what the restored buffer holds counts from now on
+                    self.held[key] = held_count(self.parts[key].readers[CAUSAL])
+                    self._publish_causal(key[0])
             fallback = None
             for key, tps in new.items():
                 stored = self.parts[key].input_offsets()
@@ -270,6 +277,9 @@ class BatchedRuntime(Service):
             if part is not None:
                 part.close()
             self.last_batch.pop(key, None)
+            if self.held.pop(key, None) is not None:
+                self.oldest.pop(key, None)
+                self._publish_causal(key[0])
             txn = self.txns.pop(key, None)
             if txn is not None:
                 await txn.stop()
@@ -366,12 +376,17 @@ class BatchedRuntime(Service):
         return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
                       None, None, None)
 
-    def _punctuate(self, route: Route, part: PartitionState, out: RecordBatches) -> None:
+    def _punctuate(self, key: Key, route: Route, part: PartitionState, out: RecordBatches) -> None:
         """Causal deadlines of one route partition: held records past the deadline go to quarantine."""
-        if not route.causal.buffer or not held_count(part.readers[CAUSAL]):
+        if not route.causal.buffer:
+            return
+        if not held_count(part.readers[CAUSAL]):
+            self.oldest[key] = 0.0
             return
         now = time.time()
         result = self.guard.expire_held(route, part.readers, now=now)
+        self.oldest[key] = result.oldest_held_age or 0.0
+        self._publish_causal(route.name)
         part.apply(result.writes)
         self._emit(route, result, out)
         for routed in result.routed:
@@ -390,7 +405,7 @@ class BatchedRuntime(Service):
                       offsets: dict[TopicPartition, int]) -> None:
         """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
         self.last_batch[key] = time.monotonic()
-        self._punctuate(route, part, out)
+        self._punctuate(key, route, part, out)
         changelogs = self.changelogs[route.name]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:
@@ -415,6 +430,15 @@ class BatchedRuntime(Service):
             delivered = await cl.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
                     if (topic, part.partition) in delivered}, inputs)
+        if route.causal.buffer:
+            self.held[key] = held_count(part.readers[CAUSAL])
+            self._publish_causal(route.name)
+
+    def _publish_causal(self, route: str) -> None:
+        """The causal buffer gauges: what this worker's partitions of `route` hold, and the oldest's age."""
+        metrics.CAUSAL_HELD.labels(route).set(sum(n for (r, _), n in self.held.items() if r == route))
+        metrics.CAUSAL_OLDEST.labels(route).set(max((a for (r, _), a in self.oldest.items() if r == route),
+                                                    default=0.0))
 
     @staticmethod
     def _changelog_records(part: PartitionState, changelogs: dict[str, str], out: RecordBatches) -> None:
