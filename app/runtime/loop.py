@@ -139,6 +139,8 @@ class BatchedRuntime(Service):
         self._lock = asyncio.Lock()
         self._stopping = False
         self._first_assignment = asyncio.Event()
+        self._lag_due = 0.0
+        self._lag_labels: set[tuple[str, str]] = set()
         self._causal_interval = min((max(0.5, min(5.0, r.causal.deadline / 4)) for r in config.routes
                                      if r.causal.buffer), default=None)
 
@@ -198,6 +200,8 @@ class BatchedRuntime(Service):
                         await self._step(fetched)
                     if self._causal_interval is not None:
                         await self._punctuate_idle()
+                    if time.monotonic() >= self._lag_due:
+                        self._measure_lag(consumer)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -208,6 +212,22 @@ class BatchedRuntime(Service):
         self._stopping = True
         log.critical("batched runtime: %r; the worker stops", exc, exc_info=exc)
         await self.crash(exc)
+
+    def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """byzguard_consumer_lag_messages of every input partition this worker owns: the records after the last
+        one processed (its batches commit right after they are processed)."""
+        self._lag_due = time.monotonic() + metrics.LAG_INTERVAL
+        seen = set()
+        for tp, position in self.positions.items():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            labels = (tp.topic, str(tp.partition))
+            metrics.CONSUMER_LAG.labels(*labels).set(max(0, highwater - position))
+            seen.add(labels)
+        for labels in self._lag_labels - seen:  # revoked: another worker reports them now
+            metrics.CONSUMER_LAG.remove(*labels)
+        self._lag_labels = seen
 
     # -- rebalances --------------------------------------------------------------------------------------------
 
