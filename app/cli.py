@@ -97,7 +97,11 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
         console.print(f"[bold red]cannot start[/]: {exc}")
         raise typer.Exit(2) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    built = build_app(settings, cfg, bootstrap)
+    try:
+        built = build_app(settings, cfg, bootstrap)
+    except ConfigError as exc:  # e.g. a route the chosen runtime does not run
+        console.print(f"[bold red]cannot start[/]: {exc}")
+        raise typer.Exit(2) from None
     console.print(f"[bold green]byzguard[/] worker [bold]{settings.app_id}[/] on broker {bootstrap}")
     for route in cfg.routes:
         console.print(f"  route [bold]{route.name}[/]: {', '.join(route.inputs)} -> verified "
