@@ -4,10 +4,13 @@ per record. One open batch per destination partition; records of one destination
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from app.outbox import RecordTooLargeError
+
+log = logging.getLogger(__name__)
 
 
 class RecordBatches:
@@ -43,8 +46,13 @@ class RecordBatches:
         sent = [(t, p, b.record_count(), await self.producer.send_batch(b, t, partition=p)) for t, p, b in batches]
         last: dict[tuple[str, int], int] = {}
         if sent:
-            await asyncio.gather(*(fut for *_, fut in sent))
+            await asyncio.wait([fut for *_, fut in sent])
         for topic, partition, count, fut in sent:
+            exc = fut.exception()
+            if exc is not None:
+                log.error("%d records for %s[%d] were not delivered: %r; nothing is committed past them and the "
+                          "worker stops", count, topic, partition, exc)
+                raise exc
             offset = int(fut.result().offset) + count - 1
             if last.get((topic, partition), -1) < offset:
                 last[(topic, partition)] = offset
