@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from app.provision import OUTPUT_HEADROOM
 from tests.chaos.test_crash import (
     EXPECTED_CODE,
     Stream,
@@ -19,6 +20,7 @@ from tests.chaos.test_crash import (
     payments,
     produce_paced,
 )
+from tests.integration.test_poison import _set_limit, _wait_for
 from tests.integration.worker_harness import (
     Events,
     WorkerFactory,
@@ -158,6 +160,36 @@ async def test_a_data_dir_and_group_of_the_faust_runtime_are_taken_over_as_they_
     assert set(quarantined) == {regression.event_id}
     assert new.events_processed() == len(batch2), "the batched runtime processed faust's events again"
     assert new.stop() == 0
+
+
+async def test_at_least_once_stores_no_state_of_a_batch_whose_outputs_were_not_delivered(
+    batched: WorkerFactory,
+) -> None:
+    """Under at_least_once, when the verified topic refuses a batch's outputs, the worker stops loudly before it
+    stores that batch's state or commits its offsets; restarted on the same data dir once the topic takes writes
+    again, it verifies every event, none judged a duplicate of itself."""
+    batched.processing_guarantee = "at_least_once"
+    route = batched.configure(partitions=2)
+    data_dir = batched.base_dir / "state"
+    worker = batched.start("first", data_dir=data_dir)
+    events = Events()
+    before = [events.clean(f"early-{i}", 1) for i in range(20)]  # stored, with their changelog offsets
+    await produce(batched.bootstrap, route.input, before)
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[worker])
+    await _set_limit(batched.bootstrap, route.verified, 200)
+    clean = [events.clean(f"acct-{i}", 1) for i in range(400)]
+    await produce(batched.bootstrap, route.input, clean)
+    await _wait_for(lambda: not worker.alive(), 60)
+    assert "were not delivered" in worker.log_text(), worker.fail("no word of the failed delivery").args[0]
+    await _set_limit(batched.bootstrap, route.verified, 1_048_588 + OUTPUT_HEADROOM)
+
+    again = batched.start("again", data_dir=data_dir)
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[again], timeout=90)
+    verified = by_id(await collect(batched.bootstrap, route.verified, expected=len(before) + len(clean)))
+    verified.pop("probe", None)  # what _set_limit sent
+    missing = sorted({s.event_id for s in clean} - set(verified))
+    assert not missing, f"{len(missing)} events in no output: {missing[:5]}"
+    assert again.stop() == 0
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
