@@ -2,9 +2,10 @@
 
 One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
 (`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
-`batch_max_ms` of processing; each record goes through `Guard.process`, reading its state through the batch's
-pending writes, then RocksDB (app/runtime/state.py: faust's layout and paths). After each batch of a route
-partition the causal deadlines are checked (`Guard.expire_held`, a punctuation), and on a timer when it is idle.
+`batch_max_ms` of processing; each record goes through the processor seam (byzguard.processor `VerifyProcessor`:
+`Guard.process`), reading its state through the batch's pending writes, then RocksDB (app/runtime/state.py:
+faust's layout and paths). After each batch of a route partition the causal deadlines are checked (its
+`punctuate`: `Guard.expire_held`), and on a timer when it is idle.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed. A record is
@@ -49,6 +50,7 @@ from byzguard.config import GuardConfig, Partitioning, Route
 from byzguard.engine import Decision
 from byzguard.errors import ConfigError
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
+from byzguard.processor import VerifyProcessor, causal_interval
 from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size, too_large_stub
 from byzguard.verdict import Code, Outcome, Reason
 
@@ -128,6 +130,7 @@ class BatchedRuntime(Service):
         self.producer: AIOKafkaProducer | None = None
         #: Open state and (exactly_once) transactional producer of each route partition this worker owns.
         self.parts: dict[Key, PartitionState] = {}
+        self.processors: dict[Key, VerifyProcessor] = {}
         self.txns: dict[Key, AIOKafkaProducer] = {}
         #: Input partitions owned, and the next offset to process of each.
         self.positions: dict[TopicPartition, int] = {}
@@ -143,8 +146,7 @@ class BatchedRuntime(Service):
         #: Metric children by route (prometheus_client's labels() costs microseconds per call).
         self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
         self._lag_labels: set[tuple[str, str]] = set()
-        self._causal_interval = min((max(0.5, min(5.0, r.causal.deadline / 4)) for r in config.routes
-                                     if r.causal.buffer), default=None)
+        self._causal_interval = min((i for i in map(causal_interval, config.routes) if i is not None), default=None)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -263,6 +265,7 @@ class BatchedRuntime(Service):
                     await txn.start()
                     self.txns[key] = txn
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)
+                self.processors[key] = VerifyProcessor(self.guard, route)
                 opened.append(key)
             await restore(self.bootstrap, [(self.parts[key], self.changelogs[key[0]]) for key in opened])
             for key in opened:
@@ -298,6 +301,7 @@ class BatchedRuntime(Service):
             part = self.parts.pop(key, None)
             if part is not None:
                 part.close()
+            self.processors.pop(key, None)
             self.last_batch.pop(key, None)
             if self.held.pop(key, None) is not None:
                 self.oldest.pop(key, None)
@@ -332,6 +336,7 @@ class BatchedRuntime(Service):
     async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
                          offsets: dict[TopicPartition, int]) -> None:
         part = self.parts[key]
+        processor = self.processors[key]
         route = self.routes[key[0]]
         for tp, messages in items:
             index, count = 0, len(messages)
@@ -341,7 +346,7 @@ class BatchedRuntime(Service):
                 end = min(count, index + self.max_records)
                 last = index
                 while last < end:
-                    self._process(route, part, messages[last], out)
+                    self._process(route, processor, part, messages[last], out)
                     last += 1
                     if time.monotonic() - started >= self.max_seconds:
                         break
@@ -355,7 +360,8 @@ class BatchedRuntime(Service):
         producer = self.txns[key] if self.eos else self.producer
         return RecordBatches(producer)
 
-    def _process(self, route: Route, part: PartitionState, msg: Any, out: RecordBatches) -> None:
+    def _process(self, route: Route, processor: VerifyProcessor, part: PartitionState, msg: Any,
+                 out: RecordBatches) -> None:
         started = time.perf_counter()
         now = time.time()
         record = RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
@@ -365,8 +371,7 @@ class BatchedRuntime(Service):
             routed = self._stub(route, record, size, now, out)
             _observe(route.name, routed, now)
             return
-        result = self.guard.process(record, route, part.readers, now=now)
-        part.apply(result.writes)
+        result = processor.process(record, part.readers, now)  # its writes are in the batch already
         self._emit(route, result, out)
         self._latency[route.name].observe(time.perf_counter() - started)
         for routed in result.routed:
@@ -406,10 +411,9 @@ class BatchedRuntime(Service):
             self.oldest[key] = 0.0
             return
         now = time.time()
-        result = self.guard.expire_held(route, part.readers, now=now)
+        result = self.processors[key].punctuate(part.readers, now)
         self.oldest[key] = result.oldest_held_age or 0.0
         self._publish_causal(route.name)
-        part.apply(result.writes)
         self._emit(route, result, out)
         for routed in result.routed:
             _observe(route.name, routed, now)

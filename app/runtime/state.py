@@ -59,7 +59,8 @@ def db_path(tabledir: Path, route: Route, name: str, partition: int) -> Path:
 
 
 class _Reader:
-    """`get(key)` of one state name: the batch's pending write first, then RocksDB."""
+    """One table of one partition as the processor seam sees it (byzguard.processor `TableState`): the batch's
+    pending writes first, then RocksDB; writes wait in the batch until it is stored."""
 
     __slots__ = ("db", "pending")
 
@@ -73,6 +74,26 @@ class _Reader:
             return pending[key]
         value: bytes | None = self.db.get(key)
         return value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.pending[key] = None
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """Every key of the table with its value, the batch's writes included (a snapshot)."""
+        pending = self.pending
+        found: list[tuple[bytes, bytes]] = []
+        it = self.db.iter()
+        it.seek_to_first()
+        while it.valid():
+            key = it.key()
+            if key not in pending and key not in (OFFSET_KEY, INPUTS_KEY):
+                found.append((key, it.value()))
+            it.next()
+        found.extend((key, value) for key, value in pending.items() if value is not None)
+        return found
 
 
 class PartitionState:
@@ -106,12 +127,6 @@ class PartitionState:
         """Per input topic, the next offset of the events whose state is stored (empty: not known)."""
         raw = self.dbs[ENTITIES].get(INPUTS_KEY)
         return {str(k): int(v) for k, v in orjson.loads(raw).items()} if raw else {}
-
-    def apply(self, writes: Mapping[tuple[str, bytes], bytes | None]) -> None:
-        """Take one result's state writes into the batch in progress."""
-        pending = self.pending
-        for (name, key), value in writes.items():
-            pending[name][key] = value
 
     def discard(self) -> None:
         """Forget the batch in progress (its transaction aborted)."""

@@ -77,8 +77,11 @@ def test_pending_writes_are_read_first_and_stored_with_their_offsets_in_one_go(t
     route = _route(config)
     part = PartitionState(tmp_path, route, 0, {})
     part.dbs[ENTITIES].put(b"gone", b"old")
-    part.apply({(ENTITIES, b"a"): b"1", (LAMPORTS, b"src"): b"7", (ENTITIES, b"gone"): None})
+    part.readers[ENTITIES].put(b"a", b"1")
+    part.readers[LAMPORTS].put(b"src", b"7")
+    part.readers[ENTITIES].delete(b"gone")
     assert part.readers[ENTITIES].get(b"a") == b"1" and part.readers[ENTITIES].get(b"gone") is None
+    assert sorted(part.readers[ENTITIES].items()) == [(b"a", b"1")], "items: the batch's view, no offset keys"
     assert part.dbs[ENTITIES].get(b"a") is None, "nothing reaches RocksDB before the store"
     part.store({ENTITIES: 12, LAMPORTS: 5}, {"in": 100})
     part.close()
@@ -97,10 +100,10 @@ def test_an_aborted_batch_leaves_no_trace_and_a_wiped_table_is_empty(tmp_path: P
     """`discard` forgets the batch in progress (its transaction aborted); `wipe` empties one table's database."""
     part = PartitionState(tmp_path, _route(config), 2, {})
     try:
-        part.apply({(ENTITIES, b"a"): b"1"})
+        part.readers[ENTITIES].put(b"a", b"1")
         part.discard()
         assert part.readers[ENTITIES].get(b"a") is None
-        part.apply({(LAMPORTS, b"s"): b"1"})
+        part.readers[LAMPORTS].put(b"s", b"1")
         part.store({LAMPORTS: 3}, {})
         part.wipe(LAMPORTS)
         assert part.readers[LAMPORTS].get(b"s") is None and part.changelog_offset(LAMPORTS) is None
