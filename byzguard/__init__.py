@@ -7,8 +7,8 @@ The public surface for services around the worker (`pip install byzguard[client]
 - verify again downstream: `verify_again`, `verify_record` with a `KeyRing`;
 - last-known-good values: `get_last_known_good`, `aget_last_known_good` (fail closed: `NoVerifiedValue`,
   `LastKnownGoodUnavailable`);
-- contracts: `assert_passes`, `load_contract` (the pytest plugin's `byzguard_contract` fixture is registered
-  on install).
+- contracts: `load_contract(...).check(records)`; in a producer's pytest suite the `byzguard_contract` fixture
+  (the plugin is registered on install) and `byzguard.contract.assert_passes`.
 
 Names load lazily, so `import byzguard` costs nothing and the pure core (every module but `byzguard.client`)
 imports neither faust, mode nor aiokafka.
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         get_last_known_good,
     )
     from byzguard.client.producer import GuardedProducer, Receipt, ReceiptsTopicMissing, ReceiptTimeout
-    from byzguard.contract import ContractFailure, assert_passes, load_contract
+    from byzguard.contract import ContractReport, load_contract
     from byzguard.integrity import HMAC_SHA256, SHA256, XXH3_128, Key, KeyRing
     from byzguard.stamp import Stamped, Stamper
     from byzguard.verdict import Code
@@ -42,7 +42,7 @@ __all__ = [
     "SHA256",
     "XXH3_128",
     "Code",
-    "ContractFailure",
+    "ContractReport",
     "GuardedProducer",
     "Key",
     "KeyRing",
@@ -57,7 +57,6 @@ __all__ = [
     "Stamped",
     "Stamper",
     "aget_last_known_good",
-    "assert_passes",
     "get_last_known_good",
     "load_contract",
     "verify_again",
@@ -69,7 +68,7 @@ _HOME = {
     "ReceiptsTopicMissing": "client.producer",
     "LastKnownGood": "client.lkg", "LastKnownGoodError": "client.lkg", "LastKnownGoodUnavailable": "client.lkg",
     "NoVerifiedValue": "client.lkg", "get_last_known_good": "client.lkg", "aget_last_known_good": "client.lkg",
-    "ContractFailure": "contract", "assert_passes": "contract", "load_contract": "contract",
+    "ContractReport": "contract", "load_contract": "contract",
     "HMAC_SHA256": "integrity", "SHA256": "integrity", "XXH3_128": "integrity", "Key": "integrity",
     "KeyRing": "integrity",
     "Stamped": "stamp", "Stamper": "stamp",
