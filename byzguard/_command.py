@@ -11,9 +11,10 @@ import importlib
 import sys
 
 _NOT_HERE = (
-    "byzguard: the worker's command line is not installed in this environment (the byzguard package on PyPI is\n"
-    "the client: Stamper, GuardedProducer, verify_again, the contract plugin). The worker runs from a checkout\n"
-    "of its repository (`make run`, or `pip install -e '.[worker]'` there) or from its container image.\n"
+    "byzguard: the worker's command line is not installed in this environment. The byzguard wheel is the client\n"
+    "(Stamper, GuardedProducer, verify_again, the contract plugin); the worker runs from a checkout of its\n"
+    "repository (`make run`, or `python -m app.cli` from the checkout's root after `pip install -e '.[worker]'`)\n"
+    "or from its container image.\n"
 )
 
 
