@@ -1,5 +1,6 @@
 """The import boundary: the pure core (byzguard/ but byzguard.client) imports neither faust, mode nor aiokafka,
-not directly and not through another byzguard module; the client (byzguard.client) imports no faust or mode."""
+not directly and not through another byzguard module; the client (byzguard.client) imports no faust or mode; and
+no byzguard module imports the worker's packages, which are not in the wheel."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER_ONLY = ("faust", "mode")  # the stream processor: never in the wheel's code
 KAFKA = ("aiokafka",)  # the Kafka client: only byzguard.client (the `client` extra) may import it
 CLIENT = "byzguard.client"
+WORKER_PACKAGES = ("app", "agents", "tables", "topics")  # run from the checkout or the image, not in the wheel
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -100,6 +102,14 @@ def test_client_imports_no_faust_or_mode() -> None:
     assert f"{CLIENT}.producer" in client
     chains = [c for m in client for c in forbidden_paths(graph, m, WORKER_ONLY)]
     assert not chains, "the client must not import these:\n" + "\n".join(chains)
+
+
+def test_byzguard_imports_none_of_the_worker_packages() -> None:
+    """No byzguard module (client included) imports app, agents, tables or topics: the wheel holds byzguard only.
+    (The `byzguard` script finds the worker's `app.cli` by name at run time, byzguard._command.)"""
+    graph = import_graph(ROOT / "byzguard")
+    chains = [c for m in graph for c in forbidden_paths(graph, m, WORKER_PACKAGES)]
+    assert not chains, "byzguard must not import the worker's packages:\n" + "\n".join(chains)
 
 
 def test_the_check_follows_imports_transitively(tmp_path: Path) -> None:
