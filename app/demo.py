@@ -990,6 +990,10 @@ def demo_command(
         raise typer.BadParameter("--worker must be auto, start or none")
     settings = settings_or_exit({"config": config, "broker": broker},
                                 option_names={"config": "--config", "broker": "--broker"})
+    if worker != "none":  # it may start a worker: refuse untested library versions here, not in its log
+        from app.cli import refuse_untested_versions
+
+        refuse_untested_versions(settings.allow_untested_versions)
     if not settings.broker:
         announce_demo_secrets(settings.config, console)
     try:

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     review_tokens: SecretStr | None = Field(default=None, description="per-reviewer tokens 'name:token,...'; "
                                             "the token names the reviewer")
     review_open_reads: bool = Field(default=False, description="serve the review API's reads without a token")
+    # byzguard relies on private names of faust, mode and aiokafka (app/internals.py): on any other version the
+    # worker refuses to start, unless this says to start anyway (with a warning).
+    allow_untested_versions: bool = Field(default=False, description="start on faust-streaming, aiokafka or "
+                                          "mode-streaming versions byzguard was not tested on (logs a warning)")
 
     @field_validator("broker")
     @classmethod

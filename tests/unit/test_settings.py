@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from app.settings import Settings
 from app.worker import faust_options
@@ -16,7 +17,7 @@ def test_env_prefix_and_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BYZGUARD_WEB_PORT", "7000")
     settings = Settings()
     assert (settings.broker, settings.web_port) == ("10.0.0.1:9092", 7000)
-    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is an implementation detail
+    with pytest.raises(ValidationError, match="frozen"):
         settings.web_port = 1  # type: ignore[misc]
 
 
