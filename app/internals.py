@@ -223,7 +223,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.web.views.View", "body", "added", ("app/review/web.py",), "as problem"),
     # -- aiokafka ----------------------------------------------------------------------------------------------
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
-                ("app/audit_cli.py", "app/backlog.py", "app/producer.py", "bench/kafka.py"),
+                ("app/backlog.py", "app/producer.py", "app/sidereads.py", "bench/kafka.py"),
                 "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute",
                 ("app/fetching.py",), "set after construction, read by start() when it builds the fetcher"),
