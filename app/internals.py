@@ -241,13 +241,13 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.web.views.View", "body", "added", ("app/review/web.py",), "as problem"),
     # -- aiokafka ----------------------------------------------------------------------------------------------
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
-                ("app/backlog.py", "app/producer.py", "app/sidereads.py", "bench/kafka.py"),
+                ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute",
                 ("app/fetching.py",), "set after construction, read by start() when it builds the fetcher"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_max_wait_ms", "attribute",
                 ("app/fetching.py",), "as _fetch_min_bytes"),
-    PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("app/producer.py",),
+    PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),
 )
 
