@@ -41,8 +41,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from app.producer import GuardedProducer
 from byzguard.audit import AuditRule
+from byzguard.client.producer import GuardedProducer
 from byzguard.config import GuardConfig
 from byzguard.faults import (
     AUDITED_TYPE,

@@ -81,13 +81,10 @@ def test_the_worker_waits_at_most_10_ms_for_a_fetch_by_default(monkeypatch: pyte
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    """No BYZGUARD_* variable of the developer's shell, and no .env, can change these results."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("BYZGUARD_"):
-            monkeypatch.delenv(name)
+    """Run in an empty directory whose .env (if a test writes one) is read, as the worker reads its own; the
+    developer's BYZGUARD_* variables are already gone (tests/conftest.py)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(Settings.model_config, "env_file", ".env")
     return monkeypatch
 
 
