@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import xxhash
@@ -433,16 +433,21 @@ def _canonical(data: Any, where: str) -> bytes:
         raise DecodeFailure(Code.DECODE_MALFORMED, f"{where} cannot be canonicalized: {exc}") from None
 
 
+_FAST_NAMES: Final = ("specversion", "id", "source", "type", "subject", "data", "time", "entityversion",
+                      "lamporttime", "lamportinstance", "vectorclock", "datacontenttype", "checksumform",
+                      "checksumalg", "checksum", "keyid")
+
+
 def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
                      default_source: str | None) -> Envelope | None:
     """The common structured event (every attribute of the type JSON gives it, the clock in its header form,
     the time as RFC 3339 text) in the fewest steps; None for anything else, which _decode_structured then
     reads or refuses. Whatever this accepts, _decode_structured builds the very same envelope from."""
     try:
-        get = obj.get
-        if get("specversion") != "1.0" or "data_base64" in obj:
+        (spec, id_, source, type_, subject, data, raw_time, version, lamport, instance, raw_vclock, content_type,
+         form, algorithm, value, key_id) = map(obj.get, _FAST_NAMES)
+        if spec != "1.0" or "data_base64" in obj:
             return None
-        id_, source, type_, subject = get("id"), get("source"), get("type"), get("subject")
         if type(id_) is not str or not id_:
             return None
         if type(source) is not str or not source:
@@ -459,52 +464,47 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             subject = key.decode()
         elif type(subject) is not str or not subject or (key is not None and key != subject.encode()):
             return None
-        data = get("data")
         covered = canonicalize(data)
         attrs: dict[str, bytes] = {}
         time = None
-        raw = get("time")
-        if raw is not None:
-            if type(raw) is not str:
+        if raw_time is not None:
+            if type(raw_time) is not str:
                 return None
-            parsed = datetime.fromisoformat(raw)
+            parsed = datetime.fromisoformat(raw_time)
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
             time = parsed.timestamp()
-            attrs[CE_TIME] = raw.encode()
-        version = get("entityversion")
+            attrs[CE_TIME] = raw_time.encode()
         if version is not None:
             if type(version) is not int or not 0 <= version <= MAX_INT:
                 return None
             attrs[CE_ENTITYVERSION] = b"%d" % version
-        lamport = get("lamporttime")
         if lamport is not None:
             if type(lamport) is not int or not 0 <= lamport <= MAX_INT:
                 return None
             attrs[CE_LAMPORTTIME] = b"%d" % lamport
-        instance = get("lamportinstance")
         if instance is not None:
             if type(instance) is not str:
                 return None
             check_instance(instance)
             attrs[CE_LAMPORTINSTANCE] = instance.encode()
         vclock = None
-        raw = get("vectorclock")
-        if raw is not None:
-            if type(raw) is not str:
+        if raw_vclock is not None:
+            if type(raw_vclock) is not str:
                 return None
-            vclock = VectorClock.from_header(raw)
-            attrs[CE_VECTORCLOCK] = raw.encode()
-        raw = get("datacontenttype")
-        if raw is not None:
-            if type(raw) is not str:
+            vclock = VectorClock.from_header(raw_vclock)
+            attrs[CE_VECTORCLOCK] = raw_vclock.encode()
+        if content_type is not None:
+            if type(content_type) is not str:
                 return None
-            attrs[CONTENT_TYPE] = raw.encode()
-        form = get("checksumform", VALUE_ONLY)
-        if type(form) is not str:
+            attrs[CONTENT_TYPE] = content_type.encode()
+        if form is None:
+            if "checksumform" in obj:
+                return None
+            form = VALUE_ONLY
+        elif type(form) is not str:
             return None
         checksum = None
-        algorithm, value, key_id = get("checksumalg"), get("checksum"), get("keyid")
         if value is not None or algorithm is not None:
             if type(value) is not str or not value or (algorithm is not None and type(algorithm) is not str) \
                     or (key_id is not None and type(key_id) is not str):
