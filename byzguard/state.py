@@ -1,19 +1,21 @@
 """Per-entity and per-source state, as one compact record each (every table write is a changelog message).
 
 An entity record is packed binary (format 3): a fixed header, the last-known-good value's type, the entity's
-vector clock, the last-known-good bytes, then the recent event ids (`EntityState.entries`) in columns:
+vector clock, the last-known-good bytes, then the recent event ids (`EntityState.entries`):
 
     flags (1 byte), time base (uint32, whole seconds)
-    id hashes     8 bytes each: the first 64 bits of xxh3-128 of the id's UTF-8 bytes (a 100 KB id costs 8)
-    content       4 bytes each: the first 32 bits of the event's content hash
-    seen at       4 bytes each: milliseconds after the time base (8-byte doubles when that does not fit)
-    versions      only when they are irregular (8 bytes each, -1: none); otherwise the flags say either
-                  "no entry has a version" or "consecutive, the newest one the entity's version", the
-                  common case of one writer whose events are verified in order.
+    one 16-byte row per id, oldest first:
+        id hash   8 bytes: the first 64 bits of xxh3-128 of the id's UTF-8 bytes (a 100 KB id costs 8)
+        content   4 bytes: the first 32 bits of the event's content hash
+        seen at   4 bytes: milliseconds after the time base (rows of 20 bytes, with an 8-byte double, when
+                  that does not fit)
+    the versions, only when they are irregular (8 bytes each, -1: none); otherwise the flags say either
+    "no entry has a version" or "consecutive, the newest one the entity's version", the common case of one
+    writer whose events are verified in order.
 
 So an id costs 16 bytes (a price entity with 32 ids: about 680 bytes). The entries are in the order they
-were verified, so the ids still inside the idempotency window are a suffix, and a new record reuses the
-kept columns' bytes as they are. A seen-at time is kept to the millisecond: the window is decided on it.
+were verified, so the ids still inside the idempotency window are a suffix, and a new record reuses that
+suffix's bytes as they are. A seen-at time is kept to the millisecond: the window is decided on it.
 
 What the short hashes cost, per event (the checks never let an event through on a hash match: a match
 means "duplicate" (dropped) or "id reused" (quarantined), never "verified"):
@@ -62,7 +64,7 @@ _DROPPED: Final = 8
 _LONG_LENGTHS: Final = 16
 _SHORT_MAX: Final = 0xFFFF
 
-# The ids' columns: (flags, time base) then the columns.
+# The ids: (flags, time base), the rows, then the versions if explicit.
 _IDS_HEAD: Final = struct.Struct("<BI")
 _HEAD: Final = _IDS_HEAD.size
 _V_NONE: Final = 0       # no entry has a version
@@ -72,8 +74,11 @@ _V_MASK: Final = 3
 _WIDE_TIME: Final = 4    # seen-at times as doubles (they do not fit milliseconds after a 32-bit base)
 ID_BYTES: Final = 8
 _CONTENT_PREFIX: Final = 4
-ENTRY_SIZE: Final = ID_BYTES + _CONTENT_PREFIX + 4
+_ROW: Final = struct.Struct("<8s4sI")
+_ROW_WIDE: Final = struct.Struct("<8s4sd")
+ENTRY_SIZE: Final = _ROW.size
 """What one remembered id costs in the common case (consecutive or no versions)."""
+_SEEN_AT: Final = ID_BYTES + _CONTENT_PREFIX  # where seen at starts in a row
 _NO_VERSION: Final = -1
 _MS_MAX: Final = 0xFFFFFFFF
 _LEGACY_START: Final = ord("[")
@@ -90,8 +95,7 @@ _id_hash = xxhash.xxh3_128_digest
 _head = _IDS_HEAD.unpack_from
 _pack_head = _IDS_HEAD.pack
 _ms_at = struct.Struct("<I").unpack_from
-_pack_ms = struct.Struct("<I").pack
-_double_at = struct.Struct("<d").unpack_from
+_pack_row = _ROW.pack
 _version_at = struct.Struct("<q").unpack_from
 
 
@@ -119,11 +123,10 @@ class SeenId:
 _Item = tuple[bytes, bytes, float, int | None]
 
 
-def _layout(flags: int, size: int) -> tuple[int, int, int]:
-    """(entries, width of a seen-at time, width of a version) of an ids blob of `size` bytes."""
-    time_width = 8 if flags & _WIDE_TIME else 4
-    version_width = 8 if flags & _V_MASK == _V_EXPLICIT else 0
-    return (size - _HEAD) // (ID_BYTES + _CONTENT_PREFIX + time_width + version_width), time_width, version_width
+def _layout(flags: int, size: int) -> tuple[int, struct.Struct]:
+    """(entries, row struct) of an ids blob of `size` bytes."""
+    row = _ROW_WIDE if flags & _WIDE_TIME else _ROW
+    return (size - _HEAD) // (row.size + (8 if flags & _V_MASK == _V_EXPLICIT else 0)), row
 
 
 def _items(blob: bytes, version: int | None) -> list[_Item]:
@@ -131,25 +134,20 @@ def _items(blob: bytes, version: int | None) -> list[_Item]:
     if not blob:
         return []
     flags, base = _head(blob)
-    n, time_width, _ = _layout(flags, len(blob))
-    contents = _HEAD + ID_BYTES * n
-    times = contents + _CONTENT_PREFIX * n
-    versions = times + time_width * n
-    if time_width == 8:
-        seen = list(struct.unpack_from(f"<{n}d", blob, times))
-    else:
-        seen = [base + ms / 1000 for ms in struct.unpack_from(f"<{n}I", blob, times)]
+    n, row = _layout(flags, len(blob))
+    end = _HEAD + row.size * n
+    rows = list(row.iter_unpack(blob[_HEAD:end]))
     mode = flags & _V_MASK
     kept: Sequence[int | None]
     if mode == _V_EXPLICIT:
-        kept = [None if v == _NO_VERSION else v for v in struct.unpack_from(f"<{n}q", blob, versions)]
+        kept = [None if v == _NO_VERSION else v for v in struct.unpack_from(f"<{n}q", blob, end)]
     elif mode == _V_SEQ and version is not None:
         kept = range(version - n + 1, version + 1)
     else:
         kept = [None] * n
-    return [(blob[_HEAD + ID_BYTES * i:_HEAD + ID_BYTES * (i + 1)],
-             blob[contents + _CONTENT_PREFIX * i:contents + _CONTENT_PREFIX * (i + 1)], seen[i], kept[i])
-            for i in range(n)]
+    if row is _ROW_WIDE:
+        return [(h, c, t, v) for (h, c, t), v in zip(rows, kept, strict=True)]
+    return [(h, c, base + ms / 1000, v) for (h, c, ms), v in zip(rows, kept, strict=True)]
 
 
 def _pack(items: Sequence[_Item], version: int | None) -> bytes:
@@ -168,13 +166,13 @@ def _pack(items: Sequence[_Item], version: int | None) -> bytes:
     base = math.floor(min(seen)) if all(math.isfinite(t) for t in seen) else -1
     ms = [round((t - base) * 1000) for t in seen] if 0 <= base <= _MS_MAX else []
     if ms and max(ms) <= _MS_MAX:
-        times = struct.pack(f"<{n}I", *ms)
+        rows = [_ROW.pack(item[0], item[1], m) for item, m in zip(items, ms, strict=True)]
     else:
         flags |= _WIDE_TIME
         base = 0
-        times = struct.pack(f"<{n}d", *seen)
+        rows = [_ROW_WIDE.pack(*item[:3]) for item in items]
     return b"".join((
-        _pack_head(flags, base), *(item[0] for item in items), *(item[1] for item in items), times,
+        _pack_head(flags, base), *rows,
         struct.pack(f"<{n}q", *(_NO_VERSION if v is None else v for v in versions)) if flags & _V_MASK ==
         _V_EXPLICIT else b"",
     ))
@@ -269,29 +267,28 @@ class EntityState:
         blob = self.entries
         if not blob:
             return None
-        flags, base = _head(blob)
-        n, time_width, _ = _layout(flags, len(blob))
-        end = _HEAD + ID_BYTES * n
         wanted = id_hash(event_id)
-        at = blob.find(wanted, _HEAD, end)
-        while at >= 0:
-            if (at - _HEAD) % ID_BYTES == 0:
-                i = (at - _HEAD) // ID_BYTES
-                times = end + _CONTENT_PREFIX * n
-                if time_width == 8:
-                    seen_at = _double_at(blob, times + 8 * i)[0]
-                else:
-                    seen_at = base + _ms_at(blob, times + 4 * i)[0] / 1000
+        at = blob.find(wanted, _HEAD)
+        if at < 0:  # the common case: a new id
+            return None
+        flags, base = _head(blob)
+        n, row = _layout(flags, len(blob))
+        size = row.size
+        end = _HEAD + size * n
+        while 0 <= at < end:
+            if (at - _HEAD) % size == 0:
+                _, content, seen = row.unpack_from(blob, at)
+                seen_at = seen if row is _ROW_WIDE else base + seen / 1000
                 if now - seen_at <= window:
+                    i = (at - _HEAD) // size
                     mode = flags & _V_MASK
                     version: int | None = None
                     if mode == _V_SEQ and self.version is not None:
                         version = self.version - (n - 1 - i)
                     elif mode == _V_EXPLICIT:
-                        found = _version_at(blob, times + time_width * n + 8 * i)[0]
+                        found = _version_at(blob, end + 8 * i)[0]
                         version = None if found == _NO_VERSION else found
-                    return SeenId(wanted, blob[end + _CONTENT_PREFIX * i:end + _CONTENT_PREFIX * (i + 1)], seen_at,
-                                  version)
+                    return SeenId(wanted, content, seen_at, version)
             at = blob.find(wanted, at + 1, end)
         return None
 
@@ -319,23 +316,19 @@ def new_entries(entries: bytes, event_id: str, content_hash: bytes, seen_at: flo
     if entries:
         flags, base = _head(entries)
         mode = flags & _V_MASK
-        # The common case: the columns' bytes reused as they are, one entry appended.
+        # The common case: the kept rows' bytes reused as they are, one row appended.
         if not flags & _WIDE_TIME and ((mode == _V_SEQ and version is not None and old_version is not None
                                         and version == old_version + 1 and new_version == version)
                                        or (mode == _V_NONE and version is None)):
             n = (len(entries) - _HEAD) // ENTRY_SIZE
-            contents = _HEAD + ID_BYTES * n
-            times = contents + _CONTENT_PREFIX * n
             first = max(0, n - keep + 1)  # room for the new one
             # Verified in order, so seen_at rises along the entries: the first one inside the window starts the
             # suffix.
-            while first < n and base + _ms_at(entries, times + 4 * first)[0] / 1000 < oldest:
+            while first < n and base + _ms_at(entries, _HEAD + ENTRY_SIZE * first + _SEEN_AT)[0] / 1000 < oldest:
                 first += 1
             ms = round((seen_at - base) * 1000)
             if 0 <= ms <= _MS_MAX:
-                return b"".join((entries[:_HEAD], entries[_HEAD + ID_BYTES * first:contents], wanted,
-                                 entries[contents + _CONTENT_PREFIX * first:times], prefix,
-                                 entries[times + 4 * first:], _pack_ms(ms)))
+                return entries[:_HEAD] + entries[_HEAD + ENTRY_SIZE * first:] + _pack_row(wanted, prefix, ms)
     items = _items(entries, old_version)
     first = max(0, len(items) - keep + 1)
     while first < len(items) and items[first][2] < oldest:
