@@ -49,6 +49,7 @@ def run(
     # Every setting is checked before anything touches the broker (one line per problem, naming the variable).
     settings = settings_or_exit({"config": config, "broker": broker},
                                 option_names={"config": "--config", "broker": "--broker"})
+    refuse_untested_versions(settings.allow_untested_versions)
     if not settings.broker:
         from app.demo import announce_demo_secrets
 
@@ -70,6 +71,18 @@ def run(
             say_local_broker_runs(bootstrap)
         return
     _run_worker(settings, cfg, bootstrap)
+
+
+def refuse_untested_versions(allow_untested: bool) -> None:
+    """Exit 2 with one clear message if faust-streaming, aiokafka or mode-streaming is at a version byzguard was
+    not tested on (app/internals.py); with `allow_untested` (BYZGUARD_ALLOW_UNTESTED_VERSIONS=1) only warn."""
+    from app.internals import UntestedVersionsError, check_versions
+
+    try:
+        check_versions(allow_untested=allow_untested)
+    except UntestedVersionsError as exc:
+        console.print(f"[bold red]cannot start[/]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def say_local_broker_runs(bootstrap: str) -> None:
@@ -104,7 +117,7 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
-    class Worker(FaustWorker):  # type: ignore[misc]  # named as faust's: its log lines say "[^Worker]: Ready"
+    class Worker(FaustWorker):  # named as faust's: its log lines say "[^Worker]: Ready"
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written

@@ -12,7 +12,7 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
-from app import eos, logs, metrics
+from app import eos, internals, logs, metrics
 from app.backlog import INTERVAL as BACKLOG_INTERVAL
 from app.backlog import QuarantineBacklog
 from app.fetching import tune_fetch
@@ -81,6 +81,8 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
 
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
     """Declare everything the worker runs on a new faust App."""
+    # On untested faust/aiokafka/mode versions the private names byzguard relies on may have changed.
+    internals.check_versions(allow_untested=settings.allow_untested_versions)
     app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
     if settings.processing_guarantee == "exactly_once":
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
@@ -109,13 +111,13 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         topics.repartition_topic.get_topic_name() for topics in built.topics.values()
         if topics.repartition_topic is not None)
 
-    @app.timer(interval=metrics.LAG_INTERVAL)
+    @app.timer(interval=metrics.LAG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_consumer_lag() -> None:
         await metrics.update_consumer_lag(app.consumer, input_topics)
 
     backlog = QuarantineBacklog(bootstrap, config, decisions_topic_name(settings.app_id, settings.decisions_topic))
 
-    @app.timer(interval=BACKLOG_INTERVAL)
+    @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
         await backlog.update(app.assignor.assigned_actives())
 
@@ -127,7 +129,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     app.service(BacklogService)
 
-    @app.on_rebalance_complete.connect
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]  # mode's Signal.connect is typed for plain functions; faust awaits async receivers
     async def freeze_long_lived_objects(sender: Any, **kwargs: Any) -> None:
         # A full collection of Python's garbage collector scans every long-lived object: some 120,000 once the
         # worker runs (faust, aiokafka, the CEL rules' parsers), 50-80 ms each time on the bench machine, several
