@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import struct
 import time
+from collections.abc import Callable
 
 import orjson
 import pytest
+import xxhash
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from byzguard.config import load
@@ -34,6 +37,20 @@ def legacy(state: EntityState, ids: list[tuple[str, bytes, float, int | None]]) 
         1, state.version, state.vclock.to_header().decode() if state.vclock else None, state.content_hash.hex(),
         state.last_good.decode("latin-1"), state.last_good_type, state.verified_at, state.event_time,
         [[event_id, content.hex(), seen_at, version] for event_id, content, seen_at, version in ids]])
+
+
+def format_2(state: EntityState, ids: list[tuple[str, bytes, float, int | None]]) -> bytes:
+    """`state` in format 2, the packed record with 40-byte id entries (a 128-bit id hash, 8 bytes of content
+    hash, seen at as a double, the version or -1), with these (id, content hash, seen at, version) entries."""
+    kind = state.last_good_type.encode()
+    clock = state.vclock.to_header() if state.vclock else b""
+    flags = (1 if state.version is not None else 0) | (2 if state.event_time is not None else 0) | \
+        (4 if state.vclock is not None else 0)
+    header = struct.pack("<BBqdd16sIIII", 2, flags, state.version or 0, state.verified_at, state.event_time or 0.0,
+                         state.content_hash, 0, len(kind), len(clock), len(state.last_good))
+    return header + kind + clock + state.last_good + b"".join(
+        struct.pack("<16s8sdq", xxhash.xxh3_128_digest(i.encode()), c[:8], t, -1 if v is None else v)
+        for i, c, t, v in ids)
 
 
 def content_of(stamped: Stamped) -> bytes:
@@ -74,12 +91,15 @@ async def _changelog(bootstrap: str, topic: str, records: list[tuple[bytes, byte
         await consumer.stop()
 
 
+@pytest.mark.parametrize(("write", "mark"), [(legacy, b"["), (format_2, b"\x02")], ids=["format-1", "format-2"])
 async def test_records_of_the_earlier_format_are_restored_routed_against_and_rewritten(
-    worker_factory: WorkerFactory,
+    worker_factory: WorkerFactory, write: Callable[[EntityState, list[tuple[str, bytes, float, int | None]]], bytes],
+    mark: bytes,
 ) -> None:
-    """A changelog holding orjson-list entity records (as the previous release wrote them) restores into a worker
-    on an empty data dir: a re-sent old event is a duplicate, an old id with new content is id.reused, an old
-    version is version.regression, the next version passes, and its record is written back in the packed format."""
+    """A changelog holding entity records of an earlier format (the orjson list, or format 2's 40-byte entries)
+    restores into a worker on an empty data dir: a re-sent old event is a duplicate, an old id with new content
+    is id.reused, an old version is version.regression, the next version passes, and its record is written back
+    in the current format."""
     route = worker_factory.configure(partitions=1)
     assert worker_factory.config_path is not None
     data_dir = worker_factory.base_dir / "state"
@@ -101,10 +121,10 @@ async def test_records_of_the_earlier_format_are_restored_routed_against_and_rew
             assert result.first.decision.outcome.value == "verified"
             for (table, key), value in result.writes.items():
                 tables[table][key] = value  # type: ignore[assignment]
-    olds = [(subject.encode(), legacy(EntityState.from_bytes(tables[ENTITIES][subject.encode()]),
-                                      [(s.event_id, content_of(s), now, v) for v, s in enumerate(stamped, 1)]))
+    olds = [(subject.encode(), write(EntityState.from_bytes(tables[ENTITIES][subject.encode()]),
+                                     [(s.event_id, content_of(s), now, v) for v, s in enumerate(stamped, 1)]))
             for subject, stamped in history.items()]
-    assert all(value[:1] == b"[" for _, value in olds)
+    assert all(value[:1] == mark for _, value in olds)
     await _changelog(worker_factory.bootstrap, changelog, olds)
 
     worker = worker_factory.start("restored", data_dir=data_dir)
@@ -127,5 +147,5 @@ async def test_records_of_the_earlier_format_are_restored_routed_against_and_rew
 
     written = await _changelog(worker_factory.bootstrap, changelog)
     assert written[b"acct-0"][0] == FORMAT  # rewritten on its next verified event
-    assert written[b"acct-1"][:1] == b"["  # untouched: nothing verified for it
+    assert written[b"acct-1"][:1] == mark  # untouched: nothing verified for it
     assert EntityState.from_bytes(written[b"acct-0"]).version == 4
