@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 
 import orjson
 import pytest
-import xxhash
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from byzguard.config import load
@@ -26,6 +24,7 @@ from tests.integration.worker_harness import (
     wait_caught_up,
     wipe,
 )
+from tests.unit.test_state import format_2
 
 pytestmark = pytest.mark.kafka
 
@@ -37,20 +36,6 @@ def legacy(state: EntityState, ids: list[tuple[str, bytes, float, int | None]]) 
         1, state.version, state.vclock.to_header().decode() if state.vclock else None, state.content_hash.hex(),
         state.last_good.decode("latin-1"), state.last_good_type, state.verified_at, state.event_time,
         [[event_id, content.hex(), seen_at, version] for event_id, content, seen_at, version in ids]])
-
-
-def format_2(state: EntityState, ids: list[tuple[str, bytes, float, int | None]]) -> bytes:
-    """`state` in format 2, the packed record with 40-byte id entries (a 128-bit id hash, 8 bytes of content
-    hash, seen at as a double, the version or -1), with these (id, content hash, seen at, version) entries."""
-    kind = state.last_good_type.encode()
-    clock = state.vclock.to_header() if state.vclock else b""
-    flags = (1 if state.version is not None else 0) | (2 if state.event_time is not None else 0) | \
-        (4 if state.vclock is not None else 0)
-    header = struct.pack("<BBqdd16sIIII", 2, flags, state.version or 0, state.verified_at, state.event_time or 0.0,
-                         state.content_hash, 0, len(kind), len(clock), len(state.last_good))
-    return header + kind + clock + state.last_good + b"".join(
-        struct.pack("<16s8sdq", xxhash.xxh3_128_digest(i.encode()), c[:8], t, -1 if v is None else v)
-        for i, c, t, v in ids)
 
 
 def content_of(stamped: Stamped) -> bytes:

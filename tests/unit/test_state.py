@@ -215,17 +215,17 @@ def test_binary_and_empty_values_survive(value: bytes) -> None:
     assert EntityState.from_bytes(state.to_bytes()).last_good == value
 
 
-def format_2(state: EntityState, ids: list[tuple[str, float, int | None]]) -> bytes:
+def format_2(state: EntityState, ids: list[tuple[str, bytes, float, int | None]]) -> bytes:
     """`state` written in format 2 (40-byte entries: a 128-bit id hash, 8 bytes of content hash, seen at as a
-    double, the version or -1), with these (id, seen at, version) entries."""
+    double, the version or -1), with these (id, content hash, seen at, version) entries."""
     kind = state.last_good_type.encode()
     clock = state.vclock.to_header() if state.vclock else b""
     flags = (1 if state.version is not None else 0) | (2 if state.event_time is not None else 0) | \
         (4 if state.vclock is not None else 0)
     header = struct.pack("<BBqdd16sIIII", 2, flags, state.version or 0, state.verified_at, state.event_time or 0.0,
                          state.content_hash, 0, len(kind), len(clock), len(state.last_good))
-    entries = b"".join(struct.pack("<16s8sdq", xxhash.xxh3_128_digest(i.encode()), state.content_hash[:8], t,
-                                   -1 if v is None else v) for i, t, v in ids)
+    entries = b"".join(struct.pack("<16s8sdq", xxhash.xxh3_128_digest(i.encode()), c[:8], t, -1 if v is None else v)
+                       for i, c, t, v in ids)
     return header + kind + clock + state.last_good + entries
 
 
@@ -237,7 +237,9 @@ def test_a_record_of_format_2_is_read_and_rewritten_on_first_touch() -> None:
     first = price(stamper, 1, event_id="e-1")
     send(h, first)
     (key,) = h.state[ENTITIES]
-    h.state[ENTITIES][key] = format_2(EntityState.from_bytes(record(h)), [("e-0", NOW - 5, None), ("e-1", NOW, 1)])
+    state = EntityState.from_bytes(record(h))
+    h.state[ENTITIES][key] = format_2(state, [("e-0", state.content_hash, NOW - 5, None),
+                                              ("e-1", state.content_hash, NOW, 1)])
     assert record(h)[0] == 2
     assert send(h, first).decision.outcome is Outcome.DUPLICATE
     assert record(h)[0] == 2  # a duplicate writes nothing
