@@ -7,6 +7,8 @@ import struct
 import orjson
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.entities import NOT_FOUND, describe_last_good
 from byzguard.clocks import VectorClock
@@ -283,3 +285,29 @@ def test_times_that_do_not_fit_milliseconds_are_kept_exactly() -> None:
     state = EntityState(None, None, b"\x00" * 16, b"{}", "t", NOW, None, entries)
     assert [s.seen_at for s in state.recent] == [-5.25, NOW]
     assert state.find("a", NOW, 1e12) is not None and state.find("a", NOW, 1e9) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(min_value=0, max_value=6_000_000),
+                                st.one_of(st.none(), st.just("next"), st.integers(min_value=0, max_value=2**63 - 1))),
+                      min_size=1, max_size=40),
+       window=st.sampled_from([60.0, 86_400.0, 60 * 86_400.0]), keep=st.sampled_from([1, 3, 32]))
+def test_the_ids_kept_are_those_of_a_plain_list(steps: list[tuple[int, int | str | None]], window: float,
+                                                keep: int) -> None:
+    """Whatever the versions and the time between events (gaps beyond the time base's reach included), the
+    entries read back as a plain list of (id, content, seen at, version) kept by the same window and bound."""
+    entries, version, now = b"", None, NOW
+    model: list[tuple[bytes, bytes, float, int | None]] = []
+    for i, (gap, choice) in enumerate(steps):
+        now += gap
+        v = (version + 1 if version is not None and version < 2**63 - 1 else 1) if choice == "next" else choice
+        assert not isinstance(v, str)
+        new_version = version if version is not None and (v is None or version > v) else v
+        content = xxhash.xxh3_128_digest(b"%d" % i)
+        entries = new_entries(entries, f"e-{i}", content, now, v, now=now, window=window, keep=keep,
+                              old_version=version, new_version=new_version)
+        model = [m for m in model if m[2] >= now - window][-(keep - 1) or len(model):] if keep > 1 else []
+        model.append((id_hash(f"e-{i}"), content[:4], now, v))
+        version = new_version
+        state = EntityState(version, None, b"\x00" * 16, b"{}", "t", now, None, entries)
+        assert [(s.id_hash, s.content_hash, s.seen_at, s.version) for s in state.recent] == model
