@@ -275,7 +275,8 @@ def _advance(env: Envelope, entity: EntityState | None, now: float, limits: Limi
             version = entity.version
         vclock = bounded_merge(vclock, entity.vclock)
     entries = new_entries(entries, env.id, env.content_hash, now, env.version, now=now, window=limits.id_window,
-                          keep=limits.ids_per_entity)
+                          keep=limits.ids_per_entity, old_version=entity.version if entity is not None else None,
+                          new_version=version)
     # Positional: a dataclass keyword call is measurably slower on this per-event path.
     # (version, vclock, content_hash, last_good, last_good_type, verified_at, event_time, entries, dropped)
     if keep_last_good:

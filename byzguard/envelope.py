@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import xxhash
@@ -174,7 +174,8 @@ def decode(
             raise DecodeFailure(Code.DECODE_UNSUPPORTED, "value is JSON but not an object")
         unambiguous(value, obj, "value")
         if "specversion" in obj:
-            return _decode_structured(key, value, obj, hdrs, default_type, default_source)
+            return _fast_structured(key, obj, default_type, default_source) or \
+                _decode_structured(key, value, obj, hdrs, default_type, default_source)
         attributes = [name for name in _CE_ONLY_ATTRIBUTES if name in obj]
         if attributes:  # a structured event without its specversion: not to be read as one of the seed's shapes
             raise DecodeFailure(Code.DECODE_MALFORMED, "required attribute missing: specversion (the object has the "
@@ -430,6 +431,90 @@ def _canonical(data: Any, where: str) -> bytes:
         return canonicalize(data)
     except CanonicalizationError as exc:
         raise DecodeFailure(Code.DECODE_MALFORMED, f"{where} cannot be canonicalized: {exc}") from None
+
+
+_FAST_NAMES: Final = ("specversion", "id", "source", "type", "subject", "data", "time", "entityversion",
+                      "lamporttime", "lamportinstance", "vectorclock", "datacontenttype", "checksumform",
+                      "checksumalg", "checksum", "keyid")
+
+
+def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
+                     default_source: str | None) -> Envelope | None:
+    """The common structured event (every attribute of the type JSON gives it, the clock in its header form,
+    the time as RFC 3339 text) in the fewest steps; None for anything else, which _decode_structured then
+    reads or refuses. Whatever this accepts, _decode_structured builds the very same envelope from."""
+    try:
+        (spec, id_, source, type_, subject, data, raw_time, version, lamport, instance, raw_vclock, content_type,
+         form, algorithm, value, key_id) = map(obj.get, _FAST_NAMES)
+        if spec != "1.0" or "data_base64" in obj:
+            return None
+        if type(id_) is not str or not id_:
+            return None
+        if type(source) is not str or not source:
+            if source is not None or not default_source:
+                return None
+            source = default_source
+        if type(type_) is not str or not type_:
+            if type_ is not None or not default_type:
+                return None
+            type_ = default_type
+        if subject is None:
+            if not key:
+                return None
+            subject = key.decode()
+        elif type(subject) is not str or not subject or (key is not None and key != subject.encode()):
+            return None
+        covered = canonicalize(data)
+        attrs: dict[str, bytes] = {}
+        time = None
+        if raw_time is not None:
+            if type(raw_time) is not str:
+                return None
+            parsed = datetime.fromisoformat(raw_time)
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            time = parsed.timestamp()
+            attrs[CE_TIME] = raw_time.encode()
+        if version is not None:
+            if type(version) is not int or not 0 <= version <= MAX_INT:
+                return None
+            attrs[CE_ENTITYVERSION] = b"%d" % version
+        if lamport is not None:
+            if type(lamport) is not int or not 0 <= lamport <= MAX_INT:
+                return None
+            attrs[CE_LAMPORTTIME] = b"%d" % lamport
+        if instance is not None:
+            if type(instance) is not str:
+                return None
+            check_instance(instance)
+            attrs[CE_LAMPORTINSTANCE] = instance.encode()
+        vclock = None
+        if raw_vclock is not None:
+            if type(raw_vclock) is not str:
+                return None
+            vclock = VectorClock.from_header(raw_vclock)
+            attrs[CE_VECTORCLOCK] = raw_vclock.encode()
+        if content_type is not None:
+            if type(content_type) is not str:
+                return None
+            attrs[CONTENT_TYPE] = content_type.encode()
+        if form is None:
+            if "checksumform" in obj:
+                return None
+            form = VALUE_ONLY
+        elif type(form) is not str:
+            return None
+        checksum = None
+        if value is not None or algorithm is not None:
+            if type(value) is not str or not value or (algorithm is not None and type(algorithm) is not str) \
+                    or (key_id is not None and type(key_id) is not str):
+                return None
+            checksum = Checksum(SHA256 if algorithm is None else algorithm, value, key_id)
+        return Envelope(id=id_, source=source, type=type_, subject=subject, mode=MODE_STRUCTURED, covered=covered,
+                        time=time, version=version, lamport=lamport, instance=instance, vclock=vclock,
+                        checksum=checksum, data=data, parsed=True, form=form, attrs=attrs, obj=obj)
+    except Exception:  # whatever fails here, the strict path names it
+        return None
 
 
 def _decode_structured(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -23,6 +24,7 @@ from tests.integration.worker_harness import (
     wait_caught_up,
     wipe,
 )
+from tests.unit.test_state import format_2
 
 pytestmark = pytest.mark.kafka
 
@@ -74,12 +76,15 @@ async def _changelog(bootstrap: str, topic: str, records: list[tuple[bytes, byte
         await consumer.stop()
 
 
+@pytest.mark.parametrize(("write", "mark"), [(legacy, b"["), (format_2, b"\x02")], ids=["format-1", "format-2"])
 async def test_records_of_the_earlier_format_are_restored_routed_against_and_rewritten(
-    worker_factory: WorkerFactory,
+    worker_factory: WorkerFactory, write: Callable[[EntityState, list[tuple[str, bytes, float, int | None]]], bytes],
+    mark: bytes,
 ) -> None:
-    """A changelog holding orjson-list entity records (as the previous release wrote them) restores into a worker
-    on an empty data dir: a re-sent old event is a duplicate, an old id with new content is id.reused, an old
-    version is version.regression, the next version passes, and its record is written back in the packed format."""
+    """A changelog holding entity records of an earlier format (the orjson list, or format 2's 40-byte entries)
+    restores into a worker on an empty data dir: a re-sent old event is a duplicate, an old id with new content
+    is id.reused, an old version is version.regression, the next version passes, and its record is written back
+    in the current format."""
     route = worker_factory.configure(partitions=1)
     assert worker_factory.config_path is not None
     data_dir = worker_factory.base_dir / "state"
@@ -101,10 +106,10 @@ async def test_records_of_the_earlier_format_are_restored_routed_against_and_rew
             assert result.first.decision.outcome.value == "verified"
             for (table, key), value in result.writes.items():
                 tables[table][key] = value  # type: ignore[assignment]
-    olds = [(subject.encode(), legacy(EntityState.from_bytes(tables[ENTITIES][subject.encode()]),
-                                      [(s.event_id, content_of(s), now, v) for v, s in enumerate(stamped, 1)]))
+    olds = [(subject.encode(), write(EntityState.from_bytes(tables[ENTITIES][subject.encode()]),
+                                     [(s.event_id, content_of(s), now, v) for v, s in enumerate(stamped, 1)]))
             for subject, stamped in history.items()]
-    assert all(value[:1] == b"[" for _, value in olds)
+    assert all(value[:1] == mark for _, value in olds)
     await _changelog(worker_factory.bootstrap, changelog, olds)
 
     worker = worker_factory.start("restored", data_dir=data_dir)
@@ -127,5 +132,5 @@ async def test_records_of_the_earlier_format_are_restored_routed_against_and_rew
 
     written = await _changelog(worker_factory.bootstrap, changelog)
     assert written[b"acct-0"][0] == FORMAT  # rewritten on its next verified event
-    assert written[b"acct-1"][:1] == b"["  # untouched: nothing verified for it
+    assert written[b"acct-1"][:1] == mark  # untouched: nothing verified for it
     assert EntityState.from_bytes(written[b"acct-0"]).version == 4

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import struct
+
 import orjson
 import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.entities import NOT_FOUND, describe_last_good
 from byzguard.clocks import VectorClock
 from byzguard.guard import ENTITIES
 from byzguard.stamp import Stamper
-from byzguard.state import ENTRY_SIZE, FORMAT, MERGED_CLOCK_MAX_ENTRIES, EntityState, bounded_merge, id_hash
+from byzguard.state import (
+    ENTRY_SIZE,
+    FORMAT,
+    MERGED_CLOCK_MAX_ENTRIES,
+    EntityState,
+    bounded_merge,
+    id_hash,
+    new_entries,
+)
 from byzguard.verdict import Outcome
 from tests.unit.conftest import BASE_CONFIG, Harness
 
@@ -48,12 +61,12 @@ def test_record_round_trips_with_its_format_version() -> None:
     state = EntityState(7, VectorClock({"a": 3, "b": 1}), b"\x01" * 16, b"\xff\x00raw", "thing.put", NOW, None,
                         b"", 0)
     raw = state.to_bytes()
-    assert raw[0] == FORMAT == 2
+    assert raw[0] == FORMAT == 3
     assert EntityState.from_bytes(raw) == state
 
 
 def test_recent_ids_are_fixed_width_and_a_huge_id_costs_16_bytes() -> None:
-    """Each remembered id costs one 40-byte entry whatever its length: a 100 KB id is kept as a 16-byte hash."""
+    """Each remembered id costs one 16-byte entry whatever its length: a 100 KB id is kept as an 8-byte hash."""
     h = Harness()
     stamper = Stamper("pricing")
     send(h, price(stamper, 1))
@@ -63,12 +76,12 @@ def test_recent_ids_are_fixed_width_and_a_huge_id_costs_16_bytes() -> None:
     assert routed.decision.outcome is Outcome.VERIFIED
     assert len(record(h)) == before + ENTRY_SIZE
     state = EntityState.from_bytes(record(h))
-    assert state.recent[-1].id_hash == id_hash(huge) and len(state.recent[-1].id_hash) == 16
+    assert state.recent[-1].id_hash == id_hash(huge) and len(state.recent[-1].id_hash) == 8
     assert send(h, price(stamper, 2, event_id=huge)).decision.outcome is Outcome.DUPLICATE
 
 
 def test_record_at_32_ids_stays_small() -> None:
-    """At a full history of 32 ids a price entity's record is a fraction of the earlier format's 3.3 KB."""
+    """At a full history of 32 ids a price entity's record stays under 700 bytes (the first format: 3.3 KB)."""
     h = Harness()
     stamper = Stamper("pricing")
     for version in range(1, 40):
@@ -76,6 +89,7 @@ def test_record_at_32_ids_stays_small() -> None:
     state = EntityState.from_bytes(record(h))
     assert len(state.recent) == 32
     assert len(record(h)) <= 32 * ENTRY_SIZE + 200
+    assert len(record(h)) <= 700
 
 
 def test_a_record_of_the_earlier_format_is_read_and_rewritten_on_first_touch() -> None:
@@ -201,3 +215,99 @@ def test_binary_and_empty_values_survive(value: bytes) -> None:
     """Any bytes are kept as the last-known-good value, exactly."""
     state = EntityState(None, None, b"\x02" * 16, value, "t", NOW, NOW - 1)
     assert EntityState.from_bytes(state.to_bytes()).last_good == value
+
+
+def format_2(state: EntityState, ids: list[tuple[str, bytes, float, int | None]]) -> bytes:
+    """`state` written in format 2 (40-byte entries: a 128-bit id hash, 8 bytes of content hash, seen at as a
+    double, the version or -1), with these (id, content hash, seen at, version) entries."""
+    kind = state.last_good_type.encode()
+    clock = state.vclock.to_header() if state.vclock else b""
+    flags = (1 if state.version is not None else 0) | (2 if state.event_time is not None else 0) | \
+        (4 if state.vclock is not None else 0)
+    header = struct.pack("<BBqdd16sIIII", 2, flags, state.version or 0, state.verified_at, state.event_time or 0.0,
+                         state.content_hash, 0, len(kind), len(clock), len(state.last_good))
+    entries = b"".join(struct.pack("<16s8sdq", xxhash.xxh3_128_digest(i.encode()), c[:8], t, -1 if v is None else v)
+                       for i, c, t, v in ids)
+    return header + kind + clock + state.last_good + entries
+
+
+def test_a_record_of_format_2_is_read_and_rewritten_on_first_touch() -> None:
+    """A format 2 record (40-byte entries) still answers for its ids: a re-send is a duplicate, a reuse is
+    id.reused; the entity's next verified event writes it back in format 3 with the old ids kept."""
+    h = Harness()
+    stamper = Stamper("pricing")
+    first = price(stamper, 1, event_id="e-1")
+    send(h, first)
+    (key,) = h.state[ENTITIES]
+    state = EntityState.from_bytes(record(h))
+    h.state[ENTITIES][key] = format_2(state, [("e-0", state.content_hash, NOW - 5, None),
+                                              ("e-1", state.content_hash, NOW, 1)])
+    assert record(h)[0] == 2
+    assert send(h, first).decision.outcome is Outcome.DUPLICATE
+    assert record(h)[0] == 2  # a duplicate writes nothing
+    reused = send(h, price(stamper, 2, 51.0, event_id="e-1"))
+    assert [r.code.value for r in reused.decision.reasons] == ["id.reused"]
+    assert send(h, price(stamper, 2, 50.0, event_id="e-2")).decision.outcome is Outcome.VERIFIED
+    assert record(h)[0] == FORMAT
+    state = EntityState.from_bytes(record(h))
+    assert [(s.id_hash, s.seen_at, s.version) for s in state.recent] == [
+        (id_hash("e-0"), NOW - 5, None), (id_hash("e-1"), NOW, 1), (id_hash("e-2"), NOW, 2)]
+    assert send(h, first).decision.outcome is Outcome.DUPLICATE
+
+
+@pytest.mark.parametrize("versions", [
+    [1, 2, 3, 4], [None, None, None], [3, None, 4], [1, 2, 5, 6], [7, 7, 8],
+])
+def test_every_layout_of_the_ids_reads_back(versions: list[int | None]) -> None:
+    """Consecutive versions, none, or any others: each id reads back with its version, content and time."""
+    entries = b""
+    version: int | None = None
+    for i, v in enumerate(versions):
+        new_version = v if version is None or (v is not None and v > version) else version
+        entries = new_entries(entries, f"e-{i}", bytes([i]) * 16, NOW + i * 0.5, v, now=NOW + i * 0.5,
+                              window=86_400.0, keep=32, old_version=version, new_version=new_version)
+        version = new_version
+    state = EntityState(version, None, b"\x00" * 16, b"{}", "t", NOW, None, entries)
+    state = EntityState.from_bytes(state.to_bytes())
+    assert [(s.id_hash, s.content_hash, s.seen_at, s.version) for s in state.recent] == [
+        (id_hash(f"e-{i}"), bytes([i]) * 4, NOW + i * 0.5, v) for i, v in enumerate(versions)]
+    for i, v in enumerate(versions):
+        seen = state.find(f"e-{i}", NOW + 10, 86_400.0)
+        assert seen is not None and seen.version == v and seen.same_content(bytes([i]) * 16)
+    consecutive = len(entries) == 5 + len(versions) * ENTRY_SIZE
+    assert consecutive == (versions in ([1, 2, 3, 4], [None, None, None]))
+
+
+def test_times_that_do_not_fit_milliseconds_are_kept_exactly() -> None:
+    """Seen-at times more than 49 days apart (a long window) or before 1970 are kept as doubles."""
+    entries = new_entries(b"", "a", b"\x01" * 16, -5.25, None, now=-5.25, window=1e9, keep=32)
+    entries = new_entries(entries, "b", b"\x02" * 16, NOW, None, now=NOW, window=1e12, keep=32)
+    state = EntityState(None, None, b"\x00" * 16, b"{}", "t", NOW, None, entries)
+    assert [s.seen_at for s in state.recent] == [-5.25, NOW]
+    assert state.find("a", NOW, 1e12) is not None and state.find("a", NOW, 1e9) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(min_value=0, max_value=6_000_000),
+                                st.one_of(st.none(), st.just("next"), st.integers(min_value=0, max_value=2**63 - 1))),
+                      min_size=1, max_size=40),
+       window=st.sampled_from([60.0, 86_400.0, 60 * 86_400.0]), keep=st.sampled_from([1, 3, 32]))
+def test_the_ids_kept_are_those_of_a_plain_list(steps: list[tuple[int, int | str | None]], window: float,
+                                                keep: int) -> None:
+    """Whatever the versions and the time between events (gaps beyond the time base's reach included), the
+    entries read back as a plain list of (id, content, seen at, version) kept by the same window and bound."""
+    entries, version, now = b"", None, NOW
+    model: list[tuple[bytes, bytes, float, int | None]] = []
+    for i, (gap, choice) in enumerate(steps):
+        now += gap
+        v = (version + 1 if version is not None and version < 2**63 - 1 else 1) if choice == "next" else choice
+        assert not isinstance(v, str)
+        new_version = version if version is not None and (v is None or version > v) else v
+        content = xxhash.xxh3_128_digest(b"%d" % i)
+        entries = new_entries(entries, f"e-{i}", content, now, v, now=now, window=window, keep=keep,
+                              old_version=version, new_version=new_version)
+        model = [m for m in model if m[2] >= now - window][-(keep - 1) or len(model):] if keep > 1 else []
+        model.append((id_hash(f"e-{i}"), content[:4], now, v))
+        version = new_version
+        state = EntityState(version, None, b"\x00" * 16, b"{}", "t", now, None, entries)
+        assert [(s.id_hash, s.content_hash, s.seen_at, s.version) for s in state.recent] == model

@@ -1,0 +1,97 @@
+"""The structured fast path builds exactly the envelope the strict path builds, or leaves the event to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from byzguard.envelope import Envelope, _decode_structured, _fast_structured, decode
+from byzguard.stamp import Stamper
+
+_FIELDS = ("id", "source", "type", "subject", "mode", "covered", "content_hash", "time", "version", "lamport",
+           "instance", "vclock", "checksum", "form", "attrs", "obj", "refused")
+
+# What an attribute may be replaced with: the types JSON has, the forms the strict path reads otherwise
+# (numbers as text, epoch milliseconds, a clock object) and values it refuses.
+SAMPLES: list[Any] = [
+    ..., None, True, False, 0, 1, -1, 2**63 - 1, 2**63, 1.5, 1e300, "", "1.0", "7", "-1", "x y", "\u0663",
+    "2026-01-01T00:00:00Z", "2026-01-01T00:00:00", "1700000000000", "a=1,b=2", "a=0", "a=1,a=2", "not a time",
+    "sku-1", "hmac-sha256", "sha256", "bound", "value-only", "application/json", {}, {"a": 1, "b": 2}, {"a": -1},
+    [], [1, 2], "x" * 70,
+]
+ODD_VALUES = st.one_of(st.sampled_from(SAMPLES), st.integers(min_value=-3, max_value=2**63),
+                       st.floats(allow_nan=False), st.text(max_size=5))
+NAMES = ["specversion", "id", "source", "type", "subject", "time", "entityversion", "lamporttime", "lamportinstance",
+         "vectorclock", "checksumform", "datacontenttype", "checksumalg", "checksum", "keyid", "data", "data_base64"]
+ATTRIBUTES = st.sampled_from(NAMES)
+
+
+def _event() -> dict[str, Any]:
+    stamped = Stamper("pricing", instance="i-1").structured(
+        {"price": 10.5, "n": [1, 2.0, "x"]}, type="price.updated", subject="sku-1", version=3, time=1.5e9,
+        vclock=None)
+    obj: dict[str, Any] = orjson.loads(stamped.value)
+    obj["vectorclock"] = "pricing=3"
+    return obj
+
+
+def _agree(obj: dict[str, Any], key: bytes | None, default_type: str, default_source: str | None) -> None:
+    value = orjson.dumps(obj)
+    fast = _fast_structured(key, obj, default_type, default_source)
+    try:
+        strict: Envelope | None = _decode_structured(key, value, obj, {}, default_type, default_source)
+    except Exception:  # a refusal (DecodeFailure) of what the fast path must have left alone
+        strict = None
+    if fast is not None:
+        assert strict is not None
+        _same(fast, strict)
+
+
+def _same(a: Envelope, b: Envelope) -> None:
+    for name in _FIELDS:
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.data() == b.data()
+
+
+def test_fast_path_agrees_for_every_single_change() -> None:
+    """Each attribute left out or set to each sample value: the fast path gives None or the strict envelope."""
+    for name in NAMES:
+        for sample in SAMPLES:
+            for key, default_type, default_source in ((b"sku-1", "", None), (None, "t", "s"), (b"\xff", "", "")):
+                obj = _event()
+                if sample is ...:
+                    obj.pop(name, None)
+                else:
+                    obj[name] = sample
+                _agree(obj, key, default_type, default_source)
+
+
+@settings(max_examples=400, deadline=None)
+@given(changes=st.dictionaries(ATTRIBUTES, st.one_of(ODD_VALUES, st.just(...)), max_size=3),
+       key=st.sampled_from([b"sku-1", None, b"other", b"", b"\xff"]),
+       default_type=st.sampled_from(["", "t"]), default_source=st.sampled_from([None, "", "s"]))
+def test_fast_path_agrees_with_the_strict_path(changes: dict[str, Any], key: bytes | None, default_type: str,
+                                               default_source: str | None) -> None:
+    """For any attribute values (or attributes left out), the fast path gives None or the strict path's envelope."""
+    obj = _event()
+    for name, value in changes.items():
+        if value is ...:
+            obj.pop(name, None)
+        else:
+            obj[name] = value
+    _agree(obj, key, default_type, default_source)
+
+
+def test_a_stamped_event_takes_the_fast_path() -> None:
+    """The events producers stamp are read by the fast path (what the hot path is measured on)."""
+    obj = _event()
+    fast = _fast_structured(b"sku-1", obj, "", None)
+    assert fast is not None
+    strict = _decode_structured(b"sku-1", orjson.dumps(obj), obj, {}, "", None)
+    _same(fast, strict)
+    decoded = decode(b"sku-1", orjson.dumps(obj), [("content-type", b"application/cloudevents+json")])
+    assert isinstance(decoded, Envelope)
+    _same(decoded, strict)
