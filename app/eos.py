@@ -170,6 +170,10 @@ class InOrder:
         #: Per partition, what the probe read last: from which offset, and the offsets of the committed records
         #: it got from there (every other offset up to the last of them is a marker or an aborted record).
         self.probed: dict[TP, tuple[int, list[int]]] = {}
+        #: Partitions dropping records delivered again: the first one dropped (logged once per run of drops).
+        self.dropping: dict[TP, int] = {}
+        #: Guarded partitions with no record processed since their assignment: (generation, since, last said).
+        self.silent_since: dict[TP, tuple[int, float, float]] = {}
         self._probe: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
 
@@ -205,12 +209,20 @@ class InOrder:
                 committed = await self._group_committed(app, tp)
             expected = committed if committed is not None and committed >= 0 else None
             self.seeking.pop(tp, None)
+            log.info("%s: first record since the assignment (generation %d): %d; the next to process is %s "
+                     "(faust's committed offset %s)", tp, generation, offset, expected,
+                     consumer._committed_offset[tp])
         if expected is None or offset == expected:
             self.seeking.pop(tp, None)
+            if self.dropping:
+                self.dropping.pop(tp, None)
             return True
         if offset < expected:
             # Delivered again (faust fetched it twice around a rebalance): its outputs and ack are in already.
-            log.debug("%s: record %d delivered again after it was processed; not processed twice", tp, offset)
+            if tp not in self.dropping:  # once per run of them: around a rebalance there can be many
+                self.dropping[tp] = offset
+                log.info("%s: record %d delivered again after it was processed; dropped, as are the next ones "
+                         "until %d comes", tp, offset, expected)
             return self.drop(consumer, message)
         if self.seeking.get(tp) == expected:
             # Still on the way back to the skipped record. A record fetched before the seek and handed over
@@ -218,6 +230,8 @@ class InOrder:
             # comes: seek again.
             read = consumer._read_offset.get(tp)
             if read is not None and read > expected:
+                log.info("%s: record %d came while seeking back to %d (read offset %d); seeking again",
+                         tp, offset, expected, read)
                 await consumer.seek(tp, expected)
             return self.drop(consumer, message)
         first = await self._first_record_from(tp, expected, offset)
@@ -240,11 +254,39 @@ class InOrder:
         finally:
             self.acking = False
 
+    def after_seek_to_committed(self, consumer: Any, generation: int) -> None:
+        """Faust sought to the committed offsets (`Consumer.perform_seek`): ack again what was processed above them.
+
+        Faust reads the committed offsets on its consumer's thread and then sets its own committed offsets to
+        them, while the commit timer commits concurrently (the seek is not under the processing lock). A commit
+        that lands between the read and its use is undone in faust's bookkeeping: its committed offset goes back
+        below offsets its commit already took off the acked ones, and its commit never passes them again (it
+        waits for the ack of the first one above its committed offset). Faust itself would ack the records
+        the seek delivers again; `in_order` drops them, processed already, so nothing came to fill the gap and
+        the worker stopped committing for good: seen after a rejoin that followed a broker outage, where faust
+        seeks twice (in a fetch that returned while the flow was stopped, then at the end of recovery) with
+        records processed and committed in between. Every offset below the one a partition expects next was
+        processed in this generation (or holds no record): acked again here, the commit passes them.
+        """
+        assigned = consumer.assignment()
+        for tp, (known, expected) in list(self.expected.items()):
+            if known != generation or tp not in assigned:
+                continue
+            committed = consumer._committed_offset[tp]
+            if committed is not None and committed < expected:
+                acked = self.ack_without_record(consumer, tp, committed, expected)
+                if acked:
+                    log.warning("%s: faust's committed offset went back to %d (a commit landed while it sought to "
+                                "the committed offsets) with %d next: %d processed offsets acked again",
+                                tp, committed, expected, acked)
+
     @staticmethod
-    def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> None:
-        """Mark offsets `first`..`end`-1 of `tp`, which hold no record to process, acked for faust's commit (the
-        bookkeeping of faust's `Consumer.ack`, without a message). Not a gap (`Consumer._add_gap`): faust's commit
-        applies gaps only below the highest acked offset, so a gap at a partition's end would never be passed."""
+    def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> int:
+        """Mark offsets `first`..`end`-1 of `tp`, which hold no record to process (or whose records were processed
+        already), acked for faust's commit (the bookkeeping of faust's `Consumer.ack`, without a message); return
+        how many were not acked yet. Not a gap (`Consumer._add_gap`): faust's commit applies gaps only below the
+        highest acked offset, so a gap at a partition's end would never be passed."""
+        added = 0
         with ack_lock:
             committed = consumer._committed_offset[tp]
             acked_index = consumer._acked_index[tp]
@@ -252,8 +294,10 @@ class InOrder:
                 if (committed is None or offset >= committed) and offset not in acked_index:
                     acked_index.add(offset)
                     consumer._acked[tp].append(offset)
-                    consumer._n_acked += 1
+                    added += 1
+            consumer._n_acked += added
             notify(consumer._waiting_for_ack)
+        return added
 
     async def find_skipped_tails(self, app: faust.App) -> None:
         """Seek back to a record skipped at the end of a partition: no later record comes to show the gap, so
@@ -262,6 +306,7 @@ class InOrder:
         consumer: Any = app.consumer
         generation, now = app.consumer_generation_id, time.monotonic()
         assigned = consumer.assignment()
+        self._report_silent(consumer, generation, assigned, now)
         for tp, (known, expected) in list(self.expected.items()):
             if known != generation or tp not in assigned or now - self.progress.get(tp, now) < IDLE_GAP_SECONDS:
                 continue
@@ -285,6 +330,31 @@ class InOrder:
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
                         tp, expected, highwater, first)
             await self._seek_back(consumer, tp, generation, expected, first)
+
+    def _report_silent(self, consumer: Any, generation: int, assigned: Any, now: float) -> None:
+        """Say (every IDLE_GAP_SECONDS) which guarded partitions delivered no record for that long since they were
+        assigned although their highwater is past the committed offset, with faust's bookkeeping of them."""
+        for tp in assigned:
+            if tp.topic not in self.guarded_topics:
+                continue
+            known = self.expected.get(tp)
+            if known is not None and known[0] == generation:
+                continue
+            since = self.silent_since.get(tp)
+            if since is None or since[0] != generation:
+                self.silent_since[tp] = (generation, now, now)
+                continue
+            if now - since[1] < IDLE_GAP_SECONDS or now - since[2] < IDLE_GAP_SECONDS:
+                continue
+            committed, highwater = consumer._committed_offset[tp], consumer.highwater(tp)
+            if highwater is not None and committed is not None and highwater <= committed:
+                continue
+            self.silent_since[tp] = (generation, since[1], now)
+            log.warning("%s: no record delivered for %.0f s since its assignment (generation %d): committed %s, "
+                        "read offset %s, highwater %s, expected %s, seeking %s, paused %s, flow active %s, "
+                        "unacked %d", tp, now - since[1], generation, committed, consumer._read_offset.get(tp),
+                        highwater, known, self.seeking.get(tp), tp in consumer._paused_partitions,
+                        consumer.flow_active, len(consumer._unacked_messages))
 
     async def _seek_back(self, consumer: Any, tp: TP, generation: int, expected: int, first: int) -> None:
         """Send `tp` back to the skipped record `first`; everything else is dropped until it comes. The offsets
@@ -376,6 +446,10 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
             if tp.topic in order.guarded_topics:
                 return
             await super()._add_gap(tp, offset_from, offset_to)
+
+        async def perform_seek(self) -> None:
+            await super().perform_seek()
+            order.after_seek_to_committed(self, app.consumer_generation_id)
 
         async def _seek(self, partition: TP, offset: int) -> None:
             # Faust calls aiokafka's seek from the event loop's thread while the consumer's own thread is

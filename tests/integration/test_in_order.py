@@ -306,3 +306,29 @@ async def test_markers_before_a_skipped_record_are_passed_by_the_commit(
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == [0, 4, 5, 7]
+
+
+async def test_a_seek_to_committed_offsets_read_before_a_commit_does_not_stop_the_commit(
+        guarded: Guarded, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust's seek to the committed offsets (at the end of a rebalance, and in a fetch that returns while the
+    flow is stopped) reads them on the consumer's thread while the commit runs: when a commit lands between the
+    read and its use, faust's committed offset goes back below offsets its commit already took off the acked
+    ones. The records in between are delivered again and dropped (processed already); the commit must still
+    reach the end (it stopped there for good: the at_least_once outage test's stall after a rejoin)."""
+    topic, consumer = guarded.tp.topic, guarded.app.consumer
+    await produce_numbered(kafka_bootstrap, topic, range(5))
+    await _caught_up(kafka_bootstrap, guarded.group, topic)  # committed: 5
+    read_committed = consumer.seek_to_committed
+
+    async def read_before_a_commit() -> Any:
+        offsets = await read_committed()  # 5, and the fetch position sent back there
+        await produce_numbered(kafka_bootstrap, topic, range(5, 10))
+        await _caught_up(kafka_bootstrap, guarded.group, topic)  # meanwhile processed and committed: 10
+        return offsets
+
+    monkeypatch.setattr(consumer, "seek_to_committed", read_before_a_commit)
+    await consumer.perform_seek()  # faust's committed offset goes back to 5
+    await produce_numbered(kafka_bootstrap, topic, range(10, 15))
+
+    await _caught_up(kafka_bootstrap, guarded.group, topic)
+    assert guarded.seen == list(range(15))  # records 5-9 delivered again were not processed twice
