@@ -30,7 +30,11 @@ each gap below and how the crash test finds it.
    guarded topics; it drops a record delivered again, and when a record's predecessor never came it seeks
    back to it. This one is not about transactions: under at_least_once a skipped record (seen at the end of
    a large table recovery) leaves an offset nothing acks, faust's commit never passes it again and the worker
-   stops committing. `install_in_order(app, bootstrap)` wires it under either guarantee.
+   stops committing. Faust's seek to the committed offsets (after a rebalance) reads them while its commit runs:
+   a commit that lands in between sets faust's committed offset back below offsets its commit already took off
+   the acked ones, whose records come again and are dropped, so the commit stopped for good (seen after a rejoin
+   that followed a broker outage); those offsets, processed already, are acked again (`after_seek_to_committed`).
+   `install_in_order(app, bootstrap)` wires it under either guarantee.
 
 `install(app, bootstrap)` wires 1-3 and 5-7 into the app before its consumer and producer exist; agents run
 each record through `process(app, event, handle)` and call `guard(app, topic)`; the CLI runs the worker
@@ -49,7 +53,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +258,12 @@ class InOrder:
         finally:
             self.acking = False
 
+    def forget(self, revoked: Iterable[TP]) -> None:
+        """Drop what is known of revoked partitions: if they come back, the committed offset says where to go on."""
+        for tp in revoked:
+            for known in (self.expected, self.seeking, self.dropping, self.silent_since):
+                known.pop(tp, None)
+
     def after_seek_to_committed(self, consumer: Any, generation: int) -> None:
         """Faust sought to the committed offsets (`Consumer.perform_seek`): ack again what was processed above them.
 
@@ -306,7 +316,10 @@ class InOrder:
         consumer: Any = app.consumer
         generation, now = app.consumer_generation_id, time.monotonic()
         assigned = consumer.assignment()
-        self._report_silent(consumer, generation, assigned, now)
+        if app.rebalancing:  # paused for recovery: silent on purpose
+            self.silent_since.clear()
+        else:
+            self._report_silent(consumer, generation, assigned, now)
         for tp, (known, expected) in list(self.expected.items()):
             if known != generation or tp not in assigned or now - self.progress.get(tp, now) < IDLE_GAP_SECONDS:
                 continue
@@ -332,8 +345,9 @@ class InOrder:
             await self._seek_back(consumer, tp, generation, expected, first)
 
     def _report_silent(self, consumer: Any, generation: int, assigned: Any, now: float) -> None:
-        """Say (every IDLE_GAP_SECONDS) which guarded partitions delivered no record for that long since they were
-        assigned although their highwater is past the committed offset, with faust's bookkeeping of them."""
+        """Say (every IDLE_GAP_SECONDS) which guarded partitions delivered no record for that long since their
+        rebalance ended although their highwater is past the committed offset (or they were never fetched), with
+        faust's bookkeeping of them: a fetch that never resumes shows here."""
         for tp in assigned:
             if tp.topic not in self.guarded_topics:
                 continue
@@ -347,8 +361,8 @@ class InOrder:
             if now - since[1] < IDLE_GAP_SECONDS or now - since[2] < IDLE_GAP_SECONDS:
                 continue
             committed, highwater = consumer._committed_offset[tp], consumer.highwater(tp)
-            if highwater is not None and committed is not None and highwater <= committed:
-                continue
+            if highwater is not None and highwater <= (committed or 0):
+                continue  # nothing to deliver
             self.silent_since[tp] = (generation, since[1], now)
             log.warning("%s: no record delivered for %.0f s since its assignment (generation %d): committed %s, "
                         "read offset %s, highwater %s, expected %s, seeking %s, paused %s, flow active %s, "
@@ -446,6 +460,10 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
             if tp.topic in order.guarded_topics:
                 return
             await super()._add_gap(tp, offset_from, offset_to)
+
+        async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+            order.forget(revoked)  # as faust forgets their acks: what they expect next is decided anew
+            await super().on_partitions_revoked(revoked)
 
         async def perform_seek(self) -> None:
             await super().perform_seek()

@@ -332,3 +332,27 @@ async def test_a_seek_to_committed_offsets_read_before_a_commit_does_not_stop_th
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
     assert guarded.seen == list(range(15))  # records 5-9 delivered again were not processed twice
+
+
+async def test_a_partition_that_delivers_nothing_after_its_assignment_is_reported(
+        guarded: Guarded, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guarded partition whose fetch never resumes after a rebalance (records wait, none is delivered) is named
+    in a warning with faust's bookkeeping of it, once per idle period."""
+    app, tp = guarded.app, guarded.tp
+
+    async def rebalance_over() -> bool:
+        return not app.rebalancing and tp in app.consumer.assignment()
+
+    await _until(rebalance_over, "the partition assigned and recovery over")
+    app.consumer.pause_partitions([tp])  # as a fetch that is never resumed
+    await produce_numbered(kafka_bootstrap, tp.topic, range(3))
+    monkeypatch.setattr(app.consumer, "highwater", lambda _tp: 3)  # a paused partition's is not fetched
+
+    async def reported() -> bool:
+        return "no record delivered for" in caplog.text
+
+    await _until(reported, "a warning about the silent partition", timeout=10.0)
+    assert guarded.seen == [] and f"{tp}: no record delivered" in caplog.text and "paused True" in caplog.text
+    app.consumer.resume_partitions([tp])
+    await _processed(guarded, 3)
