@@ -211,6 +211,13 @@ class InOrder:
                 # start, the offsets before it (a transactional input's markers) would never be acked, and the
                 # commit would stop there for good: ask the group coordinator.
                 committed = await self._group_committed(app, tp)
+                if committed is not None and committed < 0:
+                    # The group has committed nothing here (a fresh group, or its first commit failed in a broker
+                    # outage), so the partition starts where faust's offset reset puts it: at its log start
+                    # ("earliest"). Taken from the first record delivered instead, the records before it were
+                    # lost: after a rejoin that followed an outage, the fetch handed over record 88 first, the
+                    # commit passed 22-87 (never processed) and 66 events had no output.
+                    committed = await self._reset_offset(app, tp)
             expected = committed if committed is not None and committed >= 0 else None
             self.seeking.pop(tp, None)
             log.info("%s: first record since the assignment (generation %d): %d; the next to process is %s "
@@ -286,9 +293,10 @@ class InOrder:
             if committed is not None and committed < expected:
                 acked = self.ack_without_record(consumer, tp, committed, expected)
                 if acked:
-                    log.warning("%s: faust's committed offset went back to %d (a commit landed while it sought to "
-                                "the committed offsets) with %d next: %d processed offsets acked again",
-                                tp, committed, expected, acked)
+                    log.warning("%s: faust's seek set its committed offset back to %d, below offsets its commits "
+                                "already took (%s a commit in flight), with %d next: %d processed offsets acked again",
+                                tp, committed, "with" if consumer._commit_fut is not None else "without", expected,
+                                acked)
 
     @staticmethod
     def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> int:
@@ -401,7 +409,7 @@ class InOrder:
         return found[tp]
 
     async def _group_committed(self, app: faust.App, tp: TP) -> int | None:
-        """The offset the app's group has committed for `tp` (None: none, or the coordinator did not answer)."""
+        """The offset the app's group has committed for `tp`: -1 if none, None if the coordinator did not answer."""
         try:
             if self._admin is None:
                 self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
@@ -412,7 +420,22 @@ class InOrder:
             log.warning("%s: could not read the group's committed offset: %s", tp, exc)
             return None
         meta = found.get(atp)
-        return meta.offset if meta is not None and meta.offset >= 0 else None
+        return int(meta.offset) if meta is not None and meta.offset >= 0 else -1
+
+    async def _reset_offset(self, app: faust.App, tp: TP) -> int | None:
+        """Where faust's offset reset starts `tp` when its group has committed nothing: the log start offset under
+        "earliest"; None under "latest" (any record can be the first) or if the broker did not answer."""
+        if app.conf.consumer_auto_offset_reset != "earliest":
+            return None
+        atp = TopicPartition(tp.topic, tp.partition)
+        try:
+            if self._probe is None:
+                self._probe = await _read_committed_consumer(self.bootstrap)
+            starts = await self._probe.beginning_offsets([atp])
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s: could not read the log start offset: %s", tp, exc)
+            return None
+        return int(starts[atp]) if atp in starts else None
 
     async def close(self) -> None:
         """Stop the side consumer and admin client `in_order` may have started (at shutdown)."""
