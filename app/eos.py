@@ -447,6 +447,30 @@ class InOrder:
             await admin.close()
 
 
+async def rewind_recovery(app: faust.App, consumer: Any) -> None:
+    """After faust's seek to the committed offsets during table recovery, send the changelog partitions still being
+    recovered back to the last record recovery applied (it skips what it applied already).
+
+    Faust's fetch loop seeks to the committed offsets when a fetch returns while the flow is stopped, and drops
+    what that fetch returned: for a changelog partition (no committed offset, so not sought back) those records
+    were gone and recovery waited for them for good, the input partitions paused behind it (seen when a second
+    worker joined: "No event received for active tp ... since recovery start", the group's lag never shrank).
+    """
+    recovery: Any = app.tables._recovery  # type: ignore[attr-defined]
+    if recovery is None or not recovery.in_recovery:
+        return
+    behind: dict[TP, int] = {}
+    for tp in recovery.active_tps:
+        applied, highwater = recovery.active_offsets.get(tp), recovery.active_highwaters.get(tp)
+        if applied is not None and highwater is not None and applied < highwater:
+            behind[tp] = max(applied, 0)  # as Recovery._seek_offsets: the last applied one again, or the start
+    if behind:
+        log.info("sought to the committed offsets during recovery: changelog partitions sent back to %s",
+                 {f"{tp.topic}[{tp.partition}]": offset for tp, offset in behind.items()})
+        for tp, offset in behind.items():
+            await consumer.seek(tp, offset)
+
+
 def order_of(app: faust.App) -> InOrder | None:
     """The in-order state installed on `app`, or None."""
     return getattr(app, _ORDER_ATTR, None)
@@ -491,6 +515,7 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
         async def perform_seek(self) -> None:
             await super().perform_seek()
             order.after_seek_to_committed(self, app.consumer_generation_id)
+            await rewind_recovery(app, self)
 
         async def _seek(self, partition: TP, offset: int) -> None:
             # Faust calls aiokafka's seek from the event loop's thread while the consumer's own thread is
