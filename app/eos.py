@@ -324,7 +324,7 @@ class InOrder:
         consumer: Any = app.consumer
         generation, now = app.consumer_generation_id, time.monotonic()
         assigned = consumer.assignment()
-        if app.rebalancing:  # paused for recovery: silent on purpose
+        if app.rebalancing or app.in_recovery:  # paused on purpose (faust says when recovery gets nothing)
             self.silent_since.clear()
         else:
             self._report_silent(consumer, generation, assigned, now)
@@ -353,8 +353,8 @@ class InOrder:
             await self._seek_back(consumer, tp, generation, expected, first)
 
     def _report_silent(self, consumer: Any, generation: int, assigned: Any, now: float) -> None:
-        """Say (every IDLE_GAP_SECONDS) which guarded partitions delivered no record for that long since their
-        rebalance ended although their highwater is past the committed offset (or they were never fetched), with
+        """Say (every IDLE_GAP_SECONDS) which guarded partitions delivered no record for that long outside rebalances
+        and recovery although their highwater is past the committed offset (or they were never fetched), with
         faust's bookkeeping of them: a fetch that never resumes shows here."""
         for tp in assigned:
             if tp.topic not in self.guarded_topics:
