@@ -532,7 +532,14 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
         if gate is None:
             await order.find_skipped_tails(app)
             return
+        asked = time.monotonic()
         async with gate.lock:  # no event in the middle of processing, no commit in the middle of the seek
+            now = time.monotonic()
+            if now - asked > IDLE_GAP_SECONDS / 4:
+                # A commit held the lock (waiting out a broker outage): the partitions were idle because processing
+                # waited, not because a record was skipped. Seeking back then only fetched everything again.
+                order.progress = dict.fromkeys(order.progress, now)
+                return
             await order.find_skipped_tails(app)
 
     @app.on_before_shutdown.connect

@@ -6,6 +6,7 @@ committed offset passes the gap. Without it faust's commit stops at the first un
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -375,3 +376,25 @@ async def test_a_partition_its_group_never_committed_starts_at_its_log_start(
 
     await _caught_up(kafka_bootstrap, guarded.group, tp.topic)
     assert guarded.seen == list(range(6))
+
+
+async def test_partitions_idle_only_while_a_commit_held_the_lock_are_not_sought_back_at_once(
+        guarded: Guarded, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A commit that holds the processing lock for long (waiting out a broker outage) makes every partition look
+    idle: the look for skipped records starts its idle clocks again instead of seeking back the moment the lock is
+    free (the records were on their way, only processing waited). A record really skipped is still found later."""
+    app, tp = guarded.app, guarded.tp
+    gate = eos.gate_of(app)
+    assert gate is not None
+    await produce_numbered(kafka_bootstrap, tp.topic, range(3))
+    await _processed(guarded, 3)
+    await app.consumer.seek(tp, 5)  # records 3 and 4 skipped, no later record shows it
+    await produce_numbered(kafka_bootstrap, tp.topic, range(3, 5))
+    async with gate.lock:  # as a commit waiting for the broker
+        await asyncio.sleep(3 * eos.IDLE_GAP_SECONDS)
+        released = time.time()
+
+    await _caught_up(kafka_bootstrap, guarded.group, tp.topic)
+    assert guarded.seen == list(range(5))
+    sought = [r.created for r in caplog.records if "was never delivered; seeking back" in r.getMessage()]
+    assert sought and sought[0] >= released + 0.9 * eos.IDLE_GAP_SECONDS, (sought, released)
