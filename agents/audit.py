@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import faust
+from faust.types import TableT
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
@@ -82,7 +83,7 @@ class CheckRecorder:
 
 
 def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, topics: AuditTopics,
-                        table: faust.TableT[bytes, bytes]) -> tuple[Any, Any]:
+                        table: TableT[bytes, bytes]) -> tuple[Any, Any]:
     """Register a rule's forward and join agents (and its expiry ticks) on `app`."""
     routes = {r.verified_topic: r for r in config.routes}
     repartition = topics.repartition_topic
@@ -178,7 +179,7 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
             await send_discrepancies(step.checks, wall)
         recorder.refresh(wall)
 
-    @app.timer(interval=rule.tick_interval, name=f"audit_ticks-{rule.name}")
+    @app.timer(interval=rule.tick_interval, name=f"audit_ticks-{rule.name}")  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def tick_audit_windows() -> None:
         # Table writes and sends belong to a partition's transaction, so the timer only asks each owned
         # partition to close its windows; the join agent does it in the stream. The tick itself goes through

@@ -101,7 +101,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         if topics.repartition_topic is not None:  # the agent reads the repartition topic, co-partitioned too
             partitioned_topics.add(topics.repartition_topic.get_topic_name())
 
-        @app.on_partitions_revoked.connect
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's Signal.connect is typed for plain functions; faust awaits async receivers
         async def drop_causal_counts(sender: Any, revoked: Any = (), **kwargs: Any) -> None:
             # Another worker counts them now; if they come back, their count is read from the held index again.
             for tp in revoked or ():
@@ -167,7 +167,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
         return RecordIn(msg.key, msg.value, headers, msg.topic, msg.partition, msg.offset, msg.timestamp,
                         partitions)
 
-    async def verify_one(event: faust.EventT) -> None:
+    async def verify_one(event: faust.EventT[Any]) -> None:
         msg = event.message
         started = time.perf_counter()
         now = time.time()
@@ -202,7 +202,7 @@ def attach_verify_agent(app: faust.App, guard: Guard, route: Route, topics: Rout
 
     if tick_topic is not None:
         # At most 5 s apart: the ticks also refresh the buffer gauges of a partition restored or assigned.
-        @app.timer(interval=max(0.5, min(5.0, route.causal.deadline / 4)))
+        @app.timer(interval=max(0.5, min(5.0, route.causal.deadline / 4)))  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
         async def tick_causal_deadlines() -> None:
             # Expiry must run inside the stream (table writes and sends belong to a partition's
             # transaction), so the timer only sends a tick to each partition this worker owns. Ticks go
@@ -251,8 +251,8 @@ def attach_repartition_agent(app: faust.App, route: Route, sources: faust.TopicT
     quarantine_name = route.quarantine_topic
     copy_limit = 0  # the smaller limit of the repartition and quarantine topics, known once the outbox started
 
-    async def forward_one(event: faust.EventT) -> None:
-        msg = event.message
+    async def forward_one(event: faust.EventT[Any]) -> None:
+        msg: Any = event.message
         key = msg.key
         partition = partition_for(key, partitions) if key is not None else msg.partition % partitions
         headers = msg.headers or ()
@@ -281,7 +281,7 @@ def attach_repartition_agent(app: faust.App, route: Route, sources: faust.TopicT
 
 
 async def _each_event(app: faust.App, stream: faust.StreamT[bytes], outbox: Outbox,
-                      handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
+                      handle: Callable[[faust.EventT[Any]], Awaitable[None]]) -> None:
     """An agent's loop: `handle` each record, and let the outbox send what it has when it is time."""
     await outbox.start()
     idle = _idle(stream)

@@ -104,7 +104,7 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
-    class Worker(FaustWorker):  # type: ignore[misc]  # named as faust's: its log lines say "[^Worker]: Ready"
+    class Worker(FaustWorker):  # named as faust's: its log lines say "[^Worker]: Ready"
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written

@@ -48,6 +48,7 @@ from byzguard.contract.diff import ContractDiff, diff_contracts
 from byzguard.contract.sample import SampleError, parse_jsonl
 from byzguard.errors import ConfigError
 from byzguard.guard import RecordIn
+from byzguard.verdict import Reason
 
 contract_cli = typer.Typer(help="Contract checks: what would byzguard do with these events?", no_args_is_help=True)
 out = Console()
@@ -133,10 +134,10 @@ async def _read_ranges(consumer: Any, ranges: dict[Any, tuple[int, int]], timeou
             raise TimeoutError(f"could not read {missing} within {timeout:g}s")
         batch = await consumer.getmany(*pending, timeout_ms=300)
         for tp, records in batch.items():
-            stop = pending.get(tp)
-            if stop is None:
+            until = pending.get(tp)
+            if until is None:
                 continue
-            got[tp].extend(r for r in records if r.offset < stop)
+            got[tp].extend(r for r in records if r.offset < until)
         for tp in list(pending):
             # Transaction markers take offsets too: the position, not the last record, says when we are done.
             if await consumer.position(tp) >= pending[tp]:
@@ -320,7 +321,10 @@ def print_diff(result: ContractDiff) -> None:
             table.add_column(column, overflow="fold")
         for c in sorted(result.changes, key=lambda c: (c.kind != "newly_rejected", c.index)):
             style = "bold red" if c.kind == "newly_rejected" else "yellow" if c.kind == "newly_warned" else "cyan"
-            rows = [("+", r) for r in c.added] + [("-", r) for r in c.removed] or [("", None)]
+            rows: list[tuple[str, Reason | None]] = [("+", r) for r in c.added]
+            rows += [("-", r) for r in c.removed]
+            if not rows:
+                rows = [("", None)]
             for i, (sign, r) in enumerate(rows):
                 first = i == 0
                 table.add_row(c.where if first else "", (c.key or "") if first else "",

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -71,6 +71,11 @@ AUDIT = "audit"                     # an output topic of audit discrepancies
 READY_LINE = "[^Worker]: Ready"     # faust's log line once partitions are assigned and tables recovered
 AUDIT_SCORED = "scored"
 
+#: Seconds the orders audit waits for a payment in a worker the demo starts. The demo's payments follow their
+#: orders within a few events, so 20 s is ample here and the partial writes are reported within the run; a
+#: production window covers real payment delays (the example's is 10 minutes) and the demo leaves it as it is.
+DEMO_AUDIT_WINDOW = 20.0
+
 
 @dataclass(frozen=True)
 class DemoOptions:
@@ -83,6 +88,8 @@ class DemoOptions:
     min_each: int = 1
     window: int = 250             # at most this many records sent and not yet judged
     audit_wait: float = 45.0      # wait for an orders audit to report partial writes if its window is this short
+    audit_window: float | None = DEMO_AUDIT_WINDOW  # a worker the demo starts: orders audits wait this (None: as
+                                                    # configured)
     stall_timeout: float = 60.0   # give up sending when no verdict arrives for this long
     drain_timeout: float = 90.0   # after the last send, how long to wait for the verdicts
     live: bool = True
@@ -121,6 +128,8 @@ class DemoResult:
     outputs: dict[str, str]         # output topic -> VERIFIED | QUARANTINE
     observations: list[Observation] = field(default_factory=list)
     audited: dict[str, dict[str, Any]] = field(default_factory=dict)  # order -> the audit's discrepancy
+    audit_rule: AuditRule | None = None  # the audit that judged partial writes (its window: the one used)
+    shortened: dict[str, tuple[float, float]] = field(default_factory=dict)  # audit -> (configured, demo) windows
 
     def ok(self) -> bool:
         """Every per-event fault caught with an expected code, no false positive, nothing unaccounted."""
@@ -177,6 +186,90 @@ def order_audits(config: GuardConfig) -> list[AuditRule]:
 def audit_horizon(rule: AuditRule) -> float:
     """Seconds after an order until the audit has surely reported it missing its payment."""
     return rule.within + rule.grace + 2 * rule.tick_interval + 5.0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The configuration a worker started by the demo runs: the given file, or a copy of it whose orders audits
+    wait the demo's window."""
+
+    path: Path                                   # the file the demo's worker reads
+    config: GuardConfig
+    shortened: dict[str, tuple[float, float]]    # audit name -> (configured window, the demo's), in seconds
+
+
+def demo_config(config_path: Path, out_dir: Path, window: float | None = DEMO_AUDIT_WINDOW) -> DemoConfig:
+    """The configuration for a worker the demo starts: `config_path` itself, or, when an audit of orders waits
+    longer than `window` (None: keep every window), a copy in `out_dir` that differs only in those audits'
+    `within` (each changed line says so). The user's file is never written."""
+    import yaml
+
+    from byzguard.config import load, parse_duration
+
+    if window is None:
+        return DemoConfig(config_path, load(config_path), {})
+    text = config_path.read_text()
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    edits: list[tuple[int, int, str]] = []
+    shortened: dict[str, tuple[float, float]] = {}
+    for audit in _items(_child(root, "audits")):
+        left, within, name = _child(audit, "left"), _child(audit, "within"), _child(audit, "name")
+        if not isinstance(within, yaml.ScalarNode) or getattr(_child(left, "type"), "value", None) != AUDITED_TYPE:
+            continue
+        configured = parse_duration(yaml.safe_load(text[within.start_mark.index:within.end_mark.index]))
+        if configured <= window:
+            continue
+        label = getattr(name, "value", "?")
+        shortened[label] = (configured, window)
+        start, end = within.start_mark.index, within.end_mark.index
+        line_end = text.find("\n", end)
+        line_end = len(text) if line_end < 0 else line_end
+        new = f"{window:g}s"
+        if not text[end:line_end].strip() or text[end:line_end].lstrip().startswith("#"):
+            end = line_end  # a block mapping: the line's comment describes the old window, so it goes too
+            new += f"  # byzguard demo: {_seconds(configured)} in {config_path.name}, shortened for the demo's run"
+        edits.append((start, end, new))
+    if not shortened:
+        return DemoConfig(config_path, load(config_path), {})
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    header = (f"# Written by `byzguard demo` for the worker it starts: {config_path.resolve()} with the orders\n"
+              f"# audit window{'s' if len(shortened) > 1 else ''} ({', '.join(shortened)}) shortened to "
+              f"{_seconds(window)}, so the demo sees its partial writes\n"
+              "# reported within its run. Production windows are longer (they cover real payment delays): run your\n"
+              "# own workers with your configuration, not with this file.\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{config_path.stem}.demo.yaml"
+    path.write_text(header + text)
+    config = load(path)
+    if any(rule.within != window for rule in config.audits if rule.name in shortened):
+        raise RuntimeError(f"{path}: the demo could not shorten the audit windows of {config_path}")
+    return DemoConfig(path, config, shortened)
+
+
+def _child(node: Any, key: str) -> Any:
+    """The value node of `key` in a YAML mapping node (None if absent or not a mapping)."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if getattr(k, "value", None) == key:
+                return v
+    return None
+
+
+def _items(node: Any) -> list[Any]:
+    import yaml
+
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _seconds(seconds: float) -> str:
+    """A window as a person says it: 20 s, 10 min, 2 h."""
+    for unit, size in (("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
 
 
 # ------------------------------------------------------------------------------------------ the worker child
@@ -503,7 +596,8 @@ async def run_demo(bootstrap: str, config: GuardConfig, options: DemoOptions, *,
     report = score(gen.labels, outputs.observations, duplicates_counted=dup_count,
                    audited=outputs.audited.keys() if audit == AUDIT_SCORED else None)
     result = DemoResult(report, gen.labels, run_id, time.monotonic() - started, send_seconds, dup_count,
-                        audit, truth_path, topics, where_of, outputs.observations, outputs.audited)
+                        audit, truth_path, topics, where_of, outputs.observations, outputs.audited,
+                        audits[0] if audits else None)
     if options.report_path is not None:
         options.report_path.parent.mkdir(parents=True, exist_ok=True)
         options.report_path.write_bytes(as_json(report))
@@ -592,12 +686,12 @@ async def _await_audits(audits: list[AuditRule], labels: list[Label], outputs: O
     rule = audits[0]
     horizon = audit_horizon(rule)
     if horizon > wait:
-        return (f"pending: audit {rule.name!r} waits {rule.within:g} s for a payment; its discrepancies arrive on "
-                f"{rule.discrepancies_topic} after that")
+        return (f"pending: audit {rule.name!r} waits {_seconds(rule.within)} for a payment, longer than the demo "
+                f"waits; its discrepancies arrive on {rule.discrepancies_topic} after that")
     partial = {lb.subject for lb in labels if lb.fault is FaultClass.PARTIAL_WRITE}
     verified = {(o.event_id, o.fingerprint) for o in outputs.observations if o.where == VERIFIED}
     orders = sum(1 for lb in labels if lb.event_type == AUDITED_TYPE and (lb.event_id, lb.fingerprint) in verified)
-    stats.phase = f"waiting for audit {rule.name} ({rule.within:g} s window)"
+    stats.phase = f"waiting for audit {rule.name} ({_seconds(rule.within)} window)"
     started = time.monotonic()
     while time.monotonic() < started + horizon + 60.0:
         if partial <= outputs.audited.keys():
@@ -668,8 +762,11 @@ def _cells(result: DemoResult, fault: FaultClass) -> _Cells:
     if spec.expect is Expect.AUDIT and result.audit != AUDIT_SCORED:
         return _Cells("pending" if result.audit.startswith("pending") else "n/a", f"audit: {result.audit}", other,
                       f"{row.fates[Fate.PASSED]} passed", lost, seen)
-    return _Cells(f"[{'green' if row.caught == row.sent else 'red'}]{row.caught}/{row.sent}[/]",
-                  f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}", other,
+    expected = f"{spec.expect.value}: {' | '.join(row.expected_codes) or 'payment missing'}"
+    if spec.expect is Expect.AUDIT and result.audit_rule is not None:
+        rule = result.audit_rule
+        expected = f"audit {rule.name}, {_seconds(rule.within)} window: payment missing"
+    return _Cells(f"[{'green' if row.caught == row.sent else 'red'}]{row.caught}/{row.sent}[/]", expected, other,
                   _red(row.fates[Fate.MISSED]) or "0", lost, seen)
 
 
@@ -712,6 +809,15 @@ def _render_summary(result: DemoResult, where: Where, console: Console) -> None:
         "duplicates counted by the worker: "
         + ("unknown (no metrics URL)" if result.duplicates_counted is None else str(result.duplicates_counted)),
     ]
+    rule = result.audit_rule
+    if rule is not None and result.audit == AUDIT_SCORED:
+        if rule.name in result.shortened:
+            summary.append(f"partial writes: judged by audit {rule.name} with the demo's {_seconds(rule.within)} "
+                           f"window; your configuration's {_seconds(result.shortened[rule.name][0])} is what your "
+                           "workers use (production windows cover real payment delays)")
+        else:
+            summary.append(f"partial writes: judged by audit {rule.name} with its configured "
+                           f"{_seconds(rule.within)} window")
     if report.extra:
         summary.append(f"outputs that match no sent record: {report.extra}")
     console.print("\n".join(summary))
@@ -755,32 +861,50 @@ def start_worker(settings: Any, bootstrap: str, console: Console) -> WorkerProce
 def play(settings: Any, config: GuardConfig, bootstrap: str, options: DemoOptions, console: Console, *,
          worker: str = "auto", keep_running: bool = False) -> DemoResult:
     """Run the demo against a worker: the one answering at the settings' web port, or (worker="start", or
-    "auto" with none answering) a child worker started here, stopped at the end unless `keep_running`."""
+    "auto" with none answering) a child worker started here, stopped at the end unless `keep_running`.
+
+    A worker started here runs `demo_config`: the settings' configuration with the orders audits waiting
+    `options.audit_window`, so that the partial writes are scored within the run. One kept running afterwards
+    is restarted with the configuration as it is."""
     web = web_base(settings.web_host, settings.web_port)
     running = http_get(f"{web}/healthz", timeout=1.0) is not None
     if worker == "none" or (worker == "auto" and running):
         return _play_once(bootstrap, config, options, Where(web if running else None), console)
-    child = start_worker(settings, bootstrap, console)
+    demo = demo_config(Path(settings.config), Path(settings.data_dir).parent / "demo", options.audit_window)
+    for name, (configured, window) in demo.shortened.items():
+        console.print(f"[cyan]the demo's worker runs {demo.path}: audit {name} waits {_seconds(window)} there "
+                      f"({_seconds(configured)} in {settings.config}), so its partial writes are reported within "
+                      "the run[/]")
+    if demo.shortened:  # wait for the shortened windows, whatever their length
+        options = replace(options, audit_wait=max([options.audit_wait] + [audit_horizon(rule) for rule in
+                                                                           order_audits(demo.config)]))
+    child = start_worker(settings.model_copy(update={"config": demo.path}), bootstrap, console)
     try:
-        result = _play_once(bootstrap, config, options, Where(web), console)
+        result = _play_once(bootstrap, demo.config, options, Where(web), console, demo.shortened)
     except BaseException:
         child.stop()
         raise
-    if keep_running:
-        _follow(child, console)
-    else:
+    if not keep_running:
         child.stop()
+        return result
+    if demo.shortened:
+        console.print(f"[cyan]restarting the worker with {settings.config} as it is (audit windows "
+                      f"{', '.join(f'{n} {_seconds(c)}' for n, (c, _) in demo.shortened.items())})...[/]")
+        child.stop()
+        child = start_worker(settings, bootstrap, console)
+    _follow(child, console)
     return result
 
 
-def _play_once(bootstrap: str, config: GuardConfig, options: DemoOptions, where: Where,
-               console: Console) -> DemoResult:
+def _play_once(bootstrap: str, config: GuardConfig, options: DemoOptions, where: Where, console: Console,
+               shortened: dict[str, tuple[float, float]] | None = None) -> DemoResult:
     run_id = f"demo{secrets.token_hex(3)}"
     if options.truth_path is None:
         options = DemoOptions(**{**options.__dict__, "truth_path": Path(".cache/demo") / f"{run_id}.truth.jsonl"})
     console.print(f"[cyan]demo {run_id}: {options.events} events from pricing, orders, payments and permissions, "
                   f"each failure class at {options.rate:.1%}, about {options.eps:.0f} events/s[/]")
     result = asyncio.run(run_demo(bootstrap, config, options, where=where, console=console, run_id=run_id))
+    result.shortened = dict(shortened or {})
     render_result(result, where, console)
     return result
 
@@ -849,6 +973,9 @@ def demo_command(
     broker: Annotated[str | None, typer.Option(help="bootstrap servers; default BYZGUARD_BROKER or local")] = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="show the live summary while sending")] = True,
     report: Annotated[Path | None, typer.Option(help="also write the score as JSON to this file")] = None,
+    audit_window: Annotated[float, typer.Option(min=0.0, help="seconds the orders audit of a worker the demo "
+                                                              "starts waits for a payment (0: as configured)")]
+    = DEMO_AUDIT_WINDOW,
 ) -> None:
     """Play the seed's services (pricing, orders, payments, permissions) against a guard worker with every failure
     of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
@@ -871,7 +998,8 @@ def demo_command(
         console.print(f"[bold red]configuration refused[/]: {exc}")
         raise typer.Exit(2) from None
     bootstrap = settings.broker or ensure_running()
-    options = DemoOptions(events=events, rate=rate, eps=eps, seed=seed, live=live, report_path=report)
+    options = DemoOptions(events=events, rate=rate, eps=eps, seed=seed, live=live, report_path=report,
+                          audit_window=audit_window or None)
     try:
         result = play(settings, cfg, bootstrap, options, console, worker=worker)
     except RuntimeError as exc:

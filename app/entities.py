@@ -129,7 +129,7 @@ def register_entity_views(built: Any, config: GuardConfig) -> None:
             return view.json({"error": "unavailable", "detail": f"the owner {owner} did not answer"},
                              status=503, headers={"Retry-After": "1"})
 
-    @app.page("/entities/{route}/{entity:.+}")
+    @app.page("/entities/{route}/{entity:.+}")  # type: ignore[untyped-decorator]  # faust's App.page is untyped
     async def last_known_good(view: Any, request: Any, route: str, entity: str) -> Any:
         """The last verified value of an entity, answered by the worker that owns it."""
         spec = routes.get(route)

@@ -64,7 +64,7 @@ from aiokafka.errors import KafkaError
 from faust.streams import current_event
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import TransactionManager
-from faust.types import TP
+from faust.types import TP, AppT
 from faust.types.tuples import FutureMessage, ack_lock
 from mode import Service
 from mode.utils.futures import notify
@@ -120,10 +120,10 @@ def gate_of(app: faust.App) -> CommitGate | None:
 
 def install_gate(app: faust.App) -> CommitGate:
     """Put `app`'s offset commits under the processing lock, after its before-commit hooks. Call before start."""
-    gate = gate_of(app)
-    if gate is not None:
-        return gate
-    if app._consumer is not None:  # type: ignore[attr-defined]
+    installed = gate_of(app)
+    if installed is not None:
+        return installed
+    if app._consumer is not None:
         raise RuntimeError("eos.install_gate must run before the app's consumer is created")
     gate = CommitGate()
     setattr(app, _GATE_ATTR, gate)
@@ -195,7 +195,7 @@ class InOrder:
                 notify(consumer._waiting_for_ack)
         return False
 
-    async def in_order(self, app: faust.App, event: faust.EventT) -> bool:
+    async def in_order(self, app: faust.App, event: faust.EventT[Any]) -> bool:
         """True if `event` is the record its partition must process next; otherwise drop it (and, if a record
         before it was never delivered, seek back to that one)."""
         consumer: Any = app.consumer
@@ -254,7 +254,7 @@ class InOrder:
         await self._seek_back(consumer, tp, generation, expected, first)
         return self.drop(consumer, message)
 
-    def processed(self, app: faust.App, event: faust.EventT) -> None:
+    def processed(self, app: faust.App, event: faust.EventT[Any]) -> None:
         """Record that the agent processed `event`; ack it (inside the lock, so no commit comes between)."""
         message = event.message
         self.expected[message.tp] = (app.consumer_generation_id, message.offset + 1)
@@ -479,10 +479,10 @@ def order_of(app: faust.App) -> InOrder | None:
 def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
     """Let only `process` ack records of guarded topics, each in offset order (fix 7). Under either guarantee;
     `install` calls it. Call before start."""
-    order = order_of(app)
-    if order is not None:
-        return order
-    if app._consumer is not None:  # type: ignore[attr-defined]
+    installed = order_of(app)
+    if installed is not None:
+        return installed
+    if app._consumer is not None:
         raise RuntimeError("eos.install_in_order must run before the app's consumer is created")
     order = InOrder(bootstrap)
     setattr(app, _ORDER_ATTR, order)
@@ -526,7 +526,7 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
 
     transport.Consumer = Consumer
 
-    @app.timer(interval=IDLE_GAP_SECONDS / 4)
+    @app.timer(interval=IDLE_GAP_SECONDS / 4)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def find_skipped_tails() -> None:
         gate = gate_of(app)
         if gate is None:
@@ -542,7 +542,7 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
                 return
             await order.find_skipped_tails(app)
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's Signal.connect is typed for plain functions; faust awaits async receivers
     async def close_probe(sender: Any, **kwargs: Any) -> None:
         await order.close()
 
@@ -579,14 +579,14 @@ class ExactlyOnce:
                             time.monotonic() - started, len(pending))
 
 
-def state_of(app: faust.App) -> ExactlyOnce | None:
+def state_of(app: AppT) -> ExactlyOnce | None:
     """The exactly-once state installed on `app`, or None (at_least_once)."""
     return getattr(app, _STATE_ATTR, None)
 
 
 def install(app: faust.App, bootstrap: str) -> ExactlyOnce:
     """Give `app` the fixed transaction manager, consumer, producer and recovery. Call before start."""
-    if app._consumer is not None or app._producer is not None:  # type: ignore[attr-defined]
+    if app._consumer is not None or app._producer is not None:
         raise RuntimeError("eos.install must run before the app's consumer and producer are created")
     if gate_of(app) is not None:
         raise RuntimeError("eos.install must run before eos.install_gate (the gate wraps its consumer)")
@@ -667,7 +667,7 @@ class EventTransactionManager(TransactionManager):
         return transactional_id(self.app, topic, partition, source=event.message.tp if event is not None else None)
 
 
-def transactional_id(app: faust.App, topic: str, partition: int | None, *, source: TP | None = None) -> str | None:
+def transactional_id(app: AppT, topic: str, partition: int | None, *, source: TP | None = None) -> str | None:
     """Under exactly_once, the transaction a record for `topic`/`partition` belongs to: that of the input
     partition `source` whose event caused it; without a source (the table buffer, a timer), that of its own
     partition when the worker consumes `topic` (changelogs are co-partitioned with the events that wrote them),
@@ -684,7 +684,7 @@ def transactional_id(app: faust.App, topic: str, partition: int | None, *, sourc
     return None
 
 
-def _group_of(app: faust.App, topic: str) -> int | None:
+def _group_of(app: AppT, topic: str) -> int | None:
     try:
         group: int = app.assignor.group_for_topic(topic)
     except KeyError:
@@ -692,7 +692,7 @@ def _group_of(app: faust.App, topic: str) -> int | None:
     return group
 
 
-def _id_for(app: faust.App, group: int, partition: int) -> str:
+def _id_for(app: AppT, group: int, partition: int) -> str:
     return f"{app.conf.id}-{group}-{partition}"
 
 
@@ -797,7 +797,8 @@ async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],
     return found
 
 
-async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.EventT], Awaitable[None]]) -> None:
+async def process(app: faust.App, event: faust.EventT[Any],
+                  handle: Callable[[faust.EventT[Any]], Awaitable[None]]) -> None:
     """Run `handle(event)` once per record: in offset order, with no commit in between, then ack it.
 
     Around rebalances (and the end of table recovery) faust can deliver a record twice or not at all (it fetches
@@ -819,7 +820,7 @@ async def process(app: faust.App, event: faust.EventT, handle: Callable[[faust.E
 
 
 @contextlib.asynccontextmanager
-async def processing(app: faust.App, event: faust.EventT) -> AsyncIterator[None]:
+async def processing(app: faust.App, event: faust.EventT[Any]) -> AsyncIterator[None]:
     """Process one event with no commit in between and ack it inside the lock (no order or duplicate checks:
     prefer `process`, which can skip a record delivered twice)."""
     order, gate = order_of(app), gate_of(app)

@@ -31,12 +31,12 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
     """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`. Call before the app starts."""
-    if app._consumer is not None:  # type: ignore[attr-defined]
+    if app._consumer is not None:
         raise RuntimeError("fetching.tune_fetch must run before the app's consumer is created")
     transport: Any = app.transport
     base_consumer = transport.Consumer
 
-    class ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
+    class ConsumerThread(AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             # Read by AIOKafkaConsumer.start() when it builds its fetcher (aiokafka 0.14, pinned).

@@ -105,7 +105,7 @@ def _sample(record: logging.LogRecord) -> str:
 def install(app: Any, quiet: QuietRepeats, *, interval: float = 1.0) -> None:
     """Sweep `quiet` on a timer of `app` and log each recovery once."""
 
-    @app.timer(interval=interval)
+    @app.timer(interval=interval)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def report_recoveries() -> None:
         for line in quiet.sweep():
             log.info("%s", line)

@@ -109,13 +109,13 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         topics.repartition_topic.get_topic_name() for topics in built.topics.values()
         if topics.repartition_topic is not None)
 
-    @app.timer(interval=metrics.LAG_INTERVAL)
+    @app.timer(interval=metrics.LAG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_consumer_lag() -> None:
         await metrics.update_consumer_lag(app.consumer, input_topics)
 
     backlog = QuarantineBacklog(bootstrap, config, decisions_topic_name(settings.app_id, settings.decisions_topic))
 
-    @app.timer(interval=BACKLOG_INTERVAL)
+    @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
         await backlog.update(app.assignor.assigned_actives())
 
@@ -127,7 +127,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     app.service(BacklogService)
 
-    @app.on_rebalance_complete.connect
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]  # mode's Signal.connect is typed for plain functions; faust awaits async receivers
     async def freeze_long_lived_objects(sender: Any, **kwargs: Any) -> None:
         # A full collection of Python's garbage collector scans every long-lived object: some 120,000 once the
         # worker runs (faust, aiokafka, the CEL rules' parsers), 50-80 ms each time on the bench machine, several

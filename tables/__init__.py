@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from faust.types import TableT
 
 from byzguard.config import Route
 
@@ -18,9 +19,9 @@ from byzguard.config import Route
 class RouteTables:
     """The faust tables of one route; the causal buffer exists only where the route holds early events."""
 
-    state_by_entity: faust.TableT[bytes, bytes]
-    lamport_by_source: faust.TableT[bytes, bytes]
-    causal_by_entity: faust.TableT[bytes, bytes] | None = None
+    state_by_entity: TableT[bytes, bytes]
+    lamport_by_source: TableT[bytes, bytes]
+    causal_by_entity: TableT[bytes, bytes] | None = None
 
 
 def table_names(route: Route) -> list[str]:
@@ -43,7 +44,7 @@ def store_options(*, write_buffer_mb: int, block_cache_mb: int) -> dict[str, Any
             "block_cache_size": block_cache_mb << 20}
 
 
-def declare_table(app: faust.App, name: str, partitions: int, options: dict[str, Any]) -> faust.TableT[bytes, bytes]:
+def declare_table(app: faust.App, name: str, partitions: int, options: dict[str, Any]) -> TableT[bytes, bytes]:
     """One byzguard table on `app`: raw bytes keys and values, RocksDB `options` (see store_options)."""
     # key_type/value_type bytes make faust use the raw codec for the store and the changelog: the core
     # serializes its own records, once. Each table gets its own copy of the options: faust's store pops

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import faust
+from faust.types import TableT
 
 from byzguard.audit import AuditRule
 from tables import declare_table
@@ -16,7 +17,7 @@ def audit_table_name(rule: AuditRule) -> str:
     return f"audit-{rule.name}-pending_by_key"
 
 
-def declare_audit_table(app: faust.App, rule: AuditRule, options: dict[str, Any]) -> faust.TableT[bytes, bytes]:
+def declare_audit_table(app: faust.App, rule: AuditRule, options: dict[str, Any]) -> TableT[bytes, bytes]:
     """Declare a rule's join table on `app` (RocksDB `options` as tables.store_options gives them); values are
     byzguard.audit.JoinState bytes."""
     return declare_table(app, audit_table_name(rule), rule.partitions, options)

@@ -31,9 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import faust
 import rocksdict
-from faust.types import TP
+from faust.types import TP, TableT
 
 from byzguard.routing import record_size
 
@@ -75,11 +74,11 @@ class StateBuffer:
         self._changelogs: dict[str, Any] = {}
         self.partition = 0
 
-    def reader(self, table: faust.TableT[bytes, bytes]) -> TableReader:
+    def reader(self, table: TableT[bytes, bytes]) -> TableReader:
         """A `get(key)` view of `table` at the current event's partition, through the pending writes."""
         return TableReader(self, table)
 
-    def get(self, table: faust.TableT[bytes, bytes], partition: int, key: bytes) -> bytes | None:
+    def get(self, table: TableT[bytes, bytes], partition: int, key: bytes) -> bytes | None:
         """The value of `key` in `table`'s `partition`: pending write first, else the store."""
         parts = self._dirty.get(table)
         if parts is not None:
@@ -94,7 +93,7 @@ class StateBuffer:
                     return entries[key]
         return _read(table, partition, key)
 
-    def put(self, table: faust.TableT[bytes, bytes], partition: int, key: bytes, value: bytes | None) -> None:
+    def put(self, table: TableT[bytes, bytes], partition: int, key: bytes, value: bytes | None) -> None:
         """Write (or, with None, delete) `key` in `table`'s `partition` at the next flush."""
         parts = self._dirty.get(table)
         if parts is None:
@@ -208,7 +207,7 @@ class TableReader:
 
     __slots__ = ("buffer", "table")
 
-    def __init__(self, buffer: StateBuffer, table: faust.TableT[bytes, bytes]) -> None:
+    def __init__(self, buffer: StateBuffer, table: TableT[bytes, bytes]) -> None:
         self.buffer = buffer
         self.table = table
 

@@ -17,7 +17,17 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from app.demo import AUDIT_SCORED, DemoOptions, Where, render_result, run_demo, start_worker, web_base
+from app.demo import (
+    AUDIT_SCORED,
+    DEMO_AUDIT_WINDOW,
+    DemoOptions,
+    Where,
+    play,
+    render_result,
+    run_demo,
+    start_worker,
+    web_base,
+)
 from app.localkafka import free_ports
 from app.settings import Settings
 from byzguard.config import load
@@ -29,8 +39,9 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET_ENV = "BYZGUARD_KEY_PRICING_1"
 
 
-def documented_config_on_fresh_topics(tmp_path: Path, prefix: str, *, audit_window: str = "6s") -> Path:
-    """byzguard.yaml with every topic renamed under `prefix` and its audit windows shortened to `audit_window`."""
+def documented_config_on_fresh_topics(tmp_path: Path, prefix: str, *, audit_window: str | None = "6s") -> Path:
+    """byzguard.yaml with every topic renamed under `prefix` and its audit windows shortened to `audit_window`
+    (None: as shipped)."""
     doc: dict[str, Any] = yaml.safe_load((REPO / "byzguard.yaml").read_text())
     renamed: dict[str, str] = {}
 
@@ -46,8 +57,9 @@ def documented_config_on_fresh_topics(tmp_path: Path, prefix: str, *, audit_wind
         audit["left"]["topic"] = fresh(audit["left"]["topic"])
         audit["right"]["topic"] = fresh(audit["right"]["topic"])
         audit["discrepancies_topic"] = fresh(audit.get("discrepancies_topic", "audit.discrepancies"))
-        audit["within"] = audit_window
-        audit["grace"] = "2s"
+        if audit_window is not None:
+            audit["within"] = audit_window
+            audit["grace"] = "2s"
     path = tmp_path / "byzguard-demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -110,6 +122,43 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
     info = [line for line in running.splitlines() if "[INFO]" in line]
     assert len(info) < 30, f"{len(info)} INFO lines while {len(result.labels)} events ran:\n" + "\n".join(info[:30])
     assert code == 0, worker.log_tail()
+
+
+@pytest.mark.slow
+def test_a_demo_that_starts_its_worker_catches_partial_writes_without_touching_the_configured_window(
+        kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With byzguard.yaml's own 10-minute orders audit, a demo that starts its worker (as `make run` does) runs it
+    with the demo's 20 s window: every class, partial writes included, is caught within the run, nothing is
+    "pending", the table says which window judged them, and the user's file is left as it was."""
+    app_id = f"demo-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(SECRET_ENV, "integration-demo-secret")
+    config_path = documented_config_on_fresh_topics(tmp_path, app_id, audit_window=None)
+    shipped = config_path.read_text()
+    cfg = load(config_path)
+    assert cfg.audit("orders_paid") is not None and cfg.audit("orders_paid").within == 600.0  # type: ignore[union-attr]
+    settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",
+                        web_port=free_ports(1)[0], commit_interval=0.2)
+    console = Console(file=io.StringIO(), width=200)
+    started = time.monotonic()
+    result = play(settings, cfg, kafka_bootstrap, DemoOptions(events=400, rate=0.02, min_each=2, seed=11, eps=300,
+                                                              live=False, drain_timeout=60), console, worker="start")
+    seconds = time.monotonic() - started
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert config_path.read_text() == shipped
+    assert result.audit == AUDIT_SCORED, result.audit
+    assert result.audit_rule is not None and result.audit_rule.within == DEMO_AUDIT_WINDOW
+    assert result.shortened == {"orders_paid": (600.0, DEMO_AUDIT_WINDOW)}
+    report = result.report
+    for fault in FaultClass:
+        row = report.rows[fault.value]
+        assert row.sent >= 2 and row.caught == row.sent, (fault.value, dict(row.fates), dict(row.codes_seen))
+    assert report.rows[FaultClass.PARTIAL_WRITE.value].codes_seen["audit.missing"] >= 2
+    assert report.false_positives() == 0 and report.unaccounted() == 0 and result.ok()
+    said = " ".join(text.split())
+    assert "pending" not in said
+    assert "partial writes: judged by audit orders_paid with the demo's 20 s window; your configuration's 10 min" \
+        in said
+    assert seconds < 150, f"the demo took {seconds:.0f} s"
 
 
 #: Signals a clean demo run leaves at 0: nothing held (no causal route), no fallback served, no lag once drained.

@@ -1,4 +1,5 @@
-"""The README's Python snippets, taken from the Markdown as they are, run against a worker on the real broker."""
+"""The Python snippets of the user docs (docs/sending-events.md, docs/contracts.md, docs/last-known-good.md), taken
+from the Markdown as they are, run against a worker on the real broker."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 SNIPPET = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
+#: The documents whose ```python blocks a user copies, in the order a user meets them.
+SNIPPET_DOCS = ("README.md", "docs/sending-events.md", "docs/contracts.md", "docs/last-known-good.md")
+
+
 def readme_snippets() -> list[str]:
-    """Every ```python block of README.md, in order."""
-    return SNIPPET.findall((REPO / "README.md").read_text())
+    """Every ```python block of the README and the user docs, in order."""
+    return [code for doc in SNIPPET_DOCS for code in SNIPPET.findall((REPO / doc).read_text())]
 
 
 def namespaced_config(path: Path, prefix: str) -> dict[str, str]:
@@ -66,11 +71,11 @@ def run(args: list[str], env: dict[str, str], what: str) -> str:
 
 
 def test_readme_python_snippets_run_as_written(worker_factory: WorkerFactory, tmp_path: Path) -> None:
-    """Each ```python block of README.md runs unchanged but for topic names, against a worker on the example
-    configuration: the example price is verified (read back and its MAC checked again downstream), its receipt
-    says verified, its last-known-good value is served, and the contract test passes."""
+    """Each ```python block of the README and the user docs runs unchanged but for topic names, against a worker
+    on the example configuration: the example price is verified (read back and its MAC checked again
+    downstream), its receipt says verified, its last-known-good value is served, and the contract test passes."""
     snippets = readme_snippets()
-    assert len(snippets) == 5, "a new README snippet: give it its expectations here"
+    assert len(snippets) == 5, "a new snippet in the docs: give it its expectations here"
     sending, receipts, contract, verify_again, last_good = snippets
     assert "GuardedProducer(BROKER" in sending and "send_confirmed" in receipts
     assert "def test_" in contract and "verify_record" in verify_again and "get_last_known_good" in last_good
