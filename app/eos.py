@@ -176,6 +176,8 @@ class InOrder:
         self.probed: dict[TP, tuple[int, list[int]]] = {}
         #: Partitions dropping records delivered again: the first one dropped (logged once per run of drops).
         self.dropping: dict[TP, int] = {}
+        #: Per partition, the generation whose first record was logged.
+        self.announced: dict[TP, int] = {}
         #: Guarded partitions with no record processed since their assignment: (generation, since, last said).
         self.silent_since: dict[TP, tuple[int, float, float]] = {}
         self._probe: AIOKafkaConsumer | None = None
@@ -220,9 +222,11 @@ class InOrder:
                     committed = await self._reset_offset(app, tp)
             expected = committed if committed is not None and committed >= 0 else None
             self.seeking.pop(tp, None)
-            log.info("%s: first record since the assignment (generation %d): %d; the next to process is %s "
-                     "(faust's committed offset %s)", tp, generation, offset, expected,
-                     consumer._committed_offset[tp])
+            if self.announced.get(tp) != generation:  # once: until one is processed, every record comes here
+                self.announced[tp] = generation
+                log.info("%s: first record since the assignment (generation %d): %d; the next to process is %s "
+                         "(faust's committed offset %s)", tp, generation, offset, expected,
+                         consumer._committed_offset[tp])
         if expected is None or offset == expected:
             self.seeking.pop(tp, None)
             if self.dropping:
@@ -268,7 +272,7 @@ class InOrder:
     def forget(self, revoked: Iterable[TP]) -> None:
         """Drop what is known of revoked partitions: if they come back, the committed offset says where to go on."""
         for tp in revoked:
-            for known in (self.expected, self.seeking, self.dropping, self.silent_since):
+            for known in (self.expected, self.seeking, self.dropping, self.silent_since, self.announced):
                 known.pop(tp, None)
 
     def after_seek_to_committed(self, consumer: Any, generation: int) -> None:
