@@ -311,11 +311,10 @@ async def test_markers_before_a_skipped_record_are_passed_by_the_commit(
 
 async def test_a_seek_to_committed_offsets_read_before_a_commit_does_not_stop_the_commit(
         guarded: Guarded, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Faust's seek to the committed offsets (at the end of a rebalance, and in a fetch that returns while the
-    flow is stopped) reads them on the consumer's thread while the commit runs: when a commit lands between the
-    read and its use, faust's committed offset goes back below offsets its commit already took off the acked
-    ones. The records in between are delivered again and dropped (processed already); the commit must still
-    reach the end (it stopped there for good: the at_least_once outage test's stall after a rejoin)."""
+    """A seek to the committed offsets whose read a commit overtook does not stop the group's commit for good."""
+    # Faust reads the committed offsets on its consumer's thread while the commit timer commits: a commit that lands
+    # between the read and its use sets faust's committed offset back below offsets its commit already took off the
+    # acked ones (the at_least_once outage test's stall after a rejoin).
     topic, consumer = guarded.tp.topic, guarded.app.consumer
     await produce_numbered(kafka_bootstrap, topic, range(5))
     await _caught_up(kafka_bootstrap, guarded.group, topic)  # committed: 5
@@ -332,14 +331,13 @@ async def test_a_seek_to_committed_offsets_read_before_a_commit_does_not_stop_th
     await produce_numbered(kafka_bootstrap, topic, range(10, 15))
 
     await _caught_up(kafka_bootstrap, guarded.group, topic)
-    assert guarded.seen == list(range(15))  # records 5-9 delivered again were not processed twice
+    assert guarded.seen == list(range(15))  # each once, in order
 
 
 async def test_a_partition_that_delivers_nothing_after_its_assignment_is_reported(
         guarded: Guarded, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A guarded partition whose fetch never resumes after a rebalance (records wait, none is delivered) is named
-    in a warning with faust's bookkeeping of it, once per idle period."""
+    """A guarded partition that delivers no record while records wait is named in a warning with faust's state."""
     app, tp = guarded.app, guarded.tp
 
     async def rebalance_over() -> bool:
@@ -361,10 +359,9 @@ async def test_a_partition_that_delivers_nothing_after_its_assignment_is_reporte
 
 async def test_a_partition_its_group_never_committed_starts_at_its_log_start(
         guarded: Guarded, kafka_bootstrap: str) -> None:
-    """With no offset committed for a partition (a fresh group, or its first commit lost in a broker outage), the
-    first record faust delivers is not taken as the start: the records before it back to the log start (offset
-    reset "earliest") are fetched and processed first. After a rejoin that followed an outage the fetch handed
-    over a later record first and the commit passed 66 records nobody processed."""
+    """A partition its group never committed starts at its log start, not at the first record faust delivers."""
+    # Seen after a rejoin that followed a broker outage (the partition's first commit was lost): the fetch handed
+    # over a later record first, and the commit passed 66 records nobody processed.
     app, tp = guarded.app, guarded.tp
 
     async def assigned() -> bool:
@@ -380,9 +377,9 @@ async def test_a_partition_its_group_never_committed_starts_at_its_log_start(
 
 async def test_partitions_idle_only_while_a_commit_held_the_lock_are_not_sought_back_at_once(
         guarded: Guarded, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A commit that holds the processing lock for long (waiting out a broker outage) makes every partition look
-    idle: the look for skipped records starts its idle clocks again instead of seeking back the moment the lock is
-    free (the records were on their way, only processing waited). A record really skipped is still found later."""
+    """Partitions idle only while a commit held the processing lock are not sought back the moment it is free."""
+    # A commit waiting out a broker outage makes every partition look idle although its records were on their way;
+    # a record really skipped is still found, one idle period later.
     app, tp = guarded.app, guarded.tp
     gate = eos.gate_of(app)
     assert gate is not None
