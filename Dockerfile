@@ -1,15 +1,16 @@
 # The byzguard worker image. Build: docker build -t byzguard .   (needs a Docker engine)
+# The wheel holds the `byzguard` package only; the worker (app, agents, tables, topics) runs from /srv/byzguard.
 FROM python:3.11-slim
 WORKDIR /srv/byzguard
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/srv/byzguard \
     BYZGUARD_DATA_DIR=/var/lib/byzguard BYZGUARD_WEB_HOST=0.0.0.0
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY byzguard ./byzguard
+RUN pip install --no-cache-dir -c constraints.txt '.[worker]'
 COPY app ./app
 COPY topics ./topics
 COPY tables ./tables
 COPY agents ./agents
-RUN pip install --no-cache-dir .
 COPY byzguard.yaml ./byzguard.yaml
 VOLUME /var/lib/byzguard
 EXPOSE 6066

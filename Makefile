@@ -6,13 +6,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration bench broker-start broker-stop clean
+# constraints.txt pins the tested set of every dependency; the Dockerfile and CI (`make test`) install with it too.
+CONSTRAINTS := -c constraints.txt
 
-$(INSTALLED): pyproject.toml
+.PHONY: run test lint typecheck unit integration bench broker-start broker-stop clean constraints
+
+$(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e '.[worker,test]'
+	@# The wheel holds `byzguard` only; the worker (app, agents, tables, topics) runs from this checkout.
+	$(PY) -c 'import sysconfig; open(sysconfig.get_path("purelib") + "/byzguard-checkout.pth", "w").write("$(CURDIR)\n")'
 	touch $(INSTALLED)
+
+## constraints: pin the current venv's packages as the tested set (after changing pyproject.toml's dependencies)
+constraints: $(INSTALLED)
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 ## run: the guard worker (starts the local Kafka broker when BYZGUARD_BROKER is unset)
 run: $(INSTALLED)
@@ -48,7 +58,7 @@ bench: $(INSTALLED)
 	$(PY) -m app.localkafka fetch
 	@# The `bench` extra: confluent-kafka (variant a_ck) and py-spy (the profile phase), bench-only tools; the run
 	@# goes on without them if they cannot be installed (a_ck and the profile then report an error).
-	-@$(PY) -m pip install --quiet -e '.[bench]'
+	-@$(PY) -m pip install --quiet $(CONSTRAINTS) -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 broker-start: $(INSTALLED)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,20 +23,11 @@ from faust.types import TableT
 from mode.supervisors import CrashingSupervisor
 
 from app import eos, metrics
-from byzguard.audit import (
-    AgreementWindow,
-    AuditRule,
-    Check,
-    JoinState,
-    Observation,
-    StreamClock,
-    expire,
-    observation_of,
-    observe,
-)
+from byzguard.audit import AgreementWindow, AuditRule, Check, Observation, observation_of
 from byzguard.config import GuardConfig
 from byzguard.envelope import decode
 from byzguard.partitioner import partition_for
+from byzguard.processor import PENDING, AuditJoinProcessor, AuditOutput, TableState
 from byzguard.routing import H_VERDICT
 from tables.audit import declare_audit_table
 from topics.audit import AuditTopics, declare_audit_topics
@@ -123,22 +113,22 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
             elif item is not None:
                 await send_discrepancies([item], time.time())
 
-    clocks: defaultdict[int, StreamClock] = defaultdict(StreamClock)
+    # The join itself is the core's processor (byzguard/processor.py), one per partition: it keeps the
+    # partition's stream clock.
+    joins: dict[int, tuple[AuditJoinProcessor, dict[str, TableState]]] = {}
 
-    def read_state(key: bytes, raw: bytes | None) -> JoinState:
-        try:
-            return JoinState.from_bytes(raw)
-        except ValueError as exc:
+    def join_of(partition: int) -> tuple[AuditJoinProcessor, dict[str, TableState]]:
+        found = joins.get(partition)
+        if found is None:
+            found = joins[partition] = (AuditJoinProcessor(rule), {PENDING: PartitionTable(table, partition, rule)})
+        return found
+
+    async def report(out: AuditOutput, wall: float) -> None:
+        for key, why in out.unreadable:
             # A state this version cannot read must not stop every audit (the agent would crash on every
             # restart): its pending observations are given up, loudly.
-            log.error("audit %s: join state of key %r dropped: %s", rule.name, key, exc)
-            return JoinState()
-
-    def write(key: bytes, state: JoinState) -> None:
-        if not state.empty:
-            table[key] = state.to_bytes()
-        elif key in table:
-            del table[key]
+            log.error("audit %s: join state of key %r dropped: %s", rule.name, key, why)
+        await send_discrepancies(out.checks, wall)
 
     async def audit_join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
@@ -149,34 +139,19 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
                     if msg.timestamp >= time.time() - 2 * rule.tick_interval:
                         await close_windows(msg.partition)
                 elif msg.key is not None:
-                    await join_one(msg.partition, msg.key, Observation.from_bytes(msg.value))
+                    await join_one(msg.partition, Observation.from_bytes(msg.value))
             yield None
 
-    async def join_one(partition: int, key: bytes, obs: Observation) -> None:
+    async def join_one(partition: int, obs: Observation) -> None:
         wall = time.time()
-        clock = clocks[partition]
-        clock.observe(obs.at, wall)
-        closed = expire(rule, read_state(key, table.get(key)), now=clock.now(wall) - rule.grace, detected_at=wall)
-        step = observe(rule, closed.state, obs, now=wall)
-        write(key, step.state)
-        await send_discrepancies([*closed.checks, *step.checks], wall)
+        processor, state = join_of(partition)
+        await report(processor.process(obs, state, wall), wall)
 
     async def close_windows(partition: int) -> None:
         """A tick: report and forget what waited in this partition past its window (and the grace)."""
         wall = time.time()
-        now = clocks[partition].now(wall) - rule.grace
-        due = []
-        # Iteration covers every partition this worker owns; only this one's keys may be written here.
-        for key, raw in list(table.items()):
-            if partition_for(key, rule.partitions) == partition:
-                state = read_state(key, raw)
-                ends = state.due(rule.within)
-                if ends is not None and ends < now:
-                    due.append((key, state))
-        for key, state in due:
-            step = expire(rule, state, now=now, detected_at=wall)
-            write(key, step.state)
-            await send_discrepancies(step.checks, wall)
+        processor, state = join_of(partition)
+        await report(processor.punctuate(state, wall), wall)
         recorder.refresh(wall)
 
     @app.timer(interval=rule.tick_interval, name=f"audit_ticks-{rule.name}")  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
@@ -196,6 +171,37 @@ def attach_audit_agents(app: faust.App, config: GuardConfig, rule: AuditRule, to
                         supervisor_strategy=CrashingSupervisor)(audit_forward)
     join = app.agent(repartition, name=f"audit_join-{rule.name}", supervisor_strategy=CrashingSupervisor)(audit_join)
     return forward, join
+
+
+class PartitionTable:
+    """The join table of one partition as the core's processor sees it (faust's table spans every partition this
+    worker owns; only this partition's keys may be read for a punctuation and written from its stream)."""
+
+    __slots__ = ("partition", "rule", "table")
+
+    def __init__(self, table: TableT[bytes, bytes], partition: int, rule: AuditRule) -> None:
+        self.table = table
+        self.partition = partition
+        self.rule = rule
+
+    def get(self, key: bytes) -> bytes | None:
+        """The join state bytes of `key`, or None."""
+        value: bytes | None = self.table.get(key)
+        return value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Write a join state (a changelog record)."""
+        self.table[key] = value
+
+    def delete(self, key: bytes) -> None:
+        """Remove a join state that is empty now."""
+        if key in self.table:
+            del self.table[key]
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """The join states of this partition."""
+        return [(key, raw) for key, raw in list(self.table.items())
+                if partition_for(key, self.rule.partitions) == self.partition]
 
 
 def attach_audits(built: Any, config: GuardConfig) -> None:

@@ -16,10 +16,11 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from app.sidereads import refresh_metadata, started_side_consumer
 from byzguard import config as guard_config
 from byzguard.audit import AuditRule, Check, ConsistencyResult, Observation, audit_batch, observation_of
 from byzguard.envelope import decode, parse_time
@@ -56,12 +57,10 @@ async def read_observations(bootstrap: str, cfg: guard_config.GuardConfig, rule:
                             stop: float) -> list[Observation | Check]:
     """The rule's observations from records timed in [start, stop] on its verified topics."""
     routes = {r.verified_topic: r for r in cfg.routes}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest")
-    await consumer.start()
+    consumer = await started_side_consumer(bootstrap)
     items: list[Observation | Check] = []
     try:
-        await consumer._client.force_metadata_update()
+        await refresh_metadata(consumer)
         tps: list[TopicPartition] = []
         for topic in rule.topics:
             partitions = consumer.partitions_for_topic(topic)

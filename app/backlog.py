@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app import metrics
+from app.sidereads import started_side_consumer
 from byzguard.config import GuardConfig
 from byzguard.review import DecisionRecord, Status, status_of
 from byzguard.routing import H_QUARANTINE_ID
@@ -188,11 +189,7 @@ class QuarantineBacklog:
 
     async def _started(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                        auto_offset_reset="earliest", isolation_level="read_committed",
-                                        client_id="byzguard-backlog")
-            await consumer.start()
-            self._consumer = consumer
+            self._consumer = await started_side_consumer(self.bootstrap, client_id="byzguard-backlog")
         return self._consumer
 
     async def stop(self) -> None:

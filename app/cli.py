@@ -49,6 +49,7 @@ def run(
     # Every setting is checked before anything touches the broker (one line per problem, naming the variable).
     settings = settings_or_exit({"config": config, "broker": broker},
                                 option_names={"config": "--config", "broker": "--broker"})
+    refuse_untested_versions(settings.allow_untested_versions)
     if not settings.broker:
         from app.demo import announce_demo_secrets
 
@@ -70,6 +71,18 @@ def run(
             say_local_broker_runs(bootstrap)
         return
     _run_worker(settings, cfg, bootstrap)
+
+
+def refuse_untested_versions(allow_untested: bool) -> None:
+    """Exit 2 with one clear message if faust-streaming, aiokafka or mode-streaming is at a version byzguard was
+    not tested on (app/internals.py); with `allow_untested` (BYZGUARD_ALLOW_UNTESTED_VERSIONS=1) only warn."""
+    from app.internals import UntestedVersionsError, check_versions
+
+    try:
+        check_versions(allow_untested=allow_untested)
+    except UntestedVersionsError as exc:
+        console.print(f"[bold red]cannot start[/]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def say_local_broker_runs(bootstrap: str) -> None:

@@ -90,12 +90,9 @@ def _bootstrap(broker: str | None) -> str:
 
 
 def _consumer(bootstrap: str) -> Any:
-    from aiokafka import AIOKafkaConsumer
+    from app.sidereads import side_consumer
 
-    # No group id: no group is joined, no offset is committed, the guard's own group is never disturbed.
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                            isolation_level="read_committed", auto_offset_reset="earliest",
-                            request_timeout_ms=30_000)
+    return side_consumer(bootstrap, request_timeout_ms=30_000)
 
 
 async def _partitions(bootstrap: str, topics: Sequence[str]) -> dict[str, list[Any]]:

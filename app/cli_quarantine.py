@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 
+from app.sidereads import started_side_consumer
 from byzguard.errors import ByzguardError, ConfigError
 from byzguard.review import (
     Action,
@@ -229,13 +230,11 @@ def print_page(page: Any) -> None:
 
 async def _entity_state(store: Any, route_name: str, entity: str, partition: int) -> dict[str, Any]:
     """The entity's last-known-good value, read from the state table's changelog partition (read_committed)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     changelog = f"{store.app_id}-{route_name}-state_by_entity-changelog"
     where: dict[str, Any] = {"where": "changelog", "changelog": changelog, "partition": partition}
-    consumer = AIOKafkaConsumer(bootstrap_servers=store.bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest")
-    await consumer.start()
+    consumer = await started_side_consumer(store.bootstrap)
     try:
         tp = TopicPartition(changelog, partition)
         if tp not in await store.topic_partitions([changelog]):

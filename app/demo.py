@@ -41,8 +41,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from app.producer import GuardedProducer
 from byzguard.audit import AuditRule
+from byzguard.client.producer import GuardedProducer
 from byzguard.config import GuardConfig
 from byzguard.faults import (
     AUDITED_TYPE,
@@ -990,6 +990,10 @@ def demo_command(
         raise typer.BadParameter("--worker must be auto, start or none")
     settings = settings_or_exit({"config": config, "broker": broker},
                                 option_names={"config": "--config", "broker": "--broker"})
+    if worker != "none":  # it may start a worker: refuse untested library versions here, not in its log
+        from app.cli import refuse_untested_versions
+
+        refuse_untested_versions(settings.allow_untested_versions)
     if not settings.broker:
         announce_demo_secrets(settings.config, console)
     try:

@@ -19,12 +19,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from byzguard.errors import ConfigError
 
 PREFIX = "BYZGUARD_"
+ENV_FILE = "BYZGUARD_ENV_FILE"  # the dotenv file read under the environment (default .env; empty: none)
 # BYZGUARD_* variables that are not worker settings but are read elsewhere: the CLI (`run --demo`, the reviewer's
 # name), the local broker tool, and the test and benchmark harnesses. MAC key secrets are the configuration's
 # `keys:` (secret_env), checked against the configuration file.
 OTHER_VARIABLES = frozenset({
     "BYZGUARD_DEMO", "BYZGUARD_REVIEWER", "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA",
-    "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_RUNTIME", "BYZGUARD_FETCH_PAUSE_LEADER",
+    "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_RUNTIME", "BYZGUARD_FETCH_PAUSE_LEADER", ENV_FILE,
 })
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -33,7 +34,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 class Settings(BaseSettings):
     """Worker settings; every field is BYZGUARD_<NAME> in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="BYZGUARD_", env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="BYZGUARD_", env_file=os.environ.get(ENV_FILE, ".env") or None,
+                                      extra="ignore", frozen=True)
 
     config: Path = Field(default=Path("byzguard.yaml"), description="the routes/policies file")
     broker: str | None = Field(default=None, description="bootstrap servers host:port[,host:port]; "
@@ -79,6 +81,10 @@ class Settings(BaseSettings):
     review_tokens: SecretStr | None = Field(default=None, description="per-reviewer tokens 'name:token,...'; "
                                             "the token names the reviewer")
     review_open_reads: bool = Field(default=False, description="serve the review API's reads without a token")
+    # byzguard relies on private names of faust, mode and aiokafka (app/internals.py): on any other version the
+    # worker refuses to start, unless this says to start anyway (with a warning).
+    allow_untested_versions: bool = Field(default=False, description="start on faust-streaming, aiokafka or "
+                                          "mode-streaming versions byzguard was not tested on (logs a warning)")
 
     @field_validator("broker")
     @classmethod

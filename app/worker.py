@@ -12,7 +12,7 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.verify import attach_verify_agent
-from app import eos, logs, metrics
+from app import eos, internals, logs, metrics
 from app.backlog import INTERVAL as BACKLOG_INTERVAL
 from app.backlog import QuarantineBacklog
 from app.fetching import tune_fetch
@@ -81,6 +81,8 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
 
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
     """Declare everything the worker runs on a new faust App."""
+    # On untested faust/aiokafka/mode versions the private names byzguard relies on may have changed.
+    internals.check_versions(allow_untested=settings.allow_untested_versions)
     app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
     if settings.processing_guarantee == "exactly_once":
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)

@@ -55,6 +55,33 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# BYZGUARD_* variables of the test harness itself (which broker, where its download is cached, topics kept to
+# look at, a chaos seed to replay): chosen on purpose, and none changes what a test asserts.
+HARNESS_VARIABLES = frozenset({
+    "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA", "BYZGUARD_KEEP_TOPICS",
+    "BYZGUARD_CHAOS_SEED",
+})
+
+
+def clear_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove the developer's BYZGUARD_* settings and stop .env from being read, in this process and in the
+    workers and commands a test starts (BYZGUARD_ENV_FILE=""). KAFKA_BOOTSTRAP_SERVERS (the shared broker)
+    and the harness's own variables stay."""
+    for name in list(os.environ):
+        if name.startswith("BYZGUARD_") and name not in HARNESS_VARIABLES:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BYZGUARD_ENV_FILE", "")
+    settings = sys.modules.get("app.settings")
+    if settings is not None:  # imported earlier: its Settings class read BYZGUARD_ENV_FILE then
+        monkeypatch.setitem(settings.Settings.model_config, "env_file", None)
+
+
+@pytest.fixture(autouse=True)
+def no_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without the developer's BYZGUARD_* settings or .env; a test sets what it needs."""
+    clear_developer_settings(monkeypatch)
+
+
 def run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120.0) -> T:
     """Run a coroutine to completion on a private loop in a worker thread (safe from any context)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conftest-async") as pool:

@@ -44,6 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from app.sidereads import side_consumer, started_side_consumer
 from byzguard.config import GuardConfig, Route
 from byzguard.errors import InfrastructureError
 from byzguard.review import (
@@ -187,16 +188,10 @@ class ReviewStore:
         async with self._start_lock:
             if self._consumer is not None:
                 return
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                auto_offset_reset="earliest", isolation_level="read_committed", client_id=self.client_id,
-            )
             try:
-                await consumer.start()
+                self._consumer = await started_side_consumer(self.bootstrap, client_id=self.client_id)
             except KafkaError as exc:
-                await consumer.stop()
                 raise InfrastructureError(f"cannot reach Kafka at {self.bootstrap}: {exc}") from exc
-            self._consumer = consumer
 
     async def stop(self) -> None:
         """Stop reading."""
@@ -329,10 +324,7 @@ class ReviewStore:
                    progress: Progress | None = None) -> AsyncGenerator[ReviewItem, None]:
         """The quarantined records matching `selection`, read from the start of the quarantine topics to their
         (committed) end as it was when the scan began, with the decisions held now; nothing is kept."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-            isolation_level="read_committed", client_id=self.client_id, max_partition_fetch_bytes=SCAN_FETCH_BYTES,
-        )
+        consumer = side_consumer(self.bootstrap, client_id=self.client_id, max_partition_fetch_bytes=SCAN_FETCH_BYTES)
         try:
             await consumer.start()
             only = self._partitions_of(selection)

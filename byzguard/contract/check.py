@@ -31,6 +31,7 @@ from byzguard.config import FileModel, GuardConfig, Route
 from byzguard.errors import ConfigError
 from byzguard.guard import CAUSAL, ENTITIES, HELD_INDEX_KEY, LAMPORTS, Guard, RecordIn, Result, Routed
 from byzguard.integrity import Key, KeyRing
+from byzguard.processor import MemoryTable, VerifyProcessor
 from byzguard.state import decode_lamport
 from byzguard.verdict import Code, Outcome, Reason, Severity
 
@@ -123,6 +124,7 @@ class _State:
     def __init__(self, snapshot: Snapshot | None, partitioned: bool) -> None:
         self.partitioned = partitioned
         self.parts: dict[int, Tables] = {}
+        self._views: dict[int, dict[str, MemoryTable]] = {}
         if snapshot is not None:
             if partitioned:
                 every = {p for parts in snapshot.tables.values() for p in parts}
@@ -136,13 +138,13 @@ class _State:
             tables.setdefault(name, {})
         return tables
 
-    def apply(self, partition: int, writes: Mapping[tuple[str, bytes], bytes | None]) -> None:
-        tables = self.tables(partition)
-        for (name, key), value in writes.items():
-            if value is None:
-                tables[name].pop(key, None)
-            else:
-                tables[name][key] = value
+    def views(self, partition: int) -> dict[str, MemoryTable]:
+        """The processor's views of one partition's tables (over the same dicts, so the snapshot sees them)."""
+        key = partition if self.partitioned else -1
+        found = self._views.get(key)
+        if found is None:
+            found = self._views[key] = {name: MemoryTable(table) for name, table in self.tables(key).items()}
+        return found
 
     def snapshot(self) -> Snapshot:
         out = Snapshot()
@@ -370,16 +372,16 @@ class _Run:
         self.final: dict[int, Routed] = {}
         # Records held in the snapshot and released (or expired) by this run, in order.
         self.foreign: list[Routed] = []
-        self.tick_every = max(0.5, self.route.causal.deadline / 4) if self.route.causal.buffer else None
+        self.processor = VerifyProcessor(self.guard, self.route)
+        self.tick_every = self.processor.interval
         self.last_tick: float | None = None
 
     def feed(self, record: RecordIn, now: float) -> None:
         self.total += 1
-        self.collect(record.partition, self.guard.process(record, self.route, self.state.tables(record.partition),
-                                                          now=now))
+        self.collect(self.processor.process(record, self.state.views(record.partition), now))
 
     def tick(self, now: float) -> None:
-        """Expire held records past their deadline, as the worker's timer does every deadline/4."""
+        """Expire held records past their deadline, as the worker punctuates (every deadline/4, 0.5 to 5 s)."""
         if self.tick_every is None:
             return
         if self.last_tick is None:
@@ -390,10 +392,9 @@ class _Run:
 
     def expire(self, now: float) -> None:
         for partition in list(self.state.parts):
-            self.collect(partition, self.guard.expire_held(self.route, self.state.tables(partition), now=now))
+            self.collect(self.processor.punctuate(self.state.views(partition), now))
 
-    def collect(self, partition: int, result: Result) -> None:
-        self.state.apply(partition, result.writes)
+    def collect(self, result: Result) -> None:
         for routed in result.routed:
             offset = routed.record.offset
             if offset < 0:

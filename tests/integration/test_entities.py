@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from app.entities import SERVED_BY_HEADER, entity_partition
-from app.lkg_client import LastKnownGoodUnavailable, NoVerifiedValue, get_last_known_good
+from byzguard.client.lkg import LastKnownGoodUnavailable, NoVerifiedValue, get_last_known_good
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import _topic_prefix, run_async
 from tests.integration.worker_harness import RouteNames, WorkerFactory, WorkerProcess, produce, wait_caught_up

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from app.demo import start_worker, web_base
 from app.localkafka import free_ports
-from app.producer import GuardedProducer
 from app.settings import Settings
+from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from tests.integration.test_demo import SECRET_ENV, documented_config_on_fresh_topics
 

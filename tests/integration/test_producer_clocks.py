@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.producer import GuardedProducer
+from byzguard.client.producer import GuardedProducer
 from byzguard.stamp import Stamped
 from tests.conftest import run_async
 from tests.integration.worker_harness import WorkerFactory, collect

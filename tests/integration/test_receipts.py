@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from app.producer import GuardedProducer, ReceiptsTopicMissing, ReceiptTimeout
+from byzguard.client.producer import GuardedProducer, ReceiptsTopicMissing, ReceiptTimeout
 from byzguard.clocks import VectorClock
 from tests.conftest import run_async
 from tests.integration.worker_harness import RouteNames, WorkerFactory, collect

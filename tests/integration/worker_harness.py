@@ -32,7 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.localkafka import free_ports
-from app.producer import GuardedProducer
+from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import run_async

@@ -7,8 +7,8 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from app.entities import EXPIRED, FALLBACK, FRESH, NOT_FOUND, describe_last_good, entity_partition
-from app.lkg_client import LastKnownGoodUnavailable, parse_response
 from byzguard import config as guard_config
+from byzguard.client.lkg import LastKnownGoodUnavailable, parse_response
 from byzguard.clocks import VectorClock
 from byzguard.state import EntityState
 

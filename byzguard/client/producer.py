@@ -1,4 +1,4 @@
-"""GuardedProducer: a few lines for a Python service to send stamped events with aiokafka."""
+"""GuardedProducer: a few lines for a Python service to send stamped events with aiokafka (`byzguard[client]`)."""
 
 from __future__ import annotations
 

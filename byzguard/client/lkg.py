@@ -1,6 +1,6 @@
 """Last-known-good values for Python services: ask any byzguard worker for an entity's last verified value.
 
-    from app.lkg_client import get_last_known_good, NoVerifiedValue
+    from byzguard import NoVerifiedValue, get_last_known_good
 
     try:
         good = get_last_known_good("http://byzguard:6066", "prices", "sku-1")   # fail closed (default)

@@ -1,0 +1,404 @@
+"""Every private name of faust, mode and aiokafka that byzguard uses, and the versions they were tested on.
+
+byzguard reaches into the libraries' internals where their public API leaves a gap (app/eos.py's fixes, the
+outbox's record batches, the fetch settings faust hard-codes). A private name can change in any release, so:
+
+- every one is listed here (`PRIVATE_NAMES`): whose it is, what kind of name, where byzguard uses it and why,
+  and for a method the parameters byzguard relies on and a digest of the source it was read against. So is
+  every member of a library class that byzguard's subclasses of it override, add or reach through `self`
+  (public by name, but of faust's internal classes: `Consumer.commit`, `Recovery.active_offsets`, ...);
+- `tests/unit/test_internals.py` checks each against the installed libraries without a broker (the name is
+  there, of the same kind, with the same parameters and the same source), and scans app/, agents/, tables/,
+  topics/ and bench/ for a name of that kind that is not listed here, or listed and no longer used;
+- the worker refuses to start on a faust-streaming, aiokafka or mode-streaming version not in
+  `TESTED_VERSIONS` (`check_versions`), unless BYZGUARD_ALLOW_UNTESTED_VERSIONS=1 turns that into a warning.
+
+docs/upgrading-faust.md says how to move to a new version. `python -m app.internals` prints what differs on
+the installed versions. This module imports none of the three libraries at import time: the version gate runs
+before they are loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import sys
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+#: The versions the whole suite (chaos tests included) and the benchmark ran on. A worker refuses others.
+TESTED_VERSIONS: Mapping[str, tuple[str, ...]] = {
+    "faust-streaming": ("0.15.3",),
+    "aiokafka": ("0.14.0",),
+    "mode-streaming": ("0.7.1",),
+}
+
+#: The environment variable (a worker setting, app/settings.py) that lets a worker start on untested versions.
+ALLOW_UNTESTED_ENV = "BYZGUARD_ALLOW_UNTESTED_VERSIONS"
+
+#: attribute: set on instances (in `__init__` or another method) or declared on the class;
+#: method / async method: a function defined on the class (byzguard calls or overrides it);
+#: added: a name byzguard itself puts on a library class or object, which the library must not define (an
+#: attribute set with setattr, a method of a subclass defined inside a function; the methods that a subclass at
+#: a module's top level adds need no entry: the scan imports the class and finds a clash itself).
+Kind = Literal["attribute", "method", "async method", "added"]
+
+
+@dataclass(frozen=True)
+class PrivateName:
+    """One private name of a library (or member of a library class byzguard subclasses) that byzguard relies on."""
+
+    #: The library class byzguard uses it on (or subclasses), as `module.Class`; it may inherit the name.
+    owner: str
+    name: str
+    kind: Kind
+    #: Repository paths of the modules that use it.
+    used_in: tuple[str, ...]
+    why: str
+    #: Methods: the parameters byzguard relies on, without annotations, as `inspect.signature` prints them.
+    signature: str | None = None
+    #: Methods byzguard overrides (rather than only calls): a change of their body can break the override.
+    overridden: bool = False
+    #: Methods: sha256 (first 16 hex digits) of the dedented source byzguard was written against.
+    digest: str | None = None
+
+
+_EOS = "app/eos.py"
+_FAUST_CONSUMER = "faust.transport.consumer.Consumer"
+_AIOKAFKA_DRIVER = "faust.transport.drivers.aiokafka"
+
+PRIVATE_NAMES: tuple[PrivateName, ...] = (
+    # -- faust: the app and its table manager ---------------------------------------------------------------
+    PrivateName("faust.app.base.App", "_consumer", "attribute", (_EOS, "app/fetching.py"),
+                "install-before-start checks: the transport's Consumer class is replaced, which only works before "
+                "the app created its consumer (`app.consumer` would create it)"),
+    PrivateName("faust.app.base.App", "_producer", "attribute", (_EOS,),
+                "install-before-start check of eos.install: the transport's Producer class is replaced"),
+    PrivateName("faust.app.base.App", "_byzguard_eos", "added", (_EOS,),
+                "eos.install keeps its per-app state (ExactlyOnce) on the App"),
+    PrivateName("faust.app.base.App", "_byzguard_commit_gate", "added", (_EOS,),
+                "eos.install_gate keeps the processing lock and commit hooks (CommitGate) on the App"),
+    PrivateName("faust.app.base.App", "_byzguard_in_order", "added", (_EOS,),
+                "eos.install_in_order keeps its per-partition bookkeeping (InOrder) on the App"),
+    PrivateName("faust.tables.manager.TableManager", "_recovery", "attribute", (_EOS,),
+                "eos.install puts MarkerAwareRecovery in place before the manager builds its Recovery (fix 5)"),
+    # -- faust: table recovery ------------------------------------------------------------------------------
+    PrivateName("faust.tables.recovery.Recovery", "_set_recovery_ended", "method", (_EOS,),
+                "MarkerAwareRecovery ends recovery as faust's own loop does, once only markers are left (fix 5)",
+                signature="(self)", digest="7ac139109d4e9fa3"),
+    # -- faust: the consumer's ack bookkeeping (fix 7, InOrder) ---------------------------------------------
+    PrivateName(_FAUST_CONSUMER, "_committed_offset", "attribute", (_EOS, "app/metrics.py"),
+                "InOrder: where a newly assigned partition starts; metrics: consumer lag"),
+    PrivateName(_FAUST_CONSUMER, "_read_offset", "attribute", (_EOS, "app/metrics.py"),
+                "InOrder: a seek back must be repeated when a late fetch moved the read offset past it; "
+                "metrics: consumer lag before the first commit"),
+    PrivateName(_FAUST_CONSUMER, "_acked", "attribute", (_EOS,),
+                "InOrder.ack_without_record: acks offsets holding no record (transaction markers), as Consumer.ack "
+                "does for a message"),
+    PrivateName(_FAUST_CONSUMER, "_acked_index", "attribute", (_EOS,), "as _acked"),
+    PrivateName(_FAUST_CONSUMER, "_n_acked", "attribute", (_EOS,), "as _acked"),
+    PrivateName(_FAUST_CONSUMER, "_waiting_for_ack", "attribute", (_EOS,),
+                "InOrder.drop and ack_without_record wake Consumer.wait_empty as Consumer.ack does"),
+    PrivateName(_FAUST_CONSUMER, "_unacked_messages", "attribute", (_EOS,),
+                "InOrder.drop: a record faust skipped is forgotten without marking its offset committable"),
+    PrivateName(_FAUST_CONSUMER, "_add_gap", "async method", (_EOS,),
+                "overridden for guarded topics: a jump of the read offset is not counted as acked (fix 7)",
+                signature="(self, tp, offset_from, offset_to)", overridden=True, digest="f1cc1db634f5ea09"),
+    PrivateName(_FAUST_CONSUMER, "_commit_offsets", "async method", (_EOS,),
+                "overridden under exactly_once: records the commit time faust's livelock check reads",
+                signature="(self, offsets, start_new_transaction=True)", overridden=True,
+                digest="86b3e9b0aec773ac"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "_seek", "async method", (_EOS,),
+                "overridden: seeks on the consumer's own thread (the fetcher crashed when seeks came from the loop)",
+                signature="(self, partition, offset)", overridden=True, digest="3343eefa6aa440ca"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "_thread", "attribute", (_EOS,),
+                "the consumer thread: its aiokafka consumer (end_offsets, seek) and tp_last_committed_at"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Consumer", "_new_consumer_thread", "method", ("app/fetching.py",),
+                "overridden: the consumer thread builds its aiokafka consumer with byzguard's fetch settings",
+                signature="(self)", overridden=True, digest="8fd0d41b15145615"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_ensure_consumer", "method", (_EOS,),
+                "the thread's started aiokafka consumer: read_committed end_offsets (fix 6) and seek",
+                signature="(self)", digest="a2c77687801ca0e7"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_create_worker_consumer", "method",
+                ("app/fetching.py",),
+                "overridden: sets fetch_min_bytes and fetch_max_wait_ms, which faust hard-codes",
+                signature="(self, transport)", overridden=True, digest="c179c0bdb9755c3a"),
+    # -- faust: the producer (app/outbox.py sends aiokafka record batches through faust's producers) --------
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method", ("app/outbox.py",
+                "bench/faust_batches.py"),
+                "the started aiokafka producer (at_least_once) that record batches are sent through",
+                signature="(self)", digest="04016bd22147281a"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_transaction_producers", "attribute", ("app/outbox.py",),
+                "the transactional aiokafka producer of a partition, by transactional id (exactly_once)"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_trn_locks", "attribute", ("app/outbox.py",),
+                "the lock faust holds while it commits or aborts a partition's transaction; a batch is sent "
+                "under it so it cannot fall between two transactions"),
+    # -- faust: the RocksDB store ----------------------------------------------------------------------------
+    PrivateName("faust.stores.rocksdb.Store", "_db_for_partition", "method", ("tables/buffer.py",),
+                "the write-behind buffer reads and writes one partition's database directly (one WriteBatch "
+                "per partition per commit)", signature="(self, partition)", digest="abc425297c7542f0"),
+    # -- undocumented members that byzguard's subclasses of library classes override or reach through self ----
+    # Public by name, but faust's internal classes: they change as freely as the private names above.
+    PrivateName("faust.transport.consumer.Consumer", "commit", "async method", (_EOS,),
+                "overridden twice: the commit gate (processing lock, before/after-commit hooks) and exactly_once's "
+                "wait for buffered changelog sends", signature="(self, topics=None, start_new_transaction=True)",
+                overridden=True, digest="e43a7d03685f9206"),
+    PrivateName("faust.transport.consumer.Consumer", "ack", "method", (_EOS,),
+                "overridden: only the agent acks records of guarded topics (fix 7)", signature="(self, message)",
+                overridden=True, digest="5548cf0f75843f73"),
+    PrivateName("faust.transport.consumer.Consumer", "in_transaction", "attribute", (_EOS,),
+                "the exactly_once commit records commit times only for transactional commits"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "highwaters", "async method", (_EOS,),
+                "overridden: read_committed ListOffsets instead of the cached last stable offsets (fix 6)",
+                signature="(self, *partitions)", overridden=True, digest="6503ef269eab219d"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "position", "async method", (_EOS,),
+                "overridden to -1: disables recovery's position shortcut (fix 5)", signature="(self, tp)",
+                overridden=True, digest="442b77b450ca53b5"),
+    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "assignment", "method", (_EOS,),
+                "the partitions whose commit times are recorded", signature="(self)", digest="bd585dfbb0b806a1"),
+    PrivateName("mode.services.Service", "loop", "attribute", ("app/fetching.py",),
+                "the consumer thread byzguard builds gets the consumer's loop and beacon, as faust's does"),
+    PrivateName("mode.services.Service", "beacon", "attribute", ("app/fetching.py",), "as loop"),
+    PrivateName("faust.transport.producer.Producer", "send_soon", "method", (_EOS,),
+                "overridden: every buffered send is tracked so the exactly_once commit waits for it (fix 2)",
+                signature="(self, fut)", overridden=True, digest="9e915b74783dbb7c"),
+    PrivateName("faust.transport.consumer.TransactionManager", "send", "async method", (_EOS,),
+                "overridden: the record goes through the transactional producer of the current event's partition "
+                "(fix 1)", signature="(self, topic, key, value, partition, timestamp, headers, *, "
+                "transactional_id=None)", overridden=True, digest="bc6cc96b66650a3a"),
+    PrivateName("faust.transport.consumer.TransactionManager", "app", "attribute", (_EOS,),
+                "EventTransactionManager: the app's id and assignor name the transaction"),
+    PrivateName("faust.transport.consumer.TransactionManager", "producer", "attribute", (_EOS,),
+                "EventTransactionManager sends through it"),
+    PrivateName("faust.transport.consumer.TransactionManager", "consumer", "attribute", (_EOS,),
+                "EventTransactionManager: key_partition of a record sent outside an event"),
+    PrivateName("faust.tables.recovery.Recovery", "__init__", "method", (_EOS,),
+                "MarkerAwareRecovery passes (app, tables, beacon=...) on", signature="(self, app, tables, **kwargs)",
+                overridden=True, digest="0b42091feae4abbd"),
+    PrivateName("faust.tables.recovery.Recovery", "in_recovery", "attribute", (_EOS,),
+                "MarkerAwareRecovery looks only while faust's recovery runs"),
+    PrivateName("faust.tables.recovery.Recovery", "active_highwaters", "attribute", (_EOS,),
+                "MarkerAwareRecovery: the changelog end each active partition recovers to"),
+    PrivateName("faust.tables.recovery.Recovery", "active_offsets", "attribute", (_EOS,),
+                "MarkerAwareRecovery: what recovery applied; set to the highwater where only markers are left"),
+    PrivateName("faust.tables.recovery.Recovery", "tables", "attribute", (_EOS,),
+                "MarkerAwareRecovery: the table manager's changelog_queue (empty: nothing in flight)"),
+    PrivateName("faust.tables.recovery.Recovery", "app", "attribute", (_EOS,),
+                "MarkerAwareRecovery seeks the app's consumer to changelog records recovery stalled on"),
+    PrivateName("faust.tables.recovery.Recovery", "need_recovery", "method", (_EOS,),
+                "MarkerAwareRecovery ends recovery only when no partition needs more", signature="(self)",
+                digest="c6860beac5d773db"),
+    PrivateName("faust.tables.recovery.Recovery", "flush_buffers", "method", (_EOS,),
+                "MarkerAwareRecovery flushes what recovery buffered before it ends it", signature="(self)",
+                digest="446535924329ab76"),
+    PrivateName("faust.tables.recovery.Recovery", "signal_recovery_end", "attribute", (_EOS,),
+                "MarkerAwareRecovery wakes what waits for the end of recovery, as faust's loop does"),
+    PrivateName("mode.services.Service", "should_stop", "attribute", (_EOS,),
+                "MarkerAwareRecovery's background task ends with the service"),
+    PrivateName("mode.services.Service", "sleep", "async method", (_EOS,),
+                "MarkerAwareRecovery's background task waits between looks (wakes on stop)", signature="(self, n)",
+                digest="6c05a5cb21067c75"),
+    PrivateName("mode.services.Service", "log", "attribute", (_EOS,), "MarkerAwareRecovery logs as recovery"),
+    PrivateName("mode.services.ServiceCallbacks", "on_stop", "async method", ("app/review/web.py", "app/worker.py"),
+                "overridden: services that stop the review page's and the quarantine backlog's clients",
+                signature="(self)", overridden=True, digest="11211872b272fa13"),
+    PrivateName("faust.worker.Worker", "on_setup_root_logger", "method", ("app/cli.py",),
+                "overridden: attaches the filter that counts the libraries' repeated warnings (app/logs.py)",
+                signature="(self, logger, level)", overridden=True, digest="d9e77a9305703e90"),
+    PrivateName("faust.web.views.View", "error", "method", ("app/review/web.py",),
+                "the review API's problem responses", signature="(self, status, reason, headers=None, **kwargs)",
+                digest="652baa0491bfd5ea"),
+    PrivateName("faust.web.views.View", "problem", "added", ("app/review/web.py",),
+                "the review views' helper (must not override a faust View method)"),
+    PrivateName("faust.web.views.View", "guarded", "added", ("app/review/web.py",), "as problem"),
+    PrivateName("faust.web.views.View", "body", "added", ("app/review/web.py",), "as problem"),
+    # -- aiokafka ----------------------------------------------------------------------------------------------
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
+                ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
+                "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute",
+                ("app/fetching.py",), "set after construction, read by start() when it builds the fetcher"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_max_wait_ms", "attribute",
+                ("app/fetching.py",), "as _fetch_min_bytes"),
+    PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
+                "the client's bootstrap servers, for a side consumer that reads back what was sent"),
+)
+
+
+# -- checking a name against the installed libraries ------------------------------------------------------------
+
+def _resolve(owner: str) -> type:
+    """The class `module.Class` names."""
+    module_name, _, class_name = owner.rpartition(".")
+    found = getattr(importlib.import_module(module_name), class_name)
+    if not isinstance(found, type):
+        raise TypeError(f"{owner} is not a class")
+    return found
+
+
+@functools.cache
+def _class_source_names(cls: type) -> frozenset[str]:
+    """Names a class and its bases assign on `self` or declare in their class bodies."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins":
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt in body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                names.add(stmt.target.id)
+            elif isinstance(stmt, ast.Assign):
+                names.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
+        for node in ast.walk(tree):
+            target: ast.expr | None = None
+            if isinstance(node, ast.AnnAssign | ast.AugAssign):
+                target = node.target
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        names.add(t.attr)
+            elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                names.add(target.attr)
+    return frozenset(names)
+
+
+def member_names(cls: type) -> frozenset[str]:
+    """Every name a class has or gives its instances: its and its bases' attributes, and what their sources assign
+    on `self` (instance attributes set in `__init__` or elsewhere)."""
+    return _class_source_names(cls) | frozenset(name for klass in cls.__mro__ for name in vars(klass))
+
+
+def plain_signature(func: Callable[..., Any]) -> str:
+    """`func`'s parameters without annotations, e.g. `(self, tp, offset_from, offset_to)`."""
+    sig = inspect.signature(func)
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+
+def source_digest(func: Callable[..., Any]) -> str:
+    """sha256 (16 hex digits) of `func`'s dedented source."""
+    return hashlib.sha256(textwrap.dedent(inspect.getsource(func)).encode()).hexdigest()[:16]
+
+
+def problems(entry: PrivateName) -> list[str]:
+    """What differs between `entry` and the installed libraries (empty: it is as byzguard expects)."""
+    where = f"{entry.owner}.{entry.name}"
+    try:
+        cls = _resolve(entry.owner)
+    except (ImportError, AttributeError, TypeError) as exc:
+        return [f"{where}: owner not found ({exc})"]
+    if entry.kind == "added":
+        if entry.name in member_names(cls):
+            return [f"{where}: the library now defines this name, which byzguard adds itself"]
+        return []
+    if entry.kind == "attribute":
+        if entry.name in member_names(cls):
+            return []
+        return [f"{where}: no longer assigned or declared by the class or its bases"]
+    func = inspect.getattr_static(cls, entry.name, None)
+    if func is None:
+        return [f"{where}: missing"]
+    if isinstance(func, staticmethod | classmethod):
+        func = func.__func__
+    if not inspect.isfunction(func):
+        return [f"{where}: no longer a method ({type(func).__name__})"]
+    found: list[str] = []
+    is_async = inspect.iscoroutinefunction(func)
+    if is_async != (entry.kind == "async method"):
+        found.append(f"{where}: now {'async' if is_async else 'not async'}")
+    signature = plain_signature(func)
+    if entry.signature is not None and signature != entry.signature:
+        found.append(f"{where}: signature {signature}, byzguard relies on {entry.signature}")
+    digest = source_digest(func)
+    if entry.digest is not None and digest != entry.digest:
+        found.append(f"{where}: source changed (digest {digest}, byzguard read {entry.digest}): read the diff")
+    return found
+
+
+# -- the version gate ------------------------------------------------------------------------------------------
+
+class UntestedVersionsError(RuntimeError):
+    """An installed faust-streaming, aiokafka or mode-streaming version is not one byzguard was tested on."""
+
+
+def installed_versions() -> dict[str, str | None]:
+    """The installed version of each package in TESTED_VERSIONS (None: not installed)."""
+    found: dict[str, str | None] = {}
+    for package in TESTED_VERSIONS:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def untested_versions(installed: Mapping[str, str | None] | None = None) -> list[str]:
+    """One line per installed package whose version byzguard was not tested on."""
+    installed = installed_versions() if installed is None else installed
+    lines = []
+    for package, tested in TESTED_VERSIONS.items():
+        version = installed.get(package)
+        if version not in tested:
+            found = f"{package} {version} is installed" if version else f"{package} is not installed"
+            lines.append(f"{found}; byzguard is tested on {', '.join(tested)}")
+    return lines
+
+
+def check_versions(*, allow_untested: bool, installed: Mapping[str, str | None] | None = None) -> list[str]:
+    """Refuse (UntestedVersionsError) to run on untested faust-streaming / aiokafka / mode-streaming versions, or
+    with `allow_untested` log one WARNING per package instead; returns the lines found."""
+    lines = untested_versions(installed)
+    if not lines:
+        return lines
+    advice = ("byzguard relies on private names of these libraries (app/internals.py) that can change in any "
+              "release; run tests/unit/test_internals.py on the new versions and see docs/upgrading-faust.md")
+    if not allow_untested:
+        raise UntestedVersionsError(f"{'; '.join(lines)}. {advice}. To start anyway at your own risk, set "
+                                    f"{ALLOW_UNTESTED_ENV}=1.")
+    fresh = [line for line in lines if line not in _warned]  # the CLI and build_app both check: say it once
+    if not fresh:
+        return lines
+    _warned.update(fresh)
+    for line in fresh:
+        log.warning("%s; starting anyway (%s=1). %s", line, ALLOW_UNTESTED_ENV, advice)
+    # What the registry can tell about the installed versions, so the operator knows what to watch.
+    changed = [problem for entry in PRIVATE_NAMES for problem in problems(entry)]
+    if changed:
+        log.warning("%d of byzguard's %d private names of these libraries differ on the installed versions: %s",
+                    len(changed), len(PRIVATE_NAMES), "; ".join(changed))
+    else:
+        log.warning("all %d private names byzguard uses are present as registered (kind, parameters, source)",
+                    len(PRIVATE_NAMES))
+    return lines
+
+
+_warned: set[str] = set()
+
+
+def main() -> int:
+    """Print every registered name that differs on the installed versions; exit 1 if any does."""
+    for line in untested_versions():
+        print(f"version: {line}")
+    found = [problem for entry in PRIVATE_NAMES for problem in problems(entry)]
+    for problem in found:
+        print(problem)
+    if not found:
+        print(f"all {len(PRIVATE_NAMES)} private names as registered")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The processor seam: what a runtime runs for each record of a stream and on each punctuation.
+
+Every stateful stream of the guard goes through one small interface, as Kafka Streams' Processor API does:
+
+- `process(record, state, now)`: one input record; reads and writes the partition's tables through `state`
+  and returns what the record caused (outputs to send, in order);
+- `punctuate(state, now)`: work on a timer (causal deadlines that passed, audit windows that closed), same
+  state, same kind of output. `interval` says how often it must run (None: never).
+
+Two processors implement it as thin adapters over the pure functions that decide: `VerifyProcessor` (one
+route: `Guard.process`, and `Guard.expire_held` as its punctuation) and `AuditJoinProcessor` (one audit rule's
+join: `byzguard.audit.expire` then `observe` per observation, `expire` of the closed windows as punctuation).
+Their verdicts, codes, headers and state records are exactly those of the functions they wrap. The contract
+checker (byzguard/contract/check.py) runs a sample through `VerifyProcessor` over `MemoryTable`s, the audit
+agent (agents/audit.py) runs `AuditJoinProcessor` per partition of its join table.
+
+State is a mapping from a table name (`tables`) to a `TableState`: get / put / delete / items over the
+partition's keys. A runtime gives each partition its own views, which read through the writes not yet stored
+(the batch's own first, then a batch still in flight, then the store): a record sees the writes of the
+record before it. A processor never does I/O, never raises for a bad record, and writes nothing but through
+the views; `MemoryTable` is the in-memory view.
+
+What a runtime must call, in which order, in which transaction (per input partition):
+
+1. On assignment: restore the partition's tables from their changelogs (read_committed, up to their end)
+   before the first record is fetched; then create the partition's processor (`VerifyProcessor(guard,
+   route)`, `AuditJoinProcessor(rule)`). One processor per partition: a processor may keep bookkeeping for
+   its partition in memory (the audit join's stream clock), which is rebuilt, not restored.
+2. Per batch (the records of one fetch of the partition, in offset order), all of it inside the partition's
+   transaction under exactly_once:
+   a. `process(record, state, now)` for each record, `now` the wall-clock time (seconds) at which it runs;
+      its outputs are sent in the order given, before those of the next record;
+   b. then, when `interval` seconds passed since the partition's last punctuation, `punctuate(state, now)`,
+      its outputs sent likewise. A partition with no records is punctuated on time all the same, in a
+      transaction of its own (a causal deadline or an audit window must not wait for traffic);
+   c. the changelog records of every key the batch wrote (its last value; a delete is a tombstone), then the
+      input offsets (`send_offsets_to_transaction`), then the commit;
+   d. only after the commit (at_least_once: after the outputs and changelog records are acknowledged and the
+      offsets committed) are the batch's writes stored in the local store, in one write batch per table. So
+      the store never holds state whose outputs were not delivered, and a redelivered record is judged as it
+      was the first time, never as a duplicate of itself.
+   On an aborted transaction the batch's writes are dropped with it, and the processor is re-created (its
+   in-memory bookkeeping may have seen the aborted records).
+3. On revocation: finish and commit (or abort) the batch in flight, then drop the partition's processor
+   and close its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from byzguard.audit import AuditRule, Check, JoinState, Observation, StreamClock, expire, observe
+from byzguard.config import Route
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result
+
+#: The audit join's table: per join key (its repartition record key), the JoinState bytes.
+PENDING = "pending"
+
+In_contra = TypeVar("In_contra", contravariant=True)
+Out_co = TypeVar("Out_co", covariant=True)
+
+
+class TableState(Protocol):
+    """One table of one partition, as a processor sees it: its own writes are read back at once."""
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value of `key`, or None."""
+        ...
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set `key` (a changelog record at the commit)."""
+        ...
+
+    def delete(self, key: bytes) -> None:
+        """Remove `key` (a changelog tombstone at the commit)."""
+        ...
+
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        """Every key of the partition's table with its value, writes not yet stored included (punctuations scan
+        with it; a processor does not write while it iterates)."""
+        ...
+
+
+#: A partition's state: its tables by the names a processor's `tables` gives.
+State = Mapping[str, TableState]
+
+
+class Processor(Protocol[In_contra, Out_co]):
+    """One stateful stream on one partition: records in, outputs out, state through the views."""
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The names of the tables it reads and writes (the keys of the `state` it is given)."""
+        ...
+
+    @property
+    def interval(self) -> float | None:
+        """Seconds between punctuations (None: it has nothing to do on a timer)."""
+        ...
+
+    def process(self, record: In_contra, state: State, now: float) -> Out_co:
+        """What one record causes; its state writes are made through `state`."""
+        ...
+
+    def punctuate(self, state: State, now: float) -> Out_co:
+        """What the passing of time causes at `now` (deadlines, closed windows)."""
+        ...
+
+
+class MemoryTable:
+    """A `TableState` over a dict (tests, a sample run without Kafka)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict[bytes, bytes] | None = None) -> None:
+        self.data: dict[bytes, bytes] = {} if data is None else data
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value of `key`, or None."""
+        return self.data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set `key`."""
+        self.data[key] = value
+
+    def delete(self, key: bytes) -> None:
+        """Remove `key` (absent: nothing)."""
+        self.data.pop(key, None)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every key with its value (a snapshot: writes during the iteration are safe)."""
+        return iter(list(self.data.items()))
+
+
+def memory_state(tables: Iterable[str]) -> dict[str, MemoryTable]:
+    """Empty in-memory tables by name, for a processor's `tables`."""
+    return {name: MemoryTable() for name in tables}
+
+
+# -- the verify step -----------------------------------------------------------------------------------------
+
+def causal_interval(route: Route) -> float | None:
+    """How often a route's held records are checked against their deadline: a quarter of it, 0.5 to 5 s (the
+    punctuations also refresh the buffer gauges of a restored partition); None without a causal buffer."""
+    return max(0.5, min(5.0, route.causal.deadline / 4)) if route.causal.buffer else None
+
+
+def _apply(result: Result, state: State) -> Result:
+    for (table, key), value in result.writes.items():
+        if value is None:
+            state[table].delete(key)
+        else:
+            state[table].put(key, value)
+    return result
+
+
+class VerifyProcessor:
+    """The verify step of one route on one partition: `Guard.process` per record, `Guard.expire_held` on time.
+
+    Outputs are the guard's `Result` (routed records in order: the record itself, then any held records it
+    released; its `writes` are already applied to `state`)."""
+
+    __slots__ = ("guard", "interval", "route", "tables")
+
+    def __init__(self, guard: Guard, route: Route) -> None:
+        self.guard = guard
+        self.route = route
+        self.tables: tuple[str, ...] = (ENTITIES, LAMPORTS, CAUSAL) if route.causal.buffer else (ENTITIES, LAMPORTS)
+        self.interval = causal_interval(route)
+
+    def process(self, record: RecordIn, state: State, now: float) -> Result:
+        """Verify one record (and release what it unblocks); never raises for a bad record."""
+        return _apply(self.guard.process(record, self.route, state, now=now), state)
+
+    def punctuate(self, state: State, now: float) -> Result:
+        """Quarantine held records whose deadline passed (causal.gap); `oldest_held_age` says what still waits."""
+        if not self.route.causal.buffer:
+            return Result()
+        return _apply(self.guard.expire_held(self.route, state, now=now), state)
+
+
+# -- the audit join ------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class AuditOutput:
+    """What an observation or a punctuation of the audit join caused: the checks completed (a discrepancy
+    each, unless it passed) and the join states it could not read (dropped, with why: say so in the log)."""
+
+    checks: list[Check] = field(default_factory=list)
+    unreadable: list[tuple[bytes, str]] = field(default_factory=list)
+
+
+class AuditJoinProcessor:
+    """One audit rule's join on one partition of its repartition topic (records keyed by join key).
+
+    `process` first closes what waited on the observation's key past its window (by the partition's stream
+    clock, less the rule's grace), then pairs or keeps the observation; `punctuate` closes every window of the
+    partition that ended. Checks are timed by the wall clock (`now`)."""
+
+    __slots__ = ("clock", "interval", "rule", "tables")
+
+    def __init__(self, rule: AuditRule) -> None:
+        self.rule = rule
+        #: The time the partition's records have reached (in memory: rebuilt from the records after a restart).
+        self.clock = StreamClock()
+        self.tables: tuple[str, ...] = (PENDING,)
+        self.interval: float | None = rule.tick_interval
+
+    def process(self, record: Observation, state: State, now: float) -> AuditOutput:
+        """Join one observation (its key is the join key) with what waits for it."""
+        out = AuditOutput()
+        rule, table, key = self.rule, state[PENDING], record.key.encode()
+        self.clock.observe(record.at, now)
+        raw = table.get(key)
+        closed = expire(rule, self._read(key, raw, out), now=self.clock.now(now) - rule.grace, detected_at=now)
+        step = observe(rule, closed.state, record, now=now)
+        _write(table, key, step.state, raw)
+        out.checks.extend((*closed.checks, *step.checks))
+        return out
+
+    def punctuate(self, state: State, now: float) -> AuditOutput:
+        """Report and forget what waited in the partition past its window and the grace."""
+        out = AuditOutput()
+        rule, table = self.rule, state[PENDING]
+        until = self.clock.now(now) - rule.grace
+        due: list[tuple[bytes, bytes, JoinState]] = []
+        for key, raw in list(table.items()):
+            pending = self._read(key, raw, out)
+            ends = pending.due(rule.within)
+            if ends is not None and ends < until:
+                due.append((key, raw, pending))
+        for key, raw, pending in due:
+            step = expire(rule, pending, now=until, detected_at=now)
+            _write(table, key, step.state, raw)
+            out.checks.extend(step.checks)
+        return out
+
+    @staticmethod
+    def _read(key: bytes, raw: bytes | None, out: AuditOutput) -> JoinState:
+        try:
+            return JoinState.from_bytes(raw)
+        except ValueError as exc:
+            # A state this version cannot read must not stop every audit: its pending observations are given up.
+            out.unreadable.append((key, str(exc)))
+            return JoinState()
+
+
+def _write(table: TableState, key: bytes, pending: JoinState, before: bytes | None) -> None:
+    if not pending.empty:
+        table.put(key, pending.to_bytes())
+    elif before is not None:
+        table.delete(key)
+
+
+def _conforming(verify: VerifyProcessor, audit: AuditJoinProcessor) -> tuple[
+        Processor[RecordIn, Result], Processor[Observation, AuditOutput]]:
+    """Never called: mypy checks here that both processors implement the Processor protocol."""
+    return verify, audit

@@ -1,0 +1,70 @@
+"""Side readers (app/sidereads.py) on the real broker: outside any group, committed records only, and the
+partitions of a topic created a moment ago."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.sidereads import partitions_for, side_consumer, started_side_consumer
+from tests.conftest import TopicFactory
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_a_side_reader_sees_committed_records_only(kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    """A record of an aborted transaction is never read; the committed one after it is."""
+    topic = topic_factory(1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"side-{uuid.uuid4().hex}")
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_and_wait(topic, b"aborted")
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"committed")
+    finally:
+        await producer.stop()
+    consumer = await started_side_consumer(kafka_bootstrap)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        values = []
+        while await consumer.position(tp) < end:
+            values += [r.value for r in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])]
+    finally:
+        await consumer.stop()
+    assert values == [b"committed"]
+
+
+async def test_a_side_reader_joins_no_group(kafka_bootstrap: str) -> None:
+    """Its group id is None, whatever else is given: it never joins or disturbs the guard's group."""
+    consumer = side_consumer(kafka_bootstrap, client_id="byzguard-test")
+    assert consumer._group_id is None
+    assert consumer._client._client_id == "byzguard-test"
+    await consumer.stop()
+
+
+async def test_partitions_of_a_topic_created_a_moment_ago(kafka_bootstrap: str) -> None:
+    """A topic created after the reader started is found with the metadata refreshed; a missing topic is empty
+    (and is not created by the look)."""
+    consumer = await started_side_consumer(kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    name = f"sidereads-{uuid.uuid4().hex[:8]}"
+    try:
+        assert await partitions_for(consumer, name) == set()
+        await admin.create_topics([NewTopic(name, 3, 1)])
+        assert await partitions_for(consumer, name, patience=10) == {0, 1, 2}
+        missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
+        assert await partitions_for(consumer, missing, patience=0.5) == set()
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.delete_topics([name])
+        await admin.close()
+        await consumer.stop()

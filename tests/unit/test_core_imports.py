@@ -1,0 +1,144 @@
+"""The import boundary: the pure core (byzguard/ but byzguard.client) imports neither faust, mode nor aiokafka,
+not directly and not through another byzguard module; the client (byzguard.client) imports no faust or mode; and
+no byzguard module imports the worker's packages, which are not in the wheel."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_ONLY = ("faust", "mode")  # the stream processor: never in the wheel's code
+KAFKA = ("aiokafka",)  # the Kafka client: only byzguard.client (the `client` extra) may import it
+CLIENT = "byzguard.client"
+WORKER_PACKAGES = ("app", "agents", "tables", "topics")  # run from the checkout or the image, not in the wheel
+
+
+def module_name(path: Path, root: Path) -> str:
+    """`byzguard/contract/check.py` -> `byzguard.contract.check`; a package's `__init__.py` -> the package."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (never executed)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skipped
+
+
+def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
+    """What importing the module executes an import of: every import statement (in functions too, as they run
+    when called), relative ones resolved, `from package import submodule` as the submodule; TYPE_CHECKING
+    blocks left out. Importing `a.b.c` also imports `a` and `a.b`."""
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = _type_checking_only(tree)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in modules)
+    closed = set()
+    for target in found:
+        parts = target.split(".")
+        closed.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return closed
+
+
+@functools.cache
+def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """Each module of the package -> the modules (its package's and third-party) its import runs."""
+    root = package_dir.parent
+    paths = {module_name(p, root): p for p in sorted(package_dir.rglob("*.py"))}
+    modules = set(paths)
+    return {name: imports_of(path, name, modules) for name, path in paths.items()}
+
+
+def forbidden_paths(graph: dict[str, set[str]], start: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Import chains from `start` to a forbidden top-level module, following the package's own modules."""
+    chains: list[str] = []
+    seen = {start}
+    queue: deque[list[str]] = deque([[start]])
+    while queue:
+        chain = queue.popleft()
+        for target in sorted(graph.get(chain[-1], ())):
+            if target.partition(".")[0] in forbidden:
+                chains.append(" -> ".join([*chain, target]))
+            elif target in graph and target not in seen:
+                seen.add(target)
+                queue.append([*chain, target])
+    return chains
+
+
+def test_core_imports_neither_faust_mode_nor_aiokafka() -> None:
+    """No core module reaches faust, mode or aiokafka through any chain of byzguard imports."""
+    graph = import_graph(ROOT / "byzguard")
+    core = [m for m in graph if m != CLIENT and not m.startswith(f"{CLIENT}.")]
+    assert "byzguard.guard" in core and "byzguard.contract.pytest_plugin" in core
+    chains = [c for m in core for c in forbidden_paths(graph, m, WORKER_ONLY + KAFKA)]
+    assert not chains, "the core must not import these:\n" + "\n".join(chains)
+
+
+def test_client_imports_no_faust_or_mode() -> None:
+    """The client modules (the `client` extra) import aiokafka but neither faust nor mode."""
+    graph = import_graph(ROOT / "byzguard")
+    client = [m for m in graph if m == CLIENT or m.startswith(f"{CLIENT}.")]
+    assert f"{CLIENT}.producer" in client
+    chains = [c for m in client for c in forbidden_paths(graph, m, WORKER_ONLY)]
+    assert not chains, "the client must not import these:\n" + "\n".join(chains)
+
+
+def test_byzguard_imports_none_of_the_worker_packages() -> None:
+    """No byzguard module (client included) imports app, agents, tables or topics: the wheel holds byzguard only.
+    (The `byzguard` script finds the worker's `app.cli` by name at run time, byzguard._command.)"""
+    graph = import_graph(ROOT / "byzguard")
+    chains = [c for m in graph for c in forbidden_paths(graph, m, WORKER_PACKAGES)]
+    assert not chains, "byzguard must not import the worker's packages:\n" + "\n".join(chains)
+
+
+def test_the_check_follows_imports_transitively(tmp_path: Path) -> None:
+    """A core module that reaches aiokafka two modules away (relative import, then a call-time import) is
+    reported with its chain; an import under TYPE_CHECKING is not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from aiokafka import AIOKafkaProducer\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import faust\n")
+    graph = import_graph(pkg)
+    assert forbidden_paths(graph, "pkg.a", KAFKA) == ["pkg.a -> pkg.sub.b -> aiokafka"]
+    assert forbidden_paths(graph, "pkg.c", WORKER_ONLY) == []
+
+
+def test_importing_every_core_module_loads_no_worker_or_kafka_module() -> None:
+    """In a fresh interpreter, importing every core module (lazy names included) leaves faust, mode and
+    aiokafka out of sys.modules."""
+    probe = (
+        "import importlib, pkgutil, sys, byzguard\n"
+        "for m in pkgutil.walk_packages(byzguard.__path__, 'byzguard.'):\n"
+        "    if not m.name.startswith('byzguard.client'):\n"
+        "        importlib.import_module(m.name)\n"
+        "import byzguard.contract as c\n"
+        "[getattr(c, n) for n in c.__all__]\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('faust', 'mode', 'aiokafka')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == "[]"
