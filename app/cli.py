@@ -110,13 +110,18 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
         console.print(f"[bold red]cannot start[/]: {exc}")
         raise typer.Exit(2) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    built = build_app(settings, cfg, bootstrap)
+    try:
+        built = build_app(settings, cfg, bootstrap)
+    except ConfigError as exc:  # e.g. a route the chosen runtime does not run
+        console.print(f"[bold red]cannot start[/]: {exc}")
+        raise typer.Exit(2) from None
     console.print(f"[bold green]byzguard[/] worker [bold]{settings.app_id}[/] on broker {bootstrap}")
     for route in cfg.routes:
         console.print(f"  route [bold]{route.name}[/]: {', '.join(route.inputs)} -> verified "
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
+    console.print(f"  runtime: [bold]{settings.runtime}[/] ({settings.processing_guarantee}; README \"Runtimes\")")
     class Worker(FaustWorker):  # named as faust's: its log lines say "[^Worker]: Ready"
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
@@ -124,8 +129,10 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
 
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
+    # The batched runtime stores only committed state: without faust tables (audits) nothing is discarded.
+    faust_tables = settings.runtime == "faust" or bool(cfg.audits)
     with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
-                              enabled=settings.processing_guarantee == "exactly_once"):
+                              enabled=settings.processing_guarantee == "exactly_once" and faust_tables):
         worker.execute_from_commandline()
 
 

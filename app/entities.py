@@ -135,7 +135,11 @@ def register_entity_views(built: Any, config: GuardConfig) -> None:
         spec = routes.get(route)
         if spec is None:
             return view.json({"error": "unknown_route", "route": route, "routes": sorted(routes)}, status=404)
-        table = built.tables[route].state_by_entity
+        tables = built.tables.get(route)
+        if tables is None:  # the batched runtime owns the route's state (README "Runtimes")
+            return view.json({"error": "unavailable", "detail": "the batched runtime does not serve "
+                              "last-known-good values yet"}, status=503)
+        table = tables.state_by_entity
         partition = entity_partition(entity, spec.partitions)
         if app.rebalancing or getattr(app, "in_recovery", False):
             return view.json({"error": "unavailable", "detail": "the worker is rebalancing or restoring state"},

@@ -25,7 +25,7 @@ ENV_FILE = "BYZGUARD_ENV_FILE"  # the dotenv file read under the environment (de
 # `keys:` (secret_env), checked against the configuration file.
 OTHER_VARIABLES = frozenset({
     "BYZGUARD_DEMO", "BYZGUARD_REVIEWER", "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA",
-    "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_RUNTIME", "BYZGUARD_FETCH_PAUSE_LEADER", ENV_FILE,
+    "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_FETCH_PAUSE_LEADER", ENV_FILE,
 })
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     livelock_timeout: float = Field(default=300.0, gt=0, le=86_400, description="seconds a partition may process "
                                     "events without a commit before the worker logs it")
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
+    # The routes' verify streams: faust's agents, or the batched loop beside them (README "Runtimes").
+    runtime: Literal["faust", "batched"] = Field(default="faust", description="what runs the routes' verify "
+                                                 "streams: faust (an agent per route) or batched (app/runtime)")
+    batch_max_records: int = Field(default=1000, ge=1, le=100_000,
+                                   description="batched runtime: records of one input partition per batch at most")
+    batch_max_ms: float = Field(default=100.0, gt=0, le=60_000,
+                                description="batched runtime: processing time of one batch at most (milliseconds)")
     # RocksDB keeps one database per table partition; faust's defaults (64 MB write buffers, a 2 GB block
     # cache, each per database) let a worker with a million entities grow past 400 MB of RSS.
     rocksdb_write_buffer_mb: int = Field(default=8, ge=1, le=256,

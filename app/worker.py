@@ -79,12 +79,42 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
     }
 
 
+def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig, bootstrap: str) -> None:
+    """Start the batched runtime (app/runtime) with the App: it runs every route's verify stream."""
+    from app.runtime import BatchedRuntime, check_routes
+
+    check_routes(config)
+    conf = built.app.conf
+    options: dict[str, Any] = dict(
+        app_id=settings.app_id, bootstrap=bootstrap, config=config, guard=built.guard, tabledir=conf.tabledir,
+        store_options=built.store_options, guarantee=settings.processing_guarantee,
+        batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
+        session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        producer={"linger_ms": int(conf.producer_linger * 1000), "max_batch_size": conf.producer_max_batch_size,
+                  "max_request_size": conf.producer_max_request_size,
+                  "request_timeout_ms": int(conf.producer_request_timeout * 1000)})
+
+    class Runtime(BatchedRuntime):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**options, **kwargs)
+
+    built.app.service(Runtime)
+
+
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
     """Declare everything the worker runs on a new faust App."""
     # On untested faust/aiokafka/mode versions the private names byzguard relies on may have changed.
     internals.check_versions(allow_untested=settings.allow_untested_versions)
-    app = faust.App(settings.app_id, **faust_options(settings, bootstrap))
-    if settings.processing_guarantee == "exactly_once":
+    options = faust_options(settings, bootstrap)
+    faust_eos = settings.processing_guarantee == "exactly_once"
+    if settings.runtime == "batched" and not config.audits:
+        # faust runs no stream of its own then (its exactly_once fails on a consumer without topics): the batched
+        # runtime's transactions are its own.
+        faust_eos = False
+        options["processing_guarantee"] = "at_least_once"
+    app = faust.App(settings.app_id, **options)
+    if faust_eos:
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
     else:
         eos.install_in_order(app, bootstrap)  # no record skipped or processed twice (app/eos.py, fix 7)
@@ -98,12 +128,19 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     guard = Guard(config)
     built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))
+    batched = settings.runtime == "batched"
     for route in config.routes:
         topics = declare_route_topics(app, route)
-        tables = declare_route_tables(app, route, built.store_options)
         built.topics[route.name] = topics
+        if batched:  # the batched runtime owns the route's state: faust must not open its databases
+            continue
+        tables = declare_route_tables(app, route, built.store_options)
         built.tables[route.name] = tables
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
+    if batched:
+        attach_batched_runtime(built, settings, config, bootstrap)
+    log.info("runtime: %s (the routes' verify streams run %s)", settings.runtime,
+             "in the batched loop, app/runtime" if batched else "as faust agents")
     metrics.configure(config)
     logs.install(app, built.quiet_logs)  # says once that the broker is gone, and when it is back
     # A repartitioning route's verify agent reads its repartition topic: its lag is the route's too.

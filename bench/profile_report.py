@@ -11,7 +11,7 @@ from typing import Any
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("idle: event loop waiting (select/epoll)",
      re.compile(r"(^|\.)(select|poll) \((selectors|asyncio/base_events)")),
-    ("CEL rules (celpy/lark interpreter)", re.compile(r"\((celpy|lark)/|byzguard/rules\.py")),
+    ("CEL rules (celpy/lark interpreter)", re.compile(r"\((celpy|lark)/|byzguard/rules/")),
     ("byzguard core: decode, integrity, checks, state codec, headers", re.compile(r"\(byzguard/")),
     ("RocksDB table get/set (faust store + rocksdict)", re.compile(r"faust/stores/|faust/tables/")),
     ("prometheus metrics", re.compile(r"prometheus_client/")),

@@ -17,7 +17,8 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-from byzguard.rules import RuleSet, RuleSpec, _celpy_only, compile_rules
+from byzguard.rules import RuleSet, RuleSpec, compile_rules
+from byzguard.rules.ruleset import _celpy_only
 from byzguard.verdict import Severity
 
 NOW = 1_750_000_000.0

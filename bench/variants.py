@@ -97,6 +97,12 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # Shape (2) of docs/runtime-choice.md: a faust agent fed one event per fetch (bench/faust_batches.py).
     Variant("f", "prototype: faust agent fed one event per fetch, byzguard core as e, at_least_once", "batch",
             "at_least_once", module="bench.faust_batches"),
+    # The product worker on the batched runtime (app/runtime): c and d as the product runs them with
+    # BYZGUARD_RUNTIME=batched (its inputs are committed by the group <app_id>-verify).
+    Variant("cb", "byzguard as c on the batched runtime, at_least_once", "byzguard", "at_least_once",
+            settings=(("BYZGUARD_RUNTIME", "batched"),)),
+    Variant("db", "byzguard as d on the batched runtime, exactly_once", "byzguard", "exactly_once",
+            settings=(("BYZGUARD_RUNTIME", "batched"),)),
     Variant("b_take", "faust pass-through agent, batches of 1000 (take_events)", "faust", "at_least_once",
             args=("--take", "1000")),
     # Diagnostic: b written as an async generator that yields per event (b and byzguard are plain coroutines).
@@ -185,7 +191,9 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
             program = "python " + shlex.join(args)
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
-    return Launch(variant, worker, run_id, [verified, quarantine], f"{shown} {program}", config,
+    # The group that commits the inputs: the batched runtime's own (app/runtime) where it runs the routes.
+    group = f"{run_id}-verify" if env.get("BYZGUARD_RUNTIME") == "batched" else run_id
+    return Launch(variant, worker, group, [verified, quarantine], f"{shown} {program}", config,
                   changelogs=changelog_topics(config, run_id))
 
 

@@ -171,7 +171,8 @@ def verify(
         last = entity.last_good_data() if entity is not None and rules.uses_last else None
         # The attributes are built only for rules that read (or quote) `event`.
         event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
-        for reason in rules.evaluate(env.data(), last, now=now, event=event):
+        # Both were parsed by orjson (Envelope.data, EntityState.last_good_data): the rules rely on it.
+        for reason in rules.evaluate(env.data(), last, now=now, event=event, from_orjson=True):
             reasons.add(reason.code, reason.detail, reason.severity)
     return _conclude(env, policy, reasons, entity, lamport_mark, now, limits, update=True)
 

@@ -194,6 +194,21 @@ class RouteNames:
     partitions: int
 
 
+def runtime_under_test() -> str:
+    """The runtime the test run's workers use: BYZGUARD_RUNTIME (faust when unset)."""
+    return os.environ.get("BYZGUARD_RUNTIME") or "faust"
+
+
+def input_group(app_id: str, runtime: str | None = None) -> str:
+    """The consumer group that commits a route's input offsets: the app id under faust, the batched runtime's
+    own group under batched (app/runtime)."""
+    if (runtime or runtime_under_test()) == "batched":
+        from app.runtime import verify_group
+
+        return verify_group(app_id)
+    return app_id
+
+
 @dataclass
 class WorkerFactory:
     """Workers of one test: one app id (consumer group), one config, fresh topics; all reaped at the end."""
@@ -207,6 +222,8 @@ class WorkerFactory:
     workers: list[WorkerProcess] = field(default_factory=list)
     route: RouteNames | None = None
     config_path: Path | None = None
+    #: What runs the verify streams (settings `runtime`); BYZGUARD_RUNTIME of the test run by default.
+    runtime: str = field(default_factory=lambda: runtime_under_test())
 
     def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
         """Write this test's config with unique topic names (the worker's provisioning creates them);
@@ -239,6 +256,7 @@ class WorkerFactory:
             "BYZGUARD_WEB_PORT": str(port),
             "BYZGUARD_COMMIT_INTERVAL": str(self.commit_interval),
             "BYZGUARD_PROCESSING_GUARANTEE": self.processing_guarantee,
+            "BYZGUARD_RUNTIME": self.runtime,
             "BYZGUARD_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
         })
@@ -446,9 +464,13 @@ async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, t
         lag: dict[TopicPartition, int] = {}
         while time.monotonic() < deadline:
             ends = await consumer.end_offsets(tps)
-            committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-            lag = {tp: ends[tp] - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
-                   for tp in tps}
+            done = {tp: 0 for tp in tps}
+            for name in (group, input_group(group, "batched")):  # the batched runtime commits inputs apart
+                committed = await admin.list_consumer_group_offsets(name, partitions=tps)
+                for tp, meta in committed.items():
+                    if tp in done and meta.offset > done[tp]:
+                        done[tp] = meta.offset
+            lag = {tp: ends[tp] - done[tp] for tp in tps}
             if all(v <= 0 for v in lag.values()):
                 return
             dead = [w for w in workers if not w.alive()]

@@ -1,0 +1,5 @@
+"""The batched runtime of the guard's verify streams (app/runtime/loop.py), beside faust's agents."""
+
+from app.runtime.loop import BatchedRuntime, check_routes, verify_group
+
+__all__ = ["BatchedRuntime", "check_routes", "verify_group"]

@@ -1,0 +1,497 @@
+"""The batched runtime: every route's verify stream in one loop on aiokafka's consumer, beside faust's agents.
+
+One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
+(`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
+`batch_max_ms` of processing; each record goes through the processor seam (byzguard.processor `VerifyProcessor`:
+`Guard.process`), reading its state through the batch's pending writes, then RocksDB (app/runtime/state.py:
+faust's layout and paths). After each batch of a route partition the causal deadlines are checked (its
+`punctuate`: `Guard.expire_held`), and on a timer when it is idle.
+
+at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
+partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed. A record is
+repeated after a crash at most, never lost, and never judged a duplicate of itself: on assignment the state is
+brought to the changelog's end and the input resumes at the larger of the committed and the stored offset.
+
+exactly_once, per batch: one transaction of the route partition's transactional producer (id
+`<app_id>-batched-<route>-<partition>`, which fences a zombie owner) holds the outputs, the changelog records and
+the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. On assignment the
+producer is started first (aborting what a previous owner left open), then the state is restored from the
+changelogs, read_committed, to their end: the changelog's end is the truth.
+
+Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the batch in flight finishes (its
+transaction commits or aborts) before the partitions go, and their databases are closed; on assign the
+databases are opened and restored before the first record of the partition is processed.
+
+faust keeps the App, its web server, CLI, timers, the review and decision streams and the cross-stream audits;
+its consumer (group `<app_id>`) no longer reads the routes' inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError
+from mode import Service
+
+from agents.verify import observe as _observe
+from app import metrics
+from app.outbox import load_limits
+from app.runtime.batches import RecordBatches
+from app.runtime.state import PartitionState, changelog_topic, restore, state_names
+from byzguard.config import GuardConfig, Partitioning, Route
+from byzguard.engine import Decision
+from byzguard.errors import ConfigError
+from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
+from byzguard.processor import VerifyProcessor, causal_interval
+from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size, too_large_stub
+from byzguard.verdict import Code, Outcome, Reason
+
+log = logging.getLogger(__name__)
+
+#: One route partition: (route name, partition).
+Key = tuple[str, int]
+
+
+def verify_group(app_id: str) -> str:
+    """The consumer group of the batched runtime: it commits the routes' input offsets. faust's own consumer
+    (group `app_id`, faust's assignor) keeps the review, decision and audit streams; one group cannot hold both
+    assignors."""
+    return f"{app_id}-verify"
+
+
+def transactional_id(app_id: str, route: str, partition: int) -> str:
+    """The transactional id of one route partition under exactly_once (fences its previous owner)."""
+    return f"{app_id}-batched-{route}-{partition}"
+
+
+def check_routes(config: GuardConfig) -> None:
+    """Refuse what the batched runtime does not run (yet)."""
+    for route in config.routes:
+        if route.partitioning is Partitioning.REPARTITION:
+            raise ConfigError(f"route {route.name!r}: partitioning: repartition is not run by the batched runtime "
+                              "yet; run it with BYZGUARD_RUNTIME=faust")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runtime: BatchedRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        try:
+            await self.runtime.revoked(set(revoked))
+        except Exception as exc:  # aiokafka would log it and go on with partitions in an unknown state
+            await self.runtime.fail(exc)
+            raise
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        try:
+            await self.runtime.assigned(set(assigned))
+        except Exception as exc:
+            await self.runtime.fail(exc)
+            raise
+
+
+class BatchedRuntime(Service):
+    """The verify streams of every route (see the module doc); a mode Service started with the faust App."""
+
+    def __init__(self, *, app_id: str, bootstrap: str, config: GuardConfig, guard: Guard, tabledir: Path,
+                 store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
+                 session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_routes(config)
+        self.app_id = app_id
+        self.group = verify_group(app_id)
+        self.bootstrap = bootstrap
+        self.config = config
+        self.guard = guard
+        self.tabledir = tabledir
+        self.store_options = store_options
+        self.eos = guarantee == "exactly_once"
+        self.max_records = batch_max_records
+        self.max_seconds = batch_max_ms / 1000
+        self.session_timeout = session_timeout
+        self.fetch_min_bytes = fetch_min_bytes
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.producer_options = producer
+        self.routes = {route.name: route for route in config.routes}
+        self.route_of = {topic: route for route in config.routes for topic in route.inputs}
+        self.changelogs = {route.name: {name: changelog_topic(app_id, route, name) for name in state_names(route)}
+                           for route in config.routes}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        #: Open state and (exactly_once) transactional producer of each route partition this worker owns.
+        self.parts: dict[Key, PartitionState] = {}
+        self.processors: dict[Key, VerifyProcessor] = {}
+        self.txns: dict[Key, AIOKafkaProducer] = {}
+        #: Input partitions owned, and the next offset to process of each.
+        self.positions: dict[TopicPartition, int] = {}
+        self.last_batch: dict[Key, float] = {}
+        #: The causal buffer of each route partition: events held, and the age of the oldest (the gauges).
+        self.held: dict[Key, int] = {}
+        self.oldest: dict[Key, float] = {}
+        self.copy_limit = 0
+        self._lock = asyncio.Lock()
+        self._stopping = False
+        self._first_assignment = asyncio.Event()
+        self._lag_due = 0.0
+        #: Metric children by route (prometheus_client's labels() costs microseconds per call).
+        self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
+        self._lag_labels: set[tuple[str, str]] = set()
+        self._causal_interval = min((i for i in map(causal_interval, config.routes) if i is not None), default=None)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        routes = self.config.routes
+        outputs = [t for r in routes for t in (r.verified_topic, r.quarantine_topic)]
+        limits = await load_limits(self.bootstrap, outputs)
+        self.copy_limit = min((limits.get(t, 1_048_588) for t in outputs), default=1_048_588)
+        if not self.eos:
+            self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                                             **self.producer_options)
+            await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed" if self.eos else "read_uncommitted",
+            partition_assignment_strategy=(RangePartitionAssignor,),  # a route's inputs stay co-partitioned
+            session_timeout_ms=int(self.session_timeout * 1000),
+            heartbeat_interval_ms=int(self.session_timeout * 100), fetch_min_bytes=self.fetch_min_bytes,
+            fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_records)
+        await self.consumer.start()
+        self.consumer.subscribe(sorted(self.route_of), listener=_Listener(self))
+        log.info("batched runtime: %s, group %s, batches of at most %d records / %.0f ms, routes %s",
+                 "exactly_once" if self.eos else "at_least_once", self.group, self.max_records,
+                 self.max_seconds * 1000, ", ".join(self.routes))
+        # The worker says it is ready once it owns its partitions (restored), as faust's agents do.
+        try:
+            await asyncio.wait_for(self._first_assignment.wait(), timeout=3 * self.session_timeout)
+        except TimeoutError:
+            log.warning("batched runtime: no partition assignment after %.0f s; going on",
+                        3 * self.session_timeout)
+
+    async def on_stop(self) -> None:
+        self._stopping = True
+        async with self._lock:  # the batch in flight finishes first
+            consumer, self.consumer = self.consumer, None
+            if consumer is not None:
+                await consumer.stop()
+            await self._close(list(self.parts))
+            if self.producer is not None:
+                await self.producer.stop()
+
+    @Service.task
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                consumer = self.consumer
+                if consumer is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                async with self._lock:
+                    if self._stopping:
+                        break
+                    if fetched:
+                        await self._step(fetched)
+                    if self._causal_interval is not None:
+                        await self._punctuate_idle()
+                    if time.monotonic() >= self._lag_due:
+                        self._measure_lag(consumer)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await self.fail(exc)
+
+    async def fail(self, exc: BaseException) -> None:
+        """Nothing past the failed batch is committed; the worker stops loudly and Kafka redelivers."""
+        self._stopping = True
+        log.critical("batched runtime: %r; the worker stops", exc, exc_info=exc)
+        await self.crash(exc)
+
+    def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """byzguard_consumer_lag_messages of every input partition this worker owns: the records after the last
+        one processed (its batches commit right after they are processed)."""
+        self._lag_due = time.monotonic() + metrics.LAG_INTERVAL
+        seen = set()
+        for tp, position in self.positions.items():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            labels = (tp.topic, str(tp.partition))
+            metrics.CONSUMER_LAG.labels(*labels).set(max(0, highwater - position))
+            seen.add(labels)
+        for labels in self._lag_labels - seen:  # revoked: another worker reports them now
+            metrics.CONSUMER_LAG.remove(*labels)
+        self._lag_labels = seen
+
+    # -- rebalances --------------------------------------------------------------------------------------------
+
+    async def revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:  # the batch in flight finished and committed
+            for tp in revoked:
+                self.positions.pop(tp, None)
+            owned = {self._key(tp) for tp in self.positions}
+            gone = [key for key in self.parts if key not in owned]
+            await self._close(gone)
+            if gone:
+                log.info("batched runtime: revoked %d route partitions", len(gone))
+
+    async def assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self._lock:
+            consumer = self.consumer
+            assert consumer is not None
+            new: dict[Key, list[TopicPartition]] = defaultdict(list)
+            for tp in assigned:
+                if tp not in self.positions:
+                    new[self._key(tp)].append(tp)
+            opened: list[Key] = []
+            for key in new:
+                if key in self.parts:
+                    continue
+                route = self.routes[key[0]]
+                if self.eos:  # fence the previous owner (its open transaction is aborted) before reading state
+                    txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                                           transactional_id=transactional_id(self.app_id, *key),
+                                           **self.producer_options)
+                    await txn.start()
+                    self.txns[key] = txn
+                self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)
+                self.processors[key] = VerifyProcessor(self.guard, route)
+                opened.append(key)
+            await restore(self.bootstrap, [(self.parts[key], self.changelogs[key[0]]) for key in opened])
+            for key in opened:
+                if self.routes[key[0]].causal.buffer:  # what the restored buffer holds counts from now on
+                    self.held[key] = held_count(self.parts[key].readers[CAUSAL])
+                    self._publish_causal(key[0])
+            fallback = None
+            for key, tps in new.items():
+                stored = self.parts[key].input_offsets()
+                for tp in tps:
+                    committed = await consumer.committed(tp)
+                    if committed is None and tp.topic not in stored:
+                        # Never run on this runtime: resume where the faust runtime (group app_id) committed.
+                        if fallback is None:
+                            fallback = await _committed_of(self.bootstrap, self.app_id, [
+                                t for ts in new.values() for t in ts])
+                        committed = fallback.get(tp)
+                    start = committed
+                    if not self.eos and tp.topic in stored:
+                        start = max(committed or 0, stored[tp.topic])
+                    if start is not None:
+                        consumer.seek(tp, start)
+                    self.positions[tp] = start or 0
+            if new:
+                log.info("batched runtime: assigned %s", ", ".join(f"{r}[{p}]" for r, p in sorted(new)))
+        self._first_assignment.set()
+
+    def _key(self, tp: TopicPartition) -> Key:
+        return self.route_of[tp.topic].name, tp.partition
+
+    async def _close(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            part = self.parts.pop(key, None)
+            if part is not None:
+                part.close()
+            self.processors.pop(key, None)
+            self.last_batch.pop(key, None)
+            if self.held.pop(key, None) is not None:
+                self.oldest.pop(key, None)
+                self._publish_causal(key[0])
+            txn = self.txns.pop(key, None)
+            if txn is not None:
+                await txn.stop()
+
+    # -- batches -----------------------------------------------------------------------------------------------
+
+    async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """One fetch: every route partition's batches, concurrently; at_least_once commits once at the end."""
+        by_key: dict[Key, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+        for tp, messages in fetched.items():
+            position = self.positions.get(tp)
+            if position is None:
+                continue  # revoked while the fetch was waiting
+            if messages and messages[0].offset < position:
+                messages = [m for m in messages if m.offset >= position]
+            if messages:
+                by_key[self._key(tp)].append((tp, messages))
+        offsets: dict[TopicPartition, int] = {}
+        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()))
+        if offsets and not self.eos:
+            assert self.consumer is not None
+            try:
+                await self.consumer.commit(offsets)
+            except CommitFailedError as exc:  # a rebalance took them: their state is stored, the new owner resumes
+                log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets",
+                            exc)
+
+    async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
+                         offsets: dict[TopicPartition, int]) -> None:
+        part = self.parts[key]
+        processor = self.processors[key]
+        route = self.routes[key[0]]
+        for tp, messages in items:
+            index, count = 0, len(messages)
+            while index < count:
+                out = self._batches(key)
+                started = time.monotonic()
+                end = min(count, index + self.max_records)
+                last = index
+                while last < end:
+                    self._process(route, processor, part, messages[last], out)
+                    last += 1
+                    if time.monotonic() - started >= self.max_seconds:
+                        break
+                next_offset = messages[last - 1].offset + 1
+                await self._finish(key, route, part, out, {tp: next_offset})
+                self.positions[tp] = next_offset
+                offsets[tp] = next_offset
+                index = last
+
+    def _batches(self, key: Key) -> RecordBatches:
+        producer = self.txns[key] if self.eos else self.producer
+        return RecordBatches(producer)
+
+    def _process(self, route: Route, processor: VerifyProcessor, part: PartitionState, msg: Any,
+                 out: RecordBatches) -> None:
+        started = time.perf_counter()
+        now = time.time()
+        record = RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
+                          msg.timestamp / 1000, route.partitions)  # aiokafka's timestamps are in ms
+        size = record_size(record.key, record.value, record.headers)
+        if size + OWN_HEADERS_MAX > self.copy_limit:  # no copy would fit: not checked, no state, a stub instead
+            routed = self._stub(route, record, size, now, out)
+            _observe(route.name, routed, now)
+            return
+        result = processor.process(record, part.readers, now)  # its writes are in the batch already
+        self._emit(route, result, out)
+        self._latency[route.name].observe(time.perf_counter() - started)
+        for routed in result.routed:
+            _observe(route.name, routed, now)
+
+    def _emit(self, route: Route, result: Result, out: RecordBatches) -> None:
+        for routed in result.routed:
+            rec = routed.record
+            home = rec.home
+            if routed.verified_headers is not None:
+                out.add(route.verified_topic, home, rec.key, rec.value, routed.verified_headers)
+            if routed.quarantine_headers is not None:
+                out.add(route.quarantine_topic, home, rec.key, rec.value, routed.quarantine_headers)
+            if route.receipts_topic is not None and routed.envelope is not None:
+                event_id = routed.envelope.id
+                out.add(route.receipts_topic, home, receipt_key(event_id), receipt(
+                    event_id, routed.decision.outcome, routed.decision.reasons, route.name, topic=rec.topic,
+                    partition=rec.partition, offset=rec.offset, now=time.time()))
+
+    def _stub(self, route: Route, record: RecordIn, size: int, now: float, out: RecordBatches) -> Routed:
+        key, value, headers = too_large_stub(
+            record.key, record.value, record.headers, (), route.name, topic=record.topic,
+            partition=record.partition, offset=record.offset, timestamp=record.timestamp, size=size,
+            limit=self.copy_limit, now=now)
+        out.add(route.quarantine_topic, record.home, key, value, headers)
+        log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
+                    "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
+                    self.copy_limit)
+        return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
+                      None, None, None)
+
+    def _punctuate(self, key: Key, route: Route, part: PartitionState, out: RecordBatches) -> None:
+        """Causal deadlines of one route partition: held records past the deadline go to quarantine."""
+        if not route.causal.buffer:
+            return
+        if not held_count(part.readers[CAUSAL]):
+            self.oldest[key] = 0.0
+            return
+        now = time.time()
+        result = self.processors[key].punctuate(part.readers, now)
+        self.oldest[key] = result.oldest_held_age or 0.0
+        self._publish_causal(route.name)
+        self._emit(route, result, out)
+        for routed in result.routed:
+            _observe(route.name, routed, now)
+
+    async def _punctuate_idle(self) -> None:
+        """Route partitions without a batch for the deadline check's interval get one of their own."""
+        assert self._causal_interval is not None
+        now = time.monotonic()
+        for key, part in list(self.parts.items()):
+            route = self.routes[key[0]]
+            if route.causal.buffer and now - self.last_batch.get(key, 0.0) >= self._causal_interval:
+                await self._finish(key, route, part, self._batches(key), {})
+
+    async def _finish(self, key: Key, route: Route, part: PartitionState, out: RecordBatches,
+                      offsets: dict[TopicPartition, int]) -> None:
+        """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
+        self.last_batch[key] = time.monotonic()
+        self._punctuate(key, route, part, out)
+        changelogs = self.changelogs[route.name]
+        inputs = {tp.topic: offset for tp, offset in offsets.items()}
+        if self.eos:
+            if not out and not any(part.pending.values()) and not offsets:
+                return
+            txn = self.txns[key]
+            self._changelog_records(part, changelogs, out)
+            await txn.begin_transaction()
+            try:
+                delivered = await out.deliver()
+                if offsets:
+                    await txn.send_offsets_to_transaction(offsets, self.group)
+                await txn.commit_transaction()
+            except BaseException:
+                part.discard()
+                await _abort(txn)
+                raise
+        else:
+            await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            cl = RecordBatches(self.producer)
+            self._changelog_records(part, changelogs, cl)
+            delivered = await cl.deliver()
+        part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
+                    if (topic, part.partition) in delivered}, inputs)
+        if route.causal.buffer:
+            self.held[key] = held_count(part.readers[CAUSAL])
+            self._publish_causal(route.name)
+
+    def _publish_causal(self, route: str) -> None:
+        """The causal buffer gauges: what this worker's partitions of `route` hold, and the oldest's age."""
+        metrics.CAUSAL_HELD.labels(route).set(sum(n for (r, _), n in self.held.items() if r == route))
+        metrics.CAUSAL_OLDEST.labels(route).set(max((a for (r, _), a in self.oldest.items() if r == route),
+                                                    default=0.0))
+
+    @staticmethod
+    def _changelog_records(part: PartitionState, changelogs: dict[str, str], out: RecordBatches) -> None:
+        """One changelog record per key the batch changed, in the changelog partition of the route partition."""
+        for name, writes in part.pending.items():
+            topic = changelogs[name]
+            for key, value in writes.items():
+                out.add(topic, part.partition, key, value)
+
+
+async def _abort(txn: AIOKafkaProducer) -> None:
+    try:
+        await txn.abort_transaction()
+    except Exception as exc:  # fenced or the broker is gone: the next owner's producer aborts it
+        log.warning("batched runtime: abort failed: %r", exc)
+
+
+async def _committed_of(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The offsets `group` committed for `tps` (read without joining the group)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        found = {}
+        for tp in tps:
+            offset = await consumer.committed(tp)
+            if offset is not None:
+                found[tp] = offset
+        return found
+    finally:
+        await consumer.stop()

@@ -1,0 +1,239 @@
+"""One route partition's state for the batched runtime, in faust's RocksDB layout, and its restore.
+
+The databases are the ones faust's rocksdb tables use (`<tabledir>/<route>-<table>-<partition>.db`, raw keys and
+values, faust's RocksDB options through its own `RocksDBOptions`), and each holds, as faust writes it, the offset
+of the last changelog record it contains under `__faust\\0offset__`. So a data dir written by the faust runtime is
+read as it is, and the other way round. The batched runtime adds one key to the state_by_entity database: the
+next input offset of each input partition whose events the stored state includes (at_least_once resumes from
+the larger of it and the committed offset).
+
+Reads go through the writes of the batch in progress, then RocksDB. A batch's writes go to RocksDB in one
+WriteBatch per table, with the changelog offset (and, for state_by_entity, the input offsets) in the same
+WriteBatch; state_by_entity is written last, so its input offsets never run ahead of the other tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.stores.rocksdb import RocksDBOptions
+from rocksdict import Rdict, WriteBatch
+
+from byzguard.config import Route
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS
+
+log = logging.getLogger(__name__)
+
+#: faust's key of the last changelog offset a database holds (faust/stores/rocksdb.py `Store.offset_key`).
+OFFSET_KEY = b"__faust\0offset__"
+#: The batched runtime's key (state_by_entity only) of the next input offset per input topic, as JSON.
+INPUTS_KEY = b"__byzguard\0input_offsets__"
+#: The faust table (tables/__init__.py) each of the guard's state names lives in.
+TABLE_OF = {ENTITIES: "state_by_entity", LAMPORTS: "lamport_by_source", CAUSAL: "causal_by_entity"}
+#: Changelog records replayed per RocksDB WriteBatch during a restore.
+RESTORE_CHUNK = 10_000
+
+Writes = dict[str, dict[bytes, bytes | None]]
+
+
+def state_names(route: Route) -> list[str]:
+    """The guard's state names a route keeps (the causal buffer only where the route holds early events)."""
+    return [ENTITIES, LAMPORTS, *([CAUSAL] if route.causal.buffer else [])]
+
+
+def changelog_topic(app_id: str, route: Route, name: str) -> str:
+    """The changelog topic of one state name of `route` (faust's `<app_id>-<table>-changelog`)."""
+    return f"{app_id}-{route.name}-{TABLE_OF[name]}-changelog"
+
+
+def db_path(tabledir: Path, route: Route, name: str, partition: int) -> Path:
+    """Where faust's rocksdb store keeps a table partition (faust `Store.partition_path`)."""
+    return tabledir / f"{route.name}-{TABLE_OF[name]}-{partition}.db"
+
+
+class _Reader:
+    """One table of one partition as the processor seam sees it (byzguard.processor `TableState`): the batch's
+    pending writes first, then RocksDB; writes wait in the batch until it is stored."""
+
+    __slots__ = ("db", "pending")
+
+    def __init__(self, pending: dict[bytes, bytes | None], db: Rdict) -> None:
+        self.pending = pending
+        self.db = db
+
+    def get(self, key: bytes) -> bytes | None:
+        pending = self.pending
+        if key in pending:
+            return pending[key]
+        value: bytes | None = self.db.get(key)
+        return value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.pending[key] = None
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """Every key of the table with its value, the batch's writes included (a snapshot)."""
+        pending = self.pending
+        found: list[tuple[bytes, bytes]] = []
+        it = self.db.iter()
+        it.seek_to_first()
+        while it.valid():
+            key = it.key()
+            if key not in pending and key not in (OFFSET_KEY, INPUTS_KEY):
+                found.append((key, it.value()))
+            it.next()
+        found.extend((key, value) for key, value in pending.items() if value is not None)
+        return found
+
+
+class PartitionState:
+    """The open databases of one route partition and the writes of its batch in progress."""
+
+    def __init__(self, tabledir: Path, route: Route, partition: int, options: Mapping[str, Any]) -> None:
+        self.route = route
+        self.partition = partition
+        self.names = state_names(route)
+        self.paths = {name: db_path(tabledir, route, name, partition) for name in self.names}
+        self._options = RocksDBOptions(**dict(options))
+        self.dbs: dict[str, Rdict] = {}
+        self.pending: Writes = {name: {} for name in self.names}
+        self.readers: dict[str, Any] = {}
+        self._open()
+
+    def _open(self) -> None:
+        for name, path in self.paths.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.dbs[name] = self._options.open(path)
+        self.readers = {name: _Reader(self.pending[name], self.dbs[name]) for name in self.names}
+        if CAUSAL not in self.readers:
+            self.readers[CAUSAL] = {}  # the route holds no early events: the guard never reads or writes it
+
+    def changelog_offset(self, name: str) -> int | None:
+        """The offset of the last changelog record the database of `name` holds (None: not known)."""
+        raw = self.dbs[name].get(OFFSET_KEY)
+        return int(raw) if raw is not None else None
+
+    def input_offsets(self) -> dict[str, int]:
+        """Per input topic, the next offset of the events whose state is stored (empty: not known)."""
+        raw = self.dbs[ENTITIES].get(INPUTS_KEY)
+        return {str(k): int(v) for k, v in orjson.loads(raw).items()} if raw else {}
+
+    def discard(self) -> None:
+        """Forget the batch in progress (its transaction aborted)."""
+        for writes in self.pending.values():
+            writes.clear()
+
+    def store(self, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int]) -> None:
+        """Write the batch in progress to RocksDB: one WriteBatch per table with its last changelog offset, the
+        state_by_entity one last with the input offsets of the batch."""
+        for name in sorted(self.names, key=lambda n: n == ENTITIES):  # state_by_entity last
+            writes = self.pending[name]
+            offset = changelog_offsets.get(name)
+            if not writes and offset is None and not (name == ENTITIES and inputs):
+                continue
+            batch = WriteBatch(raw_mode=True)
+            for key, value in writes.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+            if offset is not None:
+                batch.put(OFFSET_KEY, str(offset).encode())
+            if name == ENTITIES and inputs:
+                known = self.input_offsets()
+                known.update(inputs)
+                batch.put(INPUTS_KEY, orjson.dumps(known))
+            self.dbs[name].write(batch)
+            writes.clear()
+
+    def wipe(self, name: str) -> None:
+        """Drop the local database of `name` (it is restored from its changelog from the beginning)."""
+        self.dbs[name].close()
+        shutil.rmtree(self.paths[name], ignore_errors=True)
+        self.dbs[name] = self._options.open(self.paths[name])
+        self.readers[name] = _Reader(self.pending[name], self.dbs[name])
+
+    def close(self) -> None:
+        for db in self.dbs.values():
+            db.close()
+        self.dbs = {}
+
+
+async def restore(bootstrap: str, parts: list[tuple[PartitionState, dict[str, str]]]) -> int:
+    """Bring each partition's databases to the end of their changelogs (read_committed), from the offset each
+    holds; a database without an offset, or with one at or past the changelog's end (the changelog was
+    recreated, or the database holds writes the changelog does not), is wiped and restored from the beginning.
+    `parts`: each PartitionState with its changelog topic per state name. Returns the records replayed."""
+    targets: dict[TopicPartition, tuple[PartitionState, str]] = {}
+    for part, topics in parts:
+        for name in part.names:
+            targets[TopicPartition(topics[name], part.partition)] = (part, name)
+    if not targets:
+        return 0
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                isolation_level="read_committed", auto_offset_reset="earliest")
+    await consumer.start()
+    replayed = 0
+    started = time.monotonic()
+    try:
+        tps = list(targets)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        todo: dict[TopicPartition, int] = {}
+        for tp, (part, name) in targets.items():
+            stored = part.changelog_offset(name)
+            end = ends[tp]
+            if stored is None or stored >= end:
+                if stored is not None or _has_data(part.dbs[name]):
+                    log.warning("restore %s[%d]: local offset %s, changelog end %d: the local state is wiped and "
+                                "restored from the changelog", tp.topic, tp.partition, stored, end)
+                    part.wipe(name)
+                start = begins[tp]
+            else:
+                start = stored + 1
+            if start < end:
+                consumer.seek(tp, start)
+                todo[tp] = end
+        if todo:
+            consumer.pause(*[tp for tp in tps if tp not in todo])
+        while todo:
+            fetched = await consumer.getmany(*todo, timeout_ms=1000, max_records=RESTORE_CHUNK)
+            for tp, messages in fetched.items():
+                part, name = targets[tp]
+                batch = WriteBatch(raw_mode=True)
+                for msg in messages:
+                    if msg.value is None:
+                        batch.delete(msg.key)
+                    else:
+                        batch.put(msg.key, msg.value)
+                if messages:
+                    batch.put(OFFSET_KEY, str(messages[-1].offset).encode())
+                    part.dbs[name].write(batch)
+                    replayed += len(messages)
+            for tp in list(todo):
+                if await consumer.position(tp) >= todo[tp]:
+                    del todo[tp]
+                    consumer.pause(tp)
+    finally:
+        await consumer.stop()
+    if replayed:
+        log.info("restored %d changelog records for %d table partitions in %.2f s", replayed, len(targets),
+                 time.monotonic() - started)
+    return replayed
+
+
+def _has_data(db: Rdict) -> bool:
+    it = db.iter()
+    it.seek_to_first()
+    return bool(it.valid())

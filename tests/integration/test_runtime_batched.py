@@ -1,0 +1,278 @@
+"""The batched runtime (BYZGUARD_RUNTIME=batched) as worker processes on the real broker: the same verdicts as the
+faust runtime, state reused across restarts, and every event in exactly one place through SIGKILLs and through
+workers joining and leaving mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from app.provision import OUTPUT_HEADROOM
+from tests.chaos.test_crash import (
+    EXPECTED_CODE,
+    Stream,
+    first_record_after,
+    labeled_stream,
+    merged,
+    payments,
+    produce_paced,
+)
+from tests.integration.test_poison import _set_limit, _wait_for
+from tests.integration.worker_harness import (
+    Events,
+    WorkerFactory,
+    by_id,
+    collect,
+    input_group,
+    produce,
+    wait_caught_up,
+    wipe,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def batched(worker_factory: WorkerFactory) -> WorkerFactory:
+    """The test's workers run the batched runtime."""
+    worker_factory.runtime = "batched"
+    return worker_factory
+
+
+def _misrouted(stream: Stream, verified: list, quarantined: list, *, at_least_once: bool = False) -> dict[str, list]:
+    """What happened to events that did not end where they must: each clean id once in verified, each bad id once
+    in quarantine with its code, nothing else (under at_least_once an id may be repeated, never lost)."""
+    in_verified, in_quarantine = by_id(verified), by_id(quarantined)
+    problems: dict[str, list[str]] = {}
+    for event_id, kind in sorted(stream.kind_of.items()):
+        v, q = len(in_verified.get(event_id, [])), len(in_quarantine.get(event_id, []))
+        if at_least_once:
+            ok = (v >= 1 and q == 0) if kind == "clean" else (v == 0 and q >= 1)
+        else:
+            ok = (v, q) == ((1, 0) if kind == "clean" else (0, 1))
+        if not ok:
+            problems.setdefault(f"{kind} {v}x verified {q}x quarantined", []).append(event_id)
+        elif kind != "clean" and EXPECTED_CODE[kind] not in in_quarantine[event_id][0].codes:
+            problems.setdefault(f"{kind} quarantined for {sorted(in_quarantine[event_id][0].codes)}",
+                                []).append(event_id)
+    strangers = sorted((set(in_verified) | set(in_quarantine)) - set(stream.kind_of))
+    if strangers:
+        problems["in the outputs but never produced"] = strangers
+    return problems
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_batched_runtime_routes_clean_and_faulty_events_with_the_faust_runtimes_codes(
+    batched: WorkerFactory, guarantee: str,
+) -> None:
+    """Clean events reach the verified topic once; corrupted, regressed, forged and malformed ones reach quarantine
+    with the codes the faust runtime gives them; a re-sent event reaches neither; the worker says which runtime
+    runs and commits the inputs in its own group."""
+    batched.processing_guarantee = guarantee
+    route = batched.configure(partitions=4)
+    worker = batched.start("w1")
+    events = Events()
+    clean = [events.clean(f"order-{i}", v) for v in (1, 2) for i in range(8)] + [events.payment("pay-1", 1)]
+    bad = {
+        "integrity.mismatch": events.corrupted("order-0", 3),
+        "version.regression": events.regression("order-1", 1),
+        "source.forged": events.forged("pay-1", 2),
+        "decode.malformed": events.malformed("order-2"),
+    }
+    await produce(batched.bootstrap, route.input, [*clean, *bad.values(), clean[3]])
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[worker])
+
+    verified = by_id(await collect(batched.bootstrap, route.verified, expected=len(clean)))
+    quarantined = by_id(await collect(batched.bootstrap, route.quarantine, expected=len(bad)))
+    assert {i: len(r) for i, r in verified.items()} == {s.event_id: 1 for s in clean}
+    assert set(quarantined) == {s.event_id for s in bad.values()}
+    for code, sent in bad.items():
+        (out,) = quarantined[sent.event_id]
+        assert code in out.codes, f"{sent.event_id}: {out.reasons}"
+        assert out.header("byzguard_original_topic") == route.input.encode()
+    log = worker.log_text()
+    assert "runtime: batched" in log and f"batched runtime: {guarantee}" in log
+    assert input_group(batched.app_id, "batched") != batched.app_id
+    assert worker.stop() == 0, worker.fail("did not stop cleanly").args[0]
+
+
+async def test_batched_runtime_reuses_its_state_after_a_restart(batched: WorkerFactory) -> None:
+    """Stopped and restarted on its data dir, the worker replays nothing from the changelogs, still judges a
+    re-sent event a duplicate and an old version a regression, and verifies the next versions."""
+    route = batched.configure(partitions=4)
+    events = Events()
+    data_dir = batched.base_dir / "state"
+    subjects = [f"acct-{i}" for i in range(12)]
+    first = batched.start("first", data_dir=data_dir)
+    batch1 = [events.clean(s, v) for v in (1, 2) for s in subjects]
+    await produce(batched.bootstrap, route.input, batch1)
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[first])
+    assert first.stop() == 0, first.fail("did not stop cleanly").args[0]
+
+    second = batched.start("second", data_dir=data_dir)
+    regression = events.regression(subjects[0], 1)
+    batch2 = [batch1[5], regression, *(events.clean(s, 3) for s in subjects)]
+    await produce(batched.bootstrap, route.input, batch2)
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[second])
+    assert "restored" not in second.log_text(), "a clean restart must reuse the local state"
+
+    verified = by_id(await collect(batched.bootstrap, route.verified, expected=len(batch1) + len(subjects)))
+    quarantined = by_id(await collect(batched.bootstrap, route.quarantine, expected=1))
+    assert all(len(r) == 1 for r in verified.values()), "a re-sent event was forwarded again"
+    assert len(verified) == len(batch1) + len(subjects)
+    assert set(quarantined) == {regression.event_id}
+    assert "version.regression" in quarantined[regression.event_id][0].codes
+    assert second.stop() == 0
+
+
+async def test_a_data_dir_and_group_of_the_faust_runtime_are_taken_over_as_they_are(
+    worker_factory: WorkerFactory,
+) -> None:
+    """A worker moved from the faust runtime to the batched one on the same data dir reads faust's state as it is
+    (nothing replayed, a re-sent event is a duplicate, an old version a regression) and resumes the inputs where
+    the faust runtime's group committed (nothing processed twice)."""
+    route = worker_factory.configure(partitions=4)
+    events = Events()
+    data_dir = worker_factory.base_dir / "state"
+    subjects = [f"acct-{i}" for i in range(12)]
+    worker_factory.runtime = "faust"
+    old = worker_factory.start("faust", data_dir=data_dir)
+    batch1 = [events.clean(s, v) for v in (1, 2) for s in subjects]
+    await produce(worker_factory.bootstrap, route.input, batch1)
+    await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[old])
+    assert old.stop() == 0, old.fail("did not stop cleanly").args[0]
+
+    worker_factory.runtime = "batched"
+    new = worker_factory.start("batched", data_dir=data_dir)
+    regression = events.regression(subjects[0], 1)
+    batch2 = [batch1[5], regression, *(events.clean(s, 3) for s in subjects)]
+    await produce(worker_factory.bootstrap, route.input, batch2)
+    await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[new])
+    assert "restored" not in new.log_text(), "faust's local state must be read as it is"
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified,
+                                   expected=len(batch1) + len(subjects)))
+    quarantined = by_id(await collect(worker_factory.bootstrap, route.quarantine, expected=1))
+    assert all(len(r) == 1 for r in verified.values()), "an event was forwarded twice"
+    assert len(verified) == len(batch1) + len(subjects)
+    assert set(quarantined) == {regression.event_id}
+    assert new.events_processed() == len(batch2), "the batched runtime processed faust's events again"
+    assert new.stop() == 0
+
+
+async def test_at_least_once_stores_no_state_of_a_batch_whose_outputs_were_not_delivered(
+    batched: WorkerFactory,
+) -> None:
+    """Under at_least_once, when the verified topic refuses a batch's outputs, the worker stops loudly before it
+    stores that batch's state or commits its offsets; restarted on the same data dir once the topic takes writes
+    again, it verifies every event, none judged a duplicate of itself."""
+    batched.processing_guarantee = "at_least_once"
+    route = batched.configure(partitions=2)
+    data_dir = batched.base_dir / "state"
+    worker = batched.start("first", data_dir=data_dir)
+    events = Events()
+    before = [events.clean(f"early-{i}", 1) for i in range(20)]  # stored, with their changelog offsets
+    await produce(batched.bootstrap, route.input, before)
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[worker])
+    await _set_limit(batched.bootstrap, route.verified, 200)
+    clean = [events.clean(f"acct-{i}", 1) for i in range(400)]
+    await produce(batched.bootstrap, route.input, clean)
+    await _wait_for(lambda: not worker.alive(), 60)
+    assert "were not delivered" in worker.log_text(), worker.fail("no word of the failed delivery").args[0]
+    await _set_limit(batched.bootstrap, route.verified, 1_048_588 + OUTPUT_HEADROOM)
+
+    again = batched.start("again", data_dir=data_dir)
+    await wait_caught_up(batched.bootstrap, batched.app_id, [route.input], workers=[again], timeout=90)
+    verified = by_id(await collect(batched.bootstrap, route.verified, expected=len(before) + len(clean)))
+    verified.pop("probe", None)  # what _set_limit sent
+    missing = sorted({s.event_id for s in clean} - set(verified))
+    assert not missing, f"{len(missing)} events in no output: {missing[:5]}"
+    assert again.stop() == 0
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_batched_runtime_sigkilled_mid_stream_loses_nothing(
+    batched: WorkerFactory, guarantee: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGKILLed three times mid-stream (once restarted on a wiped data dir), the batched worker still routes every
+    event: under exactly_once each exactly once, with its code and none wrongly quarantined; under at_least_once
+    none is lost or wrongly quarantined (a repeat is allowed)."""
+    batched.processing_guarantee = guarantee
+    rng = random.Random(20)
+    route = batched.configure(partitions=4)
+    bootstrap = batched.bootstrap
+    events = Events()
+    body = labeled_stream(rng, events)
+    kills = 3
+    after_kill = [payments(events, f"k{kill}-") for kill in range(1, kills + 1)]
+    stream = merged([body, *after_kill])
+    data_dir = batched.base_dir / "worker-data"
+    worker = batched.start("run-0", data_dir=data_dir)
+    feeding = asyncio.create_task(produce_paced(bootstrap, route.input, body.records, 30.0))
+    recoveries = []
+    try:
+        await first_record_after(worker, time.monotonic())
+        for kill in range(1, kills + 1):
+            await asyncio.sleep(rng.uniform(1.5, 4.0))
+            assert worker.alive(), worker.fail("died on its own").args[0]
+            killed_at = time.monotonic()
+            worker.kill()
+            if kill == 2:
+                wipe(data_dir)
+            await produce_paced(bootstrap, route.input, after_kill[kill - 1].records, 0.0)
+            worker = batched.start(f"run-{kill}", data_dir=data_dir, ready=False)
+            recoveries.append(await first_record_after(worker, killed_at))
+        await feeding
+        await wait_caught_up(bootstrap, batched.app_id, [route.input], timeout=120, workers=[worker])
+    finally:
+        feeding.cancel()
+    clean_ids = {i for i, kind in stream.kind_of.items() if kind == "clean"}
+    verified = await collect(bootstrap, route.verified, expected=len(clean_ids), idle=3.0, timeout=60)
+    quarantined = await collect(bootstrap, route.quarantine, expected=len(stream.kind_of) - len(clean_ids),
+                                idle=3.0, timeout=60)
+    assert worker.stop() == 0
+    with capsys.disabled():
+        print(f"\nbatched {guarantee}: {len(stream.records)} records, {kills} SIGKILLs, next record routed "
+              f"{', '.join(f'{s:.1f}' for s in recoveries)} s after each; {len(verified)} verified, "
+              f"{len(quarantined)} quarantined")
+    problems = _misrouted(stream, verified, quarantined, at_least_once=guarantee == "at_least_once")
+    assert not problems, {what: ids[:5] for what, ids in problems.items()}
+    if guarantee == "exactly_once":
+        assert len(verified) + len(quarantined) == len(stream.records) - stream.duplicates
+
+
+async def test_batched_workers_joining_and_leaving_mid_stream_route_each_event_once(
+    batched: WorkerFactory, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Under exactly_once, a second worker joins while the stream flows and the first then leaves (SIGTERM): the
+    partitions are handed over twice under load, and every event still ends in exactly one place."""
+    rng = random.Random(7)
+    route = batched.configure(partitions=4)
+    bootstrap = batched.bootstrap
+    stream = labeled_stream(rng, Events())
+    a = batched.start("a")
+    feeding = asyncio.create_task(produce_paced(bootstrap, route.input, stream.records, 25.0))
+    try:
+        await first_record_after(a, time.monotonic())
+        await asyncio.sleep(4.0)
+        b = batched.start("b")
+        await asyncio.sleep(4.0)
+        assert b.events_processed() > 0, b.fail("the joining worker got no partition").args[0]
+        assert a.stop() == 0, a.fail("did not stop cleanly").args[0]
+        await feeding
+        await wait_caught_up(bootstrap, batched.app_id, [route.input], timeout=120, workers=[b])
+    finally:
+        feeding.cancel()
+    clean_ids = {i for i, kind in stream.kind_of.items() if kind == "clean"}
+    verified = await collect(bootstrap, route.verified, expected=len(clean_ids), idle=3.0, timeout=60)
+    quarantined = await collect(bootstrap, route.quarantine, expected=len(stream.kind_of) - len(clean_ids),
+                                idle=3.0, timeout=60)
+    assert b.stop() == 0
+    with capsys.disabled():
+        print(f"\nbatched hand-over: {len(stream.records)} records, {len(verified)} verified, "
+              f"{len(quarantined)} quarantined")
+    problems = _misrouted(stream, verified, quarantined)
+    assert not problems, {what: ids[:5] for what, ids in problems.items()}
+    assert len(verified) + len(quarantined) == len(stream.records) - stream.duplicates

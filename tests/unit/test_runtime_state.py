@@ -1,0 +1,111 @@
+"""app/runtime/state.py without a broker: the batched runtime's databases are faust's (same paths, same raw keys,
+same changelog offset key), reads see the batch's pending writes first, and one store writes state and offsets
+together. (Restore from the changelogs runs on the real broker: tests/integration/test_runtime_batched.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.runtime.state import OFFSET_KEY, PartitionState, changelog_topic, db_path
+from app.settings import Settings
+from byzguard.config import GuardConfig, Route, load
+from byzguard.guard import ENTITIES, LAMPORTS
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> GuardConfig:
+    path = tmp_path / "byzguard.yaml"
+    path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                    "      types: {t: {}}}\n")
+    return load(path)
+
+
+def _faust_tables(tmp_path: Path, config: GuardConfig) -> Any:
+    from app.worker import build_app
+
+    return build_app(Settings(data_dir=tmp_path / "data"), config, "127.0.0.1:9092")
+
+
+def test_paths_and_changelog_names_are_those_of_fausts_tables(tmp_path: Path, config: GuardConfig) -> None:
+    """Each state name's database is the file faust's rocksdb store of that table uses, and its changelog topic
+    is the table's: a data dir and changelogs written by the faust runtime are read as they are."""
+    built = _faust_tables(tmp_path, config)
+    route = config.routes[0]
+    tables = built.tables["r"]
+    tabledir = Path(built.app.conf.tabledir)
+    for name, table in ((ENTITIES, tables.state_by_entity), (LAMPORTS, tables.lamport_by_source)):
+        assert db_path(tabledir, route, name, 3) == table.data.partition_path(3)
+        assert changelog_topic(built.app.conf.id, route, name) == table.changelog_topic.get_topic_name()
+        assert table.data.offset_key == OFFSET_KEY
+
+
+def test_state_written_through_faust_is_read_and_its_changelog_offset_known(tmp_path: Path,
+                                                                             config: GuardConfig) -> None:
+    """A key and persisted changelog offset that faust's store wrote are what the batched runtime reads."""
+    built = _faust_tables(tmp_path, config)
+    table = built.tables["r"].state_by_entity
+    db = table.data._db_for_partition(1)
+    db.put(b"acct-1", b"state of acct-1")
+    table.data.set_persisted_offset(_tp(table, 1), 41)
+    table.data._dbs.pop(1).close()
+    part = PartitionState(Path(built.app.conf.tabledir), config.routes[0], 1, built.store_options)
+    try:
+        assert part.readers[ENTITIES].get(b"acct-1") == b"state of acct-1"
+        assert part.changelog_offset(ENTITIES) == 41
+        assert part.changelog_offset(LAMPORTS) is None
+    finally:
+        part.close()
+
+
+def _tp(table: Any, partition: int) -> Any:
+    from faust.types import TP
+
+    return TP(table.changelog_topic.get_topic_name(), partition)
+
+
+def _route(config: GuardConfig) -> Route:
+    return config.routes[0]
+
+
+def test_pending_writes_are_read_first_and_stored_with_their_offsets_in_one_go(tmp_path: Path,
+                                                                              config: GuardConfig) -> None:
+    """A batch's writes (and deletes) are visible to the next record before they are stored; `store` writes them
+    with the last changelog offset of each table and the next input offset, and a reopened partition reads them."""
+    route = _route(config)
+    part = PartitionState(tmp_path, route, 0, {})
+    part.dbs[ENTITIES].put(b"gone", b"old")
+    part.readers[ENTITIES].put(b"a", b"1")
+    part.readers[LAMPORTS].put(b"src", b"7")
+    part.readers[ENTITIES].delete(b"gone")
+    assert part.readers[ENTITIES].get(b"a") == b"1" and part.readers[ENTITIES].get(b"gone") is None
+    assert sorted(part.readers[ENTITIES].items()) == [(b"a", b"1")], "items: the batch's view, no offset keys"
+    assert part.dbs[ENTITIES].get(b"a") is None, "nothing reaches RocksDB before the store"
+    part.store({ENTITIES: 12, LAMPORTS: 5}, {"in": 100})
+    part.close()
+
+    again = PartitionState(tmp_path, route, 0, {})
+    try:
+        assert again.readers[ENTITIES].get(b"a") == b"1" and again.readers[ENTITIES].get(b"gone") is None
+        assert again.readers[LAMPORTS].get(b"src") == b"7"
+        assert (again.changelog_offset(ENTITIES), again.changelog_offset(LAMPORTS)) == (12, 5)
+        assert again.input_offsets() == {"in": 100}
+    finally:
+        again.close()
+
+
+def test_an_aborted_batch_leaves_no_trace_and_a_wiped_table_is_empty(tmp_path: Path, config: GuardConfig) -> None:
+    """`discard` forgets the batch in progress (its transaction aborted); `wipe` empties one table's database."""
+    part = PartitionState(tmp_path, _route(config), 2, {})
+    try:
+        part.readers[ENTITIES].put(b"a", b"1")
+        part.discard()
+        assert part.readers[ENTITIES].get(b"a") is None
+        part.readers[LAMPORTS].put(b"s", b"1")
+        part.store({LAMPORTS: 3}, {})
+        part.wipe(LAMPORTS)
+        assert part.readers[LAMPORTS].get(b"s") is None and part.changelog_offset(LAMPORTS) is None
+    finally:
+        part.close()
