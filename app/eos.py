@@ -30,7 +30,11 @@ each gap below and how the crash test finds it.
    guarded topics; it drops a record delivered again, and when a record's predecessor never came it seeks
    back to it. This one is not about transactions: under at_least_once a skipped record (seen at the end of
    a large table recovery) leaves an offset nothing acks, faust's commit never passes it again and the worker
-   stops committing. `install_in_order(app, bootstrap)` wires it under either guarantee.
+   stops committing. Faust's seek to the committed offsets (after a rebalance) reads them while its commit runs:
+   a commit that lands in between sets faust's committed offset back below offsets its commit already took off
+   the acked ones, whose records come again and are dropped, so the commit stopped for good (seen after a rejoin
+   that followed a broker outage); those offsets, processed already, are acked again (`after_seek_to_committed`).
+   `install_in_order(app, bootstrap)` wires it under either guarantee.
 
 `install(app, bootstrap)` wires 1-3 and 5-7 into the app before its consumer and producer exist; agents run
 each record through `process(app, event, handle)` and call `guard(app, topic)`; the CLI runs the worker
@@ -49,7 +53,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +174,12 @@ class InOrder:
         #: Per partition, what the probe read last: from which offset, and the offsets of the committed records
         #: it got from there (every other offset up to the last of them is a marker or an aborted record).
         self.probed: dict[TP, tuple[int, list[int]]] = {}
+        #: Partitions dropping records delivered again: the first one dropped (logged once per run of drops).
+        self.dropping: dict[TP, int] = {}
+        #: Per partition, the generation whose first record was logged.
+        self.announced: dict[TP, int] = {}
+        #: Guarded partitions with no record processed since their assignment: (generation, since, last said).
+        self.silent_since: dict[TP, tuple[int, float, float]] = {}
         self._probe: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
 
@@ -203,14 +213,31 @@ class InOrder:
                 # start, the offsets before it (a transactional input's markers) would never be acked, and the
                 # commit would stop there for good: ask the group coordinator.
                 committed = await self._group_committed(app, tp)
+                if committed is not None and committed < 0:
+                    # The group has committed nothing here (a fresh group, or its first commit failed in a broker
+                    # outage), so the partition starts where faust's offset reset puts it: at its log start
+                    # ("earliest"). Taken from the first record delivered instead, the records before it were
+                    # lost: after a rejoin that followed an outage, the fetch handed over record 88 first, the
+                    # commit passed 22-87 (never processed) and 66 events had no output.
+                    committed = await self._reset_offset(app, tp)
             expected = committed if committed is not None and committed >= 0 else None
             self.seeking.pop(tp, None)
+            if self.announced.get(tp) != generation:  # once: until one is processed, every record comes here
+                self.announced[tp] = generation
+                log.info("%s: first record since the assignment (generation %d): %d; the next to process is %s "
+                         "(faust's committed offset %s)", tp, generation, offset, expected,
+                         consumer._committed_offset[tp])
         if expected is None or offset == expected:
             self.seeking.pop(tp, None)
+            if self.dropping:
+                self.dropping.pop(tp, None)
             return True
         if offset < expected:
             # Delivered again (faust fetched it twice around a rebalance): its outputs and ack are in already.
-            log.debug("%s: record %d delivered again after it was processed; not processed twice", tp, offset)
+            if tp not in self.dropping:  # once per run of them: around a rebalance there can be many
+                self.dropping[tp] = offset
+                log.info("%s: record %d delivered again after it was processed; dropped, as are the next ones "
+                         "until %d comes", tp, offset, expected)
             return self.drop(consumer, message)
         if self.seeking.get(tp) == expected:
             # Still on the way back to the skipped record. A record fetched before the seek and handed over
@@ -218,6 +245,8 @@ class InOrder:
             # comes: seek again.
             read = consumer._read_offset.get(tp)
             if read is not None and read > expected:
+                log.info("%s: record %d came while seeking back to %d (read offset %d); seeking again",
+                         tp, offset, expected, read)
                 await consumer.seek(tp, expected)
             return self.drop(consumer, message)
         first = await self._first_record_from(tp, expected, offset)
@@ -240,11 +269,46 @@ class InOrder:
         finally:
             self.acking = False
 
+    def forget(self, revoked: Iterable[TP]) -> None:
+        """Drop what is known of revoked partitions: if they come back, the committed offset says where to go on."""
+        for tp in revoked:
+            for known in (self.expected, self.seeking, self.dropping, self.silent_since, self.announced):
+                known.pop(tp, None)
+
+    def after_seek_to_committed(self, consumer: Any, generation: int) -> None:
+        """Faust sought to the committed offsets (`Consumer.perform_seek`): ack again what was processed above them.
+
+        Faust reads the committed offsets on its consumer's thread and then sets its own committed offsets to
+        them, while the commit timer commits concurrently (the seek is not under the processing lock). A commit
+        that lands between the read and its use is undone in faust's bookkeeping: its committed offset goes back
+        below offsets its commit already took off the acked ones, and its commit never passes them again (it
+        waits for the ack of the first one above its committed offset). Faust itself would ack the records
+        the seek delivers again; `in_order` drops them, processed already, so nothing came to fill the gap and
+        the worker stopped committing for good: seen after a rejoin that followed a broker outage, where faust
+        seeks twice (in a fetch that returned while the flow was stopped, then at the end of recovery) with
+        records processed and committed in between. Every offset below the one a partition expects next was
+        processed in this generation (or holds no record): acked again here, the commit passes them.
+        """
+        assigned = consumer.assignment()
+        for tp, (known, expected) in list(self.expected.items()):
+            if known != generation or tp not in assigned:
+                continue
+            committed = consumer._committed_offset[tp]
+            if committed is not None and committed < expected:
+                acked = self.ack_without_record(consumer, tp, committed, expected)
+                if acked:
+                    log.warning("%s: faust's seek set its committed offset back to %d, below offsets its commits "
+                                "already took (%s a commit in flight), with %d next: %d processed offsets acked again",
+                                tp, committed, "with" if consumer._commit_fut is not None else "without", expected,
+                                acked)
+
     @staticmethod
-    def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> None:
-        """Mark offsets `first`..`end`-1 of `tp`, which hold no record to process, acked for faust's commit (the
-        bookkeeping of faust's `Consumer.ack`, without a message). Not a gap (`Consumer._add_gap`): faust's commit
-        applies gaps only below the highest acked offset, so a gap at a partition's end would never be passed."""
+    def ack_without_record(consumer: Any, tp: TP, first: int, end: int) -> int:
+        """Mark offsets `first`..`end`-1 of `tp`, which hold no record to process (or whose records were processed
+        already), acked for faust's commit (the bookkeeping of faust's `Consumer.ack`, without a message); return
+        how many were not acked yet. Not a gap (`Consumer._add_gap`): faust's commit applies gaps only below the
+        highest acked offset, so a gap at a partition's end would never be passed."""
+        added = 0
         with ack_lock:
             committed = consumer._committed_offset[tp]
             acked_index = consumer._acked_index[tp]
@@ -252,8 +316,10 @@ class InOrder:
                 if (committed is None or offset >= committed) and offset not in acked_index:
                     acked_index.add(offset)
                     consumer._acked[tp].append(offset)
-                    consumer._n_acked += 1
+                    added += 1
+            consumer._n_acked += added
             notify(consumer._waiting_for_ack)
+        return added
 
     async def find_skipped_tails(self, app: faust.App) -> None:
         """Seek back to a record skipped at the end of a partition: no later record comes to show the gap, so
@@ -262,6 +328,10 @@ class InOrder:
         consumer: Any = app.consumer
         generation, now = app.consumer_generation_id, time.monotonic()
         assigned = consumer.assignment()
+        if app.rebalancing or app.in_recovery:  # paused on purpose (faust says when recovery gets nothing)
+            self.silent_since.clear()
+        else:
+            self._report_silent(consumer, generation, assigned, now)
         for tp, (known, expected) in list(self.expected.items()):
             if known != generation or tp not in assigned or now - self.progress.get(tp, now) < IDLE_GAP_SECONDS:
                 continue
@@ -285,6 +355,32 @@ class InOrder:
             log.warning("%s: idle at %d below its highwater %d: record %d was never delivered; seeking back to it",
                         tp, expected, highwater, first)
             await self._seek_back(consumer, tp, generation, expected, first)
+
+    def _report_silent(self, consumer: Any, generation: int, assigned: Any, now: float) -> None:
+        """Say (every IDLE_GAP_SECONDS) which guarded partitions delivered no record for that long outside rebalances
+        and recovery although their highwater is past the committed offset (or they were never fetched), with
+        faust's bookkeeping of them: a fetch that never resumes shows here."""
+        for tp in assigned:
+            if tp.topic not in self.guarded_topics:
+                continue
+            known = self.expected.get(tp)
+            if known is not None and known[0] == generation:
+                continue
+            since = self.silent_since.get(tp)
+            if since is None or since[0] != generation:
+                self.silent_since[tp] = (generation, now, now)
+                continue
+            if now - since[1] < IDLE_GAP_SECONDS or now - since[2] < IDLE_GAP_SECONDS:
+                continue
+            committed, highwater = consumer._committed_offset[tp], consumer.highwater(tp)
+            if highwater is not None and highwater <= (committed or 0):
+                continue  # nothing to deliver
+            self.silent_since[tp] = (generation, since[1], now)
+            log.warning("%s: no record delivered for %.0f s since its assignment (generation %d): committed %s, "
+                        "read offset %s, highwater %s, expected %s, seeking %s, paused %s, flow active %s, "
+                        "unacked %d", tp, now - since[1], generation, committed, consumer._read_offset.get(tp),
+                        highwater, known, self.seeking.get(tp), tp in consumer._paused_partitions,
+                        consumer.flow_active, len(consumer._unacked_messages))
 
     async def _seek_back(self, consumer: Any, tp: TP, generation: int, expected: int, first: int) -> None:
         """Send `tp` back to the skipped record `first`; everything else is dropped until it comes. The offsets
@@ -317,7 +413,7 @@ class InOrder:
         return found[tp]
 
     async def _group_committed(self, app: faust.App, tp: TP) -> int | None:
-        """The offset the app's group has committed for `tp` (None: none, or the coordinator did not answer)."""
+        """The offset the app's group has committed for `tp`: -1 if none, None if the coordinator did not answer."""
         try:
             if self._admin is None:
                 self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
@@ -328,7 +424,22 @@ class InOrder:
             log.warning("%s: could not read the group's committed offset: %s", tp, exc)
             return None
         meta = found.get(atp)
-        return meta.offset if meta is not None and meta.offset >= 0 else None
+        return int(meta.offset) if meta is not None and meta.offset >= 0 else -1
+
+    async def _reset_offset(self, app: faust.App, tp: TP) -> int | None:
+        """Where faust's offset reset starts `tp` when its group has committed nothing: the log start offset under
+        "earliest"; None under "latest" (any record can be the first) or if the broker did not answer."""
+        if app.conf.consumer_auto_offset_reset != "earliest":
+            return None
+        atp = TopicPartition(tp.topic, tp.partition)
+        try:
+            if self._probe is None:
+                self._probe = await _read_committed_consumer(self.bootstrap)
+            starts = await self._probe.beginning_offsets([atp])
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("%s: could not read the log start offset: %s", tp, exc)
+            return None
+        return int(starts[atp]) if atp in starts else None
 
     async def close(self) -> None:
         """Stop the side consumer and admin client `in_order` may have started (at shutdown)."""
@@ -338,6 +449,30 @@ class InOrder:
         admin, self._admin = self._admin, None
         if admin is not None:
             await admin.close()
+
+
+async def rewind_recovery(app: faust.App, consumer: Any) -> None:
+    """After faust's seek to the committed offsets during table recovery, send the changelog partitions still being
+    recovered back to the last record recovery applied (it skips what it applied already).
+
+    Faust's fetch loop seeks to the committed offsets when a fetch returns while the flow is stopped, and drops
+    what that fetch returned: for a changelog partition (no committed offset, so not sought back) those records
+    were gone and recovery waited for them for good, the input partitions paused behind it (seen when a second
+    worker joined: "No event received for active tp ... since recovery start", the group's lag never shrank).
+    """
+    recovery: Any = app.tables._recovery  # type: ignore[attr-defined]
+    if recovery is None or not recovery.in_recovery:
+        return
+    behind: dict[TP, int] = {}
+    for tp in recovery.active_tps:
+        applied, highwater = recovery.active_offsets.get(tp), recovery.active_highwaters.get(tp)
+        if applied is not None and highwater is not None and applied < highwater:
+            behind[tp] = max(applied, 0)  # as Recovery._seek_offsets: the last applied one again, or the start
+    if behind:
+        log.info("sought to the committed offsets during recovery: changelog partitions sent back to %s",
+                 {f"{tp.topic}[{tp.partition}]": offset for tp, offset in behind.items()})
+        for tp, offset in behind.items():
+            await consumer.seek(tp, offset)
 
 
 def order_of(app: faust.App) -> InOrder | None:
@@ -377,6 +512,15 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
                 return
             await super()._add_gap(tp, offset_from, offset_to)
 
+        async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+            order.forget(revoked)  # as faust forgets their acks: what they expect next is decided anew
+            await super().on_partitions_revoked(revoked)
+
+        async def perform_seek(self) -> None:
+            await super().perform_seek()
+            order.after_seek_to_committed(self, app.consumer_generation_id)
+            await rewind_recovery(app, self)
+
         async def _seek(self, partition: TP, offset: int) -> None:
             # Faust calls aiokafka's seek from the event loop's thread while the consumer's own thread is
             # fetching: the fetcher then crashed with KeyError in fetched_records, or the partition was not fetched
@@ -392,7 +536,14 @@ def install_in_order(app: faust.App, bootstrap: str) -> InOrder:
         if gate is None:
             await order.find_skipped_tails(app)
             return
+        asked = time.monotonic()
         async with gate.lock:  # no event in the middle of processing, no commit in the middle of the seek
+            now = time.monotonic()
+            if now - asked > IDLE_GAP_SECONDS / 4:
+                # A commit held the lock (waiting out a broker outage): the partitions were idle because processing
+                # waited, not because a record was skipped. Seeking back then only fetched everything again.
+                order.progress = dict.fromkeys(order.progress, now)
+                return
             await order.find_skipped_tails(app)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's Signal.connect is typed for plain functions; faust awaits async receivers

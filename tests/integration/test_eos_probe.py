@@ -55,7 +55,8 @@ async def test_the_apps_shutdown_signal_stops_the_probe(kafka_bootstrap: str, to
 async def test_the_groups_committed_offset_comes_from_the_coordinator(
         kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
     """Where faust has not recorded a partition's committed offset yet, in_order reads the group's from the
-    coordinator (None for a partition the group never committed); closing stops its admin client."""
+    coordinator (-1 for a partition the group never committed, which then starts at its log start under the offset
+    reset "earliest"); closing stops its admin client."""
     topic = topic_factory()
     await produce_numbered(kafka_bootstrap, topic, range(3))
     group = f"eos-probe-{uuid.uuid4().hex[:6]}"
@@ -71,7 +72,11 @@ async def test_the_groups_committed_offset_comes_from_the_coordinator(
     try:
         assert await state._group_committed(app, TP(topic, 0)) == 2  # type: ignore[arg-type]
         other = SimpleNamespace(conf=SimpleNamespace(id=f"{group}-other"))
-        assert await state._group_committed(other, TP(topic, 0)) is None  # type: ignore[arg-type]
+        assert await state._group_committed(other, TP(topic, 0)) == -1  # type: ignore[arg-type]
+        earliest = SimpleNamespace(conf=SimpleNamespace(id=group, consumer_auto_offset_reset="earliest"))
+        assert await state._reset_offset(earliest, TP(topic, 0)) == 0  # type: ignore[arg-type]
+        latest = SimpleNamespace(conf=SimpleNamespace(id=group, consumer_auto_offset_reset="latest"))
+        assert await state._reset_offset(latest, TP(topic, 0)) is None  # type: ignore[arg-type]
     finally:
         await state.close()
     assert state._admin is None

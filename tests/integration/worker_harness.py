@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -35,6 +37,7 @@ from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import run_async
 
+_DIGITS = re.compile(r"\d+")
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "[^Worker]: Ready"
 TEST_ID = "x-test-id"  # our own header on records without a ce_id (malformed ones); workers keep it
@@ -109,11 +112,27 @@ class WorkerProcess:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def log_digest(self, lines: int = 150) -> str:
+        """What a failure needs to be diagnosed: every distinct WARNING/ERROR line of the log (digits ignored)
+        with its count and first occurrence, then its last `lines` lines."""
+        kinds: dict[str, list[Any]] = {}
+        for line in self.log_text().splitlines():
+            if "] [WARNING] " in line or "] [ERROR] " in line or "] [CRITICAL] " in line:
+                level_at = line.find("] [", line.find("] [") + 3)  # after "[time] [pid" comes "] [LEVEL]"
+                key = _DIGITS.sub("#", line[level_at:])[:300]
+                if key in kinds:
+                    kinds[key][1] += 1
+                else:
+                    kinds[key] = [line, 1]
+        warnings = "\n".join(f"{count:5d}x  {first[:400]}" for first, count in kinds.values()) or "(none)"
+        return (f"----- WARNING/ERROR lines of {self.log_path} (count, first) -----\n{warnings}\n"
+                f"----- last {lines} lines of {self.log_path} -----\n{self.log_tail(lines)}")
+
     def fail(self, what: str) -> WorkerError:
         code = self.proc.poll() if self.proc else None
         status = f"exit code {code}" if code is not None else "running"
         return WorkerError(f"worker {self.name} (pid {self.proc.pid if self.proc else '-'}, {status}): {what}\n"
-                           f"----- last lines of {self.log_path} -----\n{self.log_tail()}")
+                           f"{self.log_digest()}")
 
     def wait_ready(self, timeout: float = 90.0) -> float:
         """Block until the worker logs that it is ready; return the seconds it took since start."""
@@ -458,7 +477,8 @@ async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, t
             if dead:
                 raise dead[0].fail(f"died while the group still lags {lag}")
             await asyncio.sleep(0.25)
-        detail = "\n".join(f"----- {w.name} -----\n{w.log_tail(30)}" for w in workers)
+        detail = "\n".join(f"===== {w.name} (pid {w.proc.pid if w.proc else '-'}) =====\n{w.log_digest()}"
+                           for w in workers)
         raise AssertionError(f"group {group} still lags after {timeout:.0f} s: {lag}\n{detail}")
     finally:
         await admin.close()
