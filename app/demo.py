@@ -41,6 +41,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from app.sidereads import started_side_consumer
 from byzguard.audit import AuditRule
 from byzguard.client.producer import GuardedProducer
 from byzguard.config import GuardConfig
@@ -404,9 +405,7 @@ class Outputs:
         # An audit topic appears with the audit's first discrepancy at the latest: read it if it is there.
         parts |= await _partitions(self.bootstrap, [t for t, w in self.where_of.items() if w == AUDIT], 5.0,
                                    required=False)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                    isolation_level="read_committed", auto_offset_reset="earliest")
-        await consumer.start()
+        consumer = await started_side_consumer(self.bootstrap)
         self.consumer = consumer
         tps = [TopicPartition(topic, p) for topic, n in parts.items() for p in range(n)]
         consumer.assign(tps)

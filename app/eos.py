@@ -69,6 +69,8 @@ from faust.types.tuples import FutureMessage, ack_lock
 from mode import Service
 from mode.utils.futures import notify
 
+from app.sidereads import started_side_consumer
+
 log = logging.getLogger(__name__)
 
 #: How often a commit that waits for buffered changelog writes (a broker outage) says so in the log.
@@ -758,16 +760,10 @@ class MarkerAwareRecovery(Recovery):
 
 async def _read_committed_consumer(bootstrap: str) -> AIOKafkaConsumer:
     """A started side consumer outside any group that sees only committed records."""
-    # It reads one record per look: small fetches, not aiokafka's default of up to 50 MB buffered ahead.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed", max_partition_fetch_bytes=64 * 1024,
-                                fetch_max_bytes=1024 * 1024)
-    try:
-        await consumer.start()
-    except BaseException:
-        await consumer.stop()
-        raise
-    return consumer
+    # It reads one record per look: small fetches, not aiokafka's default of up to 50 MB buffered ahead. It always
+    # seeks where it reads; an offset gone from the log resets to the end (aiokafka's default), as it always did.
+    return await started_side_consumer(bootstrap, max_partition_fetch_bytes=64 * 1024, fetch_max_bytes=1024 * 1024,
+                                       auto_offset_reset="latest")
 
 
 async def _first_committed(consumer: AIOKafkaConsumer, starts: dict[TP, int],

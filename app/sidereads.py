@@ -1,11 +1,12 @@
 """Reading Kafka beside the worker: consumers outside any group that see only committed records, and topic
 partitions known even for a topic created a moment ago.
 
-Every tool that looks at topics without being part of the guard's consumer group (the review store, the
-backlog gauge, the CLI's quarantine, audit and contract commands, the demo's scoreboard, the in-order probe,
-the client's receipt reader) builds its consumer here, so they share one definition of "a side reader":
-no group id (no group is joined, no offset committed, the guard's group never disturbed), no auto commit,
-`read_committed` (records of aborted or open transactions are never seen), from the earliest offset.
+Every worker-side tool that looks at topics without being part of the guard's consumer group (the review store,
+the backlog gauge, the CLI's quarantine, audit and contract commands, the demo's scoreboard, the in-order probe)
+builds its consumer here, so they share one definition of "a side reader": no group id (no group is joined, no
+offset committed, the guard's group never disturbed), no auto commit, `read_committed` (records of aborted or open
+transactions are never seen), from the earliest offset. The client (byzguard/client/), which may be installed
+without the worker, keeps its own receipt reader.
 """
 
 from __future__ import annotations

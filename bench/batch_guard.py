@@ -37,6 +37,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from rocksdict import Options, Rdict, WriteBatch
 
+from app.runtime.batches import RecordBatches as ProductBatches
 from bench.passthrough_raw import commit_acknowledged, faust_batching, start_clients, stop_clients, stop_on_signals
 from byzguard.config import load
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
@@ -114,26 +115,17 @@ class _Reader:
         return value
 
 
-class RecordBatches:
-    """Outputs collected into aiokafka record batches, one open batch per destination (topic, partition)."""
+class RecordBatches(ProductBatches):
+    """The product's record batches (app/runtime/batches.py), counting records and handing back the futures for
+    the prototype's own commit order."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
-        self.producer = producer
-        self.open: dict[tuple[str, int], Any] = {}
-        self.full: list[tuple[str, int, Any]] = []
+        super().__init__(producer)
         self.records = 0
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
             headers: Sequence[tuple[str, bytes]] = ()) -> None:
-        dest = (topic, partition)
-        builder = self.open.get(dest)
-        if builder is None:
-            builder = self.open[dest] = self.producer.create_batch()
-        if builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is None:
-            self.full.append((topic, partition, builder))
-            builder = self.open[dest] = self.producer.create_batch()
-            if builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is None:
-                raise ValueError(f"a record for {topic}[{partition}] is larger than a whole record batch")
+        super().add(topic, partition, key, value, headers)
         self.records += 1
 
     async def send(self) -> list[asyncio.Future[Any]]:

@@ -23,6 +23,8 @@ from tests.chaos.test_crash import (
 from tests.integration.test_poison import _set_limit, _wait_for
 from tests.integration.worker_harness import (
     Events,
+    Out,
+    RouteNames,
     WorkerFactory,
     by_id,
     collect,
@@ -65,6 +67,15 @@ def _misrouted(stream: Stream, verified: list, quarantined: list, *, at_least_on
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def _outputs(bootstrap: str, route: RouteNames, stream: Stream) -> tuple[list[Out], list[Out]]:
+    """What the route's verified and quarantine topics hold once every labeled event of `stream` is in one."""
+    clean_ids = {i for i, kind in stream.kind_of.items() if kind == "clean"}
+    verified = await collect(bootstrap, route.verified, expected=len(clean_ids), idle=3.0, timeout=60)
+    quarantined = await collect(bootstrap, route.quarantine, expected=len(stream.kind_of) - len(clean_ids),
+                                idle=3.0, timeout=60)
+    return verified, quarantined
+
+
 async def test_batched_runtime_routes_clean_and_faulty_events_with_the_faust_runtimes_codes(
     batched: WorkerFactory, guarantee: str,
 ) -> None:
@@ -228,10 +239,7 @@ async def test_batched_runtime_sigkilled_mid_stream_loses_nothing(
         await wait_caught_up(bootstrap, batched.app_id, [route.input], timeout=120, workers=[worker])
     finally:
         feeding.cancel()
-    clean_ids = {i for i, kind in stream.kind_of.items() if kind == "clean"}
-    verified = await collect(bootstrap, route.verified, expected=len(clean_ids), idle=3.0, timeout=60)
-    quarantined = await collect(bootstrap, route.quarantine, expected=len(stream.kind_of) - len(clean_ids),
-                                idle=3.0, timeout=60)
+    verified, quarantined = await _outputs(bootstrap, route, stream)
     assert worker.stop() == 0
     with capsys.disabled():
         print(f"\nbatched {guarantee}: {len(stream.records)} records, {kills} SIGKILLs, next record routed "
@@ -265,10 +273,7 @@ async def test_batched_workers_joining_and_leaving_mid_stream_route_each_event_o
         await wait_caught_up(bootstrap, batched.app_id, [route.input], timeout=120, workers=[b])
     finally:
         feeding.cancel()
-    clean_ids = {i for i, kind in stream.kind_of.items() if kind == "clean"}
-    verified = await collect(bootstrap, route.verified, expected=len(clean_ids), idle=3.0, timeout=60)
-    quarantined = await collect(bootstrap, route.quarantine, expected=len(stream.kind_of) - len(clean_ids),
-                                idle=3.0, timeout=60)
+    verified, quarantined = await _outputs(bootstrap, route, stream)
     assert b.stop() == 0
     with capsys.disabled():
         print(f"\nbatched hand-over: {len(stream.records)} records, {len(verified)} verified, "
