@@ -14,7 +14,7 @@ from rich.markup import escape
 from app.audit_cli import audit_cli
 from app.cli_contract import contract_cli
 from app.cli_quarantine import quarantine_cli
-from app.demo import demo_command
+from app.dev.demo import demo_command
 from byzguard import config as guard_config
 from byzguard.errors import ConfigError
 from byzguard.verdict import Code
@@ -51,19 +51,19 @@ def run(
                                 option_names={"config": "--config", "broker": "--broker"})
     refuse_untested_versions(settings.allow_untested_versions)
     if not settings.broker:
-        from app.demo import announce_demo_secrets
+        from app.dev.demo import announce_demo_secrets
 
         announce_demo_secrets(settings.config, console)
     cfg = _load_config(settings.config)
     bootstrap = settings.broker
     if not bootstrap:
-        from app.localkafka import ensure_running
+        from app.dev.localkafka import ensure_running
 
         bootstrap = ensure_running(announce=lambda what: console.print(
             f"[cyan]no broker configured (BYZGUARD_BROKER): {what}...[/]"))
         try:
             if demo:
-                from app.demo import run_local
+                from app.dev.demo import run_local
 
                 raise typer.Exit(run_local(settings, cfg, bootstrap))
             _run_worker(settings, cfg, bootstrap)
@@ -88,7 +88,7 @@ def refuse_untested_versions(allow_untested: bool) -> None:
 def say_local_broker_runs(bootstrap: str) -> None:
     """After the worker stopped: the local broker it used keeps running (for the next run); say how to stop it."""
     console.print(f"[cyan]the local Kafka broker keeps running at {bootstrap}[/] (the next run reuses it); stop it "
-                  "with [bold]make broker-stop[/] or [bold]python -m app.localkafka stop[/]")
+                  "with [bold]make broker-stop[/] or [bold]python -m app.dev.localkafka stop[/]")
 
 
 def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str) -> None:
@@ -150,7 +150,7 @@ def config_check(path: Path) -> None:
     MAC key secret: the unset ones are listed (the worker refuses to start without them)."""
     import os
 
-    from app.local_secrets import secret_variables
+    from app.dev.local_secrets import secret_variables
 
     cfg = _load_config(path, require_secrets=False)
     for route in cfg.routes:

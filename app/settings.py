@@ -163,7 +163,7 @@ def load_settings(options: Mapping[str, Any] | None = None, *,
                   option_names: Mapping[str, str] | None = None) -> Settings:
     """The settings from the environment (and .env) with command-line `options` on top, every problem found at
     once: SettingsError with one line per variable (and per unknown BYZGUARD_* variable)."""
-    from app.local_secrets import secret_variables
+    from app.dev.local_secrets import secret_variables
 
     env = os.environ
     given = {k: v for k, v in (options or {}).items() if v is not None}

@@ -41,11 +41,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from app.sidereads import started_side_consumer
-from byzguard.audit import AuditRule
-from byzguard.client.producer import GuardedProducer
-from byzguard.config import GuardConfig
-from byzguard.faults import (
+from app.dev.faults import (
     AUDITED_TYPE,
     EVENT_TYPES,
     QUARANTINE,
@@ -63,6 +59,10 @@ from byzguard.faults import (
     observe,
     score,
 )
+from app.sidereads import started_side_consumer
+from byzguard.audit import AuditRule
+from byzguard.client.producer import GuardedProducer
+from byzguard.config import GuardConfig
 from byzguard.integrity import HMAC_SHA256, SHA256, Key
 
 DEFAULT_EVENTS = 2000
@@ -173,8 +173,8 @@ def service_keys(config: GuardConfig) -> dict[str, Key]:
 
 def ensure_demo_secrets(config_path: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
     """Give every MAC key of the configuration whose secret env var is unset its local-mode secret (kept in the
-    cache, made up the first time: app/local_secrets.py); returns the names made up now."""
-    from app.local_secrets import use_local_secrets
+    cache, made up the first time: app/dev/local_secrets.py); returns the names made up now."""
+    from app.dev.local_secrets import use_local_secrets
 
     return use_local_secrets(config_path, environ)[0]
 
@@ -935,7 +935,7 @@ def _follow(child: WorkerProcess, console: Console) -> None:
 
 def announce_demo_secrets(config_path: Path, console: Console) -> None:
     """Local mode: make up the MAC key secrets that are not set, and say so."""
-    from app.local_secrets import CACHE, use_local_secrets
+    from app.dev.local_secrets import CACHE, use_local_secrets
 
     made, reused = use_local_secrets(config_path)
     if made:
@@ -979,7 +979,7 @@ def demo_command(
     """Play the seed's services (pricing, orders, payments, permissions) against a guard worker with every failure
     of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
     an event lost."""
-    from app.localkafka import ensure_running
+    from app.dev.localkafka import ensure_running
     from app.settings import settings_or_exit
     from byzguard.config import load
     from byzguard.errors import ConfigError
