@@ -164,6 +164,15 @@ def test_no_product_module_imports_the_dev_package_at_import_time() -> None:
     assert not chains, "only functions may import the dev-only package app.dev:\n" + "\n".join(chains)
 
 
+def test_the_fault_generator_is_pure() -> None:
+    """The demo's fault generator and scorer (app.dev.faults) imports neither faust, mode nor aiokafka (its byzguard
+    imports are the core's, checked above)."""
+    graph = import_graph(ROOT / "app")
+    assert "app.dev.faults" in graph
+    assert forbidden_paths(graph, "app.dev.faults", WORKER_ONLY + KAFKA) == []
+    assert {m for m in graph["app.dev.faults"] if m.partition(".")[0] == "app"} == set()
+
+
 def test_the_dev_check_sees_module_level_imports_only(tmp_path: Path) -> None:
     """A product module that imports app.dev at module level (or through another product module) is reported; one
     that imports it inside a function is not."""
