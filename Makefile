@@ -30,7 +30,7 @@ run: $(INSTALLED)
 
 ## test: lint, type check, and the whole suite against a real broker
 test: $(INSTALLED) lint typecheck
-	$(PY) -m app.localkafka fetch
+	$(PY) -m app.dev.localkafka fetch
 	@# The e2e tests drive Debian's Chromium; CI is a fresh machine where we are root.
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
@@ -55,17 +55,17 @@ integration: $(INSTALLED)
 
 ## bench: throughput, latency, memory, crash accounting, detection quality and a profile on a local broker, into bench/results/ (BENCH_ARGS=--quick: a smoke run)
 bench: $(INSTALLED)
-	$(PY) -m app.localkafka fetch
+	$(PY) -m app.dev.localkafka fetch
 	@# The `bench` extra: confluent-kafka (variant a_ck) and py-spy (the profile phase), bench-only tools; the run
 	@# goes on without them if they cannot be installed (a_ck and the profile then report an error).
 	-@$(PY) -m pip install --quiet $(CONSTRAINTS) -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 broker-start: $(INSTALLED)
-	$(PY) -m app.localkafka start
+	$(PY) -m app.dev.localkafka start
 
 broker-stop: $(INSTALLED)
-	$(PY) -m app.localkafka stop
+	$(PY) -m app.dev.localkafka stop
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -166,7 +166,7 @@ def audit_run(
         raise typer.Exit(2)
     bootstrap = broker or settings.broker
     if not bootstrap:
-        from app.localkafka import running_broker
+        from app.dev.localkafka import running_broker
 
         bootstrap = running_broker()
     if not bootstrap:

@@ -80,7 +80,7 @@ TimeoutOpt = Annotated[float, typer.Option(help="seconds to wait for the broker 
 def _bootstrap(broker: str | None) -> str:
     if broker:
         return broker
-    from app.localkafka import running_broker
+    from app.dev.localkafka import running_broker
 
     found = running_broker()
     if found is None:
@@ -200,7 +200,7 @@ def _to_record(r: Any) -> RecordIn:
 
 def _contract(config: Path, route: str | None) -> Contract:
     if not os.environ.get("BYZGUARD_BROKER"):  # local mode: the MAC secrets the local runs made up and kept
-        from app.local_secrets import use_local_secrets
+        from app.dev.local_secrets import use_local_secrets
 
         use_local_secrets(config, make_up=False)
     try:

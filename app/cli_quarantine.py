@@ -90,7 +90,7 @@ def _store(config: Path | None, broker: str | None) -> Any:
         raise typer.Exit(EXIT_SETUP) from None
     bootstrap = settings.broker
     if not bootstrap:
-        from app.localkafka import running_broker
+        from app.dev.localkafka import running_broker
 
         bootstrap = running_broker()
     if not bootstrap:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -147,6 +148,18 @@ def _problem_lines(exc: ValidationError, options: Mapping[str, str]) -> list[str
     return lines
 
 
+def secret_variables(config_path: Path) -> list[str]:
+    """The secret_env variables of the configuration's MAC keys (none when it does not read: loading it says why)."""
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    keys = raw.get("keys") if isinstance(raw, dict) else None
+    names = [spec.get("secret_env") for spec in (keys or {}).values() if isinstance(spec, dict)] \
+        if isinstance(keys, dict) else []
+    return [n for n in names if isinstance(n, str) and n]
+
+
 def unknown_variables(names: Iterable[str], *, key_variables: Iterable[str] = ()) -> list[str]:
     """One line for each BYZGUARD_* name that nothing reads (a misspelling is silently ignored otherwise)."""
     known = {variable(f) for f in Settings.model_fields} | OTHER_VARIABLES | set(key_variables)
@@ -163,8 +176,6 @@ def load_settings(options: Mapping[str, Any] | None = None, *,
                   option_names: Mapping[str, str] | None = None) -> Settings:
     """The settings from the environment (and .env) with command-line `options` on top, every problem found at
     once: SettingsError with one line per variable (and per unknown BYZGUARD_* variable)."""
-    from app.local_secrets import secret_variables
-
     env = os.environ
     given = {k: v for k, v in (options or {}).items() if v is not None}
     option_names = {k: v for k, v in (option_names or {}).items() if k in given}  # the rest came from variables

@@ -138,7 +138,7 @@ def environment(args: argparse.Namespace, kafka_version: str) -> dict[str, Any]:
         "host": platform.node(), "cpus": os.cpu_count(), "memory_mb": mem, "python": platform.python_version(),
         "kafka": kafka_version, "faust-streaming": version("faust-streaming"), "aiokafka": version("aiokafka"),
         "rocksdict": version("rocksdict"), "cel-python": version("cel-python"),
-        "broker": args.broker or "local KRaft broker started by the bench (app.localkafka.LocalKafka)",
+        "broker": args.broker or "local KRaft broker started by the bench (app.dev.localkafka.LocalKafka)",
         "git_head": _git_head(),
     }
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.broker:
             bootstrap, broker_pid, kafka_version = args.broker, None, "external"
         else:
-            from app.localkafka import LocalKafka
+            from app.dev.localkafka import LocalKafka
 
             data_dir = REPO / ".cache" / "bench" / "kafka" / "data"
             kafka = stack.enter_context(LocalKafka(data_dir=data_dir, fresh=True))

@@ -5,9 +5,9 @@ in order:
 
 1. ``KAFKA_BOOTSTRAP_SERVERS`` when set (an external broker);
 2. an ``apache/kafka:<version>`` container (KRaft) when a Docker engine answers;
-3. otherwise :class:`app.localkafka.LocalKafka` on free ports with a fresh data dir.
+3. otherwise :class:`app.dev.localkafka.LocalKafka` on free ports with a fresh data dir.
 
-``BYZGUARD_KAFKA_VERSION`` picks the Kafka version (default :data:`app.localkafka.DEFAULT_VERSION`);
+``BYZGUARD_KAFKA_VERSION`` picks the Kafka version (default :data:`app.dev.localkafka.DEFAULT_VERSION`);
 ``BYZGUARD_TEST_KAFKA=local|docker`` forces a backend. Tests that need the broker are marked
 ``@pytest.mark.kafka`` (the marker is declared in pyproject.toml).
 """
@@ -34,7 +34,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from app.localkafka import (  # noqa: E402
+from app.dev.localkafka import (  # noqa: E402
     FAST_START_JVM_FLAGS,
     LocalKafka,
     free_ports,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka
+from app.dev.localkafka import FAST_START_JVM_FLAGS, LocalKafka
 from tests.integration.worker_harness import Events, WorkerFactory, by_id, collect, produce, wait_caught_up
 
 pytestmark = [pytest.mark.slow]

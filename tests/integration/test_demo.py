@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from app.demo import (
+from app.dev.demo import (
     AUDIT_SCORED,
     DEMO_AUDIT_WINDOW,
     DemoOptions,
@@ -28,10 +28,10 @@ from app.demo import (
     start_worker,
     web_base,
 )
-from app.localkafka import free_ports
+from app.dev.faults import SPECS, Expect, Fate, FaultClass
+from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.config import load
-from byzguard.faults import SPECS, Expect, Fate, FaultClass
 
 pytestmark = pytest.mark.kafka
 

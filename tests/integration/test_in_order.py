@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
 from app import eos
-from app.localkafka import free_ports
+from app.dev.localkafka import free_ports
 from tests.conftest import TopicFactory
 from tests.integration.worker_harness import produce_numbered, wait_caught_up
 

@@ -1,4 +1,4 @@
-"""Integration tests of the project-started Kafka broker (app.localkafka) and the suite's Kafka fixtures."""
+"""Integration tests of the project-started Kafka broker (app.dev.localkafka) and the suite's Kafka fixtures."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka, ensure_broker_jars, ensure_running, resolve_version
+from app.dev.localkafka import FAST_START_JVM_FLAGS, LocalKafka, ensure_broker_jars, ensure_running, resolve_version
 
 pytestmark = pytest.mark.kafka
 

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from app.demo import start_worker, web_base
-from app.localkafka import free_ports
+from app.dev.demo import start_worker, web_base
+from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key

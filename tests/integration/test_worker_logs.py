@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.localkafka import FAST_START_JVM_FLAGS, LocalKafka, resolve_version
+from app.dev.localkafka import FAST_START_JVM_FLAGS, LocalKafka, resolve_version
 from tests.integration.worker_harness import Events, WorkerFactory, produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

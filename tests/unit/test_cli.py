@@ -60,7 +60,7 @@ def test_local_mode_keeps_its_made_up_secrets_for_the_next_run(tmp_path: Path) -
     and the read-only tools reuse it; a variable that is set always wins."""
     import stat
 
-    from app.local_secrets import use_local_secrets
+    from app.dev.local_secrets import use_local_secrets
 
     config = tmp_path / "byzguard.yaml"
     config.write_text("keys:\n  p-1: {source: pricing, secret_env: KEY_P}\n  o-1: {source: orders, secret_env: KEY_O}\n"

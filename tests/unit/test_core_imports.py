@@ -1,6 +1,7 @@
 """The import boundary: the pure core (byzguard/ but byzguard.client) imports neither faust, mode nor aiokafka,
-not directly and not through another byzguard module; the client (byzguard.client) imports no faust or mode; and
-no byzguard module imports the worker's packages, which are not in the wheel."""
+not directly and not through another byzguard module; the client (byzguard.client) imports no faust or mode;
+no byzguard module imports the worker's packages, which are not in the wheel; and no product module loads the
+development-only package (app/dev/) when it is imported."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ WORKER_ONLY = ("faust", "mode")  # the stream processor: never in the wheel's co
 KAFKA = ("aiokafka",)  # the Kafka client: only byzguard.client (the `client` extra) may import it
 CLIENT = "byzguard.client"
 WORKER_PACKAGES = ("app", "agents", "tables", "topics")  # run from the checkout or the image, not in the wheel
+DEV = "app.dev"  # development-only: the local broker tool, the demo, its fault generator, local mode's secrets
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -33,12 +35,22 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
     return skipped
 
 
-def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
+def _in_functions(tree: ast.Module) -> set[int]:
+    """ids of the nodes inside function bodies (run when called, not when the module is imported)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            inside.update(id(n) for n in ast.walk(node) if n is not node)
+    return inside
+
+
+def imports_of(path: Path, name: str, modules: set[str], *, module_level: bool = False) -> set[str]:
     """What importing the module executes an import of: every import statement (in functions too, as they run
-    when called), relative ones resolved, `from package import submodule` as the submodule; TYPE_CHECKING
-    blocks left out. Importing `a.b.c` also imports `a` and `a.b`."""
+    when called; with `module_level`, only those outside functions), relative ones resolved, `from package
+    import submodule` as the submodule; TYPE_CHECKING blocks left out. Importing `a.b.c` also imports `a` and
+    `a.b`."""
     tree = ast.parse(path.read_text(), str(path))
-    skipped = _type_checking_only(tree)
+    skipped = _type_checking_only(tree) | (_in_functions(tree) if module_level else set())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -68,6 +80,14 @@ def import_graph(package_dir: Path) -> dict[str, set[str]]:
     paths = {module_name(p, root): p for p in sorted(package_dir.rglob("*.py"))}
     modules = set(paths)
     return {name: imports_of(path, name, modules) for name, path in paths.items()}
+
+
+@functools.cache
+def module_level_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Each module of the packages -> the modules its import (not its functions) runs an import of."""
+    paths = {module_name(p, root): p for package in packages for p in sorted((root / package).rglob("*.py"))}
+    modules = set(paths)
+    return {name: imports_of(path, name, modules, module_level=True) for name, path in paths.items()}
 
 
 def forbidden_paths(graph: dict[str, set[str]], start: str, forbidden: tuple[str, ...]) -> list[str]:
@@ -110,6 +130,62 @@ def test_byzguard_imports_none_of_the_worker_packages() -> None:
     graph = import_graph(ROOT / "byzguard")
     chains = [c for m in graph for c in forbidden_paths(graph, m, WORKER_PACKAGES)]
     assert not chains, "byzguard must not import the worker's packages:\n" + "\n".join(chains)
+
+
+def _is_dev(module: str) -> bool:
+    return module == DEV or module.startswith(f"{DEV}.")
+
+
+def dev_chains(graph: dict[str, set[str]]) -> list[str]:
+    """Module-level import chains from a module outside app.dev into app.dev, following modules outside it."""
+    product = {m: targets for m, targets in graph.items() if not _is_dev(m)}
+    chains: list[str] = []
+    for start in sorted(product):
+        seen = {start}
+        queue: deque[list[str]] = deque([[start]])
+        while queue:
+            chain = queue.popleft()
+            for target in sorted(product.get(chain[-1], ())):
+                if _is_dev(target):
+                    chains.append(" -> ".join([*chain, target]))
+                elif target in product and target not in seen:
+                    seen.add(target)
+                    queue.append([*chain, target])
+    return chains
+
+
+def test_no_product_module_imports_the_dev_package_at_import_time() -> None:
+    """No module of app (but app/dev/), agents, tables or topics imports app.dev when it is imported, directly or
+    through another module: the dev-only parts load only inside local mode's, the demo's and the CLI tools'
+    no-broker functions."""
+    graph = module_level_graph(ROOT, WORKER_PACKAGES)
+    assert "app.dev.demo" in graph and "app.cli" in graph and "app.worker" in graph
+    chains = dev_chains(graph)
+    assert not chains, "only functions may import the dev-only package app.dev:\n" + "\n".join(chains)
+
+
+def test_the_fault_generator_is_pure() -> None:
+    """The demo's fault generator and scorer (app.dev.faults) imports neither faust, mode nor aiokafka (its byzguard
+    imports are the core's, checked above)."""
+    graph = import_graph(ROOT / "app")
+    assert "app.dev.faults" in graph
+    assert forbidden_paths(graph, "app.dev.faults", WORKER_ONLY + KAFKA) == []
+    assert {m for m in graph["app.dev.faults"] if m.partition(".")[0] == "app"} == set()
+
+
+def test_the_dev_check_sees_module_level_imports_only(tmp_path: Path) -> None:
+    """A product module that imports app.dev at module level (or through another product module) is reported; one
+    that imports it inside a function is not."""
+    (tmp_path / "app" / "dev").mkdir(parents=True)
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "dev" / "__init__.py").write_text("")
+    (tmp_path / "app" / "dev" / "tool.py").write_text("import app.settings\n")
+    (tmp_path / "app" / "settings.py").write_text("def f():\n    from app.dev.tool import x\n")
+    (tmp_path / "app" / "cli.py").write_text("from app import web\n")
+    (tmp_path / "app" / "web.py").write_text("from .dev import tool\n")
+    graph = module_level_graph(tmp_path, ("app",))
+    assert dev_chains(graph) == ["app.cli -> app.web -> app.dev", "app.cli -> app.web -> app.dev.tool",
+                                 "app.web -> app.dev", "app.web -> app.dev.tool"]
 
 
 def test_the_check_follows_imports_transitively(tmp_path: Path) -> None:

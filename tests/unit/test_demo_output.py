@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from app.demo import AUDIT_SCORED, DEMO_AUDIT_WINDOW, DemoResult, Where, demo_config, render_result
+from app.dev.demo import AUDIT_SCORED, DEMO_AUDIT_WINDOW, DemoResult, Where, demo_config, render_result
+from app.dev.faults import SPECS, Fate, FaultClass, score
 from byzguard.config import load
-from byzguard.faults import SPECS, Fate, FaultClass, score
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,12 +54,12 @@ def test_after_the_worker_stops_it_says_the_local_broker_keeps_running(monkeypat
                                                                         tmp_path: Path) -> None:
     """`byzguard run` with the local broker says, when its worker stops (Ctrl-C), that the broker still runs and
     how to stop it."""
-    import app.demo
-    import app.localkafka
+    import app.dev.demo
+    import app.dev.localkafka
     from app.cli import cli
 
-    monkeypatch.setattr(app.localkafka, "ensure_running", lambda **announce: "127.0.0.1:19092")
-    monkeypatch.setattr(app.demo, "run_local", lambda settings, cfg, bootstrap: 130)  # what Ctrl-C returns
+    monkeypatch.setattr(app.dev.localkafka, "ensure_running", lambda **announce: "127.0.0.1:19092")
+    monkeypatch.setattr(app.dev.demo, "run_local", lambda settings, cfg, bootstrap: 130)  # what Ctrl-C returns
     monkeypatch.chdir(tmp_path)
     env = {name: None for name in ("BYZGUARD_BROKER", "BYZGUARD_KEY_PRICING_1", "BYZGUARD_KEY_ORDERS_1",
                                    "BYZGUARD_KEY_PAYMENTS_1")}
@@ -67,7 +67,7 @@ def test_after_the_worker_stops_it_says_the_local_broker_keeps_running(monkeypat
     assert result.exit_code == 130, result.output
     said = " ".join(result.output.split())
     assert "the local Kafka broker keeps running at 127.0.0.1:19092" in said
-    assert "make broker-stop" in said and "python -m app.localkafka stop" in said
+    assert "make broker-stop" in said and "python -m app.dev.localkafka stop" in said
 
 
 def test_the_demo_worker_config_differs_from_the_users_only_in_the_orders_audit_window(tmp_path: Path,
@@ -149,7 +149,7 @@ def test_the_worker_make_run_keeps_runs_the_configuration_as_it_is(tmp_path: Pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`byzguard run`'s demo plays against a worker on the demo's copy of the configuration; the worker left
     running afterwards is started again on the user's file, whose audit window is the configured one."""
-    import app.demo
+    import app.dev.demo
     from app.settings import Settings
 
     monkeypatch.setenv("BYZGUARD_KEY_PRICING_1", "unit-test-secret")
@@ -167,15 +167,15 @@ def test_the_worker_make_run_keeps_runs_the_configuration_as_it_is(tmp_path: Pat
         started.append(Path(settings.config))
         return Child(Path(settings.config))
 
-    monkeypatch.setattr(app.demo, "http_get", lambda url, timeout=2.0: None)  # no worker answers yet
-    monkeypatch.setattr(app.demo, "start_worker", start_worker)
-    monkeypatch.setattr(app.demo, "_play_once", lambda bootstrap, config, options, where, console, shortened=None:
+    monkeypatch.setattr(app.dev.demo, "http_get", lambda url, timeout=2.0: None)  # no worker answers yet
+    monkeypatch.setattr(app.dev.demo, "start_worker", start_worker)
+    monkeypatch.setattr(app.dev.demo, "_play_once", lambda bootstrap, config, options, where, console, shortened=None:
                         (config.audit("orders_paid"), options.audit_wait))
-    monkeypatch.setattr(app.demo, "_follow", lambda child, console: followed.append(child.config))
+    monkeypatch.setattr(app.dev.demo, "_follow", lambda child, console: followed.append(child.config))
     settings = Settings(config=REPO / "byzguard.yaml", broker="127.0.0.1:1", data_dir=tmp_path / "data")
     user = load(REPO / "byzguard.yaml")
-    rule, wait = app.demo.play(settings, user, "127.0.0.1:1", app.demo.DemoOptions(), Console(file=io.StringIO()),
-                               worker="start", keep_running=True)
-    assert rule.within == DEMO_AUDIT_WINDOW and wait >= app.demo.audit_horizon(rule)
+    rule, wait = app.dev.demo.play(settings, user, "127.0.0.1:1", app.dev.demo.DemoOptions(),
+                                   Console(file=io.StringIO()), worker="start", keep_running=True)
+    assert rule.within == DEMO_AUDIT_WINDOW and wait >= app.dev.demo.audit_horizon(rule)
     assert started == [tmp_path / "demo" / "byzguard.demo.yaml", REPO / "byzguard.yaml"]
     assert followed == [REPO / "byzguard.yaml"]

@@ -1,4 +1,4 @@
-"""The fault injector (byzguard.faults): each class makes the intended defect with a hidden label, and the
+"""The fault injector (app.dev.faults): each class makes the intended defect with a hidden label, and the
 scoring matches what came out against the ground truth."""
 
 from __future__ import annotations
@@ -9,19 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from byzguard import config as guard_config
-from byzguard.clocks import Order, VectorClock
-from byzguard.envelope import (
-    CE_ENTITYVERSION,
-    CE_KEYID,
-    CE_SOURCE,
-    CE_TIME,
-    CE_VECTORCLOCK,
-    Envelope,
-    decode,
-    parse_time,
-)
-from byzguard.faults import (
+from app.dev.faults import (
     ORDERS,
     PAYMENTS,
     PERMISSIONS,
@@ -42,6 +30,18 @@ from byzguard.faults import (
     fingerprint,
     observe,
     score,
+)
+from byzguard import config as guard_config
+from byzguard.clocks import Order, VectorClock
+from byzguard.envelope import (
+    CE_ENTITYVERSION,
+    CE_KEYID,
+    CE_SOURCE,
+    CE_TIME,
+    CE_VECTORCLOCK,
+    Envelope,
+    decode,
+    parse_time,
 )
 from byzguard.guard import Guard, RecordIn
 from byzguard.integrity import BOUND, HMAC_SHA256, SHA256, Key, digest, form_input

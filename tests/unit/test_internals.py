@@ -35,7 +35,7 @@ PLAIN_BASES = frozenset({"object", "Exception", "RuntimeError", "ValueError", "P
                          "logging.Handler", "Filter", "Handler", "ast.NodeVisitor"})
 #: Private names of other libraries (not faust, mode or aiokafka) that the scan finds, and why they are not listed.
 OTHER_LIBRARIES = {
-    "_Environ": "the standard library's os._Environ, the type of os.environ (app/demo.py)",
+    "_Environ": "the standard library's os._Environ, the type of os.environ (app/dev/demo.py)",
     "_regexp": "google-re2's compiled pattern inside its wrapper: the rules' regex search skips the wrapper's span "
                "decoding, and falls back to the public API when the layout differs",
     "_re2": "google-re2's extension module, for the anchor constant of that same fast path",
@@ -394,6 +394,6 @@ def test_demo_that_may_start_a_worker_refuses_untested_versions(monkeypatch: pyt
     refused = CliRunner().invoke(cli, ["demo", "--worker", "start", "--config", str(REPO / "byzguard.yaml")], env=env)
     assert refused.exit_code == 2, refused.output
     assert "aiokafka 0.99.0 is installed" in " ".join(refused.output.split())
-    monkeypatch.setattr("app.demo.play", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("played")))
+    monkeypatch.setattr("app.dev.demo.play", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("played")))
     scored = CliRunner().invoke(cli, ["demo", "--worker", "none", "--config", str(REPO / "byzguard.yaml")], env=env)
     assert "played" in scored.output and "0.99.0" not in scored.output

@@ -28,7 +28,7 @@ from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Any
 
 import orjson
 import typer
@@ -41,11 +41,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from app.sidereads import started_side_consumer
-from byzguard.audit import AuditRule
-from byzguard.client.producer import GuardedProducer
-from byzguard.config import GuardConfig
-from byzguard.faults import (
+from app.cli import DEFAULT_EPS, DEFAULT_EVENTS, DEFAULT_RATE, DEMO_AUDIT_WINDOW, refuse_untested_versions
+from app.dev.faults import (
     AUDITED_TYPE,
     EVENT_TYPES,
     QUARANTINE,
@@ -63,19 +60,16 @@ from byzguard.faults import (
     observe,
     score,
 )
+from app.sidereads import started_side_consumer
+from byzguard.audit import AuditRule
+from byzguard.client.producer import GuardedProducer
+from byzguard.config import GuardConfig
 from byzguard.integrity import HMAC_SHA256, SHA256, Key
 
-DEFAULT_EVENTS = 2000
-DEFAULT_RATE = 0.02
-DEFAULT_EPS = 500.0
 AUDIT = "audit"                     # an output topic of audit discrepancies
 READY_LINE = "[^Worker]: Ready"     # faust's log line once partitions are assigned and tables recovered
 AUDIT_SCORED = "scored"
 
-#: Seconds the orders audit waits for a payment in a worker the demo starts. The demo's payments follow their
-#: orders within a few events, so 20 s is ample here and the partial writes are reported within the run; a
-#: production window covers real payment delays (the example's is 10 minutes) and the demo leaves it as it is.
-DEMO_AUDIT_WINDOW = 20.0
 
 
 @dataclass(frozen=True)
@@ -173,8 +167,8 @@ def service_keys(config: GuardConfig) -> dict[str, Key]:
 
 def ensure_demo_secrets(config_path: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
     """Give every MAC key of the configuration whose secret env var is unset its local-mode secret (kept in the
-    cache, made up the first time: app/local_secrets.py); returns the names made up now."""
-    from app.local_secrets import use_local_secrets
+    cache, made up the first time: app/dev/local_secrets.py); returns the names made up now."""
+    from app.dev.local_secrets import use_local_secrets
 
     return use_local_secrets(config_path, environ)[0]
 
@@ -935,7 +929,7 @@ def _follow(child: WorkerProcess, console: Console) -> None:
 
 def announce_demo_secrets(config_path: Path, console: Console) -> None:
     """Local mode: make up the MAC key secrets that are not set, and say so."""
-    from app.local_secrets import CACHE, use_local_secrets
+    from app.dev.local_secrets import CACHE, use_local_secrets
 
     made, reused = use_local_secrets(config_path)
     if made:
@@ -959,27 +953,12 @@ def run_local(settings: Any, config: GuardConfig, bootstrap: str) -> int:
     return 0
 
 
-def demo_command(
-    events: Annotated[int, typer.Option(min=1, help="events to send")] = DEFAULT_EVENTS,
-    rate: Annotated[float, typer.Option(min=0.0, max=0.09, help="probability per event of each failure class")]
-    = DEFAULT_RATE,
-    eps: Annotated[float, typer.Option(min=1.0, help="events per second to send")] = DEFAULT_EPS,
-    seed: Annotated[int | None, typer.Option(help="random seed (default: a random one)")] = None,
-    worker: Annotated[str, typer.Option(help="auto: the worker answering at BYZGUARD_WEB_PORT, else start one; "
-                                             "start: always start one; none: send and score only")] = "auto",
-    config: Annotated[Path | None, typer.Option(help="routes file (default BYZGUARD_CONFIG or byzguard.yaml)")]
-    = None,
-    broker: Annotated[str | None, typer.Option(help="bootstrap servers; default BYZGUARD_BROKER or local")] = None,
-    live: Annotated[bool, typer.Option("--live/--no-live", help="show the live summary while sending")] = True,
-    report: Annotated[Path | None, typer.Option(help="also write the score as JSON to this file")] = None,
-    audit_window: Annotated[float, typer.Option(min=0.0, help="seconds the orders audit of a worker the demo "
-                                                              "starts waits for a payment (0: as configured)")]
-    = DEMO_AUDIT_WINDOW,
-) -> None:
-    """Play the seed's services (pricing, orders, payments, permissions) against a guard worker with every failure
-    of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
-    an event lost."""
-    from app.localkafka import ensure_running
+def demo_main(*, events: int, rate: float, eps: float, seed: int | None, worker: str, config: Path | None,
+              broker: str | None, live: bool, report: Path | None, audit_window: float) -> None:
+    """The `byzguard demo` command (its options: app/cli.py): play the seed's services against a guard worker with
+    every failure of the catalogue injected and score what it caught; exit 1 when a fault was missed, a clean
+    event flagged or an event lost."""
+    from app.dev.localkafka import ensure_running
     from app.settings import settings_or_exit
     from byzguard.config import load
     from byzguard.errors import ConfigError
@@ -990,8 +969,6 @@ def demo_command(
     settings = settings_or_exit({"config": config, "broker": broker},
                                 option_names={"config": "--config", "broker": "--broker"})
     if worker != "none":  # it may start a worker: refuse untested library versions here, not in its log
-        from app.cli import refuse_untested_versions
-
         refuse_untested_versions(settings.allow_untested_versions)
     if not settings.broker:
         announce_demo_secrets(settings.config, console)

@@ -16,21 +16,10 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 import orjson
-import yaml
+
+from app.settings import secret_variables
 
 CACHE = Path(".cache") / "local-secrets.json"
-
-
-def secret_variables(config_path: Path) -> list[str]:
-    """The secret_env variables of the configuration's keys (none when it does not read: the check says why)."""
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    keys = raw.get("keys") if isinstance(raw, dict) else None
-    names = [spec.get("secret_env") for spec in (keys or {}).values() if isinstance(spec, dict)] \
-        if isinstance(keys, dict) else []
-    return [n for n in names if isinstance(n, str) and n]
 
 
 def _read(path: Path) -> dict[str, str]:
