@@ -27,7 +27,7 @@ from byzguard.envelope import decode, parse_time
 from byzguard.errors import ConfigError
 from byzguard.routing import H_VERDICT
 
-audit_cli = typer.Typer(help="Cross-stream consistency audits (see README: Cross-stream audits).",
+audit_cli = typer.Typer(help="Cross-stream consistency audits (docs/audits.md).",
                         no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)

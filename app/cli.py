@@ -50,8 +50,8 @@ def run(
 ) -> None:
     """Run a guard worker (joins the consumer group; starts the local broker if none is configured).
 
-    With the local broker (no BYZGUARD_BROKER), the worker runs as a child process and `byzguard demo` plays the
-    seed's services against it first, prints the score, and leaves the worker running; --no-demo skips that."""
+    With the local broker (no BYZGUARD_BROKER), the worker runs as a child process and `byzguard demo` plays four
+    services against it first, prints the score, and leaves the worker running; --no-demo skips that."""
     from app.settings import settings_or_exit
 
     # Every setting is checked before anything touches the broker (one line per problem, naming the variable).
@@ -169,8 +169,8 @@ def demo(
                                                               "starts waits for a payment (0: as configured)")]
     = DEMO_AUDIT_WINDOW,
 ) -> None:
-    """Play the seed's services (pricing, orders, payments, permissions) against a guard worker with every failure
-    of the catalogue injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
+    """Play four services (pricing, orders, payments, permissions) against a guard worker with every failure class
+    injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
     an event lost."""
     from app.dev.demo import demo_main  # development-only (app/dev/): loaded when the demo runs
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
                                           description="glibc: allocations of this many KiB or more are mapped on "
                                           "their own and returned to the system when freed (0: glibc's sliding "
                                           "threshold)")
-    # Quarantine review (app/review): writes need a token; see README "Quarantine review and replay".
+    # Quarantine review (app/review): writes need a token; see docs/review.md.
     decisions_topic: str | None = Field(default=None, description="compacted review decisions topic; "
                                         "default <app_id>-decisions")
     review_token: SecretStr | None = Field(default=None, description="shared bearer token for review actions; "

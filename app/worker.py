@@ -184,11 +184,11 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     async def health_view(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "routes": [r.name for r in config.routes]})
 
-    from app.review.web import register_review  # the review page and API (/review/), see README
+    from app.review.web import register_review  # the review page and API (/review/), docs/review.md
 
     register_review(built, settings, bootstrap)
-    from agents.audit import attach_audits  # cross-stream audits (README "Cross-stream audits")
-    from app.entities import register_entity_views  # GET /entities/... (README "Last-known-good values")
+    from agents.audit import attach_audits  # cross-stream audits (docs/audits.md)
+    from app.entities import register_entity_views  # GET /entities/... (docs/last-known-good.md)
 
     attach_audits(built, config)
     register_entity_views(built, config)

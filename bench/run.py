@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-variants", default="c,b,e", help="variants to profile")
     parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
-                        help="a worker setting (README 'Settings'), e.g. fetch_min_bytes=16384, for every faust and "
-                        "byzguard worker; repeatable")
+                        help="a worker setting (docs/configuration.md), e.g. fetch_min_bytes=16384, for every faust and"
+                        " byzguard worker; repeatable")
     parser.add_argument("--crash-kills", type=int,
                         help="crash accounting: SIGKILLs of the exactly_once worker "
                         "during a run over the input (full: 10)")
