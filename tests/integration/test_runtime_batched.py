@@ -66,7 +66,6 @@ def _misrouted(stream: Stream, verified: list, quarantined: list, *, at_least_on
     return problems
 
 
-@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def _outputs(bootstrap: str, route: RouteNames, stream: Stream) -> tuple[list[Out], list[Out]]:
     """What the route's verified and quarantine topics hold once every labeled event of `stream` is in one."""
     clean_ids = {i for i, kind in stream.kind_of.items() if kind == "clean"}
@@ -76,6 +75,7 @@ async def _outputs(bootstrap: str, route: RouteNames, stream: Stream) -> tuple[l
     return verified, quarantined
 
 
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_batched_runtime_routes_clean_and_faulty_events_with_the_faust_runtimes_codes(
     batched: WorkerFactory, guarantee: str,
 ) -> None:
