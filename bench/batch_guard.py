@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict
 
 from app.runtime.batches import RecordBatches as ProductBatches
+from app.runtime.state import write_batch_of
 from bench.passthrough_raw import commit_acknowledged, faust_batching, start_clients, stop_clients, stop_on_signals
 from byzguard.config import load
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
@@ -82,13 +83,7 @@ class PartitionState:
         for name, writes in self.in_flight.items():
             if not writes:
                 continue
-            batch = WriteBatch(raw_mode=True)
-            for key, value in writes.items():
-                if value is None:
-                    batch.delete(key)
-                else:
-                    batch.put(key, value)
-            self.db(name).write(batch)
+            self.db(name).write(write_batch_of(writes))
             writes.clear()
 
     def close(self) -> None:

@@ -58,6 +58,17 @@ def db_path(tabledir: Path, route: Route, name: str, partition: int) -> Path:
     return tabledir / f"{route.name}-{TABLE_OF[name]}-{partition}.db"
 
 
+
+def write_batch_of(writes: Mapping[bytes, bytes | None]) -> WriteBatch:
+    """One RocksDB write batch of a batch's pending writes (None: delete the key)."""
+    batch = WriteBatch(raw_mode=True)
+    for key, value in writes.items():
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    return batch
+
 class _Reader:
     """One table of one partition as the processor seam sees it (byzguard.processor `TableState`): the batch's
     pending writes first, then RocksDB; writes wait in the batch until it is stored."""
@@ -141,12 +152,7 @@ class PartitionState:
             offset = changelog_offsets.get(name)
             if not writes and offset is None and not (name == ENTITIES and inputs):
                 continue
-            batch = WriteBatch(raw_mode=True)
-            for key, value in writes.items():
-                if value is None:
-                    batch.delete(key)
-                else:
-                    batch.put(key, value)
+            batch = write_batch_of(writes)
             if offset is not None:
                 batch.put(OFFSET_KEY, str(offset).encode())
             if name == ENTITIES and inputs:
