@@ -225,6 +225,10 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("mode.services.Service", "crash", "async method", ("app/runtime/loop.py",),
                 "a failed batch or rebalance stops the worker loudly (nothing past it is committed)",
                 signature="(self, reason)", digest="6e0b5672cd830081"),
+    PrivateName("mode.services.Service", "add_future", "method", ("app/runtime/loop.py",),
+                "the batched runtime removes what a previous process left in faust's group once faust's consumer "
+                "joins, in the background (app/runtime/membership.py)", signature="(self, coro)",
+                digest="6ff53800dd5241f6"),
     PrivateName("mode.services.ServiceCallbacks", "on_start", "async method", ("app/runtime/loop.py",),
                 "overridden: the batched runtime starts its consumer and waits for its first assignment",
                 signature="(self)", overridden=True, digest="8878cfa83a70978d"),

@@ -21,6 +21,7 @@ from app.outbox import Outbox
 from app.review.store import decisions_topic_name
 from app.settings import Settings
 from byzguard.config import GuardConfig
+from byzguard.errors import ConfigError
 from byzguard.guard import Guard
 from tables import RouteTables, declare_route_tables, store_options
 from tables.buffer import StateBuffer
@@ -84,22 +85,23 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
     from app.runtime import BatchedRuntime, check_routes
 
     check_routes(config)
+    if settings.state_store != "rocksdb":  # not silently ignored: the state would be on disk after all
+        raise ConfigError(f"BYZGUARD_STATE_STORE={settings.state_store} is not run by the batched runtime (its "
+                          "state is in RocksDB, restored from the changelogs); unset it, or run BYZGUARD_RUNTIME=faust")
     conf = built.app.conf
     options: dict[str, Any] = dict(
         app_id=settings.app_id, bootstrap=bootstrap, config=config, guard=built.guard, tabledir=conf.tabledir,
         store_options=built.store_options, guarantee=settings.processing_guarantee,
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms, data_dir=settings.data_dir,
         producer={"linger_ms": int(conf.producer_linger * 1000), "max_batch_size": conf.producer_max_batch_size,
                   "max_request_size": conf.producer_max_request_size,
                   "request_timeout_ms": int(conf.producer_request_timeout * 1000)})
 
-    class Runtime(BatchedRuntime):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**options, **kwargs)
-
-    built.app.service(Runtime)
+    # Started before faust's own consumer and producer (not as an app.service, which starts after faust's group
+    # join and table recovery): after a restart the routes' streams do not wait for faust's group.
+    built.app.add_dependency(BatchedRuntime(**options))
 
 
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
@@ -113,6 +115,12 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         # runtime's transactions are its own.
         faust_eos = False
         options["processing_guarantee"] = "at_least_once"
+    if settings.runtime == "batched":
+        # faust's consumer gets the batched runtime's client id: a member a previous process on this data dir left
+        # in faust's group is found and removed as well (app/runtime/membership.py).
+        from app.runtime.membership import client_id
+
+        options["broker_client_id"] = client_id(settings.data_dir)
     app = faust.App(settings.app_id, **options)
     if faust_eos:
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)

@@ -44,6 +44,7 @@ from mode import Service
 from agents.verify import observe as _observe
 from app import metrics
 from app.outbox import load_limits
+from app.runtime import membership
 from app.runtime.batches import RecordBatches
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
 from byzguard.config import GuardConfig, Partitioning, Route
@@ -105,7 +106,7 @@ class BatchedRuntime(Service):
     def __init__(self, *, app_id: str, bootstrap: str, config: GuardConfig, guard: Guard, tabledir: Path,
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
-                 **kwargs: Any) -> None:
+                 data_dir: Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         self.app_id = app_id
@@ -114,6 +115,8 @@ class BatchedRuntime(Service):
         self.config = config
         self.guard = guard
         self.tabledir = tabledir
+        #: Its consumer's client id, the same for every process on the data dir (app/runtime/membership.py).
+        self.client_id = membership.client_id(data_dir or tabledir)
         self.store_options = store_options
         self.eos = guarantee == "exactly_once"
         self.max_records = batch_max_records
@@ -159,8 +162,15 @@ class BatchedRuntime(Service):
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                              **self.producer_options)
             await self.producer.start()
+        # A previous process on this data dir that never left the group holds its partitions until its session
+        # times out: removed once this one's join is pending (app/runtime/membership.py).
+        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id)
+        faust_group = membership.Takeover(self.bootstrap, self.app_id, self.client_id,
+                                          join_wait=membership.FAUST_JOIN_WAIT)
+        await asyncio.gather(takeover.find(), faust_group.find())
+        self.add_future(faust_group.run())  # faust's consumer joins once this service started
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False, client_id=self.client_id,
             auto_offset_reset="earliest", isolation_level="read_committed" if self.eos else "read_uncommitted",
             partition_assignment_strategy=(RangePartitionAssignor,),  # a route's inputs stay co-partitioned
             session_timeout_ms=int(self.session_timeout * 1000),
@@ -168,6 +178,7 @@ class BatchedRuntime(Service):
             fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_records)
         await self.consumer.start()
         self.consumer.subscribe(sorted(self.route_of), listener=_Listener(self))
+        await takeover.run()
         log.info("batched runtime: %s, group %s, batches of at most %d records / %.0f ms, routes %s",
                  "exactly_once" if self.eos else "at_least_once", self.group, self.max_records,
                  self.max_seconds * 1000, ", ".join(self.routes))
@@ -254,6 +265,7 @@ class BatchedRuntime(Service):
                 if tp not in self.positions:
                     new[self._key(tp)].append(tp)
             opened: list[Key] = []
+            starting = []
             for key in new:
                 if key in self.parts:
                     continue
@@ -262,11 +274,12 @@ class BatchedRuntime(Service):
                     txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                            transactional_id=transactional_id(self.app_id, *key),
                                            **self.producer_options)
-                    await txn.start()
+                    starting.append(txn.start())
                     self.txns[key] = txn
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)
                 self.processors[key] = VerifyProcessor(self.guard, route)
                 opened.append(key)
+            await asyncio.gather(*starting)  # each fences its previous owner: concurrently, not one after another
             await restore(self.bootstrap, [(self.parts[key], self.changelogs[key[0]]) for key in opened])
             for key in opened:
                 if self.routes[key[0]].causal.buffer:  # what the restored buffer holds counts from now on

@@ -34,19 +34,19 @@ def test_the_faust_runtime_is_the_default_and_batched_is_chosen_by_its_variable(
 
 
 def test_on_the_batched_runtime_faust_declares_no_route_table_or_agent(tmp_path: Path) -> None:
-    """With runtime batched the App gets the batched runtime as a service and neither the routes' tables (their
-    RocksDB files are the runtime's) nor verify agents; with faust, the agent and tables as before."""
+    """With runtime batched the App gets the batched runtime as a dependency (started before faust's consumer) and
+    neither the routes' tables (their RocksDB files are the runtime's) nor verify agents; with faust, the agent and
+    tables as before."""
     from app.runtime import BatchedRuntime
     from app.worker import build_app
 
     config = _config(tmp_path)
     batched = build_app(Settings(data_dir=tmp_path / "b", runtime="batched"), config, "127.0.0.1:9092")
     assert batched.tables == {} and batched.agents == {}
-    services = batched.app._extra_services  # type: ignore[attr-defined]
-    assert any(issubclass(s, BatchedRuntime) for s in services)
+    assert isinstance(batched.app._children[0], BatchedRuntime)  # type: ignore[attr-defined]
     faust = build_app(Settings(data_dir=tmp_path / "f"), config, "127.0.0.1:9092")
     assert set(faust.tables) == {"r"} and set(faust.agents) == {"r"}
-    assert not any(issubclass(s, BatchedRuntime) for s in faust.app._extra_services)  # type: ignore[attr-defined]
+    assert not any(isinstance(s, BatchedRuntime) for s in faust.app._children)  # type: ignore[attr-defined]
 
 
 def test_a_repartitioning_route_is_refused_by_the_batched_runtime(tmp_path: Path) -> None:
@@ -57,3 +57,14 @@ def test_a_repartitioning_route_is_refused_by_the_batched_runtime(tmp_path: Path
     config = _config(tmp_path, ", partitioning: repartition")
     with pytest.raises(ConfigError, match="BYZGUARD_RUNTIME=faust"):
         build_app(Settings(data_dir=tmp_path / "b", runtime="batched"), config, "127.0.0.1:9092")
+
+
+def test_a_memory_state_store_is_refused_by_the_batched_runtime(tmp_path: Path) -> None:
+    """BYZGUARD_STATE_STORE=memory is not silently ignored by the batched runtime (its state is always in RocksDB):
+    the worker refuses to start and says why; the faust runtime still takes it."""
+    from app.worker import build_app
+
+    config = _config(tmp_path)
+    with pytest.raises(ConfigError, match="BYZGUARD_STATE_STORE=memory is not run by the batched runtime"):
+        build_app(Settings(data_dir=tmp_path / "b", runtime="batched", state_store="memory"), config, "127.0.0.1:9092")
+    build_app(Settings(data_dir=tmp_path / "f", state_store="memory"), config, "127.0.0.1:9092")
