@@ -38,7 +38,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from mode import Service
 
 from agents.verify import observe as _observe
@@ -215,6 +215,8 @@ class BatchedRuntime(Service):
                         await self._step(fetched)
                     if self._causal_interval is not None:
                         await self._punctuate_idle()
+                    if not fetched or time.monotonic() >= self._lag_due:
+                        await self._pass_markers(consumer)
                     if time.monotonic() >= self._lag_due:
                         self._measure_lag(consumer)
         except asyncio.CancelledError:
@@ -336,8 +338,12 @@ class BatchedRuntime(Service):
                 messages = [m for m in messages if m.offset >= position]
             if messages:
                 by_key[self._key(tp)].append((tp, messages))
+        # The consumer's position is past the records it returned and past the transaction markers (and aborted
+        # records) right after them: a partition's last batch commits that, not only its last record's offset + 1.
+        assert self.consumer is not None
+        ends = {tp: await _position(self.consumer, tp) for items in by_key.values() for tp, _ in items}
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()))
+        await asyncio.gather(*(self._partition(key, items, offsets, ends) for key, items in by_key.items()))
         if offsets and not self.eos:
             assert self.consumer is not None
             try:
@@ -347,7 +353,7 @@ class BatchedRuntime(Service):
                             exc)
 
     async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
-                         offsets: dict[TopicPartition, int]) -> None:
+                         offsets: dict[TopicPartition, int], ends: dict[TopicPartition, int]) -> None:
         part = self.parts[key]
         processor = self.processors[key]
         route = self.routes[key[0]]
@@ -364,10 +370,33 @@ class BatchedRuntime(Service):
                     if time.monotonic() - started >= self.max_seconds:
                         break
                 next_offset = messages[last - 1].offset + 1
+                if last == count:  # and the markers after the last record, if any
+                    next_offset = max(next_offset, ends.get(tp, 0))
                 await self._finish(key, route, part, out, {tp: next_offset})
                 self.positions[tp] = next_offset
                 offsets[tp] = next_offset
                 index = last
+
+    async def _pass_markers(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the input partitions whose position moved past what was processed without a record: a fetch
+        that brought only transaction markers or aborted records (e.g. the commit marker that ends a partition).
+        Without it the group's offset stays before the marker, and its lag at 1, until the next record."""
+        moved: dict[Key, dict[TopicPartition, int]] = defaultdict(dict)
+        for tp, processed in list(self.positions.items()):
+            position = await _position(consumer, tp)
+            if position > processed:
+                moved[self._key(tp)][tp] = position
+        offsets: dict[TopicPartition, int] = {}
+        for key, passed in moved.items():
+            await self._finish(key, self.routes[key[0]], self.parts[key], self._batches(key), passed)
+            self.positions.update(passed)
+            offsets.update(passed)
+        if offsets and not self.eos:
+            try:
+                await consumer.commit(offsets)
+            except CommitFailedError as exc:
+                log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets",
+                            exc)
 
     def _batches(self, key: Key) -> RecordBatches:
         producer = self.txns[key] if self.eos else self.producer
@@ -486,6 +515,15 @@ class BatchedRuntime(Service):
             topic = changelogs[name]
             for key, value in writes.items():
                 out.add(topic, part.partition, key, value)
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """The consumer's position in `tp` (0 once it is no longer assigned)."""
+    try:
+        position: int = await consumer.position(tp)
+    except IllegalStateError:  # revoked meanwhile
+        return 0
+    return position
 
 
 async def _abort(txn: AIOKafkaProducer) -> None:
