@@ -3,8 +3,9 @@ on the same data dir (the batched runtime; the test harness's workers and events
 
 One worker routes a steady trickle of clean events (one every `--interval` seconds, over 8 entities). Each
 round SIGKILLs it, restarts it on the same data dir and measures, at a downstream read_committed consumer of
-the verified topic, the seconds from the kill to the first verified record produced after the kill. Prints
-each round and the median, per guarantee.
+the verified topic, the seconds from the kill to the first verified record produced after the kill, and the
+CPU seconds the new process had used by then (what the restart costs apart from waiting for a loaded machine's
+cores). Prints each round and the median, per guarantee.
 
     python -m bench.restart_time --broker 127.0.0.1:9092 --rounds 5 --guarantee exactly_once,at_least_once
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.procs import cpu_seconds, loadavg
 from byzguard.client.producer import GuardedProducer
 from tests.integration.worker_harness import Events, WorkerFactory, runtime_under_test
 
@@ -76,8 +78,11 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
             killed = time.time()
             worker = factory.new_worker(f"w{n}", data_dir=data_dir).start()
             arrived = await _first_after(consumer, sent, killed, 90)
+            cpu = cpu_seconds(worker.pid)
             times.append(arrived - killed)
-            print(f"{guarantee} round {n + 1}: {times[-1]:.2f} s from SIGKILL to the next routed record", flush=True)
+            print(f"{guarantee} round {n + 1}: {times[-1]:.2f} s from SIGKILL to the next routed record "
+                  f"(the new process's CPU time by then: {cpu or 0:.2f} s; load average {loadavg()[0]:.1f})",
+                  flush=True)
             worker.wait_ready(60)
     finally:
         stop.set()
