@@ -148,6 +148,8 @@ class BatchedRuntime(Service):
         self._lag_due = 0.0
         #: Metric children by route (prometheus_client's labels() costs microseconds per call).
         self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
+        for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
+            self._publish_causal(route.name)
         self._lag_labels: set[tuple[str, str]] = set()
         self._causal_interval = min((i for i in map(causal_interval, config.routes) if i is not None), default=None)
 
