@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from mode import Service
@@ -26,6 +26,9 @@ from byzguard.guard import Guard
 from tables import RouteTables, declare_route_tables, store_options
 from tables.buffer import StateBuffer
 from topics import RouteTopics, declare_route_topics
+
+if TYPE_CHECKING:
+    from app.runtime import BatchedRuntime
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
     }
 
 
-def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig, bootstrap: str) -> None:
+def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig,
+                           bootstrap: str) -> BatchedRuntime:
     """Start the batched runtime (app/runtime) with the App: it runs every route's verify stream."""
     from app.runtime import BatchedRuntime, check_routes
 
@@ -101,7 +105,9 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
 
     # Started before faust's own consumer and producer (not as an app.service, which starts after faust's group
     # join and table recovery): after a restart the routes' streams do not wait for faust's group.
-    built.app.add_dependency(BatchedRuntime(**options))
+    runtime = BatchedRuntime(**options)
+    built.app.add_dependency(runtime)
+    return runtime
 
 
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
@@ -137,6 +143,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))
     batched = settings.runtime == "batched"
+    runtime: BatchedRuntime | None = None
     for route in config.routes:
         topics = declare_route_topics(app, route)
         built.topics[route.name] = topics
@@ -146,7 +153,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         built.tables[route.name] = tables
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
     if batched:
-        attach_batched_runtime(built, settings, config, bootstrap)
+        runtime = attach_batched_runtime(built, settings, config, bootstrap)
     log.info("runtime: %s (the routes' verify streams run %s)", settings.runtime,
              "in the batched loop, app/runtime" if batched else "as faust agents")
     metrics.configure(config)
@@ -164,7 +171,8 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
-        await backlog.update(app.assignor.assigned_actives())
+        # The quarantine partitions of the input partitions this worker verifies: faust's or the batched runtime's.
+        await backlog.update(app.assignor.assigned_actives() if runtime is None else list(runtime.positions))
 
     class BacklogService(Service):
         """Stops the backlog's reader with the worker."""
