@@ -116,6 +116,7 @@ def group(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         workers = [factory.new_worker(name).start() for name in ("w1", "w2")]
         for worker in workers:
             worker.wait_ready()
+            assert f"runtime: {factory.runtime}" in worker.log_text(), worker.log_tail()
         found = Group(factory, names, workers, Stamper("orders"), uuid.uuid4().hex[:6])
         _wait_for_two_owners(found)
         yield found

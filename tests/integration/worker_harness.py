@@ -194,9 +194,14 @@ class RouteNames:
     partitions: int
 
 
+#: BYZGUARD_RUNTIME of the test run, read when the harness is imported (at collection): inside a test the autouse
+#: fixture of tests/conftest.py has removed every BYZGUARD_* variable.
+_RUNTIME_OF_RUN = os.environ.get("BYZGUARD_RUNTIME") or "faust"
+
+
 def runtime_under_test() -> str:
-    """The runtime the test run's workers use: BYZGUARD_RUNTIME (faust when unset)."""
-    return os.environ.get("BYZGUARD_RUNTIME") or "faust"
+    """The runtime the test run's workers use: BYZGUARD_RUNTIME of the run (faust when unset)."""
+    return _RUNTIME_OF_RUN
 
 
 def input_group(app_id: str, runtime: str | None = None) -> str:
