@@ -2,9 +2,11 @@
 
 The entity state table (EntityState) holds each entity's last verified data; a quarantined event never
 replaces it. The value lives in the worker that owns the entity's partition, so a request to any worker is
-forwarded to the owner, as faust's `app.table_route` does: the owner is found from the group's table
-metadata (which worker holds which changelog partition), the partition from the entity id with Kafka's
-default (murmur2) partitioner, which is how producers keyed by entity id place their records.
+forwarded to the owner, as faust's `app.table_route` does; the partition comes from the entity id with Kafka's
+default (murmur2) partitioner, which is how producers keyed by entity id place their records. The owner is found
+from the group's table metadata (which worker holds which changelog partition) under the faust runtime, and from
+the batched runtime's own group assignment under the batched one (app/runtime/owners.py, which also says which
+state the owner reads there).
 
 Asymmetric retention (the seed's asymmetric TTL): a value is *fresh* while its age (now - event time, or
 verification time when the event had none) is within its type's `max_age`, then it is only a *fallback*,
