@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from app.entities import SERVED_BY_HEADER, entity_partition
+from app.entities import FORWARDED_HEADER, SERVED_BY_HEADER, entity_partition
 from byzguard.client.lkg import LastKnownGoodUnavailable, NoVerifiedValue, get_last_known_good
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import _topic_prefix, run_async
@@ -154,6 +154,27 @@ def test_any_worker_answers_with_the_owners_value(group: Group) -> None:
         assert h1[SERVED_BY_HEADER] == h2[SERVED_BY_HEADER] == b1["served_by"]
         owners.add(b1["served_by"])
     assert owners == {group.url(w) for w in group.workers}
+
+
+def test_a_forwarded_request_is_never_forwarded_again(group: Group) -> None:
+    """A request that already carries X-Byzguard-Forwarded-By is answered by the owner, and by any other worker with
+    a 503 and Retry-After (ownership moved meanwhile), never sent on: no forwarding loops."""
+    for name in _spread_probes(group.run + "-loop"):
+        answers = []
+        for worker in group.workers:
+            request = urllib.request.Request(f"{group.url(worker)}/entities/orders/{name}",
+                                             headers={FORWARDED_HEADER: "http://127.0.0.1:9"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    answers.append((resp.status, orjson.loads(resp.read()), dict(resp.headers)))
+            except urllib.error.HTTPError as exc:
+                answers.append((exc.code, orjson.loads(exc.read()), dict(exc.headers)))
+        owner = [a for a in answers if a[0] == 404]
+        other = [a for a in answers if a[0] == 503]
+        assert len(owner) == len(other) == 1, answers
+        assert owner[0][1]["error"] == "not_found" and owner[0][2][SERVED_BY_HEADER] == owner[0][1]["served_by"]
+        assert other[0][1]["error"] == "unavailable" and other[0][2]["Retry-After"], other
+        assert SERVED_BY_HEADER not in other[0][2], "the other worker answered itself, it did not forward"
 
 
 def test_unknown_entity_or_route_is_404(group: Group) -> None:
