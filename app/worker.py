@@ -167,7 +167,9 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
-        await backlog.update(app.assignor.assigned_actives())
+        # The input partitions this worker owns: the batched runtime's, or faust's consumer's.
+        runtime = built.runtime
+        await backlog.update(list(runtime.positions) if runtime is not None else app.assignor.assigned_actives())
 
     class BacklogService(Service):
         """Stops the backlog's reader with the worker."""
