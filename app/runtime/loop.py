@@ -299,7 +299,7 @@ class BatchedRuntime(Service):
         """The state of a route partition this worker owns and has restored; None while it is not owned, being
         restored (assigned: its state is open, its inputs not running yet) or being revoked."""
         part = self.parts.get(key)
-        if part is None or not any(TopicPartition(t, key[1]) in self.positions for t in self.routes[key[0]].inputs):
+        if part is None or not any(self._key(tp) == key for tp in self.positions if tp.topic in self.route_of):
             return None
         return part
 

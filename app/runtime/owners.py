@@ -122,9 +122,9 @@ class OwnerDirectory:
     def update(self, owners: dict[tuple[str, int], str]) -> None:
         self.owners = owners
 
-    def owner(self, route: Route, partition: int) -> str | None:
-        """The URL of the worker that owns `partition` of `route` (its inputs are co-partitioned), None: unknown."""
-        for topic in route.inputs:
+    def owner(self, topics: Iterable[str], partition: int) -> str | None:
+        """The URL of the worker that owns `partition` of co-partitioned `topics` (a route's), None: unknown."""
+        for topic in topics:
             url = self.owners.get((topic, partition))
             if url is not None:
                 return url
@@ -179,7 +179,8 @@ def read_entity(runtime: BatchedRuntime, directory: OwnerDirectory, route: Route
     if part is not None:
         raw: bytes | None = part.dbs[ENTITIES].get(entity)
         return Located("here", raw=raw)
-    owner = directory.owner(route, partition)
+    # The topics the route's state follows: its inputs, or its repartition topic where it has one.
+    owner = directory.owner([t for t, r in runtime.route_of.items() if r.name == route.name], partition)
     if owner is None:
         return Located("unavailable", detail=f"no worker is known to own partition {partition} yet")
     if owner == directory.url:

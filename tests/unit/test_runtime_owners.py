@@ -108,15 +108,15 @@ def test_partitions_of_a_member_without_url_have_no_owner(config: GuardConfig) -
     members = {"a-new": _wire(ours.metadata(["in-a"])), "b-old": _wire(RangePartitionAssignor.metadata(["in-a"]))}
     assigned = ours.assign(Cluster({"in-a": 4}), members)
     ours.on_assignment(assigned["a-new"])
-    route = config.routes[0]
-    assert [directory.owner(route, p) for p in range(4)] == [W1, W1, None, None]
+    assert [directory.owner(config.routes[0].inputs, p) for p in range(4)] == [W1, W1, None, None]
 
 
 class Runtime:
     """What read_entity asks of the batched runtime: the state of a partition it owns and has restored."""
 
-    def __init__(self, parts: dict[tuple[str, int], PartitionState]) -> None:
+    def __init__(self, config: GuardConfig, parts: dict[tuple[str, int], PartitionState]) -> None:
         self.parts = parts
+        self.route_of = {topic: route for route in config.routes for topic in route.inputs}
 
     def readable(self, key: tuple[str, int]) -> PartitionState | None:
         return self.parts.get(key)
@@ -129,7 +129,7 @@ def test_owner_reads_stored_state_only(tmp_path: Path, config: GuardConfig) -> N
     part = PartitionState(tmp_path, route, 2, {})
     try:
         directory = OwnerDirectory(W1)
-        runtime: Any = Runtime({("r", 2): part})
+        runtime: Any = Runtime(config, {("r", 2): part})
         part.readers[ENTITIES].put(b"acct-1", b"v1")
         part.store({ENTITIES: 0}, {})
         part.readers[ENTITIES].put(b"acct-1", b"v2 in flight")
@@ -152,7 +152,7 @@ def test_a_partition_not_readable_here_is_forwarded_or_unavailable(config: Guard
     route = config.routes[0]
     directory = OwnerDirectory(W1)
     directory.update({("in-a", 0): W1, ("in-b", 0): W1, ("in-a", 1): W2, ("in-b", 1): W2})
-    runtime: Any = Runtime({})
+    runtime: Any = Runtime(config, {})
     elsewhere = read_entity(runtime, directory, route, 1, b"e")
     assert (elsewhere.where, elsewhere.owner) == ("elsewhere", W2)
     restoring = read_entity(runtime, directory, route, 0, b"e")
