@@ -3,13 +3,13 @@
 //
 //   node dist/producer.js plan.json
 //
-// plan.json: {"broker", "topic", "source", "keyId", "secretEnv", "instance", "partitioner": "default" | "legacy",
+// plan.json: {"broker", "topic", "source", "keyId", "secretEnv", "partitioner": "default" | "legacy",
 //             "events": [{"id", "subject", "version", "price", "lamportTime"?, "tamper"?: "checksum"}]}
-// Prints one JSON line per event: {"id", "partition", "offset"} (where kafkajs put it).
+// Prints one JSON line per event: {"id", "partition", "offset", "instance", "lamportTime"} (where kafkajs put it).
 // An event's `lamportTime` replaces the clock's reading (a replayed or reordered clock); `tamper: "checksum"`
 // changes one hex digit of its MAC after signing. Both exist to show what the guard refuses.
 
-import { createHmac } from "node:crypto";
+import { createHmac, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { Kafka, logLevel, Partitioners } from "kafkajs";
 
@@ -35,14 +35,14 @@ interface Plan {
   source: string;
   keyId: string;
   secretEnv: string;
-  instance: string;
   partitioner?: "default" | "legacy";
   events: PlannedEvent[];
 }
 
-// One clock per process, strictly increasing across restarts too: a hybrid logical clock (ENVELOPE.md, "Lamport
-// time"), the wall clock in microseconds or one more than the last reading.
+// One clock per process under its own instance id, strictly increasing: a hybrid logical clock (ENVELOPE.md,
+// "Lamport time"), the wall clock in microseconds or one more than the last reading.
 class LamportClock {
+  readonly instance = randomBytes(8).toString("hex");
   private counter = 0;
 
   tick(): number {
@@ -77,7 +77,7 @@ function stamp(plan: Plan, secret: string, clock: LamportClock, event: PlannedEv
   const attributes: [string, string | undefined][] = [
     ["checksumform", "bound"], ["id", event.id], ["source", plan.source], ["type", "price.updated"],
     ["subject", event.subject], ["time", time], ["entityversion", String(event.version)],
-    ["lamporttime", lamport], ["lamportinstance", plan.instance], ["vectorclock", undefined],
+    ["lamporttime", lamport], ["lamportinstance", clock.instance], ["vectorclock", undefined],
     ["datacontenttype", "application/json"], ["checksumalg", "hmac-sha256"], ["keyid", plan.keyId],
   ];
   let checksum = createHmac("sha256", secret).update(signatureBase(attributes, value)).digest("hex");
@@ -85,12 +85,13 @@ function stamp(plan: Plan, secret: string, clock: LamportClock, event: PlannedEv
     checksum = (checksum[0] === "0" ? "1" : "0") + checksum.slice(1);
   }
   return {
+    lamport,
     key: event.subject,
     value,
     headers: {
       ce_specversion: "1.0", ce_id: event.id, ce_source: plan.source, ce_type: "price.updated",
       ce_subject: event.subject, ce_time: time, ce_entityversion: String(event.version),
-      ce_lamporttime: lamport, ce_lamportinstance: plan.instance, "content-type": "application/json",
+      ce_lamporttime: lamport, ce_lamportinstance: clock.instance, "content-type": "application/json",
       ce_checksumform: "bound", ce_checksumalg: "hmac-sha256", ce_checksum: checksum, ce_keyid: plan.keyId,
     },
   };
@@ -108,8 +109,10 @@ async function main(): Promise<void> {
   await producer.connect();
   try {
     for (const event of plan.events) {  // one at a time: the order sent is the order in the partition
-      const [meta] = await producer.send({ topic: plan.topic, acks: -1, messages: [stamp(plan, secret, clock, event)] });
-      console.log(JSON.stringify({ id: event.id, partition: meta.partition, offset: meta.baseOffset }));
+      const { lamport, ...message } = stamp(plan, secret, clock, event);
+      const [meta] = await producer.send({ topic: plan.topic, acks: -1, messages: [message] });
+      console.log(JSON.stringify({ id: event.id, partition: meta.partition, offset: meta.baseOffset,
+                                   instance: clock.instance, lamportTime: lamport }));
     }
   } finally {
     await producer.disconnect();
