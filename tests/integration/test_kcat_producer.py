@@ -89,12 +89,12 @@ def outputs(factory: WorkerFactory, prices: PricesWorker, sent: int, verified: i
 def test_kcat_as_documented_is_verified_a_changed_value_and_a_missing_key_are_not(
         worker_factory: WorkerFactory, tmp_path: Path) -> None:
     """Prices sent by the documented kcat script are verified in their entity's partition (also for keys CRC32
-    places elsewhere); the same script with its value changed after signing is integrity.bad_mac, and without -k
-    decode.key_mismatch."""
+    places elsewhere, and a UTF-8 key); the same script with its value changed after signing is integrity.bad_mac,
+    and without -k decode.key_mismatch."""
     prices = start_prices_worker(worker_factory, tmp_path)
     sender = Sender(prices, worker_factory.bootstrap, tmp_path)
     apart, alike = split_subjects("sku", 2, 1, prices.partitions)
-    clean = [sender.send(s, v) for v in (1, 2) for s in apart + alike]
+    clean = [sender.send(s, v) for v in (1, 2) for s in [*apart, *alike, "sku-é-日本"]]
     tampered = sender.send(apart[0], 3, tamper=True)
     keyless = sender.send(apart[1], 3, key=False)
 

@@ -81,5 +81,6 @@ def test_typescript_kafkajs_producer_is_verified_and_its_faults_get_their_codes(
     assert set(refused) == set(faults) | misplaced
     for event_id, (_, code) in faults.items():
         assert refused[event_id][0].codes == {code}, refused[event_id][0].reasons
-    for event_id in misplaced:
+    for event_id in misplaced:  # whose detail says what to set in kafkajs
         assert refused[event_id][0].codes == {"decode.wrong_partition"}, refused[event_id][0].reasons
+        assert "LegacyPartitioner" in refused[event_id][0].reasons[0]["detail"]
