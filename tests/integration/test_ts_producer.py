@@ -26,12 +26,12 @@ SUBJECTS = ["sku-1", "sku-2", "sku-3", "sku-é-4", "sku-日本-5", "sku-" + "x" 
 
 
 def send(prices: PricesWorker, bootstrap: str, tmp_path: Path, events: list[dict[str, Any]], *,
-         partitioner: str = "default") -> dict[str, dict[str, Any]]:
+         partitioner: str = "default", gzip: bool = False) -> dict[str, dict[str, Any]]:
     """Run the TypeScript producer over `events`; what it reports for each event id (partition, Lamport time)."""
     producer = ts_producer()
-    plan = tmp_path / f"plan-{partitioner}.json"
+    plan = tmp_path / f"plan-{partitioner}-{gzip}.json"
     plan.write_text(json.dumps({"broker": bootstrap, "topic": prices.topic, "source": "pricing", "keyId": "pricing-1",
-                                "secretEnv": "BYZGUARD_KEY_PRICING_1", "partitioner": partitioner,
+                                "secretEnv": "BYZGUARD_KEY_PRICING_1", "partitioner": partitioner, "gzip": gzip,
                                 "events": events}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BYZGUARD_")}
     env.update({"BYZGUARD_KEY_PRICING_1": prices.secret, "KAFKAJS_NO_PARTITIONER_WARNING": "1"})
@@ -48,7 +48,8 @@ def test_typescript_kafkajs_producer_is_verified_and_its_faults_get_their_codes(
     """Clean prices from the TypeScript producer are verified, each in the partition kafkajs's default partitioner
     chose, which is byzguard's; in the same stream a stale version is version.regression, a Lamport time stamped
     before the instance's newer events is lamport.regression and a changed MAC digit is integrity.bad_mac; with
-    kafkajs's LegacyPartitioner a key placed elsewhere is decode.wrong_partition."""
+    kafkajs's LegacyPartitioner a key placed elsewhere is decode.wrong_partition; gzip-compressed batches are
+    verified."""
     prices = start_prices_worker(worker_factory, tmp_path)
     bootstrap = worker_factory.bootstrap
     earlier = time.time_ns() // 1000 - 10_000_000  # a Lamport reading of 10 s ago: below what the clock gives now
@@ -62,6 +63,8 @@ def test_typescript_kafkajs_producer_is_verified_and_its_faults_get_their_codes(
     reports = send(prices, bootstrap, tmp_path, events)
     legacy_events = [{"id": f"legacy-{s}-3", "subject": s, "version": 3, "price": 49.99} for s in SUBJECTS]
     legacy = send(prices, bootstrap, tmp_path, legacy_events, partitioner="legacy")
+    gzipped = [{"id": f"gzip-{s}-1", "subject": f"gzip-{s}", "version": 1, "price": 49.99} for s in SUBJECTS]
+    send(prices, bootstrap, tmp_path, gzipped, gzip=True)
 
     for event in clean:  # kafkajs's default partitioner is Kafka's murmur2, on the key's UTF-8 bytes
         assert reports[event["id"]]["partition"] == partition_for(event["subject"].encode(), prices.partitions)
@@ -69,12 +72,12 @@ def test_typescript_kafkajs_producer_is_verified_and_its_faults_get_their_codes(
                  if legacy[e["id"]]["partition"] != partition_for(e["subject"].encode(), prices.partitions)}
     assert misplaced, "the legacy partitioner placed every subject as murmur2 does: pick other subjects"
 
-    sent = len(events) + len(legacy_events)
-    expect_verified = len(clean) + len(legacy_events) - len(misplaced)
+    sent = len(events) + len(legacy_events) + len(gzipped)
+    expect_verified = len(clean) + len(legacy_events) - len(misplaced) + len(gzipped)
     run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, [prices.topic], workers=[prices.worker]))
     passed = by_id(run_async(lambda: collect(bootstrap, prices.verified, expected=expect_verified)))
     refused = by_id(run_async(lambda: collect(bootstrap, prices.quarantine, expected=sent - expect_verified)))
-    assert set(passed) == {e["id"] for e in clean + legacy_events} - misplaced, \
+    assert set(passed) == {e["id"] for e in clean + legacy_events + gzipped} - misplaced, \
         {i: o[0].reasons for i, o in refused.items()}
     for outs in passed.values():
         assert len(outs) == 1 and outs[0].codes == set(), outs

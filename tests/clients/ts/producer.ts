@@ -3,7 +3,7 @@
 //
 //   node dist/producer.js plan.json
 //
-// plan.json: {"broker", "topic", "source", "keyId", "secretEnv", "partitioner": "default" | "legacy",
+// plan.json: {"broker", "topic", "source", "keyId", "secretEnv", "partitioner": "default" | "legacy", "gzip"?: true,
 //             "events": [{"id", "subject", "version", "price", "lamportTime"?, "tamper"?: "checksum"}]}
 // Prints one JSON line per event: {"id", "partition", "offset", "instance", "lamportTime"} (where kafkajs put it).
 // An event's `lamportTime` replaces the clock's reading (a replayed or reordered clock); `tamper: "checksum"`
@@ -11,7 +11,7 @@
 
 import { createHmac, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { Kafka, logLevel, Partitioners } from "kafkajs";
+import { CompressionTypes, Kafka, logLevel, Partitioners } from "kafkajs";
 
 interface PriceData {
   productId: string;
@@ -36,6 +36,7 @@ interface Plan {
   keyId: string;
   secretEnv: string;
   partitioner?: "default" | "legacy";
+  gzip?: boolean;
   events: PlannedEvent[];
 }
 
@@ -110,7 +111,8 @@ async function main(): Promise<void> {
   try {
     for (const event of plan.events) {  // one at a time: the order sent is the order in the partition
       const { lamport, ...message } = stamp(plan, secret, clock, event);
-      const [meta] = await producer.send({ topic: plan.topic, acks: -1, messages: [message] });
+      const compression = plan.gzip ? CompressionTypes.GZIP : CompressionTypes.None;
+      const [meta] = await producer.send({ topic: plan.topic, acks: -1, compression, messages: [message] });
       console.log(JSON.stringify({ id: event.id, partition: meta.partition, offset: meta.baseOffset,
                                    instance: clock.instance, lamportTime: lamport }));
     }
