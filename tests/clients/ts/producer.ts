@@ -4,10 +4,12 @@
 //   node dist/producer.js plan.json
 //
 // plan.json: {"broker", "topic", "source", "keyId", "secretEnv", "partitioner": "default" | "legacy", "gzip"?: true,
+//             "transaction"?: "commit" | "abort",
 //             "events": [{"id", "subject", "version", "price", "lamportTime"?, "tamper"?: "checksum"}]}
 // Prints one JSON line per event: {"id", "partition", "offset", "instance", "lamportTime"} (where kafkajs put it).
 // An event's `lamportTime` replaces the clock's reading (a replayed or reordered clock); `tamper: "checksum"`
-// changes one hex digit of its MAC after signing. Both exist to show what the guard refuses.
+// changes one hex digit of its MAC after signing. Both exist to show what the guard refuses. With `transaction`,
+// the events are sent in one Kafka transaction, then committed or aborted (offsets are then not printed).
 
 import { createHmac, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -37,6 +39,7 @@ interface Plan {
   secretEnv: string;
   partitioner?: "default" | "legacy";
   gzip?: boolean;
+  transaction?: "commit" | "abort";
   events: PlannedEvent[];
 }
 
@@ -105,10 +108,21 @@ async function main(): Promise<void> {
   const kafka = new Kafka({ clientId: "ts-price-producer", brokers: [plan.broker], logLevel: logLevel.ERROR });
   const createPartitioner = plan.partitioner === "legacy" ? Partitioners.LegacyPartitioner
     : Partitioners.DefaultPartitioner;
-  const producer = kafka.producer({ createPartitioner, idempotent: true, maxInFlightRequests: 1 });
+  const transactionalId = plan.transaction ? `ts-price-producer-${randomBytes(4).toString("hex")}` : undefined;
+  const producer = kafka.producer({ createPartitioner, idempotent: true, maxInFlightRequests: 1, transactionalId });
   const clock = new LamportClock();
   await producer.connect();
   try {
+    if (plan.transaction) {
+      const transaction = await producer.transaction();
+      for (const event of plan.events) {
+        const { lamport, ...message } = stamp(plan, secret, clock, event);
+        await transaction.send({ topic: plan.topic, messages: [message] });
+        console.log(JSON.stringify({ id: event.id, instance: clock.instance, lamportTime: lamport }));
+      }
+      await (plan.transaction === "commit" ? transaction.commit() : transaction.abort());
+      return;
+    }
     for (const event of plan.events) {  // one at a time: the order sent is the order in the partition
       const { lamport, ...message } = stamp(plan, secret, clock, event);
       const compression = plan.gzip ? CompressionTypes.GZIP : CompressionTypes.None;
