@@ -131,3 +131,23 @@ def test_kcat_with_its_default_partitioner_is_caught_where_it_misplaces_a_record
         assert out.header("byzguard_original_partition") == str(crc32).encode()
         detail = out.reasons[0]["detail"]
         assert f"partition {murmur2}" in detail and "partitioner=murmur2_random" in detail, detail
+
+
+
+def test_kcat_batches_in_every_compression_codec_are_verified(worker_factory: WorkerFactory, tmp_path: Path) -> None:
+    """Prices kcat sends compressed with each codec Kafka producers use (gzip, snappy, lz4, zstd: `-z`) are
+    read and verified like uncompressed ones; the worker decompresses them rather than stopping."""
+    prices = start_prices_worker(worker_factory, tmp_path)
+    sender = Sender(prices, worker_factory.bootstrap, tmp_path)
+    documented = sender.script
+    sent: dict[str, str] = {}
+    for codec in ("gzip", "snappy", "lz4", "zstd"):
+        sender.script = documented.replace(KCAT, f"kcat -P -z {codec} ")
+        sent[sender.send(f"sku-{codec}", 1)] = codec
+    sender.script = documented
+    after = sender.send("sku-plain", 1)  # an uncompressed one after them: the worker still reads
+
+    passed, refused = outputs(worker_factory, prices, len(sent) + 1, len(sent) + 1)
+    assert prices.worker.alive(), prices.worker.log_digest()
+    assert set(passed) == {*sent, after}, {sent.get(i, i): o[0].reasons for i, o in refused.items()}
+    assert all(o[0].codes == set() for o in passed.values())
