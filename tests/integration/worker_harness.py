@@ -1,7 +1,8 @@
 """Helpers for tests that run real `byzguard run` worker processes against the session's Kafka broker.
 
 - `WorkerFactory` / `WorkerProcess`: per-test app id, config, data dirs, web ports and log files; start,
-  wait until ready, stop (SIGTERM), kill (SIGKILL); every process is reaped at teardown.
+  wait until ready, stop (SIGTERM), kill (SIGKILL) as app/dev/workers.py does for the demo and the benchmark;
+  every process is reaped at teardown.
 - `Events`: stamped test events (clean, corrupted, regressed, forged, malformed) whose ids say what they are.
 - `produce`, `collect`, `wait_caught_up`: feed an input topic, read outputs as a downstream read_committed
   consumer would (no group: every partition assigned, from the beginning), and wait until the worker's
