@@ -92,15 +92,12 @@ def _modules() -> list[Path]:
     return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def test_name(module: Path) -> str:
+def name_of(module: Path) -> str:
     """tests/unit/test_<name>.py of a module: its path below the top-level package, `/` as `_`."""
     parts = list(module.relative_to(REPO).with_suffix("").parts[1:])
     if parts and parts[-1] == "__init__":
         parts.pop()
     return "_".join(parts)
-
-
-test_name.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 def _defines_something(module: Path) -> bool:
@@ -121,9 +118,9 @@ def _rel(path: Path) -> str:
 @pytest.mark.parametrize("module", [m for m in _modules() if _defines_something(m)], ids=_rel)
 def test_every_module_has_tests_a_newcomer_finds_by_name(module: Path) -> None:
     """A module has tests/unit/test_<name>.py (or test_<name>_<aspect>.py), or an entry in ELSEWHERE."""
-    named = _named_tests(test_name(module))
+    named = _named_tests(name_of(module))
     elsewhere = ELSEWHERE.get(_rel(module))
-    assert named or elsewhere, (f"{_rel(module)}: no tests/unit/test_{test_name(module)}.py; add it, or say in "
+    assert named or elsewhere, (f"{_rel(module)}: no tests/unit/test_{name_of(module)}.py; add it, or say in "
                                 "tests/unit/test_layout.py ELSEWHERE where its tests are")
 
 
@@ -131,7 +128,7 @@ def test_every_entry_of_elsewhere_is_needed_and_points_at_tests_that_exist() -> 
     """ELSEWHERE names existing modules without a test module of their name, and existing test files."""
     modules = {_rel(m) for m in _modules()}
     stale = [m for m in ELSEWHERE if m not in modules]
-    named = [m for m in ELSEWHERE if m in modules and _named_tests(test_name(REPO / m))]
+    named = [m for m in ELSEWHERE if m in modules and _named_tests(name_of(REPO / m))]
     missing = [t for paths, _ in ELSEWHERE.values() for t in paths if not (REPO / t).is_file()]
     assert not stale and not named and not missing, {"no such module": stale, "has a test of its name": named,
                                                      "no such test file": missing}
@@ -139,7 +136,7 @@ def test_every_entry_of_elsewhere_is_needed_and_points_at_tests_that_exist() -> 
 
 def test_every_unit_test_module_is_named_after_its_module_or_says_what_it_specifies() -> None:
     """A file of tests/unit is test_<name of a module>[_<aspect>].py, or listed in ACROSS."""
-    names = {test_name(m) for m in _modules()} - {""}
+    names = {name_of(m) for m in _modules()} - {""}
     unnamed = [p.name for p in sorted(UNIT.glob("test_*.py"))
                if p.name not in ACROSS and not any(p.stem == f"test_{n}" or p.stem.startswith(f"test_{n}_")
                                                    for n in names)]
@@ -152,7 +149,7 @@ def test_no_two_modules_share_a_test_name() -> None:
     seen: dict[str, str] = {}
     clashes = []
     for module in _modules():
-        name = test_name(module)
+        name = name_of(module)
         if name and name in seen and _defines_something(module):
             clashes.append((seen[name], _rel(module)))
         if _defines_something(module):
