@@ -19,8 +19,8 @@ empty or lack that worker's partitions, and a request for them answers 503 inste
 An entity's state is read by the worker that owns its partition from RocksDB only (`read_entity`): what the
 batched runtime has stored, never the pending writes of a batch in flight. Under exactly_once those may still
 abort (the transaction fails and the writes are discarded); under at_least_once they belong to a batch whose
-outputs are not delivered yet, and a crash before that would have the view serve a value whose verified event
-was never forwarded. A batch is stored within milliseconds of its processing (`batch_max_ms` plus its
+outputs are not delivered yet: had the worker crashed then, the view would have served a value whose verified
+event was never forwarded. A batch is stored within milliseconds of its processing (`batch_max_ms` plus its
 deliveries), which is all the view lags behind. While a partition is assigned but not restored yet (its database
 is being brought to its changelog's end) or is moving, nothing is read from it: the answer is 503 with
 Retry-After.
