@@ -119,7 +119,6 @@ class ReviewWeb:
                   "this worker; the worker that owns it shows this value")
         return {"where": "elsewhere", **where, "workers": owners, "state": None, "detail": detail}
 
-
     def batched_entity(self, route_name: str, entity: str, partition: int) -> dict[str, Any]:
         """entity() under the batched runtime: its partition state, or its owner (app/runtime/owners.py)."""
         from app.runtime.owners import read_entity
