@@ -76,6 +76,7 @@ ACROSS = {
     "test_checks.py": "every check: the event that trips it and the one that must not",
     "test_cloudevents_sdk.py": "a producer byzguard did not write (the CloudEvents SDK) is verified",
     "test_codes_index.py": "every code can be found from its name",
+    "test_js_checksum_forms.py": "checksums made by real JavaScript (node) get the codes ENVELOPE.md gives them",
     "test_core_imports.py": "the import boundary of the core, the client and app/dev",
     "test_docs_links.py": "README and docs link only to what exists",
     "test_honest_reasons.py": "reasons say what is wrong in the event's own terms",
