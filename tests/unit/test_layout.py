@@ -80,7 +80,6 @@ ACROSS = {
     "test_core_imports.py": "the import boundary of the core, the client and app/dev",
     "test_docs_links.py": "README and docs link only to what exists",
     "test_honest_reasons.py": "reasons say what is wrong in the event's own terms",
-    "test_js_checksum_forms.py": "checksums made by real JavaScript (node) get the documented codes",
     "test_layout.py": "tests mirror the modules they test",
     "test_output_bounds.py": "what byzguard writes is bounded whatever the input",
     "test_packaging.py": "the wheel, the declared dependencies and the constraints",
