@@ -151,3 +151,29 @@ def test_the_banner_and_the_log_of_this_run(tmp_path: Path) -> None:
     assert worker.proc is not None and worker.proc.wait(20) == 0
     assert worker.log_text().count("===== w starting at") == 2
     assert worker.run_log() == "second run\n" and worker.log_tail(5) == "second run"
+
+
+def test_a_worker_whose_log_level_hides_the_ready_line_is_ready_by_its_lag_gauge(tmp_path: Path) -> None:
+    """With its web address known, a worker is also ready once /metrics show an assigned partition's lag."""
+    import http.server
+    import threading
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            body = b'byzguard_consumer_lag_messages{topic="in",partition="0"} 0.0\n'
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    worker = _python(tmp_path, "import time; time.sleep(60)", web=web_base("0.0.0.0", server.server_port)).start()
+    try:
+        assert worker.wait_ready(timeout=20) >= 0
+        assert READY_LINE not in worker.run_log()
+    finally:
+        worker.kill()
+        server.shutdown()
