@@ -161,7 +161,9 @@ class BatchedRuntime(Service):
             await self.producer.start()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
-            auto_offset_reset="earliest", isolation_level="read_committed" if self.eos else "read_uncommitted",
+            # read_committed under both guarantees: the records of a transaction its producer aborted are void and
+            # must never be verified (under at_least_once too: they would also make the real next version conflict).
+            auto_offset_reset="earliest", isolation_level="read_committed",
             partition_assignment_strategy=(RangePartitionAssignor,),  # a route's inputs stay co-partitioned
             session_timeout_ms=int(self.session_timeout * 1000),
             heartbeat_interval_ms=int(self.session_timeout * 100), fetch_min_bytes=self.fetch_min_bytes,
