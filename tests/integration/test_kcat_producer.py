@@ -112,7 +112,7 @@ def test_kcat_as_documented_is_verified_a_changed_value_and_a_missing_key_are_no
 def test_kcat_with_its_default_partitioner_is_caught_where_it_misplaces_a_record(
         worker_factory: WorkerFactory, tmp_path: Path) -> None:
     """Without -X partitioner=murmur2_random, a newer price that kcat puts outside its entity's partition is
-    decode.wrong_partition, whose detail names the partition and the setting; never verified there. A key that
+    decode.wrong_partition (its detail names the partition and the setting), never verified, while one whose key
     CRC32 happens to place right is verified."""
     prices = start_prices_worker(worker_factory, tmp_path)
     sender = Sender(prices, worker_factory.bootstrap, tmp_path)
