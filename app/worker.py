@@ -29,6 +29,7 @@ from topics import RouteTopics, declare_route_topics
 
 if TYPE_CHECKING:
     from app.runtime import BatchedRuntime
+    from app.runtime.owners import OwnerDirectory
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class GuardApp:
     store_options: dict[str, Any] = field(default_factory=dict)
     #: The filter that keeps a broker outage from flooding the log (app/logs.py); attach it to the log handlers.
     quiet_logs: QuietRepeats = field(default_factory=QuietRepeats)
+    #: The batched runtime (app/runtime) once the App started it, and who owns which of its partitions
+    #: (app/runtime/owners.py); both None under the faust runtime.
+    runtime: BatchedRuntime | None = None
+    owners: OwnerDirectory | None = None
 
 
 def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -87,18 +92,20 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
                            bootstrap: str) -> BatchedRuntime:
     """Start the batched runtime (app/runtime) with the App: it runs every route's verify stream."""
     from app.runtime import BatchedRuntime, check_routes
+    from app.runtime.owners import OwnerDirectory, assignor_for
 
     check_routes(config)
     if settings.state_store != "rocksdb":  # not silently ignored: the state would be on disk after all
         raise ConfigError(f"BYZGUARD_STATE_STORE={settings.state_store} is not run by the batched runtime (its "
                           "state is in RocksDB, restored from the changelogs); unset it, or run BYZGUARD_RUNTIME=faust")
     conf = built.app.conf
+    built.owners = OwnerDirectory(str(conf.canonical_url))  # the URL the other workers forward requests to
     options: dict[str, Any] = dict(
         app_id=settings.app_id, bootstrap=bootstrap, config=config, guard=built.guard, tabledir=conf.tabledir,
         store_options=built.store_options, guarantee=settings.processing_guarantee,
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms, data_dir=settings.data_dir,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms, assignor=assignor_for(built.owners), data_dir=settings.data_dir,
         producer={"linger_ms": int(conf.producer_linger * 1000), "max_batch_size": conf.producer_max_batch_size,
                   "max_request_size": conf.producer_max_request_size,
                   "request_timeout_ms": int(conf.producer_request_timeout * 1000)})
@@ -106,6 +113,7 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
     # Started before faust's own consumer and producer (not as an app.service, which starts after faust's group
     # join and table recovery): after a restart the routes' streams do not wait for faust's group.
     runtime = BatchedRuntime(**options)
+    built.runtime = runtime  # the last-known-good view and the review page read its state
     built.app.add_dependency(runtime)
     return runtime
 
@@ -143,7 +151,6 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))
     batched = settings.runtime == "batched"
-    runtime: BatchedRuntime | None = None
     for route in config.routes:
         topics = declare_route_topics(app, route)
         built.topics[route.name] = topics
@@ -153,7 +160,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         built.tables[route.name] = tables
         built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
     if batched:
-        runtime = attach_batched_runtime(built, settings, config, bootstrap)
+        attach_batched_runtime(built, settings, config, bootstrap)
     log.info("runtime: %s (the routes' verify streams run %s)", settings.runtime,
              "in the batched loop, app/runtime" if batched else "as faust agents")
     metrics.configure(config)
@@ -171,8 +178,9 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
-        # The quarantine partitions of the input partitions this worker verifies: faust's or the batched runtime's.
-        await backlog.update(app.assignor.assigned_actives() if runtime is None else list(runtime.positions))
+        # The input partitions this worker owns: the batched runtime's, or faust's consumer's.
+        runtime = built.runtime
+        await backlog.update(list(runtime.positions) if runtime is not None else app.assignor.assigned_actives())
 
     class BacklogService(Service):
         """Stops the backlog's reader with the worker."""
