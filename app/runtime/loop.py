@@ -44,11 +44,12 @@ from mode import Service
 from agents.verify import observe as _observe
 from app import metrics
 from app.outbox import load_limits
+from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
+from app.runtime.stages import Forwards, StageContext, Stages, record_in, repartitions, verify_topics
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
-from byzguard.config import GuardConfig, Partitioning, Route
+from byzguard.config import GuardConfig, Route
 from byzguard.engine import Decision
-from byzguard.errors import ConfigError
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
 from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size, too_large_stub
@@ -73,11 +74,7 @@ def transactional_id(app_id: str, route: str, partition: int) -> str:
 
 
 def check_routes(config: GuardConfig) -> None:
-    """Refuse what the batched runtime does not run (yet)."""
-    for route in config.routes:
-        if route.partitioning is Partitioning.REPARTITION:
-            raise ConfigError(f"route {route.name!r}: partitioning: repartition is not run by the batched runtime "
-                              "yet; run it with BYZGUARD_RUNTIME=faust")
+    """Refuse what the batched runtime does not run (nothing today: every route and audit runs on it)."""
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -123,7 +120,7 @@ class BatchedRuntime(Service):
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.producer_options = producer
         self.routes = {route.name: route for route in config.routes}
-        self.route_of = {topic: route for route in config.routes for topic in route.inputs}
+        self.route_of = {topic: route for route in config.routes for topic in verify_topics(app_id, route)}
         self.changelogs = {route.name: {name: changelog_topic(app_id, route, name) for name in state_names(route)}
                            for route in config.routes}
         self.consumer: AIOKafkaConsumer | None = None
@@ -147,6 +144,12 @@ class BatchedRuntime(Service):
         self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
         self._lag_labels: set[tuple[str, str]] = set()
         self._causal_interval = min((i for i in map(causal_interval, config.routes) if i is not None), default=None)
+        # The stages that feed the verify stage or read its outputs (app/runtime/stages.py, audits.py).
+        ctx = StageContext(app_id=app_id, bootstrap=bootstrap, group=self.group, eos=self.eos,
+                           producer_options=producer, max_records=batch_max_records,
+                           max_seconds=self.max_seconds)
+        forwards, joins = audit_stages(config, ctx, tabledir, store_options)
+        self.stages = Stages([Forwards([*repartitions(app_id, config), *forwards], ctx), joins])
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class BatchedRuntime(Service):
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                              **self.producer_options)
             await self.producer.start()
+        await self.stages.start(self.producer)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset="earliest", isolation_level="read_committed" if self.eos else "read_uncommitted",
@@ -167,7 +171,7 @@ class BatchedRuntime(Service):
             heartbeat_interval_ms=int(self.session_timeout * 100), fetch_min_bytes=self.fetch_min_bytes,
             fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_records)
         await self.consumer.start()
-        self.consumer.subscribe(sorted(self.route_of), listener=_Listener(self))
+        self.consumer.subscribe(sorted({*self.route_of, *self.stages.topics}), listener=_Listener(self))
         log.info("batched runtime: %s, group %s, batches of at most %d records / %.0f ms, routes %s",
                  "exactly_once" if self.eos else "at_least_once", self.group, self.max_records,
                  self.max_seconds * 1000, ", ".join(self.routes))
@@ -185,6 +189,7 @@ class BatchedRuntime(Service):
             if consumer is not None:
                 await consumer.stop()
             await self._close(list(self.parts))
+            await self.stages.stop()
             if self.producer is not None:
                 await self.producer.stop()
 
@@ -204,6 +209,8 @@ class BatchedRuntime(Service):
                         await self._step(fetched)
                     if self._causal_interval is not None:
                         await self._punctuate_idle()
+                    if self.stages:
+                        await self.stages.idle()
                     if time.monotonic() >= self._lag_due:
                         self._measure_lag(consumer)
         except asyncio.CancelledError:
@@ -239,7 +246,8 @@ class BatchedRuntime(Service):
         async with self._lock:  # the batch in flight finished and committed
             for tp in revoked:
                 self.positions.pop(tp, None)
-            owned = {self._key(tp) for tp in self.positions}
+            await self.stages.revoked({tp for tp in revoked if tp.topic in self.stages.topics})
+            owned = {self._key(tp) for tp in self.positions if tp.topic in self.route_of}
             gone = [key for key in self.parts if key not in owned]
             await self._close(gone)
             if gone:
@@ -250,8 +258,9 @@ class BatchedRuntime(Service):
             consumer = self.consumer
             assert consumer is not None
             new: dict[Key, list[TopicPartition]] = defaultdict(list)
+            staged = {tp for tp in assigned if tp not in self.positions and tp.topic in self.stages.topics}
             for tp in assigned:
-                if tp not in self.positions:
+                if tp not in self.positions and tp.topic in self.route_of:
                     new[self._key(tp)].append(tp)
             opened: list[Key] = []
             for key in new:
@@ -272,23 +281,25 @@ class BatchedRuntime(Service):
                 if self.routes[key[0]].causal.buffer:  # what the restored buffer holds counts from now on
                     self.held[key] = held_count(self.parts[key].readers[CAUSAL])
                     self._publish_causal(key[0])
-            fallback = None
+            stored_of = await self.stages.assigned(staged)
             for key, tps in new.items():
                 stored = self.parts[key].input_offsets()
-                for tp in tps:
-                    committed = await consumer.committed(tp)
-                    if committed is None and tp.topic not in stored:
-                        # Never run on this runtime: resume where the faust runtime (group app_id) committed.
-                        if fallback is None:
-                            fallback = await _committed_of(self.bootstrap, self.app_id, [
-                                t for ts in new.values() for t in ts])
-                        committed = fallback.get(tp)
-                    start = committed
-                    if not self.eos and tp.topic in stored:
-                        start = max(committed or 0, stored[tp.topic])
-                    if start is not None:
-                        consumer.seek(tp, start)
-                    self.positions[tp] = start or 0
+                stored_of.update((tp, stored[tp.topic]) for tp in tps if tp.topic in stored)
+            fallback = None
+            every = [*staged, *(tp for tps in new.values() for tp in tps)]
+            for tp in every:
+                committed = await consumer.committed(tp)
+                if committed is None and tp not in stored_of:
+                    # Never run on this runtime: resume where the faust runtime (group app_id) committed.
+                    if fallback is None:
+                        fallback = await _committed_of(self.bootstrap, self.app_id, every)
+                    committed = fallback.get(tp)
+                start = committed
+                if not self.eos and tp in stored_of:
+                    start = max(committed or 0, stored_of[tp])
+                if start is not None:
+                    consumer.seek(tp, start)
+                self.positions[tp] = start or 0
             if new:
                 log.info("batched runtime: assigned %s", ", ".join(f"{r}[{p}]" for r, p in sorted(new)))
         self._first_assignment.set()
@@ -315,6 +326,7 @@ class BatchedRuntime(Service):
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         """One fetch: every route partition's batches, concurrently; at_least_once commits once at the end."""
         by_key: dict[Key, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+        staged: list[tuple[TopicPartition, list[Any]]] = []
         for tp, messages in fetched.items():
             position = self.positions.get(tp)
             if position is None:
@@ -322,9 +334,16 @@ class BatchedRuntime(Service):
             if messages and messages[0].offset < position:
                 messages = [m for m in messages if m.offset >= position]
             if messages:
-                by_key[self._key(tp)].append((tp, messages))
+                if tp.topic in self.route_of:
+                    by_key[self._key(tp)].append((tp, messages))
+                else:
+                    staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()))
+        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()),
+                             *(self.stages.batch(tp, messages, offsets) for tp, messages in staged))
+        for tp, _ in staged:
+            if tp in offsets and tp in self.positions:
+                self.positions[tp] = offsets[tp]
         if offsets and not self.eos:
             assert self.consumer is not None
             try:
@@ -364,8 +383,7 @@ class BatchedRuntime(Service):
                  out: RecordBatches) -> None:
         started = time.perf_counter()
         now = time.time()
-        record = RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                          msg.timestamp / 1000, route.partitions)  # aiokafka's timestamps are in ms
+        record = record_in(msg, route)
         size = record_size(record.key, record.value, record.headers)
         if size + OWN_HEADERS_MAX > self.copy_limit:  # no copy would fit: not checked, no state, a stub instead
             routed = self._stub(route, record, size, now, out)
