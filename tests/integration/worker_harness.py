@@ -35,7 +35,7 @@ from app.dev.localkafka import free_ports
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
-from tests.conftest import run_async
+from tests.conftest import RUNTIME_UNDER_TEST, run_async
 
 _DIGITS = re.compile(r"\d+")
 REPO = Path(__file__).resolve().parents[2]
@@ -195,8 +195,9 @@ class RouteNames:
 
 
 def runtime_under_test() -> str:
-    """The runtime the test run's workers use: BYZGUARD_RUNTIME (faust when unset)."""
-    return os.environ.get("BYZGUARD_RUNTIME") or "faust"
+    """The runtime the test run's workers use: BYZGUARD_RUNTIME when pytest started (faust when unset; the
+    autouse fixture clears it inside a test, tests/conftest.py `RUNTIME_UNDER_TEST`)."""
+    return RUNTIME_UNDER_TEST
 
 
 def input_group(app_id: str, runtime: str | None = None) -> str:
