@@ -22,8 +22,12 @@ Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the
 transaction commits or aborts) before the partitions go, and their databases are closed; on assign the
 databases are opened and restored before the first record of the partition is processed.
 
-faust keeps the App, its web server, CLI, timers, the review and decision streams and the cross-stream audits;
-its consumer (group `<app_id>`) no longer reads the routes' inputs.
+The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by
+the same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the
+repartition topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
+
+faust keeps the App, its web server, CLI, timers and the review and decision streams; its consumer (group
+`<app_id>`) no longer reads the routes' inputs.
 """
 
 from __future__ import annotations
