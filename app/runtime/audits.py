@@ -157,7 +157,8 @@ class AuditJoins:
             if txn is not None:
                 await txn.stop()
 
-    async def batch(self, tp: TopicPartition, messages: list[Any], offsets: dict[TopicPartition, int]) -> None:
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
         rule = self.rule_of[tp.topic]
         index, count = 0, len(messages)
         while index < count:
@@ -172,7 +173,7 @@ class AuditJoins:
                     break
             if time.monotonic() - self.punctuated[tp] >= rule.tick_interval:
                 self._punctuate(tp, rule, out)
-            next_offset = messages[last - 1].offset + 1
+            next_offset = messages[last - 1].offset + 1 if last < count else end
             await self._finish(tp, rule, out, {tp: next_offset})
             offsets[tp] = next_offset
             index = last

@@ -135,6 +135,8 @@ class BatchedRuntime(Service):
         self.txns: dict[Key, AIOKafkaProducer] = {}
         #: Input partitions owned, and the next offset to process of each.
         self.positions: dict[TopicPartition, int] = {}
+        #: Per input partition of the fetch in progress, the next offset once its records are done.
+        self.ends: dict[TopicPartition, int] = {}
         self.last_batch: dict[Key, float] = {}
         #: The causal buffer of each route partition: events held, and the age of the oldest (the gauges).
         self.held: dict[Key, int] = {}
@@ -250,6 +252,7 @@ class BatchedRuntime(Service):
         async with self._lock:  # the batch in flight finished and committed
             for tp in revoked:
                 self.positions.pop(tp, None)
+                self.ends.pop(tp, None)
             await self.stages.revoked({tp for tp in revoked if tp.topic in self.stages.topics})
             owned = {self._key(tp) for tp in self.positions if tp.topic in self.route_of}
             gone = [key for key in self.parts if key not in owned]
@@ -329,6 +332,8 @@ class BatchedRuntime(Service):
 
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         """One fetch: every route partition's batches, concurrently; at_least_once commits once at the end."""
+        consumer = self.consumer
+        assert consumer is not None
         by_key: dict[Key, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
         staged: list[tuple[TopicPartition, list[Any]]] = []
         for tp, messages in fetched.items():
@@ -338,13 +343,17 @@ class BatchedRuntime(Service):
             if messages and messages[0].offset < position:
                 messages = [m for m in messages if m.offset >= position]
             if messages:
+                # The next offset once all of them are done: past the commit markers that follow them on a topic
+                # written in transactions (the repartition topics, verified topics), else the group would lag
+                # by a marker forever.
+                self.ends[tp] = max(messages[-1].offset + 1, await consumer.position(tp))
                 if tp.topic in self.route_of:
                     by_key[self._key(tp)].append((tp, messages))
                 else:
                     staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
         await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()),
-                             *(self.stages.batch(tp, messages, offsets) for tp, messages in staged))
+                             *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
         for tp, _ in staged:
             if tp in offsets and tp in self.positions:
                 self.positions[tp] = offsets[tp]
@@ -373,7 +382,7 @@ class BatchedRuntime(Service):
                     last += 1
                     if time.monotonic() - started >= self.max_seconds:
                         break
-                next_offset = messages[last - 1].offset + 1
+                next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
                 await self._finish(key, route, part, out, {tp: next_offset})
                 self.positions[tp] = next_offset
                 offsets[tp] = next_offset

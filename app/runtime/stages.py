@@ -234,9 +234,11 @@ class Runner(Protocol):
         """Close what the revoked partitions had (the loop's lock holds: no batch is in flight)."""
         ...
 
-    async def batch(self, tp: TopicPartition, messages: list[Any], offsets: dict[TopicPartition, int]) -> None:
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
         """Run the fetched `messages` of `tp` (in batches), setting `offsets[tp]` to the next offset of each
-        batch that is delivered (exactly_once: committed)."""
+        batch that is delivered (exactly_once: committed); `end` is the next one after the last batch (past the
+        transaction markers that follow the last record)."""
         ...
 
     async def idle(self) -> None:
@@ -285,7 +287,8 @@ class Forwards:
             if txn is not None:
                 await txn.stop()
 
-    async def batch(self, tp: TopicPartition, messages: list[Any], offsets: dict[TopicPartition, int]) -> None:
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
         stages = self.by_topic[tp.topic]
         txn = self.txns[tp] if self.ctx.eos else None
         producer = txn if txn is not None else self.producer
@@ -303,7 +306,7 @@ class Forwards:
                 last += 1
                 if time.monotonic() - started >= self.ctx.max_seconds:
                     break
-            next_offset = messages[last - 1].offset + 1
+            next_offset = messages[last - 1].offset + 1 if last < count else end
             await commit(txn, out, {tp: next_offset}, self.ctx.group)
             offsets[tp] = next_offset
             index = last
@@ -347,8 +350,9 @@ class Stages:
         for runner, mine in self._split(tps):
             await runner.revoked(mine)
 
-    async def batch(self, tp: TopicPartition, messages: list[Any], offsets: dict[TopicPartition, int]) -> None:
-        await self.runner_of[tp.topic].batch(tp, messages, offsets)
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
+        await self.runner_of[tp.topic].batch(tp, messages, end, offsets)
 
     async def idle(self) -> None:
         for runner in self.runners:
