@@ -164,9 +164,9 @@ class AuditJoins:
         while index < count:
             out = self._out(tp)
             started = time.monotonic()
-            end = min(count, index + self.ctx.max_records)
+            stop = min(count, index + self.ctx.max_records)
             last = index
-            while last < end:
+            while last < stop:
                 self._join(tp, rule, messages[last], out)
                 last += 1
                 if time.monotonic() - started >= self.ctx.max_seconds:

@@ -296,10 +296,10 @@ class Forwards:
         while index < count:
             out = RecordBatches(producer)
             started = time.monotonic()
-            end = min(count, index + self.ctx.max_records)
+            stop = min(count, index + self.ctx.max_records)
             last = index
             now = time.time()
-            while last < end:
+            while last < stop:
                 msg = messages[last]
                 for stage in stages:
                     stage.forward(msg, out, now)
