@@ -50,14 +50,20 @@ from app import metrics
 from app.outbox import load_limits
 from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
-from app.runtime.stages import Forwards, StageContext, Stages, record_in, repartitions, verify_topics
+from app.runtime.stages import (
+    Forwards,
+    StageContext,
+    Stages,
+    quarantine_stub,
+    record_in,
+    repartitions,
+    verify_topics,
+)
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
 from byzguard.config import GuardConfig, Route
-from byzguard.engine import Decision
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
-from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size, too_large_stub
-from byzguard.verdict import Code, Outcome, Reason
+from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size
 
 log = logging.getLogger(__name__)
 
@@ -423,16 +429,7 @@ class BatchedRuntime(Service):
                     partition=rec.partition, offset=rec.offset, now=time.time()))
 
     def _stub(self, route: Route, record: RecordIn, size: int, now: float, out: RecordBatches) -> Routed:
-        key, value, headers = too_large_stub(
-            record.key, record.value, record.headers, (), route.name, topic=record.topic,
-            partition=record.partition, offset=record.offset, timestamp=record.timestamp, size=size,
-            limit=self.copy_limit, now=now)
-        out.add(route.quarantine_topic, record.home, key, value, headers)
-        log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
-                    "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
-                    self.copy_limit)
-        return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
-                      None, None, None)
+        return quarantine_stub(route, record, size, self.copy_limit, now, out)
 
     def _punctuate(self, key: Key, route: Route, part: PartitionState, out: RecordBatches) -> None:
         """Causal deadlines of one route partition: held records past the deadline go to quarantine."""

@@ -70,6 +70,20 @@ def record_in(msg: Any, route: Route) -> RecordIn:
                     route.partitions)
 
 
+def quarantine_stub(route: Route, record: RecordIn, size: int, limit: int, now: float, out: RecordBatches) -> Routed:
+    """Quarantine a bounded stub for `record`, whose copy does not fit `limit` with byzguard's headers: it is not
+    checked and changes no state (output.too_large), in the quarantine partition of its entity."""
+    key, value, headers = too_large_stub(
+        record.key, record.value, record.headers, (), route.name, topic=record.topic, partition=record.partition,
+        offset=record.offset, timestamp=record.timestamp, size=size, limit=limit, now=now)
+    out.add(route.quarantine_topic, record.home, key, value, headers)
+    log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
+                "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
+                limit)
+    return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
+                  None, None, None)
+
+
 class StageContext:
     """What every stage runner shares with the loop."""
 
@@ -189,23 +203,10 @@ class RouteRepartition:
         if size + OWN_HEADERS_MAX > self.copy_limit:
             record = RecordIn(key, msg.value, headers, msg.topic, msg.partition, msg.offset, timestamp, partitions,
                               partition)
-            observe(route.name, self._stub(record, size, now, out), now)
+            observe(route.name, quarantine_stub(route, record, size, self.copy_limit, now, out), now)
             return
         out.add(self.target, partition, key, msg.value,
                 repartition_headers(headers, msg.topic, msg.partition, msg.offset, timestamp))
-
-    def _stub(self, record: RecordIn, size: int, now: float, out: RecordBatches) -> Routed:
-        route = self.route
-        key, value, headers = too_large_stub(
-            record.key, record.value, record.headers, (), route.name, topic=record.topic,
-            partition=record.partition, offset=record.offset, timestamp=record.timestamp, size=size,
-            limit=self.copy_limit, now=now)
-        out.add(route.quarantine_topic, record.home, key, value, headers)
-        log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
-                    "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
-                    self.copy_limit)
-        return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
-                      None, None, None)
 
 
 def repartitions(app_id: str, config: GuardConfig) -> list[RouteRepartition]:
