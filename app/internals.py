@@ -251,6 +251,17 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.web.views.View", "guarded", "added", ("app/review/web.py",), "as problem"),
     PrivateName("faust.web.views.View", "body", "added", ("app/review/web.py",), "as problem"),
     # -- aiokafka ----------------------------------------------------------------------------------------------
+    PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "metadata", "method",
+                ("app/runtime/owners.py",), "overridden: the batched runtime's member metadata carries the worker's "
+                "web URL in user_data (the owners of the last-known-good view)", signature="(cls, topics)",
+                overridden=True, digest="075c7468fda4dc36"),
+    PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "assign", "method",
+                ("app/runtime/owners.py",), "overridden: the range assignment, with the partition -> URL map in "
+                "every member's assignment user_data", signature="(cls, cluster, members)", overridden=True,
+                digest="36cc4ba588715097"),
+    PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "on_assignment", "method",
+                ("app/runtime/owners.py",), "overridden: each worker keeps the owner map of the generation it joined",
+                signature="(cls, assignment)", overridden=True, digest="199ef55cb030e2c8"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
                 ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),

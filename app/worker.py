@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from mode import Service
@@ -26,6 +26,10 @@ from tables import RouteTables, declare_route_tables, store_options
 from tables.buffer import StateBuffer
 from topics import RouteTopics, declare_route_topics
 
+if TYPE_CHECKING:
+    from app.runtime import BatchedRuntime
+    from app.runtime.owners import OwnerDirectory
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +48,10 @@ class GuardApp:
     store_options: dict[str, Any] = field(default_factory=dict)
     #: The filter that keeps a broker outage from flooding the log (app/logs.py); attach it to the log handlers.
     quiet_logs: QuietRepeats = field(default_factory=QuietRepeats)
+    #: The batched runtime (app/runtime) once the App started it, and who owns which of its partitions
+    #: (app/runtime/owners.py); both None under the faust runtime.
+    runtime: BatchedRuntime | None = None
+    owners: OwnerDirectory | None = None
 
 
 def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -82,15 +90,17 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
 def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig, bootstrap: str) -> None:
     """Start the batched runtime (app/runtime) with the App: it runs every route's verify stream."""
     from app.runtime import BatchedRuntime, check_routes
+    from app.runtime.owners import OwnerDirectory, assignor_for
 
     check_routes(config)
     conf = built.app.conf
+    built.owners = OwnerDirectory(str(conf.canonical_url))  # the URL the other workers forward requests to
     options: dict[str, Any] = dict(
         app_id=settings.app_id, bootstrap=bootstrap, config=config, guard=built.guard, tabledir=conf.tabledir,
         store_options=built.store_options, guarantee=settings.processing_guarantee,
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms, assignor=assignor_for(built.owners),
         producer={"linger_ms": int(conf.producer_linger * 1000), "max_batch_size": conf.producer_max_batch_size,
                   "max_request_size": conf.producer_max_request_size,
                   "request_timeout_ms": int(conf.producer_request_timeout * 1000)})
@@ -98,6 +108,7 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
     class Runtime(BatchedRuntime):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**options, **kwargs)
+            built.runtime = self  # the last-known-good view and the review page read its state
 
     built.app.service(Runtime)
 
@@ -156,7 +167,9 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
-        await backlog.update(app.assignor.assigned_actives())
+        # The input partitions this worker owns: the batched runtime's, or faust's consumer's.
+        runtime = built.runtime
+        await backlog.update(list(runtime.positions) if runtime is not None else app.assignor.assigned_actives())
 
     class BacklogService(Service):
         """Stops the backlog's reader with the worker."""

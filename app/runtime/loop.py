@@ -73,7 +73,7 @@ Key = tuple[str, int]
 
 def verify_group(app_id: str) -> str:
     """The consumer group of the batched runtime: it commits the routes' input offsets. faust's own consumer
-    (group `app_id`, faust's assignor) keeps the review, decision and audit streams; one group cannot hold both
+    (group `app_id`, faust's assignor) keeps the review and decision streams; one group cannot hold both
     assignors."""
     return f"{app_id}-verify"
 
@@ -112,7 +112,7 @@ class BatchedRuntime(Service):
     def __init__(self, *, app_id: str, bootstrap: str, config: GuardConfig, guard: Guard, tabledir: Path,
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
-                 **kwargs: Any) -> None:
+                 assignor: Any = RangePartitionAssignor, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         self.app_id = app_id
@@ -129,6 +129,8 @@ class BatchedRuntime(Service):
         self.fetch_min_bytes = fetch_min_bytes
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.producer_options = producer
+        #: The group's range assignor (app/runtime/owners.py `OwnersAssignor` also says who owns what).
+        self.assignor = assignor
         self.routes = {route.name: route for route in config.routes}
         self.route_of = {topic: route for route in config.routes for topic in verify_topics(app_id, route)}
         self.changelogs = {route.name: {name: changelog_topic(app_id, route, name) for name in state_names(route)}
@@ -177,8 +179,10 @@ class BatchedRuntime(Service):
         await self.stages.start(self.producer)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
-            auto_offset_reset="earliest", isolation_level="read_committed" if self.eos else "read_uncommitted",
-            partition_assignment_strategy=(RangePartitionAssignor,),  # a route's inputs stay co-partitioned
+            # read_committed under both guarantees: the records of a transaction its producer aborted are void and
+            # must never be verified (under at_least_once too: they would also make the real next version conflict).
+            auto_offset_reset="earliest", isolation_level="read_committed",
+            partition_assignment_strategy=(self.assignor,),  # a range assignor: a route's inputs stay co-partitioned
             session_timeout_ms=int(self.session_timeout * 1000),
             heartbeat_interval_ms=int(self.session_timeout * 100), fetch_min_bytes=self.fetch_min_bytes,
             fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_records)
@@ -316,6 +320,14 @@ class BatchedRuntime(Service):
             if new:
                 log.info("batched runtime: assigned %s", ", ".join(f"{r}[{p}]" for r, p in sorted(new)))
         self._first_assignment.set()
+
+    def readable(self, key: Key) -> PartitionState | None:
+        """The state of a route partition this worker owns and has restored; None while it is not owned, being
+        restored (assigned: its state is open, its inputs not running yet) or being revoked."""
+        part = self.parts.get(key)
+        if part is None or not any(self._key(tp) == key for tp in self.positions if tp.topic in self.route_of):
+            return None
+        return part
 
     def _key(self, tp: TopicPartition) -> Key:
         return self.route_of[tp.topic].name, tp.partition
