@@ -124,9 +124,9 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     internals.check_versions(allow_untested=settings.allow_untested_versions)
     options = faust_options(settings, bootstrap)
     faust_eos = settings.processing_guarantee == "exactly_once"
-    if settings.runtime == "batched" and not config.audits:
+    if settings.runtime == "batched":
         # faust runs no stream of its own then (its exactly_once fails on a consumer without topics): the batched
-        # runtime's transactions are its own.
+        # runtime's transactions are its own, the audits' included.
         faust_eos = False
         options["processing_guarantee"] = "at_least_once"
     if settings.runtime == "batched":
@@ -214,6 +214,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     from agents.audit import attach_audits  # cross-stream audits (docs/audits.md)
     from app.entities import register_entity_views  # GET /entities/... (docs/last-known-good.md)
 
-    attach_audits(built, config)
+    if not batched:  # on the batched runtime the audits are its stages (app/runtime/audits.py)
+        attach_audits(built, config)
     register_entity_views(built, config)
     return built

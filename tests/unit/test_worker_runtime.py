@@ -49,14 +49,27 @@ def test_on_the_batched_runtime_faust_declares_no_route_table_or_agent(tmp_path:
     assert not any(isinstance(s, BatchedRuntime) for s in faust.app._children)  # type: ignore[attr-defined]
 
 
-def test_a_repartitioning_route_is_refused_by_the_batched_runtime(tmp_path: Path) -> None:
-    """Routes with partitioning: repartition do not run on the batched runtime yet: the worker refuses to start
-    and says to use the faust runtime."""
+def test_on_the_batched_runtime_faust_declares_no_audit_or_repartition_agent(tmp_path: Path) -> None:
+    """A repartitioning route and an audit rule run on the batched runtime: faust declares neither their agents
+    nor the audit's join table (so no tick timer either), and its own guarantee is at_least_once (it runs no stream);
+    on the faust runtime they are faust agents as before."""
+    from app.runtime import BatchedRuntime
     from app.worker import build_app
 
-    config = _config(tmp_path, ", partitioning: repartition")
-    with pytest.raises(ConfigError, match="BYZGUARD_RUNTIME=faust"):
-        build_app(Settings(data_dir=tmp_path / "b", runtime="batched"), config, "127.0.0.1:9092")
+    path = tmp_path / "byzguard.yaml"
+    path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                    "      partitioning: repartition, types: {a: {}, b: {}}}\n"
+                    "audits:\n  - {name: ab, left: {topic: out, type: a, key: data.k}, right: {topic: out, type: b,"
+                    " key: data.k}, within: 10s}\n")
+    config = load(path)
+    batched = build_app(Settings(data_dir=tmp_path / "b", runtime="batched", processing_guarantee="exactly_once"),
+                        config, "127.0.0.1:9092")
+    assert batched.agents == {} and not list(batched.app.tables)
+    assert batched.app.conf.processing_guarantee.value == "at_least_once"
+    assert any(isinstance(s, BatchedRuntime) for s in batched.app._children)  # type: ignore[attr-defined]
+    faust = build_app(Settings(data_dir=tmp_path / "f"), config, "127.0.0.1:9092")
+    assert set(faust.agents) == {"r", "audit:ab"}
+    assert "audit-ab-pending_by_key" in list(faust.app.tables)
 
 
 def test_a_memory_state_store_is_refused_by_the_batched_runtime(tmp_path: Path) -> None:
