@@ -64,7 +64,7 @@ class Settings(BaseSettings):
                                     "events without a commit before the worker logs it")
     state_store: Literal["rocksdb", "memory"] = "rocksdb"
     # The routes' verify streams: faust's agents, or the batched loop beside them (README "Runtimes").
-    runtime: Literal["faust", "batched"] = Field(default="faust", description="what runs the routes' verify "
+    runtime: Literal["faust", "batched"] = Field(default="batched", description="what runs the routes' verify "
                                                  "streams: faust (an agent per route) or batched (app/runtime)")
     batch_max_records: int = Field(default=1000, ge=1, le=100_000,
                                    description="batched runtime: records of one input partition per batch at most")

@@ -760,7 +760,8 @@ def start_worker(settings: Any, bootstrap: str, console: Console) -> WorkerProce
     # In the terminal's process group: a Ctrl-C reaches the worker as well as the demo (`_follow`).
     worker = WorkerProcess("worker", worker_env(settings, bootstrap), log_path, argv=worker_argv("--no-demo"),
                            web=web, new_session=False)
-    console.print(f"[cyan]starting a guard worker (log: {log_path})...[/]")
+    console.print(f"[cyan]starting a guard worker on the {settings.runtime} runtime, {settings.processing_guarantee} "
+                  f"(log: {log_path}; README \"Runtimes\" says why)...[/]")
     worker.start()
     try:
         worker.wait_ready(timeout=120.0)

@@ -139,7 +139,7 @@ class RouteNames:
 
 
 def runtime_under_test() -> str:
-    """The runtime the test run's workers use: BYZGUARD_RUNTIME when pytest started (faust when unset; the
+    """The runtime the test run's workers use: BYZGUARD_RUNTIME when pytest started (batched when unset; the
     autouse fixture clears it inside a test, tests/conftest.py `RUNTIME_UNDER_TEST`)."""
     return RUNTIME_UNDER_TEST
 

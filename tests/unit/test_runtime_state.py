@@ -26,7 +26,7 @@ def config(tmp_path: Path) -> GuardConfig:
 def _faust_tables(tmp_path: Path, config: GuardConfig) -> Any:
     from app.worker import build_app
 
-    return build_app(Settings(data_dir=tmp_path / "data"), config, "127.0.0.1:9092")
+    return build_app(Settings(data_dir=tmp_path / "data", runtime="faust"), config, "127.0.0.1:9092")
 
 
 def test_paths_and_changelog_names_are_those_of_fausts_tables(tmp_path: Path, config: GuardConfig) -> None:

@@ -62,7 +62,7 @@ def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.Mon
                       "      types: {t: {}}}\n")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_WRITE_BUFFER_MB", "2")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_BLOCK_CACHE_MB", "16")
-    built = build_app(Settings(data_dir=tmp_path / "data"), load(config), "127.0.0.1:9092")
+    built = build_app(Settings(data_dir=tmp_path / "data", runtime="faust"), load(config), "127.0.0.1:9092")
     tables = built.tables["r"]
     for table in (tables.state_by_entity, tables.lamport_by_source):
         options = table.data.rocksdb_options  # type: ignore[attr-defined]

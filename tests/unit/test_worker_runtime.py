@@ -44,7 +44,7 @@ def test_on_the_batched_runtime_faust_declares_no_route_table_or_agent(tmp_path:
     batched = build_app(Settings(data_dir=tmp_path / "b", runtime="batched"), config, "127.0.0.1:9092")
     assert batched.tables == {} and batched.agents == {}
     assert isinstance(batched.app._children[0], BatchedRuntime)  # type: ignore[attr-defined]
-    faust = build_app(Settings(data_dir=tmp_path / "f"), config, "127.0.0.1:9092")
+    faust = build_app(Settings(data_dir=tmp_path / "f", runtime="faust"), config, "127.0.0.1:9092")
     assert set(faust.tables) == {"r"} and set(faust.agents) == {"r"}
     assert not any(isinstance(s, BatchedRuntime) for s in faust.app._children)  # type: ignore[attr-defined]
 
@@ -67,7 +67,7 @@ def test_on_the_batched_runtime_faust_declares_no_audit_or_repartition_agent(tmp
     assert batched.agents == {} and not list(batched.app.tables)
     assert batched.app.conf.processing_guarantee.value == "at_least_once"
     assert any(isinstance(s, BatchedRuntime) for s in batched.app._children)  # type: ignore[attr-defined]
-    faust = build_app(Settings(data_dir=tmp_path / "f"), config, "127.0.0.1:9092")
+    faust = build_app(Settings(data_dir=tmp_path / "f", runtime="faust"), config, "127.0.0.1:9092")
     assert set(faust.agents) == {"r", "audit:ab"}
     assert "audit-ab-pending_by_key" in list(faust.app.tables)
 
@@ -80,4 +80,4 @@ def test_a_memory_state_store_is_refused_by_the_batched_runtime(tmp_path: Path) 
     config = _config(tmp_path)
     with pytest.raises(ConfigError, match="BYZGUARD_STATE_STORE=memory is not run by the batched runtime"):
         build_app(Settings(data_dir=tmp_path / "b", runtime="batched", state_store="memory"), config, "127.0.0.1:9092")
-    build_app(Settings(data_dir=tmp_path / "f", state_store="memory"), config, "127.0.0.1:9092")
+    build_app(Settings(data_dir=tmp_path / "f", runtime="faust", state_store="memory"), config, "127.0.0.1:9092")
