@@ -18,16 +18,16 @@ def _config(tmp_path: Path, extra: str = "") -> GuardConfig:
     return load(path)
 
 
-def test_the_faust_runtime_is_the_default_and_batched_is_chosen_by_its_variable(
+def test_the_batched_runtime_is_the_default_and_faust_is_chosen_by_its_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Unset, the routes run as faust agents; BYZGUARD_RUNTIME=batched chooses the batched loop with its batch
-    bounds (1000 records, 100 ms by default); any other value is refused."""
+    """Unset, the routes run in the batched loop with its batch bounds (1000 records, 100 ms by default);
+    BYZGUARD_RUNTIME=faust chooses the faust agents; any other value is refused."""
     monkeypatch.delenv("BYZGUARD_RUNTIME", raising=False)
-    assert Settings().runtime == "faust"
-    monkeypatch.setenv("BYZGUARD_RUNTIME", "batched")
     settings = load_settings()
     assert (settings.runtime, settings.batch_max_records, settings.batch_max_ms) == ("batched", 1000, 100.0)
+    monkeypatch.setenv("BYZGUARD_RUNTIME", "faust")
+    assert load_settings().runtime == "faust"
     monkeypatch.setenv("BYZGUARD_RUNTIME", "fast")
     with pytest.raises(SettingsError, match="BYZGUARD_RUNTIME"):
         load_settings()
