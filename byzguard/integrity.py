@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import xxhash
 
@@ -42,9 +42,9 @@ _KEYED: dict[bytes, Any] = {}
 _KEYED_MAX = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Checksum:
-    """What the producer stamped: algorithm, hex digest and, for MACs, the key id."""
+class Checksum(NamedTuple):
+    """What the producer stamped: algorithm, hex digest and, for MACs, the key id. (A tuple: decode builds one
+    per event, and a tuple is built in one step where a frozen dataclass sets each field through a call.)"""
 
     algorithm: str
     value: str
@@ -216,6 +216,9 @@ def bound_base(id: bytes, source: bytes, type: bytes, subject: bytes, attrs: Map
 
 
 def _bound(env: Envelope) -> bytes | None:
+    base = env.bound
+    if base is not None:  # decode built it (the structured fast path)
+        return base
     attrs = env.attrs
     checksum = env.checksum
     if attrs is None or checksum is None:
