@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of paced load before the measured ones, left out of the percentiles (full: 5)")
     parser.add_argument("--latency-rate", type=float,
                         help="events/s of the paced load (default: 50%% of each variant's own median throughput)")
+    parser.add_argument("--latency-rates-from", type=Path, metavar="BENCH_JSON",
+                        help="take each variant's throughput (for half of it) from this earlier run's bench.json")
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
@@ -292,7 +294,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
 
     if "latency" not in args.skip and args.latency_variants:
         # Each variant at half of its own median throughput of this run (--latency-rate: one rate for all).
-        rates = {key: args.latency_rate or report.half_of(results, key) or report.half_of_c(results)
+        measured = json.loads(args.latency_rates_from.read_text()) if args.latency_rates_from else results
+        rates = {key: args.latency_rate or report.half_of(measured, key) or report.half_of_c(measured)
                  for key in args.latency_variants}
         missing = [key for key, rate in rates.items() if rate is None]
         if missing:
@@ -326,7 +329,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                         f"({result['samples']} samples, {result['rate_achieved']}/s)"
                         + (f" ERROR {result['error']}" if result["error"] else ""))
                     _save(args, results | {"latency": {"runs": runs}})
-            results["latency"] = {"rate": rates.get("c"), "rates": {k: round(r, 1) for k, r in rates.items()},
+            results["latency"] = {"rate": rates.get("c"), "rates_from": str(args.latency_rates_from or "this run"),
+                                  "rates": {k: round(r, 1) for k, r in rates.items()},
                                   "warmup": warmup, "settle_s": args.latency_settle, "runs": runs,
                                   "summary": report.summarise_latency(runs)}
 
