@@ -110,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--detection-events", type=int,
                         help="detection quality: events of the `byzguard demo` (fault injector) run (full: 100000)")
     parser.add_argument("--detection-rate", type=float, default=0.01, help="probability per event of each fault class")
+    parser.add_argument("--detection-runtime", choices=("batched", "faust"), default="batched",
+                        help="BYZGUARD_RUNTIME of the demo's worker (default batched, the product)")
     parser.add_argument("--detection-eps", type=float, default=5000.0,
                         help="send rate cap (the demo also keeps at most 250 records unjudged)")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: "
@@ -253,9 +255,11 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         _save(args, results)
 
     if "detection" not in args.skip and args.detection_events:
-        log(f"detection: byzguard demo, {args.detection_events} events, each fault class at {args.detection_rate:.0%}")
+        log(f"detection: byzguard demo on the {args.detection_runtime} runtime, {args.detection_events} events, each "
+            f"fault class at {args.detection_rate:.0%}")
         result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
-                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
+                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20),
+                                 runtime=args.detection_runtime)
         log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
         results["detection"] = result
         _save(args, results)
