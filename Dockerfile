@@ -1,5 +1,6 @@
 # The byzguard worker image. Build: docker build -t byzguard .   (needs a Docker engine)
 # The wheel holds the `byzguard` package only; the worker (app, agents, tables, topics) runs from /srv/byzguard.
+# app/dev/ (local broker tool, demo) is development-only and left out (.dockerignore): the image needs a broker.
 FROM python:3.11-slim
 WORKDIR /srv/byzguard
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/srv/byzguard \

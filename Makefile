@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 # constraints.txt pins the tested set of every dependency; the Dockerfile and CI (`make test`) install with it too.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: run test lint typecheck unit integration bench broker-start broker-stop clean constraints
+.PHONY: run test lint typecheck unit integration bench broker-start broker-stop clean constraints clients
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,20 @@ test: $(INSTALLED) lint typecheck
 	@if ! command -v promtool >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; fi
+	-$(MAKE) -s clients   # a client it cannot install fails its tests, saying so
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+## clients: the users' clients the tests produce with: kcat (Debian's package, with apt-get when we are root) and
+## the TypeScript producer of tests/clients/ts (npm ci, tsc); their tests fail, naming this step, without them
+TS_PRODUCER := tests/clients/ts/dist/producer.js
+clients: $(TS_PRODUCER)
+	@if ! command -v kcat >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat; fi
+
+$(TS_PRODUCER): tests/clients/ts/producer.ts tests/clients/ts/package.json tests/clients/ts/package-lock.json tests/clients/ts/tsconfig.json
+	cd tests/clients/ts && npm ci --no-audit --no-fund --loglevel=error && npx --no-install tsc -p .
+	touch $@
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

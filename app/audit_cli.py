@@ -166,9 +166,9 @@ def audit_run(
         raise typer.Exit(2)
     bootstrap = broker or settings.broker
     if not bootstrap:
-        from app.dev.localkafka import running_broker
+        from app.settings import running_local_broker
 
-        bootstrap = running_broker()
+        bootstrap = running_local_broker()
     if not bootstrap:
         err.print("[bold red]no broker[/]: pass --broker or set BYZGUARD_BROKER (no local broker is running)")
         raise typer.Exit(2)

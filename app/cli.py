@@ -52,12 +52,16 @@ def run(
 
     With the local broker (no BYZGUARD_BROKER), the worker runs as a child process and `byzguard demo` plays four
     services against it first, prints the score, and leaves the worker running; --no-demo skips that."""
-    from app.settings import settings_or_exit
+    from app.settings import NO_DEV_TOOLS, dev_tools_installed, settings_or_exit
 
     # Every setting is checked before anything touches the broker (one line per problem, naming the variable).
     settings = settings_or_exit({"config": config, "broker": broker},
                                 option_names={"config": "--config", "broker": "--broker"})
     refuse_untested_versions(settings.allow_untested_versions)
+    if not settings.broker and not dev_tools_installed():
+        console.print(f"[bold red]cannot start[/]: no broker configured (BYZGUARD_BROKER or --broker); {NO_DEV_TOOLS}",
+                      soft_wrap=True)
+        raise typer.Exit(2)
     if not settings.broker:
         from app.dev.demo import announce_demo_secrets
 
@@ -172,6 +176,11 @@ def demo(
     """Play four services (pricing, orders, payments, permissions) against a guard worker with every failure class
     injected, and score what it caught. Exit 1 when a fault was missed, a clean event flagged or
     an event lost."""
+    from app.settings import NO_DEV_TOOLS, dev_tools_installed
+
+    if not dev_tools_installed():
+        console.print(f"[bold red]no demo here[/]: {NO_DEV_TOOLS}", soft_wrap=True)
+        raise typer.Exit(2)
     from app.dev.demo import demo_main  # development-only (app/dev/): loaded when the demo runs
 
     demo_main(events=events, rate=rate, eps=eps, seed=seed, worker=worker, config=config, broker=broker, live=live,

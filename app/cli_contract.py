@@ -80,9 +80,9 @@ TimeoutOpt = Annotated[float, typer.Option(help="seconds to wait for the broker 
 def _bootstrap(broker: str | None) -> str:
     if broker:
         return broker
-    from app.dev.localkafka import running_broker
+    from app.settings import running_local_broker
 
-    found = running_broker()
+    found = running_local_broker()
     if found is None:
         err.print("[bold red]no broker[/]: give --broker or set BYZGUARD_BROKER (no local broker is running)")
         raise typer.Exit(EXIT_UNUSABLE)
@@ -199,8 +199,10 @@ def _to_record(r: Any) -> RecordIn:
 
 
 def _contract(config: Path, route: str | None) -> Contract:
-    if not os.environ.get("BYZGUARD_BROKER"):  # local mode: the MAC secrets the local runs made up and kept
-        from app.dev.local_secrets import use_local_secrets
+    from app.settings import dev_tools_installed
+
+    if not os.environ.get("BYZGUARD_BROKER") and dev_tools_installed():  # local mode: the MAC secrets the local
+        from app.dev.local_secrets import use_local_secrets  # runs made up and kept (none without app/dev/)
 
         use_local_secrets(config, make_up=False)
     try:

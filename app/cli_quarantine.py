@@ -90,9 +90,9 @@ def _store(config: Path | None, broker: str | None) -> Any:
         raise typer.Exit(EXIT_SETUP) from None
     bootstrap = settings.broker
     if not bootstrap:
-        from app.dev.localkafka import running_broker
+        from app.settings import running_local_broker
 
-        bootstrap = running_broker()
+        bootstrap = running_local_broker()
     if not bootstrap:
         err.print("[bold red]no broker[/]: set BYZGUARD_BROKER (or --broker), or start the local one with "
                   "`make broker-start`")

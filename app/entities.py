@@ -2,9 +2,11 @@
 
 The entity state table (EntityState) holds each entity's last verified data; a quarantined event never
 replaces it. The value lives in the worker that owns the entity's partition, so a request to any worker is
-forwarded to the owner, as faust's `app.table_route` does: the owner is found from the group's table
-metadata (which worker holds which changelog partition), the partition from the entity id with Kafka's
-default (murmur2) partitioner, which is how producers keyed by entity id place their records.
+forwarded to the owner, as faust's `app.table_route` does; the partition comes from the entity id with Kafka's
+default (murmur2) partitioner, which is how producers keyed by entity id place their records. The owner is found
+from the group's table metadata (which worker holds which changelog partition) under the faust runtime, and from
+the batched runtime's own group assignment under the batched one (app/runtime/owners.py, which also says which
+state the owner reads there).
 
 Asymmetric retention (the seed's asymmetric TTL): a value is *fresh* while its age (now - event time, or
 verification time when the event had none) is within its type's `max_age`, then it is only a *fallback*,
@@ -24,6 +26,7 @@ import orjson
 from yarl import URL
 
 from app import metrics
+from app.runtime.owners import Located, read_entity
 from byzguard.config import GuardConfig, Route
 from byzguard.partitioner import partition_for
 from byzguard.state import EntityState
@@ -115,15 +118,35 @@ def register_entity_views(built: Any, config: GuardConfig) -> None:
         me = URL(str(app.conf.canonical_url))
         return (url.host, url.port) == (me.host, me.port)
 
+    def locate(spec: Route, partition: int, entity: str) -> Located:
+        """Where the entity's state is: read here, on another worker, or unavailable now."""
+        if built.owners is not None:  # the batched runtime (app/runtime/owners.py)
+            if built.runtime is None:
+                return Located("unavailable", detail="the batched runtime has not started yet")
+            return read_entity(built.runtime, built.owners, spec, partition, entity.encode())
+        tables = built.tables.get(spec.name)
+        if tables is None:
+            return Located("unavailable", detail=f"route {spec.name!r} is not run by this worker")
+        table = tables.state_by_entity
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return Located("unavailable", detail="the worker is rebalancing or restoring state")
+        owner = owner_of(table, partition)
+        if owner is None:
+            return Located("unavailable", detail=f"no worker owns partition {partition} yet")
+        if not same_node(owner):
+            return Located("elsewhere", owner=str(owner))
+        return Located("here", raw=built.buffer.get(table, partition, entity.encode()))  # pending writes too
+
     async def forward(view: Any, request: Any, owner: URL, path: str) -> Any:
         target = owner.with_path(path, encoded=True).with_query(request.query)
         try:
             async with app.http_client.get(target, headers={FORWARDED_HEADER: str(app.conf.canonical_url)},
                                            timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)) as resp:
                 body = await resp.read()
-                served_by = resp.headers.get(SERVED_BY_HEADER, str(owner))
-                return view.bytes(body, content_type=resp.content_type, status=resp.status,
-                                  headers={SERVED_BY_HEADER: served_by})
+                headers = {SERVED_BY_HEADER: resp.headers.get(SERVED_BY_HEADER, str(owner))}
+                if "Retry-After" in resp.headers:  # the owner is restoring the partition: when to ask again
+                    headers["Retry-After"] = resp.headers["Retry-After"]
+                return view.bytes(body, content_type=resp.content_type, status=resp.status, headers=headers)
         except Exception as exc:  # the owner is down or restarting: say so, never guess a value
             log.warning("last-known-good: owner %s did not answer: %r", owner, exc)
             return view.json({"error": "unavailable", "detail": f"the owner {owner} did not answer"},
@@ -135,25 +158,19 @@ def register_entity_views(built: Any, config: GuardConfig) -> None:
         spec = routes.get(route)
         if spec is None:
             return view.json({"error": "unknown_route", "route": route, "routes": sorted(routes)}, status=404)
-        tables = built.tables.get(route)
-        if tables is None:  # the batched runtime owns the route's state (README "Runtimes")
-            return view.json({"error": "unavailable", "detail": "the batched runtime does not serve "
-                              "last-known-good values yet"}, status=503)
-        table = tables.state_by_entity
         partition = entity_partition(entity, spec.partitions)
-        if app.rebalancing or getattr(app, "in_recovery", False):
-            return view.json({"error": "unavailable", "detail": "the worker is rebalancing or restoring state"},
-                             status=503, headers={"Retry-After": "1"})
-        owner = owner_of(table, partition)
-        if owner is None:
-            return view.json({"error": "unavailable", "detail": f"no worker owns partition {partition} yet"},
-                             status=503, headers={"Retry-After": "1"})
-        if not same_node(owner):
+        located = locate(spec, partition, entity)
+        if located.where == "unavailable":
+            return view.json({"error": "unavailable", "detail": located.detail}, status=503,
+                             headers={"Retry-After": "1"})
+        if located.where == "elsewhere":
+            assert located.owner is not None
             if request.headers.get(FORWARDED_HEADER):  # ownership moved under a forwarded request: no loops
                 return view.json({"error": "unavailable", "detail": "the partition is moving between workers"},
                                  status=503, headers={"Retry-After": "1"})
-            return await forward(view, request, owner, f"/entities/{quote(route, safe='')}/{quote(entity, safe='')}")
-        raw = built.buffer.get(table, partition, entity.encode())  # pending writes too
+            return await forward(view, request, URL(located.owner),
+                                 f"/entities/{quote(route, safe='')}/{quote(entity, safe='')}")
+        raw = located.raw
         state = EntityState.from_bytes(raw) if raw else None
         outcome, body = describe_last_good(state, route=spec, entity=entity, retention=retention, now=time.time())
         body["partition"] = partition

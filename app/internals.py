@@ -225,6 +225,10 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("mode.services.Service", "crash", "async method", ("app/runtime/loop.py",),
                 "a failed batch or rebalance stops the worker loudly (nothing past it is committed)",
                 signature="(self, reason)", digest="6e0b5672cd830081"),
+    PrivateName("mode.services.Service", "add_future", "method", ("app/runtime/loop.py",),
+                "the batched runtime removes what a previous process left in faust's group once faust's consumer "
+                "joins, in the background (app/runtime/membership.py)", signature="(self, coro)",
+                digest="6ff53800dd5241f6"),
     PrivateName("mode.services.ServiceCallbacks", "on_start", "async method", ("app/runtime/loop.py",),
                 "overridden: the batched runtime starts its consumer and waits for its first assignment",
                 signature="(self)", overridden=True, digest="8878cfa83a70978d"),
@@ -251,6 +255,17 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("faust.web.views.View", "guarded", "added", ("app/review/web.py",), "as problem"),
     PrivateName("faust.web.views.View", "body", "added", ("app/review/web.py",), "as problem"),
     # -- aiokafka ----------------------------------------------------------------------------------------------
+    PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "metadata", "method",
+                ("app/runtime/owners.py",), "overridden: the batched runtime's member metadata carries the worker's "
+                "web URL in user_data (the owners of the last-known-good view)", signature="(cls, topics)",
+                overridden=True, digest="075c7468fda4dc36"),
+    PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "assign", "method",
+                ("app/runtime/owners.py",), "overridden: the range assignment, with the partition -> URL map in "
+                "every member's assignment user_data", signature="(cls, cluster, members)", overridden=True,
+                digest="36cc4ba588715097"),
+    PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "on_assignment", "method",
+                ("app/runtime/owners.py",), "overridden: each worker keeps the owner map of the generation it joined",
+                signature="(cls, assignment)", overridden=True, digest="199ef55cb030e2c8"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
                 ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),

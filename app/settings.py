@@ -217,3 +217,28 @@ def settings_or_exit(options: Mapping[str, Any] | None = None, *, option_names: 
         for line in exc.problems:
             console.print(f"[bold red]setting refused[/]: {escape(line)}", soft_wrap=True)
         raise typer.Exit(exit_code) from None
+
+
+# --------------------------------------------------------------------------- without a configured broker
+
+NO_DEV_TOOLS = ("this installation has no development tools (app/dev/ is left out of the image): local mode, the "
+                "local broker and the demo run from a checkout of the repository")
+
+
+def dev_tools_installed() -> bool:
+    """Whether the development-only package app/dev/ is here: a checkout has it, the worker image leaves it out."""
+    try:
+        import app.dev  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def running_local_broker() -> str | None:
+    """The bootstrap servers of the local broker tool's running broker (app/dev/localkafka.py); None when none
+    runs or this installation has no development tools."""
+    if not dev_tools_installed():
+        return None
+    from app.dev.localkafka import running_broker
+
+    return running_broker()

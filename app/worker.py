@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from mode import Service
@@ -21,10 +21,15 @@ from app.outbox import Outbox
 from app.review.store import decisions_topic_name
 from app.settings import Settings
 from byzguard.config import GuardConfig
+from byzguard.errors import ConfigError
 from byzguard.guard import Guard
 from tables import RouteTables, declare_route_tables, store_options
 from tables.buffer import StateBuffer
 from topics import RouteTopics, declare_route_topics
+
+if TYPE_CHECKING:
+    from app.runtime import BatchedRuntime
+    from app.runtime.owners import OwnerDirectory
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,10 @@ class GuardApp:
     store_options: dict[str, Any] = field(default_factory=dict)
     #: The filter that keeps a broker outage from flooding the log (app/logs.py); attach it to the log handlers.
     quiet_logs: QuietRepeats = field(default_factory=QuietRepeats)
+    #: The batched runtime (app/runtime) once the App started it, and who owns which of its partitions
+    #: (app/runtime/owners.py); both None under the faust runtime.
+    runtime: BatchedRuntime | None = None
+    owners: OwnerDirectory | None = None
 
 
 def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -79,27 +88,34 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
     }
 
 
-def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig, bootstrap: str) -> None:
+def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig,
+                           bootstrap: str) -> BatchedRuntime:
     """Start the batched runtime (app/runtime) with the App: it runs every route's verify stream."""
     from app.runtime import BatchedRuntime, check_routes
+    from app.runtime.owners import OwnerDirectory, assignor_for
 
     check_routes(config)
+    if settings.state_store != "rocksdb":  # not silently ignored: the state would be on disk after all
+        raise ConfigError(f"BYZGUARD_STATE_STORE={settings.state_store} is not run by the batched runtime (its "
+                          "state is in RocksDB, restored from the changelogs); unset it, or run BYZGUARD_RUNTIME=faust")
     conf = built.app.conf
+    built.owners = OwnerDirectory(str(conf.canonical_url))  # the URL the other workers forward requests to
     options: dict[str, Any] = dict(
         app_id=settings.app_id, bootstrap=bootstrap, config=config, guard=built.guard, tabledir=conf.tabledir,
         store_options=built.store_options, guarantee=settings.processing_guarantee,
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms, assignor=assignor_for(built.owners), data_dir=settings.data_dir,
         producer={"linger_ms": int(conf.producer_linger * 1000), "max_batch_size": conf.producer_max_batch_size,
                   "max_request_size": conf.producer_max_request_size,
                   "request_timeout_ms": int(conf.producer_request_timeout * 1000)})
 
-    class Runtime(BatchedRuntime):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**options, **kwargs)
-
-    built.app.service(Runtime)
+    # Started before faust's own consumer and producer (not as an app.service, which starts after faust's group
+    # join and table recovery): after a restart the routes' streams do not wait for faust's group.
+    runtime = BatchedRuntime(**options)
+    built.runtime = runtime  # the last-known-good view and the review page read its state
+    built.app.add_dependency(runtime)
+    return runtime
 
 
 def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardApp:
@@ -108,11 +124,17 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     internals.check_versions(allow_untested=settings.allow_untested_versions)
     options = faust_options(settings, bootstrap)
     faust_eos = settings.processing_guarantee == "exactly_once"
-    if settings.runtime == "batched" and not config.audits:
+    if settings.runtime == "batched":
         # faust runs no stream of its own then (its exactly_once fails on a consumer without topics): the batched
-        # runtime's transactions are its own.
+        # runtime's transactions are its own, the audits' included.
         faust_eos = False
         options["processing_guarantee"] = "at_least_once"
+    if settings.runtime == "batched":
+        # faust's consumer gets the batched runtime's client id: a member a previous process on this data dir left
+        # in faust's group is found and removed as well (app/runtime/membership.py).
+        from app.runtime.membership import client_id
+
+        options["broker_client_id"] = client_id(settings.data_dir)
     app = faust.App(settings.app_id, **options)
     if faust_eos:
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
@@ -156,7 +178,9 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
-        await backlog.update(app.assignor.assigned_actives())
+        # The input partitions this worker owns: the batched runtime's, or faust's consumer's.
+        runtime = built.runtime
+        await backlog.update(list(runtime.positions) if runtime is not None else app.assignor.assigned_actives())
 
     class BacklogService(Service):
         """Stops the backlog's reader with the worker."""
@@ -190,6 +214,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     from agents.audit import attach_audits  # cross-stream audits (docs/audits.md)
     from app.entities import register_entity_views  # GET /entities/... (docs/last-known-good.md)
 
-    attach_audits(built, config)
+    if not batched:  # on the batched runtime the audits are its stages (app/runtime/audits.py)
+        attach_audits(built, config)
     register_entity_views(built, config)
     return built

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from app.dev.workers import WorkerProcess, child_env
 
 REPO = Path(__file__).resolve().parent.parent
 # Where worker processes import byzguard from: the checkout, or a snapshot of it (bench.run --snapshot), so that
@@ -52,47 +50,22 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-@dataclass
-class Worker:
-    """A worker subprocess (byzguard, a pass-through) with its log file."""
+class Worker(WorkerProcess):
+    """A worker subprocess (byzguard, a pass-through) with its log file, in a process group of its own
+    (app/dev/workers.py), and its RSS samples."""
 
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    cwd: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    peak_rss: int = 0
-    samples: list[tuple[float, int]] = field(default_factory=list)
-    _log_offset: int = 0
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> None:
+        super().__init__(name, env, log_path, argv=argv, cwd=cwd)
+        self.peak_rss = 0
+        self.samples: list[tuple[float, int]] = []
+        self._log_offset = 0
 
     @classmethod
     def python(cls, name: str, args: Sequence[str], *, env: Mapping[str, str], cwd: Path,
                log_path: Path) -> Worker:
         """A `python -m ...` worker run with this interpreter, the repository first on sys.path."""
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BYZGUARD_")}
-        full_env.update({"PYTHONPATH": str(SOURCE[0]), "PYTHONUNBUFFERED": "1", **env})
+        full_env = child_env({"PYTHONPATH": str(SOURCE[0]), "PYTHONUNBUFFERED": "1", **env})
         return cls(name, [sys.executable, *args], full_env, cwd, log_path)
-
-    def start(self) -> Worker:
-        """Launch the process (stdout and stderr to its log)."""
-        self.cwd.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        self.started_at = time.monotonic()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def sample(self) -> int | None:
         """Record the current RSS (and keep the peak)."""
@@ -125,27 +98,8 @@ class Worker:
                                    f"{self.tail()}")
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self.log_tail(lines)
 
-    def kill(self) -> None:
-        """SIGKILL the worker (its whole process group) and reap it."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0, *, must_stop: bool = False) -> int | None:
         """SIGTERM, then SIGKILL after `timeout` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        return super().stop(timeout, must_stop=must_stop)

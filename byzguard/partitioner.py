@@ -24,9 +24,10 @@ _MASK: Final = 0xFFFFFFFF
 PARTITIONER_HINT: Final = (
     "key by the entity id and partition with Kafka's default murmur2 partitioner: librdkafka-based clients "
     "(confluent-kafka for Python/Go/.NET, kcat -X) set partitioner=murmur2_random; segmentio/kafka-go uses "
-    "Balancer: &kafka.Murmur2Balancer{}; sarama needs a murmur2 (JVM-compatible) partitioner, its own hash "
-    "partitioners are FNV-1a or CRC32; or produce to partition (murmur2(key) & 0x7fffffff) % partitions "
-    "explicitly (ENVELOPE.md, Partitioning)"
+    "Balancer: &kafka.Murmur2Balancer{}; kafkajs 2 is right by default, not with Partitioners.LegacyPartitioner "
+    "(kafkajs 1 needs Partitioners.JavaCompatiblePartitioner); sarama needs a murmur2 (JVM-compatible) "
+    "partitioner, its own hash partitioners are FNV-1a or CRC32; or produce to partition "
+    "(murmur2(key) & 0x7fffffff) % partitions explicitly (ENVELOPE.md, Partitioning)"
 )
 
 # One struct per word count: unpacking every 4-byte word in one call is most of the speed-up over a

@@ -18,12 +18,8 @@ import asyncio
 import contextlib
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -60,6 +56,7 @@ from app.dev.faults import (
     observe,
     score,
 )
+from app.dev.workers import WorkerProcess, http_get, web_base, worker_argv
 from app.sidereads import started_side_consumer
 from byzguard.audit import AuditRule
 from byzguard.client.producer import GuardedProducer
@@ -67,7 +64,6 @@ from byzguard.config import GuardConfig
 from byzguard.integrity import HMAC_SHA256, SHA256, Key
 
 AUDIT = "audit"                     # an output topic of audit discrepancies
-READY_LINE = "[^Worker]: Ready"     # faust's log line once partitions are assigned and tables recovered
 AUDIT_SCORED = "scored"
 
 
@@ -268,85 +264,6 @@ def _seconds(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the worker child
-
-
-def http_get(url: str, timeout: float = 2.0) -> bytes | None:
-    """The body of a GET, or None when nothing answers (connection refused, timeout, HTTP error)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            body: bytes = response.read()
-            return body
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-
-
-def web_base(host: str, port: int) -> str:
-    """The URL base of a worker's web server, as a client on this machine reaches it."""
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
-
-
-class WorkerProcess:
-    """`byzguard run --no-demo` as a child process with the given environment, its output in a log file."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path, web: str) -> None:
-        self.env = dict(env)
-        self.log_path = log_path
-        self.web = web
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_start = 0
-
-    def start(self) -> WorkerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._log_start = self._log.tell()  # the log is appended to across runs: only this run's part counts
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--no-demo"], env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines this run of the worker wrote."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_start)
-                return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until the worker has its partitions and its state (faust logs "Ready", or the lag gauge of an
-        assigned partition shows up); RuntimeError with its log if it dies or takes too long."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"the worker exited with code {self.proc.returncode if self.proc else '?'}; "
-                                   f"its log ({self.log_path}):\n{self.log_tail()}")
-            if READY_LINE in self.log_tail(200):
-                return
-            body = http_get(f"{self.web}/metrics", timeout=1.0)
-            if body is not None and b"byzguard_consumer_lag_messages{" in body:
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"the worker was not ready within {timeout:.0f} s; its log ({self.log_path}):\n"
-                           f"{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """Stop the worker gracefully (SIGTERM), killing it if it does not stop in time; its exit code."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return proc.returncode if proc is not None else None
 
 
 def worker_env(settings: Any, bootstrap: str) -> dict[str, str]:
@@ -840,11 +757,13 @@ def start_worker(settings: Any, bootstrap: str, console: Console) -> WorkerProce
         raise RuntimeError(f"something already answers at {web} (another byzguard worker?): stop it, or give this "
                            "one another port with BYZGUARD_WEB_PORT")
     log_path = Path(settings.data_dir).parent / "worker.log"
-    worker = WorkerProcess(worker_env(settings, bootstrap), log_path, web)
+    # In the terminal's process group: a Ctrl-C reaches the worker as well as the demo (`_follow`).
+    worker = WorkerProcess("worker", worker_env(settings, bootstrap), log_path, argv=worker_argv("--no-demo"),
+                           web=web, new_session=False)
     console.print(f"[cyan]starting a guard worker (log: {log_path})...[/]")
     worker.start()
     try:
-        worker.wait_ready()
+        worker.wait_ready(timeout=120.0)
     except BaseException:
         worker.stop()
         raise

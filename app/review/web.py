@@ -24,6 +24,7 @@ from mode import Service
 
 from app.review.store import MAX_WINDOW, ActionReport, ReviewStore
 from byzguard.errors import ConfigError, InfrastructureError
+from byzguard.guard import ENTITIES
 from byzguard.review import (
     REVIEW_ACTIONS,
     Action,
@@ -70,6 +71,7 @@ class ReviewWeb:
             raise ConfigError(f"BYZGUARD_REVIEW_TOKENS: {exc}") from None
         self.open_reads = settings.review_open_reads
         self.runner = f"worker:{settings.app_id}@{settings.web_host}:{settings.web_port}"
+        self.app_id = settings.app_id
 
     def reviewer(self, request: Any, *, require_name: bool = True) -> str:
         """The authenticated reviewer of a request, or NotAuthenticatedError."""
@@ -85,6 +87,8 @@ class ReviewWeb:
 
     def entity(self, route_name: str, entity: str, partition: int) -> dict[str, Any]:
         """The entity's state if this worker owns its partition; otherwise where it lives."""
+        if self.built.owners is not None:
+            return self.batched_entity(route_name, entity, partition)
         tables = self.built.tables.get(route_name)
         if tables is None:
             return {"where": "unknown", "detail": f"route {route_name!r} is not run by this worker"}
@@ -114,6 +118,30 @@ class ReviewWeb:
                   f"review page" if owners else f"partition {partition} of {changelog} is not assigned to "
                   "this worker; the worker that owns it shows this value")
         return {"where": "elsewhere", **where, "workers": owners, "state": None, "detail": detail}
+
+    def batched_entity(self, route_name: str, entity: str, partition: int) -> dict[str, Any]:
+        """entity() under the batched runtime: its partition state, or its owner (app/runtime/owners.py)."""
+        from app.runtime.owners import read_entity
+        from app.runtime.state import TABLE_OF, changelog_topic
+
+        route = next((r for r in self.built.guard.config.routes if r.name == route_name), None)
+        if route is None:
+            return {"where": "unknown", "detail": f"route {route_name!r} is not run by this worker"}
+        where = {"partition": partition, "changelog": changelog_topic(self.app_id, route, ENTITIES),
+                 "table": f"{route_name}-{TABLE_OF[ENTITIES]}"}
+        owners, runtime = self.built.owners, self.built.runtime
+        assert owners is not None
+        if runtime is None:
+            return {"where": "unknown", **where, "state": None, "detail": "the batched runtime has not started yet"}
+        located = read_entity(runtime, owners, route, partition, entity.encode())
+        if located.where == "here":
+            return {"where": "here", **where, "state": entity_view(located.raw),
+                    "detail": "no verified version yet" if located.raw is None else ""}
+        if located.where == "elsewhere":
+            return {"where": "elsewhere", **where, "workers": [located.owner], "state": None,
+                    "detail": f"partition {partition} of {where['changelog']} is owned by {located.owner}; ask "
+                    "that worker's review page"}
+        return {"where": "unknown", **where, "state": None, "detail": f"not readable now: {located.detail}"}
 
 
 def _number(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -22,8 +22,12 @@ Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the
 transaction commits or aborts) before the partitions go, and their databases are closed; on assign the
 databases are opened and restored before the first record of the partition is processed.
 
-faust keeps the App, its web server, CLI, timers, the review and decision streams and the cross-stream audits;
-its consumer (group `<app_id>`) no longer reads the routes' inputs.
+The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by
+the same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the
+repartition topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
+
+faust keeps the App, its web server, CLI, timers and the review and decision streams; its consumer (group
+`<app_id>`) no longer reads the routes' inputs.
 """
 
 from __future__ import annotations
@@ -38,21 +42,29 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from mode import Service
 
 from agents.verify import observe as _observe
 from app import metrics
 from app.outbox import load_limits
+from app.runtime import membership
+from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
+from app.runtime.stages import (
+    Forwards,
+    StageContext,
+    Stages,
+    quarantine_stub,
+    record_in,
+    repartitions,
+    verify_topics,
+)
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
-from byzguard.config import GuardConfig, Partitioning, Route
-from byzguard.engine import Decision
-from byzguard.errors import ConfigError
+from byzguard.config import GuardConfig, Route
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
-from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size, too_large_stub
-from byzguard.verdict import Code, Outcome, Reason
+from byzguard.routing import OWN_HEADERS_MAX, receipt, receipt_key, record_size
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +74,7 @@ Key = tuple[str, int]
 
 def verify_group(app_id: str) -> str:
     """The consumer group of the batched runtime: it commits the routes' input offsets. faust's own consumer
-    (group `app_id`, faust's assignor) keeps the review, decision and audit streams; one group cannot hold both
+    (group `app_id`, faust's assignor) keeps the review and decision streams; one group cannot hold both
     assignors."""
     return f"{app_id}-verify"
 
@@ -73,11 +85,7 @@ def transactional_id(app_id: str, route: str, partition: int) -> str:
 
 
 def check_routes(config: GuardConfig) -> None:
-    """Refuse what the batched runtime does not run (yet)."""
-    for route in config.routes:
-        if route.partitioning is Partitioning.REPARTITION:
-            raise ConfigError(f"route {route.name!r}: partitioning: repartition is not run by the batched runtime "
-                              "yet; run it with BYZGUARD_RUNTIME=faust")
+    """Refuse what the batched runtime does not run (nothing today: every route and audit runs on it)."""
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -105,7 +113,7 @@ class BatchedRuntime(Service):
     def __init__(self, *, app_id: str, bootstrap: str, config: GuardConfig, guard: Guard, tabledir: Path,
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
-                 **kwargs: Any) -> None:
+                 assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         self.app_id = app_id
@@ -114,6 +122,8 @@ class BatchedRuntime(Service):
         self.config = config
         self.guard = guard
         self.tabledir = tabledir
+        #: Its consumer's client id, the same for every process on the data dir (app/runtime/membership.py).
+        self.client_id = membership.client_id(data_dir or tabledir)
         self.store_options = store_options
         self.eos = guarantee == "exactly_once"
         self.max_records = batch_max_records
@@ -122,8 +132,10 @@ class BatchedRuntime(Service):
         self.fetch_min_bytes = fetch_min_bytes
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.producer_options = producer
+        #: The group's range assignor (app/runtime/owners.py `OwnersAssignor` also says who owns what).
+        self.assignor = assignor
         self.routes = {route.name: route for route in config.routes}
-        self.route_of = {topic: route for route in config.routes for topic in route.inputs}
+        self.route_of = {topic: route for route in config.routes for topic in verify_topics(app_id, route)}
         self.changelogs = {route.name: {name: changelog_topic(app_id, route, name) for name in state_names(route)}
                            for route in config.routes}
         self.consumer: AIOKafkaConsumer | None = None
@@ -134,6 +146,8 @@ class BatchedRuntime(Service):
         self.txns: dict[Key, AIOKafkaProducer] = {}
         #: Input partitions owned, and the next offset to process of each.
         self.positions: dict[TopicPartition, int] = {}
+        #: Per input partition of the fetch in progress, the next offset once its records are done.
+        self.ends: dict[TopicPartition, int] = {}
         self.last_batch: dict[Key, float] = {}
         #: The causal buffer of each route partition: events held, and the age of the oldest (the gauges).
         self.held: dict[Key, int] = {}
@@ -145,8 +159,16 @@ class BatchedRuntime(Service):
         self._lag_due = 0.0
         #: Metric children by route (prometheus_client's labels() costs microseconds per call).
         self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
+        for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
+            self._publish_causal(route.name)
         self._lag_labels: set[tuple[str, str]] = set()
         self._causal_interval = min((i for i in map(causal_interval, config.routes) if i is not None), default=None)
+        # The stages that feed the verify stage or read its outputs (app/runtime/stages.py, audits.py).
+        ctx = StageContext(app_id=app_id, bootstrap=bootstrap, group=self.group, eos=self.eos,
+                           producer_options=producer, max_records=batch_max_records,
+                           max_seconds=self.max_seconds)
+        forwards, joins = audit_stages(config, ctx, tabledir, store_options)
+        self.stages = Stages([Forwards([*repartitions(app_id, config), *forwards], ctx), joins])
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -159,15 +181,26 @@ class BatchedRuntime(Service):
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                              **self.producer_options)
             await self.producer.start()
+        await self.stages.start(self.producer)
+        # A previous process on this data dir that never left the group holds its partitions until its session
+        # times out: removed once this one's join is pending (app/runtime/membership.py).
+        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id)
+        faust_group = membership.Takeover(self.bootstrap, self.app_id, self.client_id,
+                                          join_wait=membership.FAUST_JOIN_WAIT)
+        await asyncio.gather(takeover.find(), faust_group.find())
+        self.add_future(faust_group.run())  # faust's consumer joins once this service started
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
-            auto_offset_reset="earliest", isolation_level="read_committed" if self.eos else "read_uncommitted",
-            partition_assignment_strategy=(RangePartitionAssignor,),  # a route's inputs stay co-partitioned
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False, client_id=self.client_id,
+            # read_committed under both guarantees: the records of a transaction its producer aborted are void and
+            # must never be verified (under at_least_once too: they would also make the real next version conflict).
+            auto_offset_reset="earliest", isolation_level="read_committed",
+            partition_assignment_strategy=(self.assignor,),  # a range assignor: a route's inputs stay co-partitioned
             session_timeout_ms=int(self.session_timeout * 1000),
             heartbeat_interval_ms=int(self.session_timeout * 100), fetch_min_bytes=self.fetch_min_bytes,
             fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_records)
         await self.consumer.start()
-        self.consumer.subscribe(sorted(self.route_of), listener=_Listener(self))
+        self.consumer.subscribe(sorted({*self.route_of, *self.stages.topics}), listener=_Listener(self))
+        await takeover.run()
         log.info("batched runtime: %s, group %s, batches of at most %d records / %.0f ms, routes %s",
                  "exactly_once" if self.eos else "at_least_once", self.group, self.max_records,
                  self.max_seconds * 1000, ", ".join(self.routes))
@@ -185,6 +218,7 @@ class BatchedRuntime(Service):
             if consumer is not None:
                 await consumer.stop()
             await self._close(list(self.parts))
+            await self.stages.stop()
             if self.producer is not None:
                 await self.producer.stop()
 
@@ -204,6 +238,10 @@ class BatchedRuntime(Service):
                         await self._step(fetched)
                     if self._causal_interval is not None:
                         await self._punctuate_idle()
+                    if self.stages:
+                        await self.stages.idle()
+                    if not fetched or time.monotonic() >= self._lag_due:
+                        await self._pass_markers(consumer)
                     if time.monotonic() >= self._lag_due:
                         self._measure_lag(consumer)
         except asyncio.CancelledError:
@@ -239,7 +277,9 @@ class BatchedRuntime(Service):
         async with self._lock:  # the batch in flight finished and committed
             for tp in revoked:
                 self.positions.pop(tp, None)
-            owned = {self._key(tp) for tp in self.positions}
+                self.ends.pop(tp, None)
+            await self.stages.revoked({tp for tp in revoked if tp.topic in self.stages.topics})
+            owned = {self._key(tp) for tp in self.positions if tp.topic in self.route_of}
             gone = [key for key in self.parts if key not in owned]
             await self._close(gone)
             if gone:
@@ -250,10 +290,12 @@ class BatchedRuntime(Service):
             consumer = self.consumer
             assert consumer is not None
             new: dict[Key, list[TopicPartition]] = defaultdict(list)
+            staged = {tp for tp in assigned if tp not in self.positions and tp.topic in self.stages.topics}
             for tp in assigned:
-                if tp not in self.positions:
+                if tp not in self.positions and tp.topic in self.route_of:
                     new[self._key(tp)].append(tp)
             opened: list[Key] = []
+            starting = []
             for key in new:
                 if key in self.parts:
                     continue
@@ -262,36 +304,47 @@ class BatchedRuntime(Service):
                     txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                            transactional_id=transactional_id(self.app_id, *key),
                                            **self.producer_options)
-                    await txn.start()
+                    starting.append(txn.start())
                     self.txns[key] = txn
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)
                 self.processors[key] = VerifyProcessor(self.guard, route)
                 opened.append(key)
+            await asyncio.gather(*starting)  # each fences its previous owner: concurrently, not one after another
             await restore(self.bootstrap, [(self.parts[key], self.changelogs[key[0]]) for key in opened])
             for key in opened:
                 if self.routes[key[0]].causal.buffer:  # what the restored buffer holds counts from now on
                     self.held[key] = held_count(self.parts[key].readers[CAUSAL])
                     self._publish_causal(key[0])
-            fallback = None
+            stored_of = await self.stages.assigned(staged)
             for key, tps in new.items():
                 stored = self.parts[key].input_offsets()
-                for tp in tps:
-                    committed = await consumer.committed(tp)
-                    if committed is None and tp.topic not in stored:
-                        # Never run on this runtime: resume where the faust runtime (group app_id) committed.
-                        if fallback is None:
-                            fallback = await _committed_of(self.bootstrap, self.app_id, [
-                                t for ts in new.values() for t in ts])
-                        committed = fallback.get(tp)
-                    start = committed
-                    if not self.eos and tp.topic in stored:
-                        start = max(committed or 0, stored[tp.topic])
-                    if start is not None:
-                        consumer.seek(tp, start)
-                    self.positions[tp] = start or 0
+                stored_of.update((tp, stored[tp.topic]) for tp in tps if tp.topic in stored)
+            fallback = None
+            every = [*staged, *(tp for tps in new.values() for tp in tps)]
+            for tp in every:
+                committed = await consumer.committed(tp)
+                if committed is None and tp not in stored_of:
+                    # Never run on this runtime: resume where the faust runtime (group app_id) committed.
+                    if fallback is None:
+                        fallback = await _committed_of(self.bootstrap, self.app_id, every)
+                    committed = fallback.get(tp)
+                start = committed
+                if not self.eos and tp in stored_of:
+                    start = max(committed or 0, stored_of[tp])
+                if start is not None:
+                    consumer.seek(tp, start)
+                self.positions[tp] = start or 0
             if new:
                 log.info("batched runtime: assigned %s", ", ".join(f"{r}[{p}]" for r, p in sorted(new)))
         self._first_assignment.set()
+
+    def readable(self, key: Key) -> PartitionState | None:
+        """The state of a route partition this worker owns and has restored; None while it is not owned, being
+        restored (assigned: its state is open, its inputs not running yet) or being revoked."""
+        part = self.parts.get(key)
+        if part is None or not any(self._key(tp) == key for tp in self.positions if tp.topic in self.route_of):
+            return None
+        return part
 
     def _key(self, tp: TopicPartition) -> Key:
         return self.route_of[tp.topic].name, tp.partition
@@ -314,7 +367,10 @@ class BatchedRuntime(Service):
 
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         """One fetch: every route partition's batches, concurrently; at_least_once commits once at the end."""
+        consumer = self.consumer
+        assert consumer is not None
         by_key: dict[Key, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
+        staged: list[tuple[TopicPartition, list[Any]]] = []
         for tp, messages in fetched.items():
             position = self.positions.get(tp)
             if position is None:
@@ -322,9 +378,20 @@ class BatchedRuntime(Service):
             if messages and messages[0].offset < position:
                 messages = [m for m in messages if m.offset >= position]
             if messages:
-                by_key[self._key(tp)].append((tp, messages))
+                # The next offset once all of them are done: past the commit markers that follow them on a topic
+                # written in transactions (the repartition topics, verified topics), else the group would lag
+                # by a marker forever.
+                self.ends[tp] = max(messages[-1].offset + 1, await _position(consumer, tp))
+                if tp.topic in self.route_of:
+                    by_key[self._key(tp)].append((tp, messages))
+                else:
+                    staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()))
+        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()),
+                             *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
+        for tp, _ in staged:
+            if tp in offsets and tp in self.positions:
+                self.positions[tp] = offsets[tp]
         if offsets and not self.eos:
             assert self.consumer is not None
             try:
@@ -350,11 +417,34 @@ class BatchedRuntime(Service):
                     last += 1
                     if time.monotonic() - started >= self.max_seconds:
                         break
-                next_offset = messages[last - 1].offset + 1
+                next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
                 await self._finish(key, route, part, out, {tp: next_offset})
                 self.positions[tp] = next_offset
                 offsets[tp] = next_offset
                 index = last
+
+    async def _pass_markers(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the input partitions whose position moved past what was processed without a record: a fetch
+        that brought only transaction markers or aborted records (e.g. the commit marker that ends a partition).
+        Without it the group's offset stays before the marker, and its lag at 1, until the next record."""
+        moved: dict[Key, dict[TopicPartition, int]] = defaultdict(dict)
+        for tp, processed in list(self.positions.items()):
+            if tp.topic not in self.route_of:  # a stage's input: its next batch commits past the markers
+                continue
+            position = await _position(consumer, tp)
+            if position > processed:
+                moved[self._key(tp)][tp] = position
+        offsets: dict[TopicPartition, int] = {}
+        for key, passed in moved.items():
+            await self._finish(key, self.routes[key[0]], self.parts[key], self._batches(key), passed)
+            self.positions.update(passed)
+            offsets.update(passed)
+        if offsets and not self.eos:
+            try:
+                await consumer.commit(offsets)
+            except CommitFailedError as exc:
+                log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets",
+                            exc)
 
     def _batches(self, key: Key) -> RecordBatches:
         producer = self.txns[key] if self.eos else self.producer
@@ -364,8 +454,7 @@ class BatchedRuntime(Service):
                  out: RecordBatches) -> None:
         started = time.perf_counter()
         now = time.time()
-        record = RecordIn(msg.key, msg.value, msg.headers or (), msg.topic, msg.partition, msg.offset,
-                          msg.timestamp / 1000, route.partitions)  # aiokafka's timestamps are in ms
+        record = record_in(msg, route)
         size = record_size(record.key, record.value, record.headers)
         if size + OWN_HEADERS_MAX > self.copy_limit:  # no copy would fit: not checked, no state, a stub instead
             routed = self._stub(route, record, size, now, out)
@@ -392,16 +481,7 @@ class BatchedRuntime(Service):
                     partition=rec.partition, offset=rec.offset, now=time.time()))
 
     def _stub(self, route: Route, record: RecordIn, size: int, now: float, out: RecordBatches) -> Routed:
-        key, value, headers = too_large_stub(
-            record.key, record.value, record.headers, (), route.name, topic=record.topic,
-            partition=record.partition, offset=record.offset, timestamp=record.timestamp, size=size,
-            limit=self.copy_limit, now=now)
-        out.add(route.quarantine_topic, record.home, key, value, headers)
-        log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
-                    "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
-                    self.copy_limit)
-        return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
-                      None, None, None)
+        return quarantine_stub(route, record, size, self.copy_limit, now, out)
 
     def _punctuate(self, key: Key, route: Route, part: PartitionState, out: RecordBatches) -> None:
         """Causal deadlines of one route partition: held records past the deadline go to quarantine."""
@@ -495,3 +575,12 @@ async def _committed_of(bootstrap: str, group: str, tps: list[TopicPartition]) -
         return found
     finally:
         await consumer.stop()
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """The consumer's position in `tp` (0 once it is no longer assigned)."""
+    try:
+        position: int = await consumer.position(tp)
+    except IllegalStateError:  # revoked meanwhile
+        return 0
+    return position

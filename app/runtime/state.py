@@ -108,13 +108,24 @@ class _Reader:
 
 
 class PartitionState:
-    """The open databases of one route partition and the writes of its batch in progress."""
+    """The open databases of one route partition and the writes of its batch in progress.
 
-    def __init__(self, tabledir: Path, route: Route, partition: int, options: Mapping[str, Any]) -> None:
+    `tables` (state name -> faust table name) opens other tables of faust's layout instead of the route's (an
+    audit rule's join table, app/runtime/audits.py); the first name then holds the input offsets."""
+
+    def __init__(self, tabledir: Path, route: Route | None, partition: int, options: Mapping[str, Any], *,
+                 tables: Mapping[str, str] | None = None) -> None:
         self.route = route
         self.partition = partition
-        self.names = state_names(route)
-        self.paths = {name: db_path(tabledir, route, name, partition) for name in self.names}
+        if tables is None:
+            assert route is not None
+            self.names = state_names(route)
+            self.paths = {name: db_path(tabledir, route, name, partition) for name in self.names}
+        else:
+            self.names = list(tables)
+            self.paths = {name: tabledir / f"{table}-{partition}.db" for name, table in tables.items()}
+        #: The table whose WriteBatch also holds the input offsets (written last).
+        self.inputs_table = ENTITIES if ENTITIES in self.names else self.names[0]
         self._options = RocksDBOptions(**dict(options))
         self.dbs: dict[str, Rdict] = {}
         self.pending: Writes = {name: {} for name in self.names}
@@ -126,7 +137,7 @@ class PartitionState:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.dbs[name] = self._options.open(path)
         self.readers = {name: _Reader(self.pending[name], self.dbs[name]) for name in self.names}
-        if CAUSAL not in self.readers:
+        if self.route is not None and CAUSAL not in self.readers:
             self.readers[CAUSAL] = {}  # the route holds no early events: the guard never reads or writes it
 
     def changelog_offset(self, name: str) -> int | None:
@@ -136,7 +147,7 @@ class PartitionState:
 
     def input_offsets(self) -> dict[str, int]:
         """Per input topic, the next offset of the events whose state is stored (empty: not known)."""
-        raw = self.dbs[ENTITIES].get(INPUTS_KEY)
+        raw = self.dbs[self.inputs_table].get(INPUTS_KEY)
         return {str(k): int(v) for k, v in orjson.loads(raw).items()} if raw else {}
 
     def discard(self) -> None:
@@ -146,16 +157,17 @@ class PartitionState:
 
     def store(self, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int]) -> None:
         """Write the batch in progress to RocksDB: one WriteBatch per table with its last changelog offset, the
-        state_by_entity one last with the input offsets of the batch."""
-        for name in sorted(self.names, key=lambda n: n == ENTITIES):  # state_by_entity last
+        state_by_entity one (`inputs_table`) last with the input offsets of the batch."""
+        inputs_table = self.inputs_table
+        for name in sorted(self.names, key=lambda n: n == inputs_table):  # state_by_entity last
             writes = self.pending[name]
             offset = changelog_offsets.get(name)
-            if not writes and offset is None and not (name == ENTITIES and inputs):
+            if not writes and offset is None and not (name == inputs_table and inputs):
                 continue
             batch = write_batch_of(writes)
             if offset is not None:
                 batch.put(OFFSET_KEY, str(offset).encode())
-            if name == ENTITIES and inputs:
+            if name == inputs_table and inputs:
                 known = self.input_offsets()
                 known.update(inputs)
                 batch.put(INPUTS_KEY, orjson.dumps(known))

@@ -13,8 +13,9 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
-from app.entities import SERVED_BY_HEADER, entity_partition
+from app.entities import FORWARDED_HEADER, SERVED_BY_HEADER, entity_partition
 from byzguard.client.lkg import LastKnownGoodUnavailable, NoVerifiedValue, get_last_known_good
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import _topic_prefix, run_async
@@ -116,6 +117,7 @@ def group(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         workers = [factory.new_worker(name).start() for name in ("w1", "w2")]
         for worker in workers:
             worker.wait_ready()
+            assert f"runtime: {factory.runtime}" in worker.log_text(), worker.log_tail()
         found = Group(factory, names, workers, Stamper("orders"), uuid.uuid4().hex[:6])
         _wait_for_two_owners(found)
         yield found
@@ -152,6 +154,27 @@ def test_any_worker_answers_with_the_owners_value(group: Group) -> None:
         assert h1[SERVED_BY_HEADER] == h2[SERVED_BY_HEADER] == b1["served_by"]
         owners.add(b1["served_by"])
     assert owners == {group.url(w) for w in group.workers}
+
+
+def test_a_forwarded_request_is_never_forwarded_again(group: Group) -> None:
+    """A request that already carries X-Byzguard-Forwarded-By is answered by the owner, and by any other worker with
+    a 503 and Retry-After (ownership moved meanwhile), never sent on: no forwarding loops."""
+    for name in _spread_probes(group.run + "-loop"):
+        answers = []
+        for worker in group.workers:
+            request = urllib.request.Request(f"{group.url(worker)}/entities/orders/{name}",
+                                             headers={FORWARDED_HEADER: "http://127.0.0.1:9"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    answers.append((resp.status, orjson.loads(resp.read()), dict(resp.headers)))
+            except urllib.error.HTTPError as exc:
+                answers.append((exc.code, orjson.loads(exc.read()), dict(exc.headers)))
+        owner = [a for a in answers if a[0] == 404]
+        other = [a for a in answers if a[0] == 503]
+        assert len(owner) == len(other) == 1, answers
+        assert owner[0][1]["error"] == "not_found" and owner[0][2][SERVED_BY_HEADER] == owner[0][1]["served_by"]
+        assert other[0][1]["error"] == "unavailable" and other[0][2]["Retry-After"], other
+        assert SERVED_BY_HEADER not in other[0][2], "the other worker answered itself, it did not forward"
 
 
 def test_unknown_entity_or_route_is_404(group: Group) -> None:
@@ -215,3 +238,83 @@ def test_raw_table_views_are_not_served(group: Group) -> None:
                 assert exc.code == 404, (path, exc.code)
         status, body, _ = get(f"{group.url(worker)}/entities/orders/{group.entity('o-raw')}")
         assert (status, body["value"]) == (200, {"total": 7})
+
+
+#: Changelog records before the entities' own in each partition: enough for a restore to take a second or more
+#: (the batched runtime restores tens of thousands of records a second here, faust's recovery some hundreds).
+FILLER_PER_PARTITION = {"batched": 40_000, "faust": 1_500}
+
+
+async def _fill_changelog(bootstrap: str, topic: str, partitions: int, per_partition: int) -> None:
+    """Append `per_partition` records of keys no event has to each partition of an entity state changelog, so a
+    worker that restores it from the beginning takes a while before it reaches the entities' own records."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        value = b"\x00" * 100
+        for partition in range(partitions):
+            batch = producer.create_batch()
+            for n in range(per_partition):
+                key = f"filler-{partition}-{n}".encode()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    await (await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            await (await producer.send_batch(batch, topic, partition=partition))
+    finally:
+        await producer.stop()
+
+
+def test_answers_503_while_the_owner_restores_the_partition(worker_factory: WorkerFactory) -> None:
+    """While a second worker joins and restores the partitions it takes over (tens of thousands of changelog records
+    before the entities' own), every answer from either worker is the verified value or a 503 with Retry-After,
+    never a not_found read from a half-restored state; afterwards both workers answer with the value again."""
+    names = worker_factory.configure(partitions=PARTITIONS)
+    assert worker_factory.config_path is not None
+    worker_factory.config_path.write_text(CONFIG.format(
+        input=names.input, verified=names.verified, quarantine=names.quarantine, partitions=PARTITIONS,
+        retention=3600))
+    first = worker_factory.start("w1")
+    assert f"runtime: {worker_factory.runtime}" in first.log_text(), first.log_tail()
+    bootstrap = worker_factory.bootstrap
+    changelog = f"{worker_factory.app_id}-orders-state_by_entity-changelog"
+    filler = FILLER_PER_PARTITION[worker_factory.runtime]
+    run_async(lambda: _fill_changelog(bootstrap, changelog, PARTITIONS, filler))
+    orders, run = Stamper("orders"), uuid.uuid4().hex[:6]
+    probes = _spread_probes(run)  # one entity per partition, its state after the filler in the changelog
+    records = [orders.binary({"n": i}, type="order.confirmed", subject=name, version=1, time=time.time())
+               for i, name in enumerate(probes)]
+    run_async(lambda: produce(bootstrap, names.input, records))
+    run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, [names.input], workers=[first]))
+    urls = [f"http://127.0.0.1:{first.web_port}"]
+    for i, name in enumerate(probes):
+        status, body, _ = get(f"{urls[0]}/entities/orders/{name}")
+        assert (status, body.get("value")) == (200, {"n": i}), body
+
+    second = worker_factory.new_worker("w2").start()  # its own, empty data dir: it restores what it takes over
+    urls.append(f"http://127.0.0.1:{second.web_port}")
+    unavailable, wrong = 0, []
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, f"the workers never both answered again: {unavailable} 503s"
+        owners, settled = set(), True
+        for url in urls:
+            for i, name in enumerate(probes):
+                try:
+                    status, body, headers = get(f"{url}/entities/orders/{name}")
+                except (urllib.error.URLError, ConnectionError):  # the second worker's web server is not up yet
+                    settled = False
+                    continue
+                if status == 503 and headers.get("Retry-After") and body["error"] == "unavailable":
+                    unavailable += 1
+                    settled = False
+                elif status == 200 and body["value"] == {"n": i}:
+                    owners.add(body["served_by"])
+                else:
+                    wrong.append((url, name, status, body))
+        assert not wrong, wrong
+        if settled and len(owners) == 2:
+            break
+        time.sleep(0.05)
+    assert unavailable > 0, "no answer was ever a 503 while the partitions moved"
+    assert "restored" in second.log_text() or worker_factory.runtime == "faust", second.log_tail()

@@ -20,6 +20,7 @@ from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
+from tests.conftest import RUNTIME_UNDER_TEST
 from tests.integration.test_demo import SECRET_ENV, documented_config_on_fresh_topics
 
 pytestmark = pytest.mark.kafka
@@ -46,7 +47,8 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
     monkeypatch.setenv(SECRET_ENV, SECRET)
     config_path = documented_config_on_fresh_topics(tmp_path, app_id)
     settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",
-                        web_port=free_ports(1)[0], commit_interval=0.2)
+                        web_port=free_ports(1)[0], commit_interval=0.2,
+                        runtime=RUNTIME_UNDER_TEST)
     base = web_base(settings.web_host, settings.web_port)
     worker = start_worker(settings, kafka_bootstrap, Console(file=io.StringIO()))
     try:

@@ -1,7 +1,8 @@
 """Helpers for tests that run real `byzguard run` worker processes against the session's Kafka broker.
 
 - `WorkerFactory` / `WorkerProcess`: per-test app id, config, data dirs, web ports and log files; start,
-  wait until ready, stop (SIGTERM), kill (SIGKILL); every process is reaped at teardown.
+  wait until ready, stop (SIGTERM), kill (SIGKILL) as app/dev/workers.py does for the demo and the benchmark;
+  every process is reaped at teardown.
 - `Events`: stamped test events (clean, corrupted, regressed, forged, malformed) whose ids say what they are.
 - `produce`, `collect`, `wait_caught_up`: feed an input topic, read outputs as a downstream read_committed
   consumer would (no group: every partition assigned, from the beginning), and wait until the worker's
@@ -15,9 +16,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -32,14 +30,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.dev.localkafka import free_ports
+from app.dev.workers import WorkerProcess as ChildWorker
+from app.dev.workers import tail_lines
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
-from tests.conftest import run_async
+from tests.conftest import RUNTIME_UNDER_TEST, run_async
 
 _DIGITS = re.compile(r"\d+")
 REPO = Path(__file__).resolve().parents[2]
-READY_LINE = "[^Worker]: Ready"
 TEST_ID = "x-test-id"  # our own header on records without a ce_id (malformed ones); workers keep it
 SECRETS = {"BYZGUARD_KEY_ORDERS_1": "orders-secret-1", "BYZGUARD_KEY_PAYMENTS_1": "payments-secret-1"}
 ORDERS_KEY = Key("orders-1", "orders", SECRETS["BYZGUARD_KEY_ORDERS_1"].encode())
@@ -73,44 +72,16 @@ class WorkerError(AssertionError):
     """A worker did not start, stop or die as the test needed; the message ends with its log."""
 
 
-class WorkerProcess:
-    """One `byzguard run` process with its own data dir, web port and log file."""
+class WorkerProcess(ChildWorker):
+    """One `byzguard run` process with its own data dir, web port and log file (app/dev/workers.py); its log
+    file keeps every start of it, each after a banner line."""
 
     def __init__(self, name: str, env: dict[str, str], data_dir: Path, log_path: Path, web_port: int) -> None:
-        self.name = name
-        self.env = env
-        self.data_dir = data_dir
-        self.log_path = log_path
+        super().__init__(name, env, log_path, cwd=data_dir.parent, data_dir=data_dir, banner=True)
         self.web_port = web_port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-
-    def start(self) -> WorkerProcess:
-        """Spawn the process (its output appends to the log file)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            log.write(f"\n===== {self.name} starting at {time.time():.3f} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "run"], cwd=self.data_dir.parent, env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        self.started_at = time.monotonic()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "worker not started"
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return super().log_tail(lines)
 
     def log_digest(self, lines: int = 150) -> str:
         """What a failure needs to be diagnosed: every distinct WARNING/ERROR line of the log (digits ignored)
@@ -126,45 +97,18 @@ class WorkerProcess:
                     kinds[key] = [line, 1]
         warnings = "\n".join(f"{count:5d}x  {first[:400]}" for first, count in kinds.values()) or "(none)"
         return (f"----- WARNING/ERROR lines of {self.log_path} (count, first) -----\n{warnings}\n"
-                f"----- last {lines} lines of {self.log_path} -----\n{self.log_tail(lines)}")
+                f"----- last {lines} lines of {self.log_path} -----\n{tail_lines(self.log_text(), lines)}")
 
     def fail(self, what: str) -> WorkerError:
-        code = self.proc.poll() if self.proc else None
+        code = self.returncode
         status = f"exit code {code}" if code is not None else "running"
         return WorkerError(f"worker {self.name} (pid {self.proc.pid if self.proc else '-'}, {status}): {what}\n"
                            f"{self.log_digest()}")
 
-    def wait_ready(self, timeout: float = 90.0) -> float:
-        """Block until the worker logs that it is ready; return the seconds it took since start."""
-        deadline = time.monotonic() + timeout
-        marker = f"===== {self.name} starting at"
-        while time.monotonic() < deadline:
-            text = self.log_text()
-            if READY_LINE in text[text.rfind(marker):]:
-                return time.monotonic() - self.started_at
-            if not self.alive():
-                raise self.fail(f"exited with code {self.proc.returncode if self.proc else None} before ready")
-            time.sleep(0.1)
-        raise self.fail(f"not ready after {timeout:.0f} s")
-
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, timeout: float = 60.0, *, must_stop: bool = True) -> int:
         """SIGTERM and wait for a clean exit; a worker that does not stop in time is killed and fails."""
-        if not self.alive():
-            return self.proc.returncode if self.proc else 0
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise self.fail(f"did not stop within {timeout:.0f} s of SIGTERM") from None
-
-    def kill(self) -> None:
-        """SIGKILL (no shutdown code runs) and reap."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
+        code = super().stop(timeout, must_stop=must_stop)
+        return code if code is not None else 0
 
     def metrics(self) -> dict[str, float]:
         """The worker's /metrics as {sample name: summed value}; empty while its web server is not up."""
@@ -195,8 +139,9 @@ class RouteNames:
 
 
 def runtime_under_test() -> str:
-    """The runtime the test run's workers use: BYZGUARD_RUNTIME (faust when unset)."""
-    return os.environ.get("BYZGUARD_RUNTIME") or "faust"
+    """The runtime the test run's workers use: BYZGUARD_RUNTIME when pytest started (faust when unset; the
+    autouse fixture clears it inside a test, tests/conftest.py `RUNTIME_UNDER_TEST`)."""
+    return RUNTIME_UNDER_TEST
 
 
 def input_group(app_id: str, runtime: str | None = None) -> str:

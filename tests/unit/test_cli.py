@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -75,3 +77,25 @@ def test_local_mode_keeps_its_made_up_secrets_for_the_next_run(tmp_path: Path) -
     third: dict[str, str] = {"KEY_P": "set"}
     use_local_secrets(config, third, path=kept)
     assert third["KEY_P"] == "set"
+
+
+def test_without_the_development_tools_run_needs_a_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where app/dev/ is left out (the image), `run` without a broker exits 2 saying local mode needs a checkout,
+    instead of failing on an import; `demo` likewise."""
+    monkeypatch.setitem(sys.modules, "app.dev", None)  # `import app.dev` now fails, as in the image
+    config = Path(__file__).parents[2] / "byzguard.yaml"
+    result = runner.invoke(cli, ["run", "--config", str(config)], env={"BYZGUARD_BROKER": None,
+                                                                        "BYZGUARD_KEY_PRICING_1": "x"})
+    assert result.exit_code == 2, result.output
+    assert "no broker configured" in result.output and "app/dev/ is left out" in result.output
+    demo = runner.invoke(cli, ["demo", "--config", str(config)], env={"BYZGUARD_BROKER": None})
+    assert demo.exit_code == 2 and "app/dev/ is left out" in demo.output, demo.output
+
+
+def test_without_the_development_tools_no_local_broker_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI tools' fallback to the local broker finds none where app/dev/ is left out (no import error)."""
+    from app.settings import dev_tools_installed, running_local_broker
+
+    assert dev_tools_installed()
+    monkeypatch.setitem(sys.modules, "app.dev", None)
+    assert not dev_tools_installed() and running_local_broker() is None

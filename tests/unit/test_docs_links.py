@@ -42,3 +42,22 @@ def test_every_relative_link_resolves(doc: Path) -> None:
 def test_the_readme_is_a_front_door() -> None:
     """The README stays short: what byzguard is, the two commands, the event path, the checks and links."""
     assert len((REPO / "README.md").read_text().splitlines()) <= 220
+
+
+OUR_DIRS = ("app", "byzguard", "agents", "tables", "topics", "bench", "tests", "deploy")
+CODE_SPAN = re.compile(r"`([^`\s]+)`")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_module_path_named_exists(doc: Path) -> None:
+    """Each `dir/module.py` of the repository a page names in a code span (also as `path.py:line` or
+    `path.py::test`; a pattern matches some file; a `<placeholder>` is no path) exists, so a moved module
+    cannot leave its old path behind."""
+    missing = []
+    for span in CODE_SPAN.findall(doc.read_text()):
+        path = span.split("::", 1)[0].split(":", 1)[0]
+        if not (path.endswith(".py") and "/" in path and path.split("/", 1)[0] in OUR_DIRS) or "<" in path:
+            continue
+        if not (any(REPO.glob(path)) if "*" in path else (REPO / path).is_file()):  # a pattern names some file
+            missing.append(span)
+    assert not missing, f"{doc.relative_to(REPO)} names modules that do not exist: {missing}"

@@ -221,3 +221,11 @@ def test_script_refuses_an_app_package_that_is_not_the_worker(tmp_path: Path) ->
     (foreign / "__init__.py").write_text("BYZGUARD_WORKER = True\n")  # now it says it is the worker: it runs
     ours = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60, check=False)
     assert ours.returncode == 0 and ours.stdout == "FOREIGN\n", ours.stderr
+
+
+def test_the_image_leaves_the_development_tools_out() -> None:
+    """The image copies app/ without app/dev/ (development only: local broker tool, demo) by .dockerignore."""
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert "app/dev/" in ignored or "app/dev" in ignored
+    assert "COPY app ./app" in (ROOT / "Dockerfile").read_text()

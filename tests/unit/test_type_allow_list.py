@@ -95,7 +95,7 @@ def test_unlisted_types_takes_reject_or_warn_only() -> None:
 
 def test_shipped_configuration_keeps_its_routes_closed() -> None:
     """byzguard.yaml opts no route in: every route refuses unlisted types (that its demo traffic passes is
-    test_faults' documented-configuration test)."""
+    test_dev_faults' documented-configuration test)."""
     from pathlib import Path
     repo = Path(__file__).resolve().parents[2]
     cfg = guard_config.load(repo / "byzguard.yaml", environ={"BYZGUARD_KEY_PRICING_1": "s"})

@@ -1,0 +1,364 @@
+"""The batched runtime's other stages: what the loop (app/runtime/loop.py) runs for topics that are not a
+route's verify input.
+
+A *forward stage* maps each record of its topics to zero or more records keyed into an internal topic, with no
+state of its own. Two kinds use it: a route with `partitioning: repartition` (`RouteRepartition`: every input
+record, bytes and headers untouched, to `<app_id>-<route>-entities-repartition` at the murmur2 partition of
+its key, with its input coordinates in one header; the route's verify stage then reads that topic as its
+input), and an audit rule's forward half (app/runtime/audits.py `AuditForward`: observations re-keyed by join
+key). `Forwards` runs them: one batch per source partition of at most `batch_max_records` records, then
+
+- exactly_once: one transaction per source partition per batch (its own transactional producer, id
+  `<app_id>-forward-<topic>-<partition>`, which fences a previous owner) holds the forwarded records and the
+  source offsets (`send_offsets_to_transaction`, group `<app_id>-verify`);
+- at_least_once: the forwarded records are delivered before the loop commits the source offsets.
+
+A stateful stage (the audit join, app/runtime/audits.py `AuditJoins`) is a `Runner` too. `Stages` dispatches
+by topic to the runner that reads it; the loop hands it every fetched partition it does not verify itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from agents.verify import observe
+from app.outbox import load_limits
+from app.runtime.batches import RecordBatches
+from byzguard.config import GuardConfig, Partitioning, Route
+from byzguard.engine import Decision
+from byzguard.guard import RecordIn, Routed
+from byzguard.partitioner import partition_for
+from byzguard.routing import (
+    OWN_HEADERS_MAX,
+    record_size,
+    repartition_headers,
+    repartitioned_from,
+    too_large_stub,
+)
+from byzguard.verdict import Code, Outcome, Reason
+from topics import route_repartition_topic_name
+
+log = logging.getLogger(__name__)
+
+#: A broker's default max.message.bytes (a topic whose limit cannot be read).
+DEFAULT_LIMIT = 1_048_588
+
+
+def verify_topics(app_id: str, route: Route) -> list[str]:
+    """The topics a route's verify stage reads: its inputs, or its repartition topic."""
+    if route.partitioning is Partitioning.REPARTITION:
+        return [route_repartition_topic_name(app_id, route)]
+    return list(route.inputs)
+
+
+def record_in(msg: Any, route: Route) -> RecordIn:
+    """The record a route's verify stage judges for a consumed message (aiokafka's, timestamps in ms): on a
+    repartitioning route, the input record its copy came from, at the partition it was copied to."""
+    headers = msg.headers or ()
+    if route.partitioning is Partitioning.REPARTITION:
+        origin = repartitioned_from(headers)
+        if origin is not None:
+            topic, partition, offset, timestamp = origin
+            return RecordIn(msg.key, msg.value, headers, topic, partition, offset, timestamp, route.partitions,
+                            msg.partition)
+    return RecordIn(msg.key, msg.value, headers, msg.topic, msg.partition, msg.offset, msg.timestamp / 1000,
+                    route.partitions)
+
+
+def quarantine_stub(route: Route, record: RecordIn, size: int, limit: int, now: float, out: RecordBatches) -> Routed:
+    """Quarantine a bounded stub for `record`, whose copy does not fit `limit` with byzguard's headers: it is not
+    checked and changes no state (output.too_large), in the quarantine partition of its entity."""
+    key, value, headers = too_large_stub(
+        record.key, record.value, record.headers, (), route.name, topic=record.topic, partition=record.partition,
+        offset=record.offset, timestamp=record.timestamp, size=size, limit=limit, now=now)
+    out.add(route.quarantine_topic, record.home, key, value, headers)
+    log.warning("%s[%d]@%d: a record of %d bytes does not fit the outputs (limit %d with byzguard's headers); "
+                "quarantined as a stub (output.too_large)", record.topic, record.partition, record.offset, size,
+                limit)
+    return Routed(record, Decision(Outcome.QUARANTINED, (Reason(Code.OUTPUT_TOO_LARGE, f"{size} bytes"),)),
+                  None, None, None)
+
+
+class StageContext:
+    """What every stage runner shares with the loop."""
+
+    __slots__ = ("app_id", "bootstrap", "eos", "group", "max_records", "max_seconds", "producer_options")
+
+    def __init__(self, *, app_id: str, bootstrap: str, group: str, eos: bool, producer_options: dict[str, Any],
+                 max_records: int, max_seconds: float) -> None:
+        self.app_id = app_id
+        self.bootstrap = bootstrap
+        self.group = group
+        self.eos = eos
+        self.producer_options = producer_options
+        self.max_records = max_records
+        self.max_seconds = max_seconds
+
+    async def transactional(self, transactional_id: str) -> AIOKafkaProducer:
+        """A started transactional producer (its start aborts what a previous owner left open)."""
+        txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                               transactional_id=transactional_id, **self.producer_options)
+        await txn.start()
+        return txn
+
+
+async def commit(txn: AIOKafkaProducer | None, out: RecordBatches, offsets: dict[TopicPartition, int],
+                 group: str) -> dict[tuple[str, int], int]:
+    """Deliver one batch's records: in one transaction with the input `offsets` (exactly_once, `txn`), or
+    delivered and acknowledged (at_least_once: the loop commits the offsets after). Returns the last offset
+    written per destination partition; raises if anything was not delivered or the transaction failed."""
+    if txn is None:
+        return await out.deliver()
+    await txn.begin_transaction()
+    try:
+        delivered = await out.deliver()
+        if offsets:
+            await txn.send_offsets_to_transaction(offsets, group)
+        await txn.commit_transaction()
+    except BaseException:
+        await abort(txn)
+        raise
+    return delivered
+
+
+async def abort(txn: AIOKafkaProducer) -> None:
+    """Abort a failed transaction (fenced or the broker gone: the next owner's producer aborts it)."""
+    try:
+        await txn.abort_transaction()
+    except Exception as exc:
+        log.warning("batched runtime: abort failed: %r", exc)
+
+
+async def partition_counts(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
+    """The partition count of each topic (what a keyed record's murmur2 partition is taken modulo)."""
+    wanted = sorted(set(topics))
+    if not wanted:
+        return {}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        return {topic: len(await producer.partitions_for(topic)) for topic in wanted}
+    finally:
+        await producer.stop()
+
+
+class ForwardStage(Protocol):
+    """Maps a record of its `topics` to records of an internal topic (and side outputs), with no state."""
+
+    @property
+    def topics(self) -> Sequence[str]:
+        """The topics it reads."""
+        ...
+
+    @property
+    def outputs(self) -> Sequence[str]:
+        """The topics it writes (their limits are read at start)."""
+        ...
+
+    @property
+    def keyed(self) -> Sequence[str]:
+        """The outputs whose partition counts it needs (records placed by key as Kafka's partitioner would)."""
+        ...
+
+    def configure(self, limits: dict[str, int], partitions: dict[str, int]) -> None:
+        """The outputs' max.message.bytes and partition counts, known once the runtime started."""
+        ...
+
+    def forward(self, msg: Any, out: RecordBatches, now: float) -> None:
+        """Add what one consumed message (aiokafka's) maps to to `out`."""
+        ...
+
+
+class RouteRepartition:
+    """A repartitioning route's forward stage (the faust runtime's repartition_events agent): each input record,
+    bytes and headers untouched, to the repartition topic at the murmur2 partition of its key, with its input
+    coordinates (byzguard_repartitioned_from). A record without a key keeps its partition number (the verify
+    stage refuses it: decode.key_mismatch). A record whose copy cannot fit the repartition or quarantine topic is
+    accounted for here, as a stub in the quarantine partition of its entity (output.too_large)."""
+
+    def __init__(self, app_id: str, route: Route) -> None:
+        self.route = route
+        self.target = route_repartition_topic_name(app_id, route)
+        self.topics: tuple[str, ...] = tuple(route.inputs)
+        self.outputs: tuple[str, ...] = (self.target, route.quarantine_topic)
+        self.keyed: tuple[str, ...] = ()
+        self.copy_limit = DEFAULT_LIMIT
+
+    def configure(self, limits: dict[str, int], partitions: dict[str, int]) -> None:
+        self.copy_limit = min(limits.get(t, DEFAULT_LIMIT) for t in self.outputs)
+
+    def forward(self, msg: Any, out: RecordBatches, now: float) -> None:
+        route = self.route
+        key = msg.key
+        partitions = route.partitions
+        partition = partition_for(key, partitions) if key is not None else msg.partition % partitions
+        headers = msg.headers or ()
+        timestamp = msg.timestamp / 1000  # aiokafka's timestamps are in ms, the header's in seconds
+        size = record_size(key, msg.value, headers)
+        if size + OWN_HEADERS_MAX > self.copy_limit:
+            record = RecordIn(key, msg.value, headers, msg.topic, msg.partition, msg.offset, timestamp, partitions,
+                              partition)
+            observe(route.name, quarantine_stub(route, record, size, self.copy_limit, now, out), now)
+            return
+        out.add(self.target, partition, key, msg.value,
+                repartition_headers(headers, msg.topic, msg.partition, msg.offset, timestamp))
+
+
+def repartitions(app_id: str, config: GuardConfig) -> list[RouteRepartition]:
+    """The forward stage of every route with `partitioning: repartition`."""
+    return [RouteRepartition(app_id, r) for r in config.routes if r.partitioning is Partitioning.REPARTITION]
+
+
+class Runner(Protocol):
+    """What the loop runs for the partitions of some topics (see the module doc)."""
+
+    @property
+    def topics(self) -> frozenset[str]:
+        """The topics it reads."""
+        ...
+
+    async def start(self, producer: AIOKafkaProducer | None) -> None:
+        """Before the consumer starts; `producer`: the loop's plain producer (at_least_once) or None."""
+        ...
+
+    async def assigned(self, tps: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Open what the new partitions need (restored state, transactional producers); return the input
+        offsets the stored state of each already includes (at_least_once resumes from the larger)."""
+        ...
+
+    async def revoked(self, tps: set[TopicPartition]) -> None:
+        """Close what the revoked partitions had (the loop's lock holds: no batch is in flight)."""
+        ...
+
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
+        """Run the fetched `messages` of `tp` (in batches), setting `offsets[tp]` to the next offset of each
+        batch that is delivered (exactly_once: committed); `end` is the next one after the last batch (past the
+        transaction markers that follow the last record)."""
+        ...
+
+    async def idle(self) -> None:
+        """Punctuations that are due on partitions without a batch."""
+        ...
+
+    async def stop(self) -> None:
+        """Close everything."""
+        ...
+
+
+class Forwards:
+    """The runner of forward stages (see the module doc); a topic several stages read is forwarded by each, in
+    one batch."""
+
+    def __init__(self, stages: Sequence[ForwardStage], ctx: StageContext) -> None:
+        self.stages = list(stages)
+        self.ctx = ctx
+        self.by_topic: dict[str, list[ForwardStage]] = {}
+        for stage in self.stages:
+            for topic in stage.topics:
+                self.by_topic.setdefault(topic, []).append(stage)
+        self.topics = frozenset(self.by_topic)
+        self.producer: AIOKafkaProducer | None = None
+        self.txns: dict[TopicPartition, AIOKafkaProducer] = {}
+
+    async def start(self, producer: AIOKafkaProducer | None) -> None:
+        self.producer = producer
+        outputs = [t for stage in self.stages for t in stage.outputs]
+        limits = await load_limits(self.ctx.bootstrap, outputs)
+        partitions = await partition_counts(self.ctx.bootstrap, [t for stage in self.stages for t in stage.keyed])
+        for stage in self.stages:
+            stage.configure(limits, partitions)
+
+    async def assigned(self, tps: set[TopicPartition]) -> dict[TopicPartition, int]:
+        if self.ctx.eos:
+            for tp in tps:
+                if tp not in self.txns:
+                    self.txns[tp] = await self.ctx.transactional(
+                        f"{self.ctx.app_id}-forward-{tp.topic}-{tp.partition}")
+        return {}
+
+    async def revoked(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            txn = self.txns.pop(tp, None)
+            if txn is not None:
+                await txn.stop()
+
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
+        stages = self.by_topic[tp.topic]
+        txn = self.txns[tp] if self.ctx.eos else None
+        producer = txn if txn is not None else self.producer
+        index, count = 0, len(messages)
+        while index < count:
+            out = RecordBatches(producer)
+            started = time.monotonic()
+            stop = min(count, index + self.ctx.max_records)
+            last = index
+            now = time.time()
+            while last < stop:
+                msg = messages[last]
+                for stage in stages:
+                    stage.forward(msg, out, now)
+                last += 1
+                if time.monotonic() - started >= self.ctx.max_seconds:
+                    break
+            next_offset = messages[last - 1].offset + 1 if last < count else end
+            await commit(txn, out, {tp: next_offset}, self.ctx.group)
+            offsets[tp] = next_offset
+            index = last
+
+    async def idle(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        await self.revoked(set(self.txns))
+
+
+class Stages:
+    """Every runner of the loop but the verify stage, dispatched by topic."""
+
+    def __init__(self, runners: Sequence[Runner]) -> None:
+        self.runners = [r for r in runners if r.topics]
+        self.runner_of = {topic: runner for runner in self.runners for topic in runner.topics}
+        self.topics = frozenset(self.runner_of)
+
+    def __bool__(self) -> bool:
+        return bool(self.runners)
+
+    async def start(self, producer: AIOKafkaProducer | None) -> None:
+        for runner in self.runners:
+            await runner.start(producer)
+
+    def _split(self, tps: Iterable[TopicPartition]) -> list[tuple[Runner, set[TopicPartition]]]:
+        by_runner: dict[int, tuple[Runner, set[TopicPartition]]] = {}
+        for tp in tps:
+            runner = self.runner_of[tp.topic]
+            by_runner.setdefault(id(runner), (runner, set()))[1].add(tp)
+        return list(by_runner.values())
+
+    async def assigned(self, tps: set[TopicPartition]) -> dict[TopicPartition, int]:
+        stored: dict[TopicPartition, int] = {}
+        for runner, mine in self._split(tps):
+            stored.update(await runner.assigned(mine))
+        return stored
+
+    async def revoked(self, tps: set[TopicPartition]) -> None:
+        for runner, mine in self._split(tps):
+            await runner.revoked(mine)
+
+    async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
+                    offsets: dict[TopicPartition, int]) -> None:
+        await self.runner_of[tp.topic].batch(tp, messages, end, offsets)
+
+    async def idle(self) -> None:
+        for runner in self.runners:
+            await runner.idle()
+
+    async def stop(self) -> None:
+        for runner in self.runners:
+            await runner.stop()

@@ -1,0 +1,149 @@
+"""Cases of the batched runtime on the real broker that the faust runtime needed fixes for (app/eos.py) or that no
+other test puts to it: inputs written in transactions (commit markers, interleaved transactions), a route with
+several input topics, and a local state whose changelog offset is past its changelog's end."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from app.runtime.state import OFFSET_KEY, PartitionState, restore, state_names
+from byzguard.config import load
+from byzguard.guard import ENTITIES
+from tests.conftest import TopicFactory
+from tests.integration.worker_harness import (
+    Events,
+    WorkerFactory,
+    by_id,
+    collect,
+    input_group,
+    produce,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+async def _send_in_transactions(bootstrap: str, topic: str, records: list, *, per_transaction: int) -> None:
+    """Send stamped records through transactional producers, `per_transaction` per transaction; the last two
+    transactions interleaved (two commit markers side by side, the partition ending in a marker)."""
+    a, b = (AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
+            for _ in range(2))
+    await a.start()
+    await b.start()
+    try:
+        head, last = records[:-2], records[-2:]
+        for i in range(0, len(head), per_transaction):
+            async with a.transaction():
+                for r in head[i:i + per_transaction]:
+                    await a.send_and_wait(topic, r.value, key=r.key, headers=r.headers)
+        await a.begin_transaction()
+        await b.begin_transaction()
+        await a.send_and_wait(topic, last[0].value, key=last[0].key, headers=last[0].headers)
+        await b.send_and_wait(topic, last[1].value, key=last[1].key, headers=last[1].headers)
+        await a.commit_transaction()
+        await b.commit_transaction()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_an_input_written_in_transactions_is_routed_once_and_committed_past_its_markers(
+        worker_factory: WorkerFactory, guarantee: str) -> None:
+    """Records of an input written in transactions (a commit marker after each, two side by side, the partition
+    ending in one) are each routed once, and the group commits every partition to its end: no lag of 1 stays
+    behind a marker that no record follows (app/eos.py fix 7's case on the batched runtime)."""
+    worker_factory.runtime = "batched"
+    worker_factory.processing_guarantee = guarantee
+    route = worker_factory.configure(partitions=2)
+    worker = worker_factory.start("w")
+    events = Events()
+    sent = [events.clean(f"acct-{i}", 1) for i in range(30)]
+    await _send_in_transactions(worker_factory.bootstrap, route.input, sent, per_transaction=4)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[worker], timeout=60)
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(sent)))
+    assert set(verified) == {s.event_id for s in sent}
+    if guarantee == "exactly_once":
+        assert all(len(records) == 1 for records in verified.values())
+    more = [events.clean(f"acct-{i}", 2) for i in range(10)]  # after the markers: processed, nothing skipped
+    await produce(worker_factory.bootstrap, route.input, more)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[worker], timeout=60)
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(sent) + len(more)))
+    assert set(verified) == {s.event_id for s in sent + more}
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_a_route_with_two_input_topics_routes_both_and_keeps_one_state_per_entity(
+        worker_factory: WorkerFactory, guarantee: str) -> None:
+    """A route reading two input topics routes the events of both; an entity's state is one across them (an old
+    version on the second topic is a regression), and after a restart on the same data dir nothing is routed
+    twice or judged a duplicate of itself."""
+    worker_factory.runtime = "batched"
+    worker_factory.processing_guarantee = guarantee
+    route = worker_factory.configure(partitions=2)
+    second = f"{route.input}-2"
+    assert worker_factory.config_path is not None
+    text = worker_factory.config_path.read_text()
+    worker_factory.config_path.write_text(text.replace(f"inputs: [{route.input}]",
+                                                       f"inputs: [{route.input}, {second}]"))
+    data_dir = worker_factory.base_dir / "state"
+    worker = worker_factory.start("first", data_dir=data_dir)
+    events = Events()
+    first = [events.clean(f"acct-{i}", 2) for i in range(20)]
+    await produce(worker_factory.bootstrap, route.input, first)
+    late = [events.regression(f"acct-{i}", 1) for i in range(5)]  # older than what the first topic brought
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[worker])
+    other = [events.clean(f"acct-{i}", 3) for i in range(20)]
+    await produce(worker_factory.bootstrap, second, [*late, *other])
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input, second],
+                         workers=[worker])
+    assert worker.stop() == 0
+    again = worker_factory.start("again", data_dir=data_dir)
+    more = [events.clean(f"acct-{i}", 4) for i in range(20)]
+    await produce(worker_factory.bootstrap, second, more)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input, second],
+                         workers=[again])
+    clean = first + other + more
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(clean)))
+    quarantined = by_id(await collect(worker_factory.bootstrap, route.quarantine, expected=len(late)))
+    assert set(verified) == {s.event_id for s in clean}
+    assert all(len(records) == 1 for records in verified.values())
+    assert set(quarantined) == {s.event_id for s in late}
+    assert all("version.regression" in records[0].codes for records in quarantined.values())
+
+
+async def test_a_local_state_whose_changelog_offset_is_past_the_changelogs_end_is_restored_from_the_changelog(
+        kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path) -> None:
+    """A database whose stored changelog offset is at or past its changelog's end (the changelog was recreated, or
+    the database holds writes the changelog does not) is wiped and restored from the changelog: afterwards it holds
+    exactly the changelog's records and its last offset, nothing of what it held before."""
+    config_path = tmp_path / "byzguard.yaml"
+    config_path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                           "      types: {t: {}}}\n")
+    route = load(config_path).routes[0]
+    changelogs = {name: topic_factory(1, {"cleanup.policy": "compact"}) for name in state_names(route)}
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for n in range(3):
+            await producer.send_and_wait(changelogs[ENTITIES], b"v%d" % n, key=b"k%d" % n, partition=0)
+    finally:
+        await producer.stop()
+    part = PartitionState(tmp_path / "tables", route, 0, {})
+    try:
+        db = part.dbs[ENTITIES]
+        db[b"stale"] = b"written by a changelog that is gone"
+        db[OFFSET_KEY] = b"50"  # past the changelog's end (3)
+        await restore(kafka_bootstrap, [(part, changelogs)])
+        assert part.changelog_offset(ENTITIES) == 2
+        assert part.readers[ENTITIES].get(b"stale") is None
+        assert dict(part.readers[ENTITIES].items()) == {b"k0": b"v0", b"k1": b"v1", b"k2": b"v2"}
+    finally:
+        part.close()

@@ -1,0 +1,88 @@
+"""A worker restarted on its data dir after a SIGKILL, on the real broker (batched runtime): it takes its partitions
+back at once instead of waiting for the dead process's session to time out; a clean stop still hands its
+partitions over at once (app/runtime/membership.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.worker_harness import (
+    Events,
+    WorkerFactory,
+    WorkerProcess,
+    by_id,
+    collect,
+    input_group,
+    produce,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.kafka
+
+#: Far longer than a restart takes: a worker that waited for the dead process's session would fail the test.
+SESSION_TIMEOUT = 60.0
+
+
+def _worker(factory: WorkerFactory, name: str, **kwargs: object) -> WorkerProcess:
+    """A started batched worker whose group session times out only after SESSION_TIMEOUT."""
+    worker = factory.new_worker(name, **kwargs)  # type: ignore[arg-type]
+    worker.env["BYZGUARD_SESSION_TIMEOUT"] = str(SESSION_TIMEOUT)
+    worker.start()
+    return worker
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_a_worker_restarted_after_a_sigkill_takes_its_partitions_back_without_the_session_timeout(
+        worker_factory: WorkerFactory, guarantee: str) -> None:
+    """A worker SIGKILLed and restarted at once on the same data dir removes the member its dead process left in the
+    groups and routes again well before that member's session would have timed out, losing nothing."""
+    worker_factory.runtime = "batched"
+    worker_factory.processing_guarantee = guarantee
+    route = worker_factory.configure(partitions=4)
+    events = Events()
+    first = _worker(worker_factory, "first")
+    first.wait_ready(90)
+    before = [events.clean(f"acct-{i}", 1) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, before)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[first])
+    first.kill()
+    killed = time.monotonic()
+    again = _worker(worker_factory, "again", data_dir=first.data_dir)
+    after = [events.clean(f"acct-{i}", 2) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, after)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[again], timeout=SESSION_TIMEOUT - 15)
+    took = time.monotonic() - killed
+    assert took < SESSION_TIMEOUT - 15, took
+    log = again.log_text()
+    assert "a previous process on this data dir left behind" in log and "removed 1 member(s)" in log, \
+        again.fail("did not remove the dead process's member")
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
+    assert set(verified) == {s.event_id for s in before + after}
+
+
+async def test_a_cleanly_stopped_worker_hands_its_partitions_over_at_once(worker_factory: WorkerFactory) -> None:
+    """With two workers, the one stopped cleanly (SIGTERM) leaves the group: the other takes all its partitions and
+    routes what comes next well before a session timeout, and the restarted one finds no member to remove."""
+    worker_factory.runtime = "batched"
+    route = worker_factory.configure(partitions=4)
+    events = Events()
+    one = _worker(worker_factory, "one")
+    one.wait_ready(90)
+    two = _worker(worker_factory, "two")
+    two.wait_ready(90)
+    assert one.stop() == 0
+    stopped = time.monotonic()
+    batch = [events.clean(f"acct-{i}", 1) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, batch)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[two], timeout=SESSION_TIMEOUT - 15)
+    assert time.monotonic() - stopped < SESSION_TIMEOUT - 15
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(batch)))
+    assert set(verified) == {s.event_id for s in batch}
+    back = _worker(worker_factory, "back", data_dir=one.data_dir)
+    back.wait_ready(90)
+    assert "left behind" not in back.log_text(), back.fail("removed a member although the last process left")
