@@ -160,6 +160,9 @@ class AuditJoins:
     async def batch(self, tp: TopicPartition, messages: list[Any], end: int,
                     offsets: dict[TopicPartition, int]) -> None:
         rule = self.rule_of[tp.topic]
+        if not messages:  # only transaction markers or aborted records were passed
+            await self._finish(tp, rule, self._out(tp), {tp: end})
+            offsets[tp] = end
         index, count = 0, len(messages)
         while index < count:
             out = self._out(tp)

@@ -428,13 +428,18 @@ class BatchedRuntime(Service):
         that brought only transaction markers or aborted records (e.g. the commit marker that ends a partition).
         Without it the group's offset stays before the marker, and its lag at 1, until the next record."""
         moved: dict[Key, dict[TopicPartition, int]] = defaultdict(dict)
+        staged: list[tuple[TopicPartition, int]] = []
         for tp, processed in list(self.positions.items()):
-            if tp.topic not in self.route_of:  # a stage's input: its next batch commits past the markers
-                continue
             position = await _position(consumer, tp)
             if position > processed:
-                moved[self._key(tp)][tp] = position
+                if tp.topic in self.route_of:
+                    moved[self._key(tp)][tp] = position
+                else:
+                    staged.append((tp, position))
         offsets: dict[TopicPartition, int] = {}
+        for tp, position in staged:  # a stage's input: a batch without records, in its stage's transaction
+            await self.stages.batch(tp, [], position, offsets)
+            self.positions[tp] = position
         for key, passed in moved.items():
             await self._finish(key, self.routes[key[0]], self.parts[key], self._batches(key), passed)
             self.positions.update(passed)

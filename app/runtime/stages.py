@@ -239,7 +239,7 @@ class Runner(Protocol):
                     offsets: dict[TopicPartition, int]) -> None:
         """Run the fetched `messages` of `tp` (in batches), setting `offsets[tp]` to the next offset of each
         batch that is delivered (exactly_once: committed); `end` is the next one after the last batch (past the
-        transaction markers that follow the last record)."""
+        transaction markers that follow the last record). No messages: commit `end` (markers passed)."""
         ...
 
     async def idle(self) -> None:
@@ -293,6 +293,9 @@ class Forwards:
         stages = self.by_topic[tp.topic]
         txn = self.txns[tp] if self.ctx.eos else None
         producer = txn if txn is not None else self.producer
+        if not messages:  # only transaction markers or aborted records were passed
+            await commit(txn, RecordBatches(producer), {tp: end}, self.ctx.group)
+            offsets[tp] = end
         index, count = 0, len(messages)
         while index < count:
             out = RecordBatches(producer)
