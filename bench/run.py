@@ -5,12 +5,16 @@
     python -m bench.run --help       # every size and phase
 
 Variants, all reading the same pre-produced input (one topic, a fresh consumer group / app id each):
-  a  raw aiokafka consume-then-produce pass-through (the stack's ceiling)
-  b  faust pass-through agent (the framework's ceiling; byzguard's faust_options)
-  c  byzguard (`byzguard run`), every check and the shipped CEL rules, RocksDB state, at_least_once
-  d  the same with exactly_once
-  e  a prototype, not the product: byzguard's core in a batched aiokafka loop without faust (what faust costs)
-Also: memory (RSS with 1M entities in state), crash accounting (d SIGKILLed --crash-kills times), detection
+  a     raw aiokafka consume-then-produce pass-through (the stack's ceiling)
+  a_ck  raw confluent-kafka pass-through (the ceiling of a Python client; the `bench` extra)
+  b     faust pass-through agent (the framework's ceiling; byzguard's faust_options)
+  c     byzguard (`byzguard run`) on the batched runtime, every check and the shipped CEL rules, RocksDB state,
+        at_least_once
+  d     the same with exactly_once
+  cf/df c and d on the faust agent runtime (BYZGUARD_RUNTIME=faust), while that runtime exists
+  e     a prototype, not the product: byzguard's core in a batched aiokafka loop without faust (bench code)
+Also: memory (RSS with 1M entities in state), crash accounting (d SIGKILLed --crash-kills times; and two d
+workers, one joining and one leaving mid-stream, bench/pair.py), detection
 quality (`byzguard demo` at scale, scored per fault class), a py-spy profile; --skip leaves phases out.
 Results: bench/results/bench.json, bench.md and profile-samples.md (bench/results/tmp/quick/ for --quick);
 bench/results/profile.md is the written analysis of a full run.
@@ -36,6 +40,7 @@ from typing import Any
 
 from bench import events, procs, profile_report, report
 from bench.kafka import create_topics, produce
+from bench.pair import pair as two_workers
 from bench.procs import REPO, loadavg
 from bench.scenarios import Context, crash, detection, latency, memory, profile, throughput
 from bench.variants import VARIANTS
@@ -71,22 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "timed (default 0: the plain input, about --events/--entities events per entity)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--reps", type=int, help="repetitions of each variant, interleaved (full: 3)")
-    parser.add_argument("--variants", default="a,b,c,d,e", help="comma list of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default="a,a_ck,b,c,d,cf,df", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--mode", choices=("structured", "binary"), default="structured",
                         help="CloudEvents content mode of the input (default structured)")
     parser.add_argument("--latency-seconds", type=float, help="paced load per latency run (full: 60)")
     parser.add_argument("--latency-settle", type=float,
                         help="seconds of paced load before the measured ones, left out of the percentiles (full: 5)")
-    parser.add_argument("--latency-rate", type=float, help="events/s of the paced load (default: 50%% of c's median)")
+    parser.add_argument("--latency-rate", type=float,
+                        help="events/s of the paced load (default: 50%% of each variant's own median throughput)")
+    parser.add_argument("--latency-rates-from", type=Path, metavar="BENCH_JSON",
+                        help="take each variant's throughput (for half of it) from this earlier run's bench.json")
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
-                        help="the variant of the RSS run (c_norules_skip: with a forced seek-back per partition)")
+                        help="the variant of the RSS run (cf_norules_skip: the faust agent runtime with a forced "
+                        "seek-back per partition)")
     parser.add_argument("--memory-processed", type=int,
                         help="of those, entities loaded by verifying an event each (the rest are restored from the "
                         "state changelog; full: 100000)")
     parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (0 skips)")
-    parser.add_argument("--profile-variants", default="c,b,e", help="variants to profile")
+    parser.add_argument("--profile-variants", default="c,d", help="variants to profile")
     parser.add_argument("--causal-buffer", action="store_true", help="turn the route's causal buffer on")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a worker setting (docs/configuration.md), e.g. fetch_min_bytes=16384, for every faust and"
@@ -94,14 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crash-kills", type=int,
                         help="crash accounting: SIGKILLs of the exactly_once worker "
                         "during a run over the input (full: 10)")
+    parser.add_argument("--pair-leave", choices=("stop", "kill", ""), default="stop",
+                        help="two-worker accounting (exactly_once): the leaving worker gets SIGTERM (stop) or SIGKILL "
+                        "(kill); '' skips it")
     parser.add_argument("--crash-wipe-every", type=int, default=3, help="every Nth restart starts on an empty data dir")
     parser.add_argument("--detection-events", type=int,
                         help="detection quality: events of the `byzguard demo` (fault injector) run (full: 100000)")
     parser.add_argument("--detection-rate", type=float, default=0.01, help="probability per event of each fault class")
+    parser.add_argument("--detection-runtime", choices=("batched", "faust"), default="batched",
+                        help="BYZGUARD_RUNTIME of the demo's worker (default batched, the product)")
     parser.add_argument("--detection-eps", type=float, default=5000.0,
                         help="send rate cap (the demo also keeps at most 250 records unjudged)")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: "
-                        "memory,crash,detection,throughput,latency,profile")
+                        "memory,crash,pair,detection,throughput,latency,profile")
     parser.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                         help="run the workers from the checkout itself instead of a copy taken at start")
     parser.add_argument("--broker", help="use this broker instead of starting a local one (results then say so)")
@@ -225,10 +239,27 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         results["crash"] = result
         _save(args, results)
 
+    if "pair" not in args.skip and args.pair_leave:
+        topic = results.get("throughput", {}).get("input_topic") or f"pair-{stamp}"
+        if "throughput" not in results:
+            await create_topics(bootstrap, [topic], args.partitions)
+            await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
+                                                                         mode=args.mode)))
+        log(f"two-worker accounting: exactly_once, B joins and A leaves ({args.pair_leave}) over {args.events} "
+            "events")
+        result = await two_workers(ctx, VARIANTS["d"], f"w-{stamp}-d", topic, args.events, leave=args.pair_leave,
+                            timeout=max(600.0, args.events / 20))
+        log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
+            f"{result['wrongly_quarantined']}" + (f" ERROR {result['error']}" if result["error"] else ""))
+        results["pair"] = result
+        _save(args, results)
+
     if "detection" not in args.skip and args.detection_events:
-        log(f"detection: byzguard demo, {args.detection_events} events, each fault class at {args.detection_rate:.0%}")
+        log(f"detection: byzguard demo on the {args.detection_runtime} runtime, {args.detection_events} events, each "
+            f"fault class at {args.detection_rate:.0%}")
         result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
-                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
+                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20),
+                                 runtime=args.detection_runtime)
         log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
         results["detection"] = result
         _save(args, results)
@@ -266,27 +297,35 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         results["ratios"] = report.ratios(runs)
 
     if "latency" not in args.skip and args.latency_variants:
-        rate = args.latency_rate or report.half_of_c(results)
-        if rate is None:
-            log("no latency runs: no throughput of c to take half of (give --latency-rate)")
-        else:
+        # Each variant at half of its own median throughput of this run (--latency-rate: one rate for all).
+        measured = json.loads(args.latency_rates_from.read_text()) if args.latency_rates_from else results
+        rates = {key: args.latency_rate or report.half_of(measured, key) or report.half_of_c(measured)
+                 for key in args.latency_variants}
+        missing = [key for key, rate in rates.items() if rate is None]
+        if missing:
+            log(f"no latency runs of {missing}: no throughput to take half of (give --latency-rate)")
+        rates = {key: rate for key, rate in rates.items() if rate is not None}
+        if rates:
             warmup = 200
-            paced = max(200, int(rate * (args.latency_settle + args.latency_seconds)))
-            lat_records = list(events.records(events.events(warmup + paced, max(1, min(args.entities, warmup + paced)),
-                                                            at=time.time(), mode=args.mode, prefix="lat")))
+            lat_records = {}
+            for key, rate in rates.items():
+                paced = max(200, int(rate * (args.latency_settle + args.latency_seconds)))
+                lat_records[key] = list(events.records(events.events(
+                    warmup + paced, max(1, min(args.entities, warmup + paced)), at=time.time(), mode=args.mode,
+                    prefix="lat")))
             runs = []
             for rep in range(1, args.reps + 1):
-                for key in args.latency_variants:
+                for key, rate in rates.items():
                     run_id = f"l-{stamp}-{key}-r{rep}"
                     log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_settle:g} + "
                         f"{args.latency_seconds:.0f} s")
-                    result = await latency(ctx, VARIANTS[key], run_id, lat_records, warmup=warmup, rate=rate,
+                    result = await latency(ctx, VARIANTS[key], run_id, lat_records[key], warmup=warmup, rate=rate,
                                            settle=args.latency_settle, timeout=max(120.0, args.latency_seconds * 3))
                     if _killed_from_outside(result):
                         incidents.append(result)
                         log("  worker SIGKILLed by something outside the bench; once more")
-                        result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records, warmup=warmup,
-                                               rate=rate, settle=args.latency_settle,
+                        result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records[key],
+                                               warmup=warmup, rate=rate, settle=args.latency_settle,
                                                timeout=max(120.0, args.latency_seconds * 3))
                     result["rep"] = rep
                     runs.append(result)
@@ -294,7 +333,9 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                         f"({result['samples']} samples, {result['rate_achieved']}/s)"
                         + (f" ERROR {result['error']}" if result["error"] else ""))
                     _save(args, results | {"latency": {"runs": runs}})
-            results["latency"] = {"rate": rate, "warmup": warmup, "settle_s": args.latency_settle, "runs": runs,
+            results["latency"] = {"rate": rates.get("c"), "rates_from": str(args.latency_rates_from or "this run"),
+                                  "rates": {k: round(r, 1) for k, r in rates.items()},
+                                  "warmup": warmup, "settle_s": args.latency_settle, "runs": runs,
                                   "summary": report.summarise_latency(runs)}
 
     if "profile" not in args.skip and args.profile_seconds and "throughput" in results:

@@ -1,10 +1,10 @@
 """`python -m bench.skipping AFTER COUNT MODULE ARGS...`: run MODULE as __main__, with COUNT records of each input
 partition held back from the verify agent once, after the first AFTER records the agent saw of that partition.
 
-For the diagnostic variant `c_norules_skip` (bench/variants.py): it forces the in-order guard's seek-back
-(app/eos.py, `InOrder.in_order`), which otherwise happens in about a third of the memory phase's runs, when faust
-abandons records at the end of table recovery. In two such runs at 400,000 entities the worker's RSS jumped by
-90-120 MB at the seek-back (bench/results/profile.md, "Memory phase"); this measures it on purpose.
+For the diagnostic variant `cf_norules_skip` (bench/variants.py; the faust agent runtime): it forces the in-order
+guard's seek-back (app/eos.py, `InOrder.in_order`), which otherwise happens in about a third of the memory phase's
+runs, when faust abandons records at the end of table recovery. In two such runs at 400,000 entities the worker's
+RSS jumped by 90-120 MB at the seek-back (bench/results/profile.md, "Memory phase"); this measures it on purpose.
 
 A held-back record is dropped as the guard drops a record it will fetch again (`InOrder.drop`: not acked, not
 processed); the next record then shows the gap, and the guard seeks back to the first held-back one.

@@ -1,9 +1,8 @@
 """`python -m bench.switched MS MODULE ARGS...`: run MODULE as __main__ with the GIL switch interval set to MS.
 
-For the diagnostic variants `c_switch1` and `c_switch20` (bench/variants.py): faust's consumer thread asks for
-the GIL after each socket call, and waits up to the switch interval (5 ms by default) for the busy main thread
-to let go of it (bench/results/profile.md, "The 88616c1 run").
-"""
+For the diagnostic variants `cf_switch1` and `cf_switch20` (bench/variants.py; the faust agent runtime): faust's
+consumer thread asks for the GIL after each socket call, and waits up to the switch interval (5 ms by default) for
+the busy main thread to let go of it (bench/results/profile.md, "The 88616c1 run"). """
 
 from __future__ import annotations
 

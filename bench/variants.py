@@ -29,10 +29,16 @@ class Variant:
     wrapper: tuple[str, ...] = ()
     #: raw and batch kinds: the worker's module (default bench.passthrough_raw / bench.batch_guard)
     module: str = ""
+    #: byzguard kind: the runtime of the routes' verify streams (BYZGUARD_RUNTIME), pinned so that a change of
+    #: the product's default does not change what a variant measures: batched (app/runtime, the product) or
+    #: faust (the agent per route, agents/verify.py)
+    runtime: str = "batched"
 
     def __post_init__(self) -> None:
         if self.wrapper and self.kind != "byzguard":
             raise ValueError(f"variant {self.key}: a wrapper is only applied to byzguard workers")
+        if self.runtime not in ("batched", "faust"):
+            raise ValueError(f"variant {self.key}: runtime {self.runtime!r} is neither batched nor faust")
 
     @property
     def read_committed(self) -> bool:
@@ -48,14 +54,22 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("a_ck_lib", "raw confluent-kafka pass-through, librdkafka's own producer batching", "raw",
             "at_least_once", module="bench.passthrough_ck", args=("--librdkafka-batching",)),
     Variant("b", "faust pass-through agent", "faust", "at_least_once"),
+    # The product: byzguard on the batched runtime (app/runtime; its inputs are committed by the group
+    # <app_id>-verify).
     Variant("c", "byzguard, every check + CEL rules, RocksDB, at_least_once", "byzguard", "at_least_once"),
     Variant("d", "byzguard, every check + CEL rules, RocksDB, exactly_once", "byzguard", "exactly_once"),
+    # The same guard on the faust agent runtime (agents/verify.py, app/eos.py), while that runtime exists.
+    Variant("cf", "byzguard as c on the faust agent runtime, at_least_once", "byzguard", "at_least_once",
+            runtime="faust"),
+    Variant("df", "byzguard as d on the faust agent runtime, exactly_once", "byzguard", "exactly_once",
+            runtime="faust"),
     # Diagnostic: the same worker without the CEL rules, to separate the rules' cost from everything else.
     Variant("c_norules", "byzguard, every check but no CEL rules, RocksDB, at_least_once", "byzguard",
             "at_least_once", rules=False),
     Variant("b_eos", "faust pass-through agent, exactly_once", "faust", "exactly_once"),
-    # Diagnostic: c with the fetch faust hard-codes (fetch_max_wait_ms=1500, fetch_min_bytes=1), app/fetching.py.
-    Variant("c_wait1500", "byzguard as c, with faust's own fetch (max wait 1500 ms)", "byzguard", "at_least_once",
+    # Diagnostic: cf with the fetch faust hard-codes (fetch_max_wait_ms=1500, fetch_min_bytes=1), app/fetching.py.
+    Variant("cf_wait1500", "byzguard as cf, with faust's own fetch (max wait 1500 ms)", "byzguard",
+            "at_least_once", runtime="faust",
             settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
     Variant("c_wait100", "byzguard as c, fetch max wait 100 ms", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "100"),)),
@@ -67,20 +81,22 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("c_min25", "byzguard as c, fetches wait up to 25 ms for 64 KiB", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"), ("BYZGUARD_FETCH_MAX_WAIT_MS", "25"))),
     # Diagnostic: the GIL switch interval of the worker (faust's consumer thread waits for the GIL after each fetch).
-    Variant("c_switch1", "byzguard as c, GIL switch interval 1 ms", "byzguard", "at_least_once",
-            wrapper=("bench.switched", "1")),
-    Variant("c_switch20", "byzguard as c, GIL switch interval 20 ms", "byzguard", "at_least_once",
-            wrapper=("bench.switched", "20")),
+    Variant("cf_switch1", "byzguard as cf, GIL switch interval 1 ms", "byzguard", "at_least_once",
+            wrapper=("bench.switched", "1"), runtime="faust"),
+    Variant("cf_switch20", "byzguard as cf, GIL switch interval 20 ms", "byzguard", "at_least_once",
+            wrapper=("bench.switched", "20"), runtime="faust"),
     # Diagnostic: c with every long (>= 5 ms) or oldest-generation garbage collection in its log (bench/gctrace.py).
     Variant("c_gctrace", "byzguard as c, garbage collections logged", "byzguard", "at_least_once",
             wrapper=("bench.gctrace",)),
-    # Diagnostic for the memory phase (--memory-variant): c_norules, but 50 records of each input partition are
-    # held back from the agent once, after its first 100, so the in-order guard seeks back (bench/skipping.py).
-    Variant("c_norules_skip", "byzguard as c_norules, one forced seek-back per partition", "byzguard",
-            "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50")),
+    # Diagnostic for the memory phase (--memory-variant), faust agent runtime: c_norules, but 50 records of each
+    # input partition are held back from the agent once, after its first 100, so the in-order guard seeks back
+    # (bench/skipping.py).
+    Variant("cf_norules_skip", "byzguard as c_norules on the faust agent runtime, one forced seek-back per "
+            "partition", "byzguard", "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50"),
+            runtime="faust"),
     # Diagnostics: glibc's sliding mmap threshold, as before app/memory.py fixed it at 128 KiB.
-    Variant("c_norules_skip_sliding", "c_norules_skip with glibc's sliding mmap threshold", "byzguard",
-            "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50"),
+    Variant("cf_norules_skip_sliding", "cf_norules_skip with glibc's sliding mmap threshold", "byzguard",
+            "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50"), runtime="faust",
             settings=(("BYZGUARD_MALLOC_MMAP_THRESHOLD_KB", "0"),)),
     Variant("c_sliding", "byzguard as c, with glibc's sliding mmap threshold", "byzguard", "at_least_once",
             settings=(("BYZGUARD_MALLOC_MMAP_THRESHOLD_KB", "0"),)),
@@ -97,12 +113,6 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # Shape (2) of docs/runtime-choice.md: a faust agent fed one event per fetch (bench/faust_batches.py).
     Variant("f", "prototype: faust agent fed one event per fetch, byzguard core as e, at_least_once", "batch",
             "at_least_once", module="bench.faust_batches"),
-    # The product worker on the batched runtime (app/runtime): c and d as the product runs them with
-    # BYZGUARD_RUNTIME=batched (its inputs are committed by the group <app_id>-verify).
-    Variant("cb", "byzguard as c on the batched runtime, at_least_once", "byzguard", "at_least_once",
-            settings=(("BYZGUARD_RUNTIME", "batched"),)),
-    Variant("db", "byzguard as d on the batched runtime, exactly_once", "byzguard", "exactly_once",
-            settings=(("BYZGUARD_RUNTIME", "batched"),)),
     Variant("b_take", "faust pass-through agent, batches of 1000 (take_events)", "faust", "at_least_once",
             args=("--take", "1000")),
     # Diagnostic: b written as an async generator that yields per event (b and byzguard are plain coroutines).
@@ -162,6 +172,7 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
         "BYZGUARD_PROCESSING_GUARANTEE": variant.guarantee,
         "BYZGUARD_LOG_LEVEL": log_level,
         **(extra_env or {}),
+        **({"BYZGUARD_RUNTIME": variant.runtime} if variant.kind == "byzguard" else {}),
         **dict(variant.settings),
     }
     shown = " ".join(f"{k}={v}" for k, v in env.items())
@@ -191,10 +202,19 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
             program = "python " + shlex.join(args)
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
-    # The group that commits the inputs: the batched runtime's own (app/runtime) where it runs the routes.
-    group = f"{run_id}-verify" if env.get("BYZGUARD_RUNTIME") == "batched" else run_id
+    group = input_group(run_id, env)
     return Launch(variant, worker, group, [verified, quarantine], f"{shown} {program}", config,
                   changelogs=changelog_topics(config, run_id))
+
+
+def input_group(app_id: str, env: dict[str, str]) -> str:
+    """The consumer group that commits a byzguard worker's inputs: the batched runtime's own (app/runtime
+    `verify_group`) where it runs the routes, else faust's group, the app id."""
+    if env.get("BYZGUARD_RUNTIME", "faust") == "batched":
+        from app.runtime.loop import verify_group
+
+        return verify_group(app_id)
+    return app_id
 
 
 def changelog_topics(config: Path, app_id: str) -> list[str]:

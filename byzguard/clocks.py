@@ -206,8 +206,8 @@ class VectorClock:
     def _of(cls, d: dict[str, int]) -> VectorClock:
         # Trusted construction from an already-validated dict that nobody else holds. The cached hash
         # and view slots stay unset until first use: every setattr here costs as much as a compare.
-        vc = object.__new__(cls)
-        object.__setattr__(vc, "_d", d)
+        vc = _new(cls)
+        _set_d(vc, d)
         return vc
 
     # --- parsing ---
@@ -226,6 +226,15 @@ class VectorClock:
             raise ClockError(f"vector clock header must be bytes or str, got {_show(raw)}")
         if not text:
             return cls._of({})
+        if "," not in text:
+            # One entry, as one source's clock is: the checks of _CANONICAL_RE without the regex call (a
+            # printable text has no whitespace but the space).
+            node, _, digits = text.partition("=")
+            if (digits.isdigit() and digits.isascii() and digits[0] != "0" and len(digits) <= 18
+                    and node and text.isprintable() and " " not in node and ":" not in node):
+                vc = _new(cls)
+                _set_d(vc, {node: int(digits)})
+                return vc
         # Bound the work before splitting: a hostile header may be large.
         count = text.count(",") + 1
         if count > max_entries:
@@ -372,3 +381,8 @@ class VectorClock:
 
     def __repr__(self) -> str:
         return f"VectorClock({self.to_dict()!r})"
+
+
+# The trusted constructor's two steps, looked up once: object.__setattr__ is refused on the class itself.
+_new: Final = object.__new__
+_set_d: Final = VectorClock.__dict__["_d"].__set__

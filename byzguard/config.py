@@ -337,6 +337,10 @@ class FileModel(_Model):
                 if route is None:
                     raise ValueError(f"audit {audit.name!r} {which}: topic {side.topic!r} is not a route's "
                                      f"verified_topic (known: {sorted(verified)})")
+                reader = next((r.name for r in self.routes if side.topic in r.topics()), None)
+                if reader is not None:  # one consumer group reads each topic once: the route would take it
+                    raise ValueError(f"audit {audit.name!r} {which}: topic {side.topic!r} is also an input of route "
+                                     f"{reader!r}; audit a topic no route reads")
                 known = {*route.types, route.default_type} - {""}
                 if route.types and side.type not in known:
                     raise ValueError(f"audit {audit.name!r} {which}: route {route.name!r} has no type "

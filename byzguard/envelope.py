@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, Final
 
 import orjson
@@ -22,7 +23,7 @@ import xxhash
 
 from byzguard.clocks import VectorClock, check_instance
 from byzguard.errors import ClockError
-from byzguard.integrity import SHA256, VALUE_ONLY, Checksum, content_hash
+from byzguard.integrity import BOUND, SHA256, VALUE_ONLY, Checksum, content_hash
 from byzguard.jcs import CanonicalizationError, canonicalize
 from byzguard.verdict import Code, quote
 
@@ -56,9 +57,10 @@ class Envelope:
     """An event as the checks see it: attributes, clocks, checksum and the bytes the checksum covers."""
 
     __slots__ = (
+        "_attrs",
         "_data",
         "_parsed",
-        "attrs",
+        "bound",
         "checksum",
         "content_hash",
         "covered",
@@ -117,11 +119,22 @@ class Envelope:
         # The integrity form the event declares; the optional attributes the bound form covers, as sent
         # (binary mode: the header map; None for the seed's shapes); the JSON value (structured and seed).
         self.form = form
-        self.attrs = attrs
+        self._attrs: Any = attrs
         self.obj = obj
+        #: The bound form's signature base when decode built it on the way (byzguard.integrity._bound), else None.
+        self.bound: bytes | None = None
         #: Why data declared JSON cannot be read (decode.malformed, decode.ambiguous). The verdict reports it
         #: after the integrity checks, so corruption in transit is still told apart from a producer's garbage.
         self.refused = refused
+
+    @property
+    def attrs(self) -> Mapping[str, bytes] | None:
+        """The optional attributes the bound form covers, under their binary-mode header names, as sent (binary
+        mode: the header map; structured mode: their texts, built on first use; None for the seed's shapes)."""
+        attrs = self._attrs
+        if attrs is _UNBUILT:
+            attrs = self._attrs = _structured_attrs(self.obj, self.vclock)  # type: ignore[arg-type]
+        return attrs  # type: ignore[no-any-return]
 
     def data(self) -> Any:
         """The event's data as JSON values, parsed on first use; None when it is not JSON."""
@@ -248,7 +261,7 @@ def _is_json(content_type: bytes) -> bool:
 
 
 def _header_map(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes]) -> dict[str, bytes]:
-    items = headers.items() if isinstance(headers, Mapping) else headers
+    items = headers if type(headers) is list else headers.items() if isinstance(headers, Mapping) else headers
     out: dict[str, bytes] = {}
     for name, raw in items:
         name = name.lower() if not name.islower() else name
@@ -437,15 +450,51 @@ _FAST_NAMES: Final = ("specversion", "id", "source", "type", "subject", "data", 
                       "lamporttime", "lamportinstance", "vectorclock", "datacontenttype", "checksumform",
                       "checksumalg", "checksum", "keyid")
 
+_ALL_FAST: Final = itemgetter(*_FAST_NAMES)
+_UNBUILT: Final = object()  # Envelope.attrs not built yet: built from obj on first use
+_new: Final = object.__new__
+_new_tuple: Final = tuple.__new__
+
+# Texts already parsed or checked: a source's vector clocks repeat across entities (an entity's counters are
+# small), and a producer instance id across its events. Clocks are immutable, so one object serves every
+# event that sends the same text. Bounded against hostile input (cleared when full).
+_VCLOCKS: dict[str, VectorClock] = {}
+_INSTANCES: set[str] = set()
+_MEMO_MAX: Final = 1024
+
+
+def _vclock_text(text: str) -> VectorClock:
+    vclock = _VCLOCKS.get(text)
+    if vclock is None:
+        vclock = VectorClock.from_header(text)
+        if len(_VCLOCKS) >= _MEMO_MAX:
+            _VCLOCKS.clear()
+        _VCLOCKS[text] = vclock
+    return vclock
+
+
+def _instance_text(instance: str) -> None:
+    if instance not in _INSTANCES:
+        check_instance(instance)
+        if len(_INSTANCES) >= _MEMO_MAX:
+            _INSTANCES.clear()
+        _INSTANCES.add(instance)
+
 
 def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
                      default_source: str | None) -> Envelope | None:
     """The common structured event (every attribute of the type JSON gives it, the clock in its header form,
     the time as RFC 3339 text) in the fewest steps; None for anything else, which _decode_structured then
-    reads or refuses. Whatever this accepts, _decode_structured builds the very same envelope from."""
+    reads or refuses. Whatever this accepts, _decode_structured builds the very same envelope from; the
+    bound form's signature base is built here too (byzguard.integrity.bound_base's bytes, from the texts)."""
     try:
+        # An event with every attribute (as a signing producer writes it) in one C call, else one get each.
+        try:
+            values = _ALL_FAST(obj) if len(obj) >= len(_FAST_NAMES) else map(obj.get, _FAST_NAMES)
+        except KeyError:
+            values = map(obj.get, _FAST_NAMES)
         (spec, id_, source, type_, subject, data, raw_time, version, lamport, instance, raw_vclock, content_type,
-         form, algorithm, value, key_id) = map(obj.get, _FAST_NAMES)
+         form, algorithm, value, key_id) = values
         if spec != "1.0" or "data_base64" in obj:
             return None
         if type(id_) is not str or not id_:
@@ -464,8 +513,10 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             subject = key.decode()
         elif type(subject) is not str or not subject or (key is not None and key != subject.encode()):
             return None
-        covered = canonicalize(data)
-        attrs: dict[str, bytes] = {}
+        # The bound form's lines after the subject's, as text (bound_base writes them as UTF-8), and how
+        # many line feeds the whole head has when no component holds one.
+        lines = 6
+        time_line = version_line = lamport_line = instance_line = vclock_line = type_line = ""
         time = None
         if raw_time is not None:
             if type(raw_time) is not str:
@@ -474,30 +525,36 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
             time = parsed.timestamp()
-            attrs[CE_TIME] = raw_time.encode()
+            time_line = "\ntime: " + raw_time
+            lines += 1
         if version is not None:
             if type(version) is not int or not 0 <= version <= MAX_INT:
                 return None
-            attrs[CE_ENTITYVERSION] = b"%d" % version
+            version_line = f"\nentityversion: {version}"
+            lines += 1
         if lamport is not None:
             if type(lamport) is not int or not 0 <= lamport <= MAX_INT:
                 return None
-            attrs[CE_LAMPORTTIME] = b"%d" % lamport
+            lamport_line = f"\nlamporttime: {lamport}"
+            lines += 1
         if instance is not None:
             if type(instance) is not str:
                 return None
-            check_instance(instance)
-            attrs[CE_LAMPORTINSTANCE] = instance.encode()
+            _instance_text(instance)
+            instance_line = "\nlamportinstance: " + instance
+            lines += 1
         vclock = None
         if raw_vclock is not None:
             if type(raw_vclock) is not str:
                 return None
-            vclock = VectorClock.from_header(raw_vclock)
-            attrs[CE_VECTORCLOCK] = raw_vclock.encode()
+            vclock = _vclock_text(raw_vclock)
+            vclock_line = "\nvectorclock: " + raw_vclock
+            lines += 1
         if content_type is not None:
             if type(content_type) is not str:
                 return None
-            attrs[CONTENT_TYPE] = content_type.encode()
+            type_line = "\ndatacontenttype: " + content_type
+            lines += 1
         if form is None:
             if "checksumform" in obj:
                 return None
@@ -509,12 +566,43 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             if type(value) is not str or not value or (algorithm is not None and type(algorithm) is not str) \
                     or (key_id is not None and type(key_id) is not str):
                 return None
-            checksum = Checksum(SHA256 if algorithm is None else algorithm, value, key_id)
-        return Envelope(id=id_, source=source, type=type_, subject=subject, mode=MODE_STRUCTURED, covered=covered,
-                        time=time, version=version, lamport=lamport, instance=instance, vclock=vclock,
-                        checksum=checksum, data=data, parsed=True, form=form, attrs=attrs, obj=obj)
+            if algorithm is None:
+                algorithm = SHA256
+            checksum = _new_tuple(Checksum, (algorithm, value, key_id))
+        covered = canonicalize(data)
+        env: Envelope = _new(Envelope)
+        env.id = id_
+        env.source = source
+        env.type = type_
+        env.subject = subject
+        env.mode = MODE_STRUCTURED
+        env.covered = covered
+        env.content_hash = content_hash(covered)
+        env.time = time
+        env.version = version
+        env.lamport = lamport
+        env.instance = instance
+        env.vclock = vclock
+        env.checksum = checksum
+        env._data = data
+        env._parsed = True
+        env.form = form
+        env._attrs = _UNBUILT
+        env.obj = obj
+        env.refused = None
+        env.bound = None
+        if form == BOUND and checksum is not None:
+            head = (f"checksumform: bound\nid: {id_}\nsource: {source}\ntype: {type_}\nsubject: {subject}"
+                    f"{time_line}{version_line}{lamport_line}{instance_line}{vclock_line}{type_line}"
+                    f"\nchecksumalg: {algorithm}{'' if key_id is None else _KEYID_LINE + key_id}\ndata: ")
+            if head.count("\n") == lines + (key_id is not None):
+                env.bound = head.encode() + covered
+        return env
     except Exception:  # whatever fails here, the strict path names it
         return None
+
+
+_KEYID_LINE: Final = "\nkeyid: "
 
 
 def _decode_structured(
@@ -539,23 +627,8 @@ def _decode_structured(
     form = obj.get("checksumform", VALUE_ONLY)
     if not isinstance(form, str):
         raise DecodeFailure(Code.DECODE_MALFORMED, "attribute checksumform must be a string")
-    # The attributes the bound form covers, as text (ENVELOPE.md): strings as they are, numbers in their
-    # RFC 8785 form, a vector clock object in its header form.
-    attrs: dict[str, bytes] = {}
-    if raw_time is not None:
-        attrs[CE_TIME] = _attr_text(raw_time)
-    if raw_version is not None:
-        attrs[CE_ENTITYVERSION] = _attr_text(raw_version)
-    if raw_lamport is not None:
-        attrs[CE_LAMPORTTIME] = _attr_text(raw_lamport)
+    attrs = _structured_attrs(obj, vclock)
     instance = obj.get("lamportinstance")
-    if instance is not None:
-        attrs["ce_lamportinstance"] = _attr_text(instance)
-    if vclock is not None:
-        attrs[CE_VECTORCLOCK] = raw_vclock.encode() if isinstance(raw_vclock, str) else vclock.to_header()
-    content_type = obj.get("datacontenttype")
-    if content_type is not None:
-        attrs[CONTENT_TYPE] = _attr_text(content_type)
     return Envelope(
         id=_str_attr(obj, "id", required=True) or "",
         source=_str_attr(obj, "source", required=default_source is None) or default_source or "",
@@ -575,6 +648,31 @@ def _decode_structured(
         attrs=attrs,
         obj=obj,
     )
+
+
+def _structured_attrs(obj: dict[str, Any], vclock: VectorClock | None) -> dict[str, bytes]:
+    """The attributes of a structured event that the bound form covers, as text (ENVELOPE.md): strings as they
+    are, numbers in their RFC 8785 form, a vector clock object in its header form (`vclock`, as parsed)."""
+    attrs: dict[str, bytes] = {}
+    raw_time = obj.get("time")
+    if raw_time is not None:
+        attrs[CE_TIME] = _attr_text(raw_time)
+    raw_version = obj.get("entityversion")
+    if raw_version is not None:
+        attrs[CE_ENTITYVERSION] = _attr_text(raw_version)
+    raw_lamport = obj.get("lamporttime")
+    if raw_lamport is not None:
+        attrs[CE_LAMPORTTIME] = _attr_text(raw_lamport)
+    instance = obj.get("lamportinstance")
+    if instance is not None:
+        attrs[CE_LAMPORTINSTANCE] = _attr_text(instance)
+    if vclock is not None:
+        raw_vclock = obj.get("vectorclock")
+        attrs[CE_VECTORCLOCK] = raw_vclock.encode() if isinstance(raw_vclock, str) else vclock.to_header()
+    content_type = obj.get("datacontenttype")
+    if content_type is not None:
+        attrs[CONTENT_TYPE] = _attr_text(content_type)
+    return attrs
 
 
 def _attr_text(value: object) -> bytes:

@@ -374,6 +374,21 @@ def test_invalid_audit_rules_are_refused_with_the_field(change: tuple[str, str],
         guard_config.loads(ROUTES + AUDIT.replace(*change), environ={"K": "x"})
 
 
+def test_an_audit_of_a_topic_that_a_route_reads_is_refused() -> None:
+    """A verified topic that is also another route's input is read by that route's verify stream (one consumer
+    group reads each topic once), so an audit of it would never see its records: refused at start."""
+    chained = ROUTES + """  - name: billing
+    inputs: [orders.verified]
+    verified_topic: billing.verified
+    quarantine_topic: billing.quarantine
+    types:
+      order.confirmed: {sources: [orders]}
+"""
+    with pytest.raises(ConfigError, match=r"topic 'orders\.verified' is also an input of route 'billing'"):
+        guard_config.loads(chained + AUDIT, environ={"K": "x"})
+    guard_config.loads(ROUTES + AUDIT, environ={"K": "x"})
+
+
 def test_duplicate_audit_names_are_refused() -> None:
     """Audit names identify metrics and CLI runs, so they are unique."""
     twice = AUDIT + AUDIT.split("audits:\n", 1)[1]

@@ -8,7 +8,7 @@ from bench.variants import VARIANTS, Variant
 
 
 def test_a_wrapper_on_a_byzguard_variant_is_kept() -> None:
-    assert VARIANTS["c_switch1"].wrapper == ("bench.switched", "1")
+    assert VARIANTS["cf_switch1"].wrapper == ("bench.switched", "1")
 
 
 @pytest.mark.parametrize("kind", ["raw", "faust", "batch"])
@@ -327,3 +327,84 @@ def test_exactly_once_writes_the_state_only_after_the_transaction_committed(tmp_
         assert log == ["begin", "offsets 8 g", "abort"] and part.db("entities").get(b"k") == b"1"
     finally:
         part.close()
+
+
+# -- the product is the batched runtime: c and d; the faust agent runtime: cf and df -----------------------------
+
+@pytest.mark.parametrize(("key", "guarantee"), [("c", "at_least_once"), ("d", "exactly_once")])
+def test_c_and_d_run_the_batched_runtime_whose_group_commits_the_inputs(tmp_path: Any, key: str,
+                                                                       guarantee: str) -> None:
+    """c and d start `byzguard run` with BYZGUARD_RUNTIME=batched, watched through the group <app_id>-verify."""
+    lnch = _launch(key, tmp_path)
+    assert lnch.worker.env["BYZGUARD_RUNTIME"] == "batched"
+    assert lnch.worker.env["BYZGUARD_PROCESSING_GUARANTEE"] == guarantee
+    assert lnch.group == f"r-{key}-verify"
+
+
+@pytest.mark.parametrize("key", ["cf", "df"])
+def test_cf_and_df_run_the_faust_agent_runtime_whose_group_is_the_app_id(tmp_path: Any, key: str) -> None:
+    """cf and df pin BYZGUARD_RUNTIME=faust, whose inputs are committed by the group named as the app id."""
+    lnch = _launch(key, tmp_path)
+    assert lnch.worker.env["BYZGUARD_RUNTIME"] == "faust" and lnch.group == f"r-{key}"
+    assert VARIANTS[key].guarantee == VARIANTS[key[0]].guarantee
+
+
+def test_a_setting_for_every_worker_does_not_change_a_variants_runtime(tmp_path: Any) -> None:
+    """--setting runtime=faust reaches every worker, but c stays on the runtime it pins."""
+    from pathlib import Path
+
+    from bench.variants import launch
+
+    lnch = launch(VARIANTS["c"], run_id="r", bootstrap="127.0.0.1:1", input_topic="in", partitions=2,
+                  workdir=tmp_path, repo=Path(__file__).resolve().parents[2],
+                  extra_env={"BYZGUARD_RUNTIME": "faust"})
+    assert lnch.worker.env["BYZGUARD_RUNTIME"] == "batched" and lnch.group == "r-verify"
+
+
+def test_a_variant_with_an_unknown_runtime_is_refused() -> None:
+    """A runtime other than batched or faust is a typo, refused when the variant is declared."""
+    with pytest.raises(ValueError, match="neither batched nor faust"):
+        Variant("x", "x", "byzguard", "at_least_once", runtime="batch")
+
+
+def test_the_faust_specific_diagnostics_run_the_faust_agent_runtime() -> None:
+    """The diagnostics that patch or tune the faust agent (held-back records, faust's fetch, the GIL switch
+    interval of faust's consumer thread) pin the faust runtime; c_norules, the memory phase's variant, does not."""
+    assert {k for k, v in VARIANTS.items() if v.kind == "byzguard" and v.runtime == "faust"} == {
+        "cf", "df", "cf_wait1500", "cf_switch1", "cf_switch20", "cf_norules_skip", "cf_norules_skip_sliding"}
+    assert VARIANTS["c_norules"].runtime == "batched"
+
+
+def test_the_second_worker_of_the_two_worker_run_shares_the_group_but_not_the_data_dir(tmp_path: Any) -> None:
+    """bench.pair.second_worker keeps the app id and config of the first worker, with its own data dir and port."""
+    from bench.pair import second_worker
+
+    first = _launch("d", tmp_path).worker
+    second = second_worker(first)
+    assert second.env["BYZGUARD_APP_ID"] == first.env["BYZGUARD_APP_ID"]
+    assert second.env["BYZGUARD_CONFIG"] == first.env["BYZGUARD_CONFIG"] and second.argv == first.argv
+    assert second.env["BYZGUARD_DATA_DIR"] != first.env["BYZGUARD_DATA_DIR"]
+    assert second.env["BYZGUARD_WEB_PORT"] != first.env["BYZGUARD_WEB_PORT"]
+    assert second.log_path != first.log_path
+
+
+def test_each_latency_run_is_paced_at_half_of_its_own_throughput() -> None:
+    """report.half_of takes 50% of a variant's own median events/s, None where it has no throughput."""
+    from bench import report
+
+    results = {"throughput": {"summary": {"c": {"events_per_s": {"median": 4000.0}},
+                                          "d": {"events_per_s": {"median": 3000.0}}}}}
+    assert report.half_of(results, "d") == 1500.0 and report.half_of_c(results) == 2000.0
+    assert report.half_of(results, "a") is None
+
+
+def test_the_report_shows_the_targets_of_the_product() -> None:
+    """c/a, d/c, a_ck/a and c/a_ck are reported, with the targets c/a 0.4 and d/c 0.7."""
+    from bench import report
+
+    runs = [{"variant": k, "rep": 1, "events_per_s": v} for k, v in
+            (("a", 10_000.0), ("a_ck", 40_000.0), ("c", 5_000.0), ("d", 4_000.0))]
+    out = report.ratios(runs)
+    assert out["c/a"] == {"of_medians": 0.5, "per_rep": [0.5], "target": 0.4}
+    assert out["d/c"]["of_medians"] == 0.8 and out["d/c"]["target"] == 0.7
+    assert out["a_ck/a"]["of_medians"] == 4.0 and out["c/a_ck"]["of_medians"] == 0.125

@@ -471,6 +471,8 @@ def test_hmac_digest_reuses_keyed_state_per_secret(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(integrity, "_KEYED", {})
     monkeypatch.setattr(integrity, "_KEYED_MAX", 3)
     keys = [Key(f"k{i}", "pricing", f"secret-{i}".encode()) for i in range(5)]
+    # Secrets shorter than, as long as and longer than SHA-256's block (a longer one is hashed first).
+    keys += [Key(f"b{n}", "pricing", bytes(range(n))) for n in (1, 63, 64, 65, 200)]
     for _ in range(2):
         for key in keys:
             for content in (b"", b'{"price":1}', bytes(range(256)) * 3):

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from byzguard.envelope import Envelope, _decode_structured, _fast_structured, decode
+from byzguard.clocks import VectorClock
+from byzguard.envelope import _VCLOCKS, Envelope, _decode_structured, _fast_structured, decode
+from byzguard.errors import ClockError
+from byzguard.integrity import BOUND, form_input
 from byzguard.stamp import Stamper
 
 _FIELDS = ("id", "source", "type", "subject", "mode", "covered", "content_hash", "time", "version", "lamport",
@@ -20,7 +24,7 @@ SAMPLES: list[Any] = [
     ..., None, True, False, 0, 1, -1, 2**63 - 1, 2**63, 1.5, 1e300, "", "1.0", "7", "-1", "x y", "\u0663",
     "2026-01-01T00:00:00Z", "2026-01-01T00:00:00", "1700000000000", "a=1,b=2", "a=0", "a=1,a=2", "not a time",
     "sku-1", "hmac-sha256", "sha256", "bound", "value-only", "application/json", {}, {"a": 1, "b": 2}, {"a": -1},
-    [], [1, 2], "x" * 70,
+    [], [1, 2], "x" * 70, "a\nb", "k\n",
 ]
 ODD_VALUES = st.one_of(st.sampled_from(SAMPLES), st.integers(min_value=-3, max_value=2**63),
                        st.floats(allow_nan=False), st.text(max_size=5))
@@ -54,6 +58,10 @@ def _same(a: Envelope, b: Envelope) -> None:
     for name in _FIELDS:
         assert getattr(a, name) == getattr(b, name), name
     assert a.data() == b.data()
+    # The fast path builds the bound form's signature base from the texts; the strict path's envelope has it
+    # built from its attributes by bound_base.
+    assert b.bound is None
+    assert form_input(BOUND, a) == form_input(BOUND, b)
 
 
 def test_fast_path_agrees_for_every_single_change() -> None:
@@ -89,9 +97,42 @@ def test_a_stamped_event_takes_the_fast_path() -> None:
     """The events producers stamp are read by the fast path (what the hot path is measured on)."""
     obj = _event()
     fast = _fast_structured(b"sku-1", obj, "", None)
-    assert fast is not None
+    assert fast is not None and fast.bound is not None  # and its signature base built on the way
     strict = _decode_structured(b"sku-1", orjson.dumps(obj), obj, {}, "", None)
     _same(fast, strict)
     decoded = decode(b"sku-1", orjson.dumps(obj), [("content-type", b"application/cloudevents+json")])
     assert isinstance(decoded, Envelope)
     _same(decoded, strict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(order=st.permutations(NAMES[:-1]), drop=st.sets(st.sampled_from(NAMES[:-1]), max_size=4),
+       extra=st.sampled_from([None, ("x-extension", "1"), ("keyid", None), ("checksumalg", None)]),
+       texts=st.tuples(st.sampled_from(["i-1", "i 2", "i\n3", "é"]), st.sampled_from(["pricing=3", "a=1,b=2", "a=0",
+                                                                                   "p=1\n", "a=1,a=2", ""])))
+def test_fast_path_agrees_in_any_member_order(order: list[str], drop: set[str], extra: tuple[str, Any] | None,
+                                              texts: tuple[str, str]) -> None:
+    """Members in any order, some left out, an extension member or a null, line feeds in the texts the bound
+    form covers: the fast path gives None or the strict path's envelope and signature base."""
+    event = _event()
+    event["lamportinstance"], event["vectorclock"] = texts
+    obj = {name: event[name] for name in order if name in event and name not in drop}
+    if extra is not None:
+        obj[extra[0]] = extra[1]
+    _agree(obj, b"sku-1", "", None)
+
+
+def test_the_clock_memo_holds_only_clocks_that_parse() -> None:
+    """A vector clock text read once is served from the memo as the same clock; a malformed one is refused
+    every time and never kept."""
+    obj = _event()
+    obj["vectorclock"] = "memo-node=41"
+    first = _fast_structured(b"sku-1", obj, "", None)
+    second = _fast_structured(b"sku-1", obj, "", None)
+    assert first is not None and second is not None
+    assert first.vclock is second.vclock and first.vclock == VectorClock({"memo-node": 41})
+    obj["vectorclock"] = "memo-node=041"
+    assert _fast_structured(b"sku-1", obj, "", None) is None
+    assert "memo-node=041" not in _VCLOCKS
+    with pytest.raises(ClockError):
+        VectorClock.from_header("memo-node=041")
