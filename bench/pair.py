@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.kafka import Progress
 from bench.procs import Worker
-from bench.scenarios import Context, _cleanup, _committed_outputs, _wait_outputs, account
+from bench.scenarios import Context, _cleanup, _committed_outputs, _learn_pace, account
 from bench.variants import Variant, free_port
 
 
@@ -46,10 +46,7 @@ async def pair(ctx: Context, variant: Variant, run_id: str, input_topic: str, ex
 
     try:
         async with Progress(ctx.bootstrap) as progress:
-            await _wait_outputs(progress, first, lnch.outputs, 1, 180)
-            t0, out0 = time.monotonic(), await _committed_outputs(progress, lnch.outputs)
-            await asyncio.sleep(5)
-            pace = max(1.0, (await _committed_outputs(progress, lnch.outputs) - out0) / (time.monotonic() - t0))
+            pace = await _learn_pace(progress, first, lnch.outputs)
             third = expected / pace / 3
             await mark(progress, f"A alone at {pace:.0f} committed outputs/s")
             await asyncio.sleep(max(0.0, third - 5))

@@ -433,6 +433,14 @@ async def profile(ctx: Context, variant: Variant, run_id: str, input_topic: str,
             "error": error}
 
 
+async def _learn_pace(progress: Progress, worker: Worker, outputs: list[str]) -> float:
+    """Committed outputs per second of a worker over 5 s, once its first output is there (at least 1)."""
+    await _wait_outputs(progress, worker, outputs, 1, 180)
+    t0, out0 = time.monotonic(), await _committed_outputs(progress, outputs)
+    await asyncio.sleep(5)
+    return max(1.0, (await _committed_outputs(progress, outputs) - out0) / (time.monotonic() - t0))
+
+
 async def _committed_outputs(progress: Progress, topics: list[str]) -> int:
     """Sum of the last stable offsets of `topics` (what read_committed readers can see, markers included)."""
     return sum((await progress.end_offsets(topics, committed=True)).values())
@@ -453,10 +461,7 @@ async def crash(ctx: Context, variant: Variant, run_id: str, input_topic: str, e
     try:
         async with Progress(ctx.bootstrap) as progress:
             # Learn the pace first: kills are spread over the expected processing time.
-            await _wait_outputs(progress, worker, lnch.outputs, 1, 180)
-            t0, out0 = time.monotonic(), await _committed_outputs(progress, lnch.outputs)
-            await asyncio.sleep(5)
-            pace = max(1.0, (await _committed_outputs(progress, lnch.outputs) - out0) / (time.monotonic() - t0))
+            pace = await _learn_pace(progress, worker, lnch.outputs)
             gap = expected / pace / (kills + 1)
             for kill in range(1, kills + 1):
                 await asyncio.sleep(rng.uniform(0.5, 1.5) * gap)
