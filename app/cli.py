@@ -108,7 +108,6 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
 
     from faust.worker import Worker as FaustWorker
 
-    from app import eos
     from app.memory import fix_mmap_threshold
     from app.provision import provision
     from app.settings import Settings
@@ -133,19 +132,16 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
-    console.print(f"  runtime: [bold]{settings.runtime}[/] ({settings.processing_guarantee}; README \"Runtimes\")")
+    console.print(f"  runtime: [bold]batched[/] ({settings.processing_guarantee}; README \"Runtimes\")")
     class Worker(FaustWorker):  # named as faust's: its log lines say "[^Worker]: Ready"
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written
 
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
-    # The batched runtime stores only committed state: without faust tables (audits) nothing is discarded.
-    faust_tables = settings.runtime == "faust" or bool(cfg.audits)
-    with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
-                              enabled=settings.processing_guarantee == "exactly_once" and faust_tables):
-        worker.execute_from_commandline()
+    # The batched runtime stores only committed state (app/runtime/state.py): after a crash the local tables are
+    # kept and restored from the changelogs only from their stored offsets on (docs/exactly-once.md).
+    worker.execute_from_commandline()
 
 
 config_cli = typer.Typer(help="Check configuration files.", no_args_is_help=True)

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.procs import cpu_seconds, loadavg
 from byzguard.client.producer import GuardedProducer
-from tests.integration.worker_harness import Events, WorkerFactory, runtime_under_test
+from tests.integration.worker_harness import Events, WorkerFactory
 
 
 async def _trickle(bootstrap: str, topic: str, interval: float, stop: asyncio.Event, sent: dict[str, float]) -> None:
@@ -56,7 +56,6 @@ async def _first_after(consumer: AIOKafkaConsumer, sent: dict[str, float], after
 async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, base: Path) -> list[float]:
     factory = WorkerFactory(bootstrap, base, f"restart-{guarantee.replace('_', '-')}",
                             processing_guarantee=guarantee)
-    factory.runtime = runtime_under_test() if runtime_under_test() != "faust" else "batched"
     route = factory.configure(partitions=4)
     worker = factory.start("w", timeout=120)
     data_dir = worker.data_dir

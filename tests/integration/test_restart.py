@@ -38,7 +38,6 @@ async def test_a_worker_restarted_after_a_sigkill_takes_its_partitions_back_with
         worker_factory: WorkerFactory, guarantee: str) -> None:
     """A worker SIGKILLed and restarted at once on the same data dir removes the member its dead process left in the
     groups and routes again well before that member's session would have timed out, losing nothing."""
-    worker_factory.runtime = "batched"
     worker_factory.processing_guarantee = guarantee
     route = worker_factory.configure(partitions=4)
     events = Events()
@@ -67,7 +66,6 @@ async def test_a_worker_restarted_after_a_sigkill_takes_its_partitions_back_with
 async def test_a_cleanly_stopped_worker_hands_its_partitions_over_at_once(worker_factory: WorkerFactory) -> None:
     """With two workers, the one stopped cleanly (SIGTERM) leaves the group: the other takes all its partitions and
     routes what comes next well before a session timeout, and the restarted one finds no member to remove."""
-    worker_factory.runtime = "batched"
     route = worker_factory.configure(partitions=4)
     events = Events()
     one = _worker(worker_factory, "one")
