@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from byzguard.errors import ConfigError
@@ -28,6 +28,13 @@ OTHER_VARIABLES = frozenset({
     "BYZGUARD_DEMO", "BYZGUARD_REVIEWER", "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA",
     "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_FETCH_PAUSE_LEADER", ENV_FILE,
 })
+#: Values of settings that went with the faust agent runtime: refused at start, saying what to do.
+REMOVED_VALUES: dict[str, tuple[str, str]] = {
+    "runtime": ("faust", f"the faust agent runtime was removed; unset {PREFIX}RUNTIME (the batched runtime is the only "
+                "one; its state is the faust runtime's, docs/operations.md)"),
+    "state_store": ("memory", f"the memory store went with the faust agent runtime; unset {PREFIX}STATE_STORE (the "
+                    "state is kept in RocksDB, restored from the changelogs)"),
+}
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -120,20 +127,12 @@ class Settings(BaseSettings):
             parse_token_map(value.get_secret_value())  # its message never quotes a token
         return value
 
-    @field_validator("runtime", mode="before")
+    @field_validator("runtime", "state_store", mode="before")
     @classmethod
-    def _runtime(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == "faust":
-            raise ValueError(f"the faust agent runtime was removed; unset {PREFIX}RUNTIME (the batched runtime is "
-                             "the only one; its state is the faust runtime's, docs/operations.md)")
-        return value
-
-    @field_validator("state_store", mode="before")
-    @classmethod
-    def _store(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == "memory":
-            raise ValueError(f"the memory store went with the faust agent runtime; unset {PREFIX}STATE_STORE (the "
-                             "state is kept in RocksDB, restored from the changelogs)")
+    def _removed(cls, value: Any, info: ValidationInfo) -> Any:
+        removed = REMOVED_VALUES.get(info.field_name or "")
+        if removed is not None and isinstance(value, str) and value.strip().lower() == removed[0]:
+            raise ValueError(removed[1])
         return value
 
     @field_validator("log_level")
