@@ -95,7 +95,7 @@ def member_url(metadata: bytes) -> str | None:
     """The web URL a member of `<app_id>-verify` carries in its metadata (None: none, or not readable)."""
     try:
         return decode_member(ConsumerProtocolMemberMetadata.decode(metadata).user_data)
-    except Exception:  # another assignor's or a broken metadata: no URL  # noqa: BLE001
+    except Exception:  # another assignor's or a broken metadata: no URL
         return None
 
 
