@@ -333,3 +333,37 @@ def test_an_observation_delivered_again_after_its_window_is_no_discrepancy(worke
     found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=5.0, timeout=60))
     assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-x-partial".encode(), b"missing")], \
         worker.log_digest()
+
+
+def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: WorkerFactory) -> None:
+    """A batched exactly_once worker with audits, SIGKILLed and restarted on its data dir, keeps its databases
+    (they hold committed state only: nothing is discarded or restored from the changelogs) and its join state: an
+    order waiting before the kill is paired after it, one mismatch, reported once."""
+    bootstrap = worker_factory.bootstrap
+    worker_factory.runtime = "batched"
+    names = worker_factory.configure(partitions=4)
+    app_id = worker_factory.app_id
+    discrepancies = f"{app_id}-discrepancies"
+    assert worker_factory.config_path is not None
+    worker_factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
+                                                        quarantine=names.quarantine, window=120,
+                                                        discrepancies=discrepancies))
+    run = uuid.uuid4().hex[:6]
+    orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
+    waiting = [orders.binary({"paymentId": f"{run}-{n}", "total": 10}, type="order.confirmed",
+                             subject=f"{run}-o-{n}", version=1, time=time.time()) for n in range(20)]
+    worker = worker_factory.start("first")
+    run_async(lambda: produce(bootstrap, names.input, waiting))
+    joined = [names.input, names.verified, f"{app_id}-audit-paid-repartition"]
+    run_async(lambda: wait_caught_up(bootstrap, app_id, joined, workers=[worker]))
+    worker.kill()
+    again = worker_factory.start("again", data_dir=worker.data_dir)
+    pay = payments.binary({"paymentId": f"{run}-0", "amount": 9}, type="payment.captured", subject=f"{run}-pay-0",
+                          version=1, time=time.time())
+    run_async(lambda: produce(bootstrap, names.input, [pay]))
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=3.0, timeout=60))
+    assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-0".encode(), b"mismatch")], \
+        again.log_digest()
+    log = again.log_text()
+    assert "did not stop cleanly" not in log and "restored from the changelog" not in log, again.log_digest()
+    assert "changelog records for" not in log, "the databases were restored from the changelogs"
