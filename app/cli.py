@@ -97,6 +97,30 @@ def refuse_untested_versions(allow_untested: bool) -> None:
         raise typer.Exit(2) from None
 
 
+#: The file a worker of the faust agent runtime (earlier releases, exactly_once) kept in its data dir while it ran:
+#: still there at start, that worker did not stop cleanly.
+FAUST_RUNNING_MARKER = "byzguard-worker.running"
+
+
+def discard_tables_of_a_crashed_faust_worker(data_dir: Path, table_dir: Path) -> bool:
+    """If a faust-runtime worker of an earlier release did not stop cleanly on `data_dir` (its marker is still
+    there), its tables may hold writes of aborted transactions: drop `table_dir` (the runtime restores it from the
+    changelogs) and the marker. True if it did; the batched runtime never writes the marker."""
+    marker = data_dir / FAUST_RUNNING_MARKER
+    if not marker.exists():
+        return False
+    if table_dir.exists():
+        logging.getLogger(__name__).warning(
+            "the last worker on %s (the faust agent runtime of an earlier release) did not stop cleanly: its local "
+            "tables may hold writes of aborted transactions; discarding %s, state is restored from the changelogs",
+            data_dir, table_dir)
+        import shutil
+
+        shutil.rmtree(table_dir)
+    marker.unlink()
+    return True
+
+
 def say_local_broker_runs(bootstrap: str) -> None:
     """After the worker stopped: the local broker it used keeps running (for the next run); say how to stop it."""
     console.print(f"[cyan]the local Kafka broker keeps running at {bootstrap}[/] (the next run reuses it); stop it "
@@ -139,8 +163,10 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
             built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written
 
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    # The batched runtime stores only committed state (app/runtime/state.py): after a crash the local tables are
-    # kept and restored from the changelogs only from their stored offsets on (docs/exactly-once.md).
+    # The batched runtime stores only committed state (app/runtime/state.py): after a crash its databases are kept
+    # and restored from the changelogs only past what they hold. A faust-runtime worker of an earlier release that
+    # did not stop cleanly on this data dir may have left writes of aborted transactions: its tables are dropped.
+    discard_tables_of_a_crashed_faust_worker(settings.data_dir, Path(built.app.conf.tabledir))
     worker.execute_from_commandline()
 
 
