@@ -24,6 +24,7 @@ import xxhash
 from byzguard.clocks import VectorClock, check_instance
 from byzguard.errors import ClockError
 from byzguard.integrity import BOUND, SHA256, VALUE_ONLY, Checksum, content_hash
+from byzguard.isotime import LAST as _LAST_TIME
 from byzguard.jcs import CanonicalizationError, canonicalize
 from byzguard.verdict import Code, quote
 
@@ -524,7 +525,10 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             parsed = datetime.fromisoformat(raw_time)
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
-            time = parsed.timestamp()
+                time = parsed.timestamp()
+            else:
+                time = parsed.timestamp()
+                _LAST_TIME[0] = (raw_time, parsed, time)  # for a rule that reads the same text (isotime)
             time_line = "\ntime: " + raw_time
             lines += 1
         if version is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import orjson
 
@@ -116,6 +116,9 @@ class Result:
         return self.routed[0]
 
 
+_new_result: Final = object.__new__
+
+
 class _Tx:
     """Reads through this call's own writes, so a released event sees the state its predecessor left."""
 
@@ -177,7 +180,12 @@ class Guard:
 
     def process(self, record: RecordIn, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
         """Decide one record's fate (and that of held records it releases); never raises for a bad record."""
-        result = Result()
+        # Result() field by field: the dataclass __init__ with two default factories costs three times more.
+        result = _new_result(Result)
+        result.routed = []
+        result.writes = {}
+        result.held_delta = 0
+        result.oldest_held_age = None
         self._one(record, route, _Tx(state, result), now, hold=route.causal.buffer)
         return result
 
