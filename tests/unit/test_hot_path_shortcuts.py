@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,10 +20,14 @@ from byzguard.clocks import VectorClock
 from byzguard.config import Policy, TypePolicy
 from byzguard.engine import _check_time, _check_vclock, _check_version, _Reasons, verify
 from byzguard.envelope import Envelope, decode
+from byzguard.guard import Result, Routed
 from byzguard.integrity import KeyRing
 from byzguard.rules import RuleSpec, compile_rules
+from byzguard.stamp import Stamper
 from byzguard.state import EntityState
 from byzguard.verdict import Code, Outcome, Severity
+
+from .conftest import Harness
 
 NODES = st.sampled_from(["a", "b", "c", "pricing"])
 CLOCKS = st.dictionaries(NODES, st.integers(1, 5), max_size=3).map(VectorClock)
@@ -192,3 +197,21 @@ def test_stale_time_is_still_reported_past_the_skipped_checks() -> None:
     entity = EntityState(2, VectorClock({"s": 2}), b"\x01" * 16, b"", "t", now - 10, None, b"")
     decision = verify(env, _policy(3600.0, None), entity, None, KeyRing(), now=now)
     assert [r.code for r in decision.reasons] == [Code.TIME_STALE]
+
+
+# -- records built field by field --------------------------------------------------------------------------
+
+def test_process_fills_every_field_of_its_result_and_routed_records(harness: Harness) -> None:
+    """Guard.process builds Result and Routed without their __init__: every field is set, the defaults as
+    __init__ sets them (a field added later must be added there too)."""
+    event = Stamper("pricing").structured({"price": 1.5, "currency": "USD"}, type="price.updated",
+                                          subject="sku-1", version=1, time=1_800_000_000.0)
+    result = harness.feed_all(event.key, event.value, event.headers, now=1_800_000_000.0)
+    for name in (f.name for f in fields(Result)):
+        assert hasattr(result, name), name
+    assert (result.held_delta, result.oldest_held_age) == (Result().held_delta, Result().oldest_held_age)
+    routed = result.first
+    for name in (f.name for f in fields(Routed)):
+        assert hasattr(routed, name), name
+    assert routed.decision.outcome is Outcome.VERIFIED and routed.verified_headers is not None
+    assert routed.quarantine_headers is None and routed.envelope is not None
