@@ -462,12 +462,15 @@ _new_tuple: Final = tuple.__new__
 _VCLOCKS: dict[str, VectorClock] = {}
 _INSTANCES: set[str] = set()
 _MEMO_MAX: Final = 1024
+_MEMO_TEXT_MAX: Final = 512
 
 
 def _vclock_text(text: str) -> VectorClock:
     vclock = _VCLOCKS.get(text)
     if vclock is None:
         vclock = VectorClock.from_header(text)
+        if len(text) > _MEMO_TEXT_MAX:  # a long clock is not kept: 1,024 of them could take a gigabyte
+            return vclock
         if len(_VCLOCKS) >= _MEMO_MAX:
             _VCLOCKS.clear()
         _VCLOCKS[text] = vclock

@@ -302,9 +302,11 @@ class EntityState:
 
 
 # Entity clocks already read, by their bytes: clocks are immutable, and the same text recurs across entities
-# (one writer's counters are small numbers). Bounded (cleared when full); only clocks that parsed are kept.
+# (one writer's counters are small numbers). Bounded (cleared when full, and only clocks of at most
+# _CLOCK_BYTES bytes: a merged clock may hold 256 long node ids); only clocks that parsed are kept.
 _CLOCKS: dict[bytes, VectorClock] = {}
 _CLOCKS_MAX: Final = 1024
+_CLOCK_BYTES: Final = 512
 
 
 def _clock(raw: bytes) -> VectorClock:
@@ -313,6 +315,8 @@ def _clock(raw: bytes) -> VectorClock:
     vclock = _CLOCKS.get(raw)
     if vclock is None:
         vclock = _parse_clock(raw)
+        if len(raw) > _CLOCK_BYTES:
+            return vclock
         if len(_CLOCKS) >= _CLOCKS_MAX:
             _CLOCKS.clear()
         _CLOCKS[raw] = vclock

@@ -61,13 +61,18 @@ def test_memoized_entity_clock_reads_as_the_parser_does(clocks: list[VectorClock
 
 
 def test_entity_clock_memo_is_bounded_and_keeps_no_failure() -> None:
-    """The entity clock memo never grows past its bound, and bytes that do not parse are not kept."""
+    """The entity clock memo never grows past its bound, and neither bytes that do not parse nor a large
+    clock's are kept."""
     for i in range(state._CLOCKS_MAX + 10):
         state._clock(f"n={i + 1}".encode())
     assert len(state._CLOCKS) <= state._CLOCKS_MAX
     with pytest.raises(ValueError):
         state._clock(b"n=x")
     assert b"n=x" not in state._CLOCKS
+    large = ",".join(f"node-{i:04d}={i + 1}" for i in range(100)).encode()
+    assert len(large) > state._CLOCK_BYTES
+    assert state._clock(large) == state._parse_clock(large)
+    assert large not in state._CLOCKS
 
 
 @given(st.lists(st.dictionaries(NODES, st.integers(1, 10**6), max_size=4), min_size=1, max_size=8))
@@ -215,3 +220,15 @@ def test_process_fills_every_field_of_its_result_and_routed_records(harness: Har
         assert hasattr(routed, name), name
     assert routed.decision.outcome is Outcome.VERIFIED and routed.verified_headers is not None
     assert routed.quarantine_headers is None and routed.envelope is not None
+
+
+def test_event_clock_memo_keeps_no_long_clock() -> None:
+    """decode reads a vector clock text longer than the memo keeps as it reads a short one, and does not keep it."""
+    from byzguard import envelope
+    text = ",".join(f"node-{i:04d}={i + 1}" for i in range(50))
+    assert len(text) > envelope._MEMO_TEXT_MAX
+    value = orjson.dumps({"specversion": "1.0", "id": "e-4", "source": "s", "type": "t", "subject": "k",
+                          "vectorclock": text, "data": {}})
+    env = decode(b"k", value, [])
+    assert isinstance(env, Envelope) and env.vclock == VectorClock.from_header(text)
+    assert text not in envelope._VCLOCKS
