@@ -8,7 +8,7 @@ from enum import StrEnum
 # Enum's own __hash__ is Python code (hash(self._name_)), so every dict or set lookup keyed by a member runs
 # a Python call: about 1,700 instructions for `policy.level(code)`, a dozen times per event. Members are
 # singletons (pickling and copying return the member itself), so hashing by identity finds exactly the keys
-# hashing by name found; a plain string still matches no member key, as before (tests/unit/test_verdict_hash.py).
+# hashing by name found; a plain string still matches no member key, as before (tests/unit/test_hot_path.py).
 _BY_IDENTITY = object.__hash__
 
 
