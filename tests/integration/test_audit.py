@@ -242,10 +242,11 @@ def test_a_pending_join_survives_a_switch_of_runtime(worker_factory: WorkerFacto
     assert f"runtime: {then}" in worker.log_text()
 
 
-def _at_least_once(factory: WorkerFactory, window: float) -> tuple[RouteNames, str]:
-    """An at_least_once batched worker's config with both audit rules (`window`, grace 1 s): route, audit topic."""
+def _audited(factory: WorkerFactory, window: float, guarantee: str = "at_least_once") -> tuple[RouteNames, str]:
+    """A batched worker's config with both audit rules (`window`, grace 1 s) under `guarantee`: route, audit
+    topic."""
     factory.runtime = "batched"
-    factory.processing_guarantee = "at_least_once"
+    factory.processing_guarantee = guarantee
     names = factory.configure(partitions=4)
     discrepancies = f"{factory.app_id}-discrepancies"
     assert factory.config_path is not None
@@ -277,7 +278,7 @@ def test_at_least_once_audits_find_discrepancies_and_lose_none_over_a_sigkill(wo
     after the kill (a repeat of one may come twice) and none for the orders that were paid right, though
     at_least_once delivers again what the dead worker had not committed."""
     bootstrap = worker_factory.bootstrap
-    names, discrepancies = _at_least_once(worker_factory, 2)
+    names, discrepancies = _audited(worker_factory, 2)
     run = uuid.uuid4().hex[:6]
     worker = worker_factory.start("first")
     expected: set[tuple[str, str]] = set()
@@ -308,7 +309,7 @@ def test_an_observation_delivered_again_after_its_window_is_no_discrepancy(worke
     by the verified record it names and skipped: no `missing` for an order that was paid; an order never paid
     after it still is one."""
     bootstrap = worker_factory.bootstrap
-    names, discrepancies = _at_least_once(worker_factory, 2)
+    names, discrepancies = _audited(worker_factory, 2)
     repartition = f"{worker_factory.app_id}-audit-paid-repartition"
     run = uuid.uuid4().hex[:6]
     worker = worker_factory.start("auditor")
@@ -340,14 +341,8 @@ def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: W
     (they hold committed state only: nothing is discarded or restored from the changelogs) and its join state: an
     order waiting before the kill is paired after it, one mismatch, reported once."""
     bootstrap = worker_factory.bootstrap
-    worker_factory.runtime = "batched"
-    names = worker_factory.configure(partitions=4)
+    names, discrepancies = _audited(worker_factory, 120, "exactly_once")
     app_id = worker_factory.app_id
-    discrepancies = f"{app_id}-discrepancies"
-    assert worker_factory.config_path is not None
-    worker_factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
-                                                        quarantine=names.quarantine, window=120,
-                                                        discrepancies=discrepancies))
     run = uuid.uuid4().hex[:6]
     orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
     waiting = [orders.binary({"paymentId": f"{run}-{n}", "total": 10}, type="order.confirmed",
