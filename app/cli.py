@@ -97,6 +97,30 @@ def refuse_untested_versions(allow_untested: bool) -> None:
         raise typer.Exit(2) from None
 
 
+#: The file a worker of the faust agent runtime (earlier releases, exactly_once) kept in its data dir while it ran:
+#: still there at start, that worker did not stop cleanly.
+FAUST_RUNNING_MARKER = "byzguard-worker.running"
+
+
+def discard_tables_of_a_crashed_faust_worker(data_dir: Path, table_dir: Path) -> bool:
+    """If a faust-runtime worker of an earlier release did not stop cleanly on `data_dir` (its marker is still
+    there), its tables may hold writes of aborted transactions: drop `table_dir` (the runtime restores it from the
+    changelogs) and the marker. True if it did; the batched runtime never writes the marker."""
+    marker = data_dir / FAUST_RUNNING_MARKER
+    if not marker.exists():
+        return False
+    if table_dir.exists():
+        logging.getLogger(__name__).warning(
+            "the last worker on %s (the faust agent runtime of an earlier release) did not stop cleanly: its local "
+            "tables may hold writes of aborted transactions; discarding %s, state is restored from the changelogs",
+            data_dir, table_dir)
+        import shutil
+
+        shutil.rmtree(table_dir)
+    marker.unlink()
+    return True
+
+
 def say_local_broker_runs(bootstrap: str) -> None:
     """After the worker stopped: the local broker it used keeps running (for the next run); say how to stop it."""
     console.print(f"[cyan]the local Kafka broker keeps running at {bootstrap}[/] (the next run reuses it); stop it "
@@ -108,7 +132,6 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
 
     from faust.worker import Worker as FaustWorker
 
-    from app import eos
     from app.memory import fix_mmap_threshold
     from app.provision import provision
     from app.settings import Settings
@@ -133,20 +156,18 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
                       f"[green]{route.verified_topic}[/], quarantine [red]{route.quarantine_topic}[/]")
     base = f"http://{settings.web_host}:{settings.web_port}"
     console.print(f"  web {base}/  metrics {base}/metrics  state {settings.data_dir}")
-    console.print(f"  runtime: [bold]{settings.runtime}[/] ({settings.processing_guarantee}; README \"Runtimes\")")
+    console.print(f"  runtime: [bold]batched[/] ({settings.processing_guarantee}; README \"Runtimes\")")
     class Worker(FaustWorker):  # named as faust's: its log lines say "[^Worker]: Ready"
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written
 
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    # After a crash faust's tables may hold writes of aborted transactions: restore them from the changelogs. The
-    # batched runtime's databases (routes and audit joins alike) only ever hold committed state: nothing is discarded,
-    # unless a faust-runtime worker on this data dir did not stop cleanly (its marker is still there).
-    faust_tables = settings.runtime == "faust" or (settings.data_dir / eos.RUNNING_MARKER).exists()
-    with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
-                              enabled=settings.processing_guarantee == "exactly_once" and faust_tables):
-        worker.execute_from_commandline()
+    # The batched runtime stores only committed state (app/runtime/state.py): after a crash its databases are kept
+    # and restored from the changelogs only past what they hold. A faust-runtime worker of an earlier release that
+    # did not stop cleanly on this data dir may have left writes of aborted transactions: its tables are dropped.
+    discard_tables_of_a_crashed_faust_worker(settings.data_dir, Path(built.app.conf.tabledir))
+    worker.execute_from_commandline()
 
 
 config_cli = typer.Typer(help="Check configuration files.", no_args_is_help=True)

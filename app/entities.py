@@ -4,9 +4,8 @@ The entity state table (EntityState) holds each entity's last verified data; a q
 replaces it. The value lives in the worker that owns the entity's partition, so a request to any worker is
 forwarded to the owner, as faust's `app.table_route` does; the partition comes from the entity id with Kafka's
 default (murmur2) partitioner, which is how producers keyed by entity id place their records. The owner is found
-from the group's table metadata (which worker holds which changelog partition) under the faust runtime, and from
-the batched runtime's own group assignment under the batched one (app/runtime/owners.py, which also says which
-state the owner reads there).
+from the batched runtime's own group assignment (app/runtime/owners.py, which also says which state the owner
+reads there).
 
 Asymmetric retention (the seed's asymmetric TTL): a value is *fresh* while its age (now - event time, or
 verification time when the event had none) is within its type's `max_age`, then it is only a *fallback*,
@@ -107,35 +106,11 @@ def register_entity_views(built: Any, config: GuardConfig) -> None:
     routes = {r.name: r for r in config.routes}
     retention = config.last_good_retention
 
-    def owner_of(table: Any, partition: int) -> URL | None:
-        topic = table.changelog_topic.get_topic_name()
-        for url, topics in app.router.table_metadata(table.name).items():
-            if partition in topics.get(topic, ()):
-                return URL(url)
-        return None
-
-    def same_node(url: URL) -> bool:
-        me = URL(str(app.conf.canonical_url))
-        return (url.host, url.port) == (me.host, me.port)
-
     def locate(spec: Route, partition: int, entity: str) -> Located:
-        """Where the entity's state is: read here, on another worker, or unavailable now."""
-        if built.owners is not None:  # the batched runtime (app/runtime/owners.py)
-            if built.runtime is None:
-                return Located("unavailable", detail="the batched runtime has not started yet")
-            return read_entity(built.runtime, built.owners, spec, partition, entity.encode())
-        tables = built.tables.get(spec.name)
-        if tables is None:
-            return Located("unavailable", detail=f"route {spec.name!r} is not run by this worker")
-        table = tables.state_by_entity
-        if app.rebalancing or getattr(app, "in_recovery", False):
-            return Located("unavailable", detail="the worker is rebalancing or restoring state")
-        owner = owner_of(table, partition)
-        if owner is None:
-            return Located("unavailable", detail=f"no worker owns partition {partition} yet")
-        if not same_node(owner):
-            return Located("elsewhere", owner=str(owner))
-        return Located("here", raw=built.buffer.get(table, partition, entity.encode()))  # pending writes too
+        """Where the entity's state is: read here, on another worker, or unavailable now (app/runtime/owners.py)."""
+        if built.runtime is None or built.owners is None:
+            return Located("unavailable", detail="the batched runtime has not started yet")
+        return read_entity(built.runtime, built.owners, spec, partition, entity.encode())
 
     async def forward(view: Any, request: Any, owner: URL, path: str) -> Any:
         target = owner.with_path(path, encoded=True).with_query(request.query)

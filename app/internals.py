@@ -1,12 +1,13 @@
 """Every private name of faust, mode and aiokafka that byzguard uses, and the versions they were tested on.
 
-byzguard reaches into the libraries' internals where their public API leaves a gap (app/eos.py's fixes, the
-outbox's record batches, the fetch settings faust hard-codes). A private name can change in any release, so:
+byzguard reaches into the libraries' internals where their public API leaves a gap (the batched runtime's mode
+Service and aiokafka assignor and rebalance listener, the review views on faust's web server, the aiokafka client's
+metadata refresh; in bench/, the fetch settings faust hard-codes). A private name can change in any release, so:
 
 - every one is listed here (`PRIVATE_NAMES`): whose it is, what kind of name, where byzguard uses it and why,
   and for a method the parameters byzguard relies on and a digest of the source it was read against. So is
   every member of a library class that byzguard's subclasses of it override, add or reach through `self`
-  (public by name, but of faust's internal classes: `Consumer.commit`, `Recovery.active_offsets`, ...);
+  (public by name, but of the libraries' internal classes: `Service.crash`, `RangePartitionAssignor.assign`, ...);
 - `tests/unit/test_internals.py` checks each against the installed libraries without a broker (the name is
   there, of the same kind, with the same parameters and the same source), and scans app/, agents/, tables/,
   topics/ and bench/ for a name of that kind that is not listed here, or listed and no longer used;
@@ -72,153 +73,33 @@ class PrivateName:
     digest: str | None = None
 
 
-_EOS = "app/eos.py"
-_FAUST_CONSUMER = "faust.transport.consumer.Consumer"
+_FETCHING = "bench/fetching.py"
 _AIOKAFKA_DRIVER = "faust.transport.drivers.aiokafka"
 
 PRIVATE_NAMES: tuple[PrivateName, ...] = (
-    # -- faust: the app and its table manager ---------------------------------------------------------------
-    PrivateName("faust.app.base.App", "_consumer", "attribute", (_EOS, "app/fetching.py"),
-                "install-before-start checks: the transport's Consumer class is replaced, which only works before "
-                "the app created its consumer (`app.consumer` would create it)"),
-    PrivateName("faust.app.base.App", "_producer", "attribute", (_EOS,),
-                "install-before-start check of eos.install: the transport's Producer class is replaced"),
-    PrivateName("faust.app.base.App", "_byzguard_eos", "added", (_EOS,),
-                "eos.install keeps its per-app state (ExactlyOnce) on the App"),
-    PrivateName("faust.app.base.App", "_byzguard_commit_gate", "added", (_EOS,),
-                "eos.install_gate keeps the processing lock and commit hooks (CommitGate) on the App"),
-    PrivateName("faust.app.base.App", "_byzguard_in_order", "added", (_EOS,),
-                "eos.install_in_order keeps its per-partition bookkeeping (InOrder) on the App"),
-    PrivateName("faust.tables.manager.TableManager", "_recovery", "attribute", (_EOS,),
-                "eos.install puts MarkerAwareRecovery in place before the manager builds its Recovery (fix 5)"),
-    # -- faust: table recovery ------------------------------------------------------------------------------
-    PrivateName("faust.tables.recovery.Recovery", "_set_recovery_ended", "method", (_EOS,),
-                "MarkerAwareRecovery ends recovery as faust's own loop does, once only markers are left (fix 5)",
-                signature="(self)", digest="7ac139109d4e9fa3"),
-    # -- faust: the consumer's ack bookkeeping (fix 7, InOrder) ---------------------------------------------
-    PrivateName(_FAUST_CONSUMER, "_committed_offset", "attribute", (_EOS, "app/metrics.py"),
-                "InOrder: where a newly assigned partition starts; metrics: consumer lag"),
-    PrivateName(_FAUST_CONSUMER, "_read_offset", "attribute", (_EOS, "app/metrics.py"),
-                "InOrder: a seek back must be repeated when a late fetch moved the read offset past it; "
-                "metrics: consumer lag before the first commit"),
-    PrivateName(_FAUST_CONSUMER, "_acked", "attribute", (_EOS,),
-                "InOrder.ack_without_record: acks offsets holding no record (transaction markers), as Consumer.ack "
-                "does for a message"),
-    PrivateName(_FAUST_CONSUMER, "_acked_index", "attribute", (_EOS,), "as _acked"),
-    PrivateName(_FAUST_CONSUMER, "_n_acked", "attribute", (_EOS,), "as _acked"),
-    PrivateName(_FAUST_CONSUMER, "_waiting_for_ack", "attribute", (_EOS,),
-                "InOrder.drop and ack_without_record wake Consumer.wait_empty as Consumer.ack does"),
-    PrivateName(_FAUST_CONSUMER, "_unacked_messages", "attribute", (_EOS,),
-                "InOrder.drop: a record faust skipped is forgotten without marking its offset committable"),
-    PrivateName(_FAUST_CONSUMER, "_commit_fut", "attribute", (_EOS,),
-                "InOrder.after_seek_to_committed says whether a commit was in flight when faust's seek went back"),
-    PrivateName(_FAUST_CONSUMER, "_paused_partitions", "attribute", (_EOS,),
-                "InOrder's warning about a partition that delivers nothing says whether faust paused it"),
-    PrivateName(_FAUST_CONSUMER, "on_partitions_revoked", "async method", (_EOS,),
-                "overridden: InOrder forgets revoked partitions when faust forgets their acks",
-                signature="(self, revoked)", overridden=True, digest="652177e770ee66d6"),
-    PrivateName(_FAUST_CONSUMER, "perform_seek", "async method", (_EOS,),
-                "overridden: after faust's seek to the committed offsets, offsets processed above them are acked "
-                "again (a commit can overtake the seek) and changelogs still in recovery go back to what it applied",
-                signature="(self)", overridden=True, digest="2b4ceebd23deb7ee"),
-    PrivateName(_FAUST_CONSUMER, "_add_gap", "async method", (_EOS,),
-                "overridden for guarded topics: a jump of the read offset is not counted as acked (fix 7)",
-                signature="(self, tp, offset_from, offset_to)", overridden=True, digest="f1cc1db634f5ea09"),
-    PrivateName(_FAUST_CONSUMER, "_commit_offsets", "async method", (_EOS,),
-                "overridden under exactly_once: records the commit time faust's livelock check reads",
-                signature="(self, offsets, start_new_transaction=True)", overridden=True,
-                digest="86b3e9b0aec773ac"),
-    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "_seek", "async method", (_EOS,),
-                "overridden: seeks on the consumer's own thread (the fetcher crashed when seeks came from the loop)",
-                signature="(self, partition, offset)", overridden=True, digest="3343eefa6aa440ca"),
-    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "_thread", "attribute", (_EOS,),
-                "the consumer thread: its aiokafka consumer (end_offsets, seek) and tp_last_committed_at"),
-    PrivateName(f"{_AIOKAFKA_DRIVER}.Consumer", "_new_consumer_thread", "method", ("app/fetching.py",),
-                "overridden: the consumer thread builds its aiokafka consumer with byzguard's fetch settings",
+    # -- faust: the benchmark's faust pass-through (variant b) fetches as byzguard does (bench/fetching.py) ------
+    PrivateName("faust.app.base.App", "_consumer", "attribute", (_FETCHING,),
+                "tune_fetch refuses an app whose consumer exists: the transport's Consumer class is replaced, which "
+                "only works before the app created its consumer (`app.consumer` would create it)"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Consumer", "_new_consumer_thread", "method", (_FETCHING,),
+                "overridden: the consumer thread builds its aiokafka consumer with the worker's fetch settings",
                 signature="(self)", overridden=True, digest="8fd0d41b15145615"),
-    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_ensure_consumer", "method", (_EOS,),
-                "the thread's started aiokafka consumer: read_committed end_offsets (fix 6) and seek",
-                signature="(self)", digest="a2c77687801ca0e7"),
-    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_create_worker_consumer", "method",
-                ("app/fetching.py",),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.AIOKafkaConsumerThread", "_create_worker_consumer", "method", (_FETCHING,),
                 "overridden: sets fetch_min_bytes and fetch_max_wait_ms, which faust hard-codes",
                 signature="(self, transport)", overridden=True, digest="c179c0bdb9755c3a"),
-    # -- faust: the producer (app/outbox.py sends aiokafka record batches through faust's producers) --------
-    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method", ("app/outbox.py",
-                "bench/faust_batches.py"),
+    PrivateName("mode.services.Service", "loop", "attribute", (_FETCHING,),
+                "the consumer thread tune_fetch builds gets the consumer's loop and beacon, as faust's does"),
+    PrivateName("mode.services.Service", "beacon", "attribute", (_FETCHING,), "as loop"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute", (_FETCHING,),
+                "set after construction, read by start() when it builds the fetcher"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_max_wait_ms", "attribute", (_FETCHING,),
+                "as _fetch_min_bytes"),
+    # -- faust: the producer of a bench prototype (variant f) -------------------------------------------------
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method", ("bench/faust_batches.py",),
                 "the started aiokafka producer (at_least_once) that record batches are sent through",
                 signature="(self)", digest="04016bd22147281a"),
-    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_transaction_producers", "attribute", ("app/outbox.py",),
-                "the transactional aiokafka producer of a partition, by transactional id (exactly_once)"),
-    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_trn_locks", "attribute", ("app/outbox.py",),
-                "the lock faust holds while it commits or aborts a partition's transaction; a batch is sent "
-                "under it so it cannot fall between two transactions"),
-    # -- faust: the RocksDB store ----------------------------------------------------------------------------
-    PrivateName("faust.stores.rocksdb.Store", "_db_for_partition", "method", ("tables/buffer.py",),
-                "the write-behind buffer reads and writes one partition's database directly (one WriteBatch "
-                "per partition per commit)", signature="(self, partition)", digest="abc425297c7542f0"),
-    # -- undocumented members that byzguard's subclasses of library classes override or reach through self ----
-    # Public by name, but faust's internal classes: they change as freely as the private names above.
-    PrivateName("faust.transport.consumer.Consumer", "commit", "async method", (_EOS,),
-                "overridden twice: the commit gate (processing lock, before/after-commit hooks) and exactly_once's "
-                "wait for buffered changelog sends", signature="(self, topics=None, start_new_transaction=True)",
-                overridden=True, digest="e43a7d03685f9206"),
-    PrivateName("faust.transport.consumer.Consumer", "ack", "method", (_EOS,),
-                "overridden: only the agent acks records of guarded topics (fix 7)", signature="(self, message)",
-                overridden=True, digest="5548cf0f75843f73"),
-    PrivateName("faust.transport.consumer.Consumer", "in_transaction", "attribute", (_EOS,),
-                "the exactly_once commit records commit times only for transactional commits"),
-    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "highwaters", "async method", (_EOS,),
-                "overridden: read_committed ListOffsets instead of the cached last stable offsets (fix 6)",
-                signature="(self, *partitions)", overridden=True, digest="6503ef269eab219d"),
-    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "position", "async method", (_EOS,),
-                "overridden to -1: disables recovery's position shortcut (fix 5)", signature="(self, tp)",
-                overridden=True, digest="442b77b450ca53b5"),
-    PrivateName("faust.transport.consumer.ThreadDelegateConsumer", "assignment", "method", (_EOS,),
-                "the partitions whose commit times are recorded", signature="(self)", digest="bd585dfbb0b806a1"),
-    PrivateName("mode.services.Service", "loop", "attribute", ("app/fetching.py",),
-                "the consumer thread byzguard builds gets the consumer's loop and beacon, as faust's does"),
-    PrivateName("mode.services.Service", "beacon", "attribute", ("app/fetching.py",), "as loop"),
-    PrivateName("faust.transport.producer.Producer", "send_soon", "method", (_EOS,),
-                "overridden: every buffered send is tracked so the exactly_once commit waits for it (fix 2)",
-                signature="(self, fut)", overridden=True, digest="9e915b74783dbb7c"),
-    PrivateName("faust.transport.consumer.TransactionManager", "send", "async method", (_EOS,),
-                "overridden: the record goes through the transactional producer of the current event's partition "
-                "(fix 1)", signature="(self, topic, key, value, partition, timestamp, headers, *, "
-                "transactional_id=None)", overridden=True, digest="bc6cc96b66650a3a"),
-    PrivateName("faust.transport.consumer.TransactionManager", "app", "attribute", (_EOS,),
-                "EventTransactionManager: the app's id and assignor name the transaction"),
-    PrivateName("faust.transport.consumer.TransactionManager", "producer", "attribute", (_EOS,),
-                "EventTransactionManager sends through it"),
-    PrivateName("faust.transport.consumer.TransactionManager", "consumer", "attribute", (_EOS,),
-                "EventTransactionManager: key_partition of a record sent outside an event"),
-    PrivateName("faust.tables.recovery.Recovery", "__init__", "method", (_EOS,),
-                "MarkerAwareRecovery passes (app, tables, beacon=...) on", signature="(self, app, tables, **kwargs)",
-                overridden=True, digest="0b42091feae4abbd"),
-    PrivateName("faust.tables.recovery.Recovery", "in_recovery", "attribute", (_EOS,),
-                "MarkerAwareRecovery looks only while faust's recovery runs"),
-    PrivateName("faust.tables.recovery.Recovery", "active_highwaters", "attribute", (_EOS,),
-                "MarkerAwareRecovery: the changelog end each active partition recovers to"),
-    PrivateName("faust.tables.recovery.Recovery", "active_offsets", "attribute", (_EOS,),
-                "MarkerAwareRecovery: what recovery applied; set to the highwater where only markers are left"),
-    PrivateName("faust.tables.recovery.Recovery", "tables", "attribute", (_EOS,),
-                "MarkerAwareRecovery: the table manager's changelog_queue (empty: nothing in flight)"),
-    PrivateName("faust.tables.recovery.Recovery", "app", "attribute", (_EOS,),
-                "MarkerAwareRecovery seeks the app's consumer to changelog records recovery stalled on"),
-    PrivateName("faust.tables.recovery.Recovery", "need_recovery", "method", (_EOS,),
-                "MarkerAwareRecovery ends recovery only when no partition needs more", signature="(self)",
-                digest="c6860beac5d773db"),
-    PrivateName("faust.tables.recovery.Recovery", "flush_buffers", "method", (_EOS,),
-                "MarkerAwareRecovery flushes what recovery buffered before it ends it", signature="(self)",
-                digest="446535924329ab76"),
-    PrivateName("faust.tables.recovery.Recovery", "signal_recovery_end", "attribute", (_EOS,),
-                "MarkerAwareRecovery wakes what waits for the end of recovery, as faust's loop does"),
-    PrivateName("mode.services.Service", "should_stop", "attribute", (_EOS,),
-                "MarkerAwareRecovery's background task ends with the service"),
-    PrivateName("mode.services.Service", "sleep", "async method", (_EOS,),
-                "MarkerAwareRecovery's background task waits between looks (wakes on stop)", signature="(self, n)",
-                digest="6c05a5cb21067c75"),
-    PrivateName("mode.services.Service", "log", "attribute", (_EOS,), "MarkerAwareRecovery logs as recovery"),
+    # -- members of library classes that byzguard's subclasses override or reach through self -----------------
+    # Public by name, but of faust's, mode's and aiokafka's internal classes: they change as freely as private names.
     PrivateName("mode.services.Service", "__init__", "method", ("app/runtime/loop.py",),
                 "BatchedRuntime passes faust's (loop=..., beacon=...) on",
                 signature="(self, *, beacon=None, loop=None)", overridden=True, digest="4a44ca859d668719"),
@@ -269,10 +150,6 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
                 ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),
-    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute",
-                ("app/fetching.py",), "set after construction, read by start() when it builds the fetcher"),
-    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_max_wait_ms", "attribute",
-                ("app/fetching.py",), "as _fetch_min_bytes"),
     PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),
 )

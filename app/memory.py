@@ -3,9 +3,10 @@
 glibc serves an allocation of M_MMAP_THRESHOLD bytes or more (128 KiB to start with) with a mapping of its own,
 returned to the system when freed; but each time such a block is freed, the threshold slides up to its size,
 and later blocks of that size come from the heap, whose freed memory stays in the process. aiokafka reads each
-fetch response into one buffer of up to faust's 1 MiB per partition. When the in-order guard sends the consumer
-back to a skipped record (app/eos.py), the fetcher briefly holds many of them at once: the worker's RSS went up
-by 80-100 MB and stayed there (bench/results/profile.md, "Memory"). With the threshold fixed, it comes back down.
+fetch response into one buffer of up to 1 MiB per partition. When the faust agent runtime of earlier releases sent
+the consumer back to a skipped record, the fetcher briefly held many of them at once: the worker's RSS went up
+by 80-100 MB and stayed there (bench/results/profile.md, "Memory"); any burst of large fetches does the same. With
+the threshold fixed, it comes back down.
 """
 
 from __future__ import annotations

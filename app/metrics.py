@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -107,48 +106,3 @@ def type_label(route: str, event_type: str) -> str:
 def source_label(source: str) -> str:
     """The `source` label of an event: its source if the configuration names it, else "other"."""
     return source if source in _bounds.sources else OTHER
-
-
-# ---------------------------------------------------------------------------------------------- consumer lag
-
-_lag_labels: set[tuple[str, str]] = set()
-
-
-def partition_lag(highwater: int, committed: int | None, read: int | None, earliest: int) -> int:
-    """Records still to process in a partition: the high water (last stable offset under transactions) minus
-    the position the group resumes from (committed), else just after the last record read, else the start."""
-    position = committed if committed is not None else read + 1 if read is not None else earliest
-    return max(0, highwater - position)
-
-
-async def update_consumer_lag(consumer: Any, topics: Collection[str]) -> None:
-    """Set byzguard_consumer_lag_messages for every input partition assigned to this worker (faust consumer)."""
-    try:
-        assigned = [tp for tp in consumer.assignment() if tp.topic in topics]
-    except Exception:  # not started, or between rebalances: try again on the next tick
-        return
-    committed: Mapping[Any, int | None] = getattr(consumer, "_committed_offset", {})
-    read: Mapping[Any, int | None] = getattr(consumer, "_read_offset", {})
-    unknown = [tp for tp in assigned if committed.get(tp) is None and read.get(tp) is None]
-    earliest: Mapping[Any, int] = {}
-    if unknown:
-        try:
-            earliest = await consumer.earliest_offsets(*unknown)
-        except Exception:
-            earliest = {}
-    seen: set[tuple[str, str]] = set()
-    for tp in assigned:
-        try:
-            highwater = consumer.highwater(tp)
-        except Exception:  # no fetch yet for this partition
-            continue
-        if highwater is None:
-            continue
-        labels = (tp.topic, str(tp.partition))
-        CONSUMER_LAG.labels(*labels).set(
-            partition_lag(highwater, committed.get(tp), read.get(tp), earliest.get(tp, 0)))
-        seen.add(labels)
-    for labels in _lag_labels - seen:  # revoked partitions: another worker reports them now
-        CONSUMER_LAG.remove(*labels)
-    _lag_labels.clear()
-    _lag_labels.update(seen)

@@ -5,11 +5,14 @@ An input topic that already exists keeps its partition count (byzguard adopts it
 and changelogs must then match it, or the worker refuses to start with what to do about it.
 
 Sizes: a copy of any record an input topic accepts must fit where byzguard writes it. The outputs (verified,
-quarantine, receipts, causal ticks) are created with `max.message.bytes` of the largest input limit (the input
+quarantine, receipts) are created with `max.message.bytes` of the largest input limit (the input
 topic's own setting, else the broker's `message.max.bytes`) plus OUTPUT_HEADROOM for byzguard's headers, which
 are bounded (byzguard.routing OWN_HEADERS_MAX); the state changelogs with STATE_FACTOR times the input limit plus
 the headroom (an entity's state may keep its last-known-good value beside its bookkeeping). An output that exists
 with less room is kept and warned about: a record that does not fit it is quarantined as a stub.
+
+The causal-ticks topics (`<app_id>-<route>-causal-ticks`) that earlier releases created for the faust agent runtime
+are no longer created; one that exists on the broker is left alone (nothing reads it).
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.outbox import DEFAULT_LIMIT, load_limits
+from app.runtime.limits import DEFAULT_LIMIT, load_limits
 from byzguard.audit import AuditRule
 from byzguard.config import GuardConfig, Partitioning, Route
 from byzguard.errors import ConfigError
 from byzguard.routing import OWN_HEADERS_MAX
 from tables import table_names
 from tables.audit import audit_table_name
-from topics import route_repartition_topic_name, ticks_topic_name
+from topics import route_repartition_topic_name
 from topics.audit import repartition_topic_name
 
 log = logging.getLogger(__name__)
@@ -144,12 +147,10 @@ async def provision(
         routes = []
         for route in config.routes:
             names = [*route.inputs, route.verified_topic, route.quarantine_topic]
-            if route.causal.buffer:
-                names.append(ticks_topic_name(app_id, route))
             if route.receipts_topic:
                 names.append(route.receipts_topic)
             if route.partitioning is Partitioning.REPARTITION:
-                # Co-partitioned with the state like the outputs: the verify agent reads it instead of the inputs.
+                # Co-partitioned with the state like the outputs: the verify stage reads it instead of the inputs.
                 names.append(route_repartition_topic_name(app_id, route))
             changelogs = [f"{app_id}-{table}-changelog" for table in table_names(route)]
             counts = await _partition_counts(admin, names + changelogs)

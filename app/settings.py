@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from byzguard.errors import ConfigError
@@ -28,6 +28,13 @@ OTHER_VARIABLES = frozenset({
     "BYZGUARD_DEMO", "BYZGUARD_REVIEWER", "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA",
     "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_FETCH_PAUSE_LEADER", ENV_FILE,
 })
+#: Values of settings that went with the faust agent runtime: refused at start, saying what to do.
+REMOVED_VALUES: dict[str, tuple[str, str]] = {
+    "runtime": ("faust", f"the faust agent runtime was removed; unset {PREFIX}RUNTIME (the batched runtime is the only "
+                "one; its state is the faust runtime's, docs/operations.md)"),
+    "state_store": ("memory", f"the memory store went with the faust agent runtime; unset {PREFIX}STATE_STORE (the "
+                    "state is kept in RocksDB, restored from the changelogs)"),
+}
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -52,8 +59,9 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, ge=1, le=65535)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     commit_interval: float = Field(default=0.5, gt=0, description="seconds between commits (and transactions)")
-    # faust hard-codes a 1500 ms fetch wait; aiokafka leaves partitions with unread records out of the next fetch,
-    # so a fetch of idle partitions alone held the busy ones back for up to that long (app/fetching.py).
+    # The batched runtime's consumer fetches with these. faust hard-codes a 1500 ms fetch wait; aiokafka leaves
+    # partitions with unread records out of the next fetch, so a fetch of idle partitions alone held the busy ones
+    # back for up to that long (bench/fetching.py, measured on the faust agent runtime of earlier releases).
     fetch_min_bytes: int = Field(default=1, ge=1, le=52_428_800,
                                  description="bytes the broker gathers before it answers a fetch")
     fetch_max_wait_ms: int = Field(default=10, ge=1, le=30_000,
@@ -67,10 +75,14 @@ class Settings(BaseSettings):
     # faust warns (as a bug) when a partition that is processing events has not committed for this long.
     livelock_timeout: float = Field(default=300.0, gt=0, le=86_400, description="seconds a partition may process "
                                     "events without a commit before the worker logs it")
-    state_store: Literal["rocksdb", "memory"] = "rocksdb"
-    # The routes' verify streams: faust's agents, or the batched loop beside them (README "Runtimes").
-    runtime: Literal["faust", "batched"] = Field(default="batched", description="what runs the routes' verify "
-                                                 "streams: faust (an agent per route) or batched (app/runtime)")
+    # The state is always in RocksDB, restored from the changelogs (app/runtime/state.py); `memory` was the faust
+    # runtime's, and is refused (a setting is never silently ignored).
+    state_store: Literal["rocksdb"] = Field(default="rocksdb", description="where the state is kept: rocksdb "
+                                            "(the only store)")
+    # What runs the routes' verify streams: the batched runtime (app/runtime), the only one; `faust` (the agent
+    # per route of earlier releases) is refused with what to do (docs/configuration.md).
+    runtime: Literal["batched"] = Field(default="batched", description="what runs the routes' verify streams: "
+                                        "batched (app/runtime), the only runtime")
     batch_max_records: int = Field(default=1000, ge=1, le=100_000,
                                    description="batched runtime: records of one input partition per batch at most")
     batch_max_ms: float = Field(default=100.0, gt=0, le=60_000,
@@ -118,6 +130,14 @@ class Settings(BaseSettings):
 
         if value is not None:
             parse_token_map(value.get_secret_value())  # its message never quotes a token
+        return value
+
+    @field_validator("runtime", "state_store", mode="before")
+    @classmethod
+    def _removed(cls, value: Any, info: ValidationInfo) -> Any:
+        removed = REMOVED_VALUES.get(info.field_name or "")
+        if removed is not None and isinstance(value, str) and value.strip().lower() == removed[0]:
+            raise ValueError(removed[1])
         return value
 
     @field_validator("log_level")

@@ -1,4 +1,5 @@
-"""The composition root: settings + configuration -> a faust App with its topics, tables and agents."""
+"""The composition root: settings + configuration -> a faust App (web server, timers) with the batched runtime
+(app/runtime), which runs every route's verify stream and the audits."""
 
 from __future__ import annotations
 
@@ -11,21 +12,15 @@ import faust
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agents.verify import attach_verify_agent
-from app import eos, internals, logs, metrics
+from app import internals, logs, metrics
 from app.backlog import INTERVAL as BACKLOG_INTERVAL
 from app.backlog import QuarantineBacklog
-from app.fetching import tune_fetch
 from app.logs import QuietRepeats
-from app.outbox import Outbox
 from app.review.store import decisions_topic_name
 from app.settings import Settings
 from byzguard.config import GuardConfig
-from byzguard.errors import ConfigError
 from byzguard.guard import Guard
-from tables import RouteTables, declare_route_tables, store_options
-from tables.buffer import StateBuffer
-from topics import RouteTopics, declare_route_topics
+from tables import store_options
 
 if TYPE_CHECKING:
     from app.runtime import BatchedRuntime
@@ -36,21 +31,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GuardApp:
-    """The faust App and what was declared on it, by route name."""
+    """The faust App (web server, timers) and the batched runtime that runs the routes on it."""
 
     app: faust.App
     guard: Guard
-    #: The verify agents' pending state writes (tables/buffer.py); read state through it.
-    buffer: StateBuffer
-    topics: dict[str, RouteTopics] = field(default_factory=dict)
-    tables: dict[str, RouteTables] = field(default_factory=dict)
-    agents: dict[str, Any] = field(default_factory=dict)
     #: RocksDB options of every table (tables.store_options).
     store_options: dict[str, Any] = field(default_factory=dict)
     #: The filter that keeps a broker outage from flooding the log (app/logs.py); attach it to the log handlers.
     quiet_logs: QuietRepeats = field(default_factory=QuietRepeats)
-    #: The batched runtime (app/runtime) once the App started it, and who owns which of its partitions
-    #: (app/runtime/owners.py); both None under the faust runtime.
+    #: The batched runtime (app/runtime), and who owns which of its partitions (app/runtime/owners.py); both set
+    #: by build_app.
     runtime: BatchedRuntime | None = None
     owners: OwnerDirectory | None = None
 
@@ -59,7 +49,7 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
     """Every faust setting byzguard uses, passed explicitly; faust reads no environment variables."""
     return {
         "broker": f"kafka://{bootstrap}",
-        "store": "rocksdb://" if settings.state_store == "rocksdb" else "memory://",
+        "store": "rocksdb://",
         "datadir": str(settings.data_dir),
         "processing_guarantee": settings.processing_guarantee,
         "web_host": settings.web_host,
@@ -95,9 +85,6 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
     from app.runtime.owners import OwnerDirectory, assignor_for
 
     check_routes(config)
-    if settings.state_store != "rocksdb":  # not silently ignored: the state would be on disk after all
-        raise ConfigError(f"BYZGUARD_STATE_STORE={settings.state_store} is not run by the batched runtime (its "
-                          "state is in RocksDB, restored from the changelogs); unset it, or run BYZGUARD_RUNTIME=faust")
     conf = built.app.conf
     built.owners = OwnerDirectory(str(conf.canonical_url))  # the URL the other workers forward requests to
     options: dict[str, Any] = dict(
@@ -124,64 +111,28 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     # On untested faust/aiokafka/mode versions the private names byzguard relies on may have changed.
     internals.check_versions(allow_untested=settings.allow_untested_versions)
     options = faust_options(settings, bootstrap)
-    faust_eos = settings.processing_guarantee == "exactly_once"
-    if settings.runtime == "batched":
-        # faust runs no stream of its own then (its exactly_once fails on a consumer without topics): the batched
-        # runtime's transactions are its own, the audits' included.
-        faust_eos = False
-        options["processing_guarantee"] = "at_least_once"
-    if settings.runtime == "batched":
-        # faust's consumer gets the batched runtime's client id: a member a previous process on this data dir left
-        # in faust's group is found and removed as well (app/runtime/membership.py).
-        from app.runtime.membership import client_id
+    # faust runs no stream of its own (its exactly_once fails on a consumer without topics): the batched
+    # runtime's transactions are its own, the audits' included.
+    options["processing_guarantee"] = "at_least_once"
+    # faust's consumer gets the batched runtime's client id: a member a previous process on this data dir left
+    # in faust's group is found and removed as well (app/runtime/membership.py).
+    from app.runtime.membership import client_id
 
-        options["broker_client_id"] = client_id(settings.data_dir, settings.worker_id)
+    options["broker_client_id"] = client_id(settings.data_dir, settings.worker_id)
     app = faust.App(settings.app_id, **options)
-    if faust_eos:
-        eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
-    else:
-        eos.install_in_order(app, bootstrap)  # no record skipped or processed twice (app/eos.py, fix 7)
-    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms)
-    outbox = Outbox(app)
-    app.task(outbox.run)  # the sender: batches go out while the agents work (app/outbox.py)
-    buffer = StateBuffer(outbox)
-    # State writes and every record of the agents are delivered before the offsets of their events commit.
-    eos.before_commit(app, buffer.flush)
-    eos.after_commit(app, buffer.committed)  # under exactly_once the stores get state only once it is committed
     guard = Guard(config)
-    built = GuardApp(app=app, guard=guard, buffer=buffer, store_options=store_options(
+    built = GuardApp(app=app, guard=guard, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))
-    batched = settings.runtime == "batched"
-    for route in config.routes:
-        topics = declare_route_topics(app, route)
-        built.topics[route.name] = topics
-        if batched:  # the batched runtime owns the route's state: faust must not open its databases
-            continue
-        tables = declare_route_tables(app, route, built.store_options)
-        built.tables[route.name] = tables
-        built.agents[route.name] = attach_verify_agent(app, guard, route, topics, tables, buffer)
-    if batched:
-        attach_batched_runtime(built, settings, config, bootstrap)
-    log.info("runtime: %s (the routes' verify streams run %s)", settings.runtime,
-             "in the batched loop, app/runtime" if batched else "as faust agents")
+    runtime = attach_batched_runtime(built, settings, config, bootstrap)
+    log.info("runtime: batched (every route's verify stream runs in one loop, app/runtime)")
     metrics.configure(config)
     logs.install(app, built.quiet_logs)  # says once that the broker is gone, and when it is back
-    # A repartitioning route's verify agent reads its repartition topic: its lag is the route's too.
-    input_topics = frozenset(t for route in config.routes for t in route.inputs) | frozenset(
-        topics.repartition_topic.get_topic_name() for topics in built.topics.values()
-        if topics.repartition_topic is not None)
-
-    @app.timer(interval=metrics.LAG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
-    async def measure_consumer_lag() -> None:
-        await metrics.update_consumer_lag(app.consumer, input_topics)
-
     backlog = QuarantineBacklog(bootstrap, config, decisions_topic_name(settings.app_id, settings.decisions_topic))
 
     @app.timer(interval=BACKLOG_INTERVAL)  # type: ignore[untyped-decorator]  # faust's App.timer is untyped
     async def measure_quarantine_backlog() -> None:
-        # The input partitions this worker owns: the batched runtime's, or faust's consumer's.
-        runtime = built.runtime
-        await backlog.update(list(runtime.positions) if runtime is not None else app.assignor.assigned_actives())
+        # The input partitions this worker owns.
+        await backlog.update(list(runtime.positions))
 
     class BacklogService(Service):
         """Stops the backlog's reader with the worker."""
@@ -212,10 +163,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
     from app.review.web import register_review  # the review page and API (/review/), docs/review.md
 
     register_review(built, settings, bootstrap)
-    from agents.audit import attach_audits  # cross-stream audits (docs/audits.md)
     from app.entities import register_entity_views  # GET /entities/... (docs/last-known-good.md)
 
-    if not batched:  # on the batched runtime the audits are its stages (app/runtime/audits.py)
-        attach_audits(built, config)
     register_entity_views(built, config)
     return built

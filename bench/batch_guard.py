@@ -8,7 +8,7 @@ far enough to measure it honestly. Per input partition, a batch is the records o
    layout), reading its state through the batch's pending writes, then the writes of the batch in flight, then
    RocksDB;
 2. its outputs and one changelog record per changed key go into aiokafka record batches (`create_batch` /
-   `send_batch`, as app/outbox.py builds them), not a future per record;
+   `send_batch`, as app/runtime/batches.py builds them), not a future per record;
 3. at_least_once (e): once the broker acknowledged every output of the batch, its state is written to RocksDB
    (one WriteBatch per table) and then its offsets are committed. The loop goes on with the next fetch while the
    previous one is acknowledged (one batch in flight), so a redelivered record is never judged a duplicate of

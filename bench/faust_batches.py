@@ -10,7 +10,7 @@ whole fetches with its own aiokafka consumer (`getmany`, group = app id) and sen
 guard, RocksDB state after delivery, aiokafka record batches, commit after the state) on each event.
 So the consumer, its group membership and its commits are the loop's own, as in shape (1): what faust adds is
 its worker, its agent, stream and channel per fetch. Producer: the record batches go through the aiokafka
-producer of faust's own producer (`app.producer._ensure_producer()`, a private name, as app/outbox.py uses).
+producer of faust's own producer (`app.producer._ensure_producer()`, a private name).
 
     BYZGUARD_BROKER=HOST:PORT BYZGUARD_APP_ID=G BYZGUARD_CONFIG=... python -m bench.faust_batches --data-dir D
 """

@@ -19,9 +19,9 @@ import faust
 from faust.worker import Worker
 from mode.supervisors import CrashingSupervisor
 
-from app.fetching import tune_fetch
 from app.settings import Settings
 from app.worker import faust_options
+from bench.fetching import tune_fetch
 
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.procs import cpu_seconds, loadavg
 from byzguard.client.producer import GuardedProducer
-from tests.integration.worker_harness import Events, WorkerFactory, WorkerProcess, runtime_under_test, wipe
+from tests.integration.worker_harness import Events, WorkerFactory, WorkerProcess, wipe
 
 
 async def _trickle(bootstrap: str, topic: str, interval: float, stop: asyncio.Event, sent: dict[str, float]) -> None:
@@ -72,7 +72,6 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
                   wipe_dir: bool = False, worker_id: str | None = None) -> list[float]:
     factory = WorkerFactory(bootstrap, base, f"restart-{guarantee.replace('_', '-')}",
                             processing_guarantee=guarantee)
-    factory.runtime = runtime_under_test() if runtime_under_test() != "faust" else "batched"
     route = factory.configure(partitions=4)
     worker = _named(factory.new_worker("w"), worker_id, None).start()
     worker.wait_ready(120)

@@ -11,7 +11,6 @@ Variants, all reading the same pre-produced input (one topic, a fresh consumer g
   c     byzguard (`byzguard run`) on the batched runtime, every check and the shipped CEL rules, RocksDB state,
         at_least_once
   d     the same with exactly_once
-  cf/df c and d on the faust agent runtime (BYZGUARD_RUNTIME=faust), while that runtime exists
   e     a prototype, not the product: byzguard's core in a batched aiokafka loop without faust (bench code)
 Also: memory (RSS with 1M entities in state), crash accounting (d SIGKILLed --crash-kills times; and two d
 workers, one joining and one leaving mid-stream, bench/pair.py), detection
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "timed (default 0: the plain input, about --events/--entities events per entity)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--reps", type=int, help="repetitions of each variant, interleaved (full: 3)")
-    parser.add_argument("--variants", default="a,a_ck,b,c,d,cf,df", help="comma list of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default="a,a_ck,b,c,d", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--mode", choices=("structured", "binary"), default="structured",
                         help="CloudEvents content mode of the input (default structured)")
     parser.add_argument("--latency-seconds", type=float, help="paced load per latency run (full: 60)")
@@ -89,8 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
-                        help="the variant of the RSS run (cf_norules_skip: the faust agent runtime with a forced "
-                        "seek-back per partition)")
+                        help="the variant of the RSS run")
     parser.add_argument("--memory-processed", type=int,
                         help="of those, entities loaded by verifying an event each (the rest are restored from the "
                         "state changelog; full: 100000)")
@@ -110,8 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--detection-events", type=int,
                         help="detection quality: events of the `byzguard demo` (fault injector) run (full: 100000)")
     parser.add_argument("--detection-rate", type=float, default=0.01, help="probability per event of each fault class")
-    parser.add_argument("--detection-runtime", choices=("batched", "faust"), default="batched",
-                        help="BYZGUARD_RUNTIME of the demo's worker (default batched, the product)")
     parser.add_argument("--detection-eps", type=float, default=5000.0,
                         help="send rate cap (the demo also keeps at most 250 records unjudged)")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: "
@@ -255,11 +251,10 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         _save(args, results)
 
     if "detection" not in args.skip and args.detection_events:
-        log(f"detection: byzguard demo on the {args.detection_runtime} runtime, {args.detection_events} events, each "
+        log(f"detection: byzguard demo, {args.detection_events} events, each "
             f"fault class at {args.detection_rate:.0%}")
         result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
-                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20),
-                                 runtime=args.detection_runtime)
+                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
         log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
         results["detection"] = result
         _save(args, results)
@@ -403,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.md").write_text(report.markdown(results))
     if results.get("profile"):
         (args.out / "profile-samples.md").write_text(
-            "".join(profile_report.markdown(f"{p['variant']}: {VARIANTS[p['variant']].label}", p["summary"])
+            "".join(profile_report.markdown(f"{p['variant']}: {report.label(p['variant'])}", p["summary"])
                     + "\n" for p in results["profile"] if p.get("summary")))
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
     print((args.out / "bench.md").read_text())

@@ -549,7 +549,7 @@ async def _wait_outputs(progress: Progress, worker: Worker, topics: list[str], a
 
 
 async def detection(ctx: Context, run_id: str, *, events_count: int, rate: float, eps: float, seed: int,
-                    timeout: float, audit_window: float = 15.0, runtime: str = "batched") -> dict[str, Any]:
+                    timeout: float, audit_window: float = 15.0) -> dict[str, Any]:
     """`byzguard demo` at scale: the fault injector's labeled traffic through a worker it starts (the shipped
     byzguard.yaml as a user runs it, but with `audit_window` s audit windows), scored per fault class from its
     JSON report."""
@@ -572,7 +572,7 @@ async def detection(ctx: Context, run_id: str, *, events_count: int, rate: float
            if isinstance(spec, dict) and spec.get("secret_env")}
     env.update({"BYZGUARD_BROKER": ctx.bootstrap, "BYZGUARD_APP_ID": run_id, "BYZGUARD_CONFIG": str(config),
                 "BYZGUARD_DATA_DIR": str(run_dir / "state"), "BYZGUARD_WEB_PORT": str(free_port()),
-                "BYZGUARD_DEMO": "0", "BYZGUARD_RUNTIME": runtime})
+                "BYZGUARD_DEMO": "0"})
     args = ["-m", "app.cli", "demo", "--events", str(events_count), "--rate", str(rate), "--eps", str(eps),
             "--seed", str(seed), "--worker", "start", "--no-live", "--report", str(report_path)]
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=run_dir / "demo.log")
@@ -593,7 +593,7 @@ async def detection(ctx: Context, run_id: str, *, events_count: int, rate: float
     except (OSError, orjson.JSONDecodeError) as exc:
         report = None
         error = error or f"no report ({exc}); exit code {exit_code}; log {worker.log_path}:\n{worker.tail()}"
-    return {"run_id": run_id, "runtime": runtime, "command": command,
+    return {"run_id": run_id, "runtime": "batched", "command": command,
             "config": f"byzguard.yaml with every audit's within set to {audit_window:g}s", "events": events_count,
             "rate_per_class": rate, "eps": eps, "seed": seed,
             "elapsed_s": round(time.monotonic() - started, 1), "exit_code": exit_code,

@@ -25,20 +25,14 @@ class Variant:
     #: BYZGUARD_* settings of this variant's worker (over --setting).
     settings: tuple[tuple[str, str], ...] = ()
     #: a module and its arguments that start the byzguard worker (`python -m MODULE ARGS... app.cli run`), for
-    #: diagnostics that change the worker's process (bench/switched.py, bench/skipping.py); (): `byzguard run`
+    #: diagnostics that change the worker's process (bench/gctrace.py); (): `byzguard run`
     wrapper: tuple[str, ...] = ()
     #: raw and batch kinds: the worker's module (default bench.passthrough_raw / bench.batch_guard)
     module: str = ""
-    #: byzguard kind: the runtime of the routes' verify streams (BYZGUARD_RUNTIME), pinned so that a change of
-    #: the product's default does not change what a variant measures: batched (app/runtime, the product) or
-    #: faust (the agent per route, agents/verify.py)
-    runtime: str = "batched"
 
     def __post_init__(self) -> None:
         if self.wrapper and self.kind != "byzguard":
             raise ValueError(f"variant {self.key}: a wrapper is only applied to byzguard workers")
-        if self.runtime not in ("batched", "faust"):
-            raise ValueError(f"variant {self.key}: runtime {self.runtime!r} is neither batched nor faust")
 
     @property
     def read_committed(self) -> bool:
@@ -58,19 +52,10 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # <app_id>-verify).
     Variant("c", "byzguard, every check + CEL rules, RocksDB, at_least_once", "byzguard", "at_least_once"),
     Variant("d", "byzguard, every check + CEL rules, RocksDB, exactly_once", "byzguard", "exactly_once"),
-    # The same guard on the faust agent runtime (agents/verify.py, app/eos.py), while that runtime exists.
-    Variant("cf", "byzguard as c on the faust agent runtime, at_least_once", "byzguard", "at_least_once",
-            runtime="faust"),
-    Variant("df", "byzguard as d on the faust agent runtime, exactly_once", "byzguard", "exactly_once",
-            runtime="faust"),
     # Diagnostic: the same worker without the CEL rules, to separate the rules' cost from everything else.
     Variant("c_norules", "byzguard, every check but no CEL rules, RocksDB, at_least_once", "byzguard",
             "at_least_once", rules=False),
     Variant("b_eos", "faust pass-through agent, exactly_once", "faust", "exactly_once"),
-    # Diagnostic: cf with the fetch faust hard-codes (fetch_max_wait_ms=1500, fetch_min_bytes=1), app/fetching.py.
-    Variant("cf_wait1500", "byzguard as cf, with faust's own fetch (max wait 1500 ms)", "byzguard",
-            "at_least_once", runtime="faust",
-            settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "1500"), ("BYZGUARD_FETCH_MIN_BYTES", "1"))),
     Variant("c_wait100", "byzguard as c, fetch max wait 100 ms", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MAX_WAIT_MS", "100"),)),
     Variant("b_wait1500", "faust pass-through agent with faust's own fetch (max wait 1500 ms)", "faust",
@@ -80,24 +65,10 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"),)),
     Variant("c_min25", "byzguard as c, fetches wait up to 25 ms for 64 KiB", "byzguard", "at_least_once",
             settings=(("BYZGUARD_FETCH_MIN_BYTES", "65536"), ("BYZGUARD_FETCH_MAX_WAIT_MS", "25"))),
-    # Diagnostic: the GIL switch interval of the worker (faust's consumer thread waits for the GIL after each fetch).
-    Variant("cf_switch1", "byzguard as cf, GIL switch interval 1 ms", "byzguard", "at_least_once",
-            wrapper=("bench.switched", "1"), runtime="faust"),
-    Variant("cf_switch20", "byzguard as cf, GIL switch interval 20 ms", "byzguard", "at_least_once",
-            wrapper=("bench.switched", "20"), runtime="faust"),
     # Diagnostic: c with every long (>= 5 ms) or oldest-generation garbage collection in its log (bench/gctrace.py).
     Variant("c_gctrace", "byzguard as c, garbage collections logged", "byzguard", "at_least_once",
             wrapper=("bench.gctrace",)),
-    # Diagnostic for the memory phase (--memory-variant), faust agent runtime: c_norules, but 50 records of each
-    # input partition are held back from the agent once, after its first 100, so the in-order guard seeks back
-    # (bench/skipping.py).
-    Variant("cf_norules_skip", "byzguard as c_norules on the faust agent runtime, one forced seek-back per "
-            "partition", "byzguard", "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50"),
-            runtime="faust"),
     # Diagnostics: glibc's sliding mmap threshold, as before app/memory.py fixed it at 128 KiB.
-    Variant("cf_norules_skip_sliding", "cf_norules_skip with glibc's sliding mmap threshold", "byzguard",
-            "at_least_once", rules=False, wrapper=("bench.skipping", "100", "50"), runtime="faust",
-            settings=(("BYZGUARD_MALLOC_MMAP_THRESHOLD_KB", "0"),)),
     Variant("c_sliding", "byzguard as c, with glibc's sliding mmap threshold", "byzguard", "at_least_once",
             settings=(("BYZGUARD_MALLOC_MMAP_THRESHOLD_KB", "0"),)),
     # Diagnostic: the pass-through forwarding each batch of up to 1000 events (stream.take_events) back to back.
@@ -172,7 +143,6 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
         "BYZGUARD_PROCESSING_GUARANTEE": variant.guarantee,
         "BYZGUARD_LOG_LEVEL": log_level,
         **(extra_env or {}),
-        **({"BYZGUARD_RUNTIME": variant.runtime} if variant.kind == "byzguard" else {}),
         **dict(variant.settings),
     }
     shown = " ".join(f"{k}={v}" for k, v in env.items())
@@ -202,19 +172,17 @@ def launch(variant: Variant, *, run_id: str, bootstrap: str, input_topic: str, p
             program = "python " + shlex.join(args)
     worker = Worker.python(run_id, args, env=env, cwd=run_dir, log_path=log_path)
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != events.SECRET_ENV)
-    group = input_group(run_id, env)
+    group = input_group(run_id)
     return Launch(variant, worker, group, [verified, quarantine], f"{shown} {program}", config,
                   changelogs=changelog_topics(config, run_id))
 
 
-def input_group(app_id: str, env: dict[str, str]) -> str:
+def input_group(app_id: str) -> str:
     """The consumer group that commits a byzguard worker's inputs: the batched runtime's own (app/runtime
-    `verify_group`) where it runs the routes, else faust's group, the app id."""
-    if env.get("BYZGUARD_RUNTIME", "faust") == "batched":
-        from app.runtime.loop import verify_group
+    `verify_group`)."""
+    from app.runtime.loop import verify_group
 
-        return verify_group(app_id)
-    return app_id
+    return verify_group(app_id)
 
 
 def changelog_topics(config: Path, app_id: str) -> list[str]:

@@ -63,15 +63,6 @@ HARNESS_VARIABLES = frozenset({
 })
 
 
-#: The runtime the test run is about: BYZGUARD_RUNTIME when pytest started (batched when unset). It is read once, here,
-#: before `no_developer_settings` clears BYZGUARD_* inside each test: chosen on purpose for the whole run (e.g.
-#: `BYZGUARD_RUNTIME=batched pytest tests/chaos`), it reaches only what a test starts on that runtime (the
-#: harness's workers, `runtime_under_test()`), never the settings a test reads in this process.
-RUNTIME_UNDER_TEST = os.environ.get("BYZGUARD_RUNTIME", "").strip() or "batched"
-if RUNTIME_UNDER_TEST not in ("faust", "batched"):
-    raise pytest.UsageError(f"BYZGUARD_RUNTIME={RUNTIME_UNDER_TEST!r}: the tests run on faust or batched")
-
-
 def clear_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove the developer's BYZGUARD_* settings and stop .env from being read, in this process and in the
     workers and commands a test starts (BYZGUARD_ENV_FILE=""). KAFKA_BOOTSTRAP_SERVERS (the shared broker)

@@ -6,7 +6,7 @@ cleanly (SIGTERM, then SIGKILL after a timeout) or kills it (SIGKILL); and shows
 it fails.
 
 Ready means: the worker logged READY_LINE after this start. faust's Worker logs it once the partitions are
-assigned and the tables recovered, under both runtimes (the batched one delays it until it owns its partitions).
+assigned and the tables recovered; the batched runtime delays it until it owns its partitions (restored).
 /healthz is no such signal: the web server answers it before any partition is assigned. Where the log level hides
 INFO lines, a worker whose web address is known is also ready once its /metrics show the consumer lag of an
 assigned partition.

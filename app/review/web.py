@@ -86,49 +86,16 @@ class ReviewWeb:
             self.reviewer(request, require_name=False)
 
     def entity(self, route_name: str, entity: str, partition: int) -> dict[str, Any]:
-        """The entity's state if this worker owns its partition; otherwise where it lives."""
-        if self.built.owners is not None:
-            return self.batched_entity(route_name, entity, partition)
-        tables = self.built.tables.get(route_name)
-        if tables is None:
-            return {"where": "unknown", "detail": f"route {route_name!r} is not run by this worker"}
-        table = tables.state_by_entity
-        changelog = table.changelog_topic.get_topic_name()
-        app = self.built.app
-        where = {"partition": partition, "changelog": changelog, "table": table.name}
-        try:
-            active = {(tp.topic, tp.partition) for tp in app.assignor.assigned_actives()}
-        except Exception:  # no assignment yet (the worker is still joining the group)
-            active = set()
-        if (changelog, partition) in active:
-            try:
-                raw = self.built.buffer.get(table, partition, entity.encode())
-            except Exception as exc:  # the store may be recovering
-                return {"where": "here", **where, "state": None, "detail": f"not readable now: {exc}"}
-            return {"where": "here", **where, "state": entity_view(raw),
-                    "detail": "no verified version yet" if raw is None else ""}
-        owners = []
-        try:
-            for host, topics in app.router.table_metadata(table.name).items():
-                if partition in (topics.get(changelog) or ()):
-                    owners.append(str(host))
-        except Exception:
-            owners = []
-        detail = (f"partition {partition} of {changelog} is owned by {', '.join(owners)}; ask that worker's "
-                  f"review page" if owners else f"partition {partition} of {changelog} is not assigned to "
-                  "this worker; the worker that owns it shows this value")
-        return {"where": "elsewhere", **where, "workers": owners, "state": None, "detail": detail}
-
-    def batched_entity(self, route_name: str, entity: str, partition: int) -> dict[str, Any]:
-        """entity() under the batched runtime: its partition state, or its owner (app/runtime/owners.py)."""
+        """The entity's state if this worker owns its partition; otherwise where it lives (app/runtime/owners.py)."""
         from app.runtime.owners import read_entity
-        from app.runtime.state import TABLE_OF, changelog_topic
+        from app.runtime.state import changelog_topic
+        from tables import Table, table_name
 
         route = next((r for r in self.built.guard.config.routes if r.name == route_name), None)
         if route is None:
             return {"where": "unknown", "detail": f"route {route_name!r} is not run by this worker"}
         where = {"partition": partition, "changelog": changelog_topic(self.app_id, route, ENTITIES),
-                 "table": f"{route_name}-{TABLE_OF[ENTITIES]}"}
+                 "table": table_name(route, Table.STATE_BY_ENTITY)}
         owners, runtime = self.built.owners, self.built.runtime
         assert owners is not None
         if runtime is None:

@@ -1,4 +1,4 @@
-"""The batched runtime of the guard's verify streams (app/runtime/loop.py), beside faust's agents."""
+"""The batched runtime of the guard's verify streams (app/runtime/loop.py), the only runtime."""
 
 from app.runtime.loop import BatchedRuntime, check_routes, verify_group
 

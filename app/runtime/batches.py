@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from app.outbox import RecordTooLargeError
+from app.runtime.limits import RecordTooLargeError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The batched runtime: every route's verify stream in one loop on aiokafka's consumer, beside faust's agents.
+"""The batched runtime: every route's verify stream in one loop on aiokafka's consumer (the only runtime).
 
 One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
 (`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
@@ -26,8 +26,8 @@ The topics that are not a route's verify input go to the loop's other stages (ap
 the same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the
 repartition topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
 
-faust keeps the App, its web server, CLI, timers and the review and decision streams; its consumer (group
-`<app_id>`) no longer reads the routes' inputs.
+faust keeps the App, its web server, CLI and timers; its consumer (group `<app_id>`) reads none of the routes'
+topics (the review and decision streams are side consumers, app/review/store.py).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ from mode import Service
 
 from agents.verify import observe as _observe
 from app import metrics
-from app.outbox import load_limits
 from app.runtime import membership
 from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
+from app.runtime.limits import load_limits
 from app.runtime.stages import (
     Forwards,
     StageContext,
@@ -74,8 +74,8 @@ Key = tuple[str, int]
 
 def verify_group(app_id: str) -> str:
     """The consumer group of the batched runtime: it commits the routes' input offsets. faust's own consumer
-    (group `app_id`, faust's assignor) keeps the review and decision streams; one group cannot hold both
-    assignors."""
+    (group `app_id`, faust's assignor; the faust agent runtime of earlier releases committed there) reads none of
+    them; one group cannot hold both assignors."""
     return f"{app_id}-verify"
 
 

@@ -4,7 +4,7 @@ A SIGKILLed worker never leaves its consumer group: the group coordinator keeps 
 partitions with it, until no heartbeat came for `session_timeout` (10 s by default). A worker restarted at once
 on the same data dir would wait that long for its own partitions.
 
-So the batched runtime's consumer, and faust's (group `<app_id>`: the review and decision streams), carry a
+So the batched runtime's consumer, and faust's (group `<app_id>`, which reads none of the routes' topics), carry a
 client id that is stable per data dir (`byzguard-<id>`, the id kept in `<data dir>/byzguard-instance`). At
 start, before they join, the worker looks up the members of both groups (DescribeGroups) with that client id:
 each is a previous process on this data dir that did not leave (a clean stop leaves the group itself), and it

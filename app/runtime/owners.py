@@ -1,9 +1,9 @@
 """Which worker owns which route partition of the batched runtime, and an entity's state on the worker that owns it.
 
 The last-known-good view (app/entities.py) and the review page (app/review/web.py) answer for any entity on any
-worker: the owner of the entity's partition reads it, the others forward the request there. Under the faust
-runtime the owner comes from faust's table metadata; the batched runtime has its own consumer group
-(`<app_id>-verify`), so it says who owns what itself, through aiokafka's public assignor API:
+worker: the owner of the entity's partition reads it, the others forward the request there. faust's table metadata
+does not know (the batched runtime has its own consumer group, `<app_id>-verify`), so the runtime says who owns
+what itself, through aiokafka's public assignor API:
 
 - every worker's member metadata carries its web URL in `user_data` (`encode_member`);
 - the group's leader assigns as aiokafka's range assignor does (a route's inputs stay co-partitioned) and gives

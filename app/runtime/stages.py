@@ -27,8 +27,8 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from agents.verify import observe
-from app.outbox import load_limits
 from app.runtime.batches import RecordBatches
+from app.runtime.limits import load_limits
 from byzguard.config import GuardConfig, Partitioning, Route
 from byzguard.engine import Decision
 from byzguard.guard import RecordIn, Routed

@@ -2,8 +2,8 @@
 
 The databases are the ones faust's rocksdb tables use (`<tabledir>/<route>-<table>-<partition>.db`, raw keys and
 values, faust's RocksDB options through its own `RocksDBOptions`), and each holds, as faust writes it, the offset
-of the last changelog record it contains under `__faust\\0offset__`. So a data dir written by the faust runtime is
-read as it is, and the other way round. The batched runtime adds one key to the state_by_entity database: the
+of the last changelog record it contains under `__faust\\0offset__`. So a data dir written by the faust agent
+runtime of earlier releases is read as it is. The batched runtime adds one key to the state_by_entity database: the
 next input offset of each input partition whose events the stored state includes (at_least_once resumes from
 the larger of it and the committed offset).
 
@@ -28,6 +28,7 @@ from rocksdict import Rdict, WriteBatch
 
 from byzguard.config import Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS
+from tables import TABLE_OF, table_name
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 OFFSET_KEY = b"__faust\0offset__"
 #: The batched runtime's key (state_by_entity only) of the next input offset per input topic, as JSON.
 INPUTS_KEY = b"__byzguard\0input_offsets__"
-#: The faust table (tables/__init__.py) each of the guard's state names lives in.
-TABLE_OF = {ENTITIES: "state_by_entity", LAMPORTS: "lamport_by_source", CAUSAL: "causal_by_entity"}
 #: Changelog records replayed per RocksDB WriteBatch during a restore.
 RESTORE_CHUNK = 10_000
 
@@ -50,12 +49,12 @@ def state_names(route: Route) -> list[str]:
 
 def changelog_topic(app_id: str, route: Route, name: str) -> str:
     """The changelog topic of one state name of `route` (faust's `<app_id>-<table>-changelog`)."""
-    return f"{app_id}-{route.name}-{TABLE_OF[name]}-changelog"
+    return f"{app_id}-{table_name(route, TABLE_OF[name])}-changelog"
 
 
 def db_path(tabledir: Path, route: Route, name: str, partition: int) -> Path:
     """Where faust's rocksdb store keeps a table partition (faust `Store.partition_path`)."""
-    return tabledir / f"{route.name}-{TABLE_OF[name]}-{partition}.db"
+    return tabledir / f"{table_name(route, TABLE_OF[name])}-{partition}.db"
 
 
 

@@ -1,6 +1,7 @@
-"""Cases of the batched runtime on the real broker that the faust runtime needed fixes for (app/eos.py) or that no
-other test puts to it: inputs written in transactions (commit markers, interleaved transactions), a route with
-several input topics, and a local state whose changelog offset is past its changelog's end."""
+"""Cases of the batched runtime on the real broker that the faust agent runtime of earlier releases needed fixes for
+(docs/exactly-once.md) or that no other test puts to it: inputs written in transactions (commit markers,
+interleaved transactions), a route with several input topics, and a local state whose changelog offset is past its
+changelog's end."""
 
 from __future__ import annotations
 
@@ -56,8 +57,7 @@ async def test_an_input_written_in_transactions_is_routed_once_and_committed_pas
         worker_factory: WorkerFactory, guarantee: str) -> None:
     """Records of an input written in transactions (a commit marker after each, two side by side, the partition
     ending in one) are each routed once, and the group commits every partition to its end: no lag of 1 stays
-    behind a marker that no record follows (app/eos.py fix 7's case on the batched runtime)."""
-    worker_factory.runtime = "batched"
+    behind a marker that no record follows (gap 7 of docs/exactly-once.md on the batched runtime)."""
     worker_factory.processing_guarantee = guarantee
     route = worker_factory.configure(partitions=2)
     worker = worker_factory.start("w")
@@ -84,7 +84,6 @@ async def test_a_route_with_two_input_topics_routes_both_and_keeps_one_state_per
     """A route reading two input topics routes the events of both; an entity's state is one across them (an old
     version on the second topic is a regression), and after a restart on the same data dir nothing is routed
     twice or judged a duplicate of itself."""
-    worker_factory.runtime = "batched"
     worker_factory.processing_guarantee = guarantee
     route = worker_factory.configure(partitions=2)
     second = f"{route.input}-2"

@@ -32,7 +32,6 @@ from app.dev.faults import SPECS, Expect, Fate, FaultClass
 from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.config import load
-from tests.conftest import RUNTIME_UNDER_TEST
 
 pytestmark = pytest.mark.kafka
 
@@ -74,8 +73,7 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
     monkeypatch.setenv(SECRET_ENV, "integration-demo-secret")
     config_path = documented_config_on_fresh_topics(tmp_path, app_id)
     settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",
-                        web_port=free_ports(1)[0], commit_interval=0.2,
-                        runtime=RUNTIME_UNDER_TEST)
+                        web_port=free_ports(1)[0], commit_interval=0.2)
     cfg = load(config_path)
     console = Console(file=io.StringIO(), width=200)
     worker = start_worker(settings, kafka_bootstrap, console)
@@ -139,8 +137,7 @@ def test_a_demo_that_starts_its_worker_catches_partial_writes_without_touching_t
     cfg = load(config_path)
     assert cfg.audit("orders_paid") is not None and cfg.audit("orders_paid").within == 600.0  # type: ignore[union-attr]
     settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",
-                        web_port=free_ports(1)[0], commit_interval=0.2,
-                        runtime=RUNTIME_UNDER_TEST)
+                        web_port=free_ports(1)[0], commit_interval=0.2)
     console = Console(file=io.StringIO(), width=200)
     started = time.monotonic()
     result = play(settings, cfg, kafka_bootstrap, DemoOptions(events=400, rate=0.02, min_each=2, seed=11, eps=300,

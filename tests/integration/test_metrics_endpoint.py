@@ -20,7 +20,6 @@ from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
-from tests.conftest import RUNTIME_UNDER_TEST
 from tests.integration.test_demo import SECRET_ENV, documented_config_on_fresh_topics
 
 pytestmark = pytest.mark.kafka
@@ -48,8 +47,7 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
     monkeypatch.setenv(SECRET_ENV, SECRET)
     config_path = documented_config_on_fresh_topics(tmp_path, app_id)
     settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",
-                        web_port=free_ports(1)[0], commit_interval=0.2,
-                        runtime=RUNTIME_UNDER_TEST)
+                        web_port=free_ports(1)[0], commit_interval=0.2)
     base = web_base(settings.web_host, settings.web_port)
     worker = start_worker(settings, kafka_bootstrap, Console(file=io.StringIO()))
     try:
@@ -100,7 +98,7 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
     # On the batched runtime the audit's stages are read by the same consumer: the verified topic the documented
     # orders_paid audit reads and its repartition topic have a lag too (docs/operations.md, the metrics table).
     audit_inputs = {f"{app_id}-orders.verified", f"{app_id}-audit-orders_paid-repartition"}
-    expected = inputs | audit_inputs if RUNTIME_UNDER_TEST == "batched" else inputs
+    expected = inputs | audit_inputs
     assert {t for t, _ in lag_partitions} == expected, lag_partitions
     assert len({(t, p) for t, p in lag_partitions if t in inputs}) == 16  # 4 inputs x 4 partitions
     assert any(n == "byzguard_type_max_age_seconds" and lb["type"] == "role.changed" and v == 3600

@@ -46,7 +46,6 @@ async def test_a_worker_restarted_after_a_sigkill_takes_its_partitions_back_with
         worker_factory: WorkerFactory, guarantee: str) -> None:
     """A worker SIGKILLed and restarted at once on the same data dir removes the member its dead process left in the
     groups and routes again well before that member's session would have timed out, losing nothing."""
-    worker_factory.runtime = "batched"
     worker_factory.processing_guarantee = guarantee
     route = worker_factory.configure(partitions=4)
     events = Events()
@@ -75,7 +74,6 @@ async def test_a_worker_restarted_after_a_sigkill_takes_its_partitions_back_with
 async def test_a_cleanly_stopped_worker_hands_its_partitions_over_at_once(worker_factory: WorkerFactory) -> None:
     """With two workers, the one stopped cleanly (SIGTERM) leaves the group: the other takes all its partitions and
     routes what comes next well before a session timeout, and the restarted one finds no member to remove."""
-    worker_factory.runtime = "batched"
     route = worker_factory.configure(partitions=4)
     events = Events()
     one = _worker(worker_factory, "one")
@@ -103,7 +101,6 @@ async def test_a_named_worker_restarted_on_a_wiped_data_dir_takes_its_partitions
     recognises its dead process's members by that name and removes them: it routes again well before their session
     would have timed out, and its state comes back from the changelogs (the next versions are verified, none
     lost). The time from the SIGKILL to the first routed record is printed."""
-    worker_factory.runtime = "batched"
     worker_factory.processing_guarantee = guarantee
     route = worker_factory.configure(partitions=4)
     events = Events()
@@ -138,7 +135,6 @@ async def test_two_live_workers_given_one_name_do_not_remove_each_other(worker_f
     """A second worker started with the BYZGUARD_WORKER_ID of a live one, at another URL (another port), finds a
     member of that name serving another URL: it removes nothing, says the names must be unique, and both share
     the partitions."""
-    worker_factory.runtime = "batched"
     route = worker_factory.configure(partitions=4)
     one = _worker(worker_factory, "one", worker_id="guard-0")
     one.wait_ready(90)

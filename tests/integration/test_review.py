@@ -557,7 +557,6 @@ async def test_review_page_of_a_worker_that_does_not_own_the_entity_names_its_ow
     """With two batched workers sharing the route's partitions, a quarantined record's detail shows the entity's
     verified state on the worker that owns its partition, and on the other worker says where it is: `elsewhere`,
     naming the owner's URL (the one /entities is served by), with no state of its own."""
-    worker_factory.runtime = "batched"
     route = worker_factory.configure(partitions=2)
     workers = []
     for name in ("w1", "w2"):

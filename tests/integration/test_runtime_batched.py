@@ -1,16 +1,25 @@
-"""The batched runtime (BYZGUARD_RUNTIME=batched) as worker processes on the real broker: the same verdicts as the
-faust runtime, state reused across restarts, and every event in exactly one place through SIGKILLs and through
-workers joining and leaving mid-stream."""
+"""The batched runtime as worker processes on the real broker: verdicts with their codes, state reused across
+restarts and taken over from the faust agent runtime of earlier releases, and every event in exactly one place
+through SIGKILLs and through workers joining and leaving mid-stream."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+from pathlib import Path
 
+import faust
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.stores.rocksdb import RocksDBOptions
 
-from app.provision import OUTPUT_HEADROOM
+from app.provision import OUTPUT_HEADROOM, provision
+from app.runtime.state import OFFSET_KEY, changelog_topic, state_names
+from byzguard.config import load
+from byzguard.guard import Guard, RecordIn
+from byzguard.stamp import Stamped
+from tables import TABLE_OF, store_options
 from tests.chaos.test_crash import (
     EXPECTED_CODE,
     Stream,
@@ -22,6 +31,7 @@ from tests.chaos.test_crash import (
 )
 from tests.integration.test_poison import _set_limit, _wait_for
 from tests.integration.worker_harness import (
+    SECRETS,
     Events,
     Out,
     RouteNames,
@@ -36,11 +46,13 @@ from tests.integration.worker_harness import (
 
 pytestmark = pytest.mark.kafka
 
+#: The RocksDB options of a worker's tables (the default settings).
+STORE_OPTIONS = store_options(write_buffer_mb=8, block_cache_mb=8)
+
 
 @pytest.fixture
 def batched(worker_factory: WorkerFactory) -> WorkerFactory:
-    """The test's workers run the batched runtime."""
-    worker_factory.runtime = "batched"
+    """The test's workers (the batched runtime, the only one)."""
     return worker_factory
 
 
@@ -76,12 +88,12 @@ async def _outputs(bootstrap: str, route: RouteNames, stream: Stream) -> tuple[l
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
-async def test_batched_runtime_routes_clean_and_faulty_events_with_the_faust_runtimes_codes(
+async def test_batched_runtime_routes_clean_and_faulty_events_with_their_codes(
     batched: WorkerFactory, guarantee: str,
 ) -> None:
     """Clean events reach the verified topic once; corrupted, regressed, forged and malformed ones reach quarantine
-    with the codes the faust runtime gives them; a re-sent event reaches neither; the worker says which runtime
-    runs and commits the inputs in its own group."""
+    with their codes (ENVELOPE.md); a re-sent event reaches neither; the worker says which runtime runs and
+    commits the inputs in its own group."""
     batched.processing_guarantee = guarantee
     route = batched.configure(partitions=4)
     worker = batched.start("w1")
@@ -106,7 +118,7 @@ async def test_batched_runtime_routes_clean_and_faulty_events_with_the_faust_run
         assert out.header("byzguard_original_topic") == route.input.encode()
     log = worker.log_text()
     assert "runtime: batched" in log and f"batched runtime: {guarantee}" in log
-    assert input_group(batched.app_id, "batched") != batched.app_id
+    assert input_group(batched.app_id) != batched.app_id
     assert worker.stop() == 0, worker.fail("did not stop cleanly").args[0]
 
 
@@ -139,37 +151,88 @@ async def test_batched_runtime_reuses_its_state_after_a_restart(batched: WorkerF
     assert second.stop() == 0
 
 
+async def _faust_runtime_left(factory: WorkerFactory, route: RouteNames, data_dir: Path,
+                              records: list[Stamped]) -> None:
+    """Leave `data_dir`, the changelogs and the app id's group as the faust agent runtime of earlier releases left
+    them after it routed `records` (already in the input) and stopped cleanly: per table partition a RocksDB
+    database in faust's layout (`<tabledir>/<route>-<table>-<partition>.db`, opened with faust's own
+    RocksDBOptions) holding the state and, under faust's offset key, the offset of the last changelog record it
+    holds; the changelog records; the input offsets committed by the group named as the app id."""
+    assert factory.config_path is not None
+    config = load(factory.config_path, environ=SECRETS)
+    spec = config.routes[0]
+    guard = Guard(config)
+    tabledir = Path(faust.App(factory.app_id, datadir=str(data_dir), autodiscover=False, env={}).conf.tabledir)
+    consumer = AIOKafkaConsumer(bootstrap_servers=factory.bootstrap, group_id=factory.app_id,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=factory.bootstrap, acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(route.input, p) for p in range(route.partitions)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        inputs = []
+        while len(inputs) < sum(ends.values()):
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                inputs.extend(batch)
+        assert len(inputs) == len(records)
+        now = time.time()
+        for tp in tps:
+            tables: dict[str, dict[bytes, bytes]] = {name: {} for name in TABLE_OF}
+            for r in (r for r in inputs if r.partition == tp.partition):
+                record = RecordIn(r.key, r.value, list(r.headers), r.topic, r.partition, r.offset, now)
+                result = guard.process(record, spec, tables, now=now)
+                assert result.first.decision.outcome.value == "verified"
+                for (name, key), value in result.writes.items():
+                    tables[name][key] = value  # type: ignore[assignment]
+            for name in state_names(spec):
+                last = -1
+                for key, value in tables[name].items():
+                    sent = await producer.send_and_wait(changelog_topic(factory.app_id, spec, name), value,
+                                                        key=key, partition=tp.partition)
+                    last = sent.offset
+                db = RocksDBOptions(**STORE_OPTIONS).open(tabledir / f"{spec.name}-{TABLE_OF[name]}-{tp.partition}.db")
+                for key, value in tables[name].items():
+                    db.put(key, value)
+                if last >= 0:
+                    db.put(OFFSET_KEY, str(last).encode())  # as faust's Store.set_persisted_offset writes it
+                db.close()
+        await consumer.commit({tp: ends[tp] for tp in tps})  # the faust runtime's group: the app id
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
 async def test_a_data_dir_and_group_of_the_faust_runtime_are_taken_over_as_they_are(
     worker_factory: WorkerFactory,
 ) -> None:
-    """A worker moved from the faust runtime to the batched one on the same data dir reads faust's state as it is
-    (nothing replayed, a re-sent event is a duplicate, an old version a regression) and resumes the inputs where
-    the faust runtime's group committed (nothing processed twice)."""
-    route = worker_factory.configure(partitions=4)
-    events = Events()
+    """A data dir, changelogs and committed offsets as the faust agent runtime of earlier releases left them are
+    taken over as they are: the local state is read without a restore (a re-sent event is a duplicate, an old
+    version a regression) and the inputs resume where the app id's group committed (nothing processed twice)."""
+    route = worker_factory.configure(partitions=2)
+    assert worker_factory.config_path is not None
     data_dir = worker_factory.base_dir / "state"
+    # The topics, changelogs included, as a worker creates them (no worker: its group would commit nothing yet).
+    await provision(worker_factory.bootstrap, load(worker_factory.config_path, environ=SECRETS), worker_factory.app_id)
+    events = Events()
     subjects = [f"acct-{i}" for i in range(12)]
-    worker_factory.runtime = "faust"
-    old = worker_factory.start("faust", data_dir=data_dir)
     batch1 = [events.clean(s, v) for v in (1, 2) for s in subjects]
     await produce(worker_factory.bootstrap, route.input, batch1)
-    await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[old])
-    assert old.stop() == 0, old.fail("did not stop cleanly").args[0]
+    await _faust_runtime_left(worker_factory, route, data_dir, batch1)
 
-    worker_factory.runtime = "batched"
     new = worker_factory.start("batched", data_dir=data_dir)
     regression = events.regression(subjects[0], 1)
     batch2 = [batch1[5], regression, *(events.clean(s, 3) for s in subjects)]
     await produce(worker_factory.bootstrap, route.input, batch2)
     await wait_caught_up(worker_factory.bootstrap, worker_factory.app_id, [route.input], workers=[new])
-    assert "restored" not in new.log_text(), "faust's local state must be read as it is"
-    verified = by_id(await collect(worker_factory.bootstrap, route.verified,
-                                   expected=len(batch1) + len(subjects)))
+    assert "restored" not in new.log_text(), "the faust runtime's local state must be read as it is"
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(subjects)))
     quarantined = by_id(await collect(worker_factory.bootstrap, route.quarantine, expected=1))
     assert all(len(r) == 1 for r in verified.values()), "an event was forwarded twice"
-    assert len(verified) == len(batch1) + len(subjects)
+    assert set(verified) == {e.event_id for e in batch2[2:]}, "only the new versions pass"
     assert set(quarantined) == {regression.event_id}
-    assert new.events_processed() == len(batch2), "the batched runtime processed faust's events again"
+    assert new.events_processed() == len(batch2), "the batched runtime processed the faust runtime's events again"
     assert new.stop() == 0
 
 

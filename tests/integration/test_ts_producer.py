@@ -107,15 +107,9 @@ def send_transactions(prices: PricesWorker, bootstrap: str, tmp_path: Path) -> t
 
 
 def test_at_least_once_never_verifies_the_events_of_an_aborted_transaction(worker_factory: WorkerFactory,
-                                                                          tmp_path: Path,
-                                                                          request: pytest.FixtureRequest) -> None:
+                                                                          tmp_path: Path) -> None:
     """Under at_least_once too, prices a kafkajs transaction aborted reach neither output, and the next versions
     are judged as if they had never been sent."""
-    if worker_factory.runtime == "faust":  # the runtime the workers run (the harness's, not the collection's)
-        request.node.add_marker(pytest.mark.xfail(
-            strict=True, reason="faust's consumer reads inputs read_uncommitted under at_least_once: an aborted "
-            "transaction's records are verified, the next version conflicts (the batched runtime reads "
-            "read_committed under both guarantees)"))
     worker_factory.processing_guarantee = "at_least_once"
     prices = start_prices_worker(worker_factory, tmp_path)
     bootstrap = worker_factory.bootstrap

@@ -92,7 +92,7 @@ def start_prices_worker(factory: WorkerFactory, tmp_path: Path) -> PricesWorker:
     worker = factory.new_worker("w1")
     worker.env["BYZGUARD_KEY_PRICING_1"] = secret
     worker.start().wait_ready()
-    assert f"runtime: {factory.runtime} " in worker.log_text(), f"the worker did not run {factory.runtime}"
+    assert "runtime: batched " in worker.log_text(), "the worker did not run the batched runtime"
     route = doc["routes"][0]
     return PricesWorker(worker, names["prices"], names["prices.verified"], names["prices.quarantine"],
                         route["partitions"], secret)

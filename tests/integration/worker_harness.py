@@ -35,7 +35,7 @@ from app.dev.workers import tail_lines
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
-from tests.conftest import RUNTIME_UNDER_TEST, run_async
+from tests.conftest import run_async
 
 _DIGITS = re.compile(r"\d+")
 REPO = Path(__file__).resolve().parents[2]
@@ -138,20 +138,11 @@ class RouteNames:
     partitions: int
 
 
-def runtime_under_test() -> str:
-    """The runtime the test run's workers use: BYZGUARD_RUNTIME when pytest started (batched when unset; the
-    autouse fixture clears it inside a test, tests/conftest.py `RUNTIME_UNDER_TEST`)."""
-    return RUNTIME_UNDER_TEST
+def input_group(app_id: str) -> str:
+    """The consumer group that commits a route's input offsets: the batched runtime's own (app/runtime)."""
+    from app.runtime import verify_group
 
-
-def input_group(app_id: str, runtime: str | None = None) -> str:
-    """The consumer group that commits a route's input offsets: the app id under faust, the batched runtime's
-    own group under batched (app/runtime)."""
-    if (runtime or runtime_under_test()) == "batched":
-        from app.runtime import verify_group
-
-        return verify_group(app_id)
-    return app_id
+    return verify_group(app_id)
 
 
 @dataclass
@@ -167,8 +158,6 @@ class WorkerFactory:
     workers: list[WorkerProcess] = field(default_factory=list)
     route: RouteNames | None = None
     config_path: Path | None = None
-    #: What runs the verify streams (settings `runtime`); BYZGUARD_RUNTIME of the test run by default.
-    runtime: str = field(default_factory=lambda: runtime_under_test())
 
     def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
         """Write this test's config with unique topic names (the worker's provisioning creates them);
@@ -201,7 +190,6 @@ class WorkerFactory:
             "BYZGUARD_WEB_PORT": str(port),
             "BYZGUARD_COMMIT_INTERVAL": str(self.commit_interval),
             "BYZGUARD_PROCESSING_GUARANTEE": self.processing_guarantee,
-            "BYZGUARD_RUNTIME": self.runtime,
             "BYZGUARD_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
         })
@@ -410,7 +398,7 @@ async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, t
         while time.monotonic() < deadline:
             ends = await consumer.end_offsets(tps)
             done = {tp: 0 for tp in tps}
-            for name in (group, input_group(group, "batched")):  # the batched runtime commits inputs apart
+            for name in (group, input_group(group)):  # the app id's group or the batched runtime's own
                 committed = await admin.list_consumer_group_offsets(name, partitions=tps)
                 for tp, meta in committed.items():
                     if tp in done and meta.offset > done[tp]:

@@ -8,13 +8,13 @@ from bench.variants import VARIANTS, Variant
 
 
 def test_a_wrapper_on_a_byzguard_variant_is_kept() -> None:
-    assert VARIANTS["cf_switch1"].wrapper == ("bench.switched", "1")
+    assert VARIANTS["c_gctrace"].wrapper == ("bench.gctrace",)
 
 
 @pytest.mark.parametrize("kind", ["raw", "faust", "batch"])
 def test_a_wrapper_on_another_kind_is_refused(kind: str) -> None:
     with pytest.raises(ValueError, match="only applied to byzguard workers"):
-        Variant("x", "x", kind, "at_least_once", wrapper=("bench.switched", "1"))
+        Variant("x", "x", kind, "at_least_once", wrapper=("bench.gctrace",))
 
 
 # -- the runtime prototypes and the steady-state input (docs/runtime-choice.md) ---------------------------------
@@ -329,50 +329,35 @@ def test_exactly_once_writes_the_state_only_after_the_transaction_committed(tmp_
         part.close()
 
 
-# -- the product is the batched runtime: c and d; the faust agent runtime: cf and df -----------------------------
+# -- the product is the batched runtime: c and d; b is faust's own pass-through, the framework's ceiling ---------
 
 @pytest.mark.parametrize(("key", "guarantee"), [("c", "at_least_once"), ("d", "exactly_once")])
 def test_c_and_d_run_the_batched_runtime_whose_group_commits_the_inputs(tmp_path: Any, key: str,
                                                                        guarantee: str) -> None:
-    """c and d start `byzguard run` with BYZGUARD_RUNTIME=batched, watched through the group <app_id>-verify."""
+    """c and d start `byzguard run` (the batched runtime, the only one), watched through the group
+    <app_id>-verify."""
     lnch = _launch(key, tmp_path)
-    assert lnch.worker.env["BYZGUARD_RUNTIME"] == "batched"
+    assert "BYZGUARD_RUNTIME" not in lnch.worker.env
     assert lnch.worker.env["BYZGUARD_PROCESSING_GUARANTEE"] == guarantee
     assert lnch.group == f"r-{key}-verify"
 
 
-@pytest.mark.parametrize("key", ["cf", "df"])
-def test_cf_and_df_run_the_faust_agent_runtime_whose_group_is_the_app_id(tmp_path: Any, key: str) -> None:
-    """cf and df pin BYZGUARD_RUNTIME=faust, whose inputs are committed by the group named as the app id."""
-    lnch = _launch(key, tmp_path)
-    assert lnch.worker.env["BYZGUARD_RUNTIME"] == "faust" and lnch.group == f"r-{key}"
-    assert VARIANTS[key].guarantee == VARIANTS[key[0]].guarantee
+def test_the_compared_variants_are_the_pass_throughs_and_the_product() -> None:
+    """The default comparison keeps a, a_ck, b (faust's pass-through) and the product c, d; the guard on the removed
+    faust agent runtime (cf, df and its diagnostics) is no variant any more."""
+    from bench.run import parse_args
+
+    assert parse_args([]).variants == ["a", "a_ck", "b", "c", "d"]
+    assert VARIANTS["b"].kind == "faust"
+    assert not [k for k in VARIANTS if k.startswith(("cf", "df"))]
 
 
-def test_a_setting_for_every_worker_does_not_change_a_variants_runtime(tmp_path: Any) -> None:
-    """--setting runtime=faust reaches every worker, but c stays on the runtime it pins."""
-    from pathlib import Path
+def test_a_report_of_a_run_with_a_removed_variant_still_renders() -> None:
+    """Results recorded with cf and df (bench/results/) still render: their label says the variant was removed."""
+    from bench.report import label
 
-    from bench.variants import launch
-
-    lnch = launch(VARIANTS["c"], run_id="r", bootstrap="127.0.0.1:1", input_topic="in", partitions=2,
-                  workdir=tmp_path, repo=Path(__file__).resolve().parents[2],
-                  extra_env={"BYZGUARD_RUNTIME": "faust"})
-    assert lnch.worker.env["BYZGUARD_RUNTIME"] == "batched" and lnch.group == "r-verify"
-
-
-def test_a_variant_with_an_unknown_runtime_is_refused() -> None:
-    """A runtime other than batched or faust is a typo, refused when the variant is declared."""
-    with pytest.raises(ValueError, match="neither batched nor faust"):
-        Variant("x", "x", "byzguard", "at_least_once", runtime="batch")
-
-
-def test_the_faust_specific_diagnostics_run_the_faust_agent_runtime() -> None:
-    """The diagnostics that patch or tune the faust agent (held-back records, faust's fetch, the GIL switch
-    interval of faust's consumer thread) pin the faust runtime; c_norules, the memory phase's variant, does not."""
-    assert {k for k, v in VARIANTS.items() if v.kind == "byzguard" and v.runtime == "faust"} == {
-        "cf", "df", "cf_wait1500", "cf_switch1", "cf_switch20", "cf_norules_skip", "cf_norules_skip_sliding"}
-    assert VARIANTS["c_norules"].runtime == "batched"
+    assert label("c") == VARIANTS["c"].label
+    assert label("cf") == "cf (a variant since removed)"
 
 
 def test_the_second_worker_of_the_two_worker_run_shares_the_group_but_not_the_data_dir(tmp_path: Any) -> None:

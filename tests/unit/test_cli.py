@@ -99,3 +99,19 @@ def test_without_the_development_tools_no_local_broker_is_found(monkeypatch: pyt
     assert dev_tools_installed()
     monkeypatch.setitem(sys.modules, "app.dev", None)
     assert not dev_tools_installed() and running_local_broker() is None
+
+
+def test_the_tables_a_crashed_faust_runtime_worker_left_are_discarded_once(tmp_path: Path) -> None:
+    """A data dir whose faust-runtime worker (an earlier release) did not stop cleanly still has its running marker:
+    its table dir (which may hold writes of aborted transactions) is dropped once, with the marker; a data dir
+    without the marker keeps its tables."""
+    from app.cli import FAUST_RUNNING_MARKER, discard_tables_of_a_crashed_faust_worker
+
+    tables = tmp_path / "app-data" / "v1" / "tables"
+    (tables / "r-state_by_entity-0.db").mkdir(parents=True)
+    assert not discard_tables_of_a_crashed_faust_worker(tmp_path, tables)
+    assert tables.exists()
+    (tmp_path / FAUST_RUNNING_MARKER).write_text("123\n")
+    assert discard_tables_of_a_crashed_faust_worker(tmp_path, tables)
+    assert not tables.exists() and not (tmp_path / FAUST_RUNNING_MARKER).exists()
+    assert not discard_tables_of_a_crashed_faust_worker(tmp_path, tables)

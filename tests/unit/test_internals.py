@@ -201,7 +201,7 @@ def test_registered_name_is_as_byzguard_expects(entry: PrivateName) -> None:
 
 @pytest.mark.parametrize(("change", "expected"), [
     ({"name": "_no_such_method_anywhere", "kind": "method"}, "missing"),
-    ({"signature": "(self, tp, offset_from)"}, "signature"),
+    ({"signature": "(self)"}, "signature"),
     ({"digest": "0" * 16}, "source changed"),
     ({"kind": "method"}, "now async"),
     ({"kind": "added"}, "now defines"),
@@ -210,10 +210,10 @@ def test_registered_name_is_as_byzguard_expects(entry: PrivateName) -> None:
 ])
 def test_a_changed_name_is_reported(change: dict[str, str], expected: str) -> None:
     """A name that moved, lost a parameter, changed its source or kind, or clashes with one byzguard adds is
-    reported (checked by altering the registered `Consumer._add_gap`)."""
-    add_gap = next(e for e in PRIVATE_NAMES if e.name == "_add_gap")
-    assert problems(add_gap) == []
-    changed = dataclasses.replace(add_gap, **change)  # type: ignore[arg-type]
+    reported (checked by altering the registered `Service.crash`)."""
+    crash = next(e for e in PRIVATE_NAMES if e.name == "crash")
+    assert problems(crash) == []
+    changed = dataclasses.replace(crash, **change)  # type: ignore[arg-type]
     assert any(expected in line for line in problems(changed)), problems(changed)
 
 
@@ -372,16 +372,20 @@ def test_build_app_refuses_untested_versions(monkeypatch: pytest.MonkeyPatch, tm
         build_app(Settings(data_dir=tmp_path / "data"), load(config), "127.0.0.1:9092")
 
 
-def test_a_method_byzguard_adds_is_found_once_the_library_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_method_byzguard_adds_is_found_once_the_library_has_it(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
     """A method of byzguard's own on a subclass of a library class needs no entry while the library lacks the name;
     on a version that adds it, it is an override and the scan reports it."""
-    from faust.tables.recovery import Recovery
+    from mode import Service
 
-    source = (REPO / "app" / "eos.py").read_text()
-    assert "_end_at_transaction_markers" not in foreign_names(source, "app.eos")
-    assert "_set_recovery_ended" in foreign_names(source, "app.eos")  # reached through self: always listed
-    monkeypatch.setattr(Recovery, "_end_at_transaction_markers", lambda self: None, raising=False)
-    assert "_end_at_transaction_markers" in foreign_names(source, "app.eos")
+    source = ("from mode import Service\n\n\nclass Probe(Service):\n    async def _probe_added(self) -> None:\n"
+              "        await self.crash(RuntimeError())\n")
+    (tmp_path / "internals_probe.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "_probe_added" not in foreign_names(source, "internals_probe")
+    assert "crash" in foreign_names(source, "internals_probe")  # reached through self: always listed
+    monkeypatch.setattr(Service, "_probe_added", lambda self: None, raising=False)
+    assert "_probe_added" in foreign_names(source, "internals_probe")
 
 
 def test_demo_that_may_start_a_worker_refuses_untested_versions(monkeypatch: pytest.MonkeyPatch) -> None:

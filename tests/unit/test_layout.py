@@ -54,8 +54,6 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
                               "needs a broker; its rendering is a unit test of byzguard/review.py's output"),
     "app/dev/local_secrets.py": (("tests/unit/test_cli.py",), "local mode of the command line"),
     "app/dev/localkafka.py": (("tests/integration/test_localkafka.py",), "starts a broker"),
-    "app/fetching.py": (("tests/integration/test_fetching.py",), "needs a broker"),
-    "app/outbox.py": (("tests/integration/test_outbox.py",), "needs a broker"),
     "app/provision.py": (("tests/integration/test_worker.py", "tests/integration/test_runtime_batched.py"),
                          "needs a broker"),
     "app/review/store.py": (("tests/integration/test_review.py", "tests/unit/test_review_render.py"),
@@ -63,6 +61,8 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
     "app/review/web.py": (("tests/integration/test_review.py", "tests/e2e/test_review_page.py"),
                           "a worker's web server"),
     "app/runtime/batches.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
+    "app/runtime/limits.py": (("tests/integration/test_poison.py", "tests/integration/test_runtime_batched.py"),
+                              "needs a broker"),
     "app/runtime/loop.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
     "app/sidereads.py": (("tests/integration/test_sidereads.py",), "needs a broker"),
 }

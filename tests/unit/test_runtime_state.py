@@ -5,12 +5,12 @@ together. (Restore from the changelogs runs on the real broker: tests/integratio
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from app.runtime.state import OFFSET_KEY, PartitionState, changelog_topic, db_path
-from app.settings import Settings
 from byzguard.config import GuardConfig, Route, load
 from byzguard.guard import ENTITIES, LAMPORTS
 
@@ -24,14 +24,25 @@ def config(tmp_path: Path) -> GuardConfig:
 
 
 def _faust_tables(tmp_path: Path, config: GuardConfig) -> Any:
-    from app.worker import build_app
+    """The route's tables as the faust agent runtime of earlier releases declared them on its App (faust's rocksdb
+    store, raw bytes keys and values), to compare with what the batched runtime opens."""
+    import faust
 
-    return build_app(Settings(data_dir=tmp_path / "data", runtime="faust"), config, "127.0.0.1:9092")
+    from tables import store_options, table_names
+
+    options = store_options(write_buffer_mb=8, block_cache_mb=8)
+    app = faust.App("byzguard", broker="kafka://127.0.0.1:9092", store="rocksdb://", datadir=str(tmp_path / "data"),
+                    autodiscover=False, env={})
+    route = config.routes[0]
+    state, lamports = (app.Table(name, key_type=bytes, value_type=bytes, partitions=route.partitions,
+                                 options=dict(options)) for name in table_names(route))
+    return SimpleNamespace(app=app, store_options=options,
+                           tables={route.name: SimpleNamespace(state_by_entity=state, lamport_by_source=lamports)})
 
 
 def test_paths_and_changelog_names_are_those_of_fausts_tables(tmp_path: Path, config: GuardConfig) -> None:
     """Each state name's database is the file faust's rocksdb store of that table uses, and its changelog topic
-    is the table's: a data dir and changelogs written by the faust runtime are read as they are."""
+    is the table's: a data dir and changelogs written by the faust runtime of earlier releases are read as they are."""
     built = _faust_tables(tmp_path, config)
     route = config.routes[0]
     tables = built.tables["r"]

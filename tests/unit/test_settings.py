@@ -62,16 +62,18 @@ def test_rocksdb_memory_settings_reach_every_table_store(monkeypatch: pytest.Mon
                       "      types: {t: {}}}\n")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_WRITE_BUFFER_MB", "2")
     monkeypatch.setenv("BYZGUARD_ROCKSDB_BLOCK_CACHE_MB", "16")
-    built = build_app(Settings(data_dir=tmp_path / "data", runtime="faust"), load(config), "127.0.0.1:9092")
-    tables = built.tables["r"]
-    for table in (tables.state_by_entity, tables.lamport_by_source):
-        options = table.data.rocksdb_options  # type: ignore[attr-defined]
-        assert (options.write_buffer_size, options.max_write_buffer_number, options.block_cache_size) == (
-            2 << 20, 4, 16 << 20)
+    from faust.stores.rocksdb import RocksDBOptions
+
+    built = build_app(Settings(data_dir=tmp_path / "data"), load(config), "127.0.0.1:9092")
+    assert built.runtime is not None
+    # What the batched runtime opens each table partition's database with (app/runtime/state.py).
+    options = RocksDBOptions(**built.runtime.store_options)
+    assert (options.write_buffer_size, options.max_write_buffer_number, options.block_cache_size) == (
+        2 << 20, 4, 16 << 20)
 
 
 def test_the_worker_waits_at_most_10_ms_for_a_fetch_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    """faust's own 1500 ms wait held busy input partitions back behind a fetch of idle ones (app/fetching.py)."""
+    """faust's own 1500 ms wait held busy input partitions back behind a fetch of idle ones (bench/fetching.py)."""
     settings = Settings()
     assert (settings.fetch_min_bytes, settings.fetch_max_wait_ms) == (1, 10)
     monkeypatch.setenv("BYZGUARD_FETCH_MAX_WAIT_MS", "0")  # the broker would answer every fetch at once: a busy loop

@@ -1,4 +1,5 @@
-"""How the worker chooses its runtime (settings `runtime`, BYZGUARD_RUNTIME), without a broker."""
+"""The worker's one runtime (the batched loop, app/runtime) and the settings of the removed faust agent runtime,
+without a broker."""
 
 from __future__ import annotations
 
@@ -7,52 +8,40 @@ from pathlib import Path
 import pytest
 
 from app.settings import Settings, SettingsError, load_settings
-from byzguard.config import GuardConfig, load
-from byzguard.errors import ConfigError
+from byzguard.config import load
 
 
-def _config(tmp_path: Path, extra: str = "") -> GuardConfig:
-    path = tmp_path / "byzguard.yaml"
-    path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
-                    f"      types: {{t: {{}}}}{extra}}}\n")
-    return load(path)
-
-
-def test_the_batched_runtime_is_the_default_and_faust_is_chosen_by_its_variable(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Unset, the routes run in the batched loop with its batch bounds (1000 records, 100 ms by default);
-    BYZGUARD_RUNTIME=faust chooses the faust agents; any other value is refused."""
+def test_the_batched_runtime_runs_unset_or_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset or `batched`, BYZGUARD_RUNTIME runs the routes in the batched loop with its batch bounds (1000
+    records, 100 ms by default); any other value is refused."""
     monkeypatch.delenv("BYZGUARD_RUNTIME", raising=False)
     settings = load_settings()
     assert (settings.runtime, settings.batch_max_records, settings.batch_max_ms) == ("batched", 1000, 100.0)
-    monkeypatch.setenv("BYZGUARD_RUNTIME", "faust")
-    assert load_settings().runtime == "faust"
+    monkeypatch.setenv("BYZGUARD_RUNTIME", "batched")
+    assert load_settings().runtime == "batched"
     monkeypatch.setenv("BYZGUARD_RUNTIME", "fast")
-    with pytest.raises(SettingsError, match="BYZGUARD_RUNTIME"):
+    with pytest.raises(SettingsError, match="BYZGUARD_RUNTIME='fast'"):
         load_settings()
 
 
-def test_on_the_batched_runtime_faust_declares_no_route_table_or_agent(tmp_path: Path) -> None:
-    """With runtime batched the App gets the batched runtime as a dependency (started before faust's consumer) and
-    neither the routes' tables (their RocksDB files are the runtime's) nor verify agents; with faust, the agent and
-    tables as before."""
-    from app.runtime import BatchedRuntime
-    from app.worker import build_app
-
-    config = _config(tmp_path)
-    batched = build_app(Settings(data_dir=tmp_path / "b", runtime="batched"), config, "127.0.0.1:9092")
-    assert batched.tables == {} and batched.agents == {}
-    assert isinstance(batched.app._children[0], BatchedRuntime)  # type: ignore[attr-defined]
-    faust = build_app(Settings(data_dir=tmp_path / "f", runtime="faust"), config, "127.0.0.1:9092")
-    assert set(faust.tables) == {"r"} and set(faust.agents) == {"r"}
-    assert not any(isinstance(s, BatchedRuntime) for s in faust.app._children)  # type: ignore[attr-defined]
+def test_a_stale_faust_runtime_setting_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BYZGUARD_RUNTIME=faust (the agent runtime earlier releases had) is refused at start, in the line of that
+    variable, saying the runtime was removed and to unset it; so is BYZGUARD_STATE_STORE=memory, its store."""
+    monkeypatch.setenv("BYZGUARD_RUNTIME", "faust")
+    monkeypatch.setenv("BYZGUARD_STATE_STORE", "memory")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    runtime, store = sorted(raised.value.problems)
+    assert runtime == ("BYZGUARD_RUNTIME='faust': the faust agent runtime was removed; unset BYZGUARD_RUNTIME (the "
+                       "batched runtime is the only one; its state is the faust runtime's, docs/operations.md)")
+    assert store.startswith("BYZGUARD_STATE_STORE='memory': the memory store went with the faust agent runtime; "
+                            "unset BYZGUARD_STATE_STORE"), store
 
 
-def test_on_the_batched_runtime_faust_declares_no_audit_or_repartition_agent(tmp_path: Path) -> None:
-    """A repartitioning route and an audit rule run on the batched runtime: faust declares neither their agents
-    nor the audit's join table (so no tick timer either), and its own guarantee is at_least_once (it runs no stream);
-    on the faust runtime they are faust agents as before."""
+def test_faust_declares_no_route_table_or_agent_and_runs_the_batched_runtime(tmp_path: Path) -> None:
+    """The App gets the batched runtime as a dependency (started before faust's consumer) and neither a table nor an
+    agent of its own, for a repartitioning route and an audit rule too (their stages are the runtime's); faust's
+    own guarantee is at_least_once (it runs no stream; the runtime's transactions are its own)."""
     from app.runtime import BatchedRuntime
     from app.worker import build_app
 
@@ -61,23 +50,9 @@ def test_on_the_batched_runtime_faust_declares_no_audit_or_repartition_agent(tmp
                     "      partitioning: repartition, types: {a: {}, b: {}}}\n"
                     "audits:\n  - {name: ab, left: {topic: out, type: a, key: data.k}, right: {topic: out, type: b,"
                     " key: data.k}, within: 10s}\n")
-    config = load(path)
-    batched = build_app(Settings(data_dir=tmp_path / "b", runtime="batched", processing_guarantee="exactly_once"),
-                        config, "127.0.0.1:9092")
-    assert batched.agents == {} and not list(batched.app.tables)
-    assert batched.app.conf.processing_guarantee.value == "at_least_once"
-    assert any(isinstance(s, BatchedRuntime) for s in batched.app._children)  # type: ignore[attr-defined]
-    faust = build_app(Settings(data_dir=tmp_path / "f", runtime="faust"), config, "127.0.0.1:9092")
-    assert set(faust.agents) == {"r", "audit:ab"}
-    assert "audit-ab-pending_by_key" in list(faust.app.tables)
-
-
-def test_a_memory_state_store_is_refused_by_the_batched_runtime(tmp_path: Path) -> None:
-    """BYZGUARD_STATE_STORE=memory is not silently ignored by the batched runtime (its state is always in RocksDB):
-    the worker refuses to start and says why; the faust runtime still takes it."""
-    from app.worker import build_app
-
-    config = _config(tmp_path)
-    with pytest.raises(ConfigError, match="BYZGUARD_STATE_STORE=memory is not run by the batched runtime"):
-        build_app(Settings(data_dir=tmp_path / "b", runtime="batched", state_store="memory"), config, "127.0.0.1:9092")
-    build_app(Settings(data_dir=tmp_path / "f", runtime="faust", state_store="memory"), config, "127.0.0.1:9092")
+    built = build_app(Settings(data_dir=tmp_path / "b", processing_guarantee="exactly_once"), load(path),
+                      "127.0.0.1:9092")
+    assert not list(built.app.tables) and not list(built.app.agents)
+    assert built.app.conf.processing_guarantee.value == "at_least_once"
+    assert isinstance(built.app._children[0], BatchedRuntime)  # type: ignore[attr-defined]
+    assert built.runtime is built.app._children[0] and built.owners is not None  # type: ignore[attr-defined]

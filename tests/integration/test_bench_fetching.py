@@ -1,5 +1,5 @@
-"""app.fetching on the real broker: the worker's consumer fetches with the worker's settings, not with the wait
-faust hard-codes (1500 ms, which held busy input partitions back behind a fetch of idle ones; app/fetching.py)."""
+"""bench.fetching on the real broker: the faust pass-through of the benchmark (variant b) fetches with the worker's
+fetch settings, as byzguard does, not with the wait faust hard-codes (1500 ms; bench/fetching.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import faust
 import pytest
 
-from app.fetching import tune_fetch
+from bench.fetching import tune_fetch
 from tests.conftest import TopicFactory
 
 

@@ -1,4 +1,7 @@
-"""How the worker's consumer fetches: the two fetch settings faust hard-codes, made settings.
+"""How the faust pass-through's consumer fetches (variant b, bench/passthrough_faust.py): the two fetch settings
+faust hard-codes, made settings, so that b fetches as byzguard's batched runtime does (BYZGUARD_FETCH_MIN_BYTES,
+BYZGUARD_FETCH_MAX_WAIT_MS). Until the faust agent runtime was removed this was the worker's own (app/fetching.py);
+the text below is what was measured then.
 
 faust creates its aiokafka consumer with `fetch_max_wait_ms=1500` (and aiokafka's `fetch_min_bytes=1`).
 aiokafka sends one fetch at a time per broker, and leaves out of it every partition whose fetched records the
@@ -30,9 +33,9 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 
 def tune_fetch(app: faust.App, *, min_bytes: int, max_wait_ms: int) -> None:
-    """Make the worker's consumer fetch with `min_bytes` and `max_wait_ms`. Call before the app starts."""
+    """Make the app's consumer fetch with `min_bytes` and `max_wait_ms`. Call before the app starts."""
     if app._consumer is not None:
-        raise RuntimeError("fetching.tune_fetch must run before the app's consumer is created")
+        raise RuntimeError("bench.fetching.tune_fetch must run before the app's consumer is created")
     transport: Any = app.transport
     base_consumer = transport.Consumer
 

@@ -1,0 +1,62 @@
+"""The size limits of the topics the batched runtime writes: each topic's `max.message.bytes`, read from the broker.
+
+A record is measured before it is added (byzguard.routing `record_size`): one that would not fit its destination
+is not sent (a bounded stub goes to quarantine instead, `output.too_large`), and `RecordBatches` refuses one that
+does not fit a whole record batch (`RecordTooLargeError`) instead of letting the broker fail its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+log = logging.getLogger(__name__)
+
+#: A topic's message size limit when the broker does not say (Kafka's default `message.max.bytes`).
+DEFAULT_LIMIT = 1_048_588
+
+
+class RecordTooLargeError(ValueError):
+    """A record does not fit its destination topic (`max.message.bytes`); callers check its size first."""
+
+
+async def load_limits(bootstrap: str, topics: Sequence[str], *, retry_for: float = 120.0) -> dict[str, int]:
+    """Each existing topic's `max.message.bytes` (its own setting, else the broker's `message.max.bytes`); a topic
+    that does not exist is left out. A broker that does not answer is waited for up to `retry_for` seconds."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            wanted = [t for t in dict.fromkeys(topics) if t in existing]
+            if not wanted:
+                return {}
+            responses = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in wanted])
+            return _limits_of(responses)
+        except Exception as exc:  # a broker outage is waited out, not crashed on
+            if time.monotonic() > deadline:
+                raise
+            log.warning("cannot read topic limits from %s (%r); retrying", bootstrap, exc)
+            await asyncio.sleep(2)
+        finally:
+            await admin.close()
+
+
+def _limits_of(responses: Sequence[Any]) -> dict[str, int]:
+    limits: dict[str, int] = {}
+    for response in responses:
+        for resource in response.to_object().get("resources", []):
+            if resource.get("error_code", 0):
+                continue
+            for entry in resource.get("config_entries", []):
+                if entry.get("config_names") == "max.message.bytes" and entry.get("config_value"):
+                    limits[resource["resource_name"]] = int(entry["config_value"])
+    return limits
