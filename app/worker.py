@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The fetch max wait of faust's consumer under the batched runtime (its streams are reviews and decisions: a
+#: record on them waits at most this long; an idle consumer polls this often).
+FAUST_STREAMS_MAX_WAIT_MS = 500
+
 
 @dataclass
 class GuardApp:
@@ -140,7 +144,13 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)
     else:
         eos.install_in_order(app, bootstrap)  # no record skipped or processed twice (app/eos.py, fix 7)
-    tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms)
+    if settings.runtime == "batched":
+        # faust's consumer reads only the low-traffic review and decision streams then: polling them every 10 ms
+        # woke its thread 100 times a second, each wake taking the GIL from the verify loop (profile of the batched
+        # runtime under load). BYZGUARD_FETCH_MAX_WAIT_MS applies to the batched runtime's consumer.
+        tune_fetch(app, min_bytes=1, max_wait_ms=max(settings.fetch_max_wait_ms, FAUST_STREAMS_MAX_WAIT_MS))
+    else:
+        tune_fetch(app, min_bytes=settings.fetch_min_bytes, max_wait_ms=settings.fetch_max_wait_ms)
     outbox = Outbox(app)
     app.task(outbox.run)  # the sender: batches go out while the agents work (app/outbox.py)
     buffer = StateBuffer(outbox)
