@@ -61,6 +61,7 @@ from app.runtime.stages import (
     verify_topics,
 )
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
+from app.runtime.tally import Tally
 from byzguard.config import GuardConfig, Route
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
@@ -157,8 +158,8 @@ class BatchedRuntime(Service):
         self._stopping = False
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
-        #: Metric children by route (prometheus_client's labels() costs microseconds per call).
-        self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
+        #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
+        self.tally = Tally(route.name for route in config.routes)
         for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
             self._publish_causal(route.name)
         self._lag_labels: set[tuple[str, str]] = set()
@@ -467,9 +468,10 @@ class BatchedRuntime(Service):
             return
         result = processor.process(record, part.readers, now)  # its writes are in the batch already
         self._emit(route, result, out)
-        self._latency[route.name].observe(time.perf_counter() - started)
+        tally = self.tally
+        tally.latency(route.name, time.perf_counter() - started)
         for routed in result.routed:
-            _observe(route.name, routed, now)
+            tally.routed(route.name, routed, now)
 
     def _emit(self, route: Route, result: Result, out: RecordBatches) -> None:
         for routed in result.routed:
@@ -501,7 +503,7 @@ class BatchedRuntime(Service):
         self._publish_causal(route.name)
         self._emit(route, result, out)
         for routed in result.routed:
-            _observe(route.name, routed, now)
+            self.tally.routed(route.name, routed, now)
 
     async def _punctuate_idle(self) -> None:
         """Route partitions without a batch for the deadline check's interval get one of their own."""
@@ -517,6 +519,7 @@ class BatchedRuntime(Service):
         """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
         self.last_batch[key] = time.monotonic()
         self._punctuate(key, route, part, out)
+        self.tally.flush()
         changelogs = self.changelogs[route.name]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:
