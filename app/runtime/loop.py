@@ -231,7 +231,11 @@ class BatchedRuntime(Service):
                 if consumer is None:
                     await asyncio.sleep(0.05)
                     continue
-                fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                # Up to a batch of every partition owned: aiokafka fills max_records from one partition's
+                # fetch before it takes the next one's, so a bound of one batch would run one partition at a
+                # time, its delivery round trips not overlapped with the others'.
+                fetched = await consumer.getmany(timeout_ms=200,
+                                                 max_records=self.max_records * max(1, len(self.positions)))
                 async with self._lock:
                     if self._stopping:
                         break

@@ -37,7 +37,7 @@ class HistogramTally:
 
     def flush(self) -> None:
         counts = self.counts
-        if not any(counts) and not self.total:
+        if not self.total and not any(counts):
             return
         child = self.child
         child._sum.inc(self.total)
@@ -59,7 +59,6 @@ class Tally:
         self.ages: dict[tuple[str, str], HistogramTally] = {}
         #: Each route's byzguard_verify_duration_seconds series exists (at 0) from the start.
         self.latencies = {route: HistogramTally(metrics.VERIFY_SECONDS.labels(route)) for route in routes}
-        self._dirty: set[HistogramTally] = set()
 
     def latency(self, route: str, seconds: float) -> None:
         """One event's byzguard_verify_duration_seconds."""
@@ -67,7 +66,6 @@ class Tally:
         if hist is None:
             hist = self.latencies[route] = HistogramTally(metrics.VERIFY_SECONDS.labels(route))
         hist.observe(seconds)
-        self._dirty.add(hist)
 
     def routed(self, route: str, routed: Routed, now: float) -> None:
         """Count one routed record: its outcome, failed checks and data age."""
@@ -89,7 +87,6 @@ class Tally:
             if age is None:
                 age = self.ages[(route, event_type)] = HistogramTally(metrics.DATA_AGE.labels(route, event_type))
             age.observe(max(0.0, now - env.time))
-            self._dirty.add(age)
 
     def flush(self) -> None:
         """Add what was counted to the metrics."""
@@ -105,7 +102,7 @@ class Tally:
             for series, count in self.regressions.items():
                 metrics.VERSION_REGRESSIONS.labels(*series).inc(count)
             self.regressions.clear()
-        if self._dirty:
-            for hist in self._dirty:
-                hist.flush()
-            self._dirty.clear()
+        for hist in self.latencies.values():
+            hist.flush()
+        for hist in self.ages.values():
+            hist.flush()
