@@ -19,6 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from app import metrics
 from app.sidereads import started_side_consumer
@@ -141,9 +142,7 @@ class QuarantineBacklog:
         try:
             consumer = await self._started()
             if not self._decisions:  # created by the first review action; until then nothing is decided
-                # All topics' metadata: the consumer's own covers only the topics it is assigned.
-                cluster = await consumer._client.fetch_all_metadata()
-                parts = cluster.partitions_for_topic(self.decisions_topic) or set()
+                parts = await _partitions_of(consumer, self.decisions_topic)
                 self._decisions = [TopicPartition(self.decisions_topic, p) for p in sorted(parts)]
             new = self.counts.own(owned)
             for topic, partition in new:
@@ -198,3 +197,17 @@ class QuarantineBacklog:
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+
+async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The partitions of `topic` (none: it does not exist), asked of the broker for this topic alone and
+    without creating it. The consumer's own metadata covers only the topics it is assigned; the whole
+    cluster's, asked for every 15 s before, took a third of a second to fetch and decode on a broker of 1,900
+    topics."""
+    client = consumer._client
+    response = await client.send(client.get_random_node(),
+                                 MetadataRequest([topic], allow_auto_topic_creation=False))
+    for error_code, name, *_, partitions in response.topics:
+        if name == topic and error_code == 0:
+            return [p[1] for p in partitions]
+    return []
