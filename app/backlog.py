@@ -19,10 +19,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.protocol.metadata import MetadataRequest
 
 from app import metrics
-from app.sidereads import started_side_consumer
+from app.sidereads import started_side_consumer, topic_partitions
 from byzguard.config import GuardConfig
 from byzguard.review import DecisionRecord, Status, status_of
 from byzguard.routing import H_QUARANTINE_ID
@@ -142,7 +141,7 @@ class QuarantineBacklog:
         try:
             consumer = await self._started()
             if not self._decisions:  # created by the first review action; until then nothing is decided
-                parts = await _partitions_of(consumer, self.decisions_topic)
+                parts = await topic_partitions(consumer, self.decisions_topic)
                 self._decisions = [TopicPartition(self.decisions_topic, p) for p in sorted(parts)]
             new = self.counts.own(owned)
             for topic, partition in new:
@@ -198,16 +197,3 @@ class QuarantineBacklog:
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-
-async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    """The partitions of `topic` (none: it does not exist), asked of the broker for this topic alone and
-    without creating it. The consumer's own metadata covers only the topics it is assigned; the whole
-    cluster's, asked for every 15 s before, took a third of a second to fetch and decode on a broker of 1,900
-    topics."""
-    client = consumer._client
-    response = await client.send(client.get_random_node(),
-                                 MetadataRequest([topic], allow_auto_topic_creation=False))
-    for error_code, name, *_, partitions in response.topics:
-        if name == topic and error_code == 0:
-            return [p[1] for p in partitions]
-    return []

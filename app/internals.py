@@ -274,7 +274,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("prometheus_client.metrics.Histogram", "_sum", "attribute", ("app/runtime/tally.py",),
                 "the series' sum: inc(total) once per batch"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
-                ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
+                ("app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / fetch_all_metadata / send (one topic's metadata): aiokafka has no public "
                 "way to refresh the topic list"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_min_bytes", "attribute",
