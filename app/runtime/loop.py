@@ -73,8 +73,10 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]
 #: The largest record batch the runtime's producers build (below a topic's max.message.bytes, which bounds it
 #: further). aiokafka sends one batch per partition per request and one request per broker at a time: with
-#: faust's 16 KiB a batch of 1,000 outputs went out in some 50 round trips one after another.
-BATCH_BYTES = 512 * 1024
+#: faust's 16 KiB a batch of 1,000 outputs went out in some 50 round trips one after another. Not above the
+#: review store's fetch size per partition (app/review/store.py SCAN_FETCH_BYTES): a broker returns a whole
+#: record batch even where it is larger than the fetch asked for, and the store bounds its memory by it.
+BATCH_BYTES = 256 * 1024
 
 
 def verify_group(app_id: str) -> str:

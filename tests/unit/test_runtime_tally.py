@@ -91,3 +91,12 @@ def test_a_tally_counts_what_observe_counts_once_flushed() -> None:
     tally.flush()
     assert _series("tally-b") == _series("tally-a")
     assert _series("tally-b")[("byzguard_events_total", ("outcome=verified", "type=other"))] == 2
+
+
+def test_the_runtime_batches_fit_the_review_stores_fetches() -> None:
+    """A record batch of the runtime's outputs is never larger than what the review store fetches per partition
+    (a broker returns a larger batch whole, past the store's memory bound)."""
+    from app.review.store import SCAN_FETCH_BYTES
+    from app.runtime.loop import BATCH_BYTES
+
+    assert 16384 < BATCH_BYTES <= SCAN_FETCH_BYTES
