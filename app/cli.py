@@ -140,9 +140,10 @@ def _run_worker(settings: object, cfg: guard_config.GuardConfig, bootstrap: str)
             built.quiet_logs.attach(logger)  # repeats of the libraries' warnings are counted, not written
 
     worker = Worker(built.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    # After a crash the local tables may hold writes of aborted transactions: restore them from the changelogs.
-    # The batched runtime stores only committed state: without faust tables (audits) nothing is discarded.
-    faust_tables = settings.runtime == "faust" or bool(cfg.audits)
+    # After a crash faust's tables may hold writes of aborted transactions: restore them from the changelogs. The
+    # batched runtime's databases (routes and audit joins alike) only ever hold committed state: nothing is discarded,
+    # unless a faust-runtime worker on this data dir did not stop cleanly (its marker is still there).
+    faust_tables = settings.runtime == "faust" or (settings.data_dir / eos.RUNNING_MARKER).exists()
     with eos.crash_safe_state(settings.data_dir, built.app.conf.tabledir,
                               enabled=settings.processing_guarantee == "exactly_once" and faust_tables):
         worker.execute_from_commandline()

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
                                "unset: start or reuse the local broker")
     app_id: str = Field(default="byzguard", description="consumer group id and prefix of internal topics")
     data_dir: Path = Field(default=Path(".cache/worker"), description="RocksDB state directory")
+    # A name that outlives the data dir: a worker restarted after a crash on a wiped or new data dir removes what its
+    # dead predecessor of that name left in the consumer groups (app/runtime/membership.py).
+    worker_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                                  description="a stable name of this worker, unique among the app's live workers "
+                                  "(e.g. a StatefulSet pod name); unset: the data dir's instance id")
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"

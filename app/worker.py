@@ -110,6 +110,7 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms, assignor=assignor_for(built.owners), data_dir=settings.data_dir,
+        worker_id=settings.worker_id,
         producer={"linger_ms": int(conf.producer_linger * 1000), "max_batch_size": conf.producer_max_batch_size,
                   "max_request_size": conf.producer_max_request_size,
                   "request_timeout_ms": int(conf.producer_request_timeout * 1000)})
@@ -138,7 +139,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
         # in faust's group is found and removed as well (app/runtime/membership.py).
         from app.runtime.membership import client_id
 
-        options["broker_client_id"] = client_id(settings.data_dir)
+        options["broker_client_id"] = client_id(settings.data_dir, settings.worker_id)
     app = faust.App(settings.app_id, **options)
     if faust_eos:
         eos.install(app, bootstrap)  # what faust's exactly_once leaves out (docs/exactly-once.md)

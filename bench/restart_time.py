@@ -7,7 +7,12 @@ the verified topic, the seconds from the kill to the first verified record produ
 CPU seconds the new process had used by then (what the restart costs apart from waiting for a loaded machine's
 cores). Prints each round and the median, per guarantee.
 
+`--wipe` deletes the data dir before each restart (the state comes back from the changelogs); `--worker-id NAME`
+runs the worker as BYZGUARD_WORKER_ID=NAME on one web port, so a restart on a wiped data dir recognises its
+predecessor by name (without it, a wiped data dir waits for the dead member's session timeout).
+
     python -m bench.restart_time --broker 127.0.0.1:9092 --rounds 5 --guarantee exactly_once,at_least_once
+    python -m bench.restart_time --rounds 5 --wipe --worker-id guard-0
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.procs import cpu_seconds, loadavg
 from byzguard.client.producer import GuardedProducer
-from tests.integration.worker_harness import Events, WorkerFactory, runtime_under_test
+from tests.integration.worker_harness import Events, WorkerFactory, WorkerProcess, runtime_under_test, wipe
 
 
 async def _trickle(bootstrap: str, topic: str, interval: float, stop: asyncio.Event, sent: dict[str, float]) -> None:
@@ -53,12 +58,25 @@ async def _first_after(consumer: AIOKafkaConsumer, sent: dict[str, float], after
     raise TimeoutError(f"no record routed within {timeout:.0f} s of the kill")
 
 
-async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, base: Path) -> list[float]:
+def _named(worker: WorkerProcess, worker_id: str | None, port: int | None) -> WorkerProcess:
+    """`worker` as BYZGUARD_WORKER_ID=`worker_id` (if given) on web port `port` (if given)."""
+    if worker_id is not None:
+        worker.env["BYZGUARD_WORKER_ID"] = worker_id
+    if port is not None:
+        worker.env["BYZGUARD_WEB_PORT"] = str(port)
+        worker.web_port = port
+    return worker
+
+
+async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, base: Path, *,
+                  wipe_dir: bool = False, worker_id: str | None = None) -> list[float]:
     factory = WorkerFactory(bootstrap, base, f"restart-{guarantee.replace('_', '-')}",
                             processing_guarantee=guarantee)
     factory.runtime = runtime_under_test() if runtime_under_test() != "faust" else "batched"
     route = factory.configure(partitions=4)
-    worker = factory.start("w", timeout=120)
+    worker = _named(factory.new_worker("w"), worker_id, None).start()
+    worker.wait_ready(120)
+    port = worker.web_port if worker_id is not None else None
     data_dir = worker.data_dir
     stop = asyncio.Event()
     sent: dict[str, float] = {}
@@ -76,7 +94,9 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
             await asyncio.sleep(2.0)
             worker.kill()
             killed = time.time()
-            worker = factory.new_worker(f"w{n}", data_dir=data_dir).start()
+            if wipe_dir:
+                wipe(data_dir)
+            worker = _named(factory.new_worker(f"w{n}", data_dir=data_dir), worker_id, port).start()
             arrived = await _first_after(consumer, sent, killed, 90)
             cpu = cpu_seconds(worker.pid)
             times.append(arrived - killed)
@@ -99,13 +119,16 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between two events sent")
     parser.add_argument("--guarantee", default="exactly_once,at_least_once")
     parser.add_argument("--keep", type=Path, help="keep the workers' data dirs and logs here")
+    parser.add_argument("--wipe", action="store_true", help="delete the data dir before each restart")
+    parser.add_argument("--worker-id", help="run the worker as BYZGUARD_WORKER_ID=this, on one web port")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
         if args.keep:
             tmp = str(args.keep)
         for guarantee in args.guarantee.split(","):
             (Path(tmp) / guarantee).mkdir(parents=True)
-            times = asyncio.run(measure(args.broker, guarantee, args.rounds, args.interval, Path(tmp) / guarantee))
+            times = asyncio.run(measure(args.broker, guarantee, args.rounds, args.interval, Path(tmp) / guarantee,
+                                        wipe_dir=args.wipe, worker_id=args.worker_id))
             print(f"{guarantee}: median {statistics.median(times):.2f} s, min {min(times):.2f}, "
                   f"max {max(times):.2f} over {len(times)} SIGKILLs", flush=True)
 

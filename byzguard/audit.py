@@ -152,6 +152,9 @@ class Observation:
     at: float
     value: Any = None
     has_value: bool = False
+    #: Where the record it was made of is: (verified topic, partition, offset); not part of its serialized form
+    #: (the repartition record carries it in a header). The join skips an observation it already joined.
+    origin: tuple[str, int, int] | None = field(default=None, compare=False)
 
     def to_json(self) -> list[Any]:
         """Compact JSON form (repartition records and join state)."""

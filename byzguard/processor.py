@@ -57,6 +57,9 @@ from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result
 
 #: The audit join's table: per join key (its repartition record key), the JoinState bytes.
 PENDING = "pending"
+#: The audit join table's other keys: per side and source partition (verified topic and partition), the offset of
+#: the last observation joined from it. A join key is UTF-8 text, which never holds the byte 0xFF.
+SOURCE_PREFIX = b"\xffsource\x00"
 
 In_contra = TypeVar("In_contra", contravariant=True)
 Out_co = TypeVar("Out_co", covariant=True)
@@ -190,6 +193,17 @@ class AuditOutput:
 
     checks: list[Check] = field(default_factory=list)
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
+    #: An observation joined before (at_least_once redelivered it): skipped, nothing changed.
+    repeated: bool = False
+
+
+def source_key(obs: Observation) -> bytes | None:
+    """The join table key of the last offset joined from the observation's side and source partition (None: the
+    observation does not say where it comes from)."""
+    if obs.origin is None:
+        return None
+    topic, partition, _ = obs.origin
+    return b"%s%s\x00%s\x00%d" % (SOURCE_PREFIX, obs.side.value.encode(), topic.encode(), partition)
 
 
 class AuditJoinProcessor:
@@ -197,7 +211,13 @@ class AuditJoinProcessor:
 
     `process` first closes what waited on the observation's key past its window (by the partition's stream
     clock, less the rule's grace), then pairs or keeps the observation; `punctuate` closes every window of the
-    partition that ended. Checks are timed by the wall clock (`now`)."""
+    partition that ended. Checks are timed by the wall clock (`now`).
+
+    A repeat is skipped whenever it comes: an observation that says where it comes from (`origin`) at an offset
+    at or below the last one joined from its side and source partition (kept in the table, `source_key`) was
+    joined before. The forward stage sends a source partition's observations in offset order (one idempotent
+    producer per process), so only a redelivery (at_least_once, after a crash) goes back. Without this, a
+    repeat that came after its pair's window was forgotten would wait alone and be reported `missing`."""
 
     __slots__ = ("clock", "interval", "rule", "tables")
 
@@ -212,6 +232,13 @@ class AuditJoinProcessor:
         """Join one observation (its key is the join key) with what waits for it."""
         out = AuditOutput()
         rule, table, key = self.rule, state[PENDING], record.key.encode()
+        source = source_key(record)
+        if source is not None:
+            assert record.origin is not None
+            if record.origin[2] <= _offset(table.get(source)):
+                out.repeated = True
+                return out
+            table.put(source, b"%d" % record.origin[2])
         self.clock.observe(record.at, now)
         raw = table.get(key)
         closed = expire(rule, self._read(key, raw, out), now=self.clock.now(now) - rule.grace, detected_at=now)
@@ -227,6 +254,8 @@ class AuditJoinProcessor:
         until = self.clock.now(now) - rule.grace
         due: list[tuple[bytes, bytes, JoinState]] = []
         for key, raw in list(table.items()):
+            if key.startswith(SOURCE_PREFIX):
+                continue
             pending = self._read(key, raw, out)
             ends = pending.due(rule.within)
             if ends is not None and ends < until:
@@ -245,6 +274,14 @@ class AuditJoinProcessor:
             # A state this version cannot read must not stop every audit: its pending observations are given up.
             out.unreadable.append((key, str(exc)))
             return JoinState()
+
+
+def _offset(raw: bytes | None) -> int:
+    """A stored source offset (-1: none, or unreadable)."""
+    try:
+        return int(raw) if raw is not None else -1
+    except ValueError:
+        return -1
 
 
 def _write(table: TableState, key: bytes, pending: JoinState, before: bytes | None) -> None:

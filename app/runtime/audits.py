@@ -4,8 +4,10 @@
         keyed by entity id         (join key, observation)  keyed by join key     join table      (audit topic)
 
 `AuditForward` is a forward stage (app/runtime/stages.py): each verified record of a rule's sides becomes an
-observation keyed by its join key, at the join key's murmur2 partition of the repartition topic (a subject
-record without a usable join key is a `missing` discrepancy at once). `AuditJoins` runs the core's
+observation keyed by its join key, at the join key's murmur2 partition of the repartition topic, with the
+verified record's coordinates in a header (`byzguard_repartitioned_from`, as a route's repartition copies), so
+the join skips an observation at_least_once delivers again (byzguard/processor.py `AuditJoinProcessor`); a
+subject record without a usable join key is a `missing` discrepancy at once. `AuditJoins` runs the core's
 `AuditJoinProcessor` (byzguard/processor.py) per partition of the repartition topic over the partition's join
 table: faust's RocksDB layout (`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
 (`<app_id>-audit-<rule>-pending_by_key-changelog`), so a data dir of the faust runtime is taken over. Windows
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from byzguard.config import GuardConfig
 from byzguard.envelope import decode
 from byzguard.partitioner import partition_for
 from byzguard.processor import PENDING, AuditJoinProcessor, AuditOutput
-from byzguard.routing import H_VERDICT
+from byzguard.routing import H_VERDICT, repartition_headers, repartitioned_from
 from tables.audit import audit_table_name
 from topics.audit import repartition_topic_name
 
@@ -90,7 +93,8 @@ class AuditForward:
             item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id, at=at)
             if isinstance(item, Observation):
                 key = item.key.encode()
-                out.add(self.target, partition_for(key, rule.partitions), key, item.to_bytes())
+                out.add(self.target, partition_for(key, rule.partitions), key, item.to_bytes(),
+                        repartition_headers((), msg.topic, msg.partition, msg.offset, at))
             elif item is not None:
                 send_checks(rule, self.recorder, [item], time.time(), out, self.discrepancy_partitions)
 
@@ -206,8 +210,15 @@ class AuditJoins:
             log.error("audit %s: %s[%d]@%d is not an observation (%r); skipped", rule.name, tp.topic, tp.partition,
                       msg.offset, exc)
             return
+        origin = repartitioned_from(msg.headers)
+        if origin is not None:  # where its verified record is: a redelivered observation is skipped
+            obs = replace(obs, origin=origin[:3])
         wall = time.time()
-        self._report(rule, self.processors[tp].process(obs, self.parts[tp].readers, wall), wall, out)
+        result = self.processors[tp].process(obs, self.parts[tp].readers, wall)
+        if result.repeated:
+            log.debug("audit %s: %s[%d]@%d repeats an observation joined before; skipped", rule.name, tp.topic,
+                      tp.partition, msg.offset)
+        self._report(rule, result, wall, out)
 
     def _punctuate(self, tp: TopicPartition, rule: AuditRule, out: RecordBatches) -> None:
         """Report and forget what waited in this partition past its window (and the grace)."""

@@ -120,7 +120,8 @@ class BatchedRuntime(Service):
     def __init__(self, *, app_id: str, bootstrap: str, config: GuardConfig, guard: Guard, tabledir: Path,
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
-                 assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, **kwargs: Any) -> None:
+                 assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, worker_id: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
@@ -130,8 +131,9 @@ class BatchedRuntime(Service):
         self.config = config
         self.guard = guard
         self.tabledir = tabledir
-        #: Its consumer's client id, the same for every process on the data dir (app/runtime/membership.py).
-        self.client_id = membership.client_id(data_dir or tabledir)
+        #: Its consumer's client id, the same for every process of its name or on its data dir (membership.py).
+        self.client_id = membership.client_id(data_dir or tabledir, worker_id)
+        self.named = bool(worker_id)
         self.store_options = store_options
         self.eos = guarantee == "exactly_once"
         self.max_records = batch_max_records
@@ -192,12 +194,15 @@ class BatchedRuntime(Service):
                                              **self.producer_options)
             await self.producer.start()
         await self.stages.start(self.producer)
-        # A previous process on this data dir that never left the group holds its partitions until its session
-        # times out: removed once this one's join is pending (app/runtime/membership.py).
-        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id)
+        # A previous process of this worker (data dir or name) that never left the group holds its partitions until
+        # its session times out: removed once this one's join is pending (app/runtime/membership.py).
+        url = getattr(getattr(self.assignor, "directory", None), "url", None) if self.named else None
+        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id, url=url)
         faust_group = membership.Takeover(self.bootstrap, self.app_id, self.client_id,
                                           join_wait=membership.FAUST_JOIN_WAIT)
         await asyncio.gather(takeover.find(), faust_group.find())
+        if takeover.others:  # another live worker has this worker's name: remove nothing
+            faust_group.forget()
         self.add_future(faust_group.run())  # faust's consumer joins once this service started
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False, client_id=self.client_id,

@@ -20,6 +20,16 @@ for the whole session timeout: scaling in would stall.
 A zombie (a previous process that is in fact still alive, e.g. paused) that is removed rejoins as a new member,
 as after an expired session: its commits fail, and under exactly_once its transactional producers are fenced by
 the new owner.
+
+A data dir that is wiped, or new (a container without a persistent volume), has lost that id. A worker with a
+name of its own (`BYZGUARD_WORKER_ID`: a StatefulSet pod name, a compose service with its replica number)
+carries `byzguard-worker-<name>` instead, whatever its data dir: a restarted worker of that name recognises its
+predecessor's members on a new data dir too. The name must be unique among the app's live workers. As a guard
+against two live workers given one name, a member of `<app_id>-verify` with that client id is removed only when
+its metadata carries this worker's own web URL (app/runtime/owners.py `encode_member`), which only one live
+process can serve: if one carries another URL (another host or port), nothing is removed in either group, and
+the log says so. (Two workers given one name *and* one URL, e.g. containers that all say
+`http://127.0.0.1:6066`, are not told apart: the name's uniqueness is the operator's.)
 """
 
 from __future__ import annotations
@@ -31,9 +41,12 @@ import uuid
 from pathlib import Path
 
 from aiokafka.client import AIOKafkaClient, ConnectionGroup, CoordinationType
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import LeaveGroupRequest
+
+from app.runtime.owners import decode_member
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +60,15 @@ JOIN_WAIT = 3.0
 FAUST_JOIN_WAIT = 20.0
 
 
-def client_id(data_dir: Path) -> str:
-    """The batched runtime's consumer client id on `data_dir`: the same for every process on it."""
+#: The client id prefix of a worker named by BYZGUARD_WORKER_ID (a data dir's instance id has none of its own).
+WORKER_PREFIX = "byzguard-worker-"
+
+
+def client_id(data_dir: Path, worker_id: str | None = None) -> str:
+    """The batched runtime's consumer client id: the worker's name (`worker_id`) if it has one, else the same for
+    every process on `data_dir`."""
+    if worker_id:
+        return f"{WORKER_PREFIX}{worker_id}"
     path = data_dir / INSTANCE_FILE
     try:
         instance = path.read_text().strip()
@@ -61,28 +81,41 @@ def client_id(data_dir: Path) -> str:
     return f"byzguard-{instance}"
 
 
-async def _describe(client: AIOKafkaClient, node: int, group: str) -> tuple[str, list[tuple[str, str]]]:
-    """The group's state and its members as (member id, client id)."""
+async def _describe(client: AIOKafkaClient, node: int, group: str) -> tuple[str, list[tuple[str, str, bytes]]]:
+    """The group's state and its members as (member id, client id, member metadata)."""
     response = await client.send(node, DescribeGroupsRequest([group]), group=ConnectionGroup.COORDINATION)
     found = response.groups[0]
     error, state, members = found[0], found[2], found[5]
     if error:
         raise for_code(error)()
-    return state, [(m[0], m[1]) for m in members]
+    return state, [(m[0], m[1], m[3]) for m in members]
+
+
+def member_url(metadata: bytes) -> str | None:
+    """The web URL a member of `<app_id>-verify` carries in its metadata (None: none, or not readable)."""
+    try:
+        return decode_member(ConsumerProtocolMemberMetadata.decode(metadata).user_data)
+    except Exception:  # another assignor's or a broken metadata: no URL
+        return None
 
 
 class Takeover:
-    """The members of `group` with client id `client` found before this process joins (previous processes on
-    this data dir that never left); `remove` removes them once this process's join is pending. Best effort: a
-    failure is logged, and the dead members then go after their session timeout as before."""
+    """The members of `group` with client id `client` found before this process joins (previous processes of
+    this worker, its data dir or its name, that never left); `remove` removes them once this process's join is
+    pending. Best effort: a failure is logged, and the dead members then go after their session timeout."""
 
-    def __init__(self, bootstrap: str, group: str, client: str, *, join_wait: float = JOIN_WAIT) -> None:
+    def __init__(self, bootstrap: str, group: str, client: str, *, join_wait: float = JOIN_WAIT,
+                 url: str | None = None) -> None:
         self.group = group
         self.join_wait = join_wait
         self.client = client
+        #: A member with `client` is a previous process only if its metadata carries this URL (None: no check).
+        self.url = url
         self.kafka = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=f"{client}-takeover")
         self.node: int | None = None
         self.previous: list[str] = []
+        #: Members with `client` at another URL: live workers given the same name; nothing is removed then.
+        self.others: list[str] = []
 
     async def find(self) -> list[str]:
         """Look up the previous processes' members (call before this process's consumer subscribes)."""
@@ -91,10 +124,19 @@ class Takeover:
             self.node = await self.kafka.coordinator_lookup(CoordinationType.GROUP, self.group)
             _, members = await _describe(self.kafka, self.node, self.group)
         except (KafkaError, OSError) as exc:
-            log.warning("group %s: could not look for members a previous process on this data dir left behind "
+            log.warning("group %s: could not look for members a previous process of this worker left behind "
                         "(%r); if there are any, they go after their session timeout", self.group, exc)
             return []
-        self.previous = sorted(member for member, cid in members if cid == self.client)
+        mine = [(member, metadata) for member, cid, metadata in members if cid == self.client]
+        if self.url is not None:
+            self.others = sorted(member for member, metadata in mine if member_url(metadata) != self.url)
+            if self.others:
+                log.warning("group %s: %d member(s) with this worker's id %s serve another URL than %s (%s): "
+                            "another live worker has this BYZGUARD_WORKER_ID; nothing is removed, and the worker "
+                            "ids must be made unique", self.group, len(self.others), self.client, self.url,
+                            ", ".join(self.others))
+                mine = []
+        self.previous = sorted(member for member, _ in mine)
         return self.previous
 
     async def remove(self) -> list[str]:
@@ -113,21 +155,25 @@ class Takeover:
                 response = await self.kafka.send(self.node, LeaveGroupRequest(self.group, member),
                                                  group=ConnectionGroup.COORDINATION)
                 if response.error_code:  # it left or expired meanwhile
-                    log.info("group %s: member %s of a previous process on this data dir is gone already (%s)",
+                    log.info("group %s: member %s of a previous process of this worker is gone already (%s)",
                              self.group, member, for_code(response.error_code).__name__)
                 else:
                     removed.append(member)
             if removed:
-                log.info("group %s: removed %d member(s) a previous process on this data dir left behind (%s): "
+                log.info("group %s: removed %d member(s) a previous process of this worker left behind (%s): "
                          "its partitions are reassigned now, not after its session timeout", self.group,
                          len(removed), ", ".join(removed))
         except (KafkaError, OSError) as exc:
-            log.warning("group %s: could not remove the members a previous process on this data dir left behind "
+            log.warning("group %s: could not remove the members a previous process of this worker left behind "
                         "(%r); they go after their session timeout", self.group, exc)
         return removed
 
     async def close(self) -> None:
         await self.kafka.close()
+
+    def forget(self) -> None:
+        """Remove nothing (the other group's members with this client id are not all a previous process's)."""
+        self.previous = []
 
     async def run(self) -> list[str]:
         """`remove`, then `close`."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -21,6 +22,7 @@ from tests.conftest import _topic_prefix, run_async
 from tests.integration.worker_harness import (
     PAYMENTS_KEY,
     Out,
+    RouteNames,
     WorkerFactory,
     WorkerProcess,
     collect,
@@ -238,3 +240,130 @@ def test_a_pending_join_survives_a_switch_of_runtime(worker_factory: WorkerFacto
     kinds = [(r.key, r.header("byzguard_audit_kind")) for r in found]
     assert kinds == [(f"{run}-y".encode(), b"mismatch")], worker.log_digest()
     assert f"runtime: {then}" in worker.log_text()
+
+
+def _at_least_once(factory: WorkerFactory, window: float) -> tuple[RouteNames, str]:
+    """An at_least_once batched worker's config with both audit rules (`window`, grace 1 s): route, audit topic."""
+    factory.runtime = "batched"
+    factory.processing_guarantee = "at_least_once"
+    names = factory.configure(partitions=4)
+    discrepancies = f"{factory.app_id}-discrepancies"
+    assert factory.config_path is not None
+    factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
+                                                 quarantine=names.quarantine, window=window,
+                                                 discrepancies=discrepancies))
+    return names, discrepancies
+
+
+def _orders(run: str, label: str, pairs: int) -> tuple[list[Stamped], set[tuple[str, str]]]:
+    """`pairs` agreeing orders and payments, an order never paid and an order paid 1 less; the discrepancies
+    they must cause as (join key, kind)."""
+    orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
+    now = time.time()
+    records: list[Stamped] = []
+    for name, total, paid in [*((f"{label}-ok{n}", 10 + n, 10 + n) for n in range(pairs)),
+                              (f"{label}-partial", 5, None), (f"{label}-mismatch", 7, 6)]:
+        records.append(orders.binary({"paymentId": f"{run}-{name}", "total": total}, type="order.confirmed",
+                                     subject=f"{run}-o-{name}", version=1, time=now))
+        if paid is not None:
+            records.append(payments.binary({"paymentId": f"{run}-{name}", "amount": paid}, type="payment.captured",
+                                           subject=f"{run}-pay-{name}", version=1, time=now))
+    return records, {(f"{run}-{label}-partial", "missing"), (f"{run}-{label}-mismatch", "mismatch")}
+
+
+def test_at_least_once_audits_find_discrepancies_and_lose_none_over_a_sigkill(worker_factory: WorkerFactory) -> None:
+    """Under at_least_once the audits report a missing payment and a mismatch; a worker SIGKILLed while it joins,
+    restarted on its data dir well after the 2 s windows closed, reports every discrepancy of before, during and
+    after the kill (a repeat of one may come twice) and none for the orders that were paid right, though
+    at_least_once delivers again what the dead worker had not committed."""
+    bootstrap = worker_factory.bootstrap
+    names, discrepancies = _at_least_once(worker_factory, 2)
+    run = uuid.uuid4().hex[:6]
+    worker = worker_factory.start("first")
+    expected: set[tuple[str, str]] = set()
+    for label in ("before", "during"):
+        records, wanted = _orders(run, label, 150)
+        expected |= wanted
+        run_async(lambda records=records: produce(bootstrap, names.input, records))  # type: ignore[misc]
+        if label == "before":
+            run_async(lambda: collect(bootstrap, discrepancies, expected=2, idle=0.5, timeout=60))
+    time.sleep(0.3)  # the worker is forwarding and joining the second lot
+    worker.kill()
+    time.sleep(4.0)  # every window of the first worker's pairs closes (2 s and 1 s grace)
+    again = worker_factory.start("again", data_dir=worker.data_dir)
+    records, wanted = _orders(run, "after", 20)
+    expected |= wanted
+    run_async(lambda: produce(bootstrap, names.input, records))
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=len(expected), idle=6.0, timeout=120))
+    seen = [(r.key.decode() if r.key else "", r.header("byzguard_audit_kind") or b"") for r in found]
+    kinds = {(key, kind.decode()) for key, kind in seen}
+    assert kinds == expected, (sorted(kinds ^ expected), again.log_digest())
+    joined = [names.input, names.verified, f"{worker_factory.app_id}-audit-paid-repartition"]
+    run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, joined, workers=[again]))
+
+
+def test_an_observation_delivered_again_after_its_window_is_no_discrepancy(worker_factory: WorkerFactory) -> None:
+    """The observation record of a paid order, written again to the audit's repartition topic after the pair's
+    window closed and was forgotten (what at_least_once's redelivery of a forward batch writes), is recognised
+    by the verified record it names and skipped: no `missing` for an order that was paid; an order never paid
+    after it still is one."""
+    bootstrap = worker_factory.bootstrap
+    names, discrepancies = _at_least_once(worker_factory, 2)
+    repartition = f"{worker_factory.app_id}-audit-paid-repartition"
+    run = uuid.uuid4().hex[:6]
+    worker = worker_factory.start("auditor")
+    records, _ = _orders(run, "x", 1)
+    run_async(lambda: produce(bootstrap, names.input, records[:2]))  # the paid order only
+    observed = run_async(lambda: collect(bootstrap, repartition, expected=2, idle=1.0, timeout=60))
+    [order] = [r for r in observed if orjson.loads(r.value or b"[]")[0] == "left"]
+    assert order.header("byzguard_repartitioned_from") is not None
+    time.sleep(5.0)  # window 2 s + grace 1 s + a punctuation: the pair is forgotten
+
+    async def again() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(repartition, order.value, key=order.key, partition=order.partition,
+                                         headers=order.headers)
+        finally:
+            await producer.stop()
+
+    run_async(again)
+    run_async(lambda: produce(bootstrap, names.input, records[2:3]))  # the order never paid
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=5.0, timeout=60))
+    assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-x-partial".encode(), b"missing")], \
+        worker.log_digest()
+
+
+def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: WorkerFactory) -> None:
+    """A batched exactly_once worker with audits, SIGKILLed and restarted on its data dir, keeps its databases
+    (they hold committed state only: nothing is discarded or restored from the changelogs) and its join state: an
+    order waiting before the kill is paired after it, one mismatch, reported once."""
+    bootstrap = worker_factory.bootstrap
+    worker_factory.runtime = "batched"
+    names = worker_factory.configure(partitions=4)
+    app_id = worker_factory.app_id
+    discrepancies = f"{app_id}-discrepancies"
+    assert worker_factory.config_path is not None
+    worker_factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
+                                                        quarantine=names.quarantine, window=120,
+                                                        discrepancies=discrepancies))
+    run = uuid.uuid4().hex[:6]
+    orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
+    waiting = [orders.binary({"paymentId": f"{run}-{n}", "total": 10}, type="order.confirmed",
+                             subject=f"{run}-o-{n}", version=1, time=time.time()) for n in range(20)]
+    worker = worker_factory.start("first")
+    run_async(lambda: produce(bootstrap, names.input, waiting))
+    joined = [names.input, names.verified, f"{app_id}-audit-paid-repartition"]
+    run_async(lambda: wait_caught_up(bootstrap, app_id, joined, workers=[worker]))
+    worker.kill()
+    again = worker_factory.start("again", data_dir=worker.data_dir)
+    pay = payments.binary({"paymentId": f"{run}-0", "amount": 9}, type="payment.captured", subject=f"{run}-pay-0",
+                          version=1, time=time.time())
+    run_async(lambda: produce(bootstrap, names.input, [pay]))
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=3.0, timeout=60))
+    assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-0".encode(), b"mismatch")], \
+        again.log_digest()
+    log = again.log_text()
+    assert "did not stop cleanly" not in log and "restored from the changelog" not in log, again.log_digest()
+    assert "changelog records for" not in log, "the databases were restored from the changelogs"

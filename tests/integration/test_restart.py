@@ -17,6 +17,7 @@ from tests.integration.worker_harness import (
     input_group,
     produce,
     wait_caught_up,
+    wipe,
 )
 
 pytestmark = pytest.mark.kafka
@@ -25,10 +26,17 @@ pytestmark = pytest.mark.kafka
 SESSION_TIMEOUT = 60.0
 
 
-def _worker(factory: WorkerFactory, name: str, **kwargs: object) -> WorkerProcess:
-    """A started batched worker whose group session times out only after SESSION_TIMEOUT."""
+def _worker(factory: WorkerFactory, name: str, *, worker_id: str | None = None, port: int | None = None,
+            **kwargs: object) -> WorkerProcess:
+    """A started batched worker whose group session times out only after SESSION_TIMEOUT; `worker_id`: its
+    BYZGUARD_WORKER_ID, `port`: its web port (its URL) instead of a free one."""
     worker = factory.new_worker(name, **kwargs)  # type: ignore[arg-type]
     worker.env["BYZGUARD_SESSION_TIMEOUT"] = str(SESSION_TIMEOUT)
+    if worker_id is not None:
+        worker.env["BYZGUARD_WORKER_ID"] = worker_id
+    if port is not None:
+        worker.env["BYZGUARD_WEB_PORT"] = str(port)
+        worker.web_port = port
     worker.start()
     return worker
 
@@ -58,7 +66,7 @@ async def test_a_worker_restarted_after_a_sigkill_takes_its_partitions_back_with
     took = time.monotonic() - killed
     assert took < SESSION_TIMEOUT - 15, took
     log = again.log_text()
-    assert "a previous process on this data dir left behind" in log and "removed 1 member(s)" in log, \
+    assert "a previous process of this worker left behind" in log and "removed 1 member(s)" in log, \
         again.fail("did not remove the dead process's member")
     verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
     assert set(verified) == {s.event_id for s in before + after}
@@ -86,3 +94,62 @@ async def test_a_cleanly_stopped_worker_hands_its_partitions_over_at_once(worker
     back = _worker(worker_factory, "back", data_dir=one.data_dir)
     back.wait_ready(90)
     assert "left behind" not in back.log_text(), back.fail("removed a member although the last process left")
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_a_named_worker_restarted_on_a_wiped_data_dir_takes_its_partitions_back_without_the_session_timeout(
+        worker_factory: WorkerFactory, guarantee: str) -> None:
+    """A worker with BYZGUARD_WORKER_ID, SIGKILLed and restarted under the same name and URL on a wiped data dir,
+    recognises its dead process's members by that name and removes them: it routes again well before their session
+    would have timed out, and its state comes back from the changelogs (the next versions are verified, none
+    lost). The time from the SIGKILL to the first routed record is printed."""
+    worker_factory.runtime = "batched"
+    worker_factory.processing_guarantee = guarantee
+    route = worker_factory.configure(partitions=4)
+    events = Events()
+    first = _worker(worker_factory, "first", worker_id="guard-0")
+    first.wait_ready(90)
+    before = [events.clean(f"acct-{i}", 1) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, before)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[first])
+    first.kill()
+    killed = time.monotonic()
+    wipe(first.data_dir)
+    again = _worker(worker_factory, "again", worker_id="guard-0", port=first.web_port, data_dir=first.data_dir)
+    after = [events.clean(f"acct-{i}", 2) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, after[:1])
+    await collect(worker_factory.bootstrap, route.verified, expected=len(before) + 1, idle=0.0,
+                  timeout=SESSION_TIMEOUT - 15)
+    print(f"\n{guarantee}: SIGKILL -> first routed record on a wiped data dir: {time.monotonic() - killed:.1f} s")
+    await produce(worker_factory.bootstrap, route.input, after[1:])
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[again], timeout=SESSION_TIMEOUT - 15)
+    assert time.monotonic() - killed < SESSION_TIMEOUT - 15
+    log = again.log_text()
+    assert "a previous process of this worker left behind" in log and "removed 1 member(s)" in log, \
+        again.fail("did not remove the dead process's member")
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
+    assert set(verified) == {s.event_id for s in before + after}
+    assert all(len(records) == 1 for records in verified.values())
+
+
+async def test_two_live_workers_given_one_name_do_not_remove_each_other(worker_factory: WorkerFactory) -> None:
+    """A second worker started with the BYZGUARD_WORKER_ID of a live one, at another URL (another port), finds a
+    member of that name serving another URL: it removes nothing, says the names must be unique, and both share
+    the partitions."""
+    worker_factory.runtime = "batched"
+    route = worker_factory.configure(partitions=4)
+    one = _worker(worker_factory, "one", worker_id="guard-0")
+    one.wait_ready(90)
+    two = _worker(worker_factory, "two", worker_id="guard-0")
+    two.wait_ready(90)
+    log = two.log_text()
+    assert "another live worker has this BYZGUARD_WORKER_ID" in log, two.fail("did not see the other live worker")
+    assert "left behind" not in log, two.fail("removed a live worker's member")
+    events = Events()
+    batch = [events.clean(f"acct-{i}", 1) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, batch)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[one, two])
+    assert one.alive() and two.alive()

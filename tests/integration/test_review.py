@@ -550,3 +550,48 @@ def backlog_of(worker: Any) -> dict[str, float]:
             if sample.name == "byzguard_quarantine_backlog_records":
                 out[sample.labels["status"]] = out.get(sample.labels["status"], 0.0) + sample.value
     return out
+
+
+async def test_review_page_of_a_worker_that_does_not_own_the_entity_names_its_owner(
+        worker_factory: WorkerFactory) -> None:
+    """With two batched workers sharing the route's partitions, a quarantined record's detail shows the entity's
+    verified state on the worker that owns its partition, and on the other worker says where it is: `elsewhere`,
+    naming the owner's URL (the one /entities is served by), with no state of its own."""
+    worker_factory.runtime = "batched"
+    route = worker_factory.configure(partitions=2)
+    workers = []
+    for name in ("w1", "w2"):
+        worker = worker_factory.new_worker(name)
+        worker.env["BYZGUARD_REVIEW_TOKEN"] = "s3cret"
+        workers.append(worker.start())
+    for worker in workers:
+        await asyncio.to_thread(worker.wait_ready)
+    events = Events()
+    await produce(worker_factory.bootstrap, route.input, [events.clean("ord-1", 1), events.clean("ord-1", 2),
+                                                          events.regression("ord-1", 1)])
+    auth = {"Authorization": "Bearer s3cret", "X-Byzguard-Reviewer": "alice"}
+    urls = [f"http://127.0.0.1:{w.web_port}" for w in workers]
+    async with aiohttp.ClientSession() as http:
+
+        async def get(url: str) -> tuple[int, Any]:
+            async with http.get(url, headers=auth) as resp:
+                return resp.status, await resp.json()
+
+        deadline = time.monotonic() + 90
+        while True:
+            listed = [await get(f"{u}/review/api/records?status=pending") for u in urls]
+            if all(status == 200 and body["total"] == 1 for status, body in listed):
+                qid = listed[0][1]["records"][0]["quarantine_id"]
+                details = [(await get(f"{u}/review/api/records/{qid}"))[1]["entity_state"] for u in urls]
+                if sorted(d["where"] for d in details) == ["elsewhere", "here"]:
+                    break
+            assert time.monotonic() < deadline, f"the two workers never split the partitions: {listed}"
+            await asyncio.sleep(0.5)
+        status, lkg = await get(f"{urls[0]}/entities/orders/ord-1")
+    here, elsewhere = sorted(details, key=lambda d: d["where"] != "here")
+    owner = urls[details.index(here)]
+    assert here["state"]["version"] == 2 and here["partition"] == elsewhere["partition"]
+    assert elsewhere["state"] is None and elsewhere["workers"] == [owner], elsewhere
+    assert owner in elsewhere["detail"]
+    assert status == 200 and lkg["served_by"] == owner, lkg
+

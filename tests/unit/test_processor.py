@@ -4,6 +4,7 @@ partition's state views, and their punctuations close causal deadlines and audit
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -217,3 +218,21 @@ def test_audit_unreadable_join_state_is_reported_not_raised() -> None:
     out = processor.process(order("p1", 100, NOW), state, NOW)
     assert [key for key, _ in out.unreadable] == [b"p1"] and out.checks == []
     assert processor.punctuate({PENDING: MemoryTable({b"p9": b"not json"})}, NOW).unreadable[0][0] == b"p9"
+
+
+def test_audit_skips_an_observation_at_or_below_the_last_offset_joined_from_its_source() -> None:
+    """An observation naming its verified record (`origin`) is joined once: the same offset again, or an older
+    one, of its side and source partition is a repeat (`repeated`, no state change, no check); another source
+    partition or side keeps its own offset; the offsets are table keys no punctuation reads as join state."""
+    processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    state = memory_state(processor.tables)
+    first = replace(order("p1", 100, NOW), origin=("verified", 0, 5))
+    assert not processor.process(first, state, NOW).repeated
+    before = dict(state[PENDING].items())
+    assert processor.process(first, state, NOW).repeated
+    assert processor.process(replace(order("p2", 1, NOW), origin=("verified", 0, 4)), state, NOW).repeated
+    assert dict(state[PENDING].items()) == before
+    assert not processor.process(replace(order("p3", 1, NOW), origin=("verified", 1, 4)), state, NOW).repeated
+    assert not processor.process(replace(payment("p1", 100, NOW), origin=("verified", 0, 5)), state, NOW).repeated
+    closed = processor.punctuate(state, NOW + 30)
+    assert closed.unreadable == [] and sorted(c.key for c in closed.checks) == ["p3"]

@@ -1,5 +1,6 @@
 """app/runtime/audits.py without a broker: what an audit rule's forward stage maps a verified record to, and the
-join table's files. (The join's batches, punctuations and transactions run on the real broker:
+join table's files, and the join stage over a real RocksDB partition (pairs, windows closed by punctuations, late
+and redelivered observations). (Its batches and transactions run on the real broker:
 tests/integration/test_audit.py.)"""
 
 from __future__ import annotations
@@ -8,14 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
+from aiokafka import TopicPartition
 
 from agents.audit import H_AUDIT_KIND, H_AUDIT_RULE, CheckRecorder
-from app.runtime.audits import AuditForward
+from app.runtime import audits
+from app.runtime.audits import AuditForward, AuditJoins
+from app.runtime.stages import StageContext
 from app.runtime.state import INPUTS_KEY, PartitionState
+from byzguard.audit import Observation, Side
 from byzguard.partitioner import partition_for
-from byzguard.processor import PENDING
-from byzguard.routing import H_VERDICT
+from byzguard.processor import PENDING, AuditJoinProcessor
+from byzguard.routing import H_VERDICT, repartition_headers, repartitioned_from
 from byzguard.stamp import Stamper
+from tables.audit import audit_table_name
 from tests.unit.test_runtime_stages import Msg, Out, _config
 from topics.audit import repartition_topic_name
 
@@ -37,8 +44,8 @@ def test_the_audit_forward_stage_rekeys_observations_by_join_key(tmp_path: Path)
     stage.forward(_verified("order.confirmed", {"paymentId": "pay-8", "total": 1}, "order-8", verdict=b"suspect"),
                   out, 0.0)  # type: ignore[arg-type]
     [(topic, partition, key, value, headers)] = out.records
-    assert (topic, partition, key, headers) == (repartition_topic_name("app", rule), partition_for(b"pay-7", 5),
-                                                b"pay-7", [])
+    assert (topic, partition, key) == (repartition_topic_name("app", rule), partition_for(b"pay-7", 5), b"pay-7")
+    assert repartitioned_from(headers) == ("out", 0, 0, 1_800_000_000.0)  # the verified record it was made of
     assert orjson.loads(value or b"null")  # an Observation (byzguard.audit round-trips it)
 
 
@@ -72,3 +79,144 @@ def test_the_audit_join_table_is_fausts_and_holds_its_input_offsets(tmp_path: Pa
     assert set(again.readers) == {PENDING}
     assert again.dbs[PENDING].get(INPUTS_KEY) is not None
     again.close()
+
+
+# -- the join stage (AuditJoins) over a real RocksDB partition, without a broker --------------------------------
+
+class _Clock:
+    """The wall and monotonic clocks the join stage reads, set by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _Join:
+    """One join partition of rule `paid` (60 s window, 5 s grace) as AuditJoins runs it: observations as the
+    forward stage sends them, punctuations, and each batch stored as the runtime stores it."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
+        self.config = _config(tmp_path)
+        self.rule = self.config.audits[0]
+        self.clock = _Clock(now)
+        monkeypatch.setattr(audits, "time", self.clock)
+        ctx = StageContext(app_id="app", bootstrap="-", group="g", eos=False, producer_options={}, max_records=100,
+                           max_seconds=1.0)
+        self.tabledir = tmp_path / "tables"
+        self.joins = AuditJoins(self.config.audits, {"paid": CheckRecorder(self.rule)}, ctx, self.tabledir, {})
+        self.joins.discrepancy_partitions = {"paid": 1}
+        self.tp = TopicPartition(repartition_topic_name("app", self.rule), 0)
+        self.offset = 0
+        self.open()
+
+    def open(self) -> None:
+        """Open the partition as an assignment does (a new processor: its stream clock starts afresh)."""
+        self.joins.parts[self.tp] = PartitionState(self.tabledir, None, 0, {},
+                                                   tables={PENDING: audit_table_name(self.rule)})
+        self.joins.processors[self.tp] = AuditJoinProcessor(self.rule)
+        self.joins.punctuated[self.tp] = self.clock.now
+
+    def reopen(self) -> None:
+        """A restart on the same data dir: the stored state is read back, the processor is new."""
+        self.joins.parts[self.tp].close()
+        self.open()
+
+    def observe(self, side: str, key: str, entity: str, value: float, at: float, *,
+                origin: int | None = None) -> list[dict[str, Any]]:
+        """One observation (from `out`[0]@`origin` unless None) joined in a batch of its own; its discrepancies."""
+        obs = Observation(Side(side), key, entity, f"id-{entity}", at, value, True)
+        headers = [] if origin is None else repartition_headers((), "out", 0, origin, at)
+        msg = Msg(self.tp.topic, 0, self.offset, key.encode(), obs.to_bytes(), headers)
+        self.offset += 1
+        out = Out()
+        self.joins._join(self.tp, self.rule, msg, out)  # type: ignore[arg-type]
+        return self._stored(out)
+
+    def punctuate(self) -> list[dict[str, Any]]:
+        """A punctuation at the clock's time; its discrepancies."""
+        out = Out()
+        self.joins._punctuate(self.tp, self.rule, out)  # type: ignore[arg-type]
+        return self._stored(out)
+
+    def _stored(self, out: Out) -> list[dict[str, Any]]:
+        self.joins.parts[self.tp].store({}, {self.tp.topic: self.offset})
+        return [orjson.loads(value or b"{}") for _, _, _, value, _ in out.records]
+
+
+T0 = 1_800_000_000.0
+
+
+def test_the_join_checks_a_pair_from_either_side_once_and_reports_a_mismatch(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An order and its payment pair in either order: equal amounts pass silently, unequal ones are one
+    `mismatch` naming both values; the pair's check is made once, not again at the window's end."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    assert join.observe("left", "pay-1", "order-1", 100, T0, origin=1) == []
+    assert join.observe("right", "pay-1", "payment-1", 100, T0 + 1, origin=2) == []
+    assert join.observe("right", "pay-2", "payment-2", 90, T0 + 2, origin=3) == []
+    [disc] = join.observe("left", "pay-2", "order-2", 100, T0 + 3, origin=4)
+    assert (disc["kind"], disc["serviceA"]["value"], disc["serviceB"]["value"]) == ("mismatch", 100, 90)
+    join.clock.now = T0 + 3600
+    assert join.punctuate() == []
+
+
+def test_a_window_closes_as_a_punctuation_after_the_grace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An order alone is reported `missing` by the first punctuation after its window and the grace (60 s + 5 s),
+    not before; a payment alone is no discrepancy (the rule requires the left side only)."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    join.observe("right", "pay-9", "payment-9", 5, T0, origin=2)
+    join.clock.now = T0 + 64
+    assert join.punctuate() == []
+    join.clock.now = T0 + 66
+    [disc] = join.punctuate()
+    assert (disc["kind"], disc["key"], disc["entity"]) == ("missing", "pay-1", "order-1")
+    assert join.punctuate() == []
+
+
+def test_a_counterpart_later_than_the_window_does_not_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payment timed 61 s after its order (window 60 s) is late: it closes the order's window on arrival (the
+    partition's stream time passed it), so the order is `missing`; the payment waits unpaired."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    join.clock.now = T0 + 80
+    [disc] = join.observe("right", "pay-1", "payment-1", 100, T0 + 75, origin=2)
+    assert (disc["kind"], disc["key"]) == ("missing", "pay-1")
+
+
+def test_a_redelivered_observation_is_skipped_even_after_its_pair_was_forgotten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """at_least_once delivers an observation again after a crash, maybe after its pair's window was forgotten:
+    it is recognised by its verified record's coordinates (kept in the stored state, so across a restart too)
+    and skipped, not kept waiting alone and reported `missing`; a new record of the source partition is not."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=7)
+    join.observe("right", "pay-1", "payment-1", 100, T0 + 1, origin=8)
+    join.clock.now = T0 + 120
+    assert join.punctuate() == []  # the pair is forgotten
+    join.reopen()  # the order's source partition was not committed; the payment's was
+    assert join.observe("left", "pay-1", "order-1", 100, T0, origin=7) == []
+    join.clock.now = T0 + 240
+    assert join.punctuate() == []
+    join.observe("left", "pay-3", "order-3", 100, T0 + 240, origin=9)
+    join.clock.now = T0 + 400
+    assert [d["key"] for d in join.punctuate()] == ["pay-3"]
+
+
+def test_without_its_coordinates_a_late_repeat_would_be_reported_missing(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the coordinates prevent: an observation without them (the faust runtime's records) that comes again
+    after its pair was forgotten waits alone and is reported `missing`."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.observe("left", "pay-1", "order-1", 100, T0)
+    join.observe("right", "pay-1", "payment-1", 100, T0 + 1)
+    join.clock.now = T0 + 120
+    assert join.punctuate() == []
+    join.observe("left", "pay-1", "order-1", 100, T0)
+    join.clock.now = T0 + 240
+    assert [d["kind"] for d in join.punctuate()] == ["missing"]

@@ -1,10 +1,17 @@
-"""app/runtime/membership.py without a broker: the consumers' client id is the data dir's, kept across processes."""
+"""app/runtime/membership.py without a broker: the consumers' client id is the worker's name or the data dir's,
+kept across processes, and a member's web URL read from its metadata."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from app.runtime.membership import INSTANCE_FILE, client_id
+import pytest
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+from pydantic import ValidationError
+
+from app.runtime.membership import INSTANCE_FILE, client_id, member_url
+from app.runtime.owners import encode_member
+from app.settings import Settings
 
 
 def test_the_client_id_is_kept_in_the_data_dir_and_differs_between_data_dirs(tmp_path: Path) -> None:
@@ -16,3 +23,33 @@ def test_the_client_id_is_kept_in_the_data_dir_and_differs_between_data_dirs(tmp
     assert client_id(tmp_path / "b") != first
     (tmp_path / "a" / INSTANCE_FILE).unlink()
     assert client_id(tmp_path / "a") != first
+
+
+def test_a_named_worker_has_its_names_client_id_whatever_its_data_dir(tmp_path: Path) -> None:
+    """With BYZGUARD_WORKER_ID the client id is the name's, the same on any data dir (none is written), and no
+    data dir's instance id can be mistaken for it."""
+    named = client_id(tmp_path / "a", "guard-0")
+    assert named == client_id(tmp_path / "wiped", "guard-0") == "byzguard-worker-guard-0"
+    assert not (tmp_path / "wiped" / INSTANCE_FILE).exists()
+    assert client_id(tmp_path / "a", "guard-1") != named
+    assert not client_id(tmp_path / "c").startswith("byzguard-worker-")
+
+
+def test_a_members_url_is_read_from_its_verify_group_metadata() -> None:
+    """A member's web URL is read from the owners assignor's metadata; another assignor's, or bytes that are not
+    metadata, give none (such a member is never taken for this worker's predecessor)."""
+    metadata = ConsumerProtocolMemberMetadata(0, ["in"], encode_member("http://w0:6066")).encode()
+    assert member_url(metadata) == "http://w0:6066"
+    assert member_url(ConsumerProtocolMemberMetadata(0, ["in"], b"").encode()) is None
+    assert member_url(b"\x00garbage") is None
+
+
+def test_the_worker_id_setting_takes_a_plain_name_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BYZGUARD_WORKER_ID is a plain name (letters, digits, `.`, `_`, `-`); unset, there is none."""
+    monkeypatch.setenv("BYZGUARD_ENV_FILE", "")
+    assert Settings().worker_id is None
+    monkeypatch.setenv("BYZGUARD_WORKER_ID", "guard-0.eu")
+    assert Settings().worker_id == "guard-0.eu"
+    monkeypatch.setenv("BYZGUARD_WORKER_ID", "a b")
+    with pytest.raises(ValidationError):
+        Settings()
