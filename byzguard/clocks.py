@@ -193,10 +193,11 @@ class VectorClock:
     also bound the number of entries, because that bound guards against oversized input, not arithmetic.
     """
 
-    __slots__ = ("_d", "_hash", "_view")
+    __slots__ = ("_d", "_hash", "_header", "_view")
 
     _d: dict[str, int]
     _hash: int
+    _header: bytes
     _view: Mapping[str, int]
 
     def __init__(self, entries: Mapping[str, int] | None = None) -> None:
@@ -262,7 +263,12 @@ class VectorClock:
 
     def to_header(self) -> bytes:
         """The compact header encoding, sorted by node id: b"a=3,b=5"; the empty clock is b""."""
-        return ",".join([f"{node}={self._d[node]}" for node in sorted(self._d)]).encode()
+        try:
+            return self._header  # computed once per clock: clocks are immutable, and memoized ones are shared
+        except AttributeError:
+            header = ",".join([f"{node}={self._d[node]}" for node in sorted(self._d)]).encode()
+            _set_header(self, header)
+            return header
 
     def __len__(self) -> int:
         """The number of non-zero entries."""
@@ -386,3 +392,4 @@ class VectorClock:
 # The trusted constructor's two steps, looked up once: object.__setattr__ is refused on the class itself.
 _new: Final = object.__new__
 _set_d: Final = VectorClock.__dict__["_d"].__set__
+_set_header: Final = VectorClock.__dict__["_header"].__set__

@@ -36,11 +36,16 @@ _WARNED: Final = Outcome.WARNED
 _SUSPECT: Final = Outcome.SUSPECT
 _QUARANTINED: Final = Outcome.QUARANTINED
 _DUPLICATE: Final = Outcome.DUPLICATE
-_FORWARDED: Final = (_VERIFIED, _WARNED, _SUSPECT)
-_RECORDED: Final = (_QUARANTINED, _SUSPECT)
+#: The outcomes whose event goes to the verified topic (Decision.forward), and those recorded in quarantine
+#: (Decision.quarantine).
+FORWARDED: Final = (_VERIFIED, _WARNED, _SUSPECT)
+RECORDED: Final = (_QUARANTINED, _SUSPECT)
+_FORWARDED: Final = FORWARDED
+_RECORDED: Final = RECORDED
 _ID_DUPLICATE: Final = Code.ID_DUPLICATE
 _INVARIANT_VIOLATED: Final = Code.INVARIANT_VIOLATED
 _BEFORE: Final = Order.BEFORE
+_AFTER: Final = Order.AFTER
 _EQUAL: Final = Order.EQUAL
 _CONCURRENT: Final = Order.CONCURRENT
 _FAIL_OPEN: Final = Policy.FAIL_OPEN
@@ -138,8 +143,9 @@ def verify(
         code, detail = env.refused
         return Decision(_QUARANTINED, (*reasons.items, Reason(code, detail, _REJECT)))
 
+    severity = policy.severity
     if entity is not None:
-        duplicates = policy.level(_ID_DUPLICATE) is not _OFF
+        duplicates = severity.get(_ID_DUPLICATE, _REJECT) is not _OFF
         if duplicates:
             seen = entity.find(env.id, now, limits.id_window)
             if seen is not None:
@@ -158,16 +164,19 @@ def verify(
                 return Decision(_DUPLICATE, (Reason(_ID_DUPLICATE,
                                 f"version {env.version} re-sent with identical content under id {quote(env.id)}",
                                 _WARN),))
-            _check_version(env.version, entity, env, reasons)
-        if env.vclock is not None and entity.vclock is not None:
+            if env.version != entity.version + 1:  # the next version adds no reason (_check_version)
+                _check_version(env.version, entity, env, reasons)
+        if env.vclock is not None and entity.vclock is not None \
+                and env.vclock.compare(entity.vclock) is not _AFTER:  # a clock after the entity's adds none
             _check_vclock(env, entity, reasons)
     if env.lamport is not None and lamport_mark is not None and env.lamport <= lamport_mark:
         writer = f"source {quote(env.source)}" if env.instance is None else \
             f"source {quote(env.source)} (instance {quote(env.instance)})"
         reasons.add(Code.LAMPORT_REGRESSION, f"{writer} sent Lamport time {env.lamport} after {lamport_mark}")
-    _check_time(env, policy, now, now if received is None else min(received, now), reasons)
+    if env.time is not None and (policy.max_age is not None or policy.max_skew is not None):
+        _check_time(env, policy, now, now if received is None else min(received, now), reasons)
     rules = policy.rules
-    if rules and policy.level(_INVARIANT_VIOLATED) is not _OFF:
+    if rules and severity.get(_INVARIANT_VIOLATED, _REJECT) is not _OFF:
         last = entity.last_good_data() if entity is not None and rules.uses_last else None
         # The attributes are built only for rules that read (or quote) `event`.
         event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES

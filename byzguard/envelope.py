@@ -24,6 +24,7 @@ import xxhash
 from byzguard.clocks import VectorClock, check_instance
 from byzguard.errors import ClockError
 from byzguard.integrity import BOUND, SHA256, VALUE_ONLY, Checksum, content_hash
+from byzguard.isotime import LAST as _LAST_TIME
 from byzguard.jcs import CanonicalizationError, canonicalize
 from byzguard.verdict import Code, quote
 
@@ -461,12 +462,15 @@ _new_tuple: Final = tuple.__new__
 _VCLOCKS: dict[str, VectorClock] = {}
 _INSTANCES: set[str] = set()
 _MEMO_MAX: Final = 1024
+_MEMO_TEXT_MAX: Final = 512
 
 
 def _vclock_text(text: str) -> VectorClock:
     vclock = _VCLOCKS.get(text)
     if vclock is None:
         vclock = VectorClock.from_header(text)
+        if len(text) > _MEMO_TEXT_MAX:  # a long clock is not kept: 1,024 of them could take a gigabyte
+            return vclock
         if len(_VCLOCKS) >= _MEMO_MAX:
             _VCLOCKS.clear()
         _VCLOCKS[text] = vclock
@@ -524,7 +528,10 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             parsed = datetime.fromisoformat(raw_time)
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
-            time = parsed.timestamp()
+                time = parsed.timestamp()
+            else:
+                time = parsed.timestamp()
+                _LAST_TIME[0] = (raw_time, parsed, time)  # for a rule that reads the same text (isotime)
             time_line = "\ntime: " + raw_time
             lines += 1
         if version is not None:

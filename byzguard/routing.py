@@ -114,6 +114,20 @@ def quarantine_id(topic: str, partition: int, offset: int) -> str:
     return f"{topic}-{partition}-{offset}"
 
 
+# The last `now` formatted, by identity: a batch hands every record the same float object. Identity, not
+# equality, since 0.0 == -0.0 but they are written differently.
+_LAST_AT: list[tuple[object, bytes]] = [(object(), b"")]
+
+
+def _verified_at(now: float) -> bytes:
+    """`now` as the verified-at header writes it."""
+    last, text = _LAST_AT[0]
+    if now is not last:
+        text = f"{now:.6f}".encode()
+        _LAST_AT[0] = (now, text)
+    return text
+
+
 def verified_headers(
     headers: Iterable[tuple[str, bytes]] | None, outcome: Outcome, reasons: Sequence[Reason], route: str,
     now: float,
@@ -122,7 +136,7 @@ def verified_headers(
     out = original_headers(headers)
     out.append((H_VERDICT, _VERDICT_OF[outcome]))
     out.append((H_ROUTE, route.encode()))
-    out.append((H_VERIFIED_AT, f"{now:.6f}".encode()))
+    out.append((H_VERIFIED_AT, _verified_at(now)))
     if reasons:
         out.append((H_REASONS, encode_reasons(reasons)))
     return out

@@ -99,9 +99,17 @@ _pack_row = _ROW.pack
 _version_at = struct.Struct("<q").unpack_from
 
 
+# The last id hashed, by identity: the checks (find) and the next state (new_entries) hash the same event id.
+_LAST_ID: list[tuple[object, bytes]] = [(object(), b"")]
+
+
 def id_hash(event_id: str) -> bytes:
     """The 8 bytes an event id is remembered by."""
-    return _id_hash(event_id.encode("utf-8", "surrogatepass"))[:ID_BYTES]
+    last, digest = _LAST_ID[0]
+    if event_id is not last:
+        digest = _id_hash(event_id.encode("utf-8", "surrogatepass"))[:ID_BYTES]
+        _LAST_ID[0] = (event_id, digest)
+    return digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,9 +301,29 @@ class EntityState:
         return None
 
 
+# Entity clocks already read, by their bytes: clocks are immutable, and the same text recurs across entities
+# (one writer's counters are small numbers). Bounded (cleared when full, and only clocks of at most
+# _CLOCK_BYTES bytes: a merged clock may hold 256 long node ids); only clocks that parsed are kept.
+_CLOCKS: dict[bytes, VectorClock] = {}
+_CLOCKS_MAX: Final = 1024
+_CLOCK_BYTES: Final = 512
+
+
 def _clock(raw: bytes) -> VectorClock:
     """An entity's clock as to_bytes wrote it (VectorClock.to_header of a valid clock): read without the
     checks an event's header needs. The merged clock has its own bound, not the per-event one."""
+    vclock = _CLOCKS.get(raw)
+    if vclock is None:
+        vclock = _parse_clock(raw)
+        if len(raw) > _CLOCK_BYTES:
+            return vclock
+        if len(_CLOCKS) >= _CLOCKS_MAX:
+            _CLOCKS.clear()
+        _CLOCKS[raw] = vclock
+    return vclock
+
+
+def _parse_clock(raw: bytes) -> VectorClock:
     if not raw:
         return VectorClock()
     try:

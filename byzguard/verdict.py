@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+# Enum's own __hash__ is Python code (hash(self._name_)), so every dict or set lookup keyed by a member runs
+# a Python call: about 1,700 instructions for `policy.level(code)`, a dozen times per event. Members are
+# singletons (pickling and copying return the member itself), so hashing by identity finds exactly the keys
+# hashing by name found; a plain string still matches no member key, as before (tests/unit/test_hot_path.py).
+_BY_IDENTITY = object.__hash__
+
 
 class Severity(StrEnum):
     """What a failed check does to the event on its route."""
+
+    __hash__ = _BY_IDENTITY
 
     REJECT = "reject"
     WARN = "warn"
@@ -20,6 +28,8 @@ class Outcome(StrEnum):
     SUSPECT is a fail-open route's rejected event: forwarded marked suspect, and recorded in quarantine.
     """
 
+    __hash__ = _BY_IDENTITY
+
     VERIFIED = "verified"
     WARNED = "warned"
     QUARANTINED = "quarantined"
@@ -30,6 +40,8 @@ class Outcome(StrEnum):
 
 class Code(StrEnum):
     """Stable reason codes: `<family>.<name>`. The family is the check that emits it."""
+
+    __hash__ = _BY_IDENTITY
 
     DECODE_MALFORMED = "decode.malformed"
     DECODE_UNSUPPORTED = "decode.unsupported"

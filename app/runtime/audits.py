@@ -173,11 +173,15 @@ class AuditJoins:
             started = time.monotonic()
             stop = min(count, index + self.ctx.max_records)
             last = index
+            repeats = 0
             while last < stop:
-                self._join(tp, rule, messages[last], out)
+                repeats += self._join(tp, rule, messages[last], out)
                 last += 1
                 if time.monotonic() - started >= self.ctx.max_seconds:
                     break
+            if repeats:
+                log.info("audit %s: %s[%d]: %d observation(s) joined before (delivered again) skipped", rule.name,
+                         tp.topic, tp.partition, repeats)
             if time.monotonic() - self.punctuated[tp] >= rule.tick_interval:
                 self._punctuate(tp, rule, out)
             next_offset = messages[last - 1].offset + 1 if last < count else end
@@ -201,24 +205,23 @@ class AuditJoins:
     def _out(self, tp: TopicPartition) -> RecordBatches:
         return RecordBatches(self.txns[tp] if self.ctx.eos else self.producer)
 
-    def _join(self, tp: TopicPartition, rule: AuditRule, msg: Any, out: RecordBatches) -> None:
+    def _join(self, tp: TopicPartition, rule: AuditRule, msg: Any, out: RecordBatches) -> bool:
+        """Join one observation record; True if it was joined before (a repeat, skipped)."""
         if not msg.value or msg.key is None:
-            return  # a tick record of the faust runtime: the punctuations do its work here
+            return False  # a tick record of the faust runtime: the punctuations do its work here
         try:
             obs = Observation.from_bytes(msg.value)
         except (ValueError, TypeError, KeyError) as exc:  # not byzguard's: it must not stop every audit
             log.error("audit %s: %s[%d]@%d is not an observation (%r); skipped", rule.name, tp.topic, tp.partition,
                       msg.offset, exc)
-            return
+            return False
         origin = repartitioned_from(msg.headers)
         if origin is not None:  # where its verified record is: a redelivered observation is skipped
             obs = replace(obs, origin=origin[:3])
         wall = time.time()
         result = self.processors[tp].process(obs, self.parts[tp].readers, wall)
-        if result.repeated:
-            log.debug("audit %s: %s[%d]@%d repeats an observation joined before; skipped", rule.name, tp.topic,
-                      tp.partition, msg.offset)
         self._report(rule, result, wall, out)
+        return result.repeated
 
     def _punctuate(self, tp: TopicPartition, rule: AuditRule, out: RecordBatches) -> None:
         """Report and forget what waited in this partition past its window (and the grace)."""

@@ -10,6 +10,7 @@ import lark
 import re2  # type: ignore[import-untyped]  # celpy's own regex engine: `matches` is RE2
 from celpy import celtypes
 
+from byzguard.isotime import LAST as _LAST_ISO
 from byzguard.rules.closures import _FastCompiler, _is_math, _mentions_variables, _tree, _Unsupported, _unwrap
 from byzguard.rules.conversion import _UTC, _dt_new, _plain_json, _TimestampType
 from byzguard.rules.environment import _first_token, _float_div
@@ -289,7 +290,10 @@ class _SourceCompiler:
             raise _Unsupported(f"now - {kind}")
         self.roots.add("now")
         seconds, t, result = self._bind(self._ns[bound[1]].total_seconds()), self._tmp(), self._tmp()
-        return [*stmts, f"{t} = now - {moment}.timestamp() - {seconds}",
+        # The seconds of the time decode parsed (byzguard.isotime) when the moment is that very datetime.
+        last = self._tmp()
+        return [*stmts, f"{last} = _LAST_ISO[0]",
+                f"{t} = now - ({last}[2] if {moment} is {last}[1] else {moment}.timestamp()) - {seconds}",
                 f"if _NOW_MIN < now < _NOW_MAX and not -_NEAR < {t} < _NEAR:", f"    {result} = {t} {symbol} 0.0",
                 "else:", f"    {result} = (_now(now, _UTC) - {moment}) {symbol} {bound[1]}"], result, "b"
 
@@ -352,7 +356,8 @@ class _SourceCompiler:
             # form is told by its shape, cheaper than the pattern: fromisoformat then accepts it only
             # where every other character is a digit, as the pattern wants.
             return [*stmts, f"if ({expr}[23:] == _ZULU and {expr}[4:20:3] == _ISO_MARKS) "
-                    f"or _rfc3339({expr}) is not None:", f"    {t} = _fromisoformat({expr})", "else:",
+                    f"or _rfc3339({expr}) is not None:", f"    {t} = _LAST_ISO[0]",
+                    f"    {t} = {t}[1] if {expr} == {t}[0] else _fromisoformat({expr})", "else:",
                     f"    {t} = _plain_datetime(_timestamp_of({expr}))"], t, "ts"
         if name in {"matches", "startsWith", "endsWith", "contains"} and len(args) == 2:
             pattern = self.gen(args[1])
@@ -448,7 +453,7 @@ def _generate(rules: Sequence[_Rule]) -> tuple[_Generated | None, tuple[str, ...
         "_rfc3339": _RFC3339.fullmatch, "_fromisoformat": dt.datetime.fromisoformat, "_CACHED_TEXT": 64,
         "_ISO_MARKS": "--T::.", "_ZULU": "Z", "_NEAR": 1e-3,
         "_NOW_MIN": _NOW_MIN, "_NOW_MAX": _NOW_MAX, "_CACHED_TEXTS": 4096, "_now": dt.datetime.fromtimestamp,
-        "_UTC": _UTC,
+        "_UTC": _UTC, "_LAST_ISO": _LAST_ISO,
     }
     counter = [0]
     roots: set[str] = set()

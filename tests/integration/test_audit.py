@@ -242,10 +242,11 @@ def test_a_pending_join_survives_a_switch_of_runtime(worker_factory: WorkerFacto
     assert f"runtime: {then}" in worker.log_text()
 
 
-def _at_least_once(factory: WorkerFactory, window: float) -> tuple[RouteNames, str]:
-    """An at_least_once batched worker's config with both audit rules (`window`, grace 1 s): route, audit topic."""
+def _audited(factory: WorkerFactory, window: float, guarantee: str = "at_least_once") -> tuple[RouteNames, str]:
+    """A batched worker's config with both audit rules (`window`, grace 1 s) under `guarantee`: route, audit
+    topic."""
     factory.runtime = "batched"
-    factory.processing_guarantee = "at_least_once"
+    factory.processing_guarantee = guarantee
     names = factory.configure(partitions=4)
     discrepancies = f"{factory.app_id}-discrepancies"
     assert factory.config_path is not None
@@ -272,34 +273,36 @@ def _orders(run: str, label: str, pairs: int) -> tuple[list[Stamped], set[tuple[
 
 
 def test_at_least_once_audits_find_discrepancies_and_lose_none_over_a_sigkill(worker_factory: WorkerFactory) -> None:
-    """Under at_least_once the audits report a missing payment and a mismatch; a worker SIGKILLed while it joins,
-    restarted on its data dir well after the 2 s windows closed, reports every discrepancy of before, during and
-    after the kill (a repeat of one may come twice) and none for the orders that were paid right, though
-    at_least_once delivers again what the dead worker had not committed."""
+    """Under at_least_once the audits report a missing payment and a mismatch; a worker SIGKILLed while it
+    verifies, forwards and joins 3,000 records, restarted at once on its data dir, reports every discrepancy of
+    before, during and after the kill (a repeat of one may come twice) and none for the orders that were paid
+    right, though at_least_once delivers again what the dead worker had not committed. (The windows, 10 s, are
+    longer than the restart: see the next tests for a repeat and an outage that outlast a window.)"""
     bootstrap = worker_factory.bootstrap
-    names, discrepancies = _at_least_once(worker_factory, 2)
+    names, discrepancies = _audited(worker_factory, 10)
     run = uuid.uuid4().hex[:6]
     worker = worker_factory.start("first")
     expected: set[tuple[str, str]] = set()
     for label in ("before", "during"):
-        records, wanted = _orders(run, label, 150)
+        records, wanted = _orders(run, label, 150 if label == "before" else 1500)
         expected |= wanted
         run_async(lambda records=records: produce(bootstrap, names.input, records))  # type: ignore[misc]
         if label == "before":
-            run_async(lambda: collect(bootstrap, discrepancies, expected=2, idle=0.5, timeout=60))
-    time.sleep(0.3)  # the worker is forwarding and joining the second lot
+            run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=0.5, timeout=60))
+    time.sleep(0.5)  # the worker is verifying, forwarding and joining the second lot
     worker.kill()
-    time.sleep(4.0)  # every window of the first worker's pairs closes (2 s and 1 s grace)
     again = worker_factory.start("again", data_dir=worker.data_dir)
     records, wanted = _orders(run, "after", 20)
     expected |= wanted
     run_async(lambda: produce(bootstrap, names.input, records))
-    found = run_async(lambda: collect(bootstrap, discrepancies, expected=len(expected), idle=6.0, timeout=120))
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=len(expected), idle=14.0, timeout=120))
     seen = [(r.key.decode() if r.key else "", r.header("byzguard_audit_kind") or b"") for r in found]
     kinds = {(key, kind.decode()) for key, kind in seen}
     assert kinds == expected, (sorted(kinds ^ expected), again.log_digest())
     joined = [names.input, names.verified, f"{worker_factory.app_id}-audit-paid-repartition"]
     run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, joined, workers=[again]))
+    skipped = [line for line in again.log_text().splitlines() if "joined before (delivered again)" in line]
+    print(f"\nrepeats skipped after the restart: {skipped or 'none (the kill came between two batches)'}")
 
 
 def test_an_observation_delivered_again_after_its_window_is_no_discrepancy(worker_factory: WorkerFactory) -> None:
@@ -308,7 +311,7 @@ def test_an_observation_delivered_again_after_its_window_is_no_discrepancy(worke
     by the verified record it names and skipped: no `missing` for an order that was paid; an order never paid
     after it still is one."""
     bootstrap = worker_factory.bootstrap
-    names, discrepancies = _at_least_once(worker_factory, 2)
+    names, discrepancies = _audited(worker_factory, 2)
     repartition = f"{worker_factory.app_id}-audit-paid-repartition"
     run = uuid.uuid4().hex[:6]
     worker = worker_factory.start("auditor")
@@ -340,14 +343,8 @@ def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: W
     (they hold committed state only: nothing is discarded or restored from the changelogs) and its join state: an
     order waiting before the kill is paired after it, one mismatch, reported once."""
     bootstrap = worker_factory.bootstrap
-    worker_factory.runtime = "batched"
-    names = worker_factory.configure(partitions=4)
+    names, discrepancies = _audited(worker_factory, 120, "exactly_once")
     app_id = worker_factory.app_id
-    discrepancies = f"{app_id}-discrepancies"
-    assert worker_factory.config_path is not None
-    worker_factory.config_path.write_text(CONFIG.format(input=names.input, verified=names.verified,
-                                                        quarantine=names.quarantine, window=120,
-                                                        discrepancies=discrepancies))
     run = uuid.uuid4().hex[:6]
     orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
     waiting = [orders.binary({"paymentId": f"{run}-{n}", "total": 10}, type="order.confirmed",
@@ -367,3 +364,27 @@ def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: W
     log = again.log_text()
     assert "did not stop cleanly" not in log and "restored from the changelog" not in log, again.log_digest()
     assert "changelog records for" not in log, "the databases were restored from the changelogs"
+
+
+@pytest.mark.xfail(strict=True, reason="observations are timed by their verified record's timestamp, the time of "
+                   "verification: a payment produced within the window but verified after a longer outage is "
+                   "outside it (docs/audits.md, Limits)")
+def test_a_payment_verified_after_an_outage_longer_than_the_window_still_pairs(worker_factory: WorkerFactory) -> None:
+    """An order verified before the worker is killed and its payment, produced a second or so later (both with
+    one event time) but verified only after a restart 9 s later (longer than the 4 s window and 1 s grace), pair:
+    the services were within the window, so no discrepancy is reported."""
+    bootstrap = worker_factory.bootstrap
+    names, discrepancies = _audited(worker_factory, 4, "exactly_once")
+    run = uuid.uuid4().hex[:6]
+    worker = worker_factory.start("first")
+    records, _ = _orders(run, "x", 1)
+    order, pay = records[:2]
+    run_async(lambda: produce(bootstrap, names.input, [order]))
+    joined = [names.input, names.verified, f"{worker_factory.app_id}-audit-paid-repartition"]
+    run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, joined, workers=[worker]))
+    worker.kill()
+    run_async(lambda: produce(bootstrap, names.input, [pay]))
+    time.sleep(9.0)
+    worker_factory.start("again", data_dir=worker.data_dir)
+    found = run_async(lambda: collect(bootstrap, discrepancies, idle=10.0, timeout=60))
+    assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == []

@@ -80,6 +80,7 @@ ACROSS = {
     "test_core_imports.py": "the import boundary of the core, the client and app/dev",
     "test_docs_links.py": "README and docs link only to what exists",
     "test_honest_reasons.py": "reasons say what is wrong in the event's own terms",
+    "test_hot_path.py": "the hot path's shortcuts (memos, identity hashes, skipped checks) change no outcome",
     "test_layout.py": "tests mirror the modules they test",
     "test_output_bounds.py": "what byzguard writes is bounded whatever the input",
     "test_packaging.py": "the wheel, the declared dependencies and the constraints",
