@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app import metrics
-from app.sidereads import started_side_consumer
+from app.sidereads import started_side_consumer, topic_partitions
 from byzguard.config import GuardConfig
 from byzguard.review import DecisionRecord, Status, status_of
 from byzguard.routing import H_QUARANTINE_ID
@@ -141,9 +141,7 @@ class QuarantineBacklog:
         try:
             consumer = await self._started()
             if not self._decisions:  # created by the first review action; until then nothing is decided
-                # All topics' metadata: the consumer's own covers only the topics it is assigned.
-                cluster = await consumer._client.fetch_all_metadata()
-                parts = cluster.partitions_for_topic(self.decisions_topic) or set()
+                parts = await topic_partitions(consumer, self.decisions_topic)
                 self._decisions = [TopicPartition(self.decisions_topic, p) for p in sorted(parts)]
             new = self.counts.own(owned)
             for topic, partition in new:
@@ -198,3 +196,4 @@ class QuarantineBacklog:
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+

@@ -147,9 +147,17 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.coordinator.assignors.range.RangePartitionAssignor", "on_assignment", "method",
                 ("app/runtime/owners.py",), "overridden: each worker keeps the owner map of the generation it joined",
                 signature="(cls, assignment)", overridden=True, digest="199ef55cb030e2c8"),
+    # -- prometheus_client: a histogram series filled once per batch (app/runtime/tally.py) ---------------------
+    PrivateName("prometheus_client.metrics.Histogram", "_upper_bounds", "attribute", ("app/runtime/tally.py",),
+                "the bucket bounds a batch's observations are counted in, as Histogram.observe picks them"),
+    PrivateName("prometheus_client.metrics.Histogram", "_buckets", "attribute", ("app/runtime/tally.py",),
+                "each bucket's value: inc(count) once per batch instead of once per observation"),
+    PrivateName("prometheus_client.metrics.Histogram", "_sum", "attribute", ("app/runtime/tally.py",),
+                "the series' sum: inc(total) once per batch"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
-                ("app/backlog.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
-                "force_metadata_update / fetch_all_metadata: aiokafka has no public way to refresh the topic list"),
+                ("app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
+                "force_metadata_update / fetch_all_metadata / send (one topic's metadata): aiokafka has no public "
+                "way to refresh the topic list"),
     PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),
 )

@@ -15,6 +15,7 @@ import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.protocol.metadata import MetadataRequest
 
 
 def side_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
@@ -57,3 +58,16 @@ async def partitions_for(consumer: AIOKafkaConsumer, topic: str, *, patience: fl
             break
         await asyncio.sleep(0.2)
     return partitions
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The partitions of `topic` (none: it does not exist), asked of the broker for this topic alone, without
+    creating it. Cheaper than `partitions_for`'s refresh for a reader assigned nothing, which fetches the whole
+    cluster's metadata (a third of a second to fetch and decode on a broker of 1,900 topics)."""
+    client = consumer._client
+    response = await client.send(client.get_random_node(),
+                                 MetadataRequest([topic], allow_auto_topic_creation=False))
+    for error_code, name, *_, partitions in response.topics:
+        if name == topic and error_code == 0:
+            return sorted(p[1] for p in partitions)
+    return []

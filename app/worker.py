@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
 @dataclass
 class GuardApp:
     """The faust App (web server, timers) and the batched runtime that runs the routes on it."""

@@ -61,6 +61,7 @@ from app.runtime.stages import (
     verify_topics,
 )
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
+from app.runtime.tally import Tally
 from byzguard.config import GuardConfig, Route
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
@@ -70,6 +71,12 @@ log = logging.getLogger(__name__)
 
 #: One route partition: (route name, partition).
 Key = tuple[str, int]
+#: The largest record batch the runtime's producers build (below a topic's max.message.bytes, which bounds it
+#: further). aiokafka sends one batch per partition per request and one request per broker at a time: with
+#: faust's 16 KiB a batch of 1,000 outputs went out in some 50 round trips one after another. Not above the
+#: review store's fetch size per partition (app/review/store.py SCAN_FETCH_BYTES): a broker returns a whole
+#: record batch even where it is larger than the fetch asked for, and the store bounds its memory by it.
+BATCH_BYTES = 256 * 1024
 
 
 def verify_group(app_id: str) -> str:
@@ -117,6 +124,7 @@ class BatchedRuntime(Service):
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
+        producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
         self.app_id = app_id
         self.group = verify_group(app_id)
         self.bootstrap = bootstrap
@@ -159,8 +167,8 @@ class BatchedRuntime(Service):
         self._stopping = False
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
-        #: Metric children by route (prometheus_client's labels() costs microseconds per call).
-        self._latency = {route.name: metrics.VERIFY_SECONDS.labels(route.name) for route in config.routes}
+        #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
+        self.tally = Tally(route.name for route in config.routes)
         for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
             self._publish_causal(route.name)
         self._lag_labels: set[tuple[str, str]] = set()
@@ -179,6 +187,8 @@ class BatchedRuntime(Service):
         outputs = [t for r in routes for t in (r.verified_topic, r.quarantine_topic)]
         limits = await load_limits(self.bootstrap, outputs)
         self.copy_limit = min((limits.get(t, 1_048_588) for t in outputs), default=1_048_588)
+        batch = self.producer_options.get("max_batch_size", 16384)
+        self.producer_options["max_batch_size"] = max(batch, min(BATCH_BYTES, self.copy_limit))
         if not self.eos:
             self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                              **self.producer_options)
@@ -235,7 +245,11 @@ class BatchedRuntime(Service):
                 if consumer is None:
                     await asyncio.sleep(0.05)
                     continue
-                fetched = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                # Up to a batch of every partition owned: aiokafka fills max_records from one partition's
+                # fetch before it takes the next one's, so a bound of one batch would run one partition at a
+                # time, its delivery round trips not overlapped with the others'.
+                fetched = await consumer.getmany(timeout_ms=200,
+                                                 max_records=self.max_records * max(1, len(self.positions)))
                 async with self._lock:
                     if self._stopping:
                         break
@@ -472,9 +486,10 @@ class BatchedRuntime(Service):
             return
         result = processor.process(record, part.readers, now)  # its writes are in the batch already
         self._emit(route, result, out)
-        self._latency[route.name].observe(time.perf_counter() - started)
+        tally = self.tally
+        tally.latency(route.name, time.perf_counter() - started)
         for routed in result.routed:
-            _observe(route.name, routed, now)
+            tally.routed(route.name, routed, now)
 
     def _emit(self, route: Route, result: Result, out: RecordBatches) -> None:
         for routed in result.routed:
@@ -506,7 +521,7 @@ class BatchedRuntime(Service):
         self._publish_causal(route.name)
         self._emit(route, result, out)
         for routed in result.routed:
-            _observe(route.name, routed, now)
+            self.tally.routed(route.name, routed, now)
 
     async def _punctuate_idle(self) -> None:
         """Route partitions without a batch for the deadline check's interval get one of their own."""
@@ -522,6 +537,7 @@ class BatchedRuntime(Service):
         """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
         self.last_batch[key] = time.monotonic()
         self._punctuate(key, route, part, out)
+        self.tally.flush()
         changelogs = self.changelogs[route.name]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.sidereads import partitions_for, side_consumer, started_side_consumer
+from app.sidereads import partitions_for, side_consumer, started_side_consumer, topic_partitions
 from tests.conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -66,5 +66,23 @@ async def test_partitions_of_a_topic_created_a_moment_ago(kafka_bootstrap: str) 
         assert missing not in await admin.list_topics()
     finally:
         await admin.delete_topics([name])
+        await admin.close()
+        await consumer.stop()
+
+
+async def test_topic_partitions_asks_for_one_topic_and_creates_none(kafka_bootstrap: str,
+                                                                    topic_factory: TopicFactory) -> None:
+    """An existing topic's partitions are found by asking for it alone; a missing topic is empty and is not
+    created by the look (the broker may auto-create topics)."""
+    topic = topic_factory(3)
+    consumer = await started_side_consumer(kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        assert await topic_partitions(consumer, topic) == [0, 1, 2]
+        missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
+        assert await topic_partitions(consumer, missing) == []
+        assert missing not in await admin.list_topics()
+    finally:
         await admin.close()
         await consumer.stop()
