@@ -28,6 +28,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.review.store import ReviewStore
+from app.sidereads import side_consumer
 from byzguard import config as guard_config
 from byzguard.review import Action, ReviewFilter, Status
 from byzguard.routing import quarantine_headers
@@ -276,10 +277,21 @@ async def test_pages_are_newest_first_and_the_store_keeps_no_records(deployment:
     await store.page(limit=1)  # warm up: imports, connections, the decisions consumer
     tracemalloc.start()
     try:
+        # What starting a reader costs on this cluster (aiokafka's bootstrap reads every topic's metadata: a few MB
+        # on a broker with thousands of topics) is not the records' cost: the peak is counted above it.
+        reader = side_consumer(deployment.bootstrap, client_id="byzguard-review")
+        await reader.start()
+        reader.assign(await store.topic_partitions(store.quarantine_topics))
+        await reader.stop()
+        del reader
+        gc.collect()
+        current, reader_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
         before = tracemalloc.take_snapshot()
         first = await store.page(limit=50)
         second = await store.page(offset=50, limit=50)
         _, peak = tracemalloc.get_traced_memory()
+        peak -= max(0, reader_peak - current)
         totals, reasons = (first.total, second.total), first.counts["reason"]
         second_ids = [r["quarantine_id"] for r in second.records]
         del first, second  # what the caller holds is its own (100 rendered records); the store must hold nothing
