@@ -45,7 +45,6 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from mode import Service
 
-from agents.verify import observe as _observe
 from app import metrics
 from app.runtime import membership
 from app.runtime.audits import audit_stages
@@ -482,7 +481,7 @@ class BatchedRuntime(Service):
         size = record_size(record.key, record.value, record.headers)
         if size + OWN_HEADERS_MAX > self.copy_limit:  # no copy would fit: not checked, no state, a stub instead
             routed = self._stub(route, record, size, now, out)
-            _observe(route.name, routed, now)
+            self.tally.routed(route.name, routed, now)
             return
         result = processor.process(record, part.readers, now)  # its writes are in the batch already
         self._emit(route, result, out)

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from agents.verify import observe
 from app.runtime.batches import RecordBatches
-from app.runtime.limits import load_limits
+from app.runtime.limits import DEFAULT_LIMIT, load_limits
 from byzguard.config import GuardConfig, Partitioning, Route
 from byzguard.engine import Decision
 from byzguard.guard import RecordIn, Routed
@@ -44,10 +44,6 @@ from byzguard.verdict import Code, Outcome, Reason
 from topics import route_repartition_topic_name
 
 log = logging.getLogger(__name__)
-
-#: A broker's default max.message.bytes (a topic whose limit cannot be read).
-DEFAULT_LIMIT = 1_048_588
-
 
 def verify_topics(app_id: str, route: Route) -> list[str]:
     """The topics a route's verify stage reads: its inputs, or its repartition topic."""

@@ -50,7 +50,7 @@ class HistogramTally:
 
 
 class Tally:
-    """The metrics of the records the loop routed since the last `flush` (agents/verify.py `observe`'s)."""
+    """The metrics of the records the loop routed since the last `flush`."""
 
     def __init__(self, routes: Iterable[str] = ()) -> None:
         self.events: dict[tuple[str, str, str], int] = {}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from agents.verify import observe
 from app import metrics
 from app.runtime.tally import HistogramTally, Tally
 from byzguard.engine import Decision
@@ -18,6 +18,34 @@ from byzguard.verdict import Code, Outcome, Reason
 def _samples(registry: CollectorRegistry, label: str) -> dict[tuple[str, str], float]:
     return {(s.name, s.labels.get("le", "")): s.value for m in registry.collect() for s in m.samples
             if s.labels.get("series") == label and not s.name.endswith("_created")}
+
+
+_EVENTS: dict[tuple[str, str, str], Any] = {}
+_DATA_AGE: dict[tuple[str, str], Any] = {}
+
+
+def observe_per_event(route: str, routed: Routed, now: float) -> None:
+    """The per-event prometheus calls a Tally stands for: the reference it is held to."""
+    decision = routed.decision
+    env = routed.envelope
+    event_type = metrics.type_label(route, env.type) if env is not None else metrics.UNKNOWN
+    labels = (route, event_type, decision.outcome.value)
+    events = _EVENTS.get(labels)
+    if events is None:
+        events = _EVENTS[labels] = metrics.EVENTS.labels(*labels)
+    events.inc()
+    if decision.reasons:
+        source = metrics.source_label(env.source) if env is not None else metrics.UNKNOWN
+        for reason in decision.reasons:
+            metrics.CHECK_FAILURES.labels(route, reason.check, reason.code.value, reason.severity.value,
+                                          source).inc()
+            if reason.code is Code.VERSION_REGRESSION:
+                metrics.VERSION_REGRESSIONS.labels(route, event_type).inc()
+    if env is not None and env.time is not None and decision.outcome is not Outcome.DUPLICATE:
+        age = _DATA_AGE.get((route, event_type))
+        if age is None:
+            age = _DATA_AGE[(route, event_type)] = metrics.DATA_AGE.labels(route, event_type)
+        age.observe(max(0.0, now - env.time))
 
 
 def test_a_histogram_tally_buckets_and_sums_as_observe_does() -> None:
@@ -77,10 +105,10 @@ def _routed() -> list[Routed]:
 
 def test_a_tally_counts_what_observe_counts_once_flushed() -> None:
     """Outcomes, failed checks, version regressions, data ages and verify durations of a batch, once flushed,
-    are the series agents.verify.observe and per-event histogram calls give the same records."""
+    are the series per-event prometheus calls give the same records."""
     tally = Tally(["tally-b"])
     for routed in _routed():
-        observe("tally-a", routed, 100.0)
+        observe_per_event("tally-a", routed, 100.0)
         tally.routed("tally-b", routed, 100.0)
     for seconds in (2e-5, 3e-4, 0.1):
         metrics.VERIFY_SECONDS.labels("tally-a").observe(seconds)
