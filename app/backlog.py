@@ -196,4 +196,3 @@ class QuarantineBacklog:
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()
-

@@ -49,7 +49,7 @@ from app import metrics
 from app.runtime import membership
 from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
-from app.runtime.limits import load_limits
+from app.runtime.limits import DEFAULT_LIMIT, load_limits
 from app.runtime.stages import (
     Forwards,
     StageContext,
@@ -185,7 +185,7 @@ class BatchedRuntime(Service):
         routes = self.config.routes
         outputs = [t for r in routes for t in (r.verified_topic, r.quarantine_topic)]
         limits = await load_limits(self.bootstrap, outputs)
-        self.copy_limit = min((limits.get(t, 1_048_588) for t in outputs), default=1_048_588)
+        self.copy_limit = min((limits.get(t, DEFAULT_LIMIT) for t in outputs), default=DEFAULT_LIMIT)
         batch = self.producer_options.get("max_batch_size", 16384)
         self.producer_options["max_batch_size"] = max(batch, min(BATCH_BYTES, self.copy_limit))
         if not self.eos:
