@@ -2,7 +2,7 @@
 partitions known even for a topic created a moment ago.
 
 Every worker-side tool that looks at topics without being part of the guard's consumer group (the review store,
-the backlog gauge, the CLI's quarantine, audit and contract commands, the demo's scoreboard, the in-order probe)
+the backlog gauge, the CLI's quarantine, audit and contract commands, the demo's scoreboard; the test harness's reader)
 builds its consumer here, so they share one definition of "a side reader": no group id (no group is joined, no
 offset committed, the guard's group never disturbed), no auto commit, `read_committed` (records of aborted or open
 transactions are never seen), from the earliest offset. The client (byzguard/client/), which may be installed

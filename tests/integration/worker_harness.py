@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.dev.localkafka import free_ports
 from app.dev.workers import WorkerProcess as ChildWorker
 from app.dev.workers import tail_lines
+from app.sidereads import partitions_for
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
@@ -371,13 +372,10 @@ async def collect(bootstrap: str, topic: str, *, expected: int | None = None, id
 
 
 async def _partitions_for(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(100):
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return set(partitions)
-        await consumer._client.force_metadata_update()
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"topic {topic!r} has no partitions")
+    partitions = await partitions_for(consumer, topic, patience=10)
+    if not partitions:
+        raise AssertionError(f"topic {topic!r} has no partitions")
+    return partitions
 
 
 async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, timeout: float = 60.0,
