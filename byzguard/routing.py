@@ -195,11 +195,11 @@ def repartitioned_from(headers: Sequence[tuple[str, bytes]] | None) -> tuple[str
     """Inverse of repartition_headers: (topic, partition, offset, timestamp) of the input record, or None."""
     for name, raw in reversed(headers or ()):
         if name == H_REPARTITIONED_FROM:
-            try:
+            try:  # a header not written by repartition_headers reads as none, whatever its shape
                 topic, partition, offset, timestamp = orjson.loads(raw)
+                return str(topic), int(partition), int(offset), None if timestamp is None else float(timestamp)
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 return None
-            return str(topic), int(partition), int(offset), None if timestamp is None else float(timestamp)
     return None
 
 

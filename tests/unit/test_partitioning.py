@@ -247,6 +247,14 @@ def test_repartition_headers_keep_the_producers_headers_and_add_the_coordinates(
     assert repartitioned_from(own) is None
 
 
+def test_a_coordinates_header_of_another_shape_reads_as_none() -> None:
+    """A coordinates header that repartition_headers did not write (a hostile producer on the repartition topic)
+    reads as no coordinates, whatever its shape: it never raises into the stage that reads it."""
+    for raw in (b'["t", "x", 1, null]', b'["t", 0, null, null]', b'["t", 0, 1, "soon"]', b'["t", [], 1, null]',
+                b'["t", 0, 1]', b"7", b"{}", b"not json"):
+        assert repartitioned_from([(H_REPARTITIONED_FROM, raw)]) is None, raw
+
+
 def test_a_producers_own_coordinates_header_is_replaced() -> None:
     """A coordinates header the producer sent itself is dropped: only the guard's copy names the input."""
     forged = [("ce_id", b"e-1"), (H_REPARTITIONED_FROM, b'["elsewhere",9,9,null]')]
