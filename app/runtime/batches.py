@@ -12,6 +12,9 @@ from app.runtime.limits import RecordTooLargeError
 
 log = logging.getLogger(__name__)
 
+#: The headers of a record without any (aiokafka only reads them).
+_NO_HEADERS: list[tuple[str, bytes]] = []
+
 
 class RecordBatches:
     """The records of one step of the batched runtime, by destination (topic, partition)."""
@@ -25,14 +28,18 @@ class RecordBatches:
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
             headers: Sequence[tuple[str, bytes]] = ()) -> None:
+        # aiokafka's record batch builder takes the headers as a list (a tuple is refused) and keeps none of it:
+        # the core's header lists go in as they are, without a copy per record.
+        if headers.__class__ is not list:
+            headers = list(headers) if headers else _NO_HEADERS
         dest = (topic, partition)
         builder = self.open.get(dest)
         if builder is None:
             builder = self.open[dest] = self.producer.create_batch()
-        if builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is None:
+        if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
             self.full.append((topic, partition, builder))
             builder = self.open[dest] = self.producer.create_batch()
-            if builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is None:
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 raise RecordTooLargeError(f"a record for {topic}[{partition}] is larger than a whole record batch")
 
     def __bool__(self) -> bool:

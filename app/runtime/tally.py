@@ -53,7 +53,9 @@ class Tally:
     """The metrics of the records the loop routed since the last `flush`."""
 
     def __init__(self, routes: Iterable[str] = ()) -> None:
-        self.events: dict[tuple[str, str, str], int] = {}
+        #: Per (route, type label): the count of each outcome (the enum member: its `.value`, a property, is
+        #: read once per series in `flush`, not once per event).
+        self.events: dict[tuple[str, str], dict[Outcome, int]] = {}
         self.failures: dict[tuple[str, str, str, str, str], int] = {}
         self.regressions: dict[tuple[str, str], int] = {}
         self.ages: dict[tuple[str, str], HistogramTally] = {}
@@ -70,29 +72,32 @@ class Tally:
     def routed(self, route: str, routed: Routed, now: float) -> None:
         """Count one routed record: its outcome, failed checks and data age."""
         decision = routed.decision
+        outcome = decision.outcome
         env = routed.envelope
-        event_type = metrics.type_label(route, env.type) if env is not None else metrics.UNKNOWN
-        labels = (route, event_type, decision.outcome.value)
-        events = self.events
-        events[labels] = events.get(labels, 0) + 1
+        series = (route, metrics.type_label(route, env.type) if env is not None else metrics.UNKNOWN)
+        outcomes = self.events.get(series)
+        if outcomes is None:
+            outcomes = self.events[series] = {}
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if decision.reasons:
             source = metrics.source_label(env.source) if env is not None else metrics.UNKNOWN
             for reason in decision.reasons:
                 key = (route, reason.check, reason.code.value, reason.severity.value, source)
                 self.failures[key] = self.failures.get(key, 0) + 1
                 if reason.code is Code.VERSION_REGRESSION:
-                    self.regressions[(route, event_type)] = self.regressions.get((route, event_type), 0) + 1
-        if env is not None and env.time is not None and decision.outcome is not Outcome.DUPLICATE:
-            age = self.ages.get((route, event_type))
+                    self.regressions[series] = self.regressions.get(series, 0) + 1
+        if env is not None and env.time is not None and outcome is not Outcome.DUPLICATE:
+            age = self.ages.get(series)
             if age is None:
-                age = self.ages[(route, event_type)] = HistogramTally(metrics.DATA_AGE.labels(route, event_type))
+                age = self.ages[series] = HistogramTally(metrics.DATA_AGE.labels(*series))
             age.observe(max(0.0, now - env.time))
 
     def flush(self) -> None:
         """Add what was counted to the metrics."""
         if self.events:
-            for labels, count in self.events.items():
-                metrics.EVENTS.labels(*labels).inc(count)
+            for (route, event_type), outcomes in self.events.items():
+                for outcome, count in outcomes.items():
+                    metrics.EVENTS.labels(route, event_type, outcome.value).inc(count)
             self.events.clear()
         if self.failures:
             for check, count in self.failures.items():

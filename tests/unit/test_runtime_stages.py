@@ -10,6 +10,7 @@ from typing import Any
 
 from app.runtime.stages import RouteRepartition, record_in, repartitions, verify_topics
 from byzguard.config import GuardConfig, load
+from byzguard.guard import RecordIn
 from byzguard.partitioner import partition_for
 from byzguard.routing import H_REPARTITIONED_FROM, repartitioned_from
 from topics import route_repartition_topic_name
@@ -120,3 +121,15 @@ def test_a_plain_routes_record_is_judged_where_it_was_read(tmp_path: Path) -> No
     record = record_in(Msg("p_in", 2, 7, b"k", b"{}", [(H_REPARTITIONED_FROM, b'["x",0,0,1.0]')]), plain)
     assert (record.topic, record.partition, record.offset, record.timestamp, record.home) == (
         "p_in", 2, 7, 1_800_000_000.0, 2)
+
+
+def test_record_in_builds_the_record_its_dataclass_would_on_either_kind_of_route(tmp_path: Path) -> None:
+    """record_in sets RecordIn's slots itself (no frozen __init__): every field equals what RecordIn(...) holds."""
+    config = _config(tmp_path)
+    repartitioning, plain = config.routes
+    headers = [("a", b"1"), (H_REPARTITIONED_FROM, b'["in2",1,42,1799999999.5]')]
+    copied = record_in(Msg("app-r-entities-repartition", 2, 9, b"k", b"v", headers), repartitioning)
+    assert copied == RecordIn(b"k", b"v", headers, "in2", 1, 42, 1799999999.5, 3, 2)
+    assert copied.home == 2
+    read = record_in(Msg("p_in", 5, 7, None, None), plain)
+    assert read == RecordIn(None, None, (), "p_in", 5, 7, 1_800_000_000.0, plain.partitions, None)
