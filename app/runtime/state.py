@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -40,6 +40,8 @@ INPUTS_KEY = b"__byzguard\0input_offsets__"
 RESTORE_CHUNK = 10_000
 
 Writes = dict[str, dict[bytes, bytes | None]]
+#: What a key the batch has not written reads as in its pending writes (None there is a deletion).
+_UNWRITTEN: Final = cast(bytes, object())
 
 
 def state_names(route: Route) -> list[str]:
@@ -79,10 +81,10 @@ class _Reader:
         self.db = db
 
     def get(self, key: bytes) -> bytes | None:
-        pending = self.pending
-        if key in pending:
-            return pending[key]
-        value: bytes | None = self.db.get(key)
+        value = self.pending.get(key, _UNWRITTEN)  # one lookup: most keys are read before the batch writes them
+        if value is _UNWRITTEN:
+            found: bytes | None = self.db.get(key)
+            return found
         return value
 
     def put(self, key: bytes, value: bytes) -> None:
