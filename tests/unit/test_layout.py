@@ -60,7 +60,6 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
                             "needs a broker"),
     "app/review/web.py": (("tests/integration/test_review.py", "tests/e2e/test_review_page.py"),
                           "a worker's web server"),
-    "app/runtime/batches.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
     "app/runtime/limits.py": (("tests/integration/test_poison.py", "tests/integration/test_runtime_batched.py"),
                               "needs a broker"),
     "app/runtime/loop.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
