@@ -362,9 +362,6 @@ def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: W
     assert "changelog records for" not in log, "the databases were restored from the changelogs"
 
 
-@pytest.mark.xfail(strict=True, reason="observations are timed by their verified record's timestamp, the time of "
-                   "verification: a payment produced within the window but verified after a longer outage is "
-                   "outside it (docs/audits.md, Limits)")
 def test_a_payment_verified_after_an_outage_longer_than_the_window_still_pairs(worker_factory: WorkerFactory) -> None:
     """An order verified before the worker is killed and its payment, produced a second or so later (both with
     one event time) but verified only after a restart 9 s later (longer than the 4 s window and 1 s grace), pair:
