@@ -258,12 +258,14 @@ class AuditJoinProcessor:
         self.clock = StreamClock(stored)
         self.kept = stored
 
-    def keep(self, state: State) -> None:
-        """Write the stream time to the table if it moved since it was last written (once a batch, not a record)."""
-        now = self.clock.stream_time
-        if now is not None and now != self.kept:
-            state[PENDING].put(CLOCK_KEY, repr(now).encode())
-            self.kept = now
+    def keep(self, state: State, step: float = 0.0) -> None:
+        """Write the stream time to the table if it moved (by more than `step`) since it was last written; once a
+        batch, not a record. A stream time not written is only a later close after a restart, never an early one."""
+        now, kept = self.clock.stream_time, self.kept
+        if now is None or now == kept or (kept is not None and now - kept <= step):
+            return
+        state[PENDING].put(CLOCK_KEY, repr(now).encode())
+        self.kept = now
 
     def process(self, record: Observation, state: State, now: float) -> AuditOutput:
         """Join one observation (its key is the join key) with what waits for it."""

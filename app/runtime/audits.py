@@ -248,7 +248,9 @@ class AuditJoins:
     async def _finish(self, tp: TopicPartition, rule: AuditRule, out: RecordBatches,
                       offsets: dict[TopicPartition, int]) -> None:
         part = self.parts[tp]
-        self.processors[tp].keep(part.readers)  # the stream time, if it moved
+        # The stream time, if it moved: with the batch's writes; alone (a transaction of its own on a quiet
+        # partition) only once it moved by a window, so a quiet worker does not write every tick.
+        self.processors[tp].keep(part.readers, 0.0 if out or part.pending[PENDING] or offsets else rule.within)
         changelog = self.changelog(rule)
         writes = part.pending[PENDING]
         if self.ctx.eos:

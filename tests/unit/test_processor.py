@@ -260,3 +260,38 @@ def test_audit_skips_an_observation_at_or_below_the_last_offset_joined_from_its_
     _caught_up_punctuation(processor, state, NOW)
     closed = _caught_up_punctuation(processor, state, NOW + 30)
     assert closed.unreadable == [] and sorted(c.key for c in closed.checks) == ["p3"]
+
+
+def test_audit_stream_time_is_kept_in_the_join_table_and_resumed_from_it() -> None:
+    """The join keeps its stream time in its table under a source-prefixed key no punctuation reads as join state
+    (written when it moved, alone only once it moved by more than `step`), and a new processor resumes it; a
+    value it cannot read, or none, resumes at the newest observation time the table holds."""
+    from byzguard.processor import CLOCK_KEY
+
+    processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    state = memory_state(processor.tables)
+    processor.keep(state)
+    assert state[PENDING].get(CLOCK_KEY) is None  # no time yet
+    processor.process(order("p1", 100, NOW), state, NOW)
+    processor.process(payment("p2", 100, NOW - 5), state, NOW)
+    processor.keep(state)
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW).encode()
+    processor.clock.stream_time = NOW + 10
+    processor.keep(state, step=10.0)
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW).encode()  # moved by the step, not more: not written alone
+    processor.clock.stream_time = NOW + 10.5
+    processor.keep(state, step=10.0)
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW + 10.5).encode()
+    again = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    again.resume(state)
+    assert again.clock.stream_time == NOW + 10.5 and again.punctuate(state, NOW).checks == []
+    for stored in (b"not a time", b"inf", b"nan"):
+        state[PENDING].put(CLOCK_KEY, stored)
+        again.resume(state)
+        assert again.clock.stream_time == NOW  # the newest observation: the order (the payment is older)
+    state[PENDING].delete(CLOCK_KEY)
+    again.resume(state)
+    assert again.clock.stream_time == NOW
+    empty = AuditJoinProcessor(audit_rule())
+    empty.resume(memory_state(empty.tables))
+    assert empty.clock.stream_time is None and empty.punctuate(memory_state(empty.tables), NOW).checks == []
