@@ -4,16 +4,18 @@
         keyed by entity id         (join key, observation)  keyed by join key     join table      (audit topic)
 
 `AuditForward` is a forward stage (app/runtime/stages.py): each verified record of a rule's sides becomes an
-observation keyed by its join key, at the join key's murmur2 partition of the repartition topic, with the
-verified record's coordinates in a header (`byzguard_repartitioned_from`, as a route's repartition copies), so
-the join skips an observation at_least_once delivers again (byzguard/processor.py `AuditJoinProcessor`); a
-subject record without a usable join key is a `missing` discrepancy at once. `AuditJoins` runs the core's
-`AuditJoinProcessor` (byzguard/processor.py) per partition of the repartition topic over the partition's join
-table: faust's RocksDB layout (`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
+observation timed by its event's time (byzguard.audit `event_time`) and keyed by its join key, at the join key's
+murmur2 partition of the repartition topic, with the verified record's coordinates in a header
+(`byzguard_repartitioned_from`, as a route's repartition copies), so the join skips an observation at_least_once
+delivers again (byzguard/processor.py `AuditJoinProcessor`); a subject record without a usable join key is a
+`missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor` (byzguard/processor.py) per
+partition of the repartition topic over the partition's join table: faust's RocksDB layout
+(`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
 (`<app_id>-audit-<rule>-pending_by_key-changelog`), so a data dir of the faust runtime is taken over. Windows
-close as a punctuation: after a batch once `tick_interval` passed since the partition's last one, and on the
-loop's idle timer, inside the partition's transaction; no tick records. Tick records the faust runtime left on
-the repartition topic (empty values) are skipped.
+close by the partition's stream time (kept in its table; moved on by the wall clock only while the worker is
+`caught_up`, as the loop tells each idle step) as a punctuation: after a batch once `tick_interval` passed since
+the partition's last one, and on the loop's idle timer, inside the partition's transaction; no tick records.
+Tick records the faust runtime left on the repartition topic (empty values) are skipped.
 
 Per batch of a join partition, as the verify stage does (app/runtime/loop.py): exactly_once, one transaction
 (transactional id `<app_id>-audit-<rule>-<partition>`) holds the discrepancies, the changelog records and the
