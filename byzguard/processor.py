@@ -24,15 +24,18 @@ What a runtime must call, in which order, in which transaction (per input partit
 
 1. On assignment: restore the partition's tables from their changelogs (read_committed, up to their end)
    before the first record is fetched; then create the partition's processor (`VerifyProcessor(guard,
-   route)`, `AuditJoinProcessor(rule)`). One processor per partition: a processor may keep bookkeeping for
-   its partition in memory (the audit join's stream clock), which is rebuilt, not restored.
+   route)`, `AuditJoinProcessor(rule)`, then its `resume(state)`: the stream time its table holds). One
+   processor per partition: a processor may keep bookkeeping for its partition in memory, which is rebuilt,
+   not restored.
 2. Per batch (the records of one fetch of the partition, in offset order), all of it inside the partition's
    transaction under exactly_once:
    a. `process(record, state, now)` for each record, `now` the wall-clock time (seconds) at which it runs;
       its outputs are sent in the order given, before those of the next record;
    b. then, when `interval` seconds passed since the partition's last punctuation, `punctuate(state, now)`,
       its outputs sent likewise. A partition with no records is punctuated on time all the same, in a
-      transaction of its own (a causal deadline or an audit window must not wait for traffic);
+      transaction of its own (a causal deadline or an audit window must not wait for traffic). An audit join's
+      stream clock is told before, on every idle step, whether the worker is caught up (`clock.tick`), and its
+      stream time is written with the batch (`keep(state)`);
    c. the changelog records of every key the batch wrote (its last value; a delete is a tombstone), then the
       input offsets (`send_offsets_to_transaction`), then the commit;
    d. only after the commit (at_least_once: after the outputs and changelog records are acknowledged and the
@@ -40,7 +43,7 @@ What a runtime must call, in which order, in which transaction (per input partit
       the store never holds state whose outputs were not delivered, and a redelivered record is judged as it
       was the first time, never as a duplicate of itself.
    On an aborted transaction the batch's writes are dropped with it, and the processor is re-created (its
-   in-memory bookkeeping may have seen the aborted records).
+   in-memory bookkeeping may have seen the aborted records; an audit join's is `resume`d).
 3. On revocation: finish and commit (or abort) the batch in flight, then drop the partition's processor
    and close its state.
 """
