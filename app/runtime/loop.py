@@ -197,13 +197,11 @@ class BatchedRuntime(Service):
         await self.stages.start(self.producer)
         # A previous process of this worker (data dir or name) that never left the group holds its partitions until
         # its session times out: removed once this one's join is pending (app/runtime/membership.py).
-        url = getattr(getattr(self.assignor, "directory", None), "url", None) if self.named else None
-        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id, url=url)
+        url = getattr(getattr(self.assignor, "directory", None), "url", None)
+        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id, url=url, named=self.named)
         faust_group = membership.Takeover(self.bootstrap, self.app_id, self.client_id,
                                           join_wait=membership.FAUST_JOIN_WAIT)
-        await asyncio.gather(takeover.find(), faust_group.find())
-        if takeover.others:  # another live worker has this worker's name: remove nothing
-            faust_group.forget()
+        await membership.find_previous(takeover, faust_group)
         self.add_future(faust_group.run())  # faust's consumer joins once this service started
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False, client_id=self.client_id,
