@@ -62,8 +62,6 @@ from app.runtime.stages import (
 )
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
 from app.runtime.tally import Tally
-from app.runtime.trip import ENABLED as TRIP
-from app.runtime.trip import Trip
 from byzguard.config import GuardConfig, Route
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
@@ -176,8 +174,6 @@ class BatchedRuntime(Service):
         self._lag_due = 0.0
         #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
         self.tally = Tally(route.name for route in config.routes)
-        self._trip = Trip() if TRIP else None
-        self._marks: dict[str, float] = {}
         for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
             self._publish_causal(route.name)
         self._lag_labels: set[tuple[str, str]] = set()
@@ -439,8 +435,6 @@ class BatchedRuntime(Service):
                 else:
                     staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        t0 = time.time()
-        self._marks = {}
         await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()),
                              *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
         for tp, _ in staged:
@@ -448,14 +442,6 @@ class BatchedRuntime(Service):
                 self.positions[tp] = offsets[tp]
         if offsets and not self.eos:
             await self._commit(consumer, offsets)
-        if self._trip is not None and by_key:
-            msgs = [m for items in by_key.values() for _, ms in items for m in ms]
-            self._trip.step(len(msgs), t0 - min(m.timestamp for m in msgs) / 1000,
-                            t0 - max(m.timestamp for m in msgs) / 1000, self._marks, t0)
-
-    def _mark(self, name: str) -> None:
-        if self._trip is not None:
-            self._marks[name] = max(self._marks.get(name, 0.0), time.time())
 
     async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
                          offsets: dict[TopicPartition, int]) -> None:
@@ -583,7 +569,6 @@ class BatchedRuntime(Service):
                       offsets: dict[TopicPartition, int]) -> None:
         """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
         self.last_batch[key] = time.monotonic()
-        self._mark("processed")
         self._punctuate(key, route, part, out)
         self.tally.flush()
         changelogs = self.changelogs[route.name]
@@ -603,21 +588,17 @@ class BatchedRuntime(Service):
                 else:
                     delivered = await out.deliver()
                 await txn.commit_transaction()
-                self._mark("delivered")
             except BaseException:
                 part.discard()
                 await _abort(txn)
                 raise
         else:
             await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
-            self._mark("delivered")
             cl = RecordBatches(self.producer)
             self._changelog_records(part, changelogs, cl)
             delivered = await cl.deliver()
-            self._mark("changelog")
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
                     if (topic, part.partition) in delivered}, inputs)
-        self._mark("stored")
         if route.causal.buffer:
             self.held[key] = held_count(part.readers[CAUSAL])
             self._publish_causal(route.name)
