@@ -21,7 +21,7 @@ from rich.table import Table
 
 from app.sidereads import started_side_consumer, topic_partitions
 from byzguard import config as guard_config
-from byzguard.audit import AuditRule, Check, ConsistencyResult, Observation, audit_batch, observation_of
+from byzguard.audit import AuditRule, Check, ConsistencyResult, Observation, audit_batch, event_time, observation_of
 from byzguard.envelope import decode, parse_time
 from byzguard.errors import ConfigError
 from byzguard.routing import H_VERDICT
@@ -102,7 +102,8 @@ def _observations(rule: AuditRule, routes: dict[str, guard_config.Route], topic:
         return []
     items: list[Observation | Check] = []
     for side in rule.sides_of(topic, env.type):
-        item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id, at=at)
+        item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id,
+                              at=event_time(env.time, at))
         if item is not None:
             items.append(item)
     return items

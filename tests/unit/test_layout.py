@@ -63,7 +63,6 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
     "app/runtime/batches.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
     "app/runtime/limits.py": (("tests/integration/test_poison.py", "tests/integration/test_runtime_batched.py"),
                               "needs a broker"),
-    "app/runtime/loop.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
     "app/sidereads.py": (("tests/integration/test_sidereads.py",), "needs a broker"),
 }
 
