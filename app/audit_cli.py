@@ -16,13 +16,12 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from aiokafka import TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from app.sidereads import refresh_metadata, started_side_consumer
+from app.sidereads import started_side_consumer, topic_partitions
 from byzguard import config as guard_config
-from byzguard.audit import AuditRule, Check, ConsistencyResult, Observation, audit_batch, observation_of
+from byzguard.audit import AuditRule, Check, ConsistencyResult, Observation, audit_batch, event_time, observation_of
 from byzguard.envelope import decode, parse_time
 from byzguard.errors import ConfigError
 from byzguard.routing import H_VERDICT
@@ -60,13 +59,10 @@ async def read_observations(bootstrap: str, cfg: guard_config.GuardConfig, rule:
     consumer = await started_side_consumer(bootstrap)
     items: list[Observation | Check] = []
     try:
-        await refresh_metadata(consumer)
-        tps: list[TopicPartition] = []
+        tps = await topic_partitions(consumer, rule.topics)
         for topic in rule.topics:
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
+            if not any(tp.topic == topic for tp in tps):
                 raise ConfigError(f"topic {topic!r} of audit {rule.name!r} does not exist on {bootstrap}")
-            tps.extend(TopicPartition(topic, p) for p in sorted(partitions))
         ends = await consumer.end_offsets(tps)
         found = await consumer.offsets_for_times({tp: int(start * 1000) for tp in tps})
         consumer.assign(tps)
@@ -106,7 +102,8 @@ def _observations(rule: AuditRule, routes: dict[str, guard_config.Route], topic:
         return []
     items: list[Observation | Check] = []
     for side in rule.sides_of(topic, env.type):
-        item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id, at=at)
+        item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id,
+                              at=event_time(env.time, at))
         if item is not None:
             items.append(item)
     return items

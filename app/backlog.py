@@ -141,8 +141,7 @@ class QuarantineBacklog:
         try:
             consumer = await self._started()
             if not self._decisions:  # created by the first review action; until then nothing is decided
-                parts = await topic_partitions(consumer, self.decisions_topic)
-                self._decisions = [TopicPartition(self.decisions_topic, p) for p in sorted(parts)]
+                self._decisions = await topic_partitions(consumer, [self.decisions_topic])
             new = self.counts.own(owned)
             for topic, partition in new:
                 self._positions.pop(TopicPartition(topic, partition), None)

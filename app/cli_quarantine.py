@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 
-from app.sidereads import started_side_consumer
+from app.sidereads import started_side_consumer, topic_partitions
 from byzguard.errors import ByzguardError, ConfigError
 from byzguard.review import (
     Action,
@@ -237,7 +237,7 @@ async def _entity_state(store: Any, route_name: str, entity: str, partition: int
     consumer = await started_side_consumer(store.bootstrap)
     try:
         tp = TopicPartition(changelog, partition)
-        if tp not in await store.topic_partitions([changelog]):
+        if tp not in await topic_partitions(consumer, [changelog]):
             return {**where, "state": None, "detail": "no such changelog partition (has a worker run?)"}
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)

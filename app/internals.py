@@ -156,7 +156,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "the series' sum: inc(total) once per batch"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
                 ("app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
-                "force_metadata_update / fetch_all_metadata / send (one topic's metadata): aiokafka has no public "
+                "force_metadata_update / send (the metadata of the topics asked for): aiokafka has no public "
                 "way to refresh the topic list"),
     PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),

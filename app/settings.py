@@ -28,12 +28,15 @@ OTHER_VARIABLES = frozenset({
     "BYZGUARD_DEMO", "BYZGUARD_REVIEWER", "BYZGUARD_KAFKA_VERSION", "BYZGUARD_CACHE_DIR", "BYZGUARD_TEST_KAFKA",
     "BYZGUARD_KEEP_TOPICS", "BYZGUARD_CHAOS_SEED", "BYZGUARD_FETCH_PAUSE_LEADER", ENV_FILE,
 })
-#: Values of settings that went with the faust agent runtime: refused at start, saying what to do.
-REMOVED_VALUES: dict[str, tuple[str, str]] = {
+#: Values of settings that went with the faust agent runtime (None: every value of it), refused at start saying what
+#: to do: a setting is never silently ignored.
+REMOVED_VALUES: dict[str, tuple[str | None, str]] = {
     "runtime": ("faust", f"the faust agent runtime was removed; unset {PREFIX}RUNTIME (the batched runtime is the only "
                 "one; its state is the faust runtime's, docs/operations.md)"),
     "state_store": ("memory", f"the memory store went with the faust agent runtime; unset {PREFIX}STATE_STORE (the "
                     "state is kept in RocksDB, restored from the changelogs)"),
+    "livelock_timeout": (None, f"faust's livelock check went with the faust agent runtime (faust's consumer reads no "
+                         f"route, so it has nothing to check); unset {PREFIX}LIVELOCK_TIMEOUT (docs/operations.md)"),
 }
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -72,9 +75,9 @@ class Settings(BaseSettings):
                                    description="seconds without heartbeats before the group gives a worker's "
                                    "partitions to another (heartbeats every tenth of it)")
     log_level: str = "info"
-    # faust warns (as a bug) when a partition that is processing events has not committed for this long.
-    livelock_timeout: float = Field(default=300.0, gt=0, le=86_400, description="seconds a partition may process "
-                                    "events without a commit before the worker logs it")
+    # faust's livelock check (a partition processing events without a commit) went with the faust agent runtime: its
+    # consumer reads no route. Any value is refused with what to do (REMOVED_VALUES).
+    livelock_timeout: None = Field(default=None, description="removed: refused at start")
     # The state is always in RocksDB, restored from the changelogs (app/runtime/state.py); `memory` was the faust
     # runtime's, and is refused (a setting is never silently ignored).
     state_store: Literal["rocksdb"] = Field(default="rocksdb", description="where the state is kept: rocksdb "
@@ -132,11 +135,12 @@ class Settings(BaseSettings):
             parse_token_map(value.get_secret_value())  # its message never quotes a token
         return value
 
-    @field_validator("runtime", "state_store", mode="before")
+    @field_validator(*REMOVED_VALUES, mode="before")
     @classmethod
     def _removed(cls, value: Any, info: ValidationInfo) -> Any:
         removed = REMOVED_VALUES.get(info.field_name or "")
-        if removed is not None and isinstance(value, str) and value.strip().lower() == removed[0]:
+        if removed is not None and value is not None and (removed[0] is None or (
+                isinstance(value, str) and value.strip().lower() == removed[0])):
             raise ValueError(removed[1])
         return value
 

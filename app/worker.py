@@ -71,7 +71,6 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "broker_session_timeout": settings.session_timeout,
         "broker_heartbeat_interval": settings.session_timeout / 10,
         "table_standby_replicas": 0,
-        "broker_commit_livelock_soft_timeout": settings.livelock_timeout,
         "autodiscover": False,
         "env": {},  # faust must not read BROKER_URL & co. from the environment behind our back
     }

@@ -7,9 +7,10 @@ the verified topic, the seconds from the kill to the first verified record produ
 CPU seconds the new process had used by then (what the restart costs apart from waiting for a loaded machine's
 cores). Prints each round and the median, per guarantee.
 
-`--wipe` deletes the data dir before each restart (the state comes back from the changelogs); `--worker-id NAME`
-runs the worker as BYZGUARD_WORKER_ID=NAME on one web port, so a restart on a wiped data dir recognises its
-predecessor by name (without it, a wiped data dir waits for the dead member's session timeout).
+Every restart keeps the worker's web port (so its URL), as a restarted worker keeps its configuration. `--wipe`
+deletes the data dir before each restart (the state comes back from the changelogs): the restarted worker then
+recognises its predecessor by its address and URL; `--worker-id NAME` runs it as BYZGUARD_WORKER_ID=NAME, which
+recognises it by name as well.
 
     python -m bench.restart_time --broker 127.0.0.1:9092 --rounds 5 --guarantee exactly_once,at_least_once
     python -m bench.restart_time --rounds 5 --wipe --worker-id guard-0
@@ -59,7 +60,7 @@ async def _first_after(consumer: AIOKafkaConsumer, sent: dict[str, float], after
 
 
 def _named(worker: WorkerProcess, worker_id: str | None, port: int | None) -> WorkerProcess:
-    """`worker` as BYZGUARD_WORKER_ID=`worker_id` (if given) on web port `port` (if given)."""
+    """`worker` as BYZGUARD_WORKER_ID=`worker_id` (if given) on web port `port` (if given: its predecessor's)."""
     if worker_id is not None:
         worker.env["BYZGUARD_WORKER_ID"] = worker_id
     if port is not None:
@@ -75,7 +76,7 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
     route = factory.configure(partitions=4)
     worker = _named(factory.new_worker("w"), worker_id, None).start()
     worker.wait_ready(120)
-    port = worker.web_port if worker_id is not None else None
+    port = worker.web_port  # a restarted worker keeps its configured web port, so its URL
     data_dir = worker.data_dir
     stop = asyncio.Event()
     sent: dict[str, float] = {}
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--guarantee", default="exactly_once,at_least_once")
     parser.add_argument("--keep", type=Path, help="keep the workers' data dirs and logs here")
     parser.add_argument("--wipe", action="store_true", help="delete the data dir before each restart")
-    parser.add_argument("--worker-id", help="run the worker as BYZGUARD_WORKER_ID=this, on one web port")
+    parser.add_argument("--worker-id", help="run the worker as BYZGUARD_WORKER_ID=this")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
         if args.keep:

@@ -460,25 +460,42 @@ def expire(rule: AuditRule, state: JoinState, *, now: float, detected_at: float 
 # --------------------------------------------------------------------------------------------- clocks and rates
 
 
+def event_time(time: float | None, verified: float) -> float:
+    """When an observation's event happened, for the join: the envelope's own time (`time`, signed with the
+    event), but never later than `verified`, its verified record's timestamp (an event cannot happen after it
+    was verified: a producer clock running ahead must not push a partition's stream time ahead and close other
+    windows early); `verified` when the event has no time."""
+    if time is None or not (time < verified and math.isfinite(time)):
+        return verified
+    return time
+
+
 @dataclass(slots=True)
 class StreamClock:
-    """The time a join partition has reached: the newest record time seen, advanced by the wall clock while
-    no record arrives. When catching up on a backlog it follows the (old) record times, so windows do not
-    close on counterparts that are still on their way; on a quiet stream it follows the wall clock."""
+    """The time a join partition has reached, its stream time: the newest event time of the observations it
+    joined. While the worker is caught up (`tick`: nothing it consumes waits unread, and it fetched recently) it
+    also advances with the wall clock from where it stood, never past the wall clock. So a backlog drained
+    after an outage joins by its event times as it would have live (the clock does not move while the worker
+    is behind or cut off), and a quiet partition still closes its windows (its clock moves while caught up)."""
 
+    #: None: nothing observed yet (no window can be due).
     stream_time: float | None = None
-    seen_wall: float = 0.0
+    #: The wall time of the last tick that found the worker caught up; None when the last one did not.
+    caught_since: float | None = None
 
-    def observe(self, at: float, wall: float) -> None:
-        """A record with time `at` was processed at wall time `wall`."""
+    def observe(self, at: float) -> None:
+        """An observation timed `at` was joined."""
         self.stream_time = at if self.stream_time is None else max(self.stream_time, at)
-        self.seen_wall = wall
 
-    def now(self, wall: float) -> float:
-        """The join's current time at wall time `wall`."""
-        if self.stream_time is None:
-            return wall
-        return min(wall, self.stream_time + max(0.0, wall - self.seen_wall))
+    def tick(self, wall: float, caught_up: bool) -> None:
+        """At wall time `wall` the worker is `caught_up` or not: the wall time since the previous tick advances
+        the stream time only when both ticks found the worker caught up."""
+        if not caught_up:
+            self.caught_since = None
+            return
+        since, self.caught_since = self.caught_since, wall
+        if since is not None and self.stream_time is not None and wall > since:
+            self.stream_time = max(self.stream_time, min(wall, self.stream_time + (wall - since)))
 
 
 @dataclass(slots=True)

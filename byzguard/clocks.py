@@ -393,3 +393,19 @@ class VectorClock:
 _new: Final = object.__new__
 _set_d: Final = VectorClock.__dict__["_d"].__set__
 _set_header: Final = VectorClock.__dict__["_header"].__set__
+
+
+#: Bounds of a memo of clocks by their text (`remember`): its entries, and the longest text it keeps.
+MEMO_MAX: Final = 1024
+MEMO_KEY_MAX: Final = 512
+
+
+def remember(memo: dict[Any, VectorClock], key: str | bytes, vclock: VectorClock) -> VectorClock:
+    """`vclock`, kept under its text `key` in `memo` (the reader looks it up there first; clocks are immutable, so
+    one object serves every reader of the same text). Bounded against hostile input: cleared when full, and a
+    text longer than MEMO_KEY_MAX is not kept (1,024 long clocks could take a gigabyte)."""
+    if len(key) <= MEMO_KEY_MAX:
+        if len(memo) >= MEMO_MAX:
+            memo.clear()
+        memo[key] = vclock
+    return vclock

@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 import xxhash
 
-from byzguard.clocks import VectorClock, check_instance
+from byzguard.clocks import VectorClock, check_instance, remember
 from byzguard.errors import ClockError
 from byzguard.integrity import BOUND, SHA256, VALUE_ONLY, Checksum, content_hash
 from byzguard.isotime import LAST as _LAST_TIME
@@ -458,22 +458,16 @@ _new_tuple: Final = tuple.__new__
 
 # Texts already parsed or checked: a source's vector clocks repeat across entities (an entity's counters are
 # small), and a producer instance id across its events. Clocks are immutable, so one object serves every
-# event that sends the same text. Bounded against hostile input (cleared when full).
+# event that sends the same text. Bounded against hostile input (cleared when full; `remember` for the clocks).
 _VCLOCKS: dict[str, VectorClock] = {}
 _INSTANCES: set[str] = set()
 _MEMO_MAX: Final = 1024
-_MEMO_TEXT_MAX: Final = 512
 
 
 def _vclock_text(text: str) -> VectorClock:
     vclock = _VCLOCKS.get(text)
     if vclock is None:
-        vclock = VectorClock.from_header(text)
-        if len(text) > _MEMO_TEXT_MAX:  # a long clock is not kept: 1,024 of them could take a gigabyte
-            return vclock
-        if len(_VCLOCKS) >= _MEMO_MAX:
-            _VCLOCKS.clear()
-        _VCLOCKS[text] = vclock
+        vclock = remember(_VCLOCKS, text, VectorClock.from_header(text))
     return vclock
 
 

@@ -24,15 +24,18 @@ What a runtime must call, in which order, in which transaction (per input partit
 
 1. On assignment: restore the partition's tables from their changelogs (read_committed, up to their end)
    before the first record is fetched; then create the partition's processor (`VerifyProcessor(guard,
-   route)`, `AuditJoinProcessor(rule)`). One processor per partition: a processor may keep bookkeeping for
-   its partition in memory (the audit join's stream clock), which is rebuilt, not restored.
+   route)`, `AuditJoinProcessor(rule)`, then its `resume(state)`: the stream time its table holds). One
+   processor per partition: a processor may keep bookkeeping for its partition in memory, which is rebuilt,
+   not restored.
 2. Per batch (the records of one fetch of the partition, in offset order), all of it inside the partition's
    transaction under exactly_once:
    a. `process(record, state, now)` for each record, `now` the wall-clock time (seconds) at which it runs;
       its outputs are sent in the order given, before those of the next record;
    b. then, when `interval` seconds passed since the partition's last punctuation, `punctuate(state, now)`,
       its outputs sent likewise. A partition with no records is punctuated on time all the same, in a
-      transaction of its own (a causal deadline or an audit window must not wait for traffic);
+      transaction of its own (a causal deadline or an audit window must not wait for traffic). An audit join's
+      stream clock is told before, on every idle step, whether the worker is caught up (`clock.tick`), and its
+      stream time is written with the batch (`keep(state)`);
    c. the changelog records of every key the batch wrote (its last value; a delete is a tombstone), then the
       input offsets (`send_offsets_to_transaction`), then the commit;
    d. only after the commit (at_least_once: after the outputs and changelog records are acknowledged and the
@@ -40,13 +43,14 @@ What a runtime must call, in which order, in which transaction (per input partit
       the store never holds state whose outputs were not delivered, and a redelivered record is judged as it
       was the first time, never as a duplicate of itself.
    On an aborted transaction the batch's writes are dropped with it, and the processor is re-created (its
-   in-memory bookkeeping may have seen the aborted records).
+   in-memory bookkeeping may have seen the aborted records; an audit join's is `resume`d).
 3. On revocation: finish and commit (or abort) the batch in flight, then drop the partition's processor
    and close its state.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -60,6 +64,10 @@ PENDING = "pending"
 #: The audit join table's other keys: per side and source partition (verified topic and partition), the offset of
 #: the last observation joined from it. A join key is UTF-8 text, which never holds the byte 0xFF.
 SOURCE_PREFIX = b"\xffsource\x00"
+#: The join table key of the partition's stream time (`repr` of a float, seconds), under SOURCE_PREFIX so that a
+#: release that does not know it skips it. A table without it (written by an earlier release) resumes from the
+#: newest observation time it holds.
+CLOCK_KEY = SOURCE_PREFIX + b"clock"
 
 In_contra = TypeVar("In_contra", contravariant=True)
 Out_co = TypeVar("Out_co", covariant=True)
@@ -210,8 +218,11 @@ class AuditJoinProcessor:
     """One audit rule's join on one partition of its repartition topic (records keyed by join key).
 
     `process` first closes what waited on the observation's key past its window (by the partition's stream
-    clock, less the rule's grace), then pairs or keeps the observation; `punctuate` closes every window of the
-    partition that ended. Checks are timed by the wall clock (`now`).
+    time, less the rule's grace), then pairs or keeps the observation; `punctuate` closes every window of the
+    partition that ended by the stream time. Observations are timed by their event's time (`event_time`); the
+    stream time is the newest of them, moved on by the wall clock only while the worker is caught up
+    (`StreamClock.tick`), and kept in the table (`CLOCK_KEY`: `resume` reads it back, `keep` writes it), so a
+    restart neither rewinds it nor jumps it to the wall clock. Checks are timed by the wall clock (`now`).
 
     A repeat is skipped whenever it comes: an observation that says where it comes from (`origin`) at an offset
     at or below the last one joined from its side and source partition (kept in the table, `source_key`) was
@@ -219,14 +230,45 @@ class AuditJoinProcessor:
     producer per process), so only a redelivery (at_least_once, after a crash) goes back. Without this, a
     repeat that came after its pair's window was forgotten would wait alone and be reported `missing`."""
 
-    __slots__ = ("clock", "interval", "rule", "tables")
+    __slots__ = ("clock", "interval", "kept", "rule", "tables")
 
     def __init__(self, rule: AuditRule) -> None:
         self.rule = rule
-        #: The time the partition's records have reached (in memory: rebuilt from the records after a restart).
+        #: The time the partition's records have reached (`resume` reads the stored one).
         self.clock = StreamClock()
+        #: The stream time the table holds (what `keep` last wrote or `resume` read).
+        self.kept: float | None = None
         self.tables: tuple[str, ...] = (PENDING,)
         self.interval: float | None = rule.tick_interval
+
+    def resume(self, state: State) -> None:
+        """Read the partition's stream time back from its table (when the partition is opened, and after an
+        aborted batch); a table without one gives the newest observation time it holds (none: no time yet)."""
+        table = state[PENDING]
+        try:
+            stored: float | None = float(table.get(CLOCK_KEY) or b"")
+        except ValueError:
+            stored = None
+        if stored is not None and not math.isfinite(stored):
+            stored = None
+        if stored is None:
+            for key, raw in table.items():
+                if key.startswith(SOURCE_PREFIX):
+                    continue
+                pending = self._read(key, raw, AuditOutput())
+                for obs in (*pending.lefts, *pending.rights, *(o for pair in pending.pairs for o in pair)):
+                    stored = obs.at if stored is None else max(stored, obs.at)
+        self.clock = StreamClock(stored)
+        self.kept = stored
+
+    def keep(self, state: State, step: float = 0.0) -> None:
+        """Write the stream time to the table if it moved (by more than `step`) since it was last written; once a
+        batch, not a record. A stream time not written is only a later close after a restart, never an early one."""
+        now, kept = self.clock.stream_time, self.kept
+        if now is None or now == kept or (kept is not None and now - kept <= step):
+            return
+        state[PENDING].put(CLOCK_KEY, repr(now).encode())
+        self.kept = now
 
     def process(self, record: Observation, state: State, now: float) -> AuditOutput:
         """Join one observation (its key is the join key) with what waits for it."""
@@ -239,19 +281,23 @@ class AuditJoinProcessor:
                 out.repeated = True
                 return out
             table.put(source, b"%d" % record.origin[2])
-        self.clock.observe(record.at, now)
+        clock = self.clock
+        clock.observe(record.at)
+        assert clock.stream_time is not None
         raw = table.get(key)
-        closed = expire(rule, self._read(key, raw, out), now=self.clock.now(now) - rule.grace, detected_at=now)
+        closed = expire(rule, self._read(key, raw, out), now=clock.stream_time - rule.grace, detected_at=now)
         step = observe(rule, closed.state, record, now=now)
         _write(table, key, step.state, raw)
         out.checks.extend((*closed.checks, *step.checks))
         return out
 
     def punctuate(self, state: State, now: float) -> AuditOutput:
-        """Report and forget what waited in the partition past its window and the grace."""
+        """Report and forget what waited in the partition past its window and the grace (by the stream time)."""
         out = AuditOutput()
+        if self.clock.stream_time is None:
+            return out  # nothing was ever observed here
         rule, table = self.rule, state[PENDING]
-        until = self.clock.now(now) - rule.grace
+        until = self.clock.stream_time - rule.grace
         due: list[tuple[bytes, bytes, JoinState]] = []
         for key, raw in list(table.items()):
             if key.startswith(SOURCE_PREFIX):

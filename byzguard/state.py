@@ -48,7 +48,7 @@ from typing import Final
 import orjson
 import xxhash
 
-from byzguard.clocks import VectorClock
+from byzguard.clocks import VectorClock, remember
 
 FORMAT: Final = 3
 """The entity record's format version (its first byte); format 1 records start with `[`."""
@@ -301,12 +301,9 @@ class EntityState:
         return None
 
 
-# Entity clocks already read, by their bytes: clocks are immutable, and the same text recurs across entities
-# (one writer's counters are small numbers). Bounded (cleared when full, and only clocks of at most
-# _CLOCK_BYTES bytes: a merged clock may hold 256 long node ids); only clocks that parsed are kept.
+# Entity clocks already read, by their bytes: the same text recurs across entities (one writer's counters are
+# small numbers). Bounded (`remember`; a merged clock may hold 256 long node ids); only clocks that parsed are kept.
 _CLOCKS: dict[bytes, VectorClock] = {}
-_CLOCKS_MAX: Final = 1024
-_CLOCK_BYTES: Final = 512
 
 
 def _clock(raw: bytes) -> VectorClock:
@@ -314,12 +311,7 @@ def _clock(raw: bytes) -> VectorClock:
     checks an event's header needs. The merged clock has its own bound, not the per-event one."""
     vclock = _CLOCKS.get(raw)
     if vclock is None:
-        vclock = _parse_clock(raw)
-        if len(raw) > _CLOCK_BYTES:
-            return vclock
-        if len(_CLOCKS) >= _CLOCKS_MAX:
-            _CLOCKS.clear()
-        _CLOCKS[raw] = vclock
+        vclock = remember(_CLOCKS, raw, _parse_clock(raw))
     return vclock
 
 

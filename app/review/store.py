@@ -36,7 +36,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from app.sidereads import side_consumer, started_side_consumer
+from app.sidereads import side_consumer, started_side_consumer, topic_partitions
 from byzguard.config import GuardConfig, Route
 from byzguard.errors import InfrastructureError
 from byzguard.review import (
@@ -165,7 +165,6 @@ class ReviewStore:
         self._read_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
-        self._partitions: dict[str, int] = {}
         self._in_flight: list[asyncio.Future[Any]] = []
         self._decisions_topic_ready = False
 
@@ -230,31 +229,11 @@ class ReviewStore:
 
     # ------------------------------------------------------------------ reading
 
-    async def topic_partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
-        """The partitions of the topics that exist now (the consumer's own metadata knows only assigned ones)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=30_000,
-                                    client_id=self.client_id)
-        await admin.start()
-        try:
-            # Only topics that exist: describing a missing one may auto-create it with the wrong partitions.
-            existing = set(await admin.list_topics())
-            wanted = [t for t in topics if t in existing]
-            described = await admin.describe_topics(wanted) if wanted else []
-        finally:
-            await admin.close()
-        out: list[TopicPartition] = []
-        for topic in described:
-            parts = topic.get("partitions") or [] if topic.get("error_code", 0) == 0 else []
-            self._partitions[topic["topic"]] = len(parts)
-            out.extend(TopicPartition(topic["topic"], p["partition"]) for p in parts)
-        return out
-
     async def _ensure_assigned(self) -> None:
         assert self._consumer is not None
-        wanted_topics = [self.decisions_topic]
-        if self._assigned and all(self._partitions.get(t) for t in wanted_topics):
+        if self._assigned:  # the decisions topic's partitions, found once it exists
             return
-        wanted = set(await self.topic_partitions(wanted_topics))
+        wanted = set(await topic_partitions(self._consumer, [self.decisions_topic]))
         if wanted == self._assigned:
             return
         self._consumer.assign(sorted(wanted))
@@ -328,7 +307,7 @@ class ReviewStore:
         try:
             await consumer.start()
             only = self._partitions_of(selection)
-            tps = [tp for tp in await self.topic_partitions(self.quarantine_topics)
+            tps = [tp for tp in await topic_partitions(consumer, self.quarantine_topics)
                    if only is None or tp.partition in only.get(tp.topic, ())]
             if not tps:
                 return

@@ -4,16 +4,18 @@
         keyed by entity id         (join key, observation)  keyed by join key     join table      (audit topic)
 
 `AuditForward` is a forward stage (app/runtime/stages.py): each verified record of a rule's sides becomes an
-observation keyed by its join key, at the join key's murmur2 partition of the repartition topic, with the
-verified record's coordinates in a header (`byzguard_repartitioned_from`, as a route's repartition copies), so
-the join skips an observation at_least_once delivers again (byzguard/processor.py `AuditJoinProcessor`); a
-subject record without a usable join key is a `missing` discrepancy at once. `AuditJoins` runs the core's
-`AuditJoinProcessor` (byzguard/processor.py) per partition of the repartition topic over the partition's join
-table: faust's RocksDB layout (`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
+observation timed by its event's time (byzguard.audit `event_time`) and keyed by its join key, at the join key's
+murmur2 partition of the repartition topic, with the verified record's coordinates in a header
+(`byzguard_repartitioned_from`, as a route's repartition copies), so the join skips an observation at_least_once
+delivers again (byzguard/processor.py `AuditJoinProcessor`); a subject record without a usable join key is a
+`missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor` (byzguard/processor.py) per
+partition of the repartition topic over the partition's join table: faust's RocksDB layout
+(`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
 (`<app_id>-audit-<rule>-pending_by_key-changelog`), so a data dir of the faust runtime is taken over. Windows
-close as a punctuation: after a batch once `tick_interval` passed since the partition's last one, and on the
-loop's idle timer, inside the partition's transaction; no tick records. Tick records the faust runtime left on
-the repartition topic (empty values) are skipped.
+close by the partition's stream time (kept in its table; moved on by the wall clock only while the worker is
+`caught_up`, as the loop tells each idle step) as a punctuation: after a batch once `tick_interval` passed since
+the partition's last one, and on the loop's idle timer, inside the partition's transaction; no tick records.
+Tick records the faust runtime left on the repartition topic (empty values) are skipped.
 
 Per batch of a join partition, as the verify stage does (app/runtime/loop.py): exactly_once, one transaction
 (transactional id `<app_id>-audit-<rule>-<partition>`) holds the discrepancies, the changelog records and the
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from agents.audit import H_AUDIT_KIND, H_AUDIT_RULE, CheckRecorder, header
 from app.runtime.batches import RecordBatches
 from app.runtime.stages import StageContext, commit, partition_counts
 from app.runtime.state import PartitionState, restore
-from byzguard.audit import AuditRule, Check, Observation, observation_of
+from byzguard.audit import AuditRule, Check, Observation, event_time, observation_of
 from byzguard.config import GuardConfig
 from byzguard.envelope import decode
 from byzguard.partitioner import partition_for
@@ -88,13 +90,14 @@ class AuditForward:
         env = decode(msg.key, msg.value, msg.headers or (), default_type=route.default_type)
         if isinstance(env, tuple):
             return
-        at = msg.timestamp / 1000  # aiokafka's timestamps are in ms
+        verified = msg.timestamp / 1000  # aiokafka's timestamps are in ms
+        at = event_time(env.time, verified)
         for side in rule.sides_of(msg.topic, env.type):
             item = observation_of(rule, side, env.data(), subject=env.subject, event_id=env.id, at=at)
             if isinstance(item, Observation):
                 key = item.key.encode()
                 out.add(self.target, partition_for(key, rule.partitions), key, item.to_bytes(),
-                        repartition_headers((), msg.topic, msg.partition, msg.offset, at))
+                        repartition_headers((), msg.topic, msg.partition, msg.offset, verified))
             elif item is not None:
                 send_checks(rule, self.recorder, [item], time.time(), out, self.discrepancy_partitions)
 
@@ -117,6 +120,9 @@ class AuditJoins:
         self.processors: dict[TopicPartition, AuditJoinProcessor] = {}
         self.txns: dict[TopicPartition, AIOKafkaProducer] = {}
         self.punctuated: dict[TopicPartition, float] = {}
+        #: Whether the worker is caught up now (`caught_up`; the loop sets it): while it is, the join partitions'
+        #: stream times move on with the wall clock. Never, until set: no window closes on the wall clock alone.
+        self.caught_up: Callable[[], bool] = lambda: False
 
     def changelog(self, rule: AuditRule) -> str:
         """The join table's changelog topic (faust's `<app_id>-<table>-changelog`)."""
@@ -145,6 +151,7 @@ class AuditJoins:
                                            for tp in opened])
         stored: dict[TopicPartition, int] = {}
         for tp in opened:
+            self.processors[tp].resume(self.parts[tp].readers)  # its stream time, as the table holds it
             offsets = self.parts[tp].input_offsets()
             if tp.topic in offsets:
                 stored[tp] = offsets[tp.topic]
@@ -190,9 +197,14 @@ class AuditJoins:
             index = last
 
     async def idle(self) -> None:
-        """Partitions whose windows were not checked for `tick_interval` get a punctuation of their own."""
-        now = time.monotonic()
+        """Every join partition's stream time moves on with the wall clock if the worker is caught up
+        (`StreamClock.tick`); partitions whose windows were not checked for `tick_interval` get a punctuation of
+        their own."""
+        if not self.parts:
+            return
+        now, wall, caught = time.monotonic(), time.time(), self.caught_up()
         for tp in list(self.parts):
+            self.processors[tp].clock.tick(wall, caught)
             rule = self.rule_of[tp.topic]
             if now - self.punctuated[tp] >= rule.tick_interval:
                 out = self._out(tp)
@@ -238,6 +250,9 @@ class AuditJoins:
     async def _finish(self, tp: TopicPartition, rule: AuditRule, out: RecordBatches,
                       offsets: dict[TopicPartition, int]) -> None:
         part = self.parts[tp]
+        # The stream time, if it moved: with the batch's writes; alone (a transaction of its own on a quiet
+        # partition) only once it moved by a window, so a quiet worker does not write every tick.
+        self.processors[tp].keep(part.readers, 0.0 if out or part.pending[PENDING] or offsets else rule.within)
         changelog = self.changelog(rule)
         writes = part.pending[PENDING]
         if self.ctx.eos:
@@ -250,6 +265,7 @@ class AuditJoins:
             except BaseException:
                 part.discard()
                 self.processors[tp] = AuditJoinProcessor(rule)  # its stream clock saw the aborted records
+                self.processors[tp].resume(part.readers)
                 raise
         else:
             await out.deliver()  # the discrepancies first: a changelog never holds state of an undelivered output
@@ -267,3 +283,23 @@ def audit_stages(config: GuardConfig, ctx: StageContext, tabledir: Path,
     recorders = {rule.name: CheckRecorder(rule) for rule in config.audits}
     forwards = [AuditForward(ctx.app_id, config, rule, recorders[rule.name]) for rule in config.audits]
     return forwards, AuditJoins(config.audits, recorders, ctx, tabledir, store_options)
+
+
+def caught_up(consumer: Any, positions: dict[TopicPartition, int], fresh: float) -> bool:
+    """Whether the worker is caught up: every partition it owns (`positions`: the next offset to process) was
+    fetched from its leader within `fresh` seconds and has nothing after its position (read_committed: before
+    its last stable offset). A partition never fetched yet, a backlog, or fetches that stopped (the broker out
+    of reach) make it not caught up. `consumer` is the loop's AIOKafkaConsumer (None: not started)."""
+    if consumer is None or not positions:
+        return False
+    oldest = time.time() * 1000 - fresh * 1000  # aiokafka's poll timestamps are wall-clock ms
+    try:
+        for tp, position in positions.items():
+            polled, end = consumer.last_poll_timestamp(tp), consumer.last_stable_offset(tp)
+            if end is None or end < 0:
+                end = consumer.highwater(tp)
+            if polled is None or end is None or polled < oldest or position < end:
+                return False
+    except Exception:  # a partition in the middle of a rebalance (aiokafka asserts it is assigned)
+        return False
+    return True

@@ -33,6 +33,7 @@ topics (the review and decision streams are side consumers, app/review/store.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -47,7 +48,7 @@ from mode import Service
 
 from app import metrics
 from app.runtime import membership
-from app.runtime.audits import audit_stages
+from app.runtime.audits import audit_stages, caught_up
 from app.runtime.batches import RecordBatches
 from app.runtime.limits import DEFAULT_LIMIT, load_limits
 from app.runtime.stages import (
@@ -76,6 +77,9 @@ Key = tuple[str, int]
 #: review store's fetch size per partition (app/review/store.py SCAN_FETCH_BYTES): a broker returns a whole
 #: record batch even where it is larger than the fetch asked for, and the store bounds its memory by it.
 BATCH_BYTES = 256 * 1024
+#: A step whose newest fetched record is older than this (its timestamp to now, ms) also takes what the broker has
+#: received since (`BatchedRuntime._fetch`).
+STALE_MS = 5.0
 
 
 def verify_group(app_id: str) -> str:
@@ -163,6 +167,8 @@ class BatchedRuntime(Service):
         self.oldest: dict[Key, float] = {}
         self.copy_limit = 0
         self._lock = asyncio.Lock()
+        #: at_least_once: the offset commit in flight (`_commit`).
+        self._committing: asyncio.Future[None] | None = None
         self._stopping = False
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
@@ -177,6 +183,8 @@ class BatchedRuntime(Service):
                            producer_options=producer, max_records=batch_max_records,
                            max_seconds=self.max_seconds)
         forwards, joins = audit_stages(config, ctx, tabledir, store_options)
+        fresh = max(5.0, 4 * fetch_max_wait_ms / 1000)  # fetches older than this: the broker is out of reach
+        joins.caught_up = lambda: caught_up(self.consumer, self.positions, fresh)
         self.stages = Stages([Forwards([*repartitions(app_id, config), *forwards], ctx), joins])
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -195,13 +203,11 @@ class BatchedRuntime(Service):
         await self.stages.start(self.producer)
         # A previous process of this worker (data dir or name) that never left the group holds its partitions until
         # its session times out: removed once this one's join is pending (app/runtime/membership.py).
-        url = getattr(getattr(self.assignor, "directory", None), "url", None) if self.named else None
-        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id, url=url)
+        url = getattr(getattr(self.assignor, "directory", None), "url", None)
+        takeover = membership.Takeover(self.bootstrap, self.group, self.client_id, url=url, named=self.named)
         faust_group = membership.Takeover(self.bootstrap, self.app_id, self.client_id,
                                           join_wait=membership.FAUST_JOIN_WAIT)
-        await asyncio.gather(takeover.find(), faust_group.find())
-        if takeover.others:  # another live worker has this worker's name: remove nothing
-            faust_group.forget()
+        await membership.find_previous(takeover, faust_group)
         self.add_future(faust_group.run())  # faust's consumer joins once this service started
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False, client_id=self.client_id,
@@ -230,6 +236,8 @@ class BatchedRuntime(Service):
         async with self._lock:  # the batch in flight finishes first
             consumer, self.consumer = self.consumer, None
             if consumer is not None:
+                with contextlib.suppress(Exception):  # logged where it failed; the worker stops anyway
+                    await self._committed()
                 await consumer.stop()
             await self._close(list(self.parts))
             await self.stages.stop()
@@ -244,11 +252,7 @@ class BatchedRuntime(Service):
                 if consumer is None:
                     await asyncio.sleep(0.05)
                     continue
-                # Up to a batch of every partition owned: aiokafka fills max_records from one partition's
-                # fetch before it takes the next one's, so a bound of one batch would run one partition at a
-                # time, its delivery round trips not overlapped with the others'.
-                fetched = await consumer.getmany(timeout_ms=200,
-                                                 max_records=self.max_records * max(1, len(self.positions)))
+                fetched = await self._fetch(consumer)
                 async with self._lock:
                     if self._stopping:
                         break
@@ -266,6 +270,31 @@ class BatchedRuntime(Service):
             raise
         except BaseException as exc:
             await self.fail(exc)
+
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Any]]:
+        """The records of the next step: what aiokafka holds, and what reached the broker since it fetched that.
+
+        aiokafka fetches again as soon as its buffer is drained, gets the few records that arrived since, and
+        holds them until the next getmany: under a steady load those are a step old, and the records that came
+        during the step wait for one more. So where the newest record held is older than `STALE_MS`, what the
+        broker has now is asked for too (waiting at most the fetch's max wait) and runs in the same step."""
+        # Up to a batch of every partition owned: aiokafka fills max_records from one partition's fetch before it
+        # takes the next one's, so a bound of one batch would run one partition at a time, its delivery round
+        # trips not overlapped with the others'.
+        budget = self.max_records * max(1, len(self.positions))
+        fetched: dict[TopicPartition, list[Any]] = await consumer.getmany(timeout_ms=200, max_records=budget)
+        if not fetched:
+            return fetched
+        count = sum(map(len, fetched.values()))
+        newest = max(messages[-1].timestamp for messages in fetched.values() if messages)
+        if count < budget and time.time() * 1000 - newest > STALE_MS:
+            more = await consumer.getmany(timeout_ms=self.fetch_max_wait_ms, max_records=budget - count)
+            for tp, messages in more.items():
+                if tp in fetched:
+                    fetched[tp] = [*fetched[tp], *messages]
+                else:
+                    fetched[tp] = messages
+        return fetched
 
     async def fail(self, exc: BaseException) -> None:
         """Nothing past the failed batch is committed; the worker stops loudly and Kafka redelivers."""
@@ -293,6 +322,7 @@ class BatchedRuntime(Service):
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # the batch in flight finished and committed
+            await self._committed()
             for tp in revoked:
                 self.positions.pop(tp, None)
                 self.ends.pop(tp, None)
@@ -411,12 +441,7 @@ class BatchedRuntime(Service):
             if tp in offsets and tp in self.positions:
                 self.positions[tp] = offsets[tp]
         if offsets and not self.eos:
-            assert self.consumer is not None
-            try:
-                await self.consumer.commit(offsets)
-            except CommitFailedError as exc:  # a rebalance took them: their state is stored, the new owner resumes
-                log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets",
-                            exc)
+            await self._commit(consumer, offsets)
 
     async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
                          offsets: dict[TopicPartition, int]) -> None:
@@ -463,11 +488,20 @@ class BatchedRuntime(Service):
             self.positions.update(passed)
             offsets.update(passed)
         if offsets and not self.eos:
-            try:
-                await consumer.commit(offsets)
-            except CommitFailedError as exc:
-                log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets",
-                            exc)
+            await self._commit(consumer, offsets)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """at_least_once: commit `offsets` (their batches are stored) behind the loop, while the next step runs.
+        At most one commit is in flight, so they reach the group in order; a revoke and a stop wait for it. A
+        commit lost to a crash costs nothing: the worker resumes from the offsets stored with the state."""
+        await self._committed()
+        self._committing = asyncio.ensure_future(_commit(consumer, offsets))
+
+    async def _committed(self) -> None:
+        """Wait for the commit in flight (its error, other than a rebalance's, stops the worker)."""
+        task, self._committing = self._committing, None
+        if task is not None:
+            await task
 
     def _batches(self, key: Key) -> RecordBatches:
         producer = self.txns[key] if self.eos else self.producer
@@ -546,9 +580,13 @@ class BatchedRuntime(Service):
             self._changelog_records(part, changelogs, out)
             await txn.begin_transaction()
             try:
-                delivered = await out.deliver()
+                # The offsets join the transaction while its records are on their way (aiokafka sends the
+                # transaction's requests one after another, beside the records): one round trip less per batch.
                 if offsets:
-                    await txn.send_offsets_to_transaction(offsets, self.group)
+                    delivered, _ = await asyncio.gather(out.deliver(),
+                                                        txn.send_offsets_to_transaction(offsets, self.group))
+                else:
+                    delivered = await out.deliver()
                 await txn.commit_transaction()
             except BaseException:
                 part.discard()
@@ -578,6 +616,13 @@ class BatchedRuntime(Service):
             topic = changelogs[name]
             for key, value in writes.items():
                 out.add(topic, part.partition, key, value)
+
+
+async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    try:
+        await consumer.commit(offsets)
+    except CommitFailedError as exc:  # a rebalance took them: their state is stored, the new owner resumes
+        log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets", exc)
 
 
 async def _abort(txn: AIOKafkaProducer) -> None:

@@ -21,7 +21,15 @@ A zombie (a previous process that is in fact still alive, e.g. paused) that is r
 as after an expired session: its commits fail, and under exactly_once its transactional producers are fenced by
 the new owner.
 
-A data dir that is wiped, or new (a container without a persistent volume), has lost that id. A worker with a
+A data dir that is wiped, or new (a container without a persistent volume), has lost that id. Such a worker still
+recognises a previous process at its endpoint: a member of `<app_id>-verify` that connected from this process's
+own address (the client host the broker reports, against the local address of a connection to the coordinator)
+and carries this worker's web URL. No live process can serve that URL at that address while this one is about to:
+before removing such a member the worker binds the URL's address and port once, and removes nothing if another
+process serves them (its web server binds them only after the runtime started). The members of faust's group with
+the client ids so found go too. A NAT between worker and broker makes the addresses differ: nothing matches.
+
+A worker with a
 name of its own (`BYZGUARD_WORKER_ID`: a StatefulSet pod name, a compose service with its replica number)
 carries `byzguard-worker-<name>` instead, whatever its data dir: a restarted worker of that name recognises its
 predecessor's members on a new data dir too. The name must be unique among the app's live workers. As a guard
@@ -35,10 +43,15 @@ the log says so. (Two workers given one name *and* one URL, e.g. containers that
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import ipaddress
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiokafka.client import AIOKafkaClient, ConnectionGroup, CoordinationType
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
@@ -81,14 +94,46 @@ def client_id(data_dir: Path, worker_id: str | None = None) -> str:
     return f"byzguard-{instance}"
 
 
-async def _describe(client: AIOKafkaClient, node: int, group: str) -> tuple[str, list[tuple[str, str, bytes]]]:
-    """The group's state and its members as (member id, client id, member metadata)."""
+async def _describe(client: AIOKafkaClient, node: int,
+                    group: str) -> tuple[str, list[tuple[str, str, str | None, bytes]]]:
+    """The group's state and its members as (member id, client id, the address the broker saw it connect from,
+    member metadata)."""
     response = await client.send(node, DescribeGroupsRequest([group]), group=ConnectionGroup.COORDINATION)
     found = response.groups[0]
     error, state, members = found[0], found[2], found[5]
     if error:
         raise for_code(error)()
-    return state, [(m[0], m[1], m[3]) for m in members]
+    return state, [(m[0], m[1], address(m[2]), m[3]) for m in members]
+
+
+def address(text: str) -> str | None:
+    """An IP address in one form: a member's client host as the broker reports it (`/10.0.0.5`, `host/10.0.0.5`) or
+    a socket's address (an IPv4-mapped IPv6 one as IPv4); None when `text` is none."""
+    try:
+        ip = ipaddress.ip_address(text.rpartition("/")[2].partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+async def local_address(client: AIOKafkaClient, node: int) -> str | None:
+    """The address this process connects to broker `node` from (what the broker reports as the client host of a
+    member that connected from here, unless a NAT stands between); None when it cannot connect."""
+    broker = client.cluster.broker_metadata(node)
+    if broker is None:
+        return None
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(broker.host, broker.port), 5.0)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        return address(str(writer.get_extra_info("sockname")[0]))
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def member_url(metadata: bytes) -> str | None:
@@ -99,43 +144,88 @@ def member_url(metadata: bytes) -> str | None:
         return None
 
 
+def serving(url: str) -> bool | None:
+    """Whether a process on this host serves `url` now (its address and port cannot be bound, as the worker's web
+    server binds them); None: cannot tell (not an address of this host)."""
+    parts = urlsplit(url)
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(parts.hostname, parts.port, type=socket.SOCK_STREAM)[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server: a TIME_WAIT is no server
+        try:
+            sock.bind(where)
+        except OSError as exc:
+            return True if exc.errno == errno.EADDRINUSE else None
+    return False
+
+
 class Takeover:
-    """The members of `group` with client id `client` found before this process joins (previous processes of
-    this worker, its data dir or its name, that never left); `remove` removes them once this process's join is
-    pending. Best effort: a failure is logged, and the dead members then go after their session timeout."""
+    """The members of `group` a previous process of this worker left behind (it never left), found before this
+    process joins: those with client id `client` (its data dir's or its name's), and those of its endpoint (this
+    process's address and web URL); `remove` removes them once this process's join is pending. Best effort: a
+    failure is logged, and the dead members then go after their session timeout."""
 
     def __init__(self, bootstrap: str, group: str, client: str, *, join_wait: float = JOIN_WAIT,
-                 url: str | None = None) -> None:
+                 url: str | None = None, named: bool = False) -> None:
         self.group = group
         self.join_wait = join_wait
         self.client = client
-        #: A member with `client` is a previous process only if its metadata carries this URL (None: no check).
+        #: This worker's web URL: a member of the same address with it is a previous process of this endpoint;
+        #: `named`: a member with `client` (the worker's name) is a previous process only if it carries this URL.
         self.url = url
+        self.named = named
         self.kafka = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=f"{client}-takeover")
         self.node: int | None = None
         self.previous: list[str] = []
         #: Members with `client` at another URL: live workers given the same name; nothing is removed then.
         self.others: list[str] = []
+        #: The address this process connects to the coordinator from (None: unknown, no endpoint match).
+        self.address: str | None = None
+        #: Client ids of previous processes of this endpoint: found by URL in `<app_id>-verify`, handed to the
+        #: lookup in faust's group (whose members carry no URL).
+        self.endpoint_clients: set[str] = set()
 
     async def find(self) -> list[str]:
         """Look up the previous processes' members (call before this process's consumer subscribes)."""
         try:
             await self.kafka.bootstrap()
             self.node = await self.kafka.coordinator_lookup(CoordinationType.GROUP, self.group)
+            if self.url is not None:
+                self.address = await local_address(self.kafka, self.node)
             _, members = await _describe(self.kafka, self.node, self.group)
         except (KafkaError, OSError) as exc:
             log.warning("group %s: could not look for members a previous process of this worker left behind "
                         "(%r); if there are any, they go after their session timeout", self.group, exc)
             return []
-        mine = [(member, metadata) for member, cid, metadata in members if cid == self.client]
-        if self.url is not None:
+        mine = [(member, metadata) for member, cid, _, metadata in members if cid == self.client]
+        if self.named and self.url is not None:
             self.others = sorted(member for member, metadata in mine if member_url(metadata) != self.url)
             if self.others:
                 log.warning("group %s: %d member(s) with this worker's id %s serve another URL than %s (%s): "
                             "another live worker has this BYZGUARD_WORKER_ID; nothing is removed, and the worker "
                             "ids must be made unique", self.group, len(self.others), self.client, self.url,
                             ", ".join(self.others))
-                mine = []
+                self.previous = []
+                return []
+        # The same endpoint (a wiped or new data dir, no name): a member that connected from this process's address
+        # and serves its URL is a previous process of this worker, as a live process cannot serve that URL there
+        # while this one is about to. In faust's group (no URL in the metadata): the client ids found so.
+        here = [(member, cid, metadata) for member, cid, host, metadata in members
+                if cid != self.client and self.address is not None and host == self.address
+                and (cid in self.endpoint_clients if self.url is None else member_url(metadata) == self.url)]
+        if here and self.url is not None and serving(self.url) is not False:
+            log.warning("group %s: member(s) %s connected from this worker's address %s, and %s cannot be bound here "
+                        "(another process serves it): nothing of theirs is removed", self.group,
+                        ", ".join(sorted(m for m, _, _ in here)), self.address, self.url)
+            here = []
+        if here:
+            self.endpoint_clients = {cid for _, cid, _ in here}
+            log.info("group %s: member(s) %s connected from this worker's address %s%s: a previous process of this "
+                     "worker", self.group, ", ".join(sorted(m for m, _, _ in here)), self.address,
+                     f" and serve its URL {self.url}" if self.url else "")
+            mine += [(member, metadata) for member, _, metadata in here]
         self.previous = sorted(member for member, _ in mine)
         return self.previous
 
@@ -181,3 +271,15 @@ class Takeover:
             return await self.remove()
         finally:
             await self.close()
+
+
+async def find_previous(verify: Takeover, faust_group: Takeover) -> None:
+    """Look up the members previous processes of this worker left in `<app_id>-verify` (`verify`, with the URL) and
+    then in faust's group (the client ids found at this endpoint in the former); if another live worker has this
+    worker's name, remove nothing in either."""
+    await verify.find()
+    faust_group.address, faust_group.endpoint_clients = verify.address, set(verify.endpoint_clients)
+    if verify.others:
+        faust_group.forget()
+        return
+    await faust_group.find()

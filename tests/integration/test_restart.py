@@ -4,6 +4,7 @@ partitions over at once (app/runtime/membership.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -149,3 +150,58 @@ async def test_two_live_workers_given_one_name_do_not_remove_each_other(worker_f
     await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
                          workers=[one, two])
     assert one.alive() and two.alive()
+
+
+async def test_a_worker_restarted_on_a_wiped_data_dir_at_its_address_and_url_takes_its_partitions_back(
+        worker_factory: WorkerFactory) -> None:
+    """A worker without BYZGUARD_WORKER_ID, SIGKILLed and restarted on a wiped data dir on the same host and web port
+    (so the same URL), recognises its dead process's members by that address and URL and removes them: it routes
+    again well before their session would have timed out, losing nothing. The time from the SIGKILL to the first
+    routed record is printed."""
+    route, events, first, before = await _first_worker_caught_up(worker_factory, "exactly_once")
+    first.kill()
+    killed = time.monotonic()
+    wipe(first.data_dir)
+    again = _worker(worker_factory, "again", port=first.web_port, data_dir=first.data_dir)
+    after = [events.clean(f"acct-{i}", 2) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, after[:1])
+    await collect(worker_factory.bootstrap, route.verified, expected=len(before) + 1, idle=0.0,
+                  timeout=SESSION_TIMEOUT - 15)
+    print(f"\nSIGKILL -> first routed record on a wiped data dir, no worker id: {time.monotonic() - killed:.1f} s")
+    await produce(worker_factory.bootstrap, route.input, after[1:])
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[again], timeout=SESSION_TIMEOUT - 15)
+    assert time.monotonic() - killed < SESSION_TIMEOUT - 15
+    log = again.log_text()
+    assert "connected from this worker's address" in log and "removed 1 member(s)" in log, \
+        again.fail("did not remove the dead process's member")
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
+    assert set(verified) == {s.event_id for s in before + after}
+
+
+async def test_live_workers_on_one_host_do_not_remove_each_other_by_address(worker_factory: WorkerFactory) -> None:
+    """Two workers without BYZGUARD_WORKER_ID on one host (one address) at two web ports remove nothing of each
+    other; a third started at the first one's port (which it cannot serve) removes nothing of the first either,
+    and the two go on sharing the partitions."""
+    route = worker_factory.configure(partitions=4)
+    one = _worker(worker_factory, "one")
+    one.wait_ready(90)
+    two = _worker(worker_factory, "two")
+    two.wait_ready(90)
+    assert "left behind" not in two.log_text() and "this worker's address" not in two.log_text(), \
+        two.fail("took the other live worker for a previous process")
+    three = _worker(worker_factory, "three", port=one.web_port)
+    for _ in range(300):  # its takeover runs within a minute
+        if "cannot be bound here" in three.log_text() or not three.alive():
+            break
+        await asyncio.sleep(0.2)
+    log = three.log_text()
+    assert "cannot be bound here" in log and "left behind" not in log, three.fail("removed a live worker's member")
+    three.stop(must_stop=False)  # it cannot serve its URL: it leaves, or has exited
+    events = Events()
+    batch = [events.clean(f"acct-{i}", 1) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, batch)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[one, two])
+    assert one.alive() and two.alive()
+    assert "left behind" not in one.log_text() + two.log_text()

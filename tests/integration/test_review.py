@@ -28,7 +28,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.review.store import ReviewStore
-from app.sidereads import side_consumer
+from app.sidereads import side_consumer, topic_partitions
 from byzguard import config as guard_config
 from byzguard.review import Action, ReviewFilter, Status
 from byzguard.routing import quarantine_headers
@@ -281,7 +281,7 @@ async def test_pages_are_newest_first_and_the_store_keeps_no_records(deployment:
         # on a broker with thousands of topics) is not the records' cost: the peak is counted above it.
         reader = side_consumer(deployment.bootstrap, client_id="byzguard-review")
         await reader.start()
-        reader.assign(await store.topic_partitions(store.quarantine_topics))
+        reader.assign(await topic_partitions(reader, store.quarantine_topics))
         await reader.stop()
         del reader
         gc.collect()

@@ -3,13 +3,15 @@ partitions of a topic created a moment ago."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.sidereads import partitions_for, side_consumer, started_side_consumer, topic_partitions
+from app.sidereads import side_consumer, started_side_consumer, topic_partitions
 from tests.conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -51,18 +53,20 @@ async def test_a_side_reader_joins_no_group(kafka_bootstrap: str) -> None:
 
 
 async def test_partitions_of_a_topic_created_a_moment_ago(kafka_bootstrap: str) -> None:
-    """A topic created after the reader started is found with the metadata refreshed; a missing topic is empty
-    (and is not created by the look)."""
+    """A topic created after the reader started is found, asked again while the broker does not know it yet; a
+    missing topic has no partitions (and is not created by the look), also after the patience given."""
     consumer = await started_side_consumer(kafka_bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     name = f"sidereads-{uuid.uuid4().hex[:8]}"
     try:
-        assert await partitions_for(consumer, name) == set()
+        assert await topic_partitions(consumer, [name]) == []
         await admin.create_topics([NewTopic(name, 3, 1)])
-        assert await partitions_for(consumer, name, patience=10) == {0, 1, 2}
+        assert await topic_partitions(consumer, [name], patience=10) == [TopicPartition(name, p) for p in range(3)]
         missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
-        assert await partitions_for(consumer, missing, patience=0.5) == set()
+        started = time.monotonic()
+        assert await topic_partitions(consumer, [missing], patience=0.5) == []
+        assert time.monotonic() - started >= 0.5
         assert missing not in await admin.list_topics()
     finally:
         await admin.delete_topics([name])
@@ -70,19 +74,32 @@ async def test_partitions_of_a_topic_created_a_moment_ago(kafka_bootstrap: str) 
         await consumer.stop()
 
 
-async def test_topic_partitions_asks_for_one_topic_and_creates_none(kafka_bootstrap: str,
-                                                                    topic_factory: TopicFactory) -> None:
-    """An existing topic's partitions are found by asking for it alone; a missing topic is empty and is not
-    created by the look (the broker may auto-create topics)."""
-    topic = topic_factory(3)
+async def test_topic_partitions_asks_for_the_topics_alone_and_creates_none(kafka_bootstrap: str,
+                                                                           topic_factory: TopicFactory) -> None:
+    """The partitions of the existing topics asked for are found in the order asked, with one request for these
+    topics alone; a missing topic among them has none and is not created by the look (the broker may auto-create
+    topics); no topic asked for: none, without asking for every topic."""
+    first, second = topic_factory(3), topic_factory(1)
+    missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
     consumer = await started_side_consumer(kafka_bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
+    asked: list[Any] = []
+    send = consumer._client.send
+
+    async def counted(node_id: int, request: Any, **kw: Any) -> Any:
+        response = await send(node_id, request, **kw)
+        asked.append(sorted(topic[1] for topic in response.topics))
+        return response
+
+    consumer._client.send = counted  # type: ignore[method-assign]
     try:
-        assert await topic_partitions(consumer, topic) == [0, 1, 2]
-        missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
-        assert await topic_partitions(consumer, missing) == []
+        found = await topic_partitions(consumer, [second, missing, first])
+        assert found == [TopicPartition(second, 0)] + [TopicPartition(first, p) for p in range(3)]
+        assert asked == [sorted([second, missing, first])]  # one answer, about these topics alone
         assert missing not in await admin.list_topics()
+        assert await topic_partitions(consumer, []) == []
+        assert len(asked) == 1
     finally:
         await admin.close()
         await consumer.stop()

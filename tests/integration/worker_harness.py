@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.dev.localkafka import free_ports
 from app.dev.workers import WorkerProcess as ChildWorker
 from app.dev.workers import tail_lines
-from app.sidereads import partitions_for
+from app.sidereads import topic_partitions
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
@@ -351,8 +351,7 @@ async def collect(bootstrap: str, topic: str, *, expected: int | None = None, id
     await consumer.start()
     out: list[Out] = []
     try:
-        partitions = await _partitions_for(consumer, topic)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await _partitions_of(consumer, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout
@@ -371,8 +370,9 @@ async def collect(bootstrap: str, topic: str, *, expected: int | None = None, id
     return out
 
 
-async def _partitions_for(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    partitions = await partitions_for(consumer, topic, patience=10)
+async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, waiting up to 10 s for a topic created a moment ago."""
+    partitions = await topic_partitions(consumer, [topic], patience=10)
     if not partitions:
         raise AssertionError(f"topic {topic!r} has no partitions")
     return partitions
@@ -390,7 +390,7 @@ async def wait_caught_up(bootstrap: str, group: str, topics: Sequence[str], *, t
     await consumer.start()
     await admin.start()
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(await _partitions_for(consumer, t))]
+        tps = [tp for t in topics for tp in await _partitions_of(consumer, t)]
         deadline = time.monotonic() + timeout
         lag: dict[TopicPartition, int] = {}
         while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from byzguard.audit import (
     Side,
     StreamClock,
     audit_batch,
+    event_time,
     expire,
     observation_of,
     observe,
@@ -276,14 +277,51 @@ def test_sides_are_chosen_by_topic_and_type() -> None:
 # ------------------------------------------------------------------------------------------ clocks and rates
 
 
-def test_stream_clock_follows_record_times_on_a_backlog_and_the_wall_clock_when_quiet() -> None:
-    """Catching up, windows close by record time; with no records they close by the wall clock."""
+def test_stream_time_is_the_newest_event_time_and_does_not_move_while_the_worker_is_behind() -> None:
+    """A partition's stream time is the newest event time it joined (an older one does not rewind it); ticks that
+    find the worker not caught up (a backlog, the broker out of reach) leave it where it is, however long."""
     clock = StreamClock()
-    assert clock.now(T0) == T0
-    clock.observe(T0 - 3600, wall=T0)  # an hour-old record processed now: a backlog
-    assert clock.now(T0 + 1) == T0 - 3599
-    clock.observe(T0 + 10, wall=T0 + 10)  # caught up
-    assert clock.now(T0 + 70) == T0 + 70
+    clock.tick(T0, caught_up=True)
+    assert clock.stream_time is None  # nothing observed: no time yet
+    clock.observe(T0 - 3600)
+    clock.observe(T0 - 7200)
+    assert clock.stream_time == T0 - 3600
+    clock.tick(T0, caught_up=False)
+    clock.tick(T0 + 600, caught_up=False)
+    assert clock.stream_time == T0 - 3600
+
+
+def test_stream_time_moves_with_the_wall_clock_only_between_two_caught_up_ticks_and_never_past_it() -> None:
+    """While the worker is caught up the stream time moves on by the wall time between two ticks, from where it
+    stood (not to the wall clock at once); a tick that finds it behind starts the count again; it never passes the
+    wall clock."""
+    clock = StreamClock(T0)
+    clock.tick(T0 + 100, caught_up=True)  # the first caught-up tick after an outage: no jump to the wall clock
+    assert clock.stream_time == T0
+    clock.tick(T0 + 110, caught_up=True)
+    assert clock.stream_time == T0 + 10
+    clock.tick(T0 + 120, caught_up=False)
+    clock.tick(T0 + 130, caught_up=True)
+    assert clock.stream_time == T0 + 10  # the 20 s around the tick that found a backlog do not count
+    clock.observe(T0 + 139)
+    clock.tick(T0 + 140, caught_up=True)
+    assert clock.stream_time == T0 + 140  # 139 + 10 s is past the wall clock: the wall clock
+    clock.tick(T0 + 139, caught_up=True)  # the wall clock stepped back: the stream time does not
+    assert clock.stream_time == T0 + 140
+
+
+@pytest.mark.parametrize(("time", "verified", "expected"), [
+    (T0 - 30, T0, T0 - 30),  # the event's own time
+    (None, T0, T0),  # no time in the envelope: when it was verified
+    (T0 + 30, T0, T0),  # a producer clock ahead: never after it was verified
+    (float("nan"), T0, T0),
+    (float("-inf"), T0, T0),
+])
+def test_an_observation_is_timed_by_its_event_time_never_after_its_verification(
+        time: float | None, verified: float, expected: float) -> None:
+    """An observation's time is its envelope's time, bounded above by its verified record's timestamp, which also
+    stands in for an absent or unusable one."""
+    assert event_time(time, verified) == expected
 
 
 def test_agreement_window_rolls_over() -> None:

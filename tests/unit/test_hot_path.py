@@ -15,7 +15,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from byzguard import isotime, routing, state
+from byzguard import clocks, isotime, routing, state
 from byzguard.clocks import VectorClock
 from byzguard.config import Policy, TypePolicy
 from byzguard.engine import _check_time, _check_vclock, _check_version, _Reasons, verify
@@ -63,14 +63,14 @@ def test_memoized_entity_clock_reads_as_the_parser_does(clocks: list[VectorClock
 def test_entity_clock_memo_is_bounded_and_keeps_no_failure() -> None:
     """The entity clock memo never grows past its bound, and neither bytes that do not parse nor a large
     clock's are kept."""
-    for i in range(state._CLOCKS_MAX + 10):
+    for i in range(clocks.MEMO_MAX + 10):
         state._clock(f"n={i + 1}".encode())
-    assert len(state._CLOCKS) <= state._CLOCKS_MAX
+    assert len(state._CLOCKS) <= clocks.MEMO_MAX
     with pytest.raises(ValueError):
         state._clock(b"n=x")
     assert b"n=x" not in state._CLOCKS
     large = ",".join(f"node-{i:04d}={i + 1}" for i in range(100)).encode()
-    assert len(large) > state._CLOCK_BYTES
+    assert len(large) > clocks.MEMO_KEY_MAX
     assert state._clock(large) == state._parse_clock(large)
     assert large not in state._CLOCKS
 
@@ -226,7 +226,7 @@ def test_event_clock_memo_keeps_no_long_clock() -> None:
     """decode reads a vector clock text longer than the memo keeps as it reads a short one, and does not keep it."""
     from byzguard import envelope
     text = ",".join(f"node-{i:04d}={i + 1}" for i in range(50))
-    assert len(text) > envelope._MEMO_TEXT_MAX
+    assert len(text) > clocks.MEMO_KEY_MAX
     value = orjson.dumps({"specversion": "1.0", "id": "e-4", "source": "s", "type": "t", "subject": "k",
                           "vectorclock": text, "data": {}})
     env = decode(b"k", value, [])

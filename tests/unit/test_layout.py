@@ -62,7 +62,6 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
                           "a worker's web server"),
     "app/runtime/limits.py": (("tests/integration/test_poison.py", "tests/integration/test_runtime_batched.py"),
                               "needs a broker"),
-    "app/runtime/loop.py": (("tests/integration/test_runtime_batched.py",), "needs a broker"),
     "app/sidereads.py": (("tests/integration/test_sidereads.py",), "needs a broker"),
 }
 

@@ -17,7 +17,9 @@ from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, RecordIn, Result
 from byzguard.processor import (
     PENDING,
     AuditJoinProcessor,
+    AuditOutput,
     MemoryTable,
+    State,
     VerifyProcessor,
     memory_state,
 )
@@ -170,20 +172,41 @@ def payment(key: str, amount: Any, at: float) -> Observation:
     return Observation(Side.RIGHT, key, f"pay-{key}", f"ev-pay-{key}", at, amount, True)
 
 
+def _caught_up_punctuation(processor: AuditJoinProcessor, state: State, now: float) -> AuditOutput:
+    """A punctuation at wall time `now` of a worker that is caught up (its stream clock ticked first)."""
+    processor.clock.tick(now, caught_up=True)
+    return processor.punctuate(state, now)
+
+
 def test_audit_punctuate_closes_a_window_that_ended() -> None:
     """An order with no payment waits through a punctuation inside its window (and grace), and the first
-    punctuation after it reports it missing and removes its join state."""
+    punctuation after it (the worker caught up: its stream time moved on with the wall clock) reports it missing
+    and removes its join state."""
     processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
     state = memory_state(processor.tables)
     assert processor.process(order("p1", 100, NOW), state, NOW).checks == []
     assert state[PENDING].get(b"p1") is not None
 
-    assert processor.punctuate(state, NOW + 10.5).checks == []  # the window ended, the grace did not
-    closed = processor.punctuate(state, NOW + 12)
+    assert _caught_up_punctuation(processor, state, NOW).checks == []
+    assert _caught_up_punctuation(processor, state, NOW + 10.5).checks == []  # the window ended, the grace did not
+    closed = _caught_up_punctuation(processor, state, NOW + 12)
     assert [(c.key, c.discrepancy.kind if c.discrepancy else None) for c in closed.checks] == [("p1", Kind.MISSING)]
     assert closed.checks[0].discrepancy is not None and closed.checks[0].discrepancy.detected_at == NOW + 12
     assert state[PENDING].get(b"p1") is None
-    assert processor.punctuate(state, NOW + 30).checks == []
+    assert _caught_up_punctuation(processor, state, NOW + 30).checks == []
+
+
+def test_audit_punctuate_closes_nothing_while_the_worker_is_behind() -> None:
+    """The same order is not reported however much wall time passes while the worker is not caught up (its
+    stream time stays at the order's event time); a payment joined then, a second after it in event time, pairs."""
+    processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    state = memory_state(processor.tables)
+    processor.process(order("p1", 100, NOW), state, NOW)
+    for later in (0, 12, 600, 3600):
+        processor.clock.tick(NOW + later, caught_up=False)
+        assert processor.punctuate(state, NOW + later).checks == []
+    [check] = processor.process(payment("p1", 100, NOW + 1), state, NOW + 3600).checks
+    assert check.passed
 
 
 def test_audit_process_pairs_and_checks_values() -> None:
@@ -234,5 +257,41 @@ def test_audit_skips_an_observation_at_or_below_the_last_offset_joined_from_its_
     assert dict(state[PENDING].items()) == before
     assert not processor.process(replace(order("p3", 1, NOW), origin=("verified", 1, 4)), state, NOW).repeated
     assert not processor.process(replace(payment("p1", 100, NOW), origin=("verified", 0, 5)), state, NOW).repeated
-    closed = processor.punctuate(state, NOW + 30)
+    _caught_up_punctuation(processor, state, NOW)
+    closed = _caught_up_punctuation(processor, state, NOW + 30)
     assert closed.unreadable == [] and sorted(c.key for c in closed.checks) == ["p3"]
+
+
+def test_audit_stream_time_is_kept_in_the_join_table_and_resumed_from_it() -> None:
+    """The join keeps its stream time in its table under a source-prefixed key no punctuation reads as join state
+    (written when it moved, alone only once it moved by more than `step`), and a new processor resumes it; a
+    value it cannot read, or none, resumes at the newest observation time the table holds."""
+    from byzguard.processor import CLOCK_KEY
+
+    processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    state = memory_state(processor.tables)
+    processor.keep(state)
+    assert state[PENDING].get(CLOCK_KEY) is None  # no time yet
+    processor.process(order("p1", 100, NOW), state, NOW)
+    processor.process(payment("p2", 100, NOW - 5), state, NOW)
+    processor.keep(state)
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW).encode()
+    processor.clock.stream_time = NOW + 10
+    processor.keep(state, step=10.0)
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW).encode()  # moved by the step, not more: not written alone
+    processor.clock.stream_time = NOW + 10.5
+    processor.keep(state, step=10.0)
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW + 10.5).encode()
+    again = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    again.resume(state)
+    assert again.clock.stream_time == NOW + 10.5 and again.punctuate(state, NOW).checks == []
+    for stored in (b"not a time", b"inf", b"nan"):
+        state[PENDING].put(CLOCK_KEY, stored)
+        again.resume(state)
+        assert again.clock.stream_time == NOW  # the newest observation: the order (the payment is older)
+    state[PENDING].delete(CLOCK_KEY)
+    again.resume(state)
+    assert again.clock.stream_time == NOW
+    empty = AuditJoinProcessor(audit_rule())
+    empty.resume(memory_state(empty.tables))
+    assert empty.clock.stream_time is None and empty.punctuate(memory_state(empty.tables), NOW).checks == []

@@ -49,6 +49,21 @@ def test_the_audit_forward_stage_rekeys_observations_by_join_key(tmp_path: Path)
     assert orjson.loads(value or b"null")  # an Observation (byzguard.audit round-trips it)
 
 
+def test_an_observation_is_timed_by_its_event_time_not_by_when_it_was_verified(tmp_path: Path) -> None:
+    """An order whose envelope says it happened at T but that was verified (its verified record's timestamp) an
+    hour later is observed at T; the repartition record still names its verified record and that timestamp."""
+    config = _config(tmp_path)
+    rule = config.audits[0]
+    stage = AuditForward("app", config, rule, CheckRecorder(rule))
+    out = Out()
+    msg = _verified("order.confirmed", {"paymentId": "pay-7", "total": 100}, "order-7")  # event time 1.8e9 s
+    msg.timestamp = 1_800_003_600_000  # verified an hour later (ms)
+    stage.forward(msg, out, 0.0)  # type: ignore[arg-type]
+    [(_, _, _, value, headers)] = out.records
+    assert Observation.from_bytes(value or b"").at == 1_800_000_000.0
+    assert repartitioned_from(headers) == ("out", 0, 0, 1_800_003_600.0)
+
+
 def test_a_subject_record_without_a_join_key_is_a_missing_discrepancy_at_once(tmp_path: Path) -> None:
     """An order with no payment id cannot be joined: it is a `missing` discrepancy on the audit topic at once,
     keyed and with the headers the faust runtime gives it, at the key's partition of the audit topic."""
@@ -98,7 +113,9 @@ class _Clock:
 
 class _Join:
     """One join partition of rule `paid` (60 s window, 5 s grace) as AuditJoins runs it: observations as the
-    forward stage sends them, punctuations, and each batch stored as the runtime stores it."""
+    forward stage sends them, punctuations, and each batch stored as the runtime stores it. After each batch and
+    at each punctuation the stream clock is ticked, as the loop's idle step does, with the worker caught up
+    unless `caught_up` is set False (a backlog, or the broker out of reach)."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
         self.config = _config(tmp_path)
@@ -112,14 +129,25 @@ class _Join:
         self.joins.discrepancy_partitions = {"paid": 1}
         self.tp = TopicPartition(repartition_topic_name("app", self.rule), 0)
         self.offset = 0
+        self.caught_up = True
         self.open()
 
     def open(self) -> None:
-        """Open the partition as an assignment does (a new processor: its stream clock starts afresh)."""
+        """Open the partition as an assignment does (a new processor, its stream time read from the table)."""
         self.joins.parts[self.tp] = PartitionState(self.tabledir, None, 0, {},
                                                    tables={PENDING: audit_table_name(self.rule)})
         self.joins.processors[self.tp] = AuditJoinProcessor(self.rule)
+        self.joins.processors[self.tp].resume(self.joins.parts[self.tp].readers)
         self.joins.punctuated[self.tp] = self.clock.now
+
+    @property
+    def stream_time(self) -> float | None:
+        """The partition's stream time."""
+        return self.joins.processors[self.tp].clock.stream_time
+
+    def tick(self) -> None:
+        """The loop's idle step at the clock's time: the stream clock learns whether the worker is caught up."""
+        self.joins.processors[self.tp].clock.tick(self.clock.now, self.caught_up)
 
     def reopen(self) -> None:
         """A restart on the same data dir: the stored state is read back, the processor is new."""
@@ -135,15 +163,19 @@ class _Join:
         self.offset += 1
         out = Out()
         self.joins._join(self.tp, self.rule, msg, out)  # type: ignore[arg-type]
-        return self._stored(out)
+        found = self._stored(out)
+        self.tick()
+        return found
 
     def punctuate(self) -> list[dict[str, Any]]:
-        """A punctuation at the clock's time; its discrepancies."""
+        """A punctuation at the clock's time (after a tick); its discrepancies."""
+        self.tick()
         out = Out()
         self.joins._punctuate(self.tp, self.rule, out)  # type: ignore[arg-type]
         return self._stored(out)
 
     def _stored(self, out: Out) -> list[dict[str, Any]]:
+        self.joins.processors[self.tp].keep(self.joins.parts[self.tp].readers)  # as _finish does
         self.joins.parts[self.tp].store({}, {self.tp.topic: self.offset})
         return [orjson.loads(value or b"{}") for _, _, _, value, _ in out.records]
 
@@ -220,3 +252,118 @@ def test_without_its_coordinates_a_late_repeat_would_be_reported_missing(tmp_pat
     join.observe("left", "pay-1", "order-1", 100, T0)
     join.clock.now = T0 + 240
     assert [d["kind"] for d in join.punctuate()] == ["missing"]
+
+
+def test_a_payment_joined_after_an_outage_longer_than_the_window_pairs(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An order joined before an outage and its payment (event time a second later) joined ten minutes later,
+    while the worker was behind all along (punctuations ran), pair: no `missing`, no discrepancy after either."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    assert join.observe("left", "pay-1", "order-1", 100, T0, origin=1) == []
+    join.caught_up = False  # the broker out of reach, then a backlog being drained
+    for wall in range(30, 600, 30):
+        join.clock.now = T0 + wall
+        assert join.punctuate() == []
+    assert join.observe("right", "pay-1", "payment-1", 100, T0 + 1, origin=2) == []
+    join.caught_up = True
+    for wall in (600, 700, 800):
+        join.clock.now = T0 + wall
+        assert join.punctuate() == []
+
+
+def test_a_restart_resumes_the_stream_time_from_the_table_not_the_wall_clock(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker restarted ten minutes after it stopped resumes its partition's stream time from the join table,
+    so the order waiting in it is not closed by the wall clock before the backlog's payment comes: they pair."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    join.clock.now = T0 + 600
+    join.reopen()
+    assert join.stream_time == T0
+    assert join.punctuate() == []  # caught up at once (its inputs not fetched yet would say otherwise): no jump
+    join.clock.now = T0 + 601
+    assert join.punctuate() == []
+    assert join.observe("right", "pay-1", "payment-1", 100, T0 + 1, origin=2) == []
+
+
+def test_a_real_missing_payment_is_reported_on_a_quiet_stream_once_caught_up_long_enough(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a quiet stream an order never paid is reported `missing` once the worker was caught up for its window
+    and the grace (60 s + 5 s), counted from the stream time: not while the worker is behind, not at once after,
+    and after a restart too."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    join.caught_up = False
+    join.clock.now = T0 + 300
+    assert join.punctuate() == []
+    join.caught_up = True
+    join.clock.now = T0 + 301
+    assert join.punctuate() == []
+    join.reopen()
+    join.clock.now = T0 + 340
+    assert join.punctuate() == []  # the first tick after the restart only starts the count
+    join.clock.now = T0 + 404
+    assert join.punctuate() == []  # stream time T0 + 64
+    join.clock.now = T0 + 406
+    [disc] = join.punctuate()
+    assert (disc["kind"], disc["key"]) == ("missing", "pay-1")
+
+
+def test_join_state_of_the_current_release_without_a_stream_time_is_read(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join table written by the release before (join states and source offsets, no stream time) is read: the
+    stream time resumes at its newest observation, the waiting order pairs with its payment, the stored source
+    offset still skips a repeat, and an order left alone is reported `missing` after its window."""
+    from byzguard.audit import JoinState
+    from byzguard.processor import CLOCK_KEY, SOURCE_PREFIX
+
+    join = _Join(tmp_path, monkeypatch, T0 + 600)
+    table = join.joins.parts[join.tp]
+    old = {b"pay-1": JoinState((Observation(Side.LEFT, "pay-1", "order-1", "id-order-1", T0, 100, True),)),
+           b"pay-2": JoinState((Observation(Side.LEFT, "pay-2", "order-2", "id-order-2", T0 + 10, 5, True),))}
+    for key, state in old.items():
+        table.readers[PENDING].put(key, state.to_bytes())
+    table.readers[PENDING].put(SOURCE_PREFIX + b"right\x00out\x000", b"5")
+    table.store({}, {join.tp.topic: 3})
+    join.reopen()
+    assert table is not join.joins.parts[join.tp] and join.stream_time == T0 + 10
+    assert join.joins.parts[join.tp].readers[PENDING].get(CLOCK_KEY) is None
+    assert join.observe("right", "pay-1", "payment-1", 99, T0 + 1, origin=5) == []  # a repeat: skipped
+    [disc] = join.observe("right", "pay-1", "payment-1", 99, T0 + 1, origin=6)
+    assert (disc["kind"], disc["key"]) == ("mismatch", "pay-1")
+    join.clock.now = T0 + 680
+    [disc] = join.punctuate()
+    assert (disc["kind"], disc["key"]) == ("missing", "pay-2")
+    assert join.joins.parts[join.tp].readers[PENDING].get(CLOCK_KEY) is not None
+
+
+def test_the_worker_is_caught_up_only_with_every_partition_fetched_recently_and_read_to_its_end() -> None:
+    """`caught_up`, the rule behind the wall-clock ticks, over a stand-in for the consumer's per-partition fetch
+    state (the loop's AIOKafkaConsumer gives the same three numbers): every owned partition fetched within
+    `fresh` seconds and processed to its last stable offset (its high watermark when it has none)."""
+    from app.runtime.audits import caught_up
+
+    class Fetched:
+        def __init__(self, state: dict[TopicPartition, tuple[float | None, int | None, int | None]]) -> None:
+            self.state = state  # polled (s), high watermark, last stable offset
+
+        def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+            polled = self.state[tp][0]
+            return None if polled is None else int(polled * 1000)
+
+        def highwater(self, tp: TopicPartition) -> int | None:
+            return self.state[tp][1]
+
+        def last_stable_offset(self, tp: TopicPartition) -> int | None:
+            return self.state[tp][2]
+
+    import time as _time
+    now = _time.time()
+    a, b = TopicPartition("in", 0), TopicPartition("app-audit-paid-repartition", 0)
+    positions = {a: 10, b: 4}
+    assert caught_up(Fetched({a: (now, 10, 10), b: (now - 1, 4, -1)}), positions, 5.0)
+    assert not caught_up(Fetched({a: (now, 11, 11), b: (now, 4, 4)}), positions, 5.0)  # a backlog
+    assert caught_up(Fetched({a: (now, 11, 10), b: (now, 4, 4)}), positions, 5.0)  # an open transaction's records
+    assert not caught_up(Fetched({a: (now - 6, 10, 10), b: (now, 4, 4)}), positions, 5.0)  # fetches stopped
+    assert not caught_up(Fetched({a: (None, None, None), b: (now, 4, 4)}), positions, 5.0)  # never fetched
+    assert not caught_up(None, positions, 5.0) and not caught_up(Fetched({}), {}, 5.0)

@@ -1,15 +1,16 @@
 """app/runtime/membership.py without a broker: the consumers' client id is the worker's name or the data dir's,
-kept across processes, and a member's web URL read from its metadata."""
+kept across processes, a member's web URL read from its metadata, addresses and whether a URL is served here."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from pydantic import ValidationError
 
-from app.runtime.membership import INSTANCE_FILE, client_id, member_url
+from app.runtime.membership import INSTANCE_FILE, address, client_id, member_url, serving
 from app.runtime.owners import encode_member
 from app.settings import Settings
 
@@ -53,3 +54,25 @@ def test_the_worker_id_setting_takes_a_plain_name_only(monkeypatch: pytest.Monke
     monkeypatch.setenv("BYZGUARD_WORKER_ID", "a b")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_addresses_of_members_and_sockets_compare_in_one_form() -> None:
+    """The broker's client host (`/10.0.0.5`, `host/10.0.0.5`, an IPv6 one) and a socket's address (an IPv4-mapped
+    IPv6 one as IPv4) compare equal for one address; text that is no address gives none."""
+    assert address("/10.0.0.5") == address("w0/10.0.0.5") == address("::ffff:10.0.0.5") == "10.0.0.5"
+    assert address("/0:0:0:0:0:0:0:1") == address("::1") == "::1"
+    assert address("/10.0.0.6") != address("/10.0.0.5")
+    assert address("") is None and address("/not-an-address") is None
+
+
+def test_a_url_served_on_this_host_is_told_from_a_free_one() -> None:
+    """A URL whose address and port a listening socket holds is served; once it is closed the URL is free (a
+    restarted worker's own URL); a URL of an address this host does not have cannot be told."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert serving(url) is True
+    assert serving(url) is False
+    assert serving("http://192.0.2.1:6066") is None  # TEST-NET-1: no address of this host

@@ -38,6 +38,22 @@ def test_a_stale_faust_runtime_setting_is_refused_with_what_to_do(monkeypatch: p
                             "unset BYZGUARD_STATE_STORE"), store
 
 
+
+def test_a_livelock_timeout_of_any_value_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BYZGUARD_LIVELOCK_TIMEOUT (faust's livelock check, which has nothing to check since faust's consumer reads no
+    route) is refused at start whatever its value, in the line of that variable, saying to unset it; unset, the
+    settings load."""
+    monkeypatch.delenv("BYZGUARD_LIVELOCK_TIMEOUT", raising=False)
+    assert load_settings().livelock_timeout is None
+    for value in ("3", "300", ""):
+        monkeypatch.setenv("BYZGUARD_LIVELOCK_TIMEOUT", value)
+        with pytest.raises(SettingsError) as raised:
+            load_settings()
+        assert raised.value.problems == [
+            f"BYZGUARD_LIVELOCK_TIMEOUT={value!r}: faust's livelock check went with the faust agent runtime (faust's "
+            "consumer reads no route, so it has nothing to check); unset BYZGUARD_LIVELOCK_TIMEOUT "
+            "(docs/operations.md)"]
+
 def test_faust_declares_no_route_table_or_agent_and_runs_the_batched_runtime(tmp_path: Path) -> None:
     """The App gets the batched runtime as a dependency (started before faust's consumer) and neither a table nor an
     agent of its own, for a repartitioning route and an audit rule too (their stages are the runtime's); faust's
