@@ -103,33 +103,43 @@ async def test_a_cleanly_stopped_worker_hands_its_partitions_over_at_once(worker
     assert "left behind" not in back.log_text(), back.fail("removed a member although the last process left")
 
 
+async def _restarted_on_a_wiped_data_dir(worker_factory: WorkerFactory, guarantee: str, worker_id: str | None,
+                                         recognised: str) -> None:
+    """SIGKILL a caught-up worker, wipe its data dir and restart it at the same web port (under `worker_id`, if
+    any): it must route again well before the dead members' session would have timed out, having logged
+    `recognised` and removed the dead member, with every event verified once (its state comes back from the
+    changelogs). Prints the time from the SIGKILL to the first routed record."""
+    route, events, first, before = await _first_worker_caught_up(worker_factory, guarantee, worker_id=worker_id)
+    first.kill()
+    killed = time.monotonic()
+    wipe(first.data_dir)
+    again = _worker(worker_factory, "again", worker_id=worker_id, port=first.web_port, data_dir=first.data_dir)
+    after = [events.clean(f"acct-{i}", 2) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, after[:1])
+    await collect(worker_factory.bootstrap, route.verified, expected=len(before) + 1, idle=0.0,
+                  timeout=SESSION_TIMEOUT - 15)
+    print(f"\n{guarantee}, worker id {worker_id}: SIGKILL -> first routed record on a wiped data dir: "
+          f"{time.monotonic() - killed:.1f} s")
+    await produce(worker_factory.bootstrap, route.input, after[1:])
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[again], timeout=SESSION_TIMEOUT - 15)
+    assert time.monotonic() - killed < SESSION_TIMEOUT - 15
+    log = again.log_text()
+    assert recognised in log and "removed 1 member(s)" in log, again.fail("did not remove the dead process's member")
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
+    assert set(verified) == {s.event_id for s in before + after}
+    assert all(len(records) == 1 for records in verified.values())
+
+
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_a_named_worker_restarted_on_a_wiped_data_dir_takes_its_partitions_back_without_the_session_timeout(
         worker_factory: WorkerFactory, guarantee: str) -> None:
     """A worker with BYZGUARD_WORKER_ID, SIGKILLed and restarted under the same name and URL on a wiped data dir,
     recognises its dead process's members by that name and removes them: it routes again well before their session
     would have timed out, and its state comes back from the changelogs (the next versions are verified, none
-    lost). The time from the SIGKILL to the first routed record is printed."""
-    route, events, first, before = await _first_worker_caught_up(worker_factory, guarantee, worker_id="guard-0")
-    first.kill()
-    killed = time.monotonic()
-    wipe(first.data_dir)
-    again = _worker(worker_factory, "again", worker_id="guard-0", port=first.web_port, data_dir=first.data_dir)
-    after = [events.clean(f"acct-{i}", 2) for i in range(40)]
-    await produce(worker_factory.bootstrap, route.input, after[:1])
-    await collect(worker_factory.bootstrap, route.verified, expected=len(before) + 1, idle=0.0,
-                  timeout=SESSION_TIMEOUT - 15)
-    print(f"\n{guarantee}: SIGKILL -> first routed record on a wiped data dir: {time.monotonic() - killed:.1f} s")
-    await produce(worker_factory.bootstrap, route.input, after[1:])
-    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
-                         workers=[again], timeout=SESSION_TIMEOUT - 15)
-    assert time.monotonic() - killed < SESSION_TIMEOUT - 15
-    log = again.log_text()
-    assert "a previous process of this worker left behind" in log and "removed 1 member(s)" in log, \
-        again.fail("did not remove the dead process's member")
-    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
-    assert set(verified) == {s.event_id for s in before + after}
-    assert all(len(records) == 1 for records in verified.values())
+    lost)."""
+    await _restarted_on_a_wiped_data_dir(worker_factory, guarantee, "guard-0",
+                                         "a previous process of this worker left behind")
 
 
 async def test_two_live_workers_given_one_name_do_not_remove_each_other(worker_factory: WorkerFactory) -> None:
@@ -156,27 +166,8 @@ async def test_a_worker_restarted_on_a_wiped_data_dir_at_its_address_and_url_tak
         worker_factory: WorkerFactory) -> None:
     """A worker without BYZGUARD_WORKER_ID, SIGKILLed and restarted on a wiped data dir on the same host and web port
     (so the same URL), recognises its dead process's members by that address and URL and removes them: it routes
-    again well before their session would have timed out, losing nothing. The time from the SIGKILL to the first
-    routed record is printed."""
-    route, events, first, before = await _first_worker_caught_up(worker_factory, "exactly_once")
-    first.kill()
-    killed = time.monotonic()
-    wipe(first.data_dir)
-    again = _worker(worker_factory, "again", port=first.web_port, data_dir=first.data_dir)
-    after = [events.clean(f"acct-{i}", 2) for i in range(40)]
-    await produce(worker_factory.bootstrap, route.input, after[:1])
-    await collect(worker_factory.bootstrap, route.verified, expected=len(before) + 1, idle=0.0,
-                  timeout=SESSION_TIMEOUT - 15)
-    print(f"\nSIGKILL -> first routed record on a wiped data dir, no worker id: {time.monotonic() - killed:.1f} s")
-    await produce(worker_factory.bootstrap, route.input, after[1:])
-    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
-                         workers=[again], timeout=SESSION_TIMEOUT - 15)
-    assert time.monotonic() - killed < SESSION_TIMEOUT - 15
-    log = again.log_text()
-    assert "connected from this worker's address" in log and "removed 1 member(s)" in log, \
-        again.fail("did not remove the dead process's member")
-    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + len(after)))
-    assert set(verified) == {s.event_id for s in before + after}
+    again well before their session would have timed out, losing nothing."""
+    await _restarted_on_a_wiped_data_dir(worker_factory, "exactly_once", None, "connected from this worker's address")
 
 
 async def test_live_workers_on_one_host_do_not_remove_each_other_by_address(worker_factory: WorkerFactory) -> None:
