@@ -1,9 +1,9 @@
 """Crash accounting over two workers: one joins and one leaves while the input is being worked through.
 
-Worker A (variant d, exactly_once, the batched runtime) starts alone; once a third of the input's expected
-processing time has passed, worker B (same app id, its own data dir and web port) joins the group; once two
-thirds have passed, A leaves: SIGTERM (`leave="stop"`, a clean shutdown) or SIGKILL (`leave="kill"`, its
-partitions move once the group's session times out). B works through the rest. Then every input event is
+Worker A (variant d, exactly_once, the batched runtime) starts alone; once a third of the input is committed,
+worker B (same app id, its own data dir and web port) joins the group; once two thirds are, A leaves: SIGTERM
+(`leave="stop"`, a clean shutdown) or SIGKILL (`leave="kill"`, its partitions move once the group's session times
+out). B works through the rest. Then every input event is
 accounted for in the committed outputs as in the one-worker crash phase (`bench.scenarios.account`).
 """
 
@@ -17,6 +17,19 @@ from bench.kafka import Progress
 from bench.procs import Worker
 from bench.scenarios import Context, _cleanup, _committed_outputs, _learn_pace, account
 from bench.variants import Variant, free_port
+
+
+async def _until(progress: Progress, group: str, topic: str, committed: int, workers: list[Worker],
+                 timeout: float) -> None:
+    """Wait until the group has committed `committed` inputs of `topic` (the workers' pace changes as they warm
+    up, so a time learned at the start is no measure of where the input stands), the workers alive."""
+    deadline = time.monotonic() + timeout
+    while await progress.committed(group, topic) < committed:
+        for worker in workers:
+            worker.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {committed} inputs committed after {timeout:.0f} s")
+        await asyncio.sleep(0.2)
 
 
 def second_worker(first: Worker) -> Worker:
@@ -47,17 +60,13 @@ async def pair(ctx: Context, variant: Variant, run_id: str, input_topic: str, ex
     try:
         async with Progress(ctx.bootstrap) as progress:
             pace = await _learn_pace(progress, first, lnch.outputs)
-            third = expected / pace / 3
             await mark(progress, f"A alone at {pace:.0f} committed outputs/s")
-            await asyncio.sleep(max(0.0, third - 5))
-            first.check()
+            await _until(progress, lnch.group, input_topic, expected // 3, [first], timeout)
             if await progress.committed(lnch.group, input_topic) >= expected:
                 raise RuntimeError("the input was done before B joined: make the run longer")
             second.start()
             await mark(progress, "B started (joins)")
-            await asyncio.sleep(third)
-            first.check()
-            second.check()
+            await _until(progress, lnch.group, input_topic, 2 * expected // 3, [first, second], timeout)
             if await progress.committed(lnch.group, input_topic) >= expected:
                 raise RuntimeError("the input was done before A left: make the run longer")
             await mark(progress, f"A leaves ({'SIGTERM' if leave == 'stop' else 'SIGKILL'})")
