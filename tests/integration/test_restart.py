@@ -142,6 +142,17 @@ async def test_a_named_worker_restarted_on_a_wiped_data_dir_takes_its_partitions
                                          "a previous process of this worker left behind")
 
 
+async def _both_share_the_partitions(worker_factory: WorkerFactory, route: Any, one: WorkerProcess,
+                                     two: WorkerProcess) -> None:
+    """40 clean events are worked through by the two workers together, and both stay alive."""
+    events = Events()
+    batch = [events.clean(f"acct-{i}", 1) for i in range(40)]
+    await produce(worker_factory.bootstrap, route.input, batch)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[one, two])
+    assert one.alive() and two.alive()
+
+
 async def test_two_live_workers_given_one_name_do_not_remove_each_other(worker_factory: WorkerFactory) -> None:
     """A second worker started with the BYZGUARD_WORKER_ID of a live one, at another URL (another port), finds a
     member of that name serving another URL: it removes nothing, says the names must be unique, and both share
@@ -154,12 +165,7 @@ async def test_two_live_workers_given_one_name_do_not_remove_each_other(worker_f
     log = two.log_text()
     assert "another live worker has this BYZGUARD_WORKER_ID" in log, two.fail("did not see the other live worker")
     assert "left behind" not in log, two.fail("removed a live worker's member")
-    events = Events()
-    batch = [events.clean(f"acct-{i}", 1) for i in range(40)]
-    await produce(worker_factory.bootstrap, route.input, batch)
-    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
-                         workers=[one, two])
-    assert one.alive() and two.alive()
+    await _both_share_the_partitions(worker_factory, route, one, two)
 
 
 async def test_a_worker_restarted_on_a_wiped_data_dir_at_its_address_and_url_takes_its_partitions_back(
@@ -189,10 +195,5 @@ async def test_live_workers_on_one_host_do_not_remove_each_other_by_address(work
     log = three.log_text()
     assert "cannot be bound here" in log and "left behind" not in log, three.fail("removed a live worker's member")
     three.stop(must_stop=False)  # it cannot serve its URL: it leaves, or has exited
-    events = Events()
-    batch = [events.clean(f"acct-{i}", 1) for i in range(40)]
-    await produce(worker_factory.bootstrap, route.input, batch)
-    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
-                         workers=[one, two])
-    assert one.alive() and two.alive()
+    await _both_share_the_partitions(worker_factory, route, one, two)
     assert "left behind" not in one.log_text() + two.log_text()
