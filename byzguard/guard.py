@@ -42,7 +42,9 @@ class StateReader(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (as Routed below): a frozen dataclass's __init__ sets each field through object.__setattr__, about
+# three times the cost, once per input record. Treat it as immutable all the same.
+@dataclass(slots=True)
 class RecordIn:
     """A consumed record and its coordinates (where it was produced: quarantine names them).
 

@@ -19,11 +19,10 @@ by topic to the runner that reads it; the loop hands it every fetched partition 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
@@ -53,33 +52,6 @@ def verify_topics(app_id: str, route: Route) -> list[str]:
     return list(route.inputs)
 
 
-# RecordIn is a frozen dataclass: its __init__ sets each of its nine fields through object.__setattr__, about
-# three times what setting its slots directly costs, once per input record. `_record` sets the slots.
-_FIELDS: Final = tuple(f.name for f in dataclasses.fields(RecordIn))
-if _FIELDS != ("key", "value", "headers", "topic", "partition", "offset", "timestamp", "partitions", "read_partition"):
-    raise ImportError(f"byzguard.guard.RecordIn has the fields {_FIELDS}: app/runtime/stages.py `_record` sets others")
-_SET: Final = tuple(getattr(RecordIn, name).__set__ for name in _FIELDS)
-_new: Final = object.__new__
-
-
-def _record(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]], topic: str,
-            partition: int, offset: int, timestamp: float | None, partitions: int | None,
-            read_partition: int | None) -> RecordIn:
-    """`RecordIn(...)` of these fields (in their order), without the frozen dataclass's __init__."""
-    record: RecordIn = _new(RecordIn)
-    s_key, s_value, s_headers, s_topic, s_partition, s_offset, s_timestamp, s_partitions, s_read = _SET
-    s_key(record, key)
-    s_value(record, value)
-    s_headers(record, headers)
-    s_topic(record, topic)
-    s_partition(record, partition)
-    s_offset(record, offset)
-    s_timestamp(record, timestamp)
-    s_partitions(record, partitions)
-    s_read(record, read_partition)
-    return record
-
-
 def record_in(msg: Any, route: Route) -> RecordIn:
     """The record a route's verify stage judges for a consumed message (aiokafka's, timestamps in ms): on a
     repartitioning route, the input record its copy came from, at the partition it was copied to."""
@@ -88,10 +60,10 @@ def record_in(msg: Any, route: Route) -> RecordIn:
         origin = repartitioned_from(headers)
         if origin is not None:
             topic, partition, offset, timestamp = origin
-            return _record(msg.key, msg.value, headers, topic, partition, offset, timestamp, route.partitions,
-                           msg.partition)
-    return _record(msg.key, msg.value, headers, msg.topic, msg.partition, msg.offset, msg.timestamp / 1000,
-                   route.partitions, None)
+            return RecordIn(msg.key, msg.value, headers, topic, partition, offset, timestamp, route.partitions,
+                            msg.partition)
+    return RecordIn(msg.key, msg.value, headers, msg.topic, msg.partition, msg.offset, msg.timestamp / 1000,
+                    route.partitions, None)
 
 
 def quarantine_stub(route: Route, record: RecordIn, size: int, limit: int, now: float, out: RecordBatches) -> Routed:

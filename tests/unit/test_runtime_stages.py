@@ -124,7 +124,7 @@ def test_a_plain_routes_record_is_judged_where_it_was_read(tmp_path: Path) -> No
 
 
 def test_record_in_builds_the_record_its_dataclass_would_on_either_kind_of_route(tmp_path: Path) -> None:
-    """record_in sets RecordIn's slots itself (no frozen __init__): every field equals what RecordIn(...) holds."""
+    """record_in builds the RecordIn of a consumed message: every field equals what RecordIn(...) of them holds."""
     config = _config(tmp_path)
     repartitioning, plain = config.routes
     headers = [("a", b"1"), (H_REPARTITIONED_FROM, b'["in2",1,42,1799999999.5]')]
