@@ -1,5 +1,6 @@
 """How far each audit source partition was drained into each join partition, from end and committed offsets
-(byzguard/frontier.py), and the chains of stages the worker builds from its configuration (app/runtime/watermarks.py)."""
+(byzguard/frontier.py), and the chains of stages the worker builds from its configuration
+(app/runtime/watermarks.py)."""
 
 from __future__ import annotations
 

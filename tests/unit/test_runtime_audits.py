@@ -19,7 +19,7 @@ from app.runtime.stages import StageContext
 from app.runtime.state import INPUTS_KEY, PartitionState
 from byzguard.audit import Observation, Side
 from byzguard.partitioner import partition_for
-from byzguard.processor import PENDING, AuditJoinProcessor
+from byzguard.processor import PENDING
 from byzguard.routing import H_VERDICT, repartition_headers, repartitioned_from
 from byzguard.stamp import Stamper
 from tables.audit import audit_table_name
