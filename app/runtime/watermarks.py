@@ -3,12 +3,16 @@ watermarks (docs/audits.md, Time).
 
 `SourceDrains` builds, for every partition of every audit rule's verified topics, the chain of stages its records
 pass on their way to the rule's join (byzguard/frontier.py) and follows it from the worker group's committed
-offsets against the partitions' end offsets: a side consumer (read_committed, so end offsets are last stable
-offsets) and an admin client, never the loop's consumer, so the answer holds whichever worker owns each stage,
-and never per event: one round of reads every `interval` seconds, in a task beside the loop. The join stage
-(app/runtime/audits.py) gives its partitions' watermarks what it found (`through`) on the loop's idle step.
+offsets against the partitions' end offsets: a side consumer and an admin client, never the loop's consumer, so
+the answer holds whichever worker owns each stage, and never per event: one round of reads every `interval`
+seconds, in a task beside the loop. The join stage (app/runtime/audits.py) gives its partitions' watermarks what
+it found (`through`) on the loop's idle step.
 When the broker does not answer, the marks stay where they were and the watermarks hold: windows then close
 late, never early, and the lag gauge and a warning say so.
+
+End offsets are high watermarks (read_uncommitted), not last stable offsets: a record behind a transaction
+still open (an upstream producer's, or one a stage cannot commit) is not drained until that transaction ends, so
+it holds its source instead of hiding behind the open transaction.
 """
 
 from __future__ import annotations
@@ -152,7 +156,8 @@ class SourceDrains:
 
     async def _clients(self) -> tuple[AIOKafkaConsumer, AIOKafkaAdminClient]:
         if self._consumer is None:
-            self._consumer = await started_side_consumer(self.bootstrap, client_id=f"{self.app_id}-audit-drains")
+            self._consumer = await started_side_consumer(self.bootstrap, client_id=f"{self.app_id}-audit-drains",
+                                                         isolation_level="read_uncommitted")
         if self._admin is None:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self.app_id}-audit-drains")
             await admin.start()
