@@ -1,13 +1,9 @@
 """How far each audit source partition was drained into each join partition, from end and committed offsets
-(byzguard/frontier.py), and the chains of stages the worker builds from its configuration
-(app/runtime/watermarks.py)."""
+(byzguard/frontier.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from byzguard.frontier import MAX_MARKS, TP, Frontier
-from tests.unit.test_runtime_stages import _config
 
 IN, OUT, J0, J1 = ("in", 0), ("out", 0), ("rep", 0), ("rep", 1)
 SOURCE = OUT
@@ -86,17 +82,3 @@ def test_a_stalled_source_keeps_at_most_a_bounded_number_of_marks() -> None:
     read(front, 1010.0, {IN: 5, OUT: 0, J0: 0, J1: 0}, {IN: 5})
     assert front.through[(SOURCE, J0)] == 1010.0
 
-
-def test_the_chains_follow_each_verified_partition_through_the_route_that_writes_it(tmp_path: Path) -> None:
-    """For a repartitioning route the chain of a verified partition starts at every partition of the route's
-    inputs, then its repartition topic's partition of that number, then the verified partition, then every
-    partition of the rule's repartition topic; a plain route's starts at its inputs' partition of that number."""
-    from app.runtime.watermarks import chains
-
-    config = _config(tmp_path)
-    found = chains("app", config, {"out": [0, 1, 2], "in": [0, 1], "in2": [0]})
-    assert sorted(found) == [("out", 0), ("out", 1), ("out", 2)]
-    first, verify, verified, joins = found[("out", 1)]
-    assert first == {("in", 0), ("in", 1), ("in2", 0)}
-    assert verify == {("app-r-entities-repartition", 1)} and verified == {("out", 1)}
-    assert joins == {("app-audit-paid-repartition", p) for p in range(5)}
