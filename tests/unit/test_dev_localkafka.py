@@ -1,4 +1,5 @@
-"""Stopping a local broker: it is over only when the process is gone and its data dir is free again."""
+"""app/dev/localkafka.py, without a broker (the integration tests start one): stopping is over only when the
+process is gone and its data dir is free again."""
 
 from __future__ import annotations
 
