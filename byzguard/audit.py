@@ -500,15 +500,11 @@ class Watermark:
         if source is None:
             return
         self.sources.add(source)
-        if at > self.progress.get(source, -math.inf):
-            self.progress[source] = at
-            self._advance()
+        self._progress(source, at)
 
     def drained(self, source: Source, through: float) -> None:
         """Every record of `source` that reached the pipeline before `through` (a wall-clock time) was joined."""
-        if through > self.progress.get(source, -math.inf):
-            self.progress[source] = through
-            self._advance()
+        self._progress(source, through)
 
     def know(self, sources: Iterable[Source]) -> None:
         """The source partitions that feed the join partition (a lookup of the verified topics' partitions; none:
@@ -525,6 +521,14 @@ class Watermark:
             return unknown
         low = min(self.progress[s] for s in self.sources)
         return sorted(s for s in self.sources if self.progress[s] == low)
+
+    def _progress(self, source: Source, at: float) -> None:
+        old = self.progress.get(source)
+        if old is not None and at <= old:
+            return
+        self.progress[source] = at
+        if old is None or self.time is None or old <= self.time:  # else another source holds the watermark
+            self._advance()
 
     def _advance(self) -> None:
         if not self.known:

@@ -70,6 +70,9 @@ SOURCE_PREFIX = b"\xffsource\x00"
 CLOCK_KEY = SOURCE_PREFIX + b"clock"
 #: The prefix of the join table keys of each source partition's progress (`progress_key`; `repr` of a float).
 PROGRESS_PREFIX = SOURCE_PREFIX + b"at\x00"
+#: A source's progress is written once it moved by more than this (seconds): not every batch under load; after a
+#: restart it resumes up to this much behind (windows close that much later, never earlier).
+PROGRESS_STEP = 1.0
 
 In_contra = TypeVar("In_contra", contravariant=True)
 Out_co = TypeVar("Out_co", covariant=True)
@@ -287,16 +290,16 @@ class AuditJoinProcessor:
         self.kept_progress = progress
 
     def keep(self, state: State, step: float = 0.0) -> None:
-        """Write the watermark and each source's progress to the table where they moved (by more than `step`)
-        since they were last written; once a batch, not a record. One not written is only a later close after a
-        restart, never an early one."""
+        """Write the watermark and each source's progress to the table where they moved (by more than `step`; a
+        source's by more than PROGRESS_STEP too) since they were last written; once a batch, not a record. One not
+        written is only a later close after a restart, never an early one."""
         table = state[PENDING]
         if _moved(self.watermark.time, self.kept, step):
             assert self.watermark.time is not None
             table.put(CLOCK_KEY, repr(self.watermark.time).encode())
             self.kept = self.watermark.time
         for source, at in self.watermark.progress.items():
-            if _moved(at, self.kept_progress.get(source), step):
+            if _moved(at, self.kept_progress.get(source), max(step, PROGRESS_STEP)):
                 table.put(progress_key(source), repr(at).encode())
                 self.kept_progress[source] = at
 
