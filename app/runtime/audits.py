@@ -8,9 +8,9 @@ observation timed by its event's time (byzguard.audit `event_time`) and keyed by
 murmur2 partition of the repartition topic, with the verified record's coordinates in a header
 (`byzguard_repartitioned_from`, as a route's repartition copies), so the join skips an observation at_least_once
 delivers again (byzguard/processor.py `AuditJoinProcessor`) and knows its source partition; a subject record
-without a usable join key is a
-`missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor` (byzguard/processor.py) per
-partition of the repartition topic over the partition's join table: faust's RocksDB layout
+without a usable join key is a `missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor`
+(byzguard/processor.py) per partition of the repartition topic over the partition's join table: faust's RocksDB
+layout
 (`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
 (`<app_id>-audit-<rule>-pending_by_key-changelog`), so a data dir of the faust runtime is taken over. Windows
 close by the partition's watermark (byzguard.audit `Watermark`: the least progress over the source partitions
@@ -171,6 +171,7 @@ class AuditJoins:
                 part.close()
             self.processors.pop(tp, None)
             self.punctuated.pop(tp, None)
+            self.warned.pop(tp, None)
             txn = self.txns.pop(tp, None)
             if txn is not None:
                 await txn.stop()
