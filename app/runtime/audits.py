@@ -10,8 +10,7 @@ murmur2 partition of the repartition topic, with the verified record's coordinat
 delivers again (byzguard/processor.py `AuditJoinProcessor`) and knows its source partition; a subject record
 without a usable join key is a `missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor`
 (byzguard/processor.py) per partition of the repartition topic over the partition's join table: faust's RocksDB
-layout
-(`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
+layout (`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
 (`<app_id>-audit-<rule>-pending_by_key-changelog`), so a data dir of the faust runtime is taken over. Windows
 close by the partition's watermark (byzguard.audit `Watermark`: the least progress over the source partitions
 feeding it, kept in its table; a quiet source's progress follows how far it was drained, as the side reads of
