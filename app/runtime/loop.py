@@ -167,9 +167,15 @@ class BatchedRuntime(Service):
         self.oldest: dict[Key, float] = {}
         self.copy_limit = 0
         self._lock = asyncio.Lock()
-        #: at_least_once: the offset commit in flight (`_commit`).
+        #: The batch in flight of each route partition (`_finish`): delivered (its transaction committed) and
+        #: stored while the next one is processed. A failed one stays here: the next batch's `_finish` raises.
+        self.flights: dict[Key, asyncio.Future[None]] = {}
+        #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
+        self._to_commit: dict[TopicPartition, int] = {}
         self._stopping = False
+        self._failed = False
+        self._failing: asyncio.Future[None] | None = None
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
         #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
@@ -233,10 +239,12 @@ class BatchedRuntime(Service):
 
     async def on_stop(self) -> None:
         self._stopping = True
-        async with self._lock:  # the batch in flight finishes first
+        async with self._lock:  # the batch in progress finishes first, then those in flight
+            with contextlib.suppress(Exception):  # logged where it failed; the worker stops anyway
+                await self._landed_all()
             consumer, self.consumer = self.consumer, None
             if consumer is not None:
-                with contextlib.suppress(Exception):  # logged where it failed; the worker stops anyway
+                with contextlib.suppress(Exception):
                     await self._committed()
                 await consumer.stop()
             await self._close(list(self.parts))
@@ -299,6 +307,9 @@ class BatchedRuntime(Service):
     async def fail(self, exc: BaseException) -> None:
         """Nothing past the failed batch is committed; the worker stops loudly and Kafka redelivers."""
         self._stopping = True
+        if self._failed:  # a failed batch in flight is reported by its own callback and by the next batch's wait
+            return
+        self._failed = True
         log.critical("batched runtime: %r; the worker stops", exc, exc_info=exc)
         await self.crash(exc)
 
@@ -321,7 +332,8 @@ class BatchedRuntime(Service):
     # -- rebalances --------------------------------------------------------------------------------------------
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self._lock:  # the batch in flight finished and committed
+        async with self._lock:  # the batch in progress finished; those in flight are stored and committed
+            await self._landed_all()
             await self._committed()
             for tp in revoked:
                 self.positions.pop(tp, None)
@@ -435,16 +447,15 @@ class BatchedRuntime(Service):
                 else:
                     staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()),
+        await asyncio.gather(*(self._partition(key, items) for key, items in by_key.items()),
                              *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
         for tp, _ in staged:
             if tp in offsets and tp in self.positions:
                 self.positions[tp] = offsets[tp]
-        if offsets and not self.eos:
-            await self._commit(consumer, offsets)
+        if offsets and not self.eos:  # the stages' offsets (the verify batches' go with their flights)
+            self._commit(consumer, offsets)
 
-    async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
-                         offsets: dict[TopicPartition, int]) -> None:
+    async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]]) -> None:
         part = self.parts[key]
         processor = self.processors[key]
         route = self.routes[key[0]]
@@ -463,7 +474,6 @@ class BatchedRuntime(Service):
                 next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
                 await self._finish(key, route, part, out, {tp: next_offset})
                 self.positions[tp] = next_offset
-                offsets[tp] = next_offset
                 index = last
 
     async def _pass_markers(self, consumer: AIOKafkaConsumer) -> None:
@@ -486,22 +496,44 @@ class BatchedRuntime(Service):
         for key, passed in moved.items():
             await self._finish(key, self.routes[key[0]], self.parts[key], self._batches(key), passed)
             self.positions.update(passed)
-            offsets.update(passed)
         if offsets and not self.eos:
-            await self._commit(consumer, offsets)
+            self._commit(consumer, offsets)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        """at_least_once: commit `offsets` (their batches are stored) behind the loop, while the next step runs.
-        At most one commit is in flight, so they reach the group in order; a revoke and a stop wait for it. A
-        commit lost to a crash costs nothing: the worker resumes from the offsets stored with the state."""
-        await self._committed()
-        self._committing = asyncio.ensure_future(_commit(consumer, offsets))
+    def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """at_least_once: commit `offsets` (their batches are stored) behind the loop, while the next steps run.
+        At most one commit is in flight, so they reach the group in order; offsets stored meanwhile go together
+        in the next one. A revoke and a stop wait for them. A commit lost to a crash costs nothing: the worker
+        resumes from the offsets stored with the state."""
+        self._to_commit.update(offsets)
+        if self._committing is None:
+            self._committing = asyncio.ensure_future(self._commit_stored(consumer))
+            self._committing.add_done_callback(self._flown)
+
+    async def _commit_stored(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            while self._to_commit:
+                offsets, self._to_commit = self._to_commit, {}
+                await _commit(consumer, offsets)
+        finally:
+            self._committing = None
 
     async def _committed(self) -> None:
-        """Wait for the commit in flight (its error, other than a rebalance's, stops the worker)."""
-        task, self._committing = self._committing, None
-        if task is not None:
-            await task
+        """Wait for the commits in flight (their error, other than a rebalance's, stops the worker)."""
+        while self._committing is not None:
+            await asyncio.shield(self._committing)
+
+    async def _landed(self, key: Key) -> None:
+        """Wait for the batch in flight of `key`: delivered and stored (raises where it failed)."""
+        flight = self.flights.get(key)
+        if flight is not None:
+            await asyncio.shield(flight)
+            if self.flights.get(key) is flight:
+                del self.flights[key]
+
+    async def _landed_all(self) -> None:
+        """Wait for every batch in flight (a revoke, a stop)."""
+        for key in list(self.flights):
+            await self._landed(key)
 
     def _batches(self, key: Key) -> RecordBatches:
         producer = self.txns[key] if self.eos else self.producer
@@ -567,17 +599,33 @@ class BatchedRuntime(Service):
 
     async def _finish(self, key: Key, route: Route, part: PartitionState, out: RecordBatches,
                       offsets: dict[TopicPartition, int]) -> None:
-        """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
+        """Punctuate one batch of a route partition, wait for its batch in flight to land, then put it in flight:
+        its writes sealed (still read by the next batch), its delivery and store behind the loop (`_fly`)."""
         self.last_batch[key] = time.monotonic()
         self._punctuate(key, route, part, out)
         self.tally.flush()
+        if not out and not any(part.pending.values()) and not offsets:
+            return
+        await self._landed(key)  # one batch in flight per route partition: its transactions, its stores in order
         changelogs = self.changelogs[route.name]
+        records = out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
+        self._changelog_records(part, changelogs, records)
+        part.seal()
+        if route.causal.buffer:
+            self.held[key] = held_count(part.readers[CAUSAL])
+            self._publish_causal(route.name)
+        consumer = self.consumer
+        flight = asyncio.ensure_future(self._fly(key, part, out, records, offsets, consumer))
+        flight.add_done_callback(self._flown)
+        self.flights[key] = flight
+
+    async def _fly(self, key: Key, part: PartitionState, out: RecordBatches, changelog: RecordBatches,
+                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None) -> None:
+        """Deliver and store one sealed batch (see the module doc for the order), while the next is processed."""
+        changelogs = self.changelogs[key[0]]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:
-            if not out and not any(part.pending.values()) and not offsets:
-                return
             txn = self.txns[key]
-            self._changelog_records(part, changelogs, out)
             await txn.begin_transaction()
             try:
                 # The offsets join the transaction while its records are on their way (aiokafka sends the
@@ -589,19 +637,23 @@ class BatchedRuntime(Service):
                     delivered = await out.deliver()
                 await txn.commit_transaction()
             except BaseException:
-                part.discard()
+                part.discard()  # this batch, and the next one, built on its state: neither is ever delivered
                 await _abort(txn)
                 raise
         else:
             await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
-            cl = RecordBatches(self.producer)
-            self._changelog_records(part, changelogs, cl)
-            delivered = await cl.deliver()
+            delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
-                    if (topic, part.partition) in delivered}, inputs)
-        if route.causal.buffer:
-            self.held[key] = held_count(part.readers[CAUSAL])
-            self._publish_causal(route.name)
+                    if (topic, part.partition) in delivered}, inputs, sealed=True)
+        if offsets and not self.eos and consumer is not None:
+            self._commit(consumer, offsets)
+
+    def _flown(self, task: asyncio.Future[None]) -> None:
+        """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,
+        a revoke and a stop raise it too."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not self._failed:
+            self._failing = asyncio.ensure_future(self.fail(exc))
 
     def _publish_causal(self, route: str) -> None:
         """The causal buffer gauges: what this worker's partitions of `route` hold, and the oldest's age."""
