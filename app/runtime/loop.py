@@ -7,20 +7,30 @@ One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole f
 faust's layout and paths). After each batch of a route partition the causal deadlines are checked (its
 `punctuate`: `Guard.expire_held`), and on a timer when it is idle.
 
+A batch, once processed, goes in flight (`_finish`): its writes are sealed (PartitionState.seal) and stay readable
+under the next batch's pending writes, and its delivery runs in a task (`_fly`) while the loop fetches and
+processes the next step. At most one batch per route partition is in flight: the next one's `_finish` waits for
+it before it sends anything, so outputs, changelog records, transactions and stores keep the order of the steps,
+and the loop never runs more than one step ahead of what is delivered.
+
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
-partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed. A record is
-repeated after a crash at most, never lost, and never judged a duplicate of itself: on assignment the state is
-brought to the changelog's end and the input resumes at the larger of the committed and the stored offset.
+partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
+(one commit in flight; offsets stored meanwhile go in the next). A record is repeated after a crash at most, never
+lost, and never judged a duplicate of itself: on assignment the state is brought to the changelog's end and the
+input resumes at the larger of the committed and the stored offset.
 
 exactly_once, per batch: one transaction of the route partition's transactional producer (id
 `<app_id>-batched-<route>-<partition>`, which fences a zombie owner) holds the outputs, the changelog records and
-the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. On assignment the
-producer is started first (aborting what a previous owner left open), then the state is restored from the
-changelogs, read_committed, to their end: the changelog's end is the truth.
+the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. The next batch's
+transaction begins only once it committed; where it fails, it is aborted, its writes and those of the batch built
+on them are discarded, that batch is never sent, and the worker stops (`fail`). On assignment the producer is
+started first (aborting what a previous owner left open), then the state is restored from the changelogs,
+read_committed, to their end: the changelog's end is the truth.
 
-Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the batch in flight finishes (its
-transaction commits or aborts) before the partitions go, and their databases are closed; on assign the
-databases are opened and restored before the first record of the partition is processed.
+Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the batch in progress finishes and
+every batch in flight lands (its transaction commits or aborts) and its offsets are committed before the
+partitions go, and their databases are closed; on assign the databases are opened and restored before the first
+record of the partition is processed.
 
 The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by
 the same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the
@@ -426,7 +436,8 @@ class BatchedRuntime(Service):
     # -- batches -----------------------------------------------------------------------------------------------
 
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """One fetch: every route partition's batches, concurrently; at_least_once commits once at the end."""
+        """One fetch: every route partition's batches, concurrently (each put in flight by `_finish`); the stages'
+        batches are delivered within the step (at_least_once: their offsets committed behind it)."""
         consumer = self.consumer
         assert consumer is not None
         by_key: dict[Key, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
