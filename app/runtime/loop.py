@@ -180,6 +180,8 @@ class BatchedRuntime(Service):
         #: The batch in flight of each route partition (`_finish`): delivered (its transaction committed) and
         #: stored while the next one is processed. A failed one stays here: the next batch's `_finish` raises.
         self.flights: dict[Key, asyncio.Future[None]] = {}
+        #: at_least_once: the outputs of each route partition's last batch, delivered (`_finish`).
+        self.sending: dict[Key, asyncio.Future[Any]] = {}
         #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
@@ -425,6 +427,7 @@ class BatchedRuntime(Service):
             if part is not None:
                 part.close()
             self.processors.pop(key, None)
+            self.sending.pop(key, None)
             self.last_batch.pop(key, None)
             if self.held.pop(key, None) is not None:
                 self.oldest.pop(key, None)
@@ -617,6 +620,15 @@ class BatchedRuntime(Service):
         self.tally.flush()
         if not out and not any(part.pending.values()) and not offsets:
             return
+        sending = None
+        if not self.eos and out:
+            # at_least_once: the outputs go once those of the batch in flight are delivered, while its changelog
+            # records are on their way (this batch's changelog records still go only once its outputs are).
+            before = self.sending.get(key)
+            if before is not None:
+                await asyncio.shield(before)
+            sending = self.sending[key] = asyncio.ensure_future(out.deliver())
+            sending.add_done_callback(_retrieved)  # raised by its flight, or lost with a failed one before it
         await self._landed(key)  # one batch in flight per route partition: its transactions, its stores in order
         changelogs = self.changelogs[route.name]
         records = out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
@@ -626,12 +638,13 @@ class BatchedRuntime(Service):
             self.held[key] = held_count(part.readers[CAUSAL])
             self._publish_causal(route.name)
         consumer = self.consumer
-        flight = asyncio.ensure_future(self._fly(key, part, out, records, offsets, consumer))
+        flight = asyncio.ensure_future(self._fly(key, part, out, records, offsets, consumer, sending))
         flight.add_done_callback(self._flown)
         self.flights[key] = flight
 
     async def _fly(self, key: Key, part: PartitionState, out: RecordBatches, changelog: RecordBatches,
-                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None) -> None:
+                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None,
+                   sending: asyncio.Future[Any] | None) -> None:
         """Deliver and store one sealed batch (see the module doc for the order), while the next is processed."""
         changelogs = self.changelogs[key[0]]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
@@ -652,7 +665,8 @@ class BatchedRuntime(Service):
                 await _abort(txn)
                 raise
         else:
-            await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            # The outputs first: a changelog never holds state of an undelivered output.
+            await (sending if sending is not None else out.deliver())
             delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
                     if (topic, part.partition) in delivered}, inputs, sealed=True)
@@ -679,6 +693,11 @@ class BatchedRuntime(Service):
             topic = changelogs[name]
             for key, value in writes.items():
                 out.add(topic, part.partition, key, value)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

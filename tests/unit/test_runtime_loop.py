@@ -139,11 +139,14 @@ class Builder:
 
 
 class Producer:
-    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open; `log` has
-    what happened in order (sent, delivered; begin, offsets, commit, abort of a transaction)."""
+    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open (a topic
+    in `held`: once its own event is; in `refused`: never); `log` has what happened in order (sent, delivered;
+    begin, offsets, commit, abort of a transaction)."""
 
     def __init__(self, *, fail_commit: bool = False) -> None:
         self.gate = asyncio.Event()
+        self.held: dict[str, asyncio.Event] = {}
+        self.refused: set[str] = set()
         self.log: list[tuple[str, ...]] = []
         self.next: dict[tuple[str, int], int] = defaultdict(int)
         self.fail_commit = fail_commit
@@ -157,7 +160,10 @@ class Producer:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         async def land() -> None:
-            await self.gate.wait()
+            await self.held.get(topic, self.gate).wait()
+            if topic in self.refused:
+                fut.set_exception(KafkaError(f"{topic} refused"))
+                return
             self.log.append(("delivered", topic, keys))
             fut.set_result(SimpleNamespace(offset=self.next[(topic, partition)]))
             self.next[(topic, partition)] += batch.record_count()
@@ -220,26 +226,50 @@ async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRu
 
 async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime: BatchedRuntime,
                                                                         tmp_path: Path) -> None:
-    """at_least_once: a batch's outputs, then its changelog, then its store; the next batch of the partition
-    waits for that before its outputs go (one batch in flight), and its offsets are committed once stored."""
+    """at_least_once: a batch's outputs, then its changelog, then its store; the next batch's outputs go once
+    the outputs before them are delivered (beside that batch's changelog), its changelog and store only once
+    that batch is stored (one batch in flight); offsets are committed once stored."""
     producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
     part = _owned(runtime, tmp_path, producer)
     consumer = Consumer()
     runtime.consumer = cast(Any, consumer)
     await _batch(runtime, part, b"a", b"1", 1)
     second = asyncio.ensure_future(_batch(runtime, part, b"b", b"2", 2))
     await asyncio.sleep(0.02)
-    assert not second.done() and producer.log == [("sent", "out", "a")]  # the second waits for the first
-    producer.gate.set()
+    assert not second.done()  # it waits for the first to be stored
+    assert producer.log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a"),
+                            ("sent", "out", "b"), ("delivered", "out", "b")]
+    assert part.dbs[ENTITIES].get(b"a") is None and consumer.committed == []
+    producer.held[changelog].set()
     await second
     await runtime._landed_all()
     await runtime._committed()
-    changelog = runtime.changelogs["r"][ENTITIES]
-    assert [e for e in producer.log if e[0] == "delivered"] == [
-        ("delivered", "out", "a"), ("delivered", changelog, "a"), ("delivered", "out", "b"),
-        ("delivered", changelog, "b")]
+    assert producer.log[5:] == [("delivered", changelog, "a"), ("sent", changelog, "b"),
+                                ("delivered", changelog, "b")]
     assert part.dbs[ENTITIES].get(b"b") == b"2" and part.input_offsets() == {"in": 2}
     assert [c[TP0] for c in consumer.committed][-1] == 2
+
+
+async def test_outputs_not_delivered_stop_the_batches_after_them(runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """at_least_once: where a batch's outputs are not delivered, neither its changelog nor its state nor
+    anything of the next batch goes anywhere, and the worker stops."""
+    producer = Producer()
+    producer.refused.add("out")
+    part = _owned(runtime, tmp_path, producer)
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    await _batch(runtime, part, b"a", b"1", 1)
+    second = asyncio.ensure_future(_batch(runtime, part, b"b", b"2", 2))
+    await asyncio.sleep(0.01)
+    producer.gate.set()
+    with pytest.raises(KafkaError):
+        await second
+    await asyncio.sleep(0.01)
+    assert producer.log == [("sent", "out", "a")]
+    assert part.dbs[ENTITIES].get(b"a") is None and runtime._failed and len(failed) == 1
 
 
 async def test_a_failed_transaction_discards_the_batch_built_on_it(tmp_path: Path) -> None:
