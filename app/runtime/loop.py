@@ -16,9 +16,10 @@ and the loop never runs more than one step ahead of what is delivered.
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
 (one commit in flight; offsets stored meanwhile go in the next). The next batch's outputs go as soon as these
-outputs are delivered, beside these changelog records; its changelog records only once this batch is stored. A record is repeated after a crash at most, never
-lost, and never judged a duplicate of itself: on assignment the state is brought to the changelog's end and the
-input resumes at the larger of the committed and the stored offset.
+outputs are delivered, beside these changelog records; its changelog records only once this batch is stored.
+A record is repeated after a crash at most, never lost, and never judged a duplicate of itself: on assignment the
+state is brought to the changelog's end and the input resumes at the larger of the committed and the stored
+offset.
 
 exactly_once, per batch: one transaction of the route partition's transactional producer (id
 `<app_id>-batched-<route>-<partition>`, which fences a zombie owner) holds the outputs, the changelog records and
