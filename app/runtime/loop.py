@@ -110,6 +110,18 @@ def check_routes(config: GuardConfig) -> None:
     """Refuse what the batched runtime does not run (nothing today: every route and audit runs on it)."""
 
 
+class _Waiting:
+    """The batch of a route partition processed while the batch before it is in flight: its writes stay pending,
+    its outputs in `out`; the partition's next batches join it until that one lands (`BatchedRuntime._finish`)."""
+
+    __slots__ = ("offsets", "out", "records")
+
+    def __init__(self, out: RecordBatches) -> None:
+        self.out = out
+        self.offsets: dict[TopicPartition, int] = {}
+        self.records = 0
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, runtime: BatchedRuntime) -> None:
         self.runtime = runtime
@@ -182,8 +194,8 @@ class BatchedRuntime(Service):
         #: The batch in flight of each route partition (`_finish`): delivered (its transaction committed) and
         #: stored while the next one is processed. A failed one stays here: the next batch's `_finish` raises.
         self.flights: dict[Key, asyncio.Future[None]] = {}
-        #: at_least_once: the outputs of each route partition's last batch, delivered (`_finish`).
-        self.sending: dict[Key, asyncio.Future[Any]] = {}
+        #: The batch of each route partition processed while its batch before is in flight (`_finish`).
+        self.waiting: dict[Key, _Waiting] = {}
         #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
@@ -429,7 +441,7 @@ class BatchedRuntime(Service):
             if part is not None:
                 part.close()
             self.processors.pop(key, None)
-            self.sending.pop(key, None)
+            self.waiting.pop(key, None)
             self.last_batch.pop(key, None)
             if self.held.pop(key, None) is not None:
                 self.oldest.pop(key, None)
@@ -488,7 +500,7 @@ class BatchedRuntime(Service):
                     if time.monotonic() - started >= self.max_seconds:
                         break
                 next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
-                await self._finish(key, route, part, out, {tp: next_offset})
+                await self._finish(key, route, part, out, {tp: next_offset}, last - index)
                 self.positions[tp] = next_offset
                 index = last
 
@@ -539,19 +551,23 @@ class BatchedRuntime(Service):
             await asyncio.shield(self._committing)
 
     async def _landed(self, key: Key) -> None:
-        """Wait for the batch in flight of `key`: delivered and stored (raises where it failed)."""
-        flight = self.flights.get(key)
-        if flight is not None:
+        """Wait for the batches in flight of `key` (the one waiting goes in flight when the one before lands):
+        delivered and stored (raises where one failed)."""
+        while (flight := self.flights.get(key)) is not None:
             await asyncio.shield(flight)
             if self.flights.get(key) is flight:
                 del self.flights[key]
 
     async def _landed_all(self) -> None:
-        """Wait for every batch in flight (a revoke, a stop)."""
+        """Wait for every batch in flight and waiting (a revoke, a stop)."""
         for key in list(self.flights):
             await self._landed(key)
 
     def _batches(self, key: Key) -> RecordBatches:
+        """The outputs of the next batch of `key`: those of its waiting batch, which it joins, if there is one."""
+        waiting = self.waiting.get(key)
+        if waiting is not None:
+            return waiting.out
         producer = self.txns[key] if self.eos else self.producer
         return RecordBatches(producer)
 
@@ -614,40 +630,50 @@ class BatchedRuntime(Service):
                 await self._finish(key, route, part, self._batches(key), {})
 
     async def _finish(self, key: Key, route: Route, part: PartitionState, out: RecordBatches,
-                      offsets: dict[TopicPartition, int]) -> None:
-        """Punctuate one batch of a route partition, wait for its batch in flight to land, then put it in flight:
-        its writes sealed (still read by the next batch), its delivery and store behind the loop (`_fly`)."""
+                      offsets: dict[TopicPartition, int], records: int = 0) -> None:
+        """Punctuate one batch of a route partition, then put it in flight (`_launch`), or, while the batch before
+        it is in flight, let it wait: the next batches of the partition join it until that one lands."""
         self.last_batch[key] = time.monotonic()
         self._punctuate(key, route, part, out)
         self.tally.flush()
-        if not out and not any(part.pending.values()) and not offsets:
-            return
-        sending = None
-        if not self.eos and out:
-            # at_least_once: the outputs go once those of the batch in flight are delivered, while its changelog
-            # records are on their way (this batch's changelog records still go only once its outputs are).
-            before = self.sending.get(key)
-            if before is not None:
-                await asyncio.shield(before)
-            sending = self.sending[key] = asyncio.ensure_future(out.deliver())
-            sending.add_done_callback(_retrieved)  # raised by its flight, or lost with a failed one before it
-        await self._landed(key)  # one batch in flight per route partition: its transactions, its stores in order
-        changelogs = self.changelogs[route.name]
-        records = out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
-        self._changelog_records(part, changelogs, records)
+        waiting = self.waiting.get(key)
+        if waiting is None:
+            if not out and not any(part.pending.values()) and not offsets:
+                return
+            waiting = self.waiting[key] = _Waiting(out)
+        waiting.offsets.update(offsets)
+        waiting.records += records
+        flight = self.flights.get(key)
+        if flight is not None and not flight.done():
+            if waiting.records >= self.max_records:  # a full batch waits: the loop fetches no further ahead
+                await self._landed(key)
+            return  # it goes in flight once the batch before it landed (`_fly`)
+        self._launch(key)
+
+    def _launch(self, key: Key) -> None:
+        """Put the waiting batch of `key` in flight: its writes sealed (still read by the next batch), its
+        changelog records built, its delivery and store behind the loop (`_fly`). One batch in flight per route
+        partition: its transactions and its stores go in order."""
+        before = self.flights.get(key)
+        if before is not None and before.done():
+            before.result()  # the batch before it failed: nothing of this one, built on its state, goes out
+        waiting = self.waiting.pop(key)
+        part = self.parts[key]
+        route = self.routes[key[0]]
+        records = waiting.out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
+        self._changelog_records(part, self.changelogs[route.name], records)
         part.seal()
         if route.causal.buffer:
             self.held[key] = held_count(part.readers[CAUSAL])
             self._publish_causal(route.name)
-        consumer = self.consumer
-        flight = asyncio.ensure_future(self._fly(key, part, out, records, offsets, consumer, sending))
+        flight = asyncio.ensure_future(self._fly(key, part, waiting.out, records, waiting.offsets, self.consumer))
         flight.add_done_callback(self._flown)
         self.flights[key] = flight
 
     async def _fly(self, key: Key, part: PartitionState, out: RecordBatches, changelog: RecordBatches,
-                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None,
-                   sending: asyncio.Future[Any] | None) -> None:
-        """Deliver and store one sealed batch (see the module doc for the order), while the next is processed."""
+                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None) -> None:
+        """Deliver and store one sealed batch (see the module doc for the order), while the loop goes on; then put
+        the batch that waited for it in flight."""
         changelogs = self.changelogs[key[0]]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:
@@ -663,17 +689,18 @@ class BatchedRuntime(Service):
                     delivered = await out.deliver()
                 await txn.commit_transaction()
             except BaseException:
-                part.discard()  # this batch, and the next one, built on its state: neither is ever delivered
+                part.discard()  # this batch, and the one waiting, built on its state: neither is ever delivered
                 await _abort(txn)
                 raise
         else:
-            # The outputs first: a changelog never holds state of an undelivered output.
-            await (sending if sending is not None else out.deliver())
+            await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
             delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
                     if (topic, part.partition) in delivered}, inputs, sealed=True)
         if offsets and not self.eos and consumer is not None:
             self._commit(consumer, offsets)
+        if key in self.waiting and self.parts.get(key) is part:
+            self._launch(key)
 
     def _flown(self, task: asyncio.Future[None]) -> None:
         """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,
@@ -695,11 +722,6 @@ class BatchedRuntime(Service):
             topic = changelogs[name]
             for key, value in writes.items():
                 out.add(topic, part.partition, key, value)
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

@@ -198,13 +198,14 @@ def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer) -> Parti
     return part
 
 
-async def _batch(runtime: BatchedRuntime, part: PartitionState, entity: bytes, value: bytes, offset: int) -> None:
+async def _batch(runtime: BatchedRuntime, part: PartitionState, entity: bytes, value: bytes, offset: int,
+                 records: int = 1) -> None:
     """One batch of r[0] as `_partition` makes it: its record read the entity's state, wrote it, and put its
     output in the batch; then `_finish`."""
     out = runtime._batches(KEY)
     part.readers[ENTITIES].put(entity, value)
     out.add("out", 0, entity, value)
-    await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}), 1)
+    await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}, records), 1)
 
 
 async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRuntime, tmp_path: Path) -> None:
@@ -226,9 +227,8 @@ async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRu
 
 async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime: BatchedRuntime,
                                                                         tmp_path: Path) -> None:
-    """at_least_once: a batch's outputs, then its changelog, then its store; the next batch's outputs go once
-    the outputs before them are delivered (beside that batch's changelog), its changelog and store only once
-    that batch is stored (one batch in flight); offsets are committed once stored."""
+    """at_least_once: a batch's outputs, then its changelog, then its store, then its offsets' commit; the
+    batches processed meanwhile wait, as one batch, and go only once it is stored (one batch in flight)."""
     producer = Producer()
     changelog = runtime.changelogs["r"][ENTITIES]
     producer.held[changelog] = asyncio.Event()
@@ -237,60 +237,70 @@ async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime:
     consumer = Consumer()
     runtime.consumer = cast(Any, consumer)
     await _batch(runtime, part, b"a", b"1", 1)
-    second = asyncio.ensure_future(_batch(runtime, part, b"b", b"2", 2))
+    await _batch(runtime, part, b"b", b"2", 2)  # processed while the first is in flight: it waits
+    await _batch(runtime, part, b"c", b"3", 3)  # and the next joins it
     await asyncio.sleep(0.02)
-    assert not second.done()  # it waits for the first to be stored
-    assert producer.log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a"),
-                            ("sent", "out", "b"), ("delivered", "out", "b")]
+    assert producer.log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a")]
     assert part.dbs[ENTITIES].get(b"a") is None and consumer.committed == []
     producer.held[changelog].set()
-    await second
     await runtime._landed_all()
     await runtime._committed()
-    assert producer.log[5:] == [("delivered", changelog, "a"), ("sent", changelog, "b"),
-                                ("delivered", changelog, "b")]
-    assert part.dbs[ENTITIES].get(b"b") == b"2" and part.input_offsets() == {"in": 2}
-    assert [c[TP0] for c in consumer.committed][-1] == 2
+    assert producer.log[3:] == [("delivered", changelog, "a"), ("sent", "out", "b,c"), ("delivered", "out", "b,c"),
+                                ("sent", changelog, "b,c"), ("delivered", changelog, "b,c")]
+    assert part.dbs[ENTITIES].get(b"c") == b"3" and part.input_offsets() == {"in": 3}
+    assert [c[TP0] for c in consumer.committed][-1] == 3
+
+
+async def test_a_full_waiting_batch_holds_the_loop(runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """A waiting batch that holds `batch_max_records` records makes the loop wait for the batch in flight (it
+    fetches no further ahead), then goes in flight itself."""
+    producer = Producer()
+    part = _owned(runtime, tmp_path, producer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2, records=9)
+    full = asyncio.ensure_future(_batch(runtime, part, b"c", b"3", 3, records=1))
+    await asyncio.sleep(0.02)
+    assert not full.done()
+    producer.gate.set()
+    await full
+    assert ("sent", "out", "b,c") in producer.log and KEY not in runtime.waiting
 
 
 async def test_outputs_not_delivered_stop_the_batches_after_them(runtime: BatchedRuntime, tmp_path: Path) -> None:
     """at_least_once: where a batch's outputs are not delivered, neither its changelog nor its state nor
-    anything of the next batch goes anywhere, and the worker stops."""
+    anything of the batch waiting for it goes anywhere, and the worker stops."""
     producer = Producer()
     producer.refused.add("out")
     part = _owned(runtime, tmp_path, producer)
     failed: list[BaseException] = []
     runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
     await _batch(runtime, part, b"a", b"1", 1)
-    second = asyncio.ensure_future(_batch(runtime, part, b"b", b"2", 2))
-    await asyncio.sleep(0.01)
+    await _batch(runtime, part, b"b", b"2", 2)
     producer.gate.set()
+    await asyncio.sleep(0.02)
     with pytest.raises(KafkaError):
-        await second
-    await asyncio.sleep(0.01)
+        await _batch(runtime, part, b"c", b"3", 3)
     assert producer.log == [("sent", "out", "a")]
     assert part.dbs[ENTITIES].get(b"a") is None and runtime._failed and len(failed) == 1
 
 
 async def test_a_failed_transaction_discards_the_batch_built_on_it(tmp_path: Path) -> None:
-    """exactly_once: the next batch's transaction begins only once the one in flight committed; where that one
-    fails, it is aborted, the next batch (built on its state) is discarded and never sent, and the worker stops."""
+    """exactly_once: the waiting batch's transaction begins only once the one in flight committed; where that
+    one fails, it is aborted, the waiting batch (built on its state) is discarded and never sent, and the worker
+    stops."""
     runtime = _runtime(tmp_path, "exactly_once")
     producer = Producer(fail_commit=True)
     part = _owned(runtime, tmp_path, producer)
-    await _batch(runtime, part, b"a", b"1", 1)
-    assert producer.log[0] == ("begin",)
-    second = asyncio.ensure_future(_batch(runtime, part, b"a", b"2", 2))
-    await asyncio.sleep(0.02)
-    assert not second.done() and producer.log.count(("begin",)) == 1
-    failed = []
+    failed: list[BaseException] = []
     runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"a", b"2", 2)  # waits, reading the state of the first
+    assert producer.log.count(("begin",)) == 1 and part.readers[ENTITIES].get(b"a") == b"2"
     producer.gate.set()
-    with pytest.raises(KafkaError):
-        await second
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.02)
     assert producer.log.count(("begin",)) == 1 and ("abort",) in producer.log
-    assert ("sent", "out", "a") in producer.log and not any(e[:2] == ("sent", "out") and e[2] != "a"
-                                                           for e in producer.log)
+    assert [e for e in producer.log if e[0] == "sent" and e[1] == "out"] == [("sent", "out", "a")]
     assert part.readers[ENTITIES].get(b"a") is None and part.dbs[ENTITIES].get(b"a") is None
     assert runtime._failed and len(failed) == 1
+    with pytest.raises(KafkaError):  # a batch after it goes nowhere either
+        await _batch(runtime, part, b"a", b"3", 3)
