@@ -3,40 +3,40 @@
 One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
 (`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
 `batch_max_ms` of processing; each record goes through the processor seam (byzguard.processor `VerifyProcessor`:
-`Guard.process`), reading its state through the batch's pending writes, then RocksDB (app/runtime/state.py:
-faust's layout and paths). After each batch of a route partition the causal deadlines are checked (its
-`punctuate`: `Guard.expire_held`), and on a timer when it is idle.
+`Guard.process`), reading its state through the batch's pending writes, then those of the batch in flight, then
+RocksDB (app/runtime/state.py: faust's layout and paths). After each batch of a route partition the causal
+deadlines are checked (its `punctuate`: `Guard.expire_held`), and on a timer when it is idle.
 
-A batch, once processed, goes in flight (`_finish`): its writes are sealed (PartitionState.seal) and stay readable
-under the next batch's pending writes, and its delivery runs in a task (`_fly`) while the loop fetches and
-processes the next step. At most one batch per route partition is in flight: the next one's `_finish` waits for
-it before it sends anything, so outputs, changelog records, transactions and stores keep the order of the steps,
-and the loop never runs more than one step ahead of what is delivered.
+A batch, once processed, goes in flight (`_launch`): its writes are sealed (PartitionState.seal) and stay readable
+under the pending writes of the batch being built, and its delivery runs in a task (`_fly`) while the loop fetches
+and processes the next steps. At most one batch per route partition is in flight; what the partition's next steps
+process meanwhile waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight
+from the task of the batch before it once that one is stored. The partitions do not wait for each other; a waiting
+batch of `batch_max_records` records makes the loop wait (it fetches no further ahead). So outputs, changelog
+records, transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
-(one commit in flight; offsets stored meanwhile go in the next). The next batch's outputs go as soon as these
-outputs are delivered, beside these changelog records; its changelog records only once this batch is stored.
-A record is repeated after a crash at most, never lost, and never judged a duplicate of itself: on assignment the
-state is brought to the changelog's end and the input resumes at the larger of the committed and the stored
-offset.
+(one commit in flight; offsets stored meanwhile go in the next). A record is repeated after a crash at most, never
+lost, and never judged a duplicate of itself: on assignment the state is brought to the changelog's end and the
+input resumes at the larger of the committed and the stored offset.
 
 exactly_once, per batch: one transaction of the route partition's transactional producer (id
 `<app_id>-batched-<route>-<partition>`, which fences a zombie owner) holds the outputs, the changelog records and
-the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. The next batch's
-transaction begins only once it committed; where it fails, it is aborted, its writes and those of the batch built
-on them are discarded, that batch is never sent, and the worker stops (`fail`). On assignment the producer is
-started first (aborting what a previous owner left open), then the state is restored from the changelogs,
+the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. The waiting batch's
+transaction begins only once it committed; where it fails, it is aborted, its writes and those of the waiting batch
+(built on them) are discarded, that batch is never sent, and the worker stops (`fail`). On assignment the producer
+is started first (aborting what a previous owner left open), then the state is restored from the changelogs,
 read_committed, to their end: the changelog's end is the truth.
 
-Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the batch in progress finishes and
-every batch in flight lands (its transaction commits or aborts) and its offsets are committed before the
+Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the step in progress finishes and every
+batch in flight or waiting lands (its transaction commits or aborts) and its offsets are committed before the
 partitions go, and their databases are closed; on assign the databases are opened and restored before the first
 record of the partition is processed.
 
-The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by
-the same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the
-repartition topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
+The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by the
+same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the repartition
+topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
 
 faust keeps the App, its web server, CLI and timers; its consumer (group `<app_id>`) reads none of the routes'
 topics (the review and decision streams are side consumers, app/review/store.py).
