@@ -646,7 +646,7 @@ class BatchedRuntime(Service):
         flight = self.flights.get(key)
         if flight is not None and not flight.done():
             if waiting.records >= self.max_records:  # a full batch waits: the loop fetches no further ahead
-                await self._landed(key)
+                await asyncio.shield(flight)  # (raises where it failed) then this one is in flight
             return  # it goes in flight once the batch before it landed (`_fly`)
         self._launch(key)
 
