@@ -1,4 +1,5 @@
-"""faust's producer in a worker refreshes the metadata of the routes' topics, never of the whole cluster."""
+"""A worker's producers refresh the metadata of the topics they use, never the whole cluster's: faust's producer
+(app/faust_producer.py) and the batched runtime's transactional producers (app/runtime/stages.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import faust
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from app.faust_producer import scope_producer_metadata
+from app.runtime.stages import refreshing_only
 from tests.conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -29,6 +32,26 @@ async def test_declaring_a_topic_refreshes_the_known_topics_only(kafka_bootstrap
         await producer.create_topic(declared, 1, 1)  # exists: faust skips creating it, then refreshes
         topics = producer._ensure_producer().client.cluster.topics()
         assert known in topics if scoped else {known, other, declared} <= topics
+        assert (other not in topics) is scoped
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.parametrize("scoped", [True, False])
+async def test_a_transactional_producer_refreshes_the_topics_it_was_given(kafka_bootstrap: str,
+                                                                         topic_factory: TopicFactory,
+                                                                         scoped: bool) -> None:
+    """A refresh of a runtime producer that has sent nothing yet (as its start forces one after each refused
+    InitProducerId) asks for the topics it was given; without them, for every topic of the cluster."""
+    known, other = topic_factory(), topic_factory()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    if scoped:
+        refreshing_only(producer, [known])
+    await producer.start()
+    try:
+        await producer.client.force_metadata_update()
+        topics = producer.client.cluster.topics()
+        assert known in topics if scoped else {known, other} <= topics
         assert (other not in topics) is scoped
     finally:
         await producer.stop()
