@@ -1,4 +1,5 @@
-"""Stopping a local broker: it is over only when the process is gone and its data dir is free again."""
+"""The local broker tool without a broker: a stop is over only when the process is gone and its data dir is free
+again (a started broker: tests/integration/test_localkafka.py)."""
 
 from __future__ import annotations
 
