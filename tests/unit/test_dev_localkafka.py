@@ -1,5 +1,5 @@
-"""The local broker tool without a broker: a stop is over only when the process is gone and its data dir is free
-again (a started broker: tests/integration/test_localkafka.py)."""
+"""app/dev/localkafka.py, without a broker (the integration tests start one): stopping is over only when the
+process is gone and its data dir is free again."""
 
 from __future__ import annotations
 
