@@ -69,6 +69,7 @@ from app.runtime.stages import (
     Stages,
     quarantine_stub,
     record_in,
+    refreshing_only,
     repartitions,
     verify_topics,
 )
@@ -388,6 +389,7 @@ class BatchedRuntime(Service):
                     txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                            transactional_id=transactional_id(self.app_id, *key),
                                            **self.producer_options)
+                    refreshing_only(txn, route.inputs)  # not the whole cluster's metadata (stages.py)
                     starting.append(txn.start())
                     self.txns[key] = txn
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import shutil
+import socket
 import time
 import urllib.request
 import uuid
@@ -146,6 +148,31 @@ def input_group(app_id: str) -> str:
     return verify_group(app_id)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def web_port() -> int:
+    """A free port below the kernel's ephemeral range, for a worker's web server. A worker restarted at the port
+    of a SIGKILLed one (its URL) removes the dead one's members only if it can bind that port: in the ephemeral
+    range, an outgoing connection of any process on the machine may be given the port in between, and the restarted
+    worker then waits for the dead one's session to time out."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 10_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds it
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_ports(1)[0]
+
+
 @dataclass
 class WorkerFactory:
     """Workers of one test: one app id (consumer group), one config, fresh topics; all reaped at the end."""
@@ -183,7 +210,7 @@ class WorkerFactory:
             self.configure()
         assert self.config_path is not None
         data_dir = data_dir or self.base_dir / f"{name}-data"
-        port = free_ports(1)[0]
+        port = web_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BYZGUARD_", "KAFKA_"))}
         env.update(SECRETS)
         env.update({
