@@ -148,7 +148,8 @@ class AuditJoins:
                 continue
             rule = self.rule_of[tp.topic]
             if self.ctx.eos:  # fence the previous owner (its open transaction is aborted) before reading state
-                self.txns[tp] = await self.ctx.transactional(f"{self.ctx.app_id}-audit-{rule.name}-{tp.partition}")
+                self.txns[tp] = await self.ctx.transactional(f"{self.ctx.app_id}-audit-{rule.name}-{tp.partition}",
+                                                             [tp.topic])
             self.parts[tp] = PartitionState(self.tabledir, None, tp.partition, self.store_options,
                                             tables={PENDING: audit_table_name(rule)})
             self.punctuated[tp] = time.monotonic()
