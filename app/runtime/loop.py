@@ -201,6 +201,8 @@ class BatchedRuntime(Service):
         self._to_commit: dict[TopicPartition, int] = {}
         self._stopping = False
         self._failed = False
+        #: Whether the loop's step put a batch in flight, and whether one of its batches waits (if only that: `_paced`).
+        self._launched = self._waited = False
         self._failing: asyncio.Future[None] | None = None
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
@@ -290,6 +292,7 @@ class BatchedRuntime(Service):
                 async with self._lock:
                     if self._stopping:
                         break
+                    self._launched = self._waited = False
                     if fetched:
                         await self._step(fetched)
                     if self._causal_interval is not None:
@@ -300,6 +303,8 @@ class BatchedRuntime(Service):
                         await self._pass_markers(consumer)
                     if time.monotonic() >= self._lag_due:
                         self._measure_lag(consumer)
+                if self._waited and not self._launched:
+                    await self._paced()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -329,6 +334,14 @@ class BatchedRuntime(Service):
                 else:
                     fetched[tp] = messages
         return fetched
+
+    async def _paced(self) -> None:
+        """After a step whose batches all wait for the batches in flight, the next fetch waits until one of those
+        lands (their deliveries are all that would move): no loop spinning over steps of a record or two, whose
+        work would delay the deliveries' own callbacks on a busy worker."""
+        flights = [flight for flight in self.flights.values() if not flight.done()]
+        if flights:
+            await asyncio.wait(flights, return_when=asyncio.FIRST_COMPLETED)
 
     async def fail(self, exc: BaseException) -> None:
         """Nothing past the failed batch is committed; the worker stops loudly and Kafka redelivers."""
@@ -647,7 +660,9 @@ class BatchedRuntime(Service):
         if flight is not None and not flight.done():
             if waiting.records >= self.max_records:  # a full batch waits: the loop fetches no further ahead
                 await asyncio.shield(flight)  # (raises where it failed) then this one is in flight
+            self._waited = True
             return  # it goes in flight once the batch before it landed (`_fly`)
+        self._launched = True
         self._launch(key)
 
     def _launch(self, key: Key) -> None:
