@@ -12,8 +12,9 @@ under the pending writes of the batch being built, and its delivery runs in a ta
 and processes the next steps. At most one batch per route partition is in flight; what the partition's next steps
 process meanwhile waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight
 from the task of the batch before it once that one is stored. The partitions do not wait for each other; a waiting
-batch of `batch_max_records` records makes the loop wait (it fetches no further ahead). So outputs, changelog
-records, transactions and stores keep the order of the steps.
+batch of `batch_max_records` records makes the loop wait (it fetches no further ahead), and after a step whose
+batches all wait the loop fetches again once a batch in flight landed (`_paced`). So outputs, changelog records,
+transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
