@@ -93,6 +93,9 @@ BATCH_BYTES = 256 * 1024
 #: A step whose newest fetched record is older than this (its timestamp to now, ms) also takes what the broker has
 #: received since (`BatchedRuntime._fetch`).
 STALE_MS = 5.0
+#: While batches are in flight, the loop gives way to them after this much processing (s): each transaction is
+#: several round trips one after another, and each waits for the loop to turn.
+TURN_S = 0.002
 
 
 def verify_group(app_id: str) -> str:
@@ -197,6 +200,8 @@ class BatchedRuntime(Service):
         self.flights: dict[Key, asyncio.Future[None]] = {}
         #: The batch of each route partition processed while its batch before is in flight (`_finish`).
         self.waiting: dict[Key, _Waiting] = {}
+        #: The route partitions whose records are being processed (the loop gives way during it: `TURN_S`).
+        self._building: set[Key] = set()
         #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
@@ -505,14 +510,20 @@ class BatchedRuntime(Service):
             index, count = 0, len(messages)
             while index < count:
                 out = self._batches(key)
-                started = time.monotonic()
+                started = turned = time.monotonic()
                 end = min(count, index + self.max_records)
                 last = index
+                self._building.add(key)  # its batch in flight does not launch the waiting one meanwhile
                 while last < end:
                     self._process(route, processor, part, messages[last], out)
                     last += 1
-                    if time.monotonic() - started >= self.max_seconds:
+                    now = time.monotonic()
+                    if now - started >= self.max_seconds:
                         break
+                    if now - turned >= TURN_S and self.flights:
+                        await asyncio.sleep(0)  # the deliveries in flight go on (their next request, their store)
+                        turned = time.monotonic()
+                self._building.discard(key)
                 next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
                 await self._finish(key, route, part, out, {tp: next_offset}, last - index)
                 self.positions[tp] = next_offset
@@ -715,8 +726,8 @@ class BatchedRuntime(Service):
                     if (topic, part.partition) in delivered}, inputs, sealed=True)
         if offsets and not self.eos and consumer is not None:
             self._commit(consumer, offsets)
-        if key in self.waiting and self.parts.get(key) is part:
-            self._launch(key)
+        if key in self.waiting and key not in self._building and self.parts.get(key) is part:
+            self._launch(key)  # (a batch being built goes in flight from its `_finish`)
 
     def _flown(self, task: asyncio.Future[None]) -> None:
         """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,
