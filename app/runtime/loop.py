@@ -61,7 +61,7 @@ from mode import Service
 
 from app import metrics
 from app.runtime import membership
-from app.runtime.audits import audit_stages, caught_up
+from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
 from app.runtime.limits import DEFAULT_LIMIT, load_limits
 from app.runtime.stages import (
@@ -223,8 +223,6 @@ class BatchedRuntime(Service):
                            producer_options=producer, max_records=batch_max_records,
                            max_seconds=self.max_seconds)
         forwards, joins = audit_stages(config, ctx, tabledir, store_options)
-        fresh = max(5.0, 4 * fetch_max_wait_ms / 1000)  # fetches older than this: the broker is out of reach
-        joins.caught_up = lambda: caught_up(self.consumer, self.positions, fresh)
         self.stages = Stages([Forwards([*repartitions(app_id, config), *forwards], ctx), joins])
 
     # -- lifecycle ---------------------------------------------------------------------------------------------

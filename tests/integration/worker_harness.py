@@ -36,7 +36,7 @@ from app.sidereads import topic_partitions
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
-from tests.conftest import run_async
+from tests.conftest import claim_topics
 
 _DIGITS = re.compile(r"\d+")
 REPO = Path(__file__).resolve().parents[2]
@@ -160,11 +160,14 @@ class WorkerFactory:
     route: RouteNames | None = None
     config_path: Path | None = None
 
+    def __post_init__(self) -> None:
+        claim_topics(self.bootstrap, f"{self.app_id}-")  # its internal topics go when the test ends
+
     def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
         """Write this test's config with unique topic names (the worker's provisioning creates them);
         `partitioning`: the route's option of that name, when given."""
         suffix = uuid.uuid4().hex[:8]
-        stem = f"{self.prefix[:60]}-{suffix}"
+        stem = claim_topics(self.bootstrap, f"{self.prefix[:60]}-{suffix}")
         self.route = RouteNames(f"{stem}-in", f"{stem}-verified", f"{stem}-quarantine", partitions)
         self.config_path = self.base_dir / "byzguard-test.yaml"
         text = CONFIG_TEMPLATE.format(input=self.route.input, verified=self.route.verified,
@@ -207,26 +210,10 @@ class WorkerFactory:
         return worker
 
     def cleanup(self) -> None:
-        """Kill whatever still runs, then delete this test's topics (best effort)."""
+        """Kill whatever still runs (its topics are claimed: deleted when the test or session ends)."""
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 worker.kill()
-        if os.environ.get("BYZGUARD_KEEP_TOPICS"):  # to look at what a failed test left
-            return
-        with contextlib.suppress(Exception):
-            run_async(lambda: _delete_topics_of(self.bootstrap, self.app_id, self.route), timeout=30)
-
-
-async def _delete_topics_of(bootstrap: str, app_id: str, route: RouteNames | None) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        ours = {route.input, route.verified, route.quarantine} if route else set()
-        names = [t for t in await admin.list_topics() if t in ours or t.startswith(f"{app_id}-")]
-        if names:
-            await admin.delete_topics(names, timeout_ms=10_000)
-    finally:
-        await admin.close()
 
 
 def wipe(data_dir: Path) -> None:
