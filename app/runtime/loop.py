@@ -12,8 +12,9 @@ under the pending writes of the batch being built, and its delivery runs in a ta
 and processes the next steps. At most one batch per route partition is in flight; what the partition's next steps
 process meanwhile waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight
 from the task of the batch before it once that one is stored. The partitions do not wait for each other; a waiting
-batch of `batch_max_records` records makes the loop wait (it fetches no further ahead). So outputs, changelog
-records, transactions and stores keep the order of the steps.
+batch of `batch_max_records` records makes the loop wait (it fetches no further ahead), and after a step whose
+batches all wait the loop fetches again once a batch in flight landed (`_paced`). So outputs, changelog records,
+transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
@@ -93,6 +94,9 @@ BATCH_BYTES = 256 * 1024
 #: A step whose newest fetched record is older than this (its timestamp to now, ms) also takes what the broker has
 #: received since (`BatchedRuntime._fetch`).
 STALE_MS = 5.0
+#: While batches are in flight, the loop gives way to them after this much processing (s): each transaction is
+#: several round trips one after another, and each waits for the loop to turn.
+TURN_S = 0.002
 
 
 def verify_group(app_id: str) -> str:
@@ -197,11 +201,15 @@ class BatchedRuntime(Service):
         self.flights: dict[Key, asyncio.Future[None]] = {}
         #: The batch of each route partition processed while its batch before is in flight (`_finish`).
         self.waiting: dict[Key, _Waiting] = {}
+        #: The route partitions whose records are being processed (the loop gives way during it: `TURN_S`).
+        self._building: set[Key] = set()
         #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
         self._stopping = False
         self._failed = False
+        #: Whether the loop's step put a batch in flight, and whether one of its batches waits (if only that: `_paced`).
+        self._launched = self._waited = False
         self._failing: asyncio.Future[None] | None = None
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
@@ -289,6 +297,7 @@ class BatchedRuntime(Service):
                 async with self._lock:
                     if self._stopping:
                         break
+                    self._launched = self._waited = False
                     if fetched:
                         await self._step(fetched)
                     if self._causal_interval is not None:
@@ -299,6 +308,8 @@ class BatchedRuntime(Service):
                         await self._pass_markers(consumer)
                     if time.monotonic() >= self._lag_due:
                         self._measure_lag(consumer)
+                if self._waited and not self._launched:
+                    await self._paced()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -328,6 +339,14 @@ class BatchedRuntime(Service):
                 else:
                     fetched[tp] = messages
         return fetched
+
+    async def _paced(self) -> None:
+        """After a step whose batches all wait for the batches in flight, the next fetch waits until one of those
+        lands (their deliveries are all that would move): no loop spinning over steps of a record or two, whose
+        work would delay the deliveries' own callbacks on a busy worker."""
+        flights = [flight for flight in self.flights.values() if not flight.done()]
+        if flights:
+            await asyncio.wait(flights, return_when=asyncio.FIRST_COMPLETED)
 
     async def fail(self, exc: BaseException) -> None:
         """Nothing past the failed batch is committed; the worker stops loudly and Kafka redelivers."""
@@ -491,14 +510,20 @@ class BatchedRuntime(Service):
             index, count = 0, len(messages)
             while index < count:
                 out = self._batches(key)
-                started = time.monotonic()
+                started = turned = time.monotonic()
                 end = min(count, index + self.max_records)
                 last = index
+                self._building.add(key)  # its batch in flight does not launch the waiting one meanwhile
                 while last < end:
                     self._process(route, processor, part, messages[last], out)
                     last += 1
-                    if time.monotonic() - started >= self.max_seconds:
+                    now = time.monotonic()
+                    if now - started >= self.max_seconds:
                         break
+                    if now - turned >= TURN_S and self.flights:
+                        await asyncio.sleep(0)  # the deliveries in flight go on (their next request, their store)
+                        turned = time.monotonic()
+                self._building.discard(key)
                 next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
                 await self._finish(key, route, part, out, {tp: next_offset}, last - index)
                 self.positions[tp] = next_offset
@@ -647,7 +672,9 @@ class BatchedRuntime(Service):
         if flight is not None and not flight.done():
             if waiting.records >= self.max_records:  # a full batch waits: the loop fetches no further ahead
                 await asyncio.shield(flight)  # (raises where it failed) then this one is in flight
+            self._waited = True
             return  # it goes in flight once the batch before it landed (`_fly`)
+        self._launched = True
         self._launch(key)
 
     def _launch(self, key: Key) -> None:
@@ -699,8 +726,8 @@ class BatchedRuntime(Service):
                     if (topic, part.partition) in delivered}, inputs, sealed=True)
         if offsets and not self.eos and consumer is not None:
             self._commit(consumer, offsets)
-        if key in self.waiting and self.parts.get(key) is part:
-            self._launch(key)
+        if key in self.waiting and key not in self._building and self.parts.get(key) is part:
+            self._launch(key)  # (a batch being built goes in flight from its `_finish`)
 
     def _flown(self, task: asyncio.Future[None]) -> None:
         """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,

@@ -304,3 +304,38 @@ async def test_a_failed_transaction_discards_the_batch_built_on_it(tmp_path: Pat
     assert runtime._failed and len(failed) == 1
     with pytest.raises(KafkaError):  # a batch after it goes nowhere either
         await _batch(runtime, part, b"a", b"3", 3)
+
+
+async def test_a_step_whose_batches_all_wait_paces_the_loop(runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """After a step whose batches only joined waiting ones, the loop fetches again once a batch in flight
+    landed, not at once; after a step that put a batch in flight it goes on at once."""
+    producer = Producer()
+    part = _owned(runtime, tmp_path, producer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    assert runtime._launched and not runtime._waited
+    runtime._launched = runtime._waited = False
+    await _batch(runtime, part, b"b", b"2", 2)
+    assert runtime._waited and not runtime._launched
+    paced = asyncio.ensure_future(runtime._paced())
+    await asyncio.sleep(0.02)
+    assert not paced.done()
+    producer.gate.set()
+    await asyncio.wait_for(paced, 1)
+
+
+async def test_a_batch_being_built_goes_in_flight_from_its_own_finish(runtime: BatchedRuntime,
+                                                                      tmp_path: Path) -> None:
+    """The loop gives way to the deliveries while it processes a batch; a batch in flight that lands meanwhile
+    leaves the waiting batch alone (its records are not all processed yet): it goes, whole, from its `_finish`."""
+    producer = Producer()
+    part = _owned(runtime, tmp_path, producer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    runtime._building.add(KEY)
+    producer.gate.set()
+    await asyncio.sleep(0.02)
+    assert KEY in runtime.waiting and ("sent", "out", "b") not in producer.log
+    runtime._building.discard(KEY)
+    await _batch(runtime, part, b"c", b"3", 3)
+    await runtime._landed_all()
+    assert ("sent", "out", "b,c") in producer.log and part.input_offsets() == {"in": 3}
