@@ -1,0 +1,123 @@
+"""verify's clean path decides every event exactly as the full run of the checks does, or leaves it to it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench import events as bench_events
+from bench.core import _config
+from byzguard.clocks import VectorClock
+from byzguard.config import GuardConfig
+from byzguard.engine import Limits, _advance, _checked, _clean, verify
+from byzguard.envelope import Envelope, decode
+from byzguard.verdict import Code, Outcome, Severity
+
+AT = 1_780_000_000.0
+NOW = AT + 1.0
+LIMITS = Limits(32, 86_400.0, 256 * 1024)
+# Codes whose severity a drawn policy changes (off and warn take the clean path's fall-backs, too).
+CODES = [Code.ID_DUPLICATE, Code.INVARIANT_VIOLATED, Code.VERSION_GAP, Code.VCLOCK_CONCURRENT, Code.TIME_STALE,
+         Code.LAMPORT_REGRESSION, Code.INTEGRITY_BAD_MAC, Code.STATE_LAST_GOOD_TOO_LARGE, Code.SOURCE_NOT_ALLOWED]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> GuardConfig:
+    return _config(Path(tmp_path_factory.mktemp("clean")))
+
+
+def _envelope(version: int, price: float, *, event_id: str | None = None, tamper: bool = False) -> Envelope:
+    data = bench_events.price_data(3, version, AT)
+    data["price"] = price
+    stamped = bench_events.stamper().structured(data, type=bench_events.EVENT_TYPE, subject="sku-3",
+                                                version=version, time=AT,
+                                                vclock=VectorClock({bench_events.SOURCE: version}),
+                                                event_id=event_id)
+    value = stamped.value.replace(b'"sku-3"', b'"sku-4"') if tamper else stamped.value
+    env = decode(b"sku-3" if not tamper else b"sku-4", value, stamped.headers)
+    assert isinstance(env, Envelope)
+    return env
+
+
+def _decide(config: GuardConfig, env: Envelope, policy: Any, entity: Any, mark: int | None, now: float,
+            limits: Limits, received: float | None, writer: str | None) -> None:
+    full = _checked(env, policy, entity, mark, config.keyring, now, limits, received, writer)
+    clean = _clean(env, policy, entity, mark, config.keyring, now, limits, received, writer)
+    assert verify(env, policy, entity, mark, config.keyring, now=now, limits=limits, received=received,
+                  writer=writer) == full
+    if clean is not None:
+        assert clean == full
+        assert full.outcome is Outcome.VERIFIED and not full.reasons
+
+
+def test_clean_path_takes_the_shipped_event_and_decides_it_as_every_check_does(config: GuardConfig) -> None:
+    """The benchmark's clean event (next version, later clock, fresh) is decided by the clean path, and the
+    decision equals the full checks' one, field by field."""
+    policy = config.routes[0].policy_for(bench_events.EVENT_TYPE)
+    first = _envelope(1, 10.0)
+    entity = _advance(first, None, NOW - 5, LIMITS)
+    env = _envelope(2, 10.5)
+    clean = _clean(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
+    assert clean is not None
+    assert clean == _checked(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
+
+
+# One clean setting (the first) per input, and the others that make a check object or change what it sees.
+VARIANTS: dict[str, list[Any]] = {
+    "history": [1, 0, 2, 3], "version": [2, 1, 3, 6], "price": [10.5, 30.0, -1.0], "same_id": [False, True],
+    "tamper": [False, True], "entity_version": ["keep", "none", "minus", "plus"],
+    "entity_clock": ["keep", "none", "ahead", "other"], "mark": [None, -1, 0, 1],
+    # (seconds after the event's time, the type's max_age): past max_age only, past the freshness rule too, ahead.
+    "time": [(0.0, "keep"), (100.0, 60.0), (200_000.0, "keep"), (-500.0, "keep"), (0.0, None)],
+    "received": [None, AT, NOW + 100],
+    "writer": [None, bench_events.SOURCE, "other"],
+    "max_skew": ["keep", None, 30.0], "sources": ["keep", None, frozenset({"other"})],
+    "key_ids": ["keep", None, frozenset({"other"})], "listed": [True, False], "last_good_max": [256 * 1024, 10],
+}
+
+
+@st.composite
+def _inputs(draw: st.DrawFn) -> dict[str, Any]:
+    """Every input clean but a few (none, often), each of those drawn from its variants."""
+    changed = draw(st.sets(st.sampled_from(sorted(VARIANTS)), max_size=3))
+    return {name: draw(st.sampled_from(values[1:])) if name in changed else values[0]
+            for name, values in VARIANTS.items()}
+
+
+@settings(max_examples=400, deadline=None)
+@given(inputs=_inputs(), levels=st.dictionaries(st.sampled_from(CODES), st.sampled_from(list(Severity)), max_size=2))
+def test_clean_path_and_full_checks_decide_alike(config: GuardConfig, inputs: dict[str, Any],
+                                                 levels: dict[Code, Severity]) -> None:
+    """Over clean and faulty events, states, marks, times and policies: verify (clean path first) gives the
+    very decision of the full checks, and the clean path only ever decides a reasonless verified event."""
+    base = config.routes[0].policy_for(bench_events.EVENT_TYPE)
+    changes: dict[str, Any] = {"severity": {**base.severity, **levels}, "listed": inputs["listed"]}
+    age, inputs["max_age"] = inputs["time"]
+    for name in ("max_age", "max_skew", "sources", "key_ids"):
+        if inputs[name] != "keep":
+            changes[name] = inputs[name]
+    policy = dataclasses.replace(base, **changes)
+    limits = Limits(32, 86_400.0, inputs["last_good_max"])
+    version = inputs["version"]
+    entity = None
+    last_id = None
+    for v in range(max(1, version - inputs["history"]), version):
+        previous = _envelope(v, 10.0)
+        last_id = previous.id
+        entity = _advance(previous, entity, NOW - 10, limits)
+    env = _envelope(version, inputs["price"], event_id=last_id if inputs["same_id"] else None,
+                    tamper=inputs["tamper"])
+    if entity is not None:
+        entity = dataclasses.replace(entity, version={
+            "keep": entity.version, "none": None, "minus": (entity.version or 1) - 1,
+            "plus": (entity.version or 0) + 1}[inputs["entity_version"]], vclock={
+            "keep": entity.vclock, "none": None, "ahead": VectorClock({bench_events.SOURCE: 99}),
+            "other": VectorClock({"other": 1})}[inputs["entity_clock"]])
+    mark = inputs["mark"]
+    the_mark = None if mark is None or env.lamport is None else env.lamport + mark
+    _decide(config, env, policy, entity, the_mark, AT + age, limits, inputs["received"], inputs["writer"])
