@@ -182,10 +182,27 @@ def _clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, lampor
         event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
         if rules.evaluate(env.data(), last, now=now, event=event, from_orjson=True):
             return None
-    if len(env.covered) > limits.last_good_max_bytes:
+    covered = env.covered
+    if len(covered) > limits.last_good_max_bytes:
         return None
-    # No reason: verified, the mark moves (lamport > lamport_mark here) and the state advances.
-    return Decision(_VERIFIED, (), _advance(env, entity, now, limits), lamport)
+    # No reason: verified, the mark moves (lamport > lamport_mark here) and the state advances (_advance, inline:
+    # the event's clock is after the entity's, so their bounded merge is the event's clock).
+    version = env.version
+    entries = b""
+    last_version = None
+    vclock = env.vclock
+    if entity is not None:
+        entries = entity.entries
+        last_version = entity.version
+        if last_version is not None and (version is None or last_version > version):
+            version = last_version
+        if vclock is None:
+            vclock = entity.vclock
+    content_hash = env.content_hash
+    entries = new_entries(entries, env.id, content_hash, now, env.version, now=now, window=limits.id_window,
+                          keep=limits.ids_per_entity, old_version=last_version, new_version=version)
+    return Decision(_VERIFIED, (), EntityState(version, vclock, content_hash, covered, env.type, now, env.time,
+                                               entries), lamport)
 
 
 def _checked(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,

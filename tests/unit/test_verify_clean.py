@@ -31,12 +31,14 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> GuardConfig:
     return _config(Path(tmp_path_factory.mktemp("clean")))
 
 
-def _envelope(version: int, price: float, *, event_id: str | None = None, tamper: bool = False) -> Envelope:
+def _envelope(version: int, price: float, *, event_id: str | None = None, tamper: bool = False,
+              clock: bool = True) -> Envelope:
     data = bench_events.price_data(3, version, AT)
     data["price"] = price
     stamped = bench_events.stamper().structured(data, type=bench_events.EVENT_TYPE, subject="sku-3",
                                                 version=version, time=AT,
-                                                vclock=VectorClock({bench_events.SOURCE: version}),
+                                                vclock=VectorClock({bench_events.SOURCE: version}) if clock
+                                                else None,
                                                 event_id=event_id)
     value = stamped.value.replace(b'"sku-3"', b'"sku-4"') if tamper else stamped.value
     env = decode(b"sku-3" if not tamper else b"sku-4", value, stamped.headers)
@@ -70,7 +72,7 @@ def test_clean_path_takes_the_shipped_event_and_decides_it_as_every_check_does(c
 # One clean setting (the first) per input, and the others that make a check object or change what it sees.
 VARIANTS: dict[str, list[Any]] = {
     "history": [1, 0, 2, 3], "version": [2, 1, 3, 6], "price": [10.5, 30.0, -1.0], "same_id": [False, True],
-    "tamper": [False, True], "entity_version": ["keep", "none", "minus", "plus"],
+    "tamper": [False, True], "clock": [True, False], "entity_version": ["keep", "none", "minus", "plus"],
     "entity_clock": ["keep", "none", "ahead", "other"], "mark": [None, -1, 0, 1],
     # (seconds after the event's time, the type's max_age): past max_age only, past the freshness rule too, ahead.
     "time": [(0.0, "keep"), (100.0, 60.0), (200_000.0, "keep"), (-500.0, "keep"), (0.0, None)],
@@ -111,7 +113,7 @@ def test_clean_path_and_full_checks_decide_alike(config: GuardConfig, inputs: di
         last_id = previous.id
         entity = _advance(previous, entity, NOW - 10, limits)
     env = _envelope(version, inputs["price"], event_id=last_id if inputs["same_id"] else None,
-                    tamper=inputs["tamper"])
+                    tamper=inputs["tamper"], clock=inputs["clock"])
     if entity is not None:
         entity = dataclasses.replace(entity, version={
             "keep": entity.version, "none": None, "minus": (entity.version or 1) - 1,
