@@ -21,7 +21,7 @@ import orjson
 from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer, oldest_held_age
 from byzguard.clocks import VectorClock, lamport_mark_key
 from byzguard.config import GuardConfig, Route, TypePolicy
-from byzguard.engine import FORWARDED, RECORDED, Decision, Limits, decode_failure, verify
+from byzguard.engine import FORWARDED, RECORDED, Decision, Limits, decode_failure, verify_checked, verify_clean
 from byzguard.envelope import Envelope, decode
 from byzguard.partitioner import misplaced
 from byzguard.routing import Headers, quarantine_headers, verified_headers
@@ -266,8 +266,10 @@ class Guard:
         if hold and env.vclock is not None and not _refused_type(policy) \
                 and self._held(tx, record, route, env, entity, entity_key, lamport_key, mark, now):
             return
-        decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
-                          received=record.timestamp, writer=writer)
+        # verify, positionally: the clean path, else every check.
+        keyring, limits, received = self.config.keyring, self.limits, record.timestamp
+        decision = verify_clean(env, policy, entity, mark, keyring, now, limits, received, writer) \
+            or verify_checked(env, policy, entity, mark, keyring, now, limits, received, writer)
         if decision.entity is not None:
             writes[(ENTITIES, entity_key)] = decision.entity.to_bytes()  # tx.put
         if decision.lamport is not None and not released:

@@ -14,8 +14,9 @@ from bench import events as bench_events
 from bench.core import _config
 from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig
-from byzguard.engine import Limits, _advance, _checked, _clean, verify
+from byzguard.engine import Limits, _advance, verify, verify_checked, verify_clean
 from byzguard.envelope import Envelope, decode
+from byzguard.integrity import Key, KeyRing
 from byzguard.verdict import Code, Outcome, Severity
 
 AT = 1_780_000_000.0
@@ -46,11 +47,11 @@ def _envelope(version: int, price: float, *, event_id: str | None = None, tamper
     return env
 
 
-def _decide(config: GuardConfig, env: Envelope, policy: Any, entity: Any, mark: int | None, now: float,
+def _decide(keyring: KeyRing, env: Envelope, policy: Any, entity: Any, mark: int | None, now: float,
             limits: Limits, received: float | None, writer: str | None) -> None:
-    full = _checked(env, policy, entity, mark, config.keyring, now, limits, received, writer)
-    clean = _clean(env, policy, entity, mark, config.keyring, now, limits, received, writer)
-    assert verify(env, policy, entity, mark, config.keyring, now=now, limits=limits, received=received,
+    full = verify_checked(env, policy, entity, mark, keyring, now, limits, received, writer)
+    clean = verify_clean(env, policy, entity, mark, keyring, now, limits, received, writer)
+    assert verify(env, policy, entity, mark, keyring, now=now, limits=limits, received=received,
                   writer=writer) == full
     if clean is not None:
         assert clean == full
@@ -64,15 +65,16 @@ def test_clean_path_takes_the_shipped_event_and_decides_it_as_every_check_does(c
     first = _envelope(1, 10.0)
     entity = _advance(first, None, NOW - 5, LIMITS)
     env = _envelope(2, 10.5)
-    clean = _clean(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
+    clean = verify_clean(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
     assert clean is not None
-    assert clean == _checked(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
+    assert clean == verify_checked(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
 
 
 # One clean setting (the first) per input, and the others that make a check object or change what it sees.
 VARIANTS: dict[str, list[Any]] = {
     "history": [1, 0, 2, 3], "version": [2, 1, 3, 6], "price": [10.5, 30.0, -1.0], "same_id": [False, True],
-    "tamper": [False, True], "clock": [True, False], "entity_version": ["keep", "none", "minus", "plus"],
+    "tamper": [False, True], "clock": [True, False],
+    "keyring": ["config", "none", "another source's"], "entity_version": ["keep", "none", "minus", "plus"],
     "entity_clock": ["keep", "none", "ahead", "other"], "mark": [None, -1, 0, 1],
     # (seconds after the event's time, the type's max_age): past max_age only, past the freshness rule too, ahead.
     "time": [(0.0, "keep"), (100.0, 60.0), (200_000.0, "keep"), (-500.0, "keep"), (0.0, None)],
@@ -122,4 +124,6 @@ def test_clean_path_and_full_checks_decide_alike(config: GuardConfig, inputs: di
             "other": VectorClock({"other": 1})}[inputs["entity_clock"]])
     mark = inputs["mark"]
     the_mark = None if mark is None or env.lamport is None else env.lamport + mark
-    _decide(config, env, policy, entity, the_mark, AT + age, limits, inputs["received"], inputs["writer"])
+    keyring = {"config": config.keyring, "none": KeyRing({}), "another source's": KeyRing({bench_events.KEY_ID: Key(
+        bench_events.KEY_ID, "other", bench_events.SECRET.encode())})}[inputs["keyring"]]
+    _decide(keyring, env, policy, entity, the_mark, AT + age, limits, inputs["received"], inputs["writer"])
