@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 
 from bench import events as bench_events
 from bench.core import _config
-from byzguard.clocks import VectorClock
+from byzguard.clocks import VectorClock, lamport_mark_key
 from byzguard.config import GuardConfig
 from byzguard.engine import Limits, _advance, verify, verify_checked, verify_clean
 from byzguard.envelope import Envelope, decode
-from byzguard.integrity import Key, KeyRing
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
+from byzguard.integrity import HMAC_SHA256, Key, KeyRing
+from byzguard.stamp import Stamper
+from byzguard.state import encode_lamport
 from byzguard.verdict import Code, Outcome, Severity
 
 AT = 1_780_000_000.0
@@ -127,3 +130,20 @@ def test_clean_path_and_full_checks_decide_alike(config: GuardConfig, inputs: di
     keyring = {"config": config.keyring, "none": KeyRing({}), "another source's": KeyRing({bench_events.KEY_ID: Key(
         bench_events.KEY_ID, "other", bench_events.SECRET.encode())})}[inputs["keyring"]]
     _decide(keyring, env, policy, entity, the_mark, AT + age, limits, inputs["received"], inputs["writer"])
+
+
+@pytest.mark.parametrize("instance", [None, "i-1"])
+def test_guard_keeps_the_lamport_mark_under_its_writers_key(config: GuardConfig, instance: str | None) -> None:
+    """Guard.process writes a verified event's Lamport time as encode_lamport writes it, under the key
+    lamport_mark_key gives its source (and producer instance), which it builds inline."""
+    stamper = Stamper(bench_events.SOURCE, instance=instance, algorithm=HMAC_SHA256,
+                      key=Key(bench_events.KEY_ID, bench_events.SOURCE, bench_events.SECRET.encode()))
+    stamped = stamper.structured(bench_events.price_data(3, 1, AT), type=bench_events.EVENT_TYPE, subject="sku-3",
+                                 version=1, time=AT, vclock=VectorClock({bench_events.SOURCE: 1}))
+    env = decode(stamped.key, stamped.value, stamped.headers)
+    assert isinstance(env, Envelope) and env.lamport is not None and env.instance == instance
+    route = config.routes[0]
+    result = Guard(config).process(RecordIn(stamped.key, stamped.value, stamped.headers, "in", 0, 0, AT), route,
+                                   {ENTITIES: {}, LAMPORTS: {}, CAUSAL: {}}, now=NOW)
+    assert result.first.decision.outcome is Outcome.VERIFIED
+    assert result.writes[(LAMPORTS, lamport_mark_key(bench_events.SOURCE, instance))] == encode_lamport(env.lamport)
