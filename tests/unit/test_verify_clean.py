@@ -18,6 +18,7 @@ from byzguard.engine import Limits, _advance, verify, verify_checked, verify_cle
 from byzguard.envelope import Envelope, decode
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
 from byzguard.integrity import HMAC_SHA256, Key, KeyRing
+from byzguard.rules import RuleSet
 from byzguard.stamp import Stamper
 from byzguard.state import encode_lamport
 from byzguard.verdict import Code, Outcome, Severity
@@ -147,3 +148,18 @@ def test_guard_keeps_the_lamport_mark_under_its_writers_key(config: GuardConfig,
                                    {ENTITIES: {}, LAMPORTS: {}, CAUSAL: {}}, now=NOW)
     assert result.first.decision.outcome is Outcome.VERIFIED
     assert result.writes[(LAMPORTS, lamport_mark_key(bench_events.SOURCE, instance))] == encode_lamport(env.lamport)
+
+
+@pytest.mark.parametrize("price", [10.5, -1.0])
+def test_rules_without_a_generated_function_are_evaluated_on_the_clean_path(config: GuardConfig,
+                                                                           price: float) -> None:
+    """Rules the generator did not translate are evaluated by their closures on the clean path: a clean event
+    is still decided there, a violating one left to the full checks, both as the full checks decide them."""
+    base = config.routes[0].policy_for(bench_events.EVENT_TYPE)
+    policy = dataclasses.replace(base, rules=RuleSet(base.rules._rules, generate=False))
+    assert policy.rules.plan is not None and policy.rules.plan[0] is None
+    entity = _advance(_envelope(1, 10.0), None, NOW - 5, LIMITS)
+    env = _envelope(2, price)
+    clean = verify_clean(env, policy, entity, None, config.keyring, NOW, LIMITS, AT, None)
+    assert (clean is not None) == (price > 0)
+    _decide(config.keyring, env, policy, entity, None, NOW, LIMITS, AT, None)
