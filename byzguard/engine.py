@@ -139,7 +139,8 @@ def verify(
 def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
            keyring: KeyRing, now: float, limits: Limits, received: float | None, writer: str | None) -> Decision | None:
     """The decision on an event no check objects to, in the fewest steps; None as soon as a check might add a
-    reason, whatever its severity (`verify_checked` then runs every check and says which). Each test is the negation
+    reason, whatever its severity (`verify_checked` then runs every check and says which; after a failed
+    integrity check or rule, verify_clean hands it their results itself). Each test is the negation
     of the condition under which `verify_checked` adds a reason or returns early, so both decide a clean event alike
     (tests/unit/test_verify_clean.py holds them to it)."""
     if not policy.listed or env.refused is not None or (writer is not None and env.source != writer):
@@ -165,8 +166,11 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
         if key is None or key.source != source \
                 or not compare_digest(hmac_sha256(key.secret, bound), checksum.value.lower()):
             return None
-    elif check_integrity(env, accepted, keyring, required=policy.require_checksum):
-        return None
+    else:
+        failures = check_integrity(env, accepted, keyring, required=policy.require_checksum)
+        if failures:
+            return verify_checked(env, policy, entity, lamport_mark, keyring, now, limits, received, writer,
+                                  integrity=failures)
     severity = policy.severity
     if entity is not None:
         if severity.get(_ID_DUPLICATE, _REJECT) is not _OFF and entity.find(env.id, now, limits.id_window) is not None:
@@ -200,9 +204,12 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
         except Exception:
             slow = None
         # [] says every rule holds; otherwise the closures or celpy decide, as evaluate would.
-        if (slow is None or slow) and rules.evaluate(data, last, now=now, event=env.attributes() if uses_event
-                                                     else _NO_ATTRIBUTES, from_orjson=True):
-            return None
+        if slow is None or slow:
+            violations = rules.evaluate(data, last, now=now, event=env.attributes() if uses_event
+                                        else _NO_ATTRIBUTES, from_orjson=True)
+            if violations:
+                return verify_checked(env, policy, entity, lamport_mark, keyring, now, limits, received, writer,
+                                      violations=violations)
     covered = env.covered
     if len(covered) > limits.last_good_max_bytes:
         return None
@@ -227,15 +234,22 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
 
 
 def verify_checked(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
-             keyring: KeyRing, now: float, limits: Limits, received: float | None, writer: str | None) -> Decision:
-    """Every check in turn, each failure a reason at its code's severity: the decision on any event."""
+                   keyring: KeyRing, now: float, limits: Limits, received: float | None, writer: str | None, *,
+                   integrity: list[tuple[Code, str]] | None = None,
+                   violations: list[Reason] | None = None) -> Decision:
+    """Every check in turn, each failure a reason at its code's severity: the decision on any event.
+
+    `integrity` and `violations` are check_integrity's and RuleSet.evaluate's results when verify_clean already
+    has them (a failing event then costs no second diagnosis or rule evaluation)."""
     reasons = _Reasons(policy)
     _check_authorization(env, policy, reasons)
     if writer is not None and env.source != writer:
         reasons.add(Code.SOURCE_NOT_ALLOWED, f"the input topic is declared as written by source {writer!r}, "
                     f"the event claims source {quote(env.source)}")
-    for code, detail in check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring,
-                                        required=policy.require_checksum):
+    if integrity is None:
+        integrity = check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring,
+                                    required=policy.require_checksum)
+    for code, detail in integrity:
         reasons.add(code, detail)
     if reasons.items and any(r.code in _UNTRUSTED and r.severity is _REJECT for r in reasons.items):
         return _conclude(env, policy, reasons, None, None, now, limits, update=False)
@@ -277,11 +291,13 @@ def verify_checked(env: Envelope, policy: TypePolicy, entity: EntityState | None
         _check_time(env, policy, now, now if received is None else min(received, now), reasons)
     rules = policy.rules
     if rules and severity.get(_INVARIANT_VIOLATED, _REJECT) is not _OFF:
-        last = entity.last_good_data() if entity is not None and rules.uses_last else None
-        # The attributes are built only for rules that read (or quote) `event`.
-        event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
-        # Both were parsed by orjson (Envelope.data, EntityState.last_good_data): the rules rely on it.
-        for reason in rules.evaluate(env.data(), last, now=now, event=event, from_orjson=True):
+        if violations is None:
+            last = entity.last_good_data() if entity is not None and rules.uses_last else None
+            # The attributes are built only for rules that read (or quote) `event`.
+            event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
+            # Both were parsed by orjson (Envelope.data, EntityState.last_good_data): the rules rely on it.
+            violations = rules.evaluate(env.data(), last, now=now, event=event, from_orjson=True)
+        for reason in violations:
             reasons.add(reason.code, reason.detail, reason.severity)
     return _conclude(env, policy, reasons, entity, lamport_mark, now, limits, update=True)
 
