@@ -142,7 +142,7 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
     reason, whatever its severity (`verify_checked` then runs every check and says which; after a failed
     integrity check or rule, verify_clean hands it their results itself). Each test is the negation
     of the condition under which `verify_checked` adds a reason or returns early, so both decide a clean event alike
-    (tests/unit/test_engine_clean_path.py holds them to it)."""
+    (tests/unit/test_clean_path.py holds them to it)."""
     if not policy.listed or env.refused is not None or (writer is not None and env.source != writer):
         return None
     source = env.source

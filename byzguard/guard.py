@@ -253,7 +253,7 @@ class Guard:
         # keeps a writer's send order within one partition only, and a repartition topic merges several: there,
         # a writer's Lamport mark is kept per input partition the record came from.
         instance = env.instance
-        # lamport_mark_key(env.source, instance), inline (tests/unit/test_engine_clean_path.py holds them equal)
+        # lamport_mark_key(env.source, instance), inline (tests/unit/test_clean_path.py holds them equal)
         lamport_key = env.source.encode() if instance is None else f"{env.source}\x00{instance}".encode()
         if record.read_partition is not None:
             lamport_key += f"\x00{record.topic}\x00{record.partition}".encode()
