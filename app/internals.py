@@ -95,9 +95,15 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_fetch_max_wait_ms", "attribute", (_FETCHING,),
                 "as _fetch_min_bytes"),
     # -- faust: the producer of a bench prototype (variant f) -------------------------------------------------
-    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method", ("bench/faust_batches.py",),
-                "the started aiokafka producer (at_least_once) that record batches are sent through",
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "_ensure_producer", "method",
+                ("app/faust_producer.py", "bench/faust_batches.py"),
+                "the started aiokafka producer: record batches are sent through it (bench, at_least_once); the "
+                "worker tells its client which topics to refresh",
                 signature="(self)", digest="04016bd22147281a"),
+    PrivateName(f"{_AIOKAFKA_DRIVER}.Producer", "on_start", "async method", ("app/faust_producer.py",),
+                "overridden: once faust's producer has started, its client refreshes the routes' input topics "
+                "instead of every topic of the cluster", signature="(self)", overridden=True,
+                digest="a1601325eb84f271"),
     # -- members of library classes that byzguard's subclasses override or reach through self -----------------
     # Public by name, but of faust's, mode's and aiokafka's internal classes: they change as freely as private names.
     PrivateName("mode.services.Service", "__init__", "method", ("app/runtime/loop.py",),

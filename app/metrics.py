@@ -39,6 +39,9 @@ AUDIT_DISCREPANCIES = Counter("byzguard_audit_discrepancies_total", "Discrepanci
 AUDIT_AGREEMENT = Gauge("byzguard_audit_agreement_ratio",
                         "Share of an audit rule's checks in the last hour on which the services agree (0..1), "
                         "on this worker", ["rule"], registry=REGISTRY)
+AUDIT_WATERMARK_LAG = Gauge("byzguard_audit_watermark_lag_seconds",
+                            "How far the oldest audit watermark of a rule's join partitions on this worker is behind "
+                            "the wall clock (windows close by it)", ["rule"], registry=REGISTRY)
 LAST_GOOD_SERVED = Counter("byzguard_last_good_served_total",
                            "Last-known-good values served in place of suspect or missing data",
                            ["route", "type"], registry=REGISTRY)

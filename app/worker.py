@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import internals, logs, metrics
 from app.backlog import INTERVAL as BACKLOG_INTERVAL
 from app.backlog import QuarantineBacklog
+from app.faust_producer import scope_producer_metadata
 from app.logs import QuietRepeats
 from app.review.store import decisions_topic_name
 from app.settings import Settings
@@ -118,6 +119,7 @@ def build_app(settings: Settings, config: GuardConfig, bootstrap: str) -> GuardA
 
     options["broker_client_id"] = client_id(settings.data_dir, settings.worker_id)
     app = faust.App(settings.app_id, **options)
+    scope_producer_metadata(app, [topic for route in config.routes for topic in route.inputs])
     guard = Guard(config)
     built = GuardApp(app=app, guard=guard, store_options=store_options(
         write_buffer_mb=settings.rocksdb_write_buffer_mb, block_cache_mb=settings.rocksdb_block_cache_mb))

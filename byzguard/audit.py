@@ -470,32 +470,77 @@ def event_time(time: float | None, verified: float) -> float:
     return time
 
 
+#: A source partition of a join: (verified topic, partition).
+Source = tuple[str, int]
+
+
 @dataclass(slots=True)
-class StreamClock:
-    """The time a join partition has reached, its stream time: the newest event time of the observations it
-    joined. While the worker is caught up (`tick`: nothing it consumes waits unread, and it fetched recently) it
-    also advances with the wall clock from where it stood, never past the wall clock. So a backlog drained
-    after an outage joins by its event times as it would have live (the clock does not move while the worker
-    is behind or cut off), and a quiet partition still closes its windows (its clock moves while caught up)."""
+class Watermark:
+    """The time a join partition has reached, its watermark: the least progress over the source partitions that
+    feed it (`sources`: every partition of the rule's verified topics), never going back. A source's progress is
+    the newest event time of the observations joined from it, or a time it was drained through (`drained`:
+    every record that reached it, or the route inputs feeding it, before that time has been joined here), if
+    later. So a source whose observations stop coming (a partition the broker refuses writes to, a worker
+    stalled upstream) holds every window of the partition open until it has caught up, while the other sources'
+    records cannot close them; a source that never sent anything holds it too until it is drained. Until the
+    sources are known (`know`: a lookup of the topics' partitions) the watermark stays where it is (`time`;
+    None: no window can be due), whatever comes."""
 
-    #: None: nothing observed yet (no window can be due).
-    stream_time: float | None = None
-    #: The wall time of the last tick that found the worker caught up; None when the last one did not.
-    caught_since: float | None = None
+    #: The watermark; None: none yet.
+    time: float | None = None
+    #: Every source partition that feeds the join partition (more are added as their observations come).
+    sources: set[Source] = field(default_factory=set)
+    #: Per source, the time it has reached (sources without one hold the watermark).
+    progress: dict[Source, float] = field(default_factory=dict)
+    #: Whether the sources were looked up (`know`); before, the observations' own sources are not all of them.
+    known: bool = False
 
-    def observe(self, at: float) -> None:
-        """An observation timed `at` was joined."""
-        self.stream_time = at if self.stream_time is None else max(self.stream_time, at)
-
-    def tick(self, wall: float, caught_up: bool) -> None:
-        """At wall time `wall` the worker is `caught_up` or not: the wall time since the previous tick advances
-        the stream time only when both ticks found the worker caught up."""
-        if not caught_up:
-            self.caught_since = None
+    def observe(self, source: Source | None, at: float) -> None:
+        """An observation timed `at` from `source` (None: it does not say) was joined."""
+        if source is None:
             return
-        since, self.caught_since = self.caught_since, wall
-        if since is not None and self.stream_time is not None and wall > since:
-            self.stream_time = max(self.stream_time, min(wall, self.stream_time + (wall - since)))
+        self.sources.add(source)
+        self._progress(source, at)
+
+    def drained(self, source: Source, through: float) -> None:
+        """Every record of `source` that reached the pipeline before `through` (a wall-clock time) was joined."""
+        self._progress(source, through)
+
+    def know(self, sources: Iterable[Source]) -> None:
+        """The source partitions that feed the join partition (a lookup of the verified topics' partitions; none:
+        only the watermark is brought up to date)."""
+        named = set(sources)
+        self.sources |= named
+        self.known = self.known or bool(named)
+        self._advance()
+
+    def behind(self) -> list[Source]:
+        """The sources that hold the watermark: those at the least progress (every one without any first)."""
+        unknown = sorted(s for s in self.sources if s not in self.progress)
+        if unknown or not self.sources:
+            return unknown
+        low = min(self.progress[s] for s in self.sources)
+        return sorted(s for s in self.sources if self.progress[s] == low)
+
+    def _progress(self, source: Source, at: float) -> None:
+        old = self.progress.get(source)
+        if old is not None and at <= old:
+            return
+        self.progress[source] = at
+        if old is None or self.time is None or old <= self.time:  # else another source holds the watermark
+            self._advance()
+
+    def _advance(self) -> None:
+        if not self.known:
+            return
+        low = math.inf
+        for source in self.sources:
+            at = self.progress.get(source)
+            if at is None:
+                return
+            low = min(low, at)
+        if self.time is None or low > self.time:
+            self.time = low
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ What a runtime must call, in which order, in which transaction (per input partit
 
 1. On assignment: restore the partition's tables from their changelogs (read_committed, up to their end)
    before the first record is fetched; then create the partition's processor (`VerifyProcessor(guard,
-   route)`, `AuditJoinProcessor(rule)`, then its `resume(state)`: the stream time its table holds). One
+   route)`, `AuditJoinProcessor(rule)`, then its `resume(state)`: the watermark its table holds). One
    processor per partition: a processor may keep bookkeeping for its partition in memory, which is rebuilt,
    not restored.
 2. Per batch (the records of one fetch of the partition, in offset order), all of it inside the partition's
@@ -34,8 +34,8 @@ What a runtime must call, in which order, in which transaction (per input partit
    b. then, when `interval` seconds passed since the partition's last punctuation, `punctuate(state, now)`,
       its outputs sent likewise. A partition with no records is punctuated on time all the same, in a
       transaction of its own (a causal deadline or an audit window must not wait for traffic). An audit join's
-      stream clock is told before, on every idle step, whether the worker is caught up (`clock.tick`), and its
-      stream time is written with the batch (`keep(state)`);
+      watermark is told before, on every idle step, how far its sources were drained (`watermark.drained`), and
+      it is written with the batch (`keep(state)`);
    c. the changelog records of every key the batch wrote (its last value; a delete is a tombstone), then the
       input offsets (`send_offsets_to_transaction`), then the commit;
    d. only after the commit (at_least_once: after the outputs and changelog records are acknowledged and the
@@ -55,7 +55,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from byzguard.audit import AuditRule, Check, JoinState, Observation, StreamClock, expire, observe
+from byzguard.audit import AuditRule, Check, JoinState, Observation, Source, Watermark, expire, observe
 from byzguard.config import Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result
 
@@ -64,10 +64,15 @@ PENDING = "pending"
 #: The audit join table's other keys: per side and source partition (verified topic and partition), the offset of
 #: the last observation joined from it. A join key is UTF-8 text, which never holds the byte 0xFF.
 SOURCE_PREFIX = b"\xffsource\x00"
-#: The join table key of the partition's stream time (`repr` of a float, seconds), under SOURCE_PREFIX so that a
-#: release that does not know it skips it. A table without it (written by an earlier release) resumes from the
-#: newest observation time it holds.
+#: The join table key of the partition's watermark (`repr` of a float, seconds; the stream time of the release
+#: before, read as the watermark), under SOURCE_PREFIX so that a release that does not know it skips it. A table
+#: without it (written by an earlier release) resumes from the newest observation time it holds.
 CLOCK_KEY = SOURCE_PREFIX + b"clock"
+#: The prefix of the join table keys of each source partition's progress (`progress_key`; `repr` of a float).
+PROGRESS_PREFIX = SOURCE_PREFIX + b"at\x00"
+#: A source's progress is written once it moved by more than this (seconds): not every batch under load; after a
+#: restart it resumes up to this much behind (windows close that much later, never earlier).
+PROGRESS_STEP = 1.0
 
 In_contra = TypeVar("In_contra", contravariant=True)
 Out_co = TypeVar("Out_co", covariant=True)
@@ -214,15 +219,30 @@ def source_key(obs: Observation) -> bytes | None:
     return b"%s%s\x00%s\x00%d" % (SOURCE_PREFIX, obs.side.value.encode(), topic.encode(), partition)
 
 
+def progress_key(source: Source) -> bytes:
+    """The join table key of a source partition's progress (its verified topic and partition)."""
+    return b"%s%s\x00%d" % (PROGRESS_PREFIX, source[0].encode(), source[1])
+
+
+def _source_of(key: bytes) -> Source | None:
+    topic, _, partition = key[len(PROGRESS_PREFIX):].rpartition(b"\x00")
+    try:
+        return topic.decode(), int(partition)
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+
+
 class AuditJoinProcessor:
     """One audit rule's join on one partition of its repartition topic (records keyed by join key).
 
-    `process` first closes what waited on the observation's key past its window (by the partition's stream
-    time, less the rule's grace), then pairs or keeps the observation; `punctuate` closes every window of the
-    partition that ended by the stream time. Observations are timed by their event's time (`event_time`); the
-    stream time is the newest of them, moved on by the wall clock only while the worker is caught up
-    (`StreamClock.tick`), and kept in the table (`CLOCK_KEY`: `resume` reads it back, `keep` writes it), so a
-    restart neither rewinds it nor jumps it to the wall clock. Checks are timed by the wall clock (`now`).
+    `process` first closes what waited on the observation's key past its window (by the partition's watermark,
+    less the rule's grace), then pairs or keeps the observation; `punctuate` closes every window of the
+    partition that ended by the watermark. Observations are timed by their event's time (`event_time`); the
+    watermark is the least progress over the source partitions that feed the partition (`Watermark`: the
+    runtime tells it the sources, `watermark.know`, and how far each was drained, `watermark.drained`), and it
+    and each source's progress are kept in the table (`CLOCK_KEY`, `progress_key`: `resume` reads them back,
+    `keep` writes them), so a restart neither rewinds them nor jumps them to the wall clock. Checks are timed by
+    the wall clock (`now`).
 
     A repeat is skipped whenever it comes: an observation that says where it comes from (`origin`) at an offset
     at or below the last one joined from its side and source partition (kept in the table, `source_key`) was
@@ -230,27 +250,32 @@ class AuditJoinProcessor:
     producer per process), so only a redelivery (at_least_once, after a crash) goes back. Without this, a
     repeat that came after its pair's window was forgotten would wait alone and be reported `missing`."""
 
-    __slots__ = ("clock", "interval", "kept", "rule", "tables")
+    __slots__ = ("interval", "kept", "kept_progress", "rule", "tables", "watermark")
 
     def __init__(self, rule: AuditRule) -> None:
         self.rule = rule
-        #: The time the partition's records have reached (`resume` reads the stored one).
-        self.clock = StreamClock()
-        #: The stream time the table holds (what `keep` last wrote or `resume` read).
+        #: The time the partition has reached (`resume` reads the stored one).
+        self.watermark = Watermark()
+        #: The watermark the table holds (what `keep` last wrote or `resume` read).
         self.kept: float | None = None
+        #: Each source's progress the table holds.
+        self.kept_progress: dict[Source, float] = {}
         self.tables: tuple[str, ...] = (PENDING,)
         self.interval: float | None = rule.tick_interval
 
     def resume(self, state: State) -> None:
-        """Read the partition's stream time back from its table (when the partition is opened, and after an
-        aborted batch); a table without one gives the newest observation time it holds (none: no time yet)."""
+        """Read the partition's watermark and its sources' progress back from its table (when the partition is
+        opened, and after an aborted batch; the sources known stay known). A table without a watermark gives the
+        newest observation time it holds (none: no time yet); one without progress (written by the release
+        before) holds its watermark until every source has moved past it."""
         table = state[PENDING]
-        try:
-            stored: float | None = float(table.get(CLOCK_KEY) or b"")
-        except ValueError:
-            stored = None
-        if stored is not None and not math.isfinite(stored):
-            stored = None
+        stored = _time(table.get(CLOCK_KEY))
+        progress: dict[Source, float] = {}
+        for key, raw in table.items():
+            if key.startswith(PROGRESS_PREFIX):
+                source, at = _source_of(key), _time(raw)
+                if source is not None and at is not None:
+                    progress[source] = at
         if stored is None:
             for key, raw in table.items():
                 if key.startswith(SOURCE_PREFIX):
@@ -258,17 +283,25 @@ class AuditJoinProcessor:
                 pending = self._read(key, raw, AuditOutput())
                 for obs in (*pending.lefts, *pending.rights, *(o for pair in pending.pairs for o in pair)):
                     stored = obs.at if stored is None else max(stored, obs.at)
-        self.clock = StreamClock(stored)
+        old = self.watermark
+        self.watermark = Watermark(stored, {*old.sources, *progress}, dict(progress), old.known)
+        self.watermark.know(())
         self.kept = stored
+        self.kept_progress = progress
 
     def keep(self, state: State, step: float = 0.0) -> None:
-        """Write the stream time to the table if it moved (by more than `step`) since it was last written; once a
-        batch, not a record. A stream time not written is only a later close after a restart, never an early one."""
-        now, kept = self.clock.stream_time, self.kept
-        if now is None or now == kept or (kept is not None and now - kept <= step):
-            return
-        state[PENDING].put(CLOCK_KEY, repr(now).encode())
-        self.kept = now
+        """Write the watermark and each source's progress to the table where they moved (by more than `step`; a
+        source's by more than PROGRESS_STEP too) since they were last written; once a batch, not a record. One not
+        written is only a later close after a restart, never an early one."""
+        table = state[PENDING]
+        if _moved(self.watermark.time, self.kept, step):
+            assert self.watermark.time is not None
+            table.put(CLOCK_KEY, repr(self.watermark.time).encode())
+            self.kept = self.watermark.time
+        for source, at in self.watermark.progress.items():
+            if _moved(at, self.kept_progress.get(source), max(step, PROGRESS_STEP)):
+                table.put(progress_key(source), repr(at).encode())
+                self.kept_progress[source] = at
 
     def process(self, record: Observation, state: State, now: float) -> AuditOutput:
         """Join one observation (its key is the join key) with what waits for it."""
@@ -281,23 +314,26 @@ class AuditJoinProcessor:
                 out.repeated = True
                 return out
             table.put(source, b"%d" % record.origin[2])
-        clock = self.clock
-        clock.observe(record.at)
-        assert clock.stream_time is not None
+        mark = self.watermark
+        mark.observe(None if record.origin is None else record.origin[:2], record.at)
         raw = table.get(key)
-        closed = expire(rule, self._read(key, raw, out), now=clock.stream_time - rule.grace, detected_at=now)
-        step = observe(rule, closed.state, record, now=now)
+        pending = self._read(key, raw, out)
+        if mark.time is not None:
+            closed = expire(rule, pending, now=mark.time - rule.grace, detected_at=now)
+            pending = closed.state
+            out.checks.extend(closed.checks)
+        step = observe(rule, pending, record, now=now)
         _write(table, key, step.state, raw)
-        out.checks.extend((*closed.checks, *step.checks))
+        out.checks.extend(step.checks)
         return out
 
     def punctuate(self, state: State, now: float) -> AuditOutput:
-        """Report and forget what waited in the partition past its window and the grace (by the stream time)."""
+        """Report and forget what waited in the partition past its window and the grace (by the watermark)."""
         out = AuditOutput()
-        if self.clock.stream_time is None:
-            return out  # nothing was ever observed here
+        if self.watermark.time is None:
+            return out  # no time yet
         rule, table = self.rule, state[PENDING]
-        until = self.clock.stream_time - rule.grace
+        until = self.watermark.time - rule.grace
         due: list[tuple[bytes, bytes, JoinState]] = []
         for key, raw in list(table.items()):
             if key.startswith(SOURCE_PREFIX):
@@ -320,6 +356,19 @@ class AuditJoinProcessor:
             # A state this version cannot read must not stop every audit: its pending observations are given up.
             out.unreadable.append((key, str(exc)))
             return JoinState()
+
+
+def _time(raw: bytes | None) -> float | None:
+    """A stored time (None: none, or unreadable)."""
+    try:
+        at = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return at if at is not None and math.isfinite(at) else None
+
+
+def _moved(now: float | None, kept: float | None, step: float) -> bool:
+    return now is not None and now != kept and (kept is None or now - kept > step)
 
 
 def _offset(raw: bytes | None) -> int:

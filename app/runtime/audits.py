@@ -7,14 +7,15 @@
 observation timed by its event's time (byzguard.audit `event_time`) and keyed by its join key, at the join key's
 murmur2 partition of the repartition topic, with the verified record's coordinates in a header
 (`byzguard_repartitioned_from`, as a route's repartition copies), so the join skips an observation at_least_once
-delivers again (byzguard/processor.py `AuditJoinProcessor`); a subject record without a usable join key is a
-`missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor` (byzguard/processor.py) per
-partition of the repartition topic over the partition's join table: faust's RocksDB layout
-(`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
+delivers again (byzguard/processor.py `AuditJoinProcessor`) and knows its source partition; a subject record
+without a usable join key is a `missing` discrepancy at once. `AuditJoins` runs the core's `AuditJoinProcessor`
+(byzguard/processor.py) per partition of the repartition topic over the partition's join table: faust's RocksDB
+layout (`<tabledir>/audit-<rule>-pending_by_key-<partition>.db`) and changelog
 (`<app_id>-audit-<rule>-pending_by_key-changelog`), so a data dir of the faust runtime is taken over. Windows
-close by the partition's stream time (kept in its table; moved on by the wall clock only while the worker is
-`caught_up`, as the loop tells each idle step) as a punctuation: after a batch once `tick_interval` passed since
-the partition's last one, and on the loop's idle timer, inside the partition's transaction; no tick records.
+close by the partition's watermark (byzguard.audit `Watermark`: the least progress over the source partitions
+feeding it, kept in its table; a quiet source's progress follows how far it was drained, as the side reads of
+app/runtime/watermarks.py find on each idle step) as a punctuation: after a batch once `tick_interval` passed
+since the partition's last one, and on the loop's idle timer, inside the partition's transaction; no tick records.
 Tick records the faust runtime left on the repartition topic (empty values) are skipped.
 
 Per batch of a join partition, as the verify stage does (app/runtime/loop.py): exactly_once, one transaction
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from agents.audit import H_AUDIT_KIND, H_AUDIT_RULE, CheckRecorder, header
+from app import metrics
 from app.runtime.batches import RecordBatches
 from app.runtime.stages import StageContext, commit, partition_counts
 from app.runtime.state import PartitionState, restore
+from app.runtime.watermarks import SourceDrains
 from byzguard.audit import AuditRule, Check, Observation, event_time, observation_of
 from byzguard.config import GuardConfig
 from byzguard.envelope import decode
@@ -107,7 +110,7 @@ class AuditJoins:
     repartition topic this worker owns (see the module doc)."""
 
     def __init__(self, rules: Sequence[AuditRule], recorders: dict[str, CheckRecorder], ctx: StageContext,
-                 tabledir: Path, store_options: dict[str, Any]) -> None:
+                 tabledir: Path, store_options: dict[str, Any], drains: SourceDrains | None = None) -> None:
         self.ctx = ctx
         self.tabledir = tabledir
         self.store_options = store_options
@@ -120,9 +123,11 @@ class AuditJoins:
         self.processors: dict[TopicPartition, AuditJoinProcessor] = {}
         self.txns: dict[TopicPartition, AIOKafkaProducer] = {}
         self.punctuated: dict[TopicPartition, float] = {}
-        #: Whether the worker is caught up now (`caught_up`; the loop sets it): while it is, the join partitions'
-        #: stream times move on with the wall clock. Never, until set: no window closes on the wall clock alone.
-        self.caught_up: Callable[[], bool] = lambda: False
+        #: How far each source partition was drained into each join partition (read beside the loop; None: never
+        #: known, so a quiet source holds its joins' windows for good).
+        self.drains = drains
+        #: Per join partition, when its held watermark was last logged.
+        self.warned: dict[TopicPartition, float] = {}
 
     def changelog(self, rule: AuditRule) -> str:
         """The join table's changelog topic (faust's `<app_id>-<table>-changelog`)."""
@@ -133,6 +138,8 @@ class AuditJoins:
         rules = self.rule_of.values()
         counts = await partition_counts(self.ctx.bootstrap, [r.discrepancies_topic for r in rules])
         self.discrepancy_partitions = {r.name: counts.get(r.discrepancies_topic, 1) for r in rules}
+        if self.drains is not None:
+            self.drains.start()
 
     async def assigned(self, tps: set[TopicPartition]) -> dict[TopicPartition, int]:
         opened: list[TopicPartition] = []
@@ -141,17 +148,17 @@ class AuditJoins:
                 continue
             rule = self.rule_of[tp.topic]
             if self.ctx.eos:  # fence the previous owner (its open transaction is aborted) before reading state
-                self.txns[tp] = await self.ctx.transactional(f"{self.ctx.app_id}-audit-{rule.name}-{tp.partition}")
+                self.txns[tp] = await self.ctx.transactional(f"{self.ctx.app_id}-audit-{rule.name}-{tp.partition}",
+                                                             [tp.topic])
             self.parts[tp] = PartitionState(self.tabledir, None, tp.partition, self.store_options,
                                             tables={PENDING: audit_table_name(rule)})
-            self.processors[tp] = AuditJoinProcessor(rule)
             self.punctuated[tp] = time.monotonic()
             opened.append(tp)
         await restore(self.ctx.bootstrap, [(self.parts[tp], {PENDING: self.changelog(self.rule_of[tp.topic])})
                                            for tp in opened])
         stored: dict[TopicPartition, int] = {}
         for tp in opened:
-            self.processors[tp].resume(self.parts[tp].readers)  # its stream time, as the table holds it
+            self.open_processor(tp)
             offsets = self.parts[tp].input_offsets()
             if tp.topic in offsets:
                 stored[tp] = offsets[tp.topic]
@@ -164,6 +171,7 @@ class AuditJoins:
                 part.close()
             self.processors.pop(tp, None)
             self.punctuated.pop(tp, None)
+            self.warned.pop(tp, None)
             txn = self.txns.pop(tp, None)
             if txn is not None:
                 await txn.stop()
@@ -196,23 +204,59 @@ class AuditJoins:
             offsets[tp] = next_offset
             index = last
 
+    def open_processor(self, tp: TopicPartition) -> None:
+        """A new join processor for `tp`, its watermark as the table holds it, told its sources if known."""
+        rule = self.rule_of[tp.topic]
+        processor = self.processors[tp] = AuditJoinProcessor(rule)
+        processor.resume(self.parts[tp].readers)
+        if self.drains is not None:
+            processor.watermark.know(self.drains.sources.get(rule.name, ()))
+
     async def idle(self) -> None:
-        """Every join partition's stream time moves on with the wall clock if the worker is caught up
-        (`StreamClock.tick`); partitions whose windows were not checked for `tick_interval` get a punctuation of
-        their own."""
+        """Every join partition's watermark learns its sources and how far each was drained into it
+        (app/runtime/watermarks.py); partitions whose windows were not checked for `tick_interval` get a
+        punctuation of their own."""
         if not self.parts:
             return
-        now, wall, caught = time.monotonic(), time.time(), self.caught_up()
+        now, wall = time.monotonic(), time.time()
+        lag: dict[str, float] = {}
         for tp in list(self.parts):
-            self.processors[tp].clock.tick(wall, caught)
             rule = self.rule_of[tp.topic]
+            self._drained(tp, rule, wall)
+            at = self.processors[tp].watermark.time
+            lag[rule.name] = max(lag.get(rule.name, 0.0), wall - at if at is not None else 0.0)
             if now - self.punctuated[tp] >= rule.tick_interval:
                 out = self._out(tp)
                 self._punctuate(tp, rule, out)
                 await self._finish(tp, rule, out, {})
+        for name, seconds in lag.items():
+            metrics.AUDIT_WATERMARK_LAG.labels(rule=name).set(max(0.0, seconds))
+
+    def _drained(self, tp: TopicPartition, rule: AuditRule, wall: float) -> None:
+        """Tell the partition's watermark its sources and how far each was drained; log a watermark held longer
+        than the rule's window and grace (once a minute)."""
+        drains = self.drains
+        if drains is None:
+            return
+        mark = self.processors[tp].watermark
+        sources = drains.sources.get(rule.name, ())
+        mark.know(sources)
+        for source in sources:
+            through = drains.through(source, tp)
+            if through is not None:
+                mark.drained(source, min(through, wall))
+        held = wall - mark.time if mark.time is not None else None
+        if held is not None and held > rule.within + rule.grace and wall - self.warned.get(tp, 0.0) >= 60:
+            self.warned[tp] = wall
+            behind = ", ".join(f"{t}[{p}]" for t, p in mark.behind()[:4])
+            log.warning("audit %s: %s[%d]: windows held %.0f s behind the wall clock by source partition(s) %s%s",
+                        rule.name, tp.topic, tp.partition, held, behind or "(none known)",
+                        " (their progress cannot be read)" if drains.failing else " (not drained yet)")
 
     async def stop(self) -> None:
         await self.revoked(list(self.parts))
+        if self.drains is not None:
+            await self.drains.stop()
 
     def _out(self, tp: TopicPartition) -> RecordBatches:
         return RecordBatches(self.txns[tp] if self.ctx.eos else self.producer)
@@ -264,8 +308,7 @@ class AuditJoins:
                 delivered = await commit(self.txns[tp], out, offsets, self.ctx.group)
             except BaseException:
                 part.discard()
-                self.processors[tp] = AuditJoinProcessor(rule)  # its stream clock saw the aborted records
-                self.processors[tp].resume(part.readers)
+                self.open_processor(tp)  # its watermark saw the aborted records
                 raise
         else:
             await out.deliver()  # the discrepancies first: a changelog never holds state of an undelivered output
@@ -282,24 +325,6 @@ def audit_stages(config: GuardConfig, ctx: StageContext, tabledir: Path,
     """The forward stages and the join stage of every audit rule of `config`."""
     recorders = {rule.name: CheckRecorder(rule) for rule in config.audits}
     forwards = [AuditForward(ctx.app_id, config, rule, recorders[rule.name]) for rule in config.audits]
-    return forwards, AuditJoins(config.audits, recorders, ctx, tabledir, store_options)
+    drains = SourceDrains(ctx.app_id, config, ctx.bootstrap, ctx.group) if config.audits else None
+    return forwards, AuditJoins(config.audits, recorders, ctx, tabledir, store_options, drains)
 
-
-def caught_up(consumer: Any, positions: dict[TopicPartition, int], fresh: float) -> bool:
-    """Whether the worker is caught up: every partition it owns (`positions`: the next offset to process) was
-    fetched from its leader within `fresh` seconds and has nothing after its position (read_committed: before
-    its last stable offset). A partition never fetched yet, a backlog, or fetches that stopped (the broker out
-    of reach) make it not caught up. `consumer` is the loop's AIOKafkaConsumer (None: not started)."""
-    if consumer is None or not positions:
-        return False
-    oldest = time.time() * 1000 - fresh * 1000  # aiokafka's poll timestamps are wall-clock ms
-    try:
-        for tp, position in positions.items():
-            polled, end = consumer.last_poll_timestamp(tp), consumer.last_stable_offset(tp)
-            if end is None or end < 0:
-                end = consumer.highwater(tp)
-            if polled is None or end is None or polled < oldest or position < end:
-                return False
-    except Exception:  # a partition in the middle of a rebalance (aiokafka asserts it is assigned)
-        return False
-    return True

@@ -3,28 +3,40 @@
 One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
 (`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
 `batch_max_ms` of processing; each record goes through the processor seam (byzguard.processor `VerifyProcessor`:
-`Guard.process`), reading its state through the batch's pending writes, then RocksDB (app/runtime/state.py:
-faust's layout and paths). After each batch of a route partition the causal deadlines are checked (its
-`punctuate`: `Guard.expire_held`), and on a timer when it is idle.
+`Guard.process`), reading its state through the batch's pending writes, then those of the batch in flight, then
+RocksDB (app/runtime/state.py: faust's layout and paths). After each batch of a route partition the causal
+deadlines are checked (its `punctuate`: `Guard.expire_held`), and on a timer when it is idle.
+
+A batch, once processed, goes in flight (`_launch`): its writes are sealed (PartitionState.seal) and stay readable
+under the pending writes of the batch being built, and its delivery runs in a task (`_fly`) while the loop fetches
+and processes the next steps. At most one batch per route partition is in flight; what the partition's next steps
+process meanwhile waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight
+from the task of the batch before it once that one is stored. The partitions do not wait for each other; a waiting
+batch of `batch_max_records` records makes the loop wait (it fetches no further ahead). So outputs, changelog
+records, transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
-partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed. A record is
-repeated after a crash at most, never lost, and never judged a duplicate of itself: on assignment the state is
-brought to the changelog's end and the input resumes at the larger of the committed and the stored offset.
+partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
+(one commit in flight; offsets stored meanwhile go in the next). A record is repeated after a crash at most, never
+lost, and never judged a duplicate of itself: on assignment the state is brought to the changelog's end and the
+input resumes at the larger of the committed and the stored offset.
 
 exactly_once, per batch: one transaction of the route partition's transactional producer (id
 `<app_id>-batched-<route>-<partition>`, which fences a zombie owner) holds the outputs, the changelog records and
-the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. On assignment the
-producer is started first (aborting what a previous owner left open), then the state is restored from the
-changelogs, read_committed, to their end: the changelog's end is the truth.
+the input offsets (`send_offsets_to_transaction`); RocksDB is written only once it committed. The waiting batch's
+transaction begins only once it committed; where it fails, it is aborted, its writes and those of the waiting batch
+(built on them) are discarded, that batch is never sent, and the worker stops (`fail`). On assignment the producer
+is started first (aborting what a previous owner left open), then the state is restored from the changelogs,
+read_committed, to their end: the changelog's end is the truth.
 
-Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the batch in flight finishes (its
-transaction commits or aborts) before the partitions go, and their databases are closed; on assign the
-databases are opened and restored before the first record of the partition is processed.
+Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the step in progress finishes and every
+batch in flight or waiting lands (its transaction commits or aborts) and its offsets are committed before the
+partitions go, and their databases are closed; on assign the databases are opened and restored before the first
+record of the partition is processed.
 
-The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by
-the same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the
-repartition topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
+The topics that are not a route's verify input go to the loop's other stages (app/runtime/stages.py), read by the
+same consumer: the forward stage of a route with `partitioning: repartition` (its verify stage reads the repartition
+topic) and the cross-stream audits' forward and join stages (app/runtime/audits.py).
 
 faust keeps the App, its web server, CLI and timers; its consumer (group `<app_id>`) reads none of the routes'
 topics (the review and decision streams are side consumers, app/review/store.py).
@@ -48,7 +60,7 @@ from mode import Service
 
 from app import metrics
 from app.runtime import membership
-from app.runtime.audits import audit_stages, caught_up
+from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
 from app.runtime.limits import DEFAULT_LIMIT, load_limits
 from app.runtime.stages import (
@@ -57,6 +69,7 @@ from app.runtime.stages import (
     Stages,
     quarantine_stub,
     record_in,
+    refreshing_only,
     repartitions,
     verify_topics,
 )
@@ -96,6 +109,18 @@ def transactional_id(app_id: str, route: str, partition: int) -> str:
 
 def check_routes(config: GuardConfig) -> None:
     """Refuse what the batched runtime does not run (nothing today: every route and audit runs on it)."""
+
+
+class _Waiting:
+    """The batch of a route partition processed while the batch before it is in flight: its writes stay pending,
+    its outputs in `out`; the partition's next batches join it until that one lands (`BatchedRuntime._finish`)."""
+
+    __slots__ = ("offsets", "out", "records")
+
+    def __init__(self, out: RecordBatches) -> None:
+        self.out = out
+        self.offsets: dict[TopicPartition, int] = {}
+        self.records = 0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -167,9 +192,17 @@ class BatchedRuntime(Service):
         self.oldest: dict[Key, float] = {}
         self.copy_limit = 0
         self._lock = asyncio.Lock()
-        #: at_least_once: the offset commit in flight (`_commit`).
+        #: The batch in flight of each route partition (`_finish`): delivered (its transaction committed) and
+        #: stored while the next one is processed. A failed one stays here: the next batch's `_finish` raises.
+        self.flights: dict[Key, asyncio.Future[None]] = {}
+        #: The batch of each route partition processed while its batch before is in flight (`_finish`).
+        self.waiting: dict[Key, _Waiting] = {}
+        #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
+        self._to_commit: dict[TopicPartition, int] = {}
         self._stopping = False
+        self._failed = False
+        self._failing: asyncio.Future[None] | None = None
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
         #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
@@ -183,8 +216,6 @@ class BatchedRuntime(Service):
                            producer_options=producer, max_records=batch_max_records,
                            max_seconds=self.max_seconds)
         forwards, joins = audit_stages(config, ctx, tabledir, store_options)
-        fresh = max(5.0, 4 * fetch_max_wait_ms / 1000)  # fetches older than this: the broker is out of reach
-        joins.caught_up = lambda: caught_up(self.consumer, self.positions, fresh)
         self.stages = Stages([Forwards([*repartitions(app_id, config), *forwards], ctx), joins])
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -233,10 +264,12 @@ class BatchedRuntime(Service):
 
     async def on_stop(self) -> None:
         self._stopping = True
-        async with self._lock:  # the batch in flight finishes first
+        async with self._lock:  # the batch in progress finishes first, then those in flight
+            with contextlib.suppress(Exception):  # logged where it failed; the worker stops anyway
+                await self._landed_all()
             consumer, self.consumer = self.consumer, None
             if consumer is not None:
-                with contextlib.suppress(Exception):  # logged where it failed; the worker stops anyway
+                with contextlib.suppress(Exception):
                     await self._committed()
                 await consumer.stop()
             await self._close(list(self.parts))
@@ -299,6 +332,9 @@ class BatchedRuntime(Service):
     async def fail(self, exc: BaseException) -> None:
         """Nothing past the failed batch is committed; the worker stops loudly and Kafka redelivers."""
         self._stopping = True
+        if self._failed:  # a failed batch in flight is reported by its own callback and by the next batch's wait
+            return
+        self._failed = True
         log.critical("batched runtime: %r; the worker stops", exc, exc_info=exc)
         await self.crash(exc)
 
@@ -321,7 +357,8 @@ class BatchedRuntime(Service):
     # -- rebalances --------------------------------------------------------------------------------------------
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self._lock:  # the batch in flight finished and committed
+        async with self._lock:  # the batch in progress finished; those in flight are stored and committed
+            await self._landed_all()
             await self._committed()
             for tp in revoked:
                 self.positions.pop(tp, None)
@@ -352,6 +389,7 @@ class BatchedRuntime(Service):
                     txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                            transactional_id=transactional_id(self.app_id, *key),
                                            **self.producer_options)
+                    refreshing_only(txn, route.inputs)  # not the whole cluster's metadata (stages.py)
                     starting.append(txn.start())
                     self.txns[key] = txn
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)
@@ -403,6 +441,7 @@ class BatchedRuntime(Service):
             if part is not None:
                 part.close()
             self.processors.pop(key, None)
+            self.waiting.pop(key, None)
             self.last_batch.pop(key, None)
             if self.held.pop(key, None) is not None:
                 self.oldest.pop(key, None)
@@ -414,7 +453,8 @@ class BatchedRuntime(Service):
     # -- batches -----------------------------------------------------------------------------------------------
 
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        """One fetch: every route partition's batches, concurrently; at_least_once commits once at the end."""
+        """One fetch: every route partition's batches, concurrently (each put in flight by `_finish`); the stages'
+        batches are delivered within the step (at_least_once: their offsets committed behind it)."""
         consumer = self.consumer
         assert consumer is not None
         by_key: dict[Key, list[tuple[TopicPartition, list[Any]]]] = defaultdict(list)
@@ -435,16 +475,15 @@ class BatchedRuntime(Service):
                 else:
                     staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items, offsets) for key, items in by_key.items()),
+        await asyncio.gather(*(self._partition(key, items) for key, items in by_key.items()),
                              *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
         for tp, _ in staged:
             if tp in offsets and tp in self.positions:
                 self.positions[tp] = offsets[tp]
-        if offsets and not self.eos:
-            await self._commit(consumer, offsets)
+        if offsets and not self.eos:  # the stages' offsets (the verify batches' go with their flights)
+            self._commit(consumer, offsets)
 
-    async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]],
-                         offsets: dict[TopicPartition, int]) -> None:
+    async def _partition(self, key: Key, items: list[tuple[TopicPartition, list[Any]]]) -> None:
         part = self.parts[key]
         processor = self.processors[key]
         route = self.routes[key[0]]
@@ -461,9 +500,8 @@ class BatchedRuntime(Service):
                     if time.monotonic() - started >= self.max_seconds:
                         break
                 next_offset = messages[last - 1].offset + 1 if last < count else self.ends[tp]
-                await self._finish(key, route, part, out, {tp: next_offset})
+                await self._finish(key, route, part, out, {tp: next_offset}, last - index)
                 self.positions[tp] = next_offset
-                offsets[tp] = next_offset
                 index = last
 
     async def _pass_markers(self, consumer: AIOKafkaConsumer) -> None:
@@ -486,24 +524,50 @@ class BatchedRuntime(Service):
         for key, passed in moved.items():
             await self._finish(key, self.routes[key[0]], self.parts[key], self._batches(key), passed)
             self.positions.update(passed)
-            offsets.update(passed)
         if offsets and not self.eos:
-            await self._commit(consumer, offsets)
+            self._commit(consumer, offsets)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        """at_least_once: commit `offsets` (their batches are stored) behind the loop, while the next step runs.
-        At most one commit is in flight, so they reach the group in order; a revoke and a stop wait for it. A
-        commit lost to a crash costs nothing: the worker resumes from the offsets stored with the state."""
-        await self._committed()
-        self._committing = asyncio.ensure_future(_commit(consumer, offsets))
+    def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """at_least_once: commit `offsets` (their batches are stored) behind the loop, while the next steps run.
+        At most one commit is in flight, so they reach the group in order; offsets stored meanwhile go together
+        in the next one. A revoke and a stop wait for them. A commit lost to a crash costs nothing: the worker
+        resumes from the offsets stored with the state."""
+        self._to_commit.update(offsets)
+        if self._committing is None:
+            self._committing = asyncio.ensure_future(self._commit_stored(consumer))
+            self._committing.add_done_callback(self._flown)
+
+    async def _commit_stored(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            while self._to_commit:
+                offsets, self._to_commit = self._to_commit, {}
+                await _commit(consumer, offsets)
+        finally:
+            self._committing = None
 
     async def _committed(self) -> None:
-        """Wait for the commit in flight (its error, other than a rebalance's, stops the worker)."""
-        task, self._committing = self._committing, None
-        if task is not None:
-            await task
+        """Wait for the commits in flight (their error, other than a rebalance's, stops the worker)."""
+        while self._committing is not None:
+            await asyncio.shield(self._committing)
+
+    async def _landed(self, key: Key) -> None:
+        """Wait for the batches in flight of `key` (the one waiting goes in flight when the one before lands):
+        delivered and stored (raises where one failed)."""
+        while (flight := self.flights.get(key)) is not None:
+            await asyncio.shield(flight)
+            if self.flights.get(key) is flight:
+                del self.flights[key]
+
+    async def _landed_all(self) -> None:
+        """Wait for every batch in flight and waiting (a revoke, a stop)."""
+        for key in list(self.flights):
+            await self._landed(key)
 
     def _batches(self, key: Key) -> RecordBatches:
+        """The outputs of the next batch of `key`: those of its waiting batch, which it joins, if there is one."""
+        waiting = self.waiting.get(key)
+        if waiting is not None:
+            return waiting.out
         producer = self.txns[key] if self.eos else self.producer
         return RecordBatches(producer)
 
@@ -566,18 +630,54 @@ class BatchedRuntime(Service):
                 await self._finish(key, route, part, self._batches(key), {})
 
     async def _finish(self, key: Key, route: Route, part: PartitionState, out: RecordBatches,
-                      offsets: dict[TopicPartition, int]) -> None:
-        """Punctuate, then deliver and store one batch of a route partition (see the module doc for the order)."""
+                      offsets: dict[TopicPartition, int], records: int = 0) -> None:
+        """Punctuate one batch of a route partition, then put it in flight (`_launch`), or, while the batch before
+        it is in flight, let it wait: the next batches of the partition join it until that one lands."""
         self.last_batch[key] = time.monotonic()
         self._punctuate(key, route, part, out)
         self.tally.flush()
-        changelogs = self.changelogs[route.name]
-        inputs = {tp.topic: offset for tp, offset in offsets.items()}
-        if self.eos:
+        waiting = self.waiting.get(key)
+        if waiting is None:
             if not out and not any(part.pending.values()) and not offsets:
                 return
+            waiting = self.waiting[key] = _Waiting(out)
+        waiting.offsets.update(offsets)
+        waiting.records += records
+        flight = self.flights.get(key)
+        if flight is not None and not flight.done():
+            if waiting.records >= self.max_records:  # a full batch waits: the loop fetches no further ahead
+                await asyncio.shield(flight)  # (raises where it failed) then this one is in flight
+            return  # it goes in flight once the batch before it landed (`_fly`)
+        self._launch(key)
+
+    def _launch(self, key: Key) -> None:
+        """Put the waiting batch of `key` in flight: its writes sealed (still read by the next batch), its
+        changelog records built, its delivery and store behind the loop (`_fly`). One batch in flight per route
+        partition: its transactions and its stores go in order."""
+        before = self.flights.get(key)
+        if before is not None and before.done():
+            before.result()  # the batch before it failed: nothing of this one, built on its state, goes out
+        waiting = self.waiting.pop(key)
+        part = self.parts[key]
+        route = self.routes[key[0]]
+        records = waiting.out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
+        self._changelog_records(part, self.changelogs[route.name], records)
+        part.seal()
+        if route.causal.buffer:
+            self.held[key] = held_count(part.readers[CAUSAL])
+            self._publish_causal(route.name)
+        flight = asyncio.ensure_future(self._fly(key, part, waiting.out, records, waiting.offsets, self.consumer))
+        flight.add_done_callback(self._flown)
+        self.flights[key] = flight
+
+    async def _fly(self, key: Key, part: PartitionState, out: RecordBatches, changelog: RecordBatches,
+                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None) -> None:
+        """Deliver and store one sealed batch (see the module doc for the order), while the loop goes on; then put
+        the batch that waited for it in flight."""
+        changelogs = self.changelogs[key[0]]
+        inputs = {tp.topic: offset for tp, offset in offsets.items()}
+        if self.eos:
             txn = self.txns[key]
-            self._changelog_records(part, changelogs, out)
             await txn.begin_transaction()
             try:
                 # The offsets join the transaction while its records are on their way (aiokafka sends the
@@ -589,19 +689,25 @@ class BatchedRuntime(Service):
                     delivered = await out.deliver()
                 await txn.commit_transaction()
             except BaseException:
-                part.discard()
+                part.discard()  # this batch, and the one waiting, built on its state: neither is ever delivered
                 await _abort(txn)
                 raise
         else:
             await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
-            cl = RecordBatches(self.producer)
-            self._changelog_records(part, changelogs, cl)
-            delivered = await cl.deliver()
+            delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
-                    if (topic, part.partition) in delivered}, inputs)
-        if route.causal.buffer:
-            self.held[key] = held_count(part.readers[CAUSAL])
-            self._publish_causal(route.name)
+                    if (topic, part.partition) in delivered}, inputs, sealed=True)
+        if offsets and not self.eos and consumer is not None:
+            self._commit(consumer, offsets)
+        if key in self.waiting and self.parts.get(key) is part:
+            self._launch(key)
+
+    def _flown(self, task: asyncio.Future[None]) -> None:
+        """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,
+        a revoke and a stop raise it too."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not self._failed:
+            self._failing = asyncio.ensure_future(self.fail(exc))
 
     def _publish_causal(self, route: str) -> None:
         """The causal buffer gauges: what this worker's partitions of `route` hold, and the oldest's age."""

@@ -95,12 +95,24 @@ class StageContext:
         self.max_records = max_records
         self.max_seconds = max_seconds
 
-    async def transactional(self, transactional_id: str) -> AIOKafkaProducer:
-        """A started transactional producer (its start aborts what a previous owner left open)."""
-        txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                               transactional_id=transactional_id, **self.producer_options)
+    async def transactional(self, transactional_id: str, topics: Iterable[str] = ()) -> AIOKafkaProducer:
+        """A started transactional producer (its start aborts what a previous owner left open); `topics`: existing
+        topics its metadata refreshes ask for (`refreshing_only`)."""
+        txn = refreshing_only(AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                                               transactional_id=transactional_id, **self.producer_options), topics)
         await txn.start()
         return txn
+
+
+def refreshing_only(producer: AIOKafkaProducer, topics: Iterable[str]) -> AIOKafkaProducer:
+    """`producer`, whose client's metadata refreshes ask for `topics` (which must exist: a Metadata request may
+    auto-create what it names) and the topics it sends to. aiokafka's client asks for every topic of the cluster
+    while it knows none, and a transactional producer's start refreshes after each refused InitProducerId: after a
+    SIGKILL, until the previous owner's transaction is aborted."""
+    known = list(dict.fromkeys(topics))
+    if known:
+        producer.client.set_topics(known)
+    return producer
 
 
 async def commit(txn: AIOKafkaProducer | None, out: RecordBatches, offsets: dict[TopicPartition, int],
@@ -275,7 +287,7 @@ class Forwards:
             for tp in tps:
                 if tp not in self.txns:
                     self.txns[tp] = await self.ctx.transactional(
-                        f"{self.ctx.app_id}-forward-{tp.topic}-{tp.partition}")
+                        f"{self.ctx.app_id}-forward-{tp.topic}-{tp.partition}", [tp.topic])
         return {}
 
     async def revoked(self, tps: set[TopicPartition]) -> None:

@@ -7,7 +7,8 @@ runtime of earlier releases is read as it is. The batched runtime adds one key t
 next input offset of each input partition whose events the stored state includes (at_least_once resumes from
 the larger of it and the committed offset).
 
-Reads go through the writes of the batch in progress, then RocksDB. A batch's writes go to RocksDB in one
+Reads go through the writes of the batch in progress, then those of the batch in flight (sealed: the runtime
+delivers it while it processes the next one), then RocksDB. A batch's writes go to RocksDB in one
 WriteBatch per table, with the changelog offset (and, for state_by_entity, the input offsets) in the same
 WriteBatch; state_by_entity is written last, so its input offsets never run ahead of the other tables.
 """
@@ -71,20 +72,24 @@ def write_batch_of(writes: Mapping[bytes, bytes | None]) -> WriteBatch:
     return batch
 
 class _Reader:
-    """One table of one partition as the processor seam sees it (byzguard.processor `TableState`): the batch's
-    pending writes first, then RocksDB; writes wait in the batch until it is stored."""
+    """One table of one partition as the processor seam sees it (byzguard.processor `TableState`): the pending
+    writes of the batch in progress first, then those of the batch in flight (sealed, being delivered), then
+    RocksDB; writes wait in the batch until it is stored."""
 
-    __slots__ = ("db", "pending")
+    __slots__ = ("db", "flight", "pending")
 
-    def __init__(self, pending: dict[bytes, bytes | None], db: Rdict) -> None:
+    def __init__(self, pending: dict[bytes, bytes | None], flight: dict[bytes, bytes | None], db: Rdict) -> None:
         self.pending = pending
+        self.flight = flight
         self.db = db
 
     def get(self, key: bytes) -> bytes | None:
         value = self.pending.get(key, _UNWRITTEN)  # one lookup: most keys are read before the batch writes them
         if value is _UNWRITTEN:
-            found: bytes | None = self.db.get(key)
-            return found
+            value = self.flight.get(key, _UNWRITTEN)
+            if value is _UNWRITTEN:
+                found: bytes | None = self.db.get(key)
+                return found
         return value
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -94,22 +99,25 @@ class _Reader:
         self.pending[key] = None
 
     def items(self) -> list[tuple[bytes, bytes]]:
-        """Every key of the table with its value, the batch's writes included (a snapshot)."""
-        pending = self.pending
+        """Every key of the table with its value, the writes of the batches in flight and in progress included
+        (a snapshot)."""
+        pending, flight = self.pending, self.flight
         found: list[tuple[bytes, bytes]] = []
         it = self.db.iter()
         it.seek_to_first()
         while it.valid():
             key = it.key()
-            if key not in pending and key not in (OFFSET_KEY, INPUTS_KEY):
+            if key not in pending and key not in flight and key not in (OFFSET_KEY, INPUTS_KEY):
                 found.append((key, it.value()))
             it.next()
+        found.extend((key, value) for key, value in flight.items() if value is not None and key not in pending)
         found.extend((key, value) for key, value in pending.items() if value is not None)
         return found
 
 
 class PartitionState:
-    """The open databases of one route partition and the writes of its batch in progress.
+    """The open databases of one route partition, the writes of its batch in progress (`pending`) and those of
+    the batch in flight before it (`flight`: sealed, its outputs and changelog records on their way).
 
     `tables` (state name -> faust table name) opens other tables of faust's layout instead of the route's (an
     audit rule's join table, app/runtime/audits.py); the first name then holds the input offsets."""
@@ -130,6 +138,7 @@ class PartitionState:
         self._options = RocksDBOptions(**dict(options))
         self.dbs: dict[str, Rdict] = {}
         self.pending: Writes = {name: {} for name in self.names}
+        self.flight: Writes = {name: {} for name in self.names}
         self.readers: dict[str, Any] = {}
         self._open()
 
@@ -137,7 +146,7 @@ class PartitionState:
         for name, path in self.paths.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             self.dbs[name] = self._options.open(path)
-        self.readers = {name: _Reader(self.pending[name], self.dbs[name]) for name in self.names}
+        self.readers = {name: _Reader(self.pending[name], self.flight[name], self.dbs[name]) for name in self.names}
         if self.route is not None and CAUSAL not in self.readers:
             self.readers[CAUSAL] = {}  # the route holds no early events: the guard never reads or writes it
 
@@ -152,16 +161,27 @@ class PartitionState:
         return {str(k): int(v) for k, v in orjson.loads(raw).items()} if raw else {}
 
     def discard(self) -> None:
-        """Forget the batch in progress (its transaction aborted)."""
-        for writes in self.pending.values():
+        """Forget the batch in flight and the one in progress (built on it): a transaction aborted."""
+        for writes in (*self.pending.values(), *self.flight.values()):
             writes.clear()
 
-    def store(self, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int]) -> None:
-        """Write the batch in progress to RocksDB: one WriteBatch per table with its last changelog offset, the
-        state_by_entity one (`inputs_table`) last with the input offsets of the batch."""
+    def seal(self) -> None:
+        """The batch in progress goes in flight: its writes stay readable, under the next batch's, until
+        `store(..., sealed=True)` writes them to RocksDB (or `discard` drops them). One batch in flight at most."""
+        for name, writes in self.pending.items():
+            flight = self.flight[name]
+            assert not flight, "a batch is already in flight"
+            flight.update(writes)
+            writes.clear()
+
+    def store(self, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int], *, sealed: bool = False) -> None:
+        """Write the batch in progress (`sealed`: the batch in flight) to RocksDB: one WriteBatch per table with
+        its last changelog offset, the state_by_entity one (`inputs_table`) last with the input offsets of the
+        batch."""
+        tables = self.flight if sealed else self.pending
         inputs_table = self.inputs_table
         for name in sorted(self.names, key=lambda n: n == inputs_table):  # state_by_entity last
-            writes = self.pending[name]
+            writes = tables[name]
             offset = changelog_offsets.get(name)
             if not writes and offset is None and not (name == inputs_table and inputs):
                 continue
@@ -180,7 +200,7 @@ class PartitionState:
         self.dbs[name].close()
         shutil.rmtree(self.paths[name], ignore_errors=True)
         self.dbs[name] = self._options.open(self.paths[name])
-        self.readers[name] = _Reader(self.pending[name], self.dbs[name])
+        self.readers[name] = _Reader(self.pending[name], self.flight[name], self.dbs[name])
 
     def close(self) -> None:
         for db in self.dbs.values():

@@ -3,6 +3,7 @@ and invoices vs settlements; the scenario is produced once and each test checks 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
 import uuid
@@ -417,3 +418,67 @@ def test_an_order_waits_while_the_worker_drains_a_backlog_longer_than_the_window
     found = run_async(lambda: collect(bootstrap, discrepancies, idle=8.0, timeout=60))
     assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [], worker.log_digest()
     print(f"\nbacklog of {len(backlog) + 2} records drained {drained:.1f} s after the worker was started")
+
+
+def test_a_stalled_source_partition_does_not_make_its_counterparts_missing(worker_factory: WorkerFactory) -> None:
+    """One input partition stalls (a transaction left open on it holds every record behind it, as a write the
+    broker keeps refusing holds a verified partition) for three times the 4 s window and 1 s grace, while paid
+    orders keep flowing through the other partitions: the order whose payment waits behind the stall is not
+    reported `missing`, though the other partitions' records move well past its window. Once the stall ends the
+    payment pairs with it, and an order never paid is reported `missing` exactly once."""
+    bootstrap = worker_factory.bootstrap
+    names, discrepancies = _audited(worker_factory, 4, "exactly_once")
+    run = uuid.uuid4().hex[:6]
+    orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
+
+    def home(subject: str) -> int:
+        return partition_for(subject.encode(), 4)
+
+    stalled = home(f"{run}-pay-held")
+    subjects = (f"{run}-{n}" for n in range(10_000))
+    flowing = [s for s in subjects if home(s) != stalled and home(f"{s}-pay") != stalled]
+    worker = worker_factory.start("auditor")
+    joined = [names.input, names.verified, f"{worker_factory.app_id}-audit-paid-repartition"]
+    run_async(lambda: produce(bootstrap, names.input, _orders(run, "warm", 4)[0][:2]))
+    run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, joined, workers=[worker]))
+
+    async def stall() -> list[Out]:
+        """The stall, the order and its held payment, 15 s of paid orders elsewhere; what was reported meanwhile."""
+        txn = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"{run}-stall")
+        await txn.start()
+        try:
+            await txn.begin_transaction()
+            await txn.send_and_wait(names.input, b"held", key=b"held", partition=stalled)
+            at = time.time()
+            order = orders.binary({"paymentId": f"{run}-held", "total": 5}, type="order.confirmed",
+                                  subject=flowing[0], version=1, time=at)
+            pay = payments.binary({"paymentId": f"{run}-held", "amount": 5}, type="payment.captured",
+                                  subject=f"{run}-pay-held", version=1, time=at)
+            unpaid = orders.binary({"paymentId": f"{run}-unpaid", "total": 3}, type="order.confirmed",
+                                   subject=f"{run}-o-unpaid", version=1, time=at)
+            await produce(bootstrap, names.input, [order, pay, unpaid])
+            ends = time.monotonic() + 15.0
+            n = 0
+            while time.monotonic() < ends:
+                lot = []
+                for _ in range(4):
+                    subject = flowing[1 + n]
+                    n += 1
+                    lot.append(orders.binary({"paymentId": subject, "total": 1}, type="order.confirmed",
+                                             subject=subject, version=1, time=time.time()))
+                    lot.append(payments.binary({"paymentId": subject, "amount": 1}, type="payment.captured",
+                                               subject=f"{subject}-pay", version=1, time=time.time()))
+                await produce(bootstrap, names.input, lot)
+                await asyncio.sleep(0.5)
+            meanwhile = await collect(bootstrap, discrepancies, idle=1.0, timeout=30)
+            await txn.abort_transaction()
+            return meanwhile
+        finally:
+            await txn.stop()
+
+    meanwhile = run_async(stall)
+    reported = [(r.key, r.header("byzguard_audit_kind")) for r in meanwhile]
+    assert (f"{run}-held".encode(), b"missing") not in reported, worker.log_digest()
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=8.0, timeout=60))
+    assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-unpaid".encode(), b"missing")], \
+        worker.log_digest()

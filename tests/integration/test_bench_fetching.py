@@ -3,18 +3,17 @@ fetch settings, as byzguard does, not with the wait faust hard-codes (1500 ms; b
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import faust
 import pytest
 
 from bench.fetching import tune_fetch
-from tests.conftest import TopicFactory
+from tests.conftest import TopicFactory, unique_name
 
 
 async def _started_fetcher(bootstrap: str, topic: str, datadir: Path, **tuning: int) -> tuple[faust.App, object]:
-    app = faust.App(f"fetching-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}", datadir=str(datadir),
+    app = faust.App(unique_name("fetching", bootstrap), broker=f"kafka://{bootstrap}", datadir=str(datadir),
                     autodiscover=False, env={}, web_enabled=False, consumer_auto_offset_reset="earliest")
     if tuning:
         tune_fetch(app, **tuning)

@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from byzguard.contract import contract_from_text
 from byzguard.guard import ENTITIES
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
+from tests.conftest import unique_name
 
 SECRET = "cli-test-secret"
 ENV = {"CLI_TEST_KEY_PRICING": SECRET, "COLUMNS": "240", "NO_COLOR": "1"}
@@ -187,13 +187,11 @@ async def _admin_topics(bootstrap: str, create: list[str] | None = None, delete:
 
 
 @pytest.fixture
-def app_id(kafka_bootstrap: str) -> Iterator[str]:
+def app_id(kafka_bootstrap: str) -> str:
     """A fresh guard app id whose state changelog topic exists (2 partitions); deleted afterwards."""
-    name = f"contract-test-{uuid.uuid4().hex[:8]}"
-    changelog = f"{name}-prices-state_by_entity-changelog"
-    asyncio.run(_admin_topics(kafka_bootstrap, create=[changelog]))
-    yield name
-    asyncio.run(_admin_topics(kafka_bootstrap, delete=[changelog]))
+    name = unique_name("contract-test", kafka_bootstrap)
+    asyncio.run(_admin_topics(kafka_bootstrap, create=[f"{name}-prices-state_by_entity-changelog"]))
+    return name
 
 
 @pytest.mark.kafka

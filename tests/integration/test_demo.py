@@ -8,7 +8,6 @@ import json
 import re
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from app.dev.faults import SPECS, Expect, Fate, FaultClass
 from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.config import load
+from tests.conftest import unique_name
 
 pytestmark = pytest.mark.kafka
 
@@ -69,7 +69,7 @@ async def test_demo_catches_every_fault_class_with_its_code_and_loses_nothing(
         kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a worker running the documented configuration, every injected fault class is caught with an expected
     code (partial writes by the orders audit), no clean event is flagged and every record is accounted for."""
-    app_id = f"demo-{uuid.uuid4().hex[:8]}"
+    app_id = unique_name("demo", kafka_bootstrap)
     monkeypatch.setenv(SECRET_ENV, "integration-demo-secret")
     config_path = documented_config_on_fresh_topics(tmp_path, app_id)
     settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",
@@ -130,7 +130,7 @@ def test_a_demo_that_starts_its_worker_catches_partial_writes_without_touching_t
     """With byzguard.yaml's own 10-minute orders audit, a demo that starts its worker (as `make run` does) runs it
     with the demo's 20 s window: every class, partial writes included, is caught within the run, nothing is
     "pending", the table says which window judged them, and the user's file is left as it was."""
-    app_id = f"demo-{uuid.uuid4().hex[:8]}"
+    app_id = unique_name("demo", kafka_bootstrap)
     monkeypatch.setenv(SECRET_ENV, "integration-demo-secret")
     config_path = documented_config_on_fresh_topics(tmp_path, app_id, audit_window=None)
     shipped = config_path.read_text()

@@ -20,6 +20,7 @@ from app.dev.localkafka import free_ports
 from app.settings import Settings
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
+from tests.conftest import unique_name
 from tests.integration.test_demo import SECRET_ENV, documented_config_on_fresh_topics
 
 pytestmark = pytest.mark.kafka
@@ -43,7 +44,7 @@ async def test_metrics_endpoint_counts_labels_boundedly_and_reports_lag(
     "other", has freshness and latency histograms and a lag gauge per assigned input partition (and, on the
     batched runtime, per partition its audit stages read), and passes
     `promtool check metrics` when promtool is installed."""
-    app_id = f"metrics-{uuid.uuid4().hex[:8]}"
+    app_id = unique_name("metrics", kafka_bootstrap)
     monkeypatch.setenv(SECRET_ENV, SECRET)
     config_path = documented_config_on_fresh_topics(tmp_path, app_id)
     settings = Settings(config=config_path, broker=kafka_bootstrap, app_id=app_id, data_dir=tmp_path / "data",

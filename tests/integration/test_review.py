@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
@@ -12,9 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +32,7 @@ from byzguard.review import Action, ReviewFilter, Status
 from byzguard.routing import quarantine_headers
 from byzguard.stamp import Stamper
 from byzguard.verdict import Code, Outcome, Reason
-from tests.conftest import _delete_topics, run_async
+from tests.conftest import unique_name
 from tests.integration.worker_harness import Events, Out, WorkerFactory, collect, produce
 
 pytestmark = pytest.mark.kafka
@@ -90,15 +88,13 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path) -> Iterator[Deployment]:
+def deployment(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path) -> Deployment:
     """Fresh input, verified and quarantine topics (2 partitions) and a unique app id (so decisions topic)."""
     names = {part: topic_factory(partitions=2, suffix=part) for part in ("in", "verified", "quarantine")}
     config = tmp_path / "byzguard.yaml"
     config.write_text(CONFIG.format(input=names["in"], verified=names["verified"], quarantine=names["quarantine"]))
-    app_id = f"rv-{uuid.uuid4().hex[:8]}"
-    yield Deployment(kafka_bootstrap, app_id, config, names["in"], names["verified"], names["quarantine"])
-    with contextlib.suppress(Exception):  # best effort: the name is unique anyway
-        run_async(lambda: _delete_topics(kafka_bootstrap, [f"{app_id}-decisions"]), timeout=30)
+    app_id = unique_name("rv", kafka_bootstrap)  # its decisions topic is deleted after the test
+    return Deployment(kafka_bootstrap, app_id, config, names["in"], names["verified"], names["quarantine"])
 
 
 @pytest.fixture

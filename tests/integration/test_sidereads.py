@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.sidereads import side_consumer, started_side_consumer, topic_partitions
-from tests.conftest import TopicFactory
+from tests.conftest import TopicFactory, unique_name
 
 pytestmark = pytest.mark.kafka
 
@@ -58,12 +58,12 @@ async def test_partitions_of_a_topic_created_a_moment_ago(kafka_bootstrap: str) 
     consumer = await started_side_consumer(kafka_bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
-    name = f"sidereads-{uuid.uuid4().hex[:8]}"
+    name = unique_name("sidereads", kafka_bootstrap)
     try:
         assert await topic_partitions(consumer, [name]) == []
         await admin.create_topics([NewTopic(name, 3, 1)])
         assert await topic_partitions(consumer, [name], patience=10) == [TopicPartition(name, p) for p in range(3)]
-        missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
+        missing = unique_name("sidereads-missing", kafka_bootstrap)
         started = time.monotonic()
         assert await topic_partitions(consumer, [missing], patience=0.5) == []
         assert time.monotonic() - started >= 0.5
@@ -80,7 +80,7 @@ async def test_topic_partitions_asks_for_the_topics_alone_and_creates_none(kafka
     topics alone; a missing topic among them has none and is not created by the look (the broker may auto-create
     topics); no topic asked for: none, without asking for every topic."""
     first, second = topic_factory(3), topic_factory(1)
-    missing = f"sidereads-missing-{uuid.uuid4().hex[:8]}"
+    missing = unique_name("sidereads-missing", kafka_bootstrap)
     consumer = await started_side_consumer(kafka_bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import shutil
+import socket
 import time
 import urllib.request
 import uuid
@@ -36,7 +38,7 @@ from app.sidereads import topic_partitions
 from byzguard.client.producer import GuardedProducer
 from byzguard.integrity import HMAC_SHA256, Key
 from byzguard.stamp import Stamped, Stamper
-from tests.conftest import run_async
+from tests.conftest import claim_topics
 
 _DIGITS = re.compile(r"\d+")
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +148,31 @@ def input_group(app_id: str) -> str:
     return verify_group(app_id)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def web_port() -> int:
+    """A free port below the kernel's ephemeral range, for a worker's web server. A worker restarted at the port
+    of a SIGKILLed one (its URL) removes the dead one's members only if it can bind that port: in the ephemeral
+    range, an outgoing connection of any process on the machine may be given the port in between, and the restarted
+    worker then waits for the dead one's session to time out."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 10_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds it
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_ports(1)[0]
+
+
 @dataclass
 class WorkerFactory:
     """Workers of one test: one app id (consumer group), one config, fresh topics; all reaped at the end."""
@@ -160,11 +187,14 @@ class WorkerFactory:
     route: RouteNames | None = None
     config_path: Path | None = None
 
+    def __post_init__(self) -> None:
+        claim_topics(self.bootstrap, f"{self.app_id}-")  # its internal topics go when the test ends
+
     def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
         """Write this test's config with unique topic names (the worker's provisioning creates them);
         `partitioning`: the route's option of that name, when given."""
         suffix = uuid.uuid4().hex[:8]
-        stem = f"{self.prefix[:60]}-{suffix}"
+        stem = claim_topics(self.bootstrap, f"{self.prefix[:60]}-{suffix}")
         self.route = RouteNames(f"{stem}-in", f"{stem}-verified", f"{stem}-quarantine", partitions)
         self.config_path = self.base_dir / "byzguard-test.yaml"
         text = CONFIG_TEMPLATE.format(input=self.route.input, verified=self.route.verified,
@@ -180,7 +210,7 @@ class WorkerFactory:
             self.configure()
         assert self.config_path is not None
         data_dir = data_dir or self.base_dir / f"{name}-data"
-        port = free_ports(1)[0]
+        port = web_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BYZGUARD_", "KAFKA_"))}
         env.update(SECRETS)
         env.update({
@@ -207,26 +237,10 @@ class WorkerFactory:
         return worker
 
     def cleanup(self) -> None:
-        """Kill whatever still runs, then delete this test's topics (best effort)."""
+        """Kill whatever still runs (its topics are claimed: deleted when the test or session ends)."""
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 worker.kill()
-        if os.environ.get("BYZGUARD_KEEP_TOPICS"):  # to look at what a failed test left
-            return
-        with contextlib.suppress(Exception):
-            run_async(lambda: _delete_topics_of(self.bootstrap, self.app_id, self.route), timeout=30)
-
-
-async def _delete_topics_of(bootstrap: str, app_id: str, route: RouteNames | None) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        ours = {route.input, route.verified, route.quarantine} if route else set()
-        names = [t for t in await admin.list_topics() if t in ours or t.startswith(f"{app_id}-")]
-        if names:
-            await admin.delete_topics(names, timeout_ms=10_000)
-    finally:
-        await admin.close()
 
 
 def wipe(data_dir: Path) -> None:

@@ -20,7 +20,7 @@ from byzguard.audit import (
     Observation,
     Require,
     Side,
-    StreamClock,
+    Watermark,
     audit_batch,
     event_time,
     expire,
@@ -277,37 +277,59 @@ def test_sides_are_chosen_by_topic_and_type() -> None:
 # ------------------------------------------------------------------------------------------ clocks and rates
 
 
-def test_stream_time_is_the_newest_event_time_and_does_not_move_while_the_worker_is_behind() -> None:
-    """A partition's stream time is the newest event time it joined (an older one does not rewind it); ticks that
-    find the worker not caught up (a backlog, the broker out of reach) leave it where it is, however long."""
-    clock = StreamClock()
-    clock.tick(T0, caught_up=True)
-    assert clock.stream_time is None  # nothing observed: no time yet
-    clock.observe(T0 - 3600)
-    clock.observe(T0 - 7200)
-    assert clock.stream_time == T0 - 3600
-    clock.tick(T0, caught_up=False)
-    clock.tick(T0 + 600, caught_up=False)
-    assert clock.stream_time == T0 - 3600
+A = ("orders.verified", 0)
+B = ("orders.verified", 1)
+C = ("payments.verified", 0)
 
 
-def test_stream_time_moves_with_the_wall_clock_only_between_two_caught_up_ticks_and_never_past_it() -> None:
-    """While the worker is caught up the stream time moves on by the wall time between two ticks, from where it
-    stood (not to the wall clock at once); a tick that finds it behind starts the count again; it never passes the
-    wall clock."""
-    clock = StreamClock(T0)
-    clock.tick(T0 + 100, caught_up=True)  # the first caught-up tick after an outage: no jump to the wall clock
-    assert clock.stream_time == T0
-    clock.tick(T0 + 110, caught_up=True)
-    assert clock.stream_time == T0 + 10
-    clock.tick(T0 + 120, caught_up=False)
-    clock.tick(T0 + 130, caught_up=True)
-    assert clock.stream_time == T0 + 10  # the 20 s around the tick that found a backlog do not count
-    clock.observe(T0 + 139)
-    clock.tick(T0 + 140, caught_up=True)
-    assert clock.stream_time == T0 + 140  # 139 + 10 s is past the wall clock: the wall clock
-    clock.tick(T0 + 139, caught_up=True)  # the wall clock stepped back: the stream time does not
-    assert clock.stream_time == T0 + 140
+def test_the_watermark_is_the_least_progress_over_the_source_partitions_and_never_goes_back() -> None:
+    """A join partition's watermark is the oldest of its sources' newest event times: a source whose records stop
+    coming holds it however far the others go; an older record of a source does not rewind it."""
+    mark = Watermark()
+    mark.know([A, B])
+    mark.observe(A, T0)
+    assert mark.time is None  # B has said nothing yet
+    mark.observe(B, T0 - 10)
+    assert mark.time == T0 - 10
+    mark.observe(A, T0 + 3600)  # A an hour on, B stalled: the windows stay open
+    mark.observe(B, T0 - 20)
+    assert mark.time == T0 - 10
+    mark.observe(B, T0 + 50)
+    assert mark.time == T0 + 50
+    assert mark.behind() == [B]
+
+
+def test_a_source_that_never_sent_anything_holds_the_watermark_until_it_is_drained() -> None:
+    """Every source partition counts, not only those heard from: one with no observation holds the watermark until
+    it is drained through a time (its quiet is then known to be real), which is its progress like an event time."""
+    mark = Watermark()
+    mark.know([A, B, C])
+    mark.observe(A, T0)
+    mark.observe(B, T0 + 5)
+    assert mark.time is None and mark.behind() == [C]
+    mark.drained(C, T0 + 30)
+    assert mark.time == T0
+    mark.drained(A, T0 + 40)
+    mark.drained(C, T0 + 20)  # an older drain changes nothing
+    assert mark.time == T0 + 5
+    mark.observe(B, T0 + 60)
+    assert mark.time == T0 + 30
+
+
+def test_without_its_sources_known_the_watermark_stays_where_it_is() -> None:
+    """Until the source partitions are looked up, no observation moves the watermark (fail closed: the sources
+    heard from may not be all of them; windows close late, never early); a source heard from that the lookup did
+    not name (a partition added since) counts too."""
+    mark = Watermark(T0)
+    mark.observe(None, T0 + 100)  # an observation that does not say where it comes from
+    mark.observe(A, T0 + 100)
+    mark.drained(B, T0 + 100)
+    assert mark.time == T0
+    mark.know([A])
+    assert mark.time == T0 + 100
+    mark.observe(C, T0 + 50)
+    mark.observe(A, T0 + 200)
+    assert mark.time == T0 + 100 and mark.behind() == [C]
 
 
 @pytest.mark.parametrize(("time", "verified", "expected"), [

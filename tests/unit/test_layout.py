@@ -53,7 +53,7 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
     "app/cli_quarantine.py": (("tests/integration/test_review.py", "tests/unit/test_review_render.py"),
                               "needs a broker; its rendering is a unit test of byzguard/review.py's output"),
     "app/dev/local_secrets.py": (("tests/unit/test_cli.py",), "local mode of the command line"),
-    "app/dev/localkafka.py": (("tests/integration/test_localkafka.py",), "starts a broker"),
+    "app/faust_producer.py": (("tests/integration/test_metadata_refresh.py",), "needs a broker"),
     "app/provision.py": (("tests/integration/test_worker.py", "tests/integration/test_runtime_batched.py"),
                          "needs a broker"),
     "app/review/store.py": (("tests/integration/test_review.py", "tests/unit/test_review_render.py"),

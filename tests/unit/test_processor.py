@@ -172,40 +172,50 @@ def payment(key: str, amount: Any, at: float) -> Observation:
     return Observation(Side.RIGHT, key, f"pay-{key}", f"ev-pay-{key}", at, amount, True)
 
 
-def _caught_up_punctuation(processor: AuditJoinProcessor, state: State, now: float) -> AuditOutput:
-    """A punctuation at wall time `now` of a worker that is caught up (its stream clock ticked first)."""
-    processor.clock.tick(now, caught_up=True)
+ORDERS = ("orders.verified", 0)
+PAYMENTS = ("payments.verified", 0)
+
+
+def _drained_punctuation(processor: AuditJoinProcessor, state: State, now: float) -> AuditOutput:
+    """A punctuation at wall time `now` of a join whose source partitions (the two sides' and any heard from) were
+    drained through `now` (the side reads found nothing of them pending upstream)."""
+    processor.watermark.know([ORDERS, PAYMENTS])
+    for source in list(processor.watermark.sources):
+        processor.watermark.drained(source, now)
     return processor.punctuate(state, now)
 
 
 def test_audit_punctuate_closes_a_window_that_ended() -> None:
     """An order with no payment waits through a punctuation inside its window (and grace), and the first
-    punctuation after it (the worker caught up: its stream time moved on with the wall clock) reports it missing
+    punctuation after it (its sources drained: the watermark moved on with the wall clock) reports it missing
     and removes its join state."""
     processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
     state = memory_state(processor.tables)
     assert processor.process(order("p1", 100, NOW), state, NOW).checks == []
     assert state[PENDING].get(b"p1") is not None
 
-    assert _caught_up_punctuation(processor, state, NOW).checks == []
-    assert _caught_up_punctuation(processor, state, NOW + 10.5).checks == []  # the window ended, the grace did not
-    closed = _caught_up_punctuation(processor, state, NOW + 12)
+    assert _drained_punctuation(processor, state, NOW).checks == []
+    assert _drained_punctuation(processor, state, NOW + 10.5).checks == []  # the window ended, the grace did not
+    closed = _drained_punctuation(processor, state, NOW + 12)
     assert [(c.key, c.discrepancy.kind if c.discrepancy else None) for c in closed.checks] == [("p1", Kind.MISSING)]
     assert closed.checks[0].discrepancy is not None and closed.checks[0].discrepancy.detected_at == NOW + 12
     assert state[PENDING].get(b"p1") is None
-    assert _caught_up_punctuation(processor, state, NOW + 30).checks == []
+    assert _drained_punctuation(processor, state, NOW + 30).checks == []
 
 
-def test_audit_punctuate_closes_nothing_while_the_worker_is_behind() -> None:
-    """The same order is not reported however much wall time passes while the worker is not caught up (its
-    stream time stays at the order's event time); a payment joined then, a second after it in event time, pairs."""
+def test_audit_punctuate_closes_nothing_while_one_source_partition_is_behind() -> None:
+    """The same order is not reported however far the orders' partition goes while the payments' partition is
+    neither heard from nor drained (its watermark stays at the order's event time); a payment joined then, a
+    second after the order in event time, pairs."""
     processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
     state = memory_state(processor.tables)
-    processor.process(order("p1", 100, NOW), state, NOW)
-    for later in (0, 12, 600, 3600):
-        processor.clock.tick(NOW + later, caught_up=False)
+    processor.watermark.know([ORDERS, PAYMENTS])
+    processor.process(replace(order("p1", 100, NOW), origin=(*ORDERS, 0)), state, NOW)
+    for offset, later in enumerate((12, 600, 3600), start=1):
+        processor.process(replace(order(f"o{later}", 1, NOW + later), origin=(*ORDERS, offset)), state, NOW + later)
+        processor.watermark.drained(ORDERS, NOW + later)
         assert processor.punctuate(state, NOW + later).checks == []
-    [check] = processor.process(payment("p1", 100, NOW + 1), state, NOW + 3600).checks
+    [check] = processor.process(replace(payment("p1", 100, NOW + 1), origin=(*PAYMENTS, 0)), state, NOW + 3600).checks
     assert check.passed
 
 
@@ -225,11 +235,13 @@ def test_audit_process_pairs_and_checks_values() -> None:
 
 def test_audit_process_closes_the_keys_own_expired_window_first() -> None:
     """An observation on a key whose earlier order waited past its window reports that order missing before it
-    is itself kept (by the partition's stream clock, less the grace)."""
+    is itself kept (by the partition's watermark, less the grace)."""
     processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
     state = memory_state(processor.tables)
-    processor.process(order("p1", 100, NOW), state, NOW)
-    late = processor.process(payment("p1", 100, NOW + 20), state, NOW + 20)
+    processor.watermark.know([ORDERS, PAYMENTS])
+    processor.process(replace(order("p1", 100, NOW), origin=(*ORDERS, 0)), state, NOW)
+    processor.process(replace(order("p9", 100, NOW + 20), origin=(*ORDERS, 1)), state, NOW + 20)
+    late = processor.process(replace(payment("p1", 100, NOW + 20), origin=(*PAYMENTS, 0)), state, NOW + 20)
     assert [c.discrepancy.kind for c in late.checks if c.discrepancy] == [Kind.MISSING]
     assert state[PENDING].get(b"p1") is not None  # the late payment waits for an order of its own
 
@@ -240,7 +252,7 @@ def test_audit_unreadable_join_state_is_reported_not_raised() -> None:
     state = {PENDING: MemoryTable({b"p1": b"[99, [], [], []]"})}
     out = processor.process(order("p1", 100, NOW), state, NOW)
     assert [key for key, _ in out.unreadable] == [b"p1"] and out.checks == []
-    assert processor.punctuate({PENDING: MemoryTable({b"p9": b"not json"})}, NOW).unreadable[0][0] == b"p9"
+    assert _drained_punctuation(processor, {PENDING: MemoryTable({b"p9": b"not json"})}, NOW).unreadable[0][0] == b"p9"
 
 
 def test_audit_skips_an_observation_at_or_below_the_last_offset_joined_from_its_source() -> None:
@@ -257,41 +269,68 @@ def test_audit_skips_an_observation_at_or_below_the_last_offset_joined_from_its_
     assert dict(state[PENDING].items()) == before
     assert not processor.process(replace(order("p3", 1, NOW), origin=("verified", 1, 4)), state, NOW).repeated
     assert not processor.process(replace(payment("p1", 100, NOW), origin=("verified", 0, 5)), state, NOW).repeated
-    _caught_up_punctuation(processor, state, NOW)
-    closed = _caught_up_punctuation(processor, state, NOW + 30)
+    _drained_punctuation(processor, state, NOW)
+    closed = _drained_punctuation(processor, state, NOW + 30)
     assert closed.unreadable == [] and sorted(c.key for c in closed.checks) == ["p3"]
 
 
-def test_audit_stream_time_is_kept_in_the_join_table_and_resumed_from_it() -> None:
-    """The join keeps its stream time in its table under a source-prefixed key no punctuation reads as join state
-    (written when it moved, alone only once it moved by more than `step`), and a new processor resumes it; a
-    value it cannot read, or none, resumes at the newest observation time the table holds."""
-    from byzguard.processor import CLOCK_KEY
+def test_audit_watermark_and_source_progress_are_kept_in_the_join_table_and_resumed_from_it() -> None:
+    """The join keeps its watermark and each source partition's progress in its table under source-prefixed keys
+    no punctuation reads as join state (written when they moved, alone only once they moved by more than
+    `step`), and a new processor resumes them; a watermark it cannot read, or none, resumes at the newest
+    observation time the table holds."""
+    from byzguard.processor import CLOCK_KEY, progress_key
 
     processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
     state = memory_state(processor.tables)
+    processor.watermark.know([ORDERS, PAYMENTS])
     processor.keep(state)
     assert state[PENDING].get(CLOCK_KEY) is None  # no time yet
-    processor.process(order("p1", 100, NOW), state, NOW)
-    processor.process(payment("p2", 100, NOW - 5), state, NOW)
+    processor.process(replace(order("p1", 100, NOW), origin=(*ORDERS, 0)), state, NOW)
+    processor.process(replace(payment("p2", 100, NOW - 5), origin=(*PAYMENTS, 0)), state, NOW)
     processor.keep(state)
-    assert state[PENDING].get(CLOCK_KEY) == repr(NOW).encode()
-    processor.clock.stream_time = NOW + 10
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW - 5).encode()
+    assert state[PENDING].get(progress_key(ORDERS)) == repr(NOW).encode()
+    processor.watermark.drained(PAYMENTS, NOW + 10)
     processor.keep(state, step=10.0)
-    assert state[PENDING].get(CLOCK_KEY) == repr(NOW).encode()  # moved by the step, not more: not written alone
-    processor.clock.stream_time = NOW + 10.5
+    assert state[PENDING].get(CLOCK_KEY) == repr(NOW - 5).encode()  # moved by the step, not more: not written alone
+    processor.watermark.drained(ORDERS, NOW + 10.5)
+    processor.watermark.drained(PAYMENTS, NOW + 20)
     processor.keep(state, step=10.0)
     assert state[PENDING].get(CLOCK_KEY) == repr(NOW + 10.5).encode()
+    assert state[PENDING].get(progress_key(PAYMENTS)) == repr(NOW + 10).encode()  # +15 s, not the +10 s after
     again = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
     again.resume(state)
-    assert again.clock.stream_time == NOW + 10.5 and again.punctuate(state, NOW).checks == []
+    assert again.watermark.time == NOW + 10.5 and again.punctuate(state, NOW).checks == []
+    assert again.watermark.progress == {ORDERS: NOW + 10.5, PAYMENTS: NOW + 10}
     for stored in (b"not a time", b"inf", b"nan"):
         state[PENDING].put(CLOCK_KEY, stored)
         again.resume(state)
-        assert again.clock.stream_time == NOW  # the newest observation: the order (the payment is older)
+        assert again.watermark.time == NOW  # the newest observation: the order (the payment is older)
     state[PENDING].delete(CLOCK_KEY)
     again.resume(state)
-    assert again.clock.stream_time == NOW
+    assert again.watermark.time == NOW
     empty = AuditJoinProcessor(audit_rule())
     empty.resume(memory_state(empty.tables))
-    assert empty.clock.stream_time is None and empty.punctuate(memory_state(empty.tables), NOW).checks == []
+    assert empty.watermark.time is None and empty.punctuate(memory_state(empty.tables), NOW).checks == []
+
+
+def test_audit_join_state_of_the_release_before_resumes_its_stream_time_as_the_watermark() -> None:
+    """A table written by the release before (its stream time under the clock key, no source progress) resumes it
+    as the watermark, which moves on only once every source partition is past it: a source the old stream time
+    did not wait for cannot close a window at once."""
+    from byzguard.processor import CLOCK_KEY, SOURCE_PREFIX
+
+    old = {CLOCK_KEY: repr(NOW).encode(), SOURCE_PREFIX + b"left\x00orders.verified\x000": b"7",
+           b"p1": b'[1, [["left", "p1", "order-p1", "ev-order-p1", %r, 100, true]], [], []]' % (NOW - 5)}
+    state = {PENDING: MemoryTable(dict(old))}
+    processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+    processor.resume(state)
+    processor.watermark.know([ORDERS, PAYMENTS])
+    assert processor.watermark.time == NOW and processor.punctuate(state, NOW).checks == []
+    assert processor.process(replace(order("p1", 100, NOW - 5), origin=(*ORDERS, 7)), state, NOW).repeated
+    processor.process(replace(order("p3", 1, NOW + 60), origin=(*ORDERS, 8)), state, NOW + 60)
+    assert processor.punctuate(state, NOW + 60).checks == []  # the payments' partition holds it at NOW
+    processor.watermark.drained(PAYMENTS, NOW + 60)
+    [missing] = processor.punctuate(state, NOW + 60).checks
+    assert missing.key == "p1" and missing.discrepancy is not None and missing.discrepancy.kind is Kind.MISSING

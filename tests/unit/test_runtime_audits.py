@@ -19,7 +19,7 @@ from app.runtime.stages import StageContext
 from app.runtime.state import INPUTS_KEY, PartitionState
 from byzguard.audit import Observation, Side
 from byzguard.partitioner import partition_for
-from byzguard.processor import PENDING, AuditJoinProcessor
+from byzguard.processor import PENDING
 from byzguard.routing import H_VERDICT, repartition_headers, repartitioned_from
 from byzguard.stamp import Stamper
 from tables.audit import audit_table_name
@@ -111,11 +111,29 @@ class _Clock:
         return self.now
 
 
+#: The rule's source partitions: the verified topic `out` has three.
+SOURCES = (("out", 0), ("out", 1), ("out", 2))
+
+
+class _Drains:
+    """A stand-in for SourceDrains (app/runtime/watermarks.py): how far each source partition was drained, as
+    the test sets it."""
+
+    def __init__(self) -> None:
+        self.sources = {"paid": SOURCES}
+        self.at: dict[tuple[str, int], float] = {}
+        self.failing = False
+
+    def through(self, source: tuple[str, int], join: TopicPartition) -> float | None:
+        return self.at.get(source)
+
+
 class _Join:
     """One join partition of rule `paid` (60 s window, 5 s grace) as AuditJoins runs it: observations as the
     forward stage sends them, punctuations, and each batch stored as the runtime stores it. After each batch and
-    at each punctuation the stream clock is ticked, as the loop's idle step does, with the worker caught up
-    unless `caught_up` is set False (a backlog, or the broker out of reach)."""
+    at each punctuation the watermark learns, as the loop's idle step does, how far the source partitions were
+    drained: every one of `drained` through the clock's time (all three unless set otherwise: none while a
+    backlog waits upstream, or the broker is out of reach)."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
         self.config = _config(tmp_path)
@@ -125,29 +143,32 @@ class _Join:
         ctx = StageContext(app_id="app", bootstrap="-", group="g", eos=False, producer_options={}, max_records=100,
                            max_seconds=1.0)
         self.tabledir = tmp_path / "tables"
-        self.joins = AuditJoins(self.config.audits, {"paid": CheckRecorder(self.rule)}, ctx, self.tabledir, {})
+        self.drains = _Drains()
+        self.joins = AuditJoins(self.config.audits, {"paid": CheckRecorder(self.rule)}, ctx, self.tabledir, {},
+                                self.drains)  # type: ignore[arg-type]
         self.joins.discrepancy_partitions = {"paid": 1}
         self.tp = TopicPartition(repartition_topic_name("app", self.rule), 0)
         self.offset = 0
-        self.caught_up = True
+        self.drained: tuple[tuple[str, int], ...] = SOURCES
         self.open()
 
     def open(self) -> None:
-        """Open the partition as an assignment does (a new processor, its stream time read from the table)."""
+        """Open the partition as an assignment does (a new processor, its watermark read from the table)."""
         self.joins.parts[self.tp] = PartitionState(self.tabledir, None, 0, {},
                                                    tables={PENDING: audit_table_name(self.rule)})
-        self.joins.processors[self.tp] = AuditJoinProcessor(self.rule)
-        self.joins.processors[self.tp].resume(self.joins.parts[self.tp].readers)
+        self.joins.open_processor(self.tp)
         self.joins.punctuated[self.tp] = self.clock.now
 
     @property
     def stream_time(self) -> float | None:
-        """The partition's stream time."""
-        return self.joins.processors[self.tp].clock.stream_time
+        """The partition's watermark."""
+        return self.joins.processors[self.tp].watermark.time
 
     def tick(self) -> None:
-        """The loop's idle step at the clock's time: the stream clock learns whether the worker is caught up."""
-        self.joins.processors[self.tp].clock.tick(self.clock.now, self.caught_up)
+        """The loop's idle step at the clock's time: the `drained` sources are drained through it."""
+        for source in self.drained:
+            self.drains.at[source] = self.clock.now
+        self.joins._drained(self.tp, self.rule, self.clock.now)
 
     def reopen(self) -> None:
         """A restart on the same data dir: the stored state is read back, the processor is new."""
@@ -155,10 +176,11 @@ class _Join:
         self.open()
 
     def observe(self, side: str, key: str, entity: str, value: float, at: float, *,
-                origin: int | None = None) -> list[dict[str, Any]]:
-        """One observation (from `out`[0]@`origin` unless None) joined in a batch of its own; its discrepancies."""
+                origin: int | None = None, partition: int = 0) -> list[dict[str, Any]]:
+        """One observation (from `out`[`partition`]@`origin` unless None) joined in a batch of its own; its
+        discrepancies."""
         obs = Observation(Side(side), key, entity, f"id-{entity}", at, value, True)
-        headers = [] if origin is None else repartition_headers((), "out", 0, origin, at)
+        headers = [] if origin is None else repartition_headers((), "out", partition, origin, at)
         msg = Msg(self.tp.topic, 0, self.offset, key.encode(), obs.to_bytes(), headers)
         self.offset += 1
         out = Out()
@@ -212,11 +234,12 @@ def test_a_window_closes_as_a_punctuation_after_the_grace(tmp_path: Path, monkey
 
 
 def test_a_counterpart_later_than_the_window_does_not_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A payment timed 61 s after its order (window 60 s) is late: it closes the order's window on arrival (the
-    partition's stream time passed it), so the order is `missing`; the payment waits unpaired."""
+    """A payment timed 75 s after its order (window 60 s) is late: it closes the order's window on arrival (the
+    partition's watermark passed it), so the order is `missing`; the payment waits unpaired."""
     join = _Join(tmp_path, monkeypatch, T0)
     join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
     join.clock.now = T0 + 80
+    join.tick()
     [disc] = join.observe("right", "pay-1", "payment-1", 100, T0 + 75, origin=2)
     assert (disc["kind"], disc["key"]) == ("missing", "pay-1")
 
@@ -260,53 +283,101 @@ def test_a_payment_joined_after_an_outage_longer_than_the_window_pairs(tmp_path:
     while the worker was behind all along (punctuations ran), pair: no `missing`, no discrepancy after either."""
     join = _Join(tmp_path, monkeypatch, T0)
     assert join.observe("left", "pay-1", "order-1", 100, T0, origin=1) == []
-    join.caught_up = False  # the broker out of reach, then a backlog being drained
+    join.drained = ()  # the broker out of reach, then a backlog being drained
     for wall in range(30, 600, 30):
         join.clock.now = T0 + wall
         assert join.punctuate() == []
     assert join.observe("right", "pay-1", "payment-1", 100, T0 + 1, origin=2) == []
-    join.caught_up = True
+    join.drained = SOURCES
     for wall in (600, 700, 800):
         join.clock.now = T0 + wall
         assert join.punctuate() == []
 
 
-def test_a_restart_resumes_the_stream_time_from_the_table_not_the_wall_clock(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker restarted ten minutes after it stopped resumes its partition's stream time from the join table,
-    so the order waiting in it is not closed by the wall clock before the backlog's payment comes: they pair."""
+def test_a_restart_resumes_the_watermark_from_the_table_not_the_wall_clock(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker restarted ten minutes after it stopped resumes its partition's watermark from the join table, so
+    the order waiting in it is not closed by the wall clock before the backlog's payment comes (the side reads
+    find it upstream: no source is drained): they pair."""
     join = _Join(tmp_path, monkeypatch, T0)
     join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
     join.clock.now = T0 + 600
     join.reopen()
     assert join.stream_time == T0
-    assert join.punctuate() == []  # caught up at once (its inputs not fetched yet would say otherwise): no jump
+    join.drained = ()
+    assert join.punctuate() == []
     join.clock.now = T0 + 601
     assert join.punctuate() == []
     assert join.observe("right", "pay-1", "payment-1", 100, T0 + 1, origin=2) == []
 
 
-def test_a_real_missing_payment_is_reported_on_a_quiet_stream_once_caught_up_long_enough(
+def test_a_real_missing_payment_is_reported_on_a_quiet_stream_once_every_source_is_drained_past_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a quiet stream an order never paid is reported `missing` once the worker was caught up for its window
-    and the grace (60 s + 5 s), counted from the stream time: not while the worker is behind, not at once after,
-    and after a restart too."""
+    """On a quiet stream an order never paid is reported `missing` once every source partition was drained past
+    its window and the grace (60 s + 5 s): not while one of them is not (a backlog upstream, a partition the
+    broker refuses), however far the others are, and after a restart too."""
     join = _Join(tmp_path, monkeypatch, T0)
     join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
-    join.caught_up = False
+    join.drained = ()
     join.clock.now = T0 + 300
     assert join.punctuate() == []
-    join.caught_up = True
-    join.clock.now = T0 + 301
-    assert join.punctuate() == []
     join.reopen()
-    join.clock.now = T0 + 340
-    assert join.punctuate() == []  # the first tick after the restart only starts the count
-    join.clock.now = T0 + 404
-    assert join.punctuate() == []  # stream time T0 + 64
+    join.drained = SOURCES[:2]  # out[2] held up
     join.clock.now = T0 + 406
+    assert join.punctuate() == []
+    assert join.stream_time == T0
+    join.drained = SOURCES
     [disc] = join.punctuate()
     assert (disc["kind"], disc["key"]) == ("missing", "pay-1")
+
+
+def test_one_stalled_source_partition_holds_the_windows_the_others_would_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's case: orders flow from out[0] and out[1] for five minutes past an order's window while out[2],
+    which holds its payment, is refused (nothing comes from it, it is not drained): no `missing`; the payment then
+    pairs, and another order whose payment never comes is reported once out[2] is past its window too."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.drained = ()
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    join.observe("left", "pay-2", "order-2", 7, T0, origin=2, partition=1)
+    for n, wall in enumerate(range(10, 300, 10), start=3):
+        join.clock.now = T0 + wall
+        assert join.observe("left", f"pay-x{n}", f"order-x{n}", 1, T0 + wall, origin=n, partition=n % 2) == []
+        assert join.observe("right", f"pay-x{n}", f"payment-x{n}", 1, T0 + wall, origin=n, partition=n % 2) == []
+        assert join.punctuate() == []
+    assert join.stream_time is None  # out[2] was neither heard from nor drained
+    assert join.observe("right", "pay-1", "payment-1", 100, T0 + 2, origin=1, partition=2) == []
+    assert join.stream_time == T0 + 2
+    assert join.observe("right", "pay-9", "payment-9", 1, T0 + 300, origin=2, partition=2) == []
+    [disc] = join.punctuate()
+    assert (disc["kind"], disc["key"]) == ("missing", "pay-2")
+    assert join.punctuate() == []
+
+
+def test_join_state_with_the_stream_time_of_the_release_before_is_read(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join table written by the release before, with its stream time (under the clock key) and no source
+    progress, resumes that time as the watermark: an order past its window by that time is reported at the first
+    punctuation, one inside it only once every source partition is past it."""
+    from byzguard.audit import JoinState
+    from byzguard.processor import CLOCK_KEY
+
+    join = _Join(tmp_path, monkeypatch, T0 + 600)
+    table = join.joins.parts[join.tp]
+    old = {b"pay-1": JoinState((Observation(Side.LEFT, "pay-1", "order-1", "id-order-1", T0, 100, True),)),
+           b"pay-2": JoinState((Observation(Side.LEFT, "pay-2", "order-2", "id-order-2", T0 + 100, 5, True),))}
+    for key, state in old.items():
+        table.readers[PENDING].put(key, state.to_bytes())
+    table.readers[PENDING].put(CLOCK_KEY, repr(T0 + 120).encode())
+    table.store({}, {join.tp.topic: 3})
+    join.reopen()
+    assert join.stream_time == T0 + 120
+    join.drained = SOURCES[1:]
+    [disc] = join.punctuate()
+    assert (disc["kind"], disc["key"]) == ("missing", "pay-1")
+    join.drained = SOURCES
+    [disc] = join.punctuate()
+    assert (disc["kind"], disc["key"]) == ("missing", "pay-2")
 
 
 def test_join_state_of_the_current_release_without_a_stream_time_is_read(tmp_path: Path,
@@ -318,6 +389,7 @@ def test_join_state_of_the_current_release_without_a_stream_time_is_read(tmp_pat
     from byzguard.processor import CLOCK_KEY, SOURCE_PREFIX
 
     join = _Join(tmp_path, monkeypatch, T0 + 600)
+    join.drained = ()  # the payment below is still upstream
     table = join.joins.parts[join.tp]
     old = {b"pay-1": JoinState((Observation(Side.LEFT, "pay-1", "order-1", "id-order-1", T0, 100, True),)),
            b"pay-2": JoinState((Observation(Side.LEFT, "pay-2", "order-2", "id-order-2", T0 + 10, 5, True),))}
@@ -332,38 +404,7 @@ def test_join_state_of_the_current_release_without_a_stream_time_is_read(tmp_pat
     [disc] = join.observe("right", "pay-1", "payment-1", 99, T0 + 1, origin=6)
     assert (disc["kind"], disc["key"]) == ("mismatch", "pay-1")
     join.clock.now = T0 + 680
+    join.drained = SOURCES
     [disc] = join.punctuate()
     assert (disc["kind"], disc["key"]) == ("missing", "pay-2")
     assert join.joins.parts[join.tp].readers[PENDING].get(CLOCK_KEY) is not None
-
-
-def test_the_worker_is_caught_up_only_with_every_partition_fetched_recently_and_read_to_its_end() -> None:
-    """`caught_up`, the rule behind the wall-clock ticks, over a stand-in for the consumer's per-partition fetch
-    state (the loop's AIOKafkaConsumer gives the same three numbers): every owned partition fetched within
-    `fresh` seconds and processed to its last stable offset (its high watermark when it has none)."""
-    from app.runtime.audits import caught_up
-
-    class Fetched:
-        def __init__(self, state: dict[TopicPartition, tuple[float | None, int | None, int | None]]) -> None:
-            self.state = state  # polled (s), high watermark, last stable offset
-
-        def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
-            polled = self.state[tp][0]
-            return None if polled is None else int(polled * 1000)
-
-        def highwater(self, tp: TopicPartition) -> int | None:
-            return self.state[tp][1]
-
-        def last_stable_offset(self, tp: TopicPartition) -> int | None:
-            return self.state[tp][2]
-
-    import time as _time
-    now = _time.time()
-    a, b = TopicPartition("in", 0), TopicPartition("app-audit-paid-repartition", 0)
-    positions = {a: 10, b: 4}
-    assert caught_up(Fetched({a: (now, 10, 10), b: (now - 1, 4, -1)}), positions, 5.0)
-    assert not caught_up(Fetched({a: (now, 11, 11), b: (now, 4, 4)}), positions, 5.0)  # a backlog
-    assert caught_up(Fetched({a: (now, 11, 10), b: (now, 4, 4)}), positions, 5.0)  # an open transaction's records
-    assert not caught_up(Fetched({a: (now - 6, 10, 10), b: (now, 4, 4)}), positions, 5.0)  # fetches stopped
-    assert not caught_up(Fetched({a: (None, None, None), b: (now, 4, 4)}), positions, 5.0)  # never fetched
-    assert not caught_up(None, positions, 5.0) and not caught_up(Fetched({}), {}, 5.0)

@@ -1,37 +1,44 @@
-"""How the batched runtime's loop takes the records of a step and commits behind it (at_least_once): the
-decisions alone, against a stand-in for aiokafka's consumer (the runtime on the broker: tests/integration/
-test_runtime_batched.py)."""
+"""How the batched runtime's loop takes the records of a step, keeps one batch per partition in flight while it
+processes the next, and commits behind it (at_least_once): the decisions alone, against stand-ins for aiokafka's
+consumer and producer (the runtime on the broker: tests/integration/test_runtime_batched.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, KafkaError
 
 from app.runtime.loop import STALE_MS, BatchedRuntime
+from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
-from byzguard.guard import Guard
+from byzguard.guard import ENTITIES, Guard
 
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
 
-@pytest.fixture
-def runtime(tmp_path: Path) -> BatchedRuntime:
+def _runtime(tmp_path: Path, guarantee: str) -> BatchedRuntime:
     path = tmp_path / "byzguard.yaml"
     path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
                     "      partitions: 2, types: {t: {}}}\n")
     config: GuardConfig = load(path)
     runtime = BatchedRuntime(
         app_id="app", bootstrap="127.0.0.1:9", config=config, guard=Guard(config), tabledir=tmp_path,
-        store_options={}, guarantee="at_least_once", batch_max_records=10, batch_max_ms=10, session_timeout=10,
+        store_options={}, guarantee=guarantee, batch_max_records=10, batch_max_ms=10, session_timeout=10,
         fetch_min_bytes=1, fetch_max_wait_ms=7, producer={})
     runtime.positions = {TP0: 0, TP1: 0}
     return runtime
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> BatchedRuntime:
+    return _runtime(tmp_path, "at_least_once")
 
 
 class Msg:
@@ -90,22 +97,210 @@ async def test_a_full_step_fetches_no_more(runtime: BatchedRuntime) -> None:
 
 
 async def test_offsets_are_committed_behind_the_loop_one_at_a_time_in_order(runtime: BatchedRuntime) -> None:
-    """at_least_once commits run while the loop goes on, at most one in flight, in the order of the steps; a
-    revoke or a stop waits for the one in flight."""
+    """at_least_once commits run while the loop goes on, at most one in flight, in the order of the steps (the
+    offsets stored while one is in flight go together in the next); a revoke or a stop waits for them."""
     consumer = Consumer()
     c: Any = consumer
-    await runtime._commit(c, {TP0: 5})
+    runtime._commit(c, {TP0: 5})
+    await asyncio.sleep(0)  # its commit is on its way
+    runtime._commit(c, {TP0: 7, TP1: 2})
+    runtime._commit(c, {TP0: 9})
     assert consumer.committed == []  # not waited for
-    await runtime._commit(c, {TP0: 9})  # waits for the first
-    assert consumer.committed == [{TP0: 5}]
     await runtime._committed()
-    assert consumer.committed == [{TP0: 5}, {TP0: 9}] and runtime._committing is None
+    assert consumer.committed == [{TP0: 5}, {TP0: 9, TP1: 2}] and runtime._committing is None
 
 
 async def test_a_commit_a_rebalance_refused_is_no_failure(runtime: BatchedRuntime) -> None:
     """A commit refused because the group rebalanced is logged, not raised: the state stored with its offsets
     covers it (the worker resumes from the larger of both)."""
     c: Any = Consumer(fail_commit=True)
-    await runtime._commit(c, {TP0: 5})
+    runtime._commit(c, {TP0: 5})
     await runtime._committed()
-    assert c.committed == []
+    assert c.committed == [] and not runtime._failed
+
+
+# -- batches in flight -------------------------------------------------------------------------------------------
+
+KEY = ("r", 0)
+
+
+class Builder:
+    """aiokafka's record batch builder, as RecordBatches uses it."""
+
+    def __init__(self) -> None:
+        self.keys: list[bytes | None] = []
+
+    def append(self, *, timestamp: Any, key: bytes | None, value: bytes | None, headers: Any) -> bool:
+        self.keys.append(key)
+        return True
+
+    def record_count(self) -> int:
+        return len(self.keys)
+
+
+class Producer:
+    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open (a topic
+    in `held`: once its own event is; in `refused`: never); `log` has what happened in order (sent, delivered;
+    begin, offsets, commit, abort of a transaction)."""
+
+    def __init__(self, *, fail_commit: bool = False) -> None:
+        self.gate = asyncio.Event()
+        self.held: dict[str, asyncio.Event] = {}
+        self.refused: set[str] = set()
+        self.log: list[tuple[str, ...]] = []
+        self.next: dict[tuple[str, int], int] = defaultdict(int)
+        self.fail_commit = fail_commit
+
+    def create_batch(self) -> Builder:
+        return Builder()
+
+    async def send_batch(self, batch: Builder, topic: str, partition: int) -> asyncio.Future[Any]:
+        keys = ",".join(k.decode() for k in batch.keys if k is not None)
+        self.log.append(("sent", topic, keys))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def land() -> None:
+            await self.held.get(topic, self.gate).wait()
+            if topic in self.refused:
+                fut.set_exception(KafkaError(f"{topic} refused"))
+                return
+            self.log.append(("delivered", topic, keys))
+            fut.set_result(SimpleNamespace(offset=self.next[(topic, partition)]))
+            self.next[(topic, partition)] += batch.record_count()
+
+        self._landing = asyncio.ensure_future(land())
+        return fut
+
+    async def begin_transaction(self) -> None:
+        self.log.append(("begin",))
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
+        self.log.append(("offsets", str(offsets[TP0])))
+
+    async def commit_transaction(self) -> None:
+        await self.gate.wait()
+        if self.fail_commit:
+            raise KafkaError("the transaction failed")
+        self.log.append(("commit",))
+
+    async def abort_transaction(self) -> None:
+        self.log.append(("abort",))
+
+
+def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer) -> PartitionState:
+    """Route partition r[0] owned by `runtime`, its outputs going to `producer`."""
+    route = runtime.routes["r"]
+    part = runtime.parts[KEY] = PartitionState(tmp_path / "tables", route, 0, {})
+    if runtime.eos:
+        runtime.txns[KEY] = cast(Any, producer)
+    else:
+        runtime.producer = cast(Any, producer)
+    return part
+
+
+async def _batch(runtime: BatchedRuntime, part: PartitionState, entity: bytes, value: bytes, offset: int,
+                 records: int = 1) -> None:
+    """One batch of r[0] as `_partition` makes it: its record read the entity's state, wrote it, and put its
+    output in the batch; then `_finish`."""
+    out = runtime._batches(KEY)
+    part.readers[ENTITIES].put(entity, value)
+    out.add("out", 0, entity, value)
+    await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}, records), 1)
+
+
+async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """The loop goes on while a batch is delivered: the next batch's records read the state the batch in flight
+    wrote (not yet in RocksDB), its own writes over it; RocksDB gets it once its outputs and changelog are
+    delivered."""
+    producer = Producer()
+    part = _owned(runtime, tmp_path, producer)
+    await _batch(runtime, part, b"e", b"v1", 1)  # returns with its outputs on their way
+    assert producer.log == [("sent", "out", "e")]
+    reader = part.readers[ENTITIES]
+    assert reader.get(b"e") == b"v1" and part.dbs[ENTITIES].get(b"e") is None
+    reader.put(b"e", b"v2")
+    assert reader.get(b"e") == b"v2" and dict(reader.items()) == {b"e": b"v2"}
+    producer.gate.set()
+    await runtime._landed_all()
+    assert part.dbs[ENTITIES].get(b"e") == b"v1" and reader.get(b"e") == b"v2"
+
+
+async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime: BatchedRuntime,
+                                                                        tmp_path: Path) -> None:
+    """at_least_once: a batch's outputs, then its changelog, then its store, then its offsets' commit; the
+    batches processed meanwhile wait, as one batch, and go only once it is stored (one batch in flight)."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)  # processed while the first is in flight: it waits
+    await _batch(runtime, part, b"c", b"3", 3)  # and the next joins it
+    await asyncio.sleep(0.02)
+    assert producer.log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a")]
+    assert part.dbs[ENTITIES].get(b"a") is None and consumer.committed == []
+    producer.held[changelog].set()
+    await runtime._landed_all()
+    await runtime._committed()
+    assert producer.log[3:] == [("delivered", changelog, "a"), ("sent", "out", "b,c"), ("delivered", "out", "b,c"),
+                                ("sent", changelog, "b,c"), ("delivered", changelog, "b,c")]
+    assert part.dbs[ENTITIES].get(b"c") == b"3" and part.input_offsets() == {"in": 3}
+    assert [c[TP0] for c in consumer.committed][-1] == 3
+
+
+async def test_a_full_waiting_batch_holds_the_loop(runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """A waiting batch that holds `batch_max_records` records makes the loop wait for the batch in flight (it
+    fetches no further ahead), then goes in flight itself."""
+    producer = Producer()
+    part = _owned(runtime, tmp_path, producer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2, records=9)
+    full = asyncio.ensure_future(_batch(runtime, part, b"c", b"3", 3, records=1))
+    await asyncio.sleep(0.02)
+    assert not full.done()
+    producer.gate.set()
+    await full
+    assert ("sent", "out", "b,c") in producer.log and KEY not in runtime.waiting
+
+
+async def test_outputs_not_delivered_stop_the_batches_after_them(runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """at_least_once: where a batch's outputs are not delivered, neither its changelog nor its state nor
+    anything of the batch waiting for it goes anywhere, and the worker stops."""
+    producer = Producer()
+    producer.refused.add("out")
+    part = _owned(runtime, tmp_path, producer)
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    producer.gate.set()
+    await asyncio.sleep(0.02)
+    with pytest.raises(KafkaError):
+        await _batch(runtime, part, b"c", b"3", 3)
+    assert producer.log == [("sent", "out", "a")]
+    assert part.dbs[ENTITIES].get(b"a") is None and runtime._failed and len(failed) == 1
+
+
+async def test_a_failed_transaction_discards_the_batch_built_on_it(tmp_path: Path) -> None:
+    """exactly_once: the waiting batch's transaction begins only once the one in flight committed; where that
+    one fails, it is aborted, the waiting batch (built on its state) is discarded and never sent, and the worker
+    stops."""
+    runtime = _runtime(tmp_path, "exactly_once")
+    producer = Producer(fail_commit=True)
+    part = _owned(runtime, tmp_path, producer)
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"a", b"2", 2)  # waits, reading the state of the first
+    assert producer.log.count(("begin",)) == 1 and part.readers[ENTITIES].get(b"a") == b"2"
+    producer.gate.set()
+    await asyncio.sleep(0.02)
+    assert producer.log.count(("begin",)) == 1 and ("abort",) in producer.log
+    assert [e for e in producer.log if e[0] == "sent" and e[1] == "out"] == [("sent", "out", "a")]
+    assert part.readers[ENTITIES].get(b"a") is None and part.dbs[ENTITIES].get(b"a") is None
+    assert runtime._failed and len(failed) == 1
+    with pytest.raises(KafkaError):  # a batch after it goes nowhere either
+        await _batch(runtime, part, b"a", b"3", 3)

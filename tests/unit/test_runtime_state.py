@@ -120,3 +120,26 @@ def test_an_aborted_batch_leaves_no_trace_and_a_wiped_table_is_empty(tmp_path: P
         assert part.readers[LAMPORTS].get(b"s") is None and part.changelog_offset(LAMPORTS) is None
     finally:
         part.close()
+
+
+def test_a_batch_in_flight_is_read_under_the_batch_in_progress(tmp_path: Path, config: GuardConfig) -> None:
+    """Reads go through the batch in progress, then the sealed batch in flight, then RocksDB (deletions
+    included); `store(sealed=True)` writes the batch in flight alone, and `discard` drops both batches."""
+    part = PartitionState(tmp_path, config.routes[0], 0, {})
+    reader = part.readers[ENTITIES]
+    for key in (b"a", b"b", b"c"):
+        part.dbs[ENTITIES][key] = b"db"
+    reader.put(b"a", b"n")
+    reader.delete(b"b")
+    reader.put(b"d", b"n")
+    part.seal()
+    reader.put(b"a", b"n+1")
+    assert [reader.get(k) for k in (b"a", b"b", b"c", b"d")] == [b"n+1", None, b"db", b"n"]
+    assert sorted(reader.items()) == [(b"a", b"n+1"), (b"c", b"db"), (b"d", b"n")]
+    part.store({ENTITIES: 7}, {"in": 3}, sealed=True)
+    assert part.dbs[ENTITIES].get(b"a") == b"n" and part.dbs[ENTITIES].get(b"b") is None
+    assert part.changelog_offset(ENTITIES) == 7 and reader.get(b"a") == b"n+1"
+    part.seal()
+    reader.put(b"c", b"n+2")
+    part.discard()
+    assert [reader.get(k) for k in (b"a", b"c")] == [b"n", b"db"]
