@@ -137,7 +137,8 @@ def verify(
 
 
 def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
-           keyring: KeyRing, now: float, limits: Limits, received: float | None, writer: str | None) -> Decision | None:
+                 keyring: KeyRing, now: float, limits: Limits, received: float | None,
+                 writer: str | None) -> Decision | None:
     """The decision on an event no check objects to, in the fewest steps; None as soon as a check might add a
     reason, whatever its severity (`verify_checked` then runs every check and says which; after a failed
     integrity check or rule, verify_clean hands it their results itself). Each test is the negation
