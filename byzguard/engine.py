@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from hmac import compare_digest
 from types import MappingProxyType
 from typing import Any, Final
 
 from byzguard.clocks import Order
 from byzguard.config import Policy, TypePolicy
 from byzguard.envelope import Envelope
-from byzguard.integrity import DEFAULT_FORMS, HMAC_SHA256, KeyRing, check_integrity
+from byzguard.integrity import BOUND, DEFAULT_FORMS, HMAC_SHA256, KeyRing, check_integrity, hmac_sha256
 from byzguard.state import EntityState, bounded_merge, new_entries
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
@@ -129,13 +130,127 @@ def verify(
     lags behind its input does not mistake an event from a clock that runs ahead for a punctual one.
     `writer` is the source the input topic declares as its only writer, if any.
     """
+    decision = verify_clean(env, policy, entity, lamport_mark, keyring, now, limits, received, writer)
+    if decision is not None:
+        return decision
+    return verify_checked(env, policy, entity, lamport_mark, keyring, now, limits, received, writer)
+
+
+def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
+                 keyring: KeyRing, now: float, limits: Limits, received: float | None,
+                 writer: str | None) -> Decision | None:
+    """The decision on an event no check objects to, in the fewest steps; None as soon as a check might add a
+    reason, whatever its severity (`verify_checked` then runs every check and says which; after a failed
+    integrity check or rule, verify_clean hands it their results itself). Each test is the negation
+    of the condition under which `verify_checked` adds a reason or returns early, so both decide a clean event alike
+    (tests/unit/test_clean_path.py holds them to it)."""
+    if not policy.listed or env.refused is not None or (writer is not None and env.source != writer):
+        return None
+    source = env.source
+    sources = policy.sources
+    if sources is not None and source not in sources:
+        return None
+    key_ids = policy.key_ids
+    if key_ids is not None:
+        checksum = env.checksum
+        if checksum is None or checksum.algorithm != HMAC_SHA256 or checksum.key_id not in key_ids:
+            return None
+    accepted = policy.forms.get(source, DEFAULT_FORMS)
+    checksum = env.checksum
+    bound = env.bound
+    if bound is not None and checksum is not None and checksum.algorithm == HMAC_SHA256 and env.form == BOUND \
+            and BOUND in accepted:
+        # check_integrity's common case (a MAC over the bound form that decode built, by the source's own key):
+        # anything but a match is a failure there.
+        key_id = checksum.key_id
+        key = keyring.get(key_id) if key_id else None
+        if key is None or key.source != source \
+                or not compare_digest(hmac_sha256(key.secret, bound), checksum.value.lower()):
+            return None
+    else:
+        failures = check_integrity(env, accepted, keyring, required=policy.require_checksum)
+        if failures:
+            return verify_checked(env, policy, entity, lamport_mark, keyring, now, limits, received, writer,
+                                  integrity=failures)
+    severity = policy.severity
+    if entity is not None:
+        if severity.get(_ID_DUPLICATE, _REJECT) is not _OFF and entity.find(env.id, now, limits.id_window) is not None:
+            return None
+        version = env.version
+        last_version = entity.version
+        if version is not None and last_version is not None and version != last_version + 1:
+            return None
+        vclock = env.vclock
+        if vclock is not None and entity.vclock is not None and vclock.compare(entity.vclock) is not _AFTER:
+            return None
+    lamport = env.lamport
+    if lamport is not None and lamport_mark is not None and lamport <= lamport_mark:
+        return None
+    time = env.time
+    if time is not None:
+        max_age = policy.max_age
+        if max_age is not None and now - time > max_age:
+            return None
+        max_skew = policy.max_skew
+        if max_skew is not None and time - (now if received is None else min(received, now)) > max_skew:
+            return None
+    rules = policy.rules
+    plan = rules.plan  # (generated function, uses_last, uses_event): RuleSet.evaluate's first step, inline
+    if plan is not None and severity.get(_INVARIANT_VIOLATED, _REJECT) is not _OFF:
+        generated, uses_last, uses_event = plan
+        last = entity.last_good_data() if entity is not None and uses_last else None
+        data = env.data()
+        try:
+            slow = generated(data, last, now, True) if generated is not None else None
+        except Exception:
+            slow = None
+        # [] says every rule holds; otherwise the closures or celpy decide, as evaluate would.
+        if slow is None or slow:
+            violations = rules.evaluate(data, last, now=now, event=env.attributes() if uses_event
+                                        else _NO_ATTRIBUTES, from_orjson=True)
+            if violations:
+                return verify_checked(env, policy, entity, lamport_mark, keyring, now, limits, received, writer,
+                                      violations=violations)
+    covered = env.covered
+    if len(covered) > limits.last_good_max_bytes:
+        return None
+    # No reason: verified, the mark moves (lamport > lamport_mark here) and the state advances (_advance, inline:
+    # the event's clock is after the entity's, so their bounded merge is the event's clock).
+    version = env.version
+    entries = b""
+    last_version = None
+    vclock = env.vclock
+    if entity is not None:
+        entries = entity.entries
+        last_version = entity.version
+        if last_version is not None and (version is None or last_version > version):
+            version = last_version
+        if vclock is None:
+            vclock = entity.vclock
+    content_hash = env.content_hash
+    entries = new_entries(entries, env.id, content_hash, now, env.version, now=now, window=limits.id_window,
+                          keep=limits.ids_per_entity, old_version=last_version, new_version=version)
+    return Decision(_VERIFIED, (), EntityState(version, vclock, content_hash, covered, env.type, now, env.time,
+                                               entries), lamport)
+
+
+def verify_checked(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
+                   keyring: KeyRing, now: float, limits: Limits, received: float | None, writer: str | None, *,
+                   integrity: list[tuple[Code, str]] | None = None,
+                   violations: list[Reason] | None = None) -> Decision:
+    """Every check in turn, each failure a reason at its code's severity: the decision on any event.
+
+    `integrity` and `violations` are check_integrity's and RuleSet.evaluate's results when verify_clean already
+    has them (a failing event then costs no second diagnosis or rule evaluation)."""
     reasons = _Reasons(policy)
     _check_authorization(env, policy, reasons)
     if writer is not None and env.source != writer:
         reasons.add(Code.SOURCE_NOT_ALLOWED, f"the input topic is declared as written by source {writer!r}, "
                     f"the event claims source {quote(env.source)}")
-    for code, detail in check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring,
-                                        required=policy.require_checksum):
+    if integrity is None:
+        integrity = check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring,
+                                    required=policy.require_checksum)
+    for code, detail in integrity:
         reasons.add(code, detail)
     if reasons.items and any(r.code in _UNTRUSTED and r.severity is _REJECT for r in reasons.items):
         return _conclude(env, policy, reasons, None, None, now, limits, update=False)
@@ -177,11 +292,13 @@ def verify(
         _check_time(env, policy, now, now if received is None else min(received, now), reasons)
     rules = policy.rules
     if rules and severity.get(_INVARIANT_VIOLATED, _REJECT) is not _OFF:
-        last = entity.last_good_data() if entity is not None and rules.uses_last else None
-        # The attributes are built only for rules that read (or quote) `event`.
-        event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
-        # Both were parsed by orjson (Envelope.data, EntityState.last_good_data): the rules rely on it.
-        for reason in rules.evaluate(env.data(), last, now=now, event=event, from_orjson=True):
+        if violations is None:
+            last = entity.last_good_data() if entity is not None and rules.uses_last else None
+            # The attributes are built only for rules that read (or quote) `event`.
+            event = env.attributes() if rules.uses_event else _NO_ATTRIBUTES
+            # Both were parsed by orjson (Envelope.data, EntityState.last_good_data): the rules rely on it.
+            violations = rules.evaluate(env.data(), last, now=now, event=event, from_orjson=True)
+        for reason in violations:
             reasons.add(reason.code, reason.detail, reason.severity)
     return _conclude(env, policy, reasons, entity, lamport_mark, now, limits, update=True)
 

@@ -19,13 +19,13 @@ from typing import Final, Protocol
 import orjson
 
 from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, expire, offer, oldest_held_age
-from byzguard.clocks import VectorClock, lamport_mark_key
+from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig, Route, TypePolicy
-from byzguard.engine import FORWARDED, RECORDED, Decision, Limits, decode_failure, verify
+from byzguard.engine import FORWARDED, RECORDED, Decision, Limits, decode_failure, verify_checked, verify_clean
 from byzguard.envelope import Envelope, decode
 from byzguard.partitioner import misplaced
 from byzguard.routing import Headers, quarantine_headers, verified_headers
-from byzguard.state import EntityState, decode_lamport, encode_lamport
+from byzguard.state import EntityState, encode_lamport
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 ENTITIES = "entities"
@@ -34,6 +34,7 @@ CAUSAL = "causal"
 # The causal table's own bookkeeping: which entities of this partition hold events, and how many.
 HELD_INDEX_KEY = b"\x00held-index"
 _EMPTY_CLOCK = VectorClock()
+_from_bytes: Final = EntityState.from_bytes
 
 
 class StateReader(Protocol):
@@ -241,27 +242,40 @@ class Guard:
                 self._emit(tx, record, route, decode_failure(*wrong), env, now)
                 return
         entity_key = env.subject.encode()
-        entity = self._entity(tx, entity_key)
-        policy = route.policy_for(env.type)
+        # tx.get and decode_lamport inline, and _entity: the reads of every event.
+        writes = tx.result.writes
+        tables = tx.state
+        raw = writes[(ENTITIES, entity_key)] if writes and (ENTITIES, entity_key) in writes \
+            else tables[ENTITIES].get(entity_key)
+        entity = _from_bytes(raw) if raw else None
+        policy = route.types.get(env.type, route.fallback)  # route.policy_for
         # One mark per writer (source, or source and producer instance: byzguard.clocks.lamport_mark_key). Kafka
         # keeps a writer's send order within one partition only, and a repartition topic merges several: there,
         # a writer's Lamport mark is kept per input partition the record came from.
-        lamport_key = lamport_mark_key(env.source, env.instance)
+        instance = env.instance
+        # lamport_mark_key(env.source, instance), inline (tests/unit/test_clean_path.py holds them equal)
+        lamport_key = env.source.encode() if instance is None else f"{env.source}\x00{instance}".encode()
         if record.read_partition is not None:
             lamport_key += f"\x00{record.topic}\x00{record.partition}".encode()
         # A released event's Lamport time was judged when it arrived; later events of its source may have
         # advanced the mark since, which says nothing about this one.
-        mark = decode_lamport(tx.get(LAMPORTS, lamport_key)) if env.lamport is not None and not released else None
+        mark = None
+        if env.lamport is not None and not released:
+            raw = writes[(LAMPORTS, lamport_key)] if writes and (LAMPORTS, lamport_key) in writes \
+                else tables[LAMPORTS].get(lamport_key)
+            mark = int(raw) if raw else None  # decode_lamport
         # A type the route refuses is judged at once: it must neither wait in the buffer nor fill it.
         if hold and env.vclock is not None and not _refused_type(policy) \
                 and self._held(tx, record, route, env, entity, entity_key, lamport_key, mark, now):
             return
-        decision = verify(env, policy, entity, mark, self.config.keyring, now=now, limits=self.limits,
-                          received=record.timestamp, writer=writer)
+        # verify, positionally: the clean path, else every check.
+        keyring, limits, received = self.config.keyring, self.limits, record.timestamp
+        decision = verify_clean(env, policy, entity, mark, keyring, now, limits, received, writer) \
+            or verify_checked(env, policy, entity, mark, keyring, now, limits, received, writer)
         if decision.entity is not None:
-            tx.put(ENTITIES, entity_key, decision.entity.to_bytes())
+            writes[(ENTITIES, entity_key)] = decision.entity.to_bytes()  # tx.put
         if decision.lamport is not None and not released:
-            tx.put(LAMPORTS, lamport_key, encode_lamport(decision.lamport))
+            writes[(LAMPORTS, lamport_key)] = str(decision.lamport).encode()  # encode_lamport
         self._emit(tx, record, route, decision, env, now)
         if hold and decision.entity is not None:
             self._release(tx, route, entity_key, now)

@@ -140,6 +140,10 @@ def _hmac_sha256(secret: bytes, content: bytes) -> str:
     return outer.hexdigest()
 
 
+#: The MAC's hex digest as check_integrity computes it, for the engine's clean path (byzguard.engine.verify_clean).
+hmac_sha256: Final = _hmac_sha256
+
+
 _SHA256_BLOCK: Final = 64
 _IPAD: Final = bytes(b ^ 0x36 for b in range(256))
 _OPAD: Final = bytes(b ^ 0x5C for b in range(256))

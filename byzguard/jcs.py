@@ -223,7 +223,7 @@ def canonicalize(value: object) -> bytes:
         return _canonicalize_slow(value)
     try:
         if type(value) is dict:
-            prepared: object = _prepare_dict(value)
+            prepared: object = _prepare(value, value.items())
         elif type(value) is list:
             prepared = _prepare_list(value)
         else:

@@ -133,10 +133,15 @@ def verified_headers(
     now: float,
 ) -> Headers:
     """Original headers plus the verdict (pass, warn or suspect) and any reasons."""
-    out = original_headers(headers)
+    # original_headers and _verified_at, inline: this runs for every verified event.
+    out = [(k, v) for k, v in (headers or ()) if not k.startswith(PREFIX) or k in KEPT]
+    last, at = _LAST_AT[0]
+    if now is not last:
+        at = f"{now:.6f}".encode()
+        _LAST_AT[0] = (now, at)
     out.append((H_VERDICT, _VERDICT_OF[outcome]))
     out.append((H_ROUTE, route.encode()))
-    out.append((H_VERIFIED_AT, _verified_at(now)))
+    out.append((H_VERIFIED_AT, at))
     if reasons:
         out.append((H_REASONS, encode_reasons(reasons)))
     return out

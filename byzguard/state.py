@@ -254,7 +254,10 @@ class EntityState:
         start += kind_len
         vclock = None
         if flags & _HAS_VCLOCK:
-            vclock = _clock(raw[start:start + clock_len])
+            text = raw[start:start + clock_len]
+            vclock = _CLOCKS.get(text)  # _clock's memo, without its call when it holds the clock
+            if vclock is None:
+                vclock = _clock(text)
         start += clock_len
         dropped = 0
         if flags & _DROPPED:

@@ -15,7 +15,7 @@ from byzguard.errors import RuleCompileError
 from byzguard.rules.closures import _NO_ENV, _compile_fast, _fast_env, _Fn
 from byzguard.rules.conversion import _activation
 from byzguard.rules.environment import _BOOL_TYPES, _cel_type_name, _check_names, _env
-from byzguard.rules.generated import _generate
+from byzguard.rules.generated import _generate, _Generated
 from byzguard.rules.operators import _CelError, _kind_name
 from byzguard.rules.wording import _describe_error, _format_value, _lookup, _quoted_paths, _syntax_error
 from byzguard.verdict import Code, Reason, Severity
@@ -116,7 +116,8 @@ def compile_rules(specs: Sequence[RuleSpec]) -> RuleSet:
 class RuleSet:
     """The compiled invariant rules of one event type; evaluate() them against each event."""
 
-    __slots__ = ("_fast_roots", "_generated", "_generated_names", "_roots", "_rules", "_uses_event", "_uses_last")
+    __slots__ = ("_fast_roots", "_generated", "_generated_names", "_roots", "_rules", "_uses_event", "_uses_last",
+                 "plan")
 
     def __init__(self, rules: tuple[_Rule, ...] = (), *, generate: bool = True) -> None:
         self._rules = rules
@@ -129,6 +130,10 @@ class RuleSet:
         # attributes too.
         self._uses_event = "event" in self._roots or any(
             path[0] == "event" for rule in rules for path in rule.paths)
+        #: For the engine's clean path, in one attribute read: (the generated function or None, uses_last,
+        #: uses_event); None when there is no rule to evaluate.
+        self.plan: tuple[_Generated | None, bool, bool] | None = \
+            (self._generated, self._uses_last, self._uses_event) if rules else None
 
     def __len__(self) -> int:
         return len(self._rules)

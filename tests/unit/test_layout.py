@@ -72,6 +72,7 @@ ACROSS = {
     "test_bench_variants.py": "the benchmark's variants (bench/variants.py)",
     "test_causal_delivery.py": "causal delivery in the guard (hold, release, causal.gap)",
     "test_checks.py": "every check: the event that trips it and the one that must not",
+    "test_clean_path.py": "the verdict's clean path (engine, guard) decides as every check does",
     "test_cloudevents_sdk.py": "a producer byzguard did not write (the CloudEvents SDK) is verified",
     "test_codes_index.py": "every code can be found from its name",
     "test_js_checksum_forms.py": "checksums made by real JavaScript (node) get the codes ENVELOPE.md gives them",
