@@ -19,7 +19,7 @@ from app.runtime.membership import member_url
 from byzguard.partitioner import partition_for
 from byzguard.stamp import Stamped, Stamper
 from tests.conftest import run_async
-from tests.integration.test_audit import _audited
+from tests.integration.test_audit import _audited, _metrics
 from tests.integration.worker_harness import (
     PAYMENTS_KEY,
     Out,
@@ -74,7 +74,7 @@ async def _owners(bootstrap: str, group: str, workers: list[WorkerProcess], time
 def _two_workers(factory: WorkerFactory, session_timeout: float) -> tuple[RouteNames, str, WorkerProcess,
                                                                          WorkerProcess]:
     """Two started workers of one app (exactly_once, both audit rules, `WINDOW` windows) whose group sessions time
-    out after `session_timeout`, caught up with a few paid orders: route, audit topic, the two workers."""
+    out after `session_timeout`, both ready: route, audit topic, the two workers."""
     names, discrepancies = _audited(factory, WINDOW, "exactly_once")
     workers = []
     for name in ("one", "two"):
@@ -117,7 +117,7 @@ class Orders:
 
     def key(self, joins: set[int] | None = None) -> str:
         """A fresh join key (payment id), in one of `joins` (of the rule's 2 join partitions) when given."""
-        return self._name(joins, 2, "k") if joins is not None else self._name({0, 1}, 2, "k")
+        return self._name(joins if joins is not None else {0, 1}, 2, "k")
 
     def flowing(self, pairs: int) -> list[Stamped]:
         """`pairs` paid orders timed now, on fresh keys (so over every input and join partition)."""
@@ -129,12 +129,20 @@ class Orders:
         return out
 
 
-async def _flow(bootstrap: str, topic: str, orders: Orders, seconds: float) -> None:
-    """Paid orders, 4 every 0.5 s, for `seconds`."""
+async def _flow(bootstrap: str, topic: str, orders: Orders, seconds: float, watch: WorkerProcess) -> float:
+    """Paid orders, 4 every 0.5 s, for `seconds`; the most `watch`'s `paid` windows were held meanwhile (`_lag`)."""
     ends = time.monotonic() + seconds
+    held = 0.0
     while time.monotonic() < ends:
         await produce(bootstrap, topic, orders.flowing(4))
+        held = max(held, _lag(watch))
         await asyncio.sleep(0.5)
+    return held
+
+
+def _lag(worker: WorkerProcess) -> float:
+    """How far the oldest watermark of the `paid` rule's join partitions on `worker` is behind the wall clock."""
+    return _metrics(worker)[("byzguard_audit_watermark_lag_seconds", (("rule", "paid"),))]
 
 
 def _kinds(found: list[Out]) -> list[tuple[str, str]]:
@@ -177,18 +185,21 @@ def test_a_stopped_worker_with_a_backlog_holds_the_other_workers_windows(worker_
         first = [orders.order(held, 5, at, inputs=running_inputs), orders.pay(held, 5, at, inputs=stopped_inputs),
                  orders.order(unpaid, 3, at, inputs=running_inputs)]
         run_async(lambda: produce(bootstrap, names.input, first))
-        run_async(lambda: _flow(bootstrap, names.input, orders, AWAY))
+        lag = run_async(lambda: _flow(bootstrap, names.input, orders, AWAY, two))
         meanwhile = run_async(lambda: collect(bootstrap, discrepancies, idle=1.0, timeout=30))
         assert two.alive()
     finally:
         one.send(signal.SIGCONT)
-    assert _kinds(meanwhile) == [], (_kinds(meanwhile), two.log_digest())
-    held_by = [line for line in two.log_text().splitlines() if "windows held" in line]
+    reported = _kinds(meanwhile)
+    assert (held, "missing") not in reported, two.log_digest()
+    assert [k for k in reported if k[0] in orders.paid] == [], (reported, two.log_digest())
+    assert reported == [], (reported, two.log_digest())  # the unpaid order too waits for the stopped worker
+    assert lag > AWAY - 2, f"the running worker's windows were held only {lag:.1f} s"
     found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=8.0, timeout=60))
     assert _kinds(found) == [(unpaid, "missing")], (_kinds(found), one.log_digest(), two.log_digest())
-    assert held_by, "the running worker's windows were not held: " + two.log_digest()
     run_async(lambda: wait_caught_up(bootstrap, app_id, joined, workers=[one, two]))
-    print(f"\n{len(orders.paid)} paid orders, none reported; the running worker logged: {held_by[0]}")
+    assert run_async(lambda: _owners(bootstrap, input_group(app_id), [one, two])) == owned  # no rebalance
+    print(f"\n{len(orders.paid)} paid orders, none reported; the running worker's windows held up to {lag:.1f} s")
 
 
 def test_a_killed_worker_with_a_backlog_holds_the_survivors_windows_until_it_took_over(
@@ -214,10 +225,11 @@ def test_a_killed_worker_with_a_backlog_holds_the_survivors_windows_until_it_too
     first = [orders.order(held, 5, at, inputs=live_inputs), orders.pay(held, 5, at, inputs=dead_inputs),
              orders.order(unpaid, 3, at, inputs=live_inputs)]
     run_async(lambda: produce(bootstrap, names.input, first))
-    run_async(lambda: _flow(bootstrap, names.input, orders, AWAY))
+    lag = run_async(lambda: _flow(bootstrap, names.input, orders, AWAY, two))
+    assert lag > WINDOW + 1, f"the survivor's windows were held only {lag:.1f} s"
     run_async(lambda: wait_caught_up(bootstrap, app_id, joined, workers=[two], timeout=90))
     found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=8.0, timeout=60))
     assert _kinds(found) == [(unpaid, "missing")], (_kinds(found), two.log_digest())
     owned = run_async(lambda: _owners(bootstrap, input_group(app_id), [two]))
     assert {p for t, p in owned["two"] if t == names.input} == {0, 1, 2, 3}
-    print(f"\n{len(orders.paid)} paid orders, none reported")
+    print(f"\n{len(orders.paid)} paid orders, none reported; the survivor's windows held up to {lag:.1f} s")
