@@ -71,11 +71,11 @@ async def _owners(bootstrap: str, group: str, workers: list[WorkerProcess], time
         await admin.close()
 
 
-def _two_workers(factory: WorkerFactory, session_timeout: float) -> tuple[RouteNames, str, WorkerProcess,
-                                                                         WorkerProcess]:
-    """Two started workers of one app (exactly_once, both audit rules, `WINDOW` windows) whose group sessions time
-    out after `session_timeout`, both ready: route, audit topic, the two workers."""
-    names, discrepancies = _audited(factory, WINDOW, "exactly_once")
+def _two_workers(factory: WorkerFactory, session_timeout: float, guarantee: str = "exactly_once",
+                 ) -> tuple[RouteNames, str, WorkerProcess, WorkerProcess]:
+    """Two started workers of one app (under `guarantee`, both audit rules, `WINDOW` windows) whose group sessions
+    time out after `session_timeout`, both ready: route, audit topic, the two workers."""
+    names, discrepancies = _audited(factory, WINDOW, guarantee)
     workers = []
     for name in ("one", "two"):
         worker = factory.new_worker(name)
@@ -161,15 +161,18 @@ def _split(owned: dict[str, TPs], names: RouteNames, repartition: str, away: str
     return gone_inputs, stay_inputs, stay_joins
 
 
-def test_a_stopped_worker_with_a_backlog_holds_the_other_workers_windows(worker_factory: WorkerFactory) -> None:
-    """Of two workers sharing the partitions, one is stopped (SIGSTOP, shorter than its session timeout, so it
-    keeps its partitions) for three times the 4 s window and 1 s grace while paid orders flow: an order joined by
-    the running worker whose payment waits in the stopped worker's input partition, and every other paid order,
-    is not reported `missing`, and nothing else is while it is stopped (its backlog holds the running worker's
-    join windows); once it continues, the payments pair, and an order never paid is reported `missing` once."""
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_stopped_worker_with_a_backlog_holds_the_other_workers_windows(worker_factory: WorkerFactory,
+                                                                         guarantee: str) -> None:
+    """Of two workers sharing the partitions (under either guarantee), one is stopped (SIGSTOP, shorter than its
+    session timeout, so it keeps its partitions) for three times the 4 s window and 1 s grace while paid orders
+    flow: an order joined by the running worker whose payment waits in the stopped worker's input partition, and
+    every other paid order, is not reported `missing`, and nothing else is while it is stopped (its backlog holds
+    the running worker's join windows); once it continues, the payments pair, and an order never paid is reported
+    `missing` once."""
     bootstrap = worker_factory.bootstrap
     app_id = worker_factory.app_id
-    names, discrepancies, one, two = _two_workers(worker_factory, SESSION_TIMEOUT)
+    names, discrepancies, one, two = _two_workers(worker_factory, SESSION_TIMEOUT, guarantee)
     repartition = f"{app_id}-audit-paid-repartition"
     joined = [names.input, names.verified, repartition]
     orders = Orders(uuid.uuid4().hex[:6])
