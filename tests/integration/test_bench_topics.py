@@ -5,19 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from aiokafka.admin import AIOKafkaAdminClient
-
-from bench.kafka import create_topics, delete_topics
+from bench.kafka import create_topics, delete_topics, listed_topics
 from tests.conftest import claim_topics
-
-
-async def _listed(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def test_delete_topics_deletes_the_prefixed_topics_and_no_other(kafka_bootstrap: str) -> None:
@@ -31,7 +20,7 @@ async def test_delete_topics_deletes_the_prefixed_topics_and_no_other(kafka_boot
 
     assert sorted(deleted) == sorted(mine)
     for _ in range(50):
-        left = {t for t in await _listed(kafka_bootstrap) if t.startswith(base)}
+        left = {t for t in await listed_topics(kafka_bootstrap) if t.startswith(base)}
         if left == {other}:
             break
         await asyncio.sleep(0.1)
