@@ -164,6 +164,10 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 ("app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / send (the metadata of the topics asked for): aiokafka has no public "
                 "way to refresh the topic list"),
+    PrivateName("aiokafka.admin.client.AIOKafkaAdminClient", "_client", "attribute",
+                ("app/provision.py", "app/runtime/limits.py"),
+                "send (app.sidereads `known_partitions`): the metadata of the topics asked for alone, without "
+                "creating them; aiokafka's describe_topics may create them and list_topics lists the whole cluster"),
     PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),
 )

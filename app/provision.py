@@ -26,6 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from app.runtime.limits import DEFAULT_LIMIT, load_limits
+from app.sidereads import known_partitions
 from byzguard.audit import AuditRule
 from byzguard.config import GuardConfig, Partitioning, Route
 from byzguard.errors import ConfigError
@@ -44,19 +45,11 @@ STATE_FACTOR = 2
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
-    # Only existing topics are described: aiokafka's describe_topics sends a Metadata request that lets the
-    # broker auto-create what it names (auto.create.topics.enable, on by default), and an auto-created topic
-    # has num.partitions (1) partitions instead of the route's. Listing all topics never creates any.
-    existing = set(await admin.list_topics())
-    wanted = [t for t in topics if t in existing]
-    if not wanted:
-        return {}
-    described = await admin.describe_topics(wanted)
-    counts = {}
-    for topic in described:
-        if topic.get("error_code", 0) == 0 and topic.get("partitions"):
-            counts[topic["topic"]] = len(topic["partitions"])
-    return counts
+    """The partition count of each of `topics` that exists, asked of the broker for these topics alone and without
+    creating any (app.sidereads `known_partitions`): an auto-created topic would have num.partitions (1)
+    partitions instead of the route's."""
+    known = await known_partitions(admin._client, topics)
+    return {topic: len(partitions) for topic, partitions in known.items() if partitions}
 
 
 async def _create_topics(admin: AIOKafkaAdminClient, topics: list[str], partitions: int,

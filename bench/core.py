@@ -9,17 +9,21 @@ shipped byzguard.yaml. Two cases:
 - steady: the entity has a full history (`idempotency.ids_per_entity`, 32, recent ids).
 
 Every figure is the median of `--reps` (5) timings of the process's CPU time over `--entities` events
-(each of another entity), in µs per event. Stages, run on the very inputs `Guard.process` sees:
+(each of another entity), in µs per event. Stages: the steps of the clean path (engine.verify_clean, which
+decides every event of these runs), run on the very inputs `Guard.process` sees:
 
   decode       envelope.decode of the record
-  integrity    check_integrity (the HMAC over the bound form's signature base)
+  integrity    the HMAC over the bound form decode built, by the source's key, compared to the checksum
   state decode EntityState.from_bytes of the entity's record
-  checks       authorization, idempotency (find), version, vector clock, time
-  rules        RuleSet.evaluate of the shipped rules, with the last-known-good parsed
-  state build  the entity's next state (engine._advance)
+  checks       verify_clean's tests: authorization, idempotency (find), version, vector clock, Lamport, time
+  rules        the shipped rules' generated function (RuleSet.plan), with the last-known-good parsed
+  state build  the entity's next state, built as verify_clean builds it (new_entries + EntityState)
   encode       EntityState.to_bytes of it
   headers      the verified record's headers
   total        Guard.process, state read from the table (glue: total minus the stages)
+
+run_case checks that verify_clean decides each event and that the state built here is the one Guard.process
+writes, so the rows keep mapping onto what a clean event runs.
 
 `--out DIR` writes core.json and core.md into DIR/core-<git>/; `--before FILE` (a core.json of an earlier
 run) adds its figures side by side.
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from hmac import compare_digest
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +48,15 @@ import orjson
 
 from bench import events as bench_events
 from byzguard import engine
+from byzguard.clocks import Order
 from byzguard.config import GuardConfig, load
 from byzguard.envelope import Envelope, decode
 from byzguard.guard import ENTITIES, LAMPORTS, Guard, RecordIn, StateReader
-from byzguard.integrity import DEFAULT_FORMS, check_integrity
+from byzguard.integrity import HMAC_SHA256, hmac_sha256
 from byzguard.routing import verified_headers
 from byzguard.rules import RuleSet
-from byzguard.state import EntityState
-from byzguard.verdict import Code
+from byzguard.state import EntityState, new_entries
+from byzguard.verdict import Code, Severity
 
 REPO = Path(__file__).resolve().parent.parent
 AT = 1_780_000_000.0
@@ -72,6 +78,21 @@ def _evaluate(rules: RuleSet) -> Callable[[Any, Any], list[Any]]:
             return rules.evaluate(data, last, now=NOW, event=attributes)
     return evaluate
 CASES = {"fresh": 1, "steady": 32}
+
+
+def clean_state(env: Envelope, entity: EntityState, limits: Any) -> EntityState:
+    """The entity's next state after a clean event, as the tail of engine.verify_clean builds it (run_case checks
+    it against what Guard.process writes)."""
+    version, vclock = env.version, env.vclock
+    last_version = entity.version
+    if last_version is not None and (version is None or last_version > version):
+        version = last_version
+    if vclock is None:
+        vclock = entity.vclock
+    content_hash = env.content_hash
+    entries = new_entries(entity.entries, env.id, content_hash, NOW, env.version, now=NOW, window=limits.id_window,
+                          keep=limits.ids_per_entity, old_version=last_version, new_version=version)
+    return EntityState(version, vclock, content_hash, env.covered, env.type, NOW, env.time, entries)
 
 
 def git_rev() -> str:
@@ -153,44 +174,74 @@ def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, A
         assert len(entity_states[0].recent) == min(ids, limits.ids_per_entity)
         rules = policy.rules
         pairs = list(zip(envs, entity_states, strict=True))
-        advanced = [engine._advance(env, entity, NOW, limits) for env, entity in pairs]
+        # The writers' Lamport marks as Guard._one reads them (the bench's events carry no producer instance).
+        marks = []
+        for env in envs:
+            raw = state[LAMPORTS].get(env.source.encode())
+            marks.append(int(raw) if raw else None)
+        advanced = [clean_state(env, entity, limits) for env, entity in pairs]
         decisions = [guard.process(r, route, state, now=NOW) for r in todo]
-        for result in decisions:
+        for result, env, entity, mark, built in zip(decisions, envs, entity_states, marks, advanced, strict=True):
             assert result.first.decision.outcome.value == "verified", result.first.decision
+            # The clean path decides it (what the stages time), and builds the state the stages build.
+            assert engine.verify_clean(env, policy, entity, mark, keyring, NOW, limits, AT, None) is not None
+            assert result.writes[(ENTITIES, env.subject.encode())] == built.to_bytes()
 
         def stage_decode() -> None:
             for r in todo:
                 decode(r.key, r.value, r.headers, default_type=route.default_type)
 
         def stage_integrity() -> None:
+            # verify_clean's common case: a MAC over the bound form decode built, by the source's own key.
             for env in envs:
-                check_integrity(env, policy.forms.get(env.source, DEFAULT_FORMS), keyring, required=True)
+                checksum = env.checksum
+                key = keyring.get(checksum.key_id)
+                if key is None or key.source != env.source \
+                        or not compare_digest(hmac_sha256(key.secret, env.bound), checksum.value.lower()):
+                    raise AssertionError("the bench's events must pass the clean path's integrity check")
 
         def stage_state_decode() -> None:
             for raw in raws:
                 EntityState.from_bytes(raw)  # type: ignore[arg-type]
 
-        def stage_checks() -> None:
-            for env, entity in pairs:
-                reasons = engine._Reasons(policy)
-                engine._check_authorization(env, policy, reasons)
-                entity.find(env.id, NOW, limits.id_window)
-                if env.version is not None and entity.version is not None:
-                    engine._check_version(env.version, entity, env, reasons)
-                if env.vclock is not None and entity.vclock is not None:
-                    engine._check_vclock(env, entity, reasons)
-                engine._check_time(env, policy, NOW, AT, reasons)
-                assert not reasons.items
+        find_ids = policy.severity.get(Code.ID_DUPLICATE, Severity.REJECT) is not Severity.OFF
+        after = Order.AFTER
 
+        def stage_checks() -> None:
+            # verify_clean's tests, in its order; each holds for a clean event (else the full checks would run).
+            sources, key_ids, window = policy.sources, policy.key_ids, limits.id_window
+            max_age, max_skew = policy.max_age, policy.max_skew
+            for (env, entity), mark in zip(pairs, marks, strict=True):
+                ok = policy.listed and env.refused is None and (sources is None or env.source in sources)
+                if key_ids is not None:
+                    checksum = env.checksum
+                    ok = ok and checksum is not None and checksum.algorithm == HMAC_SHA256 \
+                        and checksum.key_id in key_ids
+                ok = ok and not (find_ids and entity.find(env.id, NOW, window) is not None)
+                version, vclock, lamport, at = env.version, env.vclock, env.lamport, env.time
+                ok = ok and (version is None or entity.version is None or version == entity.version + 1)
+                ok = ok and (vclock is None or entity.vclock is None or vclock.compare(entity.vclock) is after)
+                ok = ok and (lamport is None or mark is None or lamport > mark)
+                if at is not None:
+                    ok = ok and (max_age is None or NOW - at <= max_age) and (max_skew is None or at - AT <= max_skew)
+                if not ok:
+                    raise AssertionError("the bench's events must pass the clean path's checks")
+
+        plan = rules.plan
+        generated, uses_last = (plan[0], plan[1]) if plan is not None else (None, True)
         evaluate = _evaluate(rules)
 
         def stage_rules() -> None:
+            # verify_clean calls the generated function ([] when every rule holds); RuleSet.evaluate if there is none.
             for env, entity in pairs:
-                assert not evaluate(env.data(), entity.last_good_data())  # the reasons of a clean event: none
+                last = entity.last_good_data() if uses_last else None
+                found = generated(env.data(), last, NOW, True) if generated is not None else evaluate(env.data(), last)
+                if found:
+                    raise AssertionError(f"the bench's events must satisfy the rules: {found}")
 
         def stage_build() -> None:
             for env, entity in pairs:
-                engine._advance(env, entity, NOW, limits)
+                clean_state(env, entity, limits)
 
         def stage_encode() -> None:
             for entity in advanced:

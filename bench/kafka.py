@@ -41,6 +41,34 @@ async def create_topics(bootstrap: str, names: Sequence[str], partitions: int,
         await admin.close()
 
 
+async def listed_topics(bootstrap: str) -> set[str]:
+    """Every topic the broker lists (one whole-cluster Metadata request: for tests and the bench only)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, prefixes: Iterable[str]) -> list[str]:
+    """Delete every topic whose name starts with one of `prefixes`: one listing, one delete request. A prefix
+    that is a topic's whole name is deleted even when the listing has not caught up with it yet (an unknown
+    topic is only an error code in the answer). Returns the listed names it deleted. The tests' topics go the same
+    way (tests/conftest.py `claim_topics`)."""
+    wanted = tuple(prefixes)
+    if not wanted:
+        return []
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        listed = sorted(t for t in await admin.list_topics() if t.startswith(wanted))
+        await admin.delete_topics(sorted(set(listed) | set(wanted)), timeout_ms=10_000)
+        return listed
+    finally:
+        await admin.close()
+
+
 async def produce(bootstrap: str, topic: str, records: Iterable[Record], *,
                   partition_of: Callable[[int], int] | None = None) -> int:
     """Send records as fast as the client allows (not timed); keyed records go by Kafka's default partitioner."""

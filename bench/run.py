@@ -15,6 +15,7 @@ Variants, all reading the same pre-produced input (one topic, a fresh consumer g
 Also: memory (RSS with 1M entities in state), crash accounting (d SIGKILLed --crash-kills times; and two d
 workers, one joining and one leaving mid-stream, bench/pair.py), detection
 quality (`byzguard demo` at scale, scored per fault class), a py-spy profile; --skip leaves phases out.
+Each run's topics (its input, outputs, changelogs) are deleted once its results are taken (--keep-topics keeps them).
 Results: bench/results/bench.json, bench.md and profile-samples.md (bench/results/tmp/quick/ for --quick);
 bench/results/profile.md is the written analysis of a full run.
 """
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import events, procs, profile_report, report
-from bench.kafka import create_topics, produce
+from bench.kafka import create_topics, delete_topics, produce
 from bench.pair import pair as two_workers
 from bench.procs import REPO, loadavg
 from bench.scenarios import Context, crash, detection, latency, memory, profile, throughput
@@ -116,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run the workers from the checkout itself instead of a copy taken at start")
     parser.add_argument("--broker", help="use this broker instead of starting a local one (results then say so)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results[/quick])")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="keep each run's topics on the broker for inspection (default: deleted once the run's "
+                        "results are taken)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     for name, value in sizes.items():
@@ -218,9 +222,11 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             f" MB" + (f" ERROR {result['error']}" if result["error"] else ""))
         results["memory"] = result
         _save(args, results)
+        await drop_topics(args, bootstrap, f"m-{stamp}-{key}-", topic)
 
     if "crash" not in args.skip and args.crash_kills:
         topic = results.get("throughput", {}).get("input_topic")
+        own_input = topic is None
         if topic is None:
             topic = f"crash-{stamp}"
             await create_topics(bootstrap, [topic], args.partitions)
@@ -234,10 +240,12 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             + (f" ERROR {result['error']}" if result["error"] else ""))
         results["crash"] = result
         _save(args, results)
+        await drop_topics(args, bootstrap, f"k-{stamp}-d-", *([topic] if own_input else []))
 
     if "pair" not in args.skip and args.pair_leave:
         topic = results.get("throughput", {}).get("input_topic") or f"pair-{stamp}"
-        if "throughput" not in results:
+        own_input = "throughput" not in results
+        if own_input:
             await create_topics(bootstrap, [topic], args.partitions)
             await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
                                                                          mode=args.mode)))
@@ -249,6 +257,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             f"{result['wrongly_quarantined']}" + (f" ERROR {result['error']}" if result["error"] else ""))
         results["pair"] = result
         _save(args, results)
+        await drop_topics(args, bootstrap, f"w-{stamp}-d-", *([topic] if own_input else []))
 
     if "detection" not in args.skip and args.detection_events:
         log(f"detection: byzguard demo, {args.detection_events} events, each "
@@ -258,6 +267,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
         results["detection"] = result
         _save(args, results)
+        # Only the worker's own topics: the demo's inputs and outputs are the shipped byzguard.yaml's fixed names.
+        await drop_topics(args, bootstrap, f"x-{stamp}-")
 
     if "throughput" not in args.skip:
         topic = f"tput-{stamp}"
@@ -284,6 +295,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                                               timeout=timeout, timed_from=history)
                 result["rep"] = rep
                 runs.append(result)
+                await drop_topics(args, bootstrap, run_id + "-")  # also the "-again" run's
                 log(f"  -> {result['events_per_s']} events/s over {result['span_s']} s, "
                     f"{result['worker_cpu_us_per_event']} us CPU/event, host {result['host']}"
                     + (f" ERROR {result['error']}" if result["error"] else ""))
@@ -324,6 +336,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                                                timeout=max(120.0, args.latency_seconds * 3))
                     result["rep"] = rep
                     runs.append(result)
+                    await drop_topics(args, bootstrap, run_id + "-")  # its input is `<run_id>-in`
                     log(f"  -> p50 {result['p50_ms']} p99 {result['p99_ms']} p99.9 {result['p999_ms']} ms "
                         f"({result['samples']} samples, {result['rate_achieved']}/s)"
                         + (f" ERROR {result['error']}" if result["error"] else ""))
@@ -342,12 +355,29 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             if not prof.get("error"):
                 prof["summary"] = profile_report.summarise(Path(prof["folded"]))
             profiles.append(prof)
+            await drop_topics(args, bootstrap, f"p-{stamp}-{key}-")
             log("  -> " + (prof.get("error") or f"{prof['summary']['samples']} samples"))
         results["profile"] = profiles
 
+    if "throughput" in results:  # its input served the profile too
+        await drop_topics(args, bootstrap, results["throughput"]["input_topic"])
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["loadavg_end"] = loadavg()
     return results
+
+
+async def drop_topics(args: argparse.Namespace, bootstrap: str, *prefixes: str) -> None:
+    """Delete the topics of a finished run (every name starting with one of `prefixes`) unless --keep-topics:
+    left behind, a benchmark's topics pile up on the broker (slow broker start, huge whole-cluster metadata).
+    Best effort: a failure only warns."""
+    if args.keep_topics or not prefixes:
+        return
+    try:
+        names = await asyncio.wait_for(delete_topics(bootstrap, prefixes), 60)
+    except Exception as exc:
+        log(f"WARNING: could not delete the topics {list(prefixes)}*: {exc!r}")
+    else:
+        log(f"deleted {len(names)} topics ({', '.join(p + '*' for p in prefixes)})")
 
 
 def _dump_tasks() -> None:

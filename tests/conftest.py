@@ -255,17 +255,9 @@ def unique_name(kind: str, bootstrap: str) -> str:
 
 
 async def _delete_claimed(bootstrap: str, prefixes: set[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from bench.kafka import delete_topics  # the benchmark's topics go the same way
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        # A prefix is often a topic's whole name: delete it even when the listing has not caught up with it yet
-        # (an unknown topic is only an error code in the answer).
-        names = {t for t in await admin.list_topics() if t.startswith(tuple(prefixes))} | prefixes
-        await admin.delete_topics(sorted(names), timeout_ms=10_000)
-    finally:
-        await admin.close()
+    await delete_topics(bootstrap, sorted(prefixes))
 
 
 def _delete_all_claimed(claims: dict[str, set[str]]) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from app.sidereads import known_partitions
+
 log = logging.getLogger(__name__)
 
 #: A topic's message size limit when the broker does not say (Kafka's default `message.max.bytes`).
@@ -34,7 +36,9 @@ async def load_limits(bootstrap: str, topics: Sequence[str], *, retry_for: float
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
         try:
             await admin.start()
-            existing = set(await admin.list_topics())
+            # Asked about by name without creating any (describe_configs of a missing topic is only an error, but
+            # the cluster's whole topic list is a large answer on a busy broker).
+            existing = await known_partitions(admin._client, topics)
             wanted = [t for t in dict.fromkeys(topics) if t in existing]
             if not wanted:
                 return {}

@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from typer.testing import CliRunner
 
 from app.cli import cli
+from bench.kafka import listed_topics
 from byzguard.contract import contract_from_text
 from byzguard.guard import ENTITIES
 from byzguard.integrity import HMAC_SHA256, Key
@@ -154,15 +155,6 @@ async def _groups(bootstrap: str) -> set[str]:
         await admin.close()
 
 
-async def _topics(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
-
-
 async def _produce(bootstrap: str, topic: str, records: list[tuple[int, bytes | None, bytes | None, Any]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
@@ -271,4 +263,4 @@ def test_snapshot_starts_from_the_live_state(
         ("sku-1", ["version.regression"])]
     assert asyncio.run(_groups(kafka_bootstrap)) == before
     # The changelogs this app id does not have were looked for, never created.
-    assert f"{app_id}-prices-lamport_by_source-changelog" not in asyncio.run(_topics(kafka_bootstrap))
+    assert f"{app_id}-prices-lamport_by_source-changelog" not in asyncio.run(listed_topics(kafka_bootstrap))
