@@ -70,8 +70,8 @@ from app.runtime.stages import (
     Stages,
     quarantine_stub,
     record_in,
-    refreshing_only,
     repartitions,
+    transactional_producer,
     verify_topics,
 )
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
@@ -405,10 +405,8 @@ class BatchedRuntime(Service):
                     continue
                 route = self.routes[key[0]]
                 if self.eos:  # fence the previous owner (its open transaction is aborted) before reading state
-                    txn = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                           transactional_id=transactional_id(self.app_id, *key),
-                                           **self.producer_options)
-                    refreshing_only(txn, route.inputs)  # not the whole cluster's metadata (stages.py)
+                    txn = transactional_producer(self.bootstrap, transactional_id(self.app_id, *key), route.inputs,
+                                                 self.producer_options)
                     starting.append(txn.start())
                     self.txns[key] = txn
                 self.parts[key] = PartitionState(self.tabledir, route, key[1], self.store_options)

@@ -98,10 +98,17 @@ class StageContext:
     async def transactional(self, transactional_id: str, topics: Iterable[str] = ()) -> AIOKafkaProducer:
         """A started transactional producer (its start aborts what a previous owner left open); `topics`: existing
         topics its metadata refreshes ask for (`refreshing_only`)."""
-        txn = refreshing_only(AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                               transactional_id=transactional_id, **self.producer_options), topics)
+        txn = transactional_producer(self.bootstrap, transactional_id, topics, self.producer_options)
         await txn.start()
         return txn
+
+
+def transactional_producer(bootstrap: str, transactional_id: str, topics: Iterable[str],
+                           options: dict[str, Any]) -> AIOKafkaProducer:
+    """A (not started) transactional producer of the runtime's stages: acks=all, idempotent, its metadata
+    refreshes asking for `topics` only (`refreshing_only`)."""
+    return refreshing_only(AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                            transactional_id=transactional_id, **options), topics)
 
 
 def refreshing_only(producer: AIOKafkaProducer, topics: Iterable[str]) -> AIOKafkaProducer:
