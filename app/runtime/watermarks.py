@@ -83,6 +83,9 @@ class SourceDrains:
         #: Whether the last round of reads failed (the watermarks hold meanwhile).
         self.failing = False
         self._task: asyncio.Task[None] | None = None
+        #: Set by `stop`: Python 3.11's `asyncio.wait_for` swallows a cancellation that meets the end of what it
+        #: awaits (it returns that result instead), so the loop also ends on this flag.
+        self._stopping = False
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
 
@@ -95,10 +98,12 @@ class SourceDrains:
     def start(self) -> None:
         """Start reading, every `interval` seconds."""
         if self.config.audits and self._task is None:
+            self._stopping = False
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
         """Stop reading and close the clients."""
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -107,7 +112,7 @@ class SourceDrains:
         await self._close()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await asyncio.wait_for(self.refresh(), READ_TIMEOUT)
             except asyncio.CancelledError:

@@ -90,10 +90,7 @@ def test_while_the_broker_does_not_answer_nothing_is_drained_and_a_warning_says_
     async def run_for(seconds: float) -> None:
         drains.start()
         await asyncio.sleep(seconds)
-        task, drains._task = drains._task, None
-        assert task is not None
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await drains.stop()
 
     monkeypatch.setattr(drains, "_clients", lambda: _answer((broker, broker)))
     asyncio.run(run_for(0.2))
