@@ -103,3 +103,30 @@ def test_while_the_broker_does_not_answer_nothing_is_drained_and_a_warning_says_
 
 async def _answer(value: Any) -> Any:
     return value
+
+
+def test_a_stop_whose_cancellation_meets_the_end_of_a_round_of_reads_still_ends_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop that cancels the reads just as a round ends still ends them (Python 3.11's `asyncio.wait_for` then
+    returns the round's result instead of the cancellation)."""
+    drains = _drains(tmp_path, monkeypatch, _Broker(end=10, committed=10))
+    drains.interval = 0.01
+    stopping: list[asyncio.Future[None]] = []
+    asked = asyncio.Event()
+
+    async def refresh() -> None:
+        if not stopping:
+            stopping.append(asyncio.ensure_future(drains.stop()))
+            asked.set()
+            await asyncio.sleep(0)  # the stop cancels the reads' task; this round ends before that task sees it
+
+    monkeypatch.setattr(drains, "refresh", refresh)
+
+    async def main() -> bool:
+        drains.start()
+        await asked.wait()
+        done, _ = await asyncio.wait(stopping, timeout=5)
+        drains._stopping = True  # a stop that did not end: end the reads anyway, so the test fails, not hangs
+        return bool(done)
+
+    assert asyncio.run(main()), "the reads went on after the stop"
