@@ -204,10 +204,10 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
             slow = generated(data, last, now, True) if generated is not None else None
         except Exception:
             slow = None
-        # [] says every rule holds; otherwise the closures or celpy decide, as evaluate would.
+        # [] says every rule holds; otherwise the closures or celpy decide the rest, as evaluate would.
         if slow is None or slow:
-            violations = rules.evaluate(data, last, now=now, event=env.attributes() if uses_event
-                                        else _NO_ATTRIBUTES, from_orjson=True)
+            violations = rules.decide(slow, data, last, now=now, event=env.attributes() if uses_event
+                                      else _NO_ATTRIBUTES)
             if violations:
                 return verify_checked(env, policy, entity, lamport_mark, keyring, now, limits, received, writer,
                                       violations=violations)

@@ -175,19 +175,26 @@ class RuleSet:
         orjson.loads returned (so only JSON's types, string keys and 64-bit integers), which spares checking
         each flat value of theirs; the outcomes are the same either way.
         """
-        rules = self._rules
-        if not rules:
+        if not self._rules:
             return []
+        slow = None
         generated = self._generated
         if generated is not None:
             try:
                 slow = generated(data, last, now, from_orjson)
             except Exception:  # such as a `now` the rules can't hold: the closures and celpy say what it is
                 slow = None
-            if slow is not None:
-                if not slow:
-                    return []  # every rule holds
-                rules = tuple([rules[index] for index in slow])
+        return self.decide(slow, data, last, now=now, event=event)
+
+    def decide(self, slow: list[int] | None, data: Any, last: Any, *, now: float,
+               event: Mapping[str, Any]) -> list[Reason]:
+        """evaluate()'s second step, given its first: `slow` is what the generated function returned (the indexes
+        of the rules it could not pass; [] when every rule holds), or None when there is none or it raised."""
+        rules = self._rules
+        if slow is not None:
+            if not slow:
+                return []  # every rule holds
+            rules = tuple([rules[index] for index in slow])
         return self._decide(rules, data, last, now, event)
 
     def _decide(self, rules: tuple[_Rule, ...], data: Any, last: Any, now: float,
