@@ -452,6 +452,32 @@ def _read_bootstrap(run_dir: Path) -> str | None:
         return None
 
 
+def _other_data_dir(run_dir: Path, data: Path) -> Path | None:
+    """The data dir of the broker recorded in *run_dir*, when it is not *data*.
+
+    Run files sit in the data dir's parent, so brokers on /tmp/a-kafka and /tmp/b-kafka would share one set:
+    without this check, starting the second reused the first and stopping either stopped the first.
+    """
+    try:
+        recorded = json.loads((run_dir / INFO_FILE).read_text()).get("data_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not recorded or Path(recorded).resolve() == data:
+        return None
+    return Path(recorded)
+
+
+def _refuse_other(run_dir: Path, data: Path, pid: int) -> None:
+    """Raise when the live broker *pid* recorded in *run_dir* runs on another data dir than *data*."""
+    other = _other_data_dir(run_dir, data)
+    if other is not None:
+        raise LocalKafkaError(
+            f"{run_dir} holds the run files of another broker (pid {pid}, data dir {other}); a broker keeps its "
+            f"run files in its data dir's parent, so give {data} a parent of its own "
+            f"(e.g. {data.parent / data.name / 'data'})"
+        )
+
+
 def _clear_run_files(run_dir: Path) -> None:
     for name in (PID_FILE, BOOTSTRAP_FILE, INFO_FILE):
         with contextlib.suppress(OSError):
@@ -1143,6 +1169,8 @@ def running_broker(data_dir: str | os.PathLike[str] | None = None, timeout: floa
     pid, bootstrap = _read_pid(run_dir), _read_bootstrap(run_dir)
     if pid is None or bootstrap is None or not _is_broker_pid(pid):
         return None
+    if data_dir and _other_data_dir(run_dir, Path(data_dir).expanduser().resolve()) is not None:
+        return None
     return bootstrap if kafka_answers(bootstrap, timeout) else None
 
 
@@ -1157,6 +1185,7 @@ def stop_running(data_dir: str | os.PathLike[str] | None = None, timeout: float 
     was_running = pid is not None and _is_broker_pid(pid)
     if was_running:
         assert pid is not None
+        _refuse_other(run_dir, data, pid)
         _terminate_pid(pid, timeout, data_dir=data)
     _clear_run_files(run_dir)
     return was_running
@@ -1192,6 +1221,7 @@ def ensure_running(
     with _flock(run_dir / ".start.lock"):
         pid, bootstrap = _read_pid(run_dir), _read_bootstrap(run_dir)
         if pid is not None and _is_broker_pid(pid):
+            _refuse_other(run_dir, data, pid)
             if fresh:
                 log.info("stopping the running broker (pid %d) for a fresh start", pid)
                 _terminate_pid(pid, data_dir=data)

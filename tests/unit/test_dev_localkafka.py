@@ -3,6 +3,7 @@ process is gone and its data dir is free again."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,11 +13,17 @@ from pathlib import Path
 import pytest
 
 from app.dev.localkafka import (
+    BOOTSTRAP_FILE,
+    INFO_FILE,
+    PID_FILE,
     STOP_SECONDS_PER_PARTITION,
     STOP_TIMEOUT,
     LocalKafkaError,
     _data_dir_locked,
     _terminate_pid,
+    ensure_running,
+    running_broker,
+    stop_running,
     stop_timeout,
 )
 
@@ -27,6 +34,11 @@ HOLDS_LOCK = (
     "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
     "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(float(sys.argv[2]))"
 )
+
+
+# A process whose command line says kafka.Kafka, as the pid checks want of a broker: it stands in for the broker's
+# process only (its pid and its data dir in the run files), not for Kafka.
+LOOKS_LIKE_BROKER = "import sys, time; print('ready', flush=True); time.sleep(60)"
 
 
 def _child(code: str, *args: str) -> subprocess.Popen[str]:
@@ -75,3 +87,23 @@ def test_stop_timeout_grows_with_the_partitions_of_the_data_dir(tmp_path: Path) 
         (tmp_path / f"topic-{i}").mkdir()
     assert stop_timeout(tmp_path) == pytest.approx(STOP_TIMEOUT + 500 * STOP_SECONDS_PER_PARTITION)
     assert stop_timeout(None) == STOP_TIMEOUT
+
+
+def test_a_second_data_dir_under_the_same_parent_neither_reuses_nor_stops_the_first(
+    tmp_path: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    """Run files live in the data dir's parent: /tmp/a-kafka and /tmp/b-kafka share them. Starting b must not
+    reuse a's broker and stopping b must not stop it; both say which broker holds the run files."""
+    first = _child(LOOKS_LIKE_BROKER, "kafka.Kafka")
+    children.append(first)
+    (tmp_path / PID_FILE).write_text(f"{first.pid}\n")
+    (tmp_path / BOOTSTRAP_FILE).write_text("127.0.0.1:1\n")
+    (tmp_path / INFO_FILE).write_text(json.dumps({"pid": first.pid, "data_dir": str(tmp_path / "a-kafka")}))
+    other = tmp_path / "b-kafka"
+    with pytest.raises(LocalKafkaError, match=r"another broker .*a-kafka.* parent of its own"):
+        ensure_running(data_dir=other, timeout=1)
+    with pytest.raises(LocalKafkaError, match=r"another broker .*a-kafka"):
+        stop_running(other, timeout=1)
+    assert running_broker(other, timeout=0.1) is None
+    assert first.poll() is None  # still running
+    assert (tmp_path / PID_FILE).exists()
