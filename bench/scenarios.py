@@ -197,13 +197,18 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     await create_topics(ctx.bootstrap, [input_topic], ctx.partitions)
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
-    worker = lnch.worker.start()
     target = lnch.outputs[0]  # the verified topic (or the pass-through's output)
     consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
                                 isolation_level="read_committed" if variant.read_committed else "read_uncommitted")
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=0)
-    await consumer.start()
-    await producer.start()
+    # The clients first: a client that fails to start then leaves no worker running.
+    try:
+        await consumer.start()
+        await producer.start()
+    except BaseException:
+        await _stop_clients(producer, consumer)
+        raise
+    worker = lnch.worker.start()
     latencies: list[float] = []
     sent_ns: list[int] = []  # send time of each latency sample, to see whether slow ones come in bursts
     seen = 0
@@ -258,13 +263,14 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
-        await producer.stop()
-        await consumer.stop()
-        worker.sample()
-        worker.stop()
+        try:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            await _stop_clients(producer, consumer)
+            worker.sample()
+        finally:
+            worker.stop()
     host = meter.finish(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
     first_ns = min(sent_ns) if sent_ns else 0
     measured_from = first_ns + int(settle * 1e9)
@@ -294,6 +300,13 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
         if cpu0 is not None and cpu1 is not None and len(sent_at) > 1 else None,
         "host": host, "error": error,
     }
+
+
+async def _stop_clients(*clients: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Stop each client; one that fails to stop (or never started) does not keep the others running."""
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
 
 
 def _r(value: float | None) -> float | None:
@@ -581,12 +594,14 @@ async def detection(ctx: Context, run_id: str, *, events_count: int, rate: float
     started = time.monotonic()
     worker.start()
     error = None
-    while worker.alive():
-        if time.monotonic() - started > timeout:
-            error = f"the demo did not finish in {timeout:.0f} s"
-            worker.stop()
-            break
-        await asyncio.sleep(1.0)
+    try:
+        while worker.alive():
+            if time.monotonic() - started > timeout:
+                error = f"the demo did not finish in {timeout:.0f} s"
+                break
+            await asyncio.sleep(1.0)
+    finally:  # a timeout, or the run cancelled (Ctrl-C): the demo stops, and with it the worker it started
+        worker.stop()
     exit_code = worker.proc.returncode if worker.proc is not None else None
     try:
         report = orjson.loads(report_path.read_bytes())
