@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
                         help="the variant of the RSS run")
+    parser.add_argument("--memory-ids", type=int, default=1, metavar="N",
+                        help="recent ids in each restored entity's state record (default 1, as after one event; 32, "
+                        "the most a record holds by default, is the steady state's record)")
     parser.add_argument("--memory-processed", type=int,
                         help="of those, entities loaded by verifying an event each (the rest are restored from the "
                         "state changelog; full: 100000)")
@@ -228,7 +231,8 @@ async def _phases(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                                                                          mode=args.mode, prefix="memp")))
             # Without the CEL rules by default: they do not touch state, and verifying goes faster.
             result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
-                                  processed=processed, mode=args.mode, timeout=max(900.0, processed / 50))
+                                  processed=processed, mode=args.mode, timeout=max(900.0, processed / 50),
+                                  ids=args.memory_ids)
             log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, "
                 f"{result['rss_all_entities_mb']} MB with all {args.memory_entities}, settled "
                 f"{result['rss_settled_mb']} MB, peak {result['peak_rss_mb']} MB"

@@ -323,37 +323,64 @@ async def _wait(worker: Worker, event: asyncio.Event, timeout: float) -> None:
             await asyncio.wait_for(event.wait(), 0.5)
 
 
-def entity_states(count: int, *, at: float, mode: str, prefix: str) -> Any:
-    """(key, state bytes) of `count` entities after one verified event each, computed by the guard itself."""
+def entity_states(count: int, *, at: float, mode: str, prefix: str, ids: int = 1) -> Any:
+    """(key, state bytes, no headers) of `count` entities after one verified event each, computed by the guard
+    itself; with `ids` > 1, each entity's record then holds `ids` recent ids (at most the config's
+    ids_per_entity, 32), as after `ids` verified events (versions 1..ids: their rows are built by
+    byzguard.state.new_entries, as the guard builds them, without verifying `ids` events per entity)."""
+    from dataclasses import replace
+
+    from byzguard.clocks import VectorClock
     from byzguard.config import load
     from byzguard.guard import ENTITIES, Guard, RecordIn
+    from byzguard.state import EntityState, new_entries
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         config = load(events.write_config(Path(tmp) / "bench.yaml", repo=Path(__file__).resolve().parent.parent,
                                           input_topic="in", verified="v", quarantine="q", partitions=1, rules=False),
                       environ=events.secret_env())
     guard, route = Guard(config), config.routes[0]
+    keep, window = config.ids_per_entity, config.id_window
+    ids = min(ids, keep)
     empty: dict[str, dict[bytes, bytes]] = {"entities": {}, "lamports": {}, "causal": {}}
     for i, (key, value, headers) in enumerate(events.records(events.events(count, count, at=at, mode=mode,
                                                                            prefix=prefix), seq=False)):
         result = guard.process(RecordIn(key, value, headers, "in", 0, i, at), route, empty, now=at)
         state = result.writes.get((ENTITIES, key))
+        if state is not None and ids > 1:
+            entity = EntityState.from_bytes(state)
+            entries = b""
+            for version in range(1, ids + 1):
+                entries = new_entries(entries, f"{key.decode()}-{version}", entity.content_hash, at, version,
+                                      now=at, window=window, keep=keep, old_version=version - 1,
+                                      new_version=version)
+            state = replace(entity, version=ids, vclock=VectorClock({events.SOURCE: ids}),
+                            entries=entries).to_bytes()
         if state is not None:
             yield key, state, []
 
 
 async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, *, restored: int, processed: int,
-                 mode: str, timeout: float, settle: float = 10.0) -> dict[str, Any]:
+                 mode: str, timeout: float, settle: float = 10.0, ids: int = 1) -> dict[str, Any]:
     """RSS of the worker with `restored` + `processed` distinct entities in its state: the first loaded from
-    the state changelog at start (as a restarted worker loads them), the others by verifying one event each."""
+    the state changelog at start (as a restarted worker loads them; each record with `ids` recent ids), the
+    others by verifying one event each."""
     lnch = ctx.launch(variant, run_id, input_topic)
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     state_changelog = next(t for t in lnch.changelogs if t.endswith("state_by_entity-changelog"))
     loaded_at = time.monotonic()
+    sizes = [0, 0]  # records, bytes of the restored state records
+
+    def counted(records: Any) -> Any:
+        for record in records:
+            sizes[0] += 1
+            sizes[1] += len(record[1])
+            yield record
+
     if restored:
         # Keyed like the inputs, so each entity's state lands in the partition its events would.
-        await produce(ctx.bootstrap, state_changelog, entity_states(restored, at=time.time(), mode=mode,
-                                                                    prefix="mem"))
+        await produce(ctx.bootstrap, state_changelog, counted(entity_states(restored, at=time.time(), mode=mode,
+                                                                            prefix="mem", ids=ids)))
     load_seconds = time.monotonic() - loaded_at
     worker = lnch.worker.start()
     started = time.monotonic()
@@ -391,6 +418,11 @@ async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, 
     result = {
         "variant": variant.key, "run_id": run_id, "command": lnch.command, "entities": restored + processed,
         "restored_entities": restored, "processed_entities": processed,
+        # The restored records: their recent ids, their mean size; and the size of an entity's record with one id
+        # and with a full history (the steady state's), whatever this run restored.
+        "restored_ids_per_entity": ids,
+        "restored_record_mean_bytes": round(sizes[1] / sizes[0], 1) if sizes[0] else None,
+        "state_record_bytes_by_ids": state_record_sizes(mode),
         "changelog_load_s": round(load_seconds, 1),
         "restore_to_first_output_s": round(restore_seconds, 1) if restore_seconds else None,
         "rss_after_restore_mb": _mb(rss_restored), "rss_all_entities_mb": _mb(rss_at_done),
@@ -401,6 +433,31 @@ async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, 
     }
     _cleanup(worker)
     return result
+
+
+def state_record_sizes(mode: str, counts: tuple[int, ...] = (1, 32)) -> dict[int, int]:
+    """The size in bytes of one entity's state record after each of `counts` verified events (1 and 32: one
+    recent id and a full history at the default ids_per_entity), as the guard writes it."""
+    from byzguard.config import load
+    from byzguard.guard import ENTITIES, Guard, RecordIn
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        config = load(events.write_config(Path(tmp) / "bench.yaml", repo=Path(__file__).resolve().parent.parent,
+                                          input_topic="in", verified="v", quarantine="q", partitions=1, rules=False),
+                      environ=events.secret_env())
+    guard, route = Guard(config), config.routes[0]
+    state: dict[str, dict[bytes, bytes]] = {"entities": {}, "lamports": {}, "causal": {}}
+    at = time.time()
+    sizes = {}
+    for i, (key, value, headers) in enumerate(events.records(events.events(max(counts), 1, at=at, mode=mode,
+                                                                           prefix="size"), seq=False)):
+        for (table, name), written in guard.process(RecordIn(key, value, headers, "in", 0, i, at), route, state,
+                                                    now=at).writes.items():
+            if written is not None:
+                state[table][name] = written
+        if i + 1 in counts:
+            sizes[i + 1] = len(state[ENTITIES][key])
+    return sizes
 
 
 def _mb(value: int | None) -> float | None:
