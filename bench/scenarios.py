@@ -488,7 +488,12 @@ async def profile(ctx: Context, variant: Variant, run_id: str, input_topic: str,
             pyspy, "record", "--pid", str(worker.pid), "--duration", str(int(seconds)), "--rate", "200",
             "--format", "raw", "--idle", "--threads", "--nonblocking", "--output", str(raw),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except BaseException:  # cancelled (Ctrl-C): py-spy would go on sampling a worker that is being stopped
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         cpu1 = worker.cpu()
         if proc.returncode != 0:
             error = f"py-spy failed: {err.decode(errors='replace')[-500:]}"
