@@ -27,6 +27,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.kafka import delete_topics
 from bench.procs import cpu_seconds, loadavg
 from byzguard.client.producer import GuardedProducer
 from tests.integration.worker_harness import Events, WorkerFactory, WorkerProcess, wipe
@@ -113,6 +114,12 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
             await consumer.stop()
         finally:
             factory.cleanup()
+            # Its topics (the route's and the worker's own): claimed for a pytest session only, so deleted here.
+            try:
+                await asyncio.wait_for(delete_topics(bootstrap, [route.input.removesuffix("-in"),
+                                                                 f"{factory.app_id}-"]), 60)
+            except Exception as exc:
+                print(f"WARNING: could not delete the run's topics: {exc!r}", flush=True)
     return times
 
 
