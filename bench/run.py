@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in [*args.variants, args.memory_variant] if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if VARIANTS[args.memory_variant].kind != "byzguard":
+        parser.error(f"--memory-variant {args.memory_variant}: the memory phase restores byzguard's state changelog; "
+                     f"pick a byzguard worker: {[k for k, v in VARIANTS.items() if v.kind == 'byzguard']}")
     args.latency_variants = [v for v in (args.latency_variants or ",".join(args.variants)).split(",") if v]
     args.profile_variants = [v for v in args.profile_variants.split(",") if v]
     args.skip = {s for s in args.skip.split(",") if s}
