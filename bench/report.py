@@ -95,6 +95,16 @@ def _fmt(stats: dict[str, Any] | None, unit: str = "") -> str:
     return f"{med}{unit} ({stats['min']:,.1f}-{stats['max']:,.1f})"
 
 
+def _record_sizes(mem: dict[str, Any]) -> str:
+    """The memory run's state record sizes, for runs that measured them."""
+    by_ids = mem.get("state_record_bytes_by_ids")
+    if not by_ids:
+        return ""
+    sizes = ", ".join(f"{size} B with {ids} id{'s' if str(ids) != '1' else ''}" for ids, size in by_ids.items())
+    return (f" The restored records held {mem['restored_ids_per_entity']} recent id(s) each, "
+            f"{mem['restored_record_mean_bytes']} B on average; an entity's state record is {sizes}.")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The report: environment, input, throughput and latency side by side, ratios vs targets, memory."""
     env = results["environment"]
@@ -187,6 +197,7 @@ def markdown(results: dict[str, Any]) -> str:
                   f"event each. Worker RSS: {mem['rss_after_restore_mb']} MB after the restore, "
                   f"{mem['rss_all_entities_mb']} MB with all entities, {mem['rss_settled_mb']} MB after settling, "
                   f"peak {mem['peak_rss_mb']} MB; RocksDB state on disk {mem['state_on_disk_mb']} MB."
+                  + _record_sizes(mem)
                   + (f" ERROR: {mem['error']}" if mem.get("error") else ""), ""]
     crash = results.get("crash")
     if crash:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.kafka import delete_topics
 from bench.procs import cpu_seconds, loadavg
 from byzguard.client.producer import GuardedProducer
 from tests.integration.worker_harness import Events, WorkerFactory, WorkerProcess, wipe
@@ -74,18 +75,19 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
     factory = WorkerFactory(bootstrap, base, f"restart-{guarantee.replace('_', '-')}",
                             processing_guarantee=guarantee)
     route = factory.configure(partitions=4)
-    worker = _named(factory.new_worker("w"), worker_id, None).start()
-    worker.wait_ready(120)
-    port = worker.web_port  # a restarted worker keeps its configured web port, so its URL
-    data_dir = worker.data_dir
     stop = asyncio.Event()
     sent: dict[str, float] = {}
-    trickle = asyncio.create_task(_trickle(bootstrap, route.input, interval, stop, sent))
+    trickle: asyncio.Task[None] | None = None
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed",
                                 auto_offset_reset="latest")
-    await consumer.start()
     times: list[float] = []
-    try:
+    try:  # whatever fails (a worker not ready, the consumer, an interrupt), every worker started here is killed
+        worker = _named(factory.new_worker("w"), worker_id, None).start()
+        worker.wait_ready(120)
+        port = worker.web_port  # a restarted worker keeps its configured web port, so its URL
+        data_dir = worker.data_dir
+        trickle = asyncio.create_task(_trickle(bootstrap, route.input, interval, stop, sent))
+        await consumer.start()
         tps = [TopicPartition(route.verified, p) for p in range(route.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
@@ -105,10 +107,19 @@ async def measure(bootstrap: str, guarantee: str, rounds: int, interval: float, 
                   flush=True)
             worker.wait_ready(60)
     finally:
-        stop.set()
-        await trickle
-        await consumer.stop()
-        factory.cleanup()
+        try:
+            stop.set()
+            if trickle is not None:
+                await trickle
+            await consumer.stop()
+        finally:
+            factory.cleanup()
+            # Its topics (the route's and the worker's own): claimed for a pytest session only, so deleted here.
+            try:
+                await asyncio.wait_for(delete_topics(bootstrap, [route.input.removesuffix("-in"),
+                                                                 f"{factory.app_id}-"]), 60)
+            except Exception as exc:
+                print(f"WARNING: could not delete the run's topics: {exc!r}", flush=True)
     return times
 
 

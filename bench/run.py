@@ -32,7 +32,8 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
                         help="the variant of the RSS run")
+    parser.add_argument("--memory-ids", type=int, default=1, metavar="N",
+                        help="recent ids in each restored entity's state record (default 1, as after one event; 32, "
+                        "the most a record holds by default, is the steady state's record)")
     parser.add_argument("--memory-processed", type=int,
                         help="of those, entities loaded by verifying an event each (the rest are restored from the "
                         "state changelog; full: 100000)")
@@ -129,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in [*args.variants, args.memory_variant] if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if VARIANTS[args.memory_variant].kind != "byzguard":
+        parser.error(f"--memory-variant {args.memory_variant}: the memory phase restores byzguard's state changelog; "
+                     f"pick a byzguard worker: {[k for k, v in VARIANTS.items() if v.kind == 'byzguard']}")
     args.latency_variants = [v for v in (args.latency_variants or ",".join(args.variants)).split(",") if v]
     args.profile_variants = [v for v in args.profile_variants.split(",") if v]
     args.skip = {s for s in args.skip.split(",") if s}
@@ -181,10 +188,20 @@ def snapshot(workdir: Path) -> dict[str, Any]:
             "git_diff_sha256": hashlib.sha256(diff).hexdigest()}
 
 
-async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str, *,
+                stamp: str | None = None) -> dict[str, Any]:
+    """Every phase not skipped, in turn. Each phase deletes its topics (unless --keep-topics) when it ends, however
+    it ends: its results taken, an exception, a cancellation (Ctrl-C, SIGTERM); `stamp` (default: the start time)
+    is in the name of every topic and of the run's directory."""
     # `kill -USR1 <pid>` prints where every task of the harness waits (a stuck run can then be understood).
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    stamp = stamp or datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    async with AsyncExitStack() as later:  # what outlives one phase: the throughput input (the profile reads it)
+        return await _phases(args, bootstrap, broker_pid, kafka_version, stamp, later)
+
+
+async def _phases(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str, stamp: str,
+                  later: AsyncExitStack) -> dict[str, Any]:
     workdir = REPO / ".cache" / "bench" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
     code = snapshot(workdir) if args.snapshot else {"path": str(REPO)}
@@ -208,67 +225,70 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         topic = f"mem-{stamp}"
         processed = min(args.memory_processed, args.memory_entities)
         restored = args.memory_entities - processed
+        key = args.memory_variant
         log(f"memory: {restored} entities through the state changelog (restore at start), {processed} by "
             f"verifying one event each ({topic})")
-        await create_topics(bootstrap, [topic], args.partitions)
-        await produce(bootstrap, topic, events.records(events.events(processed, processed, at=time.time(),
-                                                                     mode=args.mode, prefix="memp")))
-        # Without the CEL rules by default: they do not touch state, and verifying goes faster.
-        key = args.memory_variant
-        result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
-                              processed=processed, mode=args.mode, timeout=max(900.0, processed / 50))
-        log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, {result['rss_all_entities_mb']}"
-            f" MB with all {args.memory_entities}, settled {result['rss_settled_mb']} MB, peak {result['peak_rss_mb']}"
-            f" MB" + (f" ERROR {result['error']}" if result["error"] else ""))
-        results["memory"] = result
-        _save(args, results)
-        await drop_topics(args, bootstrap, f"m-{stamp}-{key}-", topic)
+        async with topics_dropped(args, bootstrap, f"m-{stamp}-{key}-", topic):
+            await create_topics(bootstrap, [topic], args.partitions)
+            await produce(bootstrap, topic, events.records(events.events(processed, processed, at=time.time(),
+                                                                         mode=args.mode, prefix="memp")))
+            # Without the CEL rules by default: they do not touch state, and verifying goes faster.
+            result = await memory(ctx, VARIANTS[key], f"m-{stamp}-{key}", topic, restored=restored,
+                                  processed=processed, mode=args.mode, timeout=max(900.0, processed / 50),
+                                  ids=args.memory_ids)
+            log(f"  -> RSS {result['rss_after_restore_mb']} MB after restoring {restored}, "
+                f"{result['rss_all_entities_mb']} MB with all {args.memory_entities}, settled "
+                f"{result['rss_settled_mb']} MB, peak {result['peak_rss_mb']} MB"
+                + (f" ERROR {result['error']}" if result["error"] else ""))
+            results["memory"] = result
+            _save(args, results)
 
     if "crash" not in args.skip and args.crash_kills:
         topic = results.get("throughput", {}).get("input_topic")
         own_input = topic is None
         if topic is None:
             topic = f"crash-{stamp}"
-            await create_topics(bootstrap, [topic], args.partitions)
-            await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
-                                                                         mode=args.mode)))
-        log(f"crash accounting: {args.crash_kills} SIGKILLs of the exactly_once worker over {args.events} events")
-        result = await crash(ctx, VARIANTS["d"], f"k-{stamp}-d", topic, args.events, kills=args.crash_kills,
-                             wipe_every=args.crash_wipe_every, seed=7, timeout=max(600.0, args.events / 20))
-        log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
-            f"{result['wrongly_quarantined']}, recovery {result['recovery_s']}"
-            + (f" ERROR {result['error']}" if result["error"] else ""))
-        results["crash"] = result
-        _save(args, results)
-        await drop_topics(args, bootstrap, f"k-{stamp}-d-", *([topic] if own_input else []))
+        async with topics_dropped(args, bootstrap, f"k-{stamp}-d-", *([topic] if own_input else [])):
+            if own_input:
+                await create_topics(bootstrap, [topic], args.partitions)
+                await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
+                                                                             mode=args.mode)))
+            log(f"crash accounting: {args.crash_kills} SIGKILLs of the exactly_once worker over {args.events} events")
+            result = await crash(ctx, VARIANTS["d"], f"k-{stamp}-d", topic, args.events, kills=args.crash_kills,
+                                 wipe_every=args.crash_wipe_every, seed=7, timeout=max(600.0, args.events / 20))
+            log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
+                f"{result['wrongly_quarantined']}, recovery {result['recovery_s']}"
+                + (f" ERROR {result['error']}" if result["error"] else ""))
+            results["crash"] = result
+            _save(args, results)
 
     if "pair" not in args.skip and args.pair_leave:
         topic = results.get("throughput", {}).get("input_topic") or f"pair-{stamp}"
         own_input = "throughput" not in results
-        if own_input:
-            await create_topics(bootstrap, [topic], args.partitions)
-            await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
-                                                                         mode=args.mode)))
-        log(f"two-worker accounting: exactly_once, B joins and A leaves ({args.pair_leave}) over {args.events} "
-            "events")
-        result = await two_workers(ctx, VARIANTS["d"], f"w-{stamp}-d", topic, args.events, leave=args.pair_leave,
-                            timeout=max(600.0, args.events / 20))
-        log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
-            f"{result['wrongly_quarantined']}" + (f" ERROR {result['error']}" if result["error"] else ""))
-        results["pair"] = result
-        _save(args, results)
-        await drop_topics(args, bootstrap, f"w-{stamp}-d-", *([topic] if own_input else []))
+        async with topics_dropped(args, bootstrap, f"w-{stamp}-d-", *([topic] if own_input else [])):
+            if own_input:
+                await create_topics(bootstrap, [topic], args.partitions)
+                await produce(bootstrap, topic, events.records(events.events(args.events, args.entities, at=now,
+                                                                             mode=args.mode)))
+            log(f"two-worker accounting: exactly_once, B joins and A leaves ({args.pair_leave}) over {args.events} "
+                "events")
+            result = await two_workers(ctx, VARIANTS["d"], f"w-{stamp}-d", topic, args.events, leave=args.pair_leave,
+                                       timeout=max(600.0, args.events / 20))
+            log(f"  -> lost {result['lost']}, duplicated {result['duplicated']}, wrongly quarantined "
+                f"{result['wrongly_quarantined']}" + (f" ERROR {result['error']}" if result["error"] else ""))
+            results["pair"] = result
+            _save(args, results)
 
     if "detection" not in args.skip and args.detection_events:
         log(f"detection: byzguard demo, {args.detection_events} events, each "
             f"fault class at {args.detection_rate:.0%}")
-        result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
-                                 eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
-        log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
-        results["detection"] = result
-        _save(args, results)
         # Only the worker's own topics: the demo's inputs and outputs are the shipped byzguard.yaml's fixed names.
-        await drop_topics(args, bootstrap, f"x-{stamp}-")
+        async with topics_dropped(args, bootstrap, f"x-{stamp}-"):
+            result = await detection(ctx, f"x-{stamp}", events_count=args.detection_events, rate=args.detection_rate,
+                                     eps=args.detection_eps, seed=11, timeout=max(900.0, args.detection_events / 20))
+            log("  -> " + (result["error"] or f"exit {result['exit_code']} in {result['elapsed_s']} s"))
+            results["detection"] = result
+            _save(args, results)
 
     if "throughput" not in args.skip:
         topic = f"tput-{stamp}"
@@ -276,6 +296,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         total = history + args.events
         log(f"pre-producing {total} {args.mode} events over {args.entities} entities into {topic}"
             + (f" (the first {history}, {args.history} per entity, processed but not timed)" if history else ""))
+        # Its input serves the profile too: deleted when the whole run ends, however it ends.
+        later.push_async_callback(drop_topics, args, bootstrap, topic)
         await create_topics(bootstrap, [topic], args.partitions)
         t0 = time.monotonic()
         await produce(bootstrap, topic, events.records(events.events(total, args.entities, at=now, mode=args.mode)))
@@ -286,20 +308,21 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
             for key in args.variants:
                 run_id = f"t-{stamp}-{key}-r{rep}"
                 log(f"throughput {key} rep {rep}/{args.reps}: {VARIANTS[key].label}")
-                result = await throughput(ctx, VARIANTS[key], run_id, topic, total, timeout=timeout,
-                                          timed_from=history)
-                if _killed_from_outside(result):
-                    incidents.append(result)
-                    log(f"  worker SIGKILLed by something outside the bench ({result['error'][:80]}...); once more")
-                    result = await throughput(ctx, VARIANTS[key], run_id + "-again", topic, total,
-                                              timeout=timeout, timed_from=history)
-                result["rep"] = rep
-                runs.append(result)
-                await drop_topics(args, bootstrap, run_id + "-")  # also the "-again" run's
+                async with topics_dropped(args, bootstrap, run_id + "-"):  # also the "-again" run's
+                    result = await throughput(ctx, VARIANTS[key], run_id, topic, total, timeout=timeout,
+                                              timed_from=history)
+                    if _killed_from_outside(result):
+                        incidents.append(result)
+                        log(f"  worker SIGKILLed by something outside the bench ({result['error'][:80]}...); "
+                            "once more")
+                        result = await throughput(ctx, VARIANTS[key], run_id + "-again", topic, total,
+                                                  timeout=timeout, timed_from=history)
+                    result["rep"] = rep
+                    runs.append(result)
+                    _save(args, results | {"throughput": {"runs": runs}})
                 log(f"  -> {result['events_per_s']} events/s over {result['span_s']} s, "
                     f"{result['worker_cpu_us_per_event']} us CPU/event, host {result['host']}"
                     + (f" ERROR {result['error']}" if result["error"] else ""))
-                _save(args, results | {"throughput": {"runs": runs}})
         results["throughput"] = {"input_topic": topic, "runs": runs, "summary": report.summarise_throughput(runs)}
         results["ratios"] = report.ratios(runs)
 
@@ -326,21 +349,22 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
                     run_id = f"l-{stamp}-{key}-r{rep}"
                     log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_settle:g} + "
                         f"{args.latency_seconds:.0f} s")
-                    result = await latency(ctx, VARIANTS[key], run_id, lat_records[key], warmup=warmup, rate=rate,
-                                           settle=args.latency_settle, timeout=max(120.0, args.latency_seconds * 3))
-                    if _killed_from_outside(result):
-                        incidents.append(result)
-                        log("  worker SIGKILLed by something outside the bench; once more")
-                        result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records[key],
-                                               warmup=warmup, rate=rate, settle=args.latency_settle,
+                    async with topics_dropped(args, bootstrap, run_id + "-"):  # its input is `<run_id>-in`
+                        result = await latency(ctx, VARIANTS[key], run_id, lat_records[key], warmup=warmup,
+                                               rate=rate, settle=args.latency_settle,
                                                timeout=max(120.0, args.latency_seconds * 3))
-                    result["rep"] = rep
-                    runs.append(result)
-                    await drop_topics(args, bootstrap, run_id + "-")  # its input is `<run_id>-in`
+                        if _killed_from_outside(result):
+                            incidents.append(result)
+                            log("  worker SIGKILLed by something outside the bench; once more")
+                            result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records[key],
+                                                   warmup=warmup, rate=rate, settle=args.latency_settle,
+                                                   timeout=max(120.0, args.latency_seconds * 3))
+                        result["rep"] = rep
+                        runs.append(result)
+                        _save(args, results | {"latency": {"runs": runs}})
                     log(f"  -> p50 {result['p50_ms']} p99 {result['p99_ms']} p99.9 {result['p999_ms']} ms "
                         f"({result['samples']} samples, {result['rate_achieved']}/s)"
                         + (f" ERROR {result['error']}" if result["error"] else ""))
-                    _save(args, results | {"latency": {"runs": runs}})
             results["latency"] = {"rate": rates.get("c"), "rates_from": str(args.latency_rates_from or "this run"),
                                   "rates": {k: round(r, 1) for k, r in rates.items()},
                                   "warmup": warmup, "settle_s": args.latency_settle, "runs": runs,
@@ -350,20 +374,29 @@ async def bench(args: argparse.Namespace, bootstrap: str, broker_pid: int | None
         profiles = []
         for key in args.profile_variants:
             log(f"profile {key} for {args.profile_seconds:.0f} s with py-spy")
-            prof = await profile(ctx, VARIANTS[key], f"p-{stamp}-{key}", results["throughput"]["input_topic"],
-                                 seconds=args.profile_seconds, out_dir=workdir)
-            if not prof.get("error"):
-                prof["summary"] = profile_report.summarise(Path(prof["folded"]))
-            profiles.append(prof)
-            await drop_topics(args, bootstrap, f"p-{stamp}-{key}-")
+            async with topics_dropped(args, bootstrap, f"p-{stamp}-{key}-"):
+                prof = await profile(ctx, VARIANTS[key], f"p-{stamp}-{key}", results["throughput"]["input_topic"],
+                                     seconds=args.profile_seconds, out_dir=workdir)
+                if not prof.get("error"):
+                    prof["summary"] = profile_report.summarise(Path(prof["folded"]))
+                profiles.append(prof)
             log("  -> " + (prof.get("error") or f"{prof['summary']['samples']} samples"))
         results["profile"] = profiles
 
-    if "throughput" in results:  # its input served the profile too
-        await drop_topics(args, bootstrap, results["throughput"]["input_topic"])
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["loadavg_end"] = loadavg()
     return results
+
+
+@asynccontextmanager
+async def topics_dropped(args: argparse.Namespace, bootstrap: str, *prefixes: str) -> AsyncIterator[None]:
+    """Around a phase (or one run of it): its topics (every name starting with one of `prefixes`) are deleted when
+    the block ends, however it ends (`drop_topics`): a phase that raises, times out or is cancelled (Ctrl-C)
+    leaves none behind either."""
+    try:
+        yield
+    finally:
+        await drop_topics(args, bootstrap, *prefixes)
 
 
 async def drop_topics(args: argparse.Namespace, bootstrap: str, *prefixes: str) -> None:
@@ -378,6 +411,20 @@ async def drop_topics(args: argparse.Namespace, bootstrap: str, *prefixes: str) 
         log(f"WARNING: could not delete the topics {list(prefixes)}*: {exc!r}")
     else:
         log(f"deleted {len(names)} topics ({', '.join(p + '*' for p in prefixes)})")
+
+
+async def _cancelled_by_sigterm(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Await `work`, which SIGTERM cancels as Ctrl-C does: its phases' cleanup runs (workers stopped, topics
+    deleted). Without this a SIGTERM ends the harness at once, and the workers, each in a process group of its
+    own, go on running."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _dump_tasks() -> None:
@@ -423,7 +470,13 @@ def main(argv: list[str] | None = None) -> int:
             kafka = stack.enter_context(LocalKafka(data_dir=data_dir, fresh=True))
             bootstrap, broker_pid, kafka_version = kafka.bootstrap_servers, kafka.pid, kafka.version
             log(f"local Kafka {kafka_version} broker at {bootstrap} (pid {broker_pid})")
-        results = asyncio.run(bench(args, bootstrap, broker_pid, kafka_version))
+        try:
+            results = asyncio.run(_cancelled_by_sigterm(bench(args, bootstrap, broker_pid, kafka_version)))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            # Every phase stopped its workers and deleted its topics on the way out; the figures taken so far
+            # are in bench.json; the bench's own broker stops as this block ends.
+            log(f"interrupted; what was measured so far is in {args.out / 'bench.json'}")
+            return 130
     _save(args, results)
     (args.out / "bench.md").write_text(report.markdown(results))
     if results.get("profile"):

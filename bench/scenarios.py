@@ -197,13 +197,18 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     await create_topics(ctx.bootstrap, [input_topic], ctx.partitions)
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
-    worker = lnch.worker.start()
     target = lnch.outputs[0]  # the verified topic (or the pass-through's output)
     consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
                                 isolation_level="read_committed" if variant.read_committed else "read_uncommitted")
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=0)
-    await consumer.start()
-    await producer.start()
+    # The clients first: a client that fails to start then leaves no worker running.
+    try:
+        await consumer.start()
+        await producer.start()
+    except BaseException:
+        await _stop_clients(producer, consumer)
+        raise
+    worker = lnch.worker.start()
     latencies: list[float] = []
     sent_ns: list[int] = []  # send time of each latency sample, to see whether slow ones come in bursts
     seen = 0
@@ -258,13 +263,14 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
-        await producer.stop()
-        await consumer.stop()
-        worker.sample()
-        worker.stop()
+        try:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            await _stop_clients(producer, consumer)
+            worker.sample()
+        finally:
+            worker.stop()
     host = meter.finish(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
     first_ns = min(sent_ns) if sent_ns else 0
     measured_from = first_ns + int(settle * 1e9)
@@ -296,6 +302,13 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     }
 
 
+async def _stop_clients(*clients: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Stop each client; one that fails to stop (or never started) does not keep the others running."""
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
+
+
 def _r(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
@@ -310,37 +323,64 @@ async def _wait(worker: Worker, event: asyncio.Event, timeout: float) -> None:
             await asyncio.wait_for(event.wait(), 0.5)
 
 
-def entity_states(count: int, *, at: float, mode: str, prefix: str) -> Any:
-    """(key, state bytes) of `count` entities after one verified event each, computed by the guard itself."""
+def entity_states(count: int, *, at: float, mode: str, prefix: str, ids: int = 1) -> Any:
+    """(key, state bytes, no headers) of `count` entities after one verified event each, computed by the guard
+    itself; with `ids` > 1, each entity's record then holds `ids` recent ids (at most the config's
+    ids_per_entity, 32), as after `ids` verified events (versions 1..ids: their rows are built by
+    byzguard.state.new_entries, as the guard builds them, without verifying `ids` events per entity)."""
+    from dataclasses import replace
+
+    from byzguard.clocks import VectorClock
     from byzguard.config import load
     from byzguard.guard import ENTITIES, Guard, RecordIn
+    from byzguard.state import EntityState, new_entries
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         config = load(events.write_config(Path(tmp) / "bench.yaml", repo=Path(__file__).resolve().parent.parent,
                                           input_topic="in", verified="v", quarantine="q", partitions=1, rules=False),
                       environ=events.secret_env())
     guard, route = Guard(config), config.routes[0]
+    keep, window = config.ids_per_entity, config.id_window
+    ids = min(ids, keep)
     empty: dict[str, dict[bytes, bytes]] = {"entities": {}, "lamports": {}, "causal": {}}
     for i, (key, value, headers) in enumerate(events.records(events.events(count, count, at=at, mode=mode,
                                                                            prefix=prefix), seq=False)):
         result = guard.process(RecordIn(key, value, headers, "in", 0, i, at), route, empty, now=at)
         state = result.writes.get((ENTITIES, key))
+        if state is not None and ids > 1:
+            entity = EntityState.from_bytes(state)
+            entries = b""
+            for version in range(1, ids + 1):
+                entries = new_entries(entries, f"{key.decode()}-{version}", entity.content_hash, at, version,
+                                      now=at, window=window, keep=keep, old_version=version - 1,
+                                      new_version=version)
+            state = replace(entity, version=ids, vclock=VectorClock({events.SOURCE: ids}),
+                            entries=entries).to_bytes()
         if state is not None:
             yield key, state, []
 
 
 async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, *, restored: int, processed: int,
-                 mode: str, timeout: float, settle: float = 10.0) -> dict[str, Any]:
+                 mode: str, timeout: float, settle: float = 10.0, ids: int = 1) -> dict[str, Any]:
     """RSS of the worker with `restored` + `processed` distinct entities in its state: the first loaded from
-    the state changelog at start (as a restarted worker loads them), the others by verifying one event each."""
+    the state changelog at start (as a restarted worker loads them; each record with `ids` recent ids), the
+    others by verifying one event each."""
     lnch = ctx.launch(variant, run_id, input_topic)
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     state_changelog = next(t for t in lnch.changelogs if t.endswith("state_by_entity-changelog"))
     loaded_at = time.monotonic()
+    sizes = [0, 0]  # records, bytes of the restored state records
+
+    def counted(records: Any) -> Any:
+        for record in records:
+            sizes[0] += 1
+            sizes[1] += len(record[1])
+            yield record
+
     if restored:
         # Keyed like the inputs, so each entity's state lands in the partition its events would.
-        await produce(ctx.bootstrap, state_changelog, entity_states(restored, at=time.time(), mode=mode,
-                                                                    prefix="mem"))
+        await produce(ctx.bootstrap, state_changelog, counted(entity_states(restored, at=time.time(), mode=mode,
+                                                                            prefix="mem", ids=ids)))
     load_seconds = time.monotonic() - loaded_at
     worker = lnch.worker.start()
     started = time.monotonic()
@@ -378,6 +418,11 @@ async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, 
     result = {
         "variant": variant.key, "run_id": run_id, "command": lnch.command, "entities": restored + processed,
         "restored_entities": restored, "processed_entities": processed,
+        # The restored records: their recent ids, their mean size; and the size of an entity's record with one id
+        # and with a full history (the steady state's), whatever this run restored.
+        "restored_ids_per_entity": ids,
+        "restored_record_mean_bytes": round(sizes[1] / sizes[0], 1) if sizes[0] else None,
+        "state_record_bytes_by_ids": state_record_sizes(mode),
         "changelog_load_s": round(load_seconds, 1),
         "restore_to_first_output_s": round(restore_seconds, 1) if restore_seconds else None,
         "rss_after_restore_mb": _mb(rss_restored), "rss_all_entities_mb": _mb(rss_at_done),
@@ -388,6 +433,31 @@ async def memory(ctx: Context, variant: Variant, run_id: str, input_topic: str, 
     }
     _cleanup(worker)
     return result
+
+
+def state_record_sizes(mode: str, counts: tuple[int, ...] = (1, 32)) -> dict[int, int]:
+    """The size in bytes of one entity's state record after each of `counts` verified events (1 and 32: one
+    recent id and a full history at the default ids_per_entity), as the guard writes it."""
+    from byzguard.config import load
+    from byzguard.guard import ENTITIES, Guard, RecordIn
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        config = load(events.write_config(Path(tmp) / "bench.yaml", repo=Path(__file__).resolve().parent.parent,
+                                          input_topic="in", verified="v", quarantine="q", partitions=1, rules=False),
+                      environ=events.secret_env())
+    guard, route = Guard(config), config.routes[0]
+    state: dict[str, dict[bytes, bytes]] = {"entities": {}, "lamports": {}, "causal": {}}
+    at = time.time()
+    sizes = {}
+    for i, (key, value, headers) in enumerate(events.records(events.events(max(counts), 1, at=at, mode=mode,
+                                                                           prefix="size"), seq=False)):
+        for (table, name), written in guard.process(RecordIn(key, value, headers, "in", 0, i, at), route, state,
+                                                    now=at).writes.items():
+            if written is not None:
+                state[table][name] = written
+        if i + 1 in counts:
+            sizes[i + 1] = len(state[ENTITIES][key])
+    return sizes
 
 
 def _mb(value: int | None) -> float | None:
@@ -418,7 +488,12 @@ async def profile(ctx: Context, variant: Variant, run_id: str, input_topic: str,
             pyspy, "record", "--pid", str(worker.pid), "--duration", str(int(seconds)), "--rate", "200",
             "--format", "raw", "--idle", "--threads", "--nonblocking", "--output", str(raw),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except BaseException:  # cancelled (Ctrl-C): py-spy would go on sampling a worker that is being stopped
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         cpu1 = worker.cpu()
         if proc.returncode != 0:
             error = f"py-spy failed: {err.decode(errors='replace')[-500:]}"
@@ -581,12 +656,14 @@ async def detection(ctx: Context, run_id: str, *, events_count: int, rate: float
     started = time.monotonic()
     worker.start()
     error = None
-    while worker.alive():
-        if time.monotonic() - started > timeout:
-            error = f"the demo did not finish in {timeout:.0f} s"
-            worker.stop()
-            break
-        await asyncio.sleep(1.0)
+    try:
+        while worker.alive():
+            if time.monotonic() - started > timeout:
+                error = f"the demo did not finish in {timeout:.0f} s"
+                break
+            await asyncio.sleep(1.0)
+    finally:  # a timeout, or the run cancelled (Ctrl-C): the demo stops, and with it the worker it started
+        worker.stop()
     exit_code = worker.proc.returncode if worker.proc is not None else None
     try:
         report = orjson.loads(report_path.read_bytes())

@@ -393,3 +393,15 @@ def test_the_report_shows_the_targets_of_the_product() -> None:
     assert out["c/a"] == {"of_medians": 0.5, "per_rep": [0.5], "target": 0.4}
     assert out["d/c"]["of_medians"] == 0.8 and out["d/c"]["target"] == 0.7
     assert out["a_ck/a"]["of_medians"] == 4.0 and out["c/a_ck"]["of_medians"] == 0.125
+
+
+def test_the_memory_phase_takes_only_a_byzguard_worker() -> None:
+    """--memory-variant: a worker without byzguard's state changelog (a pass-through, a prototype) is refused at
+    once, instead of failing the phase after its topics were made."""
+    from bench.run import parse_args
+
+    assert parse_args(["--memory-variant", "d"]).memory_variant == "d"
+    assert parse_args([]).memory_variant == "c_norules"
+    for key in ("a", "b", "e"):
+        with pytest.raises(SystemExit):
+            parse_args(["--memory-variant", key])

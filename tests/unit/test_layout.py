@@ -69,6 +69,7 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
 ACROSS = {
     "test_ambiguous_json.py": "JSON with a repeated key is refused (decode.ambiguous) in every mode",
     "test_bench_core.py": "the benchmark's bench/core.py",
+    "test_bench_scenarios.py": "the state records the benchmark's memory phase restores (bench/scenarios.py)",
     "test_bench_variants.py": "the benchmark's variants (bench/variants.py)",
     "test_causal_delivery.py": "causal delivery in the guard (hold, release, causal.gap)",
     "test_checks.py": "every check: the event that trips it and the one that must not",
