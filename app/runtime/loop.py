@@ -9,11 +9,14 @@ deadlines are checked (its `punctuate`: `Guard.expire_held`), and on a timer whe
 
 A batch, once processed, goes in flight (`_launch`): its writes are sealed (PartitionState.seal) and stay readable
 under the pending writes of the batch being built, and its delivery runs in a task (`_fly`) while the loop fetches
-and processes the next steps. At most one batch per route partition is in flight; what the partition's next steps
-process meanwhile waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight
-from the task of the batch before it once that one is stored. The partitions do not wait for each other; a waiting
-batch of `batch_max_records` records makes the loop wait (it fetches no further ahead), and after a step whose
-batches all wait the loop fetches again once a batch in flight landed (`_paced`). So outputs, changelog records,
+and processes the next steps. What the partition's next steps process while its batch in flight has not let the
+next one go waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight from
+the task of the batch before it (`_release`): under exactly_once once that one is stored (one batch in flight per
+route partition), under at_least_once once its outputs are delivered and the batch before it is stored (at most
+two in flight: the newer one's outputs travel beside the older one's changelog, which halved c's latency at a
+paced load, bench/results/latency-934a6ed). The partitions do not wait for each other; a waiting batch of
+`batch_max_records` records makes the loop wait (it fetches no further ahead), and after a step whose batches all
+wait the loop fetches again once a batch in flight let the next go (`_paced`). So outputs, changelog records,
 transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
@@ -739,7 +742,7 @@ class BatchedRuntime(Service):
             self._release(key, part, front)  # the next batch's outputs go beside this one's changelog
             delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
-                    if (topic, part.partition) in delivered}, inputs, sealed=writes)
+                    if (topic, part.partition) in delivered}, inputs, sealed=writes if not self.eos else True)
         if offsets and not self.eos and consumer is not None:
             self._commit(consumer, offsets)
         self._release(key, part, front)

@@ -167,7 +167,8 @@ class PartitionState:
 
     def seal(self, *, stacked: bool = False) -> Writes:
         """The batch in progress goes in flight: its writes stay readable, under the next batch's, until
-        `store(..., sealed=...)` writes them to RocksDB (or `discard` drops them). Returns the batch's own writes.
+        `store(..., sealed=...)` writes them to RocksDB (or `discard` drops them). Returns the batch's own writes
+        (`stacked`; else nothing: `store(..., sealed=True)` stores the one batch in flight).
 
         One batch in flight at most, unless `stacked` (at_least_once: the next batch goes in flight while the
         changelog of the one before is on its way): the in-flight overlay then holds the newest write of each key
@@ -175,8 +176,10 @@ class PartitionState:
         own: Writes = {}
         for name, writes in self.pending.items():
             flight = self.flight[name]
-            assert stacked or not flight, "a batch is already in flight"
-            own[name] = dict(writes)
+            if stacked:
+                own[name] = dict(writes)
+            else:
+                assert not flight, "a batch is already in flight"
             flight.update(writes)
             writes.clear()
         return own
