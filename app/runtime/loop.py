@@ -156,7 +156,7 @@ class BatchedRuntime(Service):
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
                  assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, worker_id: str | None = None,
-                 **kwargs: Any) -> None:
+                 batch_overlap: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
@@ -171,6 +171,8 @@ class BatchedRuntime(Service):
         self.named = bool(worker_id)
         self.store_options = store_options
         self.eos = guarantee == "exactly_once"
+        #: at_least_once with `batch_overlap`: up to two batches of a route partition in flight (`_release`).
+        self.stacked = batch_overlap and not self.eos
         self.max_records = batch_max_records
         self.max_seconds = batch_max_ms / 1000
         self.session_timeout = session_timeout
@@ -701,7 +703,7 @@ class BatchedRuntime(Service):
         route = self.routes[key[0]]
         records = waiting.out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
         self._changelog_records(part, self.changelogs[route.name], records)
-        writes = part.seal(stacked=not self.eos)
+        writes = part.seal(stacked=self.stacked)
         if route.causal.buffer:
             self.held[key] = held_count(part.readers[CAUSAL])
             self._publish_causal(route.name)
@@ -737,12 +739,13 @@ class BatchedRuntime(Service):
                 raise
         else:
             await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
-            if before is not None:  # its changelog follows the one before: stored in order (raises where it failed)
-                await asyncio.shield(before)
-            self._release(key, part, front)  # the next batch's outputs go beside this one's changelog
+            if self.stacked:
+                if before is not None:  # its changelog follows the one before: stored in order (raises if it failed)
+                    await asyncio.shield(before)
+                self._release(key, part, front)  # the next batch's outputs go beside this one's changelog
             delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
-                    if (topic, part.partition) in delivered}, inputs, sealed=writes if not self.eos else True)
+                    if (topic, part.partition) in delivered}, inputs, sealed=writes if self.stacked else True)
         if offsets and not self.eos and consumer is not None:
             self._commit(consumer, offsets)
         self._release(key, part, front)
