@@ -13,11 +13,11 @@ and processes the next steps. What the partition's next steps process while its 
 next one go waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight from
 the task of the batch before it (`_release`): under exactly_once once that one is stored (one batch in flight per
 route partition), under at_least_once once its outputs are delivered and the batch before it is stored (at most
-two in flight: the newer one's outputs travel beside the older one's changelog, which halved c's latency at a
-paced load, bench/results/latency-934a6ed). The partitions do not wait for each other; a waiting batch of
-`batch_max_records` records makes the loop wait (it fetches no further ahead), and after a step whose batches all
-wait the loop fetches again once a batch in flight let the next go (`_paced`). So outputs, changelog records,
-transactions and stores keep the order of the steps.
+two in flight: the newer one's outputs travel beside the older one's changelog, which halved c's median latency at
+a paced load, bench/results/latency-6e61a94; with BYZGUARD_BATCH_OVERLAP=false once that one is stored). The
+partitions do not wait for each other; a waiting batch of `batch_max_records` records makes the loop wait (it
+fetches no further ahead), and after a step whose batches all wait the loop fetches again once a batch in flight
+let the next go (`_paced`). So outputs, changelog records, transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
