@@ -90,6 +90,11 @@ class Settings(BaseSettings):
                                    description="batched runtime: records of one input partition per batch at most")
     batch_max_ms: float = Field(default=100.0, gt=0, le=60_000,
                                 description="batched runtime: processing time of one batch at most (milliseconds)")
+    # at_least_once: a partition's next batch goes in flight once the outputs of the one before are delivered, its
+    # outputs beside that one's changelog (bench/results/latency-6e61a94: c's median latency halved at a paced load).
+    batch_overlap: bool = Field(default=True, description="batched runtime, at_least_once: a partition's next batch "
+                                "goes in flight once the outputs of the batch before it are delivered (false: once "
+                                "that batch is stored)")
     # RocksDB keeps one database per table partition; faust's defaults (64 MB write buffers, a 2 GB block
     # cache, each per database) let a worker with a million entities grow past 400 MB of RSS.
     rocksdb_write_buffer_mb: int = Field(default=8, ge=1, le=256,

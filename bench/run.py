@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="events/s of the paced load (default: 50%% of each variant's own median throughput)")
     parser.add_argument("--latency-rates-from", type=Path, metavar="BENCH_JSON",
                         help="take each variant's throughput (for half of it) from this earlier run's bench.json")
+    parser.add_argument("--latency-reader-wait-ms", type=int, default=100,
+                        help="the latency reader's fetch_max_wait_ms (default 100)")
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
@@ -352,13 +354,15 @@ async def _phases(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                     async with topics_dropped(args, bootstrap, run_id + "-"):  # its input is `<run_id>-in`
                         result = await latency(ctx, VARIANTS[key], run_id, lat_records[key], warmup=warmup,
                                                rate=rate, settle=args.latency_settle,
-                                               timeout=max(120.0, args.latency_seconds * 3))
+                                               timeout=max(120.0, args.latency_seconds * 3),
+                                               reader_wait_ms=args.latency_reader_wait_ms)
                         if _killed_from_outside(result):
                             incidents.append(result)
                             log("  worker SIGKILLed by something outside the bench; once more")
                             result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records[key],
                                                    warmup=warmup, rate=rate, settle=args.latency_settle,
-                                                   timeout=max(120.0, args.latency_seconds * 3))
+                                                   timeout=max(120.0, args.latency_seconds * 3),
+                                                   reader_wait_ms=args.latency_reader_wait_ms)
                         result["rep"] = rep
                         runs.append(result)
                         _save(args, results | {"latency": {"runs": runs}})

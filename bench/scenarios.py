@@ -186,8 +186,10 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Record], *, warmup: int,
-                  rate: float, timeout: float, settle: float = 0.0) -> dict[str, Any]:
+                  rate: float, timeout: float, settle: float = 0.0, reader_wait_ms: int = 100) -> dict[str, Any]:
     """Send `records` at `rate`/s (after `warmup` unpaced ones) and time each from send to the verified topic.
+
+    `reader_wait_ms`: the reader's fetch_max_wait_ms (how long the broker holds its fetch when nothing is readable).
 
     The first `settle` seconds of the paced load are sent and timed like the rest, but left out of the
     percentiles: every variant, raw aiokafka included, starts the paced load with a few hundred milliseconds of
@@ -198,7 +200,8 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
     target = lnch.outputs[0]  # the verified topic (or the pass-through's output)
-    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
+    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False,
+                                fetch_max_wait_ms=reader_wait_ms,
                                 isolation_level="read_committed" if variant.read_committed else "read_uncommitted")
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=0)
     # The clients first: a client that fails to start then leaves no worker running.
@@ -211,6 +214,9 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     worker = lnch.worker.start()
     latencies: list[float] = []
     sent_ns: list[int] = []  # send time of each latency sample, to see whether slow ones come in bursts
+    # The output's broker append time (the outputs are LogAppendTime topics) minus the send time, ms: the trip up
+    # to the worker's output landing, without the bench reader's fetch of it.
+    appended: list[float] = []
     seen = 0
     warm_seen = asyncio.Event()
     all_seen = asyncio.Event()
@@ -233,6 +239,7 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
                     if sent is not None:
                         latencies.append((now_ns - int(sent)) / 1e6)
                         sent_ns.append(int(sent))
+                        appended.append(m.timestamp - int(sent) / 1e6)
             if seen >= warmup:
                 warm_seen.set()
             if seen >= len(records):
@@ -277,9 +284,13 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     values = sorted(ms for ms, ns in zip(latencies, sent_ns, strict=True) if ns >= measured_from)
     # Every sample, for a look at how the slow ones spread over time (seconds into the load, ms; measured: 0
     # for the settling period left out of the percentiles).
-    (ctx.workdir / run_id / "latency-samples.csv").write_text("sent_s,latency_ms,measured\n" + "".join(
-        f"{(ns - first_ns) / 1e9:.4f},{ms:.2f},{int(ns >= measured_from)}\n"
-        for ms, ns in zip(latencies, sent_ns, strict=True)))
+    # appended_ms: to the output's broker append time (1 ms resolution); latency_ms - appended_ms is the reader's part.
+    (ctx.workdir / run_id / "latency-samples.csv").write_text("sent_s,latency_ms,measured,appended_ms\n" + "".join(
+        f"{(ns - first_ns) / 1e9:.4f},{ms:.2f},{int(ns >= measured_from)},{app:.1f}\n"
+        for ms, ns, app in zip(latencies, sent_ns, appended, strict=True)))
+    to_append = sorted(app for app, ns in zip(appended, sent_ns, strict=True) if ns >= measured_from)
+    read_part = sorted(ms - app for ms, app, ns in zip(latencies, appended, sent_ns, strict=True)
+                       if ns >= measured_from)
     worst = sorted(((ms, ns) for ms, ns in zip(latencies, sent_ns, strict=True) if ns >= measured_from),
                    reverse=True)[:40]
     achieved = (len(sent_at) - 1) / (sent_at[-1] - sent_at[0]) if len(sent_at) > 1 else None
@@ -287,11 +298,16 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     return {
         "variant": variant.key, "run_id": run_id, "command": lnch.command, "rate_target": round(rate, 1),
         "rate_achieved": round(achieved, 1) if achieved else None, "warmup_events": warmup, "paced_events": paced,
-        "settle_s": settle, "settle_samples": len(latencies) - len(values), "samples": len(values),
+        "settle_s": settle, "reader_wait_ms": reader_wait_ms, "settle_samples": len(latencies) - len(values),
+        "samples": len(values),
         "missing": paced - len(latencies),
         "p50_ms": _r(percentile(values, 50)), "p90_ms": _r(percentile(values, 90)),
         "p99_ms": _r(percentile(values, 99)), "p999_ms": _r(percentile(values, 99.9)),
         "max_ms": _r(values[-1] if values else None),
+        # Send to the output's broker append time (the worker's part and the input's broker), and from there to the
+        # bench reader (its fetch): p50 / p99 of each.
+        "appended_p50_ms": _r(percentile(to_append, 50)), "appended_p99_ms": _r(percentile(to_append, 99)),
+        "reader_p50_ms": _r(percentile(read_part, 50)), "reader_p99_ms": _r(percentile(read_part, 99)),
         # The 40 slowest samples: (seconds into the paced load, ms). Periodic spikes point at periodic work.
         "worst": [(round((ns - first_ns) / 1e9, 3), round(ms, 1)) for ms, ns in worst],
         # Wall-clock time of the first paced send (the 0 of `worst` and latency-samples.csv), to match worker logs.

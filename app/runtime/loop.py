@@ -9,12 +9,15 @@ deadlines are checked (its `punctuate`: `Guard.expire_held`), and on a timer whe
 
 A batch, once processed, goes in flight (`_launch`): its writes are sealed (PartitionState.seal) and stay readable
 under the pending writes of the batch being built, and its delivery runs in a task (`_fly`) while the loop fetches
-and processes the next steps. At most one batch per route partition is in flight; what the partition's next steps
-process meanwhile waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight
-from the task of the batch before it once that one is stored. The partitions do not wait for each other; a waiting
-batch of `batch_max_records` records makes the loop wait (it fetches no further ahead), and after a step whose
-batches all wait the loop fetches again once a batch in flight landed (`_paced`). So outputs, changelog records,
-transactions and stores keep the order of the steps.
+and processes the next steps. What the partition's next steps process while its batch in flight has not let the
+next one go waits as one batch (`_Waiting`: its writes pending, its outputs collected), which goes in flight from
+the task of the batch before it (`_release`): under exactly_once once that one is stored (one batch in flight per
+route partition), under at_least_once once its outputs are delivered and the batch before it is stored (at most
+two in flight: the newer one's outputs travel beside the older one's changelog, which halved c's median latency at
+a paced load, bench/results/latency-6e61a94; with BYZGUARD_BATCH_OVERLAP=false once that one is stored). The
+partitions do not wait for each other; a waiting batch of `batch_max_records` records makes the loop wait (it
+fetches no further ahead), and after a step whose batches all wait the loop fetches again once a batch in flight
+let the next go (`_paced`). So outputs, changelog records, transactions and stores keep the order of the steps.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
@@ -153,7 +156,7 @@ class BatchedRuntime(Service):
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
                  assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, worker_id: str | None = None,
-                 **kwargs: Any) -> None:
+                 batch_overlap: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
@@ -168,6 +171,8 @@ class BatchedRuntime(Service):
         self.named = bool(worker_id)
         self.store_options = store_options
         self.eos = guarantee == "exactly_once"
+        #: at_least_once with `batch_overlap`: up to two batches of a route partition in flight (`_release`).
+        self.stacked = batch_overlap and not self.eos
         self.max_records = batch_max_records
         self.max_seconds = batch_max_ms / 1000
         self.session_timeout = session_timeout
@@ -199,6 +204,10 @@ class BatchedRuntime(Service):
         #: The batch in flight of each route partition (`_finish`): delivered (its transaction committed) and
         #: stored while the next one is processed. A failed one stays here: the next batch's `_finish` raises.
         self.flights: dict[Key, asyncio.Future[None]] = {}
+        #: Per route partition, done once its newest batch in flight lets the next one go in flight (`_release`):
+        #: at_least_once once its outputs are delivered and the batch before it is stored, exactly_once once it
+        #: is stored.
+        self.fronts: dict[Key, asyncio.Future[None]] = {}
         #: The batch of each route partition processed while its batch before is in flight (`_finish`).
         self.waiting: dict[Key, _Waiting] = {}
         #: The route partitions whose records are being processed (the loop gives way during it: `TURN_S`).
@@ -344,7 +353,7 @@ class BatchedRuntime(Service):
         """After a step whose batches all wait for the batches in flight, the next fetch waits until one of those
         lands (their deliveries are all that would move): no loop spinning over steps of a record or two, whose
         work would delay the deliveries' own callbacks on a busy worker."""
-        flights = [flight for flight in self.flights.values() if not flight.done()]
+        flights = [f for f in (*self.flights.values(), *self.fronts.values()) if not f.done()]
         if flights:
             await asyncio.wait(flights, return_when=asyncio.FIRST_COMPLETED)
 
@@ -459,6 +468,7 @@ class BatchedRuntime(Service):
                 part.close()
             self.processors.pop(key, None)
             self.waiting.pop(key, None)
+            self.fronts.pop(key, None)
             self.last_batch.pop(key, None)
             if self.held.pop(key, None) is not None:
                 self.oldest.pop(key, None)
@@ -666,39 +676,49 @@ class BatchedRuntime(Service):
             waiting = self.waiting[key] = _Waiting(out)
         waiting.offsets.update(offsets)
         waiting.records += records
-        flight = self.flights.get(key)
-        if flight is not None and not flight.done():
+        flight, front = self.flights.get(key), self.fronts.get(key)
+        if flight is not None and not flight.done() and front is not None and not front.done():
             if waiting.records >= self.max_records:  # a full batch waits: the loop fetches no further ahead
-                await asyncio.shield(flight)  # (raises where it failed) then this one is in flight
+                await asyncio.wait([flight, front], return_when=asyncio.FIRST_COMPLETED)
+                if not front.done():
+                    flight.result()  # it failed: raises (else this one is in flight now)
             self._waited = True
-            return  # it goes in flight once the batch before it landed (`_fly`)
+            return  # it goes in flight once the batch before it lets it (`_release`)
         self._launched = True
         self._launch(key)
 
     def _launch(self, key: Key) -> None:
         """Put the waiting batch of `key` in flight: its writes sealed (still read by the next batch), its
-        changelog records built, its delivery and store behind the loop (`_fly`). One batch in flight per route
-        partition: its transactions and its stores go in order."""
+        changelog records built, its delivery and store behind the loop (`_fly`). exactly_once: one batch in
+        flight per route partition, so its transactions and its stores go in order. at_least_once: a batch goes in
+        flight once the outputs of the one before are delivered (and the one before that is stored), so its
+        outputs are on their way while the changelog of the one before is (`_fly` keeps the order of the
+        changelogs and of the stores)."""
         before = self.flights.get(key)
         if before is not None and before.done():
             before.result()  # the batch before it failed: nothing of this one, built on its state, goes out
+            before = None
         waiting = self.waiting.pop(key)
         part = self.parts[key]
         route = self.routes[key[0]]
         records = waiting.out if self.eos else RecordBatches(self.producer)  # exactly_once: in the same transaction
         self._changelog_records(part, self.changelogs[route.name], records)
-        part.seal()
+        writes = part.seal(stacked=self.stacked)
         if route.causal.buffer:
             self.held[key] = held_count(part.readers[CAUSAL])
             self._publish_causal(route.name)
-        flight = asyncio.ensure_future(self._fly(key, part, waiting.out, records, waiting.offsets, self.consumer))
+        front = self.fronts[key] = asyncio.get_running_loop().create_future()
+        flight = asyncio.ensure_future(self._fly(key, part, waiting.out, records, waiting.offsets, self.consumer,
+                                                 writes, before, front))
         flight.add_done_callback(self._flown)
         self.flights[key] = flight
 
     async def _fly(self, key: Key, part: PartitionState, out: RecordBatches, changelog: RecordBatches,
-                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None) -> None:
-        """Deliver and store one sealed batch (see the module doc for the order), while the loop goes on; then put
-        the batch that waited for it in flight."""
+                   offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None,
+                   writes: dict[str, dict[bytes, bytes | None]], before: asyncio.Future[None] | None,
+                   front: asyncio.Future[None]) -> None:
+        """Deliver and store one sealed batch (`writes`: its own, see the module doc for the order), while the loop
+        goes on; put the batch that waited for it in flight as soon as it may go (`_release`)."""
         changelogs = self.changelogs[key[0]]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:
@@ -719,13 +739,25 @@ class BatchedRuntime(Service):
                 raise
         else:
             await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            if self.stacked:
+                if before is not None:  # its changelog follows the one before: stored in order (raises if it failed)
+                    await asyncio.shield(before)
+                self._release(key, part, front)  # the next batch's outputs go beside this one's changelog
             delivered = await changelog.deliver()
         part.store({name: delivered[(topic, part.partition)] for name, topic in changelogs.items()
-                    if (topic, part.partition) in delivered}, inputs, sealed=True)
+                    if (topic, part.partition) in delivered}, inputs, sealed=writes if self.stacked else True)
         if offsets and not self.eos and consumer is not None:
             self._commit(consumer, offsets)
+        self._release(key, part, front)
+
+    def _release(self, key: Key, part: PartitionState, front: asyncio.Future[None]) -> None:
+        """The batch in flight of `front` lets the next one go: the waiting batch goes in flight (a batch being
+        built goes in flight from its `_finish`)."""
+        if front.done():
+            return
+        front.set_result(None)
         if key in self.waiting and key not in self._building and self.parts.get(key) is part:
-            self._launch(key)  # (a batch being built goes in flight from its `_finish`)
+            self._launch(key)
 
     def _flown(self, task: asyncio.Future[None]) -> None:
         """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,

@@ -165,20 +165,41 @@ class PartitionState:
         for writes in (*self.pending.values(), *self.flight.values()):
             writes.clear()
 
-    def seal(self) -> None:
+    def seal(self, *, stacked: bool = False) -> Writes:
         """The batch in progress goes in flight: its writes stay readable, under the next batch's, until
-        `store(..., sealed=True)` writes them to RocksDB (or `discard` drops them). One batch in flight at most."""
+        `store(..., sealed=...)` writes them to RocksDB (or `discard` drops them). Returns the batch's own writes
+        (`stacked`; else nothing: `store(..., sealed=True)` stores the one batch in flight).
+
+        One batch in flight at most, unless `stacked` (at_least_once: the next batch goes in flight while the
+        changelog of the one before is on its way): the in-flight overlay then holds the newest write of each key
+        of the batches in flight, and `store(..., sealed=<their own writes>)` stores them oldest first."""
+        own: Writes = {}
         for name, writes in self.pending.items():
             flight = self.flight[name]
-            assert not flight, "a batch is already in flight"
+            if stacked:
+                own[name] = dict(writes)
+            else:
+                assert not flight, "a batch is already in flight"
             flight.update(writes)
             writes.clear()
+        return own
 
-    def store(self, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int], *, sealed: bool = False) -> None:
-        """Write the batch in progress (`sealed`: the batch in flight) to RocksDB: one WriteBatch per table with
-        its last changelog offset, the state_by_entity one (`inputs_table`) last with the input offsets of the
-        batch."""
-        tables = self.flight if sealed else self.pending
+    def store(self, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int], *,
+              sealed: bool | Writes = False) -> None:
+        """Write the batch in progress (`sealed=True`: the batch in flight; `sealed=<what seal returned>`: that
+        batch in flight, the oldest) to RocksDB: one WriteBatch per table with its last changelog offset, the
+        state_by_entity one (`inputs_table`) last with the input offsets of the batch."""
+        if isinstance(sealed, dict):
+            for name, writes in sealed.items():  # what a later batch in flight did not overwrite: in RocksDB now
+                flight = self.flight[name]
+                for key, value in writes.items():
+                    if flight.get(key, _UNWRITTEN) == value:
+                        del flight[key]
+            self._store(sealed, changelog_offsets, inputs)
+            return
+        self._store(self.flight if sealed else self.pending, changelog_offsets, inputs)
+
+    def _store(self, tables: Writes, changelog_offsets: Mapping[str, int], inputs: Mapping[str, int]) -> None:
         inputs_table = self.inputs_table
         for name in sorted(self.names, key=lambda n: n == inputs_table):  # state_by_entity last
             writes = tables[name]

@@ -23,7 +23,7 @@ from byzguard.guard import ENTITIES, Guard
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
 
-def _runtime(tmp_path: Path, guarantee: str) -> BatchedRuntime:
+def _runtime(tmp_path: Path, guarantee: str, *, overlap: bool = True) -> BatchedRuntime:
     path = tmp_path / "byzguard.yaml"
     path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
                     "      partitions: 2, types: {t: {}}}\n")
@@ -31,7 +31,7 @@ def _runtime(tmp_path: Path, guarantee: str) -> BatchedRuntime:
     runtime = BatchedRuntime(
         app_id="app", bootstrap="127.0.0.1:9", config=config, guard=Guard(config), tabledir=tmp_path,
         store_options={}, guarantee=guarantee, batch_max_records=10, batch_max_ms=10, session_timeout=10,
-        fetch_min_bytes=1, fetch_max_wait_ms=7, producer={})
+        fetch_min_bytes=1, fetch_max_wait_ms=7, producer={}, batch_overlap=overlap)
     runtime.positions = {TP0: 0, TP1: 0}
     return runtime
 
@@ -228,7 +228,9 @@ async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRu
 async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime: BatchedRuntime,
                                                                         tmp_path: Path) -> None:
     """at_least_once: a batch's outputs, then its changelog, then its store, then its offsets' commit; the
-    batches processed meanwhile wait, as one batch, and go only once it is stored (one batch in flight)."""
+    batches processed meanwhile wait, as one batch, which goes in flight once the outputs of the one before are
+    delivered and the one before that is stored: its outputs go while the changelog of the one before is on its
+    way, its changelog and its store only once that one is stored."""
     producer = Producer()
     changelog = runtime.changelogs["r"][ENTITIES]
     producer.held[changelog] = asyncio.Event()
@@ -238,17 +240,51 @@ async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime:
     runtime.consumer = cast(Any, consumer)
     await _batch(runtime, part, b"a", b"1", 1)
     await _batch(runtime, part, b"b", b"2", 2)  # processed while the first is in flight: it waits
-    await _batch(runtime, part, b"c", b"3", 3)  # and the next joins it
+    await asyncio.sleep(0.02)  # its outputs go once those of the first are delivered, beside their changelog
+    await _batch(runtime, part, b"c", b"3", 3)  # it waits until the first is stored
     await asyncio.sleep(0.02)
-    assert producer.log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a")]
+    log = producer.log
+    assert log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a"),
+                   ("sent", "out", "b"), ("delivered", "out", "b")]
     assert part.dbs[ENTITIES].get(b"a") is None and consumer.committed == []
+    assert part.readers[ENTITIES].get(b"a") == b"1" and part.readers[ENTITIES].get(b"c") == b"3"
     producer.held[changelog].set()
     await runtime._landed_all()
     await runtime._committed()
-    assert producer.log[3:] == [("delivered", changelog, "a"), ("sent", "out", "b,c"), ("delivered", "out", "b,c"),
-                                ("sent", changelog, "b,c"), ("delivered", changelog, "b,c")]
+    assert [e for e in log if e[1] == changelog] == [("sent", changelog, k) if i % 2 == 0 else
+                                                     ("delivered", changelog, k)
+                                                     for i, k in enumerate("aabbcc")]
+    assert [e for e in log if e[1] == "out" and e[0] == "sent"] == [("sent", "out", k) for k in "abc"]
+    for k, before in (("b", "a"), ("c", "b")):  # each changelog after its outputs and the changelog before
+        sent = log.index(("sent", changelog, k))
+        assert sent > log.index(("delivered", "out", k)) and sent > log.index(("delivered", changelog, before))
+    assert log.index(("sent", "out", "c")) > log.index(("delivered", changelog, "a"))
+    assert not any(part.flight.values())  # every batch stored: nothing left in the in-flight overlay
     assert part.dbs[ENTITIES].get(b"c") == b"3" and part.input_offsets() == {"in": 3}
     assert [c[TP0] for c in consumer.committed][-1] == 3
+
+
+async def test_without_overlap_the_next_batch_goes_once_the_one_before_is_stored(tmp_path: Path) -> None:
+    """at_least_once with BYZGUARD_BATCH_OVERLAP=false: the batches processed while one is in flight wait, as one
+    batch, until it is stored (its outputs, then its changelog delivered): one batch in flight."""
+    runtime = _runtime(tmp_path, "at_least_once", overlap=False)
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    part = _owned(runtime, tmp_path, producer)
+    runtime.consumer = cast(Any, Consumer())
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    await asyncio.sleep(0.02)
+    await _batch(runtime, part, b"c", b"3", 3)
+    await asyncio.sleep(0.02)
+    assert producer.log == [("sent", "out", "a"), ("delivered", "out", "a"), ("sent", changelog, "a")]
+    producer.held[changelog].set()
+    await runtime._landed_all()
+    assert producer.log[3:] == [("delivered", changelog, "a"), ("sent", "out", "b,c"), ("delivered", "out", "b,c"),
+                                ("sent", changelog, "b,c"), ("delivered", changelog, "b,c")]
+    assert part.dbs[ENTITIES].get(b"c") == b"3" and not any(part.flight.values())
 
 
 async def test_a_full_waiting_batch_holds_the_loop(runtime: BatchedRuntime, tmp_path: Path) -> None:

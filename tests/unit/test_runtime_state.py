@@ -143,3 +143,36 @@ def test_a_batch_in_flight_is_read_under_the_batch_in_progress(tmp_path: Path, c
     reader.put(b"c", b"n+2")
     part.discard()
     assert [reader.get(k) for k in (b"a", b"c")] == [b"n", b"db"]
+
+
+def test_stacked_batches_in_flight_are_stored_oldest_first(tmp_path: Path, config: GuardConfig) -> None:
+    """at_least_once: a batch goes in flight while the one before is still in flight (`seal(stacked=True)`);
+    reads see the newest write of either; storing the older one (its own writes, as `seal` returned them) leaves
+    the newer one's writes readable over RocksDB, and storing that one empties the in-flight overlay."""
+    part = PartitionState(tmp_path, config.routes[0], 0, {})
+    try:
+        reader = part.readers[ENTITIES]
+        reader.put(b"a", b"1")
+        reader.put(b"b", b"1")
+        reader.delete(b"d")
+        first = part.seal(stacked=True)
+        reader.put(b"a", b"2")
+        reader.put(b"c", b"2")
+        reader.delete(b"d")
+        second = part.seal(stacked=True)
+        assert first[ENTITIES] == {b"a": b"1", b"b": b"1", b"d": None}
+        assert [reader.get(k) for k in (b"a", b"b", b"c", b"d")] == [b"2", b"1", b"2", None]
+        part.store({ENTITIES: 1}, {"in": 1}, sealed=first)
+        assert part.dbs[ENTITIES].get(b"a") == b"1" and part.dbs[ENTITIES].get(b"c") is None
+        assert [reader.get(k) for k in (b"a", b"b", b"c", b"d")] == [b"2", b"1", b"2", None]
+        assert set(part.flight[ENTITIES]) == {b"a", b"c"}  # b and d (written alike by both) are in RocksDB
+        part.store({ENTITIES: 2}, {"in": 2}, sealed=second)
+        assert not part.flight[ENTITIES] and part.input_offsets() == {"in": 2}
+        assert [part.dbs[ENTITIES].get(k) for k in (b"a", b"b", b"c")] == [b"2", b"1", b"2"]
+        reader.put(b"a", b"3")
+        part.seal()
+        reader.put(b"a", b"4")
+        with pytest.raises(AssertionError):  # exactly_once: one batch in flight at most
+            part.seal()
+    finally:
+        part.close()

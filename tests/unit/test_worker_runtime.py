@@ -17,6 +17,10 @@ def test_the_batched_runtime_runs_unset_or_named(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("BYZGUARD_RUNTIME", raising=False)
     settings = load_settings()
     assert (settings.runtime, settings.batch_max_records, settings.batch_max_ms) == ("batched", 1000, 100.0)
+    assert settings.batch_overlap is True
+    monkeypatch.setenv("BYZGUARD_BATCH_OVERLAP", "false")
+    assert load_settings().batch_overlap is False
+    monkeypatch.delenv("BYZGUARD_BATCH_OVERLAP")
     monkeypatch.setenv("BYZGUARD_RUNTIME", "batched")
     assert load_settings().runtime == "batched"
     monkeypatch.setenv("BYZGUARD_RUNTIME", "fast")
