@@ -52,6 +52,7 @@ _CONCURRENT: Final = Order.CONCURRENT
 _FAIL_OPEN: Final = Policy.FAIL_OPEN
 # What rules that never read `event` are given instead of the envelope attributes (never looked at).
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = MappingProxyType({})
+_new: Final = object.__new__
 
 
 # Not frozen: a frozen dataclass's __init__ costs about 1 µs more, and one or two are built per event.
@@ -228,10 +229,24 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
         if vclock is None:
             vclock = entity.vclock
     content_hash = env.content_hash
-    entries = new_entries(entries, env.id, content_hash, now, env.version, now=now, window=limits.id_window,
-                          keep=limits.ids_per_entity, old_version=last_version, new_version=version)
-    return Decision(_VERIFIED, (), EntityState(version, vclock, content_hash, covered, env.type, now, env.time,
-                                               entries), lamport)
+    # new_entries positionally, and both objects built field by field (without their dataclass __init__ calls).
+    state = _new(EntityState)
+    state.version = version
+    state.vclock = vclock
+    state.content_hash = content_hash
+    state.last_good = covered
+    state.last_good_type = env.type
+    state.verified_at = now
+    state.event_time = env.time
+    state.entries = new_entries(entries, env.id, content_hash, now, env.version, now, limits.id_window,
+                                limits.ids_per_entity, last_version, version)
+    state.last_good_dropped = 0
+    decision = _new(Decision)
+    decision.outcome = _VERIFIED
+    decision.reasons = ()
+    decision.entity = state
+    decision.lamport = lamport
+    return decision
 
 
 def verify_checked(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
