@@ -16,7 +16,8 @@ from byzguard.clocks import Order
 from byzguard.config import Policy, TypePolicy
 from byzguard.envelope import Envelope
 from byzguard.integrity import BOUND, DEFAULT_FORMS, HMAC_SHA256, KeyRing, check_integrity, hmac_sha256
-from byzguard.state import EntityState, bounded_merge, new_entries
+from byzguard.state import _HEAD as _ENTRIES_HEAD
+from byzguard.state import EntityState, bounded_merge, id_hash, new_entries
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 # Failures that mean "we do not know who sent this or whether the bytes are the ones sent": checks that
@@ -175,7 +176,10 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
                                   integrity=failures)
     severity = policy.severity
     if entity is not None:
-        if severity.get(_ID_DUPLICATE, _REJECT) is not _OFF and entity.find(env.id, now, limits.id_window) is not None:
+        # EntityState.find's first test inline (the id's hash is not among the entries: a new id), then find.
+        blob = entity.entries
+        if blob and blob.find(id_hash(env.id), _ENTRIES_HEAD) >= 0 and severity.get(_ID_DUPLICATE, _REJECT) \
+                is not _OFF and entity.find(env.id, now, limits.id_window) is not None:
             return None
         version = env.version
         last_version = entity.version
