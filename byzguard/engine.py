@@ -12,11 +12,15 @@ from hmac import compare_digest
 from types import MappingProxyType
 from typing import Any, Final
 
+import orjson
+from orjson import JSONDecodeError
+
 from byzguard.clocks import Order
 from byzguard.config import Policy, TypePolicy
 from byzguard.envelope import Envelope
 from byzguard.integrity import BOUND, DEFAULT_FORMS, HMAC_SHA256, KeyRing, check_integrity, hmac_sha256
-from byzguard.state import EntityState, bounded_merge, new_entries
+from byzguard.state import _HEAD as _ENTRIES_HEAD
+from byzguard.state import EntityState, bounded_merge, id_hash, new_entries
 from byzguard.verdict import Code, Outcome, Reason, Severity, quote
 
 # Failures that mean "we do not know who sent this or whether the bytes are the ones sent": checks that
@@ -52,6 +56,8 @@ _CONCURRENT: Final = Order.CONCURRENT
 _FAIL_OPEN: Final = Policy.FAIL_OPEN
 # What rules that never read `event` are given instead of the envelope attributes (never looked at).
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = MappingProxyType({})
+_new: Final = object.__new__
+_loads: Final = orjson.loads
 
 
 # Not frozen: a frozen dataclass's __init__ costs about 1 µs more, and one or two are built per event.
@@ -174,7 +180,10 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
                                   integrity=failures)
     severity = policy.severity
     if entity is not None:
-        if severity.get(_ID_DUPLICATE, _REJECT) is not _OFF and entity.find(env.id, now, limits.id_window) is not None:
+        # EntityState.find's first test inline (the id's hash is not among the entries: a new id), then find.
+        blob = entity.entries
+        if blob and blob.find(id_hash(env.id), _ENTRIES_HEAD) >= 0 and severity.get(_ID_DUPLICATE, _REJECT) \
+                is not _OFF and entity.find(env.id, now, limits.id_window) is not None:
             return None
         version = env.version
         last_version = entity.version
@@ -192,13 +201,20 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
         if max_age is not None and now - time > max_age:
             return None
         max_skew = policy.max_skew
-        if max_skew is not None and time - (now if received is None else min(received, now)) > max_skew:
+        # min(received, now) without the builtin's call (the same answer, NaN included: min keeps its first
+        # argument unless the second is smaller)
+        if max_skew is not None and time - (now if received is None or now < received else received) > max_skew:
             return None
     rules = policy.rules
     plan = rules.plan  # (generated function, uses_last, uses_event): RuleSet.evaluate's first step, inline
     if plan is not None and severity.get(_INVARIANT_VIOLATED, _REJECT) is not _OFF:
         generated, uses_last, uses_event = plan
-        last = entity.last_good_data() if entity is not None and uses_last else None
+        last = None
+        if entity is not None and uses_last:  # entity.last_good_data(), inline
+            try:
+                last = _loads(entity.last_good)
+            except JSONDecodeError:
+                last = None
         data = env.data()
         try:
             slow = generated(data, last, now, True) if generated is not None else None
@@ -228,10 +244,24 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
         if vclock is None:
             vclock = entity.vclock
     content_hash = env.content_hash
-    entries = new_entries(entries, env.id, content_hash, now, env.version, now=now, window=limits.id_window,
-                          keep=limits.ids_per_entity, old_version=last_version, new_version=version)
-    return Decision(_VERIFIED, (), EntityState(version, vclock, content_hash, covered, env.type, now, env.time,
-                                               entries), lamport)
+    # new_entries positionally, and both objects built field by field (without their dataclass __init__ calls).
+    state = _new(EntityState)
+    state.version = version
+    state.vclock = vclock
+    state.content_hash = content_hash
+    state.last_good = covered
+    state.last_good_type = env.type
+    state.verified_at = now
+    state.event_time = env.time
+    state.entries = new_entries(entries, env.id, content_hash, now, env.version, now, limits.id_window,
+                                limits.ids_per_entity, last_version, version)
+    state.last_good_dropped = 0
+    decision = _new(Decision)
+    decision.outcome = _VERIFIED
+    decision.reasons = ()
+    decision.entity = state
+    decision.lamport = lamport
+    return decision
 
 
 def verify_checked(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,

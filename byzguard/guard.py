@@ -120,6 +120,7 @@ class Result:
 
 
 _new_result: Final = object.__new__
+_VERIFIED: Final = Outcome.VERIFIED
 
 
 class _Tx:
@@ -189,7 +190,10 @@ class Guard:
         result.writes = {}
         result.held_delta = 0
         result.oldest_held_age = None
-        self._one(record, route, _Tx(state, result), now, hold=route.causal.buffer)
+        tx = _new_result(_Tx)  # _Tx(state, result), without its __init__ call
+        tx.state = state
+        tx.result = result
+        self._one(record, route, tx, now, route.causal.buffer)
         return result
 
     def expire_held(self, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
@@ -225,12 +229,11 @@ class Guard:
         raw = tx.get(ENTITIES, key)
         return EntityState.from_bytes(raw) if raw else None
 
-    def _one(self, record: RecordIn, route: Route, tx: _Tx, now: float, *, hold: bool,
+    def _one(self, record: RecordIn, route: Route, tx: _Tx, now: float, hold: bool,
              released: bool = False) -> None:
         writers = route.input_sources
         writer = writers.get(record.topic) if writers else None
-        decoded = decode(record.key, record.value, record.headers, default_type=route.default_type,
-                         default_source=writer)
+        decoded = decode(record.key, record.value, record.headers, route.default_type, writer)  # positionally
         if isinstance(decoded, tuple):
             self._emit(tx, record, route, decode_failure(*decoded), None, now)
             return
@@ -276,7 +279,17 @@ class Guard:
             writes[(ENTITIES, entity_key)] = decision.entity.to_bytes()  # tx.put
         if decision.lamport is not None and not released:
             writes[(LAMPORTS, lamport_key)] = str(decision.lamport).encode()  # encode_lamport
-        self._emit(tx, record, route, decision, env, now)
+        if decision.outcome is _VERIFIED and not decision.reasons:
+            # _emit's common case inline: verified, no reason, so no quarantine headers.
+            routed = _new_result(Routed)
+            routed.record = record
+            routed.decision = decision
+            routed.envelope = env
+            routed.verified_headers = verified_headers(record.headers, _VERIFIED, (), route.name, now)
+            routed.quarantine_headers = None
+            tx.result.routed.append(routed)
+        else:
+            self._emit(tx, record, route, decision, env, now)
         if hold and decision.entity is not None:
             self._release(tx, route, entity_key, now)
 

@@ -92,6 +92,7 @@ MERGED_CLOCK_MAX_ENTRIES: Final = 256
 """The most entries an entity's merged vector clock keeps (the writers with the highest counters stay)."""
 
 _id_hash = xxhash.xxh3_128_digest
+_new: Final = object.__new__
 _head = _IDS_HEAD.unpack_from
 _pack_head = _IDS_HEAD.pack
 _ms_at = struct.Struct("<I").unpack_from
@@ -262,9 +263,18 @@ class EntityState:
         dropped = 0
         if flags & _DROPPED:
             dropped, size = size, 0
-        last_good = raw[start:start + size]
-        return cls(version if flags & _HAS_VERSION else None, vclock, content_hash, last_good, kind, verified_at,
-                   event_time if flags & _HAS_EVENT_TIME else None, raw[start + size:], dropped)
+        # Field by field: the dataclass __init__ call costs more than the stores.
+        state = _new(cls)
+        state.version = version if flags & _HAS_VERSION else None
+        state.vclock = vclock
+        state.content_hash = content_hash
+        state.last_good = raw[start:start + size]
+        state.last_good_type = kind
+        state.verified_at = verified_at
+        state.event_time = event_time if flags & _HAS_EVENT_TIME else None
+        state.entries = raw[start + size:]
+        state.last_good_dropped = dropped
+        return state
 
     def last_good_data(self) -> object:
         """The last verified data parsed as JSON, or None when it was not JSON (or was not kept)."""
@@ -328,7 +338,7 @@ def _parse_clock(raw: bytes) -> VectorClock:
         return VectorClock.from_header(raw, max_entries=sys.maxsize)  # names the fault
 
 
-def new_entries(entries: bytes, event_id: str, content_hash: bytes, seen_at: float, version: int | None, *,
+def new_entries(entries: bytes, event_id: str, content_hash: bytes, seen_at: float, version: int | None,
                 now: float, window: float, keep: int, old_version: int | None = None,
                 new_version: int | None = None) -> bytes:
     """`entries` (of an entity at `old_version`) with the ones outside the window (and beyond `keep` in all)

@@ -184,6 +184,9 @@ class RuleSet:
                 slow = generated(data, last, now, from_orjson)
             except Exception:  # such as a `now` the rules can't hold: the closures and celpy say what it is
                 slow = None
+            else:
+                if not slow:
+                    return []  # every rule holds: decide's first answer, without its call
         return self.decide(slow, data, last, now=now, event=event)
 
     def decide(self, slow: list[int] | None, data: Any, last: Any, *, now: float,
