@@ -188,7 +188,7 @@ class WorkerFactory:
     config_path: Path | None = None
 
     def __post_init__(self) -> None:
-        claim_topics(self.bootstrap, f"{self.app_id}-")  # its internal topics go when the test ends
+        claim_topics(self.bootstrap, f"{self.app_id}-")  # its internal topics go when the test's module ends
 
     def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
         """Write this test's config with unique topic names (the worker's provisioning creates them);
@@ -237,7 +237,7 @@ class WorkerFactory:
         return worker
 
     def cleanup(self) -> None:
-        """Kill whatever still runs (its topics are claimed: deleted when the test or session ends)."""
+        """Kill whatever still runs (its topics are claimed: deleted when the module or session ends)."""
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 worker.kill()
