@@ -234,23 +234,23 @@ async def _create_topic(bootstrap: str, name: str, partitions: int, config: Mapp
         await admin.close()
 
 
-# A test claims the topics it makes (by name prefix, on a broker); they are deleted when it ends, so a
-# shared broker does not pile up partitions run after run. Claims made outside a test (module or session
-# fixtures) are deleted when the session ends.
+# A test claims the topics it makes (by name prefix, on a broker); they are deleted when its module ends (one
+# listing and one delete request per module, not per test), so a shared broker does not pile up partitions run
+# after run. Claims made outside a module (session fixtures) are deleted when the session ends.
 _claims: dict[str, set[str]] | None = None
 _session_claims: dict[str, set[str]] = {}
 
 
 def claim_topics(bootstrap: str, prefix: str) -> str:
-    """Delete every topic on *bootstrap* whose name starts with *prefix* once the running test ends; returns
-    *prefix*. Give it a name made unique per test (a uuid in it): every topic of that name or beyond goes."""
+    """Delete every topic on *bootstrap* whose name starts with *prefix* once the running test's module ends;
+    returns *prefix*. Give it a name made unique per test (a uuid in it): every topic of that name or beyond goes."""
     claims = _claims if _claims is not None else _session_claims
     claims.setdefault(bootstrap, set()).add(prefix)
     return prefix
 
 
 def unique_name(kind: str, bootstrap: str) -> str:
-    """``<kind>-<8 hex>``, claimed: an app id or topic name whose topics are deleted after the test."""
+    """``<kind>-<8 hex>``, claimed: an app id or topic name whose topics are deleted after the test's module."""
     return claim_topics(bootstrap, f"{kind}-{uuid.uuid4().hex[:8]}")
 
 
@@ -276,9 +276,10 @@ def _delete_all_claimed(claims: dict[str, set[str]]) -> None:
             warnings.warn(f"could not delete the test topics {sorted(prefixes)}*: {exc!r}", stacklevel=1)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def delete_claimed_topics() -> Iterator[None]:
-    """The topics the test claimed (:func:`claim_topics`) are deleted when it ends, after its other fixtures."""
+    """The topics the module's tests and module fixtures claimed (:func:`claim_topics`) are deleted when its last
+    test ended, after their fixtures (the workers that used them are stopped by then)."""
     global _claims
     _claims = {}
     try:
@@ -289,7 +290,7 @@ def delete_claimed_topics() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Claims made by module and session fixtures are deleted at the end of the session."""
+    """Claims made by session fixtures are deleted at the end of the session."""
     claims = dict(_session_claims)
     _session_claims.clear()
     _delete_all_claimed(claims)
@@ -302,7 +303,7 @@ def _topic_prefix(test_name: str) -> str:
 @pytest.fixture
 def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> TopicFactory:
     """Create fresh topics named ``<test name>-<uuid4 hex[:8]>``; they (and the topics named after them, such as
-    ``<name>-receipts``) are deleted after the test."""
+    ``<name>-receipts``) are deleted after the test's module."""
     prefix = _topic_prefix(request.node.name)
 
     def create(partitions: int = 1, config: Mapping[str, str] | None = None, *, suffix: str = "") -> str:

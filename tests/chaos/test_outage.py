@@ -20,10 +20,11 @@ pytestmark = [pytest.mark.slow]
 OUTAGE_SECONDS = 20.0
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
-    """A broker only this test uses (it is frozen for a while): the shared one must never stop."""
-    kafka = LocalKafka(fresh=True, data_dir=tmp_path / "kafka" / "data", jvm_flags=FAST_START_JVM_FLAGS)
+@pytest.fixture(scope="module")
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A broker only this module's tests use, one after the other (each freezes it for a while): the shared one
+    must never stop."""
+    kafka = LocalKafka(fresh=True, data_dir=tmp_path_factory.mktemp("kafka") / "data", jvm_flags=FAST_START_JVM_FLAGS)
     with kafka:
         yield kafka
 

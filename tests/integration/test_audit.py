@@ -35,6 +35,9 @@ from tests.integration.worker_harness import (
 pytestmark = pytest.mark.kafka
 
 WINDOW = 3.0
+#: How long after the last record a discrepancy it could cause has surely come, for the tests with 2 s windows: the
+#: window, grace, a few side reads (every 0.5 s) and a punctuation.
+QUIET = 2.0 + 1.0 + 2.0
 CONFIG = """\
 keys:
   orders-1: {{source: orders, secret_env: BYZGUARD_KEY_ORDERS_1}}
@@ -293,7 +296,9 @@ def test_at_least_once_audits_find_discrepancies_and_lose_none_over_a_sigkill(wo
     records, wanted = _orders(run, "after", 20)
     expected |= wanted
     run_async(lambda: produce(bootstrap, names.input, records))
-    found = run_async(lambda: collect(bootstrap, discrepancies, expected=len(expected), idle=14.0, timeout=120))
+    # The last one expected, the `missing` of the last lot, comes once its window closed, and every other window with
+    # it; what else a window could report comes within a tick (2.5 s) and a side read (2.5 s) of it.
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=len(expected), idle=6.0, timeout=120))
     seen = [(r.key.decode() if r.key else "", r.header("byzguard_audit_kind") or b"") for r in found]
     kinds = {(key, kind.decode()) for key, kind in seen}
     assert kinds == expected, (sorted(kinds ^ expected), again.log_digest())
@@ -366,12 +371,12 @@ def test_an_unclean_stop_with_audits_keeps_the_local_databases(worker_factory: W
 
 def test_a_payment_verified_after_an_outage_longer_than_the_window_still_pairs(worker_factory: WorkerFactory) -> None:
     """An order verified before the worker is killed and its payment, produced a second or so later (both with
-    one event time) but verified only after a restart 9 s later (longer than the 4 s window and 1 s grace), pair:
+    one event time) but verified only after a restart 5 s later (longer than the 2 s window and 1 s grace), pair:
     the services were within the window, so no discrepancy is reported for it. An order verified before the kill
     and never paid is still reported `missing`, once, after the restart (the join's stream time resumes where it
     stood and moves on while the restarted worker is caught up)."""
     bootstrap = worker_factory.bootstrap
-    names, discrepancies = _audited(worker_factory, 4, "exactly_once")
+    names, discrepancies = _audited(worker_factory, 2, "exactly_once")
     run = uuid.uuid4().hex[:6]
     worker = worker_factory.start("first")
     records, _ = _orders(run, "x", 1)
@@ -381,9 +386,9 @@ def test_a_payment_verified_after_an_outage_longer_than_the_window_still_pairs(w
     run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, joined, workers=[worker]))
     worker.kill()
     run_async(lambda: produce(bootstrap, names.input, [pay]))
-    time.sleep(9.0)
+    time.sleep(5.0)
     again = worker_factory.start("again", data_dir=worker.data_dir)
-    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=10.0, timeout=60))
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=QUIET, timeout=60))
     assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-x-partial".encode(), b"missing")], \
         again.log_digest()
 
@@ -422,12 +427,12 @@ def test_an_order_waits_while_the_worker_drains_a_backlog_longer_than_the_window
 
 def test_a_stalled_source_partition_does_not_make_its_counterparts_missing(worker_factory: WorkerFactory) -> None:
     """One input partition stalls (a transaction left open on it holds every record behind it, as a write the
-    broker keeps refusing holds a verified partition) for three times the 4 s window and 1 s grace, while paid
+    broker keeps refusing holds a verified partition) for three times the 2 s window and 1 s grace, while paid
     orders keep flowing through the other partitions: the order whose payment waits behind the stall is not
     reported `missing`, though the other partitions' records move well past its window. Once the stall ends the
     payment pairs with it, and an order never paid is reported `missing` exactly once."""
     bootstrap = worker_factory.bootstrap
-    names, discrepancies = _audited(worker_factory, 4, "exactly_once")
+    names, discrepancies = _audited(worker_factory, 2, "exactly_once")
     run = uuid.uuid4().hex[:6]
     orders, payments = Stamper("orders"), Stamper("payments", algorithm="hmac-sha256", key=PAYMENTS_KEY)
 
@@ -443,7 +448,7 @@ def test_a_stalled_source_partition_does_not_make_its_counterparts_missing(worke
     run_async(lambda: wait_caught_up(bootstrap, worker_factory.app_id, joined, workers=[worker]))
 
     async def stall() -> list[Out]:
-        """The stall, the order and its held payment, 15 s of paid orders elsewhere; what was reported meanwhile."""
+        """The stall, the order and its held payment, 9 s of paid orders elsewhere; what was reported meanwhile."""
         txn = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"{run}-stall")
         await txn.start()
         try:
@@ -457,7 +462,7 @@ def test_a_stalled_source_partition_does_not_make_its_counterparts_missing(worke
             unpaid = orders.binary({"paymentId": f"{run}-unpaid", "total": 3}, type="order.confirmed",
                                    subject=f"{run}-o-unpaid", version=1, time=at)
             await produce(bootstrap, names.input, [order, pay, unpaid])
-            ends = time.monotonic() + 15.0
+            ends = time.monotonic() + 9.0
             n = 0
             while time.monotonic() < ends:
                 lot = []
@@ -479,6 +484,6 @@ def test_a_stalled_source_partition_does_not_make_its_counterparts_missing(worke
     meanwhile = run_async(stall)
     reported = [(r.key, r.header("byzguard_audit_kind")) for r in meanwhile]
     assert (f"{run}-held".encode(), b"missing") not in reported, worker.log_digest()
-    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=8.0, timeout=60))
+    found = run_async(lambda: collect(bootstrap, discrepancies, expected=1, idle=QUIET, timeout=60))
     assert [(r.key, r.header("byzguard_audit_kind")) for r in found] == [(f"{run}-unpaid".encode(), b"missing")], \
         worker.log_digest()

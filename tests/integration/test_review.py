@@ -93,7 +93,7 @@ def deployment(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path
     names = {part: topic_factory(partitions=2, suffix=part) for part in ("in", "verified", "quarantine")}
     config = tmp_path / "byzguard.yaml"
     config.write_text(CONFIG.format(input=names["in"], verified=names["verified"], quarantine=names["quarantine"]))
-    app_id = unique_name("rv", kafka_bootstrap)  # its decisions topic is deleted after the test
+    app_id = unique_name("rv", kafka_bootstrap)  # its decisions topic is deleted after the module
     return Deployment(kafka_bootstrap, app_id, config, names["in"], names["verified"], names["quarantine"])
 
 

@@ -21,6 +21,7 @@ import socket
 import time
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,7 @@ class WorkerFactory:
     config_path: Path | None = None
 
     def __post_init__(self) -> None:
-        claim_topics(self.bootstrap, f"{self.app_id}-")  # its internal topics go when the test ends
+        claim_topics(self.bootstrap, f"{self.app_id}-")  # its internal topics go when the test's module ends
 
     def configure(self, partitions: int = 4, *, partitioning: str | None = None) -> RouteNames:
         """Write this test's config with unique topic names (the worker's provisioning creates them);
@@ -237,7 +238,7 @@ class WorkerFactory:
         return worker
 
     def cleanup(self) -> None:
-        """Kill whatever still runs (its topics are claimed: deleted when the test or session ends)."""
+        """Kill whatever still runs (its topics are claimed: deleted when the module or session ends)."""
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 worker.kill()
@@ -379,6 +380,10 @@ async def collect(bootstrap: str, topic: str, *, expected: int | None = None, id
                 last_new = time.monotonic()
             elif (expected is None or len(out) >= expected) and time.monotonic() - last_new >= idle:
                 break
+        else:
+            if expected is not None and len(out) < expected:  # a test that waits for more than comes waits long
+                warnings.warn(f"collect({topic!r}): {len(out)} of the {expected} records expected after "
+                              f"{timeout:.0f} s", stacklevel=2)
     finally:
         await consumer.stop()
     return out
