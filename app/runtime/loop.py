@@ -288,7 +288,11 @@ class BatchedRuntime(Service):
             if consumer is not None:
                 with contextlib.suppress(Exception):
                     await self._committed()
-                await consumer.stop()
+        # Outside the lock: aiokafka's stop first lets a join in progress end, and that calls the rebalance listener,
+        # which takes the lock (held here, a worker stopped while it joined the group waited for itself forever).
+        if consumer is not None:
+            await consumer.stop()
+        async with self._lock:
             await self._close(list(self.parts))
             await self.stages.stop()
             if self.producer is not None:
@@ -399,9 +403,12 @@ class BatchedRuntime(Service):
                 log.info("batched runtime: revoked %d route partitions", len(gone))
 
     async def assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._stopping:  # a join that ends during the stop: nothing is opened, the consumer leaves the group
+            return
         async with self._lock:
             consumer = self.consumer
-            assert consumer is not None
+            if consumer is None or self._stopping:
+                return
             new: dict[Key, list[TopicPartition]] = defaultdict(list)
             staged = {tp for tp in assigned if tp not in self.positions and tp.topic in self.stages.topics}
             for tp in assigned:

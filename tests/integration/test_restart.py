@@ -5,6 +5,8 @@ partitions over at once (app/runtime/membership.py)."""
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import time
 from typing import Any
 
@@ -198,3 +200,35 @@ async def test_live_workers_on_one_host_do_not_remove_each_other_by_address(work
     three.stop(must_stop=False)
     await _both_share_the_partitions(worker_factory, route, one, two)
     assert "left behind" not in one.log_text() + two.log_text()
+
+
+async def test_a_worker_stopped_while_it_joins_the_group_stops(worker_factory: WorkerFactory) -> None:
+    """SIGTERM while the worker's join is pending: its stop lets the join end, opens nothing, leaves the group and
+    exits cleanly. (Its stop held the runtime's lock while aiokafka's stop waited for the join, whose assignment
+    listener waited for that lock: the worker hung until it was killed, its member holding partitions.)"""
+    session = 8.0
+    worker_factory.configure(partitions=4)
+
+    def started(name: str) -> WorkerProcess:
+        worker = worker_factory.new_worker(name)
+        worker.env["BYZGUARD_SESSION_TIMEOUT"] = str(session)
+        worker.start()
+        return worker
+
+    one = started("one")
+    one.wait_ready(90)
+    one.send(signal.SIGSTOP)  # a member that does not rejoin: the next join waits for its session to time out
+    try:
+        two = started("two")
+        for _ in range(300):
+            if re.search(r"batched runtime: \w+, group", two.log_text()) or not two.alive():
+                break
+            await asyncio.sleep(0.1)
+        assert "batched runtime: assigned" not in two.log_text(), "joined before the stop: the test proves nothing"
+        assert two.alive(), two.fail("exited before the stop")
+        stopping = time.monotonic()
+        assert two.stop(3 * session + 20) == 0
+        assert time.monotonic() - stopping < 3 * session + 20
+        assert "batched runtime: assigned" not in two.log_text(), two.fail("opened partitions while it stopped")
+    finally:
+        one.send(signal.SIGCONT)
