@@ -462,7 +462,7 @@ def _other_data_dir(run_dir: Path, data: Path) -> Path | None:
         recorded = json.loads((run_dir / INFO_FILE).read_text()).get("data_dir")
     except (OSError, ValueError, AttributeError):
         return None
-    if not recorded or Path(recorded).resolve() == data:
+    if not recorded or Path(recorded).resolve() == data.resolve():
         return None
     return Path(recorded)
 
@@ -1165,11 +1165,10 @@ class LocalKafka:
 
 def running_broker(data_dir: str | os.PathLike[str] | None = None, timeout: float = 3.0) -> str | None:
     """Bootstrap servers of the detached broker of *data_dir* if it is alive and answers, else None."""
-    run_dir = Path(data_dir).expanduser().resolve().parent if data_dir else default_data_dir().parent
+    data = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
+    run_dir = data.parent
     pid, bootstrap = _read_pid(run_dir), _read_bootstrap(run_dir)
-    if pid is None or bootstrap is None or not _is_broker_pid(pid):
-        return None
-    if data_dir and _other_data_dir(run_dir, Path(data_dir).expanduser().resolve()) is not None:
+    if pid is None or bootstrap is None or not _is_broker_pid(pid) or _other_data_dir(run_dir, data) is not None:
         return None
     return bootstrap if kafka_answers(bootstrap, timeout) else None
 
