@@ -15,7 +15,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from app.runtime.loop import STALE_MS, BatchedRuntime
+from app.runtime.loop import STALE_MS, BatchedRuntime, Key
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
 from byzguard.guard import ENTITIES, Guard
@@ -69,6 +69,10 @@ class Consumer:
         if self.fail_commit:
             raise CommitFailedError("rebalanced")
         self.committed.append(offsets)
+
+    async def stop(self) -> None:
+        assert self.in_flight == 0, "stopped with a commit in flight"
+        self.stopped = [dict(c) for c in self.committed]
 
 
 async def test_fresh_records_run_at_once(runtime: BatchedRuntime) -> None:
@@ -139,9 +143,9 @@ class Builder:
 
 
 class Producer:
-    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open (a topic
-    in `held`: once its own event is; in `refused`: never); `log` has what happened in order (sent, delivered;
-    begin, offsets, commit, abort of a transaction)."""
+    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open (a topic,
+    or `topic[partition]`, in `held`: once its own event is; in `refused`: never); `log` has what happened in order
+    (sent, delivered; begin, offsets, commit, abort of a transaction)."""
 
     def __init__(self, *, fail_commit: bool = False) -> None:
         self.gate = asyncio.Event()
@@ -160,8 +164,8 @@ class Producer:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         async def land() -> None:
-            await self.held.get(topic, self.gate).wait()
-            if topic in self.refused:
+            await self.held.get(f"{topic}[{partition}]", self.held.get(topic, self.gate)).wait()
+            if topic in self.refused or f"{topic}[{partition}]" in self.refused:
                 fut.set_exception(KafkaError(f"{topic} refused"))
                 return
             self.log.append(("delivered", topic, keys))
@@ -186,26 +190,30 @@ class Producer:
     async def abort_transaction(self) -> None:
         self.log.append(("abort",))
 
+    async def stop(self) -> None:
+        self.log.append(("stop",))
 
-def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer) -> PartitionState:
-    """Route partition r[0] owned by `runtime`, its outputs going to `producer`."""
+
+def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer, key: Key = KEY) -> PartitionState:
+    """Route partition `key` (r[0]) owned by `runtime`, its outputs going to `producer`."""
     route = runtime.routes["r"]
-    part = runtime.parts[KEY] = PartitionState(tmp_path / "tables", route, 0, {})
+    part = runtime.parts[key] = PartitionState(tmp_path / "tables", route, key[1], {})
     if runtime.eos:
-        runtime.txns[KEY] = cast(Any, producer)
+        runtime.txns[key] = cast(Any, producer)
     else:
         runtime.producer = cast(Any, producer)
     return part
 
 
 async def _batch(runtime: BatchedRuntime, part: PartitionState, entity: bytes, value: bytes, offset: int,
-                 records: int = 1) -> None:
-    """One batch of r[0] as `_partition` makes it: its record read the entity's state, wrote it, and put its
-    output in the batch; then `_finish`."""
-    out = runtime._batches(KEY)
+                 records: int = 1, key: Key = KEY) -> None:
+    """One batch of `key` (r[0]) as `_partition` makes it: its record read the entity's state, wrote it, and put
+    its output in the batch; then `_finish`."""
+    out = runtime._batches(key)
     part.readers[ENTITIES].put(entity, value)
-    out.add("out", 0, entity, value)
-    await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}, records), 1)
+    out.add("out", key[1], entity, value)
+    tp = TopicPartition("in", key[1])
+    await asyncio.wait_for(runtime._finish(key, runtime.routes["r"], part, out, {tp: offset}, records), 1)
 
 
 async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRuntime, tmp_path: Path) -> None:
@@ -375,3 +383,94 @@ async def test_a_batch_being_built_goes_in_flight_from_its_own_finish(runtime: B
     await _batch(runtime, part, b"c", b"3", 3)
     await runtime._landed_all()
     assert ("sent", "out", "b,c") in producer.log and part.input_offsets() == {"in": 3}
+
+
+async def test_a_changelog_not_delivered_stops_the_batch_in_flight_beside_it_and_the_one_waiting(
+        runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """at_least_once, two batches in flight: where the older one's changelog is not delivered, the newer one's
+    outputs are out (a repeat after the restart at most) but neither batch's changelog, state or offsets go
+    anywhere, the batch waiting behind them is never sent, and the worker stops."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.refused.add(changelog)
+    producer.gate.set()
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    await asyncio.sleep(0.02)  # b in flight beside a's changelog, its outputs delivered
+    await _batch(runtime, part, b"c", b"3", 3)  # waits for b
+    assert ("delivered", "out", "b") in producer.log and KEY in runtime.waiting
+    producer.held[changelog].set()
+    await asyncio.sleep(0.02)
+    assert runtime._failed and len(failed) == 1
+    assert [e for e in producer.log if e[0] == "sent"] == [("sent", "out", "a"), ("sent", changelog, "a"),
+                                                          ("sent", "out", "b")]
+    assert [part.dbs[ENTITIES].get(k) for k in (b"a", b"b", b"c")] == [None, None, None]
+    assert part.input_offsets() == {} and consumer.committed == []
+    with pytest.raises(KafkaError):  # nothing after them goes either
+        await _batch(runtime, part, b"d", b"4", 4)
+    assert not any(e[0] == "sent" and e[2] in ("c", "c,d") for e in producer.log)
+
+
+async def test_a_revoke_waits_for_both_batches_in_flight_and_the_one_waiting(runtime: BatchedRuntime,
+                                                                             tmp_path: Path) -> None:
+    """at_least_once, two batches of a partition in flight and one waiting: a revoke returns only once all three
+    are delivered, stored and their offsets committed; then the partition's database is closed."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"a", b"2", 2)
+    await asyncio.sleep(0.02)  # the second in flight beside the first's changelog
+    await _batch(runtime, part, b"a", b"3", 3)  # waits
+    assert KEY in runtime.waiting and len([e for e in producer.log if e[:2] == ("sent", "out")]) == 2
+    revoking = asyncio.ensure_future(runtime.revoked({TP0}))
+    await asyncio.sleep(0.02)
+    assert not revoking.done() and KEY in runtime.parts
+    producer.held[changelog].set()
+    await asyncio.wait_for(revoking, 1)
+    assert KEY not in runtime.parts and KEY not in runtime.waiting and TP0 not in runtime.positions
+    assert consumer.committed[-1] == {TP0: 3} and runtime._committing is None
+    reopened = PartitionState(tmp_path / "tables", runtime.routes["r"], 0, {})
+    try:
+        assert reopened.dbs[ENTITIES].get(b"a") == b"3" and reopened.input_offsets() == {"in": 3}
+    finally:
+        reopened.close()
+
+
+async def test_a_stop_lands_both_batches_in_flight_and_commits_before_the_consumer_stops(
+        runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """SIGTERM with two batches of a partition in flight and one waiting: the stop stores all three and commits
+    their offsets before the consumer leaves the group, then closes the databases."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    await asyncio.sleep(0.02)
+    await _batch(runtime, part, b"c", b"3", 3)
+    stopping = asyncio.ensure_future(runtime.on_stop())
+    await asyncio.sleep(0.02)
+    assert not stopping.done() and not hasattr(consumer, "stopped")
+    producer.held[changelog].set()
+    await asyncio.wait_for(stopping, 1)
+    assert consumer.stopped[-1] == {TP0: 3} and not runtime.parts and producer.log[-1] == ("stop",)
+    reopened = PartitionState(tmp_path / "tables", runtime.routes["r"], 0, {})
+    try:
+        assert [reopened.dbs[ENTITIES].get(k) for k in (b"a", b"b", b"c")] == [b"1", b"2", b"3"]
+        assert reopened.input_offsets() == {"in": 3}
+    finally:
+        reopened.close()
