@@ -599,9 +599,16 @@ class BatchedRuntime(Service):
                 del self.flights[key]
 
     async def _landed_all(self) -> None:
-        """Wait for every batch in flight and waiting (a revoke, a stop)."""
+        """Wait for every batch in flight and waiting (a revoke, a stop); where one failed, the others land all the
+        same (their partitions go, and their databases close, only after), then its error is raised."""
+        failed: Exception | None = None
         for key in list(self.flights):
-            await self._landed(key)
+            try:
+                await self._landed(key)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def _batches(self, key: Key) -> RecordBatches:
         """The outputs of the next batch of `key`: those of its waiting batch, which it joins, if there is one."""

@@ -474,3 +474,36 @@ async def test_a_stop_lands_both_batches_in_flight_and_commits_before_the_consum
         assert reopened.input_offsets() == {"in": 3}
     finally:
         reopened.close()
+
+
+async def test_a_failed_partition_does_not_cut_short_the_landing_of_the_others(runtime: BatchedRuntime,
+                                                                              tmp_path: Path) -> None:
+    """A revoke and a stop wait for every batch in flight before the partitions go and their databases close,
+    also where a batch of another partition failed: its error is raised once the others landed. (Else the stop
+    closed the database under a batch whose changelog was on its way, its store failed, and its changelog could
+    reach the topic after the partition was handed over.)"""
+    producer = Producer()
+    producer.refused.add("out[0]")
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[f"{changelog}[1]"] = asyncio.Event()
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    part0 = _owned(runtime, tmp_path, producer)
+    part1 = _owned(runtime, tmp_path, producer, ("r", 1))
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part0, b"a", b"1", 1)
+    await _batch(runtime, part1, b"b", b"2", 1, key=("r", 1))
+    producer.gate.set()
+    await asyncio.sleep(0.02)  # r[0]'s outputs refused; r[1]'s delivered, its changelog on its way
+    assert runtime._failed and ("delivered", "out", "b") in producer.log
+    landing = asyncio.ensure_future(runtime._landed_all())
+    await asyncio.sleep(0.02)
+    assert not landing.done()
+    producer.held[f"{changelog}[1]"].set()
+    with pytest.raises(KafkaError):
+        await asyncio.wait_for(landing, 1)
+    await runtime._committed()
+    assert part1.dbs[ENTITIES].get(b"b") == b"2" and part1.input_offsets() == {"in": 1}
+    assert part0.dbs[ENTITIES].get(b"a") is None and part0.input_offsets() == {}
+    assert consumer.committed == [{TP1: 1}] and len(failed) == 1
