@@ -752,7 +752,12 @@ class BatchedRuntime(Service):
                 await _abort(txn)
                 raise
         else:
-            await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            try:
+                await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            except Exception:
+                if before is not None:  # done only once the batch before it landed: a revoke, a stop wait for
+                    await asyncio.wait([before])  # the newest batch in flight of a partition only
+                raise
             if self.stacked:
                 if before is not None:  # its changelog follows the one before: stored in order (raises if it failed)
                     await asyncio.shield(before)

@@ -507,3 +507,34 @@ async def test_a_failed_partition_does_not_cut_short_the_landing_of_the_others(r
     assert part1.dbs[ENTITIES].get(b"b") == b"2" and part1.input_offsets() == {"in": 1}
     assert part0.dbs[ENTITIES].get(b"a") is None and part0.input_offsets() == {}
     assert consumer.committed == [{TP1: 1}] and len(failed) == 1
+
+
+async def test_a_batch_whose_outputs_failed_is_done_only_once_the_batch_before_it_landed(runtime: BatchedRuntime,
+                                                                                         tmp_path: Path) -> None:
+    """at_least_once, two batches in flight: where the newer one's outputs are not delivered while the older one's
+    changelog is on its way, the older one still lands (stored, committed) before a revoke or a stop goes on:
+    they wait for the newest batch of a partition only, so it is done only once the one before it is."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await asyncio.sleep(0.02)  # its outputs delivered, its changelog on its way
+    producer.refused.add("out")
+    await _batch(runtime, part, b"b", b"2", 2)  # in flight at once, its outputs refused
+    await asyncio.sleep(0.02)
+    landing = asyncio.ensure_future(runtime._landed_all())
+    await asyncio.sleep(0.02)
+    assert not landing.done()
+    producer.held[changelog].set()
+    with pytest.raises(KafkaError):
+        await asyncio.wait_for(landing, 1)
+    await runtime._committed()
+    assert part.dbs[ENTITIES].get(b"a") == b"1" and part.dbs[ENTITIES].get(b"b") is None
+    assert part.input_offsets() == {"in": 1} and consumer.committed == [{TP0: 1}]
+    assert runtime._failed and len(failed) == 1
