@@ -5,6 +5,7 @@ consumer and producer (the runtime on the broker: tests/integration/test_runtime
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from app.runtime.loop import STALE_MS, BatchedRuntime, Key
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
-from byzguard.guard import ENTITIES, Guard
+from byzguard.guard import ENTITIES, LAMPORTS, Guard
 
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
@@ -538,3 +539,112 @@ async def test_a_batch_whose_outputs_failed_is_done_only_once_the_batch_before_i
     assert part.dbs[ENTITIES].get(b"a") == b"1" and part.dbs[ENTITIES].get(b"b") is None
     assert part.input_offsets() == {"in": 1} and consumer.committed == [{TP0: 1}]
     assert runtime._failed and len(failed) == 1
+
+
+class Jittery(Producer):
+    """Delivers each batch sent after a few turns of the loop, as `rng` says; `changes` has the changelog records
+    delivered, in order: (topic, key, value)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.rng = rng
+        self.changes: list[tuple[str, bytes | None, bytes | None]] = []
+
+    def create_batch(self) -> Builder:
+        builder = Builder()
+        values: list[bytes | None] = []
+        append = builder.append
+
+        def keep(*, timestamp: Any, key: bytes | None, value: bytes | None, headers: Any) -> bool:
+            values.append(value)
+            return append(timestamp=timestamp, key=key, value=value, headers=headers)
+
+        builder.append = keep  # type: ignore[method-assign]
+        builder.values = values  # type: ignore[attr-defined]
+        return builder
+
+    async def send_batch(self, batch: Builder, topic: str, partition: int) -> asyncio.Future[Any]:
+        keys = ",".join(k.decode() for k in batch.keys if k is not None)
+        self.log.append(("sent", topic, keys))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        turns = self.rng.randint(0, 6)
+
+        async def land() -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            self.log.append(("delivered", topic, keys))
+            if topic != "out":
+                self.changes.extend((topic, k, v) for k, v in zip(batch.keys, batch.values, strict=True))  # type: ignore[attr-defined]
+            fut.set_result(SimpleNamespace(offset=self.next[(topic, partition)]))
+            self.next[(topic, partition)] += batch.record_count()
+
+        self._landing = asyncio.ensure_future(land())
+        return fut
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_stacked_batches_read_store_and_log_what_a_model_of_their_writes_says(tmp_path: Path,
+                                                                                     seed: int) -> None:
+    """at_least_once with overlap, deliveries landing in random turns: batches that write the same few keys of
+    two tables again and again (the same bytes as the batch before, a value back to an earlier one, deletions)
+    read, at every point, the newest value written (pruning the in-flight overlay by value equality is sound);
+    at most two batches of the partition are in flight at once; every store follows the delivery of its batch's
+    outputs; and in the end RocksDB, the changelogs' last word per key and the committed offset are the model's."""
+    rng = random.Random(seed)
+    runtime = _runtime(tmp_path, "at_least_once")
+    producer = Jittery(rng)
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    fly = runtime._fly
+    active, peak = [0], [0]
+
+    async def counted(*args: Any) -> None:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            await fly(*args)
+        finally:
+            active[0] -= 1
+
+    runtime._fly = counted  # type: ignore[method-assign]
+    store = part.store
+
+    def checked(changelog_offsets: Any, inputs: Any, *, sealed: Any = False) -> None:
+        last = f"o{inputs['in'] - 1}"  # the output of the batch's last record, delivered before it is stored
+        assert any(e[:2] == ("delivered", "out") and last in e[2].split(",") for e in producer.log), last
+        store(changelog_offsets, inputs, sealed=sealed)
+
+    part.store = checked  # type: ignore[method-assign]
+    keys, values = (b"a", b"b", b"c"), (b"1", b"2", None)
+    model: dict[str, dict[bytes, bytes | None]] = {ENTITIES: {}, LAMPORTS: {}}
+    for offset in range(1, 61):
+        out = runtime._batches(KEY)
+        for name in (ENTITIES, LAMPORTS):
+            for key in rng.sample(keys, rng.randint(0, 2)):
+                value = rng.choice(values)
+                if value is None:
+                    part.readers[name].delete(key)
+                else:
+                    part.readers[name].put(key, value)
+                model[name][key] = value
+        out.add("out", 0, f"o{offset - 1}".encode(), b"")
+        records = 10 if rng.random() < 0.1 else 1
+        await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}, records), 2)
+        for name, written in model.items():
+            assert {k: part.readers[name].get(k) for k in written} == written, (offset, name)
+        for _ in range(rng.randint(0, 8)):
+            await asyncio.sleep(0)
+        for name, written in model.items():
+            assert {k: part.readers[name].get(k) for k in written} == written, (offset, name)
+    await runtime._landed_all()
+    await runtime._committed()
+    assert peak[0] == 2 and not any(part.flight.values())
+    for name, written in model.items():
+        assert {k: part.dbs[name].get(k) for k in written} == written
+        logged: dict[bytes | None, bytes | None] = {}
+        for topic, key, value in producer.changes:
+            if topic == runtime.changelogs["r"][name]:
+                logged[key] = value
+        assert logged == written
+    assert part.input_offsets() == {"in": 60} and consumer.committed[-1] == {TP0: 60}
