@@ -305,6 +305,7 @@ def test_a_restart_resumes_the_watermark_from_the_table_not_the_wall_clock(tmp_p
     find it upstream: no source is drained): they pair."""
     join = _Join(tmp_path, monkeypatch, T0)
     join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    assert join.punctuate() == []  # every source drained through T0: the watermark, kept
     join.clock.now = T0 + 600
     join.reopen()
     assert join.stream_time == T0
@@ -487,6 +488,29 @@ async def test_exactly_once_a_join_batch_and_an_idle_punctuation_are_each_one_tr
     assert part.dbs[PENDING].get(b"pay-1") is None and not part.pending[PENDING]
 
 
+async def test_exactly_once_a_failed_punctuation_transaction_leaves_the_stored_join_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """exactly_once: where the transaction of a punctuation fails, it is aborted, its writes are dropped (the
+    order still waits in RocksDB), the processor is made again from the stored state (its watermark back where
+    the table has it), and the error stops the loop."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.joins.ctx.eos = True
+    txn = join.joins.txns[join.tp] = _Producer()  # type: ignore[assignment]
+    part = join.joins.parts[join.tp]
+    await join.joins.batch(join.tp, [_observation(join, "left", "pay-1", "order-1", T0, 1)], 1, {})
+    stored_time = join.stream_time
+    txn.fail_commit = True
+    join.clock.now = T0 + 66
+    for source in SOURCES:
+        join.drains.at[source] = join.clock.now
+    processor = join.joins.processors[join.tp]
+    with pytest.raises(KafkaError):
+        await join.joins.idle()
+    assert txn.log[-2:] == [("sent", join.joins.changelog(join.rule)), ("abort",)]
+    assert part.dbs[PENDING].get(b"pay-1") is not None and not part.pending[PENDING]
+    assert join.joins.processors[join.tp] is not processor and join.stream_time == stored_time
+
+
 async def test_at_least_once_a_join_batch_delivers_its_discrepancies_then_its_changelog_then_stores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """at_least_once: a join batch's discrepancies are delivered before its changelog records, and RocksDB gets
@@ -512,3 +536,23 @@ async def test_at_least_once_a_join_batch_delivers_its_discrepancies_then_its_ch
     await join.joins.batch(join.tp, [msg], 2, offsets)
     assert producer.log[1:] == [("sent", discrepancies), ("sent", changelog)]
     assert offsets == {join.tp: 2} and part.input_offsets() == {join.tp.topic: 2}
+
+
+def test_a_restart_while_a_source_partition_stalls_does_not_close_the_windows_it_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker restarted (or a join transaction aborted) while one source partition is stalled resumes the
+    watermark it had, none: the newest observation the table holds is no watermark of this release's table (the
+    stalled source never got there), so the orders whose payments wait in the stalled partition are not reported
+    `missing`; they pair once it comes."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.drained = ()
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    for n, wall in enumerate(range(10, 300, 10), start=3):
+        join.clock.now = T0 + wall
+        join.observe("left", f"pay-x{n}", f"order-x{n}", 1, T0 + wall, origin=n, partition=n % 2)
+        join.observe("right", f"pay-x{n}", f"payment-x{n}", 1, T0 + wall, origin=n, partition=n % 2)
+    assert join.punctuate() == [] and join.stream_time is None  # out[2] neither heard from nor drained
+    join.reopen()
+    assert join.punctuate() == []
+    assert join.stream_time is None
+    assert join.observe("right", "pay-1", "payment-1", 100, T0 + 2, origin=1, partition=2) == []
