@@ -754,9 +754,10 @@ class BatchedRuntime(Service):
         else:
             try:
                 await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
-            except Exception:
-                if before is not None:  # done only once the batch before it landed: a revoke, a stop wait for
-                    await asyncio.wait([before])  # the newest batch in flight of a partition only
+            except Exception as exc:
+                if before is not None:  # the worker stops at once, but this batch is done only once the one before
+                    self._stop_for(exc)  # it landed: a revoke, a stop wait for a partition's newest batch only
+                    await asyncio.wait([before])
                 raise
             if self.stacked:
                 if before is not None:  # its changelog follows the one before: stored in order (raises if it failed)
@@ -782,7 +783,11 @@ class BatchedRuntime(Service):
         """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,
         a revoke and a stop raise it too."""
         exc = None if task.cancelled() else task.exception()
-        if exc is not None and not self._failed:
+        if exc is not None:
+            self._stop_for(exc)
+
+    def _stop_for(self, exc: BaseException) -> None:
+        if not self._failed:
             self._failing = asyncio.ensure_future(self.fail(exc))
 
     def _publish_causal(self, route: str) -> None:

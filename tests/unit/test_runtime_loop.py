@@ -529,6 +529,7 @@ async def test_a_batch_whose_outputs_failed_is_done_only_once_the_batch_before_i
     producer.refused.add("out")
     await _batch(runtime, part, b"b", b"2", 2)  # in flight at once, its outputs refused
     await asyncio.sleep(0.02)
+    assert runtime._failed and len(failed) == 1  # the worker stops at once
     landing = asyncio.ensure_future(runtime._landed_all())
     await asyncio.sleep(0.02)
     assert not landing.done()
