@@ -509,8 +509,14 @@ class BatchedRuntime(Service):
                 else:
                     staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items) for key, items in by_key.items()),
-                             *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
+        # Where one fails, the others finish their part first (their batches in flight or waiting, which a stop
+        # then waits for): none goes in flight behind the stop's back.
+        done = await asyncio.gather(*(self._partition(key, items) for key, items in by_key.items()),
+                                    *(self.stages.batch(tp, messages, self.ends[tp], offsets)
+                                      for tp, messages in staged), return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
         for tp, _ in staged:
             if tp in offsets and tp in self.positions:
                 self.positions[tp] = offsets[tp]

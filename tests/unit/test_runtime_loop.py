@@ -71,6 +71,9 @@ class Consumer:
             raise CommitFailedError("rebalanced")
         self.committed.append(offsets)
 
+    async def position(self, tp: TopicPartition) -> int:
+        return 0
+
     async def stop(self) -> None:
         assert self.in_flight == 0, "stopped with a commit in flight"
         self.stopped = [dict(c) for c in self.committed]
@@ -649,3 +652,23 @@ async def test_stacked_batches_read_store_and_log_what_a_model_of_their_writes_s
                 logged[key] = value
         assert logged == written
     assert part.input_offsets() == {"in": 60} and consumer.committed[-1] == {TP0: 60}
+
+
+async def test_a_step_raises_the_error_of_one_partition_once_the_others_finished_theirs(
+        runtime: BatchedRuntime) -> None:
+    """A step's partitions run side by side; where one fails, its error is raised once the others have finished
+    their part of the step (their batches in flight or waiting): a stop that follows waits for all of them, and
+    none goes in flight behind its back, after the databases were closed."""
+    runtime.consumer = cast(Any, Consumer())
+    finished: list[Key] = []
+
+    async def partition(key: Key, items: Any) -> None:
+        if key == KEY:
+            raise KafkaError("r[0] failed")
+        await asyncio.sleep(0.02)  # r[1] is still processing its records
+        finished.append(key)
+
+    runtime._partition = partition  # type: ignore[method-assign]
+    with pytest.raises(KafkaError):
+        await runtime._step({TP0: [Msg(0, 0)], TP1: [Msg(0, 0)]})  # type: ignore[dict-item]
+    assert finished == [("r", 1)]
