@@ -591,9 +591,10 @@ async def test_stacked_batches_read_store_and_log_what_a_model_of_their_writes_s
                                                                                      seed: int) -> None:
     """at_least_once with overlap, deliveries landing in random turns: batches that write the same few keys of
     two tables again and again (the same bytes as the batch before, a value back to an earlier one, deletions)
-    read, at every point, the newest value written (pruning the in-flight overlay by value equality is sound);
-    at most two batches of the partition are in flight at once; every store follows the delivery of its batch's
-    outputs; and in the end RocksDB, the changelogs' last word per key and the committed offset are the model's."""
+    read, at every point, the newest value written, by key and in a scan (pruning the in-flight overlay by value
+    equality is sound); at most two batches of the partition are in flight at once; every store follows the
+    delivery of its batch's outputs; and in the end RocksDB, the changelogs' last word per key and the committed
+    offset are the model's."""
     rng = random.Random(seed)
     runtime = _runtime(tmp_path, "at_least_once")
     producer = Jittery(rng)
@@ -641,6 +642,7 @@ async def test_stacked_batches_read_store_and_log_what_a_model_of_their_writes_s
             await asyncio.sleep(0)
         for name, written in model.items():
             assert {k: part.readers[name].get(k) for k in written} == written, (offset, name)
+            assert dict(part.readers[name].items()) == {k: v for k, v in written.items() if v is not None}
     await runtime._landed_all()
     await runtime._committed()
     assert peak[0] == 2 and not any(part.flight.values())
