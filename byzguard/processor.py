@@ -66,7 +66,8 @@ PENDING = "pending"
 SOURCE_PREFIX = b"\xffsource\x00"
 #: The join table key of the partition's watermark (`repr` of a float, seconds; the stream time of the release
 #: before, read as the watermark), under SOURCE_PREFIX so that a release that does not know it skips it. A table
-#: without it (written by an earlier release) resumes from the newest observation time it holds.
+#: without it or any source progress (written by an earlier release) resumes from the newest observation time it
+#: holds; one with progress had no watermark yet, and resumes none.
 CLOCK_KEY = SOURCE_PREFIX + b"clock"
 #: The prefix of the join table keys of each source partition's progress (`progress_key`; `repr` of a float).
 PROGRESS_PREFIX = SOURCE_PREFIX + b"at\x00"
@@ -265,9 +266,10 @@ class AuditJoinProcessor:
 
     def resume(self, state: State) -> None:
         """Read the partition's watermark and its sources' progress back from its table (when the partition is
-        opened, and after an aborted batch; the sources known stay known). A table without a watermark gives the
-        newest observation time it holds (none: no time yet); one without progress (written by the release
-        before) holds its watermark until every source has moved past it."""
+        opened, and after an aborted batch; the sources known stay known). A table with progress but without a
+        watermark had none yet (a source had not got anywhere): none, until every source has progress. A table
+        of the release before (no progress) without a watermark gives the newest observation time it holds (none:
+        no time yet), and holds it until every source has moved past it."""
         table = state[PENDING]
         stored = _time(table.get(CLOCK_KEY))
         progress: dict[Source, float] = {}
@@ -276,7 +278,7 @@ class AuditJoinProcessor:
                 source, at = _source_of(key), _time(raw)
                 if source is not None and at is not None:
                     progress[source] = at
-        if stored is None:
+        if stored is None and not progress:  # the release before: its stream time was its newest observation's
             for key, raw in table.items():
                 if key.startswith(SOURCE_PREFIX):
                     continue

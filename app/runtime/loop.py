@@ -509,8 +509,14 @@ class BatchedRuntime(Service):
                 else:
                     staged.append((tp, messages))
         offsets: dict[TopicPartition, int] = {}
-        await asyncio.gather(*(self._partition(key, items) for key, items in by_key.items()),
-                             *(self.stages.batch(tp, messages, self.ends[tp], offsets) for tp, messages in staged))
+        # Where one fails, the others finish their part first (their batches in flight or waiting, which a stop
+        # then waits for): none goes in flight behind the stop's back.
+        done = await asyncio.gather(*(self._partition(key, items) for key, items in by_key.items()),
+                                    *(self.stages.batch(tp, messages, self.ends[tp], offsets)
+                                      for tp, messages in staged), return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
         for tp, _ in staged:
             if tp in offsets and tp in self.positions:
                 self.positions[tp] = offsets[tp]
@@ -599,9 +605,16 @@ class BatchedRuntime(Service):
                 del self.flights[key]
 
     async def _landed_all(self) -> None:
-        """Wait for every batch in flight and waiting (a revoke, a stop)."""
+        """Wait for every batch in flight and waiting (a revoke, a stop); where one failed, the others land all the
+        same (their partitions go, and their databases close, only after), then its error is raised."""
+        failed: Exception | None = None
         for key in list(self.flights):
-            await self._landed(key)
+            try:
+                await self._landed(key)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def _batches(self, key: Key) -> RecordBatches:
         """The outputs of the next batch of `key`: those of its waiting batch, which it joins, if there is one."""
@@ -745,7 +758,13 @@ class BatchedRuntime(Service):
                 await _abort(txn)
                 raise
         else:
-            await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            try:
+                await out.deliver()  # the outputs first: a changelog never holds state of an undelivered output
+            except Exception as exc:
+                if before is not None:  # the worker stops at once, but this batch is done only once the one before
+                    self._stop_for(exc)  # it landed: a revoke, a stop wait for a partition's newest batch only
+                    await asyncio.wait([before])
+                raise
             if self.stacked:
                 if before is not None:  # its changelog follows the one before: stored in order (raises if it failed)
                     await asyncio.shield(before)
@@ -770,7 +789,11 @@ class BatchedRuntime(Service):
         """A batch in flight (or a commit) that failed stops the worker at once; the next batch of its partition,
         a revoke and a stop raise it too."""
         exc = None if task.cancelled() else task.exception()
-        if exc is not None and not self._failed:
+        if exc is not None:
+            self._stop_for(exc)
+
+    def _stop_for(self, exc: BaseException) -> None:
+        if not self._failed:
             self._failing = asyncio.ensure_future(self.fail(exc))
 
     def _publish_causal(self, route: str) -> None:

@@ -278,7 +278,9 @@ def test_audit_watermark_and_source_progress_are_kept_in_the_join_table_and_resu
     """The join keeps its watermark and each source partition's progress in its table under source-prefixed keys
     no punctuation reads as join state (written when they moved, alone only once they moved by more than
     `step`), and a new processor resumes them; a watermark it cannot read, or none, resumes at the newest
-    observation time the table holds."""
+    observation time the table holds where it holds no progress either (the release before); where it holds
+    progress, none until its sources are known, then the least progress (the newest observation may be ahead of a
+    stalled source: windows would close early)."""
     from byzguard.processor import CLOCK_KEY, progress_key
 
     processor = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
@@ -305,11 +307,16 @@ def test_audit_watermark_and_source_progress_are_kept_in_the_join_table_and_resu
     assert again.watermark.progress == {ORDERS: NOW + 10.5, PAYMENTS: NOW + 10}
     for stored in (b"not a time", b"inf", b"nan"):
         state[PENDING].put(CLOCK_KEY, stored)
-        again.resume(state)
-        assert again.watermark.time == NOW  # the newest observation: the order (the payment is older)
+        fresh = AuditJoinProcessor(audit_rule(within=10.0, grace=1.0))
+        fresh.resume(state)
+        assert fresh.watermark.time is None  # its sources not known yet
+        fresh.watermark.know([ORDERS, PAYMENTS])
+        assert fresh.watermark.time == NOW + 10  # the least progress: the payments'
     state[PENDING].delete(CLOCK_KEY)
+    for source in (ORDERS, PAYMENTS):  # a table of the release before: no progress
+        state[PENDING].delete(progress_key(source))
     again.resume(state)
-    assert again.watermark.time == NOW
+    assert again.watermark.time == NOW  # the newest observation: the order (the payment is older)
     empty = AuditJoinProcessor(audit_rule())
     empty.resume(memory_state(empty.tables))
     assert empty.watermark.time is None and empty.punctuate(memory_state(empty.tables), NOW).checks == []

@@ -1,16 +1,19 @@
 """app/runtime/audits.py without a broker: what an audit rule's forward stage maps a verified record to, and the
 join table's files, and the join stage over a real RocksDB partition (pairs, windows closed by punctuations, late
-and redelivered observations). (Its batches and transactions run on the real broker:
-tests/integration/test_audit.py.)"""
+and redelivered observations), and what its batches send in which order, against a stand-in for aiokafka's
+producer (its batches and transactions on the real broker: tests/integration/test_audit.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from agents.audit import H_AUDIT_KIND, H_AUDIT_RULE, CheckRecorder
 from app.runtime import audits
@@ -23,6 +26,7 @@ from byzguard.processor import PENDING
 from byzguard.routing import H_VERDICT, repartition_headers, repartitioned_from
 from byzguard.stamp import Stamper
 from tables.audit import audit_table_name
+from tests.unit.test_runtime_loop import Builder
 from tests.unit.test_runtime_stages import Msg, Out, _config
 from topics.audit import repartition_topic_name
 
@@ -301,6 +305,7 @@ def test_a_restart_resumes_the_watermark_from_the_table_not_the_wall_clock(tmp_p
     find it upstream: no source is drained): they pair."""
     join = _Join(tmp_path, monkeypatch, T0)
     join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    assert join.punctuate() == []  # every source drained through T0: the watermark, kept
     join.clock.now = T0 + 600
     join.reopen()
     assert join.stream_time == T0
@@ -408,3 +413,146 @@ def test_join_state_of_the_current_release_without_a_stream_time_is_read(tmp_pat
     [disc] = join.punctuate()
     assert (disc["kind"], disc["key"]) == ("missing", "pay-2")
     assert join.joins.parts[join.tp].readers[PENDING].get(CLOCK_KEY) is not None
+
+
+# -- the join stage's batches: transactions (exactly_once), delivery order (at_least_once) -----------------------
+
+class _Producer:
+    """aiokafka's (transactional) producer as the join stage uses it: each batch is delivered at once, or, for a
+    topic in `refused`, never; `fail_commit`: the transaction's commit fails. `log` has what happened, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, ...]] = []
+        self.next: dict[tuple[str, int], int] = {}
+        self.fail_commit = False
+        self.refused: set[str] = set()
+
+    def create_batch(self) -> Builder:
+        return Builder()
+
+    async def send_batch(self, batch: Builder, topic: str, partition: int) -> asyncio.Future[Any]:
+        self.log.append(("sent", topic))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if topic in self.refused:
+            fut.set_exception(KafkaError(f"{topic} refused"))
+            return fut
+        offset = self.next.get((topic, partition), 0)
+        self.next[(topic, partition)] = offset + batch.record_count()
+        fut.set_result(SimpleNamespace(offset=offset))
+        return fut
+
+    async def begin_transaction(self) -> None:
+        self.log.append(("begin",))
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
+        self.log.extend(("offsets", tp.topic, str(offset)) for tp, offset in offsets.items())
+
+    async def commit_transaction(self) -> None:
+        if self.fail_commit:
+            raise KafkaError("the transaction failed")
+        self.log.append(("commit",))
+
+    async def abort_transaction(self) -> None:
+        self.log.append(("abort",))
+
+
+def _observation(join: _Join, side: str, key: str, entity: str, at: float, origin: int) -> Msg:
+    obs = Observation(Side(side), key, entity, f"id-{entity}", at, 100, True)
+    msg = Msg(join.tp.topic, 0, join.offset, key.encode(), obs.to_bytes(),
+              repartition_headers((), "out", 0, origin, at))
+    join.offset += 1
+    return msg
+
+
+async def test_exactly_once_a_join_batch_and_an_idle_punctuation_are_each_one_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """exactly_once: a batch of the join's input is one transaction (its changelog records and its input offset);
+    a window closed by the idle step's punctuation is one of its own (the discrepancy, the changelog records that
+    forget the order; no offsets); RocksDB gets each batch's state only once its transaction committed."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.joins.ctx.eos = True
+    txn = join.joins.txns[join.tp] = _Producer()  # type: ignore[assignment]
+    changelog, discrepancies = join.joins.changelog(join.rule), join.rule.discrepancies_topic
+    part = join.joins.parts[join.tp]
+    offsets: dict[TopicPartition, int] = {}
+    await join.joins.batch(join.tp, [_observation(join, "left", "pay-1", "order-1", T0, 1)], 1, offsets)
+    assert txn.log == [("begin",), ("sent", changelog), ("offsets", join.tp.topic, "1"), ("commit",)]
+    assert offsets == {join.tp: 1} and part.input_offsets() == {join.tp.topic: 1}
+    assert part.dbs[PENDING].get(b"pay-1") is not None and not part.pending[PENDING]
+    txn.log.clear()
+    join.clock.now = T0 + 66
+    for source in SOURCES:
+        join.drains.at[source] = join.clock.now
+    await join.joins.idle()
+    assert txn.log == [("begin",), ("sent", discrepancies), ("sent", changelog), ("commit",)]
+    assert part.dbs[PENDING].get(b"pay-1") is None and not part.pending[PENDING]
+
+
+async def test_exactly_once_a_failed_punctuation_transaction_leaves_the_stored_join_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """exactly_once: where the transaction of a punctuation fails, it is aborted, its writes are dropped (the
+    order still waits in RocksDB), the processor is made again from the stored state (its watermark back where
+    the table has it), and the error stops the loop."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.joins.ctx.eos = True
+    txn = join.joins.txns[join.tp] = _Producer()  # type: ignore[assignment]
+    part = join.joins.parts[join.tp]
+    await join.joins.batch(join.tp, [_observation(join, "left", "pay-1", "order-1", T0, 1)], 1, {})
+    stored_time = join.stream_time
+    txn.fail_commit = True
+    join.clock.now = T0 + 66
+    for source in SOURCES:
+        join.drains.at[source] = join.clock.now
+    processor = join.joins.processors[join.tp]
+    with pytest.raises(KafkaError):
+        await join.joins.idle()
+    assert txn.log[-2:] == [("sent", join.joins.changelog(join.rule)), ("abort",)]
+    assert part.dbs[PENDING].get(b"pay-1") is not None and not part.pending[PENDING]
+    assert join.joins.processors[join.tp] is not processor and join.stream_time == stored_time
+
+
+async def test_at_least_once_a_join_batch_delivers_its_discrepancies_then_its_changelog_then_stores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """at_least_once: a join batch's discrepancies are delivered before its changelog records, and RocksDB gets
+    its state and input offset only after both; where the discrepancies are not delivered, neither the changelog
+    nor the state goes anywhere (the loop commits nothing and stops)."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    producer = join.joins.producer = _Producer()  # type: ignore[assignment]
+    changelog, discrepancies = join.joins.changelog(join.rule), join.rule.discrepancies_topic
+    part = join.joins.parts[join.tp]
+    await join.joins.batch(join.tp, [_observation(join, "right", "pay-2", "payment-2", T0, 1)], 1, {})
+    producer.log.clear()
+    producer.refused.add(discrepancies)
+    mismatch = Observation(Side("left"), "pay-2", "order-2", "id-order-2", T0 + 1, 90, True)
+    msg = Msg(join.tp.topic, 0, 1, b"pay-2", mismatch.to_bytes(), repartition_headers((), "out", 0, 2, T0 + 1))
+    offsets: dict[TopicPartition, int] = {}
+    with pytest.raises(KafkaError):
+        await join.joins.batch(join.tp, [msg], 2, offsets)
+    assert producer.log == [("sent", discrepancies)] and offsets == {}
+    assert part.input_offsets() == {join.tp.topic: 1}
+    producer.refused.clear()
+    part.discard()
+    join.joins.open_processor(join.tp)
+    await join.joins.batch(join.tp, [msg], 2, offsets)
+    assert producer.log[1:] == [("sent", discrepancies), ("sent", changelog)]
+    assert offsets == {join.tp: 2} and part.input_offsets() == {join.tp.topic: 2}
+
+
+def test_a_restart_while_a_source_partition_stalls_does_not_close_the_windows_it_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker restarted (or a join transaction aborted) while one source partition is stalled resumes the
+    watermark it had, none: the newest observation the table holds is no watermark of this release's table (the
+    stalled source never got there), so the orders whose payments wait in the stalled partition are not reported
+    `missing`; they pair once it comes."""
+    join = _Join(tmp_path, monkeypatch, T0)
+    join.drained = ()
+    join.observe("left", "pay-1", "order-1", 100, T0, origin=1)
+    for n, wall in enumerate(range(10, 300, 10), start=3):
+        join.clock.now = T0 + wall
+        join.observe("left", f"pay-x{n}", f"order-x{n}", 1, T0 + wall, origin=n, partition=n % 2)
+        join.observe("right", f"pay-x{n}", f"payment-x{n}", 1, T0 + wall, origin=n, partition=n % 2)
+    assert join.punctuate() == [] and join.stream_time is None  # out[2] neither heard from nor drained
+    join.reopen()
+    assert join.punctuate() == []
+    assert join.stream_time is None
+    assert join.observe("right", "pay-1", "payment-1", 100, T0 + 2, origin=1, partition=2) == []

@@ -5,6 +5,7 @@ consumer and producer (the runtime on the broker: tests/integration/test_runtime
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,10 +16,10 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from app.runtime.loop import STALE_MS, BatchedRuntime
+from app.runtime.loop import STALE_MS, BatchedRuntime, Key
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
-from byzguard.guard import ENTITIES, Guard
+from byzguard.guard import ENTITIES, LAMPORTS, Guard
 
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
@@ -69,6 +70,13 @@ class Consumer:
         if self.fail_commit:
             raise CommitFailedError("rebalanced")
         self.committed.append(offsets)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        assert self.in_flight == 0, "stopped with a commit in flight"
+        self.stopped = [dict(c) for c in self.committed]
 
 
 async def test_fresh_records_run_at_once(runtime: BatchedRuntime) -> None:
@@ -139,9 +147,9 @@ class Builder:
 
 
 class Producer:
-    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open (a topic
-    in `held`: once its own event is; in `refused`: never); `log` has what happened in order (sent, delivered;
-    begin, offsets, commit, abort of a transaction)."""
+    """aiokafka's producer as the runtime uses it: every batch sent is delivered once `gate` is open (a topic,
+    or `topic[partition]`, in `held`: once its own event is; in `refused`: never); `log` has what happened in order
+    (sent, delivered; begin, offsets, commit, abort of a transaction)."""
 
     def __init__(self, *, fail_commit: bool = False) -> None:
         self.gate = asyncio.Event()
@@ -160,8 +168,8 @@ class Producer:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         async def land() -> None:
-            await self.held.get(topic, self.gate).wait()
-            if topic in self.refused:
+            await self.held.get(f"{topic}[{partition}]", self.held.get(topic, self.gate)).wait()
+            if topic in self.refused or f"{topic}[{partition}]" in self.refused:
                 fut.set_exception(KafkaError(f"{topic} refused"))
                 return
             self.log.append(("delivered", topic, keys))
@@ -186,26 +194,30 @@ class Producer:
     async def abort_transaction(self) -> None:
         self.log.append(("abort",))
 
+    async def stop(self) -> None:
+        self.log.append(("stop",))
 
-def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer) -> PartitionState:
-    """Route partition r[0] owned by `runtime`, its outputs going to `producer`."""
+
+def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer, key: Key = KEY) -> PartitionState:
+    """Route partition `key` (r[0]) owned by `runtime`, its outputs going to `producer`."""
     route = runtime.routes["r"]
-    part = runtime.parts[KEY] = PartitionState(tmp_path / "tables", route, 0, {})
+    part = runtime.parts[key] = PartitionState(tmp_path / "tables", route, key[1], {})
     if runtime.eos:
-        runtime.txns[KEY] = cast(Any, producer)
+        runtime.txns[key] = cast(Any, producer)
     else:
         runtime.producer = cast(Any, producer)
     return part
 
 
 async def _batch(runtime: BatchedRuntime, part: PartitionState, entity: bytes, value: bytes, offset: int,
-                 records: int = 1) -> None:
-    """One batch of r[0] as `_partition` makes it: its record read the entity's state, wrote it, and put its
-    output in the batch; then `_finish`."""
-    out = runtime._batches(KEY)
+                 records: int = 1, key: Key = KEY) -> None:
+    """One batch of `key` (r[0]) as `_partition` makes it: its record read the entity's state, wrote it, and put
+    its output in the batch; then `_finish`."""
+    out = runtime._batches(key)
     part.readers[ENTITIES].put(entity, value)
-    out.add("out", 0, entity, value)
-    await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}, records), 1)
+    out.add("out", key[1], entity, value)
+    tp = TopicPartition("in", key[1])
+    await asyncio.wait_for(runtime._finish(key, runtime.routes["r"], part, out, {tp: offset}, records), 1)
 
 
 async def test_a_batch_reads_the_state_of_the_batch_in_flight(runtime: BatchedRuntime, tmp_path: Path) -> None:
@@ -375,3 +387,290 @@ async def test_a_batch_being_built_goes_in_flight_from_its_own_finish(runtime: B
     await _batch(runtime, part, b"c", b"3", 3)
     await runtime._landed_all()
     assert ("sent", "out", "b,c") in producer.log and part.input_offsets() == {"in": 3}
+
+
+async def test_a_changelog_not_delivered_stops_the_batch_in_flight_beside_it_and_the_one_waiting(
+        runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """at_least_once, two batches in flight: where the older one's changelog is not delivered, the newer one's
+    outputs are out (a repeat after the restart at most) but neither batch's changelog, state or offsets go
+    anywhere, the batch waiting behind them is never sent, and the worker stops."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.refused.add(changelog)
+    producer.gate.set()
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    await asyncio.sleep(0.02)  # b in flight beside a's changelog, its outputs delivered
+    await _batch(runtime, part, b"c", b"3", 3)  # waits for b
+    assert ("delivered", "out", "b") in producer.log and KEY in runtime.waiting
+    producer.held[changelog].set()
+    await asyncio.sleep(0.02)
+    assert runtime._failed and len(failed) == 1
+    assert [e for e in producer.log if e[0] == "sent"] == [("sent", "out", "a"), ("sent", changelog, "a"),
+                                                          ("sent", "out", "b")]
+    assert [part.dbs[ENTITIES].get(k) for k in (b"a", b"b", b"c")] == [None, None, None]
+    assert part.input_offsets() == {} and consumer.committed == []
+    with pytest.raises(KafkaError):  # nothing after them goes either
+        await _batch(runtime, part, b"d", b"4", 4)
+    assert not any(e[0] == "sent" and e[2] in ("c", "c,d") for e in producer.log)
+
+
+async def test_a_revoke_waits_for_both_batches_in_flight_and_the_one_waiting(runtime: BatchedRuntime,
+                                                                             tmp_path: Path) -> None:
+    """at_least_once, two batches of a partition in flight and one waiting: a revoke returns only once all three
+    are delivered, stored and their offsets committed; then the partition's database is closed."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"a", b"2", 2)
+    await asyncio.sleep(0.02)  # the second in flight beside the first's changelog
+    await _batch(runtime, part, b"a", b"3", 3)  # waits
+    assert KEY in runtime.waiting and len([e for e in producer.log if e[:2] == ("sent", "out")]) == 2
+    revoking = asyncio.ensure_future(runtime.revoked({TP0}))
+    await asyncio.sleep(0.02)
+    assert not revoking.done() and KEY in runtime.parts
+    producer.held[changelog].set()
+    await asyncio.wait_for(revoking, 1)
+    assert KEY not in runtime.parts and KEY not in runtime.waiting and TP0 not in runtime.positions
+    assert consumer.committed[-1] == {TP0: 3} and runtime._committing is None
+    reopened = PartitionState(tmp_path / "tables", runtime.routes["r"], 0, {})
+    try:
+        assert reopened.dbs[ENTITIES].get(b"a") == b"3" and reopened.input_offsets() == {"in": 3}
+    finally:
+        reopened.close()
+
+
+async def test_a_stop_lands_both_batches_in_flight_and_commits_before_the_consumer_stops(
+        runtime: BatchedRuntime, tmp_path: Path) -> None:
+    """SIGTERM with two batches of a partition in flight and one waiting: the stop stores all three and commits
+    their offsets before the consumer leaves the group, then closes the databases."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await _batch(runtime, part, b"b", b"2", 2)
+    await asyncio.sleep(0.02)
+    await _batch(runtime, part, b"c", b"3", 3)
+    stopping = asyncio.ensure_future(runtime.on_stop())
+    await asyncio.sleep(0.02)
+    assert not stopping.done() and not hasattr(consumer, "stopped")
+    producer.held[changelog].set()
+    await asyncio.wait_for(stopping, 1)
+    assert consumer.stopped[-1] == {TP0: 3} and not runtime.parts and producer.log[-1] == ("stop",)
+    reopened = PartitionState(tmp_path / "tables", runtime.routes["r"], 0, {})
+    try:
+        assert [reopened.dbs[ENTITIES].get(k) for k in (b"a", b"b", b"c")] == [b"1", b"2", b"3"]
+        assert reopened.input_offsets() == {"in": 3}
+    finally:
+        reopened.close()
+
+
+async def test_a_failed_partition_does_not_cut_short_the_landing_of_the_others(runtime: BatchedRuntime,
+                                                                              tmp_path: Path) -> None:
+    """A revoke and a stop wait for every batch in flight before the partitions go and their databases close,
+    also where a batch of another partition failed: its error is raised once the others landed. (Else the stop
+    closed the database under a batch whose changelog was on its way, its store failed, and its changelog could
+    reach the topic after the partition was handed over.)"""
+    producer = Producer()
+    producer.refused.add("out[0]")
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[f"{changelog}[1]"] = asyncio.Event()
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    part0 = _owned(runtime, tmp_path, producer)
+    part1 = _owned(runtime, tmp_path, producer, ("r", 1))
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part0, b"a", b"1", 1)
+    await _batch(runtime, part1, b"b", b"2", 1, key=("r", 1))
+    producer.gate.set()
+    await asyncio.sleep(0.02)  # r[0]'s outputs refused; r[1]'s delivered, its changelog on its way
+    assert runtime._failed and ("delivered", "out", "b") in producer.log
+    landing = asyncio.ensure_future(runtime._landed_all())
+    await asyncio.sleep(0.02)
+    assert not landing.done()
+    producer.held[f"{changelog}[1]"].set()
+    with pytest.raises(KafkaError):
+        await asyncio.wait_for(landing, 1)
+    await runtime._committed()
+    assert part1.dbs[ENTITIES].get(b"b") == b"2" and part1.input_offsets() == {"in": 1}
+    assert part0.dbs[ENTITIES].get(b"a") is None and part0.input_offsets() == {}
+    assert consumer.committed == [{TP1: 1}] and len(failed) == 1
+
+
+async def test_a_batch_whose_outputs_failed_is_done_only_once_the_batch_before_it_landed(runtime: BatchedRuntime,
+                                                                                         tmp_path: Path) -> None:
+    """at_least_once, two batches in flight: where the newer one's outputs are not delivered while the older one's
+    changelog is on its way, the older one still lands (stored, committed) before a revoke or a stop goes on:
+    they wait for the newest batch of a partition only, so it is done only once the one before it is."""
+    producer = Producer()
+    changelog = runtime.changelogs["r"][ENTITIES]
+    producer.held[changelog] = asyncio.Event()
+    producer.gate.set()
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    await _batch(runtime, part, b"a", b"1", 1)
+    await asyncio.sleep(0.02)  # its outputs delivered, its changelog on its way
+    producer.refused.add("out")
+    await _batch(runtime, part, b"b", b"2", 2)  # in flight at once, its outputs refused
+    await asyncio.sleep(0.02)
+    assert runtime._failed and len(failed) == 1  # the worker stops at once
+    landing = asyncio.ensure_future(runtime._landed_all())
+    await asyncio.sleep(0.02)
+    assert not landing.done()
+    producer.held[changelog].set()
+    with pytest.raises(KafkaError):
+        await asyncio.wait_for(landing, 1)
+    await runtime._committed()
+    assert part.dbs[ENTITIES].get(b"a") == b"1" and part.dbs[ENTITIES].get(b"b") is None
+    assert part.input_offsets() == {"in": 1} and consumer.committed == [{TP0: 1}]
+    assert runtime._failed and len(failed) == 1
+
+
+class Jittery(Producer):
+    """Delivers each batch sent after a few turns of the loop, as `rng` says; `changes` has the changelog records
+    delivered, in order: (topic, key, value)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.rng = rng
+        self.changes: list[tuple[str, bytes | None, bytes | None]] = []
+
+    def create_batch(self) -> Builder:
+        builder = Builder()
+        values: list[bytes | None] = []
+        append = builder.append
+
+        def keep(*, timestamp: Any, key: bytes | None, value: bytes | None, headers: Any) -> bool:
+            values.append(value)
+            return append(timestamp=timestamp, key=key, value=value, headers=headers)
+
+        builder.append = keep  # type: ignore[method-assign]
+        builder.values = values  # type: ignore[attr-defined]
+        return builder
+
+    async def send_batch(self, batch: Builder, topic: str, partition: int) -> asyncio.Future[Any]:
+        keys = ",".join(k.decode() for k in batch.keys if k is not None)
+        self.log.append(("sent", topic, keys))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        turns = self.rng.randint(0, 6)
+
+        async def land() -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            self.log.append(("delivered", topic, keys))
+            if topic != "out":
+                self.changes.extend((topic, k, v) for k, v in zip(batch.keys, batch.values, strict=True))  # type: ignore[attr-defined]
+            fut.set_result(SimpleNamespace(offset=self.next[(topic, partition)]))
+            self.next[(topic, partition)] += batch.record_count()
+
+        self._landing = asyncio.ensure_future(land())
+        return fut
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_stacked_batches_read_store_and_log_what_a_model_of_their_writes_says(tmp_path: Path,
+                                                                                     seed: int) -> None:
+    """at_least_once with overlap, deliveries landing in random turns: batches that write the same few keys of
+    two tables again and again (the same bytes as the batch before, a value back to an earlier one, deletions)
+    read, at every point, the newest value written, by key and in a scan (pruning the in-flight overlay by value
+    equality is sound); at most two batches of the partition are in flight at once; every store follows the
+    delivery of its batch's outputs; and in the end RocksDB, the changelogs' last word per key and the committed
+    offset are the model's."""
+    rng = random.Random(seed)
+    runtime = _runtime(tmp_path, "at_least_once")
+    producer = Jittery(rng)
+    part = _owned(runtime, tmp_path, producer)
+    consumer = Consumer()
+    runtime.consumer = cast(Any, consumer)
+    fly = runtime._fly
+    active, peak = [0], [0]
+
+    async def counted(*args: Any) -> None:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            await fly(*args)
+        finally:
+            active[0] -= 1
+
+    runtime._fly = counted  # type: ignore[method-assign]
+    store = part.store
+
+    def checked(changelog_offsets: Any, inputs: Any, *, sealed: Any = False) -> None:
+        last = f"o{inputs['in'] - 1}"  # the output of the batch's last record, delivered before it is stored
+        assert any(e[:2] == ("delivered", "out") and last in e[2].split(",") for e in producer.log), last
+        store(changelog_offsets, inputs, sealed=sealed)
+
+    part.store = checked  # type: ignore[method-assign]
+    keys, values = (b"a", b"b", b"c"), (b"1", b"2", None)
+    model: dict[str, dict[bytes, bytes | None]] = {ENTITIES: {}, LAMPORTS: {}}
+    for offset in range(1, 61):
+        out = runtime._batches(KEY)
+        for name in (ENTITIES, LAMPORTS):
+            for key in rng.sample(keys, rng.randint(0, 2)):
+                value = rng.choice(values)
+                if value is None:
+                    part.readers[name].delete(key)
+                else:
+                    part.readers[name].put(key, value)
+                model[name][key] = value
+        out.add("out", 0, f"o{offset - 1}".encode(), b"")
+        records = 10 if rng.random() < 0.1 else 1
+        await asyncio.wait_for(runtime._finish(KEY, runtime.routes["r"], part, out, {TP0: offset}, records), 2)
+        for name, written in model.items():
+            assert {k: part.readers[name].get(k) for k in written} == written, (offset, name)
+        for _ in range(rng.randint(0, 8)):
+            await asyncio.sleep(0)
+        for name, written in model.items():
+            assert {k: part.readers[name].get(k) for k in written} == written, (offset, name)
+            assert dict(part.readers[name].items()) == {k: v for k, v in written.items() if v is not None}
+    await runtime._landed_all()
+    await runtime._committed()
+    assert peak[0] == 2 and not any(part.flight.values())
+    for name, written in model.items():
+        assert {k: part.dbs[name].get(k) for k in written} == written
+        logged: dict[bytes | None, bytes | None] = {}
+        for topic, key, value in producer.changes:
+            if topic == runtime.changelogs["r"][name]:
+                logged[key] = value
+        assert logged == written
+    assert part.input_offsets() == {"in": 60} and consumer.committed[-1] == {TP0: 60}
+
+
+async def test_a_step_raises_the_error_of_one_partition_once_the_others_finished_theirs(
+        runtime: BatchedRuntime) -> None:
+    """A step's partitions run side by side; where one fails, its error is raised once the others have finished
+    their part of the step (their batches in flight or waiting): a stop that follows waits for all of them, and
+    none goes in flight behind its back, after the databases were closed."""
+    runtime.consumer = cast(Any, Consumer())
+    finished: list[Key] = []
+
+    async def partition(key: Key, items: Any) -> None:
+        if key == KEY:
+            raise KafkaError("r[0] failed")
+        await asyncio.sleep(0.02)  # r[1] is still processing its records
+        finished.append(key)
+
+    runtime._partition = partition  # type: ignore[method-assign]
+    with pytest.raises(KafkaError):
+        await runtime._step({TP0: [Msg(0, 0)], TP1: [Msg(0, 0)]})  # type: ignore[dict-item]
+    assert finished == [("r", 1)]
