@@ -51,13 +51,13 @@ What a runtime must call, in which order, in which transaction (per input partit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from byzguard.audit import AuditRule, Check, JoinState, Observation, Source, Watermark, expire, observe
 from byzguard.config import Route
-from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, Prepared, RecordIn, Result
 
 #: The audit join's table: per join key (its repartition record key), the JoinState bytes.
 PENDING = "pending"
@@ -186,9 +186,22 @@ class VerifyProcessor:
         self.tables: tuple[str, ...] = (ENTITIES, LAMPORTS, CAUSAL) if route.causal.buffer else (ENTITIES, LAMPORTS)
         self.interval = causal_interval(route)
 
-    def process(self, record: RecordIn, state: State, now: float) -> Result:
-        """Verify one record (and release what it unblocks); never raises for a bad record."""
-        return _apply(self.guard.process(record, self.route, state, now=now), state)
+    def process(self, record: RecordIn, state: State, now: float, prepared: Prepared | None = None) -> Result:
+        """Verify one record (and release what it unblocks); never raises for a bad record. `prepared`: what
+        `prepare` made of this record (the same decision, sooner)."""
+        return _apply(self.guard.process(record, self.route, state, now=now, prepared=prepared), state)
+
+    def prepare(self, records: Sequence[RecordIn]) -> list[Prepared]:
+        """A batch's work that needs neither the state nor the records before (Guard.prepare): decode and MAC,
+        each over all the records. Then `process` each record in order with its own."""
+        return self.guard.prepare(records, self.route)
+
+    def process_batch(self, records: Sequence[RecordIn], state: State, now: float) -> list[Result]:
+        """`process` of each record in order, its writes applied before the next (so the next reads them), with
+        the independent work done stage by stage first (`prepare`): the same results, in less time per record."""
+        guard, route = self.guard, self.route
+        return [_apply(guard.process(record, route, state, now=now, prepared=prepared), state)
+                for record, prepared in zip(records, guard.prepare(records, route), strict=True)]
 
     def punctuate(self, state: State, now: float) -> Result:
         """Quarantine held records whose deadline passed (causal.gap); `oldest_held_age` says what still waits."""
