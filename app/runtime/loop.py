@@ -104,6 +104,8 @@ TURN_S = 0.002
 #: ~25% less CPU per record than one at a time (bench/results/core-*/glue.py of issue 21; 256 about the same), and
 #: 64 records (~1.5 ms) keep the loop's turns (TURN_S) and batch_max_ms checks about as often as before.
 PREPARED_RECORDS = 64
+#: ... and at most about this many value bytes (large records: their decoded envelopes are alive together).
+PREPARED_BYTES = 128 * 1024
 
 
 def verify_group(app_id: str) -> str:
@@ -534,7 +536,10 @@ class BatchedRuntime(Service):
                 last = index
                 self._building.add(key)  # its batch in flight does not launch the waiting one meanwhile
                 while last < end:
-                    step = min(end, last + PREPARED_RECORDS)
+                    step, size = last + 1, len(messages[last].value or b"")
+                    while step < end and step - last < PREPARED_RECORDS and size < PREPARED_BYTES:
+                        size += len(messages[step].value or b"")
+                        step += 1
                     self._process(route, processor, part, messages[last:step], out)
                     last = step
                     now = time.monotonic()
