@@ -30,7 +30,9 @@ What a runtime must call, in which order, in which transaction (per input partit
 2. Per batch (the records of one fetch of the partition, in offset order), all of it inside the partition's
    transaction under exactly_once:
    a. `process(record, state, now)` for each record, `now` the wall-clock time (seconds) at which it runs;
-      its outputs are sent in the order given, before those of the next record;
+      its outputs are sent in the order given, before those of the next record. A runtime may hand consecutive
+      records to `VerifyProcessor.prepare` first (decode and MAC, one pass each over them: the same decisions,
+      less CPU per record) and each record's own to `process`, in order (`process_batch` does both);
    b. then, when `interval` seconds passed since the partition's last punctuation, `punctuate(state, now)`,
       its outputs sent likewise. A partition with no records is punctuated on time all the same, in a
       transaction of its own (a causal deadline or an audit window must not wait for traffic). An audit join's

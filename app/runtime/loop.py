@@ -3,7 +3,8 @@
 One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
 (`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
 `batch_max_ms` of processing; each record goes through the processor seam (byzguard.processor `VerifyProcessor`:
-`Guard.process`), reading its state through the batch's pending writes, then those of the batch in flight, then
+`Guard.process`, after `Guard.prepare` decoded and MAC'd it with up to PREPARED_RECORDS records after it, one pass
+each), reading its state through the batch's pending writes, then those of the batch in flight, then
 RocksDB (app/runtime/state.py: faust's layout and paths). After each batch of a route partition the causal
 deadlines are checked (its `punctuate`: `Guard.expire_held`), and on a timer when it is idle.
 
