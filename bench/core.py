@@ -21,6 +21,9 @@ decides every event of these runs), run on the very inputs `Guard.process` sees:
   encode       EntityState.to_bytes of it
   headers      the verified record's headers
   total        Guard.process, state read from the table (glue: total minus the stages)
+  batch        the same events as the batched runtime processes them: per BATCH (64) records, Guard.prepare
+               (decode, then the MAC of each, over the records) and then Guard.process of each with its own
+               (timed interleaved with total, rep by rep; absent for code without Guard.prepare)
 
 run_case checks that verify_clean decides each event and that the state built here is the one Guard.process
 writes, so the rows keep mapping onto what a clean event runs.
@@ -78,6 +81,9 @@ def _evaluate(rules: RuleSet) -> Callable[[Any, Any], list[Any]]:
             return rules.evaluate(data, last, now=NOW, event=attributes)
     return evaluate
 CASES = {"fresh": 1, "steady": 32}
+#: Records per Guard.prepare call in the batch row: the batched runtime's app.runtime.loop.PREPARED_RECORDS.
+BATCH = 64
+HAS_PREPARE = hasattr(Guard, "prepare")
 
 
 def clean_state(env: Envelope, entity: EntityState, limits: Any) -> EntityState:
@@ -145,6 +151,21 @@ def _timed(fn: Callable[[], object], reps: int, count: int) -> float:
         fn()
         samples.append((time.process_time() - start) / count * 1e6)
     return statistics.median(samples)
+
+
+def _timed_pair(first: Callable[[], object], second: Callable[[], object], reps: int,
+                count: int) -> tuple[float, float]:
+    """_timed of two functions, their timings interleaved (first, second, first, ...)."""
+    first()
+    second()
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, out in ((first, samples[0]), (second, samples[1])):
+            gc.collect()
+            start = time.process_time()
+            fn()
+            out.append((time.process_time() - start) / count * 1e6)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, Any]:
@@ -255,13 +276,27 @@ def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, A
             for r in todo:
                 guard.process(r, route, state, now=NOW)
 
+        def batch() -> None:
+            for at in range(0, len(todo), BATCH):
+                chunk = todo[at:at + BATCH]
+                for r, prepared in zip(chunk, guard.prepare(chunk, route), strict=True):
+                    guard.process(r, route, state, now=NOW, prepared=prepared)
+
+        if HAS_PREPARE:
+            prepared = guard.prepare(todo, route)
+            batched = [guard.process(r, route, state, now=NOW, prepared=p) for r, p in zip(todo, prepared, strict=True)]
+            assert [(b.writes, b.first.decision) for b in batched] == [(d.writes, d.first.decision) for d in decisions]
+
         timings = {
             "decode": stage_decode, "integrity": stage_integrity, "state decode": stage_state_decode,
             "checks": stage_checks, "rules": stage_rules, "state build": stage_build, "encode": stage_encode,
             "headers": stage_headers,
         }
         us = {name: _timed(fn, reps, len(todo)) for name, fn in timings.items()}
-        us["total"] = _timed(total, reps, len(todo))
+        if HAS_PREPARE:  # total and batch, rep by rep (A B A B): the two figures meet the same load
+            us["total"], us["batch"] = _timed_pair(total, batch, reps, len(todo))
+        else:
+            us["total"] = _timed(total, reps, len(todo))
         us["glue"] = us["total"] - sum(us[name] for name in STAGES)
         record_bytes = [len(raw) for raw in raws if raw is not None]
         written = [len(d.writes[(ENTITIES, e.subject.encode())] or b"") for d, e in zip(decisions, envs, strict=True)]
@@ -303,7 +338,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for case, figures in first["cases"].items():
         merged["cases"][case] = {
             **figures, "us": {stage: statistics.median(r["cases"][case]["us"][stage] for r in runs)
-                              for stage in figures["us"]}}
+                              for stage in figures["us"] if all(stage in r["cases"][case]["us"] for r in runs)}}
     return merged
 
 
@@ -322,13 +357,19 @@ def markdown(result: dict[str, Any], before: dict[str, Any] | None) -> str:
     else:
         lines += ["| stage | " + " | ".join(f"{c} ({result['cases'][c]['ids']} ids)" for c in cases) + " |",
                   "|---" * (1 + len(cases)) + "|"]
-    for stage in (*STAGES, "glue", "total"):
+    def cell(run: dict[str, Any], case: str, stage: str) -> str:
+        value = run["cases"][case]["us"].get(stage)
+        return "" if value is None else f"{value:.1f}"
+    for stage in (*STAGES, "glue", "total", "batch"):
+        if all(stage not in run["cases"][case]["us"] for run in (result, before) if run is not None for case in cases):
+            continue
         cells = []
         for case in cases:
             if before is not None:
-                cells.append(f"{before['cases'][case]['us'][stage]:.1f}")
-            cells.append(f"{result['cases'][case]['us'][stage]:.1f}")
-        name = f"**{stage}** (Guard.process)" if stage == "total" else stage
+                cells.append(cell(before, case, stage))
+            cells.append(cell(result, case, stage))
+        name = f"**{stage}** (Guard.process)" if stage == "total" else \
+            f"**batch** (prepare + process, {BATCH} per call)" if stage == "batch" else stage
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for key, label in (("state_record_written_bytes", "state record written (B)"),
                        ("event_bytes", "event (B)")):

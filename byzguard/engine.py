@@ -144,12 +144,15 @@ def verify(
 
 def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, lamport_mark: int | None,
                  keyring: KeyRing, now: float, limits: Limits, received: float | None,
-                 writer: str | None) -> Decision | None:
+                 writer: str | None, digest: str | None = None) -> Decision | None:
     """The decision on an event no check objects to, in the fewest steps; None as soon as a check might add a
     reason, whatever its severity (`verify_checked` then runs every check and says which; after a failed
     integrity check or rule, verify_clean hands it their results itself). Each test is the negation
     of the condition under which `verify_checked` adds a reason or returns early, so both decide a clean event alike
-    (tests/unit/test_clean_path.py holds them to it)."""
+    (tests/unit/test_clean_path.py holds them to it).
+
+    `digest`: hmac_sha256 of env.bound by `keyring`'s key of the checksum's key id, when the caller computed it
+    already (Guard.prepare); None: computed here if needed."""
     if not policy.listed or env.refused is not None or (writer is not None and env.source != writer):
         return None
     source = env.source
@@ -171,7 +174,8 @@ def verify_clean(env: Envelope, policy: TypePolicy, entity: EntityState | None, 
         key_id = checksum.key_id
         key = keyring.get(key_id) if key_id else None
         if key is None or key.source != source \
-                or not compare_digest(hmac_sha256(key.secret, bound), checksum.value.lower()):
+                or not compare_digest(hmac_sha256(key.secret, bound) if digest is None else digest,
+                                      checksum.value.lower()):
             return None
     else:
         failures = check_integrity(env, accepted, keyring, required=policy.require_checksum)

@@ -30,7 +30,9 @@ What a runtime must call, in which order, in which transaction (per input partit
 2. Per batch (the records of one fetch of the partition, in offset order), all of it inside the partition's
    transaction under exactly_once:
    a. `process(record, state, now)` for each record, `now` the wall-clock time (seconds) at which it runs;
-      its outputs are sent in the order given, before those of the next record;
+      its outputs are sent in the order given, before those of the next record. A runtime may hand consecutive
+      records to `VerifyProcessor.prepare` first (decode and MAC, one pass each over them: the same decisions,
+      less CPU per record) and each record's own to `process`, in order (`process_batch` does both);
    b. then, when `interval` seconds passed since the partition's last punctuation, `punctuate(state, now)`,
       its outputs sent likewise. A partition with no records is punctuated on time all the same, in a
       transaction of its own (a causal deadline or an audit window must not wait for traffic). An audit join's
@@ -51,13 +53,13 @@ What a runtime must call, in which order, in which transaction (per input partit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from byzguard.audit import AuditRule, Check, JoinState, Observation, Source, Watermark, expire, observe
 from byzguard.config import Route
-from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn, Result
+from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, Prepared, RecordIn, Result
 
 #: The audit join's table: per join key (its repartition record key), the JoinState bytes.
 PENDING = "pending"
@@ -187,9 +189,22 @@ class VerifyProcessor:
         self.tables: tuple[str, ...] = (ENTITIES, LAMPORTS, CAUSAL) if route.causal.buffer else (ENTITIES, LAMPORTS)
         self.interval = causal_interval(route)
 
-    def process(self, record: RecordIn, state: State, now: float) -> Result:
-        """Verify one record (and release what it unblocks); never raises for a bad record."""
-        return _apply(self.guard.process(record, self.route, state, now=now), state)
+    def process(self, record: RecordIn, state: State, now: float, prepared: Prepared | None = None) -> Result:
+        """Verify one record (and release what it unblocks); never raises for a bad record. `prepared`: what
+        `prepare` made of this record (the same decision, sooner)."""
+        return _apply(self.guard.process(record, self.route, state, now=now, prepared=prepared), state)
+
+    def prepare(self, records: Sequence[RecordIn]) -> list[Prepared]:
+        """A batch's work that needs neither the state nor the records before (Guard.prepare): decode and MAC,
+        each over all the records. Then `process` each record in order with its own."""
+        return self.guard.prepare(records, self.route)
+
+    def process_batch(self, records: Sequence[RecordIn], state: State, now: float) -> list[Result]:
+        """`process` of each record in order, its writes applied before the next (so the next reads them), with
+        the independent work done stage by stage first (`prepare`): the same results, in less time per record."""
+        guard, route = self.guard, self.route
+        return [_apply(guard.process(record, route, state, now=now, prepared=prepared), state)
+                for record, prepared in zip(records, guard.prepare(records, route), strict=True)]
 
     def punctuate(self, state: State, now: float) -> Result:
         """Quarantine held records whose deadline passed (causal.gap); `oldest_held_age` says what still waits."""

@@ -19,7 +19,7 @@ def test_bench_core_reports_every_stage_and_writes_its_files(tmp_path: Path, cap
     first = orjson.loads((tmp_path / "t1.json").read_bytes())
     assert set(first["cases"]) == {"fresh", "steady"}
     assert first["cases"]["fresh"]["ids"] == 1 and first["cases"]["steady"]["ids"] == 32
-    assert set(first["cases"]["steady"]["us"]) == {*core.STAGES, "glue", "total"}
+    assert set(first["cases"]["steady"]["us"]) == {*core.STAGES, "glue", "total", "batch"}
     assert first["cases"]["steady"]["state_record_written_bytes"] < 2000
     core.main(["--entities", "20", "--reps", "1", "--state", "dict", "--label", "t2", "--out", str(tmp_path),
                "--before", str(tmp_path / "t1.json")])
