@@ -405,6 +405,11 @@ async def restore(bootstrap: str, parts: list[tuple[PartitionState, dict[str, st
 
 
 def _has_data(db: Rdict) -> bool:
+    """Whether the database holds any key but the time of the last restore (which an empty partition gets too)."""
     it = db.iter()
     it.seek_to_first()
-    return bool(it.valid())
+    while it.valid():
+        if it.key() != STORED_AT_KEY:
+            return True
+        it.next()
+    return False

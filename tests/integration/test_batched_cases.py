@@ -158,14 +158,14 @@ async def test_a_local_state_older_than_its_changelogs_tombstone_retention_is_re
     changelog's beginning with a WARNING; the same database under changelogs with the default retention (24 h) is
     brought forward from its offset (what it holds that the changelog does not is kept: no restore from the
     beginning); one of an earlier release (no time recorded) is restored from the beginning. Each records when it
-    was at its changelogs' end."""
+    was at its changelogs' end; an empty partition's recorded time alone does not get it wiped next time."""
     config_path = tmp_path / "byzguard.yaml"
     config_path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
                            "      types: {t: {}}}\n")
     route = load(config_path).routes[0]
     short = {"cleanup.policy": "compact", "delete.retention.ms": "1000"}
     stale_topics = {name: topic_factory(1, short) for name in state_names(route)}
-    fresh_topics = {name: topic_factory(1, {"cleanup.policy": "compact"}) for name in state_names(route)}
+    fresh_topics = {name: topic_factory(2, {"cleanup.policy": "compact"}) for name in state_names(route)}
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
@@ -189,6 +189,7 @@ async def test_a_local_state_older_than_its_changelogs_tombstone_retention_is_re
         return part
 
     aged, fresh, legacy = local("aged", now_ms - 10_000), local("fresh", now_ms), local("legacy", None)
+    empty = PartitionState(tmp_path / "empty", route, 1, {})  # partition 1: nothing in its changelogs
     try:
         with caplog.at_level(logging.WARNING, logger="app.runtime.state"):
             replayed = await restore(kafka_bootstrap, [(aged, stale_topics)])
@@ -209,6 +210,12 @@ async def test_a_local_state_older_than_its_changelogs_tombstone_retention_is_re
         for part in (aged, fresh, legacy):
             stored_at = part.stored_at()
             assert stored_at is not None and stored_at >= now_ms, "the restore records when it reached the end"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="app.runtime.state"):
+            for _ in range(2):
+                assert await restore(kafka_bootstrap, [(empty, fresh_topics)]) == 0
+        assert empty.stored_at() is not None
+        assert not caplog.records, "a partition with nothing to restore is not wiped for its restore time"
     finally:
-        for part in (aged, fresh, legacy):
+        for part in (aged, fresh, legacy, empty):
             part.close()
