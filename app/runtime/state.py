@@ -5,7 +5,13 @@ values, faust's RocksDB options through its own `RocksDBOptions`), and each hold
 of the last changelog record it contains under `__faust\\0offset__`. So a data dir written by the faust agent
 runtime of earlier releases is read as it is. The batched runtime adds one key to the state_by_entity database: the
 next input offset of each input partition whose events the stored state includes (at_least_once resumes from
-the larger of it and the committed offset).
+the larger of it and the committed offset), and the wall-clock time (ms) of the last store or restore under which
+every table of the partition held its changelog to its end.
+
+Compaction removes a tombstone once it is `delete.retention.ms` old (24 h by default): a database that last stored
+longer ago than that may never see a delete written after its offset (a released causal-buffer entry, a closed
+audit join key), and its stale value would come back. So a database is brought forward from its offset only when
+its last store is recent enough (`stale_reason`); otherwise it is wiped and restored from the changelog's beginning.
 
 Reads go through the writes of the batch in progress, then those of the batch in flight (sealed: the runtime
 delivers it while it processes the next one), then RocksDB. A batch's writes go to RocksDB in one
@@ -15,6 +21,7 @@ WriteBatch; state_by_entity is written last, so its input offsets never run ahea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -24,6 +31,8 @@ from typing import Any, Final, cast
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.stores.rocksdb import RocksDBOptions
 from rocksdict import Rdict, WriteBatch
 
@@ -37,6 +46,18 @@ log = logging.getLogger(__name__)
 OFFSET_KEY = b"__faust\0offset__"
 #: The batched runtime's key (state_by_entity only) of the next input offset per input topic, as JSON.
 INPUTS_KEY = b"__byzguard\0input_offsets__"
+#: The batched runtime's key (state_by_entity only, `inputs_table`) of the wall-clock time in ms of the last store or
+#: restore, at which every table of the partition held its changelog to its end.
+STORED_AT_KEY = b"__byzguard\0stored_at_ms__"
+#: Kafka's default `delete.retention.ms` (the broker's `log.cleaner.delete.retention.ms`): assumed for a changelog
+#: whose own cannot be read.
+DEFAULT_DELETE_RETENTION_MS = 86_400_000
+#: A local database is brought forward from its offset only when it last stored at most this fraction of its
+#: changelog's delete.retention.ms ago: the rest covers the restore's own reading time, a batch whose changelog was
+#: on its way when it stored, and a wall clock that was stepped forward.
+REUSE_FRACTION = 0.5
+#: How far the wall clock may have gone back since the last store (NTP slewing) before the time is not trusted.
+CLOCK_SLACK_MS = 60_000
 #: Changelog records replayed per RocksDB WriteBatch during a restore.
 RESTORE_CHUNK = 10_000
 
@@ -107,7 +128,7 @@ class _Reader:
         it.seek_to_first()
         while it.valid():
             key = it.key()
-            if key not in pending and key not in flight and key not in (OFFSET_KEY, INPUTS_KEY):
+            if key not in pending and key not in flight and key not in (OFFSET_KEY, INPUTS_KEY, STORED_AT_KEY):
                 found.append((key, it.value()))
             it.next()
         found.extend((key, value) for key, value in flight.items() if value is not None and key not in pending)
@@ -160,6 +181,19 @@ class PartitionState:
         raw = self.dbs[self.inputs_table].get(INPUTS_KEY)
         return {str(k): int(v) for k, v in orjson.loads(raw).items()} if raw else {}
 
+    def stored_at(self) -> int | None:
+        """The wall-clock time (ms) of the last store or restore (None: not known, a data dir of an earlier
+        release or of the faust runtime)."""
+        raw = self.dbs[self.inputs_table].get(STORED_AT_KEY)
+        try:
+            return int(raw) if raw is not None else None
+        except ValueError:
+            return None
+
+    def mark_stored_at(self, at_ms: int) -> None:
+        """Record that at `at_ms` every table of the partition held its changelog to its end (after a restore)."""
+        self.dbs[self.inputs_table][STORED_AT_KEY] = str(at_ms).encode()
+
     def discard(self) -> None:
         """Forget the batch in flight and the one in progress (built on it): a transaction aborted."""
         for writes in (*self.pending.values(), *self.flight.values()):
@@ -204,15 +238,17 @@ class PartitionState:
         for name in sorted(self.names, key=lambda n: n == inputs_table):  # state_by_entity last
             writes = tables[name]
             offset = changelog_offsets.get(name)
-            if not writes and offset is None and not (name == inputs_table and inputs):
+            if not writes and offset is None and name != inputs_table:
                 continue
             batch = write_batch_of(writes)
             if offset is not None:
                 batch.put(OFFSET_KEY, str(offset).encode())
-            if name == inputs_table and inputs:
-                known = self.input_offsets()
-                known.update(inputs)
-                batch.put(INPUTS_KEY, orjson.dumps(known))
+            if name == inputs_table:
+                if inputs:
+                    known = self.input_offsets()
+                    known.update(inputs)
+                    batch.put(INPUTS_KEY, orjson.dumps(known))
+                batch.put(STORED_AT_KEY, str(int(time.time() * 1000)).encode())
             self.dbs[name].write(batch)
             writes.clear()
 
@@ -229,10 +265,74 @@ class PartitionState:
         self.dbs = {}
 
 
+def stale_reason(stored: int | None, stored_at_ms: int | None, begin: int, end: int, *, now_ms: int,
+                 retention_ms: int) -> str | None:
+    """Why a local database whose last changelog offset is `stored` cannot be brought to the changelog's `end` by
+    replaying from `stored + 1` (None: it can). `stored_at_ms`: the partition's last store or restore (wall clock);
+    `begin`: the changelog's first offset; `retention_ms`: its delete.retention.ms.
+
+    Compaction keeps a key's newest value but drops a tombstone once it is `retention_ms` old, so a database that
+    has not held its changelog's end for longer than that may miss a delete written after its offset; it is
+    reused only when its last store is at most `REUSE_FRACTION` of that old, or when nothing was written after its
+    offset at all. Fail-safe: a database without the time (a data dir of an earlier release or of the faust
+    runtime) or with one in the future (the clock went back) is not reused."""
+    if stored is None:
+        return "it holds no changelog offset"
+    if stored >= end:
+        return f"its changelog offset {stored} is at or past the changelog's end {end}"
+    if stored + 1 < begin:
+        return f"the changelog now begins at {begin}, after its offset {stored} (records were deleted)"
+    if stored + 1 == end:
+        return None  # nothing was written after it: nothing can have been compacted away
+    if stored_at_ms is None:
+        return ("it does not record when it last stored (a data dir of an earlier release): compaction may have "
+                "removed tombstones written after its offset")
+    gap = now_ms - stored_at_ms
+    if gap < -CLOCK_SLACK_MS:
+        return f"it last stored {-gap / 1000:.0f} s in the future (the clock went back): its age is not known"
+    if gap > retention_ms * REUSE_FRACTION:
+        return (f"it last stored {gap / 3_600_000:.2f} h ago, more than {REUSE_FRACTION:g} of the changelog's "
+                f"delete.retention.ms ({retention_ms} ms): compaction may have removed tombstones written after "
+                f"its offset {stored}")
+    return None
+
+
+async def delete_retention(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """Each topic's effective `delete.retention.ms` (its own, else the broker's); `DEFAULT_DELETE_RETENTION_MS`,
+    with a warning, for a topic whose value cannot be read."""
+    found: dict[str, int] = {}
+    if not topics:
+        return found
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, {"delete.retention.ms": None}) for t in topics])
+        for response in responses:
+            for resource in response.to_object().get("resources", []):
+                if resource.get("error_code", 0):
+                    continue
+                for entry in resource.get("config_entries", []):
+                    if entry.get("config_names") == "delete.retention.ms" and entry.get("config_value"):
+                        found[resource["resource_name"]] = int(entry["config_value"])
+    except Exception as exc:  # the default is assumed, with a warning, below
+        log.warning("restore: cannot read delete.retention.ms of %s (%r)", topics, exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    missing = [t for t in topics if t not in found]
+    if missing:
+        log.warning("restore: delete.retention.ms of %s not known; assuming Kafka's default of %d ms", missing,
+                    DEFAULT_DELETE_RETENTION_MS)
+    return {t: found.get(t, DEFAULT_DELETE_RETENTION_MS) for t in topics}
+
+
 async def restore(bootstrap: str, parts: list[tuple[PartitionState, dict[str, str]]]) -> int:
     """Bring each partition's databases to the end of their changelogs (read_committed), from the offset each
-    holds; a database without an offset, or with one at or past the changelog's end (the changelog was
-    recreated, or the database holds writes the changelog does not), is wiped and restored from the beginning.
+    holds; a database that cannot be brought forward from its offset (`stale_reason`: none, one at or past the
+    changelog's end, one the changelog no longer reaches back to, or one that last stored too long ago for the
+    changelog's tombstones to still be there) is wiped and restored from the beginning. Afterwards each partition
+    records the time it was at its changelogs' end.
     `parts`: each PartitionState with its changelog topic per state name. Returns the records replayed."""
     targets: dict[TopicPartition, tuple[PartitionState, str]] = {}
     for part, topics in parts:
@@ -248,19 +348,28 @@ async def restore(bootstrap: str, parts: list[tuple[PartitionState, dict[str, st
     try:
         tps = list(targets)
         consumer.assign(tps)
+        stored_of = {tp: part.changelog_offset(name) for tp, (part, name) in targets.items()}
+        stored_at = {id(part): part.stored_at() for part, _ in targets.values()}  # before any table is wiped
+        retention = await delete_retention(bootstrap, sorted({tp.topic for tp, s in stored_of.items()
+                                                              if s is not None}))
+        at_end_ms = int(time.time() * 1000)  # before the ends are read: every record past them is newer
         ends = await consumer.end_offsets(tps)
         begins = await consumer.beginning_offsets(tps)
         todo: dict[TopicPartition, int] = {}
         for tp, (part, name) in targets.items():
-            stored = part.changelog_offset(name)
+            stored = stored_of[tp]
             end = ends[tp]
-            if stored is None or stored >= end:
+            reason = stale_reason(stored, stored_at[id(part)], begins[tp], end, now_ms=at_end_ms,
+                                  retention_ms=retention.get(tp.topic, DEFAULT_DELETE_RETENTION_MS))
+            if reason is not None:
                 if stored is not None or _has_data(part.dbs[name]):
-                    log.warning("restore %s[%d]: local offset %s, changelog end %d: the local state is wiped and "
-                                "restored from the changelog", tp.topic, tp.partition, stored, end)
+                    log.warning("restore %s[%d]: local offset %s, changelog %d..%d: the local state is wiped and "
+                                "restored from the changelog's beginning: %s", tp.topic, tp.partition, stored,
+                                begins[tp], end, reason)
                     part.wipe(name)
                 start = begins[tp]
             else:
+                assert stored is not None
                 start = stored + 1
             if start < end:
                 consumer.seek(tp, start)
@@ -287,6 +396,8 @@ async def restore(bootstrap: str, parts: list[tuple[PartitionState, dict[str, st
                     consumer.pause(tp)
     finally:
         await consumer.stop()
+    for part in dict.fromkeys(part for part, _ in targets.values()):
+        part.mark_stored_at(at_end_ms)
     if replayed:
         log.info("restored %d changelog records for %d table partitions in %.2f s", replayed, len(targets),
                  time.monotonic() - started)
@@ -294,6 +405,11 @@ async def restore(bootstrap: str, parts: list[tuple[PartitionState, dict[str, st
 
 
 def _has_data(db: Rdict) -> bool:
+    """Whether the database holds any key but the time of the last restore (which an empty partition gets too)."""
     it = db.iter()
     it.seek_to_first()
-    return bool(it.valid())
+    while it.valid():
+        if it.key() != STORED_AT_KEY:
+            return True
+        it.next()
+    return False

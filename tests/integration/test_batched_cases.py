@@ -1,17 +1,19 @@
 """Cases of the batched runtime on the real broker that the faust agent runtime of earlier releases needed fixes for
 (docs/exactly-once.md) or that no other test puts to it: inputs written in transactions (commit markers,
-interleaved transactions), a route with several input topics, and a local state whose changelog offset is past its
-changelog's end."""
+interleaved transactions), a route with several input topics, a local state whose changelog offset is past its
+changelog's end, and one that last stored longer ago than its changelog keeps tombstones."""
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from app.runtime.state import OFFSET_KEY, PartitionState, restore, state_names
+from app.runtime.state import OFFSET_KEY, STORED_AT_KEY, PartitionState, restore, state_names
 from byzguard.config import load
 from byzguard.guard import ENTITIES
 from tests.conftest import TopicFactory
@@ -146,3 +148,74 @@ async def test_a_local_state_whose_changelog_offset_is_past_the_changelogs_end_i
         assert dict(part.readers[ENTITIES].items()) == {b"k0": b"v0", b"k1": b"v1", b"k2": b"v2"}
     finally:
         part.close()
+
+
+async def test_a_local_state_older_than_its_changelogs_tombstone_retention_is_restored_from_the_beginning(
+        kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 20: compaction drops a tombstone once it is delete.retention.ms old, so a database that last stored
+    longer ago than that may never see a delete written after its offset. Against the real broker: a database that
+    stored 10 s ago, whose changelog keeps tombstones for 1 s (read from the topic), is wiped and restored from the
+    changelog's beginning with a WARNING; the same database under changelogs with the default retention (24 h) is
+    brought forward from its offset (what it holds that the changelog does not is kept: no restore from the
+    beginning); one of an earlier release (no time recorded) is restored from the beginning. Each records when it
+    was at its changelogs' end; an empty partition's recorded time alone does not get it wiped next time."""
+    config_path = tmp_path / "byzguard.yaml"
+    config_path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                           "      types: {t: {}}}\n")
+    route = load(config_path).routes[0]
+    short = {"cleanup.policy": "compact", "delete.retention.ms": "1000"}
+    stale_topics = {name: topic_factory(1, short) for name in state_names(route)}
+    fresh_topics = {name: topic_factory(2, {"cleanup.policy": "compact"}) for name in state_names(route)}
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for topics in (stale_topics, fresh_topics):
+            for n in range(3):
+                await producer.send_and_wait(topics[ENTITIES], b"v%d" % n, key=b"k%d" % n, partition=0)
+    finally:
+        await producer.stop()
+    now_ms = int(time.time() * 1000)
+
+    def local(where: str, stored_at: int | None) -> PartitionState:
+        """A database that stored the changelog's first record, and a key the changelog does not hold (what a
+        delete compacted away would leave behind)."""
+        part = PartitionState(tmp_path / where, route, 0, {})
+        db = part.dbs[ENTITIES]
+        db[b"k0"] = b"v0"
+        db[b"deleted-meanwhile"] = b"stale"
+        db[OFFSET_KEY] = b"0"
+        if stored_at is not None:
+            db[STORED_AT_KEY] = str(stored_at).encode()
+        return part
+
+    aged, fresh, legacy = local("aged", now_ms - 10_000), local("fresh", now_ms), local("legacy", None)
+    empty = PartitionState(tmp_path / "empty", route, 1, {})  # partition 1: nothing in its changelogs
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.runtime.state"):
+            replayed = await restore(kafka_bootstrap, [(aged, stale_topics)])
+        assert aged.readers[ENTITIES].get(b"deleted-meanwhile") is None, "an aged database is not reused"
+        assert dict(aged.readers[ENTITIES].items()) == {b"k0": b"v0", b"k1": b"v1", b"k2": b"v2"}
+        assert replayed == 3, "restored from the changelog's beginning"
+        assert any("delete.retention.ms (1000 ms)" in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records), caplog.text
+
+        replayed = await restore(kafka_bootstrap, [(fresh, fresh_topics)])
+        assert replayed == 2, "a fresh database is brought forward from its offset"
+        assert fresh.readers[ENTITIES].get(b"deleted-meanwhile") == b"stale", "reused, not wiped"
+        assert fresh.changelog_offset(ENTITIES) == 2
+
+        replayed = await restore(kafka_bootstrap, [(legacy, fresh_topics)])
+        assert replayed == 3 and legacy.readers[ENTITIES].get(b"deleted-meanwhile") is None, \
+            "a data dir without the time is restored from the beginning (fail-safe)"
+        for part in (aged, fresh, legacy):
+            stored_at = part.stored_at()
+            assert stored_at is not None and stored_at >= now_ms, "the restore records when it reached the end"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="app.runtime.state"):
+            for _ in range(2):
+                assert await restore(kafka_bootstrap, [(empty, fresh_topics)]) == 0
+        assert empty.stored_at() is not None
+        assert not caplog.records, "a partition with nothing to restore is not wiped for its restore time"
+    finally:
+        for part in (aged, fresh, legacy, empty):
+            part.close()

@@ -1,6 +1,7 @@
 """A worker restarted on its data dir after a SIGKILL, on the real broker (batched runtime): it takes its partitions
 back at once instead of waiting for the dead process's session to time out; a clean stop still hands its
-partitions over at once (app/runtime/membership.py)."""
+partitions over at once (app/runtime/membership.py). A data dir that last stored longer ago than its changelogs keep
+tombstones is restored from the beginning, a recent one brought forward (app/runtime/state.py, issue 20)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ import asyncio
 import re
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
+import faust
 import pytest
+from faust.stores.rocksdb import RocksDBOptions
 
+from app.runtime.state import STORED_AT_KEY, db_path
+from byzguard.config import load
+from byzguard.guard import ENTITIES
+from tables import store_options
 from tests.integration.worker_harness import (
+    SECRETS,
     Events,
     WorkerFactory,
     WorkerProcess,
@@ -232,3 +241,63 @@ async def test_a_worker_stopped_while_it_joins_the_group_stops(worker_factory: W
         assert "batched runtime: assigned" not in two.log_text(), two.fail("opened partitions while it stopped")
     finally:
         one.send(signal.SIGCONT)
+
+
+def _edit_entities(factory: WorkerFactory, data_dir: Path, *, ghost: bool = False,
+                   stored_at: int | None = None) -> bool:
+    """Open partition 0's state_by_entity database of a stopped worker: add a key its changelog does not hold (what
+    a delete whose tombstone compaction removed would leave behind: `ghost`), or set the time of its last store;
+    returns whether the ghost key is there."""
+    assert factory.config_path is not None
+    route = load(factory.config_path, environ=SECRETS).routes[0]
+    tabledir = Path(faust.App(factory.app_id, datadir=str(data_dir), autodiscover=False, env={}).conf.tabledir)
+    db = RocksDBOptions(**store_options(write_buffer_mb=8, block_cache_mb=8)).open(db_path(tabledir, route,
+                                                                                          ENTITIES, 0))
+    try:
+        if ghost:
+            key = next(k for k, _ in db.items() if not k.startswith(b"__"))
+            db[b"ghost-" + key] = db[key]
+        if stored_at is not None:
+            db[STORED_AT_KEY] = str(stored_at).encode()
+        return any(k.startswith(b"ghost-") for k, _ in db.items())
+    finally:
+        db.close()
+
+
+async def test_a_data_dir_older_than_its_changelogs_keep_tombstones_is_restored_from_the_beginning(
+        worker_factory: WorkerFactory) -> None:
+    """Issue 20: compaction removes a tombstone once it is delete.retention.ms old (24 h here, the default), so a
+    data dir that last stored longer ago may never see a delete written after its offset. A worker restarted on a
+    data dir that stored moments ago brings it forward from its offset (a key its changelog does not hold stays);
+    restarted on one that last stored 48 h ago, it wipes it with a WARNING and restores it from the changelog's
+    beginning (that key is gone), and routes on as before: a re-sent event is still a duplicate."""
+    route = worker_factory.configure(partitions=1)
+    events = Events()
+    data_dir = worker_factory.base_dir / "state"
+    first = worker_factory.start("first", data_dir=data_dir)
+    before = [events.clean(f"acct-{i}", 1) for i in range(10)]
+    await produce(worker_factory.bootstrap, route.input, before)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[first])
+    assert first.stop() == 0
+    assert _edit_entities(worker_factory, data_dir, ghost=True)
+
+    recent = worker_factory.start("recent", data_dir=data_dir)
+    assert recent.stop() == 0
+    assert "delete.retention.ms" not in recent.log_text(), recent.fail("a recent data dir was discarded")
+    assert _edit_entities(worker_factory, data_dir), "a recent data dir is brought forward, not wiped"
+
+    _edit_entities(worker_factory, data_dir, stored_at=int(time.time() * 1000) - 48 * 3_600_000)
+    aged = worker_factory.start("aged", data_dir=data_dir)
+    log = aged.log_text()
+    assert "WARNING" in log and "more than 0.5 of the changelog's delete.retention.ms (86400000 ms)" in log, \
+        aged.fail("an aged data dir was not discarded")
+    after = [before[0], events.clean("acct-1", 2)]
+    await produce(worker_factory.bootstrap, route.input, after)
+    await wait_caught_up(worker_factory.bootstrap, input_group(worker_factory.app_id), [route.input],
+                         workers=[aged])
+    assert aged.stop() == 0
+    assert not _edit_entities(worker_factory, data_dir), "the aged data dir was restored from the beginning"
+    verified = by_id(await collect(worker_factory.bootstrap, route.verified, expected=len(before) + 1))
+    assert set(verified) == {s.event_id for s in [*before, after[1]]}
+    assert all(len(records) == 1 for records in verified.values()), "a re-sent event went through again"

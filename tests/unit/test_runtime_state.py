@@ -4,13 +4,22 @@ together. (Restore from the changelogs runs on the real broker: tests/integratio
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from app.runtime.state import OFFSET_KEY, PartitionState, changelog_topic, db_path
+from app.runtime.state import (
+    CLOCK_SLACK_MS,
+    DEFAULT_DELETE_RETENTION_MS,
+    OFFSET_KEY,
+    PartitionState,
+    changelog_topic,
+    db_path,
+    stale_reason,
+)
 from byzguard.config import GuardConfig, Route, load
 from byzguard.guard import ENTITIES, LAMPORTS
 
@@ -174,5 +183,56 @@ def test_stacked_batches_in_flight_are_stored_oldest_first(tmp_path: Path, confi
         reader.put(b"a", b"4")
         with pytest.raises(AssertionError):  # exactly_once: one batch in flight at most
             part.seal()
+    finally:
+        part.close()
+
+
+HOUR_MS = 3_600_000
+
+
+def _reuse(stored: int | None, stored_at: int | None, begin: int = 0, end: int = 100, *, now: int = 100 * HOUR_MS,
+           retention: int = DEFAULT_DELETE_RETENTION_MS) -> bool:
+    return stale_reason(stored, stored_at, begin, end, now_ms=now, retention_ms=retention) is None
+
+
+def test_a_local_database_is_brought_forward_only_while_its_changelogs_tombstones_must_still_be_there() -> None:
+    """Issue 20: compaction drops a tombstone once it is delete.retention.ms old, so a database that last stored
+    longer ago may miss a delete written after its offset. It is reused (replayed from its offset) only when it
+    stored at most half the retention ago, or nothing was written after its offset; no time (a data dir of an
+    earlier release), a time in the future, or a changelog that no longer reaches back to it: restored from the
+    beginning."""
+    now = 100 * HOUR_MS
+    assert _reuse(50, now - 1 * HOUR_MS), "stored an hour ago, 24 h retention"
+    assert _reuse(50, now - 12 * HOUR_MS)
+    assert not _reuse(50, now - 12 * HOUR_MS - 1), "past half the retention"
+    assert not _reuse(50, now - 25 * HOUR_MS), "past the retention: a tombstone may be gone"
+    assert not _reuse(50, now - 2_000, retention=1_000), "the topic's own retention counts"
+    assert _reuse(50, now - 400, retention=1_000)
+    assert not _reuse(50, None), "no time recorded: fail-safe"
+    assert _reuse(99, None), "nothing after its offset (end 100): nothing can have been removed"
+    assert _reuse(99, now - 1000 * HOUR_MS)
+    assert _reuse(50, now + CLOCK_SLACK_MS), "the clock went back a little"
+    assert not _reuse(50, now + CLOCK_SLACK_MS + 1), "stored in the future: its age is unknown"
+    assert not _reuse(50, now, begin=60), "records after its offset were deleted"
+    assert _reuse(50, now, begin=51)
+    assert not _reuse(100, now) and not _reuse(150, now), "at or past the end: recreated changelog"
+    assert not _reuse(None, now)
+
+
+def test_a_store_and_a_restore_record_when_the_partition_held_its_changelogs_end(tmp_path: Path,
+                                                                                 config: GuardConfig) -> None:
+    """Every store writes the wall-clock time with the input offsets (state_by_entity, last), also a store of a
+    batch that changed nothing; it is not a key of the table."""
+    part = PartitionState(tmp_path, _route(config), 0, {})
+    try:
+        assert part.stored_at() is None
+        before = int(time.time() * 1000)
+        part.readers[LAMPORTS].put(b"s", b"1")
+        part.store({LAMPORTS: 3}, {})
+        stored = part.stored_at()
+        assert stored is not None and before <= stored <= int(time.time() * 1000)
+        assert part.readers[ENTITIES].items() == [], "the time is not a key of the table"
+        part.mark_stored_at(5)
+        assert part.stored_at() == 5
     finally:
         part.close()
