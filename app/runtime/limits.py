@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -42,9 +41,7 @@ async def load_limits(bootstrap: str, topics: Sequence[str], *, retry_for: float
             wanted = [t for t in dict.fromkeys(topics) if t in existing]
             if not wanted:
                 return {}
-            responses = await admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in wanted])
-            return _limits_of(responses)
+            return await topic_settings(admin, wanted, "max.message.bytes")
         except Exception as exc:  # a broker outage is waited out, not crashed on
             if time.monotonic() > deadline:
                 raise
@@ -54,13 +51,17 @@ async def load_limits(bootstrap: str, topics: Sequence[str], *, retry_for: float
             await admin.close()
 
 
-def _limits_of(responses: Sequence[Any]) -> dict[str, int]:
-    limits: dict[str, int] = {}
+async def topic_settings(admin: AIOKafkaAdminClient, topics: Sequence[str], name: str) -> dict[str, int]:
+    """Each topic's integer setting `name` as the broker applies it (the topic's own, else the broker's); a topic the
+    broker answers with an error for is left out."""
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t, {name: None}) for t in topics])
+    found: dict[str, int] = {}
     for response in responses:
         for resource in response.to_object().get("resources", []):
             if resource.get("error_code", 0):
                 continue
             for entry in resource.get("config_entries", []):
-                if entry.get("config_names") == "max.message.bytes" and entry.get("config_value"):
-                    limits[resource["resource_name"]] = int(entry["config_value"])
-    return limits
+                if entry.get("config_names") == name and entry.get("config_value"):
+                    found[resource["resource_name"]] = int(entry["config_value"])
+    return found

@@ -32,10 +32,10 @@ from typing import Any, Final, cast
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.stores.rocksdb import RocksDBOptions
 from rocksdict import Rdict, WriteBatch
 
+from app.runtime.limits import topic_settings
 from byzguard.config import Route
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS
 from tables import TABLE_OF, table_name
@@ -306,15 +306,7 @@ async def delete_retention(bootstrap: str, topics: list[str]) -> dict[str, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     try:
         await admin.start()
-        responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, t, {"delete.retention.ms": None}) for t in topics])
-        for response in responses:
-            for resource in response.to_object().get("resources", []):
-                if resource.get("error_code", 0):
-                    continue
-                for entry in resource.get("config_entries", []):
-                    if entry.get("config_names") == "delete.retention.ms" and entry.get("config_value"):
-                        found[resource["resource_name"]] = int(entry["config_value"])
+        found = await topic_settings(admin, topics, "delete.retention.ms")
     except Exception as exc:  # the default is assumed, with a warning, below
         log.warning("restore: cannot read delete.retention.ms of %s (%r)", topics, exc)
     finally:

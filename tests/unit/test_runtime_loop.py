@@ -421,10 +421,11 @@ async def test_a_changelog_not_delivered_stops_the_batch_in_flight_beside_it_and
     assert not any(e[0] == "sent" and e[2] in ("c", "c,d") for e in producer.log)
 
 
-async def test_a_revoke_waits_for_both_batches_in_flight_and_the_one_waiting(runtime: BatchedRuntime,
-                                                                             tmp_path: Path) -> None:
-    """at_least_once, two batches of a partition in flight and one waiting: a revoke returns only once all three
-    are delivered, stored and their offsets committed; then the partition's database is closed."""
+async def _two_in_flight_one_waiting(runtime: BatchedRuntime, tmp_path: Path,
+                                     *entities: bytes) -> tuple[Producer, Consumer, str]:
+    """at_least_once: batches 1, 2, 3 of the partition for `entities` (values b"1", b"2", b"3"), the first's
+    changelog held: the first and second in flight, the third waiting. Returns the producer, the consumer and the
+    held changelog topic."""
     producer = Producer()
     changelog = runtime.changelogs["r"][ENTITIES]
     producer.held[changelog] = asyncio.Event()
@@ -432,10 +433,19 @@ async def test_a_revoke_waits_for_both_batches_in_flight_and_the_one_waiting(run
     part = _owned(runtime, tmp_path, producer)
     consumer = Consumer()
     runtime.consumer = cast(Any, consumer)
-    await _batch(runtime, part, b"a", b"1", 1)
-    await _batch(runtime, part, b"a", b"2", 2)
+    first, second, third = entities
+    await _batch(runtime, part, first, b"1", 1)
+    await _batch(runtime, part, second, b"2", 2)
     await asyncio.sleep(0.02)  # the second in flight beside the first's changelog
-    await _batch(runtime, part, b"a", b"3", 3)  # waits
+    await _batch(runtime, part, third, b"3", 3)  # waits
+    return producer, consumer, changelog
+
+
+async def test_a_revoke_waits_for_both_batches_in_flight_and_the_one_waiting(runtime: BatchedRuntime,
+                                                                             tmp_path: Path) -> None:
+    """at_least_once, two batches of a partition in flight and one waiting: a revoke returns only once all three
+    are delivered, stored and their offsets committed; then the partition's database is closed."""
+    producer, consumer, changelog = await _two_in_flight_one_waiting(runtime, tmp_path, b"a", b"a", b"a")
     assert KEY in runtime.waiting and len([e for e in producer.log if e[:2] == ("sent", "out")]) == 2
     revoking = asyncio.ensure_future(runtime.revoked({TP0}))
     await asyncio.sleep(0.02)
@@ -455,17 +465,7 @@ async def test_a_stop_lands_both_batches_in_flight_and_commits_before_the_consum
         runtime: BatchedRuntime, tmp_path: Path) -> None:
     """SIGTERM with two batches of a partition in flight and one waiting: the stop stores all three and commits
     their offsets before the consumer leaves the group, then closes the databases."""
-    producer = Producer()
-    changelog = runtime.changelogs["r"][ENTITIES]
-    producer.held[changelog] = asyncio.Event()
-    producer.gate.set()
-    part = _owned(runtime, tmp_path, producer)
-    consumer = Consumer()
-    runtime.consumer = cast(Any, consumer)
-    await _batch(runtime, part, b"a", b"1", 1)
-    await _batch(runtime, part, b"b", b"2", 2)
-    await asyncio.sleep(0.02)
-    await _batch(runtime, part, b"c", b"3", 3)
+    producer, consumer, changelog = await _two_in_flight_one_waiting(runtime, tmp_path, b"a", b"b", b"c")
     stopping = asyncio.ensure_future(runtime.on_stop())
     await asyncio.sleep(0.02)
     assert not stopping.done() and not hasattr(consumer, "stopped")
