@@ -394,16 +394,9 @@ async def test_a_changelog_not_delivered_stops_the_batch_in_flight_beside_it_and
     """at_least_once, two batches in flight: where the older one's changelog is not delivered, the newer one's
     outputs are out (a repeat after the restart at most) but neither batch's changelog, state or offsets go
     anywhere, the batch waiting behind them is never sent, and the worker stops."""
-    producer = Producer()
-    changelog = runtime.changelogs["r"][ENTITIES]
-    producer.held[changelog] = asyncio.Event()
+    producer, changelog, part, consumer = _changelog_held(runtime, tmp_path)
     producer.refused.add(changelog)
-    producer.gate.set()
-    failed: list[BaseException] = []
-    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
-    part = _owned(runtime, tmp_path, producer)
-    consumer = Consumer()
-    runtime.consumer = cast(Any, consumer)
+    failed = _failures(runtime)
     await _batch(runtime, part, b"a", b"1", 1)
     await _batch(runtime, part, b"b", b"2", 2)
     await asyncio.sleep(0.02)  # b in flight beside a's changelog, its outputs delivered
@@ -421,11 +414,9 @@ async def test_a_changelog_not_delivered_stops_the_batch_in_flight_beside_it_and
     assert not any(e[0] == "sent" and e[2] in ("c", "c,d") for e in producer.log)
 
 
-async def _two_in_flight_one_waiting(runtime: BatchedRuntime, tmp_path: Path,
-                                     *entities: bytes) -> tuple[Producer, Consumer, str]:
-    """at_least_once: batches 1, 2, 3 of the partition for `entities` (values b"1", b"2", b"3"), the first's
-    changelog held: the first and second in flight, the third waiting. Returns the producer, the consumer and the
-    held changelog topic."""
+def _changelog_held(runtime: BatchedRuntime, tmp_path: Path) -> tuple[Producer, str, PartitionState, Consumer]:
+    """An owned partition whose entity changelog deliveries wait for `producer.held[changelog]` (outputs go at once),
+    and the runtime's consumer stand-in."""
     producer = Producer()
     changelog = runtime.changelogs["r"][ENTITIES]
     producer.held[changelog] = asyncio.Event()
@@ -433,6 +424,22 @@ async def _two_in_flight_one_waiting(runtime: BatchedRuntime, tmp_path: Path,
     part = _owned(runtime, tmp_path, producer)
     consumer = Consumer()
     runtime.consumer = cast(Any, consumer)
+    return producer, changelog, part, consumer
+
+
+def _failures(runtime: BatchedRuntime) -> list[BaseException]:
+    """What the runtime would crash with, collected instead."""
+    failed: list[BaseException] = []
+    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
+    return failed
+
+
+async def _two_in_flight_one_waiting(runtime: BatchedRuntime, tmp_path: Path,
+                                     *entities: bytes) -> tuple[Producer, Consumer, str]:
+    """at_least_once: batches 1, 2, 3 of the partition for `entities` (values b"1", b"2", b"3"), the first's
+    changelog held: the first and second in flight, the third waiting. Returns the producer, the consumer and the
+    held changelog topic."""
+    producer, changelog, part, consumer = _changelog_held(runtime, tmp_path)
     first, second, third = entities
     await _batch(runtime, part, first, b"1", 1)
     await _batch(runtime, part, second, b"2", 2)
@@ -518,15 +525,8 @@ async def test_a_batch_whose_outputs_failed_is_done_only_once_the_batch_before_i
     """at_least_once, two batches in flight: where the newer one's outputs are not delivered while the older one's
     changelog is on its way, the older one still lands (stored, committed) before a revoke or a stop goes on:
     they wait for the newest batch of a partition only, so it is done only once the one before it is."""
-    producer = Producer()
-    changelog = runtime.changelogs["r"][ENTITIES]
-    producer.held[changelog] = asyncio.Event()
-    producer.gate.set()
-    failed: list[BaseException] = []
-    runtime.crash = lambda exc: failed.append(exc) or asyncio.sleep(0)  # type: ignore[method-assign]
-    part = _owned(runtime, tmp_path, producer)
-    consumer = Consumer()
-    runtime.consumer = cast(Any, consumer)
+    producer, changelog, part, consumer = _changelog_held(runtime, tmp_path)
+    failed = _failures(runtime)
     await _batch(runtime, part, b"a", b"1", 1)
     await asyncio.sleep(0.02)  # its outputs delivered, its changelog on its way
     producer.refused.add("out")
