@@ -243,13 +243,7 @@ async def test_batches_of_a_partition_are_delivered_and_stored_in_order(runtime:
     batches processed meanwhile wait, as one batch, which goes in flight once the outputs of the one before are
     delivered and the one before that is stored: its outputs go while the changelog of the one before is on its
     way, its changelog and its store only once that one is stored."""
-    producer = Producer()
-    changelog = runtime.changelogs["r"][ENTITIES]
-    producer.held[changelog] = asyncio.Event()
-    producer.gate.set()
-    part = _owned(runtime, tmp_path, producer)
-    consumer = Consumer()
-    runtime.consumer = cast(Any, consumer)
+    producer, changelog, part, consumer = _changelog_held(runtime, tmp_path)
     await _batch(runtime, part, b"a", b"1", 1)
     await _batch(runtime, part, b"b", b"2", 2)  # processed while the first is in flight: it waits
     await asyncio.sleep(0.02)  # its outputs go once those of the first are delivered, beside their changelog
@@ -280,12 +274,7 @@ async def test_without_overlap_the_next_batch_goes_once_the_one_before_is_stored
     """at_least_once with BYZGUARD_BATCH_OVERLAP=false: the batches processed while one is in flight wait, as one
     batch, until it is stored (its outputs, then its changelog delivered): one batch in flight."""
     runtime = _runtime(tmp_path, "at_least_once", overlap=False)
-    producer = Producer()
-    changelog = runtime.changelogs["r"][ENTITIES]
-    producer.held[changelog] = asyncio.Event()
-    producer.gate.set()
-    part = _owned(runtime, tmp_path, producer)
-    runtime.consumer = cast(Any, Consumer())
+    producer, changelog, part, _ = _changelog_held(runtime, tmp_path)
     await _batch(runtime, part, b"a", b"1", 1)
     await _batch(runtime, part, b"b", b"2", 2)
     await asyncio.sleep(0.02)
