@@ -141,31 +141,19 @@ def _config(tmp: Path) -> GuardConfig:
     return load(path, environ=bench_events.secret_env())
 
 
-def _timed(fn: Callable[[], object], reps: int, count: int) -> float:
-    """The median of `reps` CPU timings of fn (which handles `count` events), in µs per event."""
-    fn()  # warm up
-    samples = []
+def _timed(*fns: Callable[[], object], reps: int, count: int) -> list[float]:
+    """For each fn (which handles `count` events), the median of `reps` CPU timings in µs per event; with several,
+    their timings interleave (first, second, first, ...), so they meet the same load."""
+    for fn in fns:
+        fn()  # warm up
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        gc.collect()
-        start = time.process_time()
-        fn()
-        samples.append((time.process_time() - start) / count * 1e6)
-    return statistics.median(samples)
-
-
-def _timed_pair(first: Callable[[], object], second: Callable[[], object], reps: int,
-                count: int) -> tuple[float, float]:
-    """_timed of two functions, their timings interleaved (first, second, first, ...)."""
-    first()
-    second()
-    samples: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((first, samples[0]), (second, samples[1])):
+        for fn, out in zip(fns, samples, strict=True):
             gc.collect()
             start = time.process_time()
             fn()
             out.append((time.process_time() - start) / count * 1e6)
-    return statistics.median(samples[0]), statistics.median(samples[1])
+    return [statistics.median(out) for out in samples]
 
 
 def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, Any]:
@@ -292,11 +280,11 @@ def run_case(ids: int, entities: int, reps: int, state_kind: str) -> dict[str, A
             "checks": stage_checks, "rules": stage_rules, "state build": stage_build, "encode": stage_encode,
             "headers": stage_headers,
         }
-        us = {name: _timed(fn, reps, len(todo)) for name, fn in timings.items()}
+        us = {name: _timed(fn, reps=reps, count=len(todo))[0] for name, fn in timings.items()}
         if HAS_PREPARE:  # total and batch, rep by rep (A B A B): the two figures meet the same load
-            us["total"], us["batch"] = _timed_pair(total, batch, reps, len(todo))
+            us["total"], us["batch"] = _timed(total, batch, reps=reps, count=len(todo))
         else:
-            us["total"] = _timed(total, reps, len(todo))
+            us["total"] = _timed(total, reps=reps, count=len(todo))[0]
         us["glue"] = us["total"] - sum(us[name] for name in STAGES)
         record_bytes = [len(raw) for raw in raws if raw is not None]
         written = [len(d.writes[(ENTITIES, e.subject.encode())] or b"") for d, e in zip(decisions, envs, strict=True)]
@@ -325,7 +313,7 @@ def rules_only(reps: int, count: int = 2000) -> float:
         for d, lst in pairs:
             evaluate(d, lst)
     assert not evaluate(data[0], last[0])
-    return _timed(run, reps, count)
+    return _timed(run, reps=reps, count=count)[0]
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
