@@ -347,7 +347,7 @@ class BatchedRuntime(Service):
         # trips not overlapped with the others'.
         budget = self.max_records * max(1, len(self.positions))
         fetched: dict[TopicPartition, list[Any]] = await consumer.getmany(timeout_ms=200, max_records=budget)
-        if not fetched:
+        if not fetched or self._stopping:  # a stop began during the wait: aiokafka refuses calls once it stops
             return fetched
         count = sum(map(len, fetched.values()))
         newest = max(messages[-1].timestamp for messages in fetched.values() if messages)

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, ConsumerStoppedError, KafkaError
 
 from app.runtime.loop import STALE_MS, BatchedRuntime, Key
 from app.runtime.state import PartitionState
@@ -102,6 +102,30 @@ async def test_a_full_step_fetches_no_more(runtime: BatchedRuntime) -> None:
     consumer = Consumer({TP0: [Msg(i, 1000) for i in range(10)], TP1: [Msg(i, 1000) for i in range(10)]})
     fetched = await runtime._fetch(consumer)  # type: ignore[arg-type]
     assert sum(map(len, fetched.values())) == 20 and len(consumer.calls) == 1
+
+
+class Stopping(Consumer):
+    """aiokafka's getmany: a call in progress when the consumer stops returns what it holds; a call made after
+    raises ConsumerStoppedError. The stop begins while the first call waits (on_stop does not wait for `_fetch`)."""
+
+    def __init__(self, runtime: BatchedRuntime, *answers: dict[TopicPartition, list[Msg]]) -> None:
+        super().__init__(*answers)
+        self.runtime, self.closed = runtime, False
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
+        if self.closed:
+            raise ConsumerStoppedError()
+        self.runtime._stopping = self.closed = True
+        return await super().getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+
+async def test_a_stop_during_the_fetch_asks_the_stopped_consumer_for_no_more(runtime: BatchedRuntime) -> None:
+    """A step-old buffer returned while the worker stops is the step's whole fetch: no second getmany on a
+    consumer that is stopping (it would raise, and a clean stop would end as a failure)."""
+    old = STALE_MS * 4
+    consumer = Stopping(runtime, {TP0: [Msg(0, old)]}, {TP0: [Msg(1, 1)]})
+    fetched = await runtime._fetch(consumer)  # type: ignore[arg-type]
+    assert [m.offset for m in fetched[TP0]] == [0] and len(consumer.calls) == 1
 
 
 async def test_offsets_are_committed_behind_the_loop_one_at_a_time_in_order(runtime: BatchedRuntime) -> None:
