@@ -90,7 +90,7 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
         app_id=settings.app_id, bootstrap=bootstrap, config=config, guard=built.guard, tabledir=conf.tabledir,
         store_options=built.store_options, guarantee=settings.processing_guarantee,
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
-        batch_overlap=settings.batch_overlap,
+        batch_overlap=settings.batch_overlap, commit_interval=settings.commit_interval,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms, assignor=assignor_for(built.owners), data_dir=settings.data_dir,
         worker_id=settings.worker_id,
