@@ -165,7 +165,8 @@ class BatchedRuntime(Service):
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
                  assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, worker_id: str | None = None,
-                 batch_overlap: bool = True, commit_interval: float = 0.0, **kwargs: Any) -> None:
+                 batch_overlap: bool = True, commit_interval: float = 0.0, step_interval_ms: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
@@ -236,6 +237,9 @@ class BatchedRuntime(Service):
         self._failing: asyncio.Future[None] | None = None
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
+        #: The loop fetches at most once per this many seconds (`_run`), and when it may next.
+        self.step_interval = step_interval_ms / 1000
+        self._step_due = 0.0
         #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
         self.tally = Tally(route.name for route in config.routes)
         for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
@@ -320,6 +324,10 @@ class BatchedRuntime(Service):
                 if consumer is None:
                     await asyncio.sleep(0.05)
                     continue
+                wait = self._step_due - time.monotonic()
+                if wait > 0:  # fewer, larger steps at a paced load: the per-step work no longer takes all the slack
+                    await asyncio.sleep(wait)
+                self._step_due = time.monotonic() + self.step_interval
                 fetched = await self._fetch(consumer)
                 async with self._lock:
                     if self._stopping:
