@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     # At a paced load the loop, fetching again right after each step, takes steps of a few records per partition as
     # fast as it can, and their per-step work (fetch and produce requests, flights, RocksDB writes) fills all its
     # idle time; at most one step per interval gives it slack (bench/results/tail-*/NOTE.md).
-    step_interval_ms: float = Field(default=5.0, ge=0, le=1000,
+    step_interval_ms: float = Field(default=10.0, ge=0, le=1000,
                                     description="batched runtime: the loop fetches at most once per this many "
                                     "milliseconds (fewer, larger steps at a paced load; 0: right after each step)")
     batch_overlap: bool = Field(default=True, description="batched runtime, at_least_once: a partition's next batch "

@@ -19,6 +19,9 @@ a paced load, bench/results/latency-6e61a94; with BYZGUARD_BATCH_OVERLAP=false o
 partitions do not wait for each other; a waiting batch of `batch_max_records` records makes the loop wait (it
 fetches no further ahead), and after a step whose batches all wait the loop fetches again once a batch in flight
 let the next go (`_paced`). So outputs, changelog records, transactions and stores keep the order of the steps.
+The loop fetches at most once per `step_interval_ms` (BYZGUARD_STEP_INTERVAL_MS): at a paced load, steps taken as
+fast as the loop can go hold a few records per partition each, and their per-step work (fetch and produce
+requests, flights, RocksDB writes) takes all its idle time.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop

@@ -30,14 +30,14 @@ def test_the_batched_runtime_runs_unset_or_named(monkeypatch: pytest.MonkeyPatch
 
 def test_the_commit_and_step_intervals_have_bounds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """BYZGUARD_COMMIT_INTERVAL (at_least_once: seconds between offset commits at most, 0.1 by default) and
-    BYZGUARD_STEP_INTERVAL_MS (the loop fetches at most once per it, 5 ms by default, 0: back to back) reach the
+    BYZGUARD_STEP_INTERVAL_MS (the loop fetches at most once per it, 10 ms by default, 0: back to back) reach the
     runtime; values out of their bounds are refused at start with the setting's name."""
     from app.worker import build_app
 
     monkeypatch.delenv("BYZGUARD_COMMIT_INTERVAL", raising=False)
     monkeypatch.delenv("BYZGUARD_STEP_INTERVAL_MS", raising=False)
     settings = load_settings()
-    assert (settings.commit_interval, settings.step_interval_ms) == (0.1, 5.0)
+    assert (settings.commit_interval, settings.step_interval_ms) == (0.1, 10.0)
     for name, value in (("COMMIT_INTERVAL", "0"), ("COMMIT_INTERVAL", "61"), ("STEP_INTERVAL_MS", "-1"),
                         ("STEP_INTERVAL_MS", "1001")):
         monkeypatch.setenv(f"BYZGUARD_{name}", value)
