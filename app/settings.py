@@ -95,14 +95,14 @@ class Settings(BaseSettings):
                                    description="batched runtime: records of one input partition per batch at most")
     batch_max_ms: float = Field(default=100.0, gt=0, le=60_000,
                                 description="batched runtime: processing time of one batch at most (milliseconds)")
-    # at_least_once: a partition's next batch goes in flight once the outputs of the one before are delivered, its
-    # outputs beside that one's changelog (bench/results/latency-6e61a94: c's median latency halved at a paced load).
     # At a paced load the loop, fetching again right after each step, takes steps of a few records per partition as
     # fast as it can, and their per-step work (fetch and produce requests, flights, RocksDB writes) fills all its
-    # idle time; at most one step per interval gives it slack (bench/results/tail-*/NOTE.md).
+    # idle time; at most one step per interval gives it slack (bench/results/tail-9802ec2/NOTE.md).
     step_interval_ms: float = Field(default=10.0, ge=0, le=1000,
                                     description="batched runtime: the loop fetches at most once per this many "
                                     "milliseconds (fewer, larger steps at a paced load; 0: right after each step)")
+    # at_least_once: a partition's next batch goes in flight once the outputs of the one before are delivered, its
+    # outputs beside that one's changelog (bench/results/latency-6e61a94: c's median latency halved at a paced load).
     batch_overlap: bool = Field(default=True, description="batched runtime, at_least_once: a partition's next batch "
                                 "goes in flight once the outputs of the batch before it are delivered (false: once "
                                 "that batch is stored)")
