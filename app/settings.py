@@ -61,7 +61,12 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
-    commit_interval: float = Field(default=0.5, gt=0, description="seconds between commits (and transactions)")
+    # at_least_once: the input offsets are stored with the state (the worker resumes from the larger of both), so the
+    # group's commit is only the fallback of a wiped data dir: one every commit interval, not one per step (faust's
+    # consumer, which reads no route, gets it too).
+    commit_interval: float = Field(default=0.1, gt=0, le=60, description="at_least_once: seconds between offset "
+                                   "commits at most (a revoke and a stop commit at once; after a crash on a wiped "
+                                   "data dir up to this much input runs again)")
     # The batched runtime's consumer fetches with these. faust hard-codes a 1500 ms fetch wait; aiokafka leaves
     # partitions with unread records out of the next fetch, so a fetch of idle partitions alone held the busy ones
     # back for up to that long (bench/fetching.py, measured on the faust agent runtime of earlier releases).
@@ -90,6 +95,12 @@ class Settings(BaseSettings):
                                    description="batched runtime: records of one input partition per batch at most")
     batch_max_ms: float = Field(default=100.0, gt=0, le=60_000,
                                 description="batched runtime: processing time of one batch at most (milliseconds)")
+    # At a paced load the loop, fetching again right after each step, takes steps of a few records per partition as
+    # fast as it can, and their per-step work (fetch and produce requests, flights, RocksDB writes) fills all its
+    # idle time; at most one step per interval gives it slack (bench/results/tail-9802ec2/NOTE.md).
+    step_interval_ms: float = Field(default=10.0, ge=0, le=1000,
+                                    description="batched runtime: the loop fetches at most once per this many "
+                                    "milliseconds (fewer, larger steps at a paced load; 0: right after each step)")
     # at_least_once: a partition's next batch goes in flight once the outputs of the one before are delivered, its
     # outputs beside that one's changelog (bench/results/latency-6e61a94: c's median latency halved at a paced load).
     batch_overlap: bool = Field(default=True, description="batched runtime, at_least_once: a partition's next batch "

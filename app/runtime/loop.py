@@ -19,12 +19,17 @@ a paced load, bench/results/latency-6e61a94; with BYZGUARD_BATCH_OVERLAP=false o
 partitions do not wait for each other; a waiting batch of `batch_max_records` records makes the loop wait (it
 fetches no further ahead), and after a step whose batches all wait the loop fetches again once a batch in flight
 let the next go (`_paced`). So outputs, changelog records, transactions and stores keep the order of the steps.
+The loop fetches at most once per `step_interval_ms` (BYZGUARD_STEP_INTERVAL_MS): at a paced load, steps taken as
+fast as the loop can go hold a few records per partition each, and their per-step work (fetch and produce
+requests, flights, RocksDB writes) takes all its idle time.
 
 at_least_once, per batch: the outputs are sent and delivered, then the changelog records, then the state and the
 partition's next input offset go to RocksDB in the same WriteBatch, then the offsets are committed behind the loop
-(one commit in flight; offsets stored meanwhile go in the next). A record is repeated after a crash at most, never
-lost, and never judged a duplicate of itself: on assignment the state is brought to the changelog's end and the
-input resumes at the larger of the committed and the stored offset.
+(one commit in flight, one per `commit_interval` at most, BYZGUARD_COMMIT_INTERVAL; offsets stored meanwhile go in
+the next). A record is repeated after a crash at most, never lost: on assignment the state is brought to the
+changelog's end and the input resumes at the larger of the committed and the stored offset. On a wiped data dir only
+the committed offset is left: the records after it (up to a commit interval's worth, and the commit in flight) run
+again against a state that already holds them.
 
 exactly_once, per batch: one transaction of the route partition's transactional producer (id
 `<app_id>-batched-<route>-<partition>`, which fences a zombie owner) holds the outputs, the changelog records and
@@ -163,7 +168,8 @@ class BatchedRuntime(Service):
                  store_options: dict[str, Any], guarantee: str, batch_max_records: int, batch_max_ms: float,
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
                  assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, worker_id: str | None = None,
-                 batch_overlap: bool = True, **kwargs: Any) -> None:
+                 batch_overlap: bool = True, commit_interval: float = 0.0, step_interval_ms: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_routes(config)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
@@ -222,6 +228,11 @@ class BatchedRuntime(Service):
         #: at_least_once: the offset commit in flight (`_commit`), and the offsets stored since it was issued.
         self._committing: asyncio.Future[None] | None = None
         self._to_commit: dict[TopicPartition, int] = {}
+        #: at_least_once: at most one offset commit per this many seconds (0: one right after the other); when the
+        #: next may go, and, set by a revoke or a stop (`_committed`), that the next goes at once.
+        self.commit_interval = commit_interval
+        self._commit_due = 0.0
+        self._commit_now = asyncio.Event()
         self._stopping = False
         self._failed = False
         #: Whether the loop's step put a batch in flight, and whether one of its batches waits (if only that: `_paced`).
@@ -229,6 +240,9 @@ class BatchedRuntime(Service):
         self._failing: asyncio.Future[None] | None = None
         self._first_assignment = asyncio.Event()
         self._lag_due = 0.0
+        #: The loop fetches at most once per this many seconds (`_run`), and when it may next.
+        self.step_interval = step_interval_ms / 1000
+        self._step_due = 0.0
         #: The per-record metrics of the batch in progress, added to prometheus when it is finished.
         self.tally = Tally(route.name for route in config.routes)
         for route in config.routes:  # the causal gauges of every route exist (0) from the start, as on faust
@@ -309,10 +323,15 @@ class BatchedRuntime(Service):
     async def _run(self) -> None:
         try:
             while not self._stopping:
+                wait = self._step_due - time.monotonic()
+                if wait > 0:  # fewer, larger steps at a paced load: the per-step work no longer takes all the slack
+                    await asyncio.sleep(wait)
+                    continue  # a stop may have begun meanwhile (and taken the consumer)
                 consumer = self.consumer
                 if consumer is None:
                     await asyncio.sleep(0.05)
                     continue
+                self._step_due = time.monotonic() + self.step_interval
                 fetched = await self._fetch(consumer)
                 async with self._lock:
                     if self._stopping:
@@ -586,9 +605,10 @@ class BatchedRuntime(Service):
 
     def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         """at_least_once: commit `offsets` (their batches are stored) behind the loop, while the next steps run.
-        At most one commit is in flight, so they reach the group in order; offsets stored meanwhile go together
-        in the next one. A revoke and a stop wait for them. A commit lost to a crash costs nothing: the worker
-        resumes from the offsets stored with the state."""
+        At most one commit is in flight, so they reach the group in order, and one per `commit_interval` at most;
+        offsets stored meanwhile go together in the next one. A revoke and a stop commit what is left at once and
+        wait for it. A commit lost to a crash costs nothing: the worker resumes from the offsets stored with the
+        state (on a wiped data dir, from the committed ones: the records after them run again)."""
         self._to_commit.update(offsets)
         if self._committing is None:
             self._committing = asyncio.ensure_future(self._commit_stored(consumer))
@@ -597,15 +617,25 @@ class BatchedRuntime(Service):
     async def _commit_stored(self, consumer: AIOKafkaConsumer) -> None:
         try:
             while self._to_commit:
+                delay = self._commit_due - time.monotonic()
+                if delay > 0 and not self._commit_now.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._commit_now.wait(), delay)
                 offsets, self._to_commit = self._to_commit, {}
+                self._commit_due = time.monotonic() + self.commit_interval
                 await _commit(consumer, offsets)
         finally:
             self._committing = None
 
     async def _committed(self) -> None:
-        """Wait for the commits in flight (their error, other than a rebalance's, stops the worker)."""
-        while self._committing is not None:
-            await asyncio.shield(self._committing)
+        """Commit what is stored at once (not at the next interval), and wait for the commits in flight (their
+        error, other than a rebalance's, stops the worker)."""
+        self._commit_now.set()
+        try:
+            while self._committing is not None:
+                await asyncio.shield(self._committing)
+        finally:
+            self._commit_now.clear()
 
     async def _landed(self, key: Key) -> None:
         """Wait for the batches in flight of `key` (the one waiting goes in flight when the one before lands):

@@ -5,6 +5,7 @@ consumer and producer (the runtime on the broker: tests/integration/test_runtime
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections import defaultdict
@@ -24,7 +25,7 @@ from byzguard.guard import ENTITIES, LAMPORTS, Guard
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
 
-def _runtime(tmp_path: Path, guarantee: str, *, overlap: bool = True) -> BatchedRuntime:
+def _runtime(tmp_path: Path, guarantee: str, *, overlap: bool = True, **options: Any) -> BatchedRuntime:
     path = tmp_path / "byzguard.yaml"
     path.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
                     "      partitions: 2, types: {t: {}}}\n")
@@ -32,7 +33,7 @@ def _runtime(tmp_path: Path, guarantee: str, *, overlap: bool = True) -> Batched
     runtime = BatchedRuntime(
         app_id="app", bootstrap="127.0.0.1:9", config=config, guard=Guard(config), tabledir=tmp_path,
         store_options={}, guarantee=guarantee, batch_max_records=10, batch_max_ms=10, session_timeout=10,
-        fetch_min_bytes=1, fetch_max_wait_ms=7, producer={}, batch_overlap=overlap)
+        fetch_min_bytes=1, fetch_max_wait_ms=7, producer={}, batch_overlap=overlap, **options)
     runtime.positions = {TP0: 0, TP1: 0}
     return runtime
 
@@ -128,6 +129,58 @@ async def test_a_stop_during_the_fetch_asks_the_stopped_consumer_for_no_more(run
     assert [m.offset for m in fetched[TP0]] == [0] and len(consumer.calls) == 1
 
 
+class Fetches(Consumer):
+    """A consumer whose every fetch returns at once (empty), and the time of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
+        self.at.append(time.monotonic())
+        await asyncio.sleep(0)
+        return {}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+
+async def _fetch_times(runtime: BatchedRuntime, seconds: float) -> list[float]:
+    consumer = Fetches()
+    runtime.consumer = cast(Any, consumer)
+    running = asyncio.ensure_future(BatchedRuntime._run(runtime))  # type: ignore[arg-type]  # mode's ServiceTask
+    await asyncio.sleep(seconds)
+    runtime._stopping = True
+    await asyncio.wait_for(running, 1)
+    return consumer.at
+
+
+@pytest.mark.parametrize("interval_ms", [0.0, 20.0])
+async def test_the_loop_fetches_at_most_once_per_step_interval(tmp_path: Path, interval_ms: float) -> None:
+    """With `step_interval_ms` the loop starts a fetch at most once per interval, however fast the one before
+    returned (fewer, larger steps at a paced load); with 0, right after each step."""
+    runtime = _runtime(tmp_path, "at_least_once", step_interval_ms=interval_ms)
+    at = await _fetch_times(runtime, 0.2)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(at)]
+    if interval_ms:
+        assert 5 <= len(at) <= 11 and min(gaps) >= interval_ms / 1000 - 0.001, gaps
+    else:
+        assert len(at) > 50
+
+
+async def test_a_stop_while_the_loop_waits_for_its_next_step_fetches_no_more(tmp_path: Path) -> None:
+    """A stop that begins while the loop waits out the step interval (on_stop takes the consumer and stops it)
+    ends the loop: it never fetches from the consumer it read before the wait, which aiokafka would refuse."""
+    runtime = _runtime(tmp_path, "at_least_once", step_interval_ms=100.0)
+    consumer = Fetches()
+    runtime.consumer = cast(Any, consumer)
+    running = asyncio.ensure_future(BatchedRuntime._run(runtime))  # type: ignore[arg-type]  # mode's ServiceTask
+    await asyncio.sleep(0.03)  # the first step fetched; the loop waits for the next
+    runtime._stopping, runtime.consumer = True, None
+    await asyncio.wait_for(running, 1)
+    assert len(consumer.at) == 1 and not runtime._failed
+
+
 async def test_offsets_are_committed_behind_the_loop_one_at_a_time_in_order(runtime: BatchedRuntime) -> None:
     """at_least_once commits run while the loop goes on, at most one in flight, in the order of the steps (the
     offsets stored while one is in flight go together in the next); a revoke or a stop waits for them."""
@@ -149,6 +202,46 @@ async def test_a_commit_a_rebalance_refused_is_no_failure(runtime: BatchedRuntim
     runtime._commit(c, {TP0: 5})
     await runtime._committed()
     assert c.committed == [] and not runtime._failed
+
+
+async def test_with_a_commit_interval_one_commit_per_interval_goes_and_the_last_offsets_follow_alone(
+        runtime: BatchedRuntime) -> None:
+    """at_least_once with `commit_interval`: a commit goes at once, the next only once the interval since it
+    passed, with every offset stored meanwhile; offsets stored after the last batch are committed when the interval
+    ends, without another batch to carry them."""
+    runtime.commit_interval = 0.2
+    consumer = Consumer()
+    c: Any = consumer
+    started = time.monotonic()
+    runtime._commit(c, {TP0: 5})
+    await asyncio.sleep(0.05)
+    assert consumer.committed == [{TP0: 5}]  # the first at once
+    runtime._commit(c, {TP0: 7, TP1: 2})
+    await asyncio.sleep(0.05)
+    runtime._commit(c, {TP0: 9})
+    assert consumer.committed == [{TP0: 5}]  # within the interval: none
+    assert runtime._committing is not None
+    await asyncio.wait_for(runtime._committing, 1)  # no other batch comes
+    assert consumer.committed == [{TP0: 5}, {TP0: 9, TP1: 2}]
+    assert time.monotonic() - started >= 0.2
+
+
+async def test_a_revoke_or_a_stop_commits_at_once_whatever_the_interval(runtime: BatchedRuntime) -> None:
+    """Offsets stored within the commit interval are committed at once when a revoke or a stop waits for the
+    commits (`_committed`), not at the end of the interval; the interval applies again after."""
+    runtime.commit_interval = 30.0
+    consumer = Consumer()
+    c: Any = consumer
+    runtime._commit(c, {TP0: 5})
+    await asyncio.sleep(0.05)
+    runtime._commit(c, {TP0: 8})
+    await asyncio.wait_for(runtime._committed(), 1)
+    assert consumer.committed == [{TP0: 5}, {TP0: 8}] and runtime._committing is None
+    runtime._commit(c, {TP0: 9})
+    await asyncio.sleep(0.05)
+    assert consumer.committed[-1] == {TP0: 8}  # the interval again
+    await asyncio.wait_for(runtime._committed(), 1)
+    assert consumer.committed[-1] == {TP0: 9}
 
 
 # -- batches in flight -------------------------------------------------------------------------------------------

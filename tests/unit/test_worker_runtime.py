@@ -28,6 +28,33 @@ def test_the_batched_runtime_runs_unset_or_named(monkeypatch: pytest.MonkeyPatch
         load_settings()
 
 
+def test_the_commit_and_step_intervals_have_bounds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """BYZGUARD_COMMIT_INTERVAL (at_least_once: seconds between offset commits at most, 0.1 by default) and
+    BYZGUARD_STEP_INTERVAL_MS (the loop fetches at most once per it, 10 ms by default, 0: back to back) reach the
+    runtime; values out of their bounds are refused at start with the setting's name."""
+    from app.worker import build_app
+
+    monkeypatch.delenv("BYZGUARD_COMMIT_INTERVAL", raising=False)
+    monkeypatch.delenv("BYZGUARD_STEP_INTERVAL_MS", raising=False)
+    settings = load_settings()
+    assert (settings.commit_interval, settings.step_interval_ms) == (0.1, 10.0)
+    for name, value in (("COMMIT_INTERVAL", "0"), ("COMMIT_INTERVAL", "61"), ("STEP_INTERVAL_MS", "-1"),
+                        ("STEP_INTERVAL_MS", "1001")):
+        monkeypatch.setenv(f"BYZGUARD_{name}", value)
+        with pytest.raises(SettingsError, match=f"BYZGUARD_{name}={value!r}"):
+            load_settings()
+        monkeypatch.delenv(f"BYZGUARD_{name}")
+    config = tmp_path / "byzguard.yaml"
+    config.write_text("routes:\n  - {name: r, inputs: [in], verified_topic: out, quarantine_topic: bad,\n"
+                      "      types: {t: {}}}\n")
+    monkeypatch.setenv("BYZGUARD_COMMIT_INTERVAL", "0.25")
+    monkeypatch.setenv("BYZGUARD_STEP_INTERVAL_MS", "0")
+    built = build_app(load_settings().model_copy(update={"data_dir": tmp_path / "data"}), load(config),
+                      "127.0.0.1:9092")
+    assert built.runtime is not None
+    assert (built.runtime.commit_interval, built.runtime.step_interval) == (0.25, 0.0)
+
+
 def test_a_stale_faust_runtime_setting_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     """BYZGUARD_RUNTIME=faust (the agent runtime earlier releases had) is refused at start, in the line of that
     variable, saying the runtime was removed and to unset it; so is BYZGUARD_STATE_STORE=memory, its store."""
