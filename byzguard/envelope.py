@@ -467,6 +467,8 @@ _dumps: Final = orjson.dumps
 _SORT_KEYS: Final = orjson.OPT_SORT_KEYS
 _content_hash: Final = xxhash.xxh3_128_digest
 _new_tuple: Final = tuple.__new__
+# Bound once: `datetime.fromisoformat` binds the classmethod anew (a new method object) at every lookup.
+_fromisoformat: Final = datetime.fromisoformat
 
 # Texts already parsed or checked: a source's vector clocks repeat across entities (an entity's counters are
 # small), and a producer instance id across its events. Clocks are immutable, so one object serves every
@@ -538,7 +540,7 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
         if raw_time is not None:
             if type(raw_time) is not str:
                 return None
-            parsed = datetime.fromisoformat(raw_time)
+            parsed = _fromisoformat(raw_time)
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
                 time = parsed.timestamp()
