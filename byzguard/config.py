@@ -391,6 +391,12 @@ class Route:
     #: Input topic -> the source that writes it (records naming no source are that source's).
     input_sources: Mapping[str, str] = field(default_factory=dict)
     partitioning: Partitioning = Partitioning.REFUSE
+    #: causal.buffer, as a plain attribute: the guard reads it for every record, and an attribute of the pydantic
+    #: model costs a Python-level __getattr__ hook.
+    holds: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "holds", bool(self.causal.buffer))
 
     def policy_for(self, event_type: str) -> TypePolicy:
         """The policy of an event type, or the route's fallback for types it does not list (type.unlisted)."""

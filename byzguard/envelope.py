@@ -194,7 +194,10 @@ def decode(
         if written != value:
             unambiguous(value, obj, "value")
         if "specversion" in obj:
-            return _fast_structured(key, obj, default_type, default_source) or \
+            # No backslash in the text: no string of it holds a line feed (JSON has none unescaped), which
+            # spares _fast_structured its count of the bound form's lines. (An int operand: `bytes in bytes`
+            # first tries the operand as an int and clears the TypeError, which costs more than the search.)
+            return _fast_structured(key, obj, default_type, default_source, _BACKSLASH in value) or \
                 _decode_structured(key, value, obj, hdrs, default_type, default_source)
         attributes = [name for name in _CE_ONLY_ATTRIBUTES if name in obj]
         if attributes:  # a structured event without its specversion: not to be read as one of the seed's shapes
@@ -464,6 +467,8 @@ _dumps: Final = orjson.dumps
 _SORT_KEYS: Final = orjson.OPT_SORT_KEYS
 _content_hash: Final = xxhash.xxh3_128_digest
 _new_tuple: Final = tuple.__new__
+# Bound once: `datetime.fromisoformat` binds the classmethod anew (a new method object) at every lookup.
+_fromisoformat: Final = datetime.fromisoformat
 
 # Texts already parsed or checked: a source's vector clocks repeat across entities (an entity's counters are
 # small), and a producer instance id across its events. Clocks are immutable, so one object serves every
@@ -489,11 +494,15 @@ def _instance_text(instance: str) -> None:
 
 
 def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
-                     default_source: str | None) -> Envelope | None:
+                     default_source: str | None, escaped: bool = True) -> Envelope | None:
     """The common structured event (every attribute of the type JSON gives it, the clock in its header form,
     the time as RFC 3339 text) in the fewest steps; None for anything else, which _decode_structured then
     reads or refuses. Whatever this accepts, _decode_structured builds the very same envelope from; the
-    bound form's signature base is built here too (byzguard.integrity.bound_base's bytes, from the texts)."""
+    bound form's signature base is built here too (byzguard.integrity.bound_base's bytes, from the texts).
+
+    `escaped`: False only when the JSON text `obj` was parsed from has no backslash, so that none of its strings
+    holds a line feed; the bound form's lines are then not counted unless a text came from elsewhere (the key,
+    a default)."""
     try:
         # An event with every attribute (as a signing producer writes it) in one C call, else one get each.
         try:
@@ -510,14 +519,17 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             if source is not None or not default_source:
                 return None
             source = default_source
+            escaped = True
         if type(type_) is not str or not type_:
             if type_ is not None or not default_type:
                 return None
             type_ = default_type
+            escaped = True
         if subject is None:
             if not key:
                 return None
             subject = key.decode()
+            escaped = True
         elif type(subject) is not str or not subject or (key is not None and key != subject.encode()):
             return None
         # The bound form's lines after the subject's, as text (bound_base writes them as UTF-8), and how
@@ -528,7 +540,7 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
         if raw_time is not None:
             if type(raw_time) is not str:
                 return None
-            parsed = datetime.fromisoformat(raw_time)
+            parsed = _fromisoformat(raw_time)
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
                 time = parsed.timestamp()
@@ -615,7 +627,7 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             head = (f"checksumform: bound\nid: {id_}\nsource: {source}\ntype: {type_}\nsubject: {subject}"
                     f"{time_line}{version_line}{lamport_line}{instance_line}{vclock_line}{type_line}"
                     f"\nchecksumalg: {algorithm}{'' if key_id is None else _KEYID_LINE + key_id}\ndata: ")
-            if head.count("\n") == lines + (key_id is not None):
+            if not escaped or head.count("\n") == lines + (key_id is not None):
                 env.bound = head.encode() + covered
         return env
     except Exception:  # whatever fails here, the strict path names it
@@ -623,6 +635,7 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
 
 
 _KEYID_LINE: Final = "\nkeyid: "
+_BACKSLASH: Final = 0x5C  # b"\\"[0]
 
 
 def _decode_structured(

@@ -203,7 +203,7 @@ class Guard:
         prepared: list[Prepared] = []
         for env in decoded:
             digest = None
-            if not isinstance(env, tuple):
+            if isinstance(env, Envelope):  # exact type: no __class__ lookup (isinstance(env, tuple) has one)
                 bound, checksum = env.bound, env.checksum
                 if bound is not None and checksum is not None and checksum.algorithm == HMAC_SHA256 \
                         and checksum.key_id:
@@ -227,7 +227,7 @@ class Guard:
         tx = _new_result(_Tx)  # _Tx(state, result), without its __init__ call
         tx.state = state
         tx.result = result
-        self._one(record, route, tx, now, route.causal.buffer, False, prepared)
+        self._one(record, route, tx, now, route.holds, False, prepared)  # route.causal.buffer
         return result
 
     def expire_held(self, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
@@ -272,7 +272,7 @@ class Guard:
             digest = None
         else:
             decoded, digest = prepared
-        if isinstance(decoded, tuple):
+        if not isinstance(decoded, Envelope):  # not isinstance(decoded, tuple): that looks up an Envelope's __class__
             self._emit(tx, record, route, decode_failure(*decoded), None, now)
             return
         env = decoded

@@ -174,3 +174,18 @@ def test_loading_without_secrets_leaves_unavailable_keys_out() -> None:
             "  - {name: r, inputs: [a], verified_topic: b, quarantine_topic: c, types: {t: {}}}\n")
     cfg = guard_config.loads(text, environ={"SET_HERE": "x"}, require_secrets=False)
     assert "k" not in cfg.keyring and "j" in cfg.keyring
+
+
+@pytest.mark.parametrize("buffer", [False, True])
+def test_route_holds_is_its_causal_buffer(tmp_path: Path, buffer: bool) -> None:
+    """Route.holds (what the guard reads per record) is causal.buffer, also on a route copied with another causal."""
+    import dataclasses
+
+    from bench import events as bench_events
+
+    path = bench_events.write_config(tmp_path / "c.yaml", repo=REPO, input_topic="in", verified="out", quarantine="q",
+                                     partitions=1, causal_buffer=buffer)
+    route = guard_config.load(path, environ=bench_events.secret_env()).routes[0]
+    assert route.causal.buffer is buffer and route.holds is buffer
+    flipped = dataclasses.replace(route, causal=route.causal.model_copy(update={"buffer": not buffer}))
+    assert flipped.holds is (not buffer)
