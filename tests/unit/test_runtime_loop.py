@@ -158,6 +158,8 @@ class Producer:
         self.log: list[tuple[str, ...]] = []
         self.next: dict[tuple[str, int], int] = defaultdict(int)
         self.fail_commit = fail_commit
+        #: What the runtime begins a transaction through (aiokafka's TransactionManager, `_begin`).
+        self._txn_manager = SimpleNamespace(has_pid=lambda: True, begin_transaction=lambda: self.log.append(("begin",)))
 
     def create_batch(self) -> Builder:
         return Builder()
