@@ -16,7 +16,8 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from app.runtime.loop import STALE_MS, BatchedRuntime, Key
+from app.runtime.batches import RecordBatches
+from app.runtime.loop import STALE_MS, BatchedRuntime, Key, _begin, _transact
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
 from byzguard.guard import ENTITIES, LAMPORTS, Guard
@@ -343,6 +344,80 @@ async def test_a_failed_transaction_discards_the_batch_built_on_it(tmp_path: Pat
     assert runtime._failed and len(failed) == 1
     with pytest.raises(KafkaError):  # a batch after it goes nowhere either
         await _batch(runtime, part, b"a", b"3", 3)
+
+
+class Txn(Producer):
+    """A transactional producer as aiokafka's sender drives it: the offsets are handed over at once and answered
+    once `offsets_in` is set (or refused there: `refuse_offsets`); the commit (EndTxn) goes only after them."""
+
+    def __init__(self, *, refuse_offsets: bool = False) -> None:
+        super().__init__()
+        self.offsets_in = asyncio.Event()
+        self.refuse_offsets = refuse_offsets
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
+        if self.refuse_offsets:
+            raise KafkaError("offsets refused")
+        self.log.append(("offsets", str(offsets[TP0])))
+        await self.offsets_in.wait()
+        self.log.append(("offsets in",))
+
+    async def commit_transaction(self) -> None:
+        self.log.append(("commit asked",))
+        await self.offsets_in.wait()
+        self.log.append(("commit",))
+
+
+async def test_the_commit_is_asked_for_once_the_records_are_delivered_while_the_offsets_are_on_their_way() -> None:
+    """exactly_once: EndTxn follows the offsets' requests from aiokafka's sender, so the commit is asked for as
+    soon as the records are delivered, not after the offsets' answer; never before the records are delivered
+    (aiokafka would commit without a batch it failed to deliver)."""
+    txn = Txn()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    task = asyncio.ensure_future(_transact(cast(Any, txn), out, {TP0: 5}, "g"))
+    await asyncio.sleep(0.01)
+    assert txn.log == [("sent", "out", "a"), ("offsets", "5")]  # not delivered yet: no commit asked for
+    txn.gate.set()
+    await asyncio.sleep(0.01)
+    assert txn.log[-2:] == [("delivered", "out", "a"), ("commit asked",)] and not task.done()
+    txn.offsets_in.set()
+    assert await asyncio.wait_for(task, 1) == {("out", 0): 0}
+    assert txn.log[-2:] == [("offsets in",), ("commit",)]
+
+
+async def test_a_transaction_whose_records_or_offsets_are_refused_is_never_committed() -> None:
+    txn = Txn()
+    txn.refused.add("out")
+    txn.gate.set()
+    txn.offsets_in.set()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    with pytest.raises(KafkaError, match="out refused"):
+        await _transact(cast(Any, txn), out, {TP0: 5}, "g")
+    refused = Txn(refuse_offsets=True)
+    refused.gate.set()
+    out = RecordBatches(refused)
+    out.add("out", 0, b"a", b"1")
+    with pytest.raises(KafkaError, match="offsets refused"):
+        await _transact(cast(Any, refused), out, {TP0: 5}, "g")
+    assert not [e for e in (*txn.log, *refused.log) if e[0].startswith("commit")]
+
+
+async def test_offsets_without_records_are_in_the_transaction_before_its_commit() -> None:
+    """A batch of offsets alone (markers passed): `deliver` has nothing to wait for, the offsets still go first."""
+    txn = Txn()
+    txn.offsets_in.set()
+    assert await _transact(cast(Any, txn), RecordBatches(txn), {TP0: 7}, "g") == {}
+    assert txn.log == [("offsets", "7"), ("offsets in",), ("commit asked",), ("commit",)]
+
+
+def test_a_transaction_begins_without_a_turn_of_the_loop() -> None:
+    """`_begin` completes on its first step (aiokafka's begin_transaction awaits the producer id in a task)."""
+    producer = Producer()
+    with pytest.raises(StopIteration):
+        _begin(cast(Any, producer)).send(None)
+    assert producer.log == [("begin",)]
 
 
 async def test_a_step_whose_batches_all_wait_paces_the_loop(runtime: BatchedRuntime, tmp_path: Path) -> None:
