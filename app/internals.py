@@ -168,10 +168,11 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 ("app/provision.py", "app/runtime/limits.py"),
                 "send (app.sidereads `known_partitions`): the metadata of the topics asked for alone, without "
                 "creating them; aiokafka's describe_topics may create them and list_topics lists the whole cluster"),
-    PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_txn_manager", "attribute", ("app/runtime/loop.py",),
-                "exactly_once: a batch's transaction begins in the turn its delivery starts (`_begin`); "
+    PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_txn_manager", "attribute",
+                ("app/runtime/stages.py",), "exactly_once: a batch's transaction begins in the turn its delivery "
+                "starts (`begin`); "
                 "begin_transaction first awaits the producer id through a task, two more turns of a busy loop"),
-    # Called on _txn_manager in app/runtime/loop.py `_begin` (public by name, of an internal class the scan cannot
+    # Called on _txn_manager in app/runtime/stages.py `begin` (public by name, of an internal class the scan cannot
     # follow there: used_in stays empty, the checks of signature and source still run).
     PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "has_pid", "method",
                 (), "as _txn_manager: begin_transaction only awaits this",

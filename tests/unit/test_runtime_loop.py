@@ -17,7 +17,8 @@ from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from app.runtime.batches import RecordBatches
-from app.runtime.loop import STALE_MS, BatchedRuntime, Key, _begin, _transact
+from app.runtime.loop import STALE_MS, BatchedRuntime, Key
+from app.runtime.stages import begin, commit, transact
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
 from byzguard.guard import ENTITIES, LAMPORTS, Guard
@@ -375,7 +376,7 @@ async def test_the_commit_is_asked_for_once_the_records_are_delivered_while_the_
     txn = Txn()
     out = RecordBatches(txn)
     out.add("out", 0, b"a", b"1")
-    task = asyncio.ensure_future(_transact(cast(Any, txn), out, {TP0: 5}, "g"))
+    task = asyncio.ensure_future(transact(cast(Any, txn), out, {TP0: 5}, "g"))
     await asyncio.sleep(0.01)
     assert txn.log == [("sent", "out", "a"), ("offsets", "5")]  # not delivered yet: no commit asked for
     txn.gate.set()
@@ -394,29 +395,46 @@ async def test_a_transaction_whose_records_or_offsets_are_refused_is_never_commi
     out = RecordBatches(txn)
     out.add("out", 0, b"a", b"1")
     with pytest.raises(KafkaError, match="out refused"):
-        await _transact(cast(Any, txn), out, {TP0: 5}, "g")
+        await transact(cast(Any, txn), out, {TP0: 5}, "g")
     refused = Txn(refuse_offsets=True)
     refused.gate.set()
     out = RecordBatches(refused)
     out.add("out", 0, b"a", b"1")
     with pytest.raises(KafkaError, match="offsets refused"):
-        await _transact(cast(Any, refused), out, {TP0: 5}, "g")
+        await transact(cast(Any, refused), out, {TP0: 5}, "g")
     assert not [e for e in (*txn.log, *refused.log) if e[0].startswith("commit")]
+
+
+async def test_a_stage_transaction_is_the_same_and_aborted_where_it_failed() -> None:
+    """The stages' transactions (app/runtime/stages.py `commit`) go the same way; a failed one is aborted."""
+    txn = Txn()
+    txn.gate.set()
+    txn.offsets_in.set()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    assert await commit(cast(Any, txn), out, {TP0: 3}, "g") == {("out", 0): 0}
+    assert txn.log == [("begin",), ("sent", "out", "a"), ("offsets", "3"), ("offsets in",), ("delivered", "out", "a"),
+                       ("commit asked",), ("commit",)]
+    txn.refused.add("out")
+    out.add("out", 0, b"b", b"2")
+    with pytest.raises(KafkaError):
+        await commit(cast(Any, txn), out, {TP0: 4}, "g")
+    assert txn.log[-1] == ("abort",) and ("commit asked",) not in txn.log[7:]
 
 
 async def test_offsets_without_records_are_in_the_transaction_before_its_commit() -> None:
     """A batch of offsets alone (markers passed): `deliver` has nothing to wait for, the offsets still go first."""
     txn = Txn()
     txn.offsets_in.set()
-    assert await _transact(cast(Any, txn), RecordBatches(txn), {TP0: 7}, "g") == {}
+    assert await transact(cast(Any, txn), RecordBatches(txn), {TP0: 7}, "g") == {}
     assert txn.log == [("offsets", "7"), ("offsets in",), ("commit asked",), ("commit",)]
 
 
 def test_a_transaction_begins_without_a_turn_of_the_loop() -> None:
-    """`_begin` completes on its first step (aiokafka's begin_transaction awaits the producer id in a task)."""
+    """`begin` completes on its first step (aiokafka's begin_transaction awaits the producer id in a task)."""
     producer = Producer()
     with pytest.raises(StopIteration):
-        _begin(cast(Any, producer)).send(None)
+        begin(cast(Any, producer)).send(None)
     assert producer.log == [("begin",)]
 
 
