@@ -347,9 +347,10 @@ async def test_batched_workers_joining_and_leaving_mid_stream_route_each_event_o
 
 async def test_a_transaction_asks_for_its_commit_before_its_offsets_are_in_and_still_commits_them(
         kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """exactly_once (app/runtime/stages.py `begin`, `transact`) on aiokafka's real sender: the commit is asked for
-    once the records are delivered, while TxnOffsetCommit may still be on its way; the sender sends EndTxn only
-    after it, and the group's offsets are those of the last transaction."""
+    """exactly_once (app/runtime/stages.py `begin`, `transact`) on aiokafka's real sender: the offsets join once
+    the records are acknowledged (no produce beside AddOffsetsToTxn: a verifying broker answers it ~100 ms late);
+    the commit is asked for right after, while the offsets' requests are on their way; the sender sends EndTxn only
+    after them, and the group's offsets are those of the last transaction."""
     from itertools import groupby
 
     from aiokafka.producer import sender
@@ -361,7 +362,7 @@ async def test_a_transaction_asks_for_its_commit_before_its_offsets_are_in_and_s
 
     order: list[str] = []
     for handler in (sender.AddPartitionsToTxnHandler, sender.AddOffsetsToTxnHandler, sender.TxnOffsetCommitHandler,
-                    sender.EndTxnHandler):
+                    sender.EndTxnHandler, sender.SendProduceReqHandler):
         made = handler.create_request
 
         def create_request(self: object, made: object = made, name: str = handler.__name__) -> object:
@@ -384,7 +385,7 @@ async def test_a_transaction_asks_for_its_commit_before_its_offsets_are_in_and_s
         await txn.stop()
     # (a request refused with CONCURRENT_TRANSACTIONS right after the EndTxn before it is sent again)
     assert [name for name, _ in groupby(order)] == [
-        "AddPartitionsToTxn", "AddOffsetsToTxn", "TxnOffsetCommit", "EndTxn"] * 3
+        "AddPartitionsToTxn", "SendProduceReq", "AddOffsetsToTxn", "TxnOffsetCommit", "EndTxn"] * 3
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False,
                                 isolation_level="read_committed", auto_offset_reset="earliest")
     await consumer.start()

@@ -370,18 +370,19 @@ class Txn(Producer):
 
 
 async def test_the_commit_is_asked_for_once_the_records_are_delivered_while_the_offsets_are_on_their_way() -> None:
-    """exactly_once: EndTxn follows the offsets' requests from aiokafka's sender, so the commit is asked for as
-    soon as the records are delivered, not after the offsets' answer; never before the records are delivered
-    (aiokafka would commit without a batch it failed to deliver)."""
+    """exactly_once: the offsets join once the records are delivered (a produce beside AddOffsetsToTxn is answered
+    late by a verifying broker), and the commit is asked for right after, not after the offsets' answer (EndTxn
+    follows the offsets' requests from aiokafka's sender); never before the records are delivered (aiokafka would
+    commit without a batch it failed to deliver)."""
     txn = Txn()
     out = RecordBatches(txn)
     out.add("out", 0, b"a", b"1")
     task = asyncio.ensure_future(transact(cast(Any, txn), out, {TP0: 5}, "g"))
     await asyncio.sleep(0.01)
-    assert txn.log == [("sent", "out", "a"), ("offsets", "5")]  # not delivered yet: no commit asked for
+    assert txn.log == [("sent", "out", "a")]  # not delivered yet: neither offsets nor commit
     txn.gate.set()
     await asyncio.sleep(0.01)
-    assert txn.log[-2:] == [("delivered", "out", "a"), ("commit asked",)] and not task.done()
+    assert txn.log[1:] == [("delivered", "out", "a"), ("offsets", "5"), ("commit asked",)] and not task.done()
     txn.offsets_in.set()
     assert await asyncio.wait_for(task, 1) == {("out", 0): 0}
     assert txn.log[-2:] == [("offsets in",), ("commit",)]
@@ -413,7 +414,7 @@ async def test_a_stage_transaction_is_the_same_and_aborted_where_it_failed() -> 
     out = RecordBatches(txn)
     out.add("out", 0, b"a", b"1")
     assert await commit(cast(Any, txn), out, {TP0: 3}, "g") == {("out", 0): 0}
-    assert txn.log == [("begin",), ("sent", "out", "a"), ("offsets", "3"), ("offsets in",), ("delivered", "out", "a"),
+    assert txn.log == [("begin",), ("sent", "out", "a"), ("delivered", "out", "a"), ("offsets", "3"), ("offsets in",),
                        ("commit asked",), ("commit",)]
     txn.refused.add("out")
     out.add("out", 0, b"b", b"2")
