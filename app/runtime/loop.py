@@ -77,9 +77,11 @@ from app.runtime.stages import (
     Forwards,
     StageContext,
     Stages,
+    begin,
     quarantine_stub,
     record_in,
     repartitions,
+    transact,
     transactional_producer,
     verify_topics,
 )
@@ -792,16 +794,9 @@ class BatchedRuntime(Service):
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
         if self.eos:
             txn = self.txns[key]
-            await txn.begin_transaction()
+            await begin(txn)
             try:
-                # The offsets join the transaction while its records are on their way (aiokafka sends the
-                # transaction's requests one after another, beside the records): one round trip less per batch.
-                if offsets:
-                    delivered, _ = await asyncio.gather(out.deliver(),
-                                                        txn.send_offsets_to_transaction(offsets, self.group))
-                else:
-                    delivered = await out.deliver()
-                await txn.commit_transaction()
+                delivered = await transact(txn, out, offsets, self.group)
             except BaseException:
                 part.discard()  # this batch, and the one waiting, built on its state: neither is ever delivered
                 await _abort(txn)

@@ -342,3 +342,58 @@ async def test_batched_workers_joining_and_leaving_mid_stream_route_each_event_o
     problems = _misrouted(stream, verified, quarantined)
     assert not problems, {what: ids[:5] for what, ids in problems.items()}
     assert len(verified) + len(quarantined) == len(stream.records) - stream.duplicates
+
+
+
+async def test_a_transaction_asks_for_its_commit_before_its_offsets_are_in_and_still_commits_them(
+        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """exactly_once (app/runtime/stages.py `begin`, `transact`) on aiokafka's real sender: the offsets join once
+    the records are acknowledged (no produce beside AddOffsetsToTxn: a verifying broker answers it ~100 ms late);
+    the commit is asked for right after, while the offsets' requests are on their way; the sender sends EndTxn only
+    after them, and the group's offsets are those of the last transaction."""
+    from itertools import groupby
+
+    from aiokafka.producer import sender
+
+    from app.runtime.batches import RecordBatches
+    from app.runtime.stages import begin, transact, transactional_producer
+    from bench.kafka import create_topics
+    from tests.conftest import unique_name
+
+    order: list[str] = []
+    for handler in (sender.AddPartitionsToTxnHandler, sender.AddOffsetsToTxnHandler, sender.TxnOffsetCommitHandler,
+                    sender.EndTxnHandler, sender.SendProduceReqHandler):
+        made = handler.create_request
+
+        def create_request(self: object, made: object = made, name: str = handler.__name__) -> object:
+            order.append(name.removesuffix("Handler"))
+            return made(self)  # type: ignore[operator]
+
+        monkeypatch.setattr(handler, "create_request", create_request)
+    topic = unique_name("txn-order", kafka_bootstrap)
+    group = f"{topic}-group"
+    await create_topics(kafka_bootstrap, [topic], 1)
+    txn = transactional_producer(kafka_bootstrap, f"{topic}-txn", [topic], {})
+    await txn.start()
+    try:
+        for offset in (1, 2, 3):
+            await begin(txn)
+            out = RecordBatches(txn)
+            out.add(topic, 0, b"k", b"%d" % offset)
+            await transact(txn, out, {TopicPartition(topic, 0): offset}, group)
+    finally:
+        await txn.stop()
+    # (a request refused with CONCURRENT_TRANSACTIONS right after the EndTxn before it is sent again)
+    assert [name for name, _ in groupby(order)] == [
+        "AddPartitionsToTxn", "SendProduceReq", "AddOffsetsToTxn", "TxnOffsetCommit", "EndTxn"] * 3
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False,
+                                isolation_level="read_committed", auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        assert await consumer.committed(TopicPartition(topic, 0)) == 3
+        consumer.assign([TopicPartition(topic, 0)])
+        consumer.seek(TopicPartition(topic, 0), 0)
+        got = await consumer.getmany(timeout_ms=5000)
+        assert [m.value for m in got.get(TopicPartition(topic, 0), [])] == [b"1", b"2", b"3"]
+    finally:
+        await consumer.stop()

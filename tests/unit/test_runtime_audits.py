@@ -426,6 +426,8 @@ class _Producer:
         self.next: dict[tuple[str, int], int] = {}
         self.fail_commit = False
         self.refused: set[str] = set()
+        #: What the runtime begins a transaction through (aiokafka's TransactionManager, stages.begin).
+        self._txn_manager = SimpleNamespace(has_pid=lambda: True, begin_transaction=lambda: self.log.append(("begin",)))
 
     def create_batch(self) -> Builder:
         return Builder()

@@ -17,7 +17,9 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, KafkaError
 
+from app.runtime.batches import RecordBatches
 from app.runtime.loop import STALE_MS, BatchedRuntime, Key
+from app.runtime.stages import begin, commit, transact
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
 from byzguard.guard import ENTITIES, LAMPORTS, Guard
@@ -275,6 +277,8 @@ class Producer:
         self.log: list[tuple[str, ...]] = []
         self.next: dict[tuple[str, int], int] = defaultdict(int)
         self.fail_commit = fail_commit
+        #: What the runtime begins a transaction through (aiokafka's TransactionManager, `_begin`).
+        self._txn_manager = SimpleNamespace(has_pid=lambda: True, begin_transaction=lambda: self.log.append(("begin",)))
 
     def create_batch(self) -> Builder:
         return Builder()
@@ -458,6 +462,98 @@ async def test_a_failed_transaction_discards_the_batch_built_on_it(tmp_path: Pat
     assert runtime._failed and len(failed) == 1
     with pytest.raises(KafkaError):  # a batch after it goes nowhere either
         await _batch(runtime, part, b"a", b"3", 3)
+
+
+class Txn(Producer):
+    """A transactional producer as aiokafka's sender drives it: the offsets are handed over at once and answered
+    once `offsets_in` is set (or refused there: `refuse_offsets`); the commit (EndTxn) goes only after them."""
+
+    def __init__(self, *, refuse_offsets: bool = False) -> None:
+        super().__init__()
+        self.offsets_in = asyncio.Event()
+        self.refuse_offsets = refuse_offsets
+
+    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
+        if self.refuse_offsets:
+            raise KafkaError("offsets refused")
+        self.log.append(("offsets", str(offsets[TP0])))
+        await self.offsets_in.wait()
+        self.log.append(("offsets in",))
+
+    async def commit_transaction(self) -> None:
+        self.log.append(("commit asked",))
+        await self.offsets_in.wait()
+        self.log.append(("commit",))
+
+
+async def test_the_commit_is_asked_for_once_the_records_are_delivered_while_the_offsets_are_on_their_way() -> None:
+    """exactly_once: the offsets join once the records are delivered (a produce beside AddOffsetsToTxn is answered
+    late by a verifying broker), and the commit is asked for right after, not after the offsets' answer (EndTxn
+    follows the offsets' requests from aiokafka's sender); never before the records are delivered (aiokafka would
+    commit without a batch it failed to deliver)."""
+    txn = Txn()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    task = asyncio.ensure_future(transact(cast(Any, txn), out, {TP0: 5}, "g"))
+    await asyncio.sleep(0.01)
+    assert txn.log == [("sent", "out", "a")]  # not delivered yet: neither offsets nor commit
+    txn.gate.set()
+    await asyncio.sleep(0.01)
+    assert txn.log[1:] == [("delivered", "out", "a"), ("offsets", "5"), ("commit asked",)] and not task.done()
+    txn.offsets_in.set()
+    assert await asyncio.wait_for(task, 1) == {("out", 0): 0}
+    assert txn.log[-2:] == [("offsets in",), ("commit",)]
+
+
+async def test_a_transaction_whose_records_or_offsets_are_refused_is_never_committed() -> None:
+    txn = Txn()
+    txn.refused.add("out")
+    txn.gate.set()
+    txn.offsets_in.set()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    with pytest.raises(KafkaError, match="out refused"):
+        await transact(cast(Any, txn), out, {TP0: 5}, "g")
+    refused = Txn(refuse_offsets=True)
+    refused.gate.set()
+    out = RecordBatches(refused)
+    out.add("out", 0, b"a", b"1")
+    with pytest.raises(KafkaError, match="offsets refused"):
+        await transact(cast(Any, refused), out, {TP0: 5}, "g")
+    assert not [e for e in (*txn.log, *refused.log) if e[0].startswith("commit")]
+
+
+async def test_a_stage_transaction_is_the_same_and_aborted_where_it_failed() -> None:
+    """The stages' transactions (app/runtime/stages.py `commit`) go the same way; a failed one is aborted."""
+    txn = Txn()
+    txn.gate.set()
+    txn.offsets_in.set()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    assert await commit(cast(Any, txn), out, {TP0: 3}, "g") == {("out", 0): 0}
+    assert txn.log == [("begin",), ("sent", "out", "a"), ("delivered", "out", "a"), ("offsets", "3"), ("offsets in",),
+                       ("commit asked",), ("commit",)]
+    txn.refused.add("out")
+    out.add("out", 0, b"b", b"2")
+    with pytest.raises(KafkaError):
+        await commit(cast(Any, txn), out, {TP0: 4}, "g")
+    assert txn.log[-1] == ("abort",) and ("commit asked",) not in txn.log[7:]
+
+
+async def test_offsets_without_records_are_in_the_transaction_before_its_commit() -> None:
+    """A batch of offsets alone (markers passed): `deliver` has nothing to wait for, the offsets still go first."""
+    txn = Txn()
+    txn.offsets_in.set()
+    assert await transact(cast(Any, txn), RecordBatches(txn), {TP0: 7}, "g") == {}
+    assert txn.log == [("offsets", "7"), ("offsets in",), ("commit asked",), ("commit",)]
+
+
+def test_a_transaction_begins_without_a_turn_of_the_loop() -> None:
+    """`begin` completes on its first step (aiokafka's begin_transaction awaits the producer id in a task)."""
+    producer = Producer()
+    with pytest.raises(StopIteration):
+        begin(cast(Any, producer)).send(None)
+    assert producer.log == [("begin",)]
 
 
 async def test_a_step_whose_batches_all_wait_paces_the_loop(runtime: BatchedRuntime, tmp_path: Path) -> None:
