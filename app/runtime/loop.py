@@ -77,6 +77,7 @@ from app.runtime.stages import (
     Forwards,
     StageContext,
     Stages,
+    abort,
     begin,
     quarantine_stub,
     record_in,
@@ -799,7 +800,7 @@ class BatchedRuntime(Service):
                 delivered = await transact(txn, out, offsets, self.group)
             except BaseException:
                 part.discard()  # this batch, and the one waiting, built on its state: neither is ever delivered
-                await _abort(txn)
+                await abort(txn)
                 raise
         else:
             try:
@@ -860,13 +861,6 @@ async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
         await consumer.commit(offsets)
     except CommitFailedError as exc:  # a rebalance took them: their state is stored, the new owner resumes
         log.warning("batched runtime: commit failed (%r); the next owner resumes from the stored offsets", exc)
-
-
-async def _abort(txn: AIOKafkaProducer) -> None:
-    try:
-        await txn.abort_transaction()
-    except Exception as exc:  # fenced or the broker is gone: the next owner's producer aborts it
-        log.warning("batched runtime: abort failed: %r", exc)
 
 
 async def _committed_of(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
