@@ -148,11 +148,12 @@ class Fetches(Consumer):
 
 
 async def _fetch_times(runtime: BatchedRuntime, seconds: float) -> list[float]:
+    """The loop run for `seconds`, then stopped as on_stop does (it takes the consumer); when each fetch began."""
     consumer = Fetches()
     runtime.consumer = cast(Any, consumer)
     running = asyncio.ensure_future(BatchedRuntime._run(runtime))  # type: ignore[arg-type]  # mode's ServiceTask
     await asyncio.sleep(seconds)
-    runtime._stopping = True
+    runtime._stopping, runtime.consumer = True, None
     await asyncio.wait_for(running, 1)
     return consumer.at
 
@@ -174,13 +175,8 @@ async def test_a_stop_while_the_loop_waits_for_its_next_step_fetches_no_more(tmp
     """A stop that begins while the loop waits out the step interval (on_stop takes the consumer and stops it)
     ends the loop: it never fetches from the consumer it read before the wait, which aiokafka would refuse."""
     runtime = _runtime(tmp_path, "at_least_once", step_interval_ms=100.0)
-    consumer = Fetches()
-    runtime.consumer = cast(Any, consumer)
-    running = asyncio.ensure_future(BatchedRuntime._run(runtime))  # type: ignore[arg-type]  # mode's ServiceTask
-    await asyncio.sleep(0.03)  # the first step fetched; the loop waits for the next
-    runtime._stopping, runtime.consumer = True, None
-    await asyncio.wait_for(running, 1)
-    assert len(consumer.at) == 1 and not runtime._failed
+    at = await _fetch_times(runtime, 0.03)  # the stop comes while the loop waits for its second step
+    assert len(at) == 1 and not runtime._failed
 
 
 async def test_offsets_are_committed_behind_the_loop_one_at_a_time_in_order(runtime: BatchedRuntime) -> None:
