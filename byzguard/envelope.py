@@ -532,10 +532,9 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             escaped = True
         elif type(subject) is not str or not subject or (key is not None and key != subject.encode()):
             return None
-        # The bound form's lines after the subject's, as text (bound_base writes them as UTF-8), and how
-        # many line feeds the whole head has when no component holds one.
+        # How many line feeds the bound form's head has when no component holds one (its lines are written
+        # below, once the form is known to be bound).
         lines = 6
-        time_line = version_line = lamport_line = instance_line = vclock_line = type_line = ""
         time = None
         if raw_time is not None:
             if type(raw_time) is not str:
@@ -547,24 +546,20 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             else:
                 time = parsed.timestamp()
                 _LAST_TIME[0] = (raw_time, parsed, time)  # for a rule that reads the same text (isotime)
-            time_line = "\ntime: " + raw_time
             lines += 1
         if version is not None:
             if type(version) is not int or not 0 <= version <= MAX_INT:
                 return None
-            version_line = f"\nentityversion: {version}"
             lines += 1
         if lamport is not None:
             if type(lamport) is not int or not 0 <= lamport <= MAX_INT:
                 return None
-            lamport_line = f"\nlamporttime: {lamport}"
             lines += 1
         if instance is not None:
             if type(instance) is not str:
                 return None
             if instance not in _INSTANCES:  # _instance_text's memo, without its call when it holds the id
                 _instance_text(instance)
-            instance_line = "\nlamportinstance: " + instance
             lines += 1
         vclock = None
         if raw_vclock is not None:
@@ -573,12 +568,10 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
             vclock = _VCLOCKS.get(raw_vclock)  # _vclock_text's memo, without its call when it holds the clock
             if vclock is None:
                 vclock = _vclock_text(raw_vclock)
-            vclock_line = "\nvectorclock: " + raw_vclock
             lines += 1
         if content_type is not None:
             if type(content_type) is not str:
                 return None
-            type_line = "\ndatacontenttype: " + content_type
             lines += 1
         if form is None:
             if "checksumform" in obj:
@@ -624,9 +617,23 @@ def _fast_structured(key: bytes | None, obj: dict[str, Any], default_type: str,
         env.refused = None
         env.bound = None
         if form == BOUND and checksum is not None:
-            head = (f"checksumform: bound\nid: {id_}\nsource: {source}\ntype: {type_}\nsubject: {subject}"
-                    f"{time_line}{version_line}{lamport_line}{instance_line}{vclock_line}{type_line}"
-                    f"\nchecksumalg: {algorithm}{'' if key_id is None else _KEYID_LINE + key_id}\ndata: ")
+            # The bound form's lines (bound_base writes them as UTF-8): when the event has every optional
+            # attribute and a key id (as a signing producer writes it), in one step; else line by line.
+            if lines == 12 and key_id is not None:
+                head = (f"checksumform: bound\nid: {id_}\nsource: {source}\ntype: {type_}\nsubject: {subject}"
+                        f"\ntime: {raw_time}\nentityversion: {version}\nlamporttime: {lamport}"
+                        f"\nlamportinstance: {instance}\nvectorclock: {raw_vclock}\ndatacontenttype: {content_type}"
+                        f"\nchecksumalg: {algorithm}\nkeyid: {key_id}\ndata: ")
+            else:
+                time_line = "" if raw_time is None else "\ntime: " + raw_time
+                version_line = "" if version is None else f"\nentityversion: {version}"
+                lamport_line = "" if lamport is None else f"\nlamporttime: {lamport}"
+                instance_line = "" if instance is None else "\nlamportinstance: " + instance
+                vclock_line = "" if raw_vclock is None else "\nvectorclock: " + raw_vclock
+                type_line = "" if content_type is None else "\ndatacontenttype: " + content_type
+                head = (f"checksumform: bound\nid: {id_}\nsource: {source}\ntype: {type_}\nsubject: {subject}"
+                        f"{time_line}{version_line}{lamport_line}{instance_line}{vclock_line}{type_line}"
+                        f"\nchecksumalg: {algorithm}{'' if key_id is None else _KEYID_LINE + key_id}\ndata: ")
             if not escaped or head.count("\n") == lines + (key_id is not None):
                 env.bound = head.encode() + covered
         return env

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
 
 import orjson
 
@@ -115,17 +116,30 @@ def quarantine_id(topic: str, partition: int, offset: int) -> str:
 
 
 # The last `now` formatted, by identity: a batch hands every record the same float object. Identity, not
-# equality, since 0.0 == -0.0 but they are written differently.
-_LAST_AT: list[tuple[object, bytes]] = [(object(), b"")]
+# equality, since 0.0 == -0.0 but they are written differently. Kept as its header, (H_VERIFIED_AT, text).
+_LAST_AT: list[tuple[object, tuple[str, bytes]]] = [(object(), (H_VERIFIED_AT, b""))]
+# The verdict and route headers of verified_headers, built once: a header is an immutable (name, value) pair, so
+# every record's list can hold the same one (the bytes sent are the same).
+_VERDICT_HEADER: Final = {outcome: (H_VERDICT, text) for outcome, text in _VERDICT_OF.items()}
+_ROUTE_HEADER: dict[str, tuple[str, bytes]] = {}
+_ROUTE_HEADERS_MAX: Final = 256  # route names come from the configuration: a bound all the same
 
 
 def _verified_at(now: float) -> bytes:
     """`now` as the verified-at header writes it."""
-    last, text = _LAST_AT[0]
+    last, header = _LAST_AT[0]
     if now is not last:
-        text = f"{now:.6f}".encode()
-        _LAST_AT[0] = (now, text)
-    return text
+        header = (H_VERIFIED_AT, f"{now:.6f}".encode())
+        _LAST_AT[0] = (now, header)
+    return header[1]
+
+
+def _route_header(route: str) -> tuple[str, bytes]:
+    """(H_ROUTE, the route name's bytes), remembered per name."""
+    if len(_ROUTE_HEADER) >= _ROUTE_HEADERS_MAX:
+        _ROUTE_HEADER.clear()
+    header = _ROUTE_HEADER[route] = (H_ROUTE, route.encode())
+    return header
 
 
 def verified_headers(
@@ -142,11 +156,11 @@ def verified_headers(
                 out.append((k, v))
     last, at = _LAST_AT[0]
     if now is not last:
-        at = f"{now:.6f}".encode()
+        at = (H_VERIFIED_AT, f"{now:.6f}".encode())
         _LAST_AT[0] = (now, at)
-    out.append((H_VERDICT, _VERDICT_OF[outcome]))
-    out.append((H_ROUTE, route.encode()))
-    out.append((H_VERIFIED_AT, at))
+    out.append(_VERDICT_HEADER[outcome])
+    out.append(_ROUTE_HEADER.get(route) or _route_header(route))
+    out.append(at)
     if reasons:
         out.append((H_REASONS, encode_reasons(reasons)))
     return out

@@ -354,7 +354,7 @@ def new_entries(entries: bytes, event_id: str, content_hash: bytes, seen_at: flo
                                         and version == old_version + 1 and new_version == version)
                                        or (mode == _V_NONE and version is None)):
             n = (len(entries) - _HEAD) // ENTRY_SIZE
-            first = max(0, n - keep + 1)  # room for the new one
+            first = n - keep + 1 if n >= keep else 0  # room for the new one (max(0, ...) without its call)
             # Verified in order, so seen_at rises along the entries: the first one inside the window starts the
             # suffix.
             while first < n and base + _ms_at(entries, _HEAD + ENTRY_SIZE * first + _SEEN_AT)[0] / 1000 < oldest:

@@ -109,6 +109,25 @@ def test_verified_at_memo_writes_each_now_as_formatted(nows: list[float]) -> Non
     assert routing._verified_at(-0.0) == b"-0.000000"
 
 
+@given(st.lists(st.tuples(st.sampled_from([Outcome.VERIFIED, Outcome.WARNED, Outcome.SUSPECT]),
+                          st.sampled_from(["prices", "orders", "ünï", ""]) | st.text(max_size=8),
+                          st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0])), min_size=1, max_size=12))
+def test_verified_headers_shared_pairs_write_what_they_spelled(calls: list[tuple[Outcome, str, float]]) -> None:
+    """verified_headers hands every record the same verdict, route and verified-at pairs (built once, the route's
+    per name): each list is what it spelled out before, call after call, routes and outcomes interleaved, also
+    once the route memo was cleared at its bound."""
+    headers = [("content-type", b"application/json"), ("byzguard_verdict", b"old"), ("byzguard_recheck_of", b"x")]
+    routing._ROUTE_HEADER.clear()  # full: the first route not in it clears it (fillers longer than any route here)
+    routing._ROUTE_HEADER.update({f"filler-route-{i}": (routing.H_ROUTE, b"")
+                                  for i in range(routing._ROUTE_HEADERS_MAX)})
+    for outcome, route, now in calls + calls:
+        assert routing.verified_headers(headers, outcome, (), route, now) == [
+            ("content-type", b"application/json"), ("byzguard_recheck_of", b"x"),
+            (routing.H_VERDICT, routing._VERDICT_OF[outcome]), (routing.H_ROUTE, route.encode()),
+            (routing.H_VERIFIED_AT, f"{now:.6f}".encode())]
+    assert len(routing._ROUTE_HEADER) <= routing._ROUTE_HEADERS_MAX
+
+
 # -- the event time decode parsed, reused by the freshness rule --------------------------------------------
 
 FRESH = compile_rules([RuleSpec(name="fresh", expr="now - timestamp(data.lastUpdated) < duration('24h')")])
