@@ -229,6 +229,25 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield bootstrap
 
 
+async def broker_auto_creates_topics(bootstrap: str) -> bool:
+    """Whether the broker creates a topic that a metadata request names (`auto.create.topics.enable`): a test that
+    shows some code creates no topic by asking about it proves nothing on a broker that never would."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        brokers = (await admin.describe_cluster())["brokers"]
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.BROKER, str(b["node_id"])) for b in brokers])
+    finally:
+        await admin.close()
+    values = {entry[1] for response in described for resource in response.resources for entry in resource[4]
+              if entry[0] == "auto.create.topics.enable"}
+    return values == {"true"}
+
+
 # --------------------------------------------------------------------------- topics
 
 
