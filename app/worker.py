@@ -80,10 +80,9 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
 def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardConfig,
                            bootstrap: str) -> BatchedRuntime:
     """Start the batched runtime (app/runtime) with the App: it runs every route's verify stream."""
-    from app.runtime import BatchedRuntime, check_routes
+    from app.runtime import BatchedRuntime
     from app.runtime.owners import OwnerDirectory, assignor_for
 
-    check_routes(config)
     conf = built.app.conf
     built.owners = OwnerDirectory(str(conf.canonical_url))  # the URL the other workers forward requests to
     options: dict[str, Any] = dict(

@@ -157,11 +157,6 @@ def _prepare(c: Any, pairs: Any) -> Any:
     return c if new is None else new
 
 
-def _prepare_dict(d: dict[Any, Any]) -> dict[Any, Any]:
-    out: dict[Any, Any] = _prepare(d, d.items())
-    return out
-
-
 def _prepare_list(v: list[Any]) -> list[Any]:
     out: list[Any] = _prepare(v, enumerate(v))
     return out

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import pytest
 
@@ -87,6 +88,38 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 12
     """Run a coroutine to completion on a private loop in a worker thread (safe from any context)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conftest-async") as pool:
         return pool.submit(lambda: asyncio.run(factory())).result(timeout)
+
+
+# --------------------------------------------------------------------------- programs the suite runs
+
+#: BYZGUARD_TEST_CLIENTS=optional, read when this module is imported (before the autouse fixture above clears
+#: BYZGUARD_* variables): a program the suite runs and `make test` installs (kcat, node and the TypeScript producer,
+#: promtool, Chromium, java and mvn) skips the tests that need it when it is missing, instead of failing them.
+OPTIONAL_PROGRAMS = os.environ.get("BYZGUARD_TEST_CLIENTS") == "optional"
+
+
+def missing(what: str) -> NoReturn:
+    """Fail (or, with BYZGUARD_TEST_CLIENTS=optional, skip) a test because a program it runs is not installed: CI
+    installs every one (`make test`), so a test without its program must not pass unseen as a skip."""
+    message = f"{what}; BYZGUARD_TEST_CLIENTS=optional skips"
+    if OPTIONAL_PROGRAMS:
+        pytest.skip(message)
+    pytest.fail(message, pytrace=False)
+
+
+def require(program: str, installs: str) -> str:
+    """The path of `program` on PATH; missing() saying what installs it (`installs`) when there is none."""
+    found = shutil.which(program)
+    if found is None:
+        missing(f"{program} is not installed ({installs})")
+    return found
+
+
+@pytest.fixture
+def jvm() -> None:
+    """java and mvn, which the local broker runs on and fetches its jars with (`make test` needs both)."""
+    require("java", "a JDK or JRE 17+; the local broker runs on it")
+    require("mvn", "Maven; `make test` fetches the broker's jars with it")
 
 
 # --------------------------------------------------------------------------- the broker
@@ -194,6 +227,25 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             kafka = LocalKafka(version, data_dir=data_dir, fresh=True, jvm_flags=FAST_START_JVM_FLAGS)
             bootstrap = stack.enter_context(kafka).bootstrap_servers
         yield bootstrap
+
+
+async def broker_auto_creates_topics(bootstrap: str) -> bool:
+    """Whether the broker creates a topic that a metadata request names (`auto.create.topics.enable`): a test that
+    shows some code creates no topic by asking about it proves nothing on a broker that never would."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        brokers = (await admin.describe_cluster())["brokers"]
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.BROKER, str(b["node_id"])) for b in brokers])
+    finally:
+        await admin.close()
+    values = {entry[1] for response in described for resource in response.resources for entry in resource[4]
+              if entry[0] == "auto.create.topics.enable"}
+    return values == {"true"}
 
 
 # --------------------------------------------------------------------------- topics

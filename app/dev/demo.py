@@ -161,14 +161,6 @@ def service_keys(config: GuardConfig) -> dict[str, Key]:
     return keys
 
 
-def ensure_demo_secrets(config_path: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
-    """Give every MAC key of the configuration whose secret env var is unset its local-mode secret (kept in the
-    cache, made up the first time: app/dev/local_secrets.py); returns the names made up now."""
-    from app.dev.local_secrets import use_local_secrets
-
-    return use_local_secrets(config_path, environ)[0]
-
-
 def order_audits(config: GuardConfig) -> list[AuditRule]:
     """The cross-stream audits that check orders (the only check that can see a partial write)."""
     return [rule for rule in config.audits if rule.left.type == AUDITED_TYPE]

@@ -129,10 +129,6 @@ def transactional_id(app_id: str, route: str, partition: int) -> str:
     return f"{app_id}-batched-{route}-{partition}"
 
 
-def check_routes(config: GuardConfig) -> None:
-    """Refuse what the batched runtime does not run (nothing today: every route and audit runs on it)."""
-
-
 class _Waiting:
     """The batch of a route partition processed while the batch before it is in flight: its writes stay pending,
     its outputs in `out`; the partition's next batches join it until that one lands (`BatchedRuntime._finish`)."""
@@ -174,7 +170,6 @@ class BatchedRuntime(Service):
                  batch_overlap: bool = True, commit_interval: float = 0.0, step_interval_ms: float = 0.0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        check_routes(config)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
         self.app_id = app_id
         self.group = verify_group(app_id)

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from tests.conftest import _topic_prefix
+from tests.conftest import _topic_prefix, missing
 from tests.integration.worker_harness import Events, WorkerFactory, collect, produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.browser, pytest.mark.slow]
@@ -30,7 +30,7 @@ def chromium() -> Path:
     """Debian's Chromium; installed with apt-get when missing and we are root (as CI is on a fresh machine)."""
     if not CHROMIUM.exists():
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("needs /usr/bin/chromium (apt-get install chromium), and we are not root to install it")
+            missing(f"{CHROMIUM} is not installed (apt-get install chromium), and we are not root to install it")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=900)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,9 +19,7 @@ from app.dev.localkafka import FAST_START_JVM_FLAGS, LocalKafka, ensure_broker_j
 
 pytestmark = pytest.mark.kafka
 
-needs_jvm = pytest.mark.skipif(
-    shutil.which("java") is None or shutil.which("mvn") is None, reason="needs java and mvn on PATH"
-)
+needs_jvm = pytest.mark.usefixtures("jvm")  # java and mvn, or the test fails (tests/conftest.py)
 
 
 async def _read_partition(

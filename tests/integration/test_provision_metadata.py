@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from app.provision import _partition_counts, provision
 from app.runtime.limits import load_limits
 from byzguard.config import load
-from tests.conftest import TopicFactory, unique_name
+from tests.conftest import TopicFactory, broker_auto_creates_topics, run_async, unique_name
 from tests.integration.worker_harness import SECRETS, WorkerFactory
 
 pytestmark = pytest.mark.kafka
@@ -33,7 +33,10 @@ async def _never_listed(listed: Listing, topic: str) -> bool:
 
 @pytest.fixture
 def listed(kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> Listing:
-    """Forbids AIOKafkaAdminClient.list_topics to the code under test; returns the test's own listing."""
+    """Forbids AIOKafkaAdminClient.list_topics to the code under test; returns the test's own listing. The broker
+    must auto-create topics, or "creates none" could not fail."""
+    assert run_async(lambda: broker_auto_creates_topics(kafka_bootstrap)), \
+        "the broker does not auto-create topics (auto.create.topics.enable): these tests would prove nothing"
     original = AIOKafkaAdminClient.list_topics
 
     async def forbidden(self: AIOKafkaAdminClient, *args: Any, **kwargs: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ from tests.integration.worker_harness import Events, WorkerFactory, produce
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
-needs_jvm = pytest.mark.skipif(shutil.which("java") is None or shutil.which("mvn") is None,
-                               reason="needs java and mvn on PATH")
+needs_jvm = pytest.mark.usefixtures("jvm")  # java and mvn, or the test fails (tests/conftest.py)
 
 
 @needs_jvm

@@ -16,26 +16,23 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-import pytest
 import yaml
 
 from byzguard.partitioner import partition_for
+from tests import conftest as tests_conftest
 from tests.integration.test_readme import namespaced_config
 from tests.integration.worker_harness import WorkerFactory, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
-OPTIONAL = os.environ.get("BYZGUARD_TEST_CLIENTS") == "optional"
 TS_DIR = REPO / "tests" / "clients" / "ts"
 TS_PRODUCER = TS_DIR / "dist" / "producer.js"
 
 
-def missing(what: str) -> None:
+def missing(what: str) -> NoReturn:
     """Fail (or, with BYZGUARD_TEST_CLIENTS=optional, skip) because a client is not installed."""
-    message = f"{what}: `make clients` installs it (`make test` runs it); BYZGUARD_TEST_CLIENTS=optional skips"
-    if OPTIONAL:
-        pytest.skip(message)
-    pytest.fail(message, pytrace=False)
+    tests_conftest.missing(f"{what}: `make clients` installs it (`make test` runs it)")
 
 
 def make_clients() -> None:
@@ -53,7 +50,6 @@ def kcat_path() -> str:
     found = shutil.which("kcat")
     if found is None:
         missing("kcat is not installed (apt-get install kcat)")
-        raise AssertionError("unreachable")
     return found
 
 

@@ -1,4 +1,7 @@
-"""The benchmark's variants: a wrapper a variant's kind cannot apply is refused, not silently ignored."""
+"""The benchmark's variants (bench/variants.py) without a broker: a wrapper a variant's kind cannot apply is refused,
+not silently ignored; the command line each variant launches; and the order in which the runtime prototypes
+(bench/batch_guard.py) send, store and commit, against stand-ins for aiokafka's producer and consumer: the decisions
+alone, not what Kafka does with them (the variants run on a broker only in `make bench`)."""
 
 from typing import Any
 

@@ -95,7 +95,8 @@ def test_lamport_bounds() -> None:
     (b"0", 0), ("42", 42), (str(MAX_COUNTER).encode(), MAX_COUNTER),
 ])
 def test_parse_lamport_accepts_plain_decimal(raw: bytes | str, expected: int) -> None:
-    """A Lamport header is plain ASCII decimal, as bytes or str, up to 2**63-1."""
+    """parse_lamport reads plain ASCII decimal, as bytes or str, up to 2**63-1. (A library helper the guard does
+    not call: decode reads ce_lamporttime with envelope._int, which also takes leading zeros: b"01" is 1.)"""
     assert parse_lamport(raw) == expected
 
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,8 +13,14 @@ import pytest
 from byzguard import config as guard_config
 from byzguard import jcs
 from byzguard.guard import CAUSAL, ENTITIES, LAMPORTS, Guard, RecordIn
+from tests.conftest import require
 
-pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+
+@pytest.fixture(autouse=True)
+def node() -> str:
+    """node, which `make test` needs too (it builds the TypeScript producer with npm)."""
+    return require("node", "Node.js; `make clients` builds the TypeScript producer with it")
+
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "envelope.json").read_text())
 

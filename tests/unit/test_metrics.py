@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -15,14 +14,19 @@ from prometheus_client import generate_latest
 
 from app import metrics
 from byzguard import config as guard_config
+from tests.conftest import require
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy/grafana/dashboards/byzguard.json"
 ALERTS = REPO / "deploy/prometheus/alerts.yml"
 ALERTS_TEST = REPO / "deploy/prometheus/alerts_test.yml"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus; "
-                                                                 "`make test` installs it when run as root)")
+
+
+@pytest.fixture
+def promtool() -> str:
+    """promtool (Debian's package prometheus, which `make test` installs when run as root)."""
+    return require("promtool", "Debian package prometheus; `make test` installs it when run as root")
+
 
 # Label names that would make a series per entity or per event: never on a byzguard metric.
 UNBOUNDED_LABELS = {"id", "event_id", "entity", "entity_id", "subject", "key", "offset", "quarantine_id"}
@@ -99,12 +103,11 @@ def test_no_metric_has_a_per_entity_or_per_event_label() -> None:
             assert not UNBOUNDED_LABELS & set(sample.labels), (family.name, sample.labels)
 
 
-@needs_promtool
-def test_exposition_passes_promtool_check_metrics() -> None:
+def test_exposition_passes_promtool_check_metrics(promtool: str) -> None:
     """The /metrics text of a worker with samples in every metric passes `promtool check metrics`."""
     populate()
     body = generate_latest(metrics.REGISTRY)
-    proc = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False)
+    proc = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
@@ -229,13 +232,11 @@ def test_alerts_read_only_metrics_the_worker_exports() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
-@needs_promtool
-def test_alerting_rules_pass_promtool_check_and_their_unit_tests() -> None:
+def test_alerting_rules_pass_promtool_check_and_their_unit_tests(promtool: str) -> None:
     """`promtool check rules` accepts alerts.yml and `promtool test rules` passes alerts_test.yml."""
-    assert PROMTOOL is not None
-    check = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60,
+    check = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60,
                            check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    test = subprocess.run([PROMTOOL, "test", "rules", str(ALERTS_TEST)], capture_output=True, text=True, timeout=120,
+    test = subprocess.run([promtool, "test", "rules", str(ALERTS_TEST)], capture_output=True, text=True, timeout=120,
                           check=False)
     assert test.returncode == 0, test.stdout + test.stderr
