@@ -212,6 +212,7 @@ def _hand_over(manager: Any, pending: list[asyncio.Future[Any]], offsets: dict[T
             registered = manager.add_offsets_to_txn(commit_structure_validate(offsets), group)
             _retrieve(registered)  # awaited by `transact`; not reported where the abort already says it
         manager.committing_transaction()  # raises where the transaction already failed
+        _retrieve(manager.wait_for_transaction_end())  # refused offsets fail it too: `transact` raises theirs
     except BaseException as exc:
         handed.set_exception(exc)
         return

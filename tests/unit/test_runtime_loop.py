@@ -5,6 +5,7 @@ consumer and producer (the runtime on the broker: tests/integration/test_runtime
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import random
 import time
@@ -599,6 +600,21 @@ async def test_a_transaction_whose_records_or_offsets_are_refused_is_never_commi
     with pytest.raises(KafkaError, match="offsets refused"):
         await transact(cast(Any, refused), out, {TP0: 5}, "g")
     assert not [e for e in txn.log if e[0].startswith("commit")] and ("commit",) not in refused.log
+
+
+async def test_refused_offsets_leave_no_failure_unretrieved(caplog: pytest.LogCaptureFixture) -> None:
+    """Refused offsets fail the transaction's commit too (aiokafka's transaction waiter, which its abort replaces):
+    `transact` raises the offsets' error and the commit's is taken, not logged as never retrieved."""
+    refused = Txn(refuse_offsets=True)
+    refused.gate.set()
+    out = RecordBatches(refused)
+    out.add("out", 0, b"a", b"1")
+    with pytest.raises(KafkaError, match="offsets refused"):
+        await transact(cast(Any, refused), out, {TP0: 5}, "g")
+    await asyncio.sleep(0.01)
+    del refused, out
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 async def test_a_stage_transaction_is_the_same_and_aborted_where_it_failed() -> None:
