@@ -170,7 +170,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "creating them; aiokafka's describe_topics may create them and list_topics lists the whole cluster"),
     PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_txn_manager", "attribute",
                 ("app/runtime/stages.py",), "exactly_once: a batch's transaction begins in the turn its delivery "
-                "starts (`begin`); "
+                "starts (`begin`), its offsets and commit are handed over by its records' answer (`transact`); "
                 "begin_transaction first awaits the producer id through a task, two more turns of a busy loop"),
     # Called on _txn_manager in app/runtime/stages.py `begin` (public by name, of an internal class the scan cannot
     # follow there: used_in stays empty, the checks of signature and source still run).
@@ -180,6 +180,21 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "begin_transaction", "method",
                 (), "as _txn_manager: what begin_transaction does once the producer id is "
                 "known", signature="(self)", digest="07894931781c27d9"),
+    # Called on _txn_manager in app/runtime/stages.py `_hand_over`: the offsets and the commit handed to the sender
+    # from the callback of the records' answer, as send_offsets_to_transaction / commit_transaction do before
+    # they wait (without the task's turns in between).
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "is_in_transaction", "method",
+                (), "as _txn_manager: send_offsets_to_transaction's check", signature="(self)",
+                digest="be902440684749eb"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "add_offsets_to_txn", "method",
+                (), "as _txn_manager: what send_offsets_to_transaction does before it waits (the offsets' future)",
+                signature="(self, offsets, group_id)", digest="a177ec82d5014d67"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "committing_transaction", "method",
+                (), "as _txn_manager: what commit_transaction does before it waits", signature="(self)",
+                digest="85b28a337d3ed98f"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "wait_for_transaction_end", "method",
+                (), "as _txn_manager: what commit_transaction waits for", signature="(self)",
+                digest="1854a345134680ab"),
     PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),
 )

@@ -48,19 +48,33 @@ class RecordBatches:
     async def deliver(self) -> dict[tuple[str, int], int]:
         """Send every batch and wait until the broker acknowledged all of them; return, per destination
         partition, the offset of its last record. Raises if one was not delivered."""
-        batches = [*self.full, *((t, p, b) for (t, p), b in self.open.items())]
-        self.full, self.open = [], {}
-        sent = [(t, p, b.record_count(), await self.producer.send_batch(b, t, partition=p)) for t, p, b in batches]
-        last: dict[tuple[str, int], int] = {}
+        sent = await self.send()
         if sent:
             await asyncio.wait([fut for *_, fut in sent])
-        for topic, partition, count, fut in sent:
-            exc = fut.exception()
-            if exc is not None:
-                log.error("%d records for %s[%d] were not delivered: %r; nothing is committed past them and the "
-                          "worker stops", count, topic, partition, exc)
-                raise exc
-            offset = int(fut.result().offset) + count - 1
-            if last.get((topic, partition), -1) < offset:
-                last[(topic, partition)] = offset
-        return last
+        return delivered(sent)
+
+    async def send(self) -> list[Sent]:
+        """Hand every batch to the producer; each one's future is done once the broker answered (`delivered`)."""
+        batches = [*self.full, *((t, p, b) for (t, p), b in self.open.items())]
+        self.full, self.open = [], {}
+        return [(t, p, b.record_count(), await self.producer.send_batch(b, t, partition=p)) for t, p, b in batches]
+
+
+#: One batch handed to the producer: topic, partition, records, the future of its answer.
+Sent = tuple[str, int, int, "asyncio.Future[Any]"]
+
+
+def delivered(sent: list[Sent]) -> dict[tuple[str, int], int]:
+    """Of batches whose answers all came: per destination partition, the offset of its last record. Raises if one
+    was not delivered."""
+    last: dict[tuple[str, int], int] = {}
+    for topic, partition, count, fut in sent:
+        exc = fut.exception()
+        if exc is not None:
+            log.error("%d records for %s[%d] were not delivered: %r; nothing is committed past them and the "
+                      "worker stops", count, topic, partition, exc)
+            raise exc
+        offset = int(fut.result().offset) + count - 1
+        if last.get((topic, partition), -1) < offset:
+            last[(topic, partition)] = offset
+    return last

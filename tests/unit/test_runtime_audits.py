@@ -426,8 +426,8 @@ class _Producer:
         self.next: dict[tuple[str, int], int] = {}
         self.fail_commit = False
         self.refused: set[str] = set()
-        #: What the runtime begins a transaction through (aiokafka's TransactionManager, stages.begin).
-        self._txn_manager = SimpleNamespace(has_pid=lambda: True, begin_transaction=lambda: self.log.append(("begin",)))
+        #: What the runtime drives a transaction through (aiokafka's TransactionManager: stages.begin, transact).
+        self._txn_manager = _Manager(self)
 
     def create_batch(self) -> Builder:
         return Builder()
@@ -446,9 +446,6 @@ class _Producer:
     async def begin_transaction(self) -> None:
         self.log.append(("begin",))
 
-    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
-        self.log.extend(("offsets", tp.topic, str(offset)) for tp, offset in offsets.items())
-
     async def commit_transaction(self) -> None:
         if self.fail_commit:
             raise KafkaError("the transaction failed")
@@ -456,6 +453,37 @@ class _Producer:
 
     async def abort_transaction(self) -> None:
         self.log.append(("abort",))
+
+
+class _Manager:
+    """aiokafka's TransactionManager over `_Producer`: the offsets are answered at once, the commit is
+    `_Producer.commit_transaction`."""
+
+    def __init__(self, producer: _Producer) -> None:
+        self.producer = producer
+        self.ended: asyncio.Future[None] | None = None
+
+    def has_pid(self) -> bool:
+        return True
+
+    def begin_transaction(self) -> None:
+        self.producer.log.append(("begin",))
+
+    def is_in_transaction(self) -> bool:
+        return True
+
+    def add_offsets_to_txn(self, offsets: dict[TopicPartition, Any], group: str) -> asyncio.Future[None]:
+        self.producer.log.extend(("offsets", tp.topic, str(offset.offset)) for tp, offset in offsets.items())
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def committing_transaction(self) -> None:
+        self.ended = asyncio.ensure_future(self.producer.commit_transaction())
+
+    def wait_for_transaction_end(self) -> asyncio.Future[None]:
+        assert self.ended is not None
+        return self.ended
 
 
 def _observation(join: _Join, side: str, key: str, entity: str, at: float, origin: int) -> Msg:

@@ -5,6 +5,7 @@ consumer and producer (the runtime on the broker: tests/integration/test_runtime
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import random
 import time
@@ -273,8 +274,8 @@ class Producer:
         self.log: list[tuple[str, ...]] = []
         self.next: dict[tuple[str, int], int] = defaultdict(int)
         self.fail_commit = fail_commit
-        #: What the runtime begins a transaction through (aiokafka's TransactionManager, `_begin`).
-        self._txn_manager = SimpleNamespace(has_pid=lambda: True, begin_transaction=lambda: self.log.append(("begin",)))
+        #: What the runtime drives a transaction through (aiokafka's TransactionManager: `begin`, `transact`).
+        self._txn_manager = Manager(self)
 
     def create_batch(self) -> Builder:
         return Builder()
@@ -299,8 +300,12 @@ class Producer:
     async def begin_transaction(self) -> None:
         self.log.append(("begin",))
 
-    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
-        self.log.append(("offsets", str(offsets[TP0])))
+    def offsets_future(self, offsets: dict[TopicPartition, Any]) -> asyncio.Future[None]:
+        """The offsets handed to the transaction (the manager's add_offsets_to_txn): their answer's future."""
+        self.log.append(("offsets", str(offsets[TP0].offset)))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def commit_transaction(self) -> None:
         await self.gate.wait()
@@ -313,6 +318,34 @@ class Producer:
 
     async def stop(self) -> None:
         self.log.append(("stop",))
+
+
+class Manager:
+    """aiokafka's TransactionManager as the runtime drives it, over a fake producer: the offsets and the commit are
+    handed over without a wait (`add_offsets_to_txn`, `committing_transaction`), the commit is waited for after."""
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.ended: asyncio.Future[None] | None = None
+
+    def has_pid(self) -> bool:
+        return True
+
+    def begin_transaction(self) -> None:
+        self.producer.log.append(("begin",))
+
+    def is_in_transaction(self) -> bool:
+        return True
+
+    def add_offsets_to_txn(self, offsets: dict[TopicPartition, Any], group: str) -> asyncio.Future[None]:
+        return self.producer.offsets_future(offsets)
+
+    def committing_transaction(self) -> None:
+        self.ended = asyncio.ensure_future(self.producer.commit_transaction())
+
+    def wait_for_transaction_end(self) -> asyncio.Future[None]:
+        assert self.ended is not None
+        return self.ended
 
 
 def _owned(runtime: BatchedRuntime, tmp_path: Path, producer: Producer, key: Key = KEY) -> PartitionState:
@@ -469,15 +502,20 @@ class Txn(Producer):
         self.offsets_in = asyncio.Event()
         self.refuse_offsets = refuse_offsets
 
-    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
+    def offsets_future(self, offsets: dict[TopicPartition, Any]) -> asyncio.Future[None]:
+        self.log.append(("offsets", str(offsets[TP0].offset)))
+        return asyncio.ensure_future(self._offsets_answer())
+
+    async def _offsets_answer(self) -> None:
         if self.refuse_offsets:
             raise KafkaError("offsets refused")
-        self.log.append(("offsets", str(offsets[TP0])))
         await self.offsets_in.wait()
         self.log.append(("offsets in",))
 
     async def commit_transaction(self) -> None:
         self.log.append(("commit asked",))
+        if self.refuse_offsets:  # aiokafka's sender never sends EndTxn after refused offsets; the commit fails
+            raise KafkaError("offsets refused")
         await self.offsets_in.wait()
         self.log.append(("commit",))
 
@@ -501,6 +539,51 @@ async def test_the_commit_is_asked_for_once_the_records_are_delivered_while_the_
     assert txn.log[-2:] == [("offsets in",), ("commit",)]
 
 
+class Answered(Txn):
+    """A transactional producer whose batches are answered when the test says (`answers`, in the order sent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[asyncio.Future[Any]] = []
+
+    async def send_batch(self, batch: Builder, topic: str, partition: int) -> asyncio.Future[Any]:
+        self.log.append(("sent", topic, str(partition)))
+        self.answers.append(asyncio.get_running_loop().create_future())
+        return self.answers[-1]
+
+
+async def test_the_offsets_and_the_commit_are_handed_over_by_the_last_answer_not_by_the_task() -> None:
+    """exactly_once: the offsets and the commit go to the sender from the callback of the transaction's last record
+    batch answered, in the turn of the loop right after the answer, not once the task waiting for the records
+    resumed (more turns of a busy loop); not while a batch is unanswered; not at all where one was refused."""
+    txn = Answered()
+    out = RecordBatches(txn)
+    out.add("out", 0, b"a", b"1")
+    out.add("out", 1, b"b", b"2")
+    task = asyncio.ensure_future(transact(cast(Any, txn), out, {TP0: 5}, "g"))
+    await asyncio.sleep(0.01)
+    txn.answers[0].set_result(SimpleNamespace(offset=0))
+    await asyncio.sleep(0.01)
+    assert txn.log == [("sent", "out", "0"), ("sent", "out", "1")]  # one batch unanswered: nothing handed over
+    txn.answers[1].set_result(SimpleNamespace(offset=3))
+    await asyncio.sleep(0)  # one turn: the answer's callbacks ran, the transaction's task has not resumed
+    assert txn.log[2:] == [("offsets", "5")] and txn._txn_manager.ended is not None  # the commit is asked for
+    txn.offsets_in.set()
+    assert await asyncio.wait_for(task, 1) == {("out", 0): 0, ("out", 1): 3}
+    assert sorted(txn.log[3:5]) == [("commit asked",), ("offsets in",)] and txn.log[5:] == [("commit",)]
+    refused = Answered()
+    out = RecordBatches(refused)
+    out.add("out", 0, b"a", b"1")
+    out.add("out", 1, b"b", b"2")
+    task = asyncio.ensure_future(transact(cast(Any, refused), out, {TP0: 5}, "g"))
+    await asyncio.sleep(0.01)
+    refused.answers[1].set_exception(KafkaError("out[1] refused"))
+    refused.answers[0].set_result(SimpleNamespace(offset=0))
+    with pytest.raises(KafkaError, match="refused"):
+        await asyncio.wait_for(task, 1)
+    assert refused.log == [("sent", "out", "0"), ("sent", "out", "1")] and refused._txn_manager.ended is None
+
+
 async def test_a_transaction_whose_records_or_offsets_are_refused_is_never_committed() -> None:
     txn = Txn()
     txn.refused.add("out")
@@ -516,7 +599,22 @@ async def test_a_transaction_whose_records_or_offsets_are_refused_is_never_commi
     out.add("out", 0, b"a", b"1")
     with pytest.raises(KafkaError, match="offsets refused"):
         await transact(cast(Any, refused), out, {TP0: 5}, "g")
-    assert not [e for e in (*txn.log, *refused.log) if e[0].startswith("commit")]
+    assert not [e for e in txn.log if e[0].startswith("commit")] and ("commit",) not in refused.log
+
+
+async def test_refused_offsets_leave_no_failure_unretrieved(caplog: pytest.LogCaptureFixture) -> None:
+    """Refused offsets fail the transaction's commit too (aiokafka's transaction waiter, which its abort replaces):
+    `transact` raises the offsets' error and the commit's is taken, not logged as never retrieved."""
+    refused = Txn(refuse_offsets=True)
+    refused.gate.set()
+    out = RecordBatches(refused)
+    out.add("out", 0, b"a", b"1")
+    with pytest.raises(KafkaError, match="offsets refused"):
+        await transact(cast(Any, refused), out, {TP0: 5}, "g")
+    await asyncio.sleep(0.01)
+    del refused, out
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 async def test_a_stage_transaction_is_the_same_and_aborted_where_it_failed() -> None:
