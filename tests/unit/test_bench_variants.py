@@ -405,3 +405,51 @@ def test_the_memory_phase_takes_only_a_byzguard_worker() -> None:
     for key in ("a", "b", "e"):
         with pytest.raises(SystemExit):
             parse_args(["--memory-variant", key])
+
+
+class _Held:
+    """A confluent-kafka consumer's local queue: `poll` and `consume` as librdkafka's (consume waits for its count
+    or the whole timeout), recording the waits asked for."""
+
+    def __init__(self, held: int) -> None:
+        self.held = list(range(held))
+        self.waits: list[float] = []
+
+    def poll(self, timeout: float) -> int | None:
+        self.waits.append(timeout if not self.held else 0.0)
+        return self.held.pop(0) if self.held else None
+
+    def consume(self, num_messages: int, timeout: float) -> list[int]:
+        if len(self.held) < num_messages:
+            self.waits.append(timeout)  # librdkafka waits for the rest until the timeout
+        out, self.held = self.held[:num_messages], self.held[num_messages:]
+        return out
+
+
+def test_the_confluent_kafka_pass_through_takes_what_is_held_without_waiting_for_more() -> None:
+    """a_ck and the latency phase's confluent reader never wait for a full batch: 3 records held come back at once,
+    the rest of the queue's records up to the bound on the next call, and nothing held waits the poll's timeout."""
+    from bench.passthrough_ck import take
+
+    held = _Held(3)
+    assert take(held, 1000, 0.2) == [0, 1, 2]
+    assert held.waits == [0.0, 0]
+    assert take(held, 1000, 0.2) == [] and held.waits[-1] == 0.2
+    many = _Held(2500)
+    assert take(many, 1000, 0.2) == list(range(1000)) and take(many, 1000, 0.2) == list(range(1000, 2000))
+    assert all(w == 0 for w in many.waits)
+
+
+def test_the_confluent_latency_clients_place_keys_as_aiokafka_and_read_committed_for_exactly_once() -> None:
+    """The latency phase's confluent pair: linger 0, acks all, murmur2 placement (aiokafka's), the reader's isolation
+    and fetch wait as asked."""
+    from bench.latency_clients import CLIENTS, clients, confluent_configs
+
+    producer, reader = confluent_configs("b:9092", read_committed=True, reader_wait_ms=7, group="g")
+    assert producer["linger.ms"] == 0 and producer["acks"] == "all" and producer["partitioner"] == "murmur2_random"
+    assert reader["isolation.level"] == "read_committed" and reader["fetch.wait.max.ms"] == 7
+    assert confluent_configs("b:9092", read_committed=False, reader_wait_ms=7, group="g")[1]["isolation.level"] == \
+        "read_uncommitted"
+    assert CLIENTS == ("aiokafka", "confluent")
+    with pytest.raises(ValueError, match="unknown latency client"):
+        clients("kafka-python", "b:9092", read_committed=False, reader_wait_ms=100)
