@@ -24,10 +24,11 @@ from typing import Any
 from bench.passthrough_raw import faust_batching
 
 
-def client_configs(bootstrap: str, group: str, batching: dict[str, Any], *,
-                   librdkafka_batching: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def client_configs(bootstrap: str, group: str, batching: dict[str, Any], *, librdkafka_batching: bool = False,
+                   in_flight: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(consumer, producer) librdkafka settings matching (a)'s aiokafka clients; `librdkafka_batching`: the
-    producer keeps librdkafka's own linger (5 ms) and batch size (1 MB) instead of (a)'s."""
+    producer keeps librdkafka's own linger (5 ms) and batch size (1 MB) instead of (a)'s; `in_flight`: its produce
+    requests in flight per broker (librdkafka's default 1,000,000; aiokafka's sender has one)."""
     consumer = {
         "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
         "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
@@ -43,6 +44,8 @@ def client_configs(bootstrap: str, group: str, batching: dict[str, Any], *,
     }
     if librdkafka_batching:
         del producer["linger.ms"], producer["batch.size"]
+    if in_flight is not None:
+        producer["max.in.flight.requests.per.connection"] = in_flight
     return consumer, producer
 
 
@@ -57,11 +60,12 @@ def take(consumer: Any, most: int, timeout: float) -> list[Any]:
 
 
 def passthrough(bootstrap: str, source: str, target: str, group: str, batching: dict[str, Any], *,
-                librdkafka_batching: bool = False) -> None:
+                librdkafka_batching: bool = False, in_flight: int | None = None) -> None:
     """Forward every record of `source` to the same partition of `target` until SIGTERM."""
     from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-    consumer_conf, producer_conf = client_configs(bootstrap, group, batching, librdkafka_batching=librdkafka_batching)
+    consumer_conf, producer_conf = client_configs(bootstrap, group, batching, librdkafka_batching=librdkafka_batching,
+                                                  in_flight=in_flight)
     consumer = Consumer(consumer_conf)
     producer = Producer(producer_conf)
     stopping = []
@@ -118,6 +122,8 @@ def main() -> None:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--group", required=True)
+    parser.add_argument("--in-flight", type=int, default=None,
+                        help="produce requests in flight per broker (default librdkafka's; a's aiokafka sender: 1)")
     parser.add_argument("--librdkafka-batching", action="store_true",
                         help="the producer keeps librdkafka's linger (5 ms) and batch size (1 MB)")
     args = parser.parse_args()
@@ -125,7 +131,7 @@ def main() -> None:
     print(f"confluent-kafka pass-through {args.input} -> {args.output}, group {args.group}, batching {batching}"
           f"{', librdkafka batching' if args.librdkafka_batching else ''}", flush=True)
     passthrough(args.broker, args.input, args.output, args.group, batching,
-                librdkafka_batching=args.librdkafka_batching)
+                librdkafka_batching=args.librdkafka_batching, in_flight=args.in_flight)
 
 
 if __name__ == "__main__":

@@ -453,3 +453,18 @@ def test_the_confluent_latency_clients_place_keys_as_aiokafka_and_read_committed
     assert CLIENTS == ("aiokafka", "confluent")
     with pytest.raises(ValueError, match="unknown latency client"):
         clients("kafka-python", "b:9092", read_committed=False, reader_wait_ms=100)
+
+
+def test_a_ck1_and_the_latency_producer_keep_one_produce_request_in_flight_as_aiokafka(tmp_path: Any) -> None:
+    """a_ck1 passes --in-flight 1 (librdkafka's max.in.flight per connection); the latency phase's confluent
+    producer always has one in flight; a_ck keeps librdkafka's default."""
+    from bench.latency_clients import confluent_configs
+    from bench.passthrough_ck import client_configs
+
+    assert _launch("a_ck1", tmp_path).worker.argv[-2:] == ["--in-flight", "1"]
+    batching = {"fetch_max_wait_ms": 10, "max_partition_fetch_bytes": 1 << 20, "acks": "all", "linger_ms": 0,
+                "max_batch_size": 1 << 16, "max_request_size": 1 << 20}
+    assert client_configs("b:9092", "g", batching, in_flight=1)[1]["max.in.flight.requests.per.connection"] == 1
+    assert "max.in.flight.requests.per.connection" not in client_configs("b:9092", "g", batching)[1]
+    producer, _ = confluent_configs("b:9092", read_committed=False, reader_wait_ms=100, group="g")
+    assert producer["max.in.flight.requests.per.connection"] == 1
