@@ -191,11 +191,12 @@ async def test_below_the_pacing_rate_the_loop_fetches_right_after_each_step(tmp_
     runtime = _runtime(tmp_path, "at_least_once", step_interval_ms=20.0)
     at = await _fetch_times(runtime, 0.4, Fetches(records=1, wait=0.005))
     late = [later - earlier for earlier, later in itertools.pairwise(at) if earlier - at[0] > RATE_WINDOW_S]
-    assert late and max(late) < 0.015 and len(at) > 40, late  # paced, it would be 20 ms apart, ~20 fetches
+    # Paced, they would be 20 ms apart: ~15 in the last 0.3 s.
+    assert len(late) > 20 and sorted(late)[len(late) // 2] < 0.012, late
     runtime._stopping = False
     at = await _fetch_times(runtime, 0.4, Fetches(records=2 * PACE_RECORDS, wait=0.005))
     late = [later - earlier for earlier, later in itertools.pairwise(at) if earlier - at[0] > 2 * RATE_WINDOW_S]
-    assert min(late) >= 0.019 and len(at) <= 25, late
+    assert min(late) >= 0.019 and len(late) <= 12, late  # at most one per 20 ms over the last 0.2 s
 
 
 async def test_a_stop_while_the_loop_waits_for_its_next_step_fetches_no_more(tmp_path: Path) -> None:
