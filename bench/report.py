@@ -146,6 +146,7 @@ def markdown(results: dict[str, Any]) -> str:
             "output acknowledged. Latency: send → arrival on the verified topic (read_committed for exactly_once) "
             f"under a paced load of {paced}"
             + (f", after {settle:g} s of the same load that the percentiles leave out" if settle else "")
+            + f"; the bench's paced producer and reader: {results.get('latency', {}).get('client', 'aiokafka')}"
             if rate or rates else
             "Throughput: output records / (last - first output append time, broker clock).",
             "Median over repetitions, (min-max) in brackets.",
@@ -283,7 +284,10 @@ def markdown(results: dict[str, Any]) -> str:
         for r in results.get("latency", {}).get("runs", []):
             h = r["host"]
             res = (f"p50 {r['p50_ms']} p99 {r['p99_ms']} p99.9 {r['p999_ms']} ms, {r['samples']} samples at "
-                   f"{r['rate_achieved']}/s" + (f", ERROR {r['error']}" if r["error"] else ""))
+                   f"{r['rate_achieved']}/s"
+                   + (f", bench {r['client']} {r['harness_cpu_us_per_event']} µs CPU/event"
+                      if r.get("harness_cpu_us_per_event") is not None else "")
+                   + (f", ERROR {r['error']}" if r["error"] else ""))
             lines.append(f"| {r['run_id']} | {res} | {h['loadavg_start'][0]}/{h['loadavg_end'][0]} | "
                          f"{h['machine_busy_cores']} | {h['other_cpu_cores']} | `{r['command']}` |")
         lines.append("")

@@ -41,6 +41,7 @@ from typing import Any
 
 from bench import events, procs, profile_report, report
 from bench.kafka import create_topics, delete_topics, produce
+from bench.latency_clients import CLIENTS
 from bench.pair import pair as two_workers
 from bench.procs import REPO, loadavg
 from bench.scenarios import Context, crash, detection, latency, memory, profile, throughput
@@ -89,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="take each variant's throughput (for half of it) from this earlier run's bench.json")
     parser.add_argument("--latency-reader-wait-ms", type=int, default=100,
                         help="the latency reader's fetch_max_wait_ms (default 100)")
+    parser.add_argument("--latency-client", choices=CLIENTS, default="aiokafka",
+                        help="the latency phase's paced producer and reader: aiokafka (default) or confluent "
+                        "(confluent-kafka, the bench extra: less of the bench's own CPU per event on the machine the "
+                        "worker runs on; bench/latency_clients.py)")
     parser.add_argument("--latency-variants", default=None, help="variants with a latency run (default: --variants)")
     parser.add_argument("--memory-entities", type=int, help="entities for the RSS run (full: 1000000; 0 skips)")
     parser.add_argument("--memory-variant", default="c_norules",
@@ -355,14 +360,16 @@ async def _phases(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                         result = await latency(ctx, VARIANTS[key], run_id, lat_records[key], warmup=warmup,
                                                rate=rate, settle=args.latency_settle,
                                                timeout=max(120.0, args.latency_seconds * 3),
-                                               reader_wait_ms=args.latency_reader_wait_ms)
+                                               reader_wait_ms=args.latency_reader_wait_ms,
+                                               client=args.latency_client)
                         if _killed_from_outside(result):
                             incidents.append(result)
                             log("  worker SIGKILLed by something outside the bench; once more")
                             result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records[key],
                                                    warmup=warmup, rate=rate, settle=args.latency_settle,
                                                    timeout=max(120.0, args.latency_seconds * 3),
-                                                   reader_wait_ms=args.latency_reader_wait_ms)
+                                                   reader_wait_ms=args.latency_reader_wait_ms,
+                                               client=args.latency_client)
                         result["rep"] = rep
                         runs.append(result)
                         _save(args, results | {"latency": {"runs": runs}})
@@ -371,7 +378,8 @@ async def _phases(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                         + (f" ERROR {result['error']}" if result["error"] else ""))
             results["latency"] = {"rate": rates.get("c"), "rates_from": str(args.latency_rates_from or "this run"),
                                   "rates": {k: round(r, 1) for k, r in rates.items()},
-                                  "warmup": warmup, "settle_s": args.latency_settle, "runs": runs,
+                                  "warmup": warmup, "settle_s": args.latency_settle, "client": args.latency_client,
+                                  "runs": runs,
                                   "summary": report.summarise_latency(runs)}
 
     if "profile" not in args.skip and args.profile_seconds and "throughput" in results:

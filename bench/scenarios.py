@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench import events
+from bench import events, latency_clients
 from bench.kafka import Progress, Record, create_topics, produce, scan
 from bench.procs import Worker, cpu_seconds, loadavg, machine_cpu
 from bench.variants import Launch, Variant, free_port, launch
@@ -186,10 +185,13 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Record], *, warmup: int,
-                  rate: float, timeout: float, settle: float = 0.0, reader_wait_ms: int = 100) -> dict[str, Any]:
+                  rate: float, timeout: float, settle: float = 0.0, reader_wait_ms: int = 100,
+                  client: str = "aiokafka") -> dict[str, Any]:
     """Send `records` at `rate`/s (after `warmup` unpaced ones) and time each from send to the verified topic.
 
     `reader_wait_ms`: the reader's fetch_max_wait_ms (how long the broker holds its fetch when nothing is readable).
+    `client`: the paced producer's and the reader's client library (bench/latency_clients.py: aiokafka or
+    confluent); the timing is the same with both.
 
     The first `settle` seconds of the paced load are sent and timed like the rest, but left out of the
     percentiles: every variant, raw aiokafka included, starts the paced load with a few hundred milliseconds of
@@ -200,17 +202,10 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     await lnch.create_topics(ctx.bootstrap, ctx.partitions)
     meter = Meter(ctx)
     target = lnch.outputs[0]  # the verified topic (or the pass-through's output)
-    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=reader_wait_ms,
-                                isolation_level="read_committed" if variant.read_committed else "read_uncommitted")
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=0)
+    pair = latency_clients.clients(client, ctx.bootstrap, read_committed=variant.read_committed,
+                                   reader_wait_ms=reader_wait_ms)
     # The clients first: a client that fails to start then leaves no worker running.
-    try:
-        await consumer.start()
-        await producer.start()
-    except BaseException:
-        await _stop_clients(producer, consumer)
-        raise
+    await pair.start()
     worker = lnch.worker.start()
     latencies: list[float] = []
     sent_ns: list[int] = []  # send time of each latency sample, to see whether slow ones come in bursts
@@ -218,42 +213,39 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     # to the worker's output landing, without the bench reader's fetch of it.
     appended: list[float] = []
     seen = 0
+    loop = asyncio.get_running_loop()
     warm_seen = asyncio.Event()
     all_seen = asyncio.Event()
     paced = len(records) - warmup
     error = None
     cpu0 = cpu1 = None
+    harness0 = harness1 = None
 
-    async def consume() -> None:
+    def on_output(now_ns: int, sent: bytes | None, timestamp_ms: int) -> None:
         nonlocal seen
-        tps = [TopicPartition(target, p) for p in range(ctx.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        while True:
-            batch = await consumer.getmany(timeout_ms=100)
-            now_ns = time.time_ns()
-            for msgs in batch.values():
-                for m in msgs:
-                    seen += 1
-                    sent = next((v for k, v in m.headers if k == events.SENT_HEADER), None)
-                    if sent is not None:
-                        latencies.append((now_ns - int(sent)) / 1e6)
-                        sent_ns.append(int(sent))
-                        appended.append(m.timestamp - int(sent) / 1e6)
-            if seen >= warmup:
-                warm_seen.set()
-            if seen >= len(records):
-                all_seen.set()
-                return
+        seen += 1
+        if sent is not None:
+            latencies.append((now_ns - int(sent)) / 1e6)
+            sent_ns.append(int(sent))
+            appended.append(timestamp_ms - int(sent) / 1e6)
 
-    reader = asyncio.create_task(consume())
+    def after_fetch() -> bool:  # in the reader's thread (confluent) or on the loop (aiokafka)
+        if seen >= warmup and not warm_seen.is_set():
+            loop.call_soon_threadsafe(warm_seen.set)
+        if seen >= len(records):
+            loop.call_soon_threadsafe(all_seen.set)
+            return True
+        return False
+
+    reader = asyncio.create_task(pair.read(target, ctx.partitions, on_output, after_fetch))
     sent_at: list[float] = []
     try:
         for key, value, headers in records[:warmup]:
-            await producer.send(input_topic, value, key=key, headers=headers)
-        await producer.flush()
-        await _wait(worker, warm_seen, timeout)
+            await pair.send(input_topic, value, key, headers)
+        await pair.flush()
+        await _wait(worker, warm_seen, timeout, reader)
         cpu0 = worker.cpu()
+        harness0 = time.process_time()
         start = time.monotonic()
         interval = 1.0 / rate
         for i, (key, value, headers) in enumerate(records[warmup:]):
@@ -262,11 +254,11 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
             if delay > 0.0005:
                 await asyncio.sleep(delay)
             sent_at.append(time.monotonic())
-            await producer.send(input_topic, value, key=key,
-                                headers=[*headers, (events.SENT_HEADER, str(time.time_ns()).encode())])
-        await producer.flush()
-        await _wait(worker, all_seen, timeout)
+            await pair.send(input_topic, value, key, [*headers, (events.SENT_HEADER, str(time.time_ns()).encode())])
+        await pair.flush()
+        await _wait(worker, all_seen, timeout, reader)
         cpu1 = worker.cpu()
+        harness1 = time.process_time()
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -274,7 +266,8 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
-            await _stop_clients(producer, consumer)
+            with contextlib.suppress(Exception):
+                await pair.stop()
             worker.sample()
         finally:
             worker.stop()
@@ -298,7 +291,8 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
     return {
         "variant": variant.key, "run_id": run_id, "command": lnch.command, "rate_target": round(rate, 1),
         "rate_achieved": round(achieved, 1) if achieved else None, "warmup_events": warmup, "paced_events": paced,
-        "settle_s": settle, "reader_wait_ms": reader_wait_ms, "settle_samples": len(latencies) - len(values),
+        "settle_s": settle, "reader_wait_ms": reader_wait_ms, "client": pair.kind,
+        "settle_samples": len(latencies) - len(values),
         "samples": len(values),
         "missing": paced - len(latencies),
         "p50_ms": _r(percentile(values, 50)), "p90_ms": _r(percentile(values, 90)),
@@ -314,25 +308,25 @@ async def latency(ctx: Context, variant: Variant, run_id: str, records: list[Rec
         "first_sent_unix": round(first_ns / 1e9, 3) if first_ns else None,
         "worker_cpu_share": round((cpu1 - cpu0) / (sent_at[-1] - sent_at[0]), 2)
         if cpu0 is not None and cpu1 is not None and len(sent_at) > 1 else None,
+        # The bench process's own CPU (its paced producer and reader, every thread) per paced event, µs.
+        "harness_cpu_us_per_event": round((harness1 - harness0) / paced * 1e6, 1)
+        if harness0 is not None and harness1 is not None and paced > 0 else None,
         "host": host, "error": error,
     }
-
-
-async def _stop_clients(*clients: AIOKafkaProducer | AIOKafkaConsumer) -> None:
-    """Stop each client; one that fails to stop (or never started) does not keep the others running."""
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await client.stop()
 
 
 def _r(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
 
-async def _wait(worker: Worker, event: asyncio.Event, timeout: float) -> None:
+async def _wait(worker: Worker, event: asyncio.Event, timeout: float,
+                reader: asyncio.Future[None] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not event.is_set():
         worker.check()
+        if reader is not None and reader.done() and not event.is_set():
+            reader.result()  # the reader failed: its error
+            raise RuntimeError("the reader stopped before every output came")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no complete output after {timeout:.0f} s")
         with contextlib.suppress(TimeoutError):

@@ -47,6 +47,10 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     # Diagnostic: a_ck with librdkafka's own producer batching (linger 5 ms, batch 1 MB) instead of a's (linger 0).
     Variant("a_ck_lib", "raw confluent-kafka pass-through, librdkafka's own producer batching", "raw",
             "at_least_once", module="bench.passthrough_ck", args=("--librdkafka-batching",)),
+    # Diagnostic: a_ck with one produce request in flight per broker, as a's aiokafka sender (the latency floor of
+    # librdkafka at a paced load: many small requests in flight cost the shared broker CPU, bench/results/clat-*).
+    Variant("a_ck1", "raw confluent-kafka pass-through, one produce request in flight", "raw", "at_least_once",
+            module="bench.passthrough_ck", args=("--in-flight", "1")),
     Variant("b", "faust pass-through agent", "faust", "at_least_once"),
     # The product: byzguard on the batched runtime (app/runtime; its inputs are committed by the group
     # <app_id>-verify).

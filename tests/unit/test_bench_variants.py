@@ -408,3 +408,66 @@ def test_the_memory_phase_takes_only_a_byzguard_worker() -> None:
     for key in ("a", "b", "e"):
         with pytest.raises(SystemExit):
             parse_args(["--memory-variant", key])
+
+
+class _Held:
+    """A confluent-kafka consumer's local queue: `poll` and `consume` as librdkafka's (consume waits for its count
+    or the whole timeout), recording the waits asked for."""
+
+    def __init__(self, held: int) -> None:
+        self.held = list(range(held))
+        self.waits: list[float] = []
+
+    def poll(self, timeout: float) -> int | None:
+        self.waits.append(timeout if not self.held else 0.0)
+        return self.held.pop(0) if self.held else None
+
+    def consume(self, num_messages: int, timeout: float) -> list[int]:
+        if len(self.held) < num_messages:
+            self.waits.append(timeout)  # librdkafka waits for the rest until the timeout
+        out, self.held = self.held[:num_messages], self.held[num_messages:]
+        return out
+
+
+def test_the_confluent_kafka_pass_through_takes_what_is_held_without_waiting_for_more() -> None:
+    """a_ck and the latency phase's confluent reader never wait for a full batch: 3 records held come back at once,
+    the rest of the queue's records up to the bound on the next call, and nothing held waits the poll's timeout."""
+    from bench.passthrough_ck import take
+
+    held = _Held(3)
+    assert take(held, 1000, 0.2) == [0, 1, 2]
+    assert held.waits == [0.0, 0]
+    assert take(held, 1000, 0.2) == [] and held.waits[-1] == 0.2
+    many = _Held(2500)
+    assert take(many, 1000, 0.2) == list(range(1000)) and take(many, 1000, 0.2) == list(range(1000, 2000))
+    assert all(w == 0 for w in many.waits)
+
+
+def test_the_confluent_latency_clients_place_keys_as_aiokafka_and_read_committed_for_exactly_once() -> None:
+    """The latency phase's confluent pair: linger 0, acks all, murmur2 placement (aiokafka's), the reader's isolation
+    and fetch wait as asked."""
+    from bench.latency_clients import CLIENTS, clients, confluent_configs
+
+    producer, reader = confluent_configs("b:9092", read_committed=True, reader_wait_ms=7, group="g")
+    assert producer["linger.ms"] == 0 and producer["acks"] == "all" and producer["partitioner"] == "murmur2_random"
+    assert reader["isolation.level"] == "read_committed" and reader["fetch.wait.max.ms"] == 7
+    assert confluent_configs("b:9092", read_committed=False, reader_wait_ms=7, group="g")[1]["isolation.level"] == \
+        "read_uncommitted"
+    assert CLIENTS == ("aiokafka", "confluent")
+    with pytest.raises(ValueError, match="unknown latency client"):
+        clients("kafka-python", "b:9092", read_committed=False, reader_wait_ms=100)
+
+
+def test_a_ck1_and_the_latency_producer_keep_one_produce_request_in_flight_as_aiokafka(tmp_path: Any) -> None:
+    """a_ck1 passes --in-flight 1 (librdkafka's max.in.flight per connection); the latency phase's confluent
+    producer always has one in flight; a_ck keeps librdkafka's default."""
+    from bench.latency_clients import confluent_configs
+    from bench.passthrough_ck import client_configs
+
+    assert _launch("a_ck1", tmp_path).worker.argv[-2:] == ["--in-flight", "1"]
+    batching = {"fetch_max_wait_ms": 10, "max_partition_fetch_bytes": 1 << 20, "acks": "all", "linger_ms": 0,
+                "max_batch_size": 1 << 16, "max_request_size": 1 << 20}
+    assert client_configs("b:9092", "g", batching, in_flight=1)[1]["max.in.flight.requests.per.connection"] == 1
+    assert "max.in.flight.requests.per.connection" not in client_configs("b:9092", "g", batching)[1]
+    producer, _ = confluent_configs("b:9092", read_committed=False, reader_wait_ms=100, group="g")
+    assert producer["max.in.flight.requests.per.connection"] == 1

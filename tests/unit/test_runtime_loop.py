@@ -19,7 +19,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, ConsumerStoppedError, KafkaError
 
 from app.runtime.batches import RecordBatches
-from app.runtime.loop import STALE_MS, BatchedRuntime, Key
+from app.runtime.loop import PACE_RECORDS, RATE_WINDOW_S, STALE_MS, BatchedRuntime, Key
 from app.runtime.stages import begin, commit, transact
 from app.runtime.state import PartitionState
 from byzguard.config import GuardConfig, load
@@ -133,25 +133,38 @@ async def test_a_stop_during_the_fetch_asks_the_stopped_consumer_for_no_more(run
 
 
 class Fetches(Consumer):
-    """A consumer whose every fetch returns at once (empty), and the time of each."""
+    """A consumer whose every fetch returns `records` records of the input after `wait` s (at once and empty by
+    default), and the time each began."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: int = 0, wait: float = 0.0) -> None:
         super().__init__()
         self.at: list[float] = []
+        self.records, self.wait = records, wait
+        self.offset = 0
 
     async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Msg]]:
         self.at.append(time.monotonic())
-        await asyncio.sleep(0)
-        return {}
+        await asyncio.sleep(self.wait)
+        if not self.records:
+            return {}
+        self.offset += self.records
+        return {TP0: [Msg(offset, 0) for offset in range(self.offset - self.records, self.offset)]}
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return None
 
 
-async def _fetch_times(runtime: BatchedRuntime, seconds: float) -> list[float]:
-    """The loop run for `seconds`, then stopped as on_stop does (it takes the consumer); when each fetch began."""
-    consumer = Fetches()
+async def _fetch_times(runtime: BatchedRuntime, seconds: float, consumer: Fetches | None = None) -> list[float]:
+    """The loop run for `seconds`, then stopped as on_stop does (it takes the consumer); when each fetch began.
+    Its steps do nothing (the records fetched are only counted)."""
+    consumer = consumer or Fetches()
     runtime.consumer = cast(Any, consumer)
+    runtime.positions = {}
+
+    async def step(fetched: dict[TopicPartition, list[Msg]]) -> None:
+        await asyncio.sleep(0)
+
+    runtime._step = step  # type: ignore[method-assign]
     running = asyncio.ensure_future(BatchedRuntime._run(runtime))  # type: ignore[arg-type]  # mode's ServiceTask
     await asyncio.sleep(seconds)
     runtime._stopping, runtime.consumer = True, None
@@ -162,14 +175,29 @@ async def _fetch_times(runtime: BatchedRuntime, seconds: float) -> list[float]:
 @pytest.mark.parametrize("interval_ms", [0.0, 20.0])
 async def test_the_loop_fetches_at_most_once_per_step_interval(tmp_path: Path, interval_ms: float) -> None:
     """With `step_interval_ms` the loop starts a fetch at most once per interval, however fast the one before
-    returned (fewer, larger steps at a paced load); with 0, right after each step."""
+    returned, while its input comes fast (fewer, larger steps under load); with 0, right after each step."""
     runtime = _runtime(tmp_path, "at_least_once", step_interval_ms=interval_ms)
-    at = await _fetch_times(runtime, 0.2)
+    at = await _fetch_times(runtime, 0.2, Fetches(records=PACE_RECORDS))
     gaps = [later - earlier for earlier, later in itertools.pairwise(at)]
     if interval_ms:
         assert 5 <= len(at) <= 11 and min(gaps) >= interval_ms / 1000 - 0.001, gaps
     else:
         assert len(at) > 50
+
+
+async def test_below_the_pacing_rate_the_loop_fetches_right_after_each_step(tmp_path: Path) -> None:
+    """An input slower than PACE_RECORDS records per step interval (here one record every ~5 ms: 4 per 20-ms
+    interval) does not wait for the interval: the next fetch begins right after the step, so a record the
+    worker gets is not held up to an interval; once the input comes faster, the interval binds again."""
+    runtime = _runtime(tmp_path, "at_least_once", step_interval_ms=20.0)
+    at = await _fetch_times(runtime, 0.4, Fetches(records=1, wait=0.005))
+    late = [later - earlier for earlier, later in itertools.pairwise(at) if earlier - at[0] > RATE_WINDOW_S]
+    # Paced, they would be 20 ms apart: ~15 in the last 0.3 s.
+    assert len(late) > 20 and sorted(late)[len(late) // 2] < 0.012, late
+    runtime._stopping = False
+    at = await _fetch_times(runtime, 0.4, Fetches(records=2 * PACE_RECORDS, wait=0.005))
+    late = [later - earlier for earlier, later in itertools.pairwise(at) if earlier - at[0] > 2 * RATE_WINDOW_S]
+    assert min(late) >= 0.019 and len(late) <= 12, late  # at most one per 20 ms over the last 0.2 s
 
 
 async def test_a_stop_while_the_loop_waits_for_its_next_step_fetches_no_more(tmp_path: Path) -> None:
