@@ -602,3 +602,39 @@ async def test_review_page_of_a_worker_that_does_not_own_the_entity_names_its_ow
     assert owner in elsewhere["detail"]
     assert status == 200 and lkg["served_by"] == owner, lkg
 
+
+
+async def test_open_reads_serve_the_list_and_a_record_without_a_token_but_no_write(
+        worker_factory: WorkerFactory) -> None:
+    """BYZGUARD_REVIEW_OPEN_READS=true: the review API's list and detail answer a request without a token; an
+    approval without one is still refused (401) and records nothing. Without the setting, the same read is a 401
+    (test_worker_review_api)."""
+    route = worker_factory.configure(partitions=1)
+    worker = worker_factory.new_worker("w1")
+    worker.env["BYZGUARD_REVIEW_TOKEN"] = "s3cret"
+    worker.env["BYZGUARD_REVIEW_OPEN_READS"] = "true"
+    worker.start()
+    await asyncio.to_thread(worker.wait_ready)
+    events = Events()
+    await produce(worker_factory.bootstrap, route.input, [events.clean("ord-1", 1), events.clean("ord-1", 2),
+                                                          events.regression("ord-1", 1)])
+    base = f"http://127.0.0.1:{worker.web_port}/review/api"
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 60
+        while True:
+            async with http.get(base + "/records?status=pending") as resp:
+                status, listed = resp.status, await resp.json()
+            assert status == 200, (status, listed)  # no token, no 401
+            if listed["total"] == 1:
+                break
+            assert time.monotonic() < deadline, f"the regression was never quarantined: {listed}"
+            await asyncio.sleep(0.3)
+        qid = listed["records"][0]["quarantine_id"]
+        async with http.get(f"{base}/records/{qid}") as resp:
+            status, detail = resp.status, await resp.json()
+        assert (status, detail["status"], detail["data"]["attributes"]["version"]) == (200, "pending", 1)
+        for headers in ({}, {"X-Byzguard-Reviewer": "eve"}):
+            async with http.post(f"{base}/records/{qid}/approve", json={}, headers=headers) as resp:
+                assert resp.status == 401, await resp.text()
+        async with http.get(f"{base}/records/{qid}") as resp:
+            assert (await resp.json())["status"] == "pending", "a refused write records nothing"
