@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.entities import FORWARDED_HEADER, SERVED_BY_HEADER, entity_partition
 from byzguard.client.lkg import LastKnownGoodUnavailable, NoVerifiedValue, get_last_known_good
@@ -186,8 +188,24 @@ def test_unknown_entity_or_route_is_404(group: Group) -> None:
     assert (status, body["error"], body["routes"]) == (404, "unknown_route", ["orders"])
 
 
+def last_good_requests(group: Group) -> Counter[str]:
+    """byzguard_last_good_requests_total of the orders route, summed over the workers, by outcome."""
+    counts: Counter[str] = Counter()
+    for worker in group.workers:
+        with urllib.request.urlopen(f"{group.url(worker)}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "byzguard_last_good_requests_total" and sample.labels.get("route") == "orders":
+                    counts[sample.labels["outcome"]] += sample.value
+    return counts
+
+
 def test_value_past_max_age_is_a_fallback_until_the_retention_ends(group: Group) -> None:
-    """Past its type's max_age a value is served as a fallback (and counted); past the retention it is gone."""
+    """Past its type's max_age a value is served as a fallback (and counted); past the retention it is gone. The
+    owner counts each answer by outcome in byzguard_last_good_requests_total (the group's other tests add theirs:
+    the counts grow by at least this test's answers)."""
+    before = last_good_requests(group)
     group.send(group.order("stock-1", 1, {"level": 7}, age=1.0, type="stock.level"),
                group.order("old-1", 1, {"total": 5}, age=RETENTION - 5))
     url = group.url(group.workers[1])
@@ -208,6 +226,10 @@ def test_value_past_max_age_is_a_fallback_until_the_retention_ends(group: Group)
     status, old, _ = get(f"{url}/entities/orders/{group.entity('old-1')}")
     assert (status, old["error"]) == (404, "expired")
     assert get_last_known_good(url, "orders", group.entity("old-1"), fail_closed=False) is None
+    grown = last_good_requests(group)
+    grown.subtract(before)
+    # fresh: old-1 and stock-1 once each; fallback: stock-1 by URL, the two client calls; expired: old-1 twice.
+    assert grown["fresh"] >= 2 and grown["fallback"] >= 3 and grown["expired"] >= 2, grown
 
 
 def test_client_fails_closed_without_a_verified_value(group: Group) -> None:
