@@ -125,15 +125,6 @@ _ROUTE_HEADER: dict[str, tuple[str, bytes]] = {}
 _ROUTE_HEADERS_MAX: Final = 256  # route names come from the configuration: a bound all the same
 
 
-def _verified_at(now: float) -> bytes:
-    """`now` as the verified-at header writes it."""
-    last, header = _LAST_AT[0]
-    if now is not last:
-        header = (H_VERIFIED_AT, f"{now:.6f}".encode())
-        _LAST_AT[0] = (now, header)
-    return header[1]
-
-
 def _route_header(route: str) -> tuple[str, bytes]:
     """(H_ROUTE, the route name's bytes), remembered per name."""
     if len(_ROUTE_HEADER) >= _ROUTE_HEADERS_MAX:
@@ -147,8 +138,8 @@ def verified_headers(
     now: float,
 ) -> Headers:
     """Original headers plus the verdict (pass, warn or suspect) and any reasons."""
-    # original_headers and _verified_at, inline: this runs for every verified event (a loop, not a list
-    # comprehension: on Python 3.11 that is one more frame per call).
+    # original_headers and the verified-at memo (_LAST_AT), inline: this runs for every verified event (a loop,
+    # not a list comprehension: on Python 3.11 that is one more frame per call).
     out: Headers = []
     if headers:
         for k, v in headers:

@@ -101,12 +101,18 @@ def test_id_hash_memo_gives_every_id_its_own_hash(ids: list[str]) -> None:
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0]), min_size=1,
                 max_size=10))
 def test_verified_at_memo_writes_each_now_as_formatted(nows: list[float]) -> None:
-    """The verified-at header (the last `now` formatted is kept) is `now` written with six decimals, for
-    every `now` in turn: 0.0 and -0.0, NaN and the same value twice included."""
+    """The verified-at header (verified_headers keeps the last `now` formatted) is `now` written with six
+    decimals, for every `now` in turn: 0.0 and -0.0, NaN and the same value twice included."""
+
+    def verified_at(now: float) -> bytes:
+        at = routing.verified_headers(None, Outcome.VERIFIED, (), "r", now)[-1]
+        assert at[0] == routing.H_VERIFIED_AT
+        return at[1]
+
     for now in nows + nows:
-        assert routing._verified_at(now) == f"{now:.6f}".encode()
-    assert routing._verified_at(0.0) == b"0.000000"
-    assert routing._verified_at(-0.0) == b"-0.000000"
+        assert verified_at(now) == f"{now:.6f}".encode()
+    assert verified_at(0.0) == b"0.000000"
+    assert verified_at(-0.0) == b"-0.000000"
 
 
 @given(st.lists(st.tuples(st.sampled_from([Outcome.VERIFIED, Outcome.WARNED, Outcome.SUSPECT]),
