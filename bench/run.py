@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import platform
@@ -356,20 +357,17 @@ async def _phases(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                     run_id = f"l-{stamp}-{key}-r{rep}"
                     log(f"latency {key} rep {rep}/{args.reps} at {rate:.0f} events/s for {args.latency_settle:g} + "
                         f"{args.latency_seconds:.0f} s")
+                    # The same run each time (once more under its own id if something outside killed it).
+                    run = functools.partial(latency, ctx, VARIANTS[key], records=lat_records[key], warmup=warmup,
+                                            rate=rate, settle=args.latency_settle,
+                                            timeout=max(120.0, args.latency_seconds * 3),
+                                            reader_wait_ms=args.latency_reader_wait_ms, client=args.latency_client)
                     async with topics_dropped(args, bootstrap, run_id + "-"):  # its input is `<run_id>-in`
-                        result = await latency(ctx, VARIANTS[key], run_id, lat_records[key], warmup=warmup,
-                                               rate=rate, settle=args.latency_settle,
-                                               timeout=max(120.0, args.latency_seconds * 3),
-                                               reader_wait_ms=args.latency_reader_wait_ms,
-                                               client=args.latency_client)
+                        result = await run(run_id=run_id)
                         if _killed_from_outside(result):
                             incidents.append(result)
                             log("  worker SIGKILLed by something outside the bench; once more")
-                            result = await latency(ctx, VARIANTS[key], run_id + "-again", lat_records[key],
-                                                   warmup=warmup, rate=rate, settle=args.latency_settle,
-                                                   timeout=max(120.0, args.latency_seconds * 3),
-                                                   reader_wait_ms=args.latency_reader_wait_ms,
-                                               client=args.latency_client)
+                            result = await run(run_id=run_id + "-again")
                         result["rep"] = rep
                         runs.append(result)
                         _save(args, results | {"latency": {"runs": runs}})
