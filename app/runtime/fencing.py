@@ -1,5 +1,5 @@
-"""KIP-447 fencing for one transaction per worker step: not yet used by the runtime (docs/how-it-works.md,
-"Not yet used: KIP-447 fencing of one transaction per worker").
+"""KIP-447 fencing for one transaction per worker step: not yet used by the runtime (docs/kip447-fencing.md, "Not
+yet used: KIP-447 fencing for one transaction per worker": what the tests on the broker show, what the switch needs).
 
 Today each input partition has a transactional producer of its own (app/runtime/loop.py `transactional_id`): a
 new owner's InitProducerId for that id fences the old owner and aborts its open transaction. A producer shared by
@@ -304,7 +304,8 @@ class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[
 
 
 class UnstableOffsetsError(Errors.KafkaError):  # type: ignore[misc]  # aiokafka ships no type information
-    """A transaction holding offsets of these partitions stayed open past the reader's deadline."""
+    """No stable answer within the reader's deadline: a transaction holding offsets of these partitions stayed open
+    (or the group coordinator could not be reached)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,18 +326,25 @@ async def fetch_stable_offsets(client: Any, group_id: str, partitions: Iterable[
     (a started aiokafka client: a consumer's `_client`): while an open transaction holds offsets for one of them the
     coordinator answers UNSTABLE_OFFSET_COMMIT, and this asks again every `retry_backoff_s` until it is committed
     or aborted (by its producer, a new producer of its transactional id, or the coordinator at its timeout).
-    Raises UnstableOffsetsError after `timeout` seconds, a KafkaError for any other refusal."""
+    A coordinator that moved or is not reachable yet is looked up again. Raises UnstableOffsetsError after
+    `timeout` seconds, a KafkaError for any other refusal."""
     request = offset_fetch_v7(group_id, partitions)
     asked = {TopicPartition(topic, index) for topic, indexes, _ in request.topics for index in indexes}
     start = time.monotonic()
     unstable = 0
     node_id = None
     while True:
-        if node_id is None:
-            node_id = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
-        response = await client.send(node_id, StableOffsetFetchRequest(request), group=ConnectionGroup.COORDINATION)
-        codes = {response.error_code} | {code for _, partitions_, _ in response.topics
-                                         for *_, code, _ in partitions_}
+        try:
+            if node_id is None:
+                node_id = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
+            response = await client.send(node_id, StableOffsetFetchRequest(request),
+                                         group=ConnectionGroup.COORDINATION)
+        except Errors.KafkaError as exc:
+            if not exc.retriable:
+                raise
+            response, node_id = None, None  # a connection lost, a coordinator not there yet: look it up again
+        codes = {COORDINATOR_NOT_AVAILABLE} if response is None else (
+            {response.error_code} | {code for _, partitions_, _ in response.topics for *_, code, _ in partitions_})
         if codes & COORDINATOR_MOVED:
             node_id = None
         elif UNSTABLE_OFFSET_COMMIT in codes:
@@ -353,7 +361,7 @@ async def fetch_stable_offsets(client: Any, group_id: str, partitions: Iterable[
                 raise Errors.KafkaError(f"OffsetFetch v7 of group {group_id} left out {sorted(missing)}")
             return StableOffsets({tp: offsets[tp] for tp in sorted(asked)}, unstable, time.monotonic() - start)
         if time.monotonic() - start > timeout:
-            raise UnstableOffsetsError(f"group {group_id}: offsets of {sorted(asked)} still unstable after {timeout} s "
+            raise UnstableOffsetsError(f"group {group_id}: no stable answer for {sorted(asked)} within {timeout} s "
                                        f"({unstable} UNSTABLE_OFFSET_COMMIT answers)")
         await asyncio.sleep(retry_backoff_s)
 

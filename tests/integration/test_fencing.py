@@ -1,5 +1,5 @@
 """KIP-447 fencing (app/runtime/fencing.py) on the real broker: what one transaction per worker step would rely on
-instead of one transactional id per partition (docs/how-it-works.md, "Not yet used: KIP-447 fencing ...").
+instead of one transactional id per partition (docs/kip447-fencing.md).
 
 - a member's offsets sent with TxnOffsetCommit v3 are committed with its transaction, not with an abort;
 - after a rebalance, the offsets of the member's older generation are refused (ILLEGAL_GENERATION), and so are
@@ -107,7 +107,7 @@ async def test_after_a_rebalance_the_old_generations_offsets_are_refused(
     generation they are taken. Once it left the group, its member id is refused (UNKNOWN_MEMBER_ID)."""
     topic = topic_factory(2)
     group = f"{topic}-group"
-    first = await _member(kafka_bootstrap, topic, group)
+    first = stop_after(await _member(kafka_bootstrap, topic, group))
     old = group_metadata(first)
     second = stop_after(await _member(kafka_bootstrap, topic, group))
     await _wait_for(lambda: group_metadata(first).generation_id > old.generation_id

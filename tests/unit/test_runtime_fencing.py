@@ -175,3 +175,45 @@ async def test_handler_leaves_other_answers_to_aiokafka() -> None:
     assert not future.done()
     assert handler.handle_response(TxnOffsetCommitResponse_v3(0, [("t", [(0, 0, {})], {})], {})) is None
     assert future.done() and future.exception() is None
+
+
+class _Coordinator:
+    """A stand-in for aiokafka's client in the reader's retry logic (not Kafka's behaviour: that is the integration
+    test's): answers OffsetFetch v7 from a script of error codes for partition 0."""
+
+    def __init__(self, script: list[int | Exception]) -> None:
+        self.script = script
+        self.lookups = 0
+
+    async def coordinator_lookup(self, kind: Any, key: str) -> int:
+        self.lookups += 1
+        return 1
+
+    async def send(self, node_id: int, request: Any, group: Any = None) -> OffsetFetchResponse_v7:
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        offset = 5 if step == 0 else -1
+        return OffsetFetchResponse_v7(0, [("t", [(0, offset, -1, "", step, {}), (1, -1, -1, "", 0, {})], {})], 0, {})
+
+
+async def test_stable_reader_retries_unstable_answers_and_a_moved_coordinator() -> None:
+    from aiokafka.errors import NodeNotReadyError
+
+    client = _Coordinator([fencing.NOT_COORDINATOR, fencing.UNSTABLE_OFFSET_COMMIT, NodeNotReadyError(),
+                           fencing.UNSTABLE_OFFSET_COMMIT, 0])
+    tps = [TopicPartition("t", 0), TopicPartition("t", 1)]
+    stable = await fencing.fetch_stable_offsets(client, "g", tps, retry_backoff_s=0)
+    assert stable.offsets == {tps[0]: 5, tps[1]: None}
+    assert stable.unstable_answers == 2
+    assert client.lookups == 3 and client.script == []
+
+
+async def test_stable_reader_gives_up_at_its_deadline_and_on_a_refusal() -> None:
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    with pytest.raises(fencing.UnstableOffsetsError, match=r"within 0.03 s \([1-9]\d* UNSTABLE_OFFSET_COMMIT"):
+        await fencing.fetch_stable_offsets(_Coordinator([fencing.UNSTABLE_OFFSET_COMMIT] * 1000), "g",
+                                           [TopicPartition("t", 0)], retry_backoff_s=0.02, timeout=0.03)
+    with pytest.raises(GroupAuthorizationFailedError):
+        await fencing.fetch_stable_offsets(_Coordinator([30]), "g", [TopicPartition("t", 0)])
