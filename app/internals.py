@@ -238,6 +238,12 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "the v3 handler's refusal of a fenced member's offsets: the transaction becomes abortable, the "
                 "offsets' future and the commit fail with OffsetsFencedError", signature="(self, exc)",
                 digest="4acd8c0364a2816b"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "_txn_partitions", "attribute",
+                ("app/runtime/fencing.py",), "kept across error_transaction, which clears it: else the abort after a "
+                "fenced member's refusal sends no EndTxn and the broker's transaction goes on into the next one "
+                "(its records committed with it; tests/integration/test_fencing.py, the rebalance test)"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "_txn_consumer_group", "attribute",
+                ("app/runtime/fencing.py",), "as _txn_partitions: the group the broker's transaction holds offsets of"),
     PrivateName("aiokafka.protocol.api.Request", "build", "method", ("app/runtime/fencing.py",),
                 "overridden by the v3 / v7 request builders: the one flexible struct they carry",
                 signature="(self, request_struct_class)", overridden=True, digest="eac666de710e3b5c"),

@@ -33,6 +33,7 @@ from typing import Any
 import aiokafka.errors as Errors
 from aiokafka.client import ConnectionGroup, CoordinationType
 from aiokafka.producer.sender import TxnOffsetCommitHandler
+from aiokafka.protocol.admin import ApiVersionRequest
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Boolean, CompactArray, CompactString, Int16, Int32, Int64, Schema, TaggedFields
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
@@ -56,6 +57,24 @@ FENCED_CODES = {ILLEGAL_GENERATION: "ILLEGAL_GENERATION", UNKNOWN_MEMBER_ID: "UN
 COORDINATOR_MOVED = frozenset({COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR})
 #: committed_leader_epoch when the committer does not know it (aiokafka's records carry no leader epoch).
 NO_LEADER_EPOCH = -1
+
+
+#: The versions this module sends: TxnOffsetCommit v3 (Kafka 2.5+), OffsetFetch v7 (Kafka 2.5+).
+NEEDED_VERSIONS = {TXN_OFFSET_COMMIT_KEY: 3, OFFSET_FETCH_KEY: 7}
+
+
+async def missing_versions(client: Any) -> list[str]:
+    """What each broker of `client`'s cluster (a started aiokafka client) lacks of NEEDED_VERSIONS, by its
+    ApiVersions answer: empty where every broker can take this module's requests."""
+    missing = []
+    for broker in sorted(client.cluster.brokers(), key=lambda b: b.nodeId):
+        response = await client.send(broker.nodeId, ApiVersionRequest())
+        advertised = {key: (low, high) for key, low, high, *_ in response.api_versions}
+        for key, version in NEEDED_VERSIONS.items():
+            low, high = advertised.get(key, (0, -1))
+            if not low <= version <= high:
+                missing.append(f"broker {broker.nodeId}: API {key} v{version} (advertises {low}-{high})")
+    return missing
 
 
 # -- TxnOffsetCommit v3 (KIP-447), flexible ---------------------------------------------------------------------
@@ -170,8 +189,9 @@ class OffsetsFencedError(Errors.KafkaError):  # type: ignore[misc]  # aiokafka s
 
 class FencedTxnOffsetCommitHandler(TxnOffsetCommitHandler):  # type: ignore[misc]  # aiokafka ships no type info
     """aiokafka's TxnOffsetCommit step for `FencedOffsets`: sends v3 with their group membership; a fenced member's
-    answer makes the transaction abortable (`OffsetsFencedError`) as the Java producer does; every other answer is
-    handled by aiokafka's handler (retries, a fenced producer, authorization)."""
+    answer makes the transaction abortable (`OffsetsFencedError`) as the Java producer does, and its abort ends the
+    broker's transaction (EndTxn); every other answer is handled by aiokafka's handler (retries, a fenced producer,
+    authorization)."""
 
     def create_request(self) -> FencedTxnOffsetCommitRequest:
         txn_manager = self._sender._txn_manager
@@ -186,9 +206,17 @@ class FencedTxnOffsetCommitHandler(TxnOffsetCommitHandler):  # type: ignore[misc
         if fenced:
             group = self._offsets.group
             refused = ", ".join(f"{topic}[{partition}] {FENCED_CODES[code]}" for topic, partition, code in fenced)
-            self._sender._txn_manager.error_transaction(OffsetsFencedError(
+            manager = self._sender._txn_manager
+            # aiokafka's error_transaction forgets the partitions and the group the broker's transaction holds:
+            # the abort that follows would then end it in the producer alone, without EndTxn, and the broker's
+            # transaction (with the records already written) would go on into the next one and commit with it.
+            # Kept, the abort sends EndTxn(ABORT) (tests/integration/test_fencing.py, the rebalance test).
+            partitions, consumer_group = set(manager._txn_partitions), manager._txn_consumer_group
+            manager.error_transaction(OffsetsFencedError(
                 f"group {self._group_id} refused the offsets of member {group.member_id!r} generation "
                 f"{group.generation_id}: {refused}"))
+            manager._txn_partitions.update(partitions)
+            manager._txn_consumer_group = consumer_group
             return None
         # aiokafka's handler reads v0's shape: (topic, [(partition, error_code)]).
         result: float | None = super().handle_response(types.SimpleNamespace(errors=errors))

@@ -75,6 +75,13 @@ async def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 3
         await asyncio.sleep(0.05)
 
 
+async def test_the_broker_takes_txn_offset_commit_v3_and_offset_fetch_v7(kafka_bootstrap: str,
+                                                                      stop_after: Callable[[Any], Any]) -> None:
+    """Its ApiVersions answer has both (Kafka 4.1.1: TxnOffsetCommit v0-v5, OffsetFetch v1-v9)."""
+    client = stop_after(await _started_client(kafka_bootstrap))
+    assert await fencing.missing_versions(client) == []
+
+
 async def test_a_members_offsets_are_committed_with_its_transaction_not_with_an_abort(
         kafka_bootstrap: str, topic_factory: TopicFactory, stop_after: Callable[[Any], Any]) -> None:
     """(a) v3 with the current generation: the offsets are visible once the transaction commits (to a
@@ -100,12 +107,31 @@ async def test_a_members_offsets_are_committed_with_its_transaction_not_with_an_
     assert await member.committed(tp) == 5
 
 
+async def _committed_values(bootstrap: str, topic: str) -> list[bytes]:
+    """Every value of `topic` (one partition) a read_committed reader outside any group sees."""
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed",
+                              enable_auto_commit=False)
+    await reader.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        reader.assign([tp])
+        await reader.seek_to_beginning(tp)
+        end = (await reader.end_offsets([tp]))[tp]  # read_committed: the last stable offset
+        values: list[bytes] = []
+        while await reader.position(tp) < end:
+            values += [record.value for record in (await reader.getmany(tp, timeout_ms=500)).get(tp, [])]
+        return values
+    finally:
+        await reader.stop()
+
+
 async def test_after_a_rebalance_the_old_generations_offsets_are_refused(
         kafka_bootstrap: str, topic_factory: TopicFactory, stop_after: Callable[[Any], Any]) -> None:
     """(b) A second member joins: the generation moves on, and the first member's offsets sent under its old
-    generation are refused (ILLEGAL_GENERATION); its transaction cannot commit them, only abort. Under its new
-    generation they are taken. Once it left the group, its member id is refused (UNKNOWN_MEMBER_ID)."""
-    topic = topic_factory(2)
+    generation are refused (ILLEGAL_GENERATION); its transaction cannot commit them, nor the output it wrote, only
+    abort. Under its new generation they are taken. Once it left the group, its member id is refused
+    (UNKNOWN_MEMBER_ID)."""
+    topic, output = topic_factory(2), topic_factory(1, suffix="out")
     group = f"{topic}-group"
     first = stop_after(await _member(kafka_bootstrap, topic, group))
     old = group_metadata(first)
@@ -117,6 +143,7 @@ async def test_after_a_rebalance_the_old_generations_offsets_are_refused(
     tp = TopicPartition(topic, 0)
 
     await producer.begin_transaction()
+    await producer.send_and_wait(output, b"old generation")
     with pytest.raises(OffsetsFencedError, match=f"generation {old.generation_id}: .*ILLEGAL_GENERATION"):
         await send_offsets(producer, {tp: 5}, old)
     with pytest.raises(OffsetsFencedError):
@@ -126,9 +153,11 @@ async def test_after_a_rebalance_the_old_generations_offsets_are_refused(
 
     current = group_metadata(first)
     await producer.begin_transaction()
+    await producer.send_and_wait(output, b"current generation")
     await send_offsets(producer, {tp: 6}, current)
     await producer.commit_transaction()
     assert (await stable_committed(second, [tp])).offsets == {tp: 6}
+    assert await _committed_values(kafka_bootstrap, output) == [b"current generation"]
 
     await first.stop()  # leaves the group: its member id is no longer one of the group's
     await producer.begin_transaction()

@@ -27,6 +27,7 @@ from app.runtime.fencing import (
 )
 
 GROUP = GroupMetadata("g", 3, "m")
+OUTPUT = TopicPartition("out", 0)
 
 
 def i16(value: int) -> bytes:
@@ -136,6 +137,8 @@ async def _handler_in_transaction(offsets: FencedOffsets) -> tuple[FencedTxnOffs
     manager = TransactionManager("tx", 60000)
     manager.set_pid_and_epoch(7, 1)
     manager.begin_transaction()
+    manager.maybe_add_partition_to_txn(OUTPUT)
+    manager.partition_added(OUTPUT)  # a record of the transaction was written there
     future = manager.add_offsets_to_txn(offsets, offsets.group.group_id)
     manager.consumer_group_added(offsets.group.group_id)
     return FencedTxnOffsetCommitHandler(_Sender(manager), offsets, offsets.group.group_id), manager, future
@@ -153,7 +156,9 @@ async def test_handler_builds_v3_from_the_transaction_and_the_offsets() -> None:
 @pytest.mark.parametrize("code", sorted(fencing.FENCED_CODES))
 async def test_handler_makes_a_fenced_members_transaction_abortable(code: int) -> None:
     """ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID: the offsets' future and the transaction fail with
-    OffsetsFencedError (abortable, as in the Java producer), the sender goes on (no exception out of the handler)."""
+    OffsetsFencedError (abortable, as in the Java producer), the sender goes on (no exception out of the handler),
+    and the transaction still knows what the broker's holds, so that its abort sends EndTxn (aiokafka's
+    error_transaction forgets it: the abort would end nothing on the broker)."""
     offsets = FencedOffsets({TopicPartition("t", 0): 5, TopicPartition("t", 1): 6}, GROUP)
     handler, manager, future = await _handler_in_transaction(offsets)
     answer = TxnOffsetCommitResponse_v3(0, [("t", [(0, 0, {}), (1, code, {})], {})], {})
@@ -162,7 +167,8 @@ async def test_handler_makes_a_fenced_members_transaction_abortable(code: int) -
         future.result()
     with pytest.raises(OffsetsFencedError):
         manager.wait_for_transaction_end().result()
-    manager.aborting_transaction()  # the way out: abort
+    assert manager.txn_partitions == {OUTPUT} and not manager.is_empty_transaction()
+    manager.aborting_transaction()  # the way out: abort, sent to the broker (not an empty transaction)
     assert manager.needs_transaction_commit() is not None
 
 
