@@ -3,7 +3,8 @@ instead of one transactional id per partition (docs/kip447-fencing.md).
 
 - a member's offsets sent with TxnOffsetCommit v3 are committed with its transaction, not with an abort;
 - after a rebalance, the offsets of the member's older generation are refused (ILLEGAL_GENERATION), and so are
-  those of a member that left (UNKNOWN_MEMBER_ID): its transaction cannot commit them;
+  those of a member that left (UNKNOWN_MEMBER_ID): its transaction cannot commit them; offsets taken before the
+  rebalance commit after it, and a new owner reading with require_stable waits for them;
 - OffsetFetch v7 require_stable waits (UNSTABLE_OFFSET_COMMIT) while a transaction holding offsets of a partition
   is open, and answers once it is committed or aborted;
 - a transaction its producer left open (the process killed) holds such readers until the transaction timeout,
@@ -165,6 +166,33 @@ async def test_after_a_rebalance_the_old_generations_offsets_are_refused(
         await send_offsets(producer, {tp: 7}, current)
     await producer.abort_transaction()
     assert (await stable_committed(second, [tp])).offsets == {tp: 6}
+
+
+async def test_offsets_taken_before_a_rebalance_commit_after_it_and_the_new_owner_waits_for_them(
+        kafka_bootstrap: str, topic_factory: TopicFactory, stop_after: Callable[[Any], Any]) -> None:
+    """(b, the window KIP-447 leaves) Offsets the coordinator took under the old generation stay in the open
+    transaction: its commit after the rebalance succeeds (EndTxn is not checked against the group). A new owner
+    reading with require_stable after the rebalance waits for that commit and starts from it: nothing is read
+    twice."""
+    topic = topic_factory(1)
+    group = f"{topic}-group"
+    first = stop_after(await _member(kafka_bootstrap, topic, group))
+    old = group_metadata(first)
+    producer = stop_after(await _fenced_producer(kafka_bootstrap, f"{topic}-txn"))
+    tp = TopicPartition(topic, 0)
+    await producer.begin_transaction()
+    await send_offsets(producer, {tp: 5}, old)  # taken: the generation is still current
+
+    second = stop_after(await _member(kafka_bootstrap, topic, group))
+    await _wait_for(lambda: group_metadata(first).generation_id > old.generation_id
+                    and group_metadata(second).generation_id == group_metadata(first).generation_id,
+                    "both members in the next generation")
+    reader = asyncio.ensure_future(stable_committed(second, [tp]))
+    await asyncio.sleep(1.0)
+    assert not reader.done()
+    await producer.commit_transaction()
+    stable = await asyncio.wait_for(reader, 10)
+    assert stable.offsets == {tp: 5} and stable.unstable_answers >= 1
 
 
 async def test_an_open_transactions_offsets_hold_stable_readers_until_it_ends(
