@@ -174,7 +174,7 @@ async def test_offsets_taken_before_a_rebalance_commit_after_it_and_the_new_owne
     transaction: its commit after the rebalance succeeds (EndTxn is not checked against the group). A new owner
     reading with require_stable after the rebalance waits for that commit and starts from it: nothing is read
     twice."""
-    topic = topic_factory(1)
+    topic = topic_factory(2)  # one partition for each member: _member waits for an assignment
     group = f"{topic}-group"
     first = stop_after(await _member(kafka_bootstrap, topic, group))
     old = group_metadata(first)
