@@ -161,17 +161,21 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("prometheus_client.metrics.Histogram", "_sum", "attribute", ("app/runtime/tally.py",),
                 "the series' sum: inc(total) once per batch"),
     PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_client", "attribute",
-                ("app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
+                ("app/runtime/fencing.py", "app/sidereads.py", "bench/kafka.py", "byzguard/client/producer.py"),
                 "force_metadata_update / send (the metadata of the topics asked for): aiokafka has no public "
-                "way to refresh the topic list"),
+                "way to refresh the topic list; coordinator_lookup / send of OffsetFetch v7 require_stable "
+                "(app/runtime/fencing.py), which aiokafka's consumer cannot send"),
     PrivateName("aiokafka.admin.client.AIOKafkaAdminClient", "_client", "attribute",
                 ("app/provision.py", "app/runtime/limits.py"),
                 "send (app.sidereads `known_partitions`): the metadata of the topics asked for alone, without "
                 "creating them; aiokafka's describe_topics may create them and list_topics lists the whole cluster"),
     PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_txn_manager", "attribute",
-                ("app/runtime/stages.py",), "exactly_once: a batch's transaction begins in the turn its delivery "
-                "starts (`begin`), its offsets and commit are handed over by its records' answer (`transact`); "
-                "begin_transaction first awaits the producer id through a task, two more turns of a busy loop"),
+                ("app/runtime/fencing.py", "app/runtime/stages.py"),
+                "exactly_once: a batch's transaction begins in the turn its delivery starts (`begin`), its offsets "
+                "and commit are handed over by its records' answer (`transact`); begin_transaction first awaits the "
+                "producer id through a task, two more turns of a busy loop. app/runtime/fencing.py `add_offsets`: "
+                "the offsets with their group membership (FencedOffsets), which send_offsets_to_transaction's "
+                "copy would drop"),
     # Called on _txn_manager in app/runtime/stages.py `begin` (public by name, of an internal class the scan cannot
     # follow there: used_in stays empty, the checks of signature and source still run).
     PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "has_pid", "method",
@@ -195,6 +199,63 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "wait_for_transaction_end", "method",
                 (), "as _txn_manager: what commit_transaction waits for", signature="(self)",
                 digest="1854a345134680ab"),
+    # -- aiokafka: KIP-447 fencing of a transaction's offsets (app/runtime/fencing.py, not yet used by the runtime) --
+    # aiokafka sends TxnOffsetCommit v0 only (no group membership): one producer's TxnOffsetCommit step is replaced
+    # by one that sends v3 for offsets that carry the membership (FencedOffsets); the rest stays aiokafka's.
+    PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_sender", "attribute", ("app/runtime/fencing.py",),
+                "fence_offsets replaces its TxnOffsetCommit step on this one producer"),
+    PrivateName("aiokafka.producer.sender.Sender", "_do_txn_offset_commit", "async method",
+                ("app/runtime/fencing.py",), "overridden on one instance (fence_offsets): the same steps (group "
+                "coordinator, handler.do) with the v3 handler for FencedOffsets; other offsets go to the original",
+                signature="(self, offsets, group_id)", overridden=True, digest="ab4e7128f33ab64e"),
+    PrivateName("aiokafka.producer.sender.Sender", "_find_coordinator", "async method", ("app/runtime/fencing.py",),
+                "the group coordinator the v3 TxnOffsetCommit goes to, as _do_txn_offset_commit finds it",
+                signature="(self, coordinator_type, coordinator_key)", digest="7c69b57bc1fcd070"),
+    PrivateName("aiokafka.producer.sender.Sender", "_txn_manager", "attribute", ("app/runtime/fencing.py",),
+                "the transaction's producer id, epoch and transactional id for the v3 request; error_transaction"),
+    PrivateName("aiokafka.producer.sender.TxnOffsetCommitHandler", "create_request", "method",
+                ("app/runtime/fencing.py",), "overridden: TxnOffsetCommit v3 with the offsets' group membership",
+                signature="(self)", overridden=True, digest="d51e42678ef339a1"),
+    PrivateName("aiokafka.producer.sender.TxnOffsetCommitHandler", "handle_response", "method",
+                ("app/runtime/fencing.py",), "overridden: a fenced member's answer makes the transaction abortable; "
+                "every other answer goes to aiokafka's (called with v0's shape of the answer)",
+                signature="(self, resp)", overridden=True, digest="da2a7e6d89c7b614"),
+    PrivateName("aiokafka.producer.sender.TxnOffsetCommitHandler", "__init__", "method", (),
+                "the v3 handler is built as aiokafka builds its own (sender, offsets, group_id); not overridden",
+                signature="(self, sender, offsets, group_id)", digest="40f9900e84e835bf"),
+    PrivateName("aiokafka.producer.sender.TxnOffsetCommitHandler", "_sender", "attribute",
+                ("app/runtime/fencing.py",), "reached through self by the v3 handler: the sender's transaction "
+                "manager"),
+    PrivateName("aiokafka.producer.sender.TxnOffsetCommitHandler", "_offsets", "attribute",
+                ("app/runtime/fencing.py",), "reached through self by the v3 handler: the FencedOffsets to commit"),
+    PrivateName("aiokafka.producer.sender.TxnOffsetCommitHandler", "_group_id", "attribute",
+                ("app/runtime/fencing.py",), "reached through self by the v3 handler: for the refusal's message"),
+    PrivateName("aiokafka.producer.sender.BaseHandler", "do", "async method", (),
+                "called on the v3 handler by fenced_commit, as aiokafka's sender calls it on its own handler",
+                signature="(self, node_id)", digest="47be65fcbddda09d"),
+    # Called on _txn_manager (public by name, of an internal class the scan cannot follow): used_in stays empty.
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "error_transaction", "method", (),
+                "the v3 handler's refusal of a fenced member's offsets: the transaction becomes abortable, the "
+                "offsets' future and the commit fail with OffsetsFencedError", signature="(self, exc)",
+                digest="4acd8c0364a2816b"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "_txn_partitions", "attribute",
+                ("app/runtime/fencing.py",), "kept across error_transaction, which clears it: else the abort after a "
+                "fenced member's refusal sends no EndTxn and the broker's transaction goes on into the next one "
+                "(its records committed with it; tests/integration/test_fencing.py, the rebalance test)"),
+    PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "_txn_consumer_group", "attribute",
+                ("app/runtime/fencing.py",), "as _txn_partitions: the group the broker's transaction holds offsets of"),
+    PrivateName("aiokafka.protocol.api.Request", "build", "method", ("app/runtime/fencing.py",),
+                "overridden by the v3 / v7 request builders: the one flexible struct they carry",
+                signature="(self, request_struct_class)", overridden=True, digest="eac666de710e3b5c"),
+    PrivateName("aiokafka.consumer.consumer.AIOKafkaConsumer", "_coordinator", "attribute",
+                ("app/runtime/fencing.py",), "group_metadata: the consumer's group membership (generation, member id, "
+                "group instance id), which aiokafka does not expose"),
+    PrivateName("aiokafka.consumer.group_coordinator.GroupCoordinator", "_group_instance_id", "attribute",
+                ("app/runtime/fencing.py",), "group_metadata: the static member id, sent with TxnOffsetCommit v3"),
+    PrivateName("aiokafka.consumer.group_coordinator.GroupCoordinator", "generation", "attribute", (),
+                "group_metadata (public by name, of an internal class)"),
+    PrivateName("aiokafka.consumer.group_coordinator.GroupCoordinator", "member_id", "attribute", (),
+                "group_metadata (public by name, of an internal class)"),
     PrivateName("aiokafka.client.AIOKafkaClient", "_bootstrap_servers", "attribute", ("byzguard/client/producer.py",),
                 "the client's bootstrap servers, for a side consumer that reads back what was sent"),
 )
