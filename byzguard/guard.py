@@ -22,7 +22,7 @@ from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, e
 from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig, Route, TypePolicy
 from byzguard.engine import FORWARDED, RECORDED, Decision, Limits, decode_failure, verify_checked, verify_clean
-from byzguard.envelope import Envelope, decode
+from byzguard.envelope import Envelope, decode, decode_many
 from byzguard.integrity import HMAC_SHA256, hmac_sha256
 from byzguard.partitioner import misplaced
 from byzguard.routing import Headers, quarantine_headers, verified_headers
@@ -232,15 +232,15 @@ class Guard:
         self.limits = Limits(config.ids_per_entity, config.id_window, config.last_good_max_bytes)
 
     def prepare(self, records: Sequence[RecordIn], route: Route) -> list[Prepared]:
-        """The work of a batch that does not depend on the state or on the records before: each record decoded,
-        then each bound form's HMAC, one step over all the records at a time (a pass runs one small piece of code
-        over and over, which the CPU runs about twice as fast as the whole per-event path:
-        bench/results/core-*/NOTE.md of issue 21). Hand each one to `process` (prepared=), in record order, or
-        all of them to `process_batch`."""
+        """The work of a batch that does not depend on the state or on the records before: the records decoded
+        (envelope.decode_many, itself in passes), then each bound form's HMAC, one step over all the records at a
+        time (a pass runs one small piece of code over and over, which the CPU runs about twice as fast as the
+        whole per-event path: bench/results/core-*/NOTE.md of issue 21). Hand each one to `process` (prepared=),
+        in record order, or all of them to `process_batch`."""
         writers = route.input_sources
         default_type = route.default_type
-        decoded = [decode(r.key, r.value, r.headers, default_type, writers.get(r.topic) if writers else None)
-                   for r in records]
+        decoded = decode_many([(r.key, r.value, r.headers, writers.get(r.topic) if writers else None)
+                               for r in records], default_type)
         keyring = self.config.keyring
         prepared: list[Prepared] = []
         for env in decoded:
