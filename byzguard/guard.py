@@ -12,7 +12,7 @@ and routed in the same call, in causal order; past the route's deadline it is qu
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -22,7 +22,7 @@ from byzguard.causal import CausalBuffer, Deliverability, HeldEvent, classify, e
 from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig, Route, TypePolicy
 from byzguard.engine import FORWARDED, RECORDED, Decision, Limits, decode_failure, verify_checked, verify_clean
-from byzguard.envelope import Envelope, decode
+from byzguard.envelope import Envelope, decode, decode_many
 from byzguard.integrity import HMAC_SHA256, hmac_sha256
 from byzguard.partitioner import misplaced
 from byzguard.routing import Headers, quarantine_headers, verified_headers
@@ -170,6 +170,47 @@ class _Tx:
         self.result.held_delta += after - before
 
 
+class _OverlayTable:
+    """One table as seen through a batch's writes so far (None: deleted), then the stored state."""
+
+    __slots__ = ("stored", "written")
+
+    def __init__(self, stored: StateReader) -> None:
+        self.stored = stored
+        self.written: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        written = self.written
+        if written and key in written:
+            return written[key]
+        return self.stored.get(key)
+
+
+class _Overlay(Mapping[str, StateReader]):
+    """State tables seen through the writes of a batch's results so far (Guard.process_batch)."""
+
+    __slots__ = ("tables",)
+
+    def __init__(self, state: Mapping[str, StateReader]) -> None:
+        self.tables = {name: _OverlayTable(table) for name, table in state.items()}
+
+    def __getitem__(self, name: str) -> StateReader:
+        return self.tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tables)
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def absorb(self, result: Result) -> Result:
+        """Let the records after read `result`'s writes."""
+        tables = self.tables
+        for (name, key), value in result.writes.items():
+            tables[name].written[key] = value
+        return result
+
+
 def held_count(causal: StateReader) -> int:
     """Events held in one partition's causal buffer, read from its held index."""
     raw = causal.get(HELD_INDEX_KEY)
@@ -191,14 +232,15 @@ class Guard:
         self.limits = Limits(config.ids_per_entity, config.id_window, config.last_good_max_bytes)
 
     def prepare(self, records: Sequence[RecordIn], route: Route) -> list[Prepared]:
-        """The work of a batch that does not depend on the state or on the records before: each record decoded, then
-        each bound form's HMAC, one step over all the records at a time (a pass runs one small piece of code over
-        and over, which the CPU runs about twice as fast as the whole per-event path: bench/results/core-*/NOTE.md
-        of issue 21). Hand each one to `process` (prepared=), in record order."""
+        """The work of a batch that does not depend on the state or on the records before: the records decoded
+        (envelope.decode_many, itself in passes), then each bound form's HMAC, one step over all the records at a
+        time (a pass runs one small piece of code over and over, which the CPU runs about twice as fast as the
+        whole per-event path: bench/results/core-*/NOTE.md of issue 21). Hand each one to `process` (prepared=),
+        in record order, or all of them to `process_batch`."""
         writers = route.input_sources
         default_type = route.default_type
-        decoded = [decode(r.key, r.value, r.headers, default_type, writers.get(r.topic) if writers else None)
-                   for r in records]
+        decoded = decode_many([(r.key, r.value, r.headers, writers.get(r.topic) if writers else None)
+                               for r in records], default_type)
         keyring = self.config.keyring
         prepared: list[Prepared] = []
         for env in decoded:
@@ -229,6 +271,110 @@ class Guard:
         tx.result = result
         self._one(record, route, tx, now, route.holds, False, prepared)  # route.causal.buffer
         return result
+
+    def process_batch(self, records: Sequence[RecordIn], route: Route, state: Mapping[str, StateReader],
+                      now: float, prepared: Sequence[Prepared] | None = None) -> list[Result]:
+        """`process` of each record in order, each reading the writes of those before it in the batch (as if each
+        result's writes were applied to `state` before the next record; `state` itself is only read: the caller
+        applies the results' writes, in order). The same results, in less time per record: the work runs in
+        passes over the batch (reads, state decoding, decisions, the writes' bytes, the headers), and a record whose
+        entity or writer an earlier record of the batch wrote reads those writes' bytes (an overlay).
+
+        `prepared`: `prepare(records, route)`, if it ran. A route with a causal buffer takes `process` record by
+        record (through the overlay)."""
+        if prepared is None:
+            prepared = self.prepare(records, route)
+        if route.holds:
+            overlay = _Overlay(state)
+            return [overlay.absorb(self.process(record, route, overlay, now=now, prepared=p))
+                    for record, p in zip(records, prepared, strict=True)]
+        writers = route.input_sources
+        types, fallback = route.types, route.fallback
+        entities, lamports = state[ENTITIES], state[LAMPORTS]
+        # Pass 1: each placed envelope's keys and policy, and each key's stored value, read once per batch.
+        # entity_view / mark_view: a key's value as the next record to read it must see it (the stored one, then
+        # what the batch wrote); readers: how many records of the batch read each entity key.
+        entity_view: dict[bytes, bytes | None] = {}
+        mark_view: dict[bytes, bytes | None] = {}
+        readers: dict[bytes, int] = {}
+        plan: list[tuple[Envelope, bytes, bytes, TypePolicy] | None] = []
+        firsts: list[bytes | None] = []  # the stored value of each record that reads its entity key first
+        for record, (decoded, _) in zip(records, prepared, strict=True):
+            env = _placed(record, decoded)
+            if env is None:
+                plan.append(None)
+                firsts.append(None)
+                continue
+            entity_key = env.subject.encode()
+            lamport_key = _lamport_key(record, env)
+            if entity_key in readers:
+                readers[entity_key] += 1
+                firsts.append(None)
+            else:
+                readers[entity_key] = 1
+                entity_view[entity_key] = raw = entities.get(entity_key)
+                firsts.append(raw)
+            if env.lamport is not None and lamport_key not in mark_view:
+                mark_view[lamport_key] = lamports.get(lamport_key)
+            plan.append((env, entity_key, lamport_key, types.get(env.type, fallback)))  # route.policy_for
+        # Pass 2: the stored state of each entity key's first reader decoded (no record before it wrote the key).
+        states = [_from_bytes(raw) if raw else None for raw in firsts]
+        # Pass 3: the decisions, in order. A later reader of a key an earlier record wrote decodes the bytes written
+        # (as it would read them from the table): a state another record of the batch reads next is encoded at once,
+        # the others in pass 4.
+        decisions: list[Decision | None] = []
+        encoded: list[bytes | None] = []
+        for record, (_, digest), step, first in zip(records, prepared, plan, states, strict=True):
+            if step is None:
+                decisions.append(None)
+                encoded.append(None)
+                continue
+            env, entity_key, lamport_key, policy = step
+            entity: EntityState | None = first
+            if first is None:
+                raw = entity_view[entity_key]
+                entity = _from_bytes(raw) if raw else None
+            mark = None
+            if env.lamport is not None:
+                raw = mark_view[lamport_key]
+                mark = int(raw) if raw else None  # decode_lamport
+            decision = self._decide(record, env, policy, entity, mark, writers.get(record.topic) if writers else None,
+                                    digest, now)
+            decisions.append(decision)
+            count = readers[entity_key] - 1
+            readers[entity_key] = count
+            if decision.entity is not None and count:
+                encoded.append(decision.entity.to_bytes())
+                entity_view[entity_key] = encoded[-1]
+            else:
+                encoded.append(None)
+            if decision.lamport is not None:
+                mark_view[lamport_key] = str(decision.lamport).encode()  # encode_lamport
+        # Pass 4: each record's result and writes (entity, then Lamport mark, as _one writes them); a record that
+        # did not decode or is misplaced is routed here, as _one routes it.
+        results: list[Result] = []
+        for record, decided, step, entity_bytes, (decoded, _) in zip(records, decisions, plan, encoded, prepared,
+                                                                   strict=True):
+            result = _new_result(Result)
+            result.routed = []
+            result.writes = {}
+            result.held_delta = 0
+            result.oldest_held_age = None
+            results.append(result)
+            if step is None or decided is None:
+                self._refuse(result, record, route, decoded, now)
+                continue
+            _, entity_key, lamport_key, _ = step
+            writes = result.writes
+            if decided.entity is not None:
+                writes[(ENTITIES, entity_key)] = decided.entity.to_bytes() if entity_bytes is None else entity_bytes
+            if decided.lamport is not None:
+                writes[(LAMPORTS, lamport_key)] = str(decided.lamport).encode()  # encode_lamport
+        # Pass 5: the routing (headers) of each decided record.
+        for record, decided, step, result in zip(records, decisions, plan, results, strict=True):
+            if step is not None and decided is not None:
+                result.routed.append(_routed(record, route, decided, step[0], now))
+        return results
 
     def expire_held(self, route: Route, state: Mapping[str, StateReader], *, now: float) -> Result:
         """Quarantine held records past the route's deadline (causal.gap, with what they still miss)."""
@@ -272,32 +418,19 @@ class Guard:
             digest = None
         else:
             decoded, digest = prepared
-        if not isinstance(decoded, Envelope):  # not isinstance(decoded, tuple): that looks up an Envelope's __class__
-            self._emit(tx, record, route, decode_failure(*decoded), None, now)
+        env = _placed(record, decoded)
+        if env is None:
+            self._refuse(tx.result, record, route, decoded, now)
             return
-        env = decoded
-        partitions = record.partitions
-        if partitions is not None:  # None also for a record released from the causal buffer: checked on arrival
-            wrong = misplaced(record.key, env.subject, record.home, partitions)
-            if wrong is not None:
-                self._emit(tx, record, route, decode_failure(*wrong), env, now)
-                return
         entity_key = env.subject.encode()
-        # tx.get and decode_lamport inline, and _entity: the reads of every event.
+        # tx.get inline, and _entity: the reads of every event.
         writes = tx.result.writes
         tables = tx.state
         raw = writes[(ENTITIES, entity_key)] if writes and (ENTITIES, entity_key) in writes \
             else tables[ENTITIES].get(entity_key)
         entity = _from_bytes(raw) if raw else None
         policy = route.types.get(env.type, route.fallback)  # route.policy_for
-        # One mark per writer (source, or source and producer instance: byzguard.clocks.lamport_mark_key). Kafka
-        # keeps a writer's send order within one partition only, and a repartition topic merges several: there,
-        # a writer's Lamport mark is kept per input partition the record came from.
-        instance = env.instance
-        # lamport_mark_key(env.source, instance), inline (tests/unit/test_clean_path.py holds them equal)
-        lamport_key = env.source.encode() if instance is None else f"{env.source}\x00{instance}".encode()
-        if record.read_partition is not None:
-            lamport_key += f"\x00{record.topic}\x00{record.partition}".encode()
+        lamport_key = _lamport_key(record, env)
         # A released event's Lamport time was judged when it arrived; later events of its source may have
         # advanced the mark since, which says nothing about this one.
         mark = None
@@ -309,27 +442,33 @@ class Guard:
         if hold and env.vclock is not None and not _refused_type(policy) \
                 and self._held(tx, record, route, env, entity, entity_key, lamport_key, mark, now):
             return
-        # verify, positionally: the clean path, else every check.
-        keyring, limits, received = self.config.keyring, self.limits, record.timestamp
-        decision = verify_clean(env, policy, entity, mark, keyring, now, limits, received, writer, digest) \
-            or verify_checked(env, policy, entity, mark, keyring, now, limits, received, writer)
+        decision = self._decide(record, env, policy, entity, mark, writer, digest, now)
         if decision.entity is not None:
             writes[(ENTITIES, entity_key)] = decision.entity.to_bytes()  # tx.put
         if decision.lamport is not None and not released:
             writes[(LAMPORTS, lamport_key)] = str(decision.lamport).encode()  # encode_lamport
-        if decision.outcome is _VERIFIED and not decision.reasons:
-            # _emit's common case inline: verified, no reason, so no quarantine headers.
-            routed = _new_result(Routed)
-            routed.record = record
-            routed.decision = decision
-            routed.envelope = env
-            routed.verified_headers = verified_headers(record.headers, _VERIFIED, (), route.name, now)
-            routed.quarantine_headers = None
-            tx.result.routed.append(routed)
-        else:
-            self._emit(tx, record, route, decision, env, now)
+        tx.result.routed.append(_routed(record, route, decision, env, now))
         if hold and decision.entity is not None:
             self._release(tx, route, entity_key, now)
+
+    def _decide(self, record: RecordIn, env: Envelope, policy: TypePolicy, entity: EntityState | None,
+                mark: int | None, writer: str | None, digest: str | None, now: float) -> Decision:
+        """The decision on a placed envelope, given its entity's state and its writer's Lamport mark: the clean
+        path, else every check (positionally)."""
+        keyring, limits, received = self.config.keyring, self.limits, record.timestamp
+        return verify_clean(env, policy, entity, mark, keyring, now, limits, received, writer, digest) \
+            or verify_checked(env, policy, entity, mark, keyring, now, limits, received, writer)
+
+    @staticmethod
+    def _refuse(result: Result, record: RecordIn, route: Route, decoded: Envelope | tuple[Code, str],
+                now: float) -> None:
+        """Route a record that failed to decode, or that is not where its entity's state is (quarantined)."""
+        if isinstance(decoded, Envelope):
+            wrong = misplaced(record.key, decoded.subject, record.home, record.partitions or 0)
+            assert wrong is not None
+            result.routed.append(_routed(record, route, decode_failure(*wrong), decoded, now))
+        else:
+            result.routed.append(_routed(record, route, decode_failure(*decoded), None, now))
 
     def _held(self, tx: _Tx, record: RecordIn, route: Route, env: Envelope, entity: EntityState | None,
               entity_key: bytes, lamport_key: bytes, mark: int | None, now: float) -> bool:
@@ -397,18 +536,49 @@ class Guard:
 
     def _emit(self, tx: _Tx, record: RecordIn, route: Route, decision: Decision, env: Envelope | None,
               now: float) -> None:
-        outcome = decision.outcome
-        forward = verified_headers(record.headers, outcome, decision.reasons, route.name, now) \
-            if outcome in FORWARDED else None  # decision.forward, without the property's call
-        quarantine = quarantine_headers(
-            record.headers, outcome, decision.reasons, route.name, topic=record.topic,
-            partition=record.partition, offset=record.offset, timestamp=record.timestamp, now=now,
-        ) if outcome in RECORDED else None  # decision.quarantine
-        # Routed(...) field by field: a third of the dataclass __init__'s cost.
-        routed = _new_result(Routed)
-        routed.record = record
-        routed.decision = decision
-        routed.envelope = env
-        routed.verified_headers = forward
-        routed.quarantine_headers = quarantine
-        tx.result.routed.append(routed)
+        tx.result.routed.append(_routed(record, route, decision, env, now))
+
+
+def _placed(record: RecordIn, decoded: Envelope | tuple[Code, str]) -> Envelope | None:
+    """The envelope of a record that decoded and is where its entity's state is; None otherwise (Guard._refuse)."""
+    if not isinstance(decoded, Envelope):  # not isinstance(decoded, tuple): that looks up an Envelope's __class__
+        return None
+    partitions = record.partitions
+    # None also for a record released from the causal buffer: checked on arrival.
+    if partitions is not None and misplaced(record.key, decoded.subject, record.home, partitions) is not None:
+        return None
+    return decoded
+
+
+def _lamport_key(record: RecordIn, env: Envelope) -> bytes:
+    """The key of the writer's Lamport mark. One mark per writer (source, or source and producer instance:
+    byzguard.clocks.lamport_mark_key). Kafka keeps a writer's send order within one partition only, and a
+    repartition topic merges several: there, a writer's Lamport mark is kept per input partition the record came
+    from."""
+    instance = env.instance
+    # lamport_mark_key(env.source, instance), inline (tests/unit/test_clean_path.py holds them equal)
+    key = env.source.encode() if instance is None else f"{env.source}\x00{instance}".encode()
+    if record.read_partition is not None:
+        key += f"\x00{record.topic}\x00{record.partition}".encode()
+    return key
+
+
+def _routed(record: RecordIn, route: Route, decision: Decision, env: Envelope | None, now: float) -> Routed:
+    """The routing of a decided record: its decision and the headers for each destination."""
+    outcome = decision.outcome
+    # Routed(...) field by field: a third of the dataclass __init__'s cost.
+    routed = _new_result(Routed)
+    routed.record = record
+    routed.decision = decision
+    routed.envelope = env
+    if outcome is _VERIFIED and not decision.reasons:  # the common case: verified, no reason, not recorded
+        routed.verified_headers = verified_headers(record.headers, _VERIFIED, (), route.name, now)
+        routed.quarantine_headers = None
+        return routed
+    routed.verified_headers = verified_headers(record.headers, outcome, decision.reasons, route.name, now) \
+        if outcome in FORWARDED else None  # decision.forward, without the property's call
+    routed.quarantine_headers = quarantine_headers(
+        record.headers, outcome, decision.reasons, route.name, topic=record.topic,
+        partition=record.partition, offset=record.offset, timestamp=record.timestamp, now=now,
+    ) if outcome in RECORDED else None  # decision.quarantine
+    return routed

@@ -202,9 +202,7 @@ class VerifyProcessor:
     def process_batch(self, records: Sequence[RecordIn], state: State, now: float) -> list[Result]:
         """`process` of each record in order, its writes applied before the next (so the next reads them), with
         the independent work done stage by stage first (`prepare`): the same results, in less time per record."""
-        guard, route = self.guard, self.route
-        return [_apply(guard.process(record, route, state, now=now, prepared=prepared), state)
-                for record, prepared in zip(records, guard.prepare(records, route), strict=True)]
+        return [_apply(result, state) for result in self.guard.process_batch(records, self.route, state, now)]
 
     def punctuate(self, state: State, now: float) -> Result:
         """Quarantine held records whose deadline passed (causal.gap); `oldest_held_age` says what still waits."""

@@ -687,24 +687,24 @@ class BatchedRuntime(Service):
 
     def _process(self, route: Route, processor: VerifyProcessor, part: PartitionState, messages: list[Any],
                  out: RecordBatches) -> None:
-        """Process consecutive records of one partition, in order: their decode and MAC first, each over all of
-        them (VerifyProcessor.prepare: a pass runs faster than the whole path per record), then each record."""
+        """Process consecutive records of one partition, in order, in passes over all of them
+        (VerifyProcessor.process_batch: a pass runs faster than the whole path per record), at one `now`."""
         started = time.perf_counter()
         records = [record_in(msg, route) for msg in messages]
         sizes = [record_size(record.key, record.value, record.headers) for record in records]
         limit = self.copy_limit - OWN_HEADERS_MAX
-        fit = [record for record, size in zip(records, sizes, strict=True) if size <= limit]
-        prepared = iter(processor.prepare(fit))
+        now = time.time()
+        results = iter(processor.process_batch([record for record, size in zip(records, sizes, strict=True)
+                                                if size <= limit], part.readers, now))  # its writes are in the batch
         share = (time.perf_counter() - started) / len(records)  # each record's latency includes its part of it
         tally = self.tally
         for record, size in zip(records, sizes, strict=True):
-            started = time.perf_counter()
-            now = time.time()
-            if size > limit:  # no copy would fit: not checked, no state, a stub instead
+            if size > limit:  # no copy would fit: not checked, no state, a stub instead (in its place)
                 routed = self._stub(route, record, size, now, out)
                 tally.routed(route.name, routed, now)
                 continue
-            result = processor.process(record, part.readers, now, next(prepared))  # its writes are in the batch
+            started = time.perf_counter()
+            result = next(results)
             self._emit(route, result, out)
             tally.latency(route.name, time.perf_counter() - started + share)
             for routed in result.routed:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import random
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -10,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from byzguard.clocks import VectorClock
-from byzguard.envelope import _VCLOCKS, Envelope, _decode_structured, _fast_structured, decode
+from byzguard.envelope import _VCLOCKS, Envelope, _decode_structured, _fast_structured, decode, decode_many
 from byzguard.errors import ClockError
 from byzguard.integrity import BOUND, form_input
 from byzguard.stamp import Stamper
@@ -161,3 +164,68 @@ def test_a_line_feed_from_outside_the_text_is_counted(key: bytes, default_type: 
     _agree(obj, key, default_type, default_source)
     decoded = decode(key, value, [], default_type, default_source)
     assert not isinstance(decoded, Envelope) or decoded.bound is None
+
+
+def _vector_records() -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]], str | None]]:
+    """The records of the envelope vectors (tests/vectors/envelope.json): every shape, algorithm and failure."""
+    vectors = orjson.loads((Path(__file__).parents[1] / "vectors" / "envelope.json").read_bytes())
+    out: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]], str | None]] = []
+    for case in vectors["cases"]:
+        rec = case["record"]
+        value = rec["value"]
+        raw = value["text"].encode() if "text" in value else base64.b64decode(value["base64"])
+        out.append((None if rec["key"] is None else rec["key"].encode(), raw,
+                    [(k, v.encode()) for k, v in rec["headers"]], None))
+    return out
+
+
+VECTOR_RECORDS = _vector_records()
+_CE = [("content-type", b"application/cloudevents+json")]
+
+
+def _decoded_view(result: Envelope | tuple[Any, str]) -> Any:
+    return _envelope_fields(result) if isinstance(result, Envelope) else result
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.lists(st.dictionaries(ATTRIBUTES, st.one_of(ODD_VALUES, st.just(...)), max_size=2), max_size=6),
+       picks=st.lists(st.integers(0, len(VECTOR_RECORDS) - 1), max_size=6),
+       odd=st.lists(st.sampled_from([b"", b"[1]", b"{not json", b'{"a":1,"a":2}', b'{"a": 1}', b"\xff", b"null"]),
+                    max_size=3),
+       headers=st.sampled_from([_CE, [], [("ce_specversion", b"1.0")], [("CE_ID", b"1"), ("ce_id", b"2")]]),
+       default_type=st.sampled_from(["", "t"]), default_source=st.sampled_from([None, "s"]),
+       seed=st.integers(0, 1000))
+def test_decode_many_is_decode_of_each(changes: list[dict[str, Any]], picks: list[int], odd: list[bytes],
+                                       headers: list[tuple[str, bytes]], default_type: str,
+                                       default_source: str | None, seed: int) -> None:
+    """decode_many (decode's steps as passes over the records, decode itself for whatever leaves them) gives each
+    record what decode gives it: stamped events changed anyhow (fast path or not), the envelope vectors (binary,
+    structured, seed shapes, failures), values that are not JSON objects or not written back byte for byte (a
+    member twice, spaces), a
+    ce_specversion header, a repeated attribute header; in any order."""
+    records: list[tuple[bytes | None, bytes | None, Any, str | None]] = []
+    for change in changes:
+        obj = _event()
+        for name, value in change.items():
+            if value is ...:
+                obj.pop(name, None)
+            else:
+                obj[name] = value
+        text = orjson.dumps(obj)
+        records.append((b"sku-1", text, headers, default_source))
+        # Not written back byte for byte: an ambiguous text (a member twice) and a merely spaced one.
+        records.append((b"sku-1", b'{"id":"twice",' + text[1:], headers, default_source))
+        records.append((b"sku-1", orjson.dumps(obj, option=orjson.OPT_INDENT_2), headers, default_source))
+    records += [VECTOR_RECORDS[i] for i in picks]
+    records += [(b"k", value, headers, default_source) for value in odd]
+    random.Random(seed).shuffle(records)
+    want = [_decoded_view(decode(k, v, h, default_type, s)) for k, v, h, s in records]
+    assert [_decoded_view(got) for got in decode_many(records, default_type)] == want
+
+
+def test_decode_many_takes_the_passes_for_stamped_events() -> None:
+    """Stamped events come out of the passes (not decode's fallback) with decode's envelope and signature base."""
+    records = [(b"sku-1", orjson.dumps(_event()), _CE, None)] * 3
+    got = decode_many(records)
+    assert all(isinstance(env, Envelope) and env.bound is not None for env in got)
+    assert [_decoded_view(env) for env in got] == [_decoded_view(decode(*r[:3])) for r in records]

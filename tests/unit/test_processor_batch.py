@@ -18,14 +18,15 @@ from byzguard.clocks import VectorClock
 from byzguard.config import GuardConfig
 from byzguard.guard import Guard, RecordIn, Result
 from byzguard.integrity import HMAC_SHA256, Key
-from byzguard.processor import MemoryTable, VerifyProcessor, memory_state
+from byzguard.partitioner import partition_for
+from byzguard.processor import MemoryTable, VerifyProcessor, _apply, memory_state
 from byzguard.stamp import Stamper
 from byzguard.verdict import Outcome
 
 from .conftest import Harness
 from .test_causal_delivery import CONFIG as CAUSAL_CONFIG
 from .test_causal_delivery import history
-from .test_processor import routed_view
+from .test_processor import routed_view, tables_of
 
 AT = 1_780_000_000.0
 NOW = AT + 1.0
@@ -161,3 +162,53 @@ def test_prepared_record_is_decided_as_without(config: GuardConfig) -> None:
         assert got.writes == want.writes
         outcomes.add(got.first.decision.outcome)
     assert {Outcome.VERIFIED, Outcome.QUARANTINED} <= outcomes
+
+
+def _placed_somehow(rng: random.Random, raw: tuple[bytes | None, bytes | None, list[tuple[str, bytes]]],
+                    offset: int) -> RecordIn:
+    """A pool record read from nowhere in particular (no placement check), from its entity's partition, from
+    another partition (misplaced), or re-partitioned (read from its home, produced to another partition: its
+    writer's Lamport mark is kept per source partition)."""
+    key, value, headers = raw
+    home = partition_for(key, 4) if key is not None else 0
+    how = rng.randrange(4)
+    if how == 0:
+        return RecordIn(key, value, headers, "in", 0, offset, AT)
+    if how == 1:
+        return RecordIn(key, value, headers, "in", home, offset, AT, 4)
+    if how == 2:
+        return RecordIn(key, value, headers, "in", (home + 1) % 4, offset, AT, 4)
+    return RecordIn(key, value, headers, "in", rng.randrange(2), offset, AT, 4, home)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_process_batch_equals_process_with_writes_applied_in_between(config: GuardConfig, seed: int) -> None:
+    """Guard.process_batch (passes over the batch, an overlay of the batch's own writes) against Guard.process record
+    by record, each result's writes applied to the state before the next record: the same routed records (outcome,
+    reasons, both header lists, envelope), the same writes in the same order and held_delta, batch after batch.
+    Records repeat (duplicates, one entity's versions and one writer's Lamport times in one batch, out of order:
+    version gaps, regressions), with bad MACs, decode failures, misplaced and re-partitioned records."""
+    rng = random.Random(seed)
+    guard = Guard(config)
+    route = config.routes[0]
+    expected, state = memory_state(("entities", "lamports")), memory_state(("entities", "lamports"))
+    records = [_placed_somehow(rng, POOL[rng.randrange(len(POOL))], offset) for offset in range(rng.randrange(1, 90))]
+    outcomes = set()
+    start = 0
+    while start < len(records):
+        batch = records[start:start + rng.choice((1, 2, 5, 16, 64))]
+        start += len(batch)
+        want = []
+        for record in batch:
+            want.append(guard.process(record, route, expected, now=NOW))
+            _apply(want[-1], expected)
+        got = guard.process_batch(batch, route, state, NOW)
+        for result in got:
+            _apply(result, state)
+        assert [routed_view(g) for g in got] == [routed_view(w) for w in want]
+        assert [list(g.writes.items()) for g in got] == [list(w.writes.items()) for w in want]
+        assert [(g.held_delta, g.oldest_held_age) for g in got] == [(w.held_delta, w.oldest_held_age) for w in want]
+        assert tables_of(state) == tables_of(expected)
+        outcomes |= {r.decision.outcome for w in want for r in w.routed}
+    if len(records) > 40:
+        assert {Outcome.VERIFIED, Outcome.QUARANTINED} <= outcomes
