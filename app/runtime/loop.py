@@ -2,9 +2,9 @@
 
 One AIOKafkaConsumer (group `<app_id>-verify`, see `verify_group`) reads whole fetches of every route's inputs
 (`getmany`). The records of one input partition form batches of at most `batch_max_records` records and
-`batch_max_ms` of processing; each record goes through the processor seam (byzguard.processor `VerifyProcessor`:
-`Guard.process`, after `Guard.prepare` decoded and MAC'd it with up to PREPARED_RECORDS records after it, one pass
-each), reading its state through the batch's pending writes, then those of the batch in flight, then
+`batch_max_ms` of processing; the records go through the processor seam (byzguard.processor `VerifyProcessor`:
+`Guard.process_batch`, up to PREPARED_RECORDS records at a time, in passes over them with the decisions of one by
+one), reading their state through the batch's pending writes, then those of the batch in flight, then
 RocksDB (app/runtime/state.py: faust's layout and paths). After each batch of a route partition the causal
 deadlines are checked (its `punctuate`: `Guard.expire_held`), and on a timer when it is idle.
 
@@ -116,7 +116,7 @@ TURN_S = 0.002
 #: (`BatchedRuntime._run`; c at 1,000 ev/s: p50 9.3 ms with the interval, 6.0 without, tail-9802ec2).
 PACE_RECORDS = 16
 RATE_WINDOW_S = 0.1
-#: Records processed together (`_process`): decoded and MAC'd in one pass each, then judged one by one. 64 took
+#: Records processed together (`_process`: Guard.process_batch, each step one pass over them). 64 took
 #: ~25% less CPU per record than one at a time (bench/results/core-*/glue.py of issue 21; 256 about the same), and
 #: 64 records (~1.5 ms) keep the loop's turns (TURN_S) and batch_max_ms checks about as often as before.
 PREPARED_RECORDS = 64
