@@ -40,6 +40,13 @@ transaction begins only once it committed; where it fails, it is aborted, its wr
 is started first (aborting what a previous owner left open), then the state is restored from the changelogs,
 read_committed, to their end: the changelog's end is the truth.
 
+exactly_once with BYZGUARD_EOS_TRANSACTIONS=worker (opt-in): the batches a step puts in flight share one
+transaction of the worker's own producer (app/runtime/worker_txn.py), their offsets committed under the group
+membership taken right after the step's fetch (KIP-447: a generation the group moved past is refused, the
+transaction aborted, the batches' state dropped, their partitions skipped until the rebalance revokes them); on
+assignment the start offsets are read with require_stable (app/runtime/fencing.py) before the state is restored
+(up to the changelogs' last stable offset). Each route partition still has one batch in flight at most.
+
 Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the step in progress finishes and every
 batch in flight or waiting lands (its transaction commits or aborts) and its offsets are committed before the
 partitions go, and their databases are closed; on assign the databases are opened and restored before the first
