@@ -170,12 +170,12 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
                 "send (app.sidereads `known_partitions`): the metadata of the topics asked for alone, without "
                 "creating them; aiokafka's describe_topics may create them and list_topics lists the whole cluster"),
     PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_txn_manager", "attribute",
-                ("app/runtime/fencing.py", "app/runtime/stages.py", "app/runtime/worker_txn.py"),
+                ("app/runtime/fencing.py", "app/runtime/stages.py"),
                 "exactly_once: a batch's transaction begins in the turn its delivery starts (`begin`), its offsets "
                 "and commit are handed over by its records' answer (`transact`); begin_transaction first awaits the "
                 "producer id through a task, two more turns of a busy loop. app/runtime/fencing.py `add_offsets`: "
                 "the offsets with their group membership (FencedOffsets), which send_offsets_to_transaction's "
-                "copy would drop; app/runtime/worker_txn.py: a worker step's commit, handed over as in `transact`"),
+                "copy would drop"),
     # Called on _txn_manager in app/runtime/stages.py `begin` (public by name, of an internal class the scan cannot
     # follow there: used_in stays empty, the checks of signature and source still run).
     PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "has_pid", "method",
@@ -199,7 +199,7 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     PrivateName("aiokafka.producer.transaction_manager.TransactionManager", "wait_for_transaction_end", "method",
                 (), "as _txn_manager: what commit_transaction waits for", signature="(self)",
                 digest="1854a345134680ab"),
-    # -- aiokafka: KIP-447 fencing of a transaction's offsets (app/runtime/fencing.py, EOS_TRANSACTIONS=worker) ---
+    # -- aiokafka: KIP-447 fencing of a transaction's offsets (app/runtime/fencing.py, not yet used by the runtime) --
     # aiokafka sends TxnOffsetCommit v0 only (no group membership): one producer's TxnOffsetCommit step is replaced
     # by one that sends v3 for offsets that carry the membership (FencedOffsets); the rest stays aiokafka's.
     PrivateName("aiokafka.producer.producer.AIOKafkaProducer", "_sender", "attribute", ("app/runtime/fencing.py",),

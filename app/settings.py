@@ -61,12 +61,6 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
-    # exactly_once: a transaction per input partition per batch (each partition's own transactional producer,
-    # fenced by its id), or, opt-in, one per worker step for all its partitions (one producer per worker, fenced
-    # through the consumer group, KIP-447: app/runtime/worker_txn.py, docs/kip447-fencing.md).
-    eos_transactions: Literal["partition", "worker"] = Field(
-        default="partition", description="exactly_once: one transaction per input partition per batch (partition) "
-        "or one per worker step for all its partitions (worker, KIP-447 fencing)")
     # at_least_once: the input offsets are stored with the state (the worker resumes from the larger of both), so the
     # group's commit is only the fallback of a wiped data dir: one every commit interval, not one per step (faust's
     # consumer, which reads no route, gets it too).

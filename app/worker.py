@@ -90,7 +90,6 @@ def attach_batched_runtime(built: GuardApp, settings: Settings, config: GuardCon
         store_options=built.store_options, guarantee=settings.processing_guarantee,
         batch_max_records=settings.batch_max_records, batch_max_ms=settings.batch_max_ms,
         batch_overlap=settings.batch_overlap, commit_interval=settings.commit_interval,
-        eos_transactions=settings.eos_transactions,
         step_interval_ms=settings.step_interval_ms,
         session_timeout=settings.session_timeout, fetch_min_bytes=settings.fetch_min_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms, assignor=assignor_for(built.owners), data_dir=settings.data_dir,

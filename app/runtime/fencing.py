@@ -1,5 +1,5 @@
-"""KIP-447 fencing for one transaction per worker step, used by BYZGUARD_EOS_TRANSACTIONS=worker
-(app/runtime/worker_txn.py; docs/kip447-fencing.md: what the tests on the broker show, what the mode does).
+"""KIP-447 fencing for one transaction per worker step: not yet used by the runtime (docs/kip447-fencing.md, "Not
+yet used: KIP-447 fencing for one transaction per worker": what the tests on the broker show, what the switch needs).
 
 Today each input partition has a transactional producer of its own (app/runtime/loop.py `transactional_id`): a
 new owner's InitProducerId for that id fences the old owner and aborts its open transaction. A producer shared by

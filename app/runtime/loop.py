@@ -40,13 +40,6 @@ transaction begins only once it committed; where it fails, it is aborted, its wr
 is started first (aborting what a previous owner left open), then the state is restored from the changelogs,
 read_committed, to their end: the changelog's end is the truth.
 
-exactly_once with BYZGUARD_EOS_TRANSACTIONS=worker (opt-in): the batches a step puts in flight share one
-transaction of the worker's own producer (app/runtime/worker_txn.py), their offsets committed under the group
-membership taken right after the step's fetch (KIP-447: a generation the group moved past is refused, the
-transaction aborted, the batches' state dropped, their partitions skipped until the rebalance revokes them); on
-assignment the start offsets are read with require_stable (app/runtime/fencing.py) before the state is restored
-(up to the changelogs' last stable offset). Each route partition still has one batch in flight at most.
-
 Rebalances go through aiokafka's public ConsumerRebalanceListener. On revoke the step in progress finishes and every
 batch in flight or waiting lands (its transaction commits or aborts) and its offsets are committed before the
 partitions go, and their databases are closed; on assign the databases are opened and restored before the first
@@ -77,7 +70,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from mode import Service
 
 from app import metrics
-from app.runtime import fencing, membership
+from app.runtime import membership
 from app.runtime.audits import audit_stages
 from app.runtime.batches import RecordBatches
 from app.runtime.limits import DEFAULT_LIMIT, load_limits
@@ -96,7 +89,6 @@ from app.runtime.stages import (
 )
 from app.runtime.state import PartitionState, changelog_topic, restore, state_names
 from app.runtime.tally import Tally
-from app.runtime.worker_txn import WorkerTransactions
 from byzguard.config import GuardConfig, Route
 from byzguard.guard import CAUSAL, Guard, RecordIn, Result, Routed, held_count
 from byzguard.processor import VerifyProcessor, causal_interval
@@ -132,10 +124,6 @@ PREPARED_RECORDS = 64
 PREPARED_BYTES = 128 * 1024
 
 
-#: A membership that commits nothing (worker_txn.py refuses it before its offsets are sent).
-NO_MEMBERSHIP = fencing.GroupMetadata("", -1, "")
-
-
 def verify_group(app_id: str) -> str:
     """The consumer group of the batched runtime: it commits the routes' input offsets. faust's own consumer
     (group `app_id`, faust's assignor; the faust agent runtime of earlier releases committed there) reads none of
@@ -152,14 +140,12 @@ class _Waiting:
     """The batch of a route partition processed while the batch before it is in flight: its writes stay pending,
     its outputs in `out`; the partition's next batches join it until that one lands (`BatchedRuntime._finish`)."""
 
-    __slots__ = ("membership", "offsets", "out", "records")
+    __slots__ = ("offsets", "out", "records")
 
-    def __init__(self, out: RecordBatches, membership: fencing.GroupMetadata | None = None) -> None:
+    def __init__(self, out: RecordBatches) -> None:
         self.out = out
         self.offsets: dict[TopicPartition, int] = {}
         self.records = 0
-        #: BYZGUARD_EOS_TRANSACTIONS=worker: the group membership its records were fetched under (`_finish`).
-        self.membership = membership
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -189,7 +175,7 @@ class BatchedRuntime(Service):
                  session_timeout: float, fetch_min_bytes: int, fetch_max_wait_ms: int, producer: dict[str, Any],
                  assignor: Any = RangePartitionAssignor, data_dir: Path | None = None, worker_id: str | None = None,
                  batch_overlap: bool = True, commit_interval: float = 0.0, step_interval_ms: float = 0.0,
-                 eos_transactions: str = "partition", **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         producer = dict(producer)  # on_start sets its batch size (the stages' producers share it)
         self.app_id = app_id
@@ -203,16 +189,6 @@ class BatchedRuntime(Service):
         self.named = bool(worker_id)
         self.store_options = store_options
         self.eos = guarantee == "exactly_once"
-        if eos_transactions not in ("partition", "worker"):
-            raise ValueError(f"eos_transactions={eos_transactions!r}: 'partition' or 'worker'")
-        #: exactly_once, BYZGUARD_EOS_TRANSACTIONS=worker: one transaction per step for all the worker's route
-        #: partitions (app/runtime/worker_txn.py), started in on_start; else one per route partition (`txns`).
-        self.per_worker = self.eos and eos_transactions == "worker"
-        self.shared: WorkerTransactions | None = None
-        #: per_worker: the group membership of the step's fetch (`_run`), and the route partitions whose
-        #: transaction the group refused (fenced: their batches are dropped until the rebalance revokes them).
-        self._membership = NO_MEMBERSHIP
-        self._fenced: set[Key] = set()
         #: at_least_once with `batch_overlap`: up to two batches of a route partition in flight (`_release`).
         self.stacked = batch_overlap and not self.eos
         self.max_records = batch_max_records
@@ -303,14 +279,6 @@ class BatchedRuntime(Service):
                                              **self.producer_options)
             await self.producer.start()
         await self.stages.start(self.producer)
-        if self.per_worker:
-            self.shared = await WorkerTransactions.started(
-                self.app_id, self.client_id, self.bootstrap, sorted({t for r in routes for t in r.inputs}),
-                self.producer_options)
-            missing = await fencing.missing_versions(self.shared.producer.client)
-            if missing:
-                raise RuntimeError("BYZGUARD_EOS_TRANSACTIONS=worker needs KIP-447 (TxnOffsetCommit v3, OffsetFetch "
-                                   f"v7) on every broker: {'; '.join(missing)}")
         # A previous process of this worker (data dir or name) that never left the group holds its partitions until
         # its session times out: removed once this one's join is pending (app/runtime/membership.py).
         url = getattr(getattr(self.assignor, "directory", None), "url", None)
@@ -332,8 +300,7 @@ class BatchedRuntime(Service):
         self.consumer.subscribe(sorted({*self.route_of, *self.stages.topics}), listener=_Listener(self))
         await takeover.run()
         log.info("batched runtime: %s, group %s, batches of at most %d records / %.0f ms, routes %s",
-                 ("exactly_once, a transaction per worker step" if self.per_worker else "exactly_once")
-                 if self.eos else "at_least_once", self.group, self.max_records,
+                 "exactly_once" if self.eos else "at_least_once", self.group, self.max_records,
                  self.max_seconds * 1000, ", ".join(self.routes))
         # The worker says it is ready once it owns its partitions (restored), as faust's agents do.
         try:
@@ -358,8 +325,6 @@ class BatchedRuntime(Service):
         async with self._lock:
             await self._close(list(self.parts))
             await self.stages.stop()
-            if self.shared is not None:
-                await self.shared.stop()
             if self.producer is not None:
                 await self.producer.stop()
 
@@ -377,8 +342,6 @@ class BatchedRuntime(Service):
                     continue
                 self._step_due = time.monotonic() + self.step_interval
                 fetched = await self._fetch(consumer)
-                if self.per_worker:  # what the step's transaction commits the offsets under (worker_txn.py)
-                    self._membership = _membership_of(consumer)
                 self._count(fetched)
                 async with self._lock:
                     if self._stopping:
@@ -482,7 +445,6 @@ class BatchedRuntime(Service):
             owned = {self._key(tp) for tp in self.positions if tp.topic in self.route_of}
             gone = [key for key in self.parts if key not in owned]
             await self._close(gone)
-            self._fenced.difference_update(gone)
             if gone:
                 log.info("batched runtime: revoked %d route partitions", len(gone))
 
@@ -504,7 +466,7 @@ class BatchedRuntime(Service):
                 if key in self.parts:
                     continue
                 route = self.routes[key[0]]
-                if self.eos and not self.per_worker:  # fence the previous owner (aborts its open transaction)
+                if self.eos:  # fence the previous owner (its open transaction is aborted) before reading state
                     txn = transactional_producer(self.bootstrap, transactional_id(self.app_id, *key), route.inputs,
                                                  self.producer_options)
                     starting.append(txn.start())
@@ -513,17 +475,6 @@ class BatchedRuntime(Service):
                 self.processors[key] = VerifyProcessor(self.guard, route)
                 opened.append(key)
             await asyncio.gather(*starting)  # each fences its previous owner: concurrently, not one after another
-            every = [*staged, *(tp for tps in new.values() for tp in tps)]
-            stable: dict[TopicPartition, int | None] | None = None
-            if self.per_worker and every:
-                # KIP-447: the start offsets once no open transaction holds offsets of these partitions (a previous
-                # owner's, committed or aborted: docs/kip447-fencing.md), read before the state is restored (to
-                # the changelogs' LSO then) and before the first fetch.
-                found = await fencing.stable_committed(consumer, every)
-                if found.unstable_answers:
-                    log.info("batched runtime: start offsets stable after %.2f s (%d open-transaction answers)",
-                             found.waited_s, found.unstable_answers)
-                stable = found.offsets
             await restore(self.bootstrap, [(self.parts[key], self.changelogs[key[0]]) for key in opened])
             for key in opened:
                 if self.routes[key[0]].causal.buffer:  # what the restored buffer holds counts from now on
@@ -534,8 +485,9 @@ class BatchedRuntime(Service):
                 stored = self.parts[key].input_offsets()
                 stored_of.update((tp, stored[tp.topic]) for tp in tps if tp.topic in stored)
             fallback = None
+            every = [*staged, *(tp for tps in new.values() for tp in tps)]
             for tp in every:
-                committed = stable[tp] if stable is not None else await consumer.committed(tp)
+                committed = await consumer.committed(tp)
                 if committed is None and tp not in stored_of:
                     # Never run on this runtime: resume where the faust runtime (group app_id) committed.
                     if fallback is None:
@@ -599,8 +551,6 @@ class BatchedRuntime(Service):
                 # by a marker forever.
                 self.ends[tp] = max(messages[-1].offset + 1, await _position(consumer, tp))
                 if tp.topic in self.route_of:
-                    if self._fenced and self._key(tp) in self._fenced:
-                        continue  # its transaction was refused: the partition goes with the next rebalance
                     by_key[self._key(tp)].append((tp, messages))
                 else:
                     staged.append((tp, messages))
@@ -660,8 +610,6 @@ class BatchedRuntime(Service):
             position = await _position(consumer, tp)
             if position > processed:
                 if tp.topic in self.route_of:
-                    if self._key(tp) in self._fenced:
-                        continue
                     moved[self._key(tp)][tp] = position
                 else:
                     staged.append((tp, position))
@@ -734,8 +682,6 @@ class BatchedRuntime(Service):
         waiting = self.waiting.get(key)
         if waiting is not None:
             return waiting.out
-        if self.shared is not None:
-            return RecordBatches(self.shared.producer)
         producer = self.txns[key] if self.eos else self.producer
         return RecordBatches(producer)
 
@@ -802,8 +748,6 @@ class BatchedRuntime(Service):
         now = time.monotonic()
         for key, part in list(self.parts.items()):
             route = self.routes[key[0]]
-            if key in self._fenced:
-                continue
             if route.causal.buffer and now - self.last_batch.get(key, 0.0) >= self._causal_interval:
                 await self._finish(key, route, part, self._batches(key), {})
 
@@ -818,9 +762,7 @@ class BatchedRuntime(Service):
         if waiting is None:
             if not out and not any(part.pending.values()) and not offsets:
                 return
-            waiting = self.waiting[key] = _Waiting(out, self._membership)
-        elif waiting.membership != self._membership:  # joined across a membership change: commits nothing
-            waiting.membership = NO_MEMBERSHIP
+            waiting = self.waiting[key] = _Waiting(out)
         waiting.offsets.update(offsets)
         waiting.records += records
         flight, front = self.flights.get(key), self.fronts.get(key)
@@ -856,35 +798,19 @@ class BatchedRuntime(Service):
             self._publish_causal(route.name)
         front = self.fronts[key] = asyncio.get_running_loop().create_future()
         flight = asyncio.ensure_future(self._fly(key, part, waiting.out, records, waiting.offsets, self.consumer,
-                                                 writes, before, front, waiting.membership))
+                                                 writes, before, front))
         flight.add_done_callback(self._flown)
         self.flights[key] = flight
 
     async def _fly(self, key: Key, part: PartitionState, out: RecordBatches, changelog: RecordBatches,
                    offsets: dict[TopicPartition, int], consumer: AIOKafkaConsumer | None,
                    writes: dict[str, dict[bytes, bytes | None]], before: asyncio.Future[None] | None,
-                   front: asyncio.Future[None], membership: fencing.GroupMetadata | None = None) -> None:
+                   front: asyncio.Future[None]) -> None:
         """Deliver and store one sealed batch (`writes`: its own, see the module doc for the order), while the loop
         goes on; put the batch that waited for it in flight as soon as it may go (`_release`)."""
         changelogs = self.changelogs[key[0]]
         inputs = {tp.topic: offset for tp, offset in offsets.items()}
-        if self.shared is not None:
-            try:
-                delivered = await self.shared.transact(out, offsets, membership or NO_MEMBERSHIP)
-            except fencing.OffsetsFencedError as exc:
-                # The group moved on: the partition is another member's. Its state changes are dropped (this batch's
-                # and the waiting one's, built on them); its records are not processed again until the rebalance
-                # revokes it (`_fenced`); the worker goes on with its new assignment.
-                part.discard()
-                self.waiting.pop(key, None)
-                self._fenced.add(key)
-                log.warning("batched runtime: %s[%d] fenced, its batch dropped: %s", key[0], key[1], exc)
-                self._release(key, part, front)
-                return
-            except BaseException:
-                part.discard()  # this batch, and the one waiting, built on its state: neither is ever delivered
-                raise
-        elif self.eos:
+        if self.eos:
             txn = self.txns[key]
             await begin(txn)
             try:
@@ -976,11 +902,3 @@ async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
     except IllegalStateError:  # revoked meanwhile
         return 0
     return position
-
-
-def _membership_of(consumer: AIOKafkaConsumer) -> fencing.GroupMetadata:
-    """The consumer's group membership now (NO_MEMBERSHIP before it joined)."""
-    try:
-        return fencing.group_metadata(consumer)
-    except ValueError:
-        return NO_MEMBERSHIP

@@ -129,20 +129,14 @@ async def first_record_after(worker: WorkerProcess, since: float, timeout: float
     raise worker.fail(f"routed nothing within {timeout:.0f} s of the kill")
 
 
-@pytest.mark.parametrize(("partitioning", "transactions"),
-                         [(None, "partition"), ("repartition", "partition"), (None, "worker"),
-                          ("repartition", "worker")])
+@pytest.mark.parametrize("partitioning", [None, "repartition"])
 async def test_sigkilled_worker_loses_and_duplicates_nothing(
-    worker_factory: WorkerFactory, capsys: pytest.CaptureFixture[str], partitioning: str | None, transactions: str,
+    worker_factory: WorkerFactory, capsys: pytest.CaptureFixture[str], partitioning: str | None,
 ) -> None:
     """A worker SIGKILLed four times mid-stream and restarted (twice on a wiped data dir) still routes every input
     event exactly once: each clean id once in verified, each bad id once in quarantine with its code, duplicates
     nowhere, and nothing lost. With `partitioning: repartition` the stream is placed by CRC32 (librdkafka's default)
-    and goes through the repartition topic first: the same verdicts, exactly once, over both hops. `transactions`:
-    BYZGUARD_EOS_TRANSACTIONS (worker: one transaction per worker step, fenced through the group; a restart on a
-    wiped data dir is another worker's transactional id, so its predecessor's open transaction lasts until the
-    broker aborts it at its timeout: app/runtime/worker_txn.py TRANSACTION_TIMEOUT_MS)."""
-    worker_factory.eos_transactions = transactions
+    and goes through the repartition topic first: the same verdicts, exactly once, over both hops."""
     seed = int(os.environ.get("BYZGUARD_CHAOS_SEED", "0")) or random.randrange(1, 1_000_000)
     rng = random.Random(seed)
     route = worker_factory.configure(partitions=PARTITIONS, partitioning=partitioning)
@@ -198,8 +192,7 @@ async def test_sigkilled_worker_loses_and_duplicates_nothing(
     worker.stop()
 
     with capsys.disabled():
-        print(f"\nchaos seed {seed} ({transactions} transactions): {len(stream.records)} records "
-              f"({len(clean_ids)} clean, {len(bad_ids)} bad, "
+        print(f"\nchaos seed {seed}: {len(stream.records)} records ({len(clean_ids)} clean, {len(bad_ids)} bad, "
               f"{stream.duplicates} re-sent) on {PARTITIONS} partitions, {KILLS} SIGKILLs, "
               f"{processing_seconds:.1f} s until caught up")
         for kill, wiped, recovery, ready in recoveries:

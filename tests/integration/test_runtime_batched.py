@@ -315,15 +315,11 @@ async def test_batched_runtime_sigkilled_mid_stream_loses_nothing(
     assert not problems, {what: ids[:5] for what, ids in problems.items()}
 
 
-@pytest.mark.parametrize("transactions", ["partition", "worker"])
 async def test_batched_workers_joining_and_leaving_mid_stream_route_each_event_once(
-    batched: WorkerFactory, capsys: pytest.CaptureFixture[str], transactions: str,
+    batched: WorkerFactory, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Under exactly_once, a second worker joins while the stream flows and the first then leaves (SIGTERM): the
-    partitions are handed over twice under load, and every event still ends in exactly one place; with a
-    transaction per input partition (BYZGUARD_EOS_TRANSACTIONS=partition) and one per worker step, fenced through
-    the group (worker: app/runtime/worker_txn.py)."""
-    batched.eos_transactions = transactions
+    partitions are handed over twice under load, and every event still ends in exactly one place."""
     rng = random.Random(7)
     route = batched.configure(partitions=4)
     bootstrap = batched.bootstrap
@@ -344,7 +340,7 @@ async def test_batched_workers_joining_and_leaving_mid_stream_route_each_event_o
     verified, quarantined = await _outputs(bootstrap, route, stream)
     assert b.stop() == 0
     with capsys.disabled():
-        print(f"\nbatched hand-over ({transactions}): {len(stream.records)} records, {len(verified)} verified, "
+        print(f"\nbatched hand-over: {len(stream.records)} records, {len(verified)} verified, "
               f"{len(quarantined)} quarantined")
     problems = _misrouted(stream, verified, quarantined)
     assert not problems, {what: ids[:5] for what, ids in problems.items()}

@@ -184,8 +184,6 @@ class WorkerFactory:
     app_id: str = field(default_factory=lambda: f"bg-{uuid.uuid4().hex[:8]}")
     commit_interval: float = 0.2
     processing_guarantee: str = "exactly_once"
-    #: exactly_once: BYZGUARD_EOS_TRANSACTIONS (partition: a transaction per input partition; worker: per step)
-    eos_transactions: str = "partition"
     workers: list[WorkerProcess] = field(default_factory=list)
     route: RouteNames | None = None
     config_path: Path | None = None
@@ -224,7 +222,6 @@ class WorkerFactory:
             "BYZGUARD_WEB_PORT": str(port),
             "BYZGUARD_COMMIT_INTERVAL": str(self.commit_interval),
             "BYZGUARD_PROCESSING_GUARANTEE": self.processing_guarantee,
-            "BYZGUARD_EOS_TRANSACTIONS": self.eos_transactions,
             "BYZGUARD_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
         })

@@ -62,9 +62,6 @@ ELSEWHERE: dict[str, tuple[tuple[str, ...], str]] = {
                           "a worker's web server"),
     "app/runtime/limits.py": (("tests/integration/test_poison.py", "tests/integration/test_runtime_batched.py"),
                               "needs a broker"),
-    "app/runtime/worker_txn.py": (("tests/integration/test_runtime_worker_txn.py",
-                                   "tests/integration/test_runtime_batched.py", "tests/chaos/test_crash.py"),
-                                  "needs a broker (and the hand-over and crash tests in the worker mode)"),
     "app/sidereads.py": (("tests/integration/test_sidereads.py",), "needs a broker"),
 }
 
